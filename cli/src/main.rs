@@ -1,0 +1,2 @@
+//! fabricctl (work in progress).
+fn main() {}

@@ -1,0 +1,1 @@
+//! fabric-coordinator (work in progress).

@@ -1,0 +1,1 @@
+//! fabric-node (work in progress).

@@ -1,0 +1,101 @@
+//! The standard services every fabric server exposes beside its own:
+//! grpc.health.v1 (so Kubernetes' `grpc` probes and any health checker work)
+//! and server reflection in both v1 and v1alpha (so grpcurl and other tools
+//! can discover the API; grpcurl 1.8 and Python's client speak only v1alpha).
+//!
+//! tonic-health reports the empty service name as SERVING from the start; a
+//! fabric server must not claim that before it is ready, so
+//! [`StandardServices::new`] flips it to NOT_SERVING and leaves it to the
+//! server to call [`Readiness::set_serving`] once its store or state is open.
+
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// Why the standard services could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StandardServicesError {
+    /// A descriptor set could not be decoded by the reflection builder.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The readiness a server reports through grpc.health.v1: for the whole
+/// server (the empty service name) and for each of its own services.
+#[derive(Clone)]
+pub struct Readiness {
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+impl Readiness {
+    /// Report SERVING for the server and each of its services.
+    pub async fn set_serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    /// Report NOT_SERVING for the server and each of its services.
+    pub async fn set_not_serving(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        for service in &self.services {
+            self.reporter.set_service_status(*service, status).await;
+        }
+    }
+}
+
+/// Health and reflection, ready to be served beside a server's own services.
+pub struct StandardServices {
+    /// Add the server's own services to these routes, then serve them.
+    pub routes: Routes,
+    /// Flip to SERVING when the server is ready.
+    pub readiness: Readiness,
+}
+
+impl std::fmt::Debug for StandardServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandardServices")
+            .field("readiness", &self.readiness)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StandardServices {
+    /// Build health (everything NOT_SERVING until the server says otherwise)
+    /// and reflection (v1 and v1alpha) for a server that will serve
+    /// `services` (fully qualified names, see [`crate::service_names`]).
+    pub async fn new(services: &[&'static str]) -> Result<Self, StandardServicesError> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let readiness = Readiness {
+            reporter,
+            services: services.to_vec(),
+        };
+        readiness.set_not_serving().await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let mut routes = Routes::new(health_service);
+        routes = routes
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        Ok(Self { routes, readiness })
+    }
+}
