@@ -374,6 +374,13 @@ def expect_rejected(chart: helm.Chart, values: dict[str, Any], mentions: list[st
     raise CheckFailed(f"the schema accepted {values}")
 
 
+def expect_lint_errors(chart_dir: Path, values: dict[str, Any]) -> str:
+    report = helm.lint(chart_dir, values, strict=True, namespace=NAMESPACE)
+    errors = [m for m in report["messages"] if m["severity"] >= 3]
+    require(bool(errors), f"helm lint found no error: {report['messages']}")
+    return f"{len(errors)} lint errors"
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
@@ -399,6 +406,7 @@ def main(argv: list[str]) -> int:
         f"{bad_file.name} is rejected by the schema",
         lambda: expect_rejected(chart, load_values_file(bad_file), ["replicas", "size", "port"]),
     )
+    report.check(f"{bad_file.name} fails helm lint", lambda: expect_lint_errors(chart_dir, load_values_file(bad_file)))
     bad_cases = {
         "0 storage nodes": ({"storage": {"replicas": 0}}, ["replicas"]),
         "a negative volume size": ({"storage": {"persistence": {"size": "-1Gi"}}}, ["size"]),
