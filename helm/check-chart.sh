@@ -21,6 +21,13 @@ if ! command -v python3 >/dev/null 2>&1; then
     exit 2
 fi
 
+# Two checks started at once must not build the environment twice.
+mkdir -p "$(dirname "$venv")"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$venv.lock"
+    flock 9
+fi
+
 if [[ ! -x "$venv/bin/python" ]] || ! cmp -s "$requirements" "$stamp"; then
     echo "check-chart.sh: installing the chart check's tools into $venv" >&2
     rm -rf "$venv"
