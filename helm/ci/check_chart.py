@@ -38,6 +38,12 @@ BINARY_PORTS = {
     "/usr/local/bin/fabric-coordinator": 7400,
     "/usr/local/bin/fabric-node": 7401,
 }
+SMALL_VARIANT = {
+    "agent": {"enabled": True, "readAllFiles": False},
+    "storage": {"replicas": 1, "antiAffinity": "none", "podDisruptionBudget": {"enabled": False}},
+    "serviceAccount": {"create": False},
+    "networkPolicy": {"enabled": True},
+}
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 WORKLOAD_KINDS = ("StatefulSet", "DaemonSet", "Deployment")
 
@@ -189,14 +195,17 @@ def container_config(
             key = config_path[len(mount["mountPath"].rstrip("/")) + 1 :]
         else:
             continue
-        require((configmap, key) in files, f"{where}: --config {config_path} is ConfigMap {configmap} key {key}, which does not exist")
+        require(
+            (configmap, key) in files,
+            f"{where}: --config {config_path} is ConfigMap {configmap} key {key}, which does not exist",
+        )
         require(mount.get("readOnly") is True, f"{where}: config mount {mount['mountPath']} is not read-only")
         return files[(configmap, key)]
     raise CheckFailed(f"{where}: --config {config_path} is not mounted from a ConfigMap")
 
 
 def listen_port(listen: str, where: str) -> int:
-    host, separator, port = listen.rpartition(":")
+    _host, separator, port = listen.rpartition(":")
     require(bool(separator) and port.isdigit(), f"{where}: listen {listen!r} is not host:port")
     return int(port)
 
@@ -219,7 +228,10 @@ def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> st
                 f"{where}: config listen {config['listen']} is not the binary's port {expected}",
             )
             ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-            require(ports.get("grpc") == expected, f"{where}: containerPort grpc is {ports.get('grpc')}, expected {expected}")
+            require(
+                ports.get("grpc") == expected,
+                f"{where}: containerPort grpc is {ports.get('grpc')}, expected {expected}",
+            )
             for probe_name in PROBES:
                 probe = container.get(probe_name)
                 require(probe is not None, f"{where}: no {probe_name}")
@@ -237,29 +249,45 @@ def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> st
     # The coordinator address the nodes dial is its Service, on its port.
     coordinator_service = one_service(manifests, "coordinator", headless=False)
     service_port = coordinator_service["spec"]["ports"][0]["port"]
-    require(service_port == BINARY_PORTS["/usr/local/bin/fabric-coordinator"], f"coordinator Service port is {service_port}")
+    require(
+        service_port == BINARY_PORTS["/usr/local/bin/fabric-coordinator"],
+        f"coordinator Service port is {service_port}",
+    )
     expected_url = f"http://{coordinator_service['metadata']['name']}.{NAMESPACE}.svc.{merged['clusterDomain']}:{service_port}"
     for (configmap, key), config in files.items():
         if "coordinator" in config:
-            require(config["coordinator"] == expected_url, f"ConfigMap {configmap} {key}: coordinator {config['coordinator']!r}, expected {expected_url!r}")
+            require(
+                config["coordinator"] == expected_url,
+                f"ConfigMap {configmap} {key}: coordinator {config['coordinator']!r}, expected {expected_url!r}",
+            )
     return ", ".join(seen)
 
 
 def one_service(manifests: list[dict[str, Any]], component: str, headless: bool) -> dict[str, Any]:
     found = [
-        s for s in by_kind(manifests, "Service")
+        s
+        for s in by_kind(manifests, "Service")
         if component_of(s) == component and (s["spec"].get("clusterIP") == "None") == headless
     ]
-    require(len(found) == 1, f"expected one {'headless ' if headless else ''}Service of {component}, found {len(found)}")
+    require(
+        len(found) == 1,
+        f"expected one {'headless ' if headless else ''}Service of {component}, found {len(found)}",
+    )
     return found[0]
 
 
 def check_statefulsets(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
     coordinator = one(manifests, "StatefulSet", "coordinator")
     storage = one(manifests, "StatefulSet", "storage")
-    require(coordinator["spec"]["replicas"] == 1, f"coordinator replicas {coordinator['spec']['replicas']}, expected 1")
+    require(
+        coordinator["spec"]["replicas"] == 1,
+        f"coordinator replicas {coordinator['spec']['replicas']}, expected 1",
+    )
     wanted = merged["storage"]["replicas"]
-    require(storage["spec"]["replicas"] == wanted, f"storage replicas {storage['spec']['replicas']}, values say {wanted}")
+    require(
+        storage["spec"]["replicas"] == wanted,
+        f"storage replicas {storage['spec']['replicas']}, values say {wanted}",
+    )
 
     for statefulset, component in ((coordinator, "coordinator"), (storage, "storage")):
         headless = one_service(manifests, component, headless=True)
@@ -268,23 +296,43 @@ def check_statefulsets(manifests: list[dict[str, Any]], merged: dict[str, Any]) 
             f"{describe(statefulset)}: serviceName {statefulset['spec']['serviceName']} is not its headless Service",
         )
         claims = statefulset["spec"].get("volumeClaimTemplates", [])
-        require(len(claims) == 1 and claims[0]["metadata"]["name"] == "data", f"{describe(statefulset)}: expected one claim `data`")
+        require(
+            len(claims) == 1 and claims[0]["metadata"]["name"] == "data",
+            f"{describe(statefulset)}: expected one claim `data`",
+        )
         size = claims[0]["spec"]["resources"]["requests"]["storage"]
-        require(size == merged[component]["persistence"]["size"], f"{describe(statefulset)}: claim size {size}")
+        require(
+            size == merged[component]["persistence"]["size"], f"{describe(statefulset)}: claim size {size}"
+        )
         container = statefulset["spec"]["template"]["spec"]["containers"][0]
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         config = container_config(statefulset, container, config_files(manifests))
-        require(mounts.get("data") == config.get("data_dir"), f"{describe(statefulset)}: data_dir {config.get('data_dir')} is not the claim's mount {mounts.get('data')}")
+        require(
+            mounts.get("data") == config.get("data_dir"),
+            f"{describe(statefulset)}: data_dir {config.get('data_dir')} is not the claim's mount {mounts.get('data')}",
+        )
 
     # Each storage node's id and advertised address is its stable pod DNS name.
     env = {e["name"]: e for e in storage["spec"]["template"]["spec"]["containers"][0]["env"]}
-    require(env.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name", "storage: POD_NAME is not the pod's name")
+    require(
+        env.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
+        "storage: POD_NAME is not the pod's name",
+    )
     expected_id = f"$(POD_NAME).{storage['spec']['serviceName']}.{NAMESPACE}.svc.{merged['clusterDomain']}"
-    require(env.get("FABRIC_NODE_ID", {}).get("value") == expected_id, f"storage: FABRIC_NODE_ID {env.get('FABRIC_NODE_ID')}, expected {expected_id}")
+    require(
+        env.get("FABRIC_NODE_ID", {}).get("value") == expected_id,
+        f"storage: FABRIC_NODE_ID {env.get('FABRIC_NODE_ID')}, expected {expected_id}",
+    )
     expected_advertise = f"http://$(FABRIC_NODE_ID):{BINARY_PORTS['/usr/local/bin/fabric-node']}"
-    require(env.get("FABRIC_NODE_ADVERTISE", {}).get("value") == expected_advertise, f"storage: FABRIC_NODE_ADVERTISE {env.get('FABRIC_NODE_ADVERTISE')}")
+    require(
+        env.get("FABRIC_NODE_ADVERTISE", {}).get("value") == expected_advertise,
+        f"storage: FABRIC_NODE_ADVERTISE {env.get('FABRIC_NODE_ADVERTISE')}",
+    )
     names = list(env)
-    require(names.index("POD_NAME") < names.index("FABRIC_NODE_ID") < names.index("FABRIC_NODE_ADVERTISE"), "storage: env vars must be defined before they are referenced")
+    require(
+        names.index("POD_NAME") < names.index("FABRIC_NODE_ID") < names.index("FABRIC_NODE_ADVERTISE"),
+        "storage: env vars must be defined before they are referenced",
+    )
 
     anti_affinity = storage["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity")
     if merged["storage"]["antiAffinity"] != "none" and not merged["storage"]["affinity"]:
@@ -296,7 +344,10 @@ def check_security(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> s
     for workload in (m for kind in WORKLOAD_KINDS for m in by_kind(manifests, kind)):
         pod = workload["spec"]["template"]["spec"]
         reads_all = component_of(workload) == "agent" and merged["agent"]["readAllFiles"]
-        require(pod.get("automountServiceAccountToken") is False, f"{describe(workload)}: mounts a service account token")
+        require(
+            pod.get("automountServiceAccountToken") is False,
+            f"{describe(workload)}: mounts a service account token",
+        )
         for container in pod["containers"]:
             where = f"{describe(workload)} container {container['name']}"
             context = container.get("securityContext", {})
@@ -314,31 +365,50 @@ def check_security(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> s
         for container in pod["containers"]:
             for mount in container.get("volumeMounts", []):
                 if mount["name"] in host_paths:
-                    require(mount.get("readOnly") is True, f"{describe(workload)}: host path {mount['name']} is writable")
-    require(not by_kind(manifests, "Secret"), "the chart renders a Secret: credentials must be referenced, never inlined")
+                    require(
+                        mount.get("readOnly") is True,
+                        f"{describe(workload)}: host path {mount['name']} is writable",
+                    )
+    require(
+        not by_kind(manifests, "Secret"),
+        "the chart renders a Secret: credentials must be referenced, never inlined",
+    )
     return "non-root, read-only root, capabilities dropped"
 
 
 def check_shape(manifests: list[dict[str, Any]], merged: dict[str, Any], notes: str) -> str:
     daemonsets = by_kind(manifests, "DaemonSet")
-    require(len(daemonsets) == (1 if merged["agent"]["enabled"] else 0), f"{len(daemonsets)} DaemonSets with agent.enabled={merged['agent']['enabled']}")
+    require(
+        len(daemonsets) == (1 if merged["agent"]["enabled"] else 0),
+        f"{len(daemonsets)} DaemonSets with agent.enabled={merged['agent']['enabled']}",
+    )
     policies = by_kind(manifests, "NetworkPolicy")
     if merged["networkPolicy"]["enabled"]:
         protected = {component_of(p) for p in policies}
         servers = {component_of(w) for kind in WORKLOAD_KINDS for w in by_kind(manifests, kind)}
-        require(protected == servers, f"NetworkPolicies cover {sorted(protected)}, servers are {sorted(servers)}")
+        require(
+            protected == servers, f"NetworkPolicies cover {sorted(protected)}, servers are {sorted(servers)}"
+        )
     else:
         require(not policies, "NetworkPolicies rendered while networkPolicy.enabled is false")
-    require("port-forward" in notes and "fabricctl" in notes, "NOTES.txt does not say how to reach the coordinator with fabricctl")
+    require(
+        "port-forward" in notes and "fabricctl" in notes,
+        "NOTES.txt does not say how to reach the coordinator with fabricctl",
+    )
     for manifest in manifests:
-        require(manifest["metadata"].get("namespace") == NAMESPACE, f"{describe(manifest)}: not in the release namespace")
+        require(
+            manifest["metadata"].get("namespace") == NAMESPACE,
+            f"{describe(manifest)}: not in the release namespace",
+        )
     kinds: dict[str, int] = {}
     for manifest in manifests:
         kinds[manifest["kind"]] = kinds.get(manifest["kind"], 0) + 1
     return ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
 
 
-def check_rendering(report: Report, chart: helm.Chart, chart_dir: Path, label: str, values: dict[str, Any]) -> None:
+def check_rendering(
+    report: Report, chart: helm.Chart, chart_dir: Path, label: str, values: dict[str, Any]
+) -> None:
     state: dict[str, Any] = {}
 
     def schema_and_render() -> str:
@@ -353,10 +423,14 @@ def check_rendering(report: Report, chart: helm.Chart, chart_dir: Path, label: s
         return
     manifests, merged = state["manifests"], state["merged"]
     report.check(f"{label}: Kubernetes schema validation", lambda: validate_manifests(manifests))
-    report.check(f"{label}: gRPC probes on the ports the binaries listen on", lambda: check_servers(manifests, merged))
+    report.check(
+        f"{label}: gRPC probes on the ports the binaries listen on", lambda: check_servers(manifests, merged)
+    )
     report.check(f"{label}: StatefulSets, claims, node ids", lambda: check_statefulsets(manifests, merged))
     report.check(f"{label}: security contexts", lambda: check_security(manifests, merged))
-    report.check(f"{label}: optional parts, NOTES.txt", lambda: check_shape(manifests, merged, state["notes"]))
+    report.check(
+        f"{label}: optional parts, NOTES.txt", lambda: check_shape(manifests, merged, state["notes"])
+    )
 
 
 def expect_rejected(chart: helm.Chart, values: dict[str, Any], mentions: list[str]) -> str:
@@ -388,8 +462,10 @@ def main(argv: list[str]) -> int:
     helm_dir = Path(argv[1]).resolve()
     chart_dir = helm_dir / "fabric"
     started = time.monotonic()
-    print(f"fabric chart check: Helm SDK {helm.helm_sdk_version()} (helm-python-sdk {helm.__version__}), "
-          f"kubernetes-validate {kubernetes_validate.__version__ if hasattr(kubernetes_validate, '__version__') else '?'}")
+    print(
+        f"fabric chart check: Helm SDK {helm.helm_sdk_version()} (helm-python-sdk {helm.__version__}), "
+        f"kubernetes-validate {kubernetes_validate.__version__}"
+    )
     report = Report()
     try:
         chart = helm.Chart.load(chart_dir)
@@ -401,12 +477,17 @@ def main(argv: list[str]) -> int:
     large_file = helm_dir / "ci" / "values-large.yaml"
     check_rendering(report, chart, chart_dir, large_file.name, load_values_file(large_file))
 
+    # The agent as a plain non-root user, and the other switches turned off.
+    check_rendering(report, chart, chart_dir, "small variant", SMALL_VARIANT)
+
     bad_file = helm_dir / "ci" / "values-bad.yaml"
     report.check(
         f"{bad_file.name} is rejected by the schema",
         lambda: expect_rejected(chart, load_values_file(bad_file), ["replicas", "size", "port"]),
     )
-    report.check(f"{bad_file.name} fails helm lint", lambda: expect_lint_errors(chart_dir, load_values_file(bad_file)))
+    report.check(
+        f"{bad_file.name} fails helm lint", lambda: expect_lint_errors(chart_dir, load_values_file(bad_file))
+    )
     bad_cases = {
         "0 storage nodes": ({"storage": {"replicas": 0}}, ["replicas"]),
         "a negative volume size": ({"storage": {"persistence": {"size": "-1Gi"}}}, ["size"]),
@@ -414,10 +495,16 @@ def main(argv: list[str]) -> int:
         "a misspelt key": ({"storage": {"replica": 3}}, ["replica"]),
         "an unknown log format": ({"logFormat": "xml"}, ["logFormat"]),
         "a bad heartbeat duration": ({"coordinator": {"heartbeatInterval": "soon"}}, ["heartbeatInterval"]),
-        "a relative host path": ({"agent": {"enabled": True, "hostPaths": [{"name": "etc", "path": "etc"}]}}, ["path"]),
+        "a relative host path": (
+            {"agent": {"enabled": True, "hostPaths": [{"name": "etc", "path": "etc"}]}},
+            ["path"],
+        ),
     }
     for label, (values, mentions) in bad_cases.items():
-        report.check(f"schema rejects {label}", lambda values=values, mentions=mentions: expect_rejected(chart, values, mentions))
+        report.check(
+            f"schema rejects {label}",
+            lambda values=values, mentions=mentions: expect_rejected(chart, values, mentions),
+        )
 
     status = report.summary()
     print(f"chart check took {time.monotonic() - started:.1f}s")
