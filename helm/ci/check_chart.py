@@ -76,6 +76,12 @@ class Report:
             self.failed.append((name, f"helm: {failure}"))
             print(f"FAIL  {name}\n      helm: {failure}", flush=True)
             return
+        except (KeyError, IndexError, TypeError, AttributeError) as failure:
+            # A rendered manifest lacks a field the check looks at.
+            message = f"unexpected manifest shape: {type(failure).__name__}: {failure}"
+            self.failed.append((name, message))
+            print(f"FAIL  {name}\n      {message}", flush=True)
+            return
         self.passed.append(name)
         elapsed = time.monotonic() - started
         suffix = f" ({detail})" if detail else ""
