@@ -17,7 +17,11 @@ requirements="$helm_dir/ci/requirements.txt"
 stamp="$venv/fabric-requirements.txt"
 
 if ! command -v python3 >/dev/null 2>&1; then
-    echo "check-chart.sh: python3 is required (3.10 or newer, with the venv module)" >&2
+    echo "check-chart.sh: python3 is required (3.11 or newer, with the venv module)" >&2
+    exit 2
+fi
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "check-chart.sh: python3 is $(python3 --version 2>&1); 3.11 or newer is required (tomllib)" >&2
     exit 2
 fi
 

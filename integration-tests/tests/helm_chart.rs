@@ -21,7 +21,7 @@ fn helm_chart_lints_renders_validates_and_refuses_bad_values() {
     let python = Command::new("python3").arg("--version").output();
     assert!(
         python.as_ref().is_ok_and(|output| output.status.success()),
-        "the Helm chart check needs python3 (3.10 or newer, with the venv module) on PATH; \
+        "the Helm chart check needs python3 (3.11 or newer, with the venv module) on PATH; \
          it was not found or did not run: {python:?}"
     );
 
