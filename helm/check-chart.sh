@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Offline check of the fabric Helm chart: lint, render (default values and
-# ci/values-large.yaml), validate every manifest against Kubernetes' schemas,
+# Offline check of the fabric Helm chart: lint, render (default values,
+# ci/values-large.yaml and a small variant), validate every manifest against
+# Kubernetes' schemas,
 # assert the chart's invariants, and make sure ci/values-bad.yaml is refused.
 #
 # The Python tools install into a virtual environment under target/ the first
