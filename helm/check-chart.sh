@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Offline check of the fabric Helm chart: lint, render (default values,
 # ci/values-large.yaml and a small variant), validate every manifest against
-# Kubernetes' schemas,
-# assert the chart's invariants, and make sure ci/values-bad.yaml is refused.
+# Kubernetes' schemas, assert the chart's invariants, and make sure
+# ci/values-bad.yaml is refused.
 #
 # The Python tools install into a virtual environment under target/ the first
 # time (that run needs the package registry); later runs reuse it and work
