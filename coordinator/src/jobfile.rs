@@ -618,6 +618,18 @@ fn parse_into(text: &str, known: &KnownNodes, problems: &mut Vec<Problem>) -> Ve
         });
     }
     let job_names: BTreeSet<String> = job_tables.iter().map(|(name, _)| name.clone()).collect();
+    // Passive jobs named by a pull job, even one with problems of its own:
+    // such a passive job is not reported as unpaired too.
+    let claimed: BTreeSet<String> = job_tables
+        .iter()
+        .filter_map(|(_, entry)| match &entry.value {
+            Value::Table(table) => table.iter().find_map(|(key, value)| match &value.value {
+                Value::Text(source) if key == "pull_source" => Some(source.clone()),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect();
     let mut jobs: Vec<(JobSpec, usize)> = Vec::new();
     for (name, entry) in job_tables {
         let mut reporter = Reporter {
@@ -648,7 +660,7 @@ fn parse_into(text: &str, known: &KnownNodes, problems: &mut Vec<Problem>) -> Ve
             jobs.push((spec, entry.line));
         }
     }
-    pair_pull_jobs(&mut jobs, &job_names, problems);
+    pair_pull_jobs(&mut jobs, &job_names, &claimed, problems);
     jobs.into_iter().map(|(spec, _)| spec).collect()
 }
 
@@ -1598,6 +1610,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 fn pair_pull_jobs(
     jobs: &mut [(JobSpec, usize)],
     all_names: &BTreeSet<String>,
+    claimed: &BTreeSet<String>,
     problems: &mut Vec<Problem>,
 ) {
     let directions: BTreeMap<String, (Direction, String, usize)> = jobs
@@ -1644,6 +1657,7 @@ fn pair_pull_jobs(
             continue;
         }
         let kind = match pulled_by.get(name).map(Vec::as_slice) {
+            None | Some([]) if claimed.contains(name) => continue,
             None | Some([]) => ProblemKind::PassiveWithoutPull,
             Some([_]) => continue,
             Some(several) => ProblemKind::PassivePulledTwice(several.join(", ")),
@@ -1865,3 +1879,7 @@ pub fn expand_runtime(
         ..spec.clone()
     }
 }
+
+#[cfg(test)]
+#[path = "jobfile_tests.rs"]
+mod tests;
