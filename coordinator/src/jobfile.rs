@@ -1310,7 +1310,7 @@ impl JobContext<'_> {
         };
         let mut unique = Vec::new();
         for instance in instances {
-            if !is_valid_name(&instance) && !instance.contains("$instance") {
+            if !is_valid_name(&instance) {
                 reporter.report(line, Some("instances"), ProblemKind::BadInstance(instance));
                 return;
             }
