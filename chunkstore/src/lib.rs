@@ -7,7 +7,9 @@
 
 pub mod chunker;
 pub mod id;
+pub mod restore;
 pub mod sink;
+pub mod walk;
 
 pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker};
 pub use id::ChunkId;
