@@ -15,9 +15,11 @@ pub mod id;
 pub mod index;
 pub mod index_sled;
 pub mod pack;
+pub mod restore;
 pub mod sink;
 pub mod store;
 pub mod verify;
+pub mod walk;
 
 pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker};
 pub use id::ChunkId;
