@@ -14,6 +14,7 @@ pub mod agent;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod disk;
 pub mod restore_client;
 pub mod server;
 pub mod session;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fabric_chunkstore::store::{Store, StoreConfig};
+use fabric_chunkstore::{Store, StoreConfig};
 use fabric_proto::service_names;
 use fabric_proto::standard::StandardServices;
 use fabric_proto::v1::source_server::SourceServer;
@@ -35,7 +35,15 @@ pub enum ServeError {
         /// The data dir.
         path: std::path::PathBuf,
         /// Why.
-        source: fabric_chunkstore::store::StoreError,
+        source: fabric_chunkstore::StoreError,
+    },
+    /// The data dir could not be created.
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        /// The data dir.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
     },
     /// Health or reflection could not be built.
     #[error(transparent)]
@@ -80,9 +88,9 @@ pub async fn serve(
     if config.has_role(Role::Storage) {
         let dir = config.data_dir.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|err| ServeError::Store {
+            std::fs::create_dir_all(&dir).map_err(|source| ServeError::DataDir {
                 path: dir.clone(),
-                source: fabric_chunkstore::store::StoreError::from(err),
+                source,
             })?;
             Store::open_or_create(&dir, StoreConfig::default()).map_err(|source| {
                 ServeError::Store {
@@ -177,7 +185,7 @@ async fn watch_free_space(
             _ = stop.changed() => return,
         }
         let dir = store.dir().to_owned();
-        let free = tokio::task::spawn_blocking(move || fabric_chunkstore::store::free_bytes(&dir)).await;
+        let free = tokio::task::spawn_blocking(move || crate::disk::space(&dir).map(|(_, free)| free)).await;
         let Ok(Ok(free)) = free else { continue };
         let ok = free >= min_free;
         if writable.swap(ok, Ordering::Relaxed) != ok {

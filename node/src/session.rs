@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric_chunkstore::ChunkParams;
-use fabric_chunkstore::store::Store;
+use fabric_chunkstore::Store;
 use fabric_chunkstore::walk::BackupOptions;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
@@ -87,7 +87,7 @@ impl Context {
 
 fn node_info(config: &NodeConfig, store: Option<&Store>, active_runs: Vec<String>) -> NodeInfo {
     let (capacity_bytes, free_bytes) = store
-        .and_then(|store| fabric_chunkstore::store::disk_space(store.dir()).ok())
+        .and_then(|store| crate::disk::space(store.dir()).ok())
         .unwrap_or((0, 0));
     NodeInfo {
         id: config.node_id.clone(),
@@ -113,7 +113,7 @@ async fn heartbeat(store: Option<Arc<Store>>) -> Heartbeat {
         return Heartbeat::default();
     };
     tokio::task::spawn_blocking(move || {
-        let (_, free_bytes) = fabric_chunkstore::store::disk_space(store.dir()).unwrap_or((0, 0));
+        let (_, free_bytes) = crate::disk::space(store.dir()).unwrap_or((0, 0));
         let (chunks, stored_bytes) = store
             .stats()
             .map(|stats| (stats.chunks, stats.stored_bytes))

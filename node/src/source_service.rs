@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use fabric_chunkstore::store::Store;
+use fabric_chunkstore::Store;
 use fabric_chunkstore::walk::BackupOptions;
 use fabric_chunkstore::{ChunkId, ChunkParams, ChunkSource, SinkError};
 use fabric_proto::v1::source_server::Source;

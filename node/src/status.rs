@@ -1,7 +1,7 @@
 //! The one place where the node's errors become gRPC statuses (Garage's
 //! habit): codes mean what they say, messages keep the input that failed.
 
-use fabric_chunkstore::store::StoreError;
+use fabric_chunkstore::StoreError;
 use tonic::Status;
 
 /// The status for a chunk store error.
@@ -10,7 +10,9 @@ pub fn status_from_store_error(err: StoreError) -> Status {
     match err {
         StoreError::ChunkMismatch { .. } => Status::data_loss(message),
         StoreError::MissingChunk { .. } => Status::failed_precondition(message),
-        StoreError::NotFound { .. } => Status::not_found(message),
+        StoreError::SnapshotNotFound { .. } | StoreError::ChunkNotFound { .. } => {
+            Status::not_found(message)
+        }
         StoreError::Ambiguous { .. } => Status::invalid_argument(message),
         StoreError::Corrupt { .. } => Status::data_loss(message),
         _ => Status::internal(message),

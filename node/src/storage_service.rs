@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fabric_chunkstore::ChunkId;
-use fabric_chunkstore::store::{GcOptions, Store, VerifyOptions};
+use fabric_chunkstore::{ChunkId, SinkError};
+use fabric_chunkstore::{GcOptions, Store, VerifyOptions};
 use fabric_proto::v1::storage_server::Storage;
 use fabric_proto::v1::{
     ChunkData, CopyProgress, CopySnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
@@ -76,7 +76,7 @@ impl StorageService {
     async fn blocking<T, F>(&self, work: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, fabric_chunkstore::store::StoreError> + Send + 'static,
+        F: FnOnce(&Store) -> Result<T, fabric_chunkstore::StoreError> + Send + 'static,
     {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || work(&store))
@@ -157,7 +157,7 @@ impl Storage for StorageService {
         let (tx, rx) = mpsc::channel::<Result<RestoreItem, Status>>(8);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            let send = |item: restore_item::Kind| {
+            let send = |item: restore_item::Kind| -> Result<(), SinkError> {
                 tx.blocking_send(Ok(RestoreItem { kind: Some(item) }))
                     .map_err(|_| "the client went away".into())
             };
@@ -165,7 +165,7 @@ impl Storage for StorageService {
                 store.as_ref(),
                 root,
                 &path,
-                &mut |entry_path: &[u8], entry: &fabric_proto::v1::TreeEntry| {
+                |entry_path: &[u8], entry: &fabric_proto::v1::TreeEntry| -> Result<(), SinkError> {
                     send(restore_item::Kind::Entry(RestoreEntry {
                         path: entry_path.to_vec(),
                         entry: Some(entry.clone()),
@@ -306,7 +306,7 @@ impl Storage for StorageService {
             .blocking(move |store| {
                 let mut options = GcOptions::default();
                 if threshold > 0.0 {
-                    options.repack_threshold = threshold;
+                    options.repack_threshold = Some(threshold);
                 }
                 store.gc(&options)
             })

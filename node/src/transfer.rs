@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fabric_chunkstore::store::Store;
+use fabric_chunkstore::Store;
 use fabric_chunkstore::{Chunk, ChunkId};
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
