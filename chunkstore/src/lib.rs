@@ -1,14 +1,31 @@
 //! The fabric storage engine.
 //!
-//! Owns chunking ([`chunker`]), ids ([`id`]), and (in later modules) pack
-//! files, the index, trees, snapshots, GC and verify. A plain synchronous
+//! Owns chunking ([`chunker`]), ids ([`id`]), pack files ([`pack`]), the
+//! index and snapshot catalogue behind narrow traits ([`index`], with sled in
+//! [`index_sled`]), the [`Store`] that ties them together with trees and
+//! snapshots ([`store`]), garbage collection ([`gc`]) and verify, reindex and
+//! stats ([`verify`]). A plain synchronous
 //! library: it must never depend on tokio or tonic; async callers run it on
 //! blocking threads.
 
 pub mod chunker;
+pub mod error;
+pub mod gc;
 pub mod id;
+pub mod index;
+pub mod index_sled;
+pub mod pack;
+pub mod restore;
 pub mod sink;
+pub mod store;
+pub mod verify;
+pub mod walk;
 
 pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker};
 pub use id::ChunkId;
+pub use error::StoreError;
+pub use gc::{GcOptions, GcReport};
+pub use index::{Catalog, ChunkIndex, IndexError, Location};
 pub use sink::{ChunkSink, ChunkSource, SinkError};
+pub use store::{PutStats, Store, StoreConfig};
+pub use verify::{ProblemKind, ReindexReport, StoreStats, VerifyOptions, VerifyProblem, VerifyReport};

@@ -1,2 +1,358 @@
-//! fabricctl (work in progress).
-fn main() {}
+//! `fabricctl`: the operator's command line. Parses flags, dispatches to the
+//! command modules, and turns errors into messages a person understands.
+//! Exit codes: 0 success, 1 error, and for `check` the Nagios codes.
+
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use fabricctl::output::OutputFormat;
+use fabricctl::{check, commands, local};
+
+const EXAMPLES: &str = "\
+Examples:
+  fabricctl local demo ./my-folder             # run a whole fabric in-process: back up, list, restore, compare
+  fabricctl local up --dir ./fabric-state      # a coordinator and 3 storage nodes on loopback, until Ctrl-C
+  fabricctl job submit -f jobs.toml            # submit every job of the file and run them
+  fabricctl job submit -f jobs.toml db/main    # run only job db, instance main
+  fabricctl run watch 3f2a                     # live progress of a run, per destination
+  fabricctl run retry 3f2a --copy              # retry only the failed copies
+  fabricctl status                             # the snapshot table
+  fabricctl find -r 0 --job db                 # the newest snapshot of job db
+  fabricctl restore 3f2a9c /etc --to ./restored
+  fabricctl restore latest --job db --to - > db.tar
+  fabricctl check                              # Nagios: exit 2 when a job's newest snapshot is stale
+  fabricctl backup --node http://127.0.0.1:7401 /home   # push straight to a node, no coordinator";
+
+#[derive(Parser)]
+#[command(name = "fabricctl", version, about = "Operate a fabric: jobs, runs, nodes, snapshots, restores", after_help = EXAMPLES)]
+struct Cli {
+    /// The coordinator's address.
+    #[arg(long, global = true, env = "FABRIC_COORDINATOR", default_value = "http://127.0.0.1:7400")]
+    coordinator: String,
+    /// Output of listings: table or json.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Jobs: submit a jobs file, list and show jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Runs: list, show, watch live, retry failed copies, cancel.
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// Nodes the coordinator knows.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Snapshots across the fabric (or on one node with --node).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// The snapshot table (same as `snapshot list`).
+    Status(SnapshotListArgs),
+    /// Find snapshots by a revision spec (backy's `find -r`).
+    Find(FindArgs),
+    /// Restore a snapshot, a subtree or one file into a directory or as a tar stream.
+    Restore(RestoreArgs),
+    /// Read a snapshot's chunks back (or a whole node's store) and check them.
+    Verify(VerifyArgs),
+    /// Nagios check of every job's freshness (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
+    Check(CheckArgs),
+    /// Push a backup straight to a node, without a coordinator.
+    Backup(BackupArgs),
+    /// A whole fabric in this process, on loopback.
+    #[command(subcommand)]
+    Local(LocalCommand),
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Submit the jobs of a TOML file and start runs (B1000's command line).
+    Submit {
+        /// The jobs file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Jobs to run, as JOB or JOB/INSTANCE (default: all).
+        select: Vec<String>,
+        /// Store the jobs without running them.
+        #[arg(long)]
+        no_run: bool,
+    },
+    /// List jobs.
+    List,
+    /// Show one job.
+    Show {
+        /// The job's name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// List runs, newest first.
+    List {
+        /// Only this job's runs.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only runs in this state (queued, pre, copying, post, done, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only runs created within this long (e.g. 24h).
+        #[arg(long)]
+        since: Option<humantime::Duration>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show a run with its destinations and events.
+    Show {
+        /// Run id or unique prefix.
+        run: String,
+    },
+    /// Follow a run live until it ends.
+    Watch {
+        /// Run id or unique prefix.
+        run: String,
+    },
+    /// Retry a finished run's failed copies.
+    Retry {
+        /// Run id or unique prefix.
+        run: String,
+        /// Only the failed copies (the only kind of retry there is; accepted for clarity).
+        #[arg(long)]
+        copy: bool,
+    },
+    /// Cancel a queued or running run.
+    Cancel {
+        /// Run id or unique prefix.
+        run: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List nodes: id, address, labels, state, last heartbeat, free space, chunks, stored bytes.
+    List,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// The snapshot table: date, id, name, size, duration, tags, nodes.
+    List(SnapshotListArgs),
+}
+
+#[derive(clap::Args)]
+struct SnapshotListArgs {
+    /// Only this job's snapshots.
+    #[arg(long)]
+    job: Option<String>,
+    /// Only this host's snapshots.
+    #[arg(long)]
+    host: Option<String>,
+    /// Ask this node (address) directly instead of the coordinator.
+    #[arg(long)]
+    node: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct FindArgs {
+    /// Revision spec: an id prefix, a count back from the newest (0 = newest), last/latest, or a tag.
+    #[arg(short = 'r', long = "revision")]
+    revision: String,
+    /// Only this job's snapshots.
+    #[arg(long)]
+    job: Option<String>,
+    /// Only this host's snapshots.
+    #[arg(long)]
+    host: Option<String>,
+    /// Ask this node (address) directly instead of the coordinator.
+    #[arg(long)]
+    node: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot: a revision spec as for `find -r`.
+    snapshot: String,
+    /// A path inside the snapshot (default: all of it).
+    path: Option<String>,
+    /// Target directory, or - for a tar stream on stdout.
+    #[arg(long)]
+    to: String,
+    /// Restore from this node (id, or an address to bypass the coordinator).
+    #[arg(long)]
+    node: Option<String>,
+    /// With a revision spec: only this job's snapshots.
+    #[arg(long)]
+    job: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// The snapshot (a revision spec); omit with --node to verify the node's whole store.
+    snapshot: Option<String>,
+    /// The node (id, or an address to bypass the coordinator).
+    #[arg(long)]
+    node: Option<String>,
+    /// Read only this share of the chunks, e.g. 5% or 0.05 (default: all).
+    #[arg(long)]
+    sample: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Jobs to check (default: all).
+    jobs: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// The node's address, e.g. http://127.0.0.1:7401.
+    #[arg(long)]
+    node: String,
+    /// Paths to back up.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Job name recorded in the snapshot.
+    #[arg(long, default_value = "manual")]
+    job: String,
+    /// Glob patterns to leave out.
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Stay on the file systems of the paths; skip virtual and network file systems.
+    #[arg(long)]
+    one_file_system: bool,
+    /// Tags of the snapshot.
+    #[arg(long)]
+    tag: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Run a coordinator, 3 storage nodes and an agent in this process until Ctrl-C.
+    Up {
+        /// Where their state lives.
+        #[arg(long, default_value = "fabric-local")]
+        dir: PathBuf,
+        /// Storage nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// The main job, end to end: push DIR with 2 replicas, list, restore, compare byte for byte.
+    Demo {
+        /// The directory to back up.
+        source: PathBuf,
+        /// Where the fabric's state lives (default: a temporary folder, removed after).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("fabricctl: cannot start the async runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> i32 {
+    let format = cli.output;
+    let coordinator = cli.coordinator;
+    let result = match cli.command {
+        Command::Job(JobCommand::Submit {
+            file,
+            select,
+            no_run,
+        }) => commands::job_submit(&coordinator, &file, select, no_run, format).await,
+        Command::Job(JobCommand::List) => commands::job_list(&coordinator, format).await,
+        Command::Job(JobCommand::Show { name }) => {
+            commands::job_show(&coordinator, &name, format).await
+        }
+        Command::Run(RunCommand::List {
+            job,
+            state,
+            since,
+            limit,
+        }) => commands::run_list(&coordinator, job, state, since, limit, format).await,
+        Command::Run(RunCommand::Show { run }) => {
+            commands::run_show(&coordinator, &run, format).await
+        }
+        Command::Run(RunCommand::Watch { run }) => commands::run_watch(&coordinator, &run).await,
+        Command::Run(RunCommand::Retry { run, copy: _ }) => {
+            commands::run_retry(&coordinator, &run, format).await
+        }
+        Command::Run(RunCommand::Cancel { run }) => {
+            commands::run_cancel(&coordinator, &run, format).await
+        }
+        Command::Node(NodeCommand::List) => commands::node_list(&coordinator, format).await,
+        Command::Snapshot(SnapshotCommand::List(args)) | Command::Status(args) => {
+            commands::snapshot_list(&coordinator, args.job, args.host, args.node, format).await
+        }
+        Command::Find(args) => {
+            commands::find(
+                &coordinator,
+                &args.revision,
+                args.job,
+                args.host,
+                args.node,
+                format,
+            )
+            .await
+        }
+        Command::Restore(args) => {
+            commands::restore(
+                &coordinator,
+                &args.snapshot,
+                args.path.as_deref().unwrap_or(""),
+                &args.to,
+                args.node,
+                args.job,
+            )
+            .await
+        }
+        Command::Verify(args) => {
+            commands::verify(&coordinator, args.snapshot, args.node, args.sample, format).await
+        }
+        Command::Check(args) => return check::run(&coordinator, args.jobs).await,
+        Command::Backup(args) => {
+            commands::backup(
+                &args.node,
+                args.paths,
+                args.job,
+                args.exclude,
+                args.one_file_system,
+                args.tag,
+                format,
+            )
+            .await
+        }
+        Command::Local(LocalCommand::Up { dir, nodes }) => local::up(&dir, nodes).await,
+        Command::Local(LocalCommand::Demo { source, dir }) => {
+            local::demo(&source, dir.as_deref()).await
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "fabricctl", &mut std::io::stdout());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("fabricctl: {err:#}");
+            1
+        }
+    }
+}

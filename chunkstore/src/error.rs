@@ -1,0 +1,154 @@
+//! The store's error type. Every variant a user can meet names what caused it:
+//! the chunk id, the pack or file path, the snapshot spec or the store directory.
+//!
+//! Policy: a store operation returns [`StoreError`]; lower layers (pack,
+//! index) have their own small errors that the store wraps with the path or
+//! id it was working on.
+
+use std::path::PathBuf;
+
+use crate::chunker::{BadChunkParams, ChunkParams};
+use crate::id::ChunkId;
+use crate::index::IndexError;
+
+/// Anything a [`crate::Store`] operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file or directory of the store could not be read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("cannot read", "cannot fsync", ...).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The index or catalogue (sled) failed.
+    #[error("index of the store in {dir}: {source}")]
+    Index {
+        /// The store directory.
+        dir: PathBuf,
+        /// The cause.
+        source: IndexError,
+    },
+    /// A chunk's bytes do not hash to the id it was offered under.
+    #[error("chunk {id}: the bytes do not hash to this id; nothing of the batch was stored")]
+    ChunkMismatch {
+        /// The id the chunk was offered under.
+        id: ChunkId,
+    },
+    /// The store does not hold chunk `id`.
+    #[error("chunk {id} is not in the store in {dir}")]
+    ChunkNotFound {
+        /// The chunk.
+        id: ChunkId,
+        /// The store directory.
+        dir: PathBuf,
+    },
+    /// A stored chunk cannot be read back intact.
+    #[error("chunk {id} in pack {pack} is corrupt: {detail}")]
+    Corrupt {
+        /// The chunk.
+        id: ChunkId,
+        /// The pack file.
+        pack: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A snapshot's DAG references a chunk the store does not hold.
+    #[error("snapshot {snapshot} references chunk {id} (at {path}), which is not in the store")]
+    MissingChunk {
+        /// The missing chunk.
+        id: ChunkId,
+        /// The snapshot (name or id) being committed or checked.
+        snapshot: String,
+        /// Where in the tree it is referenced ("/" for the root tree).
+        path: String,
+    },
+    /// A tree chunk does not decode as a `Tree`.
+    #[error("chunk {id} is not a tree: {source}")]
+    BadTree {
+        /// The chunk.
+        id: ChunkId,
+        /// The decode error.
+        source: prost::DecodeError,
+    },
+    /// A snapshot record is not usable.
+    #[error("snapshot {snapshot}: {detail}")]
+    BadSnapshot {
+        /// Its id or name.
+        snapshot: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// No snapshot matches a spec.
+    #[error("no snapshot matches {spec:?} (give a full id, a unique id prefix of 6+ characters, or an exact name)")]
+    SnapshotNotFound {
+        /// The spec.
+        spec: String,
+    },
+    /// Several snapshots match a spec.
+    #[error("{spec:?} matches several snapshots: {}", candidates.join(", "))]
+    Ambiguous {
+        /// The spec.
+        spec: String,
+        /// The ids of the matches.
+        candidates: Vec<String>,
+    },
+    /// A snapshot with this id exists already.
+    #[error("a snapshot with id {id} exists already")]
+    SnapshotExists {
+        /// The id.
+        id: String,
+    },
+    /// The store was created with other chunk parameters.
+    #[error(
+        "the store in {dir} was created with chunk parameters min={} avg={} max={}, not min={} avg={} max={}: chunk parameters cannot change after creation",
+        recorded.min_size, recorded.avg_size, recorded.max_size,
+        requested.min_size, requested.avg_size, requested.max_size
+    )]
+    ParamsMismatch {
+        /// The store directory.
+        dir: PathBuf,
+        /// What its config.toml records.
+        recorded: ChunkParams,
+        /// What the caller asked for.
+        requested: ChunkParams,
+    },
+    /// Invalid chunk parameters.
+    #[error("store in {dir}: {source}")]
+    BadParams {
+        /// The store directory.
+        dir: PathBuf,
+        /// What is wrong.
+        source: BadChunkParams,
+    },
+    /// The config file is missing or unreadable.
+    #[error("{path}: {detail}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A pack file cannot be used.
+    #[error("pack {path}: {detail}")]
+    BadPack {
+        /// The pack.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| StoreError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The narrow seams to the key-value engine: [`ChunkIndex`] (chunk id ->
+//! where its entry lives) and [`Catalog`] (snapshot records).
+//!
+//! The store talks to these traits only; the sled implementation lives in
+//! `index_sled`, and the conformance suite here ([`conformance`]) is what any
+//! other engine has to pass. This module must never know about sled, packs
+//! on disk or trees.
+
+use fabric_proto::v1::Snapshot;
+
+use crate::id::ChunkId;
+use crate::pack::{Codec, ENTRY_HEADER_LEN};
+
+/// Where a chunk's entry is: enough to read it with one positioned read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Location {
+    /// The pack's id.
+    pub pack: u32,
+    /// Offset of the entry (its header) in the pack.
+    pub offset: u64,
+    /// Stored length (after compression), header excluded.
+    pub stored_len: u32,
+    /// Plain length.
+    pub raw_len: u32,
+    /// How the bytes are stored.
+    pub codec: Codec,
+}
+
+/// Bytes of an encoded [`Location`].
+pub const LOCATION_LEN: usize = 4 + 8 + 4 + 4 + 1;
+
+impl Location {
+    /// Bytes the entry takes in the pack, header included.
+    pub fn entry_len(&self) -> u64 {
+        ENTRY_HEADER_LEN as u64 + u64::from(self.stored_len)
+    }
+
+    /// Offset just past the entry.
+    pub fn end(&self) -> u64 {
+        self.offset + self.entry_len()
+    }
+
+    /// The fixed-size encoding stored as an index value.
+    pub fn encode(&self) -> [u8; LOCATION_LEN] {
+        let mut out = [0u8; LOCATION_LEN];
+        out[0..4].copy_from_slice(&self.pack.to_le_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        out[12..16].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[16..20].copy_from_slice(&self.raw_len.to_le_bytes());
+        out[20] = self.codec.to_byte();
+        out
+    }
+
+    /// Decode an index value; `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != LOCATION_LEN {
+            return None;
+        }
+        let word = |range: std::ops::Range<usize>| -> [u8; 4] {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&bytes[range]);
+            w
+        };
+        let mut offset = [0u8; 8];
+        offset.copy_from_slice(&bytes[4..12]);
+        Some(Self {
+            pack: u32::from_le_bytes(word(0..4)),
+            offset: u64::from_le_bytes(offset),
+            stored_len: u32::from_le_bytes(word(12..16)),
+            raw_len: u32::from_le_bytes(word(16..20)),
+            codec: Codec::from_byte(bytes[20])?,
+        })
+    }
+}
+
+/// An index or catalogue failure.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// The engine failed.
+    #[error("index engine: {0}")]
+    Engine(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A stored record cannot be decoded.
+    #[error("undecodable {what} record for key {key}")]
+    BadRecord {
+        /// Which kind of record.
+        what: &'static str,
+        /// Its key, hex or text.
+        key: String,
+    },
+}
+
+/// Chunk id -> [`Location`]. Implementations are shared between threads.
+pub trait ChunkIndex: Send + Sync {
+    /// Where chunk `id` is, if indexed.
+    fn get(&self, id: &ChunkId) -> Result<Option<Location>, IndexError>;
+    /// Whether chunk `id` is indexed.
+    fn contains(&self, id: &ChunkId) -> Result<bool, IndexError>;
+    /// Insert or replace many entries in one batch.
+    fn insert_batch(&self, entries: &[(ChunkId, Location)]) -> Result<(), IndexError>;
+    /// Remove many entries in one batch (absent ids are ignored).
+    fn remove_batch(&self, ids: &[ChunkId]) -> Result<(), IndexError>;
+    /// Every entry, in id order, passed to `visit`.
+    fn for_each(
+        &self,
+        visit: &mut dyn FnMut(ChunkId, Location) -> Result<(), IndexError>,
+    ) -> Result<(), IndexError>;
+    /// Entries.
+    fn len(&self) -> Result<u64, IndexError>;
+    /// Whether the index is empty.
+    fn is_empty(&self) -> Result<bool, IndexError> {
+        Ok(self.len()? == 0)
+    }
+    /// Remove every entry (before a reindex).
+    fn clear(&self) -> Result<(), IndexError>;
+    /// Make every change so far durable.
+    fn flush(&self) -> Result<(), IndexError>;
+}
+
+/// Snapshot records by id.
+pub trait Catalog: Send + Sync {
+    /// Insert or replace the record with `snapshot.id`, durable on return.
+    fn put(&self, snapshot: &Snapshot) -> Result<(), IndexError>;
+    /// The record with id `id`.
+    fn get(&self, id: &str) -> Result<Option<Snapshot>, IndexError>;
+    /// Remove the record with id `id`, durable on return; the removed record.
+    fn remove(&self, id: &str) -> Result<Option<Snapshot>, IndexError>;
+    /// Every record, in id order.
+    fn list(&self) -> Result<Vec<Snapshot>, IndexError>;
+    /// Records whose name is exactly `name`.
+    fn find_by_name(&self, name: &str) -> Result<Vec<Snapshot>, IndexError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|snapshot| snapshot.name == name)
+            .collect())
+    }
+}
+
+/// The suite every [`ChunkIndex`] and [`Catalog`] implementation must pass.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn id(n: u32) -> ChunkId {
+        ChunkId::of(&n.to_le_bytes())
+    }
+
+    fn location(n: u32) -> Location {
+        Location {
+            pack: n % 7,
+            offset: u64::from(n) * 1000 + 12,
+            stored_len: n + 1,
+            raw_len: n * 2 + 1,
+            codec: if n % 2 == 0 { Codec::Zstd } else { Codec::Raw },
+        }
+    }
+
+    /// Insert, get, contains, replace, remove, iterate, len, clear.
+    pub(crate) fn chunk_index(index: &dyn ChunkIndex) {
+        assert!(index.is_empty().unwrap());
+        assert_eq!(index.get(&id(1)).unwrap(), None);
+        let entries: Vec<(ChunkId, Location)> = (0..500).map(|n| (id(n), location(n))).collect();
+        index.insert_batch(&entries).unwrap();
+        assert_eq!(index.len().unwrap(), 500);
+        for (key, value) in &entries {
+            assert_eq!(index.get(key).unwrap(), Some(*value));
+            assert!(index.contains(key).unwrap());
+        }
+        assert!(!index.contains(&id(1000)).unwrap());
+        // Replacing keeps one entry per id.
+        index.insert_batch(&[(id(3), location(900))]).unwrap();
+        assert_eq!(index.get(&id(3)).unwrap(), Some(location(900)));
+        assert_eq!(index.len().unwrap(), 500);
+        // Removing absent ids is not an error.
+        let gone: Vec<ChunkId> = (0..100).map(id).chain([id(5000)]).collect();
+        index.remove_batch(&gone).unwrap();
+        assert_eq!(index.len().unwrap(), 400);
+        assert!(!index.contains(&id(50)).unwrap());
+        assert!(index.contains(&id(150)).unwrap());
+        // Iteration sees every entry once, in id order.
+        let mut seen = BTreeMap::new();
+        let mut previous = None;
+        index
+            .for_each(&mut |key, value| {
+                assert!(previous < Some(key));
+                previous = Some(key);
+                assert!(seen.insert(key, value).is_none());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen.len(), 400);
+        assert_eq!(seen[&id(150)], location(150));
+        index.flush().unwrap();
+        index.clear().unwrap();
+        assert!(index.is_empty().unwrap());
+        assert_eq!(index.get(&id(150)).unwrap(), None);
+    }
+
+    fn snapshot(id: &str, name: &str) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            name: name.into(),
+            job: "job".into(),
+            tags: vec!["a".into()],
+            start_time_ms: 42,
+            root_tree_id: vec![7; 32],
+            ..Default::default()
+        }
+    }
+
+    /// Put, get, replace, list, find by name, remove.
+    pub(crate) fn catalog(catalog: &dyn Catalog) {
+        assert!(catalog.list().unwrap().is_empty());
+        assert_eq!(catalog.get("nope").unwrap(), None);
+        catalog.put(&snapshot("bb", "daily")).unwrap();
+        catalog.put(&snapshot("aa", "weekly")).unwrap();
+        catalog.put(&snapshot("cc", "daily")).unwrap();
+        assert_eq!(catalog.get("aa").unwrap(), Some(snapshot("aa", "weekly")));
+        let ids: Vec<String> = catalog.list().unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(ids, ["aa", "bb", "cc"]);
+        let daily: Vec<String> = catalog
+            .find_by_name("daily")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(daily, ["bb", "cc"]);
+        assert!(catalog.find_by_name("dail").unwrap().is_empty());
+        catalog.put(&snapshot("aa", "monthly")).unwrap();
+        assert_eq!(catalog.get("aa").unwrap().unwrap().name, "monthly");
+        assert_eq!(catalog.remove("bb").unwrap(), Some(snapshot("bb", "daily")));
+        assert_eq!(catalog.remove("bb").unwrap(), None);
+        assert_eq!(catalog.list().unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,688 @@
+//! Pack files: where chunk bytes live on disk.
+//!
+//! A pack is an append-only file of self-describing entries. It starts with a
+//! 12-byte header (`PACK_MAGIC`, format version), then entries, then, once it
+//! is full, a seal (trailer) after which nothing is ever appended. Each entry:
+//!
+//! | field | bytes |
+//! | --- | --- |
+//! | entry magic `FCk1` | 4 |
+//! | chunk id (BLAKE3 of the plain bytes) | 32 |
+//! | codec (0 raw, 1 zstd) | 1 |
+//! | raw (plain) length, u32 LE | 4 |
+//! | stored length, u32 LE | 4 |
+//! | checksum: first 16 bytes of BLAKE3 over the 45 bytes above and the stored bytes | 16 |
+//! | stored bytes | stored length |
+//!
+//! so the index can be rebuilt from the packs alone ([`scan_pack`]) and a torn
+//! tail (a crash in the middle of an append) is recognised and cut off.
+//!
+//! This module owns the byte format, encoding (compression) and decoding of one
+//! entry, appending and sealing ([`PackWriter`]) and scanning. It must never
+//! overwrite a byte already written, and knows nothing of the index, trees or
+//! snapshots.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::id::ChunkId;
+
+/// First bytes of every pack file.
+pub const PACK_MAGIC: [u8; 8] = *b"FABRICPK";
+/// The pack format this code writes and reads.
+pub const PACK_VERSION: u32 = 1;
+/// Bytes of the pack header.
+pub const PACK_HEADER_LEN: u64 = 12;
+/// First bytes of every entry.
+pub const ENTRY_MAGIC: [u8; 4] = *b"FCk1";
+/// Bytes of an entry header (before the stored bytes).
+pub const ENTRY_HEADER_LEN: usize = 4 + 32 + 1 + 4 + 4 + 16;
+/// First bytes of the seal (trailer) of a full pack.
+pub const SEAL_MAGIC: [u8; 8] = *b"FABRSEAL";
+/// Bytes of the seal: magic, entry count (u64 LE).
+pub const SEAL_LEN: u64 = 16;
+
+/// How an entry's bytes are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// The plain bytes (compression did not shrink them).
+    Raw,
+    /// A zstd frame.
+    Zstd,
+}
+
+impl Codec {
+    /// The byte written in an entry header.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Codec::Raw => 0,
+            Codec::Zstd => 1,
+        }
+    }
+
+    /// The codec of an entry header byte, if known.
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(Codec::Raw),
+            1 => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The parsed header of one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryHeader {
+    /// The chunk the entry holds.
+    pub id: ChunkId,
+    /// How the bytes are stored.
+    pub codec: Codec,
+    /// Plain length.
+    pub raw_len: u32,
+    /// Stored (possibly compressed) length.
+    pub stored_len: u32,
+    /// First 16 bytes of BLAKE3 over the header fields and the stored bytes.
+    pub checksum: [u8; 16],
+}
+
+impl EntryHeader {
+    /// Bytes the entry takes in the pack, header included.
+    pub fn entry_len(&self) -> u64 {
+        ENTRY_HEADER_LEN as u64 + u64::from(self.stored_len)
+    }
+}
+
+/// Why an entry could not be read back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EntryError {
+    /// The bytes do not start with the entry magic.
+    #[error("no entry magic")]
+    BadMagic,
+    /// Unknown codec byte.
+    #[error("unknown codec {0}")]
+    BadCodec(u8),
+    /// Fewer bytes than the header announces.
+    #[error("entry cut short: {have} of {need} bytes")]
+    Short {
+        /// Bytes present.
+        have: u64,
+        /// Bytes the header announces.
+        need: u64,
+    },
+    /// The checksum over header and stored bytes does not match.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// The entry is for another chunk than the one asked for.
+    #[error("entry holds chunk {found}, not the one asked for")]
+    WrongId {
+        /// The id in the entry.
+        found: ChunkId,
+    },
+    /// zstd could not decode the stored bytes, or they decode to another length.
+    #[error("cannot decompress: {0}")]
+    Decompress(String),
+    /// The plain bytes do not hash to the entry's id.
+    #[error("plain bytes do not hash to the chunk id")]
+    HashMismatch,
+}
+
+/// One chunk ready to be appended: the whole entry, header included.
+#[derive(Clone, Debug)]
+pub struct EncodedEntry {
+    /// The header, as encoded in `bytes`.
+    pub header: EntryHeader,
+    /// Header and stored bytes.
+    pub bytes: Vec<u8>,
+}
+
+fn checksum(fields: &[u8], stored: &[u8]) -> [u8; 16] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(fields);
+    hasher.update(stored);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    out
+}
+
+/// Encode chunk `id` with plain bytes `data`: zstd at `zstd_level`, or raw when
+/// compression does not shrink the bytes.
+pub fn encode_entry(id: ChunkId, data: &[u8], zstd_level: i32) -> EncodedEntry {
+    let compressed = zstd::bulk::compress(data, zstd_level)
+        .ok()
+        .filter(|c| c.len() < data.len());
+    let (codec, stored): (Codec, &[u8]) = match &compressed {
+        Some(c) => (Codec::Zstd, c),
+        None => (Codec::Raw, data),
+    };
+    encode_stored(id, codec, data.len() as u32, stored)
+}
+
+/// An entry of already-stored bytes (GC moves entries without recompressing).
+pub fn encode_stored(id: ChunkId, codec: Codec, raw_len: u32, stored: &[u8]) -> EncodedEntry {
+    let mut bytes = Vec::with_capacity(ENTRY_HEADER_LEN + stored.len());
+    bytes.extend_from_slice(&ENTRY_MAGIC);
+    bytes.extend_from_slice(id.as_bytes());
+    bytes.push(codec.to_byte());
+    bytes.extend_from_slice(&raw_len.to_le_bytes());
+    bytes.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+    let sum = checksum(&bytes, stored);
+    bytes.extend_from_slice(&sum);
+    bytes.extend_from_slice(stored);
+    EncodedEntry {
+        header: EntryHeader {
+            id,
+            codec,
+            raw_len,
+            stored_len: stored.len() as u32,
+            checksum: sum,
+        },
+        bytes,
+    }
+}
+
+/// Parse an entry header (no checksum check: that needs the stored bytes).
+pub fn parse_header(bytes: &[u8]) -> Result<EntryHeader, EntryError> {
+    if bytes.len() < ENTRY_HEADER_LEN {
+        return Err(EntryError::Short {
+            have: bytes.len() as u64,
+            need: ENTRY_HEADER_LEN as u64,
+        });
+    }
+    if bytes[..4] != ENTRY_MAGIC {
+        return Err(EntryError::BadMagic);
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&bytes[4..36]);
+    let codec = Codec::from_byte(bytes[36]).ok_or(EntryError::BadCodec(bytes[36]))?;
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[37..41]);
+    let raw_len = u32::from_le_bytes(word);
+    word.copy_from_slice(&bytes[41..45]);
+    let stored_len = u32::from_le_bytes(word);
+    let mut sum = [0u8; 16];
+    sum.copy_from_slice(&bytes[45..61]);
+    Ok(EntryHeader {
+        id: ChunkId(id),
+        codec,
+        raw_len,
+        stored_len,
+        checksum: sum,
+    })
+}
+
+/// Check a whole entry (header and stored bytes) and return its header and stored bytes.
+pub fn check_entry(bytes: &[u8]) -> Result<(EntryHeader, &[u8]), EntryError> {
+    let header = parse_header(bytes)?;
+    let need = header.entry_len();
+    if (bytes.len() as u64) < need {
+        return Err(EntryError::Short {
+            have: bytes.len() as u64,
+            need,
+        });
+    }
+    let stored = &bytes[ENTRY_HEADER_LEN..need as usize];
+    if checksum(&bytes[..45], stored) != header.checksum {
+        return Err(EntryError::Checksum);
+    }
+    Ok((header, stored))
+}
+
+/// The plain bytes of a checked entry, re-hashed against its id.
+pub fn decode_stored(header: &EntryHeader, stored: &[u8]) -> Result<Vec<u8>, EntryError> {
+    let plain = match header.codec {
+        Codec::Raw => stored.to_vec(),
+        Codec::Zstd => zstd::bulk::decompress(stored, header.raw_len as usize)
+            .map_err(|err| EntryError::Decompress(err.to_string()))?,
+    };
+    if plain.len() != header.raw_len as usize {
+        return Err(EntryError::Decompress(format!(
+            "{} bytes instead of {}",
+            plain.len(),
+            header.raw_len
+        )));
+    }
+    if !header.id.matches(&plain) {
+        return Err(EntryError::HashMismatch);
+    }
+    Ok(plain)
+}
+
+/// Read the entry of chunk `id` at `offset` (`entry_len` bytes) from `file`
+/// and return its plain bytes, every check done.
+pub fn read_entry(
+    file: &File,
+    offset: u64,
+    entry_len: u64,
+    id: &ChunkId,
+) -> Result<Result<Vec<u8>, EntryError>, std::io::Error> {
+    let mut bytes = vec![0u8; entry_len as usize];
+    let mut have = 0usize;
+    while have < bytes.len() {
+        match file.read_at(&mut bytes[have..], offset + have as u64) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    bytes.truncate(have);
+    Ok(check_entry(&bytes).and_then(|(header, stored)| {
+        if header.id != *id {
+            return Err(EntryError::WrongId { found: header.id });
+        }
+        decode_stored(&header, stored)
+    }))
+}
+
+/// The stored bytes of the entry at `offset`, checked against its checksum
+/// and id but not decompressed (for GC, which moves entries as they are).
+pub fn read_stored(
+    file: &File,
+    offset: u64,
+    entry_len: u64,
+    id: &ChunkId,
+) -> Result<Result<(EntryHeader, Vec<u8>), EntryError>, std::io::Error> {
+    let mut bytes = vec![0u8; entry_len as usize];
+    let mut have = 0usize;
+    while have < bytes.len() {
+        match file.read_at(&mut bytes[have..], offset + have as u64) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    bytes.truncate(have);
+    Ok(check_entry(&bytes).and_then(|(header, stored)| {
+        if header.id != *id {
+            return Err(EntryError::WrongId { found: header.id });
+        }
+        Ok((header, stored.to_vec()))
+    }))
+}
+
+/// The file name of pack `id` inside the packs directory.
+pub fn pack_file_name(id: u32) -> String {
+    format!("{id:08x}.pack")
+}
+
+/// The pack id of a file name written by [`pack_file_name`], if it is one.
+pub fn parse_pack_file_name(name: &str) -> Option<u32> {
+    let hex = name.strip_suffix(".pack")?;
+    if hex.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok()
+}
+
+/// Fsync a directory so a file created or removed in it stays so after a crash.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The pack being filled: appends entries, syncs, seals.
+#[derive(Debug)]
+pub struct PackWriter {
+    id: u32,
+    path: PathBuf,
+    file: Arc<File>,
+    len: u64,
+    entries: u64,
+}
+
+impl PackWriter {
+    /// Create pack `id` in `dir` (which must not hold it yet) and write its header.
+    pub fn create(dir: &Path, id: u32) -> std::io::Result<Self> {
+        let path = dir.join(pack_file_name(id));
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let mut header = Vec::with_capacity(PACK_HEADER_LEN as usize);
+        header.extend_from_slice(&PACK_MAGIC);
+        header.extend_from_slice(&PACK_VERSION.to_le_bytes());
+        file.write_all(&header)?;
+        // The pack's name must survive a crash before anything points into it.
+        sync_dir(dir)?;
+        Ok(Self {
+            id,
+            path,
+            file: Arc::new(file),
+            len: PACK_HEADER_LEN,
+            entries: 0,
+        })
+    }
+
+    /// The pack's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The pack's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no entry has been appended.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// A handle that can sync the file after the writer lock is released.
+    pub fn file(&self) -> Arc<File> {
+        Arc::clone(&self.file)
+    }
+
+    /// Append `entry`; returns the offset it starts at.
+    pub fn append(&mut self, entry: &EncodedEntry) -> std::io::Result<u64> {
+        let offset = self.len;
+        (&*self.file).write_all(&entry.bytes)?;
+        self.len += entry.bytes.len() as u64;
+        self.entries += 1;
+        Ok(offset)
+    }
+
+    /// Make everything appended durable.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Write the seal and make the whole pack durable. Nothing is appended after.
+    pub fn seal(self) -> std::io::Result<()> {
+        let mut seal = Vec::with_capacity(SEAL_LEN as usize);
+        seal.extend_from_slice(&SEAL_MAGIC);
+        seal.extend_from_slice(&self.entries.to_le_bytes());
+        (&*self.file).write_all(&seal)?;
+        self.file.sync_all()
+    }
+}
+
+/// Seal an existing pack that holds `entries` valid entries and ends right
+/// after the last of them (the repair of a pack left open by a crash).
+pub fn seal_existing(path: &Path, entries: u64) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().append(true).open(path)?;
+    let mut seal = Vec::with_capacity(SEAL_LEN as usize);
+    seal.extend_from_slice(&SEAL_MAGIC);
+    seal.extend_from_slice(&entries.to_le_bytes());
+    file.write_all(&seal)?;
+    file.sync_all()
+}
+
+/// Whether the file at `path` ends in a seal (checked from its last bytes only).
+pub fn looks_sealed(path: &Path) -> std::io::Result<bool> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len < PACK_HEADER_LEN + SEAL_LEN {
+        return Ok(false);
+    }
+    let mut tail = [0u8; SEAL_LEN as usize];
+    file.read_exact_at(&mut tail, len - SEAL_LEN)?;
+    Ok(tail[..8] == SEAL_MAGIC)
+}
+
+/// How a scan of a pack ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScanEnd {
+    /// A valid seal after `entries` entries.
+    Sealed {
+        /// Entries the seal counts.
+        entries: u64,
+    },
+    /// The file ends right after the last valid entry, without a seal (an open pack).
+    Open,
+    /// Bytes at `offset` are not a valid entry (a torn tail, or damage).
+    Torn {
+        /// Where the valid part ends.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// The result of [`scan_pack`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackScan {
+    /// Valid entries seen.
+    pub entries: u64,
+    /// Offset after the last valid entry.
+    pub valid_len: u64,
+    /// The file's length.
+    pub file_len: u64,
+    /// How the scan ended.
+    pub end: ScanEnd,
+}
+
+/// Why a pack could not be scanned at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The file could not be read.
+    #[error("cannot read pack {path}: {source}")]
+    Io {
+        /// The pack.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file does not start with a pack header.
+    #[error("{path} is not a fabric pack (bad header)")]
+    NotAPack {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Read pack `path` entry by entry, passing each valid entry's offset, header
+/// and stored bytes to `visit`; stop cleanly at the seal, the end of the file,
+/// or the first bytes that are not a valid entry (a torn tail).
+pub fn scan_pack(
+    path: &Path,
+    mut visit: impl FnMut(u64, &EntryHeader, &[u8]),
+) -> Result<PackScan, ScanError> {
+    let io_err = |source| ScanError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; PACK_HEADER_LEN as usize];
+    if read_full(&mut reader, &mut header).map_err(io_err)? < header.len()
+        || header[..8] != PACK_MAGIC
+        || header[8..12] != PACK_VERSION.to_le_bytes()
+    {
+        return Err(ScanError::NotAPack {
+            path: path.to_owned(),
+        });
+    }
+    let mut offset = PACK_HEADER_LEN;
+    let mut entries = 0u64;
+    let mut buffer = Vec::new();
+    let torn = |offset: u64, entries: u64, reason: String| PackScan {
+        entries,
+        valid_len: offset,
+        file_len,
+        end: ScanEnd::Torn { offset, reason },
+    };
+    loop {
+        let remaining = file_len - offset;
+        if remaining == 0 {
+            return Ok(PackScan {
+                entries,
+                valid_len: offset,
+                file_len,
+                end: ScanEnd::Open,
+            });
+        }
+        let mut head = [0u8; ENTRY_HEADER_LEN];
+        let got = read_full(&mut reader, &mut head).map_err(io_err)?;
+        if got >= SEAL_LEN as usize && head[..8] == SEAL_MAGIC {
+            let mut count = [0u8; 8];
+            count.copy_from_slice(&head[8..16]);
+            let sealed = u64::from_le_bytes(count);
+            if remaining == SEAL_LEN && sealed == entries {
+                return Ok(PackScan {
+                    entries,
+                    valid_len: offset,
+                    file_len,
+                    end: ScanEnd::Sealed { entries },
+                });
+            }
+            return Ok(torn(offset, entries, "misplaced or wrong seal".into()));
+        }
+        let parsed = match parse_header(&head[..got]) {
+            Ok(parsed) => parsed,
+            Err(err) => return Ok(torn(offset, entries, err.to_string())),
+        };
+        if parsed.entry_len() > remaining {
+            let err = EntryError::Short {
+                have: remaining,
+                need: parsed.entry_len(),
+            };
+            return Ok(torn(offset, entries, err.to_string()));
+        }
+        buffer.clear();
+        buffer.extend_from_slice(&head);
+        buffer.resize(parsed.entry_len() as usize, 0);
+        read_full(&mut reader, &mut buffer[ENTRY_HEADER_LEN..]).map_err(io_err)?;
+        match check_entry(&buffer) {
+            Ok((header, stored)) => visit(offset, &header, stored),
+            Err(err) => return Ok(torn(offset, entries, err.to_string())),
+        }
+        offset += parsed.entry_len();
+        entries += 1;
+    }
+}
+
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut have = 0;
+    while have < buf.len() {
+        match reader.read(&mut buf[have..]) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(have)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text(len: usize) -> Vec<u8> {
+        b"the quick brown fox jumps over the lazy dog. "
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect()
+    }
+
+    fn write_pack(dir: &Path, chunks: &[Vec<u8>], seal: bool) -> (PathBuf, Vec<(u64, EntryHeader)>) {
+        let mut writer = PackWriter::create(dir, 7).unwrap();
+        let mut placed = Vec::new();
+        for data in chunks {
+            let entry = encode_entry(ChunkId::of(data), data, 3);
+            let offset = writer.append(&entry).unwrap();
+            placed.push((offset, entry.header));
+        }
+        let path = writer.path().to_owned();
+        if seal {
+            writer.seal().unwrap();
+        } else {
+            writer.sync().unwrap();
+        }
+        (path, placed)
+    }
+
+    #[test]
+    fn compressible_data_is_zstd_and_random_is_raw() {
+        let text = text(10_000);
+        let entry = encode_entry(ChunkId::of(&text), &text, 3);
+        assert_eq!(entry.header.codec, Codec::Zstd);
+        assert!(entry.header.stored_len < 1000);
+        let random: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let entry = encode_entry(ChunkId::of(&random), &random, 3);
+        assert_eq!(entry.header.codec, Codec::Raw);
+        assert_eq!(entry.header.stored_len, 10_000);
+        let (header, stored) = check_entry(&entry.bytes).unwrap();
+        assert_eq!(decode_stored(&header, stored).unwrap(), random);
+    }
+
+    #[test]
+    fn scan_sees_every_entry_and_the_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<Vec<u8>> = (0..5).map(|i| text(1000 + i * 100)).collect();
+        let (path, placed) = write_pack(dir.path(), &chunks, true);
+        let mut seen = Vec::new();
+        let scan = scan_pack(&path, |offset, header, _| seen.push((offset, *header))).unwrap();
+        assert_eq!(scan.end, ScanEnd::Sealed { entries: 5 });
+        assert_eq!(seen, placed);
+        let file = File::open(&path).unwrap();
+        for ((offset, header), data) in placed.iter().zip(&chunks) {
+            let got = read_entry(&file, *offset, header.entry_len(), &header.id).unwrap().unwrap();
+            assert_eq!(&got, data);
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_stops_the_scan_at_the_last_whole_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<Vec<u8>> = (0..4).map(|i| text(3000 + i)).collect();
+        let (path, placed) = write_pack(dir.path(), &chunks, false);
+        let full = std::fs::metadata(&path).unwrap().len();
+        let cut = placed[3].0 + 10;
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
+        let scan = scan_pack(&path, |_, _, _| {}).unwrap();
+        assert_eq!(scan.entries, 3);
+        assert_eq!(scan.valid_len, placed[3].0);
+        assert!(matches!(scan.end, ScanEnd::Torn { offset, .. } if offset == placed[3].0));
+        assert!(full > cut);
+    }
+
+    #[test]
+    fn a_flipped_bit_is_caught_by_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<Vec<u8>> = (0..3).map(|i| text(3000 + i)).collect();
+        let (path, placed) = write_pack(dir.path(), &chunks, true);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = placed[1].0 as usize + ENTRY_HEADER_LEN + 5;
+        bytes[at] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let (offset, header) = placed[1];
+        let err = read_entry(&file, offset, header.entry_len(), &header.id).unwrap().unwrap_err();
+        assert_eq!(err, EntryError::Checksum);
+        let scan = scan_pack(&path, |_, _, _| {}).unwrap();
+        assert_eq!(scan.entries, 1);
+    }
+
+    #[test]
+    fn pack_names_round_trip() {
+        assert_eq!(parse_pack_file_name(&pack_file_name(0xabc)), Some(0xabc));
+        assert_eq!(parse_pack_file_name("config.toml"), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Any bytes survive encode, check and decode.
+        #[test]
+        fn entries_round_trip(data in proptest::collection::vec(any::<u8>(), 0..5000), repeat in 1usize..4) {
+            let data: Vec<u8> = data.iter().copied().cycle().take(data.len() * repeat).collect();
+            let entry = encode_entry(ChunkId::of(&data), &data, 1);
+            let (header, stored) = check_entry(&entry.bytes).unwrap();
+            prop_assert_eq!(decode_stored(&header, stored).unwrap(), data);
+        }
+    }
+}

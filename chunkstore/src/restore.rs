@@ -1,0 +1,919 @@
+//! Restore: reading a snapshot's trees depth-first and re-creating them.
+//!
+//! Owns the path-safety rules every restore applies ([`check_entry_name`],
+//! [`check_relative_path`]), the depth-first walk over a snapshot
+//! ([`walk_tree`]), the [`RestoreTarget`] seam a walk (or a remote stream of
+//! entries) drives, and two targets: a directory ([`DirectoryTarget`]) and a
+//! tar stream ([`TarTarget`]).
+//!
+//! It must never write outside the target: names are checked both where a
+//! snapshot is read and again in each target (a target can be driven from the
+//! network), and [`DirectoryTarget`] walks the target with `openat` and
+//! `O_NOFOLLOW` from directory handles it opened itself, so neither a hostile
+//! snapshot nor a symlink already present in the target can redirect a write.
+//! It must never write bytes that do not hash to their chunk id.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use fabric_proto::v1::{EntryKind, Tree, TreeEntry};
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+
+use crate::id::ChunkId;
+use crate::sink::{ChunkSource, SinkError};
+
+/// What can go wrong in a restore. Each variant names the entry or path.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A name that could escape the target or is not a name at all.
+    #[error("refusing snapshot entry {path:?}: {reason}")]
+    BadName {
+        /// The entry's full path inside the snapshot (lossy UTF-8).
+        path: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The requested path is not in the snapshot.
+    #[error("no such path in the snapshot: {path:?}")]
+    NotFound {
+        /// The path as asked.
+        path: String,
+    },
+    /// The chunk source failed.
+    #[error("reading {what} from the chunk source: {source}")]
+    Source {
+        /// The chunk or tree, and the path it belongs to.
+        what: String,
+        /// The source's own error.
+        source: SinkError,
+    },
+    /// A chunk's bytes do not hash to its id.
+    #[error("chunk {id} of {path:?} does not match its id: refusing to write it")]
+    ChunkMismatch {
+        /// The chunk's id.
+        id: ChunkId,
+        /// The entry it belongs to.
+        path: String,
+    },
+    /// A snapshot entry that cannot be restored as recorded.
+    #[error("bad snapshot entry {path:?}: {reason}")]
+    BadEntry {
+        /// The entry's full path inside the snapshot (lossy UTF-8).
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The target refused to go through or replace something already there.
+    #[error("refusing to restore {path}: {reason}")]
+    Unsafe {
+        /// The path inside the target.
+        path: PathBuf,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Writing the target failed.
+    #[error("restoring {path}: {source}")]
+    Io {
+        /// The path inside the target (or the target itself).
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A target was driven out of order (e.g. data without a file).
+    #[error("restore target driven out of order: {0}")]
+    OutOfOrder(String),
+}
+
+/// Lossy UTF-8 of raw path bytes, for messages.
+fn lossy(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
+}
+
+fn path_of(bytes: &[u8]) -> &Path {
+    Path::new(std::ffi::OsStr::from_bytes(bytes))
+}
+
+/// `prefix/name`, or `name` when `prefix` is empty.
+fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut path = Vec::with_capacity(prefix.len() + name.len() + 1);
+    if !prefix.is_empty() {
+        path.extend_from_slice(prefix);
+        path.push(b'/');
+    }
+    path.extend_from_slice(name);
+    path
+}
+
+/// Why `name` is not a safe single path component, if it is not.
+fn name_problem(name: &[u8]) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty name")
+    } else if name == b"." || name == b".." {
+        Some("name is . or ..")
+    } else if name.contains(&b'/') {
+        Some("name contains '/'")
+    } else if name.contains(&0) {
+        Some("name contains NUL")
+    } else {
+        None
+    }
+}
+
+/// Refuse a tree entry name that is empty, `.`, `..`, or contains `/` or NUL.
+pub fn check_entry_name(name: &[u8]) -> Result<(), RestoreError> {
+    check_name_at(b"", name)
+}
+
+/// [`check_entry_name`] for the entry `name` inside the directory `prefix`,
+/// naming the full path in the error.
+fn check_name_at(prefix: &[u8], name: &[u8]) -> Result<(), RestoreError> {
+    match name_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(RestoreError::BadName {
+            path: lossy(&join(prefix, name)),
+            reason,
+        }),
+    }
+}
+
+/// Refuse a relative path (components separated by `/`) unless every
+/// component passes [`check_entry_name`]: no absolute path, no empty
+/// component, no `.` or `..`, no NUL. Used on every path a target receives.
+pub fn check_relative_path(path: &[u8]) -> Result<(), RestoreError> {
+    if path.is_empty() {
+        return Err(RestoreError::BadName {
+            path: String::new(),
+            reason: "empty path",
+        });
+    }
+    for component in path.split(|&byte| byte == b'/') {
+        if let Some(reason) = name_problem(component) {
+            return Err(RestoreError::BadName {
+                path: lossy(path),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The kind of `entry`, refusing unknown values.
+fn kind_of(path: &[u8], entry: &TreeEntry) -> Result<EntryKind, RestoreError> {
+    match EntryKind::try_from(entry.kind) {
+        Ok(EntryKind::Unspecified) | Err(_) => Err(RestoreError::BadEntry {
+            path: lossy(path),
+            reason: format!("unknown entry kind {}", entry.kind),
+        }),
+        Ok(kind) => Ok(kind),
+    }
+}
+
+/// The plain bytes of chunk `id`, re-checked against the id.
+fn fetch_checked(
+    source: &dyn ChunkSource,
+    id: &ChunkId,
+    path: &[u8],
+) -> Result<Vec<u8>, RestoreError> {
+    let bytes = source
+        .get_chunk(id)
+        .map_err(|source| RestoreError::Source {
+            what: format!("chunk {id} of {:?}", lossy(path)),
+            source,
+        })?;
+    if !id.matches(&bytes) {
+        return Err(RestoreError::ChunkMismatch {
+            id: *id,
+            path: lossy(path),
+        });
+    }
+    Ok(bytes)
+}
+
+/// The tree `id` (the listing of `path`), its bytes checked against the id.
+fn fetch_tree(source: &dyn ChunkSource, id: &ChunkId, path: &[u8]) -> Result<Tree, RestoreError> {
+    let bytes = fetch_checked(source, id, path)?;
+    <Tree as prost::Message>::decode(bytes.as_slice()).map_err(|err| RestoreError::BadEntry {
+        path: lossy(path),
+        reason: format!("tree {id} does not decode: {err}"),
+    })
+}
+
+fn subtree_id(path: &[u8], entry: &TreeEntry) -> Result<ChunkId, RestoreError> {
+    ChunkId::from_slice(&entry.subtree_id).map_err(|err| RestoreError::BadEntry {
+        path: lossy(path),
+        reason: err.to_string(),
+    })
+}
+
+/// Where a walk starts: a directory's listing or a single entry.
+enum Start {
+    Tree(ChunkId),
+    Entry(Box<TreeEntry>),
+}
+
+/// Find `path` ("" or "/" for the root) in the snapshot whose root tree is `root`.
+fn resolve(source: &dyn ChunkSource, root: ChunkId, path: &str) -> Result<Start, RestoreError> {
+    let mut current = Start::Tree(root);
+    let mut walked: Vec<u8> = Vec::new();
+    for component in path.split('/').filter(|part| !part.is_empty()) {
+        let not_found = || RestoreError::NotFound {
+            path: path.to_owned(),
+        };
+        let tree_id = match &current {
+            Start::Tree(id) => *id,
+            Start::Entry(_) => return Err(not_found()),
+        };
+        let tree = fetch_tree(source, &tree_id, &walked)?;
+        let position = tree
+            .entries
+            .binary_search_by(|entry| entry.name.as_slice().cmp(component.as_bytes()))
+            .map_err(|_| not_found())?;
+        let entry = &tree.entries[position];
+        walked = join(&walked, &entry.name);
+        current = match kind_of(&walked, entry)? {
+            EntryKind::Dir => Start::Tree(subtree_id(&walked, entry)?),
+            _ => Start::Entry(Box::new(entry.clone())),
+        };
+    }
+    Ok(current)
+}
+
+/// Visit every entry under `path` of the snapshot `root` depth-first, a
+/// directory before its contents, entries of a directory in name order.
+///
+/// `path` "" or "/" is the whole snapshot; a directory's entries are visited
+/// with paths relative to it; a file, symlink or other entry is visited alone
+/// under its own name. Paths given to `visit` are relative, `/`-separated and
+/// already checked: an unsafe name, an unsorted or duplicated name, an
+/// unknown kind or a tree that does not hash to its id stops the walk with an
+/// error naming the entry. Iterative, so a deep snapshot cannot exhaust the stack.
+pub fn walk_tree<E: From<RestoreError>>(
+    source: &dyn ChunkSource,
+    root: ChunkId,
+    path: &str,
+    mut visit: impl FnMut(&[u8], &TreeEntry) -> Result<(), E>,
+) -> Result<(), E> {
+    let tree_id = match resolve(source, root, path)? {
+        Start::Entry(entry) => {
+            check_name_at(b"", &entry.name)?;
+            return visit(&entry.name, &entry);
+        }
+        Start::Tree(id) => id,
+    };
+    struct Frame {
+        prefix: Vec<u8>,
+        entries: std::vec::IntoIter<TreeEntry>,
+        previous: Option<Vec<u8>>,
+    }
+    let first = fetch_tree(source, &tree_id, path.as_bytes())?;
+    let mut stack = vec![Frame {
+        prefix: Vec::new(),
+        entries: first.entries.into_iter(),
+        previous: None,
+    }];
+    while let Some(frame) = stack.last_mut() {
+        let Some(entry) = frame.entries.next() else {
+            stack.pop();
+            continue;
+        };
+        check_name_at(&frame.prefix, &entry.name)?;
+        let entry_path = join(&frame.prefix, &entry.name);
+        if let Some(previous) = &frame.previous
+            && previous.as_slice() >= entry.name.as_slice()
+        {
+            return Err(RestoreError::BadEntry {
+                path: lossy(&entry_path),
+                reason: "entries not sorted by name or a name repeated".to_owned(),
+            }
+            .into());
+        }
+        frame.previous = Some(entry.name.clone());
+        let kind = kind_of(&entry_path, &entry)?;
+        visit(&entry_path, &entry)?;
+        if kind == EntryKind::Dir {
+            let tree = fetch_tree(source, &subtree_id(&entry_path, &entry)?, &entry_path)?;
+            stack.push(Frame {
+                prefix: entry_path,
+                entries: tree.entries.into_iter(),
+                previous: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Counters of one restore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Regular files written.
+    pub files: u64,
+    /// Directories created (the target root excluded).
+    pub dirs: u64,
+    /// Symlinks created.
+    pub symlinks: u64,
+    /// FIFOs, sockets and devices: recorded as metadata only, not restored.
+    pub others_skipped: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
+/// What a restore writes into, driven entry by entry in depth-first order
+/// (a directory before its contents). A file's content arrives in pieces
+/// between [`RestoreTarget::file_start`] and [`RestoreTarget::file_end`], so
+/// a remote stream can drive a target without holding a file in memory.
+/// Paths are relative and `/`-separated; every target must check them with
+/// [`check_relative_path`] since the driver may be a network stream.
+pub trait RestoreTarget {
+    /// Create the directory `path` (its metadata may be applied later, after its contents).
+    fn directory(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
+    /// Start the regular file `path` of `entry.size` bytes.
+    fn file_start(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
+    /// The next piece of the current file's content.
+    fn file_data(&mut self, bytes: &[u8]) -> Result<(), RestoreError>;
+    /// The current file is complete.
+    fn file_end(&mut self) -> Result<(), RestoreError>;
+    /// Create the symlink `path` pointing at `entry.symlink_target`.
+    fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
+    /// A FIFO, socket or device: metadata only.
+    fn other(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
+    /// Everything has been sent: apply pending metadata, flush.
+    fn finish(&mut self) -> Result<(), RestoreError>;
+}
+
+/// Restore `path` of the snapshot whose root tree is `root` into `target`.
+///
+/// `path` "" or "/" restores the whole snapshot into the target root; a
+/// directory's contents go into the target root; a single file, symlink or
+/// other entry goes to `<target>/<its name>`. Every chunk is re-hashed and
+/// compared with its id before its bytes reach the target; a file whose
+/// chunks do not add up to its recorded size is an error.
+pub fn restore(
+    source: &dyn ChunkSource,
+    root: ChunkId,
+    path: &str,
+    target: &mut dyn RestoreTarget,
+) -> Result<RestoreStats, RestoreError> {
+    let mut stats = RestoreStats::default();
+    walk_tree(
+        source,
+        root,
+        path,
+        |entry_path, entry| -> Result<(), RestoreError> {
+            match kind_of(entry_path, entry)? {
+                EntryKind::Dir => {
+                    target.directory(entry_path, entry)?;
+                    stats.dirs += 1;
+                }
+                EntryKind::File => {
+                    target.file_start(entry_path, entry)?;
+                    let mut written: u64 = 0;
+                    for raw_id in &entry.chunk_ids {
+                        let id =
+                            ChunkId::from_slice(raw_id).map_err(|err| RestoreError::BadEntry {
+                                path: lossy(entry_path),
+                                reason: err.to_string(),
+                            })?;
+                        let bytes = fetch_checked(source, &id, entry_path)?;
+                        written += bytes.len() as u64;
+                        if written > entry.size {
+                            break;
+                        }
+                        target.file_data(&bytes)?;
+                    }
+                    if written != entry.size {
+                        return Err(RestoreError::BadEntry {
+                            path: lossy(entry_path),
+                            reason: format!(
+                                "chunks hold {written} bytes, the entry says {}",
+                                entry.size
+                            ),
+                        });
+                    }
+                    target.file_end()?;
+                    stats.files += 1;
+                    stats.bytes += written;
+                }
+                EntryKind::Symlink => {
+                    target.symlink(entry_path, entry)?;
+                    stats.symlinks += 1;
+                }
+                EntryKind::Other => {
+                    target.other(entry_path, entry)?;
+                    stats.others_skipped += 1;
+                }
+                EntryKind::Unspecified => unreachable_kind(entry_path)?,
+            }
+            Ok(())
+        },
+    )?;
+    target.finish()?;
+    Ok(stats)
+}
+
+/// `kind_of` already refuses this kind; kept as an error, not a panic.
+fn unreachable_kind(path: &[u8]) -> Result<(), RestoreError> {
+    Err(RestoreError::BadEntry {
+        path: lossy(path),
+        reason: "unspecified entry kind".to_owned(),
+    })
+}
+
+fn timespec_of(nanos: i64) -> Timespec {
+    Timespec {
+        tv_sec: nanos.div_euclid(1_000_000_000),
+        tv_nsec: nanos.rem_euclid(1_000_000_000),
+    }
+}
+
+fn timestamps_of(entry: &TreeEntry) -> Timestamps {
+    let mtime = timespec_of(entry.mtime_ns);
+    Timestamps {
+        last_access: mtime,
+        last_modification: mtime,
+    }
+}
+
+fn permission_bits(entry: &TreeEntry) -> Mode {
+    Mode::from_bits_truncate(entry.mode & 0o7777)
+}
+
+/// A directory of the target held open while its contents are written.
+struct OpenDirectory {
+    /// Its name in its parent.
+    name: Vec<u8>,
+    /// Its path relative to the target root, for messages.
+    path: PathBuf,
+    fd: OwnedFd,
+    /// Its snapshot entry, applied when it is closed (None: created only
+    /// because a path below it arrived first).
+    entry: Option<TreeEntry>,
+}
+
+/// The file being written.
+struct OpenFile {
+    path: PathBuf,
+    file: File,
+    entry: TreeEntry,
+    written: u64,
+}
+
+/// Restores into a directory on the local file system.
+///
+/// Content, permission bits and mtimes (nanoseconds) are restored; ownership
+/// too when the process runs as root (effective uid 0). A directory's
+/// metadata is applied when the walk leaves it, after its contents, so a
+/// read-only directory can still be filled and its mtime survives. Existing
+/// files and symlinks in the way are replaced; an existing directory is
+/// reused; a symlink is never followed (`O_NOFOLLOW` from handles of the
+/// target's own directories). Other entries (FIFOs, devices) are skipped.
+pub struct DirectoryTarget {
+    root_path: PathBuf,
+    root: OwnedFd,
+    stack: Vec<OpenDirectory>,
+    file: Option<OpenFile>,
+    as_root: bool,
+}
+
+fn errno_at(path: &Path) -> impl Fn(rustix::io::Errno) -> RestoreError + '_ {
+    move |errno| RestoreError::Io {
+        path: path.to_owned(),
+        source: errno.into(),
+    }
+}
+
+impl DirectoryTarget {
+    /// A target writing under `root`, which is created if missing.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, RestoreError> {
+        let root_path = root.into();
+        std::fs::create_dir_all(&root_path).map_err(|source| RestoreError::Io {
+            path: root_path.clone(),
+            source,
+        })?;
+        let root = rustix::fs::open(
+            &root_path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno_at(&root_path))?;
+        Ok(Self {
+            root_path,
+            root,
+            stack: Vec::new(),
+            file: None,
+            as_root: rustix::process::geteuid().is_root(),
+        })
+    }
+
+    fn display_path(&self, relative: &[u8]) -> PathBuf {
+        self.root_path.join(path_of(relative))
+    }
+
+    /// The open handle of the deepest directory on the stack (or the root).
+    fn current_fd(&self) -> &OwnedFd {
+        self.stack.last().map_or(&self.root, |dir| &dir.fd)
+    }
+
+    /// Close the deepest open directory, applying its metadata.
+    fn close_directory(&mut self) -> Result<(), RestoreError> {
+        let Some(dir) = self.stack.pop() else {
+            return Ok(());
+        };
+        if let Some(entry) = &dir.entry {
+            let at = self.root_path.join(&dir.path);
+            if self.as_root {
+                rustix::fs::fchown(
+                    &dir.fd,
+                    Some(rustix::fs::Uid::from_raw(entry.uid)),
+                    Some(rustix::fs::Gid::from_raw(entry.gid)),
+                )
+                .map_err(errno_at(&at))?;
+            }
+            rustix::fs::fchmod(&dir.fd, permission_bits(entry)).map_err(errno_at(&at))?;
+            rustix::fs::futimens(&dir.fd, &timestamps_of(entry)).map_err(errno_at(&at))?;
+        }
+        Ok(())
+    }
+
+    /// Open (creating if needed) directory `name` below the current one,
+    /// refusing anything that is not a real directory.
+    fn open_child_directory(&mut self, name: &[u8], path: &[u8]) -> Result<OwnedFd, RestoreError> {
+        let at = self.display_path(path);
+        let parent = self.current_fd();
+        match rustix::fs::mkdirat(parent, name, Mode::RWXU) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(errno) => return Err(errno_at(&at)(errno)),
+        }
+        match rustix::fs::openat(
+            parent,
+            name,
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(fd),
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => Err(RestoreError::Unsafe {
+                path: at,
+                reason: "something other than a directory is already there (a symlink is never followed)",
+            }),
+            Err(errno) => Err(errno_at(&at)(errno)),
+        }
+    }
+
+    /// Make the directory stack hold exactly the parents of `path`, closing
+    /// directories the walk has left and opening the ones it enters.
+    /// Returns the last component of `path`.
+    fn enter_parent<'p>(&mut self, path: &'p [u8]) -> Result<&'p [u8], RestoreError> {
+        check_relative_path(path)?;
+        if let Some(file) = &self.file {
+            return Err(RestoreError::OutOfOrder(format!(
+                "{} arrived before {} was ended",
+                lossy(path),
+                file.path.display()
+            )));
+        }
+        let components: Vec<&[u8]> = path.split(|&byte| byte == b'/').collect();
+        let (name, parents) = match components.split_last() {
+            Some(split) => split,
+            None => {
+                return Err(RestoreError::BadName {
+                    path: lossy(path),
+                    reason: "empty path",
+                });
+            }
+        };
+        let common = self
+            .stack
+            .iter()
+            .zip(parents.iter())
+            .take_while(|(open, wanted)| open.name.as_slice() == **wanted)
+            .count();
+        while self.stack.len() > common {
+            self.close_directory()?;
+        }
+        for depth in common..parents.len() {
+            let sub_path = parents[..=depth].join(&b'/');
+            let fd = self.open_child_directory(parents[depth], &sub_path)?;
+            self.stack.push(OpenDirectory {
+                name: parents[depth].to_vec(),
+                path: path_of(&sub_path).to_owned(),
+                fd,
+                entry: None,
+            });
+        }
+        Ok(name)
+    }
+
+    /// Remove a non-directory at `name` in the current directory so a new
+    /// entry can be created there; refuse to replace a directory.
+    fn clear_for(&self, name: &[u8], path: &[u8]) -> Result<(), RestoreError> {
+        let at = self.display_path(path);
+        let parent = self.current_fd();
+        match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(errno) => Err(errno_at(&at)(errno)),
+            Ok(stat)
+                if rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                    == rustix::fs::FileType::Directory =>
+            {
+                Err(RestoreError::Unsafe {
+                    path: at,
+                    reason: "a directory is already there",
+                })
+            }
+            Ok(_) => rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(errno_at(&at)),
+        }
+    }
+}
+
+impl RestoreTarget for DirectoryTarget {
+    fn directory(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        let name = self.enter_parent(path)?;
+        let fd = self.open_child_directory(name, path)?;
+        self.stack.push(OpenDirectory {
+            name: name.to_vec(),
+            path: path_of(path).to_owned(),
+            fd,
+            entry: Some(entry.clone()),
+        });
+        Ok(())
+    }
+
+    fn file_start(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        let name = self.enter_parent(path)?;
+        self.clear_for(name, path)?;
+        let at = self.display_path(path);
+        let fd = rustix::fs::openat(
+            self.current_fd(),
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::RUSR | Mode::WUSR,
+        )
+        .map_err(errno_at(&at))?;
+        self.file = Some(OpenFile {
+            path: at,
+            file: File::from(fd),
+            entry: entry.clone(),
+            written: 0,
+        });
+        Ok(())
+    }
+
+    fn file_data(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let Some(open) = &mut self.file else {
+            return Err(RestoreError::OutOfOrder(
+                "file data without a file".to_owned(),
+            ));
+        };
+        open.file
+            .write_all(bytes)
+            .map_err(|source| RestoreError::Io {
+                path: open.path.clone(),
+                source,
+            })?;
+        open.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn file_end(&mut self) -> Result<(), RestoreError> {
+        let Some(open) = self.file.take() else {
+            return Err(RestoreError::OutOfOrder(
+                "file end without a file".to_owned(),
+            ));
+        };
+        if open.written != open.entry.size {
+            return Err(RestoreError::BadEntry {
+                path: open.path.display().to_string(),
+                reason: format!(
+                    "{} bytes arrived, the entry says {}",
+                    open.written, open.entry.size
+                ),
+            });
+        }
+        let at = &open.path;
+        if self.as_root {
+            rustix::fs::fchown(
+                &open.file,
+                Some(rustix::fs::Uid::from_raw(open.entry.uid)),
+                Some(rustix::fs::Gid::from_raw(open.entry.gid)),
+            )
+            .map_err(errno_at(at))?;
+        }
+        rustix::fs::fchmod(&open.file, permission_bits(&open.entry)).map_err(errno_at(at))?;
+        rustix::fs::futimens(&open.file, &timestamps_of(&open.entry)).map_err(errno_at(at))?;
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        let name = self.enter_parent(path)?;
+        self.clear_for(name, path)?;
+        let at = self.display_path(path);
+        if entry.symlink_target.is_empty() || entry.symlink_target.contains(&0) {
+            return Err(RestoreError::BadEntry {
+                path: lossy(path),
+                reason: "symlink target empty or containing NUL".to_owned(),
+            });
+        }
+        let parent = self.current_fd();
+        rustix::fs::symlinkat(entry.symlink_target.as_slice(), parent, name)
+            .map_err(errno_at(&at))?;
+        if self.as_root {
+            rustix::fs::chownat(
+                parent,
+                name,
+                Some(rustix::fs::Uid::from_raw(entry.uid)),
+                Some(rustix::fs::Gid::from_raw(entry.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno_at(&at))?;
+        }
+        rustix::fs::utimensat(
+            parent,
+            name,
+            &timestamps_of(entry),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(errno_at(&at))?;
+        Ok(())
+    }
+
+    fn other(&mut self, path: &[u8], _entry: &TreeEntry) -> Result<(), RestoreError> {
+        // Metadata only: still checked and still moves the directory stack,
+        // so the directories around it get their metadata in order.
+        self.enter_parent(path)?;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), RestoreError> {
+        if let Some(file) = &self.file {
+            return Err(RestoreError::OutOfOrder(format!(
+                "finished while {} was open",
+                file.path.display()
+            )));
+        }
+        while !self.stack.is_empty() {
+            self.close_directory()?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a restore as a tar stream (GNU format, long names as GNU
+/// extensions): directories, files and symlinks with mode, uid, gid and
+/// mtime (whole seconds, as tar keeps them). Other entries are skipped.
+pub struct TarTarget<W: Write> {
+    builder: tar::Builder<W>,
+    file: Option<(PathBuf, u64, u64)>,
+}
+
+impl<W: Write> TarTarget<W> {
+    /// A tar stream written to `writer`.
+    pub fn new(writer: W) -> Self {
+        Self {
+            builder: tar::Builder::new(writer),
+            file: None,
+        }
+    }
+
+    /// The writer, after [`RestoreTarget::finish`].
+    pub fn into_inner(self) -> Result<W, RestoreError> {
+        self.builder
+            .into_inner()
+            .map_err(|source| RestoreError::Io {
+                path: PathBuf::from("<tar stream>"),
+                source,
+            })
+    }
+
+    fn header(entry: &TreeEntry, kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(entry.mode & 0o7777);
+        header.set_uid(u64::from(entry.uid));
+        header.set_gid(u64::from(entry.gid));
+        header.set_mtime(u64::try_from(entry.mtime_ns.div_euclid(1_000_000_000)).unwrap_or(0));
+        header.set_size(size);
+        header
+    }
+
+    fn io_error(path: &[u8]) -> impl Fn(io::Error) -> RestoreError + '_ {
+        move |source| RestoreError::Io {
+            path: path_of(path).to_owned(),
+            source,
+        }
+    }
+
+    fn check(&self, path: &[u8]) -> Result<(), RestoreError> {
+        check_relative_path(path)?;
+        match &self.file {
+            Some((open, _, _)) => Err(RestoreError::OutOfOrder(format!(
+                "{} arrived before {} was ended",
+                lossy(path),
+                open.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<W: Write> RestoreTarget for TarTarget<W> {
+    fn directory(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        self.check(path)?;
+        let mut header = Self::header(entry, tar::EntryType::Directory, 0);
+        let mut name = path.to_vec();
+        name.push(b'/');
+        self.builder
+            .append_data(&mut header, path_of(&name), io::empty())
+            .map_err(Self::io_error(path))
+    }
+
+    fn file_start(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        self.check(path)?;
+        // The header carries the size up front; the content follows it
+        // piece by piece and `file_end` pads it to the 512-byte block.
+        let mut header = Self::header(entry, tar::EntryType::Regular, entry.size);
+        self.builder
+            .append_data(&mut header, path_of(path), io::empty())
+            .map_err(Self::io_error(path))?;
+        self.file = Some((path_of(path).to_owned(), entry.size, 0));
+        Ok(())
+    }
+
+    fn file_data(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let Some((path, size, written)) = &mut self.file else {
+            return Err(RestoreError::OutOfOrder(
+                "file data without a file".to_owned(),
+            ));
+        };
+        if *written + bytes.len() as u64 > *size {
+            return Err(RestoreError::BadEntry {
+                path: path.display().to_string(),
+                reason: format!("more than the {size} bytes the entry says"),
+            });
+        }
+        self.builder
+            .get_mut()
+            .write_all(bytes)
+            .map_err(|source| RestoreError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        *written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn file_end(&mut self) -> Result<(), RestoreError> {
+        let Some((path, size, written)) = self.file.take() else {
+            return Err(RestoreError::OutOfOrder(
+                "file end without a file".to_owned(),
+            ));
+        };
+        if written != size {
+            return Err(RestoreError::BadEntry {
+                path: path.display().to_string(),
+                reason: format!("{written} bytes arrived, the entry says {size}"),
+            });
+        }
+        let padding = (512 - size % 512) % 512;
+        self.builder
+            .get_mut()
+            .write_all(&[0u8; 512][..padding as usize])
+            .map_err(|source| RestoreError::Io { path, source })
+    }
+
+    fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        self.check(path)?;
+        let mut header = Self::header(entry, tar::EntryType::Symlink, 0);
+        self.builder
+            .append_link(&mut header, path_of(path), path_of(&entry.symlink_target))
+            .map_err(Self::io_error(path))
+    }
+
+    fn other(&mut self, path: &[u8], _entry: &TreeEntry) -> Result<(), RestoreError> {
+        self.check(path)
+    }
+
+    fn finish(&mut self) -> Result<(), RestoreError> {
+        if let Some((path, _, _)) = &self.file {
+            return Err(RestoreError::OutOfOrder(format!(
+                "finished while {} was open",
+                path.display()
+            )));
+        }
+        self.builder.finish().map_err(|source| RestoreError::Io {
+            path: PathBuf::from("<tar stream>"),
+            source,
+        })?;
+        self.builder
+            .get_mut()
+            .flush()
+            .map_err(|source| RestoreError::Io {
+                path: PathBuf::from("<tar stream>"),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests;

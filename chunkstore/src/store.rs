@@ -1,0 +1,871 @@
+//! [`Store`]: one chunk store in one directory, shared between threads.
+//!
+//! Layout of a store directory:
+//!
+//! - `config.toml`: the [`StoreConfig`] recorded at creation (chunk parameters
+//!   are fixed from then on);
+//! - `packs/`: pack files (see [`crate::pack`]), never overwritten in place;
+//! - `index/`: the sled database holding the chunk index and the snapshot
+//!   catalogue (see [`crate::index_sled`]).
+//!
+//! Write order (the crash-safety contract): chunk bytes appended to a pack and
+//! fsynced, then index entries (flushed), then tree chunks (the same way),
+//! then the snapshot record, the single commit point. So a crash leaves at
+//! worst unreferenced chunks (garbage for GC), never a snapshot that
+//! references a missing chunk, and the index never points at bytes that were
+//! not fsynced. Opening a store repairs the unsealed tail of a pack.
+//!
+//! This module owns the write and read paths, trees and the snapshot
+//! catalogue's rules; GC lives in [`crate::gc`], verify, reindex and stats in
+//! [`crate::verify`]. It must never hold a lock while compressing.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use fabric_proto::v1::{Snapshot, SnapshotState, SnapshotType, Tree};
+use prost::Message;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::{Chunk, ChunkParams};
+use crate::error::StoreError;
+use crate::id::ChunkId;
+use crate::index::{Catalog, ChunkIndex, IndexError, Location};
+use crate::index_sled::{SledCatalog, SledChunkIndex, open_db};
+use crate::pack::{self, EncodedEntry, PackWriter};
+use crate::sink::{ChunkSink, ChunkSource, SinkError};
+
+/// The tunables of a store, recorded in `<dir>/config.toml` at creation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreConfig {
+    /// FastCDC parameters: fixed at creation, a store refuses others.
+    pub chunk_params: ChunkParams,
+    /// zstd level for new chunks (1-22).
+    pub zstd_level: i32,
+    /// A pack is sealed once it reaches this many bytes.
+    pub pack_target_size: u64,
+    /// GC rewrites a pack whose live fraction (live bytes / data bytes) is under this.
+    pub repack_threshold: f64,
+    /// The sled page cache bound, bytes.
+    pub index_cache_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            chunk_params: ChunkParams::default(),
+            zstd_level: 3,
+            pack_target_size: 32 << 20,
+            repack_threshold: 0.5,
+            index_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What one `put_chunks` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PutStats {
+    /// Chunks offered.
+    pub chunks: u64,
+    /// Chunks the store did not have, now stored.
+    pub new_chunks: u64,
+    /// Plain bytes of the new chunks.
+    pub new_bytes: u64,
+    /// Bytes the new chunks take in packs (compressed, headers included).
+    pub stored_bytes: u64,
+}
+
+impl PutStats {
+    /// Add `other` to these counters.
+    pub fn add(&mut self, other: &PutStats) {
+        self.chunks += other.chunks;
+        self.new_chunks += other.new_chunks;
+        self.new_bytes += other.new_bytes;
+        self.stored_bytes += other.stored_bytes;
+    }
+}
+
+/// A chunk store in one directory. `Send + Sync`: share it with an `Arc`.
+pub struct Store {
+    pub(crate) dir: PathBuf,
+    pub(crate) packs_dir: PathBuf,
+    pub(crate) config: StoreConfig,
+    pub(crate) index: Arc<dyn ChunkIndex>,
+    pub(crate) catalog: Arc<dyn Catalog>,
+    /// The pack being filled, if any.
+    writer: Mutex<Option<PackWriter>>,
+    pub(crate) next_pack: AtomicU32,
+    /// Chunks appended to a pack but not yet in the index (not yet fsynced,
+    /// or fsynced and about to be indexed): found by reads, never indexed early.
+    pending: RwLock<HashMap<ChunkId, Location>>,
+    /// Open read handles of packs.
+    files: Mutex<HashMap<u32, Arc<File>>>,
+    /// Held by a commit from its DAG check to its record write, and by GC
+    /// while it starts protecting and lists the live snapshots.
+    pub(crate) commit_lock: Mutex<()>,
+    /// One GC or reindex at a time.
+    pub(crate) maintenance_lock: Mutex<()>,
+    /// While a GC runs: every chunk id offered, put, or checked by a commit
+    /// since it started. GC never sweeps these.
+    pub(crate) protected: Mutex<Option<HashSet<ChunkId>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+/// Lock a mutex, taking over the data if a panicking thread poisoned it:
+/// every critical section here leaves the data consistent at each step.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read_lock<T>(rw: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    rw.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write_lock<T>(rw: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    rw.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const CONFIG_FILE: &str = "config.toml";
+
+fn read_config(dir: &Path) -> Result<Option<StoreConfig>, StoreError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(StoreError::io("cannot read", &path)(err)),
+    };
+    toml::from_str(&text).map(Some).map_err(|err| StoreError::Config {
+        path,
+        detail: err.to_string(),
+    })
+}
+
+fn write_config(dir: &Path, config: &StoreConfig) -> Result<(), StoreError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = toml::to_string(config).map_err(|err| StoreError::Config {
+        path: path.clone(),
+        detail: err.to_string(),
+    })?;
+    let temporary = dir.join("config.toml.new");
+    let header = "# fabric chunk store. chunk_params cannot change once chunks are stored.\n";
+    std::fs::write(&temporary, format!("{header}{text}"))
+        .map_err(StoreError::io("cannot write", &temporary))?;
+    File::open(&temporary)
+        .and_then(|file| file.sync_all())
+        .map_err(StoreError::io("cannot fsync", &temporary))?;
+    std::fs::rename(&temporary, &path).map_err(StoreError::io("cannot rename", &path))?;
+    pack::sync_dir(dir).map_err(StoreError::io("cannot fsync", dir))
+}
+
+impl Store {
+    /// Open the store in `dir`, creating it with `config` if there is none.
+    /// An existing store keeps its chunk parameters: asking for others is an
+    /// error naming both; the other tunables are taken from `config`.
+    pub fn open_or_create(dir: &Path, config: StoreConfig) -> Result<Store, StoreError> {
+        config
+            .chunk_params
+            .validate()
+            .map_err(|source| StoreError::BadParams {
+                dir: dir.to_owned(),
+                source,
+            })?;
+        match read_config(dir)? {
+            Some(recorded) if recorded.chunk_params != config.chunk_params => {
+                Err(StoreError::ParamsMismatch {
+                    dir: dir.to_owned(),
+                    recorded: recorded.chunk_params,
+                    requested: config.chunk_params,
+                })
+            }
+            Some(_) => Self::open_with(dir, config),
+            None => {
+                std::fs::create_dir_all(dir.join("packs"))
+                    .map_err(StoreError::io("cannot create", dir.join("packs")))?;
+                write_config(dir, &config)?;
+                Self::open_with(dir, config)
+            }
+        }
+    }
+
+    /// Open the existing store in `dir` with its recorded config.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let config = read_config(dir)?.ok_or_else(|| StoreError::Config {
+            path: dir.join(CONFIG_FILE),
+            detail: "missing: not a chunk store (create one first)".into(),
+        })?;
+        Self::open_with(dir, config)
+    }
+
+    fn open_with(dir: &Path, config: StoreConfig) -> Result<Store, StoreError> {
+        let packs_dir = dir.join("packs");
+        std::fs::create_dir_all(&packs_dir).map_err(StoreError::io("cannot create", &packs_dir))?;
+        let index_error = |source| StoreError::Index {
+            dir: dir.to_owned(),
+            source,
+        };
+        let db = open_db(&dir.join("index"), config.index_cache_bytes).map_err(index_error)?;
+        let index = SledChunkIndex::new(&db).map_err(index_error)?;
+        let catalog = SledCatalog::new(&db).map_err(index_error)?;
+        let store = Store {
+            dir: dir.to_owned(),
+            packs_dir,
+            config,
+            index: Arc::new(index),
+            catalog: Arc::new(catalog),
+            writer: Mutex::new(None),
+            next_pack: AtomicU32::new(0),
+            pending: RwLock::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            commit_lock: Mutex::new(()),
+            maintenance_lock: Mutex::new(()),
+            protected: Mutex::new(None),
+        };
+        let packs = store.pack_ids()?;
+        let next = packs.iter().max().map_or(1, |max| max + 1);
+        store.next_pack.store(next, Ordering::SeqCst);
+        crate::verify::repair_unsealed(&store, &packs)?;
+        Ok(store)
+    }
+
+    /// The config in effect.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn index_error(&self) -> impl Fn(IndexError) -> StoreError + '_ {
+        |source| StoreError::Index {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    /// The path of pack `id`.
+    pub fn pack_path(&self, id: u32) -> PathBuf {
+        self.packs_dir.join(pack::pack_file_name(id))
+    }
+
+    /// Ids of every pack file, ascending.
+    pub fn pack_ids(&self) -> Result<Vec<u32>, StoreError> {
+        let mut ids = Vec::new();
+        let entries = std::fs::read_dir(&self.packs_dir)
+            .map_err(StoreError::io("cannot list", &self.packs_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(StoreError::io("cannot list", &self.packs_dir))?;
+            if let Some(id) = entry.file_name().to_str().and_then(pack::parse_pack_file_name) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    pub(crate) fn allocate_pack_id(&self) -> u32 {
+        self.next_pack.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Record `ids` as protected if a GC is running (see [`crate::gc`]).
+    pub(crate) fn protect<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) {
+        if let Some(set) = lock(&self.protected).as_mut() {
+            set.extend(ids);
+        }
+    }
+
+    /// Whether chunk `id` is in the store (durable or pending).
+    pub fn contains(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        self.protect([id]);
+        if read_lock(&self.pending).contains_key(id) {
+            return Ok(true);
+        }
+        self.index.contains(id).map_err(self.index_error())
+    }
+
+    /// The ids of `ids` the store lacks, in offered order (each once).
+    pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
+        self.protect(ids);
+        let mut seen = HashSet::with_capacity(ids.len());
+        let mut out = Vec::new();
+        for id in ids {
+            if seen.insert(*id)
+                && !read_lock(&self.pending).contains_key(id)
+                && !self.index.contains(id).map_err(self.index_error())?
+            {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Store `chunks`: every chunk is re-hashed first and a mismatch refuses
+    /// the whole batch; chunks present already are skipped; the rest are
+    /// compressed in parallel, appended, fsynced and indexed. Durable on return.
+    pub fn put_chunks(&self, chunks: Vec<Chunk>) -> Result<PutStats, StoreError> {
+        let fresh = self.prepare(chunks.as_slice())?;
+        let mut stats = PutStats {
+            chunks: chunks.len() as u64,
+            ..Default::default()
+        };
+        if fresh.is_empty() {
+            return Ok(stats);
+        }
+        let level = self.config.zstd_level;
+        let encoded: Vec<EncodedEntry> = fresh
+            .par_iter()
+            .map(|&index| {
+                let chunk = &chunks[index];
+                pack::encode_entry(chunk.id, &chunk.data, level)
+            })
+            .collect();
+        drop(chunks);
+        let (placed, open_file) = self.append(encoded)?;
+        if let Some((file, path)) = open_file {
+            file.sync_data().map_err(StoreError::io("cannot fsync", path))?;
+        }
+        self.index_placed(&placed)?;
+        for (_, location) in &placed {
+            stats.new_chunks += 1;
+            stats.new_bytes += u64::from(location.raw_len);
+            stats.stored_bytes += location.entry_len();
+        }
+        Ok(stats)
+    }
+
+    /// Check every chunk's hash (all of them, before anything is stored) and
+    /// return the positions of those the store lacks, first occurrence only.
+    fn prepare(&self, chunks: &[Chunk]) -> Result<Vec<usize>, StoreError> {
+        if let Some(bad) = chunks.par_iter().find_first(|chunk| !chunk.id.matches(&chunk.data)) {
+            return Err(StoreError::ChunkMismatch { id: bad.id });
+        }
+        self.protect(chunks.iter().map(|chunk| &chunk.id));
+        let mut seen = HashSet::with_capacity(chunks.len());
+        let mut fresh = Vec::new();
+        for (position, chunk) in chunks.iter().enumerate() {
+            if seen.insert(chunk.id)
+                && !read_lock(&self.pending).contains_key(&chunk.id)
+                && !self.index.contains(&chunk.id).map_err(self.index_error())?
+            {
+                fresh.push(position);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Append entries to the open pack (rolling to a new one at the target
+    /// size) and record them as pending. Returns where each went and the open
+    /// pack's handle, which the caller fsyncs outside the lock (packs sealed
+    /// on the way were fsynced by sealing).
+    #[allow(clippy::type_complexity)]
+    fn append(
+        &self,
+        entries: Vec<EncodedEntry>,
+    ) -> Result<(Vec<(ChunkId, Location)>, Option<(Arc<File>, PathBuf)>), StoreError> {
+        let mut placed = Vec::with_capacity(entries.len());
+        let mut writer = lock(&self.writer);
+        for entry in entries {
+            let id = entry.header.id;
+            if read_lock(&self.pending).contains_key(&id) {
+                continue;
+            }
+            if writer.is_none() {
+                let pack_id = self.allocate_pack_id();
+                let created = PackWriter::create(&self.packs_dir, pack_id)
+                    .map_err(StoreError::io("cannot create pack", self.pack_path(pack_id)))?;
+                *writer = Some(created);
+            }
+            let Some(open) = writer.as_mut() else {
+                continue;
+            };
+            let offset = match open.append(&entry) {
+                Ok(offset) => offset,
+                Err(err) => {
+                    // The pack may now end in a partial entry: never append
+                    // after it. Sync what went before (it is pending), leave
+                    // the tail for the repair at the next open.
+                    let path = open.path().to_owned();
+                    let _ = open.sync();
+                    *writer = None;
+                    return Err(StoreError::io("cannot append to pack", path)(err));
+                }
+            };
+            let location = Location {
+                pack: open.id(),
+                offset,
+                stored_len: entry.header.stored_len,
+                raw_len: entry.header.raw_len,
+                codec: entry.header.codec,
+            };
+            write_lock(&self.pending).insert(id, location);
+            placed.push((id, location));
+            if open.len() >= self.config.pack_target_size {
+                if let Some(full) = writer.take() {
+                    let path = full.path().to_owned();
+                    full.seal().map_err(StoreError::io("cannot seal pack", path))?;
+                }
+            }
+        }
+        let open_file = writer
+            .as_ref()
+            .map(|open| (open.file(), open.path().to_owned()));
+        Ok((placed, open_file))
+    }
+
+    /// Index fsynced entries, flush the index, then forget them as pending.
+    fn index_placed(&self, placed: &[(ChunkId, Location)]) -> Result<(), StoreError> {
+        if placed.is_empty() {
+            return Ok(());
+        }
+        self.index.insert_batch(placed).map_err(self.index_error())?;
+        self.index.flush().map_err(self.index_error())?;
+        let mut pending = write_lock(&self.pending);
+        for (id, location) in placed {
+            if pending.get(id) == Some(location) {
+                pending.remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every pending chunk durable: fsync the open pack, then index.
+    pub fn flush_pending(&self) -> Result<(), StoreError> {
+        let (placed, open_file) = {
+            let writer = lock(&self.writer);
+            let placed: Vec<(ChunkId, Location)> = read_lock(&self.pending)
+                .iter()
+                .map(|(id, location)| (*id, *location))
+                .collect();
+            let open_file = writer.as_ref().map(|open| (open.file(), open.path().to_owned()));
+            (placed, open_file)
+        };
+        if placed.is_empty() {
+            return Ok(());
+        }
+        if let Some((file, path)) = open_file {
+            file.sync_data().map_err(StoreError::io("cannot fsync", path))?;
+        }
+        self.index_placed(&placed)
+    }
+
+    /// Seal the open pack, if any (shutdown: no more appends to it).
+    pub(crate) fn seal_open_pack(&self) -> Result<Option<u32>, StoreError> {
+        let mut writer = lock(&self.writer);
+        match writer.take() {
+            Some(open) => {
+                let id = open.id();
+                let path = open.path().to_owned();
+                open.seal().map_err(StoreError::io("cannot seal pack", path))?;
+                Ok(Some(id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Under the writer lock: seal the open pack, index every pending chunk,
+    /// and list the pack ids, none of which will be appended to again.
+    pub(crate) fn flush_and_seal(&self) -> Result<Vec<u32>, StoreError> {
+        let mut writer = lock(&self.writer);
+        let placed: Vec<(ChunkId, Location)> = read_lock(&self.pending)
+            .iter()
+            .map(|(id, location)| (*id, *location))
+            .collect();
+        if let Some(open) = writer.take() {
+            let path = open.path().to_owned();
+            open.seal().map_err(StoreError::io("cannot seal pack", path))?;
+        }
+        self.index_placed(&placed)?;
+        self.pack_ids()
+    }
+
+    /// Run `body` with the writer locked: nothing is appended meanwhile.
+    pub(crate) fn with_writer_locked<T>(&self, body: impl FnOnce() -> T) -> T {
+        let _writer = lock(&self.writer);
+        body()
+    }
+
+    /// Where chunk `id` is, pending or indexed.
+    pub(crate) fn locate(&self, id: &ChunkId) -> Result<Option<Location>, StoreError> {
+        if let Some(location) = read_lock(&self.pending).get(id) {
+            return Ok(Some(*location));
+        }
+        self.index.get(id).map_err(self.index_error())
+    }
+
+    pub(crate) fn pack_file(&self, pack_id: u32) -> Result<Arc<File>, std::io::Error> {
+        let mut files = lock(&self.files);
+        if let Some(file) = files.get(&pack_id) {
+            return Ok(Arc::clone(file));
+        }
+        let file = Arc::new(File::open(self.pack_path(pack_id))?);
+        if files.len() >= 256 {
+            files.clear();
+        }
+        files.insert(pack_id, Arc::clone(&file));
+        Ok(file)
+    }
+
+    pub(crate) fn forget_pack_file(&self, pack_id: u32) {
+        lock(&self.files).remove(&pack_id);
+    }
+
+    /// Read the chunk at `location`: plain bytes, checked against `id`.
+    pub(crate) fn read_at(&self, id: &ChunkId, location: &Location) -> Result<Vec<u8>, StoreError> {
+        let path = self.pack_path(location.pack);
+        let file = self
+            .pack_file(location.pack)
+            .map_err(StoreError::io("cannot open pack", &path))?;
+        match pack::read_entry(&file, location.offset, location.entry_len(), id) {
+            Ok(Ok(plain)) => Ok(plain),
+            Ok(Err(err)) => Err(StoreError::Corrupt {
+                id: *id,
+                pack: path,
+                detail: format!("entry at offset {}: {err}", location.offset),
+            }),
+            Err(err) => Err(StoreError::io("cannot read pack", path)(err)),
+        }
+    }
+
+    /// The plain bytes of chunk `id`, checked against the id.
+    pub fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let location = self.locate(id)?.ok_or_else(|| StoreError::ChunkNotFound {
+            id: *id,
+            dir: self.dir.clone(),
+        })?;
+        match self.read_at(id, &location) {
+            // GC may have moved the chunk to a new pack and deleted the old
+            // one between the lookup and the read: look again once.
+            Err(StoreError::Io { .. }) if !self.pack_path(location.pack).exists() => {
+                let moved = self.locate(id)?.ok_or_else(|| StoreError::ChunkNotFound {
+                    id: *id,
+                    dir: self.dir.clone(),
+                })?;
+                self.read_at(id, &moved)
+            }
+            other => other,
+        }
+    }
+
+    /// Store `tree` as a chunk (durable on return); its id.
+    pub fn put_tree(&self, tree: &Tree) -> Result<ChunkId, StoreError> {
+        let chunk = Chunk::new(tree.encode_to_vec());
+        let id = chunk.id;
+        self.put_chunks(vec![chunk])?;
+        Ok(id)
+    }
+
+    /// The tree stored as chunk `id`.
+    pub fn get_tree(&self, id: &ChunkId) -> Result<Tree, StoreError> {
+        let bytes = self.get_chunk(id)?;
+        Tree::decode(bytes.as_slice()).map_err(|source| StoreError::BadTree { id: *id, source })
+    }
+
+    /// Check that every chunk of the DAG under `root` is indexed (durable);
+    /// protects every id it checks from a running GC.
+    fn check_dag(&self, root: ChunkId, snapshot: &str) -> Result<(), StoreError> {
+        let mut stack = vec![(root, String::from("/"))];
+        let mut seen_trees = HashSet::new();
+        while let Some((tree_id, path)) = stack.pop() {
+            if !seen_trees.insert(tree_id) {
+                continue;
+            }
+            let missing = |id: ChunkId, path: String| StoreError::MissingChunk {
+                id,
+                snapshot: snapshot.to_owned(),
+                path,
+            };
+            self.protect([&tree_id]);
+            if !self.index.contains(&tree_id).map_err(self.index_error())? {
+                return Err(missing(tree_id, path));
+            }
+            let tree = self.get_tree(&tree_id)?;
+            for entry in &tree.entries {
+                let entry_path = join_path(&path, &entry.name);
+                for raw in &entry.chunk_ids {
+                    let id = self.entry_id(raw, snapshot, &entry_path)?;
+                    self.protect([&id]);
+                    if !self.index.contains(&id).map_err(self.index_error())? {
+                        return Err(missing(id, entry_path));
+                    }
+                }
+                if !entry.subtree_id.is_empty() {
+                    let id = self.entry_id(&entry.subtree_id, snapshot, &entry_path)?;
+                    stack.push((id, entry_path));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn entry_id(&self, raw: &[u8], snapshot: &str, path: &str) -> Result<ChunkId, StoreError> {
+        ChunkId::from_slice(raw).map_err(|err| StoreError::BadSnapshot {
+            snapshot: snapshot.to_owned(),
+            detail: format!("{path}: {err}"),
+        })
+    }
+
+    /// Commit `snapshot`: the single commit point. Makes pending chunks
+    /// durable, checks that every chunk reachable from `root_tree_id` is in
+    /// the store, fills in id (if empty), name (if empty), end time and state,
+    /// and writes the record. Durable on return.
+    pub fn commit_snapshot(&self, mut snapshot: Snapshot) -> Result<Snapshot, StoreError> {
+        let label = if snapshot.name.is_empty() {
+            snapshot.id.clone()
+        } else {
+            snapshot.name.clone()
+        };
+        let root = ChunkId::from_slice(&snapshot.root_tree_id).map_err(|err| {
+            StoreError::BadSnapshot {
+                snapshot: label.clone(),
+                detail: format!("root_tree_id: {err}"),
+            }
+        })?;
+        self.flush_pending()?;
+        let _commit = lock(&self.commit_lock);
+        self.check_dag(root, &label)?;
+        if snapshot.id.is_empty() {
+            snapshot.id = hex::encode(rand::random::<[u8; 16]>());
+        } else if self.catalog.get(&snapshot.id).map_err(self.index_error())?.is_some() {
+            return Err(StoreError::SnapshotExists { id: snapshot.id });
+        }
+        let now = now_ms();
+        snapshot.end_time_ms = now;
+        if snapshot.start_time_ms == 0 {
+            snapshot.start_time_ms = now;
+        }
+        snapshot.state = SnapshotState::Complete as i32;
+        if snapshot.name.is_empty() {
+            snapshot.name = default_name(&snapshot);
+        }
+        self.catalog.put(&snapshot).map_err(self.index_error())?;
+        Ok(snapshot)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
+        let mut snapshots = self.catalog.list().map_err(self.index_error())?;
+        snapshots.sort_by(|a, b| {
+            (a.end_time_ms, a.start_time_ms, &a.id).cmp(&(b.end_time_ms, b.start_time_ms, &b.id))
+        });
+        Ok(snapshots)
+    }
+
+    /// The snapshot `spec` names: a full id, a unique id prefix of at least
+    /// 6 characters, or an exact name.
+    pub fn find_snapshot(&self, spec: &str) -> Result<Snapshot, StoreError> {
+        if let Some(snapshot) = self.catalog.get(spec).map_err(self.index_error())? {
+            return Ok(snapshot);
+        }
+        let mut matches: Vec<Snapshot> = self
+            .list_snapshots()?
+            .into_iter()
+            .filter(|s| s.name == spec || (spec.len() >= 6 && s.id.starts_with(spec)))
+            .collect();
+        match matches.len() {
+            0 => Err(StoreError::SnapshotNotFound {
+                spec: spec.to_owned(),
+            }),
+            1 => Ok(matches.remove(0)),
+            _ => Err(StoreError::Ambiguous {
+                spec: spec.to_owned(),
+                candidates: matches.into_iter().map(|s| s.id).collect(),
+            }),
+        }
+    }
+
+    /// Remove the record of the snapshot `spec` names (its chunks stay until GC).
+    pub fn delete_snapshot(&self, spec: &str) -> Result<Snapshot, StoreError> {
+        let snapshot = self.find_snapshot(spec)?;
+        self.catalog.remove(&snapshot.id).map_err(self.index_error())?;
+        Ok(snapshot)
+    }
+
+    /// Walk the DAG under `root`: `visit_tree(id, path)` for each tree, then
+    /// `visit_entry(path, entry)` for each entry. Shared subtrees are visited
+    /// once per walk when `once` is set.
+    pub(crate) fn walk_dag(
+        &self,
+        root: ChunkId,
+        snapshot: &str,
+        seen_trees: &mut HashSet<ChunkId>,
+        visit: &mut dyn FnMut(WalkItem<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut stack = vec![(root, String::from("/"))];
+        while let Some((tree_id, path)) = stack.pop() {
+            if !seen_trees.insert(tree_id) {
+                continue;
+            }
+            let tree = match self.get_tree(&tree_id) {
+                Ok(tree) => tree,
+                Err(err) => {
+                    visit(WalkItem::BadTree {
+                        id: tree_id,
+                        path: &path,
+                        error: err,
+                    })?;
+                    continue;
+                }
+            };
+            visit(WalkItem::Tree { id: tree_id, path: &path })?;
+            for entry in &tree.entries {
+                let entry_path = join_path(&path, &entry.name);
+                for raw in &entry.chunk_ids {
+                    let id = self.entry_id(raw, snapshot, &entry_path)?;
+                    visit(WalkItem::Chunk {
+                        id,
+                        path: &entry_path,
+                    })?;
+                }
+                if !entry.subtree_id.is_empty() {
+                    stack.push((self.entry_id(&entry.subtree_id, snapshot, &entry_path)?, entry_path));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One step of [`Store::walk_dag`].
+#[derive(Debug)]
+pub(crate) enum WalkItem<'a> {
+    /// A tree that was read and decoded.
+    Tree { id: ChunkId, path: &'a str },
+    /// A tree that could not be read.
+    BadTree {
+        id: ChunkId,
+        path: &'a str,
+        error: StoreError,
+    },
+    /// A file's data chunk.
+    Chunk { id: ChunkId, path: &'a str },
+}
+
+pub(crate) fn join_path(parent: &str, name: &[u8]) -> String {
+    let name = String::from_utf8_lossy(name);
+    if parent.ends_with('/') {
+        format!("{parent}{name}")
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+/// Civil date (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// B1000's consistent name: `job/Y-M-D-DoW/host-instance-master_host-master_instance-Y-M-D-DoW-HH:MM:SS`
+/// for full backups, `job/host-instance-master_host-master_instance` for sync
+/// backups; absent parts are dropped with their dash. Times are UTC.
+pub fn default_name(snapshot: &Snapshot) -> String {
+    let millis = if snapshot.start_time_ms != 0 {
+        snapshot.start_time_ms
+    } else {
+        snapshot.end_time_ms
+    };
+    let seconds = millis.div_euclid(1000);
+    let days = seconds.div_euclid(86_400);
+    let in_day = seconds.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    let weekday = WEEKDAYS[days.rem_euclid(7) as usize];
+    let date = format!("{year:04}-{month:02}-{day:02}-{weekday}");
+    let time = format!(
+        "{:02}:{:02}:{:02}",
+        in_day / 3600,
+        (in_day / 60) % 60,
+        in_day % 60
+    );
+    let job = if snapshot.job.is_empty() {
+        "snapshot"
+    } else {
+        &snapshot.job
+    };
+    let parts: Vec<&str> = [
+        snapshot.host.as_str(),
+        snapshot.instance.as_str(),
+        snapshot.master_host.as_str(),
+        snapshot.master_instance.as_str(),
+    ]
+    .into_iter()
+    .filter(|part| !part.is_empty())
+    .collect();
+    if snapshot.r#type == SnapshotType::Sync as i32 {
+        if parts.is_empty() {
+            job.to_owned()
+        } else {
+            format!("{job}/{}", parts.join("-"))
+        }
+    } else {
+        let mut tail = parts;
+        tail.push(&date);
+        tail.push(&time);
+        format!("{job}/{date}/{}", tail.join("-"))
+    }
+}
+
+impl ChunkSink for Store {
+    /// Appends the chunk to the open pack (compressing on the calling
+    /// thread); it is found by reads at once and durable after `flush`.
+    fn put_chunk(&self, chunk: Chunk) -> Result<(), SinkError> {
+        let fresh = self.prepare(std::slice::from_ref(&chunk))?;
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let entry = pack::encode_entry(chunk.id, &chunk.data, self.config.zstd_level);
+        self.append(vec![entry])?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), SinkError> {
+        Ok(self.flush_pending()?)
+    }
+}
+
+impl ChunkSource for Store {
+    fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SinkError> {
+        Ok(Store::get_chunk(self, id)?)
+    }
+
+    fn get_tree(&self, id: &ChunkId) -> Result<Tree, SinkError> {
+        Ok(Store::get_tree(self, id)?)
+    }
+}
+
+impl Drop for Store {
+    /// Best effort: make pending chunks durable and seal the open pack, so the
+    /// next open needs no repair. A crash skips this, and that is fine.
+    fn drop(&mut self) {
+        if let Err(err) = self.flush_pending() {
+            tracing::warn!(dir = %self.dir.display(), "cannot flush pending chunks on close: {err}");
+        }
+        if let Err(err) = self.seal_open_pack() {
+            tracing::warn!(dir = %self.dir.display(), "cannot seal the open pack on close: {err}");
+        }
+    }
+}

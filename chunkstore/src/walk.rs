@@ -1,0 +1,739 @@
+//! The backup walk: from include paths on the local file system to a root
+//! tree id, every data and tree chunk handed to a [`ChunkSink`].
+//!
+//! Owns the reading side of a backup: path selection (includes, exclude
+//! globs, file system boundaries, virtual and network file systems), the
+//! parent-snapshot cache, parallel read/chunk/hash of files, and tree
+//! encoding. The local store, the push agent and the pull source all call
+//! [`backup`]; what happens to chunks is the sink's business.
+//!
+//! It must never hold a whole file in memory (each file in flight streams
+//! through a [`ChunkReader`], at most one per thread), never follow a symlink
+//! (they are recorded as symlinks), and never write to the file system.
+//!
+//! Layout: like restic, the root tree mirrors the absolute paths from `/`.
+//! Backing up `/a/b/src` gives root -> `a` -> `b` -> `src` -> contents, the
+//! intermediate directories with their real metadata and only the included
+//! children.
+//!
+//! Policy for problems while reading (each becomes a line of
+//! [`BackupOutcome::warnings`] naming the path, never a failure):
+//! - a file or directory that vanishes before it is read is left out;
+//! - a file whose size or mtime changed while it was read is kept as read
+//!   (its size is the bytes read, its metadata the one seen when opened, so
+//!   the next backup reads it again);
+//! - a file that cannot be opened for lack of permission is left out (a
+//!   backup of `/` as a normal user should not fail on one unreadable file);
+//! - a directory that cannot be listed for lack of permission is kept with
+//!   its metadata and no contents;
+//! - an unreadable parent-snapshot tree means its files are read again.
+//!
+//! Any other I/O error (e.g. EIO in the middle of a file), a sink error or an
+//! include path that does not exist fails the backup, naming the path.
+
+mod mounts;
+
+pub use mounts::{MountInfo, is_skipped_fs_type, parse_mountinfo, skipped_mount_points};
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs::{Metadata, OpenOptions};
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fabric_proto::v1::{EntryKind, SnapshotStats, Tree, TreeEntry};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
+
+use crate::chunker::{BadChunkParams, Chunk, ChunkParams, ChunkReader};
+use crate::id::ChunkId;
+use crate::sink::{ChunkSink, ChunkSource, SinkError};
+
+/// What to back up and how.
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    /// Paths to back up; relative ones are made absolute against the
+    /// current directory (lexically: `..` is resolved without following symlinks).
+    pub includes: Vec<PathBuf>,
+    /// Glob patterns (globset syntax; `*` stays within a path component,
+    /// `**` crosses them) matched against each entry's absolute path and
+    /// against its file name, so `*.tmp` and `/home/*/.cache` both work. An
+    /// excluded directory is not descended. Include paths themselves are
+    /// never excluded.
+    pub excludes: Vec<String>,
+    /// Do not descend into directories on another device than their
+    /// include path (the mount point itself is kept, empty).
+    pub one_file_system: bool,
+    /// FastCDC parameters: the store's.
+    pub chunk_params: ChunkParams,
+    /// Threads reading and chunking files; 0 means one per core.
+    pub threads: usize,
+}
+
+/// The previous snapshot of the same source: files whose size, mtime, ctime
+/// and inode are unchanged reuse its chunk lists without being read.
+#[derive(Clone, Copy)]
+pub struct ParentSnapshot<'a> {
+    /// Where the parent's trees are read.
+    pub source: &'a dyn ChunkSource,
+    /// The parent's root tree.
+    pub root: ChunkId,
+}
+
+/// The result of a backup.
+#[derive(Clone, Debug)]
+pub struct BackupOutcome {
+    /// The root tree: the snapshot's content.
+    pub root: ChunkId,
+    /// Counters; `new_*` and `stored_bytes` are left 0 for the sink to fill.
+    pub stats: SnapshotStats,
+    /// Problems met while reading, one line each, naming the path.
+    pub warnings: Vec<String>,
+}
+
+/// Progress of a running backup, reported after every chunk and every file.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Regular files done so far (read or reused).
+    pub files: u64,
+    /// Files reused from the parent snapshot without being read.
+    pub files_unchanged: u64,
+    /// Directories listed so far.
+    pub dirs: u64,
+    /// Bytes of file content read so far.
+    pub bytes_read: u64,
+    /// The file this report is about.
+    pub current_path: PathBuf,
+}
+
+/// What makes a backup fail. Each variant names the path or input.
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    /// Nothing to back up.
+    #[error("no include paths given")]
+    NoIncludes,
+    /// The chunk parameters are unusable.
+    #[error(transparent)]
+    ChunkParams(#[from] BadChunkParams),
+    /// An exclude pattern is not a valid glob.
+    #[error("bad exclude pattern {pattern:?}: {source}")]
+    BadExclude {
+        /// The pattern as given.
+        pattern: String,
+        /// Why globset refused it.
+        source: globset::Error,
+    },
+    /// The worker threads could not be started.
+    #[error("starting {threads} backup threads: {source}")]
+    ThreadPool {
+        /// Threads asked for.
+        threads: usize,
+        /// Rayon's error.
+        source: rayon::ThreadPoolBuildError,
+    },
+    /// An include path, or a directory on the way to it, is missing or not a directory.
+    #[error("include path {path}: {reason}")]
+    BadInclude {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading the file system failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The path being read.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The sink refused a chunk.
+    #[error("storing a chunk of {path}: {source}")]
+    Sink {
+        /// The file or directory the chunk belongs to.
+        path: PathBuf,
+        /// The sink's error.
+        source: SinkError,
+    },
+    /// The sink could not make the chunks durable.
+    #[error("flushing the chunk sink: {0}")]
+    Flush(SinkError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> WalkError + '_ {
+    move |source| WalkError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `path` made absolute and normalised lexically (`.` dropped, `..` pops).
+fn absolute(path: &Path) -> Result<PathBuf, WalkError> {
+    let joined = std::path::absolute(path).map_err(io_error(path))?;
+    let mut out = PathBuf::from("/");
+    for component in joined.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The include paths as a tree of path components from `/`.
+#[derive(Default)]
+struct IncludeNode {
+    /// This path is included whole (everything below is backed up).
+    whole: bool,
+    children: BTreeMap<Vec<u8>, IncludeNode>,
+}
+
+impl IncludeNode {
+    fn insert(&mut self, path: &Path) {
+        let mut node = self;
+        for component in path.components() {
+            if node.whole {
+                return;
+            }
+            if let Component::Normal(part) = component {
+                node = node.children.entry(part.as_bytes().to_vec()).or_default();
+            }
+        }
+        node.whole = true;
+        node.children.clear();
+    }
+}
+
+fn nanos(seconds: i64, nanoseconds: i64) -> i64 {
+    seconds
+        .saturating_mul(1_000_000_000)
+        .saturating_add(nanoseconds)
+}
+
+/// A tree entry with the metadata of `meta` (no content fields yet).
+fn entry_from(name: Vec<u8>, kind: EntryKind, meta: &Metadata) -> TreeEntry {
+    TreeEntry {
+        name,
+        kind: kind as i32,
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
+        inode: meta.ino(),
+        device: meta.dev(),
+        ..TreeEntry::default()
+    }
+}
+
+/// The entry named `name` in `tree`, if any (entries are sorted by name).
+fn find<'t>(tree: Option<&'t Tree>, name: &[u8]) -> Option<&'t TreeEntry> {
+    let entries = &tree?.entries;
+    entries
+        .binary_search_by(|entry| entry.name.as_slice().cmp(name))
+        .ok()
+        .map(|index| &entries[index])
+}
+
+#[derive(Default)]
+struct Counters {
+    files: AtomicU64,
+    files_unchanged: AtomicU64,
+    dirs: AtomicU64,
+    total_bytes: AtomicU64,
+    bytes_read: AtomicU64,
+    chunks: AtomicU64,
+}
+
+/// One backup in progress; shared by the worker threads.
+struct Walk<'a> {
+    chunk_params: ChunkParams,
+    one_file_system: bool,
+    excludes: GlobSet,
+    /// Mount points of skipped file system types, when they are skipped.
+    skipped_mounts: HashMap<PathBuf, String>,
+    sink: &'a dyn ChunkSink,
+    parent: Option<&'a dyn ChunkSource>,
+    progress: &'a (dyn Fn(&Progress) + Sync),
+    counters: Counters,
+    warnings: Mutex<Vec<String>>,
+}
+
+/// Where a directory sits relative to its include path.
+#[derive(Clone, Copy)]
+struct Below {
+    /// The device of the include path.
+    device: u64,
+}
+
+impl Walk<'_> {
+    fn warn(&self, warning: String) {
+        tracing::warn!("{warning}");
+        match self.warnings.lock() {
+            Ok(mut warnings) => warnings.push(warning),
+            Err(poisoned) => poisoned.into_inner().push(warning),
+        }
+    }
+
+    fn report(&self, path: &Path) {
+        (self.progress)(&Progress {
+            files: self.counters.files.load(Ordering::Relaxed),
+            files_unchanged: self.counters.files_unchanged.load(Ordering::Relaxed),
+            dirs: self.counters.dirs.load(Ordering::Relaxed),
+            bytes_read: self.counters.bytes_read.load(Ordering::Relaxed),
+            current_path: path.to_owned(),
+        });
+    }
+
+    fn excluded(&self, path: &Path, name: &OsStr) -> bool {
+        !self.excludes.is_empty()
+            && (self.excludes.is_match(path) || self.excludes.is_match(Path::new(name)))
+    }
+
+    fn store(&self, path: &Path, data: Vec<u8>) -> Result<ChunkId, WalkError> {
+        let chunk = Chunk::new(data);
+        let id = chunk.id;
+        self.sink
+            .put_chunk(chunk)
+            .map_err(|source| WalkError::Sink {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(id)
+    }
+
+    fn store_tree(&self, path: &Path, tree: &Tree) -> Result<ChunkId, WalkError> {
+        self.counters.dirs.fetch_add(1, Ordering::Relaxed);
+        self.store(path, prost::Message::encode_to_vec(tree))
+    }
+
+    /// The parent snapshot's tree `id` for `path`, if it can be read.
+    fn parent_tree(&self, path: &Path, entry: Option<&TreeEntry>) -> Option<Tree> {
+        let source = self.parent?;
+        let entry = entry.filter(|entry| entry.kind == EntryKind::Dir as i32)?;
+        let id = ChunkId::from_slice(&entry.subtree_id).ok()?;
+        self.parent_tree_by_id(path, id, source)
+    }
+
+    fn parent_tree_by_id(
+        &self,
+        path: &Path,
+        id: ChunkId,
+        source: &dyn ChunkSource,
+    ) -> Option<Tree> {
+        match source.get_tree(&id) {
+            Ok(tree) => Some(tree),
+            Err(err) => {
+                self.warn(format!(
+                    "{}: parent snapshot tree {id} unreadable ({err}); reading its files again",
+                    path.display()
+                ));
+                None
+            }
+        }
+    }
+
+    /// The tree of the intermediate directories and include paths below `node`.
+    fn include_tree(
+        &self,
+        node: &IncludeNode,
+        path: &Path,
+        parent: Option<Tree>,
+    ) -> Result<ChunkId, WalkError> {
+        let entries: Vec<Option<TreeEntry>> = node
+            .children
+            .par_iter()
+            .map(|(name, child)| {
+                let child_path = path.join(OsStr::from_bytes(name));
+                let parent_entry = find(parent.as_ref(), name);
+                if child.whole {
+                    let meta = std::fs::symlink_metadata(&child_path).map_err(|err| {
+                        WalkError::BadInclude {
+                            path: child_path.clone(),
+                            reason: err.to_string(),
+                        }
+                    })?;
+                    let below = Below { device: meta.dev() };
+                    self.entry(&child_path, name.clone(), &meta, parent_entry, below, false)
+                } else {
+                    // A directory on the way to an include path; following a
+                    // symlink here (e.g. /lib -> usr/lib) is what the user meant.
+                    let meta =
+                        std::fs::metadata(&child_path).map_err(|err| WalkError::BadInclude {
+                            path: child_path.clone(),
+                            reason: err.to_string(),
+                        })?;
+                    if !meta.is_dir() {
+                        return Err(WalkError::BadInclude {
+                            path: child_path,
+                            reason: "not a directory, but an include path lies below it".to_owned(),
+                        });
+                    }
+                    let parent_tree = self.parent_tree(&child_path, parent_entry);
+                    let mut entry = entry_from(name.clone(), EntryKind::Dir, &meta);
+                    entry.subtree_id = self.include_tree(child, &child_path, parent_tree)?.to_vec();
+                    Ok(Some(entry))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let tree = Tree {
+            entries: entries.into_iter().flatten().collect(),
+        };
+        self.store_tree(path, &tree)
+    }
+
+    /// The entry for `path` (already `lstat`ed as `meta`), or None when it is
+    /// left out (vanished, unreadable). `is_below_include` is false for an
+    /// include path itself, which is never excluded nor skipped.
+    fn entry(
+        &self,
+        path: &Path,
+        name: Vec<u8>,
+        meta: &Metadata,
+        parent: Option<&TreeEntry>,
+        below: Below,
+        is_below_include: bool,
+    ) -> Result<Option<TreeEntry>, WalkError> {
+        let file_type = meta.file_type();
+        if file_type.is_file() {
+            self.file(path, name, meta, parent)
+        } else if file_type.is_dir() {
+            let mut entry = entry_from(name, EntryKind::Dir, meta);
+            let descend = !is_below_include || self.may_descend(path, meta, below);
+            let parent_tree = if descend {
+                self.parent_tree(path, parent)
+            } else {
+                None
+            };
+            match self.directory(path, descend, parent_tree, below)? {
+                Some(id) => {
+                    entry.subtree_id = id.to_vec();
+                    Ok(Some(entry))
+                }
+                None => Ok(None),
+            }
+        } else if file_type.is_symlink() {
+            match std::fs::read_link(path) {
+                Ok(target) => {
+                    let mut entry = entry_from(name, EntryKind::Symlink, meta);
+                    entry.symlink_target = target.into_os_string().into_vec();
+                    Ok(Some(entry))
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    self.warn(format!("{}: vanished before it was read", path.display()));
+                    Ok(None)
+                }
+                Err(err) => Err(io_error(path)(err)),
+            }
+        } else {
+            Ok(Some(entry_from(name, EntryKind::Other, meta)))
+        }
+    }
+
+    /// Whether to list the directory `path` below an include path.
+    fn may_descend(&self, path: &Path, meta: &Metadata, below: Below) -> bool {
+        if self.one_file_system && meta.dev() != below.device {
+            return false;
+        }
+        !self.skipped_mounts.contains_key(path)
+    }
+
+    /// Store the listing of directory `path` (empty when `descend` is false
+    /// or it cannot be listed); None when it vanished.
+    fn directory(
+        &self,
+        path: &Path,
+        descend: bool,
+        parent: Option<Tree>,
+        below: Below,
+    ) -> Result<Option<ChunkId>, WalkError> {
+        let mut names: Vec<OsString> = Vec::new();
+        if descend {
+            match std::fs::read_dir(path) {
+                Ok(listing) => {
+                    for item in listing {
+                        names.push(item.map_err(io_error(path))?.file_name());
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    self.warn(format!("{}: vanished before it was read", path.display()));
+                    return Ok(None);
+                }
+                Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                    self.warn(format!(
+                        "{}: cannot list ({err}); kept as an empty directory",
+                        path.display()
+                    ));
+                }
+                Err(err) => return Err(io_error(path)(err)),
+            }
+        }
+        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let entries: Vec<Option<TreeEntry>> = names
+            .par_iter()
+            .map(|name| {
+                let child_path = path.join(name);
+                if self.excluded(&child_path, name) {
+                    return Ok(None);
+                }
+                let meta = match std::fs::symlink_metadata(&child_path) {
+                    Ok(meta) => meta,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                        self.warn(format!(
+                            "{}: vanished before it was read",
+                            child_path.display()
+                        ));
+                        return Ok(None);
+                    }
+                    Err(err) => return Err(io_error(&child_path)(err)),
+                };
+                let parent_entry = find(parent.as_ref(), name.as_bytes());
+                self.entry(
+                    &child_path,
+                    name.as_bytes().to_vec(),
+                    &meta,
+                    parent_entry,
+                    below,
+                    true,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let tree = Tree {
+            entries: entries.into_iter().flatten().collect(),
+        };
+        self.store_tree(path, &tree).map(Some)
+    }
+
+    /// The entry of the regular file `path`: reused from the parent when
+    /// unchanged, else read, chunked and sent to the sink.
+    fn file(
+        &self,
+        path: &Path,
+        name: Vec<u8>,
+        meta: &Metadata,
+        parent: Option<&TreeEntry>,
+    ) -> Result<Option<TreeEntry>, WalkError> {
+        let mut entry = entry_from(name, EntryKind::File, meta);
+        entry.size = meta.len();
+        if let Some(previous) = parent
+            && previous.kind == EntryKind::File as i32
+            && previous.size == entry.size
+            && previous.mtime_ns == entry.mtime_ns
+            && previous.ctime_ns == entry.ctime_ns
+            && previous.inode == entry.inode
+        {
+            entry.chunk_ids = previous.chunk_ids.clone();
+            self.counters
+                .files_unchanged
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(self.file_done(path, entry)));
+        }
+
+        // O_NOFOLLOW: the path was a regular file when listed; if it has
+        // been replaced by a symlink since, do not read through it.
+        // O_NONBLOCK: nor block forever if it has become a FIFO.
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path);
+        let file = match opened {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                self.warn(format!("{}: vanished before it was read", path.display()));
+                return Ok(None);
+            }
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                self.warn(format!(
+                    "{}: cannot be read ({err}); left out",
+                    path.display()
+                ));
+                return Ok(None);
+            }
+            Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+                self.warn(format!(
+                    "{}: replaced by a symlink while the backup ran; left out",
+                    path.display()
+                ));
+                return Ok(None);
+            }
+            Err(err) => return Err(io_error(path)(err)),
+        };
+        let opened_meta = file.metadata().map_err(io_error(path))?;
+        if !opened_meta.is_file() {
+            self.warn(format!(
+                "{}: no longer a regular file when opened; left out",
+                path.display()
+            ));
+            return Ok(None);
+        }
+        // Record what was opened, not what was listed, in case it was replaced in between.
+        let mut entry = entry_from(
+            std::mem::take(&mut entry.name),
+            EntryKind::File,
+            &opened_meta,
+        );
+        let mut read: u64 = 0;
+        for chunk in ChunkReader::new(&file, self.chunk_params)? {
+            let chunk = chunk.map_err(io_error(path))?;
+            let length = chunk.data.len() as u64;
+            read += length;
+            entry.chunk_ids.push(chunk.id.to_vec());
+            self.sink
+                .put_chunk(chunk)
+                .map_err(|source| WalkError::Sink {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            self.counters
+                .bytes_read
+                .fetch_add(length, Ordering::Relaxed);
+            self.report(path);
+        }
+        entry.size = read;
+        let after = file.metadata().map_err(io_error(path))?;
+        if after.len() != opened_meta.len()
+            || read != opened_meta.len()
+            || nanos(after.mtime(), after.mtime_nsec()) != entry.mtime_ns
+        {
+            self.warn(format!(
+                "{}: changed while it was read; kept as read ({read} bytes)",
+                path.display()
+            ));
+        }
+        Ok(Some(self.file_done(path, entry)))
+    }
+
+    fn file_done(&self, path: &Path, entry: TreeEntry) -> TreeEntry {
+        self.counters.files.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .total_bytes
+            .fetch_add(entry.size, Ordering::Relaxed);
+        self.counters
+            .chunks
+            .fetch_add(entry.chunk_ids.len() as u64, Ordering::Relaxed);
+        self.report(path);
+        entry
+    }
+}
+
+fn build_excludes(patterns: &[String]) -> Result<GlobSet, WalkError> {
+    let mut builder = GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|source| WalkError::BadExclude {
+                pattern: pattern.clone(),
+                source,
+            })?;
+        builder.add(glob);
+    }
+    builder.build().map_err(|source| WalkError::BadExclude {
+        pattern: patterns.join(" "),
+        source,
+    })
+}
+
+/// Back up `options.includes` into `sink`, reusing unchanged files of
+/// `parent`, and return the root tree id once `sink.flush()` has returned.
+///
+/// Files are read, chunked and hashed in parallel on `options.threads`
+/// threads; `progress` is called from those threads after every chunk and
+/// every file. See the module documentation for what is a warning and what
+/// is an error.
+pub fn backup(
+    options: &BackupOptions,
+    sink: &dyn ChunkSink,
+    parent: Option<ParentSnapshot<'_>>,
+    progress: &(dyn Fn(&Progress) + Sync),
+) -> Result<BackupOutcome, WalkError> {
+    options.chunk_params.validate()?;
+    if options.includes.is_empty() {
+        return Err(WalkError::NoIncludes);
+    }
+    let mut includes = IncludeNode::default();
+    for include in &options.includes {
+        includes.insert(&absolute(include)?);
+    }
+    let mut walk = Walk {
+        chunk_params: options.chunk_params,
+        one_file_system: options.one_file_system,
+        excludes: build_excludes(&options.excludes)?,
+        skipped_mounts: HashMap::new(),
+        sink,
+        parent: parent.map(|parent| parent.source),
+        progress,
+        counters: Counters::default(),
+        warnings: Mutex::new(Vec::new()),
+    };
+    if options.one_file_system || includes.whole {
+        match mounts::read_mount_table() {
+            Ok(table) => walk.skipped_mounts = table,
+            Err(err) => walk.warn(format!(
+                "/proc/self/mountinfo: unreadable ({err}); virtual and network file systems are not skipped"
+            )),
+        }
+    }
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(options.threads)
+        .thread_name(|index| format!("backup-{index}"))
+        // Directory recursion runs on these threads; deep trees need room.
+        .stack_size(16 * 1024 * 1024)
+        .build()
+        .map_err(|source| WalkError::ThreadPool {
+            threads: options.threads,
+            source,
+        })?;
+    let root = pool.install(|| -> Result<ChunkId, WalkError> {
+        let root_path = Path::new("/");
+        let parent_root =
+            parent.and_then(|parent| walk.parent_tree_by_id(root_path, parent.root, parent.source));
+        if includes.whole {
+            let meta = std::fs::symlink_metadata(root_path).map_err(io_error(root_path))?;
+            let below = Below { device: meta.dev() };
+            walk.directory(root_path, true, parent_root, below)?
+                .ok_or_else(|| WalkError::BadInclude {
+                    path: root_path.to_owned(),
+                    reason: "vanished".to_owned(),
+                })
+        } else {
+            walk.include_tree(&includes, root_path, parent_root)
+        }
+    })?;
+    sink.flush().map_err(WalkError::Flush)?;
+
+    let counters = &walk.counters;
+    let stats = SnapshotStats {
+        files: counters.files.load(Ordering::Relaxed),
+        dirs: counters.dirs.load(Ordering::Relaxed),
+        total_bytes: counters.total_bytes.load(Ordering::Relaxed),
+        bytes_read: counters.bytes_read.load(Ordering::Relaxed),
+        chunks: counters.chunks.load(Ordering::Relaxed),
+        files_unchanged: counters.files_unchanged.load(Ordering::Relaxed),
+        ..SnapshotStats::default()
+    };
+    let warnings = match walk.warnings.into_inner() {
+        Ok(warnings) => warnings,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    Ok(BackupOutcome {
+        root,
+        stats,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod memory;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,858 @@
+//! The commands that talk to a coordinator or a node: each builds its
+//! request, calls, and prints rows. No business logic lives here: the
+//! coordinator validates jobs, the node checks restores.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use fabric_proto::v1::{
+    CancelRunRequest, CopyState, GetJobRequest, GetRunRequest, Job, ListJobsRequest,
+    ListRunsRequest, Node, NodeState, RetryRunRequest, Run, RunEvent, RunState, Snapshot,
+    SubmitJobsRequest, VerifyReport, VerifyRequest, WatchRunRequest,
+};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::output::{self, OutputFormat, Row, bytes, duration_ms, time_ms};
+use crate::remote::{self, coordinator, status_error};
+use crate::revision;
+
+/// The lower-case name of a proto enum value, without its prefix
+/// (`RUN_STATE_COPYING` -> `copying`).
+fn enum_name(full: &str, prefix: &str) -> String {
+    full.strip_prefix(prefix).unwrap_or(full).to_lowercase()
+}
+
+fn run_state(state: RunState) -> String {
+    enum_name(state.as_str_name(), "RUN_STATE_")
+}
+
+fn copy_state(state: CopyState) -> String {
+    enum_name(state.as_str_name(), "COPY_STATE_")
+}
+
+fn parse_run_state(text: &str) -> anyhow::Result<RunState> {
+    RunState::from_str_name(&format!("RUN_STATE_{}", text.to_uppercase()))
+        .filter(|state| *state != RunState::Unspecified)
+        .ok_or_else(|| {
+            anyhow!("unknown run state {text:?}: use queued, pre, copying, post, done, failed or cancelled")
+        })
+}
+
+#[derive(Serialize)]
+struct JobRow {
+    name: String,
+    direction: String,
+    client: String,
+    dest: String,
+    replicas: u32,
+    interval_s: u64,
+    last_run: String,
+    last_state: String,
+}
+
+impl Row for JobRow {
+    fn headers() -> &'static [&'static str] {
+        &["name", "direction", "client", "dest", "interval", "last run", "state"]
+    }
+    fn cells(&self) -> Vec<String> {
+        let dest = if self.replicas > 0 {
+            format!("replicas={}", self.replicas)
+        } else {
+            self.dest.clone()
+        };
+        let interval = if self.interval_s == 0 {
+            "-".to_owned()
+        } else {
+            humantime::format_duration(Duration::from_secs(self.interval_s)).to_string()
+        };
+        vec![
+            self.name.clone(),
+            self.direction.clone(),
+            self.client.clone(),
+            dest,
+            interval,
+            self.last_run.clone(),
+            self.last_state.clone(),
+        ]
+    }
+}
+
+fn job_row(job: &Job) -> JobRow {
+    let spec = job.spec.clone().unwrap_or_default();
+    JobRow {
+        direction: enum_name(spec.direction().as_str_name(), "DIRECTION_"),
+        name: spec.name,
+        client: spec.client,
+        dest: spec.dest,
+        replicas: spec.replicas,
+        interval_s: spec.interval_s,
+        last_run: job.last_run.as_ref().map(|r| r.id.clone()).unwrap_or_default(),
+        last_state: job
+            .last_run
+            .as_ref()
+            .map(|r| run_state(r.state()))
+            .unwrap_or_else(|| "-".into()),
+    }
+}
+
+#[derive(Serialize)]
+struct RunRow {
+    id: String,
+    job: String,
+    instance: String,
+    client: String,
+    state: String,
+    copies: Vec<CopyRow>,
+    created: String,
+    ended: String,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct CopyRow {
+    node: String,
+    state: String,
+    attempts: u32,
+    background: bool,
+    snapshot_id: String,
+    bytes_sent: u64,
+    reason: String,
+}
+
+impl Row for RunRow {
+    fn headers() -> &'static [&'static str] {
+        &["id", "job", "instance", "state", "copies", "created", "reason"]
+    }
+    fn cells(&self) -> Vec<String> {
+        let copies = self
+            .copies
+            .iter()
+            .map(|c| format!("{}:{}", c.node, c.state))
+            .collect::<Vec<_>>()
+            .join(" ");
+        vec![
+            short(&self.id),
+            self.job.clone(),
+            self.instance.clone(),
+            self.state.clone(),
+            copies,
+            self.created.clone(),
+            self.reason.clone(),
+        ]
+    }
+}
+
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+fn run_row(run: &Run) -> RunRow {
+    RunRow {
+        id: run.id.clone(),
+        job: run.job.clone(),
+        instance: run.instance.clone(),
+        client: run.client.clone(),
+        state: run_state(run.state()),
+        copies: run
+            .copies
+            .iter()
+            .map(|copy| CopyRow {
+                node: copy.node.clone(),
+                state: copy_state(copy.state()),
+                attempts: copy.attempts,
+                background: copy.background,
+                snapshot_id: copy.snapshot_id.clone(),
+                bytes_sent: copy.progress.as_ref().map(|p| p.bytes_sent).unwrap_or(0),
+                reason: copy.reason.clone(),
+            })
+            .collect(),
+        created: time_ms(run.created_ms),
+        ended: time_ms(run.ended_ms),
+        reason: run.reason.clone(),
+    }
+}
+
+#[derive(Serialize)]
+struct NodeRow {
+    id: String,
+    address: String,
+    labels: Vec<String>,
+    state: String,
+    last_heartbeat: String,
+    free_bytes: u64,
+    chunks: u64,
+    stored_bytes: u64,
+}
+
+impl Row for NodeRow {
+    fn headers() -> &'static [&'static str] {
+        &["id", "address", "labels", "state", "last heartbeat", "free", "chunks", "stored"]
+    }
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.address.clone(),
+            self.labels.join(","),
+            self.state.clone(),
+            self.last_heartbeat.clone(),
+            bytes(self.free_bytes),
+            self.chunks.to_string(),
+            bytes(self.stored_bytes),
+        ]
+    }
+}
+
+fn node_row(node: &Node) -> NodeRow {
+    let info = node.info.clone().unwrap_or_default();
+    NodeRow {
+        id: info.id,
+        address: info.address,
+        labels: info.labels,
+        state: enum_name(node.state().as_str_name(), "NODE_STATE_"),
+        last_heartbeat: time_ms(node.last_heartbeat_ms),
+        free_bytes: info.free_bytes,
+        chunks: node.chunks,
+        stored_bytes: node.stored_bytes,
+    }
+}
+
+/// A row of backy's status table.
+#[derive(Serialize)]
+pub struct SnapshotRow {
+    /// When it was committed.
+    pub date: String,
+    /// Its id.
+    pub id: String,
+    /// B1000's name.
+    pub name: String,
+    /// Logical size (sum of file sizes).
+    pub size_bytes: u64,
+    /// Bytes new to the store when it was made.
+    pub new_bytes: u64,
+    /// How long the backup took, ms.
+    pub duration_ms: i64,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// The nodes that hold it.
+    pub nodes: Vec<String>,
+    /// complete or verified.
+    pub state: String,
+}
+
+impl Row for SnapshotRow {
+    fn headers() -> &'static [&'static str] {
+        &["date", "id", "name", "size", "new", "duration", "tags", "nodes"]
+    }
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.date.clone(),
+            short(&self.id),
+            self.name.clone(),
+            bytes(self.size_bytes),
+            bytes(self.new_bytes),
+            duration_ms(self.duration_ms),
+            self.tags.join(","),
+            self.nodes.join(","),
+        ]
+    }
+}
+
+/// The status-table row of `snapshot` held by `nodes`.
+pub fn snapshot_row(snapshot: &Snapshot, nodes: Vec<String>) -> SnapshotRow {
+    let stats = snapshot.stats.clone().unwrap_or_default();
+    SnapshotRow {
+        date: time_ms(snapshot.end_time_ms),
+        id: snapshot.id.clone(),
+        name: snapshot.name.clone(),
+        size_bytes: stats.total_bytes,
+        new_bytes: stats.new_bytes,
+        duration_ms: snapshot.end_time_ms - snapshot.start_time_ms,
+        tags: snapshot.tags.clone(),
+        nodes,
+        state: enum_name(snapshot.state().as_str_name(), "SNAPSHOT_STATE_"),
+    }
+}
+
+pub async fn job_submit(
+    address: &str,
+    file: &std::path::Path,
+    select: Vec<String>,
+    no_run: bool,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let toml = remote::read_file(file)?;
+    let mut client = coordinator(address).await?;
+    let response = client
+        .submit_jobs(SubmitJobsRequest {
+            toml,
+            file_name: file.display().to_string(),
+            select,
+            no_run,
+        })
+        .await
+        .map_err(|status| anyhow!("{}", status.message()))?
+        .into_inner();
+    if format == OutputFormat::Table {
+        println!("jobs stored: {}", response.jobs.join(", "));
+    }
+    let rows: Vec<RunRow> = response.runs.iter().map(run_row).collect();
+    output::print_rows(&rows, format)
+}
+
+pub async fn job_list(address: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = coordinator(address).await?;
+    let jobs = client
+        .list_jobs(ListJobsRequest {})
+        .await
+        .map_err(|status| status_error("listing jobs", status))?
+        .into_inner()
+        .jobs;
+    output::print_rows(&jobs.iter().map(job_row).collect::<Vec<_>>(), format)
+}
+
+pub async fn job_show(address: &str, name: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = coordinator(address).await?;
+    let job = client
+        .get_job(GetJobRequest { name: name.into() })
+        .await
+        .map_err(|status| status_error(&format!("job {name}"), status))?
+        .into_inner();
+    let spec = job.spec.clone().unwrap_or_default();
+    output::print_one(&job_row(&job), format, |row| {
+        format!(
+            "job:        {}\ndirection:  {}\nclient:     {}\ninclude:    {}\nexclude:    {}\ndest:       {}\nreplicas:   {}\npre:        {}\npost:       {}\ninstances:  {}{}\ninterval:   {}s\nlast run:   {} ({})\n",
+            row.name,
+            row.direction,
+            row.client,
+            spec.include.join(" "),
+            spec.exclude.join(" "),
+            spec.dest,
+            spec.replicas,
+            spec.pre,
+            spec.post,
+            spec.instances.join(" "),
+            spec.instances_command,
+            spec.interval_s,
+            row.last_run,
+            row.last_state,
+        )
+    })
+}
+
+pub async fn run_list(
+    address: &str,
+    job: Option<String>,
+    state: Option<String>,
+    since: Option<humantime::Duration>,
+    limit: u32,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let state = state.as_deref().map(parse_run_state).transpose()?;
+    let since_ms = since
+        .map(|since| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.saturating_sub(*since).as_millis() as i64
+        })
+        .unwrap_or(0);
+    let mut client = coordinator(address).await?;
+    let runs = client
+        .list_runs(ListRunsRequest {
+            job: job.unwrap_or_default(),
+            state: state.map(|s| s as i32).unwrap_or(0),
+            since_ms,
+            until_ms: 0,
+            limit,
+        })
+        .await
+        .map_err(|status| status_error("listing runs", status))?
+        .into_inner()
+        .runs;
+    output::print_rows(&runs.iter().map(run_row).collect::<Vec<_>>(), format)
+}
+
+fn event_line(event: &RunEvent) -> String {
+    let mut line = format!("{}  {}", time_ms(event.time_ms), run_state(event.state()));
+    if !event.dest.is_empty() {
+        line.push_str(&format!("  {} {}", event.dest, copy_state(event.dest_state())));
+    }
+    if !event.node.is_empty() {
+        line.push_str(&format!("  [{}]", event.node));
+    }
+    if !event.message.is_empty() {
+        line.push_str(&format!("  {}", event.message));
+    }
+    line
+}
+
+pub async fn run_show(address: &str, run: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = coordinator(address).await?;
+    let detail = client
+        .get_run(GetRunRequest { run_id: run.into() })
+        .await
+        .map_err(|status| status_error(&format!("run {run}"), status))?
+        .into_inner();
+    let row = run_row(&detail.run.clone().unwrap_or_default());
+    #[derive(Serialize)]
+    struct Shown {
+        #[serde(flatten)]
+        run: RunRow,
+        events: Vec<String>,
+    }
+    let shown = Shown {
+        run: row,
+        events: detail.events.iter().map(event_line).collect(),
+    };
+    output::print_one(&shown, format, |shown| {
+        let mut text = format!(
+            "run:      {}\njob:      {} {}\nclient:   {}\nstate:    {}\ncreated:  {}\nended:    {}\n",
+            shown.run.id,
+            shown.run.job,
+            shown.run.instance,
+            shown.run.client,
+            shown.run.state,
+            shown.run.created,
+            shown.run.ended
+        );
+        if !shown.run.reason.is_empty() {
+            text.push_str(&format!("reason:   {}\n", shown.run.reason));
+        }
+        text.push_str("copies:\n");
+        for copy in &shown.run.copies {
+            text.push_str(&format!(
+                "  {:<16} {:<9} attempts={} {}{} {}\n",
+                copy.node,
+                copy.state,
+                copy.attempts,
+                if copy.background { "background " } else { "" },
+                short(&copy.snapshot_id),
+                copy.reason
+            ));
+        }
+        text.push_str("events:\n");
+        for event in &shown.events {
+            text.push_str(&format!("  {event}\n"));
+        }
+        text
+    })
+}
+
+pub async fn run_watch(address: &str, run: &str) -> anyhow::Result<()> {
+    let mut client = coordinator(address).await?;
+    let mut events = client
+        .watch_run(WatchRunRequest { run_id: run.into() })
+        .await
+        .map_err(|status| status_error(&format!("run {run}"), status))?
+        .into_inner();
+    let terminal = std::io::stdout().is_terminal();
+    let bars = indicatif::MultiProgress::new();
+    let mut per_dest: std::collections::HashMap<String, (indicatif::ProgressBar, std::time::Instant)> =
+        Default::default();
+    let mut last_state = RunState::Unspecified;
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|status| status_error("watching the run", status))?;
+        last_state = event.state();
+        if let (true, false) = (terminal, event.dest.is_empty()) {
+            let (bar, started) = per_dest.entry(event.dest.clone()).or_insert_with(|| {
+                let bar = bars.add(indicatif::ProgressBar::new_spinner());
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {prefix:<14} {msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                bar.set_prefix(event.dest.clone());
+                bar.enable_steady_tick(Duration::from_millis(200));
+                (bar, std::time::Instant::now())
+            });
+            let progress = event.progress.clone().unwrap_or_default();
+            let seconds = started.elapsed().as_secs_f64().max(0.001);
+            bar.set_message(format!(
+                "{}  {} files, {} read, {} sent, {}/s  {}",
+                copy_state(event.dest_state()),
+                progress.files,
+                bytes(progress.bytes_read),
+                bytes(progress.bytes_sent),
+                bytes((progress.bytes_read as f64 / seconds) as u64),
+                event.message
+            ));
+            if matches!(event.dest_state(), CopyState::Done | CopyState::Failed) {
+                bar.finish();
+            }
+        } else if terminal {
+            bars.println(event_line(&event))?;
+        } else {
+            println!("{}", event_line(&event));
+        }
+    }
+    for (bar, _) in per_dest.values() {
+        bar.finish();
+    }
+    match last_state {
+        RunState::Done => Ok(()),
+        RunState::Failed | RunState::Cancelled => bail!("run {run} ended {}", run_state(last_state)),
+        _ => Ok(()),
+    }
+}
+
+pub async fn run_retry(address: &str, run: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = coordinator(address).await?;
+    let retried = client
+        .retry_run(RetryRunRequest { run_id: run.into() })
+        .await
+        .map_err(|status| status_error(&format!("retrying run {run}"), status))?
+        .into_inner();
+    output::print_rows(&[run_row(&retried)], format)
+}
+
+pub async fn run_cancel(address: &str, run: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = coordinator(address).await?;
+    let cancelled = client
+        .cancel_run(CancelRunRequest { run_id: run.into() })
+        .await
+        .map_err(|status| status_error(&format!("cancelling run {run}"), status))?
+        .into_inner();
+    output::print_rows(&[run_row(&cancelled)], format)
+}
+
+pub async fn node_list(address: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = coordinator(address).await?;
+    let nodes = remote::nodes(&mut client).await?;
+    output::print_rows(&nodes.iter().map(node_row).collect::<Vec<_>>(), format)
+}
+
+/// Snapshots with the nodes holding them, oldest first: from the coordinator's
+/// catalogue, or straight from a node when `node` is an address.
+pub async fn snapshot_entries(
+    address: &str,
+    job: Option<String>,
+    host: Option<String>,
+    node: Option<String>,
+) -> anyhow::Result<Vec<(Snapshot, Vec<String>)>> {
+    if let Some(node) = node.filter(|n| remote::is_address(n)) {
+        let mut storage = fabric_node::client::storage(&node).await?;
+        let snapshots = storage
+            .list_snapshots(fabric_proto::v1::ListSnapshotsRequest {
+                job: job.unwrap_or_default(),
+                host: host.unwrap_or_default(),
+            })
+            .await
+            .map_err(|status| status_error(&format!("listing snapshots on {node}"), status))?
+            .into_inner()
+            .snapshots;
+        return Ok(snapshots
+            .into_iter()
+            .map(|s| (s, vec![node.clone()]))
+            .collect());
+    }
+    let mut client = coordinator(address).await?;
+    let entries = remote::catalog(&mut client, job, host).await?;
+    Ok(entries
+        .into_iter()
+        .map(|entry| {
+            (
+                entry.snapshot.unwrap_or_default(),
+                entry.copies.into_iter().map(|c| c.node).collect(),
+            )
+        })
+        .collect())
+}
+
+fn rows_of<'a>(entries: impl IntoIterator<Item = &'a (Snapshot, Vec<String>)>) -> Vec<SnapshotRow> {
+    entries
+        .into_iter()
+        .map(|(snapshot, nodes)| snapshot_row(snapshot, nodes.clone()))
+        .collect()
+}
+
+pub async fn snapshot_list(
+    address: &str,
+    job: Option<String>,
+    host: Option<String>,
+    node: Option<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let entries = snapshot_entries(address, job, host, node).await?;
+    output::print_rows(&rows_of(&entries), format)
+}
+
+pub async fn find(
+    address: &str,
+    spec: &str,
+    job: Option<String>,
+    host: Option<String>,
+    node: Option<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let entries = snapshot_entries(address, job, host, node).await?;
+    let found = revision::find(&entries, spec, |(snapshot, _)| snapshot)?;
+    if found.is_empty() {
+        bail!("no snapshot matches {spec:?}");
+    }
+    output::print_rows(&rows_of(found), format)
+}
+
+pub async fn restore(
+    address: &str,
+    spec: &str,
+    path: &str,
+    to: &str,
+    node: Option<String>,
+    job: Option<String>,
+) -> anyhow::Result<()> {
+    let located = remote::locate(address, spec, node, job).await?;
+    let target: Box<dyn fabric_chunkstore::restore::RestoreTarget + Send> = if to == "-" {
+        Box::new(fabric_chunkstore::restore::TarTarget::new(std::io::stdout()))
+    } else {
+        std::fs::create_dir_all(to).with_context(|| format!("cannot create {to}"))?;
+        Box::new(fabric_chunkstore::restore::DirectoryTarget::new(PathBuf::from(to))?)
+    };
+    let stats = fabric_node::restore_client::restore_from(
+        &located.address,
+        &located.snapshot_id,
+        path,
+        target,
+    )
+    .await?;
+    if to != "-" {
+        eprintln!(
+            "restored snapshot {} from {}: {} files, {} directories, {} symlinks, {} into {to}",
+            short(&located.snapshot_id),
+            located.node,
+            stats.files,
+            stats.dirs,
+            stats.symlinks,
+            bytes(stats.bytes)
+        );
+    }
+    Ok(())
+}
+
+fn parse_sample(text: &str) -> anyhow::Result<f64> {
+    let fraction = match text.strip_suffix('%') {
+        Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
+        None => text.trim().parse::<f64>(),
+    }
+    .map_err(|_| anyhow!("bad --sample {text:?}: use a percentage like 5% or a fraction like 0.05"))?;
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        bail!("bad --sample {text:?}: it must be more than 0% and at most 100%");
+    }
+    Ok(fraction)
+}
+
+#[derive(Serialize)]
+struct VerifyRow {
+    node: String,
+    chunks_checked: u64,
+    bytes_checked: u64,
+    problems: Vec<String>,
+}
+
+impl Row for VerifyRow {
+    fn headers() -> &'static [&'static str] {
+        &["node", "chunks", "bytes", "problems"]
+    }
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.node.clone(),
+            self.chunks_checked.to_string(),
+            bytes(self.bytes_checked),
+            if self.problems.is_empty() {
+                "none".into()
+            } else {
+                self.problems.join("; ")
+            },
+        ]
+    }
+}
+
+pub async fn verify(
+    address: &str,
+    snapshot: Option<String>,
+    node: Option<String>,
+    sample: Option<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let sample = sample.as_deref().map(parse_sample).transpose()?.unwrap_or(0.0);
+    let (node_address, node_name, snapshot_id) = match (&snapshot, &node) {
+        (Some(spec), _) => {
+            let located = remote::locate(address, spec, node.clone(), None).await?;
+            (located.address, located.node, located.snapshot_id)
+        }
+        (None, Some(node)) if remote::is_address(node) => (node.clone(), node.clone(), String::new()),
+        (None, Some(node)) => {
+            let mut client = coordinator(address).await?;
+            (remote::node_address(&mut client, node).await?, node.clone(), String::new())
+        }
+        (None, None) => bail!("say what to verify: a SNAPSHOT, or --node N for a whole store"),
+    };
+    let mut storage = fabric_node::client::storage(&node_address).await?;
+    let report: VerifyReport = storage
+        .verify(VerifyRequest {
+            sample,
+            snapshot: snapshot_id,
+        })
+        .await
+        .map_err(|status| status_error(&format!("verifying on {node_name}"), status))?
+        .into_inner();
+    let problems: Vec<String> = report
+        .problems
+        .iter()
+        .map(|p| {
+            let mut text = format!("{} {}", short(&p.chunk_id), p.message);
+            if !p.snapshots.is_empty() {
+                text.push_str(&format!(" (snapshots {})", p.snapshots.join(",")));
+            }
+            if !p.paths.is_empty() {
+                text.push_str(&format!(" (paths {})", p.paths.join(",")));
+            }
+            text
+        })
+        .collect();
+    let failed = !problems.is_empty();
+    output::print_rows(
+        &[VerifyRow {
+            node: node_name.clone(),
+            chunks_checked: report.chunks_checked,
+            bytes_checked: report.bytes_checked,
+            problems,
+        }],
+        format,
+    )?;
+    if failed {
+        bail!("verify found problems on {node_name}");
+    }
+    Ok(())
+}
+
+pub async fn backup(
+    node: &str,
+    paths: Vec<PathBuf>,
+    job: String,
+    exclude: Vec<String>,
+    one_file_system: bool,
+    tags: Vec<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let mut includes = Vec::new();
+    for path in paths {
+        includes.push(
+            std::fs::canonicalize(&path)
+                .with_context(|| format!("cannot back up {}", path.display()))?,
+        );
+    }
+    let options = fabric_chunkstore::walk::BackupOptions {
+        includes,
+        excludes: exclude,
+        one_file_system,
+        chunk_params: fabric_chunkstore::ChunkParams::default(),
+        threads: 0,
+    };
+    let template = Snapshot {
+        job,
+        host: fabric_node::config::system_hostname(),
+        tags,
+        r#type: fabric_proto::v1::SnapshotType::Full as i32,
+        start_time_ms: now_ms(),
+        ..Default::default()
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
+    } else {
+        None
+    };
+    let progress_bar = bar.clone();
+    let progress: fabric_node::agent::ProgressFn = std::sync::Arc::new(move |p| {
+        if let Some(bar) = &progress_bar {
+            bar.set_message(format!(
+                "{} files, {} read, {} sent  {}",
+                p.files,
+                bytes(p.bytes_read),
+                bytes(p.bytes_sent),
+                p.current_path
+            ));
+        }
+    });
+    let outcome = fabric_node::agent::push_backup(node, options, template, Some(progress)).await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let stats = outcome.snapshot.stats.clone().unwrap_or_default();
+    #[derive(Serialize)]
+    struct BackupRow {
+        snapshot: String,
+        name: String,
+        files: u64,
+        files_unchanged: u64,
+        bytes_read: u64,
+        chunks_offered: u64,
+        chunks_sent: u64,
+        bytes_sent: u64,
+        warnings: Vec<String>,
+    }
+    let row = BackupRow {
+        snapshot: outcome.snapshot.id.clone(),
+        name: outcome.snapshot.name.clone(),
+        files: stats.files,
+        files_unchanged: stats.files_unchanged,
+        bytes_read: stats.bytes_read,
+        chunks_offered: outcome.chunks_offered,
+        chunks_sent: outcome.chunks_sent,
+        bytes_sent: outcome.bytes_sent,
+        warnings: outcome.snapshot.warnings.clone(),
+    };
+    output::print_one(&row, format, |row| {
+        let mut text = format!(
+            "snapshot {} ({})\n  {} files ({} unchanged), {} read, {} of {} chunks sent ({})\n",
+            row.snapshot,
+            row.name,
+            row.files,
+            row.files_unchanged,
+            bytes(row.bytes_read),
+            row.chunks_sent,
+            row.chunks_offered,
+            bytes(row.bytes_sent)
+        );
+        for warning in &row.warnings {
+            text.push_str(&format!("  warning: {warning}\n"));
+        }
+        text
+    })
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether a node is online.
+pub fn online(node: &Node) -> bool {
+    node.state() == NodeState::Online
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_parse_as_percent_or_fraction() {
+        assert_eq!(parse_sample("5%").unwrap(), 0.05);
+        assert_eq!(parse_sample("0.25").unwrap(), 0.25);
+        assert!(parse_sample("0%").unwrap_err().to_string().contains("more than 0%"));
+        assert!(parse_sample("abc").unwrap_err().to_string().contains("\"abc\""));
+    }
+
+    #[test]
+    fn run_states_parse_by_their_short_name() {
+        assert_eq!(parse_run_state("copying").unwrap(), RunState::Copying);
+        assert!(parse_run_state("nope").unwrap_err().to_string().contains("nope"));
+        assert_eq!(run_state(RunState::Done), "done");
+    }
+}

@@ -1,0 +1,11 @@
+//! fabricctl as a library: the command implementations, the embedded fabric
+//! and the restore comparison, so the binary stays a thin parser and the
+//! integration tests can reuse the comparison.
+
+pub mod check;
+pub mod commands;
+pub mod compare;
+pub mod local;
+pub mod output;
+pub mod remote;
+pub mod revision;

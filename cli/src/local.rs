@@ -1,0 +1,296 @@
+//! The embedded fabric: a coordinator, storage nodes and a client agent in
+//! this process, on loopback, with OS-chosen ports and state under one
+//! folder. `local up` keeps it running; `local demo` runs the fabric's main
+//! job on it end to end and checks the result byte for byte.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fabric_node::config::{NodeConfig, Role};
+use fabric_proto::v1::{
+    ListNodesRequest, NodeState, RunState, SubmitJobsRequest, WatchRunRequest,
+};
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::commands;
+use crate::output::{self, OutputFormat, bytes};
+use crate::remote;
+
+/// The id of the embedded client agent.
+pub const AGENT_ID: &str = "agent";
+
+/// A running embedded fabric.
+pub struct LocalFabric {
+    /// The coordinator's address.
+    pub coordinator: String,
+    /// (id, address) of each storage node.
+    pub nodes: Vec<(String, String)>,
+    /// The client agent's address.
+    pub agent: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn stopped(mut stop: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn bind() -> anyhow::Result<(TcpListener, String)> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen on 127.0.0.1")?;
+    let address = format!("http://{}", listener.local_addr()?);
+    Ok((listener, address))
+}
+
+impl LocalFabric {
+    /// Start a coordinator, `storage_nodes` storage nodes (n1, n2, ...) and
+    /// an agent, with state under `dir`; returns once all are online.
+    pub async fn start(dir: &Path, storage_nodes: usize) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let (listener, coordinator) = bind().await?;
+        let config = fabric_coordinator::config::CoordinatorConfig {
+            data_dir: dir.join("coordinator"),
+            heartbeat_interval: Duration::from_millis(500).into(),
+            ..Default::default()
+        };
+        let shutdown = stopped(stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(err) = fabric_coordinator::serve(listener, config, shutdown).await {
+                eprintln!("fabricctl: the embedded coordinator stopped: {err}");
+            }
+        }));
+
+        let mut nodes = Vec::new();
+        let hostname = fabric_node::config::system_hostname();
+        for index in 0..=storage_nodes {
+            let (listener, address) = bind().await?;
+            let (id, roles) = if index == storage_nodes {
+                (AGENT_ID.to_owned(), vec![Role::Agent])
+            } else {
+                (format!("n{}", index + 1), vec![Role::Storage])
+            };
+            let config = NodeConfig {
+                data_dir: dir.join(&id),
+                node_id: id.clone(),
+                advertise: address.clone(),
+                labels: vec!["local".into()],
+                roles,
+                coordinator: coordinator.clone(),
+                hostname: hostname.clone(),
+                ..Default::default()
+            };
+            let shutdown = stopped(stop_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(err) = fabric_node::serve(listener, config, shutdown).await {
+                    eprintln!("fabricctl: an embedded node stopped: {err}");
+                }
+            }));
+            nodes.push((id, address));
+        }
+        let (agent_id, agent) = nodes.pop().unwrap_or_default();
+        debug_assert_eq!(agent_id, AGENT_ID);
+        let fabric = Self {
+            coordinator,
+            nodes,
+            agent,
+            stop,
+            tasks,
+        };
+        fabric.wait_online(storage_nodes + 1).await?;
+        Ok(fabric)
+    }
+
+    async fn wait_online(&self, count: usize) -> anyhow::Result<()> {
+        for _ in 0..200 {
+            if let Ok(mut client) = remote::coordinator(&self.coordinator).await
+                && let Ok(response) = client.list_nodes(ListNodesRequest {}).await
+            {
+                let online = response
+                    .into_inner()
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state() == NodeState::Online)
+                    .count();
+                if online >= count {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the embedded nodes did not all come online within 20s")
+    }
+
+    /// Stop every server and wait for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn init_quiet_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `local up`: run until Ctrl-C.
+pub async fn up(dir: &Path, storage_nodes: usize) -> anyhow::Result<()> {
+    if storage_nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    init_quiet_logging();
+    let fabric = LocalFabric::start(dir, storage_nodes).await?;
+    println!("coordinator  {}", fabric.coordinator);
+    for (id, address) in &fabric.nodes {
+        println!("storage      {id:<6} {address}");
+    }
+    println!("agent        {AGENT_ID:<6} {}", fabric.agent);
+    println!("state under  {}", dir.display());
+    println!();
+    println!("export FABRIC_COORDINATOR={}", fabric.coordinator);
+    println!("then e.g.: fabricctl node list; fabricctl job submit -f jobs.toml (client = \"{AGENT_ID}\")");
+    println!("Ctrl-C stops the fabric.");
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    fabric.stop().await;
+    Ok(())
+}
+
+/// `local demo SOURCE`: the fabric's main job, end to end.
+pub async fn demo(source: &Path, dir: Option<&Path>) -> anyhow::Result<()> {
+    init_quiet_logging();
+    let source = std::fs::canonicalize(source)
+        .with_context(|| format!("cannot back up {}: no such directory", source.display()))?;
+    if !source.is_dir() {
+        bail!("{} is not a directory", source.display());
+    }
+    let scratch;
+    let dir: PathBuf = match dir {
+        Some(dir) => dir.to_owned(),
+        None => {
+            scratch = tempfile::tempdir().context("cannot create a temporary folder")?;
+            scratch.path().to_owned()
+        }
+    };
+    let fabric = LocalFabric::start(&dir.join("fabric"), 3).await?;
+    let result = demo_on(&fabric, &source, &dir).await;
+    fabric.stop().await;
+    result
+}
+
+async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Result<()> {
+    println!("fabric: coordinator {} and storage nodes {}", fabric.coordinator,
+        fabric.nodes.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>().join(", "));
+    let source_text = source
+        .to_str()
+        .with_context(|| format!("{} is not valid UTF-8", source.display()))?;
+    let jobs = format!(
+        "[job.demo]\ndirection = \"push\"\nclient = \"{AGENT_ID}\"\ninclude = [{source}]\nreplicas = 2\ninterval = \"24h\"\n",
+        source = toml::Value::String(source_text.to_owned())
+    );
+    let mut client = remote::coordinator(&fabric.coordinator).await?;
+    let submitted = client
+        .submit_jobs(SubmitJobsRequest {
+            toml: jobs,
+            file_name: "demo.toml".into(),
+            select: Vec::new(),
+            no_run: false,
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    let run = submitted
+        .runs
+        .first()
+        .context("the coordinator started no run")?
+        .id
+        .clone();
+    println!("backing up {} with 2 replicas: run {run}", source.display());
+    let mut events = client
+        .watch_run(WatchRunRequest { run_id: run.clone() })
+        .await
+        .map_err(|status| remote::status_error("watching the run", status))?
+        .into_inner();
+    let mut last = RunState::Unspecified;
+    let mut reason = String::new();
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|status| remote::status_error("watching the run", status))?;
+        if event.progress.is_some() && event.dest_state == 0 && event.state == 0 {
+            continue;
+        }
+        last = event.state();
+        if !event.message.is_empty() {
+            reason = event.message.clone();
+        }
+        let dest = if event.dest.is_empty() {
+            String::new()
+        } else {
+            format!(" {} {}", event.dest, event.dest_state().as_str_name().trim_start_matches("COPY_STATE_").to_lowercase())
+        };
+        println!("  {}{}", last.as_str_name().trim_start_matches("RUN_STATE_").to_lowercase(), dest);
+    }
+    if last != RunState::Done {
+        bail!("the backup run {run} did not complete: {reason}");
+    }
+
+    println!();
+    let entries = commands::snapshot_entries(&fabric.coordinator, Some("demo".into()), None, None).await?;
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|(snapshot, nodes)| commands::snapshot_row(snapshot, nodes.clone()))
+        .collect();
+    output::print_rows(&rows, OutputFormat::Table)?;
+    let (snapshot, holders) = entries.last().context("the catalogue lists no snapshot of the demo job")?;
+    if holders.len() != 2 {
+        bail!("the snapshot is on {} nodes, 2 were asked for", holders.len());
+    }
+
+    let target = dir.join("restored");
+    if target.exists() {
+        std::fs::remove_dir_all(&target).with_context(|| format!("cannot clear {}", target.display()))?;
+    }
+    std::fs::create_dir_all(&target)?;
+    let located = remote::locate(&fabric.coordinator, &snapshot.id, None, None).await?;
+    let restore_target = Box::new(fabric_chunkstore::restore::DirectoryTarget::new(target.clone())?);
+    let path = source.to_string_lossy().trim_start_matches('/').to_owned();
+    let stats = fabric_node::restore_client::restore_from(
+        &located.address,
+        &located.snapshot_id,
+        &path,
+        restore_target,
+    )
+    .await?;
+    println!();
+    println!(
+        "restored from {} into {}: {} files, {}",
+        located.node,
+        target.display(),
+        stats.files,
+        bytes(stats.bytes)
+    );
+    let compared = crate::compare::compare_trees(source, &target, false)?;
+    println!(
+        "compared byte for byte with {}: {} entries, {} identical",
+        source.display(),
+        compared.entries,
+        bytes(compared.bytes)
+    );
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! How listings are printed: a table for people, JSON for programs. Every
+//! listing builds rows of one serializable struct, so both forms always show
+//! the same fields.
+
+use comfy_table::presets::NOTHING;
+use comfy_table::{ContentArrangement, Table};
+use serde::Serialize;
+
+/// `-o table` or `-o json`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns.
+    #[default]
+    Table,
+    /// A JSON array of objects (one object for `show` commands).
+    Json,
+}
+
+/// A row of a listing: its column headers and its cells.
+pub trait Row: Serialize {
+    /// Column headers, in order.
+    fn headers() -> &'static [&'static str];
+    /// The cells, in the order of the headers.
+    fn cells(&self) -> Vec<String>;
+}
+
+/// Print `rows` as a table or as JSON.
+pub fn print_rows<R: Row>(rows: &[R], format: OutputFormat) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        OutputFormat::Table => {
+            let mut table = Table::new();
+            table
+                .load_preset(NOTHING)
+                .set_content_arrangement(ContentArrangement::Disabled)
+                .set_header(R::headers().iter().map(|h| h.to_uppercase()));
+            for row in rows {
+                table.add_row(row.cells());
+            }
+            let text = table.to_string();
+            for line in text.lines() {
+                println!("{}", line.trim_end());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Print one value as JSON, or with `describe` for people.
+pub fn print_one<T: Serialize>(
+    value: &T,
+    format: OutputFormat,
+    describe: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        OutputFormat::Table => print!("{}", describe(value)),
+    }
+    Ok(())
+}
+
+/// A byte count as people read it (IEC units).
+pub fn bytes(count: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = count as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{count} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A Unix time in milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC); "-" for 0.
+pub fn time_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".to_owned();
+    }
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unsigned_abs());
+    humantime::format_rfc3339_seconds(time)
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_owned()
+}
+
+/// A duration in milliseconds, short (`1m 20s`).
+pub fn duration_ms(ms: i64) -> String {
+    if ms < 0 {
+        return "-".to_owned();
+    }
+    let seconds = ms.unsigned_abs() / 1000;
+    if seconds == 0 {
+        return format!("{ms}ms");
+    }
+    humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_times_read_well() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
+        assert_eq!(time_ms(0), "-");
+        assert_eq!(time_ms(1_700_000_000_000), "2023-11-14 22:13:20");
+        assert_eq!(duration_ms(80_000), "1m 20s");
+        assert_eq!(duration_ms(250), "250ms");
+    }
+}

@@ -1,0 +1,354 @@
+//! The storage node as a user meets it: the real `fabric-node` binary on
+//! 127.0.0.1 with an OS-chosen port, driven by the real `fabricctl` and by
+//! raw gRPC clients where a test must misbehave on purpose.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use fabric_integration_tests::{Server, fabricctl, fabricctl_json, fabricctl_ok, generate_tree, pseudo_random};
+use fabric_proto::v1::storage_client::StorageClient;
+use fabric_proto::v1::{
+    ChunkBatch, ChunkData, Commit, EntryKind, ListSnapshotsRequest, Offer, SenderMessage,
+    Snapshot, StatsRequest, Tree, TreeEntry, receiver_message, sender_message,
+};
+use prost::Message;
+use tokio_stream::StreamExt;
+
+fn backup_json(node: &Server, path: &Path, job: &str) -> serde_json::Value {
+    fabricctl_json(&["backup", "--node", &node.address, "--job", job, path.to_str().unwrap()])
+}
+
+fn field(value: &serde_json::Value, key: &str) -> u64 {
+    value[key].as_u64().unwrap_or_else(|| panic!("no {key} in {value}"))
+}
+
+fn restore(node: &Server, snapshot: &str, path: &str, to: &Path) {
+    fabricctl_ok(&[
+        "restore",
+        snapshot,
+        path,
+        "--to",
+        to.to_str().unwrap(),
+        "--node",
+        &node.address,
+    ]);
+}
+
+#[test]
+fn a_generated_tree_restores_identical_and_an_unchanged_rebackup_sends_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    generate_tree(&source, 300, 3 * 1024 * 1024);
+    let node = Server::node(&work.path().join("store"), &[]);
+
+    let first = backup_json(&node, &source, "tree");
+    assert!(field(&first, "bytes_sent") > 0);
+    assert!(field(&first, "files") >= 300);
+
+    let restored = work.path().join("restored");
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    restore(&node, first["snapshot"].as_str().unwrap(), &inside, &restored);
+    let compared = fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
+    assert!(compared.entries > 300, "{compared:?}");
+
+    let second = backup_json(&node, &source, "tree");
+    assert_eq!(field(&second, "bytes_sent"), 0, "{second}");
+    assert_eq!(field(&second, "chunks_sent"), 0, "{second}");
+    assert_eq!(field(&second, "bytes_read"), 0, "{second}");
+    assert_eq!(field(&second, "files_unchanged"), field(&second, "files"));
+}
+
+#[test]
+fn a_small_change_in_a_large_file_sends_only_a_few_chunks() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let size = 256 * 1024 * 1024;
+    let mut data = pseudo_random(size, 7);
+    std::fs::write(source.join("big.img"), &data).unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let first = backup_json(&node, &source, "big");
+    let chunks = field(&first, "chunks_offered");
+    assert!(chunks > 100, "{first}");
+
+    let middle = size / 2;
+    data[middle..middle + 1024 * 1024].copy_from_slice(&pseudo_random(1024 * 1024, 99));
+    std::fs::write(source.join("big.img"), &data).unwrap();
+    drop(data);
+    let second = backup_json(&node, &source, "big");
+    let sent = field(&second, "chunks_sent");
+    // The changed MiB touches one or two chunks, plus the file's tree and the
+    // trees above it.
+    assert!(sent <= 8, "{sent} chunks sent after a 1 MiB change: {second}");
+    assert!(field(&second, "bytes_sent") < 12 * 1024 * 1024, "{second}");
+}
+
+#[test]
+fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    for index in 0..8 {
+        std::fs::write(source.join(format!("part-{index}")), pseudo_random(24 * 1024 * 1024, index)).unwrap();
+    }
+    let node = Server::node(&work.path().join("store"), &[]);
+
+    let mut client = std::process::Command::new(fabric_integration_tests::binary("fabricctl"))
+        .args(["-o", "json", "backup", "--node", &node.address, "--job", "killed", source.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the node has stored some chunks but before the end.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let stored_before_kill = runtime.block_on(async {
+        let mut storage = StorageClient::connect(node.address.clone()).await.unwrap();
+        for _ in 0..600 {
+            let stats = storage.stats(StatsRequest {}).await.unwrap().into_inner();
+            if stats.chunks >= 20 {
+                return stats.chunks;
+            }
+            if client.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        0
+    });
+    let _ = client.kill();
+    let status = client.wait().unwrap();
+    assert!(stored_before_kill > 0 && !status.success(), "the client finished before it could be killed");
+
+    runtime.block_on(async {
+        let mut storage = StorageClient::connect(node.address.clone()).await.unwrap();
+        let listed = storage
+            .list_snapshots(ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.snapshots.is_empty(), "a snapshot after the kill: {listed:?}");
+    });
+
+    let rerun = backup_json(&node, &source, "killed");
+    let offered = field(&rerun, "chunks_offered");
+    let sent = field(&rerun, "chunks_sent");
+    assert!(sent < offered, "the rerun sent all {offered} chunks again");
+    assert!(offered - sent >= stored_before_kill, "{rerun}");
+}
+
+async fn upload(node: &Server, messages: Vec<SenderMessage>) -> Result<Vec<receiver_message::Kind>, tonic::Status> {
+    let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+    let mut replies = client.upload(tokio_stream::iter(messages)).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(reply) = replies.next().await {
+        out.push(reply?.kind.unwrap());
+    }
+    Ok(out)
+}
+
+fn send(kind: sender_message::Kind) -> SenderMessage {
+    SenderMessage { kind: Some(kind) }
+}
+
+#[tokio::test]
+async fn a_chunk_whose_bytes_do_not_match_its_id_is_data_loss_and_stores_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let lie = blake3::hash(b"the truth").as_bytes().to_vec();
+    let result = upload(
+        &node,
+        vec![
+            send(sender_message::Kind::Offer(Offer { batch: 1, ids: vec![lie.clone()] })),
+            send(sender_message::Kind::Chunks(ChunkBatch {
+                batch: 2,
+                chunks: vec![ChunkData { id: lie, data: b"a lie".to_vec() }],
+            })),
+        ],
+    )
+    .await;
+    let status = result.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+    let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.chunks, 0);
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let data = vec![0u8; 40 * 1024 * 1024];
+    let id = blake3::hash(&data).as_bytes().to_vec();
+    let mut client = StorageClient::connect(node.address.clone())
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let messages = vec![send(sender_message::Kind::Chunks(ChunkBatch {
+        batch: 1,
+        chunks: vec![ChunkData { id, data }],
+    }))];
+    let result = async {
+        let mut replies = client.upload(tokio_stream::iter(messages)).await?.into_inner();
+        while let Some(reply) = replies.next().await {
+            reply?;
+        }
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    let status = result.unwrap_err();
+    assert!(
+        matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_commit_with_a_missing_chunk_is_refused_naming_it() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let absent = blake3::hash(b"never sent").as_bytes().to_vec();
+    let tree = Tree {
+        entries: vec![TreeEntry {
+            name: b"file".to_vec(),
+            kind: EntryKind::File as i32,
+            mode: 0o100644,
+            size: 10,
+            chunk_ids: vec![absent.clone()],
+            ..Default::default()
+        }],
+    };
+    let encoded = tree.encode_to_vec();
+    let root = blake3::hash(&encoded).as_bytes().to_vec();
+    let status = upload(
+        &node,
+        vec![
+            send(sender_message::Kind::Chunks(ChunkBatch {
+                batch: 1,
+                chunks: vec![ChunkData { id: root.clone(), data: encoded }],
+            })),
+            send(sender_message::Kind::Commit(Commit {
+                snapshot: Some(Snapshot { job: "broken".into(), root_tree_id: root, ..Default::default() }),
+            })),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains(&hex(&absent)), "{}", status.message());
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let content = b"owned".to_vec();
+    let content_id = blake3::hash(&content).as_bytes().to_vec();
+    let mut chunks = vec![ChunkData { id: content_id.clone(), data: content }];
+    let mut commits = Vec::new();
+    for evil in ["../escaped", "/etc/escaped"] {
+        let tree = Tree {
+            entries: vec![TreeEntry {
+                name: evil.as_bytes().to_vec(),
+                kind: EntryKind::File as i32,
+                mode: 0o100644,
+                size: 5,
+                chunk_ids: vec![content_id.clone()],
+                ..Default::default()
+            }],
+        };
+        let encoded = tree.encode_to_vec();
+        let root = blake3::hash(&encoded).as_bytes().to_vec();
+        chunks.push(ChunkData { id: root.clone(), data: encoded });
+        commits.push(root);
+    }
+    let mut ids = Vec::new();
+    for root in commits {
+        let mut messages = vec![send(sender_message::Kind::Chunks(ChunkBatch { batch: 1, chunks: chunks.clone() }))];
+        messages.push(send(sender_message::Kind::Commit(Commit {
+            snapshot: Some(Snapshot { job: "evil".into(), root_tree_id: root, ..Default::default() }),
+        })));
+        let replies = upload(&node, messages).await.unwrap();
+        let Some(receiver_message::Kind::Committed(committed)) = replies.last() else {
+            panic!("no commit: {replies:?}");
+        };
+        ids.push(committed.snapshot.clone().unwrap().id);
+    }
+    let target = work.path().join("jail/target");
+    std::fs::create_dir_all(&target).unwrap();
+    for id in ids {
+        let output = fabricctl(&["restore", &id, "--to", target.to_str().unwrap(), "--node", &node.address]);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("escaped"), "the error names the entry: {stderr}");
+    }
+    assert!(!work.path().join("jail/escaped").exists());
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "nothing was written");
+}
+
+#[test]
+fn node_to_node_copy_gives_an_identical_snapshot() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    generate_tree(&source, 50, 2 * 1024 * 1024);
+    let first = Server::node(&work.path().join("store-1"), &[]);
+    let second = Server::node(&work.path().join("store-2"), &[]);
+    let backup = backup_json(&first, &source, "copy");
+    let id = backup["snapshot"].as_str().unwrap().to_owned();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (original, copied) = runtime.block_on(async {
+        let mut client = StorageClient::connect(first.address.clone()).await.unwrap();
+        let mut progress = client
+            .copy_snapshot(fabric_proto::v1::CopySnapshotRequest { snapshot: id.clone(), target: second.address.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut committed = None;
+        while let Some(item) = progress.next().await {
+            let item = item.unwrap();
+            if item.committed.is_some() {
+                committed = item.committed;
+            }
+        }
+        let original = client
+            .get_snapshot(fabric_proto::v1::GetSnapshotRequest { snapshot: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        (original, committed.expect("the copy committed"))
+    });
+    assert_eq!(copied.id, original.id);
+    assert_eq!(copied.root_tree_id, original.root_tree_id);
+    let restored = work.path().join("restored");
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    restore(&second, &id, &inside, &restored);
+    fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
+}
+
+#[tokio::test]
+async fn the_health_check_answers_serving() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let mut client = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(node.address.clone()).unwrap().connect().await.unwrap(),
+    );
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving);
+}
+
+#[test]
+fn sigterm_stops_the_node_cleanly() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    assert!(node.terminate(), "fabric-node exits 0 on SIGTERM");
+}

@@ -1,0 +1,259 @@
+//! The agent: what runs on a client. Push backups (read files, chunk, hash,
+//! and send only what the node lacks), restores from a node into a directory
+//! or a tar stream, and the source side of a pull.
+//!
+//! The walk and the restore writers are the chunk store's synchronous code,
+//! run on blocking threads; this module bridges them to gRPC streams with
+//! bounded channels, so memory stays bounded whatever the file sizes.
+
+use std::sync::Arc;
+
+use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Progress};
+use fabric_chunkstore::{ChunkId, ChunkSource, SinkError};
+use fabric_proto::v1::storage_client::StorageClient;
+use fabric_proto::v1::{
+    GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, SenderMessage, Snapshot, SnapshotState,
+    Tree,
+};
+use futures::StreamExt;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::transfer::{
+    ChannelSink, OutgoingChunk, REPLY_CHANNEL, TransferCounters, run_sender,
+};
+
+/// Why an agent operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The node could not be reached.
+    #[error(transparent)]
+    Connect(#[from] crate::client::ConnectError),
+    /// The node refused or failed.
+    #[error("{context}: {status}", status = describe_status(.status))]
+    Remote {
+        /// What was being done, naming the node and snapshot.
+        context: String,
+        /// The node's answer.
+        status: Status,
+    },
+    /// The local walk or restore failed.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// A status as a person reads it: the code's meaning and the message.
+pub fn describe_status(status: &Status) -> String {
+    format!("{} ({:?})", status.message(), status.code())
+}
+
+/// Progress of a push, for the CLI and the coordinator's reports.
+#[derive(Clone, Debug, Default)]
+pub struct PushProgress {
+    /// Files seen.
+    pub files: u64,
+    /// Bytes of file content read.
+    pub bytes_read: u64,
+    /// Chunk bytes sent to the node.
+    pub bytes_sent: u64,
+    /// Bytes new to the node's store.
+    pub new_bytes: u64,
+    /// The path being read.
+    pub current_path: String,
+}
+
+/// What a push did.
+#[derive(Clone, Debug)]
+pub struct PushOutcome {
+    /// The snapshot as committed on the node.
+    pub snapshot: Snapshot,
+    /// Chunks offered to the node.
+    pub chunks_offered: u64,
+    /// Chunks the node lacked and that were sent.
+    pub chunks_sent: u64,
+    /// Plain bytes sent.
+    pub bytes_sent: u64,
+}
+
+/// A callback receiving progress; called from worker threads.
+pub type ProgressFn = Arc<dyn Fn(&PushProgress) + Send + Sync>;
+
+/// Trees and chunks read from a node, for the walk's unchanged-file cache
+/// (called from the walk's blocking threads).
+struct RemoteSource {
+    client: StorageClient<Channel>,
+    runtime: Handle,
+}
+
+impl ChunkSource for RemoteSource {
+    fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SinkError> {
+        let mut client = self.client.clone();
+        let id = *id;
+        self.runtime.block_on(async move {
+            let mut stream = client
+                .get_chunks(GetChunksRequest {
+                    ids: vec![id.to_vec()],
+                })
+                .await?
+                .into_inner();
+            let chunk = stream
+                .next()
+                .await
+                .ok_or_else(|| format!("the node sent no data for chunk {id}"))??;
+            if !id.matches(&chunk.data) {
+                return Err(format!("the node sent bytes that do not match chunk {id}").into());
+            }
+            Ok(chunk.data)
+        })
+    }
+
+    fn get_tree(&self, id: &ChunkId) -> Result<Tree, SinkError> {
+        let mut client = self.client.clone();
+        let id = *id;
+        self.runtime.block_on(async move {
+            Ok(client
+                .get_tree(GetTreeRequest { id: id.to_vec() })
+                .await?
+                .into_inner())
+        })
+    }
+}
+
+/// The newest complete snapshot of the same job, host and instance on the
+/// node, to use as the parent (its unchanged files are not read again).
+async fn find_parent(
+    client: &mut StorageClient<Channel>,
+    template: &Snapshot,
+) -> Result<Option<Snapshot>, Status> {
+    let snapshots = client
+        .list_snapshots(ListSnapshotsRequest {
+            job: template.job.clone(),
+            host: template.host.clone(),
+        })
+        .await?
+        .into_inner()
+        .snapshots;
+    Ok(snapshots
+        .into_iter()
+        .filter(|s| s.instance == template.instance)
+        .filter(|s| {
+            matches!(
+                s.state(),
+                SnapshotState::Complete | SnapshotState::Verified
+            )
+        })
+        .max_by_key(|s| s.end_time_ms))
+}
+
+/// Fill a snapshot record from a walk's outcome and the transfer's counters.
+pub fn finish_record(
+    mut template: Snapshot,
+    outcome: BackupOutcome,
+    counters: &TransferCounters,
+) -> Snapshot {
+    let mut stats = outcome.stats;
+    stats.new_chunks = TransferCounters::get(&counters.new_chunks);
+    stats.new_bytes = TransferCounters::get(&counters.new_bytes);
+    stats.stored_bytes = TransferCounters::get(&counters.stored_bytes);
+    template.root_tree_id = outcome.root.to_vec();
+    template.stats = Some(stats);
+    template.warnings = outcome.warnings;
+    template
+}
+
+/// Run the backup walk on a blocking thread into `chunks`, reporting
+/// progress; returns the walk's outcome.
+pub fn spawn_walk(
+    options: BackupOptions,
+    chunks: mpsc::Sender<OutgoingChunk>,
+    parent: Option<(Arc<dyn ChunkSource + Send + Sync>, ChunkId)>,
+    counters: Arc<TransferCounters>,
+    progress: Option<ProgressFn>,
+) -> tokio::task::JoinHandle<Result<BackupOutcome, Status>> {
+    tokio::task::spawn_blocking(move || {
+        let sink = ChannelSink::new(chunks);
+        let report = |walk: &Progress| {
+            if let Some(progress) = &progress {
+                progress(&PushProgress {
+                    files: walk.files,
+                    bytes_read: walk.bytes_read,
+                    bytes_sent: TransferCounters::get(&counters.bytes_sent),
+                    new_bytes: TransferCounters::get(&counters.new_bytes),
+                    current_path: walk.current_path.display().to_string(),
+                });
+            }
+        };
+        let parent = parent.as_ref().map(|(source, root)| ParentSnapshot {
+            source: source.as_ref(),
+            root: *root,
+        });
+        fabric_chunkstore::walk::backup(&options, &sink, parent, &report)
+            .map_err(|err| Status::failed_precondition(err.to_string()))
+    })
+}
+
+/// Back up `options.includes` to the node at `address` as a snapshot made
+/// from `template` (job, host, instance, type, tags... and, if set, the id
+/// every replica shares).
+pub async fn push_backup(
+    address: &str,
+    options: BackupOptions,
+    template: Snapshot,
+    progress: Option<ProgressFn>,
+) -> Result<PushOutcome, AgentError> {
+    let mut client = crate::client::storage(address).await?;
+    let remote = |context: &str| {
+        let context = format!("{context} on {address}");
+        move |status: Status| AgentError::Remote { context, status }
+    };
+    let mut template = template;
+    let parent = find_parent(&mut client, &template)
+        .await
+        .map_err(remote("listing snapshots"))?;
+    let parent_source = match &parent {
+        Some(parent) => {
+            template.parent_id = parent.id.clone();
+            let root = ChunkId::from_slice(&parent.root_tree_id)
+                .map_err(|err| AgentError::Local(err.to_string()))?;
+            let source: Arc<dyn ChunkSource + Send + Sync> = Arc::new(RemoteSource {
+                client: client.clone(),
+                runtime: Handle::current(),
+            });
+            Some((source, root))
+        }
+        None => None,
+    };
+
+    let counters = Arc::new(TransferCounters::default());
+    let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(REPLY_CHANNEL);
+    let incoming = client
+        .upload(ReceiverStream::new(out_rx))
+        .await
+        .map_err(remote("starting the upload"))?
+        .into_inner();
+    let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(64);
+    let walk = spawn_walk(
+        options,
+        chunks_tx,
+        parent_source,
+        counters.clone(),
+        progress,
+    );
+    let commit_counters = counters.clone();
+    let commit = async move {
+        let outcome = walk.await.map_err(crate::status::join_error)??;
+        Ok(finish_record(template, outcome, &commit_counters))
+    };
+    let snapshot = run_sender(chunks_rx, None, out_tx, incoming, commit, counters.clone())
+        .await
+        .map_err(remote("backing up"))?;
+    Ok(PushOutcome {
+        snapshot,
+        chunks_offered: TransferCounters::get(&counters.chunks_offered),
+        chunks_sent: TransferCounters::get(&counters.chunks_sent),
+        bytes_sent: TransferCounters::get(&counters.bytes_sent),
+    })
+}

@@ -1,0 +1,172 @@
+//! The node's configuration: one documented struct, read from a TOML file,
+//! with every key overridable by a flag or an environment variable (the
+//! binary merges those; this module only knows the file and the defaults).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What a node does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Keeps a chunk store and serves the storage service.
+    Storage,
+    /// Runs jobs on a client: pushes its files, serves pulls.
+    Agent,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `node.toml`. Every key is documented in the README and the Helm chart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Address to listen on (`FABRIC_NODE_LISTEN`, `--listen`).
+    pub listen: SocketAddr,
+    /// The chunk store's directory (`FABRIC_NODE_DATA_DIR`, `--data-dir`).
+    pub data_dir: PathBuf,
+    /// Unique node id (`FABRIC_NODE_ID`, `--node-id`); defaults to the host name.
+    pub node_id: String,
+    /// Address other nodes and the coordinator dial (`FABRIC_NODE_ADVERTISE`,
+    /// `--advertise`); defaults to `http://<listen>`.
+    pub advertise: String,
+    /// Labels a job's `dest` may name (`FABRIC_NODE_LABELS`, comma-separated).
+    pub labels: Vec<String>,
+    /// `storage`, `agent` or both (`FABRIC_NODE_ROLES`, comma-separated).
+    pub roles: Vec<Role>,
+    /// The coordinator's address, e.g. `http://coordinator:7400`
+    /// (`FABRIC_NODE_COORDINATOR`); empty: standalone.
+    pub coordinator: String,
+    /// Host name recorded in the snapshots this node's agent makes
+    /// (`FABRIC_NODE_HOSTNAME`); defaults to the system's.
+    pub hostname: String,
+    /// Report NOT_SERVING (and refuse uploads) when the store's file system
+    /// has less free space than this, in bytes.
+    pub min_free_bytes: u64,
+    /// Bytes of chunk data all uploads together may hold in memory at once.
+    pub upload_memory_bytes: u64,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
+            data_dir: PathBuf::from("fabric-node-data"),
+            node_id: String::new(),
+            advertise: String::new(),
+            labels: Vec::new(),
+            roles: vec![Role::Storage, Role::Agent],
+            coordinator: String::new(),
+            hostname: String::new(),
+            min_free_bytes: 256 * 1024 * 1024,
+            upload_memory_bytes: 256 * 1024 * 1024,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A config file that cannot be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid for this struct.
+    #[error("bad config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and key.
+        source: Box<toml::de::Error>,
+    },
+}
+
+impl NodeConfig {
+    /// Read `path`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Fill the keys whose defaults depend on others or on the system.
+    pub fn complete(mut self, local_addr: SocketAddr) -> Self {
+        if self.hostname.is_empty() {
+            self.hostname = system_hostname();
+        }
+        if self.node_id.is_empty() {
+            self.node_id = self.hostname.clone();
+        }
+        if self.advertise.is_empty() {
+            self.advertise = format!("http://{local_addr}");
+        }
+        self
+    }
+
+    /// Whether this node has `role`.
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// The machine's host name, or "localhost" when it cannot be read.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses() {
+        let config: NodeConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            data_dir = "/var/lib/fabric"
+            node_id = "n1"
+            labels = ["ssd", "eu"]
+            roles = ["storage"]
+            coordinator = "http://c:7400"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.node_id, "n1");
+        assert_eq!(config.roles, vec![Role::Storage]);
+        assert_eq!(config.labels, vec!["ssd", "eu"]);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = toml::from_str::<NodeConfig>("listn = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+}

@@ -1,0 +1,156 @@
+//! The `fabric-node` binary: parses flags, sets up logging, binds, and calls
+//! [`fabric_node::serve`]. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fabric_node::config::{LogFormat, NodeConfig, Role};
+
+#[derive(Parser)]
+#[command(name = "fabric-node", version, about = "A fabric storage node and client agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the storage service (and the agent's pull endpoint) until SIGTERM.
+    ///
+    /// Every key of the config file can be set by a flag or an environment
+    /// variable, which win over the file.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The TOML config file (optional: flags and environment suffice).
+    #[arg(long, env = "FABRIC_NODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:7401 (port 0: any free port).
+    #[arg(long, env = "FABRIC_NODE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The chunk store's directory.
+    #[arg(long, env = "FABRIC_NODE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Unique node id (default: the host name).
+    #[arg(long, env = "FABRIC_NODE_ID")]
+    node_id: Option<String>,
+    /// Address other nodes and the coordinator dial (default: http://<listen>).
+    #[arg(long, env = "FABRIC_NODE_ADVERTISE")]
+    advertise: Option<String>,
+    /// Labels a job's dest may name, comma-separated.
+    #[arg(long, env = "FABRIC_NODE_LABELS", value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// storage, agent, or both, comma-separated.
+    #[arg(long, env = "FABRIC_NODE_ROLES", value_delimiter = ',')]
+    roles: Option<Vec<String>>,
+    /// The coordinator's address, e.g. http://coordinator:7400.
+    #[arg(long, env = "FABRIC_NODE_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Host name recorded in this agent's snapshots.
+    #[arg(long, env = "FABRIC_NODE_HOSTNAME")]
+    hostname: Option<String>,
+    /// text or json.
+    #[arg(long, env = "FABRIC_NODE_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+fn parse_role(text: &str) -> anyhow::Result<Role> {
+    match text.trim() {
+        "storage" => Ok(Role::Storage),
+        "agent" => Ok(Role::Agent),
+        other => anyhow::bail!("unknown role {other:?}: expected storage or agent"),
+    }
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        if let Some(value) = self.listen {
+            config.listen = value;
+        }
+        if let Some(value) = self.data_dir {
+            config.data_dir = value;
+        }
+        if let Some(value) = self.node_id {
+            config.node_id = value;
+        }
+        if let Some(value) = self.advertise {
+            config.advertise = value;
+        }
+        if let Some(value) = self.labels {
+            config.labels = value.into_iter().filter(|l| !l.is_empty()).collect();
+        }
+        if let Some(value) = self.roles {
+            config.roles = value
+                .iter()
+                .map(|role| parse_role(role))
+                .collect::<anyhow::Result<_>>()?;
+        }
+        if let Some(value) = self.coordinator {
+            config.coordinator = value;
+        }
+        if let Some(value) = self.hostname {
+            config.hostname = value;
+        }
+        if let Some(value) = self.log_format {
+            config.log_format = value;
+        }
+        Ok(config)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.into_config()?;
+            init_logging(config.log_format);
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let local = listener.local_addr()?;
+            // One line on stdout that scripts and tests read to find the port.
+            println!("fabric-node listening on {local}");
+            fabric_node::serve(listener, config, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}

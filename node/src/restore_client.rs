@@ -1,0 +1,191 @@
+//! Restoring from a node: the `Storage.Restore` stream drives a
+//! [`RestoreTarget`] (a directory or a tar stream) on a blocking thread.
+//!
+//! The node is not trusted more than the disk: every path is checked again
+//! (no `..`, `/` inside a name, NUL, empty), every chunk must be the next id
+//! of its file's entry and must hash to it, and a file must add up to its
+//! recorded size, before anything reaches the target.
+
+use fabric_chunkstore::ChunkId;
+use fabric_chunkstore::restore::{RestoreError, RestoreStats, RestoreTarget, check_relative_path};
+use fabric_proto::v1::{EntryKind, RestoreItem, RestoreRequest, TreeEntry, restore_item};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::agent::AgentError;
+
+/// Checks a restore stream item by item and writes it into a target.
+pub struct RestoreStreamWriter<'a> {
+    target: &'a mut dyn RestoreTarget,
+    current: Option<OpenFile>,
+    stats: RestoreStats,
+}
+
+struct OpenFile {
+    path: String,
+    entry: TreeEntry,
+    next_chunk: usize,
+    written: u64,
+}
+
+fn bad(path: &str, reason: impl Into<String>) -> RestoreError {
+    RestoreError::BadEntry {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl<'a> RestoreStreamWriter<'a> {
+    /// Write into `target`.
+    pub fn new(target: &'a mut dyn RestoreTarget) -> Self {
+        Self {
+            target,
+            current: None,
+            stats: RestoreStats::default(),
+        }
+    }
+
+    fn close_file(&mut self) -> Result<(), RestoreError> {
+        if let Some(file) = self.current.take() {
+            if file.next_chunk != file.entry.chunk_ids.len() || file.written != file.entry.size {
+                return Err(bad(
+                    &file.path,
+                    format!(
+                        "the node sent {} of {} chunks ({} of {} bytes)",
+                        file.next_chunk,
+                        file.entry.chunk_ids.len(),
+                        file.written,
+                        file.entry.size
+                    ),
+                ));
+            }
+            self.target.file_end()?;
+            self.stats.files += 1;
+            self.stats.bytes += file.written;
+        }
+        Ok(())
+    }
+
+    /// Take the next item of the stream.
+    pub fn item(&mut self, item: RestoreItem) -> Result<(), RestoreError> {
+        match item.kind {
+            Some(restore_item::Kind::Entry(header)) => {
+                self.close_file()?;
+                let entry = header.entry.unwrap_or_default();
+                let path = String::from_utf8_lossy(&header.path).into_owned();
+                check_relative_path(&header.path)?;
+                match entry.kind() {
+                    EntryKind::Dir => {
+                        self.target.directory(&header.path, &entry)?;
+                        self.stats.dirs += 1;
+                    }
+                    EntryKind::File => {
+                        self.target.file_start(&header.path, &entry)?;
+                        self.current = Some(OpenFile {
+                            path,
+                            entry,
+                            next_chunk: 0,
+                            written: 0,
+                        });
+                    }
+                    EntryKind::Symlink => {
+                        self.target.symlink(&header.path, &entry)?;
+                        self.stats.symlinks += 1;
+                    }
+                    EntryKind::Other => {
+                        self.target.other(&header.path, &entry)?;
+                        self.stats.others_skipped += 1;
+                    }
+                    EntryKind::Unspecified => return Err(bad(&path, "an entry of no kind")),
+                }
+            }
+            Some(restore_item::Kind::Chunk(chunk)) => {
+                let file = self
+                    .current
+                    .as_mut()
+                    .ok_or_else(|| bad("", "chunk data outside of a file"))?;
+                let expected = file
+                    .entry
+                    .chunk_ids
+                    .get(file.next_chunk)
+                    .ok_or_else(|| bad(&file.path, "more chunks than the entry lists"))?;
+                if *expected != chunk.id {
+                    return Err(bad(&file.path, "a chunk out of order"));
+                }
+                let id = ChunkId::from_slice(&chunk.id).map_err(|err| bad(&file.path, err.to_string()))?;
+                if !id.matches(&chunk.data) {
+                    return Err(bad(
+                        &file.path,
+                        format!("the bytes of chunk {id} do not match its id"),
+                    ));
+                }
+                file.next_chunk += 1;
+                file.written += chunk.data.len() as u64;
+                self.target.file_data(&chunk.data)?;
+            }
+            None => return Err(bad("", "an empty restore item")),
+        }
+        Ok(())
+    }
+
+    /// The stream ended: close the last file and finish the target.
+    pub fn finish(mut self) -> Result<RestoreStats, RestoreError> {
+        self.close_file()?;
+        self.target.finish()?;
+        Ok(self.stats)
+    }
+}
+
+/// Restore `path` of `snapshot` from the node at `address` into `target`.
+pub async fn restore_from(
+    address: &str,
+    snapshot: &str,
+    path: &str,
+    mut target: Box<dyn RestoreTarget + Send>,
+) -> Result<RestoreStats, AgentError> {
+    let mut client = crate::client::storage(address).await?;
+    let mut stream = client
+        .restore(RestoreRequest {
+            snapshot: snapshot.to_owned(),
+            path: path.to_owned(),
+        })
+        .await
+        .map_err(|status| AgentError::Remote {
+            context: format!("restoring {snapshot} from {address}"),
+            status,
+        })?
+        .into_inner();
+    let (items_tx, mut items_rx) = mpsc::channel::<RestoreItem>(8);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut writer = RestoreStreamWriter::new(target.as_mut());
+        while let Some(item) = items_rx.blocking_recv() {
+            writer.item(item)?;
+        }
+        writer.finish()
+    });
+    let mut remote_error = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(item) => {
+                if items_tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+            Err(status) => {
+                remote_error = Some(status);
+                break;
+            }
+        }
+    }
+    drop(items_tx);
+    let written = writer
+        .await
+        .map_err(|err| AgentError::Local(format!("restore writer failed: {err}")))?;
+    if let Some(status) = remote_error {
+        return Err(AgentError::Remote {
+            context: format!("restoring {snapshot} from {address}"),
+            status,
+        });
+    }
+    written.map_err(|err| AgentError::Local(format!("restore of {snapshot} failed: {err}")))
+}

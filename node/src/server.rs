@@ -1,0 +1,193 @@
+//! `serve`: the node as a function of a listener, a config and a shutdown
+//! signal, so the binary, the tests and the embedded fabric all start it the
+//! same way (mini-redis' pattern).
+//!
+//! Order: open the store (health NOT_SERVING meanwhile), serve, flip health
+//! to SERVING, watch free space (NOT_SERVING and uploads refused under the
+//! configured minimum), and, when a coordinator is configured, keep a session
+//! with it. On shutdown: stop accepting, let in-flight calls finish; an upload
+//! cut short leaves no snapshot (the commit is the last step).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fabric_chunkstore::store::{Store, StoreConfig};
+use fabric_proto::service_names;
+use fabric_proto::standard::StandardServices;
+use fabric_proto::v1::source_server::SourceServer;
+use fabric_proto::v1::storage_server::StorageServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{NodeConfig, Role};
+use crate::source_service::SourceService;
+use crate::storage_service::StorageService;
+use crate::transfer::MAX_MESSAGE_BYTES;
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The chunk store could not be opened.
+    #[error("cannot open the chunk store at {path}: {source}")]
+    Store {
+        /// The data dir.
+        path: std::path::PathBuf,
+        /// Why.
+        source: fabric_chunkstore::store::StoreError,
+    },
+    /// Health or reflection could not be built.
+    #[error(transparent)]
+    Standard(#[from] fabric_proto::standard::StandardServicesError),
+    /// The listener failed.
+    #[error("cannot serve on {address}: {source}")]
+    Transport {
+        /// The listen address.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// A task panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The listener has no local address.
+    #[error("cannot read the listener's address: {0}")]
+    Listener(std::io::Error),
+}
+
+/// Run a node on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
+    let config = config.complete(local_addr);
+    let mut names = Vec::new();
+    if config.has_role(Role::Storage) {
+        names.push(service_names::STORAGE);
+    }
+    if config.has_role(Role::Agent) {
+        names.push(service_names::SOURCE);
+    }
+    let standard = StandardServices::new(&names).await?;
+    let readiness = standard.readiness.clone();
+    let mut routes = standard.routes;
+    let writable = Arc::new(AtomicBool::new(true));
+
+    let mut store = None;
+    if config.has_role(Role::Storage) {
+        let dir = config.data_dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|err| ServeError::Store {
+                path: dir.clone(),
+                source: fabric_chunkstore::store::StoreError::from(err),
+            })?;
+            Store::open_or_create(&dir, StoreConfig::default()).map_err(|source| {
+                ServeError::Store {
+                    path: dir.clone(),
+                    source,
+                }
+            })
+        })
+        .await
+        .map_err(|err| ServeError::Internal(err.to_string()))??;
+        let opened = Arc::new(opened);
+        let service = StorageService::new(
+            opened.clone(),
+            config.upload_memory_bytes,
+            writable.clone(),
+        );
+        routes = routes.add_service(
+            StorageServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+        store = Some(opened);
+    }
+    if config.has_role(Role::Agent) {
+        routes = routes.add_service(
+            SourceServer::new(SourceService::new(config.hostname.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+    }
+
+    tracing::info!(
+        node = %config.node_id,
+        listen = %local_addr,
+        advertise = %config.advertise,
+        data_dir = %config.data_dir.display(),
+        "fabric-node serving"
+    );
+    readiness.set_serving().await;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(store) = store.clone() {
+        tokio::spawn(watch_free_space(
+            store,
+            config.min_free_bytes,
+            writable,
+            readiness.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    if !config.coordinator.is_empty() {
+        tokio::spawn(crate::session::run_session(
+            config.clone(),
+            store.clone(),
+            stop_rx.clone(),
+        ));
+    }
+
+    let address = local_addr.to_string();
+    let result = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    readiness.set_not_serving().await;
+    if let Some(store) = store {
+        let flushed = tokio::task::spawn_blocking(move || {
+            fabric_chunkstore::ChunkSink::flush(store.as_ref())
+        })
+        .await;
+        if let Ok(Err(err)) = flushed {
+            tracing::warn!(error = %err, "flushing the store at shutdown failed");
+        }
+    }
+    tracing::info!(node = %config.node_id, "fabric-node stopped");
+    result.map_err(|source| ServeError::Transport { address, source })
+}
+
+/// Every few seconds: NOT_SERVING and uploads refused while the store's file
+/// system has less than `min_free` bytes free; back to SERVING when it has.
+async fn watch_free_space(
+    store: Arc<Store>,
+    min_free: u64,
+    writable: Arc<AtomicBool>,
+    readiness: fabric_proto::standard::Readiness,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let dir = store.dir().to_owned();
+        let free = tokio::task::spawn_blocking(move || fabric_chunkstore::store::free_bytes(&dir)).await;
+        let Ok(Ok(free)) = free else { continue };
+        let ok = free >= min_free;
+        if writable.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!(free, "free space recovered: accepting writes");
+                readiness.set_serving().await;
+            } else {
+                tracing::warn!(free, min_free, "too little free space: refusing writes");
+                readiness.set_not_serving().await;
+            }
+        }
+    }
+}

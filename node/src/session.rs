@@ -1,0 +1,669 @@
+//! The node's session with the coordinator, and the work it is assigned.
+//!
+//! The node dials out (so it works behind NAT and in a pod): `RegisterNode`,
+//! then one `Session` stream carrying a hello, heartbeats and run updates up,
+//! assignments down. When the stream breaks the node reconnects with backoff;
+//! updates it could not deliver are kept and sent after the reconnect, and the
+//! hello lists the runs still in progress so the coordinator can re-assign
+//! any the node no longer has.
+//!
+//! Each assignment runs in its own task ([`execute`]): push (pre, copies in
+//! plan order with background copies overlapping, retries, spares, post),
+//! passive (pre, ready, wait for the pulls, post), pull (receive from a
+//! client's source endpoint into the own store) and expand (run the job's
+//! instances command). This module reports what happens; the coordinator
+//! decides what it means for the run.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fabric_chunkstore::ChunkParams;
+use fabric_chunkstore::store::Store;
+use fabric_chunkstore::walk::BackupOptions;
+use fabric_proto::v1::coordinator_client::CoordinatorClient;
+use fabric_proto::v1::{
+    Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, NodeInfo, NodeMessage, NodeRole,
+    RunState, RunUpdate, Snapshot, TransferProgress, coordinator_message, node_message,
+};
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+use crate::agent::{PushProgress, describe_status, push_backup};
+use crate::config::{NodeConfig, Role};
+
+/// Updates waiting to be sent, kept across reconnects (bounded: the oldest
+/// progress-only updates are dropped first when it overflows).
+const MAX_PENDING_UPDATES: usize = 10_000;
+
+/// Runs in progress on this node.
+#[derive(Default)]
+struct ActiveRuns {
+    runs: HashMap<String, ActiveRun>,
+}
+
+struct ActiveRun {
+    task: tokio::task::AbortHandle,
+    pull_done: Option<oneshot::Sender<(bool, String)>>,
+}
+
+/// What an assignment's task needs from the node.
+#[derive(Clone)]
+struct Context {
+    config: NodeConfig,
+    store: Option<Arc<Store>>,
+    updates: mpsc::UnboundedSender<RunUpdate>,
+    pull_memory: Arc<Semaphore>,
+}
+
+impl Context {
+    fn send(&self, update: RunUpdate) {
+        // The receiver lives as long as the session loop; if it is gone the
+        // node is shutting down and there is nobody left to tell.
+        let _ = self.updates.send(update);
+    }
+
+    fn state(&self, run_id: &str, state: RunState, message: impl Into<String>) {
+        self.send(RunUpdate {
+            run_id: run_id.to_owned(),
+            state: state as i32,
+            message: message.into(),
+            ..Default::default()
+        });
+    }
+
+    fn dest(&self, run_id: &str, dest: &str, state: CopyState, message: impl Into<String>) {
+        self.send(RunUpdate {
+            run_id: run_id.to_owned(),
+            dest: dest.to_owned(),
+            dest_state: state as i32,
+            message: message.into(),
+            ..Default::default()
+        });
+    }
+}
+
+fn node_info(config: &NodeConfig, store: Option<&Store>, active_runs: Vec<String>) -> NodeInfo {
+    let (capacity_bytes, free_bytes) = store
+        .and_then(|store| fabric_chunkstore::store::disk_space(store.dir()).ok())
+        .unwrap_or((0, 0));
+    NodeInfo {
+        id: config.node_id.clone(),
+        address: config.advertise.clone(),
+        labels: config.labels.clone(),
+        capacity_bytes,
+        free_bytes,
+        roles: config
+            .roles
+            .iter()
+            .map(|role| match role {
+                Role::Storage => NodeRole::Storage as i32,
+                Role::Agent => NodeRole::Agent as i32,
+            })
+            .collect(),
+        hostname: config.hostname.clone(),
+        active_runs,
+    }
+}
+
+async fn heartbeat(store: Option<Arc<Store>>) -> Heartbeat {
+    let Some(store) = store else {
+        return Heartbeat::default();
+    };
+    tokio::task::spawn_blocking(move || {
+        let (_, free_bytes) = fabric_chunkstore::store::disk_space(store.dir()).unwrap_or((0, 0));
+        let (chunks, stored_bytes) = store
+            .stats()
+            .map(|stats| (stats.chunks, stats.stored_bytes))
+            .unwrap_or((0, 0));
+        Heartbeat {
+            free_bytes,
+            chunks,
+            stored_bytes,
+        }
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Keep a session with the coordinator until `stop` turns true.
+pub async fn run_session(
+    config: NodeConfig,
+    store: Option<Arc<Store>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<RunUpdate>();
+    let active = Arc::new(Mutex::new(ActiveRuns::default()));
+    let context = Context {
+        config: config.clone(),
+        store: store.clone(),
+        updates: updates_tx,
+        pull_memory: Arc::new(Semaphore::new(64 * 1024)),
+    };
+    let mut pending: VecDeque<NodeMessage> = VecDeque::new();
+    let mut backoff = Duration::from_millis(200);
+
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match connect(&config, store.as_deref(), &active).await {
+            Err(err) => {
+                tracing::warn!(coordinator = %config.coordinator, error = %err, retry_in = ?backoff, "cannot reach the coordinator");
+            }
+            Ok((mut client, interval)) => {
+                backoff = Duration::from_millis(200);
+                let active_runs = lock(&active).runs.keys().cloned().collect();
+                let (out_tx, out_rx) = mpsc::channel::<NodeMessage>(64);
+                let hello = NodeMessage {
+                    kind: Some(node_message::Kind::Hello(node_info(
+                        &config,
+                        store.as_deref(),
+                        active_runs,
+                    ))),
+                };
+                if out_tx.send(hello).await.is_ok() {
+                    match client.session(ReceiverStream::new(out_rx)).await {
+                        Err(status) => {
+                            tracing::warn!(error = %describe_status(&status), "the coordinator refused the session");
+                        }
+                        Ok(response) => {
+                            tracing::info!(coordinator = %config.coordinator, "session with the coordinator open");
+                            let mut incoming = response.into_inner();
+                            let mut ticker = tokio::time::interval(interval);
+                            'session: loop {
+                                while let Some(message) = pending.pop_front() {
+                                    if out_tx.send(message.clone()).await.is_err() {
+                                        pending.push_front(message);
+                                        break 'session;
+                                    }
+                                }
+                                tokio::select! {
+                                    _ = stop.changed() => return,
+                                    _ = ticker.tick() => {
+                                        let beat = heartbeat(store.clone()).await;
+                                        pending.push_back(NodeMessage { kind: Some(node_message::Kind::Heartbeat(beat)) });
+                                    }
+                                    update = updates_rx.recv() => {
+                                        let Some(update) = update else { return };
+                                        pending.push_back(NodeMessage { kind: Some(node_message::Kind::Update(update)) });
+                                        trim(&mut pending);
+                                    }
+                                    message = incoming.next() => match message {
+                                        Some(Ok(message)) => handle(&context, &active, message.kind),
+                                        Some(Err(status)) => {
+                                            tracing::warn!(error = %describe_status(&status), "session with the coordinator broke");
+                                            break 'session;
+                                        }
+                                        None => {
+                                            tracing::warn!("the coordinator closed the session");
+                                            break 'session;
+                                        }
+                                    },
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Heartbeats of a broken session are stale; updates are kept.
+        pending.retain(|m| matches!(m.kind, Some(node_message::Kind::Update(_))));
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn trim(pending: &mut VecDeque<NodeMessage>) {
+    while pending.len() > MAX_PENDING_UPDATES {
+        let progress_only = pending.iter().position(|m| {
+            matches!(&m.kind, Some(node_message::Kind::Update(u)) if u.progress.is_some() && u.dest_state == 0 && u.state == 0)
+        });
+        match progress_only {
+            Some(index) => {
+                pending.remove(index);
+            }
+            None => {
+                pending.pop_front();
+            }
+        }
+    }
+}
+
+fn lock(active: &Mutex<ActiveRuns>) -> std::sync::MutexGuard<'_, ActiveRuns> {
+    // A panic while holding this lock leaves only a map of handles behind,
+    // which stays consistent; keep going with it.
+    active.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn connect(
+    config: &NodeConfig,
+    store: Option<&Store>,
+    active: &Mutex<ActiveRuns>,
+) -> Result<(CoordinatorClient<tonic::transport::Channel>, Duration), String> {
+    let channel = crate::client::channel(&config.coordinator)
+        .await
+        .map_err(|err| err.to_string())?;
+    let mut client = CoordinatorClient::new(channel);
+    let active_runs = lock(active).runs.keys().cloned().collect();
+    let response = client
+        .register_node(node_info(config, store, active_runs))
+        .await
+        .map_err(|status| describe_status(&status))?
+        .into_inner();
+    let interval = Duration::from_millis(response.heartbeat_interval_ms.clamp(50, 60_000));
+    Ok((client, interval))
+}
+
+fn handle(
+    context: &Context,
+    active: &Arc<Mutex<ActiveRuns>>,
+    message: Option<coordinator_message::Kind>,
+) {
+    match message {
+        Some(coordinator_message::Kind::Assignment(assignment)) => {
+            let run_id = assignment.run_id.clone();
+            if lock(active).runs.contains_key(&run_id) {
+                tracing::info!(run = %run_id, "assignment already in progress");
+                return;
+            }
+            let (pull_done_tx, pull_done_rx) = oneshot::channel();
+            let task_context = context.clone();
+            let task_active = active.clone();
+            let task_run = run_id.clone();
+            let span = tracing::info_span!(
+                "run",
+                run = %run_id,
+                job = %assignment.job.as_ref().map(|job| job.name.as_str()).unwrap_or_default(),
+                node = %context.config.node_id,
+            );
+            let task = tokio::spawn(
+                async move {
+                    execute(&task_context, assignment, pull_done_rx).await;
+                    lock(&task_active).runs.remove(&task_run);
+                }
+                .instrument(span),
+            );
+            lock(active).runs.insert(
+                run_id,
+                ActiveRun {
+                    task: task.abort_handle(),
+                    pull_done: Some(pull_done_tx),
+                },
+            );
+        }
+        Some(coordinator_message::Kind::Cancel(cancel)) => {
+            if let Some(run) = lock(active).runs.remove(&cancel.run_id) {
+                run.task.abort();
+                tracing::info!(run = %cancel.run_id, "run cancelled");
+                context.state(&cancel.run_id, RunState::Cancelled, "cancelled by the operator");
+            }
+        }
+        Some(coordinator_message::Kind::PullDone(done)) => {
+            let waiter = lock(active)
+                .runs
+                .get_mut(&done.run_id)
+                .and_then(|run| run.pull_done.take());
+            if let Some(waiter) = waiter {
+                let _ = waiter.send((done.ok, done.message));
+            }
+        }
+        None => {}
+    }
+}
+
+/// Run one assignment to its end, reporting every step.
+async fn execute(
+    context: &Context,
+    assignment: Assignment,
+    pull_done: oneshot::Receiver<(bool, String)>,
+) {
+    let run_id = assignment.run_id.clone();
+    let role = assignment.role();
+    let result = match role {
+        AssignmentRole::Push => execute_push(context, assignment).await,
+        AssignmentRole::Passive => execute_passive(context, assignment, pull_done).await,
+        AssignmentRole::Pull => {
+            execute_pull(context, assignment).await;
+            return;
+        }
+        AssignmentRole::Expand => match execute_expand(context, &assignment).await {
+            Ok(instances) => {
+                context.send(RunUpdate {
+                    run_id,
+                    state: RunState::Done as i32,
+                    instances,
+                    ..Default::default()
+                });
+                return;
+            }
+            Err(reason) => Err(reason),
+        },
+        AssignmentRole::Unspecified => Err("an assignment without a role".to_owned()),
+    };
+    match result {
+        Ok(()) => context.state(&run_id, RunState::Done, ""),
+        Err(reason) => {
+            tracing::warn!(%reason, "run failed");
+            context.state(&run_id, RunState::Failed, reason);
+        }
+    }
+}
+
+/// Run `command` with `sh -c`, sending each output line as a run message.
+async fn run_script(
+    context: &Context,
+    run_id: &str,
+    what: &str,
+    command: &str,
+) -> Result<String, String> {
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|err| format!("cannot start the {what} command {command:?}: {err}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    for line in stdout.lines().chain(String::from_utf8_lossy(&output.stderr).lines()) {
+        context.send(RunUpdate {
+            run_id: run_id.to_owned(),
+            message: format!("{what}: {line}"),
+            ..Default::default()
+        });
+    }
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "the {what} command {command:?} failed ({})",
+            output.status
+        ))
+    }
+}
+
+/// Evaluate a `!command` value on this client; other values are as given.
+async fn evaluate(context: &Context, run_id: &str, key: &str, value: &str) -> Result<String, String> {
+    match value.strip_prefix('!') {
+        Some(command) => Ok(run_script(context, run_id, key, command).await?.trim().to_owned()),
+        None => Ok(value.to_owned()),
+    }
+}
+
+/// The snapshot record of an assignment, with `!command` values evaluated.
+async fn snapshot_template(context: &Context, assignment: &Assignment) -> Result<Snapshot, String> {
+    let job = assignment.job.clone().unwrap_or_default();
+    let mut snapshot = assignment.snapshot.clone().unwrap_or_default();
+    let run_id = &assignment.run_id;
+    snapshot.master_host = evaluate(context, run_id, "master_host", &snapshot.master_host).await?;
+    snapshot.master_instance =
+        evaluate(context, run_id, "master_instance", &snapshot.master_instance).await?;
+    if !job.data_age.is_empty() {
+        let age = evaluate(context, run_id, "data_age", &job.data_age).await?;
+        snapshot.data_age = age
+            .parse()
+            .map_err(|_| format!("data_age of job {} is not a number of seconds: {age:?}", job.name))?;
+    }
+    if snapshot.host.is_empty() {
+        snapshot.host = context.config.hostname.clone();
+    }
+    if snapshot.start_time_ms == 0 {
+        snapshot.start_time_ms = now_ms();
+    }
+    Ok(snapshot)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn backup_options(job: &fabric_proto::v1::JobSpec) -> BackupOptions {
+    BackupOptions {
+        includes: job.include.iter().map(Into::into).collect(),
+        excludes: job.exclude.clone(),
+        one_file_system: job.one_file_system,
+        chunk_params: ChunkParams::default(),
+        threads: 0,
+    }
+}
+
+async fn execute_push(context: &Context, assignment: Assignment) -> Result<(), String> {
+    let job = assignment.job.clone().unwrap_or_default();
+    let run_id = assignment.run_id.clone();
+    if !job.pre.is_empty() {
+        context.state(&run_id, RunState::Pre, "");
+        run_script(context, &run_id, "pre", &job.pre).await?;
+    }
+    context.state(&run_id, RunState::Copying, "");
+    let template = snapshot_template(context, &assignment).await?;
+    let spares = Arc::new(Mutex::new(VecDeque::from(assignment.spares.clone())));
+    let mut background = Vec::new();
+    let mut failures = Vec::new();
+    for target in assignment.targets.clone() {
+        let copy = copy_with_retries(
+            context.clone(),
+            run_id.clone(),
+            job.clone(),
+            template.clone(),
+            target.clone(),
+            spares.clone(),
+        );
+        if target.background {
+            background.push(tokio::spawn(copy));
+        } else if let Err(reason) = copy.await {
+            failures.push(reason);
+        }
+    }
+    for copy in background {
+        match copy.await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => failures.push(reason),
+            Err(err) => failures.push(format!("a background copy failed: {err}")),
+        }
+    }
+    if !job.post.is_empty() {
+        context.state(&run_id, RunState::Post, "");
+        run_script(context, &run_id, "post", &job.post).await?;
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+/// Copy to `target`, retrying per the job; when it fails for good, go on
+/// with the next spare node, if any.
+async fn copy_with_retries(
+    context: Context,
+    run_id: String,
+    job: fabric_proto::v1::JobSpec,
+    template: Snapshot,
+    mut target: CopyTarget,
+    spares: Arc<Mutex<VecDeque<CopyTarget>>>,
+) -> Result<(), String> {
+    let min_sleep = Duration::from_millis(job.copy_retry_min_sleep_ms);
+    loop {
+        let mut attempt = 0;
+        let reason = loop {
+            attempt += 1;
+            context.dest(&run_id, &target.node, CopyState::Running, "");
+            match copy_once(&context, &run_id, &job, &template, &target).await {
+                Ok(snapshot) => {
+                    context.send(RunUpdate {
+                        run_id: run_id.clone(),
+                        dest: target.node.clone(),
+                        dest_state: CopyState::Done as i32,
+                        snapshot: Some(snapshot),
+                        ..Default::default()
+                    });
+                    return Ok(());
+                }
+                Err(reason) if attempt <= job.copy_retries => {
+                    context.dest(
+                        &run_id,
+                        &target.node,
+                        CopyState::Retrying,
+                        format!("attempt {attempt} failed, retrying in {min_sleep:?}: {reason}"),
+                    );
+                    tokio::time::sleep(min_sleep).await;
+                }
+                Err(reason) => break reason,
+            }
+        };
+        let reason = format!("copy to {} failed: {reason}", target.node);
+        context.dest(&run_id, &target.node, CopyState::Failed, reason.clone());
+        let spare = spares
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop_front();
+        match spare {
+            Some(spare) => {
+                tracing::info!(failed = %target.node, spare = %spare.node, "trying a spare node");
+                target = spare;
+            }
+            None => return Err(reason),
+        }
+    }
+}
+
+async fn copy_once(
+    context: &Context,
+    run_id: &str,
+    job: &fabric_proto::v1::JobSpec,
+    template: &Snapshot,
+    target: &CopyTarget,
+) -> Result<Snapshot, String> {
+    let last_report = Arc::new(Mutex::new(Instant::now()));
+    let updates = context.updates.clone();
+    let (run, dest) = (run_id.to_owned(), target.node.clone());
+    let progress = Arc::new(move |progress: &PushProgress| {
+        let mut last = last_report.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        *last = Instant::now();
+        let _ = updates.send(RunUpdate {
+            run_id: run.clone(),
+            dest: dest.clone(),
+            progress: Some(TransferProgress {
+                files: progress.files,
+                bytes_read: progress.bytes_read,
+                bytes_sent: progress.bytes_sent,
+                current_path: progress.current_path.clone(),
+            }),
+            ..Default::default()
+        });
+    });
+    push_backup(&target.address, backup_options(job), template.clone(), Some(progress))
+        .await
+        .map(|outcome| outcome.snapshot)
+        .map_err(|err| err.to_string())
+}
+
+async fn execute_passive(
+    context: &Context,
+    assignment: Assignment,
+    pull_done: oneshot::Receiver<(bool, String)>,
+) -> Result<(), String> {
+    let job = assignment.job.clone().unwrap_or_default();
+    let run_id = assignment.run_id.clone();
+    if !job.pre.is_empty() {
+        context.state(&run_id, RunState::Pre, "");
+        run_script(context, &run_id, "pre", &job.pre).await?;
+    }
+    context.send(RunUpdate {
+        run_id: run_id.clone(),
+        state: RunState::Copying as i32,
+        ready: true,
+        message: "ready to be pulled".into(),
+        ..Default::default()
+    });
+    let timeout = Duration::from_secs(if job.pull_timeout_s == 0 {
+        3600
+    } else {
+        job.pull_timeout_s
+    });
+    let pulled = match tokio::time::timeout(timeout, pull_done).await {
+        Ok(Ok((true, _))) => Ok(()),
+        Ok(Ok((false, message))) => Err(format!("the pull failed: {message}")),
+        Ok(Err(_)) => Err("the pull's end was never signalled".to_owned()),
+        Err(_) => Err(format!("no pull ended within {timeout:?}")),
+    };
+    if !job.post.is_empty() {
+        context.state(&run_id, RunState::Post, "");
+        run_script(context, &run_id, "post", &job.post).await?;
+    }
+    pulled
+}
+
+async fn execute_pull(context: &Context, assignment: Assignment) {
+    let run_id = assignment.run_id.clone();
+    let dest = if assignment.dest.is_empty() {
+        context.config.node_id.clone()
+    } else {
+        assignment.dest.clone()
+    };
+    context.dest(&run_id, &dest, CopyState::Running, "");
+    let result = async {
+        let store = context
+            .store
+            .clone()
+            .ok_or_else(|| format!("node {dest} has no store to pull into"))?;
+        let job = assignment.job.clone().unwrap_or_default();
+        let template = assignment.snapshot.clone().unwrap_or_default();
+        crate::source_service::pull_into(
+            store,
+            &assignment.source_address,
+            job.include.clone(),
+            job.exclude.clone(),
+            job.one_file_system,
+            template,
+            context.pull_memory.clone(),
+        )
+        .await
+        .map_err(|status| {
+            format!(
+                "pull from {} failed: {}",
+                assignment.source_address,
+                describe_status(&status)
+            )
+        })
+    }
+    .await;
+    match result {
+        Ok(snapshot) => context.send(RunUpdate {
+            run_id,
+            dest,
+            dest_state: CopyState::Done as i32,
+            snapshot: Some(snapshot),
+            ..Default::default()
+        }),
+        Err(reason) => context.dest(&run_id, &dest, CopyState::Failed, reason),
+    }
+}
+
+/// Run the job's instances command; one instance per non-empty line.
+async fn execute_expand(context: &Context, assignment: &Assignment) -> Result<Vec<String>, String> {
+    let job = assignment.job.clone().unwrap_or_default();
+    let command = job
+        .instances_command
+        .strip_prefix('!')
+        .unwrap_or(&job.instances_command);
+    let output = run_script(context, &assignment.run_id, "instances", command).await?;
+    Ok(output
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect())
+}

@@ -1,0 +1,23 @@
+//! The one place where the node's errors become gRPC statuses (Garage's
+//! habit): codes mean what they say, messages keep the input that failed.
+
+use fabric_chunkstore::store::StoreError;
+use tonic::Status;
+
+/// The status for a chunk store error.
+pub fn status_from_store_error(err: StoreError) -> Status {
+    let message = err.to_string();
+    match err {
+        StoreError::ChunkMismatch { .. } => Status::data_loss(message),
+        StoreError::MissingChunk { .. } => Status::failed_precondition(message),
+        StoreError::NotFound { .. } => Status::not_found(message),
+        StoreError::Ambiguous { .. } => Status::invalid_argument(message),
+        StoreError::Corrupt { .. } => Status::data_loss(message),
+        _ => Status::internal(message),
+    }
+}
+
+/// The status for a blocking task that panicked or was cancelled.
+pub fn join_error(err: tokio::task::JoinError) -> Status {
+    Status::internal(format!("a worker task failed: {err}"))
+}

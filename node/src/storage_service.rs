@@ -1,0 +1,384 @@
+//! The storage service: `fabric.v1.Storage` over one chunk store.
+//!
+//! Every store call runs on a blocking thread (the store is synchronous).
+//! This module translates between the API and the store; the transfer
+//! protocol itself lives in [`crate::transfer`], restore's tree walk in the
+//! chunk store. It must never hold chunk data beyond one batch per stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fabric_chunkstore::ChunkId;
+use fabric_chunkstore::store::{GcOptions, Store, VerifyOptions};
+use fabric_proto::v1::storage_server::Storage;
+use fabric_proto::v1::{
+    ChunkData, CopyProgress, CopySnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
+    GcReport, GcRequest, GetChunksRequest, GetSnapshotRequest, GetTreeRequest,
+    ListSnapshotsRequest, ListSnapshotsResponse, ReceiverMessage, RestoreEntry, RestoreItem,
+    RestoreRequest, SenderMessage, Snapshot, StatsRequest, StoreStats, Tree, VerifyReport,
+    VerifyRequest, restore_item,
+};
+use futures::Stream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::status::{join_error, status_from_store_error};
+use crate::transfer::{
+    self, OutgoingChunk, REPLY_CHANNEL, TransferCounters, offer_snapshot_dag, run_receiver,
+    run_sender,
+};
+
+type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The shared state of a node's storage service.
+#[derive(Clone)]
+pub struct StorageService {
+    store: Arc<Store>,
+    /// Chunk bytes all uploads together may hold (one permit per KiB).
+    upload_memory: Arc<Semaphore>,
+    /// False while the store cannot take writes (e.g. its disk is full).
+    writable: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for StorageService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageService")
+            .field("store", &self.store.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StorageService {
+    /// Serve `store`, holding at most `upload_memory_bytes` of upload data.
+    pub fn new(store: Arc<Store>, upload_memory_bytes: u64, writable: Arc<AtomicBool>) -> Self {
+        let permits = usize::try_from(upload_memory_bytes / 1024)
+            .unwrap_or(usize::MAX)
+            .clamp(
+                transfer::MAX_MESSAGE_BYTES / 1024,
+                Semaphore::MAX_PERMITS,
+            );
+        Self {
+            store,
+            upload_memory: Arc::new(Semaphore::new(permits)),
+            writable,
+        }
+    }
+
+    /// The store served.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    async fn blocking<T, F>(&self, work: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, fabric_chunkstore::store::StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(join_error)?
+            .map_err(status_from_store_error)
+    }
+}
+
+/// Receive one upload on `incoming` into `store`, replying on a stream.
+pub fn receive_upload(
+    store: Arc<Store>,
+    incoming: impl Stream<Item = Result<SenderMessage, Status>> + Unpin + Send + 'static,
+    memory: Arc<Semaphore>,
+) -> ReceiverStream<Result<ReceiverMessage, Status>> {
+    let (reply_tx, mut reply_rx) = mpsc::channel(REPLY_CHANNEL);
+    let (out_tx, out_rx) = mpsc::channel(REPLY_CHANNEL + 1);
+    tokio::spawn(async move {
+        let forward_tx = out_tx.clone();
+        let forward = async move {
+            while let Some(message) = reply_rx.recv().await {
+                if forward_tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (result, ()) = tokio::join!(run_receiver(store, incoming, reply_tx, memory), forward);
+        match result {
+            Ok(snapshot) => tracing::info!(snapshot = %snapshot.id, name = %snapshot.name, "upload committed"),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "upload ended without a commit");
+                let _ = out_tx.send(Err(status)).await;
+            }
+        }
+    });
+    ReceiverStream::new(out_rx)
+}
+
+fn parse_id(bytes: &[u8]) -> Result<ChunkId, Status> {
+    ChunkId::from_slice(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
+}
+
+#[tonic::async_trait]
+impl Storage for StorageService {
+    type UploadStream = ReceiverStream<Result<ReceiverMessage, Status>>;
+
+    async fn upload(
+        &self,
+        request: Request<Streaming<SenderMessage>>,
+    ) -> Result<Response<Self::UploadStream>, Status> {
+        if !self.writable.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(format!(
+                "the store at {} cannot accept writes now (too little free space)",
+                self.store.dir().display()
+            )));
+        }
+        Ok(Response::new(receive_upload(
+            self.store.clone(),
+            request.into_inner(),
+            self.upload_memory.clone(),
+        )))
+    }
+
+    type RestoreStream = ItemStream<RestoreItem>;
+
+    async fn restore(
+        &self,
+        request: Request<RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let RestoreRequest { snapshot, path } = request.into_inner();
+        let found = self
+            .blocking({
+                let snapshot = snapshot.clone();
+                move |store| store.find_snapshot(&snapshot)
+            })
+            .await?;
+        let root = parse_id(&found.root_tree_id)?;
+        let (tx, rx) = mpsc::channel::<Result<RestoreItem, Status>>(8);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let send = |item: restore_item::Kind| {
+                tx.blocking_send(Ok(RestoreItem { kind: Some(item) }))
+                    .map_err(|_| "the client went away".into())
+            };
+            let result = fabric_chunkstore::restore::walk_tree(
+                store.as_ref(),
+                root,
+                &path,
+                &mut |entry_path: &[u8], entry: &fabric_proto::v1::TreeEntry| {
+                    send(restore_item::Kind::Entry(RestoreEntry {
+                        path: entry_path.to_vec(),
+                        entry: Some(entry.clone()),
+                    }))?;
+                    for id in &entry.chunk_ids {
+                        let chunk_id = ChunkId::from_slice(id)?;
+                        let data = store.get_chunk(&chunk_id)?;
+                        send(restore_item::Kind::Chunk(ChunkData {
+                            id: id.clone(),
+                            data,
+                        }))?;
+                    }
+                    Ok(())
+                },
+            );
+            if let Err(err) = result {
+                let _ = tx.blocking_send(Err(Status::failed_precondition(format!(
+                    "restore of snapshot {snapshot} path {path:?} failed: {err}"
+                ))));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<Tree>, Status> {
+        let id = parse_id(&request.into_inner().id)?;
+        let tree = self.blocking(move |store| store.get_tree(&id)).await?;
+        Ok(Response::new(tree))
+    }
+
+    type GetChunksStream = ItemStream<ChunkData>;
+
+    async fn get_chunks(
+        &self,
+        request: Request<GetChunksRequest>,
+    ) -> Result<Response<Self::GetChunksStream>, Status> {
+        let ids = request
+            .into_inner()
+            .ids
+            .iter()
+            .map(|id| parse_id(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.len() > transfer::MAX_OFFER_IDS {
+            return Err(Status::invalid_argument(format!(
+                "{} ids asked, at most {} at once",
+                ids.len(),
+                transfer::MAX_OFFER_IDS
+            )));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for id in ids {
+                let item = store
+                    .get_chunk(&id)
+                    .map(|data| ChunkData {
+                        id: id.to_vec(),
+                        data,
+                    })
+                    .map_err(status_from_store_error);
+                let failed = item.is_err();
+                if tx.blocking_send(item).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let ListSnapshotsRequest { job, host } = request.into_inner();
+        let snapshots = self
+            .blocking(move |store| {
+                Ok(store
+                    .list_snapshots()?
+                    .into_iter()
+                    .filter(|s| (job.is_empty() || s.job == job) && (host.is_empty() || s.host == host))
+                    .collect())
+            })
+            .await?;
+        Ok(Response::new(ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<Snapshot>, Status> {
+        let spec = request.into_inner().snapshot;
+        let snapshot = self.blocking(move |store| store.find_snapshot(&spec)).await?;
+        Ok(Response::new(snapshot))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let spec = request.into_inner().snapshot;
+        let snapshot = self
+            .blocking(move |store| store.delete_snapshot(&spec))
+            .await?;
+        Ok(Response::new(DeleteSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
+    }
+
+    async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StoreStats>, Status> {
+        let stats = self.blocking(|store| store.stats()).await?;
+        Ok(Response::new(crate::convert::store_stats(&stats)))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyReport>, Status> {
+        let VerifyRequest { sample, snapshot } = request.into_inner();
+        if !(0.0..=1.0).contains(&sample) {
+            return Err(Status::invalid_argument(format!(
+                "sample must be a fraction in (0, 1] (0 for all), got {sample}"
+            )));
+        }
+        let options = VerifyOptions {
+            sample: (sample > 0.0 && sample < 1.0).then_some(sample),
+            snapshot: (!snapshot.is_empty()).then_some(snapshot),
+        };
+        let report = self.blocking(move |store| store.verify(&options)).await?;
+        Ok(Response::new(crate::convert::verify_report(&report)))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<GcRequest>,
+    ) -> Result<Response<GcReport>, Status> {
+        let threshold = request.into_inner().repack_threshold;
+        let report = self
+            .blocking(move |store| {
+                let mut options = GcOptions::default();
+                if threshold > 0.0 {
+                    options.repack_threshold = threshold;
+                }
+                store.gc(&options)
+            })
+            .await?;
+        Ok(Response::new(crate::convert::gc_report(&report)))
+    }
+
+    type CopySnapshotStream = ItemStream<CopyProgress>;
+
+    async fn copy_snapshot(
+        &self,
+        request: Request<CopySnapshotRequest>,
+    ) -> Result<Response<Self::CopySnapshotStream>, Status> {
+        let CopySnapshotRequest { snapshot, target } = request.into_inner();
+        let record = self
+            .blocking({
+                let snapshot = snapshot.clone();
+                move |store| store.find_snapshot(&snapshot)
+            })
+            .await?;
+        let mut client = crate::client::storage(&target)
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        let counters = Arc::new(TransferCounters::default());
+        let (progress_tx, progress_rx) = mpsc::channel(4);
+        let store = self.store.clone();
+        let copy_counters = counters.clone();
+        let copy = async move {
+            let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(REPLY_CHANNEL);
+            let incoming = client
+                .upload(ReceiverStream::new(out_rx))
+                .await?
+                .into_inner();
+            let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(1024);
+            let root = parse_id(&record.root_tree_id)?;
+            let dag_store = store.clone();
+            let producer =
+                tokio::task::spawn_blocking(move || offer_snapshot_dag(&dag_store, root, &chunks_tx));
+            let commit = async move {
+                producer.await.map_err(join_error)??;
+                Ok(record)
+            };
+            run_sender(chunks_rx, Some(store), out_tx, incoming, commit, copy_counters).await
+        };
+        tokio::spawn(async move {
+            tokio::pin!(copy);
+            let mut ticker = tokio::time::interval(Duration::from_millis(500));
+            let progress = |committed: Option<Snapshot>| CopyProgress {
+                chunks_offered: TransferCounters::get(&counters.chunks_offered),
+                chunks_sent: TransferCounters::get(&counters.chunks_sent),
+                bytes_sent: TransferCounters::get(&counters.bytes_sent),
+                committed,
+            };
+            loop {
+                tokio::select! {
+                    result = &mut copy => {
+                        let last = result.map(|snapshot| progress(Some(snapshot))).map_err(|status| {
+                            Status::new(status.code(), format!("copy of {snapshot} to {target} failed: {}", status.message()))
+                        });
+                        let _ = progress_tx.send(last).await;
+                        break;
+                    }
+                    _ = ticker.tick() => {
+                        if progress_tx.send(Ok(progress(None))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(progress_rx).map(|item| item),
+        )))
+    }
+}

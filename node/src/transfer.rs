@@ -1,0 +1,464 @@
+//! The transfer protocol, both ends (see proto/README.md): the sender offers
+//! ids in batches, sends the bytes the receiver lacks, then commits; the
+//! receiver answers offers, stores batches after re-hashing them, and writes
+//! the snapshot record.
+//!
+//! Both ends are written against plain channels and streams, not against a
+//! gRPC call, because the same code runs in three places: a push (agent sends
+//! on `Storage.Upload`), a pull (the agent sends on the response stream of
+//! `Source.Pull` while the storage node receives) and a node-to-node copy.
+//! This module never decides what to back up or where; it only moves chunks.
+//!
+//! Flow control: a sender keeps at most [`MAX_OFFERS_IN_FLIGHT`] offers and
+//! [`MAX_BATCHES_IN_FLIGHT`] chunk batches unanswered, so the data it holds is
+//! bounded in bytes and the receiver's replies always fit its reply channel
+//! ([`REPLY_CHANNEL`]): neither end can block the other.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fabric_chunkstore::store::Store;
+use fabric_chunkstore::{Chunk, ChunkId};
+use fabric_proto::v1::{
+    ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
+    SenderMessage, Snapshot, receiver_message, sender_message,
+};
+use futures::{Stream, StreamExt};
+use tokio::sync::{Semaphore, mpsc};
+use tonic::Status;
+
+use crate::status::status_from_store_error;
+
+/// Most ids in one offer.
+pub const MAX_OFFER_IDS: usize = 4096;
+/// Most plain bytes a sender holds for one offer.
+pub const MAX_OFFER_BYTES: usize = 16 * 1024 * 1024;
+/// Most plain bytes in one chunk batch (a single larger chunk goes alone).
+pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Largest chunk accepted: data chunks are at most the store's maximum chunk
+/// size; trees of very large directories may be bigger, up to this.
+pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+/// gRPC message limit on every fabric channel and server: the largest batch
+/// (a lone maximal chunk, or a full batch) plus its envelope fits under it.
+pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK_BYTES + MAX_BATCH_BYTES + 1024 * 1024;
+/// Unanswered offers a sender allows itself.
+pub const MAX_OFFERS_IN_FLIGHT: usize = 4;
+/// Unacknowledged chunk batches a sender allows itself.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
+/// Capacity of a receiver's reply channel: more than a sender can have
+/// unanswered, so a receiver never waits to reply.
+pub const REPLY_CHANNEL: usize = 2 * (MAX_OFFERS_IN_FLIGHT + MAX_BATCHES_IN_FLIGHT) + 4;
+
+/// One chunk a sender has to transfer.
+#[derive(Debug)]
+pub enum OutgoingChunk {
+    /// Bytes at hand (a push: the agent just read them).
+    Data(Chunk),
+    /// Bytes to fetch from the sender's own store if the receiver lacks them
+    /// (a copy: most chunks are usually present already).
+    Stored(ChunkId),
+}
+
+impl OutgoingChunk {
+    fn id(&self) -> ChunkId {
+        match self {
+            Self::Data(chunk) => chunk.id,
+            Self::Stored(id) => *id,
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        match self {
+            Self::Data(chunk) => chunk.data.len(),
+            Self::Stored(_) => 0,
+        }
+    }
+}
+
+/// Live counters of a transfer, shared with whoever reports progress.
+#[derive(Debug, Default)]
+pub struct TransferCounters {
+    /// Chunk ids offered.
+    pub chunks_offered: AtomicU64,
+    /// Chunks the receiver lacked and that were sent.
+    pub chunks_sent: AtomicU64,
+    /// Plain bytes sent.
+    pub bytes_sent: AtomicU64,
+    /// Chunks new to the receiver's store (acknowledged).
+    pub new_chunks: AtomicU64,
+    /// Plain bytes new to the receiver's store.
+    pub new_bytes: AtomicU64,
+    /// Bytes those take on the receiver's disk.
+    pub stored_bytes: AtomicU64,
+}
+
+impl TransferCounters {
+    fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// A counter's current value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+fn protocol_error(what: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("transfer protocol violation: {what}"))
+}
+
+/// Run the sending end: offer every chunk `chunks` yields, send what the
+/// receiver lacks (fetching `Stored` chunks from `store`), then commit the
+/// snapshot `commit` resolves to once `chunks` is closed. Returns the
+/// snapshot as the receiver committed it.
+pub async fn run_sender<I, C>(
+    mut chunks: mpsc::Receiver<OutgoingChunk>,
+    store: Option<Arc<Store>>,
+    outgoing: mpsc::Sender<SenderMessage>,
+    mut incoming: I,
+    commit: C,
+    counters: Arc<TransferCounters>,
+) -> Result<Snapshot, Status>
+where
+    I: Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
+    C: Future<Output = Result<Snapshot, Status>>,
+{
+    let send = |message: sender_message::Kind| {
+        let outgoing = outgoing.clone();
+        async move {
+            outgoing
+                .send(SenderMessage {
+                    kind: Some(message),
+                })
+                .await
+                .map_err(|_| Status::unavailable("the receiver closed the transfer"))
+        }
+    };
+    let mut offers: HashMap<u64, Vec<OutgoingChunk>> = HashMap::new();
+    let mut batches_unacked = 0usize;
+    let mut offered: HashSet<ChunkId> = HashSet::new();
+    let mut next_batch = 0u64;
+    let mut producer_done = false;
+
+    while !(producer_done && offers.is_empty() && batches_unacked == 0) {
+        let may_offer = !producer_done
+            && offers.len() < MAX_OFFERS_IN_FLIGHT
+            && batches_unacked < MAX_BATCHES_IN_FLIGHT;
+        tokio::select! {
+            item = chunks.recv(), if may_offer => {
+                let Some(first) = item else {
+                    producer_done = true;
+                    continue;
+                };
+                let mut held = first.held_bytes();
+                let mut batch = vec![first];
+                while batch.len() < MAX_OFFER_IDS && held < MAX_OFFER_BYTES {
+                    match chunks.try_recv() {
+                        Ok(item) => {
+                            held += item.held_bytes();
+                            batch.push(item);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                // The same chunk twice in one backup (identical files) is
+                // offered once.
+                batch.retain(|item| offered.insert(item.id()));
+                if batch.is_empty() {
+                    continue;
+                }
+                next_batch += 1;
+                let ids = batch.iter().map(|item| item.id().to_vec()).collect();
+                TransferCounters::add(&counters.chunks_offered, batch.len() as u64);
+                offers.insert(next_batch, batch);
+                send(sender_message::Kind::Offer(Offer { batch: next_batch, ids })).await?;
+            }
+            message = incoming.next() => {
+                let message = match message {
+                    None => return Err(Status::unavailable("the receiver ended the transfer before the commit")),
+                    Some(message) => message?,
+                };
+                match message.kind {
+                    Some(receiver_message::Kind::OfferReply(OfferReply { batch, missing })) => {
+                        let items = offers
+                            .remove(&batch)
+                            .ok_or_else(|| protocol_error(format!("reply to unknown offer {batch}")))?;
+                        let missing: HashSet<Vec<u8>> = missing.into_iter().collect();
+                        let wanted: Vec<OutgoingChunk> = items
+                            .into_iter()
+                            .filter(|item| missing.contains(item.id().as_bytes().as_slice()))
+                            .collect();
+                        for batch in chunk_batches(wanted, store.as_ref()).await? {
+                            next_batch += 1;
+                            let bytes: usize = batch.iter().map(|c| c.data.len()).sum();
+                            TransferCounters::add(&counters.chunks_sent, batch.len() as u64);
+                            TransferCounters::add(&counters.bytes_sent, bytes as u64);
+                            batches_unacked += 1;
+                            send(sender_message::Kind::Chunks(ChunkBatch { batch: next_batch, chunks: batch })).await?;
+                        }
+                    }
+                    Some(receiver_message::Kind::Stored(stored)) => {
+                        batches_unacked = batches_unacked
+                            .checked_sub(1)
+                            .ok_or_else(|| protocol_error("acknowledgement of no batch"))?;
+                        TransferCounters::add(&counters.new_chunks, stored.new_chunks);
+                        TransferCounters::add(&counters.new_bytes, stored.new_bytes);
+                        TransferCounters::add(&counters.stored_bytes, stored.stored_bytes);
+                    }
+                    other => return Err(protocol_error(format!("unexpected message before the commit: {other:?}"))),
+                }
+            }
+        }
+    }
+
+    let snapshot = commit.await?;
+    send(sender_message::Kind::Commit(Commit {
+        snapshot: Some(snapshot),
+    }))
+    .await?;
+    while let Some(message) = incoming.next().await {
+        match message?.kind {
+            Some(receiver_message::Kind::Committed(Committed {
+                snapshot: Some(snapshot),
+            })) => return Ok(snapshot),
+            other => {
+                return Err(protocol_error(format!(
+                    "expected the commit's answer, got {other:?}"
+                )));
+            }
+        }
+    }
+    Err(Status::unavailable(
+        "the receiver ended the transfer without answering the commit",
+    ))
+}
+
+/// Group chunks into batches of at most [`MAX_BATCH_BYTES`], fetching the
+/// bytes of `Stored` chunks from `store`.
+async fn chunk_batches(
+    items: Vec<OutgoingChunk>,
+    store: Option<&Arc<Store>>,
+) -> Result<Vec<Vec<ChunkData>>, Status> {
+    let mut chunks = Vec::with_capacity(items.len());
+    let mut to_fetch = Vec::new();
+    for item in items {
+        match item {
+            OutgoingChunk::Data(chunk) => chunks.push(ChunkData {
+                id: chunk.id.to_vec(),
+                data: chunk.data,
+            }),
+            OutgoingChunk::Stored(id) => to_fetch.push(id),
+        }
+    }
+    if !to_fetch.is_empty() {
+        let store = store
+            .ok_or_else(|| Status::internal("a stored chunk to send but no store to read it"))?
+            .clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            to_fetch
+                .into_iter()
+                .map(|id| {
+                    store
+                        .get_chunk(&id)
+                        .map(|data| ChunkData {
+                            id: id.to_vec(),
+                            data,
+                        })
+                        .map_err(status_from_store_error)
+                })
+                .collect::<Result<Vec<_>, Status>>()
+        })
+        .await
+        .map_err(|err| Status::internal(format!("chunk reader failed: {err}")))??;
+        chunks.extend(fetched);
+    }
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut current_bytes = 0;
+    for chunk in chunks {
+        if !current.is_empty() && current_bytes + chunk.data.len() > MAX_BATCH_BYTES {
+            batches.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current_bytes += chunk.data.len();
+        current.push(chunk);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    Ok(batches)
+}
+
+fn parse_id(bytes: &[u8], context: &str) -> Result<ChunkId, Status> {
+    ChunkId::from_slice(bytes).map_err(|err| protocol_error(format!("{context}: {err}")))
+}
+
+/// Run the receiving end into `store`: answer offers, store batches (each
+/// chunk re-hashed: a mismatch is `DATA_LOSS` and nothing of its batch is
+/// stored), and commit the snapshot (`FAILED_PRECONDITION` naming a missing
+/// chunk). `memory` bounds the chunk bytes all receivers hold at once (one
+/// permit per KiB). Returns the committed snapshot; a stream that ends before
+/// its commit leaves no snapshot.
+pub async fn run_receiver<I>(
+    store: Arc<Store>,
+    mut incoming: I,
+    outgoing: mpsc::Sender<ReceiverMessage>,
+    memory: Arc<Semaphore>,
+) -> Result<Snapshot, Status>
+where
+    I: Stream<Item = Result<SenderMessage, Status>> + Unpin,
+{
+    let reply = |kind: receiver_message::Kind| {
+        let outgoing = outgoing.clone();
+        async move {
+            outgoing
+                .send(ReceiverMessage { kind: Some(kind) })
+                .await
+                .map_err(|_| Status::cancelled("the sender went away"))
+        }
+    };
+    let max_chunk = (store.config().chunk_params.max_size as usize).max(MAX_CHUNK_BYTES);
+    while let Some(message) = incoming.next().await {
+        match message?.kind {
+            Some(sender_message::Kind::Offer(Offer { batch, ids })) => {
+                if ids.len() > MAX_OFFER_IDS {
+                    return Err(protocol_error(format!(
+                        "offer {batch} has {} ids, at most {MAX_OFFER_IDS} are allowed",
+                        ids.len()
+                    )));
+                }
+                let ids = ids
+                    .iter()
+                    .map(|id| parse_id(id, &format!("offer {batch}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let store = store.clone();
+                let missing = tokio::task::spawn_blocking(move || store.missing(&ids))
+                    .await
+                    .map_err(|err| Status::internal(format!("index lookup failed: {err}")))?
+                    .map_err(status_from_store_error)?;
+                reply(receiver_message::Kind::OfferReply(OfferReply {
+                    batch,
+                    missing: missing.iter().map(ChunkId::to_vec).collect(),
+                }))
+                .await?;
+            }
+            Some(sender_message::Kind::Chunks(ChunkBatch { batch, chunks })) => {
+                let mut bytes = 0usize;
+                let mut parsed = Vec::with_capacity(chunks.len());
+                for chunk in chunks {
+                    let id = parse_id(&chunk.id, &format!("chunk batch {batch}"))?;
+                    if chunk.data.len() > max_chunk {
+                        return Err(Status::out_of_range(format!(
+                            "chunk {id} in batch {batch} is {} bytes, the limit is {max_chunk}",
+                            chunk.data.len()
+                        )));
+                    }
+                    bytes += chunk.data.len();
+                    parsed.push(Chunk {
+                        id,
+                        data: chunk.data,
+                    });
+                }
+                let permits = u32::try_from(bytes.div_ceil(1024).max(1))
+                    .map_err(|_| Status::out_of_range(format!("chunk batch {batch} is too large")))?;
+                let _held = memory
+                    .acquire_many(permits)
+                    .await
+                    .map_err(|_| Status::unavailable("the node is shutting down"))?;
+                let store = store.clone();
+                let stats = tokio::task::spawn_blocking(move || store.put_chunks(parsed))
+                    .await
+                    .map_err(|err| Status::internal(format!("chunk writer failed: {err}")))?
+                    .map_err(status_from_store_error)?;
+                reply(receiver_message::Kind::Stored(ChunksStored {
+                    batch,
+                    new_chunks: stats.new_chunks,
+                    new_bytes: stats.new_bytes,
+                    stored_bytes: stats.stored_bytes,
+                }))
+                .await?;
+            }
+            Some(sender_message::Kind::Commit(Commit { snapshot })) => {
+                let snapshot =
+                    snapshot.ok_or_else(|| protocol_error("a commit without a snapshot"))?;
+                let store = store.clone();
+                let committed = tokio::task::spawn_blocking(move || store.commit_snapshot(snapshot))
+                    .await
+                    .map_err(|err| Status::internal(format!("commit failed: {err}")))?
+                    .map_err(status_from_store_error)?;
+                reply(receiver_message::Kind::Committed(Committed {
+                    snapshot: Some(committed.clone()),
+                }))
+                .await?;
+                return Ok(committed);
+            }
+            Some(sender_message::Kind::Progress(_)) => {}
+            None => return Err(protocol_error("an empty message")),
+        }
+    }
+    Err(Status::cancelled(
+        "the sender ended the transfer before its commit: nothing was committed",
+    ))
+}
+
+/// Send every chunk of `snapshot`'s DAG (trees first-seen order, then their
+/// data) into `chunks`, for a copy. Runs on a blocking thread.
+pub fn offer_snapshot_dag(
+    store: &Store,
+    root: ChunkId,
+    chunks: &mpsc::Sender<OutgoingChunk>,
+) -> Result<(), Status> {
+    let mut stack = vec![root];
+    let mut seen_trees = HashSet::new();
+    while let Some(tree_id) = stack.pop() {
+        if !seen_trees.insert(tree_id) {
+            continue;
+        }
+        let tree = store.get_tree(&tree_id).map_err(status_from_store_error)?;
+        for entry in &tree.entries {
+            for id in &entry.chunk_ids {
+                let id = parse_id(id, "tree entry")?;
+                chunks
+                    .blocking_send(OutgoingChunk::Stored(id))
+                    .map_err(|_| Status::cancelled("the copy was abandoned"))?;
+            }
+            if !entry.subtree_id.is_empty() {
+                stack.push(parse_id(&entry.subtree_id, "tree entry")?);
+            }
+        }
+        chunks
+            .blocking_send(OutgoingChunk::Stored(tree_id))
+            .map_err(|_| Status::cancelled("the copy was abandoned"))?;
+    }
+    Ok(())
+}
+
+/// A sink for the backup walk that feeds a sender: every chunk goes into the
+/// channel (blocking the walk when the sender is behind: backpressure).
+#[derive(Debug)]
+pub struct ChannelSink {
+    sender: mpsc::Sender<OutgoingChunk>,
+}
+
+impl ChannelSink {
+    /// A sink that sends into `sender`.
+    pub fn new(sender: mpsc::Sender<OutgoingChunk>) -> Self {
+        Self { sender }
+    }
+}
+
+impl fabric_chunkstore::ChunkSink for ChannelSink {
+    fn put_chunk(&self, chunk: Chunk) -> Result<(), fabric_chunkstore::SinkError> {
+        self.sender
+            .blocking_send(OutgoingChunk::Data(chunk))
+            .map_err(|_| "the transfer ended".into())
+    }
+
+    fn flush(&self) -> Result<(), fabric_chunkstore::SinkError> {
+        // Durability is the receiver's: a snapshot is committed only once
+        // every batch was acknowledged as stored.
+        Ok(())
+    }
+}
