@@ -1,8 +1,26 @@
-//! fabric-coordinator: the fabric's brain. This crate root gathers the pure
-//! job logic (destination grammar, jobs files, snapshot naming, freshness
-//! checks); the server parts build on it.
+//! fabric-coordinator: the fabric's brain and its central monitoring
+//! database. [`serve`] runs the `fabric.v1.Coordinator` service over a sled
+//! state directory: the node registry and sessions, jobs from TOML files,
+//! runs (push, pull with a passive client, instance expansion) with their
+//! per-destination states, every transition as a stored event, and the
+//! snapshot catalogue.
+//!
+//! Pure logic: [`dest`] (destination grammar), [`jobfile`] (jobs files),
+//! [`naming`] (snapshot names), [`check`] (freshness), [`runs`] (the run
+//! state machine). Stateful parts: [`state`] (sled), [`engine`] (live state),
+//! [`service`] (gRPC), [`server`] (the server function).
 
 pub mod check;
+pub mod config;
 pub mod dest;
+pub mod engine;
 pub mod jobfile;
 pub mod naming;
+pub mod record;
+pub mod runs;
+pub mod server;
+pub mod service;
+pub mod state;
+
+pub use config::{ConfigError, CoordinatorConfig, LogFormat};
+pub use server::{ServeError, serve};

@@ -1,0 +1,188 @@
+//! The coordinator's configuration: one documented struct, read from a TOML
+//! file, with every field defaulted. Flags and environment variables are
+//! applied on top by the binary. This module never opens sockets or the
+//! state directory; it only describes them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a bad key or value.
+    #[error("bad config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, as the TOML parser says it (with the key).
+        message: String,
+    },
+    /// A value that parses but makes no sense.
+    #[error("bad config value for {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the coordinator needs to run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// Address to listen on (`listen`, default `0.0.0.0:7400`).
+    pub listen: SocketAddr,
+    /// Directory of the sled database (`data_dir`, default `./coordinator-data`).
+    pub data_dir: PathBuf,
+    /// How often nodes send a heartbeat (`heartbeat_interval`, e.g. `"5s"`).
+    #[serde(with = "humantime_serde_duration")]
+    pub heartbeat_interval: Duration,
+    /// A node missing this many heartbeats in a row is marked lost
+    /// (`lost_after_missed_heartbeats`, default 3).
+    pub lost_after_missed_heartbeats: u32,
+    /// How long a run waits for its client node or for a destination that
+    /// can serve it before it fails with the reason (`queue_timeout`,
+    /// default `"10m"`).
+    #[serde(with = "humantime_serde_duration")]
+    pub queue_timeout: Duration,
+    /// `text` or `json` (`log_format`).
+    pub log_format: LogFormat,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            data_dir: PathBuf::from("coordinator-data"),
+            heartbeat_interval: Duration::from_secs(5),
+            lost_after_missed_heartbeats: 3,
+            queue_timeout: Duration::from_secs(600),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Reads a TOML config file; absent keys keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parses a config from TOML text; `path` only names it in errors.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: error.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "heartbeat_interval",
+                message: "must be more than zero".into(),
+            });
+        }
+        if self.lost_after_missed_heartbeats == 0 {
+            return Err(ConfigError::Invalid {
+                key: "lost_after_missed_heartbeats",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// How long without a heartbeat before a node is lost.
+    pub fn lost_after(&self) -> Duration {
+        self.heartbeat_interval
+            .saturating_mul(self.lost_after_missed_heartbeats)
+    }
+}
+
+/// Durations as humantime strings (`"5s"`, `"10m"`), or plain seconds.
+mod humantime_serde_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Seconds(u64),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(deserializer)? {
+            Raw::Seconds(seconds) => Ok(Duration::from_secs(seconds)),
+            Raw::Text(text) => humantime::parse_duration(&text).map_err(|error| {
+                serde::de::Error::custom(format!("{text:?} is not a duration like \"5s\": {error}"))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_to_absent_keys() {
+        let config = CoordinatorConfig::from_toml(Path::new("c.toml"), "queue_timeout = \"2m\"\n")
+            .unwrap();
+        assert_eq!(config.queue_timeout, Duration::from_secs(120));
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(config.lost_after(), Duration::from_secs(15));
+        assert_eq!(config.listen, SocketAddr::from(([0, 0, 0, 0], 7400)));
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_named() {
+        let error = CoordinatorConfig::from_toml(Path::new("c.toml"), "heartbeat = \"5s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("c.toml") && error.contains("heartbeat"), "{error}");
+        let error =
+            CoordinatorConfig::from_toml(Path::new("c.toml"), "heartbeat_interval = \"soon\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains("soon"), "{error}");
+        let error = CoordinatorConfig::from_toml(
+            Path::new("c.toml"),
+            "lost_after_missed_heartbeats = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("lost_after_missed_heartbeats"), "{error}");
+    }
+}

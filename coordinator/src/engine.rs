@@ -1,0 +1,1260 @@
+//! The engine: the coordinator's live state and every change to it. It owns
+//! the node registry (persisted nodes, live sessions, lost detection), the
+//! unfinished runs (planning, assignment, re-assignment, pull orchestration,
+//! queue timeouts, cancel and retry) and the event feed. All changes happen
+//! under one lock and are written through to the [`Store`] before the lock
+//! is released, so a restart resumes from what was last reported.
+//!
+//! The state machine itself lives in [`crate::runs`] (pure); destination
+//! grammar, job files, naming and checks in their own modules. The engine
+//! never speaks gRPC: the service turns requests into calls here and the
+//! engine hands it channels of messages for each node.
+//!
+//! Progress-only updates (a copy's `TransferProgress`, about one a second
+//! per copy) change the stored run's copy progress but are not stored as
+//! events and are not flushed on their own, so the history does not grow
+//! with the length of a transfer; every other update is an event, flushed
+//! before the engine answers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fabric_proto::v1::{
+    Assignment, AssignmentRole, CancelAssignment, CatalogEntry, CheckResponse, CopyState,
+    CopyTarget, CoordinatorMessage, Direction, Job, JobSpec, ListCatalogRequest, ListRunsRequest,
+    Node, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, Run, RunCopy, RunDetail, RunEvent,
+    RunState, RunUpdate, Snapshot, SnapshotType, SubmitJobsRequest, SubmitJobsResponse,
+    coordinator_message, node_message,
+};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{Mutex, broadcast, mpsc};
+
+use crate::dest::{self, DestPlan, NodeView};
+use crate::jobfile::{self, KnownNodes};
+use crate::record::{RunKind, RunRecord};
+use crate::runs;
+use crate::state::{AmbiguousPrefix, StateError, Store};
+
+/// Why a request to the engine failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A job, run or node that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A bad request (a bad jobs file, a bad selection).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A request that does not fit the current state (retrying a running run).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A run id prefix matching several runs.
+    #[error(transparent)]
+    Ambiguous(#[from] AmbiguousPrefix),
+}
+
+/// The timing the engine follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// How often nodes send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is lost.
+    pub lost_after: Duration,
+    /// How long a run waits for its nodes before failing.
+    pub queue_timeout: Duration,
+}
+
+/// Messages to one node's session.
+pub type NodeSender = mpsc::UnboundedSender<CoordinatorMessage>;
+
+struct SessionHandle {
+    generation: u64,
+    sender: NodeSender,
+}
+
+struct Inner {
+    store: Store,
+    settings: Settings,
+    events: broadcast::Sender<RunEvent>,
+    nodes: BTreeMap<String, Node>,
+    sessions: HashMap<String, SessionHandle>,
+    /// When each node was last heard of (heartbeat, hello, or this
+    /// coordinator's start, which gives known nodes time to reconnect).
+    last_seen: HashMap<String, i64>,
+    /// Since when a node has had no session.
+    disconnected_since: HashMap<String, i64>,
+    active: BTreeMap<String, RunRecord>,
+    last_run: HashMap<String, String>,
+    next_generation: u64,
+    rng: StdRng,
+}
+
+/// The coordinator's live state.
+pub struct Engine {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<RunEvent>,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A run id: the creation time in hex (so ids sort by creation, which the
+/// `runs` tree relies on for newest-first listing), then random hex.
+pub fn new_run_id(now_ms: i64, rng: &mut impl Rng) -> String {
+    format!("{:012x}{:08x}", now_ms.max(0), rng.random::<u32>())
+}
+
+fn random_snapshot_id(rng: &mut impl Rng) -> String {
+    let bytes: [u8; 16] = rng.random();
+    hex::encode(bytes)
+}
+
+fn is_storage(node: &Node) -> bool {
+    node.info
+        .as_ref()
+        .is_some_and(|info| info.roles.contains(&(NodeRole::Storage as i32)))
+}
+
+fn static_value(value: &str) -> String {
+    if value.starts_with('!') {
+        String::new()
+    } else {
+        value.to_owned()
+    }
+}
+
+impl Engine {
+    /// Loads the state and gets ready to serve.
+    pub fn open(store: Store, settings: Settings) -> Result<Self, StateError> {
+        let (events, _) = broadcast::channel(1024);
+        let now = now_ms();
+        let mut nodes = BTreeMap::new();
+        let mut last_seen = HashMap::new();
+        let mut disconnected_since = HashMap::new();
+        for node in store.nodes()? {
+            let id = node.info.as_ref().map(|info| info.id.clone()).unwrap_or_default();
+            last_seen.insert(id.clone(), now);
+            disconnected_since.insert(id.clone(), now);
+            nodes.insert(id, node);
+        }
+        let mut active = BTreeMap::new();
+        let mut last_run = HashMap::new();
+        store.visit_runs_newest_first(|record| {
+            last_run
+                .entry(record.run().job.clone())
+                .or_insert_with(|| record.id().to_owned());
+            if !record.is_finished() {
+                active.insert(record.id().to_owned(), record);
+            }
+            true
+        })?;
+        // Runs waiting when the coordinator stopped wait anew from now on.
+        for record in active.values_mut() {
+            if !record.client_assigned {
+                record.waiting_since_ms = now;
+            }
+        }
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                store,
+                settings,
+                events: events.clone(),
+                nodes,
+                sessions: HashMap::new(),
+                last_seen,
+                disconnected_since,
+                active,
+                last_run,
+                next_generation: 1,
+                rng: StdRng::from_os_rng(),
+            }),
+            events,
+            settings,
+        })
+    }
+
+    /// The timing settings.
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// Live events of every run (subscribe before reading stored ones).
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.events.subscribe()
+    }
+
+    /// Registers or updates a node.
+    pub async fn register_node(&self, info: NodeInfo) -> Result<(), EngineError> {
+        validate_node_info(&info)?;
+        let mut inner = self.inner.lock().await;
+        inner.upsert_node(info, now_ms())?;
+        inner.store.flush().await?;
+        Ok(())
+    }
+
+    /// A node said hello on a new session: returns the session's generation
+    /// and the channel of messages to send it.
+    pub async fn open_session(
+        &self,
+        hello: NodeInfo,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<CoordinatorMessage>), EngineError> {
+        validate_node_info(&hello)?;
+        let now = now_ms();
+        let mut inner = self.inner.lock().await;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let generation = inner.next_generation;
+        inner.next_generation += 1;
+        let node_id = hello.id.clone();
+        let active_runs = hello.active_runs.clone();
+        inner.upsert_node(hello, now)?;
+        inner
+            .sessions
+            .insert(node_id.clone(), SessionHandle { generation, sender });
+        inner.disconnected_since.remove(&node_id);
+        tracing::info!(node = %node_id, active_runs = active_runs.len(), "node connected");
+        inner.node_connected(&node_id, &active_runs, now)?;
+        inner.store.flush().await?;
+        Ok((generation, receiver))
+    }
+
+    /// A message on a node's session.
+    pub async fn session_message(
+        &self,
+        node_id: &str,
+        message: NodeMessage,
+    ) -> Result<(), EngineError> {
+        let now = now_ms();
+        let mut inner = self.inner.lock().await;
+        match message.kind {
+            Some(node_message::Kind::Heartbeat(heartbeat)) => {
+                inner.heartbeat(node_id, &heartbeat, now)?;
+            }
+            Some(node_message::Kind::Update(update)) => {
+                let durable = inner.run_update(node_id, &update, now)?;
+                if durable {
+                    inner.store.flush().await?;
+                }
+            }
+            Some(node_message::Kind::Hello(_)) => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "node {node_id}: hello is only the first message of a session"
+                )));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// A node's session ended.
+    pub async fn session_closed(&self, node_id: &str, generation: u64) {
+        let mut inner = self.inner.lock().await;
+        if inner
+            .sessions
+            .get(node_id)
+            .is_some_and(|session| session.generation == generation)
+        {
+            inner.sessions.remove(node_id);
+            inner.disconnected_since.insert(node_id.to_owned(), now_ms());
+            tracing::info!(node = %node_id, "node disconnected");
+        }
+    }
+
+    /// Periodic work: lost nodes, due pull retries, queue timeouts, runs
+    /// waiting for a destination.
+    pub async fn tick(&self) -> Result<(), EngineError> {
+        let now = now_ms();
+        let mut inner = self.inner.lock().await;
+        if inner.tick(now)? {
+            inner.store.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Stores the jobs of a file and starts the selected runs.
+    pub async fn submit_jobs(
+        &self,
+        request: SubmitJobsRequest,
+    ) -> Result<SubmitJobsResponse, EngineError> {
+        let now = now_ms();
+        let mut inner = self.inner.lock().await;
+        let known = inner.known_nodes();
+        let file_name = if request.file_name.is_empty() {
+            "jobs.toml"
+        } else {
+            request.file_name.as_str()
+        };
+        let specs = jobfile::parse_jobs_file(file_name, &request.toml, &known)
+            .map_err(|error| EngineError::InvalidArgument(error.to_string()))?;
+        let selected = if request.no_run {
+            Vec::new()
+        } else {
+            let args: Vec<&str> = request.select.iter().map(String::as_str).collect();
+            jobfile::select(&specs, &args).map_err(|error| {
+                EngineError::InvalidArgument(format!("{file_name}: {error}"))
+            })?
+        };
+        for spec in &specs {
+            inner.store.put_job(&Job {
+                spec: Some(spec.clone()),
+                submitted_ms: now,
+                last_run: None,
+            })?;
+        }
+        let mut started = Vec::new();
+        for choice in selected {
+            let Some(spec) = specs.iter().find(|spec| spec.name == choice.job) else {
+                continue;
+            };
+            let run = inner.start_job(spec, &specs, choice.instance.as_deref(), now)?;
+            started.push(run);
+        }
+        inner.store.flush().await?;
+        tracing::info!(file = %file_name, jobs = specs.len(), runs = started.len(), "jobs submitted");
+        Ok(SubmitJobsResponse {
+            jobs: specs.iter().map(|spec| spec.name.clone()).collect(),
+            runs: started,
+        })
+    }
+
+    /// One job.
+    pub async fn job(&self, name: &str) -> Result<Job, EngineError> {
+        let inner = self.inner.lock().await;
+        let job = inner
+            .store
+            .job(name)?
+            .ok_or_else(|| EngineError::NotFound(format!("no job {name:?}")))?;
+        inner.with_last_run(job)
+    }
+
+    /// Every job, by name.
+    pub async fn jobs(&self) -> Result<Vec<Job>, EngineError> {
+        let inner = self.inner.lock().await;
+        inner.jobs_with_last_runs()
+    }
+
+    /// Runs matching the filters, newest first.
+    pub async fn list_runs(&self, filter: &ListRunsRequest) -> Result<Vec<Run>, EngineError> {
+        let inner = self.inner.lock().await;
+        let limit = if filter.limit == 0 {
+            100
+        } else {
+            filter.limit as usize
+        };
+        let mut runs = Vec::new();
+        inner.store.visit_runs_newest_first(|record| {
+            let run = record.run();
+            let matches = (filter.job.is_empty() || run.job == filter.job)
+                && (filter.state == RunState::Unspecified as i32 || run.state == filter.state)
+                && run.created_ms >= filter.since_ms
+                && (filter.until_ms == 0 || run.created_ms < filter.until_ms);
+            if matches {
+                runs.push(run.clone());
+            }
+            runs.len() < limit
+        })?;
+        Ok(runs)
+    }
+
+    /// A run and its events.
+    pub async fn run_detail(&self, id_or_prefix: &str) -> Result<RunDetail, EngineError> {
+        let inner = self.inner.lock().await;
+        let record = inner.find_run(id_or_prefix)?;
+        let events = inner.store.events(record.id(), 0)?;
+        Ok(RunDetail {
+            run: record.run,
+            events,
+        })
+    }
+
+    /// A run's events after `after`, and whether the run has ended.
+    pub async fn events_after(
+        &self,
+        run_id: &str,
+        after: u64,
+    ) -> Result<(Vec<RunEvent>, bool), EngineError> {
+        let inner = self.inner.lock().await;
+        let record = inner.find_run(run_id)?;
+        Ok((inner.store.events(record.id(), after)?, record.is_finished()))
+    }
+
+    /// Cancels a queued or running run.
+    pub async fn cancel_run(&self, id_or_prefix: &str) -> Result<Run, EngineError> {
+        let now = now_ms();
+        let mut inner = self.inner.lock().await;
+        let record = inner.find_run(id_or_prefix)?;
+        let id = record.id().to_owned();
+        let Some(mut record) = inner.active.remove(&id) else {
+            return Err(EngineError::FailedPrecondition(format!(
+                "run {id} has already ended ({})",
+                record.run().state().as_str_name()
+            )));
+        };
+        let cancel = CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Cancel(CancelAssignment {
+                run_id: id.clone(),
+            })),
+        };
+        if record.client_assigned {
+            let client = record.run().client.clone();
+            inner.send(&client, cancel.clone());
+        }
+        for node in record.pulls_outstanding.clone() {
+            inner.send(&node, cancel.clone());
+        }
+        record.pulls_outstanding.clear();
+        runs::finish(&mut record, RunState::Cancelled, "cancelled by an operator", now);
+        inner.coordinator_event(&record, "cancelled by an operator", now)?;
+        let run = record.run().clone();
+        inner.save(record)?;
+        inner.store.flush().await?;
+        Ok(run)
+    }
+
+    /// Starts the copies of a finished run that did not complete again.
+    pub async fn retry_run(&self, id_or_prefix: &str) -> Result<Run, EngineError> {
+        let now = now_ms();
+        let mut inner = self.inner.lock().await;
+        let mut record = inner.find_run(id_or_prefix)?;
+        if let Some(refusal) = runs::retry_refusal(&record) {
+            return Err(EngineError::FailedPrecondition(refusal));
+        }
+        let again = runs::reset_for_retry(&mut record);
+        record.waiting_since_ms = now;
+        let message = if again.is_empty() {
+            format!("retried by an operator: attempt {}", record.run().attempt)
+        } else {
+            format!(
+                "retried by an operator: attempt {}, copies to {}",
+                record.run().attempt,
+                again.join(", ")
+            )
+        };
+        inner.coordinator_event(&record, &message, now)?;
+        inner.start(&mut record, now)?;
+        let run = record.run().clone();
+        inner.save(record)?;
+        inner.store.flush().await?;
+        Ok(run)
+    }
+
+    /// Every node, by id.
+    pub async fn nodes(&self) -> Vec<Node> {
+        self.inner.lock().await.nodes.values().cloned().collect()
+    }
+
+    /// The catalogue, oldest first.
+    pub async fn catalog(&self, filter: &ListCatalogRequest) -> Result<Vec<CatalogEntry>, EngineError> {
+        let inner = self.inner.lock().await;
+        Ok(inner
+            .store
+            .catalog()?
+            .into_iter()
+            .filter(|entry| {
+                entry.snapshot.as_ref().is_some_and(|snapshot| {
+                    (filter.job.is_empty() || snapshot.job == filter.job)
+                        && (filter.host.is_empty() || snapshot.host == filter.host)
+                })
+            })
+            .collect())
+    }
+
+    /// Freshness of the named jobs (all when empty).
+    pub async fn check(&self, names: &[String]) -> Result<CheckResponse, EngineError> {
+        let inner = self.inner.lock().await;
+        let mut jobs = inner.jobs_with_last_runs()?;
+        if !names.is_empty() {
+            for name in names {
+                if !jobs
+                    .iter()
+                    .any(|job| job.spec.as_ref().is_some_and(|spec| &spec.name == name))
+                {
+                    return Err(EngineError::NotFound(format!("no job {name:?}")));
+                }
+            }
+            jobs.retain(|job| job.spec.as_ref().is_some_and(|spec| names.contains(&spec.name)));
+        }
+        let snapshots: Vec<Snapshot> = inner
+            .store
+            .catalog()?
+            .into_iter()
+            .filter_map(|entry| entry.snapshot)
+            .collect();
+        Ok(CheckResponse {
+            jobs: crate::check::check_jobs(&jobs, &snapshots, now_ms()),
+        })
+    }
+
+    /// Writes everything out (at shutdown).
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let inner = self.inner.lock().await;
+        inner.store.flush().await?;
+        Ok(())
+    }
+}
+
+fn validate_node_info(info: &NodeInfo) -> Result<(), EngineError> {
+    if info.id.is_empty() {
+        return Err(EngineError::InvalidArgument(
+            "a node needs a non-empty id".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn upsert_node(&mut self, mut info: NodeInfo, now: i64) -> Result<(), StateError> {
+        info.active_runs.clear();
+        let id = info.id.clone();
+        let node = self.nodes.entry(id.clone()).or_default();
+        node.info = Some(info);
+        node.state = NodeState::Online as i32;
+        node.last_heartbeat_ms = now;
+        let node = node.clone();
+        self.last_seen.insert(id, now);
+        self.store.put_node(&node)
+    }
+
+    fn heartbeat(
+        &mut self,
+        node_id: &str,
+        heartbeat: &fabric_proto::v1::Heartbeat,
+        now: i64,
+    ) -> Result<(), StateError> {
+        self.last_seen.insert(node_id.to_owned(), now);
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Ok(());
+        };
+        if node.state() == NodeState::Lost {
+            tracing::info!(node = %node_id, "node is back");
+        }
+        node.state = NodeState::Online as i32;
+        node.last_heartbeat_ms = now;
+        node.chunks = heartbeat.chunks;
+        node.stored_bytes = heartbeat.stored_bytes;
+        if let Some(info) = node.info.as_mut() {
+            info.free_bytes = heartbeat.free_bytes;
+        }
+        let node = node.clone();
+        self.store.put_node(&node)
+    }
+
+    fn known_nodes(&self) -> KnownNodes {
+        let mut known = KnownNodes::default();
+        for (id, node) in &self.nodes {
+            known.ids.insert(id.clone());
+            if let Some(info) = node.info.as_ref() {
+                known.labels.extend(info.labels.iter().cloned());
+            }
+        }
+        known
+    }
+
+    fn node_views(&self) -> Vec<NodeView> {
+        self.nodes
+            .iter()
+            .map(|(id, node)| NodeView {
+                id: id.clone(),
+                labels: node
+                    .info
+                    .as_ref()
+                    .map(|info| info.labels.clone())
+                    .unwrap_or_default(),
+                healthy: node.state() == NodeState::Online && self.sessions.contains_key(id),
+                storage: is_storage(node),
+            })
+            .collect()
+    }
+
+    fn address_of(&self, node_id: &str) -> String {
+        self.nodes
+            .get(node_id)
+            .and_then(|node| node.info.as_ref())
+            .map(|info| info.address.clone())
+            .unwrap_or_default()
+    }
+
+    fn send(&mut self, node_id: &str, message: CoordinatorMessage) -> bool {
+        let Some(session) = self.sessions.get(node_id) else {
+            return false;
+        };
+        if session.sender.send(message).is_ok() {
+            true
+        } else {
+            self.sessions.remove(node_id);
+            false
+        }
+    }
+
+    fn store_event(&mut self, event: RunEvent) -> Result<(), StateError> {
+        let stored = self.store.append_event(event)?;
+        // Nobody watching is fine.
+        let _ = self.events.send(stored);
+        Ok(())
+    }
+
+    fn coordinator_event(
+        &mut self,
+        record: &RunRecord,
+        message: &str,
+        now: i64,
+    ) -> Result<(), StateError> {
+        let mut event = runs::event(record, "", now);
+        event.message = message.to_owned();
+        self.store_event(event)
+    }
+
+    fn copy_event(
+        &mut self,
+        record: &RunRecord,
+        node: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<(), StateError> {
+        let mut event = runs::event(record, "", now);
+        event.dest = node.to_owned();
+        event.dest_state = record
+            .run()
+            .copies
+            .iter()
+            .find(|copy| copy.node == node)
+            .map(|copy| copy.state)
+            .unwrap_or_default();
+        event.message = message.to_owned();
+        self.store_event(event)
+    }
+
+    /// Persists a record; keeps it in the active set while unfinished.
+    fn save(&mut self, record: RunRecord) -> Result<(), StateError> {
+        self.store.put_run(&record)?;
+        let id = record.id().to_owned();
+        if record.is_finished() {
+            self.active.remove(&id);
+        } else {
+            self.active.insert(id, record);
+        }
+        Ok(())
+    }
+
+    fn find_run(&self, id_or_prefix: &str) -> Result<RunRecord, EngineError> {
+        if id_or_prefix.is_empty() {
+            return Err(EngineError::InvalidArgument("a run id is needed".into()));
+        }
+        if let Some(record) = self.active.get(id_or_prefix) {
+            return Ok(record.clone());
+        }
+        self.store
+            .run_by_prefix(id_or_prefix)??
+            .ok_or_else(|| EngineError::NotFound(format!("no run {id_or_prefix:?}")))
+    }
+
+    fn with_last_run(&self, mut job: Job) -> Result<Job, EngineError> {
+        let name = job.spec.as_ref().map(|spec| spec.name.clone()).unwrap_or_default();
+        if let Some(id) = self.last_run.get(&name) {
+            job.last_run = match self.active.get(id) {
+                Some(record) => record.run.clone(),
+                None => self.store.run(id)?.and_then(|record| record.run),
+            };
+        }
+        Ok(job)
+    }
+
+    fn jobs_with_last_runs(&self) -> Result<Vec<Job>, EngineError> {
+        self.store
+            .jobs()?
+            .into_iter()
+            .map(|job| self.with_last_run(job))
+            .collect()
+    }
+
+    /// Creates the run(s) for a selected job and instance.
+    fn start_job(
+        &mut self,
+        spec: &JobSpec,
+        submitted: &[JobSpec],
+        instance: Option<&str>,
+        now: i64,
+    ) -> Result<Run, EngineError> {
+        match spec.direction() {
+            Direction::Pull => {
+                let passive = match submitted.iter().find(|other| other.name == spec.pull_source) {
+                    Some(passive) => Some(passive.clone()),
+                    None => self.store.job(&spec.pull_source)?.and_then(|job| job.spec),
+                };
+                let Some(passive) = passive else {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "job {}: its pull_source {:?} is not a known passive job",
+                        spec.name, spec.pull_source
+                    )));
+                };
+                Ok(self.new_run(spec, Some(passive), instance, RunKind::Pull, now)?)
+            }
+            Direction::Passive => Err(EngineError::InvalidArgument(format!(
+                "job {}: a passive job runs through its pull job",
+                spec.name
+            ))),
+            Direction::Push | Direction::Unspecified => {
+                let kind = if instance.is_none() && !spec.instances_command.is_empty() {
+                    RunKind::Expand
+                } else {
+                    RunKind::Push
+                };
+                Ok(self.new_run(spec, None, instance, kind, now)?)
+            }
+        }
+    }
+
+    fn new_run(
+        &mut self,
+        spec: &JobSpec,
+        passive: Option<JobSpec>,
+        instance: Option<&str>,
+        kind: RunKind,
+        now: i64,
+    ) -> Result<Run, StateError> {
+        let id = new_run_id(now, &mut self.rng);
+        let mut record = RunRecord {
+            run: Some(Run {
+                id: id.clone(),
+                job: spec.name.clone(),
+                instance: instance.unwrap_or_default().to_owned(),
+                client: spec.client.clone(),
+                state: RunState::Queued as i32,
+                created_ms: now,
+                attempt: 1,
+                ..Default::default()
+            }),
+            kind: kind as i32,
+            spec: Some(spec.clone()),
+            passive,
+            waiting_since_ms: now,
+            ..Default::default()
+        };
+        let what = match kind {
+            RunKind::Expand => "queued: expand the instances",
+            RunKind::Pull => "queued: pull",
+            _ => "queued: push",
+        };
+        self.coordinator_event(&record, what, now)?;
+        self.last_run.insert(spec.name.clone(), id);
+        self.start(&mut record, now)?;
+        let run = record.run().clone();
+        self.save(record)?;
+        tracing::info!(run = %run.id, job = %run.job, instance = %run.instance, "run created");
+        Ok(run)
+    }
+
+    /// Plans and sends the client part of a queued run, if it can be; else
+    /// records what it waits for.
+    fn start(&mut self, record: &mut RunRecord, now: i64) -> Result<(), StateError> {
+        if record.client_assigned || record.is_finished() {
+            return Ok(());
+        }
+        if record.run_kind() != RunKind::Expand && record.run().copies.is_empty() {
+            match self.plan_copies(&record.spec()) {
+                Ok(copies) => {
+                    let order: Vec<String> = copies
+                        .iter()
+                        .map(|copy| {
+                            if copy.background {
+                                format!("{}&", copy.node)
+                            } else {
+                                copy.node.clone()
+                            }
+                        })
+                        .collect();
+                    record.run_mut().copies = copies;
+                    self.coordinator_event(record, &format!("plan: {}", order.join(" ")), now)?;
+                }
+                Err(reason) => return self.wait(record, reason, now),
+            }
+        }
+        let client = record.run().client.clone();
+        if !self.sessions.contains_key(&client) {
+            return self.wait(record, format!("waiting for client node {client} to connect"), now);
+        }
+        let assignment = self.client_assignment(record, now);
+        if self.send(&client, assignment) {
+            record.client_assigned = true;
+            record.assignments_sent += 1;
+            record.waiting_for.clear();
+            let message = format!("assigned to {client} (attempt {})", record.assignments_sent);
+            self.coordinator_event(record, &message, now)?;
+            self.advance_pulls(record, now)?;
+        } else {
+            self.wait(record, format!("waiting for client node {client} to connect"), now)?;
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, record: &mut RunRecord, reason: String, now: i64) -> Result<(), StateError> {
+        if record.waiting_for != reason {
+            record.waiting_for = reason.clone();
+            self.coordinator_event(record, &reason, now)?;
+        }
+        Ok(())
+    }
+
+    /// The copies of a run: its dest plan or its replicas, against the
+    /// nodes that can take a copy now.
+    fn plan_copies(&mut self, spec: &JobSpec) -> Result<Vec<RunCopy>, String> {
+        let views = self.node_views();
+        let planned = if spec.replicas > 0 {
+            dest::pick_replicas(spec.replicas as usize, &views, &mut self.rng)
+                .map_err(|error| error.to_string())?
+        } else {
+            let plan = DestPlan::parse(&spec.dest)
+                .map_err(|error| format!("job {}: {error}", spec.name))?;
+            dest::resolve(&plan, &views, &mut self.rng).map_err(|error| error.to_string())?
+        };
+        if planned.is_empty() {
+            return Err(format!("job {}: its dest names no node", spec.name));
+        }
+        Ok(planned
+            .into_iter()
+            .map(|copy| RunCopy {
+                node: copy.node,
+                state: CopyState::Pending as i32,
+                background: copy.background,
+                ..Default::default()
+            })
+            .collect())
+    }
+
+    fn ensure_snapshot(&mut self, record: &mut RunRecord, now: i64) -> Snapshot {
+        if let Some(snapshot) = record.snapshot.as_ref() {
+            return snapshot.clone();
+        }
+        let spec = record.spec();
+        let run = record.run();
+        let host = self
+            .nodes
+            .get(&run.client)
+            .and_then(|node| node.info.as_ref())
+            .map(|info| info.hostname.clone())
+            .filter(|hostname| !hostname.is_empty())
+            .unwrap_or_else(|| run.client.clone());
+        let mut snapshot = Snapshot {
+            id: random_snapshot_id(&mut self.rng),
+            job: spec.name.clone(),
+            host,
+            instance: run.instance.clone(),
+            master_host: static_value(&spec.master_host),
+            master_instance: static_value(&spec.master_instance),
+            data_age: static_value(&spec.data_age).trim().parse().unwrap_or(0),
+            r#type: if spec.r#type == SnapshotType::Unspecified as i32 {
+                SnapshotType::Full as i32
+            } else {
+                spec.r#type
+            },
+            tags: spec.tags.clone(),
+            start_time_ms: now,
+            ..Default::default()
+        };
+        snapshot.name = crate::naming::snapshot_name(&snapshot);
+        record.snapshot = Some(snapshot.clone());
+        snapshot
+    }
+
+    fn target(&self, copy: &RunCopy) -> CopyTarget {
+        CopyTarget {
+            node: copy.node.clone(),
+            address: self.address_of(&copy.node),
+            background: copy.background,
+        }
+    }
+
+    fn client_assignment(&mut self, record: &mut RunRecord, now: i64) -> CoordinatorMessage {
+        let snapshot = self.ensure_snapshot(record, now);
+        let run = record.run().clone();
+        let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
+        let expand = |spec: &JobSpec| {
+            jobfile::expand_runtime(spec, instance, &snapshot.host, snapshot.start_time_ms)
+        };
+        let attempt = record.assignments_sent + 1;
+        let assignment = match record.run_kind() {
+            RunKind::Expand => Assignment {
+                run_id: run.id.clone(),
+                role: AssignmentRole::Expand as i32,
+                job: Some(expand(&record.spec())),
+                attempt,
+                ..Default::default()
+            },
+            RunKind::Pull => Assignment {
+                run_id: run.id.clone(),
+                role: AssignmentRole::Passive as i32,
+                job: Some(expand(&record.passive.clone().unwrap_or_default())),
+                instance: run.instance.clone(),
+                snapshot: Some(snapshot.clone()),
+                attempt,
+                ..Default::default()
+            },
+            RunKind::Push | RunKind::Unspecified => {
+                let spec = record.spec();
+                let targets: Vec<CopyTarget> = run
+                    .copies
+                    .iter()
+                    .filter(|copy| copy.state() != CopyState::Done)
+                    .map(|copy| self.target(copy))
+                    .collect();
+                let spares = if spec.replicas > 0 {
+                    self.spares(&run.copies)
+                } else {
+                    Vec::new()
+                };
+                Assignment {
+                    run_id: run.id.clone(),
+                    role: AssignmentRole::Push as i32,
+                    job: Some(expand(&spec)),
+                    instance: run.instance.clone(),
+                    targets,
+                    snapshot: Some(snapshot.clone()),
+                    attempt,
+                    spares,
+                    ..Default::default()
+                }
+            }
+        };
+        CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Assignment(assignment)),
+        }
+    }
+
+    /// Healthy storage nodes outside the plan, in a random order.
+    fn spares(&mut self, copies: &[RunCopy]) -> Vec<CopyTarget> {
+        let mut spares: Vec<CopyTarget> = self
+            .node_views()
+            .into_iter()
+            .filter(|view| view.healthy && view.storage)
+            .filter(|view| !copies.iter().any(|copy| copy.node == view.id))
+            .map(|view| CopyTarget {
+                address: self.address_of(&view.id),
+                node: view.id,
+                background: true,
+            })
+            .collect();
+        spares.shuffle(&mut self.rng);
+        spares
+    }
+
+    fn pull_assignment(&mut self, record: &mut RunRecord, node: &str, now: i64) -> CoordinatorMessage {
+        let snapshot = self.ensure_snapshot(record, now);
+        let run = record.run();
+        let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
+        let job = jobfile::expand_runtime(
+            &record.spec(),
+            instance,
+            &snapshot.host,
+            snapshot.start_time_ms,
+        );
+        let attempt = run
+            .copies
+            .iter()
+            .find(|copy| copy.node == node)
+            .map(|copy| copy.attempts.max(1))
+            .unwrap_or(1);
+        CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Assignment(Assignment {
+                run_id: run.id.clone(),
+                role: AssignmentRole::Pull as i32,
+                job: Some(job),
+                instance: run.instance.clone(),
+                source_address: self.address_of(&run.client),
+                snapshot: Some(snapshot),
+                dest: node.to_owned(),
+                attempt,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Moves a pull run's orchestration as far as it can go now.
+    fn advance_pulls(&mut self, record: &mut RunRecord, now: i64) -> Result<(), StateError> {
+        let step = runs::next_pull_step(record);
+        for node in step.start {
+            let assignment = self.pull_assignment(record, &node, now);
+            if self.send(&node, assignment) {
+                record.pulls_outstanding.push(node.clone());
+                self.copy_event(record, &node, &format!("pull assigned to {node}"), now)?;
+            }
+        }
+        if let Some((ok, message)) = step.done {
+            let client = record.run().client.clone();
+            let done = CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::PullDone(PullDone {
+                    run_id: record.id().to_owned(),
+                    ok,
+                    message: message.clone(),
+                })),
+            };
+            if self.send(&client, done) {
+                record.pull_done_sent = true;
+                let text = if ok {
+                    "every pull committed; told the client".to_owned()
+                } else {
+                    format!("pulls ended with failures ({message}); told the client")
+                };
+                self.coordinator_event(record, &text, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A node (re)connected: send it what it should be doing and is not.
+    fn node_connected(
+        &mut self,
+        node_id: &str,
+        active_runs: &[String],
+        now: i64,
+    ) -> Result<(), StateError> {
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for id in ids {
+            let Some(mut record) = self.active.get(&id).cloned() else {
+                continue;
+            };
+            let has_it = active_runs.contains(&id);
+            let is_client = record.run().client == node_id;
+            if is_client && record.client_assigned && !has_it && record.client_final == 0 {
+                record.client_assigned = false;
+                if record.run_kind() == RunKind::Pull {
+                    record.ready = false;
+                    record.pull_done_sent = false;
+                }
+                record.waiting_since_ms = now;
+                self.coordinator_event(
+                    &record,
+                    &format!("{node_id} reconnected without this run; assigning it again"),
+                    now,
+                )?;
+            } else if is_client && has_it && record.pull_done_sent {
+                // It may not have heard before its session broke.
+                record.pull_done_sent = false;
+            }
+            if record.run_kind() == RunKind::Pull
+                && record.pulls_outstanding.iter().any(|node| node == node_id)
+                && !has_it
+            {
+                record.pulls_outstanding.retain(|node| node != node_id);
+                self.copy_event(
+                    &record,
+                    node_id,
+                    &format!("{node_id} reconnected without this pull; assigning it again"),
+                    now,
+                )?;
+            }
+            self.start(&mut record, now)?;
+            self.advance_pulls(&mut record, now)?;
+            self.save(record)?;
+        }
+        Ok(())
+    }
+
+    /// Applies an update; returns whether it must be flushed (anything but
+    /// progress).
+    fn run_update(&mut self, node_id: &str, update: &RunUpdate, now: i64) -> Result<bool, StateError> {
+        let record = match self.active.get(&update.run_id) {
+            Some(record) => Some(record.clone()),
+            None => self.store.run(&update.run_id)?,
+        };
+        let Some(mut record) = record else {
+            tracing::warn!(node = %node_id, run = %update.run_id, "update for an unknown run ignored");
+            return Ok(false);
+        };
+        let outcome = runs::apply_update(&mut record, node_id, update, now);
+        let durable = outcome.event.is_some() || !outcome.committed.is_empty();
+        if let Some(event) = outcome.event {
+            self.store_event(event)?;
+        }
+        for (snapshot, node) in &outcome.committed {
+            let mut entry = snapshot.clone();
+            if entry.id.is_empty()
+                && let Some(planned) = record.snapshot.as_ref()
+            {
+                entry.id = planned.id.clone();
+            }
+            self.store.add_catalog_copy(&entry, node)?;
+        }
+        if record.run_kind() == RunKind::Pull && update.dest_state() == CopyState::Failed {
+            let spec = record.spec();
+            if let Some(message) = runs::schedule_pull_retry(
+                &mut record,
+                &update.dest,
+                spec.copy_retries,
+                spec.copy_retry_min_sleep_ms,
+                now,
+            ) {
+                self.copy_event(&record, &update.dest, &message, now)?;
+            }
+        }
+        if outcome.pulls_changed {
+            self.advance_pulls(&mut record, now)?;
+        }
+        if outcome.finished {
+            if record.run_kind() == RunKind::Pull {
+                let cancel = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Cancel(CancelAssignment {
+                        run_id: record.id().to_owned(),
+                    })),
+                };
+                for node in std::mem::take(&mut record.pulls_outstanding) {
+                    self.send(&node, cancel.clone());
+                }
+            }
+            let run = record.run();
+            tracing::info!(run = %run.id, job = %run.job, state = run.state().as_str_name(), reason = %run.reason, "run ended");
+        }
+        let spec = record.spec();
+        let instances = outcome.instances;
+        self.save(record)?;
+        if !instances.is_empty() {
+            for instance in instances {
+                self.new_run(&spec, None, Some(&instance), RunKind::Push, now)?;
+            }
+        }
+        Ok(durable)
+    }
+
+    /// Returns whether anything changed.
+    fn tick(&mut self, now: i64) -> Result<bool, StateError> {
+        let mut changed = false;
+        let lost_after = millis(self.settings.lost_after);
+        let queue_timeout = millis(self.settings.queue_timeout);
+        let mut lost = Vec::new();
+        for (id, node) in &mut self.nodes {
+            let seen = self.last_seen.get(id).copied().unwrap_or(now);
+            if node.state() == NodeState::Online && now.saturating_sub(seen) > lost_after {
+                node.state = NodeState::Lost as i32;
+                lost.push(node.clone());
+            }
+        }
+        for node in lost {
+            let id = node.info.as_ref().map(|info| info.id.clone()).unwrap_or_default();
+            tracing::warn!(node = %id, "node lost: no heartbeat");
+            self.store.put_node(&node)?;
+            changed = true;
+        }
+
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for id in ids {
+            let Some(mut record) = self.active.get(&id).cloned() else {
+                continue;
+            };
+            let before = record.clone();
+            let client = record.run().client.clone();
+            let client_connected = self.sessions.contains_key(&client);
+
+            // Pull copies held by a lost or vanished node.
+            for node in record.pulls_outstanding.clone() {
+                let gone = self
+                    .nodes
+                    .get(&node)
+                    .is_none_or(|known| known.state() == NodeState::Lost);
+                if gone {
+                    record.pulls_outstanding.retain(|held| held != &node);
+                    if let Some(copy) = record.run_mut().copies.iter_mut().find(|copy| copy.node == node) {
+                        copy.set_state(CopyState::Failed);
+                        copy.reason = format!("node {node} was lost during the pull");
+                        copy.ended_ms = now;
+                    }
+                    self.copy_event(&record, &node, &format!("node {node} was lost during the pull"), now)?;
+                    let spec = record.spec();
+                    if let Some(message) = runs::schedule_pull_retry(
+                        &mut record,
+                        &node,
+                        spec.copy_retries,
+                        spec.copy_retry_min_sleep_ms,
+                        now,
+                    ) {
+                        self.copy_event(&record, &node, &message, now)?;
+                    }
+                }
+            }
+            // Pull retries whose sleep is over.
+            record.pull_retries.retain(|retry| retry.at_ms > now);
+            // Pull copies whose node has been away too long.
+            if record.run_kind() == RunKind::Pull && record.ready {
+                let waiting: Vec<String> = runs::next_pull_step(&record).start;
+                for node in waiting {
+                    if self.sessions.contains_key(&node) {
+                        continue;
+                    }
+                    let since = self
+                        .disconnected_since
+                        .get(&node)
+                        .copied()
+                        .unwrap_or(record.waiting_since_ms)
+                        .max(record.waiting_since_ms);
+                    if now.saturating_sub(since) > queue_timeout {
+                        let reason = format!(
+                            "node {node} has not been connected for {}",
+                            humantime::format_duration(self.settings.queue_timeout)
+                        );
+                        if let Some(copy) =
+                            record.run_mut().copies.iter_mut().find(|copy| copy.node == node)
+                        {
+                            copy.set_state(CopyState::Failed);
+                            copy.reason = reason.clone();
+                            copy.ended_ms = now;
+                        }
+                        self.copy_event(&record, &node, &reason, now)?;
+                    }
+                }
+            }
+
+            if !record.client_assigned {
+                if now.saturating_sub(record.waiting_since_ms) > queue_timeout {
+                    let why = if record.waiting_for.is_empty() {
+                        "waiting for its nodes".to_owned()
+                    } else {
+                        record.waiting_for.clone()
+                    };
+                    let reason = format!(
+                        "queued for more than {}: {why}",
+                        humantime::format_duration(self.settings.queue_timeout)
+                    );
+                    runs::finish(&mut record, RunState::Failed, &reason, now);
+                    self.coordinator_event(&record, &reason, now)?;
+                } else {
+                    self.start(&mut record, now)?;
+                }
+            } else if !client_connected && record.client_final == 0 {
+                let since = self.disconnected_since.get(&client).copied().unwrap_or(now);
+                if now.saturating_sub(since) > queue_timeout {
+                    let reason = format!(
+                        "client node {client} has been disconnected for more than {}",
+                        humantime::format_duration(self.settings.queue_timeout)
+                    );
+                    runs::finish(&mut record, RunState::Failed, &reason, now);
+                    self.coordinator_event(&record, &reason, now)?;
+                }
+            }
+            self.advance_pulls(&mut record, now)?;
+            if record != before {
+                changed = true;
+                self.save(record)?;
+            }
+        }
+        Ok(changed)
+    }
+}

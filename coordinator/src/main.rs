@@ -1,0 +1,134 @@
+//! The `fabric-coordinator` binary: parses flags (which override the config
+//! file and the environment), sets up logging, binds, and hands over to
+//! [`fabric_coordinator::serve`]. It prints exactly one line on stdout,
+//! `fabric-coordinator listening on ADDR`, once bound; logs go to stderr.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fabric_coordinator::{CoordinatorConfig, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "fabric-coordinator", version, about = "The fabric's coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the coordinator until SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML config file (every key optional).
+    #[arg(long, env = "FABRIC_COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:7400].
+    #[arg(long, env = "FABRIC_COORDINATOR_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory of the state database.
+    #[arg(long, env = "FABRIC_COORDINATOR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval asked of nodes, e.g. "5s".
+    #[arg(long, env = "FABRIC_COORDINATOR_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// Missed heartbeats before a node is lost.
+    #[arg(long, env = "FABRIC_COORDINATOR_LOST_AFTER_MISSED_HEARTBEATS")]
+    lost_after_missed_heartbeats: Option<u32>,
+    /// How long a run waits for its nodes before failing, e.g. "10m".
+    #[arg(long, env = "FABRIC_COORDINATOR_QUEUE_TIMEOUT", value_parser = humantime::parse_duration)]
+    queue_timeout: Option<Duration>,
+    /// Log format on stderr.
+    #[arg(long, env = "FABRIC_COORDINATOR_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<CoordinatorConfig> {
+        let mut config = match &self.config {
+            Some(path) => CoordinatorConfig::from_file(path)?,
+            None => CoordinatorConfig::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(data_dir) = &self.data_dir {
+            config.data_dir = data_dir.clone();
+        }
+        if let Some(interval) = self.heartbeat_interval {
+            config.heartbeat_interval = interval;
+        }
+        if let Some(missed) = self.lost_after_missed_heartbeats {
+            config.lost_after_missed_heartbeats = missed;
+        }
+        if let Some(timeout) = self.queue_timeout {
+            config.queue_timeout = timeout;
+        }
+        if let Some(format) = self.log_format {
+            config.log_format = format;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.config()?;
+            init_logging(config.log_format);
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let address = listener
+                .local_addr()
+                .with_context(|| format!("cannot read the address bound for {}", config.listen))?;
+            println!("fabric-coordinator listening on {address}");
+            fabric_coordinator::serve(listener, config, shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}

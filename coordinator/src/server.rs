@@ -1,0 +1,133 @@
+//! The server as a function: [`serve`] opens the state, serves the
+//! coordinator (with health and reflection) on a listener the caller bound,
+//! runs the periodic work, and on `shutdown` ends every stream, waits for the
+//! connections to close and flushes the state. Tests and embedders call it
+//! directly; the binary only parses flags, sets up logging and binds.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fabric_proto::service_names;
+use fabric_proto::standard::{StandardServices, StandardServicesError};
+use fabric_proto::v1::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{ConfigError, CoordinatorConfig};
+use crate::engine::{Engine, EngineError, Settings};
+use crate::service::CoordinatorService;
+use crate::state::{StateError, Store};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory could not be created.
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The state could not be flushed at shutdown.
+    #[error("cannot flush the state at shutdown: {0}")]
+    Flush(#[from] EngineError),
+    /// Health or reflection could not be built.
+    #[error(transparent)]
+    Standard(#[from] StandardServicesError),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// How often the engine's periodic work runs: often enough to notice a
+/// missed heartbeat within a fraction of an interval.
+fn tick_period(heartbeat_interval: Duration) -> Duration {
+    (heartbeat_interval / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Serves the coordinator on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let standard = StandardServices::new(&[service_names::COORDINATOR]).await?;
+    let store = Store::open(&config.data_dir)?;
+    let engine = Arc::new(Engine::open(
+        store,
+        Settings {
+            heartbeat_interval: config.heartbeat_interval,
+            lost_after: config.lost_after(),
+            queue_timeout: config.queue_timeout,
+        },
+    )?);
+    let (stop_sender, stop) = watch::channel(false);
+    let service = CoordinatorService::new(Arc::clone(&engine), stop.clone());
+    let routes = standard
+        .routes
+        .add_service(CoordinatorServer::new(service));
+
+    let ticker = {
+        let engine = Arc::clone(&engine);
+        let mut stop = stop.clone();
+        let period = tick_period(config.heartbeat_interval);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        if let Err(error) = engine.tick().await {
+                            tracing::error!(%error, "periodic work failed");
+                        }
+                    }
+                    _ = crate::service::stopped(&mut stop) => break,
+                }
+            }
+        })
+    };
+
+    standard.readiness.set_serving().await;
+    tracing::info!(data_dir = %config.data_dir.display(), "coordinator ready");
+    let readiness = standard.readiness.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        readiness.set_not_serving().await;
+        // Ends the sessions and watches so the graceful shutdown can finish.
+        let _ = stop_sender.send(true);
+    };
+    let served = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await;
+    let _ = ticker.await;
+    // Session readers hold the engine until they see the stop; sled keeps
+    // its lock until the last holder is gone, and a restart in the same
+    // process needs it.
+    for _ in 0..500 {
+        if Arc::strong_count(&engine) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.flush().await?;
+    served?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The `fabric.v1.Coordinator` gRPC service: turns requests into engine
+//! calls and engine errors into gRPC statuses (in [`status_of`], the one
+//! place that mapping lives). It holds no state of its own beyond the
+//! engine and the shutdown signal that ends its long-lived streams.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fabric_proto::v1::coordinator_server::Coordinator;
+use fabric_proto::v1::{
+    CancelRunRequest, CheckRequest, CheckResponse, CoordinatorMessage, GetJobRequest,
+    GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse, ListJobsRequest,
+    ListJobsResponse, ListNodesRequest, ListNodesResponse, ListRunsRequest, ListRunsResponse,
+    NodeInfo, NodeMessage, RegisterNodeResponse, RetryRunRequest, Run, RunDetail, RunEvent,
+    SubmitJobsRequest, SubmitJobsResponse, WatchRunRequest, node_message,
+};
+use futures::Stream;
+use tokio::sync::{broadcast, watch};
+use futures::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Engine, EngineError};
+use crate::record::is_final;
+
+/// The one mapping from engine errors to gRPC statuses.
+pub fn status_of(error: EngineError) -> Status {
+    match error {
+        EngineError::State(error) => Status::internal(error.to_string()),
+        EngineError::NotFound(message) => Status::not_found(message),
+        EngineError::InvalidArgument(message) => Status::invalid_argument(message),
+        EngineError::FailedPrecondition(message) => Status::failed_precondition(message),
+        EngineError::Ambiguous(error) => Status::invalid_argument(error.to_string()),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The coordinator service.
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    engine: Arc<Engine>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl CoordinatorService {
+    /// A service over `engine`; its streams end when `shutdown` turns true.
+    pub fn new(engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Self {
+        Self { engine, shutdown }
+    }
+}
+
+async fn shut_down(mut shutdown: watch::Receiver<bool>) {
+    stopped(&mut shutdown).await;
+}
+
+/// Completes once the server is stopping.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone: the server is stopping too.
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register_node(
+        &self,
+        request: Request<NodeInfo>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let info = request.into_inner();
+        tracing::info!(node = %info.id, address = %info.address, "node registered");
+        self.engine
+            .register_node(info)
+            .await
+            .map_err(status_of)?;
+        let interval = self.engine.settings().heartbeat_interval;
+        Ok(Response::new(RegisterNodeResponse {
+            heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    type SessionStream = BoxStream<CoordinatorMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(NodeMessage {
+                kind: Some(node_message::Kind::Hello(hello)),
+            }) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be hello",
+                ));
+            }
+        };
+        let node_id = hello.id.clone();
+        let (generation, outbound) = self.engine.open_session(hello).await.map_err(status_of)?;
+
+        let engine = Arc::clone(&self.engine);
+        let mut stop = self.shutdown.clone();
+        let reader_node = node_id.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    _ = crate::service::stopped(&mut stop) => break,
+                };
+                match message {
+                    Ok(Some(message)) => {
+                        if let Err(error) = engine.session_message(&reader_node, message).await {
+                            tracing::warn!(node = %reader_node, %error, "session message refused");
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::info!(node = %reader_node, %status, "session stream broke");
+                        break;
+                    }
+                }
+            }
+            engine.session_closed(&reader_node, generation).await;
+        });
+
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound)
+            .map(Ok)
+            .take_until(shut_down(self.shutdown.clone()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn submit_jobs(
+        &self,
+        request: Request<SubmitJobsRequest>,
+    ) -> Result<Response<SubmitJobsResponse>, Status> {
+        self.engine
+            .submit_jobs(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        self.engine
+            .job(&request.into_inner().name)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let jobs = self.engine.jobs().await.map_err(status_of)?;
+        Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let runs = self
+            .engine
+            .list_runs(&request.into_inner())
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(ListRunsResponse { runs }))
+    }
+
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<RunDetail>, Status> {
+        self.engine
+            .run_detail(&request.into_inner().run_id)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    type WatchRunStream = BoxStream<RunEvent>;
+
+    async fn watch_run(
+        &self,
+        request: Request<WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        // Subscribe before reading the stored events so none falls between.
+        let mut live = self.engine.subscribe();
+        let detail = self
+            .engine
+            .run_detail(&request.into_inner().run_id)
+            .await
+            .map_err(status_of)?;
+        let run_id = detail.run.as_ref().map(|run| run.id.clone()).unwrap_or_default();
+        let finished = detail.run.as_ref().is_some_and(|run| is_final(run.state()));
+        let engine = Arc::clone(&self.engine);
+        let stream = async_stream(move |sender| async move {
+            let mut last_seq = 0;
+            for event in detail.events {
+                last_seq = event.seq;
+                if sender.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if finished {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(event) => {
+                        if event.run_id != run_id || event.seq <= last_seq {
+                            continue;
+                        }
+                        last_seq = event.seq;
+                        let ended = is_final(event.state());
+                        if sender.send(Ok(event)).await.is_err() || ended {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind the feed: catch up from the store.
+                        match engine.events_after(&run_id, last_seq).await {
+                            Ok((events, ended)) => {
+                                for event in events {
+                                    last_seq = event.seq;
+                                    if sender.send(Ok(event)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                if ended {
+                                    return;
+                                }
+                            }
+                            Err(error) => {
+                                let _ = sender.send(Err(status_of(error))).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+        .take_until(shut_down(self.shutdown.clone()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn retry_run(&self, request: Request<RetryRunRequest>) -> Result<Response<Run>, Status> {
+        self.engine
+            .retry_run(&request.into_inner().run_id)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn cancel_run(&self, request: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
+        self.engine
+            .cancel_run(&request.into_inner().run_id)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        Ok(Response::new(ListNodesResponse {
+            nodes: self.engine.nodes().await,
+        }))
+    }
+
+    async fn list_catalog(
+        &self,
+        request: Request<ListCatalogRequest>,
+    ) -> Result<Response<ListCatalogResponse>, Status> {
+        let entries = self
+            .engine
+            .catalog(&request.into_inner())
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(ListCatalogResponse { entries }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        self.engine
+            .check(&request.into_inner().jobs)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+}
+
+/// A stream fed by a producer task through a small bounded channel: the
+/// producer stops when the receiver is dropped.
+fn async_stream<T, F, Fut>(producer: F) -> tokio_stream::wrappers::ReceiverStream<Result<T, Status>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(producer(sender));
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}

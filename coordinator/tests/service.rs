@@ -1,0 +1,816 @@
+//! The coordinator as nodes and operators see it: a real server started with
+//! `serve` on 127.0.0.1:0, nodes played by gRPC clients speaking the session
+//! protocol (register, hello, heartbeats, assignments, updates), operators
+//! by the same client calling the query and control methods.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fabric_coordinator::{CoordinatorConfig, serve};
+use fabric_proto::v1::coordinator_client::CoordinatorClient;
+use fabric_proto::v1::{
+    Assignment, AssignmentRole, CancelRunRequest, CheckRequest, CopyState, CoordinatorMessage,
+    GetJobRequest, GetRunRequest, Heartbeat, ListCatalogRequest, ListJobsRequest,
+    ListNodesRequest, ListRunsRequest, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone,
+    RetryRunRequest, Run, RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SubmitJobsRequest,
+    TransferProgress, WatchRunRequest, coordinator_message, node_message,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Upper bound for anything the test waits for; reaching it is a failure.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Coordinator {
+    address: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), fabric_coordinator::ServeError>>,
+}
+
+impl Coordinator {
+    async fn start(data_dir: &Path, heartbeat_interval: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let config = CoordinatorConfig {
+            listen: listener.local_addr().unwrap(),
+            data_dir: data_dir.to_owned(),
+            heartbeat_interval,
+            ..CoordinatorConfig::default()
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            address,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::connect(self.address.clone()).await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("the coordinator stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A node played by the test.
+struct FakeNode {
+    id: String,
+    sender: mpsc::Sender<NodeMessage>,
+    inbound: tonic::Streaming<CoordinatorMessage>,
+}
+
+fn info(id: &str, roles: &[NodeRole], labels: &[&str]) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        address: format!("http://{id}.invalid:7401"),
+        labels: labels.iter().map(|label| (*label).to_owned()).collect(),
+        capacity_bytes: 1 << 30,
+        free_bytes: 1 << 29,
+        roles: roles.iter().map(|role| *role as i32).collect(),
+        hostname: format!("{id}.example"),
+        active_runs: Vec::new(),
+    }
+}
+
+impl FakeNode {
+    async fn connect(coordinator: &Coordinator, info: NodeInfo) -> Self {
+        let mut client = coordinator.client().await;
+        let settings = client.register_node(info.clone()).await.unwrap().into_inner();
+        assert!(settings.heartbeat_interval_ms > 0);
+        let (sender, receiver) = mpsc::channel(64);
+        sender
+            .send(NodeMessage {
+                kind: Some(node_message::Kind::Hello(info.clone())),
+            })
+            .await
+            .unwrap();
+        let inbound = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+        let node = Self {
+            id: info.id,
+            sender,
+            inbound,
+        };
+        node.heartbeat().await;
+        node
+    }
+
+    async fn storage(coordinator: &Coordinator, id: &str) -> Self {
+        Self::connect(coordinator, info(id, &[NodeRole::Storage], &["hot"])).await
+    }
+
+    async fn agent(coordinator: &Coordinator, id: &str) -> Self {
+        Self::connect(coordinator, info(id, &[NodeRole::Agent], &[])).await
+    }
+
+    async fn heartbeat(&self) {
+        self.sender
+            .send(NodeMessage {
+                kind: Some(node_message::Kind::Heartbeat(Heartbeat {
+                    free_bytes: 1 << 28,
+                    chunks: 7,
+                    stored_bytes: 700,
+                })),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn update(&self, update: RunUpdate) {
+        self.sender
+            .send(NodeMessage {
+                kind: Some(node_message::Kind::Update(update)),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn next_message(&mut self) -> coordinator_message::Kind {
+        let message = tokio::time::timeout(PATIENCE, self.inbound.message())
+            .await
+            .unwrap_or_else(|_| panic!("{}: no message from the coordinator", self.id))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}: the session ended", self.id));
+        message.kind.unwrap()
+    }
+
+    async fn assignment(&mut self) -> Assignment {
+        match self.next_message().await {
+            coordinator_message::Kind::Assignment(assignment) => assignment,
+            other => panic!("{}: expected an assignment, got {other:?}", self.id),
+        }
+    }
+}
+
+fn state(run_id: &str, state: RunState) -> RunUpdate {
+    RunUpdate {
+        run_id: run_id.into(),
+        state: state as i32,
+        ..Default::default()
+    }
+}
+
+fn dest(run_id: &str, node: &str, dest_state: CopyState) -> RunUpdate {
+    RunUpdate {
+        run_id: run_id.into(),
+        dest: node.into(),
+        dest_state: dest_state as i32,
+        ..Default::default()
+    }
+}
+
+fn committed(assignment: &Assignment, node: &str) -> RunUpdate {
+    let mut snapshot: Snapshot = assignment.snapshot.clone().unwrap();
+    snapshot.end_time_ms = snapshot.start_time_ms + 1000;
+    snapshot.state = fabric_proto::v1::SnapshotState::Complete as i32;
+    RunUpdate {
+        snapshot: Some(snapshot),
+        ..dest(&assignment.run_id, node, CopyState::Done)
+    }
+}
+
+async fn submit(coordinator: &Coordinator, toml: &str, select: &[&str]) -> Vec<Run> {
+    coordinator
+        .client()
+        .await
+        .submit_jobs(SubmitJobsRequest {
+            toml: toml.into(),
+            file_name: "jobs.toml".into(),
+            select: select.iter().map(|item| (*item).to_owned()).collect(),
+            no_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs
+}
+
+/// Every event of the run until it ends (WatchRun ends with the run).
+async fn watch_to_end(coordinator: &Coordinator, run_id: &str) -> Vec<RunEvent> {
+    let mut stream = coordinator
+        .client()
+        .await
+        .watch_run(WatchRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.message()).await {
+            Ok(Ok(Some(event))) => events.push(event),
+            Ok(Ok(None)) => return events,
+            Ok(Err(status)) => panic!("watch failed: {status}"),
+            Err(_) => panic!("run {run_id} did not end; events so far: {events:#?}"),
+        }
+    }
+}
+
+async fn run_detail(coordinator: &Coordinator, run_id: &str) -> RunDetail {
+    coordinator
+        .client()
+        .await
+        .get_run(GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+const PUSH_JOB: &str = r#"
+[job.db]
+direction = "push"
+client = "c1"
+include = ["/srv/db"]
+dest = "n1& n2"
+copy_retries = 1
+interval = "24h"
+"#;
+
+fn data_dir(temp: &tempfile::TempDir) -> PathBuf {
+    temp.path().join("state")
+}
+
+#[tokio::test]
+async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+
+    let runs = submit(&coordinator, PUSH_JOB, &[]).await;
+    assert_eq!(runs.len(), 1);
+    let run_id = runs[0].id.clone();
+
+    let assignment = client.assignment().await;
+    assert_eq!(assignment.run_id, run_id);
+    assert_eq!(assignment.role(), AssignmentRole::Push);
+    let targets: Vec<(String, bool)> = assignment
+        .targets
+        .iter()
+        .map(|target| (target.node.clone(), target.background))
+        .collect();
+    assert_eq!(targets, [("n1".into(), true), ("n2".into(), false)]);
+    assert_eq!(assignment.targets[0].address, "http://n1.invalid:7401");
+    let snapshot = assignment.snapshot.clone().unwrap();
+    assert_eq!(snapshot.id.len(), 32);
+    assert!(snapshot.id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert_eq!(snapshot.host, "c1.example");
+    assert_eq!(snapshot.job, "db");
+    assert!(snapshot.name.starts_with("db/"), "{}", snapshot.name);
+    assert_eq!(assignment.job.as_ref().unwrap().include, ["/srv/db"]);
+
+    client.update(state(&run_id, RunState::Copying)).await;
+    client.update(dest(&run_id, "n1", CopyState::Running)).await;
+    client
+        .update(RunUpdate {
+            progress: Some(TransferProgress {
+                files: 3,
+                bytes_read: 300,
+                bytes_sent: 100,
+                current_path: "/srv/db/x".into(),
+            }),
+            ..dest(&run_id, "n1", CopyState::Unspecified)
+        })
+        .await;
+    client.update(dest(&run_id, "n2", CopyState::Running)).await;
+    client.update(committed(&assignment, "n2")).await;
+    client.update(committed(&assignment, "n1")).await;
+    client.update(state(&run_id, RunState::Done)).await;
+
+    let events = watch_to_end(&coordinator, &run_id).await;
+    assert_eq!(events.last().unwrap().state(), RunState::Done);
+    let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+    assert!(
+        events
+            .iter()
+            .any(|event| event.dest == "n1" && event.dest_state() == CopyState::Running
+                && event.node == "c1"),
+        "{events:#?}"
+    );
+    // Progress alone is not an event.
+    assert!(events.iter().all(|event| event.progress.is_none()));
+
+    let detail = run_detail(&coordinator, &run_id[..14]).await;
+    let run = detail.run.clone().unwrap();
+    assert_eq!(run.state(), RunState::Done);
+    assert_eq!(run.copies.len(), 2);
+    for copy in &run.copies {
+        assert_eq!(copy.state(), CopyState::Done, "{copy:?}");
+        assert_eq!(copy.snapshot_id, snapshot.id);
+    }
+    assert_eq!(
+        run.copies[0].progress.as_ref().map(|progress| progress.bytes_read),
+        Some(300)
+    );
+    assert_eq!(detail.events, events);
+
+    let mut operator = coordinator.client().await;
+    let listed = operator
+        .list_runs(ListRunsRequest {
+            job: "db".into(),
+            state: RunState::Done as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(listed.len(), 1);
+    let none = operator
+        .list_runs(ListRunsRequest {
+            job: "db".into(),
+            state: RunState::Failed as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert!(none.is_empty());
+
+    let catalog = operator
+        .list_catalog(ListCatalogRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(catalog.len(), 1);
+    let mut holders: Vec<String> = catalog[0].copies.iter().map(|copy| copy.node.clone()).collect();
+    holders.sort();
+    assert_eq!(holders, ["n1", "n2"]);
+    assert_eq!(catalog[0].snapshot.as_ref().unwrap().id, snapshot.id);
+
+    let checks = operator
+        .check(CheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0].job, "db");
+    assert_eq!(checks[0].status(), fabric_proto::v1::CheckStatus::Ok, "{checks:?}");
+
+    // A restart loses nothing.
+    drop(client);
+    drop(operator);
+    coordinator.stop().await;
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let mut operator = coordinator.client().await;
+    let nodes = operator
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let ids: Vec<String> = nodes.iter().map(|node| node.info.as_ref().unwrap().id.clone()).collect();
+    assert_eq!(ids, ["c1", "n1", "n2"]);
+    assert_eq!(nodes[1].chunks, 7);
+    let job = operator
+        .get_job(GetJobRequest { name: "db".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.last_run.unwrap().id, run_id);
+    assert_eq!(
+        operator
+            .list_jobs(ListJobsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .len(),
+        1
+    );
+    let after = run_detail(&coordinator, &run_id).await;
+    assert_eq!(after, detail);
+    let catalog_after = operator
+        .list_catalog(ListCatalogRequest {
+            job: "db".into(),
+            host: "c1.example".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(catalog_after, catalog);
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_stops_heartbeating_is_lost_and_comes_back_on_reconnect() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_millis(100)).await;
+    let node = FakeNode::storage(&coordinator, "n1").await;
+    let mut operator = coordinator.client().await;
+    let state_of_n1 = |nodes: Vec<fabric_proto::v1::Node>| nodes[0].state();
+    let mut lost = false;
+    for _ in 0..200 {
+        let nodes = operator.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+        if state_of_n1(nodes) == NodeState::Lost {
+            lost = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lost, "n1 never became lost");
+    drop(node);
+    let _node = FakeNode::storage(&coordinator, "n1").await;
+    let nodes = operator.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    assert_eq!(state_of_n1(nodes), NodeState::Online);
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_pre_failure_fails_the_run_before_any_copy() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let runs = submit(&coordinator, &format!("{PUSH_JOB}pre = \"false\"\n"), &["db"]).await;
+    let run_id = runs[0].id.clone();
+    let assignment = client.assignment().await;
+    assert_eq!(assignment.job.as_ref().unwrap().pre, "false");
+    client.update(state(&run_id, RunState::Pre)).await;
+    client
+        .update(RunUpdate {
+            run_id: run_id.clone(),
+            message: "dump: no such database".into(),
+            ..Default::default()
+        })
+        .await;
+    client
+        .update(RunUpdate {
+            message: "pre exited with status 1".into(),
+            ..state(&run_id, RunState::Failed)
+        })
+        .await;
+    let events = watch_to_end(&coordinator, &run_id).await;
+    assert!(events.iter().any(|event| event.message == "dump: no such database"
+        && event.state() == RunState::Pre));
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Failed);
+    assert_eq!(run.reason, "pre exited with status 1");
+    assert!(run.copies.iter().all(|copy| copy.state() == CopyState::Pending));
+    assert!(run.ended_ms >= run.created_ms);
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_stops_the_run_on_its_node() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let run_id = submit(&coordinator, PUSH_JOB, &[]).await[0].id.clone();
+    client.assignment().await;
+    client.update(state(&run_id, RunState::Copying)).await;
+    let mut operator = coordinator.client().await;
+    let run = operator
+        .cancel_run(CancelRunRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.state(), RunState::Cancelled);
+    match client.next_message().await {
+        coordinator_message::Kind::Cancel(cancel) => assert_eq!(cancel.run_id, run_id),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    client.update(state(&run_id, RunState::Cancelled)).await;
+    let again = operator
+        .cancel_run(CancelRunRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        run_detail(&coordinator, &run_id).await.run.unwrap().state(),
+        RunState::Cancelled
+    );
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn retry_sends_only_the_failed_copies_again() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let run_id = submit(&coordinator, PUSH_JOB, &[]).await[0].id.clone();
+    let assignment = client.assignment().await;
+    client.update(state(&run_id, RunState::Copying)).await;
+    client.update(committed(&assignment, "n1")).await;
+    client
+        .update(RunUpdate {
+            message: "connection refused".into(),
+            ..dest(&run_id, "n2", CopyState::Failed)
+        })
+        .await;
+    client.update(state(&run_id, RunState::Done)).await;
+    watch_to_end(&coordinator, &run_id).await;
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Failed);
+    assert!(run.reason.contains("n2: connection refused"), "{}", run.reason);
+
+    let mut operator = coordinator.client().await;
+    let retried = operator
+        .retry_run(RetryRunRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.attempt, 2);
+    let again = client.assignment().await;
+    assert_eq!(again.run_id, run_id);
+    let targets: Vec<&str> = again.targets.iter().map(|target| target.node.as_str()).collect();
+    assert_eq!(targets, ["n2"]);
+    assert_eq!(again.snapshot.as_ref().unwrap().id, assignment.snapshot.as_ref().unwrap().id);
+    client.update(committed(&again, "n2")).await;
+    client.update(state(&run_id, RunState::Done)).await;
+    watch_to_end(&coordinator, &run_id).await;
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Done);
+    assert_eq!(run.attempt, 2);
+    let refused = operator
+        .retry_run(RetryRunRequest { run_id })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    coordinator.stop().await;
+}
+
+const PULL_JOBS: &str = r#"
+[job.ext-client]
+direction = "passive"
+client = "c1"
+pre = "dump"
+post = "cleanup"
+
+[job.ext]
+direction = "pull"
+pull_source = "ext-client"
+include = ["/srv/export"]
+dest = "n1 n2"
+copy_retries = 1
+copy_retry_min_sleep = 0
+"#;
+
+#[tokio::test]
+async fn a_pull_run_orchestrates_the_storage_nodes_and_tells_the_client() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let mut n1 = FakeNode::storage(&coordinator, "n1").await;
+    let mut n2 = FakeNode::storage(&coordinator, "n2").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let runs = submit(&coordinator, PULL_JOBS, &[]).await;
+    assert_eq!(runs.len(), 1);
+    let run_id = runs[0].id.clone();
+    assert_eq!(runs[0].client, "c1");
+
+    let passive = client.assignment().await;
+    assert_eq!(passive.role(), AssignmentRole::Passive);
+    assert_eq!(passive.job.as_ref().unwrap().pre, "dump");
+    client.update(state(&run_id, RunState::Pre)).await;
+    client
+        .update(RunUpdate {
+            ready: true,
+            ..state(&run_id, RunState::Copying)
+        })
+        .await;
+
+    let pull = n1.assignment().await;
+    assert_eq!(pull.role(), AssignmentRole::Pull);
+    assert_eq!(pull.dest, "n1");
+    assert_eq!(pull.source_address, "http://c1.invalid:7401");
+    assert_eq!(pull.job.as_ref().unwrap().include, ["/srv/export"]);
+    // n1 fails once: the coordinator retries it before going on to n2.
+    n1.update(dest(&run_id, "n1", CopyState::Running)).await;
+    n1.update(RunUpdate {
+        message: "source unreachable".into(),
+        ..dest(&run_id, "n1", CopyState::Failed)
+    })
+    .await;
+    let retry = n1.assignment().await;
+    assert_eq!(retry.dest, "n1");
+    assert_eq!(retry.attempt, 2);
+    n1.update(dest(&run_id, "n1", CopyState::Running)).await;
+    n1.update(committed(&pull, "n1")).await;
+
+    let second = n2.assignment().await;
+    assert_eq!(second.dest, "n2");
+    n2.update(dest(&run_id, "n2", CopyState::Running)).await;
+    n2.update(committed(&second, "n2")).await;
+
+    let done: PullDone = match client.next_message().await {
+        coordinator_message::Kind::PullDone(done) => done,
+        other => panic!("expected pull_done, got {other:?}"),
+    };
+    assert!(done.ok, "{done:?}");
+    assert_eq!(done.run_id, run_id);
+    client.update(state(&run_id, RunState::Post)).await;
+    client.update(state(&run_id, RunState::Done)).await;
+    watch_to_end(&coordinator, &run_id).await;
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Done, "{}", run.reason);
+    assert_eq!(run.copies[0].attempts, 2);
+    let catalog = coordinator
+        .client()
+        .await
+        .list_catalog(ListCatalogRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(catalog.len(), 1);
+    assert_eq!(catalog[0].copies.len(), 2);
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn instances_from_a_command_expand_into_one_run_each() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let jobs = r#"
+[job.mysql]
+direction = "push"
+client = "c1"
+instances = "!list-instances"
+include = ["/srv/dump/$instance"]
+dest = "n1"
+"#;
+    let runs = submit(&coordinator, jobs, &[]).await;
+    let expand_id = runs[0].id.clone();
+    let expand = client.assignment().await;
+    assert_eq!(expand.role(), AssignmentRole::Expand);
+    assert_eq!(expand.job.as_ref().unwrap().instances_command, "list-instances");
+    client
+        .update(RunUpdate {
+            instances: vec!["3306".into(), "3307".into()],
+            ..state(&expand_id, RunState::Done)
+        })
+        .await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let push = client.assignment().await;
+        assert_eq!(push.role(), AssignmentRole::Push);
+        assert_eq!(
+            push.job.as_ref().unwrap().include,
+            [format!("/srv/dump/{}", push.instance)]
+        );
+        assert_eq!(push.snapshot.as_ref().unwrap().instance, push.instance);
+        seen.push(push.instance);
+    }
+    seen.sort();
+    assert_eq!(seen, ["3306", "3307"]);
+    let run = run_detail(&coordinator, &expand_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Done);
+    let all = coordinator
+        .client()
+        .await
+        .list_runs(ListRunsRequest {
+            job: "mysql".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(all.len(), 3);
+    assert!(all[0].created_ms >= all[2].created_ms, "newest first");
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_queued_run_waits_for_its_client_and_is_reassigned_after_a_reconnect() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    // c1 is known but not connected.
+    coordinator
+        .client()
+        .await
+        .register_node(info("c1", &[NodeRole::Agent], &[]))
+        .await
+        .unwrap();
+    let run_id = submit(&coordinator, PUSH_JOB, &[]).await[0].id.clone();
+    let detail = run_detail(&coordinator, &run_id).await;
+    assert_eq!(detail.run.unwrap().state(), RunState::Queued);
+    assert!(
+        detail
+            .events
+            .iter()
+            .any(|event| event.message.contains("waiting for client node c1")),
+        "{:#?}",
+        detail.events
+    );
+
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let first = client.assignment().await;
+    assert_eq!(first.run_id, run_id);
+    assert_eq!(first.attempt, 1);
+    client.update(state(&run_id, RunState::Copying)).await;
+    drop(client);
+
+    // Back without the run among its active runs: it gets it again.
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let second = client.assignment().await;
+    assert_eq!(second.run_id, run_id);
+    assert_eq!(second.attempt, 2);
+    assert_eq!(second.snapshot, first.snapshot);
+
+    // Back with the run active: nothing is sent again.
+    let mut hello = info("c1", &[NodeRole::Agent], &[]);
+    hello.active_runs = vec![run_id.clone()];
+    drop(client);
+    let mut client = FakeNode::connect(&coordinator, hello).await;
+    client.update(committed(&second, "n1")).await;
+    client.update(committed(&second, "n2")).await;
+    client.update(state(&run_id, RunState::Done)).await;
+    watch_to_end(&coordinator, &run_id).await;
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Done);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), client.inbound.message())
+            .await
+            .is_err(),
+        "no further assignment"
+    );
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_jobs_file_is_refused_naming_the_file_job_and_key() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _c1 = FakeNode::agent(&coordinator, "c1").await;
+    let status = coordinator
+        .client()
+        .await
+        .submit_jobs(SubmitJobsRequest {
+            toml: format!("{PUSH_JOB}colour = \"blue\"\n"),
+            file_name: "bad.toml".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let message = status.message();
+    assert!(
+        message.contains("bad.toml") && message.contains("db") && message.contains("colour"),
+        "{message}"
+    );
+    let status = coordinator
+        .client()
+        .await
+        .submit_jobs(SubmitJobsRequest {
+            toml: PUSH_JOB.replace("n1& n2", "n1 n7"),
+            file_name: "bad.toml".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("n7"), "{}", status.message());
+    assert!(
+        coordinator
+            .client()
+            .await
+            .list_jobs(ListJobsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
+    coordinator.stop().await;
+}
