@@ -174,7 +174,11 @@ impl Store {
         {
             let mut protected = lock(&self.protected);
             let spared: Vec<(ChunkId, Location)> = match protected.as_ref() {
-                Some(set) => dead.iter().filter(|(id, _)| set.contains(id)).copied().collect(),
+                Some(set) => dead
+                    .iter()
+                    .filter(|(id, _)| set.contains(id))
+                    .copied()
+                    .collect(),
                 None => Vec::new(),
             };
             let set = protected.get_or_insert_with(HashSet::new);
@@ -217,7 +221,10 @@ impl Store {
         if options.dry_run {
             report.packs_rewritten = to_rewrite.len() as u64;
             report.packs_deleted = (to_rewrite.len() + to_delete.len()) as u64;
-            report.moved_chunks = to_rewrite.iter().map(|id| usage[id].live.len() as u64).sum();
+            report.moved_chunks = to_rewrite
+                .iter()
+                .map(|id| usage[id].live.len() as u64)
+                .sum();
             return Ok(report);
         }
 
@@ -256,15 +263,16 @@ impl Store {
             for entry in entries {
                 if writer.is_none() {
                     let new_id = self.allocate_pack_id();
-                    writer = Some(
-                        PackWriter::create(&self.packs_dir, new_id)
-                            .map_err(StoreError::io("cannot create pack", self.pack_path(new_id)))?,
-                    );
+                    writer =
+                        Some(PackWriter::create(&self.packs_dir, new_id).map_err(
+                            StoreError::io("cannot create pack", self.pack_path(new_id)),
+                        )?);
                 }
                 if let Some(open) = writer.as_mut() {
-                    let offset = open
-                        .append(&entry)
-                        .map_err(StoreError::io("cannot append to pack", open.path().to_owned()))?;
+                    let offset = open.append(&entry).map_err(StoreError::io(
+                        "cannot append to pack",
+                        open.path().to_owned(),
+                    ))?;
                     moved.push((
                         entry.header.id,
                         Location {
@@ -279,7 +287,8 @@ impl Store {
                         if let Some(full) = writer.take() {
                             written += full.len() + SEAL_LEN;
                             let path = full.path().to_owned();
-                            full.seal().map_err(StoreError::io("cannot seal pack", path))?;
+                            full.seal()
+                                .map_err(StoreError::io("cannot seal pack", path))?;
                         }
                     }
                 }
@@ -290,10 +299,13 @@ impl Store {
         if let Some(last) = writer.take() {
             written += last.len() + SEAL_LEN;
             let path = last.path().to_owned();
-            last.seal().map_err(StoreError::io("cannot seal pack", path))?;
+            last.seal()
+                .map_err(StoreError::io("cannot seal pack", path))?;
         }
         report.moved_chunks = moved.len() as u64;
-        self.index.insert_batch(&moved).map_err(self.index_error())?;
+        self.index
+            .insert_batch(&moved)
+            .map_err(self.index_error())?;
         self.index.flush().map_err(self.index_error())?;
 
         let mut deleted_bytes = 0u64;
@@ -309,7 +321,8 @@ impl Store {
             report.packs_deleted += 1;
         }
         if !to_delete.is_empty() {
-            pack::sync_dir(&self.packs_dir).map_err(StoreError::io("cannot fsync", &self.packs_dir))?;
+            pack::sync_dir(&self.packs_dir)
+                .map_err(StoreError::io("cannot fsync", &self.packs_dir))?;
         }
         report.bytes_freed = deleted_bytes.saturating_sub(written);
         Ok(report)

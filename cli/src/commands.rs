@@ -55,7 +55,15 @@ struct JobRow {
 
 impl Row for JobRow {
     fn headers() -> &'static [&'static str] {
-        &["name", "direction", "client", "dest", "interval", "last run", "state"]
+        &[
+            "name",
+            "direction",
+            "client",
+            "dest",
+            "interval",
+            "last run",
+            "state",
+        ]
     }
     fn cells(&self) -> Vec<String> {
         let dest = if self.replicas > 0 {
@@ -89,7 +97,11 @@ fn job_row(job: &Job) -> JobRow {
         dest: spec.dest,
         replicas: spec.replicas,
         interval_s: spec.interval_s,
-        last_run: job.last_run.as_ref().map(|r| r.id.clone()).unwrap_or_default(),
+        last_run: job
+            .last_run
+            .as_ref()
+            .map(|r| r.id.clone())
+            .unwrap_or_default(),
         last_state: job
             .last_run
             .as_ref()
@@ -124,7 +136,9 @@ struct CopyRow {
 
 impl Row for RunRow {
     fn headers() -> &'static [&'static str] {
-        &["id", "job", "instance", "state", "copies", "created", "reason"]
+        &[
+            "id", "job", "instance", "state", "copies", "created", "reason",
+        ]
     }
     fn cells(&self) -> Vec<String> {
         let copies = self
@@ -189,7 +203,16 @@ struct NodeRow {
 
 impl Row for NodeRow {
     fn headers() -> &'static [&'static str] {
-        &["id", "address", "labels", "state", "last heartbeat", "free", "chunks", "stored"]
+        &[
+            "id",
+            "address",
+            "labels",
+            "state",
+            "last heartbeat",
+            "free",
+            "chunks",
+            "stored",
+        ]
     }
     fn cells(&self) -> Vec<String> {
         vec![
@@ -244,7 +267,9 @@ pub struct SnapshotRow {
 
 impl Row for SnapshotRow {
     fn headers() -> &'static [&'static str] {
-        &["date", "id", "name", "size", "new", "duration", "tags", "nodes"]
+        &[
+            "date", "id", "name", "size", "new", "duration", "tags", "nodes",
+        ]
     }
     fn cells(&self) -> Vec<String> {
         vec![
@@ -378,7 +403,11 @@ pub async fn run_list(
 fn event_line(event: &RunEvent) -> String {
     let mut line = format!("{}  {}", time_ms(event.time_ms), run_state(event.state()));
     if !event.dest.is_empty() {
-        line.push_str(&format!("  {} {}", event.dest, copy_state(event.dest_state())));
+        line.push_str(&format!(
+            "  {} {}",
+            event.dest,
+            copy_state(event.dest_state())
+        ));
     }
     if !event.node.is_empty() {
         line.push_str(&format!("  [{}]", event.node));
@@ -450,8 +479,10 @@ pub async fn run_watch(address: &str, run: &str) -> anyhow::Result<()> {
         .into_inner();
     let terminal = std::io::stdout().is_terminal();
     let bars = indicatif::MultiProgress::new();
-    let mut per_dest: std::collections::HashMap<String, (indicatif::ProgressBar, std::time::Instant)> =
-        Default::default();
+    let mut per_dest: std::collections::HashMap<
+        String,
+        (indicatif::ProgressBar, std::time::Instant),
+    > = Default::default();
     let mut last_state = RunState::Unspecified;
     while let Some(event) = events.next().await {
         let event = event.map_err(|status| status_error("watching the run", status))?;
@@ -492,7 +523,9 @@ pub async fn run_watch(address: &str, run: &str) -> anyhow::Result<()> {
     }
     match last_state {
         RunState::Done => Ok(()),
-        RunState::Failed | RunState::Cancelled => bail!("run {run} ended {}", run_state(last_state)),
+        RunState::Failed | RunState::Cancelled => {
+            bail!("run {run} ended {}", run_state(last_state))
+        }
         _ => Ok(()),
     }
 }
@@ -607,7 +640,9 @@ pub async fn restore(
         Box::new(fabric_chunkstore::restore::TarTarget::new(std::io::stdout()))
     } else {
         std::fs::create_dir_all(to).with_context(|| format!("cannot create {to}"))?;
-        Box::new(fabric_chunkstore::restore::DirectoryTarget::new(PathBuf::from(to))?)
+        Box::new(fabric_chunkstore::restore::DirectoryTarget::new(
+            PathBuf::from(to),
+        )?)
     };
     let stats = fabric_node::restore_client::restore_from(
         &located.address,
@@ -635,7 +670,9 @@ fn parse_sample(text: &str) -> anyhow::Result<f64> {
         Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
         None => text.trim().parse::<f64>(),
     }
-    .map_err(|_| anyhow!("bad --sample {text:?}: use a percentage like 5% or a fraction like 0.05"))?;
+    .map_err(|_| {
+        anyhow!("bad --sample {text:?}: use a percentage like 5% or a fraction like 0.05")
+    })?;
     if !(fraction > 0.0 && fraction <= 1.0) {
         bail!("bad --sample {text:?}: it must be more than 0% and at most 100%");
     }
@@ -675,16 +712,26 @@ pub async fn verify(
     sample: Option<String>,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let sample = sample.as_deref().map(parse_sample).transpose()?.unwrap_or(0.0);
+    let sample = sample
+        .as_deref()
+        .map(parse_sample)
+        .transpose()?
+        .unwrap_or(0.0);
     let (node_address, node_name, snapshot_id) = match (&snapshot, &node) {
         (Some(spec), _) => {
             let located = remote::locate(address, spec, node.clone(), None).await?;
             (located.address, located.node, located.snapshot_id)
         }
-        (None, Some(node)) if remote::is_address(node) => (node.clone(), node.clone(), String::new()),
+        (None, Some(node)) if remote::is_address(node) => {
+            (node.clone(), node.clone(), String::new())
+        }
         (None, Some(node)) => {
             let mut client = coordinator(address).await?;
-            (remote::node_address(&mut client, node).await?, node.clone(), String::new())
+            (
+                remote::node_address(&mut client, node).await?,
+                node.clone(),
+                String::new(),
+            )
         }
         (None, None) => bail!("say what to verify: a SNAPSHOT, or --node N for a whole store"),
     };
@@ -845,14 +892,29 @@ mod tests {
     fn samples_parse_as_percent_or_fraction() {
         assert_eq!(parse_sample("5%").unwrap(), 0.05);
         assert_eq!(parse_sample("0.25").unwrap(), 0.25);
-        assert!(parse_sample("0%").unwrap_err().to_string().contains("more than 0%"));
-        assert!(parse_sample("abc").unwrap_err().to_string().contains("\"abc\""));
+        assert!(
+            parse_sample("0%")
+                .unwrap_err()
+                .to_string()
+                .contains("more than 0%")
+        );
+        assert!(
+            parse_sample("abc")
+                .unwrap_err()
+                .to_string()
+                .contains("\"abc\"")
+        );
     }
 
     #[test]
     fn run_states_parse_by_their_short_name() {
         assert_eq!(parse_run_state("copying").unwrap(), RunState::Copying);
-        assert!(parse_run_state("nope").unwrap_err().to_string().contains("nope"));
+        assert!(
+            parse_run_state("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
         assert_eq!(run_state(RunState::Done), "done");
     }
 }

@@ -33,22 +33,41 @@ pub fn compare_trees(left: &Path, right: &Path, mtimes: bool) -> anyhow::Result<
         }
         for name in names_a {
             let (pa, pb) = (a.join(&name), b.join(&name));
-            let (ma, mb) = (std::fs::symlink_metadata(&pa)?, std::fs::symlink_metadata(&pb)?);
+            let (ma, mb) = (
+                std::fs::symlink_metadata(&pa)?,
+                std::fs::symlink_metadata(&pb)?,
+            );
             compared.entries += 1;
             if ma.file_type() != mb.file_type() {
-                bail!("{} is not of the same kind as {}", pb.display(), pa.display());
+                bail!(
+                    "{} is not of the same kind as {}",
+                    pb.display(),
+                    pa.display()
+                );
             }
             if mtimes && (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
-                bail!("{} has another modification time than {}", pb.display(), pa.display());
+                bail!(
+                    "{} has another modification time than {}",
+                    pb.display(),
+                    pa.display()
+                );
             }
             if ma.file_type().is_symlink() {
                 if std::fs::read_link(&pa)? != std::fs::read_link(&pb)? {
-                    bail!("symlink {} points elsewhere than {}", pb.display(), pa.display());
+                    bail!(
+                        "symlink {} points elsewhere than {}",
+                        pb.display(),
+                        pa.display()
+                    );
                 }
                 continue;
             }
             if ma.permissions().mode() & 0o7777 != mb.permissions().mode() & 0o7777 {
-                bail!("{} has other permissions than {}", pb.display(), pa.display());
+                bail!(
+                    "{} has other permissions than {}",
+                    pb.display(),
+                    pa.display()
+                );
             }
             if ma.is_dir() {
                 stack.push(relative.join(&name));

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fabric_node::config::{NodeConfig, Role};
-use fabric_proto::v1::{
-    ListNodesRequest, NodeState, RunState, SubmitJobsRequest, WatchRunRequest,
-};
+use fabric_proto::v1::{ListNodesRequest, NodeState, RunState, SubmitJobsRequest, WatchRunRequest};
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -30,11 +28,15 @@ pub struct LocalFabric {
     pub nodes: Vec<(String, String)>,
     /// The client agent's address.
     pub agent: String,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop_nodes: watch::Sender<bool>,
+    stop_coordinator: watch::Sender<bool>,
+    node_tasks: Vec<tokio::task::JoinHandle<()>>,
+    coordinator_task: tokio::task::JoinHandle<()>,
 }
 
-fn stopped(mut stop: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+fn stopped(
+    mut stop: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
         while !*stop.borrow() {
             if stop.changed().await.is_err() {
@@ -57,21 +59,22 @@ impl LocalFabric {
     /// an agent, with state under `dir`; returns once all are online.
     pub async fn start(dir: &Path, storage_nodes: usize) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = Vec::new();
+        let (stop_coordinator, coordinator_stop_rx) = watch::channel(false);
+        let (stop_nodes, stop_rx) = watch::channel(false);
+        let mut node_tasks = Vec::new();
 
         let (listener, coordinator) = bind().await?;
         let config = fabric_coordinator::config::CoordinatorConfig {
             data_dir: dir.join("coordinator"),
-            heartbeat_interval: Duration::from_millis(500).into(),
+            heartbeat_interval: Duration::from_millis(500),
             ..Default::default()
         };
-        let shutdown = stopped(stop_rx.clone());
-        tasks.push(tokio::spawn(async move {
+        let shutdown = stopped(coordinator_stop_rx);
+        let coordinator_task = tokio::spawn(async move {
             if let Err(err) = fabric_coordinator::serve(listener, config, shutdown).await {
                 eprintln!("fabricctl: the embedded coordinator stopped: {err}");
             }
-        }));
+        });
 
         let mut nodes = Vec::new();
         let hostname = fabric_node::config::system_hostname();
@@ -93,7 +96,7 @@ impl LocalFabric {
                 ..Default::default()
             };
             let shutdown = stopped(stop_rx.clone());
-            tasks.push(tokio::spawn(async move {
+            node_tasks.push(tokio::spawn(async move {
                 if let Err(err) = fabric_node::serve(listener, config, shutdown).await {
                     eprintln!("fabricctl: an embedded node stopped: {err}");
                 }
@@ -106,8 +109,10 @@ impl LocalFabric {
             coordinator,
             nodes,
             agent,
-            stop,
-            tasks,
+            stop_nodes,
+            stop_coordinator,
+            node_tasks,
+            coordinator_task,
         };
         fabric.wait_online(storage_nodes + 1).await?;
         Ok(fabric)
@@ -133,12 +138,15 @@ impl LocalFabric {
         bail!("the embedded nodes did not all come online within 20s")
     }
 
-    /// Stop every server and wait for them.
+    /// Stop the nodes, then the coordinator (so no node sees its
+    /// coordinator vanish), and wait for them.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks {
+        let _ = self.stop_nodes.send(true);
+        for task in self.node_tasks {
             let _ = task.await;
         }
+        let _ = self.stop_coordinator.send(true);
+        let _ = self.coordinator_task.await;
     }
 }
 
@@ -166,9 +174,13 @@ pub async fn up(dir: &Path, storage_nodes: usize) -> anyhow::Result<()> {
     println!("state under  {}", dir.display());
     println!();
     println!("export FABRIC_COORDINATOR={}", fabric.coordinator);
-    println!("then e.g.: fabricctl node list; fabricctl job submit -f jobs.toml (client = \"{AGENT_ID}\")");
+    println!(
+        "then e.g.: fabricctl node list; fabricctl job submit -f jobs.toml (client = \"{AGENT_ID}\")"
+    );
     println!("Ctrl-C stops the fabric.");
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
     fabric.stop().await;
     Ok(())
 }
@@ -196,8 +208,16 @@ pub async fn demo(source: &Path, dir: Option<&Path>) -> anyhow::Result<()> {
 }
 
 async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Result<()> {
-    println!("fabric: coordinator {} and storage nodes {}", fabric.coordinator,
-        fabric.nodes.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>().join(", "));
+    println!(
+        "fabric: coordinator {} and storage nodes {}",
+        fabric.coordinator,
+        fabric
+            .nodes
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let source_text = source
         .to_str()
         .with_context(|| format!("{} is not valid UTF-8", source.display()))?;
@@ -224,51 +244,79 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
         .clone();
     println!("backing up {} with 2 replicas: run {run}", source.display());
     let mut events = client
-        .watch_run(WatchRunRequest { run_id: run.clone() })
+        .watch_run(WatchRunRequest {
+            run_id: run.clone(),
+        })
         .await
         .map_err(|status| remote::status_error("watching the run", status))?
         .into_inner();
     let mut last = RunState::Unspecified;
     let mut reason = String::new();
+    let mut shown = (0, String::new(), 0);
     while let Some(event) = events.next().await {
         let event = event.map_err(|status| remote::status_error("watching the run", status))?;
-        if event.progress.is_some() && event.dest_state == 0 && event.state == 0 {
+        last = event.state();
+        let step = (event.state, event.dest.clone(), event.dest_state);
+        if step == shown {
             continue;
         }
-        last = event.state();
+        shown = step;
         if !event.message.is_empty() {
             reason = event.message.clone();
         }
         let dest = if event.dest.is_empty() {
             String::new()
         } else {
-            format!(" {} {}", event.dest, event.dest_state().as_str_name().trim_start_matches("COPY_STATE_").to_lowercase())
+            format!(
+                " {} {}",
+                event.dest,
+                event
+                    .dest_state()
+                    .as_str_name()
+                    .trim_start_matches("COPY_STATE_")
+                    .to_lowercase()
+            )
         };
-        println!("  {}{}", last.as_str_name().trim_start_matches("RUN_STATE_").to_lowercase(), dest);
+        println!(
+            "  {}{}",
+            last.as_str_name()
+                .trim_start_matches("RUN_STATE_")
+                .to_lowercase(),
+            dest
+        );
     }
     if last != RunState::Done {
         bail!("the backup run {run} did not complete: {reason}");
     }
 
     println!();
-    let entries = commands::snapshot_entries(&fabric.coordinator, Some("demo".into()), None, None).await?;
+    let entries =
+        commands::snapshot_entries(&fabric.coordinator, Some("demo".into()), None, None).await?;
     let rows: Vec<_> = entries
         .iter()
         .map(|(snapshot, nodes)| commands::snapshot_row(snapshot, nodes.clone()))
         .collect();
     output::print_rows(&rows, OutputFormat::Table)?;
-    let (snapshot, holders) = entries.last().context("the catalogue lists no snapshot of the demo job")?;
+    let (snapshot, holders) = entries
+        .last()
+        .context("the catalogue lists no snapshot of the demo job")?;
     if holders.len() != 2 {
-        bail!("the snapshot is on {} nodes, 2 were asked for", holders.len());
+        bail!(
+            "the snapshot is on {} nodes, 2 were asked for",
+            holders.len()
+        );
     }
 
     let target = dir.join("restored");
     if target.exists() {
-        std::fs::remove_dir_all(&target).with_context(|| format!("cannot clear {}", target.display()))?;
+        std::fs::remove_dir_all(&target)
+            .with_context(|| format!("cannot clear {}", target.display()))?;
     }
     std::fs::create_dir_all(&target)?;
     let located = remote::locate(&fabric.coordinator, &snapshot.id, None, None).await?;
-    let restore_target = Box::new(fabric_chunkstore::restore::DirectoryTarget::new(target.clone())?);
+    let restore_target = Box::new(fabric_chunkstore::restore::DirectoryTarget::new(
+        target.clone(),
+    )?);
     let path = source.to_string_lossy().trim_start_matches('/').to_owned();
     let stats = fabric_node::restore_client::restore_from(
         &located.address,

@@ -27,7 +27,12 @@ Examples:
 #[command(name = "fabricctl", version, about = "Operate a fabric: jobs, runs, nodes, snapshots, restores", after_help = EXAMPLES)]
 struct Cli {
     /// The coordinator's address.
-    #[arg(long, global = true, env = "FABRIC_COORDINATOR", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "FABRIC_COORDINATOR",
+        default_value = "http://127.0.0.1:7400"
+    )]
     coordinator: String,
     /// Output of listings: table or json.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Table)]
@@ -344,7 +349,12 @@ async fn run(cli: Cli) -> i32 {
             local::demo(&source, dir.as_deref()).await
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "fabricctl", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "fabricctl",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
     };

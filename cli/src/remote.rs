@@ -58,7 +58,11 @@ pub async fn node_address(
                     .join(", ")
             )
         })?;
-    Ok(node.info.as_ref().map(|i| i.address.clone()).unwrap_or_default())
+    Ok(node
+        .info
+        .as_ref()
+        .map(|i| i.address.clone())
+        .unwrap_or_default())
 }
 
 /// Every node the coordinator knows.
@@ -133,9 +137,9 @@ pub async fn locate(
     let entry = single(found, spec)?;
     let nodes = nodes(&mut client).await?;
     let online = |id: &str| {
-        nodes.iter().find(|n| {
-            n.info.as_ref().is_some_and(|i| i.id == id) && n.state() == NodeState::Online
-        })
+        nodes
+            .iter()
+            .find(|n| n.info.as_ref().is_some_and(|i| i.id == id) && n.state() == NodeState::Online)
     };
     for copy in &entry.copies {
         if node.as_deref().is_some_and(|wanted| wanted != copy.node) {
@@ -143,7 +147,11 @@ pub async fn locate(
         }
         if let Some(found) = online(&copy.node) {
             return Ok(Located {
-                address: found.info.as_ref().map(|i| i.address.clone()).unwrap_or_default(),
+                address: found
+                    .info
+                    .as_ref()
+                    .map(|i| i.address.clone())
+                    .unwrap_or_default(),
                 snapshot_id: copy.snapshot_id.clone(),
                 node: copy.node.clone(),
             });
@@ -182,7 +190,7 @@ static EMPTY_SNAPSHOT: fabric_proto::v1::Snapshot = fabric_proto::v1::Snapshot {
     warnings: Vec::new(),
 };
 
-fn single<T>(mut found: Vec<&T>, spec: &str) -> anyhow::Result<&T> {
+fn single<'a, T>(mut found: Vec<&'a T>, spec: &str) -> anyhow::Result<&'a T> {
     match found.len() {
         0 => bail!("no snapshot matches {spec:?}"),
         1 => Ok(found.remove(0)),

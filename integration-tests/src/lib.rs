@@ -180,18 +180,28 @@ pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
             _ => root.join("ünïcødé 目录"),
         };
         let len = (index * 37) % 3000;
-        std::fs::write(dir.join(format!("small-{index}.txt")), pseudo_random(len, index as u64))
-            .expect("write");
+        std::fs::write(
+            dir.join(format!("small-{index}.txt")),
+            pseudo_random(len, index as u64),
+        )
+        .expect("write");
     }
     std::fs::write(root.join("empty-file"), b"").expect("write");
-    std::fs::write(root.join("nested/deeper/deepest/large-1.bin"), pseudo_random(large_bytes, 1))
-        .expect("write");
+    std::fs::write(
+        root.join("nested/deeper/deepest/large-1.bin"),
+        pseudo_random(large_bytes, 1),
+    )
+    .expect("write");
     let text: Vec<u8> = (0..large_bytes / 2)
         .flat_map(|i| format!("line {i} of a text-like file\n").into_bytes())
         .take(large_bytes / 2)
         .collect();
     std::fs::write(root.join("large-text.log"), text).expect("write");
-    std::fs::write(root.join("duplicate-of-large.bin"), pseudo_random(large_bytes, 1)).expect("write");
+    std::fs::write(
+        root.join("duplicate-of-large.bin"),
+        pseudo_random(large_bytes, 1),
+    )
+    .expect("write");
     std::os::unix::fs::symlink("nested/deeper", root.join("link-to-dir")).expect("symlink");
     std::os::unix::fs::symlink("does-not-exist", root.join("dangling-link")).expect("symlink");
     std::os::unix::fs::symlink("../large-text.log", root.join("nested/link-up")).expect("symlink");

@@ -6,21 +6,32 @@
 
 use std::path::Path;
 
-use fabric_integration_tests::{Server, fabricctl, fabricctl_json, fabricctl_ok, generate_tree, pseudo_random};
+use fabric_integration_tests::{
+    Server, fabricctl, fabricctl_json, fabricctl_ok, generate_tree, pseudo_random,
+};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    ChunkBatch, ChunkData, Commit, EntryKind, ListSnapshotsRequest, Offer, SenderMessage,
-    Snapshot, StatsRequest, Tree, TreeEntry, receiver_message, sender_message,
+    ChunkBatch, ChunkData, Commit, EntryKind, ListSnapshotsRequest, Offer, SenderMessage, Snapshot,
+    StatsRequest, Tree, TreeEntry, receiver_message, sender_message,
 };
 use prost::Message;
 use tokio_stream::StreamExt;
 
 fn backup_json(node: &Server, path: &Path, job: &str) -> serde_json::Value {
-    fabricctl_json(&["backup", "--node", &node.address, "--job", job, path.to_str().unwrap()])
+    fabricctl_json(&[
+        "backup",
+        "--node",
+        &node.address,
+        "--job",
+        job,
+        path.to_str().unwrap(),
+    ])
 }
 
 fn field(value: &serde_json::Value, key: &str) -> u64 {
-    value[key].as_u64().unwrap_or_else(|| panic!("no {key} in {value}"))
+    value[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {value}"))
 }
 
 fn restore(node: &Server, snapshot: &str, path: &str, to: &Path) {
@@ -48,7 +59,12 @@ fn a_generated_tree_restores_identical_and_an_unchanged_rebackup_sends_nothing()
 
     let restored = work.path().join("restored");
     let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
-    restore(&node, first["snapshot"].as_str().unwrap(), &inside, &restored);
+    restore(
+        &node,
+        first["snapshot"].as_str().unwrap(),
+        &inside,
+        &restored,
+    );
     let compared = fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
     assert!(compared.entries > 300, "{compared:?}");
 
@@ -80,7 +96,10 @@ fn a_small_change_in_a_large_file_sends_only_a_few_chunks() {
     let sent = field(&second, "chunks_sent");
     // The changed MiB touches one or two chunks, plus the file's tree and the
     // trees above it.
-    assert!(sent <= 8, "{sent} chunks sent after a 1 MiB change: {second}");
+    assert!(
+        sent <= 8,
+        "{sent} chunks sent after a 1 MiB change: {second}"
+    );
     assert!(field(&second, "bytes_sent") < 12 * 1024 * 1024, "{second}");
 }
 
@@ -90,12 +109,25 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
     let source = work.path().join("source");
     std::fs::create_dir_all(&source).unwrap();
     for index in 0..8 {
-        std::fs::write(source.join(format!("part-{index}")), pseudo_random(24 * 1024 * 1024, index)).unwrap();
+        std::fs::write(
+            source.join(format!("part-{index}")),
+            pseudo_random(24 * 1024 * 1024, index),
+        )
+        .unwrap();
     }
     let node = Server::node(&work.path().join("store"), &[]);
 
     let mut client = std::process::Command::new(fabric_integration_tests::binary("fabricctl"))
-        .args(["-o", "json", "backup", "--node", &node.address, "--job", "killed", source.to_str().unwrap()])
+        .args([
+            "-o",
+            "json",
+            "backup",
+            "--node",
+            &node.address,
+            "--job",
+            "killed",
+            source.to_str().unwrap(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -118,7 +150,10 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
     });
     let _ = client.kill();
     let status = client.wait().unwrap();
-    assert!(stored_before_kill > 0 && !status.success(), "the client finished before it could be killed");
+    assert!(
+        stored_before_kill > 0 && !status.success(),
+        "the client finished before it could be killed"
+    );
 
     runtime.block_on(async {
         let mut storage = StorageClient::connect(node.address.clone()).await.unwrap();
@@ -127,7 +162,10 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
             .await
             .unwrap()
             .into_inner();
-        assert!(listed.snapshots.is_empty(), "a snapshot after the kill: {listed:?}");
+        assert!(
+            listed.snapshots.is_empty(),
+            "a snapshot after the kill: {listed:?}"
+        );
     });
 
     let rerun = backup_json(&node, &source, "killed");
@@ -137,9 +175,15 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
     assert!(offered - sent >= stored_before_kill, "{rerun}");
 }
 
-async fn upload(node: &Server, messages: Vec<SenderMessage>) -> Result<Vec<receiver_message::Kind>, tonic::Status> {
+async fn upload(
+    node: &Server,
+    messages: Vec<SenderMessage>,
+) -> Result<Vec<receiver_message::Kind>, tonic::Status> {
     let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
-    let mut replies = client.upload(tokio_stream::iter(messages)).await?.into_inner();
+    let mut replies = client
+        .upload(tokio_stream::iter(messages))
+        .await?
+        .into_inner();
     let mut out = Vec::new();
     while let Some(reply) = replies.next().await {
         out.push(reply?.kind.unwrap());
@@ -159,10 +203,16 @@ async fn a_chunk_whose_bytes_do_not_match_its_id_is_data_loss_and_stores_nothing
     let result = upload(
         &node,
         vec![
-            send(sender_message::Kind::Offer(Offer { batch: 1, ids: vec![lie.clone()] })),
+            send(sender_message::Kind::Offer(Offer {
+                batch: 1,
+                ids: vec![lie.clone()],
+            })),
             send(sender_message::Kind::Chunks(ChunkBatch {
                 batch: 2,
-                chunks: vec![ChunkData { id: lie, data: b"a lie".to_vec() }],
+                chunks: vec![ChunkData {
+                    id: lie,
+                    data: b"a lie".to_vec(),
+                }],
             })),
         ],
     )
@@ -189,7 +239,10 @@ async fn an_oversized_message_is_refused() {
         chunks: vec![ChunkData { id, data }],
     }))];
     let result = async {
-        let mut replies = client.upload(tokio_stream::iter(messages)).await?.into_inner();
+        let mut replies = client
+            .upload(tokio_stream::iter(messages))
+            .await?
+            .into_inner();
         while let Some(reply) = replies.next().await {
             reply?;
         }
@@ -198,7 +251,10 @@ async fn an_oversized_message_is_refused() {
     .await;
     let status = result.unwrap_err();
     assert!(
-        matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument),
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+        ),
         "{status:?}"
     );
 }
@@ -225,17 +281,28 @@ async fn a_commit_with_a_missing_chunk_is_refused_naming_it() {
         vec![
             send(sender_message::Kind::Chunks(ChunkBatch {
                 batch: 1,
-                chunks: vec![ChunkData { id: root.clone(), data: encoded }],
+                chunks: vec![ChunkData {
+                    id: root.clone(),
+                    data: encoded,
+                }],
             })),
             send(sender_message::Kind::Commit(Commit {
-                snapshot: Some(Snapshot { job: "broken".into(), root_tree_id: root, ..Default::default() }),
+                snapshot: Some(Snapshot {
+                    job: "broken".into(),
+                    root_tree_id: root,
+                    ..Default::default()
+                }),
             })),
         ],
     )
     .await
     .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
-    assert!(status.message().contains(&hex(&absent)), "{}", status.message());
+    assert!(
+        status.message().contains(&hex(&absent)),
+        "{}",
+        status.message()
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -248,7 +315,10 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
     let node = Server::node(&work.path().join("store"), &[]);
     let content = b"owned".to_vec();
     let content_id = blake3::hash(&content).as_bytes().to_vec();
-    let mut chunks = vec![ChunkData { id: content_id.clone(), data: content }];
+    let mut chunks = vec![ChunkData {
+        id: content_id.clone(),
+        data: content,
+    }];
     let mut commits = Vec::new();
     for evil in ["../escaped", "/etc/escaped"] {
         let tree = Tree {
@@ -263,14 +333,24 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
         };
         let encoded = tree.encode_to_vec();
         let root = blake3::hash(&encoded).as_bytes().to_vec();
-        chunks.push(ChunkData { id: root.clone(), data: encoded });
+        chunks.push(ChunkData {
+            id: root.clone(),
+            data: encoded,
+        });
         commits.push(root);
     }
     let mut ids = Vec::new();
     for root in commits {
-        let mut messages = vec![send(sender_message::Kind::Chunks(ChunkBatch { batch: 1, chunks: chunks.clone() }))];
+        let mut messages = vec![send(sender_message::Kind::Chunks(ChunkBatch {
+            batch: 1,
+            chunks: chunks.clone(),
+        }))];
         messages.push(send(sender_message::Kind::Commit(Commit {
-            snapshot: Some(Snapshot { job: "evil".into(), root_tree_id: root, ..Default::default() }),
+            snapshot: Some(Snapshot {
+                job: "evil".into(),
+                root_tree_id: root,
+                ..Default::default()
+            }),
         })));
         let replies = upload(&node, messages).await.unwrap();
         let Some(receiver_message::Kind::Committed(committed)) = replies.last() else {
@@ -281,13 +361,27 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
     let target = work.path().join("jail/target");
     std::fs::create_dir_all(&target).unwrap();
     for id in ids {
-        let output = fabricctl(&["restore", &id, "--to", target.to_str().unwrap(), "--node", &node.address]);
+        let output = fabricctl(&[
+            "restore",
+            &id,
+            "--to",
+            target.to_str().unwrap(),
+            "--node",
+            &node.address,
+        ]);
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("escaped"), "the error names the entry: {stderr}");
+        assert!(
+            stderr.contains("escaped"),
+            "the error names the entry: {stderr}"
+        );
     }
     assert!(!work.path().join("jail/escaped").exists());
-    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "nothing was written");
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "nothing was written"
+    );
 }
 
 #[test]
@@ -304,7 +398,10 @@ fn node_to_node_copy_gives_an_identical_snapshot() {
     let (original, copied) = runtime.block_on(async {
         let mut client = StorageClient::connect(first.address.clone()).await.unwrap();
         let mut progress = client
-            .copy_snapshot(fabric_proto::v1::CopySnapshotRequest { snapshot: id.clone(), target: second.address.clone() })
+            .copy_snapshot(fabric_proto::v1::CopySnapshotRequest {
+                snapshot: id.clone(),
+                target: second.address.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -316,7 +413,9 @@ fn node_to_node_copy_gives_an_identical_snapshot() {
             }
         }
         let original = client
-            .get_snapshot(fabric_proto::v1::GetSnapshotRequest { snapshot: id.clone() })
+            .get_snapshot(fabric_proto::v1::GetSnapshotRequest {
+                snapshot: id.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -335,15 +434,24 @@ async fn the_health_check_answers_serving() {
     let work = tempfile::tempdir().unwrap();
     let node = Server::node(&work.path().join("store"), &[]);
     let mut client = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(node.address.clone()).unwrap().connect().await.unwrap(),
+        tonic::transport::Channel::from_shared(node.address.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
     );
     let status = client
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
         .status();
-    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving);
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
 }
 
 #[test]

@@ -22,9 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::transfer::{
-    ChannelSink, OutgoingChunk, REPLY_CHANNEL, TransferCounters, run_sender,
-};
+use crate::transfer::{ChannelSink, OutgoingChunk, REPLY_CHANNEL, TransferCounters, run_sender};
 
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -139,12 +137,7 @@ async fn find_parent(
     Ok(snapshots
         .into_iter()
         .filter(|s| s.instance == template.instance)
-        .filter(|s| {
-            matches!(
-                s.state(),
-                SnapshotState::Complete | SnapshotState::Verified
-            )
-        })
+        .filter(|s| matches!(s.state(), SnapshotState::Complete | SnapshotState::Verified))
         .max_by_key(|s| s.end_time_ms))
 }
 

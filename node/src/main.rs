@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use fabric_node::config::{LogFormat, NodeConfig, Role};
 
 #[derive(Parser)]
-#[command(name = "fabric-node", version, about = "A fabric storage node and client agent")]
+#[command(
+    name = "fabric-node",
+    version,
+    about = "A fabric storage node and client agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

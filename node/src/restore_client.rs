@@ -112,7 +112,8 @@ impl<'a> RestoreStreamWriter<'a> {
                 if *expected != chunk.id {
                     return Err(bad(&file.path, "a chunk out of order"));
                 }
-                let id = ChunkId::from_slice(&chunk.id).map_err(|err| bad(&file.path, err.to_string()))?;
+                let id = ChunkId::from_slice(&chunk.id)
+                    .map_err(|err| bad(&file.path, err.to_string()))?;
                 if !id.matches(&chunk.data) {
                     return Err(bad(
                         &file.path,

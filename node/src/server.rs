@@ -102,11 +102,8 @@ pub async fn serve(
         .await
         .map_err(|err| ServeError::Internal(err.to_string()))??;
         let opened = Arc::new(opened);
-        let service = StorageService::new(
-            opened.clone(),
-            config.upload_memory_bytes,
-            writable.clone(),
-        );
+        let service =
+            StorageService::new(opened.clone(), config.upload_memory_bytes, writable.clone());
         routes = routes.add_service(
             StorageServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -185,7 +182,9 @@ async fn watch_free_space(
             _ = stop.changed() => return,
         }
         let dir = store.dir().to_owned();
-        let free = tokio::task::spawn_blocking(move || crate::disk::space(&dir).map(|(_, free)| free)).await;
+        let free =
+            tokio::task::spawn_blocking(move || crate::disk::space(&dir).map(|(_, free)| free))
+                .await;
         let Ok(Ok(free)) = free else { continue };
         let ok = free >= min_free;
         if writable.swap(ok, Ordering::Relaxed) != ok {

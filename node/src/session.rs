@@ -238,7 +238,9 @@ fn trim(pending: &mut VecDeque<NodeMessage>) {
 fn lock(active: &Mutex<ActiveRuns>) -> std::sync::MutexGuard<'_, ActiveRuns> {
     // A panic while holding this lock leaves only a map of handles behind,
     // which stays consistent; keep going with it.
-    active.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    active
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn connect(
@@ -301,7 +303,11 @@ fn handle(
             if let Some(run) = lock(active).runs.remove(&cancel.run_id) {
                 run.task.abort();
                 tracing::info!(run = %cancel.run_id, "run cancelled");
-                context.state(&cancel.run_id, RunState::Cancelled, "cancelled by the operator");
+                context.state(
+                    &cancel.run_id,
+                    RunState::Cancelled,
+                    "cancelled by the operator",
+                );
             }
         }
         Some(coordinator_message::Kind::PullDone(done)) => {
@@ -371,7 +377,10 @@ async fn run_script(
         .await
         .map_err(|err| format!("cannot start the {what} command {command:?}: {err}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    for line in stdout.lines().chain(String::from_utf8_lossy(&output.stderr).lines()) {
+    for line in stdout
+        .lines()
+        .chain(String::from_utf8_lossy(&output.stderr).lines())
+    {
         context.send(RunUpdate {
             run_id: run_id.to_owned(),
             message: format!("{what}: {line}"),
@@ -389,9 +398,17 @@ async fn run_script(
 }
 
 /// Evaluate a `!command` value on this client; other values are as given.
-async fn evaluate(context: &Context, run_id: &str, key: &str, value: &str) -> Result<String, String> {
+async fn evaluate(
+    context: &Context,
+    run_id: &str,
+    key: &str,
+    value: &str,
+) -> Result<String, String> {
     match value.strip_prefix('!') {
-        Some(command) => Ok(run_script(context, run_id, key, command).await?.trim().to_owned()),
+        Some(command) => Ok(run_script(context, run_id, key, command)
+            .await?
+            .trim()
+            .to_owned()),
         None => Ok(value.to_owned()),
     }
 }
@@ -402,13 +419,21 @@ async fn snapshot_template(context: &Context, assignment: &Assignment) -> Result
     let mut snapshot = assignment.snapshot.clone().unwrap_or_default();
     let run_id = &assignment.run_id;
     snapshot.master_host = evaluate(context, run_id, "master_host", &snapshot.master_host).await?;
-    snapshot.master_instance =
-        evaluate(context, run_id, "master_instance", &snapshot.master_instance).await?;
+    snapshot.master_instance = evaluate(
+        context,
+        run_id,
+        "master_instance",
+        &snapshot.master_instance,
+    )
+    .await?;
     if !job.data_age.is_empty() {
         let age = evaluate(context, run_id, "data_age", &job.data_age).await?;
-        snapshot.data_age = age
-            .parse()
-            .map_err(|_| format!("data_age of job {} is not a number of seconds: {age:?}", job.name))?;
+        snapshot.data_age = age.parse().map_err(|_| {
+            format!(
+                "data_age of job {} is not a number of seconds: {age:?}",
+                job.name
+            )
+        })?;
     }
     if snapshot.host.is_empty() {
         snapshot.host = context.config.hostname.clone();
@@ -564,10 +589,15 @@ async fn copy_once(
             ..Default::default()
         });
     });
-    push_backup(&target.address, backup_options(job), template.clone(), Some(progress))
-        .await
-        .map(|outcome| outcome.snapshot)
-        .map_err(|err| err.to_string())
+    push_backup(
+        &target.address,
+        backup_options(job),
+        template.clone(),
+        Some(progress),
+    )
+    .await
+    .map(|outcome| outcome.snapshot)
+    .map_err(|err| err.to_string())
 }
 
 async fn execute_passive(

@@ -84,7 +84,9 @@ impl Source for SourceService {
             parent_root,
         } = start;
         if include.is_empty() {
-            return Err(Status::invalid_argument("a pull needs at least one include path"));
+            return Err(Status::invalid_argument(
+                "a pull needs at least one include path",
+            ));
         }
         let mut template = snapshot.unwrap_or_default();
         if template.host.is_empty() {
@@ -92,7 +94,8 @@ impl Source for SourceService {
         }
         let mut trees = HashMap::new();
         for ParentTree { id, tree } in parent_trees {
-            let id = ChunkId::from_slice(&id).map_err(|err| Status::invalid_argument(err.to_string()))?;
+            let id = ChunkId::from_slice(&id)
+                .map_err(|err| Status::invalid_argument(err.to_string()))?;
             trees.insert(id, tree.unwrap_or_default());
         }
         let parent = ChunkId::from_slice(&parent_root)
@@ -157,7 +160,11 @@ pub async fn pull_into(
         .map_err(|err| Status::unavailable(err.to_string()))?;
 
     let parent_store = store.clone();
-    let key = (template.job.clone(), template.host.clone(), template.instance.clone());
+    let key = (
+        template.job.clone(),
+        template.host.clone(),
+        template.instance.clone(),
+    );
     let (parent_id, parent_trees) =
         tokio::task::spawn_blocking(move || parent_trees(&parent_store, &key))
             .await

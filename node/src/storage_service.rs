@@ -57,10 +57,7 @@ impl StorageService {
     pub fn new(store: Arc<Store>, upload_memory_bytes: u64, writable: Arc<AtomicBool>) -> Self {
         let permits = usize::try_from(upload_memory_bytes / 1024)
             .unwrap_or(usize::MAX)
-            .clamp(
-                transfer::MAX_MESSAGE_BYTES / 1024,
-                Semaphore::MAX_PERMITS,
-            );
+            .clamp(transfer::MAX_MESSAGE_BYTES / 1024, Semaphore::MAX_PERMITS);
         Self {
             store,
             upload_memory: Arc::new(Semaphore::new(permits)),
@@ -105,7 +102,9 @@ pub fn receive_upload(
         };
         let (result, ()) = tokio::join!(run_receiver(store, incoming, reply_tx, memory), forward);
         match result {
-            Ok(snapshot) => tracing::info!(snapshot = %snapshot.id, name = %snapshot.name, "upload committed"),
+            Ok(snapshot) => {
+                tracing::info!(snapshot = %snapshot.id, name = %snapshot.name, "upload committed")
+            }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "upload ended without a commit");
                 let _ = out_tx.send(Err(status)).await;
@@ -245,7 +244,9 @@ impl Storage for StorageService {
                 Ok(store
                     .list_snapshots()?
                     .into_iter()
-                    .filter(|s| (job.is_empty() || s.job == job) && (host.is_empty() || s.host == host))
+                    .filter(|s| {
+                        (job.is_empty() || s.job == job) && (host.is_empty() || s.host == host)
+                    })
                     .collect())
             })
             .await?;
@@ -257,7 +258,9 @@ impl Storage for StorageService {
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<Snapshot>, Status> {
         let spec = request.into_inner().snapshot;
-        let snapshot = self.blocking(move |store| store.find_snapshot(&spec)).await?;
+        let snapshot = self
+            .blocking(move |store| store.find_snapshot(&spec))
+            .await?;
         Ok(Response::new(snapshot))
     }
 
@@ -343,13 +346,22 @@ impl Storage for StorageService {
             let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(1024);
             let root = parse_id(&record.root_tree_id)?;
             let dag_store = store.clone();
-            let producer =
-                tokio::task::spawn_blocking(move || offer_snapshot_dag(&dag_store, root, &chunks_tx));
+            let producer = tokio::task::spawn_blocking(move || {
+                offer_snapshot_dag(&dag_store, root, &chunks_tx)
+            });
             let commit = async move {
                 producer.await.map_err(join_error)??;
                 Ok(record)
             };
-            run_sender(chunks_rx, Some(store), out_tx, incoming, commit, copy_counters).await
+            run_sender(
+                chunks_rx,
+                Some(store),
+                out_tx,
+                incoming,
+                commit,
+                copy_counters,
+            )
+            .await
         };
         tokio::spawn(async move {
             tokio::pin!(copy);

@@ -361,8 +361,9 @@ where
                         data: chunk.data,
                     });
                 }
-                let permits = u32::try_from(bytes.div_ceil(1024).max(1))
-                    .map_err(|_| Status::out_of_range(format!("chunk batch {batch} is too large")))?;
+                let permits = u32::try_from(bytes.div_ceil(1024).max(1)).map_err(|_| {
+                    Status::out_of_range(format!("chunk batch {batch} is too large"))
+                })?;
                 let _held = memory
                     .acquire_many(permits)
                     .await
@@ -384,10 +385,11 @@ where
                 let snapshot =
                     snapshot.ok_or_else(|| protocol_error("a commit without a snapshot"))?;
                 let store = store.clone();
-                let committed = tokio::task::spawn_blocking(move || store.commit_snapshot(snapshot))
-                    .await
-                    .map_err(|err| Status::internal(format!("commit failed: {err}")))?
-                    .map_err(status_from_store_error)?;
+                let committed =
+                    tokio::task::spawn_blocking(move || store.commit_snapshot(snapshot))
+                        .await
+                        .map_err(|err| Status::internal(format!("commit failed: {err}")))?
+                        .map_err(status_from_store_error)?;
                 reply(receiver_message::Kind::Committed(Committed {
                     snapshot: Some(committed.clone()),
                 }))
