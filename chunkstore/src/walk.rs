@@ -736,4 +736,4 @@ pub fn backup(
 pub(crate) mod memory;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
