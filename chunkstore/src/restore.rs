@@ -232,6 +232,7 @@ fn resolve(source: &dyn ChunkSource, root: ChunkId, path: &str) -> Result<Start,
             .binary_search_by(|entry| entry.name.as_slice().cmp(component.as_bytes()))
             .map_err(|_| not_found())?;
         let entry = &tree.entries[position];
+        check_name_at(&walked, &entry.name)?;
         walked = join(&walked, &entry.name);
         current = match kind_of(&walked, entry)? {
             EntryKind::Dir => Start::Tree(subtree_id(&walked, entry)?),

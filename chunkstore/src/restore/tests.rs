@@ -303,6 +303,24 @@ fn unsorted_or_repeated_names_and_unknown_paths_are_refused() {
     )
     .expect_err("unknown");
     assert!(matches!(err, RestoreError::NotFound { .. }));
+    // A requested path cannot go through a hostile name either.
+    let inner = store.put_tree(&Tree {
+        entries: vec![file_entry(&store, b"f", b"x")],
+    });
+    let root_with_dots = store.put_tree(&Tree {
+        entries: vec![dir_entry(b"..", inner)],
+    });
+    let err = restore(
+        &store,
+        root_with_dots,
+        "../f",
+        &mut TarTarget::new(Vec::new()),
+    )
+    .expect_err("dots");
+    assert!(
+        matches!(&err, RestoreError::BadName { path, .. } if path == ".."),
+        "{err}"
+    );
     // A file whose chunks do not add up to its size.
     let mut short = file_entry(&store, b"short", b"12345");
     short.size = 9;

@@ -13,6 +13,7 @@ use fabric_proto::v1::{EntryKind, TreeEntry};
 use proptest::prelude::*;
 
 use super::*;
+use crate::chunker::Chunk;
 use crate::restore::{DirectoryTarget, restore, walk_tree};
 use crate::walk::memory::MemoryStore;
 
@@ -722,4 +723,82 @@ fn a_large_file_streams_in_bounded_chunks() {
         assert!(data.len() <= 16384);
     }
     assert_eq!(outcome.stats.chunks, chunks.len() as u64);
+}
+
+/// Discards chunks, counting them: measures the walk alone.
+#[derive(Default)]
+struct CountingSink {
+    chunks: std::sync::atomic::AtomicU64,
+}
+
+impl ChunkSink for CountingSink {
+    fn put_chunk(&self, _chunk: Chunk) -> Result<(), SinkError> {
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Throughput of the walk with default chunk parameters, printed, never
+/// asserted: `cargo test -p fabric-chunkstore --release -- --ignored
+/// measure_walk --nocapture`.
+#[test]
+#[ignore = "measurement, run by hand in release mode"]
+fn measure_walk() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let big = temp.path().join("big");
+    fs::create_dir(&big).expect("mkdir");
+    for index in 0..4u64 {
+        fs::write(
+            big.join(format!("file{index}")),
+            pseudo_random(128 << 20, index),
+        )
+        .expect("write");
+    }
+    let small = temp.path().join("small");
+    for index in 0..10_000u64 {
+        let dir = small.join(format!("d{}", index / 100));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join(format!("f{index}")), pseudo_random(2000, index)).expect("write");
+    }
+    let mut opts = options(&[&big]);
+    opts.chunk_params = ChunkParams::default();
+    opts.threads = 0;
+    for (label, threads) in [("1 file, 1 thread", 1), ("4 files, all cores", 0)] {
+        opts.threads = threads;
+        opts.includes = if threads == 1 {
+            vec![big.join("file0")]
+        } else {
+            vec![big.clone()]
+        };
+        let start = std::time::Instant::now();
+        let outcome = backup(&opts, &CountingSink::default(), None, &quiet).expect("backup");
+        let seconds = start.elapsed().as_secs_f64();
+        println!(
+            "{label}: {} MiB in {seconds:.2} s = {:.0} MiB/s",
+            outcome.stats.bytes_read >> 20,
+            (outcome.stats.bytes_read >> 20) as f64 / seconds
+        );
+    }
+    let store = MemoryStore::default();
+    opts.includes = vec![small.clone()];
+    opts.threads = 0;
+    let start = std::time::Instant::now();
+    let first = backup(&opts, &store, None, &quiet).expect("backup");
+    let first_seconds = start.elapsed().as_secs_f64();
+    let parent = ParentSnapshot {
+        source: &store,
+        root: first.root,
+    };
+    let start = std::time::Instant::now();
+    let second = backup(&opts, &store, Some(parent), &quiet).expect("backup");
+    let second_seconds = start.elapsed().as_secs_f64();
+    assert_eq!(second.stats.files_unchanged, 10_000);
+    println!(
+        "10,000 files of 2 kB: first {first_seconds:.3} s, unchanged re-backup {second_seconds:.3} s ({:.1}x)",
+        first_seconds / second_seconds
+    );
 }
