@@ -725,6 +725,37 @@ fn a_large_file_streams_in_bounded_chunks() {
     assert_eq!(outcome.stats.chunks, chunks.len() as u64);
 }
 
+#[test]
+fn file_chunks_are_those_of_one_pass_over_the_content() {
+    // Every agent and the store must cut alike, or dedup fails: whatever
+    // path the walk takes (small file, chunker), ids equal ChunkReader's.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    fs::create_dir(&source).expect("mkdir");
+    let sizes = [0usize, 1, 500, 1023, 1024, 1025, 16_384, 40_000, 300_000];
+    for size in sizes {
+        fs::write(
+            source.join(format!("{size}")),
+            pseudo_random(size, size as u64),
+        )
+        .expect("write");
+    }
+    let store = MemoryStore::default();
+    let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    let all = entries(&store, outcome.root, as_str(&source));
+    for size in sizes {
+        let content = pseudo_random(size, size as u64);
+        let expected: Vec<Vec<u8>> =
+            crate::chunker::ChunkReader::new(content.as_slice(), small_params())
+                .expect("params")
+                .map(|chunk| chunk.expect("in memory").id.to_vec())
+                .collect();
+        let entry = &all[&size.to_string()];
+        assert_eq!(entry.chunk_ids, expected, "{size} bytes");
+        assert_eq!(entry.size, size as u64);
+    }
+}
+
 /// Discards chunks, counting them: measures the walk alone.
 #[derive(Default)]
 struct CountingSink {
