@@ -184,6 +184,42 @@ fn targets_check_paths_they_are_given() {
 }
 
 #[test]
+fn a_directory_target_can_be_driven_like_a_stream() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let target = temp.path().join("target");
+    let mut directory = DirectoryTarget::new(&target).expect("target");
+    let entry = TreeEntry {
+        kind: EntryKind::File as i32,
+        mode: 0o100600,
+        size: 6,
+        mtime_ns: 1_000_000_000_123,
+        ..TreeEntry::default()
+    };
+    // No directory() for x and x/y: they are created on the way.
+    directory.file_start(b"x/y/z", &entry).expect("start");
+    assert!(matches!(
+        directory.file_start(b"x/other", &entry),
+        Err(RestoreError::OutOfOrder(_))
+    ));
+    directory.file_data(b"abc").expect("data");
+    directory.file_data(b"def").expect("data");
+    directory.file_end().expect("end");
+    // A file whose data falls short of its size is an error naming it.
+    directory.file_start(b"x/short", &entry).expect("start");
+    directory.file_data(b"abc").expect("data");
+    let err = directory.file_end().expect_err("short");
+    assert!(err.to_string().contains("x/short"), "{err}");
+    directory.finish().expect("finish");
+    assert_eq!(fs::read(target.join("x/y/z")).expect("read"), b"abcdef");
+    let meta = fs::metadata(target.join("x/y/z")).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(
+        meta.modified().expect("mtime"),
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(1_000_000_000_123)
+    );
+}
+
+#[test]
 fn a_symlink_already_in_the_target_is_never_followed() {
     let temp = tempfile::tempdir().expect("tempdir");
     let outside = temp.path().join("outside");
