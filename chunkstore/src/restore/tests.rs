@@ -55,6 +55,18 @@ fn listing(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+fn pax_records_count_their_own_length() {
+    assert_eq!(pax_record("mtime", "1.5"), b"13 mtime=1.5\n");
+    let long = pax_record("mtime", &"9".repeat(90));
+    assert_eq!(long.len(), 101);
+    assert!(long.starts_with(b"101 mtime="));
+    // 8 bytes after the length: 9 in all. 9 bytes after it: 10 would need
+    // two digits, so 11.
+    assert_eq!(pax_record("k", "vvvv"), b"9 k=vvvv\n");
+    assert_eq!(pax_record("k", "vvvvv"), b"11 k=vvvvv\n");
+}
+
+#[test]
 fn entry_names_are_checked() {
     for good in [&b"a"[..], b"...", b".a", "ü".as_bytes(), b"\xff"] {
         check_entry_name(good).expect("good name");
@@ -474,13 +486,19 @@ fn tar_stream_parses_back_with_the_same_contents() {
             .link_name()
             .expect("link")
             .map(|link| link.as_os_str().as_bytes().to_vec());
+        let exact_mtime = item.pax_extensions().expect("pax").and_then(|records| {
+            records
+                .filter_map(Result::ok)
+                .find(|record| record.key() == Ok("mtime"))
+                .map(|record| record.value().expect("utf-8").to_owned())
+        });
         let mut content = Vec::new();
         item.read_to_end(&mut content).expect("content");
         seen.insert(
             String::from_utf8_lossy(&path)
                 .trim_end_matches('/')
                 .to_owned(),
-            (header, link, content),
+            (header, link, content, exact_mtime),
         );
     }
     let expected = describe(&source);
@@ -491,7 +509,7 @@ fn tar_stream_parses_back_with_the_same_contents() {
     );
     for (path, described) in &expected {
         let key = String::from_utf8_lossy(path).into_owned();
-        let (header, link, content) = &seen[&key];
+        let (header, link, content, exact_mtime) = &seen[&key];
         match described {
             crate::walk::tests::Described::File {
                 mode,
@@ -506,6 +524,10 @@ fn tar_stream_parses_back_with_the_same_contents() {
                     header.mtime().expect("mtime") as i64,
                     mtime_ns / 1_000_000_000
                 );
+                let nanos = mtime_ns % 1_000_000_000;
+                let expected_exact =
+                    (nanos != 0).then(|| format!("{}.{nanos:09}", mtime_ns / 1_000_000_000));
+                assert_eq!(exact_mtime, &expected_exact, "{key}");
             }
             crate::walk::tests::Described::Dir { mode, mtime_ns, .. } => {
                 assert_eq!(header.entry_type(), tar::EntryType::Directory, "{key}");
@@ -525,6 +547,10 @@ fn tar_stream_parses_back_with_the_same_contents() {
     assert!(
         seen.keys().any(|key| key.len() > 150),
         "the long name survived"
+    );
+    assert!(
+        seen.values().any(|(.., exact)| exact.is_some()),
+        "files written now have sub-second mtimes"
     );
     fs::set_permissions(
         source.join("docs/deeper"),
