@@ -444,9 +444,14 @@ impl Walk<'_> {
     /// Whether to list the directory `path` below an include path.
     fn may_descend(&self, path: &Path, meta: &Metadata, below: Below) -> bool {
         if self.one_file_system && meta.dev() != below.device {
+            tracing::debug!(path = %path.display(), "another file system: kept empty");
             return false;
         }
-        !self.skipped_mounts.contains_key(path)
+        if let Some(fs_type) = self.skipped_mounts.get(path) {
+            tracing::debug!(path = %path.display(), fs_type, "skipped file system type: kept empty");
+            return false;
+        }
+        true
     }
 
     /// Store the listing of directory `path` (empty when `descend` is false
