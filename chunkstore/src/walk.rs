@@ -22,8 +22,9 @@
 //! - a file whose size or mtime changed while it was read is kept as read
 //!   (its size is the bytes read, its metadata the one seen when opened, so
 //!   the next backup reads it again);
-//! - a file that cannot be opened for lack of permission is left out (a
-//!   backup of `/` as a normal user should not fail on one unreadable file);
+//! - a file that cannot be opened (or an entry that cannot be examined) for
+//!   lack of permission is left out (a backup of `/` as a normal user should
+//!   not fail on one unreadable file);
 //! - a directory that cannot be listed for lack of permission is kept with
 //!   its metadata and no contents;
 //! - an unreadable parent-snapshot tree means its files are read again.
@@ -497,6 +498,14 @@ impl Walk<'_> {
                     Err(err) if err.kind() == io::ErrorKind::NotFound => {
                         self.warn(format!(
                             "{}: vanished before it was read",
+                            child_path.display()
+                        ));
+                        return Ok(None);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                        // A directory readable but not searchable (r without x).
+                        self.warn(format!(
+                            "{}: cannot be examined ({err}); left out",
                             child_path.display()
                         ));
                         return Ok(None);
