@@ -795,6 +795,18 @@ fn measure_walk() {
         fs::create_dir_all(&dir).expect("mkdir");
         fs::write(dir.join(format!("f{index}")), pseudo_random(2000, index)).expect("write");
     }
+    // The bound for one file on one thread: ChunkReader over memory.
+    let content = pseudo_random(128 << 20, 0);
+    let start = std::time::Instant::now();
+    let count = crate::chunker::ChunkReader::new(content.as_slice(), ChunkParams::default())
+        .expect("params")
+        .count();
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "ChunkReader over memory (chunk + hash, 1 thread): 128 MiB, {count} chunks, {:.0} MiB/s",
+        128.0 / seconds
+    );
+    drop(content);
     let mut opts = options(&[&big]);
     opts.chunk_params = ChunkParams::default();
     opts.threads = 0;
