@@ -232,6 +232,7 @@ fn resolve(source: &dyn ChunkSource, root: ChunkId, path: &str) -> Result<Start,
             .binary_search_by(|entry| entry.name.as_slice().cmp(component.as_bytes()))
             .map_err(|_| not_found())?;
         let entry = &tree.entries[position];
+        check_name_at(&walked, &entry.name)?;
         walked = join(&walked, &entry.name);
         current = match kind_of(&walked, entry)? {
             EntryKind::Dir => Start::Tree(subtree_id(&walked, entry)?),
@@ -759,9 +760,20 @@ impl RestoreTarget for DirectoryTarget {
     }
 }
 
+/// One PAX record: `<length> <key>=<value>\n`, the length counting itself.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut length = body.len() + 1;
+    while length.to_string().len() + body.len() != length {
+        length = length.to_string().len() + body.len();
+    }
+    format!("{length}{body}").into_bytes()
+}
+
 /// Writes a restore as a tar stream (GNU format, long names as GNU
 /// extensions): directories, files and symlinks with mode, uid, gid and
-/// mtime (whole seconds, as tar keeps them). Other entries are skipped.
+/// mtime (whole seconds in the header, the exact value in a PAX `mtime`
+/// record when it has a fraction). Other entries are skipped.
 pub struct TarTarget<W: Write> {
     builder: tar::Builder<W>,
     file: Option<(PathBuf, u64, u64)>,
@@ -797,6 +809,32 @@ impl<W: Write> TarTarget<W> {
         header
     }
 
+    /// A PAX extended header carrying the exact mtime, before an entry whose
+    /// mtime is not a whole number of seconds (or is before 1970).
+    fn exact_mtime(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        let nanos = entry.mtime_ns;
+        if nanos >= 0 && nanos % 1_000_000_000 == 0 {
+            return Ok(());
+        }
+        let sign = if nanos < 0 { "-" } else { "" };
+        let magnitude = nanos.unsigned_abs();
+        let value = format!(
+            "{sign}{}.{:09}",
+            magnitude / 1_000_000_000,
+            magnitude % 1_000_000_000
+        );
+        let record = pax_record("mtime", &value);
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::XHeader);
+        header.set_mode(0o644);
+        header.set_size(record.len() as u64);
+        header.set_path("PaxHeader").map_err(Self::io_error(path))?;
+        header.set_cksum();
+        self.builder
+            .append(&header, record.as_slice())
+            .map_err(Self::io_error(path))
+    }
+
     fn io_error(path: &[u8]) -> impl Fn(io::Error) -> RestoreError + '_ {
         move |source| RestoreError::Io {
             path: path_of(path).to_owned(),
@@ -820,6 +858,7 @@ impl<W: Write> TarTarget<W> {
 impl<W: Write> RestoreTarget for TarTarget<W> {
     fn directory(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         self.check(path)?;
+        self.exact_mtime(path, entry)?;
         let mut header = Self::header(entry, tar::EntryType::Directory, 0);
         let mut name = path.to_vec();
         name.push(b'/');
@@ -830,6 +869,7 @@ impl<W: Write> RestoreTarget for TarTarget<W> {
 
     fn file_start(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         self.check(path)?;
+        self.exact_mtime(path, entry)?;
         // The header carries the size up front; the content follows it
         // piece by piece and `file_end` pads it to the 512-byte block.
         let mut header = Self::header(entry, tar::EntryType::Regular, entry.size);
@@ -884,6 +924,7 @@ impl<W: Write> RestoreTarget for TarTarget<W> {
 
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         self.check(path)?;
+        self.exact_mtime(path, entry)?;
         let mut header = Self::header(entry, tar::EntryType::Symlink, 0);
         self.builder
             .append_link(&mut header, path_of(path), path_of(&entry.symlink_target))

@@ -8,7 +8,7 @@
 //! [`backup`]; what happens to chunks is the sink's business.
 //!
 //! It must never hold a whole file in memory (each file in flight streams
-//! through a [`ChunkReader`], at most one per thread), never follow a symlink
+//! through a [`Chunker`], at most one per thread), never follow a symlink
 //! (they are recorded as symlinks), and never write to the file system.
 //!
 //! Layout: like restic, the root tree mirrors the absolute paths from `/`.
@@ -22,8 +22,9 @@
 //! - a file whose size or mtime changed while it was read is kept as read
 //!   (its size is the bytes read, its metadata the one seen when opened, so
 //!   the next backup reads it again);
-//! - a file that cannot be opened for lack of permission is left out (a
-//!   backup of `/` as a normal user should not fail on one unreadable file);
+//! - a file that cannot be opened (or an entry that cannot be examined) for
+//!   lack of permission is left out (a backup of `/` as a normal user should
+//!   not fail on one unreadable file);
 //! - a directory that cannot be listed for lack of permission is kept with
 //!   its metadata and no contents;
 //! - an unreadable parent-snapshot tree means its files are read again.
@@ -37,8 +38,9 @@ pub use mounts::{MountInfo, is_skipped_fs_type, parse_mountinfo, skipped_mount_p
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::fs::{Metadata, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io;
+use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -49,9 +51,12 @@ use fabric_proto::v1::{EntryKind, SnapshotStats, Tree, TreeEntry};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 
-use crate::chunker::{BadChunkParams, Chunk, ChunkParams, ChunkReader};
+use crate::chunker::{BadChunkParams, Chunk, ChunkParams, Chunker};
 use crate::id::ChunkId;
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
+
+/// Bytes asked of the file system per read of a large file.
+const READ_BUFFER_SIZE: usize = 256 * 1024;
 
 /// What to back up and how.
 #[derive(Clone, Debug, Default)]
@@ -440,9 +445,14 @@ impl Walk<'_> {
     /// Whether to list the directory `path` below an include path.
     fn may_descend(&self, path: &Path, meta: &Metadata, below: Below) -> bool {
         if self.one_file_system && meta.dev() != below.device {
+            tracing::debug!(path = %path.display(), "another file system: kept empty");
             return false;
         }
-        !self.skipped_mounts.contains_key(path)
+        if let Some(fs_type) = self.skipped_mounts.get(path) {
+            tracing::debug!(path = %path.display(), fs_type, "skipped file system type: kept empty");
+            return false;
+        }
+        true
     }
 
     /// Store the listing of directory `path` (empty when `descend` is false
@@ -488,6 +498,14 @@ impl Walk<'_> {
                     Err(err) if err.kind() == io::ErrorKind::NotFound => {
                         self.warn(format!(
                             "{}: vanished before it was read",
+                            child_path.display()
+                        ));
+                        return Ok(None);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                        // A directory readable but not searchable (r without x).
+                        self.warn(format!(
+                            "{}: cannot be examined ({err}); left out",
                             child_path.display()
                         ));
                         return Ok(None);
@@ -579,23 +597,7 @@ impl Walk<'_> {
             EntryKind::File,
             &opened_meta,
         );
-        let mut read: u64 = 0;
-        for chunk in ChunkReader::new(&file, self.chunk_params)? {
-            let chunk = chunk.map_err(io_error(path))?;
-            let length = chunk.data.len() as u64;
-            read += length;
-            entry.chunk_ids.push(chunk.id.to_vec());
-            self.sink
-                .put_chunk(chunk)
-                .map_err(|source| WalkError::Sink {
-                    path: path.to_owned(),
-                    source,
-                })?;
-            self.counters
-                .bytes_read
-                .fetch_add(length, Ordering::Relaxed);
-            self.report(path);
-        }
+        let read = self.read_file(path, &file, opened_meta.len(), &mut entry)?;
         entry.size = read;
         let after = file.metadata().map_err(io_error(path))?;
         if after.len() != opened_meta.len()
@@ -608,6 +610,88 @@ impl Walk<'_> {
             ));
         }
         Ok(Some(self.file_done(path, entry)))
+    }
+
+    /// Chunk the content of `file`, send the chunks, record their ids in
+    /// `entry`; returns the bytes read. `size_hint` is the size when opened.
+    fn read_file(
+        &self,
+        path: &Path,
+        file: &File,
+        size_hint: u64,
+        entry: &mut TreeEntry,
+    ) -> Result<u64, WalkError> {
+        let mut reader = file;
+        let mut read: u64 = 0;
+        let min_size = u64::from(self.chunk_params.min_size);
+        let mut chunker = None;
+        if size_hint < min_size {
+            // A file shorter than the minimum chunk size is one chunk
+            // whatever FastCDC does, so small files skip the chunker and its
+            // buffers (most files of a typical tree).
+            let mut data = Vec::with_capacity(size_hint as usize + 1);
+            (&mut reader)
+                .take(min_size)
+                .read_to_end(&mut data)
+                .map_err(io_error(path))?;
+            if (data.len() as u64) < min_size {
+                if !data.is_empty() {
+                    read = data.len() as u64;
+                    self.send(path, Chunk::new(data), entry)?;
+                }
+                return Ok(read);
+            }
+            // It grew past the minimum while being read: chunk it after all.
+            let mut grown = Chunker::new(self.chunk_params)?;
+            let mut ready = Vec::new();
+            grown.feed(&data, |chunk| ready.push(chunk));
+            read = data.len() as u64;
+            for chunk in ready {
+                self.send(path, chunk, entry)?;
+            }
+            chunker = Some(grown);
+        }
+        let mut chunker = match chunker {
+            Some(chunker) => chunker,
+            None => Chunker::new(self.chunk_params)?,
+        };
+        let mut buffer = vec![0u8; READ_BUFFER_SIZE];
+        let mut ready = Vec::new();
+        loop {
+            let length = match reader.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(length) => length,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(io_error(path)(err)),
+            };
+            read += length as u64;
+            chunker.feed(&buffer[..length], |chunk| ready.push(chunk));
+            for chunk in ready.drain(..) {
+                self.send(path, chunk, entry)?;
+            }
+        }
+        chunker.finish(|chunk| ready.push(chunk));
+        for chunk in ready {
+            self.send(path, chunk, entry)?;
+        }
+        Ok(read)
+    }
+
+    /// Hand one chunk of the file `path` to the sink and record it.
+    fn send(&self, path: &Path, chunk: Chunk, entry: &mut TreeEntry) -> Result<(), WalkError> {
+        let length = chunk.data.len() as u64;
+        entry.chunk_ids.push(chunk.id.to_vec());
+        self.sink
+            .put_chunk(chunk)
+            .map_err(|source| WalkError::Sink {
+                path: path.to_owned(),
+                source,
+            })?;
+        self.counters
+            .bytes_read
+            .fetch_add(length, Ordering::Relaxed);
+        self.report(path);
+        Ok(())
     }
 
     fn file_done(&self, path: &Path, entry: TreeEntry) -> TreeEntry {
@@ -736,4 +820,4 @@ pub fn backup(
 pub(crate) mod memory;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

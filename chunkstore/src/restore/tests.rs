@@ -1,1 +1,610 @@
+//! Restore tests: path safety on hand-made hostile trees, subtree and
+//! single-file restores, chunk checks and the tar stream.
 
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use fabric_proto::v1::{EntryKind, Tree, TreeEntry};
+
+use super::*;
+use crate::chunker::Chunk;
+use crate::sink::ChunkSink;
+use crate::walk::memory::MemoryStore;
+use crate::walk::tests::{describe, entry_at, options, pseudo_random, quiet, set_mtime};
+use crate::walk::{ParentSnapshot, backup};
+
+fn file_entry(store: &MemoryStore, name: &[u8], content: &[u8]) -> TreeEntry {
+    let mut chunk_ids = Vec::new();
+    if !content.is_empty() {
+        let chunk = Chunk::new(content.to_vec());
+        chunk_ids.push(chunk.id.to_vec());
+        store.put_chunk(chunk).expect("put");
+    }
+    TreeEntry {
+        name: name.to_vec(),
+        kind: EntryKind::File as i32,
+        mode: 0o100644,
+        size: content.len() as u64,
+        mtime_ns: 1_600_000_000_000_000_000,
+        chunk_ids,
+        ..TreeEntry::default()
+    }
+}
+
+fn dir_entry(name: &[u8], subtree: ChunkId) -> TreeEntry {
+    TreeEntry {
+        name: name.to_vec(),
+        kind: EntryKind::Dir as i32,
+        mode: 0o40755,
+        mtime_ns: 1_600_000_000_000_000_000,
+        subtree_id: subtree.to_vec(),
+        ..TreeEntry::default()
+    }
+}
+
+/// Every path under `dir`, relative.
+fn listing(dir: &Path) -> Vec<String> {
+    describe(dir)
+        .into_keys()
+        .map(|path| String::from_utf8_lossy(&path).into_owned())
+        .collect()
+}
+
+#[test]
+fn pax_records_count_their_own_length() {
+    assert_eq!(pax_record("mtime", "1.5"), b"13 mtime=1.5\n");
+    let long = pax_record("mtime", &"9".repeat(90));
+    assert_eq!(long.len(), 101);
+    assert!(long.starts_with(b"101 mtime="));
+    // 8 bytes after the length: 9 in all. 9 bytes after it: 10 would need
+    // two digits, so 11.
+    assert_eq!(pax_record("k", "vvvv"), b"9 k=vvvv\n");
+    assert_eq!(pax_record("k", "vvvvv"), b"11 k=vvvvv\n");
+}
+
+#[test]
+fn entry_names_are_checked() {
+    for good in [&b"a"[..], b"...", b".a", "ü".as_bytes(), b"\xff"] {
+        check_entry_name(good).expect("good name");
+    }
+    for bad in [&b""[..], b".", b"..", b"a/b", b"/", b"a\0b"] {
+        assert!(
+            matches!(check_entry_name(bad), Err(RestoreError::BadName { .. })),
+            "{bad:?}"
+        );
+    }
+    for good in [&b"a"[..], b"a/b/c", "ü/...".as_bytes()] {
+        check_relative_path(good).expect("good path");
+    }
+    for bad in [
+        &b""[..],
+        b"/etc/x",
+        b"../x",
+        b"a/../b",
+        b"a//b",
+        b"a/./b",
+        b"a/",
+        b"a/b\0",
+    ] {
+        let err = check_relative_path(bad).expect_err("bad path");
+        assert!(
+            err.to_string()
+                .contains(&format!("{:?}", String::from_utf8_lossy(bad))),
+            "{err} names {bad:?}"
+        );
+    }
+}
+
+/// A tree with a good file and then `bad` (as a file or, when `as_dir`, as
+/// a directory holding a file), nested below `d` when `nested`.
+fn hostile_root(store: &MemoryStore, bad: &[u8], as_dir: bool, nested: bool) -> ChunkId {
+    let bad_entry = if as_dir {
+        let inner = store.put_tree(&Tree {
+            entries: vec![file_entry(store, b"payload", b"escaped!")],
+        });
+        dir_entry(bad, inner)
+    } else {
+        file_entry(store, bad, b"escaped!")
+    };
+    // Sorted by name: "!good" sorts before every bad name used here
+    // except the empty one.
+    let mut entries = vec![file_entry(store, b"!good", b"fine"), bad_entry];
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let tree = store.put_tree(&Tree { entries });
+    if nested {
+        store.put_tree(&Tree {
+            entries: vec![dir_entry(b"d", tree)],
+        })
+    } else {
+        tree
+    }
+}
+
+#[test]
+fn hostile_names_are_refused_and_nothing_escapes() {
+    for bad in [&b".."[..], b".", b"a/b", b"../x", b"/etc/x", b"", b"x\0y"] {
+        for as_dir in [false, true] {
+            for nested in [false, true] {
+                let store = MemoryStore::default();
+                let root = hostile_root(&store, bad, as_dir, nested);
+                let temp = tempfile::tempdir().expect("tempdir");
+                let target = temp.path().join("target");
+                let mut directory = DirectoryTarget::new(&target).expect("target");
+                let err = restore(&store, root, "", &mut directory).expect_err("refused");
+                let RestoreError::BadName { path, .. } = &err else {
+                    panic!("{bad:?}: {err}");
+                };
+                let expected = if nested {
+                    format!("d/{}", String::from_utf8_lossy(bad))
+                } else {
+                    String::from_utf8_lossy(bad).into_owned()
+                };
+                assert_eq!(path, &expected, "{err}");
+                assert_eq!(listing(temp.path()), {
+                    let mut expected = vec!["target".to_owned()];
+                    let prefix = if nested {
+                        expected.push("target/d".to_owned());
+                        "target/d/"
+                    } else {
+                        "target/"
+                    };
+                    if !bad.is_empty() {
+                        expected.push(format!("{prefix}!good"));
+                    }
+                    expected.sort();
+                    expected
+                });
+                assert!(!Path::new("/etc/x").exists());
+
+                // The tar target refuses the same entries.
+                let mut tar = TarTarget::new(Vec::new());
+                assert!(matches!(
+                    restore(&store, root, "", &mut tar),
+                    Err(RestoreError::BadName { .. })
+                ));
+            }
+        }
+    }
+}
+
+#[test]
+fn targets_check_paths_they_are_given() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let target = temp.path().join("target");
+    let mut directory = DirectoryTarget::new(&target).expect("target");
+    let entry = TreeEntry {
+        kind: EntryKind::File as i32,
+        ..TreeEntry::default()
+    };
+    for bad in [&b"../x"[..], b"/tmp/x", b"a/../../x", b""] {
+        assert!(directory.file_start(bad, &entry).is_err());
+        assert!(directory.directory(bad, &entry).is_err());
+        assert!(directory.symlink(bad, &entry).is_err());
+        let mut tar = TarTarget::new(Vec::new());
+        assert!(tar.file_start(bad, &entry).is_err());
+    }
+    assert!(matches!(
+        directory.file_data(b"x"),
+        Err(RestoreError::OutOfOrder(_))
+    ));
+    directory.finish().expect("finish");
+    assert_eq!(listing(temp.path()), ["target"]);
+}
+
+#[test]
+fn a_directory_target_can_be_driven_like_a_stream() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let target = temp.path().join("target");
+    let mut directory = DirectoryTarget::new(&target).expect("target");
+    let entry = TreeEntry {
+        kind: EntryKind::File as i32,
+        mode: 0o100600,
+        size: 6,
+        mtime_ns: 1_000_000_000_123,
+        ..TreeEntry::default()
+    };
+    // No directory() for x and x/y: they are created on the way.
+    directory.file_start(b"x/y/z", &entry).expect("start");
+    assert!(matches!(
+        directory.file_start(b"x/other", &entry),
+        Err(RestoreError::OutOfOrder(_))
+    ));
+    directory.file_data(b"abc").expect("data");
+    directory.file_data(b"def").expect("data");
+    directory.file_end().expect("end");
+    // A file whose data falls short of its size is an error naming it.
+    directory.file_start(b"x/short", &entry).expect("start");
+    directory.file_data(b"abc").expect("data");
+    let err = directory.file_end().expect_err("short");
+    assert!(err.to_string().contains("x/short"), "{err}");
+    directory.finish().expect("finish");
+    assert_eq!(fs::read(target.join("x/y/z")).expect("read"), b"abcdef");
+    let meta = fs::metadata(target.join("x/y/z")).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(
+        meta.modified().expect("mtime"),
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(1_000_000_000_123)
+    );
+}
+
+#[test]
+fn a_symlink_already_in_the_target_is_never_followed() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let outside = temp.path().join("outside");
+    fs::create_dir(&outside).expect("mkdir");
+    fs::write(outside.join("f"), b"original").expect("write");
+    let target = temp.path().join("target");
+    fs::create_dir(&target).expect("mkdir");
+    // A directory of the snapshot is a symlink out of the target...
+    std::os::unix::fs::symlink(&outside, target.join("d")).expect("symlink");
+    // ...and a file of the snapshot is a symlink to a file outside.
+    std::os::unix::fs::symlink(outside.join("f"), target.join("g")).expect("symlink");
+
+    let store = MemoryStore::default();
+    let inner = store.put_tree(&Tree {
+        entries: vec![file_entry(&store, b"f", b"overwritten!")],
+    });
+    let with_file = store.put_tree(&Tree {
+        entries: vec![file_entry(&store, b"g", b"new g")],
+    });
+    let err = restore(
+        &store,
+        with_file,
+        "",
+        &mut DirectoryTarget::new(&target).expect("target"),
+    );
+    err.expect("the symlink at g is replaced, not followed");
+    assert_eq!(fs::read(outside.join("f")).expect("read"), b"original");
+    assert_eq!(fs::read(target.join("g")).expect("read"), b"new g");
+    assert!(
+        !fs::symlink_metadata(target.join("g"))
+            .expect("lstat")
+            .file_type()
+            .is_symlink()
+    );
+
+    let with_dir = store.put_tree(&Tree {
+        entries: vec![dir_entry(b"d", inner)],
+    });
+    let err = restore(
+        &store,
+        with_dir,
+        "",
+        &mut DirectoryTarget::new(&target).expect("target"),
+    )
+    .expect_err("d is a symlink");
+    assert!(matches!(err, RestoreError::Unsafe { .. }), "{err}");
+    assert!(err.to_string().contains("target/d"), "{err}");
+    assert_eq!(fs::read(outside.join("f")).expect("read"), b"original");
+    assert_eq!(listing(&outside), ["f"]);
+}
+
+#[test]
+fn a_chunk_that_does_not_match_its_id_is_not_written() {
+    let store = MemoryStore::default();
+    let good = Chunk::new(b"the real bytes".to_vec());
+    store.insert_raw(good.id, b"evil bytes!!!!".to_vec());
+    let root = store.put_tree(&Tree {
+        entries: vec![TreeEntry {
+            name: b"f".to_vec(),
+            kind: EntryKind::File as i32,
+            mode: 0o100644,
+            size: 14,
+            chunk_ids: vec![good.id.to_vec()],
+            ..TreeEntry::default()
+        }],
+    });
+    let temp = tempfile::tempdir().expect("tempdir");
+    let target = temp.path().join("target");
+    let err = restore(
+        &store,
+        root,
+        "",
+        &mut DirectoryTarget::new(&target).expect("target"),
+    )
+    .expect_err("mismatch");
+    assert!(
+        matches!(&err, RestoreError::ChunkMismatch { id, path } if *id == good.id && path == "f"),
+        "{err}"
+    );
+    assert_eq!(fs::read(target.join("f")).expect("created empty"), b"");
+
+    let mut tar = TarTarget::new(Vec::new());
+    assert!(restore(&store, root, "", &mut tar).is_err());
+}
+
+#[test]
+fn unsorted_or_repeated_names_and_unknown_paths_are_refused() {
+    let store = MemoryStore::default();
+    let root = store.put_tree(&Tree {
+        entries: vec![
+            file_entry(&store, b"b", b"1"),
+            file_entry(&store, b"a", b"2"),
+        ],
+    });
+    let err = restore(&store, root, "", &mut TarTarget::new(Vec::new())).expect_err("unsorted");
+    assert!(err.to_string().contains("\"a\""), "{err}");
+    let root = store.put_tree(&Tree {
+        entries: vec![
+            file_entry(&store, b"a", b"1"),
+            file_entry(&store, b"a", b"2"),
+        ],
+    });
+    assert!(restore(&store, root, "", &mut TarTarget::new(Vec::new())).is_err());
+    let err = restore(
+        &store,
+        root,
+        "/no/such/path",
+        &mut TarTarget::new(Vec::new()),
+    )
+    .expect_err("unknown");
+    assert!(matches!(&err, RestoreError::NotFound { path } if path == "/no/such/path"));
+    let err = restore(
+        &store,
+        root,
+        "a/below-a-file",
+        &mut TarTarget::new(Vec::new()),
+    )
+    .expect_err("unknown");
+    assert!(matches!(err, RestoreError::NotFound { .. }));
+    // A requested path cannot go through a hostile name either.
+    let inner = store.put_tree(&Tree {
+        entries: vec![file_entry(&store, b"f", b"x")],
+    });
+    let root_with_dots = store.put_tree(&Tree {
+        entries: vec![dir_entry(b"..", inner)],
+    });
+    let err = restore(
+        &store,
+        root_with_dots,
+        "../f",
+        &mut TarTarget::new(Vec::new()),
+    )
+    .expect_err("dots");
+    assert!(
+        matches!(&err, RestoreError::BadName { path, .. } if path == ".."),
+        "{err}"
+    );
+    // A file whose chunks do not add up to its size.
+    let mut short = file_entry(&store, b"short", b"12345");
+    short.size = 9;
+    let root = store.put_tree(&Tree {
+        entries: vec![short],
+    });
+    let err = restore(&store, root, "", &mut TarTarget::new(Vec::new())).expect_err("short");
+    assert!(err.to_string().contains("short"), "{err}");
+}
+
+/// A small real tree, backed up: (temp dir, source path, store, root).
+fn backed_up_tree() -> (tempfile::TempDir, std::path::PathBuf, MemoryStore, ChunkId) {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    fs::create_dir_all(source.join("docs/deeper")).expect("mkdir");
+    fs::create_dir_all(source.join("empty")).expect("mkdir");
+    fs::write(source.join("docs/readme.md"), b"# hello\n").expect("write");
+    fs::write(source.join("docs/deeper/big.bin"), pseudo_random(50_000, 5)).expect("write");
+    fs::write(source.join("docs/empty-file"), b"").expect("write");
+    let long_name = "n".repeat(150);
+    fs::write(source.join("docs/deeper").join(&long_name), b"long name").expect("write");
+    fs::write(source.join("top.txt"), b"top").expect("write");
+    fs::set_permissions(source.join("top.txt"), fs::Permissions::from_mode(0o640)).expect("chmod");
+    std::os::unix::fs::symlink("docs/readme.md", source.join("link")).expect("symlink");
+    // A read-only directory must still be filled, and get its mode after.
+    fs::set_permissions(
+        source.join("docs/deeper"),
+        fs::Permissions::from_mode(0o555),
+    )
+    .expect("chmod");
+    set_mtime(&source.join("docs"), 1_500_000_000, 77);
+    let store = MemoryStore::default();
+    let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    (temp, source, store, outcome.root)
+}
+
+#[test]
+fn whole_subtree_and_single_file_restores() {
+    let (temp, source, store, root) = backed_up_tree();
+    let source_str = source.to_str().expect("utf-8");
+
+    // Whole snapshot: the absolute path is mirrored under the target.
+    let whole = temp.path().join("whole");
+    restore(
+        &store,
+        root,
+        "/",
+        &mut DirectoryTarget::new(&whole).expect("target"),
+    )
+    .expect("restore");
+    let mirrored = whole.join(source.strip_prefix("/").expect("absolute"));
+    assert_eq!(describe(&source), describe(&mirrored));
+
+    // A subtree: its contents go into the target root.
+    let sub = temp.path().join("sub");
+    let stats = restore(
+        &store,
+        root,
+        &format!("{source_str}/docs/"),
+        &mut DirectoryTarget::new(&sub).expect("target"),
+    )
+    .expect("restore");
+    assert_eq!(stats.files, 4);
+    assert_eq!(stats.dirs, 1);
+    assert_eq!(describe(&source.join("docs")), describe(&sub));
+
+    // One file: restored under its own name.
+    let one = temp.path().join("one");
+    let stats = restore(
+        &store,
+        root,
+        &format!("{source_str}/docs/deeper/big.bin"),
+        &mut DirectoryTarget::new(&one).expect("target"),
+    )
+    .expect("restore");
+    assert_eq!(stats.bytes, 50_000);
+    assert_eq!(listing(&one), ["big.bin"]);
+    assert_eq!(
+        fs::read(one.join("big.bin")).expect("read"),
+        pseudo_random(50_000, 5)
+    );
+
+    // Restoring again over an existing restore replaces what is there.
+    fs::write(sub.join("readme.md"), b"locally edited").expect("edit");
+    restore(
+        &store,
+        root,
+        &format!("{source_str}/docs"),
+        &mut DirectoryTarget::new(&sub).expect("target"),
+    )
+    .expect("restore over");
+    assert_eq!(describe(&source.join("docs")), describe(&sub));
+
+    for dir in [source.join("docs"), mirrored.join("docs"), sub] {
+        fs::set_permissions(dir.join("deeper"), fs::Permissions::from_mode(0o755))
+            .expect("chmod back for cleanup");
+    }
+}
+
+#[test]
+fn tar_stream_parses_back_with_the_same_contents() {
+    let (_temp, source, store, root) = backed_up_tree();
+    let mut tar = TarTarget::new(Vec::new());
+    let stats = restore(&store, root, source.to_str().expect("utf-8"), &mut tar).expect("tar");
+    let bytes = tar.into_inner().expect("bytes");
+    assert_eq!(bytes.len() % 512, 0);
+
+    let mut seen = BTreeMap::new();
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for item in archive.entries().expect("entries") {
+        let mut item = item.expect("entry");
+        let path = item.path().expect("path").as_os_str().as_bytes().to_vec();
+        let header = item.header().clone();
+        let link = item
+            .link_name()
+            .expect("link")
+            .map(|link| link.as_os_str().as_bytes().to_vec());
+        let exact_mtime = item.pax_extensions().expect("pax").and_then(|records| {
+            records
+                .filter_map(Result::ok)
+                .find(|record| record.key() == Ok("mtime"))
+                .map(|record| record.value().expect("utf-8").to_owned())
+        });
+        let mut content = Vec::new();
+        item.read_to_end(&mut content).expect("content");
+        seen.insert(
+            String::from_utf8_lossy(&path)
+                .trim_end_matches('/')
+                .to_owned(),
+            (header, link, content, exact_mtime),
+        );
+    }
+    let expected = describe(&source);
+    assert_eq!(seen.len(), expected.len());
+    assert_eq!(
+        stats.files + stats.dirs + stats.symlinks,
+        expected.len() as u64
+    );
+    for (path, described) in &expected {
+        let key = String::from_utf8_lossy(path).into_owned();
+        let (header, link, content, exact_mtime) = &seen[&key];
+        match described {
+            crate::walk::tests::Described::File {
+                mode,
+                mtime_ns,
+                content: expected_content,
+                ..
+            } => {
+                assert_eq!(header.entry_type(), tar::EntryType::Regular, "{key}");
+                assert_eq!(content, expected_content, "{key}");
+                assert_eq!(header.mode().expect("mode"), *mode, "{key}");
+                assert_eq!(
+                    header.mtime().expect("mtime") as i64,
+                    mtime_ns / 1_000_000_000
+                );
+                let nanos = mtime_ns % 1_000_000_000;
+                let expected_exact =
+                    (nanos != 0).then(|| format!("{}.{nanos:09}", mtime_ns / 1_000_000_000));
+                assert_eq!(exact_mtime, &expected_exact, "{key}");
+            }
+            crate::walk::tests::Described::Dir { mode, mtime_ns, .. } => {
+                assert_eq!(header.entry_type(), tar::EntryType::Directory, "{key}");
+                assert_eq!(header.mode().expect("mode"), *mode, "{key}");
+                assert_eq!(
+                    header.mtime().expect("mtime") as i64,
+                    mtime_ns / 1_000_000_000
+                );
+            }
+            crate::walk::tests::Described::Symlink { target, .. } => {
+                assert_eq!(header.entry_type(), tar::EntryType::Symlink, "{key}");
+                assert_eq!(link.as_deref(), Some(target.as_slice()), "{key}");
+            }
+            crate::walk::tests::Described::Other => panic!("no other entries here"),
+        }
+    }
+    assert!(
+        seen.keys().any(|key| key.len() > 150),
+        "the long name survived"
+    );
+    assert!(
+        seen.values().any(|(.., exact)| exact.is_some()),
+        "files written now have sub-second mtimes"
+    );
+    fs::set_permissions(
+        source.join("docs/deeper"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod back for cleanup");
+}
+
+#[test]
+fn walk_tree_visits_depth_first_and_a_parent_cache_survives_a_damaged_parent() {
+    let (_temp, source, store, root) = backed_up_tree();
+    let mut order = Vec::new();
+    walk_tree(
+        &store,
+        root,
+        source.to_str().expect("utf-8"),
+        |path, _| -> Result<(), RestoreError> {
+            order.push(String::from_utf8_lossy(path).into_owned());
+            Ok(())
+        },
+    )
+    .expect("walk");
+    let long = format!("docs/deeper/{}", "n".repeat(150));
+    assert_eq!(
+        order,
+        [
+            "docs",
+            "docs/deeper",
+            "docs/deeper/big.bin",
+            long.as_str(),
+            "docs/empty-file",
+            "docs/readme.md",
+            "empty",
+            "link",
+            "top.txt"
+        ]
+    );
+
+    // A parent whose trees cannot be read: the backup reads everything again.
+    let empty = MemoryStore::default();
+    let parent = ParentSnapshot {
+        source: &empty,
+        root,
+    };
+    let outcome = backup(&options(&[&source]), &store, Some(parent), &quiet).expect("backup");
+    assert_eq!(
+        entry_at(&store, outcome.root, &source).subtree_id,
+        entry_at(&store, root, &source).subtree_id
+    );
+    assert_eq!(outcome.stats.files_unchanged, 0);
+    assert_eq!(outcome.warnings.len(), 1, "{:?}", outcome.warnings);
+    fs::set_permissions(
+        source.join("docs/deeper"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod back for cleanup");
+}

@@ -21,15 +21,6 @@ impl MemoryStore {
         self.chunks.lock().expect("store lock").len()
     }
 
-    pub(crate) fn stored_bytes(&self) -> u64 {
-        self.chunks
-            .lock()
-            .expect("store lock")
-            .values()
-            .map(|data| data.len() as u64)
-            .sum()
-    }
-
     /// Insert bytes under an id of the caller's choosing (to damage a store on purpose).
     pub(crate) fn insert_raw(&self, id: ChunkId, data: Vec<u8>) {
         self.chunks.lock().expect("store lock").insert(id, data);
