@@ -429,8 +429,18 @@ fn timespec_of(nanos: i64) -> Timespec {
     }
 }
 
+/// The times to set for `entry`. An mtime of 0 means "not recorded" (the
+/// walk records directories above an include path by name, mode and owner
+/// only), and leaves the time as the restore made it.
 fn timestamps_of(entry: &TreeEntry) -> Timestamps {
-    let mtime = timespec_of(entry.mtime_ns);
+    let mtime = if entry.mtime_ns == 0 {
+        Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        }
+    } else {
+        timespec_of(entry.mtime_ns)
+    };
     Timestamps {
         last_access: mtime,
         last_modification: mtime,

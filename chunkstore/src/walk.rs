@@ -382,7 +382,18 @@ impl Walk<'_> {
                         });
                     }
                     let parent_tree = self.parent_tree(&child_path, parent_entry);
-                    let mut entry = entry_from(name.clone(), EntryKind::Dir, &meta);
+                    // Recorded by name, mode and owner only: its times and
+                    // inode change with activity outside the backup (a new
+                    // file in /tmp), which would change the root of every
+                    // snapshot and send new trees for unchanged data.
+                    let mut entry = TreeEntry {
+                        name: name.clone(),
+                        kind: EntryKind::Dir as i32,
+                        mode: meta.mode(),
+                        uid: meta.uid(),
+                        gid: meta.gid(),
+                        ..Default::default()
+                    };
                     entry.subtree_id = self.include_tree(child, &child_path, parent_tree)?.to_vec();
                     Ok(Some(entry))
                 }

@@ -122,22 +122,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed before this
+/// returns, so a signal that arrives right after start-up is not lost (and
+/// does not kill the process with the default action).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("interrupted: shutting down"),
         }
-    };
-    tokio::select! {
-        _ = terminate => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
-    }
+    })
 }
 
 #[tokio::main]
@@ -147,13 +144,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.into_config()?;
             init_logging(config.log_format);
+            let shutdown = shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
             let local = listener.local_addr()?;
             // One line on stdout that scripts and tests read to find the port.
             println!("fabric-node listening on {local}");
-            fabric_node::serve(listener, config, shutdown_signal()).await?;
+            fabric_node::serve(listener, config, shutdown).await?;
         }
     }
     Ok(())

@@ -1,0 +1,178 @@
+//! Push backup over loopback against local chunk store ingest, in one run.
+//!
+//! `cargo bench -p fabric-node --bench push` (release build). Starts the real
+//! `fabric-node` binary (target/release, built first) on 127.0.0.1:0 and, in
+//! this process, the agent. Prints, for the same data: local ingest (walk
+//! into a store in this process), the first push, an unchanged re-push and a
+//! restore, each in MB/s; then a tree of 10,000 small files (first push and
+//! unchanged re-push); and the peak RSS of the node and of this process.
+//!
+//! `FABRIC_BENCH_MB` sets the size of the large data (default 1024: half
+//! random, half text-like); `FABRIC_BENCH_SMALL_FILES` the small-file count.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use fabric_chunkstore::restore::DirectoryTarget;
+use fabric_chunkstore::walk::{BackupOptions, backup};
+use fabric_chunkstore::{ChunkParams, Store, StoreConfig};
+use fabric_proto::v1::Snapshot;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn peak_rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmHWM:"))
+                .and_then(|line| line.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_data(dir: &Path, megabytes: usize) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let random_mb = megabytes / 2;
+    for file in 0..random_mb.div_ceil(64) {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join(format!("random-{file}.bin"))).expect("create"));
+        for _ in 0..(64 * 1024 * 1024 / 8).min(random_mb.saturating_sub(file * 64) * 1024 * 1024 / 8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            out.write_all(&state.to_le_bytes()).expect("write");
+        }
+    }
+    let words = ["fn", "let", "mut", "struct", "impl", "store", "chunk", "pack", "index", "tree", "snapshot", "node", "{", "}", "(", ")", ";", "=>", "match", "Ok", "Err", "self"];
+    let text_mb = megabytes - random_mb;
+    for file in 0..text_mb.div_ceil(64) {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join(format!("text-{file}.rs"))).expect("create"));
+        let target = (64usize * 1024 * 1024).min(text_mb.saturating_sub(file * 64) * 1024 * 1024);
+        let mut written = 0;
+        let mut line = 0u64;
+        while written < target {
+            line += 1;
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let text = format!(
+                "    {} {} {} {}; // line {line}\n",
+                words[(state % 22) as usize],
+                words[((state >> 8) % 22) as usize],
+                words[((state >> 16) % 22) as usize],
+                state % 1000
+            );
+            out.write_all(text.as_bytes()).expect("write");
+            written += text.len();
+        }
+    }
+}
+
+fn write_small_files(dir: &Path, count: usize) {
+    for index in 0..count {
+        let sub = dir.join(format!("d{}", index / 500));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        std::fs::write(sub.join(format!("f{index}.txt")), format!("small file {index}\n").repeat(index % 50 + 1)).expect("write");
+    }
+}
+
+fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / 1e6 / seconds
+}
+
+fn main() {
+    let megabytes = env_usize("FABRIC_BENCH_MB", 1024);
+    let small_files = env_usize("FABRIC_BENCH_SMALL_FILES", 10_000);
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&workspace)
+        .args(["build", "--release", "--quiet", "--bin", "fabric-node"])
+        .status()
+        .expect("cargo runs");
+    assert!(status.success());
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    let node_binary = target_dir.join("release/fabric-node");
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let data = work.path().join("data");
+    let small = work.path().join("small");
+    write_data(&data, megabytes);
+    write_small_files(&small, small_files);
+    let total: u64 = std::fs::read_dir(&data).expect("ls").map(|e| e.expect("entry").metadata().expect("stat").len()).sum();
+    println!("data: {} MB ({} MB random, {} MB text-like), {small_files} small files; {} cores", total / 1_000_000, megabytes / 2, megabytes - megabytes / 2, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+
+    // Local ingest: the walk straight into a store in this process.
+    let local_store = Store::open_or_create(&work.path().join("local-store"), StoreConfig::default()).expect("store");
+    let options = |path: &Path| BackupOptions {
+        includes: vec![path.to_owned()],
+        excludes: Vec::new(),
+        one_file_system: false,
+        chunk_params: ChunkParams::default(),
+        threads: 0,
+    };
+    let started = Instant::now();
+    backup(&options(&data), &local_store, None, &|_| {}).expect("local backup");
+    let local_seconds = started.elapsed().as_secs_f64();
+    drop(local_store);
+
+    let mut node = Command::new(&node_binary)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(work.path().join("node-store"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fabric-node starts");
+    let mut lines = BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("readable");
+    let address = format!("http://{}", first.rsplit(' ').next().expect("an address"));
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let node_pid = node.id().to_string();
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let push = |path: &Path, job: &str| {
+        let started = Instant::now();
+        let outcome = runtime
+            .block_on(fabric_node::agent::push_backup(
+                &address,
+                options(path),
+                Snapshot { job: job.into(), host: "bench".into(), ..Default::default() },
+                None,
+            ))
+            .expect("push");
+        (started.elapsed().as_secs_f64(), outcome)
+    };
+    let (first_seconds, first) = push(&data, "large");
+    let (again_seconds, again) = push(&data, "large");
+    let restore_dir = work.path().join("restored");
+    std::fs::create_dir_all(&restore_dir).expect("mkdir");
+    let started = Instant::now();
+    let inside = data.to_string_lossy().trim_start_matches('/').to_owned();
+    runtime
+        .block_on(fabric_node::restore_client::restore_from(
+            &address,
+            &first.snapshot.id,
+            &inside,
+            Box::new(DirectoryTarget::new(restore_dir.clone()).expect("target")),
+        ))
+        .expect("restore");
+    let restore_seconds = started.elapsed().as_secs_f64();
+    let (small_first_seconds, _) = push(&small, "small");
+    let (small_again_seconds, small_again) = push(&small, "small");
+
+    println!("local ingest (walk into a store, same process): {:8.1} MB/s  ({local_seconds:.2} s)", mb_per_s(total, local_seconds));
+    println!("push, first backup over loopback:               {:8.1} MB/s  ({first_seconds:.2} s, {} chunks sent, {:.1}% of local)", mb_per_s(total, first_seconds), first.chunks_sent, 100.0 * local_seconds / first_seconds);
+    println!("push, unchanged re-backup:                      {:8.1} MB/s  ({again_seconds:.2} s, {} bytes sent, {} of {} files unchanged)", mb_per_s(total, again_seconds), again.bytes_sent, again.snapshot.stats.as_ref().map(|s| s.files_unchanged).unwrap_or(0), again.snapshot.stats.as_ref().map(|s| s.files).unwrap_or(0));
+    println!("restore over loopback:                          {:8.1} MB/s  ({restore_seconds:.2} s)", mb_per_s(total, restore_seconds));
+    println!("{small_files} small files, first backup:             {small_first_seconds:8.2} s");
+    println!("{small_files} small files, unchanged re-backup:      {small_again_seconds:8.2} s  ({:.1}x faster, {} bytes sent)", small_first_seconds / small_again_seconds, small_again.bytes_sent);
+    println!("peak RSS: node {} MiB, agent (this process, incl. local ingest) {} MiB", peak_rss_kib(&node_pid) / 1024, peak_rss_kib("self") / 1024);
+    let _ = Command::new("kill").arg("-TERM").arg(&node_pid).status();
+    let _ = node.wait();
+}
