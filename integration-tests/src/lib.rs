@@ -215,3 +215,197 @@ pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
     std::fs::write(&odd, b"odd").expect("write");
     std::fs::set_permissions(&odd, std::fs::Permissions::from_mode(0o4751)).expect("chmod");
 }
+
+/// A whole fabric of real processes: a coordinator, storage nodes n1..nN
+/// (label `disk`) and a client agent `client` (host name `client-host`).
+pub struct Fabric {
+    /// Temporary state of every process.
+    pub dir: tempfile::TempDir,
+    /// The coordinator.
+    pub coordinator: Server,
+    /// Storage nodes, n1 first.
+    pub nodes: Vec<Server>,
+    /// The client's agent.
+    pub agent: Server,
+}
+
+impl Fabric {
+    /// Start a coordinator, `storage` storage nodes and an agent; returns
+    /// once the coordinator lists all of them online.
+    pub fn start(storage: usize) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let coordinator = Self::start_coordinator(&dir.path().join("coordinator"), "127.0.0.1:0");
+        let mut nodes = Vec::new();
+        for index in 1..=storage {
+            nodes.push(Self::start_node(&dir, &coordinator.address, index));
+        }
+        let agent_dir = dir.path().join("agent");
+        let agent = Server::start(
+            "fabric-node",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                agent_dir.to_str().expect("utf-8"),
+                "--node-id",
+                "client",
+                "--roles",
+                "agent",
+                "--hostname",
+                "client-host",
+                "--coordinator",
+                &coordinator.address,
+            ],
+            &[],
+        );
+        let fabric = Self {
+            dir,
+            coordinator,
+            nodes,
+            agent,
+        };
+        fabric.wait_online(storage + 1);
+        fabric
+    }
+
+    /// Start (or restart) the coordinator on `listen` with its state in `data_dir`.
+    pub fn start_coordinator(data_dir: &Path, listen: &str) -> Server {
+        Server::start(
+            "fabric-coordinator",
+            &[
+                "--listen",
+                listen,
+                "--data-dir",
+                data_dir.to_str().expect("utf-8"),
+                "--heartbeat-interval",
+                "200ms",
+                "--lost-after-missed-heartbeats",
+                "5",
+            ],
+            &[],
+        )
+    }
+
+    /// Start storage node `n<index>`.
+    pub fn start_node(dir: &tempfile::TempDir, coordinator: &str, index: usize) -> Server {
+        let data = dir.path().join(format!("n{index}"));
+        Server::start(
+            "fabric-node",
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data.to_str().expect("utf-8"),
+                "--node-id",
+                &format!("n{index}"),
+                "--roles",
+                "storage",
+                "--labels",
+                "disk",
+                "--coordinator",
+                coordinator,
+            ],
+            &[],
+        )
+    }
+
+    /// `fabricctl --coordinator ADDR ARGS...`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--coordinator", self.coordinator.address.as_str()];
+        all.extend_from_slice(args);
+        fabricctl(&all)
+    }
+
+    /// `fabricctl -o json --coordinator ADDR ARGS...`, asserting success.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--coordinator", self.coordinator.address.as_str()];
+        all.extend_from_slice(args);
+        fabricctl_json(&all)
+    }
+
+    /// Wait (bounded) until at least `count` nodes are online.
+    pub fn wait_online(&self, count: usize) {
+        for _ in 0..300 {
+            let nodes = self.json(&["node", "list"]);
+            let online = nodes
+                .as_array()
+                .map(|nodes| nodes.iter().filter(|n| n["state"] == "online").count())
+                .unwrap_or(0);
+            if online >= count {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{count} nodes did not come online");
+    }
+
+    /// Write `text` as a jobs file and submit it (with `select`); returns the runs' ids.
+    pub fn submit(&self, text: &str, select: &[&str]) -> Vec<String> {
+        let file = self.dir.path().join("jobs.toml");
+        std::fs::write(&file, text).expect("write jobs");
+        let mut args = vec!["job", "submit", "-f", file.to_str().expect("utf-8")];
+        args.extend_from_slice(select);
+        let runs = self.json(&args);
+        runs.as_array()
+            .expect("a list of runs")
+            .iter()
+            .map(|run| run["id"].as_str().expect("an id").to_owned())
+            .collect()
+    }
+
+    /// Wait (bounded) until run `id` is done, failed or cancelled; returns it.
+    pub fn wait_run(&self, id: &str) -> serde_json::Value {
+        for _ in 0..1200 {
+            let run = self.json(&["run", "show", id]);
+            if matches!(run["state"].as_str(), Some("done" | "failed" | "cancelled")) {
+                return run;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("run {id} did not end");
+    }
+
+    /// The runs of `job` (newest first).
+    pub fn runs_of(&self, job: &str) -> Vec<serde_json::Value> {
+        self.json(&["run", "list", "--job", job])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Remote TCP ports of the connections process `pid` holds now (from
+/// /proc/PID/fd and /proc/PID/net/tcp{,6}).
+pub fn remote_ports(pid: u32) -> std::collections::HashSet<u16> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let target = target.to_string_lossy().into_owned();
+                if let Some(inode) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) {
+                    inodes.insert(inode.to_owned());
+                }
+            }
+        }
+    }
+    let mut ports = std::collections::HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 9 && inodes.contains(fields[9]) {
+                if let Some(port) = fields[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    ports.insert(port);
+                }
+            }
+        }
+    }
+    ports
+}
+
+/// The port of an `http://host:port` address.
+pub fn port_of(address: &str) -> u16 {
+    address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("an address with a port")
+}

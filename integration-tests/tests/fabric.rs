@@ -1,0 +1,319 @@
+//! The fabric end to end with real processes on loopback: one coordinator,
+//! three storage nodes and one client agent, driven through `fabricctl`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+
+use fabric_integration_tests::{Fabric, generate_tree, port_of, pseudo_random, remote_ports};
+
+fn copies_of(run: &serde_json::Value) -> Vec<(String, String, bool)> {
+    run["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|copy| {
+            (
+                copy["node"].as_str().unwrap().to_owned(),
+                copy["state"].as_str().unwrap().to_owned(),
+                copy["background"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn events_of(run: &serde_json::Value) -> Vec<String> {
+    run["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn first_event(events: &[String], needle: &str) -> Option<usize> {
+    events.iter().position(|e| e.contains(needle))
+}
+
+fn snapshot_nodes(fabric: &Fabric, job: &str) -> Vec<Vec<String>> {
+    fabric
+        .json(&["status", "--job", job])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let mut nodes: Vec<String> = row["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_owned())
+                .collect();
+            nodes.sort();
+            nodes
+        })
+        .collect()
+}
+
+fn source_tree(fabric: &Fabric) -> std::path::PathBuf {
+    let source = fabric.dir.path().join("source");
+    generate_tree(&source, 40, 256 * 1024);
+    source
+}
+
+#[test]
+fn a_push_job_copies_in_background_then_in_random_order_to_all_three() {
+    let fabric = Fabric::start(3);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.web]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1& n2/n3\"\ninterval = \"24h\"\n",
+        source.display()
+    );
+    let mut orders = HashSet::new();
+    for attempt in 0..20 {
+        let runs = fabric.submit(&jobs, &[]);
+        assert_eq!(runs.len(), 1);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        let copies = copies_of(&run);
+        let n1 = copies.iter().find(|c| c.0 == "n1").unwrap();
+        assert!(n1.2, "n1 is copied in the background: {copies:?}");
+        assert!(copies.iter().all(|c| c.1 == "done"), "{copies:?}");
+        let events = events_of(&run);
+        let n2 = first_event(&events, " n2 running").unwrap();
+        let n3 = first_event(&events, " n3 running").unwrap();
+        orders.insert(n2 < n3);
+        if attempt == 0 {
+            assert_eq!(snapshot_nodes(&fabric, "web"), vec![vec!["n1", "n2", "n3"]]);
+        }
+        if orders.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(orders.len(), 2, "both orders of n2/n3 occur over 20 runs");
+}
+
+#[test]
+fn replicas_put_the_snapshot_on_exactly_two_distinct_nodes() {
+    let fabric = Fabric::start(3);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.db]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 2\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    let nodes = snapshot_nodes(&fabric, "db");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].len(), 2, "{nodes:?}");
+    assert_ne!(nodes[0][0], nodes[0][1]);
+}
+
+#[test]
+fn a_passive_and_pull_pair_completes_without_the_client_dialling_storage() {
+    let fabric = Fabric::start(3);
+    let source = source_tree(&fabric);
+    let marker = fabric.dir.path().join("post-ran");
+    let jobs = format!(
+        "[job.ext-client]\ndirection = \"passive\"\nclient = \"client\"\npre = \"echo preparing\"\npost = \"touch {}\"\npull_timeout = \"5m\"\n\n[job.ext]\ndirection = \"pull\"\npull_source = \"ext-client\"\ninclude = [\"{}\"]\ndest = \"n2\"\n",
+        marker.display(),
+        source.display()
+    );
+    let storage_ports: HashSet<u16> = fabric.nodes.iter().map(|n| port_of(&n.address)).collect();
+    let agent_pid = fabric.agent.pid();
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let sampler = {
+        let (watching, seen) = (watching.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.lock().unwrap().extend(remote_ports(agent_pid));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        })
+    };
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert_eq!(run["state"], "done", "{run:#}");
+    assert_eq!(snapshot_nodes(&fabric, "ext"), vec![vec!["n2"]]);
+    assert!(marker.exists(), "the client ran post after the pull");
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&port_of(&fabric.coordinator.address)), "the sampler sees the agent's connections: {seen:?}");
+    let dialled: Vec<&u16> = seen.intersection(&storage_ports).collect();
+    assert!(dialled.is_empty(), "the client dialled storage ports {dialled:?}");
+}
+
+#[test]
+fn a_storage_node_killed_during_a_copy_fails_that_copy_or_goes_to_a_spare() {
+    let mut fabric = Fabric::start(3);
+    let source = fabric.dir.path().join("big");
+    std::fs::create_dir_all(&source).unwrap();
+    for index in 0..6 {
+        std::fs::write(source.join(format!("part-{index}")), pseudo_random(32 * 1024 * 1024, index)).unwrap();
+    }
+    // A single destination: the copy fails after its retries, with the reason.
+    let jobs = format!(
+        "[job.single]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ncopy_retries = 1\ncopy_retry_min_sleep = \"100ms\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    wait_copy_running(&fabric, &runs[0], "n1");
+    let n1 = fabric.nodes.remove(0);
+    drop(n1);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    let copy = &run["copies"][0];
+    assert_eq!(copy["state"], "failed");
+    assert!(copy["reason"].as_str().unwrap().contains("n1"), "{copy}");
+
+    // Replicas: the killed node's copy goes to the spare.
+    let jobs = format!(
+        "[job.spread]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 1\ncopy_retries = 1\ncopy_retry_min_sleep = \"100ms\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let first = wait_any_copy_running(&fabric, &runs[0]);
+    let index = fabric.nodes.iter().position(|n| {
+        fabric.json(&["node", "list"]).as_array().unwrap().iter().any(|row| row["id"] == first.as_str() && row["address"] == n.address.as_str())
+    });
+    let killed = fabric.nodes.remove(index.unwrap());
+    drop(killed);
+    let run = fabric.wait_run(&runs[0]);
+    let copies = copies_of(&run);
+    assert!(copies.iter().any(|c| c.0 == first && c.1 == "failed"), "{copies:?}");
+    assert!(copies.iter().any(|c| c.0 != first && c.1 == "done"), "the spare took over: {copies:?}");
+}
+
+fn wait_copy_running(fabric: &Fabric, run: &str, node: &str) {
+    for _ in 0..600 {
+        let shown = fabric.json(&["run", "show", run]);
+        if copies_of(&shown).iter().any(|c| c.0 == node && c.1 == "running") {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("the copy to {node} never ran");
+}
+
+fn wait_any_copy_running(fabric: &Fabric, run: &str) -> String {
+    for _ in 0..600 {
+        let shown = fabric.json(&["run", "show", run]);
+        if let Some(copy) = copies_of(&shown).into_iter().find(|c| c.1 == "running") {
+            return copy.0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("no copy of run {run} ever ran");
+}
+
+#[test]
+fn a_coordinator_killed_and_restarted_mid_run_loses_nothing() {
+    let mut fabric = Fabric::start(2);
+    let source = fabric.dir.path().join("big");
+    std::fs::create_dir_all(&source).unwrap();
+    for index in 0..4 {
+        std::fs::write(source.join(format!("part-{index}")), pseudo_random(32 * 1024 * 1024, index)).unwrap();
+    }
+    let jobs = format!(
+        "[job.survive]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    wait_copy_running(&fabric, &runs[0], "n1");
+    let before = fabric.json(&["run", "show", &runs[0]]);
+    let listen = fabric.coordinator.address.trim_start_matches("http://").to_owned();
+    let mut old = std::mem::replace(
+        &mut fabric.coordinator,
+        Fabric::start_coordinator(&fabric.dir.path().join("coordinator-unused"), "127.0.0.1:0"),
+    );
+    old.child.kill().unwrap();
+    old.child.wait().unwrap();
+    drop(old);
+    fabric.coordinator = Fabric::start_coordinator(&fabric.dir.path().join("coordinator"), &listen);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    let events_before = events_of(&before);
+    let events_after = events_of(&run);
+    assert!(events_after.len() > events_before.len());
+    assert_eq!(&events_after[..events_before.len()], &events_before[..], "no report was lost");
+    assert_eq!(snapshot_nodes(&fabric, "survive"), vec![vec!["n1", "n2"]]);
+    assert_eq!(fabric.json(&["job", "list"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_failing_pre_fails_the_run_before_any_copy_and_instances_come_from_a_command() {
+    let fabric = Fabric::start(1);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.broken]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\npre = \"echo about to fail; exit 3\"\ndest = \"n1\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    assert!(run["reason"].as_str().unwrap().contains("pre"), "{run:#}");
+    assert!(copies_of(&run).iter().all(|c| c.1 == "pending"), "no copy started: {run:#}");
+    assert!(events_of(&run).iter().any(|e| e.contains("about to fail")), "pre's output is in the run's log");
+
+    let out = fabric.dir.path().join("instances");
+    std::fs::create_dir_all(&out).unwrap();
+    for name in ["alpha", "beta"] {
+        std::fs::create_dir_all(out.join(name)).unwrap();
+        std::fs::write(out.join(name).join("data"), name).unwrap();
+    }
+    let jobs = format!(
+        "[job.multi]\ndirection = \"push\"\nclient = \"client\"\ninstances = \"!printf 'alpha\\\\nbeta\\\\n'\"\ninclude = [\"{}/$instance\"]\ndest = \"n1\"\n",
+        out.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    for run in &runs {
+        fabric.wait_run(run);
+    }
+    let mut done = Vec::new();
+    for _ in 0..300 {
+        done = fabric
+            .runs_of("multi")
+            .into_iter()
+            .filter(|r| r["state"] == "done" && !r["instance"].as_str().unwrap_or("").is_empty())
+            .map(|r| r["instance"].as_str().unwrap().to_owned())
+            .collect();
+        if done.len() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    done.sort();
+    assert_eq!(done, ["alpha", "beta"]);
+    let names: Vec<String> = fabric
+        .json(&["status", "--job", "multi"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.iter().any(|n| n.contains("alpha")) && names.iter().any(|n| n.contains("beta")), "{names:?}");
+}
+
+#[test]
+fn bad_job_files_are_rejected_naming_the_problem() {
+    let fabric = Fabric::start(1);
+    let cases = [
+        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndets = \"n1\"\n", "dets"),
+        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndest = \"n1//n2\"\n", "n1//n2"),
+        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndest = \"nowhere\"\n", "nowhere"),
+        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"$missing\"]\ndest = \"n1\"\n", "missing"),
+        ("[global]\nx = \"$y\"\ny = \"$x\"\n[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"$x\"]\ndest = \"n1\"\n", "cycl"),
+    ];
+    for (text, needle) in cases {
+        let file = fabric.dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let output = fabric.ctl(&["job", "submit", "-f", file.to_str().unwrap()]);
+        assert!(!output.status.success(), "{text} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("bad.toml"), "names the file: {stderr}");
+        assert!(stderr.contains(needle), "names {needle:?}: {stderr}");
+    }
+}
