@@ -83,7 +83,9 @@ pub enum StoreError {
         detail: String,
     },
     /// No snapshot matches a spec.
-    #[error("no snapshot matches {spec:?} (give a full id, a unique id prefix of 6+ characters, or an exact name)")]
+    #[error(
+        "no snapshot matches {spec:?} (give a full id, a unique id prefix of 6+ characters, or an exact name)"
+    )]
     SnapshotNotFound {
         /// The spec.
         spec: String,
@@ -143,7 +145,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| StoreError::Io {
             action,

@@ -16,7 +16,11 @@
 //!    sends it again, a commit refuses with `MissingChunk`).
 //!
 //! So GC spares every chunk touched after it started, and a commit re-checks
-//! the DAG: no snapshot ever references a swept chunk.
+//! the DAG: no snapshot ever references a swept chunk. An upload that put
+//! chunks before GC started and commits after it may still find some swept
+//! and be refused with `MissingChunk` (it sends them again); to make that
+//! rare, packs younger than [`GcOptions::grace`] (default an hour) are not
+//! touched at all.
 //!
 //! Crash safety: packs are only candidates once sealed and fully indexed;
 //! moved entries are written to new packs and fsynced, then the index is
@@ -27,7 +31,7 @@
 //! This module must never delete a pack that an index entry points into.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::StoreError;
 use crate::id::ChunkId;
@@ -36,12 +40,39 @@ use crate::pack::{self, PACK_HEADER_LEN, PackWriter, SEAL_LEN};
 use crate::store::{Store, WalkItem, lock};
 
 /// How [`Store::gc`] runs.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GcOptions {
     /// Report what would be done, change nothing.
     pub dry_run: bool,
     /// Override the store's `repack_threshold` for this run.
     pub repack_threshold: Option<f64>,
+    /// Packs written less than this long ago are left alone, chunks and all:
+    /// they hold the chunks of uploads still running (not committed yet).
+    pub grace: Duration,
+}
+
+/// The default grace: an upload that has not committed for this long is abandoned.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            repack_threshold: None,
+            grace: DEFAULT_GC_GRACE,
+        }
+    }
+}
+
+impl GcOptions {
+    /// No grace period: everything unreferenced now is swept (tests, tools,
+    /// a store no upload is writing to).
+    pub fn immediate() -> Self {
+        Self {
+            grace: Duration::ZERO,
+            ..Self::default()
+        }
+    }
 }
 
 /// What [`Store::gc`] did (or would do, in a dry run).
@@ -92,7 +123,17 @@ impl Store {
         // the candidates are exactly the packs that exist now, all sealed and
         // fully indexed; later appends go to newer packs.
         let result = snapshots.and_then(|snapshots| {
-            let candidates: HashSet<u32> = self.flush_and_seal()?.into_iter().collect();
+            let cutoff = SystemTime::now().checked_sub(options.grace);
+            let mut candidates = HashSet::new();
+            for id in self.flush_and_seal()? {
+                let path = self.pack_path(id);
+                let modified = std::fs::metadata(&path)
+                    .and_then(|meta| meta.modified())
+                    .map_err(StoreError::io("cannot read", &path))?;
+                if cutoff.is_some_and(|cutoff| modified <= cutoff) {
+                    candidates.insert(id);
+                }
+            }
             self.collect(options, threshold, &candidates, snapshots)
         });
         *lock(&self.protected) = None;
@@ -174,7 +215,11 @@ impl Store {
         {
             let mut protected = lock(&self.protected);
             let spared: Vec<(ChunkId, Location)> = match protected.as_ref() {
-                Some(set) => dead.iter().filter(|(id, _)| set.contains(id)).copied().collect(),
+                Some(set) => dead
+                    .iter()
+                    .filter(|(id, _)| set.contains(id))
+                    .copied()
+                    .collect(),
                 None => Vec::new(),
             };
             let set = protected.get_or_insert_with(HashSet::new);
@@ -217,7 +262,10 @@ impl Store {
         if options.dry_run {
             report.packs_rewritten = to_rewrite.len() as u64;
             report.packs_deleted = (to_rewrite.len() + to_delete.len()) as u64;
-            report.moved_chunks = to_rewrite.iter().map(|id| usage[id].live.len() as u64).sum();
+            report.moved_chunks = to_rewrite
+                .iter()
+                .map(|id| usage[id].live.len() as u64)
+                .sum();
             return Ok(report);
         }
 
@@ -256,15 +304,16 @@ impl Store {
             for entry in entries {
                 if writer.is_none() {
                     let new_id = self.allocate_pack_id();
-                    writer = Some(
-                        PackWriter::create(&self.packs_dir, new_id)
-                            .map_err(StoreError::io("cannot create pack", self.pack_path(new_id)))?,
-                    );
+                    writer =
+                        Some(PackWriter::create(&self.packs_dir, new_id).map_err(
+                            StoreError::io("cannot create pack", self.pack_path(new_id)),
+                        )?);
                 }
                 if let Some(open) = writer.as_mut() {
-                    let offset = open
-                        .append(&entry)
-                        .map_err(StoreError::io("cannot append to pack", open.path().to_owned()))?;
+                    let offset = open.append(&entry).map_err(StoreError::io(
+                        "cannot append to pack",
+                        open.path().to_owned(),
+                    ))?;
                     moved.push((
                         entry.header.id,
                         Location {
@@ -279,7 +328,8 @@ impl Store {
                         if let Some(full) = writer.take() {
                             written += full.len() + SEAL_LEN;
                             let path = full.path().to_owned();
-                            full.seal().map_err(StoreError::io("cannot seal pack", path))?;
+                            full.seal()
+                                .map_err(StoreError::io("cannot seal pack", path))?;
                         }
                     }
                 }
@@ -290,10 +340,13 @@ impl Store {
         if let Some(last) = writer.take() {
             written += last.len() + SEAL_LEN;
             let path = last.path().to_owned();
-            last.seal().map_err(StoreError::io("cannot seal pack", path))?;
+            last.seal()
+                .map_err(StoreError::io("cannot seal pack", path))?;
         }
         report.moved_chunks = moved.len() as u64;
-        self.index.insert_batch(&moved).map_err(self.index_error())?;
+        self.index
+            .insert_batch(&moved)
+            .map_err(self.index_error())?;
         self.index.flush().map_err(self.index_error())?;
 
         let mut deleted_bytes = 0u64;
@@ -309,7 +362,8 @@ impl Store {
             report.packs_deleted += 1;
         }
         if !to_delete.is_empty() {
-            pack::sync_dir(&self.packs_dir).map_err(StoreError::io("cannot fsync", &self.packs_dir))?;
+            pack::sync_dir(&self.packs_dir)
+                .map_err(StoreError::io("cannot fsync", &self.packs_dir))?;
         }
         report.bytes_freed = deleted_bytes.saturating_sub(written);
         Ok(report)

@@ -222,6 +222,9 @@ mod tests {
             index.flush().unwrap();
         }
         let db = open_db(&dir.path().join("db"), 8 << 20).unwrap();
-        assert_eq!(SledChunkIndex::new(&db).unwrap().get(&id).unwrap(), Some(location));
+        assert_eq!(
+            SledChunkIndex::new(&db).unwrap().get(&id).unwrap(),
+            Some(location)
+        );
     }
 }

@@ -20,10 +20,12 @@ pub mod store;
 pub mod verify;
 
 pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker};
-pub use id::ChunkId;
 pub use error::StoreError;
-pub use gc::{GcOptions, GcReport};
+pub use gc::{DEFAULT_GC_GRACE, GcOptions, GcReport};
+pub use id::ChunkId;
 pub use index::{Catalog, ChunkIndex, IndexError, Location};
 pub use sink::{ChunkSink, ChunkSource, SinkError};
 pub use store::{PutStats, Store, StoreConfig};
-pub use verify::{ProblemKind, ReindexReport, StoreStats, VerifyOptions, VerifyProblem, VerifyReport};
+pub use verify::{
+    ProblemKind, ReindexReport, StoreStats, VerifyOptions, VerifyProblem, VerifyReport,
+};

@@ -589,7 +589,11 @@ mod tests {
             .collect()
     }
 
-    fn write_pack(dir: &Path, chunks: &[Vec<u8>], seal: bool) -> (PathBuf, Vec<(u64, EntryHeader)>) {
+    fn write_pack(
+        dir: &Path,
+        chunks: &[Vec<u8>],
+        seal: bool,
+    ) -> (PathBuf, Vec<(u64, EntryHeader)>) {
         let mut writer = PackWriter::create(dir, 7).unwrap();
         let mut placed = Vec::new();
         for data in chunks {
@@ -612,7 +616,9 @@ mod tests {
         let entry = encode_entry(ChunkId::of(&text), &text, 3);
         assert_eq!(entry.header.codec, Codec::Zstd);
         assert!(entry.header.stored_len < 1000);
-        let random: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let random: Vec<u8> = (0..10_000u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
+            .collect();
         let entry = encode_entry(ChunkId::of(&random), &random, 3);
         assert_eq!(entry.header.codec, Codec::Raw);
         assert_eq!(entry.header.stored_len, 10_000);
@@ -631,7 +637,9 @@ mod tests {
         assert_eq!(seen, placed);
         let file = File::open(&path).unwrap();
         for ((offset, header), data) in placed.iter().zip(&chunks) {
-            let got = read_entry(&file, *offset, header.entry_len(), &header.id).unwrap().unwrap();
+            let got = read_entry(&file, *offset, header.entry_len(), &header.id)
+                .unwrap()
+                .unwrap();
             assert_eq!(&got, data);
         }
     }
@@ -643,7 +651,12 @@ mod tests {
         let (path, placed) = write_pack(dir.path(), &chunks, false);
         let full = std::fs::metadata(&path).unwrap().len();
         let cut = placed[3].0 + 10;
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(cut).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
         let scan = scan_pack(&path, |_, _, _| {}).unwrap();
         assert_eq!(scan.entries, 3);
         assert_eq!(scan.valid_len, placed[3].0);
@@ -662,7 +675,9 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let file = File::open(&path).unwrap();
         let (offset, header) = placed[1];
-        let err = read_entry(&file, offset, header.entry_len(), &header.id).unwrap().unwrap_err();
+        let err = read_entry(&file, offset, header.entry_len(), &header.id)
+            .unwrap()
+            .unwrap_err();
         assert_eq!(err, EntryError::Checksum);
         let scan = scan_pack(&path, |_, _, _| {}).unwrap();
         assert_eq!(scan.entries, 1);

@@ -123,7 +123,9 @@ impl std::fmt::Debug for Store {
 /// Lock a mutex, taking over the data if a panicking thread poisoned it:
 /// every critical section here leaves the data consistent at each step.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn read_lock<T>(rw: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -143,10 +145,12 @@ fn read_config(dir: &Path) -> Result<Option<StoreConfig>, StoreError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(StoreError::io("cannot read", &path)(err)),
     };
-    toml::from_str(&text).map(Some).map_err(|err| StoreError::Config {
-        path,
-        detail: err.to_string(),
-    })
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|err| StoreError::Config {
+            path,
+            detail: err.to_string(),
+        })
 }
 
 fn write_config(dir: &Path, config: &StoreConfig) -> Result<(), StoreError> {
@@ -265,7 +269,11 @@ impl Store {
             .map_err(StoreError::io("cannot list", &self.packs_dir))?;
         for entry in entries {
             let entry = entry.map_err(StoreError::io("cannot list", &self.packs_dir))?;
-            if let Some(id) = entry.file_name().to_str().and_then(pack::parse_pack_file_name) {
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(pack::parse_pack_file_name)
+            {
                 ids.push(id);
             }
         }
@@ -332,7 +340,8 @@ impl Store {
         drop(chunks);
         let (placed, open_file) = self.append(encoded)?;
         if let Some((file, path)) = open_file {
-            file.sync_data().map_err(StoreError::io("cannot fsync", path))?;
+            file.sync_data()
+                .map_err(StoreError::io("cannot fsync", path))?;
         }
         self.index_placed(&placed)?;
         for (_, location) in &placed {
@@ -346,7 +355,10 @@ impl Store {
     /// Check every chunk's hash (all of them, before anything is stored) and
     /// return the positions of those the store lacks, first occurrence only.
     fn prepare(&self, chunks: &[Chunk]) -> Result<Vec<usize>, StoreError> {
-        if let Some(bad) = chunks.par_iter().find_first(|chunk| !chunk.id.matches(&chunk.data)) {
+        if let Some(bad) = chunks
+            .par_iter()
+            .find_first(|chunk| !chunk.id.matches(&chunk.data))
+        {
             return Err(StoreError::ChunkMismatch { id: bad.id });
         }
         self.protect(chunks.iter().map(|chunk| &chunk.id));
@@ -381,8 +393,9 @@ impl Store {
             }
             if writer.is_none() {
                 let pack_id = self.allocate_pack_id();
-                let created = PackWriter::create(&self.packs_dir, pack_id)
-                    .map_err(StoreError::io("cannot create pack", self.pack_path(pack_id)))?;
+                let created = PackWriter::create(&self.packs_dir, pack_id).map_err(
+                    StoreError::io("cannot create pack", self.pack_path(pack_id)),
+                )?;
                 *writer = Some(created);
             }
             let Some(open) = writer.as_mut() else {
@@ -412,7 +425,8 @@ impl Store {
             if open.len() >= self.config.pack_target_size {
                 if let Some(full) = writer.take() {
                     let path = full.path().to_owned();
-                    full.seal().map_err(StoreError::io("cannot seal pack", path))?;
+                    full.seal()
+                        .map_err(StoreError::io("cannot seal pack", path))?;
                 }
             }
         }
@@ -427,7 +441,9 @@ impl Store {
         if placed.is_empty() {
             return Ok(());
         }
-        self.index.insert_batch(placed).map_err(self.index_error())?;
+        self.index
+            .insert_batch(placed)
+            .map_err(self.index_error())?;
         self.index.flush().map_err(self.index_error())?;
         let mut pending = write_lock(&self.pending);
         for (id, location) in placed {
@@ -446,14 +462,17 @@ impl Store {
                 .iter()
                 .map(|(id, location)| (*id, *location))
                 .collect();
-            let open_file = writer.as_ref().map(|open| (open.file(), open.path().to_owned()));
+            let open_file = writer
+                .as_ref()
+                .map(|open| (open.file(), open.path().to_owned()));
             (placed, open_file)
         };
         if placed.is_empty() {
             return Ok(());
         }
         if let Some((file, path)) = open_file {
-            file.sync_data().map_err(StoreError::io("cannot fsync", path))?;
+            file.sync_data()
+                .map_err(StoreError::io("cannot fsync", path))?;
         }
         self.index_placed(&placed)
     }
@@ -465,7 +484,8 @@ impl Store {
             Some(open) => {
                 let id = open.id();
                 let path = open.path().to_owned();
-                open.seal().map_err(StoreError::io("cannot seal pack", path))?;
+                open.seal()
+                    .map_err(StoreError::io("cannot seal pack", path))?;
                 Ok(Some(id))
             }
             None => Ok(None),
@@ -482,7 +502,8 @@ impl Store {
             .collect();
         if let Some(open) = writer.take() {
             let path = open.path().to_owned();
-            open.seal().map_err(StoreError::io("cannot seal pack", path))?;
+            open.seal()
+                .map_err(StoreError::io("cannot seal pack", path))?;
         }
         self.index_placed(&placed)?;
         self.pack_ids()
@@ -607,7 +628,12 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn entry_id(&self, raw: &[u8], snapshot: &str, path: &str) -> Result<ChunkId, StoreError> {
+    pub(crate) fn entry_id(
+        &self,
+        raw: &[u8],
+        snapshot: &str,
+        path: &str,
+    ) -> Result<ChunkId, StoreError> {
         ChunkId::from_slice(raw).map_err(|err| StoreError::BadSnapshot {
             snapshot: snapshot.to_owned(),
             detail: format!("{path}: {err}"),
@@ -624,18 +650,22 @@ impl Store {
         } else {
             snapshot.name.clone()
         };
-        let root = ChunkId::from_slice(&snapshot.root_tree_id).map_err(|err| {
-            StoreError::BadSnapshot {
+        let root =
+            ChunkId::from_slice(&snapshot.root_tree_id).map_err(|err| StoreError::BadSnapshot {
                 snapshot: label.clone(),
                 detail: format!("root_tree_id: {err}"),
-            }
-        })?;
+            })?;
         self.flush_pending()?;
         let _commit = lock(&self.commit_lock);
         self.check_dag(root, &label)?;
         if snapshot.id.is_empty() {
             snapshot.id = hex::encode(rand::random::<[u8; 16]>());
-        } else if self.catalog.get(&snapshot.id).map_err(self.index_error())?.is_some() {
+        } else if self
+            .catalog
+            .get(&snapshot.id)
+            .map_err(self.index_error())?
+            .is_some()
+        {
             return Err(StoreError::SnapshotExists { id: snapshot.id });
         }
         let now = now_ms();
@@ -686,7 +716,9 @@ impl Store {
     /// Remove the record of the snapshot `spec` names (its chunks stay until GC).
     pub fn delete_snapshot(&self, spec: &str) -> Result<Snapshot, StoreError> {
         let snapshot = self.find_snapshot(spec)?;
-        self.catalog.remove(&snapshot.id).map_err(self.index_error())?;
+        self.catalog
+            .remove(&snapshot.id)
+            .map_err(self.index_error())?;
         Ok(snapshot)
     }
 
@@ -716,7 +748,10 @@ impl Store {
                     continue;
                 }
             };
-            visit(WalkItem::Tree { id: tree_id, path: &path })?;
+            visit(WalkItem::Tree {
+                id: tree_id,
+                path: &path,
+            })?;
             for entry in &tree.entries {
                 let entry_path = join_path(&path, &entry.name);
                 for raw in &entry.chunk_ids {
@@ -727,7 +762,10 @@ impl Store {
                     })?;
                 }
                 if !entry.subtree_id.is_empty() {
-                    stack.push((self.entry_id(&entry.subtree_id, snapshot, &entry_path)?, entry_path));
+                    stack.push((
+                        self.entry_id(&entry.subtree_id, snapshot, &entry_path)?,
+                        entry_path,
+                    ));
                 }
             }
         }
@@ -869,3 +907,7 @@ impl Drop for Store {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+pub(crate) mod tests;

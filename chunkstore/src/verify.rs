@@ -196,11 +196,14 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
                 .write(true)
                 .open(&path)
                 .map_err(StoreError::io("cannot open", &path))?;
-            file.set_len(*offset).map_err(StoreError::io("cannot truncate", &path))?;
-            file.sync_all().map_err(StoreError::io("cannot fsync", &path))?;
+            file.set_len(*offset)
+                .map_err(StoreError::io("cannot truncate", &path))?;
+            file.sync_all()
+                .map_err(StoreError::io("cannot fsync", &path))?;
         }
         if !matches!(scan.end, ScanEnd::Sealed { .. }) {
-            pack::seal_existing(&path, scan.entries).map_err(StoreError::io("cannot seal", &path))?;
+            pack::seal_existing(&path, scan.entries)
+                .map_err(StoreError::io("cannot seal", &path))?;
         }
         let mut lacking = Vec::new();
         for (chunk, location) in found {
@@ -208,7 +211,10 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
                 lacking.push((chunk, location));
             }
         }
-        store.index.insert_batch(&lacking).map_err(store.index_error())?;
+        store
+            .index
+            .insert_batch(&lacking)
+            .map_err(store.index_error())?;
     }
     store.index.flush().map_err(store.index_error())
 }
@@ -328,7 +334,9 @@ impl Store {
             let label = format!("{} ({})", snapshot.name, snapshot.id);
             self.walk_dag(root, &snapshot.id, &mut HashSet::new(), &mut |item| {
                 match item {
-                    WalkItem::Tree { id, path } => problems.attribute(&id, &label, &snapshot.id, path),
+                    WalkItem::Tree { id, path } => {
+                        problems.attribute(&id, &label, &snapshot.id, path)
+                    }
                     WalkItem::BadTree { id, path, error } => {
                         let kind = match error {
                             StoreError::ChunkNotFound { .. } => ProblemKind::Missing,
@@ -338,9 +346,7 @@ impl Store {
                         problems.attribute(&id, &label, &snapshot.id, path);
                     }
                     WalkItem::Chunk { id, path } => {
-                        if !problems.by_chunk.contains_key(&id)
-                            && self.locate(&id)?.is_none()
-                        {
+                        if !problems.by_chunk.contains_key(&id) && self.locate(&id)?.is_none() {
                             problems.add(id, ProblemKind::Missing, "not in the index".into());
                         }
                         problems.attribute(&id, &label, &snapshot.id, path);
@@ -353,7 +359,10 @@ impl Store {
         Ok(report)
     }
 
-    pub(crate) fn root_of(&self, snapshot: &fabric_proto::v1::Snapshot) -> Result<ChunkId, StoreError> {
+    pub(crate) fn root_of(
+        &self,
+        snapshot: &fabric_proto::v1::Snapshot,
+    ) -> Result<ChunkId, StoreError> {
         ChunkId::from_slice(&snapshot.root_tree_id).map_err(|err| StoreError::BadSnapshot {
             snapshot: format!("{} ({})", snapshot.name, snapshot.id),
             detail: format!("root_tree_id: {err}"),
@@ -403,7 +412,9 @@ impl Store {
                 }
                 report.chunks += batch.len() as u64;
                 report.duplicates += duplicates;
-                self.index.insert_batch(&batch).map_err(self.index_error())?;
+                self.index
+                    .insert_batch(&batch)
+                    .map_err(self.index_error())?;
             }
             self.index.flush().map_err(self.index_error())?;
             Ok(report)
@@ -461,7 +472,11 @@ impl Store {
     }
 
     /// Sum of the file sizes under tree `id`, memoised per tree.
-    fn tree_total(&self, id: ChunkId, totals: &mut HashMap<ChunkId, u64>) -> Result<u64, StoreError> {
+    fn tree_total(
+        &self,
+        id: ChunkId,
+        totals: &mut HashMap<ChunkId, u64>,
+    ) -> Result<u64, StoreError> {
         if let Some(total) = totals.get(&id) {
             return Ok(*total);
         }
