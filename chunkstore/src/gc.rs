@@ -324,13 +324,13 @@ impl Store {
                             codec: entry.header.codec,
                         },
                     ));
-                    if open.len() >= self.config.pack_target_size {
-                        if let Some(full) = writer.take() {
-                            written += full.len() + SEAL_LEN;
-                            let path = full.path().to_owned();
-                            full.seal()
-                                .map_err(StoreError::io("cannot seal pack", path))?;
-                        }
+                    if open.len() >= self.config.pack_target_size
+                        && let Some(full) = writer.take()
+                    {
+                        written += full.len() + SEAL_LEN;
+                        let path = full.path().to_owned();
+                        full.seal()
+                            .map_err(StoreError::io("cannot seal pack", path))?;
                     }
                 }
             }

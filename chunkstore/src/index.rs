@@ -152,7 +152,11 @@ pub(crate) mod conformance {
             offset: u64::from(n) * 1000 + 12,
             stored_len: n + 1,
             raw_len: n * 2 + 1,
-            codec: if n % 2 == 0 { Codec::Zstd } else { Codec::Raw },
+            codec: if n.is_multiple_of(2) {
+                Codec::Zstd
+            } else {
+                Codec::Raw
+            },
         }
     }
 

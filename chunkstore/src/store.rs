@@ -422,12 +422,12 @@ impl Store {
             };
             write_lock(&self.pending).insert(id, location);
             placed.push((id, location));
-            if open.len() >= self.config.pack_target_size {
-                if let Some(full) = writer.take() {
-                    let path = full.path().to_owned();
-                    full.seal()
-                        .map_err(StoreError::io("cannot seal pack", path))?;
-                }
+            if open.len() >= self.config.pack_target_size
+                && let Some(full) = writer.take()
+            {
+                let path = full.path().to_owned();
+                full.seal()
+                    .map_err(StoreError::io("cannot seal pack", path))?;
             }
         }
         let open_file = writer

@@ -399,7 +399,7 @@ fn gc_running_with_concurrent_commits_never_breaks_a_snapshot() {
                     let mut content = files(2, 20_000, round + 1000);
                     content.extend(shared.clone());
                     let snapshot = backup_retrying(&store, &format!("r{round}"), &content);
-                    if round % 2 == 0 {
+                    if round.is_multiple_of(2) {
                         store.delete_snapshot(&snapshot.id).unwrap();
                     }
                 }

@@ -259,13 +259,13 @@ impl Store {
     /// and re-hash them, and check every snapshot's DAG is complete. Each
     /// problem names the chunk, the snapshots and the paths it affects.
     pub fn verify(&self, options: &VerifyOptions) -> Result<VerifyReport, StoreError> {
-        if let Some(fraction) = options.sample {
-            if !(0.0..=1.0).contains(&fraction) {
-                return Err(StoreError::Config {
-                    path: self.dir.clone(),
-                    detail: format!("verify sample {fraction} is not a fraction between 0 and 1"),
-                });
-            }
+        if let Some(fraction) = options.sample
+            && !(0.0..=1.0).contains(&fraction)
+        {
+            return Err(StoreError::Config {
+                path: self.dir.clone(),
+                detail: format!("verify sample {fraction} is not a fraction between 0 and 1"),
+            });
         }
         let _maintenance = lock(&self.maintenance_lock);
         self.flush_pending()?;
@@ -304,7 +304,8 @@ impl Store {
         if let Some(fraction) = options.sample {
             targets.retain(|_| rand::random::<f64>() < fraction);
         }
-        let results: Vec<(ChunkId, Result<u64, (ProblemKind, String)>)> = targets
+        type Outcome = Result<u64, (ProblemKind, String)>;
+        let results: Vec<(ChunkId, Outcome)> = targets
             .par_iter()
             .map(|(id, location)| {
                 let outcome = match location {
