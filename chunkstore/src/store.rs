@@ -112,6 +112,8 @@ pub struct Store {
     /// While a GC runs: every chunk id offered, put, or checked by a commit
     /// since it started. GC never sweeps these.
     pub(crate) protected: Mutex<Option<HashSet<ChunkId>>>,
+    /// Unsealed packs the last open found and repaired (sealed, tail cut).
+    repaired_at_open: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -232,12 +234,19 @@ impl Store {
             commit_lock: Mutex::new(()),
             maintenance_lock: Mutex::new(()),
             protected: Mutex::new(None),
+            repaired_at_open: 0,
         };
         let packs = store.pack_ids()?;
         let next = packs.iter().max().map_or(1, |max| max + 1);
         store.next_pack.store(next, Ordering::SeqCst);
-        crate::verify::repair_unsealed(&store, &packs)?;
+        let mut store = store;
+        store.repaired_at_open = crate::verify::repair_unsealed(&store, &packs)?;
         Ok(store)
+    }
+
+    /// How many unsealed packs (left by a crash) opening this store repaired.
+    pub fn repaired_at_open(&self) -> u64 {
+        self.repaired_at_open
     }
 
     /// The config in effect.
@@ -911,3 +920,7 @@ impl Drop for Store {
 #[cfg(test)]
 #[path = "store_tests.rs"]
 pub(crate) mod tests;
+
+#[cfg(test)]
+#[path = "crash_tests.rs"]
+mod crash_tests;

@@ -123,7 +123,7 @@ pub struct StoreStats {
 /// stopped), cut a torn tail no index entry points into, seal them, and index
 /// their valid entries the index lacks. A pack with an index entry past its
 /// first bad byte is damaged, not torn: it is left alone for `verify`.
-pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreError> {
+pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<u64, StoreError> {
     let mut unsealed = HashSet::new();
     for &id in packs {
         let path = store.pack_path(id);
@@ -132,8 +132,9 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
         }
     }
     if unsealed.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let mut repaired = 0;
     let mut indexed_end: HashMap<u32, u64> = HashMap::new();
     store
         .index
@@ -201,6 +202,7 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
             file.sync_all()
                 .map_err(StoreError::io("cannot fsync", &path))?;
         }
+        repaired += 1;
         if !matches!(scan.end, ScanEnd::Sealed { .. }) {
             pack::seal_existing(&path, scan.entries)
                 .map_err(StoreError::io("cannot seal", &path))?;
@@ -216,7 +218,8 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
             .insert_batch(&lacking)
             .map_err(store.index_error())?;
     }
-    store.index.flush().map_err(store.index_error())
+    store.index.flush().map_err(store.index_error())?;
+    Ok(repaired)
 }
 
 #[derive(Default)]
