@@ -32,7 +32,12 @@ fn config() -> StoreConfig {
 /// The files of the snapshot named `seed-<seed>-<count>`.
 fn files_of(seed: u64, count: usize) -> Vec<(String, Vec<u8>)> {
     (0..count)
-        .map(|i| (format!("f{i}"), file_content(FILE_LEN, seed.wrapping_add(i as u64))))
+        .map(|i| {
+            (
+                format!("f{i}"),
+                file_content(FILE_LEN, seed.wrapping_add(i as u64)),
+            )
+        })
         .collect()
 }
 
@@ -62,7 +67,11 @@ fn crash_child() {
                 .unwrap();
         }
         step("sink");
-        let snapshot = backup(&store, &format!("seed-{seed}-{count}"), &files_of(seed, count));
+        let snapshot = backup(
+            &store,
+            &format!("seed-{seed}-{count}"),
+            &files_of(seed, count),
+        );
         step(&format!("committed {}", snapshot.id));
         if mode == "gc" {
             let snapshots = store.list_snapshots().unwrap();
@@ -86,7 +95,11 @@ fn check_store(dir: &Path) -> (usize, u64) {
         let count: usize = parts.next().unwrap().parse().unwrap();
         let restored = restore(&store, snapshot)
             .unwrap_or_else(|err| panic!("snapshot {} lost data: {err}", snapshot.name));
-        assert!(restored == files_of(seed, count), "snapshot {} differs", snapshot.name);
+        assert!(
+            restored == files_of(seed, count),
+            "snapshot {} differs",
+            snapshot.name
+        );
     }
     let report = store.verify(&VerifyOptions::default()).unwrap();
     assert!(report.is_ok(), "{report:?}");
@@ -145,6 +158,12 @@ fn killed_at_random_points_during_ingest_and_gc_the_store_stays_consistent() {
         repairs += repaired;
     }
     assert_eq!(kills, 24);
-    assert!(repairs > 0, "no kill ever left an unsealed pack: the test exercised nothing");
-    assert!(max_snapshots > 0, "no snapshot was ever committed before a kill");
+    assert!(
+        repairs > 0,
+        "no kill ever left an unsealed pack: the test exercised nothing"
+    );
+    assert!(
+        max_snapshots > 0,
+        "no snapshot was ever committed before a kill"
+    );
 }

@@ -123,14 +123,15 @@ impl Store {
         // the candidates are exactly the packs that exist now, all sealed and
         // fully indexed; later appends go to newer packs.
         let result = snapshots.and_then(|snapshots| {
+            let sealed = self.flush_and_seal()?;
             let cutoff = SystemTime::now().checked_sub(options.grace);
             let mut candidates = HashSet::new();
-            for id in self.flush_and_seal()? {
+            for id in sealed {
                 let path = self.pack_path(id);
                 let modified = std::fs::metadata(&path)
                     .and_then(|meta| meta.modified())
                     .map_err(StoreError::io("cannot read", &path))?;
-                if cutoff.is_some_and(|cutoff| modified <= cutoff) {
+                if options.grace.is_zero() || cutoff.is_some_and(|cutoff| modified <= cutoff) {
                     candidates.insert(id);
                 }
             }

@@ -116,6 +116,12 @@ pub struct Store {
     repaired_at_open: u64,
 }
 
+// Shared between upload threads behind an `Arc`: must stay Send + Sync.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
+};
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("dir", &self.dir).finish()
