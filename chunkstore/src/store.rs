@@ -337,32 +337,41 @@ impl Store {
     /// compressed in parallel, appended, fsynced and indexed. Durable on return.
     pub fn put_chunks(&self, chunks: Vec<Chunk>) -> Result<PutStats, StoreError> {
         let fresh = self.prepare(chunks.as_slice())?;
+        let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
         let mut stats = PutStats {
             chunks: chunks.len() as u64,
             ..Default::default()
         };
-        if fresh.is_empty() {
-            return Ok(stats);
+        if !fresh.is_empty() {
+            let level = self.config.zstd_level;
+            let encoded: Vec<EncodedEntry> = fresh
+                .par_iter()
+                .map(|&index| {
+                    let chunk = &chunks[index];
+                    pack::encode_entry(chunk.id, &chunk.data, level)
+                })
+                .collect();
+            drop(chunks);
+            let (placed, open_file) = self.append(encoded)?;
+            if let Some((file, path)) = open_file {
+                file.sync_data()
+                    .map_err(StoreError::io("cannot fsync", path))?;
+            }
+            self.index_placed(&placed)?;
+            for (_, location) in &placed {
+                stats.new_chunks += 1;
+                stats.new_bytes += u64::from(location.raw_len);
+                stats.stored_bytes += location.entry_len();
+            }
         }
-        let level = self.config.zstd_level;
-        let encoded: Vec<EncodedEntry> = fresh
-            .par_iter()
-            .map(|&index| {
-                let chunk = &chunks[index];
-                pack::encode_entry(chunk.id, &chunk.data, level)
-            })
-            .collect();
-        drop(chunks);
-        let (placed, open_file) = self.append(encoded)?;
-        if let Some((file, path)) = open_file {
-            file.sync_data()
-                .map_err(StoreError::io("cannot fsync", path))?;
-        }
-        self.index_placed(&placed)?;
-        for (_, location) in &placed {
-            stats.new_chunks += 1;
-            stats.new_bytes += u64::from(location.raw_len);
-            stats.stored_bytes += location.entry_len();
+        // A chunk skipped because another writer had it pending (a sink put
+        // not flushed yet) is not durable yet: make it so before returning.
+        let still_pending = {
+            let pending = read_lock(&self.pending);
+            ids.iter().any(|id| pending.contains_key(id))
+        };
+        if still_pending {
+            self.flush_pending()?;
         }
         Ok(stats)
     }

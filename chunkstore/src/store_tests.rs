@@ -314,6 +314,22 @@ fn sink_chunks_are_readable_before_flush_and_durable_after() {
 }
 
 #[test]
+fn put_chunks_of_a_chunk_pending_in_the_sink_makes_it_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = Chunk::new(file_content(5000, 3));
+    {
+        let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+        store.put_chunk(chunk.clone()).unwrap();
+        let stats = store.put_chunks(vec![chunk.clone()]).unwrap();
+        assert_eq!(stats.new_chunks, 0);
+        // Durable now: in the index, not only pending.
+        assert!(store.index.contains(&chunk.id).unwrap());
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
+}
+
+#[test]
 fn gc_reclaims_deleted_snapshots_and_keeps_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();
