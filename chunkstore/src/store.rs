@@ -6,7 +6,9 @@
 //!   are fixed from then on);
 //! - `packs/`: pack files (see [`crate::pack`]), never overwritten in place;
 //! - `index/`: the sled database holding the chunk index and the snapshot
-//!   catalogue (see [`crate::index_sled`]).
+//!   catalogue (see [`crate::index_sled`]);
+//! - `snapshots/`: one file per snapshot record (protobuf), written before the
+//!   catalogue entry, so `reindex` can rebuild everything if `index/` is lost.
 //!
 //! Write order (the crash-safety contract): chunk bytes appended to a pack and
 //! fsynced, then index entries (flushed), then tree chunks (the same way),
@@ -701,8 +703,40 @@ impl Store {
         if snapshot.name.is_empty() {
             snapshot.name = default_name(&snapshot);
         }
+        self.write_snapshot_file(&snapshot)?;
         self.catalog.put(&snapshot).map_err(self.index_error())?;
         Ok(snapshot)
+    }
+
+    /// The copy of snapshot `id`'s record kept beside the index, so that
+    /// `reindex` can rebuild the catalogue if the index is lost.
+    pub(crate) fn snapshot_file(&self, id: &str) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{id}.snapshot"))
+    }
+
+    fn write_snapshot_file(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let dir = self.dir.join("snapshots");
+        std::fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        if snapshot.id.is_empty()
+            || !snapshot
+                .id
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+        {
+            return Err(StoreError::BadSnapshot {
+                snapshot: snapshot.id.clone(),
+                detail: "a snapshot id is letters, digits, '-' and '_' only".into(),
+            });
+        }
+        let path = self.snapshot_file(&snapshot.id);
+        let temporary = path.with_extension("new");
+        std::fs::write(&temporary, snapshot.encode_to_vec())
+            .map_err(StoreError::io("cannot write", &temporary))?;
+        File::open(&temporary)
+            .and_then(|file| file.sync_all())
+            .map_err(StoreError::io("cannot fsync", &temporary))?;
+        std::fs::rename(&temporary, &path).map_err(StoreError::io("cannot rename", &path))?;
+        pack::sync_dir(&dir).map_err(StoreError::io("cannot fsync", &dir))
     }
 
     /// Every snapshot, oldest first.
@@ -740,6 +774,14 @@ impl Store {
     /// Remove the record of the snapshot `spec` names (its chunks stay until GC).
     pub fn delete_snapshot(&self, spec: &str) -> Result<Snapshot, StoreError> {
         let snapshot = self.find_snapshot(spec)?;
+        // The file first: a crash in between leaves the record, and deleting
+        // again finishes the job; never a file that would resurrect it.
+        let path = self.snapshot_file(&snapshot.id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(StoreError::io("cannot remove", path)(err)),
+        }
         self.catalog
             .remove(&snapshot.id)
             .map_err(self.index_error())?;

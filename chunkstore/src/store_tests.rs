@@ -587,6 +587,33 @@ fn a_deleted_index_is_rebuilt_by_reindex() {
 }
 
 #[test]
+fn a_deleted_index_directory_is_rebuilt_with_its_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = damaged_store_fixture(dir.path());
+    let deleted = {
+        let store = Store::open(dir.path()).unwrap();
+        let c = backup(&store, "c", &files(1, 10_000, 3));
+        store.delete_snapshot(&c.id).unwrap()
+    };
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert!(store.list_snapshots().unwrap().is_empty());
+    let report = store.reindex().unwrap();
+    assert_eq!(report.snapshots_restored, 2);
+    let ids: Vec<String> = store
+        .list_snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, [a.id.clone(), b.id.clone()]);
+    assert!(!ids.contains(&deleted.id));
+    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+    assert!(restore(&store, &a).unwrap() == files(3, 40_000, 1));
+    assert!(restore(&store, &b).unwrap() == files(3, 40_000, 2));
+}
+
+#[test]
 fn a_torn_tail_of_the_open_pack_is_cut_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let (a, _) = damaged_store_fixture(dir.path());

@@ -84,6 +84,8 @@ pub struct ReindexReport {
     pub chunks: u64,
     /// Entries of a chunk already seen in an earlier pack (left as garbage).
     pub duplicates: u64,
+    /// Snapshot records restored to the catalogue from `snapshots/`.
+    pub snapshots_restored: u64,
     /// Packs whose scan stopped early: path, offset of the first bad byte, reason.
     pub damaged: Vec<(PathBuf, u64, String)>,
     /// Files in the packs directory that are not packs.
@@ -420,9 +422,44 @@ impl Store {
                     .insert_batch(&batch)
                     .map_err(self.index_error())?;
             }
+            report.snapshots_restored = self.restore_catalog()?;
             self.index.flush().map_err(self.index_error())?;
             Ok(report)
         })
+    }
+
+    /// Put back into the catalogue every snapshot whose file in `snapshots/`
+    /// has no record; the number restored.
+    fn restore_catalog(&self) -> Result<u64, StoreError> {
+        let dir = self.dir.join("snapshots");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(StoreError::io("cannot list", &dir)(err)),
+        };
+        let mut restored = 0;
+        for entry in entries {
+            let path = entry.map_err(StoreError::io("cannot list", &dir))?.path();
+            if path.extension().is_none_or(|ext| ext != "snapshot") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(StoreError::io("cannot read", &path))?;
+            let snapshot = <fabric_proto::v1::Snapshot as prost::Message>::decode(bytes.as_slice())
+                .map_err(|err| StoreError::BadSnapshot {
+                    snapshot: path.display().to_string(),
+                    detail: err.to_string(),
+                })?;
+            if self
+                .catalog
+                .get(&snapshot.id)
+                .map_err(self.index_error())?
+                .is_none()
+            {
+                self.catalog.put(&snapshot).map_err(self.index_error())?;
+                restored += 1;
+            }
+        }
+        Ok(restored)
     }
 
     /// Counters of the store (reads the whole index and every tree).
