@@ -59,6 +59,21 @@ fn peak_rss_mib() -> f64 {
     status_kib("VmHWM:") as f64 / 1024.0
 }
 
+/// CPU seconds (user + system) this process has used: /proc/self/stat
+/// fields 14 and 15, in USER_HZ ticks (100 per second on Linux).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|text| {
+            let after = text.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 fn mbps(bytes: usize, seconds: f64) -> f64 {
     bytes as f64 / seconds / 1e6
 }
@@ -227,39 +242,57 @@ fn ingest(
                             let mut ids = Vec::new();
                             let mut batch: Vec<Chunk> = Vec::new();
                             let mut batch_bytes = 0usize;
-                            let mut stats = fabric_chunkstore::PutStats::default();
                             let mut done = 0usize;
-                            let flush = |batch: &mut Vec<Chunk>,
-                                         stats: &mut fabric_chunkstore::PutStats|
-                             -> BenchResult<()> {
-                                if !batch.is_empty() {
-                                    stats.add(&store.put_chunks(std::mem::take(batch))?);
-                                }
-                                Ok(())
-                            };
-                            while done < per_stream {
-                                let take = MIB.min(per_stream - done);
-                                generator.fill(&mut buffer[..take]);
-                                done += take;
-                                let mut ready = Vec::new();
-                                chunker.feed(&buffer[..take], |chunk| ready.push(chunk));
-                                for chunk in ready {
-                                    ids.push(chunk.id);
-                                    batch_bytes += chunk.data.len();
-                                    batch.push(chunk);
-                                }
-                                if batch_bytes >= 16 * MIB {
-                                    flush(&mut batch, &mut stats)?;
-                                    batch_bytes = 0;
-                                }
-                            }
-                            let mut ready = Vec::new();
-                            chunker.finish(|chunk| ready.push(chunk));
-                            for chunk in ready {
-                                ids.push(chunk.id);
-                                batch.push(chunk);
-                            }
-                            flush(&mut batch, &mut stats)?;
+                            // put_chunks runs on its own thread per stream, one
+                            // batch in flight: chunking the next batch overlaps
+                            // the fsyncs of the last, as concurrent uploads do.
+                            let (sender, receiver) = crossbeam_channel::bounded::<Vec<Chunk>>(1);
+                            let stats = std::thread::scope(
+                                |inner| -> BenchResult<fabric_chunkstore::PutStats> {
+                                    let putter = inner.spawn(
+                                        move || -> BenchResult<fabric_chunkstore::PutStats> {
+                                            let mut stats = fabric_chunkstore::PutStats::default();
+                                            for batch in receiver {
+                                                stats.add(&store.put_chunks(batch)?);
+                                            }
+                                            Ok(stats)
+                                        },
+                                    );
+                                    let send = |batch: &mut Vec<Chunk>| -> BenchResult<()> {
+                                        if !batch.is_empty() {
+                                            sender.send(std::mem::take(batch))?;
+                                        }
+                                        Ok(())
+                                    };
+                                    while done < per_stream {
+                                        let take = MIB.min(per_stream - done);
+                                        generator.fill(&mut buffer[..take]);
+                                        done += take;
+                                        let mut ready = Vec::new();
+                                        chunker.feed(&buffer[..take], |chunk| ready.push(chunk));
+                                        for chunk in ready {
+                                            ids.push(chunk.id);
+                                            batch_bytes += chunk.data.len();
+                                            batch.push(chunk);
+                                        }
+                                        if batch_bytes >= 16 * MIB {
+                                            send(&mut batch)?;
+                                            batch_bytes = 0;
+                                        }
+                                    }
+                                    let mut ready = Vec::new();
+                                    chunker.finish(|chunk| ready.push(chunk));
+                                    for chunk in ready {
+                                        ids.push(chunk.id);
+                                        batch.push(chunk);
+                                    }
+                                    send(&mut batch)?;
+                                    drop(sender);
+                                    putter
+                                        .join()
+                                        .unwrap_or_else(|_| Err("put thread panicked".into()))
+                                },
+                            )?;
                             Ok((ids, stats))
                         },
                     )
@@ -349,7 +382,17 @@ fn part_raw_and_ingest(base: &Path, with_ingest: bool) -> BenchResult<()> {
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open_or_create(&dir, StoreConfig::default())?;
         let rss_before = rss_mib();
+        let cpu_before = cpu_seconds();
+        let wall = Instant::now();
         let (speed, ids, stats) = ingest(&store, kind, bytes, streams, &pool)?;
+        let cpu = cpu_seconds() - cpu_before;
+        let per_core_bound = cpu_bound / cores as f64;
+        println!(
+            "ingest {kind:?}: CPU obtained {:.2} cores on average (other load on the machine); {:.0} MB per CPU-second = {:.0}% of the one-core bound {per_core_bound:.0} MB/s",
+            cpu / wall.elapsed().as_secs_f64(),
+            bytes as f64 / 1e6 / cpu,
+            100.0 * bytes as f64 / 1e6 / cpu / per_core_bound
+        );
         println!(
             "ingest {kind:?}: {} MiB in {streams} streams: {speed:.0} MB/s = {:.0}% of the bound; {} chunks, stored {} MiB (compression {:.2}); RSS {rss_before:.0} -> {:.0} MiB, peak {:.0} MiB",
             bytes / MIB,
