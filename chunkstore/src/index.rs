@@ -2,7 +2,7 @@
 //! where its entry lives) and [`Catalog`] (snapshot records).
 //!
 //! The store talks to these traits only; the sled implementation lives in
-//! `index_sled`, and the conformance suite here ([`conformance`]) is what any
+//! `index_sled`, and the conformance suite here (`conformance`, test-only) is what any
 //! other engine has to pass. This module must never know about sled, packs
 //! on disk or trees.
 
