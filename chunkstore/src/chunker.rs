@@ -207,7 +207,8 @@ impl<R: Read> Iterator for ChunkReader<R> {
                 }
                 Ok(n) => {
                     let ready = &mut self.ready;
-                    self.chunker.feed(&self.buffer[..n], |chunk| ready.push_back(chunk));
+                    self.chunker
+                        .feed(&self.buffer[..n], |chunk| ready.push_back(chunk));
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(err) => {

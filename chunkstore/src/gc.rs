@@ -16,7 +16,11 @@
 //!    sends it again, a commit refuses with `MissingChunk`).
 //!
 //! So GC spares every chunk touched after it started, and a commit re-checks
-//! the DAG: no snapshot ever references a swept chunk.
+//! the DAG: no snapshot ever references a swept chunk. An upload that put
+//! chunks before GC started and commits after it may still find some swept
+//! and be refused with `MissingChunk` (it sends them again); to make that
+//! rare, packs younger than [`GcOptions::grace`] (default an hour) are not
+//! touched at all.
 //!
 //! Crash safety: packs are only candidates once sealed and fully indexed;
 //! moved entries are written to new packs and fsynced, then the index is
@@ -27,7 +31,7 @@
 //! This module must never delete a pack that an index entry points into.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::StoreError;
 use crate::id::ChunkId;
@@ -36,12 +40,39 @@ use crate::pack::{self, PACK_HEADER_LEN, PackWriter, SEAL_LEN};
 use crate::store::{Store, WalkItem, lock};
 
 /// How [`Store::gc`] runs.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GcOptions {
     /// Report what would be done, change nothing.
     pub dry_run: bool,
     /// Override the store's `repack_threshold` for this run.
     pub repack_threshold: Option<f64>,
+    /// Packs written less than this long ago are left alone, chunks and all:
+    /// they hold the chunks of uploads still running (not committed yet).
+    pub grace: Duration,
+}
+
+/// The default grace: an upload that has not committed for this long is abandoned.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            repack_threshold: None,
+            grace: DEFAULT_GC_GRACE,
+        }
+    }
+}
+
+impl GcOptions {
+    /// No grace period: everything unreferenced now is swept (tests, tools,
+    /// a store no upload is writing to).
+    pub fn immediate() -> Self {
+        Self {
+            grace: Duration::ZERO,
+            ..Self::default()
+        }
+    }
 }
 
 /// What [`Store::gc`] did (or would do, in a dry run).
@@ -92,7 +123,18 @@ impl Store {
         // the candidates are exactly the packs that exist now, all sealed and
         // fully indexed; later appends go to newer packs.
         let result = snapshots.and_then(|snapshots| {
-            let candidates: HashSet<u32> = self.flush_and_seal()?.into_iter().collect();
+            let sealed = self.flush_and_seal()?;
+            let cutoff = SystemTime::now().checked_sub(options.grace);
+            let mut candidates = HashSet::new();
+            for id in sealed {
+                let path = self.pack_path(id);
+                let modified = std::fs::metadata(&path)
+                    .and_then(|meta| meta.modified())
+                    .map_err(StoreError::io("cannot read", &path))?;
+                if options.grace.is_zero() || cutoff.is_some_and(|cutoff| modified <= cutoff) {
+                    candidates.insert(id);
+                }
+            }
             self.collect(options, threshold, &candidates, snapshots)
         });
         *lock(&self.protected) = None;
@@ -283,13 +325,13 @@ impl Store {
                             codec: entry.header.codec,
                         },
                     ));
-                    if open.len() >= self.config.pack_target_size {
-                        if let Some(full) = writer.take() {
-                            written += full.len() + SEAL_LEN;
-                            let path = full.path().to_owned();
-                            full.seal()
-                                .map_err(StoreError::io("cannot seal pack", path))?;
-                        }
+                    if open.len() >= self.config.pack_target_size
+                        && let Some(full) = writer.take()
+                    {
+                        written += full.len() + SEAL_LEN;
+                        let path = full.path().to_owned();
+                        full.seal()
+                            .map_err(StoreError::io("cannot seal pack", path))?;
                     }
                 }
             }

@@ -88,6 +88,11 @@ mod tests {
     fn bad_ids_are_named() {
         let err = ChunkId::from_slice(&[1, 2, 3]).unwrap_err();
         assert_eq!(err.input, "010203");
-        assert!(ChunkId::from_hex("xyz").unwrap_err().to_string().contains("xyz"));
+        assert!(
+            ChunkId::from_hex("xyz")
+                .unwrap_err()
+                .to_string()
+                .contains("xyz")
+        );
     }
 }

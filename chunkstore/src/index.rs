@@ -2,7 +2,7 @@
 //! where its entry lives) and [`Catalog`] (snapshot records).
 //!
 //! The store talks to these traits only; the sled implementation lives in
-//! `index_sled`, and the conformance suite here ([`conformance`]) is what any
+//! `index_sled`, and the conformance suite here (`conformance`, test-only) is what any
 //! other engine has to pass. This module must never know about sled, packs
 //! on disk or trees.
 
@@ -152,7 +152,11 @@ pub(crate) mod conformance {
             offset: u64::from(n) * 1000 + 12,
             stored_len: n + 1,
             raw_len: n * 2 + 1,
-            codec: if n % 2 == 0 { Codec::Zstd } else { Codec::Raw },
+            codec: if n.is_multiple_of(2) {
+                Codec::Zstd
+            } else {
+                Codec::Raw
+            },
         }
     }
 

@@ -4,9 +4,10 @@
 //! index and snapshot catalogue behind narrow traits ([`index`], with sled in
 //! [`index_sled`]), the [`Store`] that ties them together with trees and
 //! snapshots ([`store`]), garbage collection ([`gc`]) and verify, reindex and
-//! stats ([`verify`]). A plain synchronous
+//! stats ([`verify`]), the backup walk that turns directories into chunks and
+//! trees ([`walk`]) and the restore writers ([`restore`]). A plain synchronous
 //! library: it must never depend on tokio or tonic; async callers run it on
-//! blocking threads.
+//! blocking threads, through the [`sink`] traits.
 
 pub mod chunker;
 pub mod error;
@@ -23,7 +24,7 @@ pub mod walk;
 
 pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker};
 pub use error::StoreError;
-pub use gc::{GcOptions, GcReport};
+pub use gc::{DEFAULT_GC_GRACE, GcOptions, GcReport};
 pub use id::ChunkId;
 pub use index::{Catalog, ChunkIndex, IndexError, Location};
 pub use sink::{ChunkSink, ChunkSource, SinkError};

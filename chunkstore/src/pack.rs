@@ -617,7 +617,7 @@ mod tests {
         assert_eq!(entry.header.codec, Codec::Zstd);
         assert!(entry.header.stored_len < 1000);
         let random: Vec<u8> = (0..10_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
             .collect();
         let entry = encode_entry(ChunkId::of(&random), &random, 3);
         assert_eq!(entry.header.codec, Codec::Raw);

@@ -6,7 +6,9 @@
 //!   are fixed from then on);
 //! - `packs/`: pack files (see [`crate::pack`]), never overwritten in place;
 //! - `index/`: the sled database holding the chunk index and the snapshot
-//!   catalogue (see [`crate::index_sled`]).
+//!   catalogue (see [`crate::index_sled`]);
+//! - `snapshots/`: one file per snapshot record (protobuf), written before the
+//!   catalogue entry, so `reindex` can rebuild everything if `index/` is lost.
 //!
 //! Write order (the crash-safety contract): chunk bytes appended to a pack and
 //! fsynced, then index entries (flushed), then tree chunks (the same way),
@@ -112,7 +114,15 @@ pub struct Store {
     /// While a GC runs: every chunk id offered, put, or checked by a commit
     /// since it started. GC never sweeps these.
     pub(crate) protected: Mutex<Option<HashSet<ChunkId>>>,
+    /// Unsealed packs the last open found and repaired (sealed, tail cut).
+    repaired_at_open: u64,
 }
+
+// Shared between upload threads behind an `Arc`: must stay Send + Sync.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
+};
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -232,12 +242,19 @@ impl Store {
             commit_lock: Mutex::new(()),
             maintenance_lock: Mutex::new(()),
             protected: Mutex::new(None),
+            repaired_at_open: 0,
         };
         let packs = store.pack_ids()?;
         let next = packs.iter().max().map_or(1, |max| max + 1);
         store.next_pack.store(next, Ordering::SeqCst);
-        crate::verify::repair_unsealed(&store, &packs)?;
+        let mut store = store;
+        store.repaired_at_open = crate::verify::repair_unsealed(&store, &packs)?;
         Ok(store)
+    }
+
+    /// How many unsealed packs (left by a crash) opening this store repaired.
+    pub fn repaired_at_open(&self) -> u64 {
+        self.repaired_at_open
     }
 
     /// The config in effect.
@@ -322,32 +339,41 @@ impl Store {
     /// compressed in parallel, appended, fsynced and indexed. Durable on return.
     pub fn put_chunks(&self, chunks: Vec<Chunk>) -> Result<PutStats, StoreError> {
         let fresh = self.prepare(chunks.as_slice())?;
+        let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
         let mut stats = PutStats {
             chunks: chunks.len() as u64,
             ..Default::default()
         };
-        if fresh.is_empty() {
-            return Ok(stats);
+        if !fresh.is_empty() {
+            let level = self.config.zstd_level;
+            let encoded: Vec<EncodedEntry> = fresh
+                .par_iter()
+                .map(|&index| {
+                    let chunk = &chunks[index];
+                    pack::encode_entry(chunk.id, &chunk.data, level)
+                })
+                .collect();
+            drop(chunks);
+            let (placed, open_file) = self.append(encoded)?;
+            if let Some((file, path)) = open_file {
+                file.sync_data()
+                    .map_err(StoreError::io("cannot fsync", path))?;
+            }
+            self.index_placed(&placed)?;
+            for (_, location) in &placed {
+                stats.new_chunks += 1;
+                stats.new_bytes += u64::from(location.raw_len);
+                stats.stored_bytes += location.entry_len();
+            }
         }
-        let level = self.config.zstd_level;
-        let encoded: Vec<EncodedEntry> = fresh
-            .par_iter()
-            .map(|&index| {
-                let chunk = &chunks[index];
-                pack::encode_entry(chunk.id, &chunk.data, level)
-            })
-            .collect();
-        drop(chunks);
-        let (placed, open_file) = self.append(encoded)?;
-        if let Some((file, path)) = open_file {
-            file.sync_data()
-                .map_err(StoreError::io("cannot fsync", path))?;
-        }
-        self.index_placed(&placed)?;
-        for (_, location) in &placed {
-            stats.new_chunks += 1;
-            stats.new_bytes += u64::from(location.raw_len);
-            stats.stored_bytes += location.entry_len();
+        // A chunk skipped because another writer had it pending (a sink put
+        // not flushed yet) is not durable yet: make it so before returning.
+        let still_pending = {
+            let pending = read_lock(&self.pending);
+            ids.iter().any(|id| pending.contains_key(id))
+        };
+        if still_pending {
+            self.flush_pending()?;
         }
         Ok(stats)
     }
@@ -422,12 +448,12 @@ impl Store {
             };
             write_lock(&self.pending).insert(id, location);
             placed.push((id, location));
-            if open.len() >= self.config.pack_target_size {
-                if let Some(full) = writer.take() {
-                    let path = full.path().to_owned();
-                    full.seal()
-                        .map_err(StoreError::io("cannot seal pack", path))?;
-                }
+            if open.len() >= self.config.pack_target_size
+                && let Some(full) = writer.take()
+            {
+                let path = full.path().to_owned();
+                full.seal()
+                    .map_err(StoreError::io("cannot seal pack", path))?;
             }
         }
         let open_file = writer
@@ -677,8 +703,40 @@ impl Store {
         if snapshot.name.is_empty() {
             snapshot.name = default_name(&snapshot);
         }
+        self.write_snapshot_file(&snapshot)?;
         self.catalog.put(&snapshot).map_err(self.index_error())?;
         Ok(snapshot)
+    }
+
+    /// The copy of snapshot `id`'s record kept beside the index, so that
+    /// `reindex` can rebuild the catalogue if the index is lost.
+    pub(crate) fn snapshot_file(&self, id: &str) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{id}.snapshot"))
+    }
+
+    fn write_snapshot_file(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let dir = self.dir.join("snapshots");
+        std::fs::create_dir_all(&dir).map_err(StoreError::io("cannot create", &dir))?;
+        if snapshot.id.is_empty()
+            || !snapshot
+                .id
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+        {
+            return Err(StoreError::BadSnapshot {
+                snapshot: snapshot.id.clone(),
+                detail: "a snapshot id is letters, digits, '-' and '_' only".into(),
+            });
+        }
+        let path = self.snapshot_file(&snapshot.id);
+        let temporary = path.with_extension("new");
+        std::fs::write(&temporary, snapshot.encode_to_vec())
+            .map_err(StoreError::io("cannot write", &temporary))?;
+        File::open(&temporary)
+            .and_then(|file| file.sync_all())
+            .map_err(StoreError::io("cannot fsync", &temporary))?;
+        std::fs::rename(&temporary, &path).map_err(StoreError::io("cannot rename", &path))?;
+        pack::sync_dir(&dir).map_err(StoreError::io("cannot fsync", &dir))
     }
 
     /// Every snapshot, oldest first.
@@ -716,6 +774,14 @@ impl Store {
     /// Remove the record of the snapshot `spec` names (its chunks stay until GC).
     pub fn delete_snapshot(&self, spec: &str) -> Result<Snapshot, StoreError> {
         let snapshot = self.find_snapshot(spec)?;
+        // The file first: a crash in between leaves the record, and deleting
+        // again finishes the job; never a file that would resurrect it.
+        let path = self.snapshot_file(&snapshot.id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(StoreError::io("cannot remove", path)(err)),
+        }
         self.catalog
             .remove(&snapshot.id)
             .map_err(self.index_error())?;
@@ -907,3 +973,11 @@ impl Drop for Store {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+pub(crate) mod tests;
+
+#[cfg(test)]
+#[path = "crash_tests.rs"]
+mod crash_tests;

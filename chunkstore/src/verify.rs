@@ -84,6 +84,8 @@ pub struct ReindexReport {
     pub chunks: u64,
     /// Entries of a chunk already seen in an earlier pack (left as garbage).
     pub duplicates: u64,
+    /// Snapshot records restored to the catalogue from `snapshots/`.
+    pub snapshots_restored: u64,
     /// Packs whose scan stopped early: path, offset of the first bad byte, reason.
     pub damaged: Vec<(PathBuf, u64, String)>,
     /// Files in the packs directory that are not packs.
@@ -123,7 +125,7 @@ pub struct StoreStats {
 /// stopped), cut a torn tail no index entry points into, seal them, and index
 /// their valid entries the index lacks. A pack with an index entry past its
 /// first bad byte is damaged, not torn: it is left alone for `verify`.
-pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreError> {
+pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<u64, StoreError> {
     let mut unsealed = HashSet::new();
     for &id in packs {
         let path = store.pack_path(id);
@@ -132,8 +134,9 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
         }
     }
     if unsealed.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let mut repaired = 0;
     let mut indexed_end: HashMap<u32, u64> = HashMap::new();
     store
         .index
@@ -201,6 +204,7 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
             file.sync_all()
                 .map_err(StoreError::io("cannot fsync", &path))?;
         }
+        repaired += 1;
         if !matches!(scan.end, ScanEnd::Sealed { .. }) {
             pack::seal_existing(&path, scan.entries)
                 .map_err(StoreError::io("cannot seal", &path))?;
@@ -216,7 +220,8 @@ pub(crate) fn repair_unsealed(store: &Store, packs: &[u32]) -> Result<(), StoreE
             .insert_batch(&lacking)
             .map_err(store.index_error())?;
     }
-    store.index.flush().map_err(store.index_error())
+    store.index.flush().map_err(store.index_error())?;
+    Ok(repaired)
 }
 
 #[derive(Default)]
@@ -259,13 +264,13 @@ impl Store {
     /// and re-hash them, and check every snapshot's DAG is complete. Each
     /// problem names the chunk, the snapshots and the paths it affects.
     pub fn verify(&self, options: &VerifyOptions) -> Result<VerifyReport, StoreError> {
-        if let Some(fraction) = options.sample {
-            if !(0.0..=1.0).contains(&fraction) {
-                return Err(StoreError::Config {
-                    path: self.dir.clone(),
-                    detail: format!("verify sample {fraction} is not a fraction between 0 and 1"),
-                });
-            }
+        if let Some(fraction) = options.sample
+            && !(0.0..=1.0).contains(&fraction)
+        {
+            return Err(StoreError::Config {
+                path: self.dir.clone(),
+                detail: format!("verify sample {fraction} is not a fraction between 0 and 1"),
+            });
         }
         let _maintenance = lock(&self.maintenance_lock);
         self.flush_pending()?;
@@ -304,7 +309,8 @@ impl Store {
         if let Some(fraction) = options.sample {
             targets.retain(|_| rand::random::<f64>() < fraction);
         }
-        let results: Vec<(ChunkId, Result<u64, (ProblemKind, String)>)> = targets
+        type Outcome = Result<u64, (ProblemKind, String)>;
+        let results: Vec<(ChunkId, Outcome)> = targets
             .par_iter()
             .map(|(id, location)| {
                 let outcome = match location {
@@ -416,9 +422,44 @@ impl Store {
                     .insert_batch(&batch)
                     .map_err(self.index_error())?;
             }
+            report.snapshots_restored = self.restore_catalog()?;
             self.index.flush().map_err(self.index_error())?;
             Ok(report)
         })
+    }
+
+    /// Put back into the catalogue every snapshot whose file in `snapshots/`
+    /// has no record; the number restored.
+    fn restore_catalog(&self) -> Result<u64, StoreError> {
+        let dir = self.dir.join("snapshots");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(StoreError::io("cannot list", &dir)(err)),
+        };
+        let mut restored = 0;
+        for entry in entries {
+            let path = entry.map_err(StoreError::io("cannot list", &dir))?.path();
+            if path.extension().is_none_or(|ext| ext != "snapshot") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(StoreError::io("cannot read", &path))?;
+            let snapshot = <fabric_proto::v1::Snapshot as prost::Message>::decode(bytes.as_slice())
+                .map_err(|err| StoreError::BadSnapshot {
+                    snapshot: path.display().to_string(),
+                    detail: err.to_string(),
+                })?;
+            if self
+                .catalog
+                .get(&snapshot.id)
+                .map_err(self.index_error())?
+                .is_none()
+            {
+                self.catalog.put(&snapshot).map_err(self.index_error())?;
+                restored += 1;
+            }
+        }
+        Ok(restored)
     }
 
     /// Counters of the store (reads the whole index and every tree).

@@ -382,7 +382,10 @@ pub fn remote_ports(pid: u32) -> std::collections::HashSet<u16> {
         for fd in fds.flatten() {
             if let Ok(target) = std::fs::read_link(fd.path()) {
                 let target = target.to_string_lossy().into_owned();
-                if let Some(inode) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) {
+                if let Some(inode) = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                {
                     inodes.insert(inode.to_owned());
                 }
             }
@@ -396,7 +399,11 @@ pub fn remote_ports(pid: u32) -> std::collections::HashSet<u16> {
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() > 9 && inodes.contains(fields[9]) {
-                if let Some(port) = fields[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                if let Some(port) = fields[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
                     ports.insert(port);
                 }
             }
@@ -407,5 +414,9 @@ pub fn remote_ports(pid: u32) -> std::collections::HashSet<u16> {
 
 /// The port of an `http://host:port` address.
 pub fn port_of(address: &str) -> u16 {
-    address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("an address with a port")
+    address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("an address with a port")
 }

@@ -140,9 +140,15 @@ fn a_passive_and_pull_pair_completes_without_the_client_dialling_storage() {
     assert_eq!(snapshot_nodes(&fabric, "ext"), vec![vec!["n2"]]);
     assert!(marker.exists(), "the client ran post after the pull");
     let seen = seen.lock().unwrap();
-    assert!(seen.contains(&port_of(&fabric.coordinator.address)), "the sampler sees the agent's connections: {seen:?}");
+    assert!(
+        seen.contains(&port_of(&fabric.coordinator.address)),
+        "the sampler sees the agent's connections: {seen:?}"
+    );
     let dialled: Vec<&u16> = seen.intersection(&storage_ports).collect();
-    assert!(dialled.is_empty(), "the client dialled storage ports {dialled:?}");
+    assert!(
+        dialled.is_empty(),
+        "the client dialled storage ports {dialled:?}"
+    );
 }
 
 #[test]
@@ -151,7 +157,11 @@ fn a_storage_node_killed_during_a_copy_fails_that_copy_or_goes_to_a_spare() {
     let source = fabric.dir.path().join("big");
     std::fs::create_dir_all(&source).unwrap();
     for index in 0..6 {
-        std::fs::write(source.join(format!("part-{index}")), pseudo_random(32 * 1024 * 1024, index)).unwrap();
+        std::fs::write(
+            source.join(format!("part-{index}")),
+            pseudo_random(32 * 1024 * 1024, index),
+        )
+        .unwrap();
     }
     // A single destination: the copy fails after its retries, with the reason.
     let jobs = format!(
@@ -176,20 +186,34 @@ fn a_storage_node_killed_during_a_copy_fails_that_copy_or_goes_to_a_spare() {
     let runs = fabric.submit(&jobs, &[]);
     let first = wait_any_copy_running(&fabric, &runs[0]);
     let index = fabric.nodes.iter().position(|n| {
-        fabric.json(&["node", "list"]).as_array().unwrap().iter().any(|row| row["id"] == first.as_str() && row["address"] == n.address.as_str())
+        fabric
+            .json(&["node", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|row| row["id"] == first.as_str() && row["address"] == n.address.as_str())
     });
     let killed = fabric.nodes.remove(index.unwrap());
     drop(killed);
     let run = fabric.wait_run(&runs[0]);
     let copies = copies_of(&run);
-    assert!(copies.iter().any(|c| c.0 == first && c.1 == "failed"), "{copies:?}");
-    assert!(copies.iter().any(|c| c.0 != first && c.1 == "done"), "the spare took over: {copies:?}");
+    assert!(
+        copies.iter().any(|c| c.0 == first && c.1 == "failed"),
+        "{copies:?}"
+    );
+    assert!(
+        copies.iter().any(|c| c.0 != first && c.1 == "done"),
+        "the spare took over: {copies:?}"
+    );
 }
 
 fn wait_copy_running(fabric: &Fabric, run: &str, node: &str) {
     for _ in 0..600 {
         let shown = fabric.json(&["run", "show", run]);
-        if copies_of(&shown).iter().any(|c| c.0 == node && c.1 == "running") {
+        if copies_of(&shown)
+            .iter()
+            .any(|c| c.0 == node && c.1 == "running")
+        {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -214,7 +238,11 @@ fn a_coordinator_killed_and_restarted_mid_run_loses_nothing() {
     let source = fabric.dir.path().join("big");
     std::fs::create_dir_all(&source).unwrap();
     for index in 0..4 {
-        std::fs::write(source.join(format!("part-{index}")), pseudo_random(32 * 1024 * 1024, index)).unwrap();
+        std::fs::write(
+            source.join(format!("part-{index}")),
+            pseudo_random(32 * 1024 * 1024, index),
+        )
+        .unwrap();
     }
     let jobs = format!(
         "[job.survive]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\n",
@@ -223,7 +251,11 @@ fn a_coordinator_killed_and_restarted_mid_run_loses_nothing() {
     let runs = fabric.submit(&jobs, &[]);
     wait_copy_running(&fabric, &runs[0], "n1");
     let before = fabric.json(&["run", "show", &runs[0]]);
-    let listen = fabric.coordinator.address.trim_start_matches("http://").to_owned();
+    let listen = fabric
+        .coordinator
+        .address
+        .trim_start_matches("http://")
+        .to_owned();
     let mut old = std::mem::replace(
         &mut fabric.coordinator,
         Fabric::start_coordinator(&fabric.dir.path().join("coordinator-unused"), "127.0.0.1:0"),
@@ -237,7 +269,11 @@ fn a_coordinator_killed_and_restarted_mid_run_loses_nothing() {
     let events_before = events_of(&before);
     let events_after = events_of(&run);
     assert!(events_after.len() > events_before.len());
-    assert_eq!(&events_after[..events_before.len()], &events_before[..], "no report was lost");
+    assert_eq!(
+        &events_after[..events_before.len()],
+        &events_before[..],
+        "no report was lost"
+    );
     assert_eq!(snapshot_nodes(&fabric, "survive"), vec![vec!["n1", "n2"]]);
     assert_eq!(fabric.json(&["job", "list"]).as_array().unwrap().len(), 1);
 }
@@ -254,8 +290,14 @@ fn a_failing_pre_fails_the_run_before_any_copy_and_instances_come_from_a_command
     let run = fabric.wait_run(&runs[0]);
     assert_eq!(run["state"], "failed", "{run:#}");
     assert!(run["reason"].as_str().unwrap().contains("pre"), "{run:#}");
-    assert!(copies_of(&run).iter().all(|c| c.1 == "pending"), "no copy started: {run:#}");
-    assert!(events_of(&run).iter().any(|e| e.contains("about to fail")), "pre's output is in the run's log");
+    assert!(
+        copies_of(&run).iter().all(|c| c.1 == "pending"),
+        "no copy started: {run:#}"
+    );
+    assert!(
+        events_of(&run).iter().any(|e| e.contains("about to fail")),
+        "pre's output is in the run's log"
+    );
 
     let out = fabric.dir.path().join("instances");
     std::fs::create_dir_all(&out).unwrap();
@@ -294,18 +336,36 @@ fn a_failing_pre_fails_the_run_before_any_copy_and_instances_come_from_a_command
         .map(|row| row["name"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(names.len(), 2);
-    assert!(names.iter().any(|n| n.contains("alpha")) && names.iter().any(|n| n.contains("beta")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("alpha")) && names.iter().any(|n| n.contains("beta")),
+        "{names:?}"
+    );
 }
 
 #[test]
 fn bad_job_files_are_rejected_naming_the_problem() {
     let fabric = Fabric::start(1);
     let cases = [
-        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndets = \"n1\"\n", "dets"),
-        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndest = \"n1//n2\"\n", "n1//n2"),
-        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndest = \"nowhere\"\n", "nowhere"),
-        ("[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"$missing\"]\ndest = \"n1\"\n", "missing"),
-        ("[global]\nx = \"$y\"\ny = \"$x\"\n[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"$x\"]\ndest = \"n1\"\n", "cycl"),
+        (
+            "[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndets = \"n1\"\n",
+            "dets",
+        ),
+        (
+            "[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndest = \"n1//n2\"\n",
+            "n1//n2",
+        ),
+        (
+            "[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndest = \"nowhere\"\n",
+            "nowhere",
+        ),
+        (
+            "[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"$missing\"]\ndest = \"n1\"\n",
+            "missing",
+        ),
+        (
+            "[global]\nx = \"$y\"\ny = \"$x\"\n[job.a]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"$x\"]\ndest = \"n1\"\n",
+            "cycl",
+        ),
     ];
     for (text, needle) in cases {
         let file = fabric.dir.path().join("bad.toml");

@@ -21,7 +21,10 @@ use fabric_chunkstore::{ChunkParams, Store, StoreConfig};
 use fabric_proto::v1::Snapshot;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn peak_rss_kib(pid: &str) -> u64 {
@@ -42,18 +45,27 @@ fn write_data(dir: &Path, megabytes: usize) {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let random_mb = megabytes / 2;
     for file in 0..random_mb.div_ceil(64) {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join(format!("random-{file}.bin"))).expect("create"));
-        for _ in 0..(64 * 1024 * 1024 / 8).min(random_mb.saturating_sub(file * 64) * 1024 * 1024 / 8) {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(dir.join(format!("random-{file}.bin"))).expect("create"),
+        );
+        for _ in
+            0..(64 * 1024 * 1024 / 8).min(random_mb.saturating_sub(file * 64) * 1024 * 1024 / 8)
+        {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             out.write_all(&state.to_le_bytes()).expect("write");
         }
     }
-    let words = ["fn", "let", "mut", "struct", "impl", "store", "chunk", "pack", "index", "tree", "snapshot", "node", "{", "}", "(", ")", ";", "=>", "match", "Ok", "Err", "self"];
+    let words = [
+        "fn", "let", "mut", "struct", "impl", "store", "chunk", "pack", "index", "tree",
+        "snapshot", "node", "{", "}", "(", ")", ";", "=>", "match", "Ok", "Err", "self",
+    ];
     let text_mb = megabytes - random_mb;
     for file in 0..text_mb.div_ceil(64) {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join(format!("text-{file}.rs"))).expect("create"));
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(dir.join(format!("text-{file}.rs"))).expect("create"),
+        );
         let target = (64usize * 1024 * 1024).min(text_mb.saturating_sub(file * 64) * 1024 * 1024);
         let mut written = 0;
         let mut line = 0u64;
@@ -79,7 +91,11 @@ fn write_small_files(dir: &Path, count: usize) {
     for index in 0..count {
         let sub = dir.join(format!("d{}", index / 500));
         std::fs::create_dir_all(&sub).expect("mkdir");
-        std::fs::write(sub.join(format!("f{index}.txt")), format!("small file {index}\n").repeat(index % 50 + 1)).expect("write");
+        std::fs::write(
+            sub.join(format!("f{index}.txt")),
+            format!("small file {index}\n").repeat(index % 50 + 1),
+        )
+        .expect("write");
     }
 }
 
@@ -90,14 +106,19 @@ fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
 fn main() {
     let megabytes = env_usize("FABRIC_BENCH_MB", 1024);
     let small_files = env_usize("FABRIC_BENCH_SMALL_FILES", 10_000);
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_owned();
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&workspace)
         .args(["build", "--release", "--quiet", "--bin", "fabric-node"])
         .status()
         .expect("cargo runs");
     assert!(status.success());
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
     let node_binary = target_dir.join("release/fabric-node");
 
     let work = tempfile::tempdir().expect("tempdir");
@@ -105,11 +126,24 @@ fn main() {
     let small = work.path().join("small");
     write_data(&data, megabytes);
     write_small_files(&small, small_files);
-    let total: u64 = std::fs::read_dir(&data).expect("ls").map(|e| e.expect("entry").metadata().expect("stat").len()).sum();
-    println!("data: {} MB ({} MB random, {} MB text-like), {small_files} small files; {} cores", total / 1_000_000, megabytes / 2, megabytes - megabytes / 2, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let total: u64 = std::fs::read_dir(&data)
+        .expect("ls")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    println!(
+        "data: {} MB ({} MB random, {} MB text-like), {small_files} small files; {} cores",
+        total / 1_000_000,
+        megabytes / 2,
+        megabytes - megabytes / 2,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
 
     // Local ingest: the walk straight into a store in this process.
-    let local_store = Store::open_or_create(&work.path().join("local-store"), StoreConfig::default()).expect("store");
+    let local_store =
+        Store::open_or_create(&work.path().join("local-store"), StoreConfig::default())
+            .expect("store");
     let options = |path: &Path| BackupOptions {
         includes: vec![path.to_owned()],
         excludes: Vec::new(),
@@ -142,7 +176,11 @@ fn main() {
             .block_on(fabric_node::agent::push_backup(
                 &address,
                 options(path),
-                Snapshot { job: job.into(), host: "bench".into(), ..Default::default() },
+                Snapshot {
+                    job: job.into(),
+                    host: "bench".into(),
+                    ..Default::default()
+                },
                 None,
             ))
             .expect("push");
@@ -166,13 +204,43 @@ fn main() {
     let (small_first_seconds, _) = push(&small, "small");
     let (small_again_seconds, small_again) = push(&small, "small");
 
-    println!("local ingest (walk into a store, same process): {:8.1} MB/s  ({local_seconds:.2} s)", mb_per_s(total, local_seconds));
-    println!("push, first backup over loopback:               {:8.1} MB/s  ({first_seconds:.2} s, {} chunks sent, {:.1}% of local)", mb_per_s(total, first_seconds), first.chunks_sent, 100.0 * local_seconds / first_seconds);
-    println!("push, unchanged re-backup:                      {:8.1} MB/s  ({again_seconds:.2} s, {} bytes sent, {} of {} files unchanged)", mb_per_s(total, again_seconds), again.bytes_sent, again.snapshot.stats.as_ref().map(|s| s.files_unchanged).unwrap_or(0), again.snapshot.stats.as_ref().map(|s| s.files).unwrap_or(0));
-    println!("restore over loopback:                          {:8.1} MB/s  ({restore_seconds:.2} s)", mb_per_s(total, restore_seconds));
+    println!(
+        "local ingest (walk into a store, same process): {:8.1} MB/s  ({local_seconds:.2} s)",
+        mb_per_s(total, local_seconds)
+    );
+    println!(
+        "push, first backup over loopback:               {:8.1} MB/s  ({first_seconds:.2} s, {} chunks sent, {:.1}% of local)",
+        mb_per_s(total, first_seconds),
+        first.chunks_sent,
+        100.0 * local_seconds / first_seconds
+    );
+    println!(
+        "push, unchanged re-backup:                      {:8.1} MB/s  ({again_seconds:.2} s, {} bytes sent, {} of {} files unchanged)",
+        mb_per_s(total, again_seconds),
+        again.bytes_sent,
+        again
+            .snapshot
+            .stats
+            .as_ref()
+            .map(|s| s.files_unchanged)
+            .unwrap_or(0),
+        again.snapshot.stats.as_ref().map(|s| s.files).unwrap_or(0)
+    );
+    println!(
+        "restore over loopback:                          {:8.1} MB/s  ({restore_seconds:.2} s)",
+        mb_per_s(total, restore_seconds)
+    );
     println!("{small_files} small files, first backup:             {small_first_seconds:8.2} s");
-    println!("{small_files} small files, unchanged re-backup:      {small_again_seconds:8.2} s  ({:.1}x faster, {} bytes sent)", small_first_seconds / small_again_seconds, small_again.bytes_sent);
-    println!("peak RSS: node {} MiB, agent (this process, incl. local ingest) {} MiB", peak_rss_kib(&node_pid) / 1024, peak_rss_kib("self") / 1024);
+    println!(
+        "{small_files} small files, unchanged re-backup:      {small_again_seconds:8.2} s  ({:.1}x faster, {} bytes sent)",
+        small_first_seconds / small_again_seconds,
+        small_again.bytes_sent
+    );
+    println!(
+        "peak RSS: node {} MiB, agent (this process, incl. local ingest) {} MiB",
+        peak_rss_kib(&node_pid) / 1024,
+        peak_rss_kib("self") / 1024
+    );
     let _ = Command::new("kill").arg("-TERM").arg(&node_pid).status();
     let _ = node.wait();
 }
