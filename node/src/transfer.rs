@@ -218,21 +218,19 @@ where
         snapshot: Some(snapshot),
     }))
     .await?;
-    while let Some(message) = incoming.next().await {
-        match message?.kind {
+    match incoming.next().await {
+        Some(message) => match message?.kind {
             Some(receiver_message::Kind::Committed(Committed {
                 snapshot: Some(snapshot),
-            })) => return Ok(snapshot),
-            other => {
-                return Err(protocol_error(format!(
-                    "expected the commit's answer, got {other:?}"
-                )));
-            }
-        }
+            })) => Ok(snapshot),
+            other => Err(protocol_error(format!(
+                "expected the commit's answer, got {other:?}"
+            ))),
+        },
+        None => Err(Status::unavailable(
+            "the receiver ended the transfer without answering the commit",
+        )),
     }
-    Err(Status::unavailable(
-        "the receiver ended the transfer without answering the commit",
-    ))
 }
 
 /// Group chunks into batches of at most [`MAX_BATCH_BYTES`], fetching the
