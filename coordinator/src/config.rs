@@ -158,8 +158,8 @@ mod tests {
 
     #[test]
     fn defaults_apply_to_absent_keys() {
-        let config = CoordinatorConfig::from_toml(Path::new("c.toml"), "queue_timeout = \"2m\"\n")
-            .unwrap();
+        let config =
+            CoordinatorConfig::from_toml(Path::new("c.toml"), "queue_timeout = \"2m\"\n").unwrap();
         assert_eq!(config.queue_timeout, Duration::from_secs(120));
         assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(config.lost_after(), Duration::from_secs(15));
@@ -171,18 +171,19 @@ mod tests {
         let error = CoordinatorConfig::from_toml(Path::new("c.toml"), "heartbeat = \"5s\"\n")
             .unwrap_err()
             .to_string();
-        assert!(error.contains("c.toml") && error.contains("heartbeat"), "{error}");
+        assert!(
+            error.contains("c.toml") && error.contains("heartbeat"),
+            "{error}"
+        );
         let error =
             CoordinatorConfig::from_toml(Path::new("c.toml"), "heartbeat_interval = \"soon\"\n")
                 .unwrap_err()
                 .to_string();
         assert!(error.contains("soon"), "{error}");
-        let error = CoordinatorConfig::from_toml(
-            Path::new("c.toml"),
-            "lost_after_missed_heartbeats = 0\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let error =
+            CoordinatorConfig::from_toml(Path::new("c.toml"), "lost_after_missed_heartbeats = 0\n")
+                .unwrap_err()
+                .to_string();
         assert!(error.contains("lost_after_missed_heartbeats"), "{error}");
     }
 }

@@ -20,9 +20,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fabric_proto::v1::{
-    Assignment, AssignmentRole, CancelAssignment, CatalogEntry, CheckResponse, CopyState,
-    CopyTarget, CoordinatorMessage, Direction, Job, JobSpec, ListCatalogRequest, ListRunsRequest,
-    Node, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, Run, RunCopy, RunDetail, RunEvent,
+    Assignment, AssignmentRole, CancelAssignment, CatalogEntry, CheckResponse, CoordinatorMessage,
+    CopyState, CopyTarget, Direction, Job, JobSpec, ListCatalogRequest, ListRunsRequest, Node,
+    NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, Run, RunCopy, RunDetail, RunEvent,
     RunState, RunUpdate, Snapshot, SnapshotType, SubmitJobsRequest, SubmitJobsResponse,
     coordinator_message, node_message,
 };
@@ -154,7 +154,11 @@ impl Engine {
         let mut last_seen = HashMap::new();
         let mut disconnected_since = HashMap::new();
         for node in store.nodes()? {
-            let id = node.info.as_ref().map(|info| info.id.clone()).unwrap_or_default();
+            let id = node
+                .info
+                .as_ref()
+                .map(|info| info.id.clone())
+                .unwrap_or_default();
             last_seen.insert(id.clone(), now);
             disconnected_since.insert(id.clone(), now);
             nodes.insert(id, node);
@@ -276,7 +280,9 @@ impl Engine {
             .is_some_and(|session| session.generation == generation)
         {
             inner.sessions.remove(node_id);
-            inner.disconnected_since.insert(node_id.to_owned(), now_ms());
+            inner
+                .disconnected_since
+                .insert(node_id.to_owned(), now_ms());
             tracing::info!(node = %node_id, "node disconnected");
         }
     }
@@ -311,9 +317,8 @@ impl Engine {
             Vec::new()
         } else {
             let args: Vec<&str> = request.select.iter().map(String::as_str).collect();
-            jobfile::select(&specs, &args).map_err(|error| {
-                EngineError::InvalidArgument(format!("{file_name}: {error}"))
-            })?
+            jobfile::select(&specs, &args)
+                .map_err(|error| EngineError::InvalidArgument(format!("{file_name}: {error}")))?
         };
         for spec in &specs {
             inner.store.put_job(&Job {
@@ -396,7 +401,10 @@ impl Engine {
     ) -> Result<(Vec<RunEvent>, bool), EngineError> {
         let inner = self.inner.lock().await;
         let record = inner.find_run(run_id)?;
-        Ok((inner.store.events(record.id(), after)?, record.is_finished()))
+        Ok((
+            inner.store.events(record.id(), after)?,
+            record.is_finished(),
+        ))
     }
 
     /// Cancels a queued or running run.
@@ -424,7 +432,12 @@ impl Engine {
             inner.send(&node, cancel.clone());
         }
         record.pulls_outstanding.clear();
-        runs::finish(&mut record, RunState::Cancelled, "cancelled by an operator", now);
+        runs::finish(
+            &mut record,
+            RunState::Cancelled,
+            "cancelled by an operator",
+            now,
+        );
         inner.coordinator_event(&record, "cancelled by an operator", now)?;
         let run = record.run().clone();
         inner.save(record)?;
@@ -465,7 +478,10 @@ impl Engine {
     }
 
     /// The catalogue, oldest first.
-    pub async fn catalog(&self, filter: &ListCatalogRequest) -> Result<Vec<CatalogEntry>, EngineError> {
+    pub async fn catalog(
+        &self,
+        filter: &ListCatalogRequest,
+    ) -> Result<Vec<CatalogEntry>, EngineError> {
         let inner = self.inner.lock().await;
         Ok(inner
             .store
@@ -493,7 +509,11 @@ impl Engine {
                     return Err(EngineError::NotFound(format!("no job {name:?}")));
                 }
             }
-            jobs.retain(|job| job.spec.as_ref().is_some_and(|spec| names.contains(&spec.name)));
+            jobs.retain(|job| {
+                job.spec
+                    .as_ref()
+                    .is_some_and(|spec| names.contains(&spec.name))
+            });
         }
         let snapshots: Vec<Snapshot> = inner
             .store
@@ -670,7 +690,11 @@ impl Inner {
     }
 
     fn with_last_run(&self, mut job: Job) -> Result<Job, EngineError> {
-        let name = job.spec.as_ref().map(|spec| spec.name.clone()).unwrap_or_default();
+        let name = job
+            .spec
+            .as_ref()
+            .map(|spec| spec.name.clone())
+            .unwrap_or_default();
         if let Some(id) = self.last_run.get(&name) {
             job.last_run = match self.active.get(id) {
                 Some(record) => record.run.clone(),
@@ -698,7 +722,10 @@ impl Inner {
     ) -> Result<Run, EngineError> {
         match spec.direction() {
             Direction::Pull => {
-                let passive = match submitted.iter().find(|other| other.name == spec.pull_source) {
+                let passive = match submitted
+                    .iter()
+                    .find(|other| other.name == spec.pull_source)
+                {
                     Some(passive) => Some(passive.clone()),
                     None => self.store.job(&spec.pull_source)?.and_then(|job| job.spec),
                 };
@@ -792,7 +819,11 @@ impl Inner {
         }
         let client = record.run().client.clone();
         if !self.sessions.contains_key(&client) {
-            return self.wait(record, format!("waiting for client node {client} to connect"), now);
+            return self.wait(
+                record,
+                format!("waiting for client node {client} to connect"),
+                now,
+            );
         }
         let assignment = self.client_assignment(record, now);
         if self.send(&client, assignment) {
@@ -803,7 +834,11 @@ impl Inner {
             self.coordinator_event(record, &message, now)?;
             self.advance_pulls(record, now)?;
         } else {
-            self.wait(record, format!("waiting for client node {client} to connect"), now)?;
+            self.wait(
+                record,
+                format!("waiting for client node {client} to connect"),
+                now,
+            )?;
         }
         Ok(())
     }
@@ -958,7 +993,12 @@ impl Inner {
         spares
     }
 
-    fn pull_assignment(&mut self, record: &mut RunRecord, node: &str, now: i64) -> CoordinatorMessage {
+    fn pull_assignment(
+        &mut self,
+        record: &mut RunRecord,
+        node: &str,
+        now: i64,
+    ) -> CoordinatorMessage {
         let snapshot = self.ensure_snapshot(record, now);
         let run = record.run();
         let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
@@ -1072,7 +1112,12 @@ impl Inner {
 
     /// Applies an update; returns whether it must be flushed (anything but
     /// progress).
-    fn run_update(&mut self, node_id: &str, update: &RunUpdate, now: i64) -> Result<bool, StateError> {
+    fn run_update(
+        &mut self,
+        node_id: &str,
+        update: &RunUpdate,
+        now: i64,
+    ) -> Result<bool, StateError> {
         let record = match self.active.get(&update.run_id) {
             Some(record) => Some(record.clone()),
             None => self.store.run(&update.run_id)?,
@@ -1149,7 +1194,11 @@ impl Inner {
             }
         }
         for node in lost {
-            let id = node.info.as_ref().map(|info| info.id.clone()).unwrap_or_default();
+            let id = node
+                .info
+                .as_ref()
+                .map(|info| info.id.clone())
+                .unwrap_or_default();
             tracing::warn!(node = %id, "node lost: no heartbeat");
             self.store.put_node(&node)?;
             changed = true;
@@ -1172,12 +1221,22 @@ impl Inner {
                     .is_none_or(|known| known.state() == NodeState::Lost);
                 if gone {
                     record.pulls_outstanding.retain(|held| held != &node);
-                    if let Some(copy) = record.run_mut().copies.iter_mut().find(|copy| copy.node == node) {
+                    if let Some(copy) = record
+                        .run_mut()
+                        .copies
+                        .iter_mut()
+                        .find(|copy| copy.node == node)
+                    {
                         copy.set_state(CopyState::Failed);
                         copy.reason = format!("node {node} was lost during the pull");
                         copy.ended_ms = now;
                     }
-                    self.copy_event(&record, &node, &format!("node {node} was lost during the pull"), now)?;
+                    self.copy_event(
+                        &record,
+                        &node,
+                        &format!("node {node} was lost during the pull"),
+                        now,
+                    )?;
                     let spec = record.spec();
                     if let Some(message) = runs::schedule_pull_retry(
                         &mut record,
@@ -1210,8 +1269,11 @@ impl Inner {
                             "node {node} has not been connected for {}",
                             humantime::format_duration(self.settings.queue_timeout)
                         );
-                        if let Some(copy) =
-                            record.run_mut().copies.iter_mut().find(|copy| copy.node == node)
+                        if let Some(copy) = record
+                            .run_mut()
+                            .copies
+                            .iter_mut()
+                            .find(|copy| copy.node == node)
                         {
                             copy.set_state(CopyState::Failed);
                             copy.reason = reason.clone();

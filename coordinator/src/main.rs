@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use fabric_coordinator::{CoordinatorConfig, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "fabric-coordinator", version, about = "The fabric's coordinator")]
+#[command(
+    name = "fabric-coordinator",
+    version,
+    about = "The fabric's coordinator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

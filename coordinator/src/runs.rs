@@ -78,7 +78,11 @@ fn copy_state_word(state: CopyState) -> &'static str {
 
 /// The state a run ends in once its client reported `client_state`: a run
 /// is done only if the client says so and every copy committed.
-pub fn final_state(record: &RunRecord, client_state: RunState, client_reason: &str) -> (RunState, String) {
+pub fn final_state(
+    record: &RunRecord,
+    client_state: RunState,
+    client_reason: &str,
+) -> (RunState, String) {
     match client_state {
         RunState::Done => {
             let failed = failed_copies_summary(record);
@@ -116,7 +120,12 @@ pub fn event(record: &RunRecord, node: &str, now_ms: i64) -> RunEvent {
 }
 
 /// Applies a node's update to the run.
-pub fn apply_update(record: &mut RunRecord, node: &str, update: &RunUpdate, now_ms: i64) -> Outcome {
+pub fn apply_update(
+    record: &mut RunRecord,
+    node: &str,
+    update: &RunUpdate,
+    now_ms: i64,
+) -> Outcome {
     let mut outcome = Outcome::default();
     let dest_state = update.dest_state();
     let state = update.state();
@@ -126,7 +135,9 @@ pub fn apply_update(record: &mut RunRecord, node: &str, update: &RunUpdate, now_
         && dest_state == CopyState::Done
         && !update.dest.is_empty()
     {
-        outcome.committed.push((snapshot.clone(), update.dest.clone()));
+        outcome
+            .committed
+            .push((snapshot.clone(), update.dest.clone()));
     }
 
     if record.is_finished() {
@@ -174,7 +185,9 @@ pub fn apply_update(record: &mut RunRecord, node: &str, update: &RunUpdate, now_
                     copy.snapshot_id = snapshot.id.clone();
                 }
                 if kind == RunKind::Pull {
-                    record.pulls_outstanding.retain(|pending| pending != &update.dest);
+                    record
+                        .pulls_outstanding
+                        .retain(|pending| pending != &update.dest);
                     outcome.pulls_changed = true;
                 }
             }
@@ -187,7 +200,9 @@ pub fn apply_update(record: &mut RunRecord, node: &str, update: &RunUpdate, now_
                     update.message.clone()
                 };
                 if kind == RunKind::Pull {
-                    record.pulls_outstanding.retain(|pending| pending != &update.dest);
+                    record
+                        .pulls_outstanding
+                        .retain(|pending| pending != &update.dest);
                     outcome.pulls_changed = true;
                 }
             }
@@ -249,7 +264,10 @@ fn late_message(update: &RunUpdate) -> String {
     let prefix = if state == RunState::Unspecified {
         "after the run ended".to_owned()
     } else {
-        format!("after the run ended, the node reported {}", state.as_str_name())
+        format!(
+            "after the run ended, the node reported {}",
+            state.as_str_name()
+        )
     };
     if update.message.is_empty() {
         prefix
@@ -293,14 +311,16 @@ pub fn next_pull_step(record: &RunRecord) -> PullStep {
         return step;
     }
     for copy in &record.run().copies {
-        let waiting_retry = record.pull_retries.iter().any(|retry| retry.node == copy.node);
+        let waiting_retry = record
+            .pull_retries
+            .iter()
+            .any(|retry| retry.node == copy.node);
         let outstanding = record.pulls_outstanding.contains(&copy.node);
         // A running copy nobody holds was lost with its node's session.
         let startable = matches!(
             copy.state(),
             CopyState::Pending | CopyState::Retrying | CopyState::Running
-        )
-            && !waiting_retry
+        ) && !waiting_retry
             && !outstanding;
         if startable {
             step.start.push(copy.node.clone());
@@ -331,7 +351,11 @@ pub fn schedule_pull_retry(
     min_sleep_ms: u64,
     now_ms: i64,
 ) -> Option<String> {
-    let copy = record.run_mut().copies.iter_mut().find(|copy| copy.node == node)?;
+    let copy = record
+        .run_mut()
+        .copies
+        .iter_mut()
+        .find(|copy| copy.node == node)?;
     if copy.state() != CopyState::Failed || copy.attempts > copy_retries {
         return None;
     }
@@ -362,7 +386,10 @@ pub fn retry_refusal(record: &RunRecord) -> Option<String> {
         ));
     }
     if run.state() == RunState::Done {
-        return Some(format!("run {} is done; it has no failed copy to retry", run.id));
+        return Some(format!(
+            "run {} is done; it has no failed copy to retry",
+            run.id
+        ));
     }
     None
 }
@@ -469,7 +496,13 @@ mod tests {
         assert!(outcome.finished);
         assert_eq!(record.run().state(), RunState::Done);
         assert_eq!(record.run().ended_ms, 6);
-        assert!(record.run().copies.iter().all(|copy| copy.snapshot_id == "s1"));
+        assert!(
+            record
+                .run()
+                .copies
+                .iter()
+                .all(|copy| copy.snapshot_id == "s1")
+        );
         assert_eq!(record.run().copies[0].attempts, 1);
         assert_eq!(record.run().copies[0].started_ms, 3);
     }
@@ -485,7 +518,11 @@ mod tests {
         apply_update(&mut record, "c1", &failure, 2);
         apply_update(&mut record, "c1", &state(RunState::Done), 3);
         assert_eq!(record.run().state(), RunState::Failed);
-        assert!(record.run().reason.contains("n2: disk full"), "{}", record.run().reason);
+        assert!(
+            record.run().reason.contains("n2: disk full"),
+            "{}",
+            record.run().reason
+        );
     }
 
     #[test]
@@ -517,7 +554,10 @@ mod tests {
         };
         let outcome = apply_update(&mut record, "c1", &progress, 1);
         assert!(outcome.event.is_none());
-        assert_eq!(record.run().copies[0].progress.as_ref().unwrap().bytes_read, 42);
+        assert_eq!(
+            record.run().copies[0].progress.as_ref().unwrap().bytes_read,
+            42
+        );
         let output_line = RunUpdate {
             run_id: "r1".into(),
             message: "dumping".into(),
@@ -546,7 +586,13 @@ mod tests {
         finish(&mut record, RunState::Cancelled, "cancelled", 1);
         let outcome = apply_update(&mut record, "c1", &state(RunState::Cancelled), 2);
         assert_eq!(record.run().state(), RunState::Cancelled);
-        assert!(outcome.event.unwrap().message.contains("after the run ended"));
+        assert!(
+            outcome
+                .event
+                .unwrap()
+                .message
+                .contains("after the run ended")
+        );
     }
 
     fn pull_run(copies: &[(&str, bool)]) -> RunRecord {

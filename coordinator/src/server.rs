@@ -78,9 +78,7 @@ pub async fn serve(
     )?);
     let (stop_sender, stop) = watch::channel(false);
     let service = CoordinatorService::new(Arc::clone(&engine), stop.clone());
-    let routes = standard
-        .routes
-        .add_service(CoordinatorServer::new(service));
+    let routes = standard.routes.add_service(CoordinatorServer::new(service));
 
     let ticker = {
         let engine = Arc::clone(&engine);

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use fabric_proto::v1::coordinator_server::Coordinator;
 use fabric_proto::v1::{
     CancelRunRequest, CheckRequest, CheckResponse, CoordinatorMessage, GetJobRequest,
-    GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse, ListJobsRequest,
-    ListJobsResponse, ListNodesRequest, ListNodesResponse, ListRunsRequest, ListRunsResponse,
-    NodeInfo, NodeMessage, RegisterNodeResponse, RetryRunRequest, Run, RunDetail, RunEvent,
-    SubmitJobsRequest, SubmitJobsResponse, WatchRunRequest, node_message,
+    GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse, ListJobsRequest, ListJobsResponse,
+    ListNodesRequest, ListNodesResponse, ListRunsRequest, ListRunsResponse, NodeInfo, NodeMessage,
+    RegisterNodeResponse, RetryRunRequest, Run, RunDetail, RunEvent, SubmitJobsRequest,
+    SubmitJobsResponse, WatchRunRequest, node_message,
 };
 use futures::Stream;
-use tokio::sync::{broadcast, watch};
 use futures::StreamExt;
+use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Engine, EngineError};
@@ -67,10 +67,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let info = request.into_inner();
         tracing::info!(node = %info.id, address = %info.address, "node registered");
-        self.engine
-            .register_node(info)
-            .await
-            .map_err(status_of)?;
+        self.engine.register_node(info).await.map_err(status_of)?;
         let interval = self.engine.settings().heartbeat_interval;
         Ok(Response::new(RegisterNodeResponse {
             heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
@@ -167,7 +164,10 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(ListRunsResponse { runs }))
     }
 
-    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<RunDetail>, Status> {
+    async fn get_run(
+        &self,
+        request: Request<GetRunRequest>,
+    ) -> Result<Response<RunDetail>, Status> {
         self.engine
             .run_detail(&request.into_inner().run_id)
             .await
@@ -188,7 +188,11 @@ impl Coordinator for CoordinatorService {
             .run_detail(&request.into_inner().run_id)
             .await
             .map_err(status_of)?;
-        let run_id = detail.run.as_ref().map(|run| run.id.clone()).unwrap_or_default();
+        let run_id = detail
+            .run
+            .as_ref()
+            .map(|run| run.id.clone())
+            .unwrap_or_default();
         let finished = detail.run.as_ref().is_some_and(|run| is_final(run.state()));
         let engine = Arc::clone(&self.engine);
         let stream = async_stream(move |sender| async move {
@@ -250,7 +254,10 @@ impl Coordinator for CoordinatorService {
             .map_err(status_of)
     }
 
-    async fn cancel_run(&self, request: Request<CancelRunRequest>) -> Result<Response<Run>, Status> {
+    async fn cancel_run(
+        &self,
+        request: Request<CancelRunRequest>,
+    ) -> Result<Response<Run>, Status> {
         self.engine
             .cancel_run(&request.into_inner().run_id)
             .await

@@ -146,7 +146,11 @@ impl Store {
 
     /// Stores a node.
     pub fn put_node(&self, node: &Node) -> Result<(), StateError> {
-        let id = node.info.as_ref().map(|info| info.id.as_str()).unwrap_or("");
+        let id = node
+            .info
+            .as_ref()
+            .map(|info| info.id.as_str())
+            .unwrap_or("");
         self.nodes
             .insert(id.as_bytes(), node.encode_to_vec())
             .map(|_| ())
@@ -166,7 +170,11 @@ impl Store {
 
     /// Stores a job.
     pub fn put_job(&self, job: &Job) -> Result<(), StateError> {
-        let name = job.spec.as_ref().map(|spec| spec.name.as_str()).unwrap_or("");
+        let name = job
+            .spec
+            .as_ref()
+            .map(|spec| spec.name.as_str())
+            .unwrap_or("");
         self.jobs
             .insert(name.as_bytes(), job.encode_to_vec())
             .map(|_| ())
@@ -277,7 +285,10 @@ impl Store {
         event.seq = last_seq + 1;
         self.events
             .insert(event_key(&event.run_id, event.seq), event.encode_to_vec())
-            .map_err(sled_error(format!("store an event of run {}", event.run_id)))?;
+            .map_err(sled_error(format!(
+                "store an event of run {}",
+                event.run_id
+            )))?;
         Ok(event)
     }
 
@@ -291,7 +302,8 @@ impl Store {
         self.events
             .range(start..end)
             .map(|item| {
-                let (key, value) = item.map_err(sled_error(format!("read events of run {run_id}")))?;
+                let (key, value) =
+                    item.map_err(sled_error(format!("read events of run {run_id}")))?;
                 decode("events", &key, &value)
             })
             .collect()

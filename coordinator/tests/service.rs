@@ -3,17 +3,19 @@
 //! protocol (register, hello, heartbeats, assignments, updates), operators
 //! by the same client calling the query and control methods.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fabric_coordinator::{CoordinatorConfig, serve};
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
-    Assignment, AssignmentRole, CancelRunRequest, CheckRequest, CopyState, CoordinatorMessage,
-    GetJobRequest, GetRunRequest, Heartbeat, ListCatalogRequest, ListJobsRequest,
-    ListNodesRequest, ListRunsRequest, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone,
-    RetryRunRequest, Run, RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SubmitJobsRequest,
-    TransferProgress, WatchRunRequest, coordinator_message, node_message,
+    Assignment, AssignmentRole, CancelRunRequest, CheckRequest, CoordinatorMessage, CopyState,
+    GetJobRequest, GetRunRequest, Heartbeat, ListCatalogRequest, ListJobsRequest, ListNodesRequest,
+    ListRunsRequest, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, RetryRunRequest, Run,
+    RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SubmitJobsRequest, TransferProgress,
+    WatchRunRequest, coordinator_message, node_message,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -50,7 +52,9 @@ impl Coordinator {
     }
 
     async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(self.address.clone()).await.unwrap()
+        CoordinatorClient::connect(self.address.clone())
+            .await
+            .unwrap()
     }
 
     async fn stop(mut self) {
@@ -88,7 +92,11 @@ fn info(id: &str, roles: &[NodeRole], labels: &[&str]) -> NodeInfo {
 impl FakeNode {
     async fn connect(coordinator: &Coordinator, info: NodeInfo) -> Self {
         let mut client = coordinator.client().await;
-        let settings = client.register_node(info.clone()).await.unwrap().into_inner();
+        let settings = client
+            .register_node(info.clone())
+            .await
+            .unwrap()
+            .into_inner();
         assert!(settings.heartbeat_interval_ms > 0);
         let (sender, receiver) = mpsc::channel(64);
         sender
@@ -273,7 +281,12 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
     assert_eq!(assignment.targets[0].address, "http://n1.invalid:7401");
     let snapshot = assignment.snapshot.clone().unwrap();
     assert_eq!(snapshot.id.len(), 32);
-    assert!(snapshot.id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert!(
+        snapshot
+            .id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
     assert_eq!(snapshot.host, "c1.example");
     assert_eq!(snapshot.job, "db");
     assert!(snapshot.name.starts_with("db/"), "{}", snapshot.name);
@@ -302,10 +315,9 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
     let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
     assert!(
-        events
-            .iter()
-            .any(|event| event.dest == "n1" && event.dest_state() == CopyState::Running
-                && event.node == "c1"),
+        events.iter().any(|event| event.dest == "n1"
+            && event.dest_state() == CopyState::Running
+            && event.node == "c1"),
         "{events:#?}"
     );
     // Progress alone is not an event.
@@ -320,7 +332,10 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
         assert_eq!(copy.snapshot_id, snapshot.id);
     }
     assert_eq!(
-        run.copies[0].progress.as_ref().map(|progress| progress.bytes_read),
+        run.copies[0]
+            .progress
+            .as_ref()
+            .map(|progress| progress.bytes_read),
         Some(300)
     );
     assert_eq!(detail.events, events);
@@ -356,7 +371,11 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
         .into_inner()
         .entries;
     assert_eq!(catalog.len(), 1);
-    let mut holders: Vec<String> = catalog[0].copies.iter().map(|copy| copy.node.clone()).collect();
+    let mut holders: Vec<String> = catalog[0]
+        .copies
+        .iter()
+        .map(|copy| copy.node.clone())
+        .collect();
     holders.sort();
     assert_eq!(holders, ["n1", "n2"]);
     assert_eq!(catalog[0].snapshot.as_ref().unwrap().id, snapshot.id);
@@ -369,7 +388,11 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
         .jobs;
     assert_eq!(checks.len(), 1);
     assert_eq!(checks[0].job, "db");
-    assert_eq!(checks[0].status(), fabric_proto::v1::CheckStatus::Ok, "{checks:?}");
+    assert_eq!(
+        checks[0].status(),
+        fabric_proto::v1::CheckStatus::Ok,
+        "{checks:?}"
+    );
 
     // A restart loses nothing.
     drop(client);
@@ -383,7 +406,10 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
         .unwrap()
         .into_inner()
         .nodes;
-    let ids: Vec<String> = nodes.iter().map(|node| node.info.as_ref().unwrap().id.clone()).collect();
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|node| node.info.as_ref().unwrap().id.clone())
+        .collect();
     assert_eq!(ids, ["c1", "n1", "n2"]);
     assert_eq!(nodes[1].chunks, 7);
     let job = operator
@@ -426,7 +452,12 @@ async fn a_node_that_stops_heartbeating_is_lost_and_comes_back_on_reconnect() {
     let state_of_n1 = |nodes: Vec<fabric_proto::v1::Node>| nodes[0].state();
     let mut lost = false;
     for _ in 0..200 {
-        let nodes = operator.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+        let nodes = operator
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
         if state_of_n1(nodes) == NodeState::Lost {
             lost = true;
             break;
@@ -436,7 +467,12 @@ async fn a_node_that_stops_heartbeating_is_lost_and_comes_back_on_reconnect() {
     assert!(lost, "n1 never became lost");
     drop(node);
     let _node = FakeNode::storage(&coordinator, "n1").await;
-    let nodes = operator.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = operator
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     assert_eq!(state_of_n1(nodes), NodeState::Online);
     coordinator.stop().await;
 }
@@ -448,7 +484,12 @@ async fn a_pre_failure_fails_the_run_before_any_copy() {
     let _n1 = FakeNode::storage(&coordinator, "n1").await;
     let _n2 = FakeNode::storage(&coordinator, "n2").await;
     let mut client = FakeNode::agent(&coordinator, "c1").await;
-    let runs = submit(&coordinator, &format!("{PUSH_JOB}pre = \"false\"\n"), &["db"]).await;
+    let runs = submit(
+        &coordinator,
+        &format!("{PUSH_JOB}pre = \"false\"\n"),
+        &["db"],
+    )
+    .await;
     let run_id = runs[0].id.clone();
     let assignment = client.assignment().await;
     assert_eq!(assignment.job.as_ref().unwrap().pre, "false");
@@ -467,12 +508,19 @@ async fn a_pre_failure_fails_the_run_before_any_copy() {
         })
         .await;
     let events = watch_to_end(&coordinator, &run_id).await;
-    assert!(events.iter().any(|event| event.message == "dump: no such database"
-        && event.state() == RunState::Pre));
+    assert!(
+        events.iter().any(
+            |event| event.message == "dump: no such database" && event.state() == RunState::Pre
+        )
+    );
     let run = run_detail(&coordinator, &run_id).await.run.unwrap();
     assert_eq!(run.state(), RunState::Failed);
     assert_eq!(run.reason, "pre exited with status 1");
-    assert!(run.copies.iter().all(|copy| copy.state() == CopyState::Pending));
+    assert!(
+        run.copies
+            .iter()
+            .all(|copy| copy.state() == CopyState::Pending)
+    );
     assert!(run.ended_ms >= run.created_ms);
     coordinator.stop().await;
 }
@@ -536,7 +584,11 @@ async fn retry_sends_only_the_failed_copies_again() {
     watch_to_end(&coordinator, &run_id).await;
     let run = run_detail(&coordinator, &run_id).await.run.unwrap();
     assert_eq!(run.state(), RunState::Failed);
-    assert!(run.reason.contains("n2: connection refused"), "{}", run.reason);
+    assert!(
+        run.reason.contains("n2: connection refused"),
+        "{}",
+        run.reason
+    );
 
     let mut operator = coordinator.client().await;
     let retried = operator
@@ -549,9 +601,16 @@ async fn retry_sends_only_the_failed_copies_again() {
     assert_eq!(retried.attempt, 2);
     let again = client.assignment().await;
     assert_eq!(again.run_id, run_id);
-    let targets: Vec<&str> = again.targets.iter().map(|target| target.node.as_str()).collect();
+    let targets: Vec<&str> = again
+        .targets
+        .iter()
+        .map(|target| target.node.as_str())
+        .collect();
     assert_eq!(targets, ["n2"]);
-    assert_eq!(again.snapshot.as_ref().unwrap().id, assignment.snapshot.as_ref().unwrap().id);
+    assert_eq!(
+        again.snapshot.as_ref().unwrap().id,
+        assignment.snapshot.as_ref().unwrap().id
+    );
     client.update(committed(&again, "n2")).await;
     client.update(state(&run_id, RunState::Done)).await;
     watch_to_end(&coordinator, &run_id).await;
@@ -671,7 +730,10 @@ dest = "n1"
     let expand_id = runs[0].id.clone();
     let expand = client.assignment().await;
     assert_eq!(expand.role(), AssignmentRole::Expand);
-    assert_eq!(expand.job.as_ref().unwrap().instances_command, "list-instances");
+    assert_eq!(
+        expand.job.as_ref().unwrap().instances_command,
+        "list-instances"
+    );
     client
         .update(RunUpdate {
             instances: vec!["3306".into(), "3307".into()],
