@@ -961,3 +961,70 @@ async fn a_run_whose_client_never_connects_fails_after_the_queue_timeout() {
     );
     coordinator.stop().await;
 }
+
+#[tokio::test]
+async fn replicas_pick_distinct_healthy_storage_nodes_and_offer_the_rest_as_spares() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    let _n3 = FakeNode::storage(&coordinator, "n3").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let jobs = r#"
+[job.web]
+direction = "push"
+client = "c1"
+include = ["/srv/www"]
+replicas = 2
+"#;
+    let run_id = submit(&coordinator, jobs, &[]).await[0].id.clone();
+    let assignment = client.assignment().await;
+    let mut nodes: Vec<&str> = assignment
+        .targets
+        .iter()
+        .map(|target| target.node.as_str())
+        .collect();
+    assert!(assignment.targets.iter().all(|target| target.background));
+    assert_eq!(assignment.spares.len(), 1);
+    nodes.push(&assignment.spares[0].node);
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2", "n3"]);
+    // The first target fails for good; the client goes on with the spare.
+    let failed = assignment.targets[0].node.clone();
+    let kept = assignment.targets[1].node.clone();
+    let spare = assignment.spares[0].node.clone();
+    client
+        .update(RunUpdate {
+            message: "no space left".into(),
+            ..dest(&run_id, &failed, CopyState::Failed)
+        })
+        .await;
+    client
+        .update(dest(&run_id, &spare, CopyState::Running))
+        .await;
+    client.update(committed(&assignment, &spare)).await;
+    client.update(committed(&assignment, &kept)).await;
+    client
+        .update(RunUpdate {
+            message: format!("copy to {failed} failed"),
+            ..state(&run_id, RunState::Failed)
+        })
+        .await;
+    watch_to_end(&coordinator, &run_id).await;
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Failed);
+    let states: Vec<(String, CopyState)> = run
+        .copies
+        .iter()
+        .map(|copy| (copy.node.clone(), copy.state()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (failed, CopyState::Failed),
+            (kept, CopyState::Done),
+            (spare, CopyState::Done)
+        ]
+    );
+    coordinator.stop().await;
+}
