@@ -55,7 +55,7 @@ pub enum LogFormat {
 pub struct CoordinatorConfig {
     /// Address to listen on (`listen`, default `0.0.0.0:7400`).
     pub listen: SocketAddr,
-    /// Directory of the sled database (`data_dir`, default `./coordinator-data`).
+    /// Directory of the sled database (`data_dir`, default `fabric-coordinator-data`).
     pub data_dir: PathBuf,
     /// How often nodes send a heartbeat (`heartbeat_interval`, e.g. `"5s"`).
     #[serde(with = "humantime_serde_duration")]
@@ -76,7 +76,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
-            data_dir: PathBuf::from("coordinator-data"),
+            data_dir: PathBuf::from("fabric-coordinator-data"),
             heartbeat_interval: Duration::from_secs(5),
             lost_after_missed_heartbeats: 3,
             queue_timeout: Duration::from_secs(600),

@@ -68,6 +68,11 @@ pub struct Settings {
     pub queue_timeout: Duration,
 }
 
+/// The shortest sleep before a pull is assigned again. A node reports a
+/// pull's failure just before it forgets the run; an assignment of the same
+/// run arriving in between would be taken for a duplicate and dropped.
+const PULL_RETRY_FLOOR_MS: u64 = 1000;
+
 /// Messages to one node's session.
 pub type NodeSender = mpsc::UnboundedSender<CoordinatorMessage>;
 
@@ -1146,7 +1151,7 @@ impl Inner {
                 &mut record,
                 &update.dest,
                 spec.copy_retries,
-                spec.copy_retry_min_sleep_ms,
+                spec.copy_retry_min_sleep_ms.max(PULL_RETRY_FLOOR_MS),
                 now,
             ) {
                 self.copy_event(&record, &update.dest, &message, now)?;
@@ -1242,7 +1247,7 @@ impl Inner {
                         &mut record,
                         &node,
                         spec.copy_retries,
-                        spec.copy_retry_min_sleep_ms,
+                        spec.copy_retry_min_sleep_ms.max(PULL_RETRY_FLOOR_MS),
                         now,
                     ) {
                         self.copy_event(&record, &node, &message, now)?;

@@ -49,6 +49,9 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// How long a graceful shutdown waits for clients to hang up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// How often the engine's periodic work runs: often enough to notice a
 /// missed heartbeat within a fraction of an interval.
 fn tick_period(heartbeat_interval: Duration) -> Duration {
@@ -110,10 +113,23 @@ pub async fn serve(
         // Ends the sessions and watches so the graceful shutdown can finish.
         let _ = stop_sender.send(true);
     };
-    let served = tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-        .await;
+    let mut server = Box::pin(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal),
+    );
+    let mut stopping = stop.clone();
+    let served = tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            crate::service::stopped(&mut stopping).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "clients still connected after the grace period; closing them");
+            Ok(())
+        }
+    };
+    drop(server);
     let _ = ticker.await;
     // Session readers hold the engine until they see the stop; sled keeps
     // its lock until the last holder is gone, and a restart in the same

@@ -3,6 +3,8 @@
 //! protocol (register, hello, heartbeats, assignments, updates), operators
 //! by the same client calling the query and control methods.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -871,6 +873,158 @@ async fn a_bad_jobs_file_is_refused_naming_the_file_job_and_key() {
             .into_inner()
             .jobs
             .is_empty()
+    );
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_survives_a_coordinator_restart_mid_copy() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let n1 = FakeNode::storage(&coordinator, "n1").await;
+    let n2 = FakeNode::storage(&coordinator, "n2").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let run_id = submit(&coordinator, PUSH_JOB, &[]).await[0].id.clone();
+    let assignment = client.assignment().await;
+    client.update(state(&run_id, RunState::Copying)).await;
+    client.update(committed(&assignment, "n1")).await;
+    // Wait until the coordinator has the commit, then stop it mid-run.
+    let mut stored = false;
+    for _ in 0..200 {
+        let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+        if run.copies[0].state() == CopyState::Done {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stored, "the n1 commit was never recorded");
+    drop((client, n1, n2));
+    coordinator.stop().await;
+
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let detail = run_detail(&coordinator, &run_id).await;
+    assert_eq!(detail.run.as_ref().unwrap().state(), RunState::Copying);
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    // The client still works on the run: it reconnects and goes on.
+    let mut hello = info("c1", &[NodeRole::Agent], &[]);
+    hello.active_runs = vec![run_id.clone()];
+    let client = FakeNode::connect(&coordinator, hello).await;
+    client.update(committed(&assignment, "n2")).await;
+    client.update(state(&run_id, RunState::Done)).await;
+    let events = watch_to_end(&coordinator, &run_id).await;
+    assert!(events.len() > detail.events.len());
+    assert_eq!(&events[..detail.events.len()], &detail.events[..]);
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Done);
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_whose_client_never_connects_fails_after_the_queue_timeout() {
+    let temp = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let config = CoordinatorConfig {
+        data_dir: data_dir(&temp),
+        heartbeat_interval: Duration::from_millis(100),
+        queue_timeout: Duration::from_millis(300),
+        ..CoordinatorConfig::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    let coordinator = Coordinator {
+        address,
+        stop: Some(stop),
+        task,
+    };
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    coordinator
+        .client()
+        .await
+        .register_node(info("c1", &[NodeRole::Agent], &[]))
+        .await
+        .unwrap();
+    let run_id = submit(&coordinator, PUSH_JOB, &[]).await[0].id.clone();
+    watch_to_end(&coordinator, &run_id).await;
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Failed);
+    assert!(
+        run.reason.contains("queued for more than")
+            && run.reason.contains("waiting for client node c1"),
+        "{}",
+        run.reason
+    );
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn replicas_pick_distinct_healthy_storage_nodes_and_offer_the_rest_as_spares() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let _n2 = FakeNode::storage(&coordinator, "n2").await;
+    let _n3 = FakeNode::storage(&coordinator, "n3").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let jobs = r#"
+[job.web]
+direction = "push"
+client = "c1"
+include = ["/srv/www"]
+replicas = 2
+"#;
+    let run_id = submit(&coordinator, jobs, &[]).await[0].id.clone();
+    let assignment = client.assignment().await;
+    let mut nodes: Vec<&str> = assignment
+        .targets
+        .iter()
+        .map(|target| target.node.as_str())
+        .collect();
+    assert!(assignment.targets.iter().all(|target| target.background));
+    assert_eq!(assignment.spares.len(), 1);
+    nodes.push(&assignment.spares[0].node);
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2", "n3"]);
+    // The first target fails for good; the client goes on with the spare.
+    let failed = assignment.targets[0].node.clone();
+    let kept = assignment.targets[1].node.clone();
+    let spare = assignment.spares[0].node.clone();
+    client
+        .update(RunUpdate {
+            message: "no space left".into(),
+            ..dest(&run_id, &failed, CopyState::Failed)
+        })
+        .await;
+    client
+        .update(dest(&run_id, &spare, CopyState::Running))
+        .await;
+    client.update(committed(&assignment, &spare)).await;
+    client.update(committed(&assignment, &kept)).await;
+    client
+        .update(RunUpdate {
+            message: format!("copy to {failed} failed"),
+            ..state(&run_id, RunState::Failed)
+        })
+        .await;
+    watch_to_end(&coordinator, &run_id).await;
+    let run = run_detail(&coordinator, &run_id).await.run.unwrap();
+    assert_eq!(run.state(), RunState::Failed);
+    let states: Vec<(String, CopyState)> = run
+        .copies
+        .iter()
+        .map(|copy| (copy.node.clone(), copy.state()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (failed, CopyState::Failed),
+            (kept, CopyState::Done),
+            (spare, CopyState::Done)
+        ]
     );
     coordinator.stop().await;
 }
