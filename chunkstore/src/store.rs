@@ -338,6 +338,21 @@ impl Store {
     /// the whole batch; chunks present already are skipped; the rest are
     /// compressed in parallel, appended, fsynced and indexed. Durable on return.
     pub fn put_chunks(&self, chunks: Vec<Chunk>) -> Result<PutStats, StoreError> {
+        self.put_chunks_with(chunks, true)
+    }
+
+    /// Like [`Store::put_chunks`] (every chunk re-hashed first, nothing of the
+    /// batch stored on a mismatch, compression in parallel), but the new
+    /// chunks are only appended to the open pack: found by reads at once,
+    /// durable at the next [`Store::flush_pending`] or commit. A receiver
+    /// uses this to take a stream of batches without an fsync per batch; a
+    /// crash before the flush loses them, and a resumed upload sends them
+    /// again.
+    pub fn put_chunks_pending(&self, chunks: Vec<Chunk>) -> Result<PutStats, StoreError> {
+        self.put_chunks_with(chunks, false)
+    }
+
+    fn put_chunks_with(&self, chunks: Vec<Chunk>, durable: bool) -> Result<PutStats, StoreError> {
         let fresh = self.prepare(chunks.as_slice())?;
         let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
         let mut stats = PutStats {
@@ -355,16 +370,21 @@ impl Store {
                 .collect();
             drop(chunks);
             let (placed, open_file) = self.append(encoded)?;
-            if let Some((file, path)) = open_file {
-                file.sync_data()
-                    .map_err(StoreError::io("cannot fsync", path))?;
+            if durable {
+                if let Some((file, path)) = open_file {
+                    file.sync_data()
+                        .map_err(StoreError::io("cannot fsync", path))?;
+                }
+                self.index_placed(&placed)?;
             }
-            self.index_placed(&placed)?;
             for (_, location) in &placed {
                 stats.new_chunks += 1;
                 stats.new_bytes += u64::from(location.raw_len);
                 stats.stored_bytes += location.entry_len();
             }
+        }
+        if !durable {
+            return Ok(stats);
         }
         // A chunk skipped because another writer had it pending (a sink put
         // not flushed yet) is not durable yet: make it so before returning.

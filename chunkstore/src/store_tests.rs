@@ -166,6 +166,36 @@ fn chunks_round_trip_and_are_stored_once() {
 }
 
 #[test]
+fn pending_batches_are_readable_at_once_and_durable_after_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Chunk> = (0..5).map(|i| Chunk::new(pseudo_random(4000, i))).collect();
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    {
+        let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+        let mut bad = chunks[0].clone();
+        bad.data[0] ^= 1;
+        assert!(matches!(
+            store.put_chunks_pending(vec![chunks[1].clone(), bad]),
+            Err(StoreError::ChunkMismatch { .. })
+        ));
+        assert!(
+            !store.contains(&ids[1]).unwrap(),
+            "nothing of a bad batch is stored"
+        );
+        let stats = store.put_chunks_pending(chunks.clone()).unwrap();
+        assert_eq!(stats.new_chunks, 5);
+        assert_eq!(stats.new_bytes, 20_000);
+        assert!(store.missing(&ids).unwrap().is_empty());
+        assert_eq!(store.get_chunk(&ids[3]).unwrap(), chunks[3].data);
+        store.flush_pending().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    for chunk in &chunks {
+        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
+    }
+}
+
+#[test]
 fn missing_keeps_the_offered_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();

@@ -29,7 +29,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::Status;
 
-use crate::status::status_from_store_error;
+use crate::status::{join_error, status_from_store_error};
 
 /// Most ids in one offer.
 pub const MAX_OFFER_IDS: usize = 4096;
@@ -269,7 +269,7 @@ async fn chunk_batches(
                 .collect::<Result<Vec<_>, Status>>()
         })
         .await
-        .map_err(|err| Status::internal(format!("chunk reader failed: {err}")))??;
+        .map_err(join_error)??;
         chunks.extend(fetched);
     }
     let mut batches = Vec::new();
@@ -293,12 +293,22 @@ fn parse_id(bytes: &[u8], context: &str) -> Result<ChunkId, Status> {
     ChunkId::from_slice(bytes).map_err(|err| protocol_error(format!("{context}: {err}")))
 }
 
+/// New chunk bytes a receiver takes before it makes them durable (fsync the
+/// pack, write the index): the chunks of an interrupted upload beyond this
+/// are sent again on resume, and no fsync is paid per batch.
+pub const FLUSH_EVERY_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Batches queued for a receiver's writer: one being written, one waiting.
+const WRITER_QUEUE: usize = 2;
+
 /// Run the receiving end into `store`: answer offers, store batches (each
 /// chunk re-hashed: a mismatch is `DATA_LOSS` and nothing of its batch is
 /// stored), and commit the snapshot (`FAILED_PRECONDITION` naming a missing
-/// chunk). `memory` bounds the chunk bytes all receivers hold at once (one
-/// permit per KiB). Returns the committed snapshot; a stream that ends before
-/// its commit leaves no snapshot.
+/// chunk). Batches are written by a second task, so offers are answered
+/// while a batch is compressed and written; they become durable every
+/// [`FLUSH_EVERY_BYTES`] and at the commit. `memory` bounds the chunk bytes
+/// all receivers hold at once (one permit per KiB). Returns the committed
+/// snapshot; a stream that ends before its commit leaves no snapshot.
 pub async fn run_receiver<I>(
     store: Arc<Store>,
     mut incoming: I,
@@ -318,7 +328,26 @@ where
         }
     };
     let max_chunk = (store.config().chunk_params.max_size as usize).max(MAX_CHUNK_BYTES);
-    while let Some(message) = incoming.next().await {
+    let (batches, mut writer) = spawn_writer(store.clone(), outgoing.clone());
+    let mut batches = Some(batches);
+    loop {
+        let message = tokio::select! {
+            message = incoming.next() => message,
+            written = &mut writer => {
+                // The writer ends early only when a batch failed.
+                written.map_err(join_error)??;
+                return Err(Status::internal("the chunk writer stopped"));
+            }
+        };
+        let Some(message) = message else {
+            // A batch that failed (say, a chunk that does not match its id)
+            // is the better answer than the stream's end.
+            drop(batches.take());
+            writer.await.map_err(join_error)??;
+            return Err(Status::cancelled(
+                "the sender ended the transfer before its commit: nothing was committed",
+            ));
+        };
         match message?.kind {
             Some(sender_message::Kind::Offer(Offer { batch, ids })) => {
                 if ids.len() > MAX_OFFER_IDS {
@@ -334,7 +363,7 @@ where
                 let store = store.clone();
                 let missing = tokio::task::spawn_blocking(move || store.missing(&ids))
                     .await
-                    .map_err(|err| Status::internal(format!("index lookup failed: {err}")))?
+                    .map_err(join_error)?
                     .map_err(status_from_store_error)?;
                 reply(receiver_message::Kind::OfferReply(OfferReply {
                     batch,
@@ -362,31 +391,32 @@ where
                 let permits = u32::try_from(bytes.div_ceil(1024).max(1)).map_err(|_| {
                     Status::out_of_range(format!("chunk batch {batch} is too large"))
                 })?;
-                let _held = memory
-                    .acquire_many(permits)
+                let held = memory
+                    .clone()
+                    .acquire_many_owned(permits)
                     .await
                     .map_err(|_| Status::unavailable("the node is shutting down"))?;
-                let store = store.clone();
-                let stats = tokio::task::spawn_blocking(move || store.put_chunks(parsed))
-                    .await
-                    .map_err(|err| Status::internal(format!("chunk writer failed: {err}")))?
-                    .map_err(status_from_store_error)?;
-                reply(receiver_message::Kind::Stored(ChunksStored {
-                    batch,
-                    new_chunks: stats.new_chunks,
-                    new_bytes: stats.new_bytes,
-                    stored_bytes: stats.stored_bytes,
-                }))
-                .await?;
+                let queued = match &batches {
+                    Some(batches) => batches.send((batch, parsed, held)).await.is_ok(),
+                    None => false,
+                };
+                if !queued {
+                    writer.await.map_err(join_error)??;
+                    return Err(Status::internal("the chunk writer stopped"));
+                }
             }
             Some(sender_message::Kind::Commit(Commit { snapshot })) => {
                 let snapshot =
                     snapshot.ok_or_else(|| protocol_error("a commit without a snapshot"))?;
+                // Every batch is written (and acknowledged) before the commit,
+                // which makes them durable and checks the whole DAG.
+                drop(batches.take());
+                writer.await.map_err(join_error)??;
                 let store = store.clone();
                 let committed =
                     tokio::task::spawn_blocking(move || store.commit_snapshot(snapshot))
                         .await
-                        .map_err(|err| Status::internal(format!("commit failed: {err}")))?
+                        .map_err(join_error)?
                         .map_err(status_from_store_error)?;
                 reply(receiver_message::Kind::Committed(Committed {
                     snapshot: Some(committed.clone()),
@@ -398,9 +428,54 @@ where
             None => return Err(protocol_error("an empty message")),
         }
     }
-    Err(Status::cancelled(
-        "the sender ended the transfer before its commit: nothing was committed",
-    ))
+}
+
+type QueuedBatch = (u64, Vec<Chunk>, tokio::sync::OwnedSemaphorePermit);
+
+/// The receiver's writer: stores queued batches in order, acknowledges each,
+/// and flushes every [`FLUSH_EVERY_BYTES`] of new bytes. Ends when the queue
+/// is closed, or at the first failure.
+fn spawn_writer(
+    store: Arc<Store>,
+    outgoing: mpsc::Sender<ReceiverMessage>,
+) -> (
+    mpsc::Sender<QueuedBatch>,
+    tokio::task::JoinHandle<Result<(), Status>>,
+) {
+    let (batches, mut queue) = mpsc::channel::<QueuedBatch>(WRITER_QUEUE);
+    let writer = tokio::spawn(async move {
+        let mut unflushed = 0u64;
+        while let Some((batch, chunks, held)) = queue.recv().await {
+            let writing = store.clone();
+            let stats = tokio::task::spawn_blocking(move || writing.put_chunks_pending(chunks))
+                .await
+                .map_err(join_error)?
+                .map_err(status_from_store_error)?;
+            drop(held);
+            unflushed += stats.new_bytes;
+            if unflushed >= FLUSH_EVERY_BYTES {
+                unflushed = 0;
+                let flushing = store.clone();
+                tokio::task::spawn_blocking(move || flushing.flush_pending())
+                    .await
+                    .map_err(join_error)?
+                    .map_err(status_from_store_error)?;
+            }
+            outgoing
+                .send(ReceiverMessage {
+                    kind: Some(receiver_message::Kind::Stored(ChunksStored {
+                        batch,
+                        new_chunks: stats.new_chunks,
+                        new_bytes: stats.new_bytes,
+                        stored_bytes: stats.stored_bytes,
+                    })),
+                })
+                .await
+                .map_err(|_| Status::cancelled("the sender went away"))?;
+        }
+        Ok(())
+    });
+    (batches, writer)
 }
 
 /// Send every chunk of `snapshot`'s DAG (trees first-seen order, then their
