@@ -94,27 +94,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed before this
+/// returns (before the listening line is printed), so a signal right after
+/// start-up is not lost and does not kill the process with the default action.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("interrupted: shutting down"),
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 #[tokio::main]
@@ -124,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.config()?;
             init_logging(config.log_format);
+            let shutdown = shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -131,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
                 .local_addr()
                 .with_context(|| format!("cannot read the address bound for {}", config.listen))?;
             println!("fabric-coordinator listening on {address}");
-            fabric_coordinator::serve(listener, config, shutdown_signal()).await?;
+            fabric_coordinator::serve(listener, config, shutdown).await?;
             Ok(())
         }
     }

@@ -7,6 +7,13 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::transfer::MAX_MESSAGE_BYTES;
 
+/// HTTP/2 flow-control window of one stream. The protocol's default of 64 KiB
+/// lets a chunk batch travel only a window at a time, one round trip each;
+/// a window of a full batch keeps a transfer streaming.
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+/// HTTP/2 flow-control window of one connection (several streams share it).
+pub const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
+
 /// A server that could not be reached.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot reach {address}: {reason}")]
@@ -41,6 +48,8 @@ pub async fn channel(address: &str) -> Result<Channel, ConnectError> {
     })?;
     endpoint
         .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .connect()
         .await
         .map_err(|err| ConnectError {

@@ -148,6 +148,8 @@ pub async fn serve(
 
     let address = local_addr.to_string();
     let result = tonic::transport::Server::builder()
+        .initial_stream_window_size(crate::client::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::client::CONNECTION_WINDOW_BYTES)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;

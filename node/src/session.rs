@@ -286,8 +286,9 @@ fn handle(
             );
             let task = tokio::spawn(
                 async move {
-                    execute(&task_context, assignment, pull_done_rx).await;
+                    let last = execute(&task_context, assignment, pull_done_rx).await;
                     lock(&task_active).runs.remove(&task_run);
+                    task_context.send(last);
                 }
                 .instrument(span),
             );
@@ -324,39 +325,41 @@ fn handle(
 }
 
 /// Run one assignment to its end, reporting every step.
+/// Run one assignment to its end, reporting every step but the last, which
+/// it returns: the caller forgets the run before sending it, so a
+/// coordinator that answers the end with a new attempt finds the node free.
 async fn execute(
     context: &Context,
     assignment: Assignment,
     pull_done: oneshot::Receiver<(bool, String)>,
-) {
+) -> RunUpdate {
     let run_id = assignment.run_id.clone();
-    let role = assignment.role();
-    let result = match role {
+    let ended = |state: RunState, message: String| RunUpdate {
+        run_id: run_id.clone(),
+        state: state as i32,
+        message,
+        ..Default::default()
+    };
+    let result = match assignment.role() {
         AssignmentRole::Push => execute_push(context, assignment).await,
         AssignmentRole::Passive => execute_passive(context, assignment, pull_done).await,
-        AssignmentRole::Pull => {
-            execute_pull(context, assignment).await;
-            return;
-        }
+        AssignmentRole::Pull => return execute_pull(context, assignment).await,
         AssignmentRole::Expand => match execute_expand(context, &assignment).await {
             Ok(instances) => {
-                context.send(RunUpdate {
-                    run_id,
-                    state: RunState::Done as i32,
+                return RunUpdate {
                     instances,
-                    ..Default::default()
-                });
-                return;
+                    ..ended(RunState::Done, String::new())
+                };
             }
             Err(reason) => Err(reason),
         },
         AssignmentRole::Unspecified => Err("an assignment without a role".to_owned()),
     };
     match result {
-        Ok(()) => context.state(&run_id, RunState::Done, ""),
+        Ok(()) => ended(RunState::Done, String::new()),
         Err(reason) => {
             tracing::warn!(%reason, "run failed");
-            context.state(&run_id, RunState::Failed, reason);
+            ended(RunState::Failed, reason)
         }
     }
 }
@@ -636,7 +639,7 @@ async fn execute_passive(
     pulled
 }
 
-async fn execute_pull(context: &Context, assignment: Assignment) {
+async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
     let run_id = assignment.run_id.clone();
     let dest = if assignment.dest.is_empty() {
         context.config.node_id.clone()
@@ -671,14 +674,20 @@ async fn execute_pull(context: &Context, assignment: Assignment) {
     }
     .await;
     match result {
-        Ok(snapshot) => context.send(RunUpdate {
+        Ok(snapshot) => RunUpdate {
             run_id,
             dest,
             dest_state: CopyState::Done as i32,
             snapshot: Some(snapshot),
             ..Default::default()
-        }),
-        Err(reason) => context.dest(&run_id, &dest, CopyState::Failed, reason),
+        },
+        Err(reason) => RunUpdate {
+            run_id,
+            dest,
+            dest_state: CopyState::Failed as i32,
+            message: reason,
+            ..Default::default()
+        },
     }
 }
 
