@@ -287,7 +287,7 @@ impl Row for SnapshotRow {
 
 /// The status-table row of `snapshot` held by `nodes`.
 pub fn snapshot_row(snapshot: &Snapshot, nodes: Vec<String>) -> SnapshotRow {
-    let stats = snapshot.stats.clone().unwrap_or_default();
+    let stats = snapshot.stats.unwrap_or_default();
     SnapshotRow {
         date: time_ms(snapshot.end_time_ms),
         id: snapshot.id.clone(),
@@ -477,6 +477,25 @@ pub async fn run_watch(address: &str, run: &str) -> anyhow::Result<()> {
         .await
         .map_err(|status| status_error(&format!("run {run}"), status))?
         .into_inner();
+    // The size of the job's newest snapshot is the estimate the ETA is
+    // measured against (a first backup has none: no ETA).
+    let estimate = match client.get_run(GetRunRequest { run_id: run.into() }).await {
+        Ok(detail) => {
+            let job = detail.into_inner().run.map(|r| r.job).unwrap_or_default();
+            remote::catalog(&mut client, Some(job), None)
+                .await
+                .ok()
+                .and_then(|entries| {
+                    entries
+                        .iter()
+                        .filter_map(|e| e.snapshot.as_ref())
+                        .max_by_key(|s| s.end_time_ms)
+                        .and_then(|s| s.stats.as_ref().map(|stats| stats.total_bytes))
+                })
+                .unwrap_or(0)
+        }
+        Err(_) => 0,
+    };
     let terminal = std::io::stdout().is_terminal();
     let bars = indicatif::MultiProgress::new();
     let mut per_dest: std::collections::HashMap<
@@ -500,13 +519,15 @@ pub async fn run_watch(address: &str, run: &str) -> anyhow::Result<()> {
             });
             let progress = event.progress.clone().unwrap_or_default();
             let seconds = started.elapsed().as_secs_f64().max(0.001);
+            let rate = progress.bytes_read as f64 / seconds;
             bar.set_message(format!(
-                "{}  {} files, {} read, {} sent, {}/s  {}",
+                "{}  {} files, {} read, {} sent, {}/s, ETA {}  {}",
                 copy_state(event.dest_state()),
                 progress.files,
                 bytes(progress.bytes_read),
                 bytes(progress.bytes_sent),
-                bytes((progress.bytes_read as f64 / seconds) as u64),
+                bytes(rate as u64),
+                eta(estimate, progress.bytes_read, rate),
                 event.message
             ));
             if matches!(event.dest_state(), CopyState::Done | CopyState::Failed) {
@@ -528,6 +549,15 @@ pub async fn run_watch(address: &str, run: &str) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Time left to read `estimate` bytes at `rate` bytes/s, or "-" when unknown.
+fn eta(estimate: u64, done: u64, rate: f64) -> String {
+    if estimate <= done || rate < 1.0 {
+        return "-".to_owned();
+    }
+    let seconds = ((estimate - done) as f64 / rate).ceil() as u64;
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
 }
 
 pub async fn run_retry(address: &str, run: &str, format: OutputFormat) -> anyhow::Result<()> {
@@ -828,7 +858,7 @@ pub async fn backup(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let stats = outcome.snapshot.stats.clone().unwrap_or_default();
+    let stats = outcome.snapshot.stats.unwrap_or_default();
     #[derive(Serialize)]
     struct BackupRow {
         snapshot: String,
@@ -904,6 +934,14 @@ mod tests {
                 .to_string()
                 .contains("\"abc\"")
         );
+    }
+
+    #[test]
+    fn eta_is_the_rest_over_the_rate() {
+        assert_eq!(eta(1000, 400, 100.0), "6s");
+        assert_eq!(eta(0, 400, 100.0), "-");
+        assert_eq!(eta(1000, 1200, 100.0), "-");
+        assert_eq!(eta(1000, 0, 0.0), "-");
     }
 
     #[test]

@@ -34,14 +34,10 @@ pub struct LocalFabric {
     coordinator_task: tokio::task::JoinHandle<()>,
 }
 
-fn stopped(
-    mut stop: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        while !*stop.borrow() {
-            if stop.changed().await.is_err() {
-                return;
-            }
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -398,14 +398,14 @@ pub fn remote_ports(pid: u32) -> std::collections::HashSet<u16> {
         };
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() > 9 && inodes.contains(fields[9]) {
-                if let Some(port) = fields[2]
+            if fields.len() > 9
+                && inodes.contains(fields[9])
+                && let Some(port) = fields[2]
                     .rsplit(':')
                     .next()
                     .and_then(|p| u16::from_str_radix(p, 16).ok())
-                {
-                    ports.insert(port);
-                }
+            {
+                ports.insert(port);
             }
         }
     }

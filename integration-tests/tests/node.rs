@@ -465,6 +465,50 @@ async fn the_health_check_answers_serving() {
     );
 }
 
+#[tokio::test]
+async fn a_node_without_room_is_not_serving_and_refuses_uploads() {
+    let work = tempfile::tempdir().unwrap();
+    // No disk has an exbibyte free.
+    let node = Server::node(
+        &work.path().join("store"),
+        &["--min-free-bytes", "1152921504606846976"],
+    );
+    let mut client = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(node.address.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+    let refused = upload(
+        &node,
+        vec![send(sender_message::Kind::Offer(Offer {
+            batch: 1,
+            ids: Vec::new(),
+        }))],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("free space"),
+        "{}",
+        refused.message()
+    );
+}
+
 #[test]
 fn sigterm_stops_the_node_cleanly() {
     let work = tempfile::tempdir().unwrap();

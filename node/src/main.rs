@@ -57,6 +57,12 @@ struct ServeArgs {
     /// Host name recorded in this agent's snapshots.
     #[arg(long, env = "FABRIC_NODE_HOSTNAME")]
     hostname: Option<String>,
+    /// Below this many free bytes the node reports NOT_SERVING and refuses uploads.
+    #[arg(long, env = "FABRIC_NODE_MIN_FREE_BYTES")]
+    min_free_bytes: Option<u64>,
+    /// Chunk bytes all uploads together may hold in memory.
+    #[arg(long, env = "FABRIC_NODE_UPLOAD_MEMORY_BYTES")]
+    upload_memory_bytes: Option<u64>,
     /// text or json.
     #[arg(long, env = "FABRIC_NODE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -102,6 +108,12 @@ impl ServeArgs {
         }
         if let Some(value) = self.hostname {
             config.hostname = value;
+        }
+        if let Some(value) = self.min_free_bytes {
+            config.min_free_bytes = value;
+        }
+        if let Some(value) = self.upload_memory_bytes {
+            config.upload_memory_bytes = value;
         }
         if let Some(value) = self.log_format {
             config.log_format = value;

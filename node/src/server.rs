@@ -126,7 +126,28 @@ pub async fn serve(
         data_dir = %config.data_dir.display(),
         "fabric-node serving"
     );
-    readiness.set_serving().await;
+    // Ready only if the store can take writes; the watcher below flips
+    // health whenever that changes.
+    let has_room = match &store {
+        Some(store) => {
+            let dir = store.dir().to_owned();
+            tokio::task::spawn_blocking(move || crate::disk::space(&dir))
+                .await
+                .map_err(|err| ServeError::Internal(err.to_string()))?
+                .map(|(_, free)| free >= config.min_free_bytes)
+                .unwrap_or(true)
+        }
+        None => true,
+    };
+    writable.store(has_room, Ordering::Relaxed);
+    if has_room {
+        readiness.set_serving().await;
+    } else {
+        tracing::warn!(
+            min_free = config.min_free_bytes,
+            "too little free space: refusing writes"
+        );
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(store) = store.clone() {

@@ -2,6 +2,8 @@
 //! standard services answers health checks and lists the fabric services
 //! through reflection (v1 and v1alpha).
 
+#![allow(clippy::unwrap_used)]
+
 use fabric_proto::service_names;
 use fabric_proto::standard::StandardServices;
 use fabric_proto::v1::{EntryKind, Snapshot, SnapshotStats, Tree, TreeEntry};
