@@ -440,25 +440,25 @@ fn node_to_node_copy_gives_an_identical_snapshot() {
     fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
 }
 
-#[tokio::test]
-async fn the_health_check_answers_serving() {
-    let work = tempfile::tempdir().unwrap();
-    let node = Server::node(&work.path().join("store"), &[]);
-    let mut client = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(node.address.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let status = client
+async fn health(node: &Server) -> tonic_health::pb::health_check_response::ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(node.address.clone()).unwrap();
+    let mut client =
+        tonic_health::pb::health_client::HealthClient::new(channel.connect().await.unwrap());
+    client
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         })
         .await
         .unwrap()
         .into_inner()
-        .status();
+        .status()
+}
+
+#[tokio::test]
+async fn the_health_check_answers_serving() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let status = health(&node).await;
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving
@@ -473,21 +473,7 @@ async fn a_node_without_room_is_not_serving_and_refuses_uploads() {
         &work.path().join("store"),
         &["--min-free-bytes", "1152921504606846976"],
     );
-    let mut client = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(node.address.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let status = client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status();
+    let status = health(&node).await;
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::NotServing

@@ -7,6 +7,10 @@
 //! fabric server must not claim that before it is ready, so
 //! [`StandardServices::new`] flips it to NOT_SERVING and leaves it to the
 //! server to call [`Readiness::set_serving`] once its store or state is open.
+//!
+//! Also the two things every fabric binary does the same way around its
+//! server: logging ([`init_logging`]) and shutdown signals
+//! ([`shutdown_signal`]).
 
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -98,4 +102,36 @@ impl StandardServices {
             .add_service(reflection_v1alpha);
         Ok(Self { routes, readiness })
     }
+}
+
+/// Log to stderr, as human-readable lines or (with `json`) one JSON object
+/// per line; `RUST_LOG` filters (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A future that resolves on SIGTERM or SIGINT. The handlers are installed
+/// before this returns, so a binary that calls it before announcing its
+/// address loses no signal sent right after start-up (which would otherwise
+/// kill it with the default action instead of a clean shutdown).
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static>
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("interrupted: shutting down"),
+        }
+    })
 }
