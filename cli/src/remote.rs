@@ -130,18 +130,23 @@ pub async fn locate(
         });
     }
     let mut client = coordinator(coordinator_address).await?;
-    let entries = catalog(&mut client, job, None).await?;
-    let found = revision::find(&entries, spec, |entry| {
-        entry.snapshot.as_ref().unwrap_or(&EMPTY_SNAPSHOT)
-    })?;
-    let entry = single(found, spec)?;
+    let entries: Vec<(
+        fabric_proto::v1::Snapshot,
+        Vec<fabric_proto::v1::CatalogCopy>,
+    )> = catalog(&mut client, job, None)
+        .await?
+        .into_iter()
+        .filter_map(|entry| entry.snapshot.map(|snapshot| (snapshot, entry.copies)))
+        .collect();
+    let found = revision::find(&entries, spec, |(snapshot, _)| snapshot)?;
+    let (_, copies) = single(found, spec)?;
     let nodes = nodes(&mut client).await?;
     let online = |id: &str| {
         nodes
             .iter()
             .find(|n| n.info.as_ref().is_some_and(|i| i.id == id) && n.state() == NodeState::Online)
     };
-    for copy in &entry.copies {
+    for copy in copies {
         if node.as_deref().is_some_and(|wanted| wanted != copy.node) {
             continue;
         }
@@ -157,7 +162,7 @@ pub async fn locate(
             });
         }
     }
-    let holders: Vec<&str> = entry.copies.iter().map(|c| c.node.as_str()).collect();
+    let holders: Vec<&str> = copies.iter().map(|c| c.node.as_str()).collect();
     match node {
         Some(node) => bail!(
             "snapshot {spec} is not on an online node {node:?} (it is on: {})",
@@ -169,26 +174,6 @@ pub async fn locate(
         ),
     }
 }
-
-static EMPTY_SNAPSHOT: fabric_proto::v1::Snapshot = fabric_proto::v1::Snapshot {
-    id: String::new(),
-    name: String::new(),
-    job: String::new(),
-    host: String::new(),
-    instance: String::new(),
-    master_host: String::new(),
-    master_instance: String::new(),
-    data_age: 0,
-    r#type: 0,
-    tags: Vec::new(),
-    start_time_ms: 0,
-    end_time_ms: 0,
-    root_tree_id: Vec::new(),
-    stats: None,
-    state: 0,
-    parent_id: String::new(),
-    warnings: Vec::new(),
-};
 
 fn single<'a, T>(mut found: Vec<&'a T>, spec: &str) -> anyhow::Result<&'a T> {
     match found.len() {

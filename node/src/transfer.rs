@@ -478,8 +478,10 @@ fn spawn_writer(
     (batches, writer)
 }
 
-/// Send every chunk of `snapshot`'s DAG (trees first-seen order, then their
-/// data) into `chunks`, for a copy. Runs on a blocking thread.
+/// Send every chunk of the DAG under `root` into `chunks`, for a copy: each
+/// tree's data chunks, then the tree itself, depth first (the order does not
+/// matter to the receiver: its commit checks the whole DAG). Runs on a
+/// blocking thread.
 pub fn offer_snapshot_dag(
     store: &Store,
     root: ChunkId,
