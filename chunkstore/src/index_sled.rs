@@ -29,9 +29,11 @@ pub fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, IndexError> {
     sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes)
-        // The store flushes at every commit point itself; the background
-        // flusher only bounds how much unflushed work piles up in between.
-        .flush_every_ms(Some(1000))
+        // The store flushes at every commit point itself. No background
+        // flusher: its thread holds the database (and its file lock) for up
+        // to a period after the store is dropped, so reopening the same
+        // directory right away (a restart, reindex) failed with WouldBlock.
+        .flush_every_ms(None)
         .mode(sled::Mode::LowSpace)
         .open()
         .map_err(engine)
