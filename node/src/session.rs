@@ -108,24 +108,52 @@ fn node_info(config: &NodeConfig, store: Option<&Store>, active_runs: Vec<String
     }
 }
 
-async fn heartbeat(store: Option<Arc<Store>>) -> Heartbeat {
+/// How often the store's counters (chunks, stored bytes) are recomputed for
+/// heartbeats: counting scans the index, too slow to do every few seconds on
+/// a large store.
+const COUNTERS_REFRESH: Duration = Duration::from_secs(60);
+
+/// The store's (chunks, stored bytes), refreshed in the background.
+type StoreCounters = Arc<Mutex<(u64, u64)>>;
+
+/// Keep `counters` up to date until `stop` turns true.
+async fn refresh_counters(
+    store: Arc<Store>,
+    counters: StoreCounters,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(COUNTERS_REFRESH);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let counting = store.clone();
+        let counted = tokio::task::spawn_blocking(move || counting.stats()).await;
+        if let Ok(Ok(stats)) = counted {
+            *counters.lock().unwrap_or_else(|p| p.into_inner()) =
+                (stats.chunks, stats.stored_bytes);
+        }
+    }
+}
+
+/// A heartbeat: free space now, counters as last refreshed.
+async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heartbeat {
     let Some(store) = store else {
         return Heartbeat::default();
     };
-    tokio::task::spawn_blocking(move || {
-        let (_, free_bytes) = crate::disk::space(store.dir()).unwrap_or((0, 0));
-        let (chunks, stored_bytes) = store
-            .stats()
-            .map(|stats| (stats.chunks, stats.stored_bytes))
-            .unwrap_or((0, 0));
-        Heartbeat {
-            free_bytes,
-            chunks,
-            stored_bytes,
-        }
-    })
-    .await
-    .unwrap_or_default()
+    let (chunks, stored_bytes) = *counters.lock().unwrap_or_else(|p| p.into_inner());
+    let free_bytes = tokio::task::spawn_blocking(move || crate::disk::space(store.dir()))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|(_, free)| free)
+        .unwrap_or(0);
+    Heartbeat {
+        free_bytes,
+        chunks,
+        stored_bytes,
+    }
 }
 
 /// Keep a session with the coordinator until `stop` turns true.
@@ -144,6 +172,10 @@ pub async fn run_session(
     };
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
+    let counters = StoreCounters::default();
+    if let Some(store) = store.clone() {
+        tokio::spawn(refresh_counters(store, counters.clone(), stop.clone()));
+    }
 
     loop {
         if *stop.borrow() {
@@ -183,7 +215,7 @@ pub async fn run_session(
                                 tokio::select! {
                                     _ = stop.changed() => return,
                                     _ = ticker.tick() => {
-                                        let beat = heartbeat(store.clone()).await;
+                                        let beat = heartbeat(store.clone(), &counters).await;
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Heartbeat(beat)) });
                                     }
                                     update = updates_rx.recv() => {
