@@ -7,7 +7,7 @@
 //! hello lists the runs still in progress so the coordinator can re-assign
 //! any the node no longer has.
 //!
-//! Each assignment runs in its own task ([`execute`]): push (pre, copies in
+//! Each assignment runs in its own task (`execute`): push (pre, copies in
 //! plan order with background copies overlapping, retries, spares, post),
 //! passive (pre, ready, wait for the pulls, post), pull (receive from a
 //! client's source endpoint into the own store) and expand (run the job's
