@@ -15,6 +15,7 @@ pub mod gc;
 pub mod id;
 pub mod index;
 pub mod index_sled;
+pub mod naming;
 pub mod pack;
 pub mod restore;
 pub mod sink;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use fabric_proto::v1::{Snapshot, SnapshotState, SnapshotType, Tree};
+use fabric_proto::v1::{Snapshot, SnapshotState, Tree};
 use prost::Message;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -721,7 +721,7 @@ impl Store {
         }
         snapshot.state = SnapshotState::Complete as i32;
         if snapshot.name.is_empty() {
-            snapshot.name = default_name(&snapshot);
+            snapshot.name = crate::naming::snapshot_name(&snapshot);
         }
         self.write_snapshot_file(&snapshot)?;
         self.catalog.put(&snapshot).map_err(self.index_error())?;
@@ -887,70 +887,6 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
-}
-
-/// Civil date (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// B1000's consistent name: `job/Y-M-D-DoW/host-instance-master_host-master_instance-Y-M-D-DoW-HH:MM:SS`
-/// for full backups, `job/host-instance-master_host-master_instance` for sync
-/// backups; absent parts are dropped with their dash. Times are UTC.
-pub fn default_name(snapshot: &Snapshot) -> String {
-    let millis = if snapshot.start_time_ms != 0 {
-        snapshot.start_time_ms
-    } else {
-        snapshot.end_time_ms
-    };
-    let seconds = millis.div_euclid(1000);
-    let days = seconds.div_euclid(86_400);
-    let in_day = seconds.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    let weekday = WEEKDAYS[days.rem_euclid(7) as usize];
-    let date = format!("{year:04}-{month:02}-{day:02}-{weekday}");
-    let time = format!(
-        "{:02}:{:02}:{:02}",
-        in_day / 3600,
-        (in_day / 60) % 60,
-        in_day % 60
-    );
-    let job = if snapshot.job.is_empty() {
-        "snapshot"
-    } else {
-        &snapshot.job
-    };
-    let parts: Vec<&str> = [
-        snapshot.host.as_str(),
-        snapshot.instance.as_str(),
-        snapshot.master_host.as_str(),
-        snapshot.master_instance.as_str(),
-    ]
-    .into_iter()
-    .filter(|part| !part.is_empty())
-    .collect();
-    if snapshot.r#type == SnapshotType::Sync as i32 {
-        if parts.is_empty() {
-            job.to_owned()
-        } else {
-            format!("{job}/{}", parts.join("-"))
-        }
-    } else {
-        let mut tail = parts;
-        tail.push(&date);
-        tail.push(&time);
-        format!("{job}/{date}/{}", tail.join("-"))
-    }
 }
 
 impl ChunkSink for Store {

@@ -5,8 +5,9 @@
 //! per-destination states, every transition as a stored event, and the
 //! snapshot catalogue.
 //!
-//! Pure logic: [`dest`] (destination grammar), [`jobfile`] (jobs files),
-//! [`naming`] (snapshot names), [`check`] (freshness), [`runs`] (the run
+//! Pure logic: [`dest`] (destination grammar), [`jobfile`] (jobs files; snapshot
+//! names come from `fabric_chunkstore::naming`),
+//! [`check`] (freshness), [`runs`] (the run
 //! state machine). Stateful parts: [`state`] (sled), [`engine`] (live state),
 //! [`service`] (gRPC), [`server`] (the server function).
 
@@ -15,7 +16,6 @@ pub mod config;
 pub mod dest;
 pub mod engine;
 pub mod jobfile;
-pub mod naming;
 pub mod record;
 pub mod runs;
 pub mod server;

@@ -8,7 +8,12 @@
 //! Python's `%a` printed them for B1000. A `/` inside a part would add a
 //! level to the name's path, so it is written as `_`.
 //!
+//! A snapshot without a job is named under `snapshot/`.
+//!
 //! This module only formats; it never reads a clock (callers pass times).
+//! It lives in the chunk store because both the store (naming a record
+//! committed without a name) and the coordinator (naming a run's snapshot up
+//! front, so every copy carries the same name) use it.
 
 use fabric_proto::v1::{Snapshot, SnapshotType};
 
@@ -108,7 +113,11 @@ pub fn snapshot_name(snapshot: &Snapshot) -> String {
         .filter(|part| !part.is_empty())
         .map(|part| part.replace('/', "_"))
         .collect();
-    let job = snapshot.job.replace('/', "_");
+    let job = if snapshot.job.is_empty() {
+        "snapshot".to_owned()
+    } else {
+        snapshot.job.replace('/', "_")
+    };
     match snapshot.r#type() {
         SnapshotType::Sync => format!("{job}/{}", parts.join("-")),
         SnapshotType::Full | SnapshotType::Unspecified => {
