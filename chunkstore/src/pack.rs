@@ -258,23 +258,8 @@ pub fn read_entry(
     entry_len: u64,
     id: &ChunkId,
 ) -> Result<Result<Vec<u8>, EntryError>, std::io::Error> {
-    let mut bytes = vec![0u8; entry_len as usize];
-    let mut have = 0usize;
-    while have < bytes.len() {
-        match file.read_at(&mut bytes[have..], offset + have as u64) {
-            Ok(0) => break,
-            Ok(n) => have += n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-    bytes.truncate(have);
-    Ok(check_entry(&bytes).and_then(|(header, stored)| {
-        if header.id != *id {
-            return Err(EntryError::WrongId { found: header.id });
-        }
-        decode_stored(&header, stored)
-    }))
+    let bytes = read_up_to(file, offset, entry_len)?;
+    Ok(check_entry_of(&bytes, id).and_then(|(header, stored)| decode_stored(&header, stored)))
 }
 
 /// The stored bytes of the entry at `offset`, checked against its checksum
@@ -285,7 +270,14 @@ pub fn read_stored(
     entry_len: u64,
     id: &ChunkId,
 ) -> Result<Result<(EntryHeader, Vec<u8>), EntryError>, std::io::Error> {
-    let mut bytes = vec![0u8; entry_len as usize];
+    let bytes = read_up_to(file, offset, entry_len)?;
+    Ok(check_entry_of(&bytes, id).map(|(header, stored)| (header, stored.to_vec())))
+}
+
+/// Up to `len` bytes at `offset`: fewer at the end of the file, so a torn
+/// entry is reported by its checksum rather than as an I/O error.
+fn read_up_to(file: &File, offset: u64, len: u64) -> Result<Vec<u8>, std::io::Error> {
+    let mut bytes = vec![0u8; len as usize];
     let mut have = 0usize;
     while have < bytes.len() {
         match file.read_at(&mut bytes[have..], offset + have as u64) {
@@ -296,12 +288,19 @@ pub fn read_stored(
         }
     }
     bytes.truncate(have);
-    Ok(check_entry(&bytes).and_then(|(header, stored)| {
-        if header.id != *id {
-            return Err(EntryError::WrongId { found: header.id });
-        }
-        Ok((header, stored.to_vec()))
-    }))
+    Ok(bytes)
+}
+
+/// The entry in `bytes`, checked, and only if it is chunk `id`'s.
+fn check_entry_of<'a>(
+    bytes: &'a [u8],
+    id: &ChunkId,
+) -> Result<(EntryHeader, &'a [u8]), EntryError> {
+    let (header, stored) = check_entry(bytes)?;
+    if header.id != *id {
+        return Err(EntryError::WrongId { found: header.id });
+    }
+    Ok((header, stored))
 }
 
 /// The file name of pack `id` inside the packs directory.
