@@ -91,13 +91,10 @@ async fn main() -> anyhow::Result<()> {
             fabric_proto::standard::init_logging(config.log_format == LogFormat::Json);
             let shutdown = fabric_proto::standard::shutdown_signal()
                 .context("cannot listen for SIGTERM and SIGINT")?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.listen))?;
-            let address = listener
-                .local_addr()
-                .with_context(|| format!("cannot read the address bound for {}", config.listen))?;
-            println!("fabric-coordinator listening on {address}");
+            let listener =
+                fabric_proto::standard::bind_and_announce("fabric-coordinator", config.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", config.listen))?;
             fabric_coordinator::serve(listener, config, shutdown).await?;
             Ok(())
         }

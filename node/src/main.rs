@@ -131,12 +131,9 @@ async fn main() -> anyhow::Result<()> {
             fabric_proto::standard::init_logging(config.log_format == LogFormat::Json);
             let shutdown = fabric_proto::standard::shutdown_signal()
                 .context("cannot listen for SIGTERM and SIGINT")?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
+            let listener = fabric_proto::standard::bind_and_announce("fabric-node", config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            let local = listener.local_addr()?;
-            // One line on stdout that scripts and tests read to find the port.
-            println!("fabric-node listening on {local}");
             fabric_node::serve(listener, config, shutdown).await?;
         }
     }

@@ -135,3 +135,14 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
         }
     })
 }
+
+/// Bind `address` and print the one line on stdout that scripts and tests
+/// read to find an OS-chosen port: `<binary> listening on <address>`.
+pub async fn bind_and_announce(
+    binary: &str,
+    address: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    println!("{binary} listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
