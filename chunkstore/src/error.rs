@@ -38,6 +38,15 @@ pub enum StoreError {
         /// The id the chunk was offered under.
         id: ChunkId,
     },
+    /// A chunk's encoded bytes (as sent by a peer) cannot be decoded, or
+    /// decode to another length than announced.
+    #[error("chunk {id}: {detail}; nothing of the batch was stored")]
+    BadEncoding {
+        /// The id the chunk was offered under.
+        id: ChunkId,
+        /// What is wrong.
+        detail: String,
+    },
     /// The store does not hold chunk `id`.
     #[error("chunk {id} is not in the store in {dir}")]
     ChunkNotFound {

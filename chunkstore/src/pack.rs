@@ -18,7 +18,8 @@
 //! tail (a crash in the middle of an append) is recognised and cut off.
 //!
 //! This module owns the byte format, encoding (compression) and decoding of one
-//! entry, appending and sealing ([`PackWriter`]) and scanning. It must never
+//! entry and of a [`StoredChunk`] (an entry's codec and bytes, as they
+//! travel), appending and sealing ([`PackWriter`]) and scanning. It must never
 //! overwrite a byte already written, and knows nothing of the index, trees or
 //! snapshots.
 
@@ -28,6 +29,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
+use crate::chunker::Chunk;
 use crate::id::ChunkId;
 
 /// First bytes of every pack file.
@@ -147,17 +151,100 @@ fn checksum(fields: &[u8], stored: &[u8]) -> [u8; 16] {
     out
 }
 
+/// `data` compressed with zstd at `zstd_level`, if that shrinks it.
+fn compress_if_smaller(data: &[u8], zstd_level: i32) -> Option<Vec<u8>> {
+    zstd::bulk::compress(data, zstd_level)
+        .ok()
+        .filter(|compressed| compressed.len() < data.len())
+}
+
 /// Encode chunk `id` with plain bytes `data`: zstd at `zstd_level`, or raw when
 /// compression does not shrink the bytes.
 pub fn encode_entry(id: ChunkId, data: &[u8], zstd_level: i32) -> EncodedEntry {
-    let compressed = zstd::bulk::compress(data, zstd_level)
-        .ok()
-        .filter(|c| c.len() < data.len());
-    let (codec, stored): (Codec, &[u8]) = match &compressed {
-        Some(c) => (Codec::Zstd, c),
-        None => (Codec::Raw, data),
-    };
-    encode_stored(id, codec, data.len() as u32, stored)
+    match compress_if_smaller(data, zstd_level) {
+        Some(compressed) => encode_stored(id, Codec::Zstd, data.len() as u32, &compressed),
+        None => encode_stored(id, Codec::Raw, data.len() as u32, data),
+    }
+}
+
+/// A chunk in the form a pack entry holds it (raw or a zstd frame), without
+/// the entry's header. This is what travels between agent and node: a chunk
+/// is compressed once, by whoever reads it, the receiver checks it by
+/// decoding and re-hashing, and a copy between nodes moves entries as they
+/// are, without decompressing and compressing again.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    /// BLAKE3 of the plain bytes.
+    pub id: ChunkId,
+    /// How `stored` encodes the plain bytes.
+    pub codec: Codec,
+    /// Length of the plain bytes.
+    pub raw_len: u32,
+    /// The encoded bytes.
+    pub stored: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredChunk")
+            .field("id", &self.id)
+            .field("codec", &self.codec)
+            .field("raw_len", &self.raw_len)
+            .field("stored_len", &self.stored.len())
+            .finish()
+    }
+}
+
+impl StoredChunk {
+    /// Encode `chunk`: zstd at `zstd_level`, or raw (its bytes moved, not
+    /// copied) when compression does not shrink it.
+    pub fn encode(chunk: Chunk, zstd_level: i32) -> Self {
+        let raw_len = chunk.data.len() as u32;
+        match compress_if_smaller(&chunk.data, zstd_level) {
+            Some(compressed) => Self {
+                id: chunk.id,
+                codec: Codec::Zstd,
+                raw_len,
+                stored: compressed,
+            },
+            None => Self {
+                id: chunk.id,
+                codec: Codec::Raw,
+                raw_len,
+                stored: chunk.data,
+            },
+        }
+    }
+
+    /// Check that the stored bytes decode to `raw_len` plain bytes that hash
+    /// to the id. The caller bounds `raw_len` first: decoding allocates it.
+    pub fn check(&self) -> Result<(), EntryError> {
+        match self.codec {
+            // Raw bytes are hashed where they are, without a copy.
+            Codec::Raw => check_plain(&self.id, self.raw_len, &self.stored),
+            Codec::Zstd => decode(&self.id, self.codec, self.raw_len, &self.stored).map(drop),
+        }
+    }
+
+    /// The plain bytes, checked against the id (raw bytes are moved, not
+    /// copied). The caller bounds `raw_len` first: decoding allocates it.
+    pub fn into_plain(self) -> Result<Vec<u8>, EntryError> {
+        match self.codec {
+            Codec::Raw => {
+                check_plain(&self.id, self.raw_len, &self.stored)?;
+                Ok(self.stored)
+            }
+            Codec::Zstd => decode(&self.id, self.codec, self.raw_len, &self.stored),
+        }
+    }
+}
+
+/// Encode every chunk of `chunks` in parallel (see [`StoredChunk::encode`]).
+pub fn encode_chunks(chunks: Vec<Chunk>, zstd_level: i32) -> Vec<StoredChunk> {
+    chunks
+        .into_par_iter()
+        .map(|chunk| StoredChunk::encode(chunk, zstd_level))
+        .collect()
 }
 
 /// An entry of already-stored bytes (GC moves entries without recompressing).
@@ -232,22 +319,32 @@ pub fn check_entry(bytes: &[u8]) -> Result<(EntryHeader, &[u8]), EntryError> {
 
 /// The plain bytes of a checked entry, re-hashed against its id.
 pub fn decode_stored(header: &EntryHeader, stored: &[u8]) -> Result<Vec<u8>, EntryError> {
-    let plain = match header.codec {
+    decode(&header.id, header.codec, header.raw_len, stored)
+}
+
+/// Decode `stored` into `raw_len` plain bytes and check that they hash to `id`.
+fn decode(id: &ChunkId, codec: Codec, raw_len: u32, stored: &[u8]) -> Result<Vec<u8>, EntryError> {
+    let plain = match codec {
         Codec::Raw => stored.to_vec(),
-        Codec::Zstd => zstd::bulk::decompress(stored, header.raw_len as usize)
+        Codec::Zstd => zstd::bulk::decompress(stored, raw_len as usize)
             .map_err(|err| EntryError::Decompress(err.to_string()))?,
     };
-    if plain.len() != header.raw_len as usize {
+    check_plain(id, raw_len, &plain)?;
+    Ok(plain)
+}
+
+/// Check that `plain` is `raw_len` bytes hashing to `id`.
+fn check_plain(id: &ChunkId, raw_len: u32, plain: &[u8]) -> Result<(), EntryError> {
+    if plain.len() != raw_len as usize {
         return Err(EntryError::Decompress(format!(
-            "{} bytes instead of {}",
-            plain.len(),
-            header.raw_len
+            "{} bytes instead of {raw_len}",
+            plain.len()
         )));
     }
-    if !header.id.matches(&plain) {
+    if !id.matches(plain) {
         return Err(EntryError::HashMismatch);
     }
-    Ok(plain)
+    Ok(())
 }
 
 /// Read the entry of chunk `id` at `offset` (`entry_len` bytes) from `file`
@@ -683,6 +780,37 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_chunk_that_does_not_decode_to_its_id_is_refused() {
+        let text = text(20_000);
+        let encoded = StoredChunk::encode(Chunk::new(text.clone()), 3);
+        assert_eq!(encoded.codec, Codec::Zstd);
+        assert_eq!(encoded.clone().into_plain().unwrap(), text);
+
+        let mut flipped = encoded.clone();
+        let last = flipped.stored.len() - 1;
+        flipped.stored[last] ^= 0x40;
+        assert!(flipped.check().is_err());
+
+        let mut longer = encoded.clone();
+        longer.raw_len += 1;
+        assert!(matches!(longer.check(), Err(EntryError::Decompress(_))));
+
+        let mut other = encoded;
+        other.id = ChunkId::of(b"something else");
+        assert_eq!(other.check(), Err(EntryError::HashMismatch));
+
+        let random: Vec<u8> = (0..5000u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
+            .collect();
+        let mut raw = StoredChunk::encode(Chunk::new(random), 3);
+        assert_eq!(raw.codec, Codec::Raw);
+        raw.stored[0] ^= 1;
+        assert_eq!(raw.check(), Err(EntryError::HashMismatch));
+        raw.stored.pop();
+        assert!(matches!(raw.into_plain(), Err(EntryError::Decompress(_))));
+    }
+
+    #[test]
     fn pack_names_round_trip() {
         assert_eq!(parse_pack_file_name(&pack_file_name(0xabc)), Some(0xabc));
         assert_eq!(parse_pack_file_name("config.toml"), None);
@@ -697,6 +825,18 @@ mod tests {
             let entry = encode_entry(ChunkId::of(&data), &data, 1);
             let (header, stored) = check_entry(&entry.bytes).unwrap();
             prop_assert_eq!(decode_stored(&header, stored).unwrap(), data);
+        }
+
+        /// Any bytes survive the stored form chunks travel in, and its entry.
+        #[test]
+        fn stored_chunks_round_trip(data in proptest::collection::vec(any::<u8>(), 0..5000), repeat in 1usize..4) {
+            let data: Vec<u8> = data.iter().copied().cycle().take(data.len() * repeat).collect();
+            let chunk = StoredChunk::encode(Chunk::new(data.clone()), 1);
+            prop_assert!(chunk.check().is_ok());
+            let entry = encode_stored(chunk.id, chunk.codec, chunk.raw_len, &chunk.stored);
+            let (header, stored) = check_entry(&entry.bytes).unwrap();
+            prop_assert_eq!(decode_stored(&header, stored).unwrap(), data.clone());
+            prop_assert_eq!(chunk.into_plain().unwrap(), data);
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::error::StoreError;
 use crate::id::ChunkId;
 use crate::index::{Catalog, ChunkIndex, IndexError, Location};
 use crate::index_sled::{SledCatalog, SledChunkIndex, open_db};
-use crate::pack::{self, EncodedEntry, PackWriter};
+use crate::pack::{self, EncodedEntry, PackWriter, StoredChunk};
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
 
 /// The tunables of a store, recorded in `<dir>/config.toml` at creation.
@@ -353,22 +353,57 @@ impl Store {
     }
 
     fn put_chunks_with(&self, chunks: Vec<Chunk>, durable: bool) -> Result<PutStats, StoreError> {
-        let fresh = self.prepare(chunks.as_slice())?;
+        check_hashes(&chunks)?;
         let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
+        let level = self.config.zstd_level;
+        self.put_fresh(&ids, durable, |index| {
+            let chunk = &chunks[index];
+            pack::encode_entry(chunk.id, &chunk.data, level)
+        })
+    }
+
+    /// Store chunks in the encoded form a sender chose (see
+    /// [`pack::StoredChunk`]): every chunk is decoded and re-hashed first, and
+    /// one that does not decode to its length and id refuses the whole batch;
+    /// chunks present already are skipped; the rest are appended as they are,
+    /// without compressing again. Durable at the next
+    /// [`Store::flush_pending`] or commit, like [`Store::put_chunks_pending`].
+    pub fn put_stored_pending(&self, chunks: Vec<StoredChunk>) -> Result<PutStats, StoreError> {
+        if let Some((id, err)) = chunks
+            .par_iter()
+            .find_map_first(|chunk| chunk.check().err().map(|err| (chunk.id, err)))
+        {
+            return Err(match err {
+                pack::EntryError::HashMismatch => StoreError::ChunkMismatch { id },
+                other => StoreError::BadEncoding {
+                    id,
+                    detail: other.to_string(),
+                },
+            });
+        }
+        let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
+        self.put_fresh(&ids, false, |index| {
+            let chunk = &chunks[index];
+            pack::encode_stored(chunk.id, chunk.codec, chunk.raw_len, &chunk.stored)
+        })
+    }
+
+    /// Append the chunks of `ids` the store lacks (first occurrence only),
+    /// each encoded by `encode(position)` in parallel, and count them; with
+    /// `durable`, fsync and index them before returning.
+    fn put_fresh(
+        &self,
+        ids: &[ChunkId],
+        durable: bool,
+        encode: impl Fn(usize) -> EncodedEntry + Sync,
+    ) -> Result<PutStats, StoreError> {
+        let fresh = self.fresh_positions(ids)?;
         let mut stats = PutStats {
-            chunks: chunks.len() as u64,
+            chunks: ids.len() as u64,
             ..Default::default()
         };
         if !fresh.is_empty() {
-            let level = self.config.zstd_level;
-            let encoded: Vec<EncodedEntry> = fresh
-                .par_iter()
-                .map(|&index| {
-                    let chunk = &chunks[index];
-                    pack::encode_entry(chunk.id, &chunk.data, level)
-                })
-                .collect();
-            drop(chunks);
+            let encoded: Vec<EncodedEntry> = fresh.par_iter().map(|&index| encode(index)).collect();
             let (placed, open_file) = self.append(encoded)?;
             if durable {
                 if let Some((file, path)) = open_file {
@@ -398,22 +433,16 @@ impl Store {
         Ok(stats)
     }
 
-    /// Check every chunk's hash (all of them, before anything is stored) and
-    /// return the positions of those the store lacks, first occurrence only.
-    fn prepare(&self, chunks: &[Chunk]) -> Result<Vec<usize>, StoreError> {
-        if let Some(bad) = chunks
-            .par_iter()
-            .find_first(|chunk| !chunk.id.matches(&chunk.data))
-        {
-            return Err(StoreError::ChunkMismatch { id: bad.id });
-        }
-        self.protect(chunks.iter().map(|chunk| &chunk.id));
-        let mut seen = HashSet::with_capacity(chunks.len());
+    /// Protect `ids` from a running GC and return the positions of those the
+    /// store lacks, first occurrence only.
+    fn fresh_positions(&self, ids: &[ChunkId]) -> Result<Vec<usize>, StoreError> {
+        self.protect(ids);
+        let mut seen = HashSet::with_capacity(ids.len());
         let mut fresh = Vec::new();
-        for (position, chunk) in chunks.iter().enumerate() {
-            if seen.insert(chunk.id)
-                && !read_lock(&self.pending).contains_key(&chunk.id)
-                && !self.index.contains(&chunk.id).map_err(self.index_error())?
+        for (position, id) in ids.iter().enumerate() {
+            if seen.insert(*id)
+                && !read_lock(&self.pending).contains_key(id)
+                && !self.index.contains(id).map_err(self.index_error())?
             {
                 fresh.push(position);
             }
@@ -588,12 +617,23 @@ impl Store {
 
     /// Read the chunk at `location`: plain bytes, checked against `id`.
     pub(crate) fn read_at(&self, id: &ChunkId, location: &Location) -> Result<Vec<u8>, StoreError> {
+        self.read_entry_with(id, location, pack::read_entry)
+    }
+
+    /// Read chunk `id`'s entry at `location` with `read` (one of the pack
+    /// module's readers), naming the pack in any error.
+    fn read_entry_with<T>(
+        &self,
+        id: &ChunkId,
+        location: &Location,
+        read: EntryReader<T>,
+    ) -> Result<T, StoreError> {
         let path = self.pack_path(location.pack);
         let file = self
             .pack_file(location.pack)
             .map_err(StoreError::io("cannot open pack", &path))?;
-        match pack::read_entry(&file, location.offset, location.entry_len(), id) {
-            Ok(Ok(plain)) => Ok(plain),
+        match read(&file, location.offset, location.entry_len(), id) {
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(StoreError::Corrupt {
                 id: *id,
                 pack: path,
@@ -603,24 +643,40 @@ impl Store {
         }
     }
 
-    /// The plain bytes of chunk `id`, checked against the id.
-    pub fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let location = self.locate(id)?.ok_or_else(|| StoreError::ChunkNotFound {
+    /// Find chunk `id` and read its entry with `read`.
+    fn read_chunk_with<T>(&self, id: &ChunkId, read: EntryReader<T>) -> Result<T, StoreError> {
+        let not_found = || StoreError::ChunkNotFound {
             id: *id,
             dir: self.dir.clone(),
-        })?;
-        match self.read_at(id, &location) {
+        };
+        let location = self.locate(id)?.ok_or_else(not_found)?;
+        match self.read_entry_with(id, &location, read) {
             // GC may have moved the chunk to a new pack and deleted the old
             // one between the lookup and the read: look again once.
             Err(StoreError::Io { .. }) if !self.pack_path(location.pack).exists() => {
-                let moved = self.locate(id)?.ok_or_else(|| StoreError::ChunkNotFound {
-                    id: *id,
-                    dir: self.dir.clone(),
-                })?;
-                self.read_at(id, &moved)
+                let moved = self.locate(id)?.ok_or_else(not_found)?;
+                self.read_entry_with(id, &moved, read)
             }
             other => other,
         }
+    }
+
+    /// The plain bytes of chunk `id`, checked against the id.
+    pub fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        self.read_chunk_with(id, pack::read_entry)
+    }
+
+    /// Chunk `id` as its entry stores it, checked against the entry's
+    /// checksum but not decoded: what a copy to another node sends (the
+    /// receiver decodes and re-hashes it).
+    pub fn get_stored(&self, id: &ChunkId) -> Result<StoredChunk, StoreError> {
+        let (header, stored) = self.read_chunk_with(id, pack::read_stored)?;
+        Ok(StoredChunk {
+            id: header.id,
+            codec: header.codec,
+            raw_len: header.raw_len,
+            stored,
+        })
     }
 
     /// Store `tree` as a chunk (durable on return); its id.
@@ -883,6 +939,21 @@ pub(crate) fn join_path(parent: &str, name: &[u8]) -> String {
     }
 }
 
+/// One of the pack module's entry readers: file, offset, entry length, id.
+type EntryReader<T> =
+    fn(&File, u64, u64, &ChunkId) -> Result<Result<T, pack::EntryError>, std::io::Error>;
+
+/// Check every chunk's hash, in parallel, before anything is stored.
+fn check_hashes(chunks: &[Chunk]) -> Result<(), StoreError> {
+    match chunks
+        .par_iter()
+        .find_first(|chunk| !chunk.id.matches(&chunk.data))
+    {
+        Some(bad) => Err(StoreError::ChunkMismatch { id: bad.id }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -893,7 +964,8 @@ impl ChunkSink for Store {
     /// Appends the chunk to the open pack (compressing on the calling
     /// thread); it is found by reads at once and durable after `flush`.
     fn put_chunk(&self, chunk: Chunk) -> Result<(), SinkError> {
-        let fresh = self.prepare(std::slice::from_ref(&chunk))?;
+        check_hashes(std::slice::from_ref(&chunk))?;
+        let fresh = self.fresh_positions(std::slice::from_ref(&chunk.id))?;
         if fresh.is_empty() {
             return Ok(());
         }

@@ -196,6 +196,65 @@ fn pending_batches_are_readable_at_once_and_durable_after_a_flush() {
 }
 
 #[test]
+fn stored_chunks_are_checked_kept_as_sent_and_read_back_as_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let chunks: Vec<Chunk> = (0..6).map(|i| Chunk::new(file_content(4000, i))).collect();
+    let encoded = crate::pack::encode_chunks(chunks.clone(), 3);
+
+    let mut bad = encoded[0].clone();
+    let last = bad.stored.len() - 1;
+    bad.stored[last] ^= 0x20;
+    let err = store
+        .put_stored_pending(vec![encoded[1].clone(), bad])
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::ChunkMismatch { id } | StoreError::BadEncoding { id, .. } if id == chunks[0].id),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&chunks[0].id.to_hex()));
+    assert!(
+        !store.contains(&chunks[1].id).unwrap(),
+        "nothing of a bad batch is stored"
+    );
+
+    let mut twice = encoded.clone();
+    twice.push(encoded[2].clone());
+    let stats = store.put_stored_pending(twice).unwrap();
+    assert_eq!(stats.chunks, 7);
+    assert_eq!(stats.new_chunks, 6);
+    assert_eq!(stats.new_bytes, 24_000);
+    let stored_total: u64 = encoded
+        .iter()
+        .map(|c| (crate::pack::ENTRY_HEADER_LEN + c.stored.len()) as u64)
+        .sum();
+    assert_eq!(
+        stats.stored_bytes, stored_total,
+        "kept as sent, not recompressed"
+    );
+    assert_eq!(
+        store
+            .put_stored_pending(encoded.clone())
+            .unwrap()
+            .new_chunks,
+        0
+    );
+    store.flush_pending().unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path()).unwrap();
+    for (chunk, sent) in chunks.iter().zip(&encoded) {
+        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
+        assert_eq!(&store.get_stored(&chunk.id).unwrap(), sent);
+    }
+    let absent = ChunkId::of(b"absent");
+    assert!(matches!(
+        store.get_stored(&absent),
+        Err(StoreError::ChunkNotFound { id, .. }) if id == absent
+    ));
+}
+
+#[test]
 fn missing_keeps_the_offered_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();

@@ -40,6 +40,52 @@ fn peak_rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let ticks_per_second = 100.0; // USER_HZ: 100 on every Linux ABI in use
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which may hold spaces.
+            let rest = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .collect::<Vec<_>>();
+            let user: f64 = rest.get(11)?.parse().ok()?;
+            let system: f64 = rest.get(12)?.parse().ok()?;
+            Some((user + system) / ticks_per_second)
+        })
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds the agent (this process) and the node used during `phase`.
+struct CpuUse {
+    agent: f64,
+    node: f64,
+}
+
+impl CpuUse {
+    fn measure<T>(node_pid: &str, phase: impl FnOnce() -> T) -> (T, Self) {
+        let (agent_before, node_before) = (cpu_seconds("self"), cpu_seconds(node_pid));
+        let result = phase();
+        let usage = Self {
+            agent: cpu_seconds("self") - agent_before,
+            node: cpu_seconds(node_pid) - node_before,
+        };
+        (result, usage)
+    }
+
+    fn describe(&self, seconds: f64) -> String {
+        format!(
+            "CPU: agent {:.2} s, node {:.2} s, {:.2} cores busy",
+            self.agent,
+            self.node,
+            (self.agent + self.node) / seconds
+        )
+    }
+}
+
 fn write_data(dir: &Path, megabytes: usize) {
     std::fs::create_dir_all(dir).expect("mkdir");
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
@@ -152,7 +198,9 @@ fn main() {
         threads: 0,
     };
     let started = Instant::now();
-    backup(&options(&data), &local_store, None, &|_| {}).expect("local backup");
+    let ((), local_cpu) = CpuUse::measure("self", || {
+        backup(&options(&data), &local_store, None, &|_| {}).expect("local backup");
+    });
     let local_seconds = started.elapsed().as_secs_f64();
     drop(local_store);
 
@@ -186,7 +234,7 @@ fn main() {
             .expect("push");
         (started.elapsed().as_secs_f64(), outcome)
     };
-    let (first_seconds, first) = push(&data, "large");
+    let ((first_seconds, first), first_cpu) = CpuUse::measure(&node_pid, || push(&data, "large"));
     let (again_seconds, again) = push(&data, "large");
     let restore_dir = work.path().join("restored");
     std::fs::create_dir_all(&restore_dir).expect("mkdir");
@@ -205,14 +253,17 @@ fn main() {
     let (small_again_seconds, small_again) = push(&small, "small");
 
     println!(
-        "local ingest (walk into a store, same process): {:8.1} MB/s  ({local_seconds:.2} s)",
-        mb_per_s(total, local_seconds)
+        "local ingest (walk into a store, same process): {:8.1} MB/s  ({local_seconds:.2} s; CPU {:.2} s, {:.2} cores busy)",
+        mb_per_s(total, local_seconds),
+        local_cpu.agent,
+        local_cpu.agent / local_seconds
     );
     println!(
-        "push, first backup over loopback:               {:8.1} MB/s  ({first_seconds:.2} s, {} chunks sent, {:.1}% of local)",
+        "push, first backup over loopback:               {:8.1} MB/s  ({first_seconds:.2} s, {} chunks sent, {:.1}% of local; {})",
         mb_per_s(total, first_seconds),
         first.chunks_sent,
-        100.0 * local_seconds / first_seconds
+        100.0 * local_seconds / first_seconds,
+        first_cpu.describe(first_seconds)
     );
     println!(
         "push, unchanged re-backup:                      {:8.1} MB/s  ({again_seconds:.2} s, {} bytes sent, {} of {} files unchanged)",

@@ -8,7 +8,9 @@ use tonic::Status;
 pub fn status_from_store_error(err: StoreError) -> Status {
     let message = err.to_string();
     match err {
-        StoreError::ChunkMismatch { .. } => Status::data_loss(message),
+        StoreError::ChunkMismatch { .. } | StoreError::BadEncoding { .. } => {
+            Status::data_loss(message)
+        }
         StoreError::MissingChunk { .. } => Status::failed_precondition(message),
         StoreError::SnapshotNotFound { .. } | StoreError::ChunkNotFound { .. } => {
             Status::not_found(message)
