@@ -6,13 +6,14 @@
 
 use std::path::Path;
 
+use fabric_chunkstore::pack::StoredChunk;
 use fabric_integration_tests::{
     Server, fabricctl, fabricctl_json, fabricctl_ok, generate_tree, pseudo_random,
 };
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    ChunkBatch, ChunkData, Commit, EntryKind, ListSnapshotsRequest, Offer, SenderMessage, Snapshot,
-    StatsRequest, Tree, TreeEntry, receiver_message, sender_message,
+    ChunkBatch, ChunkData, ChunkEncoding, Commit, EntryKind, ListSnapshotsRequest, Offer,
+    SenderMessage, Snapshot, StatsRequest, Tree, TreeEntry, receiver_message, sender_message,
 };
 use prost::Message;
 use tokio_stream::StreamExt;
@@ -223,6 +224,7 @@ async fn a_chunk_whose_bytes_do_not_match_its_id_is_data_loss_and_stores_nothing
                 chunks: vec![ChunkData {
                     id: lie,
                     data: b"a lie".to_vec(),
+                    ..Default::default()
                 }],
             })),
         ],
@@ -230,6 +232,99 @@ async fn a_chunk_whose_bytes_do_not_match_its_id_is_data_loss_and_stores_nothing
     .await;
     let status = result.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+    let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.chunks, 0);
+}
+
+#[test]
+fn compressible_data_travels_compressed_and_restores_identical() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let text: String = (0..200_000)
+        .map(|line| format!("line {line}: the same few words, over and over\n"))
+        .collect();
+    std::fs::write(source.join("log.txt"), &text).unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let first = backup_json(&node, &source, "text");
+    let sent = field(&first, "bytes_sent");
+    assert!(
+        sent > 0 && sent < text.len() as u64 / 3,
+        "{sent} bytes sent for {} bytes of text: {first}",
+        text.len()
+    );
+    let restored = work.path().join("restored");
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    restore(
+        &node,
+        first["snapshot"].as_str().unwrap(),
+        &inside,
+        &restored,
+    );
+    assert_eq!(
+        std::fs::read_to_string(restored.join("log.txt")).unwrap(),
+        text
+    );
+}
+
+#[tokio::test]
+async fn a_compressed_chunk_that_decodes_to_other_bytes_or_too_many_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let claimed = b"what the sender claims to send ".repeat(100);
+    let claimed_id = blake3::hash(&claimed).as_bytes().to_vec();
+    let other = StoredChunk::encode(
+        fabric_chunkstore::Chunk::new(b"something else entirely ".repeat(100)),
+        3,
+    );
+    let swapped = ChunkData {
+        id: claimed_id.clone(),
+        data: other.stored.clone(),
+        encoding: ChunkEncoding::Zstd as i32,
+        plain_size: other.raw_len,
+    };
+    let offer = send(sender_message::Kind::Offer(Offer {
+        batch: 1,
+        ids: vec![claimed_id.clone()],
+    }));
+    let status = upload(
+        &node,
+        vec![
+            offer.clone(),
+            send(sender_message::Kind::Chunks(ChunkBatch {
+                batch: 2,
+                chunks: vec![swapped],
+            })),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(status.message().contains(&hex(&claimed_id)), "{status:?}");
+
+    // A frame announcing far more plain bytes than a chunk may have is
+    // refused before anything is decompressed.
+    let bomb = ChunkData {
+        id: claimed_id,
+        data: other.stored,
+        encoding: ChunkEncoding::Zstd as i32,
+        plain_size: 1 << 30,
+    };
+    let status = upload(
+        &node,
+        vec![
+            offer,
+            send(sender_message::Kind::Chunks(ChunkBatch {
+                batch: 2,
+                chunks: vec![bomb],
+            })),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+
     let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
     let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.chunks, 0);
@@ -247,7 +342,11 @@ async fn an_oversized_message_is_refused() {
         .max_encoding_message_size(64 * 1024 * 1024);
     let messages = vec![send(sender_message::Kind::Chunks(ChunkBatch {
         batch: 1,
-        chunks: vec![ChunkData { id, data }],
+        chunks: vec![ChunkData {
+            id,
+            data,
+            ..Default::default()
+        }],
     }))];
     let result = async {
         let mut replies = client
@@ -295,6 +394,7 @@ async fn a_commit_with_a_missing_chunk_is_refused_naming_it() {
                 chunks: vec![ChunkData {
                     id: root.clone(),
                     data: encoded,
+                    ..Default::default()
                 }],
             })),
             send(sender_message::Kind::Commit(Commit {
@@ -329,6 +429,7 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
     let mut chunks = vec![ChunkData {
         id: content_id.clone(),
         data: content,
+        ..Default::default()
     }];
     let mut commits = Vec::new();
     for evil in ["../escaped", "/etc/escaped"] {
@@ -347,6 +448,7 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
         chunks.push(ChunkData {
             id: root.clone(),
             data: encoded,
+            ..Default::default()
         });
         commits.push(root);
     }

@@ -55,7 +55,7 @@ pub struct PushProgress {
     pub files: u64,
     /// Bytes of file content read.
     pub bytes_read: u64,
-    /// Chunk bytes sent to the node.
+    /// Chunk bytes sent to the node, as sent (compressed).
     pub bytes_sent: u64,
     /// Bytes new to the node's store.
     pub new_bytes: u64,
@@ -72,9 +72,14 @@ pub struct PushOutcome {
     pub chunks_offered: u64,
     /// Chunks the node lacked and that were sent.
     pub chunks_sent: u64,
-    /// Plain bytes sent.
+    /// Chunk bytes sent, as sent (compressed where that shrinks them).
     pub bytes_sent: u64,
 }
+
+/// zstd level an agent compresses the chunks it sends with: the chunk
+/// store's default, so a pushed chunk is stored as a local backup would
+/// store it.
+pub const TRANSFER_ZSTD_LEVEL: i32 = 3;
 
 /// A callback receiving progress; called from worker threads.
 pub type ProgressFn = Arc<dyn Fn(&PushProgress) + Send + Sync>;
@@ -101,8 +106,9 @@ impl ChunkSource for RemoteSource {
                 .next()
                 .await
                 .ok_or_else(|| format!("the node sent no data for chunk {id}"))??;
-            if !id.matches(&chunk.data) {
-                return Err(format!("the node sent bytes that do not match chunk {id}").into());
+            let chunk = crate::convert::plain_chunk(chunk)?;
+            if chunk.id != id {
+                return Err(format!("the node sent chunk {} for chunk {id}", chunk.id).into());
             }
             Ok(chunk.data)
         })
@@ -240,9 +246,17 @@ pub async fn push_backup(
         let outcome = walk.await.map_err(crate::status::join_error)??;
         Ok(finish_record(template, outcome, &commit_counters))
     };
-    let snapshot = run_sender(chunks_rx, None, out_tx, incoming, commit, counters.clone())
-        .await
-        .map_err(remote("backing up"))?;
+    let snapshot = run_sender(
+        chunks_rx,
+        None,
+        TRANSFER_ZSTD_LEVEL,
+        out_tx,
+        incoming,
+        commit,
+        counters.clone(),
+    )
+    .await
+    .map_err(remote("backing up"))?;
     Ok(PushOutcome {
         snapshot,
         chunks_offered: TransferCounters::get(&counters.chunks_offered),

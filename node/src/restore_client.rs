@@ -6,7 +6,7 @@
 //! of its file's entry and must hash to it, and a file must add up to its
 //! recorded size, before anything reaches the target.
 
-use fabric_chunkstore::ChunkId;
+use crate::convert::plain_chunk;
 use fabric_chunkstore::restore::{RestoreError, RestoreStats, RestoreTarget, check_relative_path};
 use fabric_proto::v1::{EntryKind, RestoreItem, RestoreRequest, TreeEntry, restore_item};
 use futures::StreamExt;
@@ -112,14 +112,7 @@ impl<'a> RestoreStreamWriter<'a> {
                 if *expected != chunk.id {
                     return Err(bad(&file.path, "a chunk out of order"));
                 }
-                let id = ChunkId::from_slice(&chunk.id)
-                    .map_err(|err| bad(&file.path, err.to_string()))?;
-                if !id.matches(&chunk.data) {
-                    return Err(bad(
-                        &file.path,
-                        format!("the bytes of chunk {id} do not match its id"),
-                    ));
-                }
+                let chunk = plain_chunk(chunk).map_err(|err| bad(&file.path, err))?;
                 file.next_chunk += 1;
                 file.written += chunk.data.len() as u64;
                 self.target.file_data(&chunk.data)?;

@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::agent::{finish_record, spawn_walk};
+use crate::agent::{TRANSFER_ZSTD_LEVEL, finish_record, spawn_walk};
 use crate::transfer::{
     MAX_MESSAGE_BYTES, OutgoingChunk, REPLY_CHANNEL, TransferCounters, run_receiver, run_sender,
 };
@@ -125,7 +125,16 @@ impl Source for SourceService {
             Ok(finish_record(template, outcome, &commit_counters))
         };
         tokio::spawn(async move {
-            match run_sender(chunks_rx, None, out_tx, incoming, commit, counters).await {
+            let sent = run_sender(
+                chunks_rx,
+                None,
+                TRANSFER_ZSTD_LEVEL,
+                out_tx,
+                incoming,
+                commit,
+                counters,
+            );
+            match sent.await {
                 Ok(snapshot) => tracing::info!(snapshot = %snapshot.id, "pull served"),
                 Err(status) => {
                     tracing::warn!(message = status.message(), "pull failed");

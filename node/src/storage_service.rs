@@ -26,6 +26,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::convert;
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
     self, OutgoingChunk, REPLY_CHANNEL, TransferCounters, offer_snapshot_dag, run_receiver,
@@ -169,13 +170,11 @@ impl Storage for StorageService {
                         path: entry_path.to_vec(),
                         entry: Some(entry.clone()),
                     }))?;
+                    // Chunks go as stored: the client decodes and checks them.
                     for id in &entry.chunk_ids {
                         let chunk_id = ChunkId::from_slice(id)?;
-                        let data = store.get_chunk(&chunk_id)?;
-                        send(restore_item::Kind::Chunk(ChunkData {
-                            id: id.clone(),
-                            data,
-                        }))?;
+                        let stored = store.get_stored(&chunk_id)?;
+                        send(restore_item::Kind::Chunk(convert::chunk_data(stored)))?;
                     }
                     Ok(())
                 },
@@ -219,11 +218,8 @@ impl Storage for StorageService {
         tokio::task::spawn_blocking(move || {
             for id in ids {
                 let item = store
-                    .get_chunk(&id)
-                    .map(|data| ChunkData {
-                        id: id.to_vec(),
-                        data,
-                    })
+                    .get_stored(&id)
+                    .map(convert::chunk_data)
                     .map_err(status_from_store_error);
                 let failed = item.is_err();
                 if tx.blocking_send(item).is_err() || failed {
@@ -279,7 +275,7 @@ impl Storage for StorageService {
 
     async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StoreStats>, Status> {
         let stats = self.blocking(|store| store.stats()).await?;
-        Ok(Response::new(crate::convert::store_stats(&stats)))
+        Ok(Response::new(convert::store_stats(&stats)))
     }
 
     async fn verify(
@@ -297,7 +293,7 @@ impl Storage for StorageService {
             snapshot: (!snapshot.is_empty()).then_some(snapshot),
         };
         let report = self.blocking(move |store| store.verify(&options)).await?;
-        Ok(Response::new(crate::convert::verify_report(&report)))
+        Ok(Response::new(convert::verify_report(&report)))
     }
 
     async fn collect_garbage(
@@ -314,7 +310,7 @@ impl Storage for StorageService {
                 store.gc(&options)
             })
             .await?;
-        Ok(Response::new(crate::convert::gc_report(&report)))
+        Ok(Response::new(convert::gc_report(&report)))
     }
 
     type CopySnapshotStream = ItemStream<CopyProgress>;
@@ -353,9 +349,12 @@ impl Storage for StorageService {
                 producer.await.map_err(join_error)??;
                 Ok(record)
             };
+            // A copy sends chunks as stored: nothing is compressed again.
+            let zstd_level = store.config().zstd_level;
             run_sender(
                 chunks_rx,
                 Some(store),
+                zstd_level,
                 out_tx,
                 incoming,
                 commit,

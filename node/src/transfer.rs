@@ -19,23 +19,26 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fabric_chunkstore::Store;
-use fabric_chunkstore::{Chunk, ChunkId};
+use fabric_chunkstore::pack::{self, StoredChunk};
+use fabric_chunkstore::{Chunk, ChunkId, Store};
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
     SenderMessage, Snapshot, receiver_message, sender_message,
 };
+use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::Status;
 
+use crate::convert::{ChunkDataError, chunk_data, stored_chunk};
 use crate::status::{join_error, status_from_store_error};
 
 /// Most ids in one offer.
 pub const MAX_OFFER_IDS: usize = 4096;
 /// Most plain bytes a sender holds for one offer.
 pub const MAX_OFFER_BYTES: usize = 16 * 1024 * 1024;
-/// Most plain bytes in one chunk batch (a single larger chunk goes alone).
+/// Most bytes of chunk data (as sent, compressed or not) in one chunk batch
+/// (a single larger chunk goes alone).
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Largest chunk accepted: data chunks are at most the store's maximum chunk
 /// size; trees of very large directories may be bigger, up to this.
@@ -43,7 +46,8 @@ pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
 /// gRPC message limit on every fabric channel and server: the largest batch
 /// (a lone maximal chunk, or a full batch) plus its envelope fits under it.
 pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK_BYTES + MAX_BATCH_BYTES + 1024 * 1024;
-/// Unanswered offers a sender allows itself.
+/// Unanswered offers a sender allows itself, counting those whose missing
+/// chunks are being compressed.
 pub const MAX_OFFERS_IN_FLIGHT: usize = 4;
 /// Unacknowledged chunk batches a sender allows itself.
 pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
@@ -84,7 +88,7 @@ pub struct TransferCounters {
     pub chunks_offered: AtomicU64,
     /// Chunks the receiver lacked and that were sent.
     pub chunks_sent: AtomicU64,
-    /// Plain bytes sent.
+    /// Chunk bytes sent, as sent (compressed where that shrinks them).
     pub bytes_sent: AtomicU64,
     /// Chunks new to the receiver's store (acknowledged).
     pub new_chunks: AtomicU64,
@@ -110,12 +114,17 @@ fn protocol_error(what: impl std::fmt::Display) -> Status {
 }
 
 /// Run the sending end: offer every chunk `chunks` yields, send what the
-/// receiver lacks (fetching `Stored` chunks from `store`), then commit the
-/// snapshot `commit` resolves to once `chunks` is closed. Returns the
-/// snapshot as the receiver committed it.
+/// receiver lacks, then commit the snapshot `commit` resolves to once
+/// `chunks` is closed. Returns the snapshot as the receiver committed it.
+///
+/// A missing `Data` chunk is compressed with zstd at `zstd_level` (sent plain
+/// when that does not shrink it); a missing `Stored` chunk is read from
+/// `store` as it is stored. Both happen on blocking threads while the loop
+/// goes on offering, sending and taking acknowledgements.
 pub async fn run_sender<I, C>(
     mut chunks: mpsc::Receiver<OutgoingChunk>,
     store: Option<Arc<Store>>,
+    zstd_level: i32,
     outgoing: mpsc::Sender<SenderMessage>,
     mut incoming: I,
     commit: C,
@@ -137,14 +146,16 @@ where
         }
     };
     let mut offers: HashMap<u64, Vec<OutgoingChunk>> = HashMap::new();
+    // The missing chunks of answered offers, being compressed or read.
+    let mut encoding: FuturesUnordered<EncodedBatches> = FuturesUnordered::new();
     let mut batches_unacked = 0usize;
     let mut offered: HashSet<ChunkId> = HashSet::new();
     let mut next_batch = 0u64;
     let mut producer_done = false;
 
-    while !(producer_done && offers.is_empty() && batches_unacked == 0) {
+    while !(producer_done && offers.is_empty() && encoding.is_empty() && batches_unacked == 0) {
         let may_offer = !producer_done
-            && offers.len() < MAX_OFFERS_IN_FLIGHT
+            && offers.len() + encoding.len() < MAX_OFFERS_IN_FLIGHT
             && batches_unacked < MAX_BATCHES_IN_FLIGHT;
         tokio::select! {
             item = chunks.recv(), if may_offer => {
@@ -175,6 +186,16 @@ where
                 offers.insert(next_batch, batch);
                 send(sender_message::Kind::Offer(Offer { batch: next_batch, ids })).await?;
             }
+            Some(encoded) = encoding.next(), if !encoding.is_empty() => {
+                for batch in encoded? {
+                    next_batch += 1;
+                    let bytes: usize = batch.iter().map(|c| c.data.len()).sum();
+                    TransferCounters::add(&counters.chunks_sent, batch.len() as u64);
+                    TransferCounters::add(&counters.bytes_sent, bytes as u64);
+                    batches_unacked += 1;
+                    send(sender_message::Kind::Chunks(ChunkBatch { batch: next_batch, chunks: batch })).await?;
+                }
+            }
             message = incoming.next() => {
                 let message = match message {
                     None => return Err(Status::unavailable("the receiver ended the transfer before the commit")),
@@ -190,13 +211,8 @@ where
                             .into_iter()
                             .filter(|item| missing.contains(item.id().as_bytes().as_slice()))
                             .collect();
-                        for batch in chunk_batches(wanted, store.as_ref()).await? {
-                            next_batch += 1;
-                            let bytes: usize = batch.iter().map(|c| c.data.len()).sum();
-                            TransferCounters::add(&counters.chunks_sent, batch.len() as u64);
-                            TransferCounters::add(&counters.bytes_sent, bytes as u64);
-                            batches_unacked += 1;
-                            send(sender_message::Kind::Chunks(ChunkBatch { batch: next_batch, chunks: batch })).await?;
+                        if !wanted.is_empty() {
+                            encoding.push(Box::pin(encode_batches(wanted, store.clone(), zstd_level)));
                         }
                     }
                     Some(receiver_message::Kind::Stored(stored)) => {
@@ -233,60 +249,54 @@ where
     }
 }
 
-/// Group chunks into batches of at most [`MAX_BATCH_BYTES`], fetching the
-/// bytes of `Stored` chunks from `store`.
-async fn chunk_batches(
+/// The batches [`encode_batches`] makes of one offer's missing chunks.
+type EncodedBatches =
+    std::pin::Pin<Box<dyn Future<Output = Result<Vec<Vec<ChunkData>>, Status>> + Send>>;
+
+/// Encode chunks for sending, on a blocking thread: `Data` chunks are
+/// compressed in parallel, `Stored` chunks read from `store` as stored; then
+/// grouped into batches of at most [`MAX_BATCH_BYTES`] as sent.
+async fn encode_batches(
     items: Vec<OutgoingChunk>,
-    store: Option<&Arc<Store>>,
+    store: Option<Arc<Store>>,
+    zstd_level: i32,
 ) -> Result<Vec<Vec<ChunkData>>, Status> {
-    let mut chunks = Vec::with_capacity(items.len());
-    let mut to_fetch = Vec::new();
-    for item in items {
-        match item {
-            OutgoingChunk::Data(chunk) => chunks.push(ChunkData {
-                id: chunk.id.to_vec(),
-                data: chunk.data,
-            }),
-            OutgoingChunk::Stored(id) => to_fetch.push(id),
+    tokio::task::spawn_blocking(move || {
+        let mut plain = Vec::with_capacity(items.len());
+        let mut to_fetch = Vec::new();
+        for item in items {
+            match item {
+                OutgoingChunk::Data(chunk) => plain.push(chunk),
+                OutgoingChunk::Stored(id) => to_fetch.push(id),
+            }
         }
-    }
-    if !to_fetch.is_empty() {
-        let store = store
-            .ok_or_else(|| Status::internal("a stored chunk to send but no store to read it"))?
-            .clone();
-        let fetched = tokio::task::spawn_blocking(move || {
-            to_fetch
-                .into_iter()
-                .map(|id| {
-                    store
-                        .get_chunk(&id)
-                        .map(|data| ChunkData {
-                            id: id.to_vec(),
-                            data,
-                        })
-                        .map_err(status_from_store_error)
-                })
-                .collect::<Result<Vec<_>, Status>>()
-        })
-        .await
-        .map_err(join_error)??;
-        chunks.extend(fetched);
-    }
-    let mut batches = Vec::new();
-    let mut current = Vec::new();
-    let mut current_bytes = 0;
-    for chunk in chunks {
-        if !current.is_empty() && current_bytes + chunk.data.len() > MAX_BATCH_BYTES {
-            batches.push(std::mem::take(&mut current));
-            current_bytes = 0;
+        let mut encoded = pack::encode_chunks(plain, zstd_level);
+        if !to_fetch.is_empty() {
+            let store = store.as_ref().ok_or_else(|| {
+                Status::internal("a stored chunk to send but no store to read it")
+            })?;
+            for id in to_fetch {
+                encoded.push(store.get_stored(&id).map_err(status_from_store_error)?);
+            }
         }
-        current_bytes += chunk.data.len();
-        current.push(chunk);
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    Ok(batches)
+        let mut batches = Vec::new();
+        let mut current = Vec::new();
+        let mut current_bytes = 0;
+        for chunk in encoded {
+            if !current.is_empty() && current_bytes + chunk.stored.len() > MAX_BATCH_BYTES {
+                batches.push(std::mem::take(&mut current));
+                current_bytes = 0;
+            }
+            current_bytes += chunk.stored.len();
+            current.push(chunk_data(chunk));
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        Ok(batches)
+    })
+    .await
+    .map_err(join_error)?
 }
 
 fn parse_id(bytes: &[u8], context: &str) -> Result<ChunkId, Status> {
@@ -302,8 +312,8 @@ pub const FLUSH_EVERY_BYTES: u64 = 256 * 1024 * 1024;
 const WRITER_QUEUE: usize = 2;
 
 /// Run the receiving end into `store`: answer offers, store batches (each
-/// chunk re-hashed: a mismatch is `DATA_LOSS` and nothing of its batch is
-/// stored), and commit the snapshot (`FAILED_PRECONDITION` naming a missing
+/// chunk decoded and re-hashed: a mismatch is `DATA_LOSS` and nothing of its
+/// batch is stored; chunks are kept in the encoding they came in), and commit the snapshot (`FAILED_PRECONDITION` naming a missing
 /// chunk). Batches are written by a second task, so offers are answered
 /// while a batch is compressed and written; they become durable every
 /// [`FLUSH_EVERY_BYTES`] and at the commit. `memory` bounds the chunk bytes
@@ -375,18 +385,15 @@ where
                 let mut bytes = 0usize;
                 let mut parsed = Vec::with_capacity(chunks.len());
                 for chunk in chunks {
-                    let id = parse_id(&chunk.id, &format!("chunk batch {batch}"))?;
-                    if chunk.data.len() > max_chunk {
-                        return Err(Status::out_of_range(format!(
-                            "chunk {id} in batch {batch} is {} bytes, the limit is {max_chunk}",
-                            chunk.data.len()
-                        )));
-                    }
                     bytes += chunk.data.len();
-                    parsed.push(Chunk {
-                        id,
-                        data: chunk.data,
-                    });
+                    let chunk = stored_chunk(chunk, max_chunk).map_err(|err| {
+                        let message = format!("chunk batch {batch}: {err}");
+                        match err {
+                            ChunkDataError::TooLarge { .. } => Status::out_of_range(message),
+                            _ => protocol_error(message),
+                        }
+                    })?;
+                    parsed.push(chunk);
                 }
                 let permits = u32::try_from(bytes.div_ceil(1024).max(1)).map_err(|_| {
                     Status::out_of_range(format!("chunk batch {batch} is too large"))
@@ -430,7 +437,7 @@ where
     }
 }
 
-type QueuedBatch = (u64, Vec<Chunk>, tokio::sync::OwnedSemaphorePermit);
+type QueuedBatch = (u64, Vec<StoredChunk>, tokio::sync::OwnedSemaphorePermit);
 
 /// The receiver's writer: stores queued batches in order, acknowledges each,
 /// and flushes every [`FLUSH_EVERY_BYTES`] of new bytes. Ends when the queue
@@ -447,7 +454,7 @@ fn spawn_writer(
         let mut unflushed = 0u64;
         while let Some((batch, chunks, held)) = queue.recv().await {
             let writing = store.clone();
-            let stats = tokio::task::spawn_blocking(move || writing.put_chunks_pending(chunks))
+            let stats = tokio::task::spawn_blocking(move || writing.put_stored_pending(chunks))
                 .await
                 .map_err(join_error)?
                 .map_err(status_from_store_error)?;
