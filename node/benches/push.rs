@@ -7,8 +7,14 @@
 //! restore, each in MB/s; then a tree of 10,000 small files (first push and
 //! unchanged re-push); and the peak RSS of the node and of this process.
 //!
+//! Local ingest and the first push run in alternating rounds, each into an
+//! empty store (a fresh node for each push), and the medians are reported,
+//! with the CPU seconds each process used: on a shared machine whose speed
+//! drifts, one pair of runs can be off by a third.
+//!
 //! `FABRIC_BENCH_MB` sets the size of the large data (default 1024: half
-//! random, half text-like); `FABRIC_BENCH_SMALL_FILES` the small-file count.
+//! random, half text-like); `FABRIC_BENCH_SMALL_FILES` the small-file count;
+//! `FABRIC_BENCH_ROUNDS` the rounds (default 3).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -149,9 +155,52 @@ fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / 1e6 / seconds
 }
 
+/// A `fabric-node serve` child on 127.0.0.1, stopped (SIGTERM, then waited
+/// for) when dropped.
+struct NodeProcess {
+    child: std::process::Child,
+    address: String,
+    pid: String,
+}
+
+impl NodeProcess {
+    fn start(binary: &Path, data_dir: &Path) -> Self {
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("fabric-node starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().expect("a line").expect("readable");
+        let address = format!("http://{}", first.rsplit(' ').next().expect("an address"));
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        let pid = child.id().to_string();
+        Self {
+            child,
+            address,
+            pid,
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(&self.pid).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn main() {
     let megabytes = env_usize("FABRIC_BENCH_MB", 1024);
     let small_files = env_usize("FABRIC_BENCH_SMALL_FILES", 10_000);
+    let rounds = env_usize("FABRIC_BENCH_ROUNDS", 3).max(1);
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace")
@@ -177,7 +226,7 @@ fn main() {
         .map(|e| e.expect("entry").metadata().expect("stat").len())
         .sum();
     println!(
-        "data: {} MB ({} MB random, {} MB text-like), {small_files} small files; {} cores",
+        "data: {} MB ({} MB random, {} MB text-like), {small_files} small files; {} cores; {rounds} rounds of local ingest then first push, each into an empty store",
         total / 1_000_000,
         megabytes / 2,
         megabytes - megabytes / 2,
@@ -186,10 +235,6 @@ fn main() {
             .unwrap_or(1)
     );
 
-    // Local ingest: the walk straight into a store in this process.
-    let local_store =
-        Store::open_or_create(&work.path().join("local-store"), StoreConfig::default())
-            .expect("store");
     let options = |path: &Path| BackupOptions {
         includes: vec![path.to_owned()],
         excludes: Vec::new(),
@@ -197,32 +242,12 @@ fn main() {
         chunk_params: ChunkParams::default(),
         threads: 0,
     };
-    let started = Instant::now();
-    let ((), local_cpu) = CpuUse::measure("self", || {
-        backup(&options(&data), &local_store, None, &|_| {}).expect("local backup");
-    });
-    let local_seconds = started.elapsed().as_secs_f64();
-    drop(local_store);
-
-    let mut node = Command::new(&node_binary)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(work.path().join("node-store"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("fabric-node starts");
-    let mut lines = BufReader::new(node.stdout.take().expect("stdout")).lines();
-    let first = lines.next().expect("a line").expect("readable");
-    let address = format!("http://{}", first.rsplit(' ').next().expect("an address"));
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    let node_pid = node.id().to_string();
-
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let push = |path: &Path, job: &str| {
+    let push = |address: &str, path: &Path, job: &str| {
         let started = Instant::now();
         let outcome = runtime
             .block_on(fabric_node::agent::push_backup(
-                &address,
+                address,
                 options(path),
                 Snapshot {
                     job: job.into(),
@@ -234,36 +259,88 @@ fn main() {
             .expect("push");
         (started.elapsed().as_secs_f64(), outcome)
     };
-    let ((first_seconds, first), first_cpu) = CpuUse::measure(&node_pid, || push(&data, "large"));
-    let (again_seconds, again) = push(&data, "large");
+
+    // Local ingest and the first push alternate, so a machine whose speed
+    // drifts (a shared VM) weighs on both alike; medians are reported.
+    let mut local_times = Vec::new();
+    let mut push_times = Vec::new();
+    let mut ratios = Vec::new();
+    let mut node = None;
+    let mut first = None;
+    for round in 0..rounds {
+        let local_dir = work.path().join(format!("local-store-{round}"));
+        let local_store = Store::open_or_create(&local_dir, StoreConfig::default()).expect("store");
+        let started = Instant::now();
+        let ((), local_cpu) = CpuUse::measure("self", || {
+            backup(&options(&data), &local_store, None, &|_| {}).expect("local backup");
+        });
+        let local_seconds = started.elapsed().as_secs_f64();
+        drop(local_store);
+        std::fs::remove_dir_all(&local_dir).expect("remove the local store");
+
+        // The last round's node stays for the other measurements.
+        drop(node.take());
+        let node_dir = work.path().join(format!("node-store-{round}"));
+        let started_node = NodeProcess::start(&node_binary, &node_dir);
+        let ((push_seconds, outcome), push_cpu) = CpuUse::measure(&started_node.pid, || {
+            push(&started_node.address, &data, "large")
+        });
+        println!(
+            "round {}: local ingest {:6.1} MB/s ({local_seconds:.2} s, CPU {:.2} s); push {:6.1} MB/s ({push_seconds:.2} s, {}; {} MB sent), {:.1}% of local",
+            round + 1,
+            mb_per_s(total, local_seconds),
+            local_cpu.agent,
+            mb_per_s(total, push_seconds),
+            push_cpu.describe(push_seconds),
+            outcome.bytes_sent / 1_000_000,
+            100.0 * local_seconds / push_seconds
+        );
+        local_times.push(local_seconds);
+        push_times.push(push_seconds);
+        ratios.push(local_seconds / push_seconds);
+        first = Some(outcome);
+        if round + 1 < rounds {
+            drop(started_node);
+            std::fs::remove_dir_all(&node_dir).expect("remove the node store");
+        } else {
+            node = Some(started_node);
+        }
+    }
+    let node = node.expect("the last round's node");
+    let first = first.expect("a first push");
+    let local_seconds = median(&mut local_times);
+    let first_seconds = median(&mut push_times);
+    let ratio = median(&mut ratios);
+
+    let (again_seconds, again) = push(&node.address, &data, "large");
     let restore_dir = work.path().join("restored");
     std::fs::create_dir_all(&restore_dir).expect("mkdir");
     let started = Instant::now();
     let inside = data.to_string_lossy().trim_start_matches('/').to_owned();
-    runtime
-        .block_on(fabric_node::restore_client::restore_from(
-            &address,
-            &first.snapshot.id,
-            &inside,
-            Box::new(DirectoryTarget::new(restore_dir.clone()).expect("target")),
-        ))
-        .expect("restore");
+    let ((), restore_cpu) = CpuUse::measure(&node.pid, || {
+        runtime
+            .block_on(fabric_node::restore_client::restore_from(
+                &node.address,
+                &first.snapshot.id,
+                &inside,
+                Box::new(DirectoryTarget::new(restore_dir.clone()).expect("target")),
+            ))
+            .expect("restore");
+    });
     let restore_seconds = started.elapsed().as_secs_f64();
-    let (small_first_seconds, _) = push(&small, "small");
-    let (small_again_seconds, small_again) = push(&small, "small");
+    let (small_first_seconds, _) = push(&node.address, &small, "small");
+    let (small_again_seconds, small_again) = push(&node.address, &small, "small");
 
     println!(
-        "local ingest (walk into a store, same process): {:8.1} MB/s  ({local_seconds:.2} s; CPU {:.2} s, {:.2} cores busy)",
+        "local ingest (walk into a store, same process): {:8.1} MB/s  (median {local_seconds:.2} s)",
         mb_per_s(total, local_seconds),
-        local_cpu.agent,
-        local_cpu.agent / local_seconds
     );
     println!(
-        "push, first backup over loopback:               {:8.1} MB/s  ({first_seconds:.2} s, {} chunks sent, {:.1}% of local; {})",
+        "push, first backup over loopback:               {:8.1} MB/s  (median {first_seconds:.2} s, {} chunks, {} MB sent; median {:.1}% of local)",
         mb_per_s(total, first_seconds),
         first.chunks_sent,
-        100.0 * local_seconds / first_seconds,
-        first_cpu.describe(first_seconds)
+        first.bytes_sent / 1_000_000,
+        100.0 * ratio,
     );
     println!(
         "push, unchanged re-backup:                      {:8.1} MB/s  ({again_seconds:.2} s, {} bytes sent, {} of {} files unchanged)",
@@ -278,8 +355,9 @@ fn main() {
         again.snapshot.stats.as_ref().map(|s| s.files).unwrap_or(0)
     );
     println!(
-        "restore over loopback:                          {:8.1} MB/s  ({restore_seconds:.2} s)",
-        mb_per_s(total, restore_seconds)
+        "restore over loopback:                          {:8.1} MB/s  ({restore_seconds:.2} s; {})",
+        mb_per_s(total, restore_seconds),
+        restore_cpu.describe(restore_seconds)
     );
     println!("{small_files} small files, first backup:             {small_first_seconds:8.2} s");
     println!(
@@ -288,10 +366,8 @@ fn main() {
         small_again.bytes_sent
     );
     println!(
-        "peak RSS: node {} MiB, agent (this process, incl. local ingest) {} MiB",
-        peak_rss_kib(&node_pid) / 1024,
+        "peak RSS: node {} MiB (last round), agent (this process, incl. local ingest) {} MiB",
+        peak_rss_kib(&node.pid) / 1024,
         peak_rss_kib("self") / 1024
     );
-    let _ = Command::new("kill").arg("-TERM").arg(&node_pid).status();
-    let _ = node.wait();
 }
