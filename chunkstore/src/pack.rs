@@ -151,11 +151,76 @@ fn checksum(fields: &[u8], stored: &[u8]) -> [u8; 16] {
     out
 }
 
+/// Per-thread zstd state, reused from chunk to chunk: a new context and a
+/// fresh output buffer for every chunk cost allocations and page faults that
+/// show in profiles.
+struct ZstdScratch {
+    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    buffer: Vec<u8>,
+}
+
+thread_local! {
+    static ZSTD_SCRATCH: std::cell::RefCell<ZstdScratch> = const {
+        std::cell::RefCell::new(ZstdScratch {
+            compressor: None,
+            decompressor: None,
+            buffer: Vec::new(),
+        })
+    };
+}
+
 /// `data` compressed with zstd at `zstd_level`, if that shrinks it.
 fn compress_if_smaller(data: &[u8], zstd_level: i32) -> Option<Vec<u8>> {
-    zstd::bulk::compress(data, zstd_level)
-        .ok()
-        .filter(|compressed| compressed.len() < data.len())
+    ZSTD_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let ZstdScratch {
+            compressor, buffer, ..
+        } = &mut *scratch;
+        let compressor = match compressor {
+            Some((level, compressor)) if *level == zstd_level => compressor,
+            slot => {
+                let created = zstd::bulk::Compressor::new(zstd_level).ok()?;
+                &mut slot.insert((zstd_level, created)).1
+            }
+        };
+        // Room for the input's length: every frame that shrinks the chunk
+        // fits, and zstd gives up early on one that would not.
+        buffer.clear();
+        buffer.reserve(data.len());
+        compressor.compress_to_buffer(data, &mut *buffer).ok()?;
+        (buffer.len() < data.len()).then(|| buffer.clone())
+    })
+}
+
+/// Decompress `stored` (a zstd frame of `raw_len` plain bytes) and hand the
+/// plain bytes to `use_plain`, in a per-thread buffer reused from call to call.
+fn with_decompressed<T>(
+    stored: &[u8],
+    raw_len: u32,
+    use_plain: impl FnOnce(&[u8]) -> T,
+) -> Result<T, EntryError> {
+    ZSTD_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let ZstdScratch {
+            decompressor,
+            buffer,
+            ..
+        } = &mut *scratch;
+        let decompressor = match decompressor {
+            Some(decompressor) => decompressor,
+            slot => slot.insert(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|err| EntryError::Decompress(err.to_string()))?,
+            ),
+        };
+        buffer.clear();
+        buffer.reserve(raw_len as usize);
+        decompressor
+            .decompress_to_buffer(stored, &mut *buffer)
+            .map_err(|err| EntryError::Decompress(err.to_string()))?;
+        Ok(use_plain(buffer))
+    })
 }
 
 /// Encode chunk `id` with plain bytes `data`: zstd at `zstd_level`, or raw when
@@ -222,7 +287,9 @@ impl StoredChunk {
         match self.codec {
             // Raw bytes are hashed where they are, without a copy.
             Codec::Raw => check_plain(&self.id, self.raw_len, &self.stored),
-            Codec::Zstd => decode(&self.id, self.codec, self.raw_len, &self.stored).map(drop),
+            Codec::Zstd => with_decompressed(&self.stored, self.raw_len, |plain| {
+                check_plain(&self.id, self.raw_len, plain)
+            })?,
         }
     }
 
@@ -326,8 +393,7 @@ pub fn decode_stored(header: &EntryHeader, stored: &[u8]) -> Result<Vec<u8>, Ent
 fn decode(id: &ChunkId, codec: Codec, raw_len: u32, stored: &[u8]) -> Result<Vec<u8>, EntryError> {
     let plain = match codec {
         Codec::Raw => stored.to_vec(),
-        Codec::Zstd => zstd::bulk::decompress(stored, raw_len as usize)
-            .map_err(|err| EntryError::Decompress(err.to_string()))?,
+        Codec::Zstd => with_decompressed(stored, raw_len, <[u8]>::to_vec)?,
     };
     check_plain(id, raw_len, &plain)?;
     Ok(plain)
