@@ -14,7 +14,6 @@ use fabric_proto::standard::{StandardServices, StandardServicesError};
 use fabric_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{ConfigError, CoordinatorConfig};
 use crate::engine::{Engine, EngineError, Settings};
@@ -116,7 +115,7 @@ pub async fn serve(
     let mut server = Box::pin(
         tonic::transport::Server::builder()
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal),
+            .serve_with_incoming_shutdown(fabric_proto::standard::incoming(listener), signal),
     );
     let mut stopping = stop.clone();
     let served = tokio::select! {

@@ -19,7 +19,6 @@ use fabric_proto::standard::StandardServices;
 use fabric_proto::v1::source_server::SourceServer;
 use fabric_proto::v1::storage_server::StorageServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{NodeConfig, Role};
 use crate::source_service::SourceService;
@@ -172,7 +171,7 @@ pub async fn serve(
         .initial_stream_window_size(crate::client::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW_BYTES)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(fabric_proto::standard::incoming(listener), shutdown)
         .await;
     let _ = stop_tx.send(true);
     readiness.set_not_serving().await;

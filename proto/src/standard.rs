@@ -146,3 +146,11 @@ pub async fn bind_and_announce(
     println!("{binary} listening on {}", listener.local_addr()?);
     Ok(listener)
 }
+
+/// The connections `listener` accepts, for `serve_with_incoming*`, with
+/// `TCP_NODELAY` set. Tonic sets it only on sockets it binds itself; without
+/// it a small message (an offer's reply, a tree, a commit) written after
+/// another waits for the peer's delayed ACK, up to 40 ms a round trip.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
