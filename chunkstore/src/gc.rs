@@ -117,6 +117,8 @@ impl Store {
         let snapshots = {
             let _commit = lock(&self.commit_lock);
             *lock(&self.protected) = Some(HashSet::new());
+            // What commits found complete may be swept now.
+            lock(&self.complete_trees).clear();
             self.list_snapshots()
         };
         // Every pending chunk indexed and the open pack sealed, atomically:

@@ -34,4 +34,12 @@ pub trait ChunkSource: Sync {
         let bytes = self.get_chunk(id)?;
         Ok(<Tree as prost::Message>::decode(bytes.as_slice())?)
     }
+
+    /// A hint that the trees `ids` will be asked for soon (a backup walk
+    /// passes the subdirectories of the directory it enters): a remote source
+    /// fetches them concurrently, so a walk does not wait a round trip for
+    /// every directory. The default does nothing.
+    fn prefetch_trees(&self, ids: &[ChunkId]) {
+        let _ = ids;
+    }
 }

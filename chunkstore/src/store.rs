@@ -116,7 +116,17 @@ pub struct Store {
     pub(crate) protected: Mutex<Option<HashSet<ChunkId>>>,
     /// Unsealed packs the last open found and repaired (sealed, tail cut).
     repaired_at_open: u64,
+    /// Trees whose whole DAG a commit found indexed, since the last GC or
+    /// reindex began (only those remove index entries): a later commit of
+    /// the same subtrees (an unchanged re-backup) skips them. Not used or
+    /// filled while a GC runs, emptied when one starts; at most
+    /// [`COMPLETE_TREES_HELD`] ids.
+    pub(crate) complete_trees: Mutex<HashSet<ChunkId>>,
 }
+
+/// Tree ids [`Store::commit_snapshot`] remembers as complete, at most (about
+/// 50 bytes each); beyond, it forgets them all and starts again.
+const COMPLETE_TREES_HELD: usize = 1 << 20;
 
 // Shared between upload threads behind an `Arc`: must stay Send + Sync.
 const _: fn() = || {
@@ -243,6 +253,7 @@ impl Store {
             maintenance_lock: Mutex::new(()),
             protected: Mutex::new(None),
             repaired_at_open: 0,
+            complete_trees: Mutex::new(HashSet::new()),
         };
         let packs = store.pack_ids()?;
         let next = packs.iter().max().map_or(1, |max| max + 1);
@@ -696,10 +707,14 @@ impl Store {
     /// Check that every chunk of the DAG under `root` is indexed (durable);
     /// protects every id it checks from a running GC.
     fn check_dag(&self, root: ChunkId, snapshot: &str) -> Result<(), StoreError> {
+        // Under the commit lock, which a GC takes to start protecting: while
+        // it runs, every id must be protected, so nothing is skipped.
+        let gc_running = lock(&self.protected).is_some();
+        let mut complete = lock(&self.complete_trees);
         let mut stack = vec![(root, String::from("/"))];
         let mut seen_trees = HashSet::new();
         while let Some((tree_id, path)) = stack.pop() {
-            if !seen_trees.insert(tree_id) {
+            if !seen_trees.insert(tree_id) || (!gc_running && complete.contains(&tree_id)) {
                 continue;
             }
             let missing = |id: ChunkId, path: String| StoreError::MissingChunk {
@@ -726,6 +741,12 @@ impl Store {
                     stack.push((id, entry_path));
                 }
             }
+        }
+        if !gc_running {
+            if complete.len() + seen_trees.len() > COMPLETE_TREES_HELD {
+                complete.clear();
+            }
+            complete.extend(seen_trees);
         }
         Ok(())
     }

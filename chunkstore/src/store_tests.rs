@@ -419,6 +419,35 @@ fn put_chunks_of_a_chunk_pending_in_the_sink_makes_it_durable() {
 }
 
 #[test]
+fn a_commit_of_subtrees_found_complete_before_a_gc_checks_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let first = backup(&store, "first", &files(2, 30_000, 3));
+    let root = first.root_tree_id.clone();
+    let again = |name: &str| {
+        store.commit_snapshot(Snapshot {
+            name: name.to_owned(),
+            job: "job".into(),
+            root_tree_id: root.clone(),
+            ..Default::default()
+        })
+    };
+    // The same DAG again (an unchanged re-backup): found complete before.
+    again("second").unwrap();
+    assert!(store.complete_trees.lock().unwrap().len() >= 2);
+
+    store.delete_snapshot("first").unwrap();
+    store.delete_snapshot("second").unwrap();
+    let report = store.gc(&GcOptions::immediate()).unwrap();
+    assert!(report.swept_chunks > 0, "{report:?}");
+    // Its chunks are gone: remembering the trees as complete would commit
+    // a snapshot whose data is lost.
+    let err = again("third").unwrap_err();
+    assert!(matches!(err, StoreError::MissingChunk { .. }), "{err}");
+    assert!(store.list_snapshots().unwrap().is_empty());
+}
+
+#[test]
 fn gc_reclaims_deleted_snapshots_and_keeps_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();

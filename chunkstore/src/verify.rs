@@ -383,6 +383,7 @@ impl Store {
         self.with_writer_locked(|| {
             let mut report = ReindexReport::default();
             self.index.clear().map_err(self.index_error())?;
+            lock(&self.complete_trees).clear();
             let mut seen = HashSet::new();
             for id in self.pack_ids()? {
                 let path = self.pack_path(id);

@@ -334,7 +334,20 @@ impl Walk<'_> {
         source: &dyn ChunkSource,
     ) -> Option<Tree> {
         match source.get_tree(&id) {
-            Ok(tree) => Some(tree),
+            Ok(tree) => {
+                // The subdirectories are next: let a remote source fetch
+                // their trees while this directory is listed.
+                let subtrees: Vec<ChunkId> = tree
+                    .entries
+                    .iter()
+                    .filter(|entry| entry.kind == EntryKind::Dir as i32)
+                    .filter_map(|entry| ChunkId::from_slice(&entry.subtree_id).ok())
+                    .collect();
+                if !subtrees.is_empty() {
+                    source.prefetch_trees(&subtrees);
+                }
+                Some(tree)
+            }
             Err(err) => {
                 self.warn(format!(
                     "{}: parent snapshot tree {id} unreadable ({err}); reading its files again",

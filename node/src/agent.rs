@@ -6,7 +6,8 @@
 //! run on blocking threads; this module bridges them to gRPC streams with
 //! bounded channels, so memory stays bounded whatever the file sizes.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Progress};
 use fabric_chunkstore::{ChunkId, ChunkSource, SinkError};
@@ -17,7 +18,7 @@ use fabric_proto::v1::{
 };
 use futures::StreamExt;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
@@ -89,6 +90,37 @@ pub type ProgressFn = Arc<dyn Fn(&PushProgress) + Send + Sync>;
 struct RemoteSource {
     client: StorageClient<Channel>,
     runtime: Handle,
+    /// Trees asked for ahead of the walk ([`ChunkSource::prefetch_trees`]),
+    /// in flight or arrived, until the walk takes them.
+    prefetched: Mutex<HashMap<ChunkId, oneshot::Receiver<Result<Tree, Status>>>>,
+    /// Bounds the prefetching `GetTree` calls in flight.
+    prefetching: Arc<Semaphore>,
+}
+
+/// Prefetching `GetTree` calls in flight at once.
+const PREFETCH_CALLS: usize = 16;
+/// Prefetched trees held at most; beyond this the walk fetches on demand (a
+/// directory with a huge number of subdirectories must not fill memory).
+const PREFETCH_HELD: usize = 1024;
+
+impl RemoteSource {
+    fn new(client: StorageClient<Channel>, runtime: Handle) -> Self {
+        Self {
+            client,
+            runtime,
+            prefetched: Mutex::new(HashMap::new()),
+            prefetching: Arc::new(Semaphore::new(PREFETCH_CALLS)),
+        }
+    }
+
+    fn prefetched(
+        &self,
+    ) -> MutexGuard<'_, HashMap<ChunkId, oneshot::Receiver<Result<Tree, Status>>>> {
+        // Only ever inserted into and removed from: usable after a panic.
+        self.prefetched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl ChunkSource for RemoteSource {
@@ -115,6 +147,13 @@ impl ChunkSource for RemoteSource {
     }
 
     fn get_tree(&self, id: &ChunkId) -> Result<Tree, SinkError> {
+        let waiting = self.prefetched().remove(id);
+        if let Some(waiting) = waiting {
+            // A prefetch that was dropped unanswered is fetched again below.
+            if let Ok(answer) = self.runtime.block_on(waiting) {
+                return Ok(answer?);
+            }
+        }
         let mut client = self.client.clone();
         let id = *id;
         self.runtime.block_on(async move {
@@ -123,6 +162,33 @@ impl ChunkSource for RemoteSource {
                 .await?
                 .into_inner())
         })
+    }
+
+    fn prefetch_trees(&self, ids: &[ChunkId]) {
+        let mut prefetched = self.prefetched();
+        for id in ids {
+            if prefetched.len() >= PREFETCH_HELD {
+                break;
+            }
+            if prefetched.contains_key(id) {
+                continue;
+            }
+            let (answer, waiting) = oneshot::channel();
+            prefetched.insert(*id, waiting);
+            let mut client = self.client.clone();
+            let calls = self.prefetching.clone();
+            let id = *id;
+            self.runtime.spawn(async move {
+                let Ok(_call) = calls.acquire_owned().await else {
+                    return;
+                };
+                let tree = client
+                    .get_tree(GetTreeRequest { id: id.to_vec() })
+                    .await
+                    .map(tonic::Response::into_inner);
+                let _ = answer.send(tree);
+            });
+        }
     }
 }
 
@@ -217,10 +283,8 @@ pub async fn push_backup(
             template.parent_id = parent.id.clone();
             let root = ChunkId::from_slice(&parent.root_tree_id)
                 .map_err(|err| AgentError::Local(err.to_string()))?;
-            let source: Arc<dyn ChunkSource + Send + Sync> = Arc::new(RemoteSource {
-                client: client.clone(),
-                runtime: Handle::current(),
-            });
+            let source: Arc<dyn ChunkSource + Send + Sync> =
+                Arc::new(RemoteSource::new(client.clone(), Handle::current()));
             Some((source, root))
         }
         None => None,
