@@ -46,6 +46,12 @@ fn peak_rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Start a new peak RSS for a process (Linux 4.0+: "5" to `clear_refs`
+/// resets VmHWM to the current RSS).
+fn reset_peak_rss(pid: &str) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: &str) -> f64 {
     let ticks_per_second = 100.0; // USER_HZ: 100 on every Linux ABI in use
@@ -265,11 +271,14 @@ fn main() {
     let mut local_times = Vec::new();
     let mut push_times = Vec::new();
     let mut ratios = Vec::new();
+    // Peak RSS in MiB of each phase, per round.
+    let (mut local_rss, mut agent_rss, mut node_rss) = (Vec::new(), Vec::new(), Vec::new());
     let mut node = None;
     let mut first = None;
     for round in 0..rounds {
         let local_dir = work.path().join(format!("local-store-{round}"));
         let local_store = Store::open_or_create(&local_dir, StoreConfig::default()).expect("store");
+        reset_peak_rss("self");
         let started = Instant::now();
         let ((), local_cpu) = CpuUse::measure("self", || {
             backup(&options(&data), &local_store, None, &|_| {}).expect("local backup");
@@ -277,11 +286,13 @@ fn main() {
         let local_seconds = started.elapsed().as_secs_f64();
         drop(local_store);
         std::fs::remove_dir_all(&local_dir).expect("remove the local store");
+        local_rss.push(peak_rss_kib("self") / 1024);
 
         // The last round's node stays for the other measurements.
         drop(node.take());
         let node_dir = work.path().join(format!("node-store-{round}"));
         let started_node = NodeProcess::start(&node_binary, &node_dir);
+        reset_peak_rss("self");
         let ((push_seconds, outcome), push_cpu) = CpuUse::measure(&started_node.pid, || {
             push(&started_node.address, &data, "large")
         });
@@ -295,6 +306,8 @@ fn main() {
             outcome.bytes_sent / 1_000_000,
             100.0 * local_seconds / push_seconds
         );
+        agent_rss.push(peak_rss_kib("self") / 1024);
+        node_rss.push(peak_rss_kib(&started_node.pid) / 1024);
         local_times.push(local_seconds);
         push_times.push(push_seconds);
         ratios.push(local_seconds / push_seconds);
@@ -366,7 +379,10 @@ fn main() {
         small_again.bytes_sent
     );
     println!(
-        "peak RSS: node {} MiB (last round), agent (this process, incl. local ingest) {} MiB",
+        "peak RSS during the first push, by round: agent {agent_rss:?} MiB, node {node_rss:?} MiB; during local ingest {local_rss:?} MiB"
+    );
+    println!(
+        "peak RSS over the whole run: node {} MiB (last round), this process {} MiB",
         peak_rss_kib(&node.pid) / 1024,
         peak_rss_kib("self") / 1024
     );

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::transfer::{ChannelSink, OutgoingChunk, REPLY_CHANNEL, TransferCounters, run_sender};
+use crate::transfer::{ChannelSink, OutgoingChunk, SENDER_CHANNEL, TransferCounters, run_sender};
 
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -291,7 +291,7 @@ pub async fn push_backup(
     };
 
     let counters = Arc::new(TransferCounters::default());
-    let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(REPLY_CHANNEL);
+    let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
     let incoming = client
         .upload(ReceiverStream::new(out_rx))
         .await

@@ -21,7 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::{TRANSFER_ZSTD_LEVEL, finish_record, spawn_walk};
 use crate::transfer::{
-    MAX_MESSAGE_BYTES, OutgoingChunk, REPLY_CHANNEL, TransferCounters, run_receiver, run_sender,
+    MAX_MESSAGE_BYTES, OutgoingChunk, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters,
+    run_receiver, run_sender,
 };
 
 /// The parent snapshot's trees, sent by the puller in `PullStart`.
@@ -115,7 +116,7 @@ impl Source for SourceService {
         tracing::info!(job = %template.job, includes = ?options.includes, "serving a pull");
 
         let counters = Arc::new(TransferCounters::default());
-        let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(REPLY_CHANNEL);
+        let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
         let (result_tx, result_rx) = mpsc::channel::<Result<SenderMessage, Status>>(1);
         let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(64);
         let walk = spawn_walk(options, chunks_tx, parent, counters.clone(), None);

@@ -29,8 +29,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
-    self, OutgoingChunk, REPLY_CHANNEL, TransferCounters, offer_snapshot_dag, run_receiver,
-    run_sender,
+    self, OutgoingChunk, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, offer_snapshot_dag,
+    run_receiver, run_sender,
 };
 
 type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -334,7 +334,7 @@ impl Storage for StorageService {
         let store = self.store.clone();
         let copy_counters = counters.clone();
         let copy = async move {
-            let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(REPLY_CHANNEL);
+            let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
             let incoming = client
                 .upload(ReceiverStream::new(out_rx))
                 .await?

@@ -54,6 +54,11 @@ pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// Capacity of a receiver's reply channel: more than a sender can have
 /// unanswered, so a receiver never waits to reply.
 pub const REPLY_CHANNEL: usize = 2 * (MAX_OFFERS_IN_FLIGHT + MAX_BATCHES_IN_FLIGHT) + 4;
+/// Capacity of a sender's outgoing channel. Small: a batch is up to 8 MiB
+/// and the transport buffers more behind it; a full channel makes the sender
+/// wait for the network, which is all the backpressure it needs (the
+/// receiver's replies always have room, see [`REPLY_CHANNEL`]).
+pub const SENDER_CHANNEL: usize = 2;
 
 /// One chunk a sender has to transfer.
 #[derive(Debug)]
