@@ -44,6 +44,10 @@ pub const PACK_HEADER_LEN: u64 = 12;
 pub const ENTRY_MAGIC: [u8; 4] = *b"FCk1";
 /// Bytes of an entry header (before the stored bytes).
 pub const ENTRY_HEADER_LEN: usize = 4 + 32 + 1 + 4 + 4 + 16;
+/// Largest plain length a [`StoredChunk`] may announce: decoding allocates
+/// it. Above every chunk the fabric makes (data chunks are at most the
+/// store's maximum chunk size, trees at most 16 MiB on the wire).
+pub const MAX_DECODED_LEN: u32 = 64 << 20;
 /// First bytes of the seal (trailer) of a full pack.
 pub const SEAL_MAGIC: [u8; 8] = *b"FABRSEAL";
 /// Bytes of the seal: magic, entry count (u64 LE).
@@ -282,8 +286,11 @@ impl StoredChunk {
     }
 
     /// Check that the stored bytes decode to `raw_len` plain bytes that hash
-    /// to the id. The caller bounds `raw_len` first: decoding allocates it.
+    /// to the id. Decoding allocates `raw_len` bytes: a caller taking chunks
+    /// from a peer bounds it to its own limit first; here it is only held
+    /// under [`MAX_DECODED_LEN`].
     pub fn check(&self) -> Result<(), EntryError> {
+        self.check_raw_len()?;
         match self.codec {
             // Raw bytes are hashed where they are, without a copy.
             Codec::Raw => check_plain(&self.id, self.raw_len, &self.stored),
@@ -293,9 +300,20 @@ impl StoredChunk {
         }
     }
 
+    fn check_raw_len(&self) -> Result<(), EntryError> {
+        if self.raw_len > MAX_DECODED_LEN {
+            return Err(EntryError::Decompress(format!(
+                "{} plain bytes announced, more than any chunk ({MAX_DECODED_LEN})",
+                self.raw_len
+            )));
+        }
+        Ok(())
+    }
+
     /// The plain bytes, checked against the id (raw bytes are moved, not
-    /// copied). The caller bounds `raw_len` first: decoding allocates it.
+    /// copied). Decoding allocates `raw_len` bytes: see [`StoredChunk::check`].
     pub fn into_plain(self) -> Result<Vec<u8>, EntryError> {
+        self.check_raw_len()?;
         match self.codec {
             Codec::Raw => {
                 check_plain(&self.id, self.raw_len, &self.stored)?;
@@ -861,9 +879,14 @@ mod tests {
         longer.raw_len += 1;
         assert!(matches!(longer.check(), Err(EntryError::Decompress(_))));
 
-        let mut other = encoded;
+        let mut other = encoded.clone();
         other.id = ChunkId::of(b"something else");
         assert_eq!(other.check(), Err(EntryError::HashMismatch));
+
+        let mut bomb = encoded;
+        bomb.raw_len = MAX_DECODED_LEN + 1;
+        assert!(matches!(bomb.check(), Err(EntryError::Decompress(_))));
+        assert!(matches!(bomb.into_plain(), Err(EntryError::Decompress(_))));
 
         let random: Vec<u8> = (0..5000u32)
             .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])

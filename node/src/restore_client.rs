@@ -3,16 +3,16 @@
 //!
 //! The node is not trusted more than the disk: every path is checked again
 //! (no `..`, `/` inside a name, NUL, empty), every chunk must be the next id
-//! of its file's entry and must hash to it, and a file must add up to its
+//! of its file's entry and must decode to bytes that hash to it, and a file must add up to its
 //! recorded size, before anything reaches the target.
 
-use crate::convert::plain_chunk;
 use fabric_chunkstore::restore::{RestoreError, RestoreStats, RestoreTarget, check_relative_path};
 use fabric_proto::v1::{EntryKind, RestoreItem, RestoreRequest, TreeEntry, restore_item};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::agent::AgentError;
+use crate::convert::plain_chunk;
 
 /// Checks a restore stream item by item and writes it into a target.
 pub struct RestoreStreamWriter<'a> {

@@ -318,12 +318,13 @@ const WRITER_QUEUE: usize = 2;
 
 /// Run the receiving end into `store`: answer offers, store batches (each
 /// chunk decoded and re-hashed: a mismatch is `DATA_LOSS` and nothing of its
-/// batch is stored; chunks are kept in the encoding they came in), and commit the snapshot (`FAILED_PRECONDITION` naming a missing
-/// chunk). Batches are written by a second task, so offers are answered
-/// while a batch is compressed and written; they become durable every
-/// [`FLUSH_EVERY_BYTES`] and at the commit. `memory` bounds the chunk bytes
-/// all receivers hold at once (one permit per KiB). Returns the committed
-/// snapshot; a stream that ends before its commit leaves no snapshot.
+/// batch is stored; chunks are kept in the encoding they came in), and
+/// commit the snapshot (`FAILED_PRECONDITION` naming a missing chunk).
+/// Batches are checked and written by a second task, so offers are answered
+/// meanwhile; they become durable every [`FLUSH_EVERY_BYTES`] and at the
+/// commit. `memory` bounds the chunk bytes (as sent) all receivers hold at
+/// once (one permit per KiB). Returns the committed snapshot; a stream that
+/// ends before its commit leaves no snapshot.
 pub async fn run_receiver<I>(
     store: Arc<Store>,
     mut incoming: I,
