@@ -291,7 +291,7 @@ impl Store {
                         *chunk,
                         header.codec,
                         header.raw_len,
-                        &stored,
+                        stored,
                     )),
                     Err(err) => {
                         tracing::warn!(pack = %path.display(), chunk = %chunk, "live entry unreadable, pack kept: {err}");

@@ -23,8 +23,9 @@
 //! overwrite a byte already written, and knows nothing of the index, trees or
 //! snapshots.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, IoSlice, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,13 +138,34 @@ pub enum EntryError {
     HashMismatch,
 }
 
-/// One chunk ready to be appended: the whole entry, header included.
+/// One chunk ready to be appended: the entry's header and its stored bytes,
+/// borrowed where they already exist (a raw chunk, bytes received from a
+/// peer): they are written as they are, not copied behind the header first.
 #[derive(Clone, Debug)]
-pub struct EncodedEntry {
-    /// The header, as encoded in `bytes`.
+pub struct EncodedEntry<'a> {
+    /// The header, as encoded in `head`.
     pub header: EntryHeader,
-    /// Header and stored bytes.
-    pub bytes: Vec<u8>,
+    /// The encoded header.
+    pub head: [u8; ENTRY_HEADER_LEN],
+    /// The stored bytes.
+    pub stored: Cow<'a, [u8]>,
+}
+
+impl EncodedEntry<'_> {
+    /// Bytes the entry takes in a pack.
+    pub fn len(&self) -> usize {
+        ENTRY_HEADER_LEN + self.stored.len()
+    }
+
+    /// Never true: an entry has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The whole entry in one buffer, as a pack holds it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        [&self.head[..], &self.stored].concat()
+    }
 }
 
 fn checksum(fields: &[u8], stored: &[u8]) -> [u8; 16] {
@@ -229,9 +251,9 @@ fn with_decompressed<T>(
 
 /// Encode chunk `id` with plain bytes `data`: zstd at `zstd_level`, or raw when
 /// compression does not shrink the bytes.
-pub fn encode_entry(id: ChunkId, data: &[u8], zstd_level: i32) -> EncodedEntry {
+pub fn encode_entry(id: ChunkId, data: &[u8], zstd_level: i32) -> EncodedEntry<'_> {
     match compress_if_smaller(data, zstd_level) {
-        Some(compressed) => encode_stored(id, Codec::Zstd, data.len() as u32, &compressed),
+        Some(compressed) => encode_stored(id, Codec::Zstd, data.len() as u32, compressed),
         None => encode_stored(id, Codec::Raw, data.len() as u32, data),
     }
 }
@@ -332,17 +354,23 @@ pub fn encode_chunks(chunks: Vec<Chunk>, zstd_level: i32) -> Vec<StoredChunk> {
         .collect()
 }
 
-/// An entry of already-stored bytes (GC moves entries without recompressing).
-pub fn encode_stored(id: ChunkId, codec: Codec, raw_len: u32, stored: &[u8]) -> EncodedEntry {
-    let mut bytes = Vec::with_capacity(ENTRY_HEADER_LEN + stored.len());
-    bytes.extend_from_slice(&ENTRY_MAGIC);
-    bytes.extend_from_slice(id.as_bytes());
-    bytes.push(codec.to_byte());
-    bytes.extend_from_slice(&raw_len.to_le_bytes());
-    bytes.extend_from_slice(&(stored.len() as u32).to_le_bytes());
-    let sum = checksum(&bytes, stored);
-    bytes.extend_from_slice(&sum);
-    bytes.extend_from_slice(stored);
+/// An entry of already-stored bytes (GC moves entries without recompressing;
+/// a receiver keeps the encoding a sender chose).
+pub fn encode_stored<'a>(
+    id: ChunkId,
+    codec: Codec,
+    raw_len: u32,
+    stored: impl Into<Cow<'a, [u8]>>,
+) -> EncodedEntry<'a> {
+    let stored = stored.into();
+    let mut head = [0u8; ENTRY_HEADER_LEN];
+    head[..4].copy_from_slice(&ENTRY_MAGIC);
+    head[4..36].copy_from_slice(id.as_bytes());
+    head[36] = codec.to_byte();
+    head[37..41].copy_from_slice(&raw_len.to_le_bytes());
+    head[41..45].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+    let sum = checksum(&head[..45], &stored);
+    head[45..].copy_from_slice(&sum);
     EncodedEntry {
         header: EntryHeader {
             id,
@@ -351,7 +379,8 @@ pub fn encode_stored(id: ChunkId, codec: Codec, raw_len: u32, stored: &[u8]) -> 
             stored_len: stored.len() as u32,
             checksum: sum,
         },
-        bytes,
+        head,
+        stored,
     }
 }
 
@@ -503,6 +532,27 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Write `head` then `body` with as few system calls as the file takes
+/// (`std`'s `write_all_vectored` is not stable yet).
+fn write_all_vectored(file: &File, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let mut slices = [IoSlice::new(head), IoSlice::new(body)];
+    let mut remaining: &mut [IoSlice<'_>] = &mut slices;
+    while !remaining.is_empty() {
+        match (&*file).write_vectored(remaining) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "failed to write a whole entry",
+                ));
+            }
+            Ok(written) => IoSlice::advance_slices(&mut remaining, written),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
 /// The pack being filled: appends entries, syncs, seals.
 #[derive(Debug)]
 pub struct PackWriter {
@@ -563,10 +613,10 @@ impl PackWriter {
     }
 
     /// Append `entry`; returns the offset it starts at.
-    pub fn append(&mut self, entry: &EncodedEntry) -> std::io::Result<u64> {
+    pub fn append(&mut self, entry: &EncodedEntry<'_>) -> std::io::Result<u64> {
         let offset = self.len;
-        (&*self.file).write_all(&entry.bytes)?;
-        self.len += entry.bytes.len() as u64;
+        write_all_vectored(&self.file, &entry.head, &entry.stored)?;
+        self.len += entry.len() as u64;
         self.entries += 1;
         Ok(offset)
     }
@@ -802,7 +852,8 @@ mod tests {
         let entry = encode_entry(ChunkId::of(&random), &random, 3);
         assert_eq!(entry.header.codec, Codec::Raw);
         assert_eq!(entry.header.stored_len, 10_000);
-        let (header, stored) = check_entry(&entry.bytes).unwrap();
+        let bytes = entry.to_bytes();
+        let (header, stored) = check_entry(&bytes).unwrap();
         assert_eq!(decode_stored(&header, stored).unwrap(), random);
     }
 
@@ -912,7 +963,8 @@ mod tests {
         fn entries_round_trip(data in proptest::collection::vec(any::<u8>(), 0..5000), repeat in 1usize..4) {
             let data: Vec<u8> = data.iter().copied().cycle().take(data.len() * repeat).collect();
             let entry = encode_entry(ChunkId::of(&data), &data, 1);
-            let (header, stored) = check_entry(&entry.bytes).unwrap();
+            let bytes = entry.to_bytes();
+            let (header, stored) = check_entry(&bytes).unwrap();
             prop_assert_eq!(decode_stored(&header, stored).unwrap(), data);
         }
 
@@ -923,7 +975,8 @@ mod tests {
             let chunk = StoredChunk::encode(Chunk::new(data.clone()), 1);
             prop_assert!(chunk.check().is_ok());
             let entry = encode_stored(chunk.id, chunk.codec, chunk.raw_len, &chunk.stored);
-            let (header, stored) = check_entry(&entry.bytes).unwrap();
+            let bytes = entry.to_bytes();
+            let (header, stored) = check_entry(&bytes).unwrap();
             prop_assert_eq!(decode_stored(&header, stored).unwrap(), data.clone());
             prop_assert_eq!(chunk.into_plain().unwrap(), data);
         }

@@ -395,18 +395,23 @@ impl Store {
         let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
         self.put_fresh(&ids, false, |index| {
             let chunk = &chunks[index];
-            pack::encode_stored(chunk.id, chunk.codec, chunk.raw_len, &chunk.stored)
+            pack::encode_stored(
+                chunk.id,
+                chunk.codec,
+                chunk.raw_len,
+                chunk.stored.as_slice(),
+            )
         })
     }
 
     /// Append the chunks of `ids` the store lacks (first occurrence only),
     /// each encoded by `encode(position)` in parallel, and count them; with
     /// `durable`, fsync and index them before returning.
-    fn put_fresh(
+    fn put_fresh<'a>(
         &self,
         ids: &[ChunkId],
         durable: bool,
-        encode: impl Fn(usize) -> EncodedEntry + Sync,
+        encode: impl Fn(usize) -> EncodedEntry<'a> + Sync,
     ) -> Result<PutStats, StoreError> {
         let fresh = self.fresh_positions(ids)?;
         let mut stats = PutStats {

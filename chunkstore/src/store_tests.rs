@@ -748,7 +748,9 @@ fn a_torn_tail_of_the_open_pack_is_cut_at_open() {
         writer.append(&whole).unwrap();
         let other = pseudo_random(5000, 43);
         let mut torn = crate::pack::encode_entry(ChunkId::of(&other), &other, 1);
-        torn.bytes.truncate(2000);
+        torn.stored
+            .to_mut()
+            .truncate(2000 - crate::pack::ENTRY_HEADER_LEN);
         writer.append(&torn).unwrap();
         writer.sync().unwrap();
     }
