@@ -31,6 +31,9 @@ COPY --from=build /out/bin/ /usr/local/bin/
 # mounts a volume and a ConfigMap over them.
 COPY --from=build --chown=10001:10001 /out/data /var/lib/fabric
 COPY --from=build /out/config /etc/fabric
+# glibc's per-thread malloc arenas keep what each backup's threads freed: a
+# long-running node grows by hundreds of MiB over many backups without this.
+ENV MALLOC_ARENA_MAX=2
 USER 10001:10001
 WORKDIR /var/lib/fabric
 # The coordinator's and the nodes' default gRPC ports.
