@@ -284,22 +284,22 @@ async fn a_compressed_chunk_that_decodes_to_other_bytes_or_too_many_is_refused()
         encoding: ChunkEncoding::Zstd as i32,
         plain_size: other.raw_len,
     };
-    let offer = send(sender_message::Kind::Offer(Offer {
-        batch: 1,
-        ids: vec![claimed_id.clone()],
-    }));
-    let status = upload(
-        &node,
-        vec![
-            offer.clone(),
+    // Offer the claimed id, send `chunk` for it: the node's refusal.
+    let refusal = |chunk: ChunkData| {
+        let messages = vec![
+            send(sender_message::Kind::Offer(Offer {
+                batch: 1,
+                ids: vec![chunk.id.clone()],
+            })),
             send(sender_message::Kind::Chunks(ChunkBatch {
                 batch: 2,
-                chunks: vec![swapped],
+                chunks: vec![chunk],
             })),
-        ],
-    )
-    .await
-    .unwrap_err();
+        ];
+        let node = &node;
+        async move { upload(node, messages).await.unwrap_err() }
+    };
+    let status = refusal(swapped).await;
     assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
     assert!(status.message().contains(&hex(&claimed_id)), "{status:?}");
 
@@ -311,18 +311,7 @@ async fn a_compressed_chunk_that_decodes_to_other_bytes_or_too_many_is_refused()
         encoding: ChunkEncoding::Zstd as i32,
         plain_size: 1 << 30,
     };
-    let status = upload(
-        &node,
-        vec![
-            offer,
-            send(sender_message::Kind::Chunks(ChunkBatch {
-                batch: 2,
-                chunks: vec![bomb],
-            })),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let status = refusal(bomb).await;
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
 
     let mut client = StorageClient::connect(node.address.clone()).await.unwrap();

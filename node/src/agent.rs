@@ -13,8 +13,8 @@ use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Prog
 use fabric_chunkstore::{ChunkId, ChunkSource, SinkError};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, SenderMessage, Snapshot, SnapshotState,
-    Tree,
+    GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, ReceiverMessage, SenderMessage,
+    Snapshot, SnapshotState, Tree,
 };
 use futures::StreamExt;
 use tokio::runtime::Handle;
@@ -214,7 +214,7 @@ async fn find_parent(
 }
 
 /// Fill a snapshot record from a walk's outcome and the transfer's counters.
-pub fn finish_record(
+fn finish_record(
     mut template: Snapshot,
     outcome: BackupOutcome,
     counters: &TransferCounters,
@@ -231,7 +231,7 @@ pub fn finish_record(
 
 /// Run the backup walk on a blocking thread into `chunks`, reporting
 /// progress; returns the walk's outcome.
-pub fn spawn_walk(
+fn spawn_walk(
     options: BackupOptions,
     chunks: mpsc::Sender<OutgoingChunk>,
     parent: Option<(Arc<dyn ChunkSource + Send + Sync>, ChunkId)>,
@@ -258,6 +258,44 @@ pub fn spawn_walk(
         fabric_chunkstore::walk::backup(&options, &sink, parent, &report)
             .map_err(|err| Status::failed_precondition(err.to_string()))
     })
+}
+
+/// The sending end of a backup, for a push (on `Storage.Upload`) and a pull
+/// (on `Source.Pull`) alike: walk `options` (skipping files unchanged since
+/// `parent`), send what the receiver lacks on `outgoing`, taking its replies
+/// from `incoming`, and commit the snapshot made from `template`. Returns the
+/// snapshot as the receiver committed it.
+pub async fn send_backup<I>(
+    options: BackupOptions,
+    parent: Option<(Arc<dyn ChunkSource + Send + Sync>, ChunkId)>,
+    template: Snapshot,
+    outgoing: mpsc::Sender<SenderMessage>,
+    incoming: I,
+    counters: Arc<TransferCounters>,
+    progress: Option<ProgressFn>,
+) -> Result<Snapshot, Status>
+where
+    I: futures::Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
+{
+    // Chunks read but not offered yet: a count, not bytes, so that an offer
+    // of many small files still gathers thousands of ids.
+    let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(64);
+    let walk = spawn_walk(options, chunks_tx, parent, counters.clone(), progress);
+    let commit_counters = counters.clone();
+    let commit = async move {
+        let outcome = walk.await.map_err(crate::status::join_error)??;
+        Ok(finish_record(template, outcome, &commit_counters))
+    };
+    run_sender(
+        chunks_rx,
+        None,
+        TRANSFER_ZSTD_LEVEL,
+        outgoing,
+        incoming,
+        commit,
+        counters,
+    )
+    .await
 }
 
 /// Back up `options.includes` to the node at `address` as a snapshot made
@@ -297,27 +335,14 @@ pub async fn push_backup(
         .await
         .map_err(remote("starting the upload"))?
         .into_inner();
-    let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(64);
-    let walk = spawn_walk(
+    let snapshot = send_backup(
         options,
-        chunks_tx,
         parent_source,
-        counters.clone(),
-        progress,
-    );
-    let commit_counters = counters.clone();
-    let commit = async move {
-        let outcome = walk.await.map_err(crate::status::join_error)??;
-        Ok(finish_record(template, outcome, &commit_counters))
-    };
-    let snapshot = run_sender(
-        chunks_rx,
-        None,
-        TRANSFER_ZSTD_LEVEL,
+        template,
         out_tx,
         incoming,
-        commit,
         counters.clone(),
+        progress,
     )
     .await
     .map_err(remote("backing up"))?;

@@ -19,10 +19,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::agent::{TRANSFER_ZSTD_LEVEL, finish_record, spawn_walk};
+use crate::agent::send_backup;
 use crate::transfer::{
-    MAX_MESSAGE_BYTES, OutgoingChunk, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters,
-    run_receiver, run_sender,
+    MAX_MESSAGE_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, run_receiver,
 };
 
 /// The parent snapshot's trees, sent by the puller in `PullStart`.
@@ -118,23 +117,8 @@ impl Source for SourceService {
         let counters = Arc::new(TransferCounters::default());
         let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
         let (result_tx, result_rx) = mpsc::channel::<Result<SenderMessage, Status>>(1);
-        let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(64);
-        let walk = spawn_walk(options, chunks_tx, parent, counters.clone(), None);
-        let commit_counters = counters.clone();
-        let commit = async move {
-            let outcome = walk.await.map_err(crate::status::join_error)??;
-            Ok(finish_record(template, outcome, &commit_counters))
-        };
         tokio::spawn(async move {
-            let sent = run_sender(
-                chunks_rx,
-                None,
-                TRANSFER_ZSTD_LEVEL,
-                out_tx,
-                incoming,
-                commit,
-                counters,
-            );
+            let sent = send_backup(options, parent, template, out_tx, incoming, counters, None);
             match sent.await {
                 Ok(snapshot) => tracing::info!(snapshot = %snapshot.id, "pull served"),
                 Err(status) => {
