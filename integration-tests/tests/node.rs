@@ -47,6 +47,12 @@ fn restore(node: &Server, snapshot: &str, path: &str, to: &Path) {
     ]);
 }
 
+/// Restore what `backup` (a `backup_json` answer) saved of `source` into `to`.
+fn restore_source(node: &Server, backup: &serde_json::Value, source: &Path, to: &Path) {
+    let inside = source.to_str().unwrap().trim_start_matches('/');
+    restore(node, backup["snapshot"].as_str().unwrap(), inside, to);
+}
+
 #[test]
 fn a_generated_tree_restores_identical_and_an_unchanged_rebackup_sends_nothing() {
     let work = tempfile::tempdir().unwrap();
@@ -59,13 +65,7 @@ fn a_generated_tree_restores_identical_and_an_unchanged_rebackup_sends_nothing()
     assert!(field(&first, "files") >= 300);
 
     let restored = work.path().join("restored");
-    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
-    restore(
-        &node,
-        first["snapshot"].as_str().unwrap(),
-        &inside,
-        &restored,
-    );
+    restore_source(&node, &first, &source, &restored);
     let compared = fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
     assert!(compared.entries > 300, "{compared:?}");
 
@@ -255,13 +255,7 @@ fn compressible_data_travels_compressed_and_restores_identical() {
         text.len()
     );
     let restored = work.path().join("restored");
-    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
-    restore(
-        &node,
-        first["snapshot"].as_str().unwrap(),
-        &inside,
-        &restored,
-    );
+    restore_source(&node, &first, &source, &restored);
     assert_eq!(
         std::fs::read_to_string(restored.join("log.txt")).unwrap(),
         text
