@@ -23,7 +23,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::transfer::{ChannelSink, OutgoingChunk, SENDER_CHANNEL, TransferCounters, run_sender};
+use crate::transfer::{
+    ChannelSink, OutgoingChunk, READ_AHEAD_CHUNKS, SENDER_CHANNEL, TransferCounters, run_sender,
+};
 
 /// Why an agent operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -277,9 +279,8 @@ pub async fn send_backup<I>(
 where
     I: futures::Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
 {
-    // Chunks read but not offered yet: a count, not bytes, so that an offer
-    // of many small files still gathers thousands of ids.
-    let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(64);
+    // Bounded in bytes by the sink as well (READ_AHEAD_BYTES).
+    let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(READ_AHEAD_CHUNKS);
     let walk = spawn_walk(options, chunks_tx, parent, counters.clone(), progress);
     let commit_counters = counters.clone();
     let commit = async move {

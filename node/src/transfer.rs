@@ -27,7 +27,7 @@ use fabric_proto::v1::{
 };
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
 use crate::convert::{ChunkDataError, chunk_data, stored_chunk};
@@ -60,11 +60,22 @@ pub const REPLY_CHANNEL: usize = 2 * (MAX_OFFERS_IN_FLIGHT + MAX_BATCHES_IN_FLIG
 /// receiver's replies always have room, see [`REPLY_CHANNEL`]).
 pub const SENDER_CHANNEL: usize = 2;
 
+/// Chunk bytes a backup walk may have read ahead of its sender (waiting in
+/// the channel between them), see [`ChannelSink`].
+pub const READ_AHEAD_BYTES: usize = 32 * 1024 * 1024;
+/// Chunks that may wait between a walk and its sender: as many as one offer
+/// takes, so an offer of small files gathers thousands of ids and a backup
+/// of many small files needs few round trips.
+pub const READ_AHEAD_CHUNKS: usize = MAX_OFFER_IDS;
+
 /// One chunk a sender has to transfer.
 #[derive(Debug)]
 pub enum OutgoingChunk {
     /// Bytes at hand (a push: the agent just read them).
     Data(Chunk),
+    /// Bytes a walk read ahead, holding their share of its read-ahead budget
+    /// until the sender takes them off the channel ([`ChannelSink`]).
+    ReadAhead(Chunk, OwnedSemaphorePermit),
     /// Bytes to fetch from the sender's own store if the receiver lacks them
     /// (a copy: most chunks are usually present already).
     Stored(ChunkId),
@@ -73,15 +84,24 @@ pub enum OutgoingChunk {
 impl OutgoingChunk {
     fn id(&self) -> ChunkId {
         match self {
-            Self::Data(chunk) => chunk.id,
+            Self::Data(chunk) | Self::ReadAhead(chunk, _) => chunk.id,
             Self::Stored(id) => *id,
         }
     }
 
     fn held_bytes(&self) -> usize {
         match self {
-            Self::Data(chunk) => chunk.data.len(),
+            Self::Data(chunk) | Self::ReadAhead(chunk, _) => chunk.data.len(),
             Self::Stored(_) => 0,
+        }
+    }
+
+    /// As the sender holds it once taken off the channel: read-ahead bytes
+    /// give their budget back (what offers hold is bounded on its own).
+    fn taken(self) -> Self {
+        match self {
+            Self::ReadAhead(chunk, _budget) => Self::Data(chunk),
+            other => other,
         }
     }
 }
@@ -169,12 +189,12 @@ where
                     continue;
                 };
                 let mut held = first.held_bytes();
-                let mut batch = vec![first];
+                let mut batch = vec![first.taken()];
                 while batch.len() < MAX_OFFER_IDS && held < MAX_OFFER_BYTES {
                     match chunks.try_recv() {
                         Ok(item) => {
                             held += item.held_bytes();
-                            batch.push(item);
+                            batch.push(item.taken());
                         }
                         Err(_) => break,
                     }
@@ -271,7 +291,9 @@ async fn encode_batches(
         let mut to_fetch = Vec::new();
         for item in items {
             match item {
-                OutgoingChunk::Data(chunk) => plain.push(chunk),
+                OutgoingChunk::Data(chunk) | OutgoingChunk::ReadAhead(chunk, _) => {
+                    plain.push(chunk);
+                }
                 OutgoingChunk::Stored(id) => to_fetch.push(id),
             }
         }
@@ -526,23 +548,40 @@ pub fn offer_snapshot_dag(
 }
 
 /// A sink for the backup walk that feeds a sender: every chunk goes into the
-/// channel (blocking the walk when the sender is behind: backpressure).
+/// channel, blocking the walk (backpressure) when [`READ_AHEAD_BYTES`] of
+/// chunks, or a channel's capacity of them, wait for the sender. Called on
+/// the walk's threads, never on the async runtime's.
 #[derive(Debug)]
 pub struct ChannelSink {
     sender: mpsc::Sender<OutgoingChunk>,
+    /// One permit per KiB of chunk bytes in the channel.
+    read_ahead: Arc<Semaphore>,
 }
 
 impl ChannelSink {
     /// A sink that sends into `sender`.
     pub fn new(sender: mpsc::Sender<OutgoingChunk>) -> Self {
-        Self { sender }
+        Self {
+            sender,
+            read_ahead: Arc::new(Semaphore::new(READ_AHEAD_BYTES / 1024)),
+        }
     }
 }
 
 impl fabric_chunkstore::ChunkSink for ChannelSink {
     fn put_chunk(&self, chunk: Chunk) -> Result<(), fabric_chunkstore::SinkError> {
+        let kib = chunk
+            .data
+            .len()
+            .div_ceil(1024)
+            .clamp(1, READ_AHEAD_BYTES / 1024);
+        let kib = u32::try_from(kib).map_err(|_| "a chunk too large to send")?;
+        // The permits come back as the sender takes chunks off the channel,
+        // or all at once when it drops the channel (the transfer ended).
+        let budget = futures::executor::block_on(self.read_ahead.clone().acquire_many_owned(kib))
+            .map_err(|_| "the transfer ended")?;
         self.sender
-            .blocking_send(OutgoingChunk::Data(chunk))
+            .blocking_send(OutgoingChunk::ReadAhead(chunk, budget))
             .map_err(|_| "the transfer ended".into())
     }
 
