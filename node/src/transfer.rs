@@ -1,7 +1,11 @@
 //! The transfer protocol, both ends (see proto/README.md): the sender offers
 //! ids in batches, sends the bytes the receiver lacks, then commits; the
-//! receiver answers offers, stores batches after re-hashing them, and writes
-//! the snapshot record.
+//! receiver answers offers, stores batches after decoding and re-hashing
+//! them, and writes the snapshot record.
+//!
+//! Chunks travel in their stored form ([`StoredChunk`]): a sender compresses
+//! a chunk it read only once the receiver asked for it, and sends a chunk it
+//! stores as it is; the receiver keeps what it was sent.
 //!
 //! Both ends are written against plain channels and streams, not against a
 //! gRPC call, because the same code runs in three places: a push (agent sends
@@ -12,7 +16,8 @@
 //! Flow control: a sender keeps at most [`MAX_OFFERS_IN_FLIGHT`] offers and
 //! [`MAX_BATCHES_IN_FLIGHT`] chunk batches unanswered, so the data it holds is
 //! bounded in bytes and the receiver's replies always fit its reply channel
-//! ([`REPLY_CHANNEL`]): neither end can block the other.
+//! ([`REPLY_CHANNEL`]): neither end can block the other. A walk feeding a
+//! sender reads ahead at most [`READ_AHEAD_BYTES`] ([`ChannelSink`]).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
