@@ -223,6 +223,7 @@ impl<R: Read> Iterator for ChunkReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::pseudo_random;
     use proptest::prelude::*;
 
     fn small() -> ChunkParams {
@@ -236,18 +237,6 @@ mod tests {
     fn one_shot(data: &[u8], params: ChunkParams) -> Vec<Vec<u8>> {
         fastcdc::v2020::FastCDC::new(data, params.min_size, params.avg_size, params.max_size)
             .map(|c| data[c.offset..c.offset + c.length].to_vec())
-            .collect()
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
             .collect()
     }
 

@@ -20,6 +20,8 @@ pub mod pack;
 pub mod restore;
 pub mod sink;
 pub mod store;
+#[cfg(test)]
+mod test_data;
 pub mod verify;
 pub mod walk;
 

@@ -29,16 +29,10 @@ pub(crate) fn small_config() -> StoreConfig {
     }
 }
 
+/// [`crate::test_data::pseudo_random`] with the seed spread over all 64
+/// bits, so that the small seeds these tests use give unrelated streams.
 pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    crate::test_data::pseudo_random(len, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// Half random, half repetitive: some chunks compress, some do not.

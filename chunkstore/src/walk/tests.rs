@@ -37,17 +37,7 @@ pub(crate) fn options(includes: &[&Path]) -> BackupOptions {
 
 pub(crate) fn quiet(_: &Progress) {}
 
-pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
+pub(crate) use crate::test_data::pseudo_random;
 
 /// What a restore must reproduce of one file system object.
 #[derive(Debug, PartialEq, Eq)]
