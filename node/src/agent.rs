@@ -13,10 +13,11 @@ use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Prog
 use fabric_chunkstore::{ChunkId, ChunkSource, SinkError};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, ReceiverMessage, SenderMessage,
+    ChunkData, GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, ReceiverMessage, SenderMessage,
     Snapshot, SnapshotState, Tree,
 };
 use futures::StreamExt;
+use prost::Message;
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -93,14 +94,19 @@ struct RemoteSource {
     client: StorageClient<Channel>,
     runtime: Handle,
     /// Trees asked for ahead of the walk ([`ChunkSource::prefetch_trees`]),
-    /// in flight or arrived, until the walk takes them.
-    prefetched: Mutex<HashMap<ChunkId, oneshot::Receiver<Result<Tree, Status>>>>,
-    /// Bounds the prefetching `GetTree` calls in flight.
+    /// in flight or arrived as the node stores them, until the walk takes
+    /// them.
+    prefetched: Mutex<HashMap<ChunkId, oneshot::Receiver<Result<ChunkData, Status>>>>,
+    /// Bounds the prefetching `GetChunks` calls in flight.
     prefetching: Arc<Semaphore>,
 }
 
-/// Prefetching `GetTree` calls in flight at once.
-const PREFETCH_CALLS: usize = 16;
+/// Prefetching `GetChunks` calls in flight at once.
+const PREFETCH_CALLS: usize = 4;
+/// Trees asked for in one prefetching call. The node streams them in the
+/// order asked, which is the order the walk enters the directories, so the
+/// first arrives after one round trip whatever the group's size.
+const PREFETCH_GROUP: usize = 64;
 /// Prefetched trees held at most; beyond this the walk fetches on demand (a
 /// directory with a huge number of subdirectories must not fill memory).
 const PREFETCH_HELD: usize = 1024;
@@ -117,12 +123,54 @@ impl RemoteSource {
 
     fn prefetched(
         &self,
-    ) -> MutexGuard<'_, HashMap<ChunkId, oneshot::Receiver<Result<Tree, Status>>>> {
+    ) -> MutexGuard<'_, HashMap<ChunkId, oneshot::Receiver<Result<ChunkData, Status>>>> {
         // Only ever inserted into and removed from: usable after a panic.
         self.prefetched
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Ask the node for the chunks `wanted` in one `GetChunks` call and hand
+/// each to its waiting walk thread as it arrives. A chunk not answered (the
+/// call failed or ended early) drops its sender, and the walk fetches that
+/// tree itself.
+async fn prefetch_chunks(
+    mut client: StorageClient<Channel>,
+    wanted: Vec<(ChunkId, oneshot::Sender<Result<ChunkData, Status>>)>,
+) {
+    let ids = wanted.iter().map(|(id, _)| id.to_vec()).collect();
+    let mut stream = match client.get_chunks(GetChunksRequest { ids }).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            tracing::debug!("prefetching parent trees: {}", describe_status(&status));
+            return;
+        }
+    };
+    for (id, answer) in wanted {
+        match stream.next().await {
+            Some(Ok(chunk)) if chunk.id == id.as_bytes() => {
+                let _ = answer.send(Ok(chunk));
+            }
+            Some(Ok(chunk)) => {
+                let _ = answer.send(Err(Status::data_loss(format!(
+                    "asked for chunk {id}, the node sent {}",
+                    hex_prefix(&chunk.id)
+                ))));
+                return;
+            }
+            Some(Err(status)) => {
+                let _ = answer.send(Err(status));
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// The start of a byte string as hex, for naming a chunk id that may be malformed.
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(32).map(|byte| format!("{byte:02x}")).collect()
 }
 
 impl ChunkSource for RemoteSource {
@@ -151,9 +199,13 @@ impl ChunkSource for RemoteSource {
     fn get_tree(&self, id: &ChunkId) -> Result<Tree, SinkError> {
         let waiting = self.prefetched().remove(id);
         if let Some(waiting) = waiting {
-            // A prefetch that was dropped unanswered is fetched again below.
+            // A prefetch dropped unanswered is fetched again below.
             if let Ok(answer) = self.runtime.block_on(waiting) {
-                return Ok(answer?);
+                // Decoded and checked against its id here, on the walk's
+                // thread, not on the runtime's.
+                let chunk = crate::convert::plain_chunk(answer?)?;
+                return Tree::decode(chunk.data.as_slice())
+                    .map_err(|err| format!("tree {id} does not decode: {err}").into());
             }
         }
         let mut client = self.client.clone();
@@ -167,28 +219,31 @@ impl ChunkSource for RemoteSource {
     }
 
     fn prefetch_trees(&self, ids: &[ChunkId]) {
-        let mut prefetched = self.prefetched();
-        for id in ids {
-            if prefetched.len() >= PREFETCH_HELD {
-                break;
+        let mut wanted = Vec::new();
+        {
+            let mut prefetched = self.prefetched();
+            for id in ids {
+                if prefetched.len() >= PREFETCH_HELD {
+                    break;
+                }
+                if prefetched.contains_key(id) {
+                    continue;
+                }
+                let (answer, waiting) = oneshot::channel();
+                prefetched.insert(*id, waiting);
+                wanted.push((*id, answer));
             }
-            if prefetched.contains_key(id) {
-                continue;
-            }
-            let (answer, waiting) = oneshot::channel();
-            prefetched.insert(*id, waiting);
-            let mut client = self.client.clone();
+        }
+        while !wanted.is_empty() {
+            let rest = wanted.split_off(wanted.len().min(PREFETCH_GROUP));
+            let group = std::mem::replace(&mut wanted, rest);
+            let client = self.client.clone();
             let calls = self.prefetching.clone();
-            let id = *id;
             self.runtime.spawn(async move {
                 let Ok(_call) = calls.acquire_owned().await else {
                     return;
                 };
-                let tree = client
-                    .get_tree(GetTreeRequest { id: id.to_vec() })
-                    .await
-                    .map(tonic::Response::into_inner);
-                let _ = answer.send(tree);
+                prefetch_chunks(client, group).await;
             });
         }
     }
