@@ -87,6 +87,16 @@ pub enum IndexError {
         /// Its key, hex or text.
         key: String,
     },
+    /// Another process has the database open.
+    #[error(
+        "the index {path} is in use by another process (its lock is still held after {waited_ms} ms)"
+    )]
+    Locked {
+        /// The database directory.
+        path: std::path::PathBuf,
+        /// How long the lock was waited for.
+        waited_ms: u64,
+    },
 }
 
 /// Chunk id -> [`Location`]. Implementations are shared between threads.

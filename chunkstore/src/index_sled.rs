@@ -9,6 +9,7 @@
 //! 1,000 or fewer stayed flat). Durability is explicit: callers flush.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use fabric_proto::v1::Snapshot;
 use prost::Message;
@@ -23,20 +24,51 @@ fn engine(err: sled::Error) -> IndexError {
     IndexError::Engine(Box::new(err))
 }
 
+/// How long [`open_db`] waits for a database lock that is held.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// Open (or create) the sled database at `path` with a page cache of at most
-/// `cache_bytes`.
+/// `cache_bytes`. A lock held by another process fails after [`LOCK_WAIT`]
+/// with [`IndexError::Locked`].
 pub fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, IndexError> {
-    sled::Config::new()
+    open_db_waiting(path, cache_bytes, LOCK_WAIT)
+}
+
+fn open_db_waiting(path: &Path, cache_bytes: u64, wait: Duration) -> Result<sled::Db, IndexError> {
+    let config = sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes)
         // The store flushes at every commit point itself. No background
-        // flusher: its thread holds the database (and its file lock) for up
-        // to a period after the store is dropped, so reopening the same
-        // directory right away (a restart, reindex) failed with WouldBlock.
+        // flusher: its thread would hold the database (and its file lock)
+        // for up to a period after the store is dropped.
         .flush_every_ms(None)
-        .mode(sled::Mode::LowSpace)
-        .open()
-        .map_err(engine)
+        .mode(sled::Mode::LowSpace);
+    let started = Instant::now();
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            // sled writes its log buffers on its own thread pool, whose
+            // tasks hold the database file (and its lock) for a moment
+            // after the last handle is dropped: reopening right away (a
+            // restart in the same process, a reindex) may find it held.
+            Err(err) if is_lock_held(&err) => {
+                if started.elapsed() >= wait {
+                    return Err(IndexError::Locked {
+                        path: path.to_owned(),
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => return Err(engine(err)),
+        }
+    }
+}
+
+/// Whether sled failed to open because the database's file lock is held.
+/// sled reports it only as an `Other` I/O error with this text.
+fn is_lock_held(err: &sled::Error) -> bool {
+    matches!(err, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
 }
 
 /// The chunk index in the `chunks` tree of a sled database.
@@ -191,6 +223,33 @@ impl Catalog for SledCatalog {
 mod tests {
     use super::*;
     use crate::index::conformance;
+
+    #[test]
+    fn a_database_reopened_right_after_it_is_dropped_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        for round in 0..50u8 {
+            let db = open_db(&path, 1 << 20).unwrap();
+            // Enough to fill log buffers, which sled writes on its own threads.
+            for key in 0..200u32 {
+                db.insert([&[round][..], &key.to_be_bytes()].concat(), vec![round; 512])
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let db = open_db(&path, 1 << 20).unwrap();
+        assert_eq!(db.len(), 50 * 200);
+    }
+
+    #[test]
+    fn a_database_held_by_another_handle_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _held = open_db(&path, 1 << 20).unwrap();
+        let err = open_db_waiting(&path, 1 << 20, Duration::from_millis(20)).unwrap_err();
+        assert!(matches!(&err, IndexError::Locked { path: locked, .. } if *locked == path));
+        assert!(err.to_string().contains("in use by another process"), "{err}");
+    }
 
     #[test]
     fn sled_chunk_index_conforms() {
