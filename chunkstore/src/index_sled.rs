@@ -232,8 +232,11 @@ mod tests {
             let db = open_db(&path, 1 << 20).unwrap();
             // Enough to fill log buffers, which sled writes on its own threads.
             for key in 0..200u32 {
-                db.insert([&[round][..], &key.to_be_bytes()].concat(), vec![round; 512])
-                    .unwrap();
+                db.insert(
+                    [&[round][..], &key.to_be_bytes()].concat(),
+                    vec![round; 512],
+                )
+                .unwrap();
             }
             db.flush().unwrap();
         }
@@ -248,7 +251,10 @@ mod tests {
         let _held = open_db(&path, 1 << 20).unwrap();
         let err = open_db_waiting(&path, 1 << 20, Duration::from_millis(20)).unwrap_err();
         assert!(matches!(&err, IndexError::Locked { path: locked, .. } if *locked == path));
-        assert!(err.to_string().contains("in use by another process"), "{err}");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -37,8 +37,8 @@ mod mounts;
 pub use mounts::{MountInfo, is_skipped_fs_type, parse_mountinfo, skipped_mount_points};
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{OsStr, OsString};
-use std::fs::{File, Metadata, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::{DirEntry, File, Metadata, OpenOptions};
 use std::io;
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -247,6 +247,30 @@ fn find<'t>(tree: Option<&'t Tree>, name: &[u8]) -> Option<&'t TreeEntry> {
         .map(|index| &entries[index])
 }
 
+/// Pair each of `items` (sorted by name) with the entry of the same name in
+/// the parent snapshot's `tree` (sorted by name too), moved out of it.
+fn with_parent_entries<T>(
+    items: Vec<(Vec<u8>, T)>,
+    tree: Option<Tree>,
+) -> Vec<(Vec<u8>, T, Option<TreeEntry>)> {
+    let mut previous = tree
+        .map(|tree| tree.entries)
+        .unwrap_or_default()
+        .into_iter()
+        .peekable();
+    items
+        .into_iter()
+        .map(|(name, item)| {
+            while previous
+                .next_if(|entry| entry.name.as_slice() < name.as_slice())
+                .is_some()
+            {}
+            let parent_entry = previous.next_if(|entry| entry.name == name);
+            (name, item, parent_entry)
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Counters {
     files: AtomicU64,
@@ -379,6 +403,7 @@ impl Walk<'_> {
                         }
                     })?;
                     let below = Below { device: meta.dev() };
+                    let parent_entry = parent_entry.cloned();
                     self.entry(&child_path, name.clone(), &meta, parent_entry, below, false)
                 } else {
                     // A directory on the way to an include path; following a
@@ -426,7 +451,7 @@ impl Walk<'_> {
         path: &Path,
         name: Vec<u8>,
         meta: &Metadata,
-        parent: Option<&TreeEntry>,
+        parent: Option<TreeEntry>,
         below: Below,
         is_below_include: bool,
     ) -> Result<Option<TreeEntry>, WalkError> {
@@ -437,7 +462,7 @@ impl Walk<'_> {
             let mut entry = entry_from(name, EntryKind::Dir, meta);
             let descend = !is_below_include || self.may_descend(path, meta, below);
             let parent_tree = if descend {
-                self.parent_tree(path, parent)
+                self.parent_tree(path, parent.as_ref())
             } else {
                 None
             };
@@ -488,12 +513,13 @@ impl Walk<'_> {
         parent: Option<Tree>,
         below: Below,
     ) -> Result<Option<ChunkId>, WalkError> {
-        let mut names: Vec<OsString> = Vec::new();
+        let mut listed: Vec<(Vec<u8>, DirEntry)> = Vec::new();
         if descend {
             match std::fs::read_dir(path) {
                 Ok(listing) => {
                     for item in listing {
-                        names.push(item.map_err(io_error(path))?.file_name());
+                        let item = item.map_err(io_error(path))?;
+                        listed.push((item.file_name().into_vec(), item));
                     }
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -509,15 +535,26 @@ impl Walk<'_> {
                 Err(err) => return Err(io_error(path)(err)),
             }
         }
-        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        let entries: Vec<Option<TreeEntry>> = names
-            .par_iter()
-            .map(|name| {
-                let child_path = path.join(name);
-                if self.excluded(&child_path, name) {
-                    return Ok(None);
+        listed.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+        // Examined relative to the open directory (no path lookup from `/`
+        // for every entry), all before any subdirectory is entered, so a
+        // deep tree does not hold a directory open per level.
+        type Examined = (PathBuf, io::Result<Metadata>);
+        let examined: Vec<(Vec<u8>, Examined)> = listed
+            .into_par_iter()
+            .filter_map(|(name, item)| {
+                let child_path = path.join(OsStr::from_bytes(&name));
+                if self.excluded(&child_path, OsStr::from_bytes(&name)) {
+                    return None;
                 }
-                let meta = match std::fs::symlink_metadata(&child_path) {
+                let meta = item.metadata();
+                Some((name, (child_path, meta)))
+            })
+            .collect();
+        let entries: Vec<Option<TreeEntry>> = with_parent_entries(examined, parent)
+            .into_par_iter()
+            .map(|(name, (child_path, meta), parent_entry)| {
+                let meta = match meta {
                     Ok(meta) => meta,
                     Err(err) if err.kind() == io::ErrorKind::NotFound => {
                         self.warn(format!(
@@ -536,15 +573,7 @@ impl Walk<'_> {
                     }
                     Err(err) => return Err(io_error(&child_path)(err)),
                 };
-                let parent_entry = find(parent.as_ref(), name.as_bytes());
-                self.entry(
-                    &child_path,
-                    name.as_bytes().to_vec(),
-                    &meta,
-                    parent_entry,
-                    below,
-                    true,
-                )
+                self.entry(&child_path, name, &meta, parent_entry, below, true)
             })
             .collect::<Result<_, _>>()?;
         let tree = Tree {
@@ -560,7 +589,7 @@ impl Walk<'_> {
         path: &Path,
         name: Vec<u8>,
         meta: &Metadata,
-        parent: Option<&TreeEntry>,
+        parent: Option<TreeEntry>,
     ) -> Result<Option<TreeEntry>, WalkError> {
         let mut entry = entry_from(name, EntryKind::File, meta);
         entry.size = meta.len();
@@ -571,7 +600,7 @@ impl Walk<'_> {
             && previous.ctime_ns == entry.ctime_ns
             && previous.inode == entry.inode
         {
-            entry.chunk_ids = previous.chunk_ids.clone();
+            entry.chunk_ids = previous.chunk_ids;
             self.counters
                 .files_unchanged
                 .fetch_add(1, Ordering::Relaxed);

@@ -13,8 +13,8 @@ use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Prog
 use fabric_chunkstore::{ChunkId, ChunkSource, SinkError};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    ChunkData, GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, ReceiverMessage, SenderMessage,
-    Snapshot, SnapshotState, Tree,
+    ChunkData, GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, ReceiverMessage,
+    SenderMessage, Snapshot, SnapshotState, Tree,
 };
 use futures::StreamExt;
 use prost::Message;
@@ -170,7 +170,11 @@ async fn prefetch_chunks(
 
 /// The start of a byte string as hex, for naming a chunk id that may be malformed.
 fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().take(32).map(|byte| format!("{byte:02x}")).collect()
+    bytes
+        .iter()
+        .take(32)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 impl ChunkSource for RemoteSource {

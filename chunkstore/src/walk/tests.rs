@@ -838,3 +838,61 @@ fn measure_walk() {
         first_seconds / second_seconds
     );
 }
+
+fn named(names: &[&[u8]]) -> Vec<TreeEntry> {
+    names
+        .iter()
+        .map(|name| TreeEntry {
+            name: name.to_vec(),
+            size: name.len() as u64,
+            ..TreeEntry::default()
+        })
+        .collect()
+}
+
+#[test]
+fn listed_names_are_paired_with_the_parent_entry_of_the_same_name() {
+    let listed: Vec<(Vec<u8>, ())> = [&b"a"[..], b"c", b"d", b"f"]
+        .iter()
+        .map(|name| (name.to_vec(), ()))
+        .collect();
+    // "b" and "e" were deleted, "c" and "f" are new.
+    let parent = Tree {
+        entries: named(&[b"a", b"b", b"d", b"e"]),
+    };
+    let paired: Vec<(Vec<u8>, Option<Vec<u8>>)> = with_parent_entries(listed.clone(), Some(parent))
+        .into_iter()
+        .map(|(name, (), entry)| (name, entry.map(|entry| entry.name)))
+        .collect();
+    assert_eq!(
+        paired,
+        vec![
+            (b"a".to_vec(), Some(b"a".to_vec())),
+            (b"c".to_vec(), None),
+            (b"d".to_vec(), Some(b"d".to_vec())),
+            (b"f".to_vec(), None),
+        ]
+    );
+    assert!(
+        with_parent_entries(listed, None)
+            .iter()
+            .all(|(_, (), entry)| entry.is_none())
+    );
+}
+
+proptest! {
+    /// The merge of two sorted listings finds what a lookup by name finds.
+    #[test]
+    fn pairing_with_parent_entries_matches_a_lookup_by_name(
+        listed in proptest::collection::btree_set(name_strategy(), 0..40),
+        previous in proptest::collection::btree_set(name_strategy(), 0..40),
+    ) {
+        let parent = Tree {
+            entries: previous.iter().map(|name| TreeEntry { name: name.clone(), ..TreeEntry::default() }).collect(),
+        };
+        let items: Vec<(Vec<u8>, ())> = listed.iter().map(|name| (name.clone(), ())).collect();
+        for (name, (), entry) in with_parent_entries(items, Some(parent.clone())) {
+            prop_assert_eq!(entry.as_ref(), find(Some(&parent), &name));
+        }
+    }
+}
