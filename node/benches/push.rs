@@ -4,13 +4,16 @@
 //! `fabric-node` binary (target/release, built first) on 127.0.0.1:0 and, in
 //! this process, the agent. Prints, for the same data: local ingest (walk
 //! into a store in this process), the first push, an unchanged re-push and a
-//! restore, each in MB/s; then a tree of 10,000 small files (first push and
+//! restore, each in MB/s; a tree of 10,000 small files (first push and
 //! unchanged re-push); and the peak RSS of the node and of this process.
 //!
 //! Local ingest and the first push run in alternating rounds, each into an
 //! empty store (a fresh node for each push), and the medians are reported,
 //! with the CPU seconds each process used: on a shared machine whose speed
-//! drifts, one pair of runs can be off by a third.
+//! drifts, one pair of runs can be off by a third. Each round's node then
+//! takes the small-file tree: a first push and the median of
+//! [`SMALL_REPEATS`] unchanged re-pushes (single runs of tens of
+//! milliseconds vary too much to compare).
 //!
 //! `FABRIC_BENCH_MB` sets the size of the large data (default 1024: half
 //! random, half text-like); `FABRIC_BENCH_SMALL_FILES` the small-file count;
@@ -198,6 +201,9 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Unchanged re-backups of the small-file tree per round.
+const SMALL_REPEATS: usize = 5;
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -273,6 +279,8 @@ fn main() {
     let mut ratios = Vec::new();
     // Peak RSS in MiB of each phase, per round.
     let (mut local_rss, mut agent_rss, mut node_rss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut small_first_times, mut small_again_medians, mut small_ratios) =
+        (Vec::new(), Vec::new(), Vec::new());
     let mut node = None;
     let mut first = None;
     for round in 0..rounds {
@@ -312,6 +320,26 @@ fn main() {
         push_times.push(push_seconds);
         ratios.push(local_seconds / push_seconds);
         first = Some(outcome);
+
+        // The small-file tree into this round's node: a first backup, then
+        // unchanged re-backups (the median of a few: each takes tens of ms).
+        let (small_first_seconds, _) = push(&started_node.address, &small, "small");
+        let mut again_times = Vec::new();
+        for _ in 0..SMALL_REPEATS {
+            let (seconds, again) = push(&started_node.address, &small, "small");
+            assert_eq!(again.bytes_sent, 0, "an unchanged re-backup sends nothing");
+            again_times.push(seconds);
+        }
+        let small_again_seconds = median(&mut again_times);
+        println!(
+            "round {}: {small_files} small files, first backup {small_first_seconds:.3} s, unchanged re-backup {small_again_seconds:.3} s (median of {SMALL_REPEATS}), {:.1}x",
+            round + 1,
+            small_first_seconds / small_again_seconds
+        );
+        small_first_times.push(small_first_seconds);
+        small_again_medians.push(small_again_seconds);
+        small_ratios.push(small_first_seconds / small_again_seconds);
+
         if round + 1 < rounds {
             drop(started_node);
             std::fs::remove_dir_all(&node_dir).expect("remove the node store");
@@ -341,8 +369,6 @@ fn main() {
             .expect("restore");
     });
     let restore_seconds = started.elapsed().as_secs_f64();
-    let (small_first_seconds, _) = push(&node.address, &small, "small");
-    let (small_again_seconds, small_again) = push(&node.address, &small, "small");
 
     println!(
         "local ingest (walk into a store, same process): {:8.1} MB/s  (median {local_seconds:.2} s)",
@@ -372,11 +398,14 @@ fn main() {
         mb_per_s(total, restore_seconds),
         restore_cpu.describe(restore_seconds)
     );
-    println!("{small_files} small files, first backup:             {small_first_seconds:8.2} s");
     println!(
-        "{small_files} small files, unchanged re-backup:      {small_again_seconds:8.2} s  ({:.1}x faster, {} bytes sent)",
-        small_first_seconds / small_again_seconds,
-        small_again.bytes_sent
+        "{small_files} small files, first backup:             {:8.3} s  (median of {rounds} rounds)",
+        median(&mut small_first_times)
+    );
+    println!(
+        "{small_files} small files, unchanged re-backup:      {:8.3} s  (median of the rounds' medians; median {:.1}x faster, 0 bytes sent)",
+        median(&mut small_again_medians),
+        median(&mut small_ratios)
     );
     println!(
         "peak RSS during the first push, by round: agent {agent_rss:?} MiB, node {node_rss:?} MiB; during local ingest {local_rss:?} MiB"
