@@ -247,6 +247,12 @@ fn find<'t>(tree: Option<&'t Tree>, name: &[u8]) -> Option<&'t TreeEntry> {
         .map(|index| &entries[index])
 }
 
+/// The subtree id of a parent snapshot's entry, if it is a directory with one.
+fn parent_subtree(entry: Option<&TreeEntry>) -> Option<ChunkId> {
+    let entry = entry.filter(|entry| entry.kind == EntryKind::Dir as i32)?;
+    ChunkId::from_slice(&entry.subtree_id).ok()
+}
+
 /// Pair each of `items` (sorted by name) with the entry of the same name in
 /// the parent snapshot's `tree` (sorted by name too), moved out of it.
 fn with_parent_entries<T>(
@@ -346,9 +352,7 @@ impl Walk<'_> {
     /// The parent snapshot's tree `id` for `path`, if it can be read.
     fn parent_tree(&self, path: &Path, entry: Option<&TreeEntry>) -> Option<Tree> {
         let source = self.parent?;
-        let entry = entry.filter(|entry| entry.kind == EntryKind::Dir as i32)?;
-        let id = ChunkId::from_slice(&entry.subtree_id).ok()?;
-        self.parent_tree_by_id(path, id, source)
+        self.parent_tree_by_id(path, parent_subtree(entry)?, source)
     }
 
     fn parent_tree_by_id(
@@ -462,7 +466,7 @@ impl Walk<'_> {
             let mut entry = entry_from(name, EntryKind::Dir, meta);
             let descend = !is_below_include || self.may_descend(path, meta, below);
             let parent_tree = if descend {
-                self.parent_tree(path, parent.as_ref())
+                parent_subtree(parent.as_ref())
             } else {
                 None
             };
@@ -505,12 +509,13 @@ impl Walk<'_> {
     }
 
     /// Store the listing of directory `path` (empty when `descend` is false
-    /// or it cannot be listed); None when it vanished.
+    /// or it cannot be listed), its files compared with the parent
+    /// snapshot's tree `parent`; None when it vanished.
     fn directory(
         &self,
         path: &Path,
         descend: bool,
-        parent: Option<Tree>,
+        parent: Option<ChunkId>,
         below: Below,
     ) -> Result<Option<ChunkId>, WalkError> {
         let mut listed: Vec<(Vec<u8>, DirEntry)> = Vec::new();
@@ -551,6 +556,9 @@ impl Walk<'_> {
                 Some((name, (child_path, meta)))
             })
             .collect();
+        // Asked for only now, so that a remote source's round trip (or its
+        // prefetch) overlaps the listing above.
+        let parent = parent.and_then(|id| self.parent_tree_by_id(path, id, self.parent?));
         let entries: Vec<Option<TreeEntry>> = with_parent_entries(examined, parent)
             .into_par_iter()
             .map(|(name, (child_path, meta), parent_entry)| {
@@ -832,17 +840,18 @@ pub fn backup(
         })?;
     let root = pool.install(|| -> Result<ChunkId, WalkError> {
         let root_path = Path::new("/");
-        let parent_root =
-            parent.and_then(|parent| walk.parent_tree_by_id(root_path, parent.root, parent.source));
         if includes.whole {
             let meta = std::fs::symlink_metadata(root_path).map_err(io_error(root_path))?;
             let below = Below { device: meta.dev() };
+            let parent_root = parent.map(|parent| parent.root);
             walk.directory(root_path, true, parent_root, below)?
                 .ok_or_else(|| WalkError::BadInclude {
                     path: root_path.to_owned(),
                     reason: "vanished".to_owned(),
                 })
         } else {
+            let parent_root = parent
+                .and_then(|parent| walk.parent_tree_by_id(root_path, parent.root, parent.source));
             walk.include_tree(&includes, root_path, parent_root)
         }
     })?;

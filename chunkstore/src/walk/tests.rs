@@ -896,3 +896,56 @@ proptest! {
         }
     }
 }
+
+/// A parent source whose tree `broken` cannot be read.
+struct TreeWithHole<'a> {
+    store: &'a MemoryStore,
+    broken: ChunkId,
+}
+
+impl ChunkSource for TreeWithHole<'_> {
+    fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, crate::sink::SinkError> {
+        if *id == self.broken {
+            return Err(format!("chunk {id} is damaged").into());
+        }
+        self.store.get_chunk(id)
+    }
+}
+
+#[test]
+fn a_directory_whose_parent_tree_is_unreadable_is_read_again_with_a_warning() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    for dir in ["kept", "lost"] {
+        fs::create_dir_all(source.join(dir)).expect("mkdir");
+        for index in 0..3 {
+            fs::write(
+                source.join(format!("{dir}/file{index}")),
+                pseudo_random(1000, index),
+            )
+            .expect("write");
+        }
+    }
+    let store = MemoryStore::default();
+    let first = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    let lost = entries(&store, first.root, &format!("{}", source.display()))["lost"].clone();
+    let parent_source = TreeWithHole {
+        store: &store,
+        broken: ChunkId::from_slice(&lost.subtree_id).expect("a subtree id"),
+    };
+    let parent = ParentSnapshot {
+        source: &parent_source,
+        root: first.root,
+    };
+    let second = backup(&options(&[&source]), &store, Some(parent), &quiet).expect("backup");
+    assert_eq!(second.stats.files, 6);
+    assert_eq!(second.stats.files_unchanged, 3);
+    assert_eq!(second.stats.bytes_read, 3000);
+    assert_eq!(second.root, first.root);
+    assert_eq!(second.warnings.len(), 1, "{:?}", second.warnings);
+    assert!(
+        second.warnings[0].contains("lost") && second.warnings[0].contains("unreadable"),
+        "{:?}",
+        second.warnings
+    );
+}
