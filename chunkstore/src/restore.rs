@@ -3,8 +3,9 @@
 //! Owns the path-safety rules every restore applies ([`check_entry_name`],
 //! [`check_relative_path`]), the depth-first walk over a snapshot
 //! ([`walk_tree`]), the [`RestoreTarget`] seam a walk (or a remote stream of
-//! entries) drives, and two targets: a directory ([`DirectoryTarget`]) and a
-//! tar stream ([`TarTarget`]).
+//! entries) drives, which files become hard links ([`HardLinks`]), and two
+//! targets: a directory ([`DirectoryTarget`]) and a tar stream
+//! ([`TarTarget`]).
 //!
 //! It must never write outside the target: names are checked both where a
 //! snapshot is read and again in each target (a target can be driven from the
@@ -13,6 +14,7 @@
 //! snapshot nor a symlink already present in the target can redirect a write.
 //! It must never write bytes that do not hash to their chunk id.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -319,6 +321,49 @@ pub struct RestoreStats {
     pub others_skipped: u64,
     /// Bytes of file content written.
     pub bytes: u64,
+    /// Files restored as hard links to a file written before (also counted in `files`).
+    pub hard_links: u64,
+}
+
+/// The files of a restore that later entries may be hard links to.
+///
+/// A regular file recorded with more than one link is written once; a
+/// later entry with the same device and inode becomes a hard link to it,
+/// provided it also has the same size and chunks (a file changed between
+/// the reads of its links is written as a file of its own). Both ends of a
+/// remote restore keep one, so the sender leaves a link's chunks out and
+/// the receiver expects none.
+#[derive(Default)]
+pub struct HardLinks {
+    /// (device, inode) -> the path written first, and a digest of its size and chunk ids.
+    written: HashMap<(u64, u64), (Vec<u8>, [u8; 32])>,
+}
+
+impl HardLinks {
+    /// The path of the file `entry` (at `path`) is to be a hard link to, or
+    /// None when its content is to be written (remembering it when other
+    /// links to it may follow).
+    pub fn link_target(&mut self, path: &[u8], entry: &TreeEntry) -> Option<Vec<u8>> {
+        if entry.kind != EntryKind::File as i32 || entry.links < 2 {
+            return None;
+        }
+        let mut digest = blake3::Hasher::new();
+        digest.update(&entry.size.to_le_bytes());
+        for id in &entry.chunk_ids {
+            digest.update(id);
+        }
+        let digest: [u8; 32] = digest.finalize().into();
+        match self.written.entry((entry.device, entry.inode)) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                let (first_path, first_digest) = first.get();
+                (*first_digest == digest).then(|| first_path.clone())
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((path.to_vec(), digest));
+                None
+            }
+        }
+    }
 }
 
 /// What a restore writes into, driven entry by entry in depth-first order
@@ -336,6 +381,14 @@ pub trait RestoreTarget {
     fn file_data(&mut self, bytes: &[u8]) -> Result<(), RestoreError>;
     /// The current file is complete.
     fn file_end(&mut self) -> Result<(), RestoreError>;
+    /// Make `path` a hard link to `existing`, a file this restore has
+    /// already written (see [`HardLinks`]); `entry` is `path`'s own entry.
+    fn hard_link(
+        &mut self,
+        path: &[u8],
+        existing: &[u8],
+        entry: &TreeEntry,
+    ) -> Result<(), RestoreError>;
     /// Create the symlink `path` pointing at `entry.symlink_target`.
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
     /// A FIFO, socket or device: metadata only.
@@ -358,6 +411,7 @@ pub fn restore(
     target: &mut dyn RestoreTarget,
 ) -> Result<RestoreStats, RestoreError> {
     let mut stats = RestoreStats::default();
+    let mut hard_links = HardLinks::default();
     walk_tree(
         source,
         root,
@@ -369,6 +423,12 @@ pub fn restore(
                     stats.dirs += 1;
                 }
                 EntryKind::File => {
+                    if let Some(existing) = hard_links.link_target(entry_path, entry) {
+                        target.hard_link(entry_path, &existing, entry)?;
+                        stats.files += 1;
+                        stats.hard_links += 1;
+                        return Ok(());
+                    }
                     target.file_start(entry_path, entry)?;
                     let mut written: u64 = 0;
                     for raw_id in &entry.chunk_ids {
@@ -479,7 +539,9 @@ struct OpenFile {
 /// read-only directory can still be filled and its mtime survives. Existing
 /// files and symlinks in the way are replaced; an existing directory is
 /// reused; a symlink is never followed (`O_NOFOLLOW` from handles of the
-/// target's own directories). Other entries (FIFOs, devices) are skipped.
+/// target's own directories). A hard link is made with `linkat` to a file
+/// this restore wrote, found from the target root the same way. Other
+/// entries (FIFOs, devices) are skipped.
 pub struct DirectoryTarget {
     root_path: PathBuf,
     root: OwnedFd,
@@ -716,6 +778,58 @@ impl RestoreTarget for DirectoryTarget {
         Ok(())
     }
 
+    fn hard_link(
+        &mut self,
+        path: &[u8],
+        existing: &[u8],
+        _entry: &TreeEntry,
+    ) -> Result<(), RestoreError> {
+        check_relative_path(existing)?;
+        let name = self.enter_parent(path)?;
+        self.clear_for(name, path)?;
+        let at = self.display_path(path);
+        let existing_at = self.display_path(existing);
+        let components: Vec<&[u8]> = existing.split(|&byte| byte == b'/').collect();
+        let Some((existing_name, existing_dirs)) = components.split_last() else {
+            return Err(RestoreError::BadName {
+                path: lossy(existing),
+                reason: "empty path",
+            });
+        };
+        // The first link's directory, opened from the target root one
+        // component at a time, never through a symlink.
+        let mut opened: Option<OwnedFd> = None;
+        for component in existing_dirs {
+            let parent = opened.as_ref().unwrap_or(&self.root);
+            let fd = rustix::fs::openat(
+                parent,
+                *component,
+                OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno_at(&existing_at))?;
+            opened = Some(fd);
+        }
+        let existing_dir = opened.as_ref().unwrap_or(&self.root);
+        let stat = rustix::fs::statat(existing_dir, *existing_name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(errno_at(&existing_at))?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(RestoreError::Unsafe {
+                path: existing_at,
+                reason: "a hard link's first path is no longer a regular file",
+            });
+        }
+        // The metadata is the first link's, applied when it was written.
+        rustix::fs::linkat(
+            existing_dir,
+            *existing_name,
+            self.current_fd(),
+            name,
+            AtFlags::empty(),
+        )
+        .map_err(errno_at(&at))
+    }
+
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         let name = self.enter_parent(path)?;
         self.clear_for(name, path)?;
@@ -781,7 +895,7 @@ fn pax_record(key: &str, value: &str) -> Vec<u8> {
 }
 
 /// Writes a restore as a tar stream (GNU format, long names as GNU
-/// extensions): directories, files and symlinks with mode, uid, gid and
+/// extensions): directories, files, hard links and symlinks with mode, uid, gid and
 /// mtime (whole seconds in the header, the exact value in a PAX `mtime`
 /// record when it has a fraction). Other entries are skipped.
 pub struct TarTarget<W: Write> {
@@ -930,6 +1044,20 @@ impl<W: Write> RestoreTarget for TarTarget<W> {
             .get_mut()
             .write_all(&[0u8; 512][..padding as usize])
             .map_err(|source| RestoreError::Io { path, source })
+    }
+
+    fn hard_link(
+        &mut self,
+        path: &[u8],
+        existing: &[u8],
+        entry: &TreeEntry,
+    ) -> Result<(), RestoreError> {
+        self.check(path)?;
+        check_relative_path(existing)?;
+        let mut header = Self::header(entry, tar::EntryType::Link, 0);
+        self.builder
+            .append_link(&mut header, path_of(path), path_of(existing))
+            .map_err(Self::io_error(path))
     }
 
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {

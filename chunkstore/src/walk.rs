@@ -601,6 +601,7 @@ impl Walk<'_> {
     ) -> Result<Option<TreeEntry>, WalkError> {
         let mut entry = entry_from(name, EntryKind::File, meta);
         entry.size = meta.len();
+        entry.links = meta.nlink();
         if let Some(previous) = parent
             && previous.kind == EntryKind::File as i32
             && previous.size == entry.size
@@ -658,6 +659,7 @@ impl Walk<'_> {
             EntryKind::File,
             &opened_meta,
         );
+        entry.links = opened_meta.nlink();
         let read = self.read_file(path, &file, opened_meta.len(), &mut entry)?;
         entry.size = read;
         let after = file.metadata().map_err(io_error(path))?;

@@ -1,6 +1,7 @@
 //! Comparing two directory trees, as a restore check: the demo uses it to
 //! prove a restore byte for byte, the tests to prove metadata too.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -15,12 +16,15 @@ pub struct Compared {
 }
 
 /// Compare two directory trees: the same names, kinds, permission bits,
-/// symlink targets and file contents (and with `mtimes`, the modification
-/// times of files, symlinks and directories); an error names the first
-/// difference.
+/// symlink targets, file contents and hard links between files of the
+/// tree (and with `mtimes`, the modification times of files, symlinks and
+/// directories); an error names the first difference.
 pub fn compare_trees(left: &Path, right: &Path, mtimes: bool) -> anyhow::Result<Compared> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mut compared = Compared::default();
+    // The first path of each linked inode on either side: two files are
+    // links of one file on the left exactly when they are on the right.
+    let mut first_link: [HashMap<(u64, u64), PathBuf>; 2] = Default::default();
     let mut stack = vec![PathBuf::new()];
     while let Some(relative) = stack.pop() {
         let (a, b) = (left.join(&relative), right.join(&relative));
@@ -72,6 +76,23 @@ pub fn compare_trees(left: &Path, right: &Path, mtimes: bool) -> anyhow::Result<
             if ma.is_dir() {
                 stack.push(relative.join(&name));
             } else if ma.is_file() {
+                let path = relative.join(&name);
+                let firsts = [&ma, &mb].map(|meta| (meta.dev(), meta.ino()));
+                let [left_first, right_first] = [0, 1].map(|side| {
+                    first_link[side]
+                        .entry(firsts[side])
+                        .or_insert_with(|| path.clone())
+                        .clone()
+                });
+                if left_first != right_first {
+                    bail!(
+                        "{} is one file with {}, but {} is one file with {}",
+                        pa.display(),
+                        left.join(&left_first).display(),
+                        pb.display(),
+                        right.join(&right_first).display()
+                    );
+                }
                 let same = same_content(&pa, &pb)?;
                 if !same {
                     bail!("{} differs from {}", pb.display(), pa.display());
@@ -114,5 +135,42 @@ fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
             }
         }
         Ok(filled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn tree(root: &Path, linked: bool) {
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("a"), b"same bytes").unwrap();
+        if linked {
+            std::fs::hard_link(root.join("a"), root.join("sub/b")).unwrap();
+        } else {
+            std::fs::write(root.join("sub/b"), b"same bytes").unwrap();
+        }
+    }
+
+    #[test]
+    fn hard_links_must_match_on_both_sides() {
+        let temp = tempfile::tempdir().unwrap();
+        let (linked, other_linked, copied) = (
+            temp.path().join("linked"),
+            temp.path().join("other"),
+            temp.path().join("copied"),
+        );
+        tree(&linked, true);
+        tree(&other_linked, true);
+        tree(&copied, false);
+        let compared = compare_trees(&linked, &other_linked, false).unwrap();
+        assert_eq!(compared.entries, 3);
+        for (left, right) in [(&linked, &copied), (&copied, &linked)] {
+            let err = compare_trees(left, right, false).unwrap_err().to_string();
+            assert!(err.contains("one file with"), "{err}");
+            assert!(err.contains("sub/b"), "{err}");
+        }
     }
 }

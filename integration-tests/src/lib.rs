@@ -167,7 +167,8 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Write a tree with many small files, a few large ones, empty files and
-/// directories, symlinks, unicode names and several modes under `root`.
+/// directories, symlinks, a hard link, unicode names and several modes
+/// under `root`.
 pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(root.join("empty-dir")).expect("mkdir");
@@ -197,6 +198,11 @@ pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
         .take(large_bytes / 2)
         .collect();
     std::fs::write(root.join("large-text.log"), text).expect("write");
+    std::fs::hard_link(
+        root.join("large-text.log"),
+        root.join("nested/deeper/hard-link-to-text.log"),
+    )
+    .expect("hard link");
     std::fs::write(
         root.join("duplicate-of-large.bin"),
         pseudo_random(large_bytes, 1),

@@ -6,7 +6,9 @@
 //! of its file's entry and must decode to bytes that hash to it, and a file must add up to its
 //! recorded size, before anything reaches the target.
 
-use fabric_chunkstore::restore::{RestoreError, RestoreStats, RestoreTarget, check_relative_path};
+use fabric_chunkstore::restore::{
+    HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
+};
 use fabric_proto::v1::{EntryKind, RestoreItem, RestoreRequest, TreeEntry, restore_item};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -19,6 +21,9 @@ pub struct RestoreStreamWriter<'a> {
     target: &'a mut dyn RestoreTarget,
     current: Option<OpenFile>,
     stats: RestoreStats,
+    /// Files other entries may be hard links to: the node sends those
+    /// links without chunks, by the same rule.
+    hard_links: HardLinks,
 }
 
 struct OpenFile {
@@ -42,6 +47,7 @@ impl<'a> RestoreStreamWriter<'a> {
             target,
             current: None,
             stats: RestoreStats::default(),
+            hard_links: HardLinks::default(),
         }
     }
 
@@ -80,6 +86,12 @@ impl<'a> RestoreStreamWriter<'a> {
                         self.stats.dirs += 1;
                     }
                     EntryKind::File => {
+                        if let Some(existing) = self.hard_links.link_target(&header.path, &entry) {
+                            self.target.hard_link(&header.path, &existing, &entry)?;
+                            self.stats.files += 1;
+                            self.stats.hard_links += 1;
+                            return Ok(());
+                        }
                         self.target.file_start(&header.path, &entry)?;
                         self.current = Some(OpenFile {
                             path,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use fabric_chunkstore::restore::HardLinks;
 use fabric_chunkstore::{ChunkId, SinkError};
 use fabric_chunkstore::{GcOptions, Store, VerifyOptions};
 use fabric_proto::v1::storage_server::Storage;
@@ -157,6 +158,7 @@ impl Storage for StorageService {
         let (tx, rx) = mpsc::channel::<Result<RestoreItem, Status>>(8);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
+            let mut hard_links = HardLinks::default();
             let send = |item: restore_item::Kind| -> Result<(), SinkError> {
                 tx.blocking_send(Ok(RestoreItem { kind: Some(item) }))
                     .map_err(|_| "the client went away".into())
@@ -170,6 +172,10 @@ impl Storage for StorageService {
                         path: entry_path.to_vec(),
                         entry: Some(entry.clone()),
                     }))?;
+                    if hard_links.link_target(entry_path, entry).is_some() {
+                        // The client links it to the file it already has.
+                        return Ok(());
+                    }
                     // Chunks go as stored: the client decodes and checks them.
                     for id in &entry.chunk_ids {
                         let chunk_id = ChunkId::from_slice(id)?;

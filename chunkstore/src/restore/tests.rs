@@ -608,3 +608,129 @@ fn walk_tree_visits_depth_first_and_a_parent_cache_survives_a_damaged_parent() {
     )
     .expect("chmod back for cleanup");
 }
+
+/// A tree where `a` and `sub/b` are one file with two links, `c` has the
+/// same content but is a file of its own, and `lonely` has a second link
+/// outside the backed-up tree.
+fn hard_linked_tree() -> (tempfile::TempDir, std::path::PathBuf, MemoryStore, ChunkId) {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    fs::create_dir_all(source.join("sub")).expect("mkdir");
+    let content = pseudo_random(3000, 7);
+    fs::write(source.join("a"), &content).expect("write");
+    fs::hard_link(source.join("a"), source.join("sub/b")).expect("link");
+    fs::write(source.join("c"), &content).expect("write");
+    fs::write(source.join("lonely"), b"one link inside").expect("write");
+    fs::hard_link(source.join("lonely"), temp.path().join("outside")).expect("link");
+    let store = MemoryStore::default();
+    let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    (temp, source, store, outcome.root)
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(path).expect("stat").ino()
+}
+
+#[test]
+fn hard_links_are_restored_as_links_to_one_file() {
+    let (temp, source, store, root) = hard_linked_tree();
+    let walked = entry_at(&store, root, &source.join("sub/b"));
+    assert_eq!(walked.links, 2);
+    let target = temp.path().join("target");
+    let stats = restore(
+        &store,
+        root,
+        source.to_str().expect("utf-8"),
+        &mut DirectoryTarget::new(&target).expect("target"),
+    )
+    .expect("restore");
+    assert_eq!(stats.files, 4);
+    assert_eq!(stats.hard_links, 1);
+    assert_eq!(inode(&target.join("a")), inode(&target.join("sub/b")));
+    assert_ne!(inode(&target.join("a")), inode(&target.join("c")));
+    assert_eq!(
+        fs::read(target.join("sub/b")).expect("read"),
+        fs::read(source.join("a")).expect("read")
+    );
+    assert_eq!(
+        fs::read(target.join("lonely")).expect("read"),
+        b"one link inside"
+    );
+    assert_eq!(describe(&source), describe(&target));
+
+    // Restoring only the subdirectory: its file's other link is not there.
+    let partial = temp.path().join("partial");
+    let stats = restore(
+        &store,
+        root,
+        &format!("{}/sub", source.display()),
+        &mut DirectoryTarget::new(&partial).expect("target"),
+    )
+    .expect("restore");
+    assert_eq!((stats.files, stats.hard_links), (1, 0));
+    assert_eq!(listing(&partial), vec!["b"]);
+}
+
+#[test]
+fn hard_links_travel_in_a_tar_stream_as_link_entries() {
+    let (temp, source, store, root) = hard_linked_tree();
+    let mut tar = TarTarget::new(Vec::new());
+    restore(&store, root, source.to_str().expect("utf-8"), &mut tar).expect("tar");
+    let bytes = tar.into_inner().expect("bytes");
+    let unpacked = temp.path().join("unpacked");
+    tar::Archive::new(bytes.as_slice())
+        .unpack(&unpacked)
+        .expect("unpack");
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    let links: Vec<(String, String)> = archive
+        .entries()
+        .expect("entries")
+        .map(|item| item.expect("entry"))
+        .filter(|item| item.header().entry_type() == tar::EntryType::Link)
+        .map(|item| {
+            (
+                item.path().expect("path").display().to_string(),
+                item.link_name()
+                    .expect("link")
+                    .expect("a link name")
+                    .display()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(links, vec![("sub/b".to_owned(), "a".to_owned())]);
+    assert_eq!(inode(&unpacked.join("a")), inode(&unpacked.join("sub/b")));
+    assert_eq!(
+        fs::read(unpacked.join("sub/b")).expect("read"),
+        fs::read(source.join("a")).expect("read")
+    );
+}
+
+#[test]
+fn only_entries_of_one_inode_with_the_same_content_are_linked() {
+    let entry = |name: &[u8], inode: u64, links: u64, chunk: &[u8]| TreeEntry {
+        name: name.to_vec(),
+        kind: EntryKind::File as i32,
+        size: 10,
+        inode,
+        device: 1,
+        links,
+        chunk_ids: vec![chunk.to_vec()],
+        ..TreeEntry::default()
+    };
+    let mut hard_links = HardLinks::default();
+    assert_eq!(hard_links.link_target(b"a", &entry(b"a", 5, 2, b"x")), None);
+    assert_eq!(
+        hard_links.link_target(b"d/b", &entry(b"b", 5, 2, b"x")),
+        Some(b"a".to_vec())
+    );
+    // Changed between the reads of its links: written as its own file.
+    assert_eq!(hard_links.link_target(b"c", &entry(b"c", 5, 2, b"y")), None);
+    // One link only, or another inode: never linked.
+    assert_eq!(hard_links.link_target(b"e", &entry(b"e", 6, 1, b"x")), None);
+    assert_eq!(hard_links.link_target(b"f", &entry(b"f", 6, 1, b"x")), None);
+    let mut directory = entry(b"g", 5, 2, b"x");
+    directory.kind = EntryKind::Dir as i32;
+    assert_eq!(hard_links.link_target(b"g", &directory), None);
+}
