@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -529,6 +529,20 @@ struct OpenFile {
     file: File,
     entry: TreeEntry,
     written: u64,
+    /// Zero pieces were skipped as holes: the length is set at the end.
+    holes: bool,
+}
+
+/// Pieces of file content at least this long and all zero are left as
+/// holes (seeked over, not written), so a sparse file (a VM image, a
+/// database file) restores sparse.
+const MIN_HOLE: usize = 4096;
+
+fn all_zero(bytes: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    bytes
+        .chunks(ZEROS.len())
+        .all(|piece| piece == &ZEROS[..piece.len()])
 }
 
 /// Restores into a directory on the local file system.
@@ -539,7 +553,8 @@ struct OpenFile {
 /// read-only directory can still be filled and its mtime survives. Existing
 /// files and symlinks in the way are replaced; an existing directory is
 /// reused; a symlink is never followed (`O_NOFOLLOW` from handles of the
-/// target's own directories). A hard link is made with `linkat` to a file
+/// target's own directories). Zero pieces of content of at least 4 KiB
+/// are left as holes. A hard link is made with `linkat` to a file
 /// this restore wrote, found from the target root the same way. Other
 /// entries (FIFOs, devices) are skipped.
 pub struct DirectoryTarget {
@@ -729,6 +744,7 @@ impl RestoreTarget for DirectoryTarget {
             file: File::from(fd),
             entry: entry.clone(),
             written: 0,
+            holes: false,
         });
         Ok(())
     }
@@ -739,12 +755,18 @@ impl RestoreTarget for DirectoryTarget {
                 "file data without a file".to_owned(),
             ));
         };
-        open.file
-            .write_all(bytes)
-            .map_err(|source| RestoreError::Io {
-                path: open.path.clone(),
-                source,
-            })?;
+        let io_error = |source| RestoreError::Io {
+            path: open.path.clone(),
+            source,
+        };
+        if bytes.len() >= MIN_HOLE && all_zero(bytes) {
+            open.file
+                .seek(io::SeekFrom::Current(bytes.len() as i64))
+                .map_err(io_error)?;
+            open.holes = true;
+        } else {
+            open.file.write_all(bytes).map_err(io_error)?;
+        }
         open.written += bytes.len() as u64;
         Ok(())
     }
@@ -765,6 +787,15 @@ impl RestoreTarget for DirectoryTarget {
             });
         }
         let at = &open.path;
+        if open.holes {
+            // A hole at the end is not there until the length says so.
+            open.file
+                .set_len(open.written)
+                .map_err(|source| RestoreError::Io {
+                    path: at.clone(),
+                    source,
+                })?;
+        }
         if self.as_root {
             rustix::fs::fchown(
                 &open.file,

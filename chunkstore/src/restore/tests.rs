@@ -734,3 +734,44 @@ fn only_entries_of_one_inode_with_the_same_content_are_linked() {
     directory.kind = EntryKind::Dir as i32;
     assert_eq!(hard_links.link_target(b"g", &directory), None);
 }
+
+#[test]
+fn zero_runs_are_restored_as_holes_with_the_same_content() {
+    use std::os::unix::fs::MetadataExt;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    fs::create_dir_all(&source).expect("mkdir");
+    let mut content = pseudo_random(100_000, 1);
+    content.extend(std::iter::repeat_n(0u8, 2 << 20));
+    content.extend(pseudo_random(10_000, 2));
+    content.extend(std::iter::repeat_n(0u8, 3 << 20));
+    fs::write(source.join("image"), &content).expect("write");
+    let store = MemoryStore::default();
+    let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+
+    let target = temp.path().join("target");
+    restore(
+        &store,
+        outcome.root,
+        source.to_str().expect("utf-8"),
+        &mut DirectoryTarget::new(&target).expect("target"),
+    )
+    .expect("restore");
+    let restored = target.join("image");
+    assert_eq!(fs::read(&restored).expect("read"), content);
+    assert_eq!(describe(&source), describe(&target));
+
+    // Where the file system keeps holes, most of the zeros take no room.
+    let probe = temp.path().join("probe");
+    fs::File::create(&probe)
+        .and_then(|file| file.set_len(1 << 20))
+        .expect("probe");
+    if fs::metadata(&probe).expect("stat").blocks() == 0 {
+        let allocated = fs::metadata(&restored).expect("stat").blocks() * 512;
+        assert!(
+            allocated < (1 << 20),
+            "{allocated} bytes allocated for {} bytes with 5 MiB of zeros",
+            content.len()
+        );
+    }
+}
