@@ -14,7 +14,9 @@ use super::*;
 use crate::chunker::Chunk;
 use crate::sink::ChunkSink;
 use crate::walk::memory::MemoryStore;
-use crate::walk::tests::{describe, entry_at, options, pseudo_random, quiet, set_mtime};
+use crate::walk::tests::{
+    describe, entry_at, options, pseudo_random, quiet, restore_into, set_mtime,
+};
 use crate::walk::{ParentSnapshot, backup};
 
 fn file_entry(store: &MemoryStore, name: &[u8], content: &[u8]) -> TreeEntry {
@@ -638,13 +640,7 @@ fn hard_links_are_restored_as_links_to_one_file() {
     let walked = entry_at(&store, root, &source.join("sub/b"));
     assert_eq!(walked.links, 2);
     let target = temp.path().join("target");
-    let stats = restore(
-        &store,
-        root,
-        source.to_str().expect("utf-8"),
-        &mut DirectoryTarget::new(&target).expect("target"),
-    )
-    .expect("restore");
+    let stats = restore_into(&store, root, &source, &target);
     assert_eq!(stats.files, 4);
     assert_eq!(stats.hard_links, 1);
     assert_eq!(inode(&target.join("a")), inode(&target.join("sub/b")));
@@ -750,13 +746,7 @@ fn zero_runs_are_restored_as_holes_with_the_same_content() {
     let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
 
     let target = temp.path().join("target");
-    restore(
-        &store,
-        outcome.root,
-        source.to_str().expect("utf-8"),
-        &mut DirectoryTarget::new(&target).expect("target"),
-    )
-    .expect("restore");
+    restore_into(&store, outcome.root, &source, &target);
     let restored = target.join("image");
     assert_eq!(fs::read(&restored).expect("read"), content);
     assert_eq!(describe(&source), describe(&target));

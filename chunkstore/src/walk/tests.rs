@@ -37,6 +37,22 @@ pub(crate) fn options(includes: &[&Path]) -> BackupOptions {
 
 pub(crate) fn quiet(_: &Progress) {}
 
+/// Restore the backed-up `source` of the snapshot `root` into the directory `target`.
+pub(crate) fn restore_into(
+    store: &MemoryStore,
+    root: ChunkId,
+    source: &Path,
+    target: &Path,
+) -> crate::restore::RestoreStats {
+    restore(
+        store,
+        root,
+        as_str(source),
+        &mut DirectoryTarget::new(target).expect("target"),
+    )
+    .expect("restore")
+}
+
 pub(crate) use crate::test_data::pseudo_random;
 
 /// What a restore must reproduce of one file system object.
@@ -406,13 +422,7 @@ fn a_changed_file_is_the_only_one_read_again() {
     assert_ne!(second.root, first.root);
 
     let target = temp.path().join("target");
-    restore(
-        &store,
-        second.root,
-        as_str(&source),
-        &mut DirectoryTarget::new(&target).expect("target"),
-    )
-    .expect("restore");
+    restore_into(&store, second.root, &source, &target);
     assert_eq!(describe(&source), describe(&target));
 }
 
@@ -538,13 +548,7 @@ fn symlinks_and_sockets_are_recorded_not_followed() {
 
     // Restore skips the socket and recreates the symlink.
     let target = temp.path().join("target");
-    let stats = restore(
-        &store,
-        outcome.root,
-        as_str(&source),
-        &mut DirectoryTarget::new(&target).expect("target"),
-    )
-    .expect("restore");
+    let stats = restore_into(&store, outcome.root, &source, &target);
     assert_eq!(stats.others_skipped, 1);
     assert_eq!(stats.symlinks, 1);
     assert_eq!(fs::read_link(target.join("link")).expect("link"), elsewhere);
@@ -636,13 +640,7 @@ fn ownership_is_recorded_and_restored_when_root() {
     let store = MemoryStore::default();
     let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
     let target = temp.path().join("target");
-    restore(
-        &store,
-        outcome.root,
-        as_str(&source),
-        &mut DirectoryTarget::new(&target).expect("target"),
-    )
-    .expect("restore");
+    restore_into(&store, outcome.root, &source, &target);
     let meta = fs::metadata(target.join("owned")).expect("stat");
     assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
     let meta = fs::symlink_metadata(target.join("link")).expect("lstat");
