@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Seek, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -547,8 +547,10 @@ fn all_zero(bytes: &[u8]) -> bool {
 
 /// Restores into a directory on the local file system.
 ///
-/// Content, permission bits and mtimes (nanoseconds) are restored; ownership
-/// too when the process runs as root (effective uid 0). A directory's
+/// Content, permission bits, mtimes (nanoseconds) and the extended
+/// attributes of files and directories are restored; ownership too when the
+/// process runs as root (effective uid 0). An attribute that cannot be set
+/// (say `security.*` when not root) is logged and left out. A directory's
 /// metadata is applied when the walk leaves it, after its contents, so a
 /// read-only directory can still be filled and its mtime survives. Existing
 /// files and symlinks in the way are replaced; an existing directory is
@@ -563,6 +565,25 @@ pub struct DirectoryTarget {
     stack: Vec<OpenDirectory>,
     file: Option<OpenFile>,
     as_root: bool,
+}
+
+/// Set `entry`'s extended attributes on `fd`. One that cannot be set (a
+/// file system without them, a namespace only root may write) is logged
+/// and left out: the content and the rest of the restore matter more.
+fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) {
+    for attribute in &entry.xattrs {
+        let name = std::ffi::OsStr::from_bytes(&attribute.name);
+        if let Err(errno) =
+            rustix::fs::fsetxattr(&fd, name, &attribute.value, rustix::fs::XattrFlags::empty())
+        {
+            tracing::warn!(
+                path = %at.display(),
+                attribute = %String::from_utf8_lossy(&attribute.name),
+                "extended attribute not restored: {}",
+                io::Error::from(errno)
+            );
+        }
+    }
 }
 
 fn errno_at(path: &Path) -> impl Fn(rustix::io::Errno) -> RestoreError + '_ {
@@ -620,6 +641,7 @@ impl DirectoryTarget {
                 .map_err(errno_at(&at))?;
             }
             rustix::fs::fchmod(&dir.fd, permission_bits(entry)).map_err(errno_at(&at))?;
+            set_xattrs(&dir.fd, &at, entry);
             rustix::fs::futimens(&dir.fd, &timestamps_of(entry)).map_err(errno_at(&at))?;
         }
         Ok(())
@@ -805,6 +827,8 @@ impl RestoreTarget for DirectoryTarget {
             .map_err(errno_at(at))?;
         }
         rustix::fs::fchmod(&open.file, permission_bits(&open.entry)).map_err(errno_at(at))?;
+        // After the owner: a chown clears file capabilities.
+        set_xattrs(&open.file, at, &open.entry);
         rustix::fs::futimens(&open.file, &timestamps_of(&open.entry)).map_err(errno_at(at))?;
         Ok(())
     }
@@ -917,18 +941,30 @@ impl RestoreTarget for DirectoryTarget {
 
 /// One PAX record: `<length> <key>=<value>\n`, the length counting itself.
 fn pax_record(key: &str, value: &str) -> Vec<u8> {
-    let body = format!(" {key}={value}\n");
-    let mut length = body.len() + 1;
-    while length.to_string().len() + body.len() != length {
-        length = length.to_string().len() + body.len();
+    pax_record_bytes(key.as_bytes(), value.as_bytes())
+}
+
+/// [`pax_record`] with raw bytes (xattr names and values need not be UTF-8).
+fn pax_record_bytes(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let body_len = 1 + key.len() + 1 + value.len() + 1;
+    let mut length = body_len + 1;
+    while length.to_string().len() + body_len != length {
+        length = length.to_string().len() + body_len;
     }
-    format!("{length}{body}").into_bytes()
+    let mut record = length.to_string().into_bytes();
+    record.push(b' ');
+    record.extend_from_slice(key);
+    record.push(b'=');
+    record.extend_from_slice(value);
+    record.push(b'\n');
+    record
 }
 
 /// Writes a restore as a tar stream (GNU format, long names as GNU
 /// extensions): directories, files, hard links and symlinks with mode, uid, gid and
 /// mtime (whole seconds in the header, the exact value in a PAX `mtime`
-/// record when it has a fraction). Other entries are skipped.
+/// record when it has a fraction), and extended attributes in PAX
+/// `SCHILY.xattr.*` records. Other entries are skipped.
 pub struct TarTarget<W: Write> {
     builder: tar::Builder<W>,
     file: Option<(PathBuf, u64, u64)>,
@@ -964,29 +1000,38 @@ impl<W: Write> TarTarget<W> {
         header
     }
 
-    /// A PAX extended header carrying the exact mtime, before an entry whose
-    /// mtime is not a whole number of seconds (or is before 1970).
-    fn exact_mtime(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+    /// A PAX extended header before an entry, when it needs one: the exact
+    /// mtime when it is not a whole number of seconds (or is before 1970),
+    /// and the extended attributes as `SCHILY.xattr.<name>` records (as GNU
+    /// tar and bsdtar write them).
+    fn pax_header(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        let mut records = Vec::new();
         let nanos = entry.mtime_ns;
-        if nanos >= 0 && nanos % 1_000_000_000 == 0 {
+        if nanos < 0 || nanos % 1_000_000_000 != 0 {
+            let sign = if nanos < 0 { "-" } else { "" };
+            let magnitude = nanos.unsigned_abs();
+            let value = format!(
+                "{sign}{}.{:09}",
+                magnitude / 1_000_000_000,
+                magnitude % 1_000_000_000
+            );
+            records.extend(pax_record("mtime", &value));
+        }
+        for attribute in &entry.xattrs {
+            let key = [&b"SCHILY.xattr."[..], &attribute.name].concat();
+            records.extend(pax_record_bytes(&key, &attribute.value));
+        }
+        if records.is_empty() {
             return Ok(());
         }
-        let sign = if nanos < 0 { "-" } else { "" };
-        let magnitude = nanos.unsigned_abs();
-        let value = format!(
-            "{sign}{}.{:09}",
-            magnitude / 1_000_000_000,
-            magnitude % 1_000_000_000
-        );
-        let record = pax_record("mtime", &value);
         let mut header = tar::Header::new_ustar();
         header.set_entry_type(tar::EntryType::XHeader);
         header.set_mode(0o644);
-        header.set_size(record.len() as u64);
+        header.set_size(records.len() as u64);
         header.set_path("PaxHeader").map_err(Self::io_error(path))?;
         header.set_cksum();
         self.builder
-            .append(&header, record.as_slice())
+            .append(&header, records.as_slice())
             .map_err(Self::io_error(path))
     }
 
@@ -1013,7 +1058,7 @@ impl<W: Write> TarTarget<W> {
 impl<W: Write> RestoreTarget for TarTarget<W> {
     fn directory(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         self.check(path)?;
-        self.exact_mtime(path, entry)?;
+        self.pax_header(path, entry)?;
         let mut header = Self::header(entry, tar::EntryType::Directory, 0);
         let mut name = path.to_vec();
         name.push(b'/');
@@ -1024,7 +1069,7 @@ impl<W: Write> RestoreTarget for TarTarget<W> {
 
     fn file_start(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         self.check(path)?;
-        self.exact_mtime(path, entry)?;
+        self.pax_header(path, entry)?;
         // The header carries the size up front; the content follows it
         // piece by piece and `file_end` pads it to the 512-byte block.
         let mut header = Self::header(entry, tar::EntryType::Regular, entry.size);
@@ -1093,7 +1138,7 @@ impl<W: Write> RestoreTarget for TarTarget<W> {
 
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         self.check(path)?;
-        self.exact_mtime(path, entry)?;
+        self.pax_header(path, entry)?;
         let mut header = Self::header(entry, tar::EntryType::Symlink, 0);
         self.builder
             .append_link(&mut header, path_of(path), path_of(&entry.symlink_target))

@@ -33,8 +33,15 @@
 //! include path that does not exist fails the backup, naming the path.
 
 mod mounts;
+mod xattrs;
 
 pub use mounts::{MountInfo, is_skipped_fs_type, parse_mountinfo, skipped_mount_points};
+
+/// The extended attributes of `path` (not following a symlink), sorted by
+/// name, as a walk records them: none on a file system without them.
+pub fn extended_attributes(path: &Path) -> io::Result<Vec<ExtendedAttribute>> {
+    xattrs::read(XattrSource::Path(path))
+}
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -47,13 +54,14 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fabric_proto::v1::{EntryKind, SnapshotStats, Tree, TreeEntry};
+use fabric_proto::v1::{EntryKind, ExtendedAttribute, SnapshotStats, Tree, TreeEntry};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 
 use crate::chunker::{BadChunkParams, Chunk, ChunkParams, Chunker};
 use crate::id::ChunkId;
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
+use xattrs::XattrSource;
 
 /// Bytes asked of the file system per read of a large file.
 const READ_BUFFER_SIZE: usize = 256 * 1024;
@@ -317,6 +325,36 @@ impl Walk<'_> {
         }
     }
 
+    /// The extended attributes of `path` (whose new entry is `entry`): the
+    /// parent snapshot's when it is the same inode with the same ctime
+    /// (setting an attribute changes the ctime), else read from `source`.
+    fn xattrs(
+        &self,
+        path: &Path,
+        entry: &TreeEntry,
+        parent: Option<&TreeEntry>,
+        source: XattrSource<'_>,
+    ) -> Vec<ExtendedAttribute> {
+        if let Some(previous) = parent
+            && previous.kind == entry.kind
+            && previous.inode == entry.inode
+            && previous.ctime_ns == entry.ctime_ns
+        {
+            return previous.xattrs.clone();
+        }
+        self.read_xattrs(path, source)
+    }
+
+    fn read_xattrs(&self, path: &Path, source: XattrSource<'_>) -> Vec<ExtendedAttribute> {
+        xattrs::read(source).unwrap_or_else(|err| {
+            self.warn(format!(
+                "{}: extended attributes unreadable ({err}); recorded without them",
+                path.display()
+            ));
+            Vec::new()
+        })
+    }
+
     fn report(&self, path: &Path) {
         (self.progress)(&Progress {
             files: self.counters.files.load(Ordering::Relaxed),
@@ -464,6 +502,7 @@ impl Walk<'_> {
             self.file(path, name, meta, parent)
         } else if file_type.is_dir() {
             let mut entry = entry_from(name, EntryKind::Dir, meta);
+            entry.xattrs = self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
             let descend = !is_below_include || self.may_descend(path, meta, below);
             let parent_tree = if descend {
                 parent_subtree(parent.as_ref())
@@ -482,6 +521,8 @@ impl Walk<'_> {
                 Ok(target) => {
                     let mut entry = entry_from(name, EntryKind::Symlink, meta);
                     entry.symlink_target = target.into_os_string().into_vec();
+                    entry.xattrs =
+                        self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
                     Ok(Some(entry))
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -491,7 +532,9 @@ impl Walk<'_> {
                 Err(err) => Err(io_error(path)(err)),
             }
         } else {
-            Ok(Some(entry_from(name, EntryKind::Other, meta)))
+            let mut entry = entry_from(name, EntryKind::Other, meta);
+            entry.xattrs = self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
+            Ok(Some(entry))
         }
     }
 
@@ -610,6 +653,8 @@ impl Walk<'_> {
             && previous.inode == entry.inode
         {
             entry.chunk_ids = previous.chunk_ids;
+            // Unchanged ctime: unchanged attributes too.
+            entry.xattrs = previous.xattrs;
             self.counters
                 .files_unchanged
                 .fetch_add(1, Ordering::Relaxed);
@@ -660,6 +705,7 @@ impl Walk<'_> {
             &opened_meta,
         );
         entry.links = opened_meta.nlink();
+        entry.xattrs = self.read_xattrs(path, XattrSource::File(&file));
         let read = self.read_file(path, &file, opened_meta.len(), &mut entry)?;
         entry.size = read;
         let after = file.metadata().map_err(io_error(path))?;

@@ -16,8 +16,8 @@ pub struct Compared {
 }
 
 /// Compare two directory trees: the same names, kinds, permission bits,
-/// symlink targets, file contents and hard links between files of the
-/// tree (and with `mtimes`, the modification times of files, symlinks and
+/// symlink targets, file contents, extended attributes of files and
+/// directories, and hard links between files of the tree (and with `mtimes`, the modification times of files, symlinks and
 /// directories); an error names the first difference.
 pub fn compare_trees(left: &Path, right: &Path, mtimes: bool) -> anyhow::Result<Compared> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -69,6 +69,18 @@ pub fn compare_trees(left: &Path, right: &Path, mtimes: bool) -> anyhow::Result<
             if ma.permissions().mode() & 0o7777 != mb.permissions().mode() & 0o7777 {
                 bail!(
                     "{} has other permissions than {}",
+                    pb.display(),
+                    pa.display()
+                );
+            }
+            let attributes = |path: &Path| {
+                fabric_chunkstore::walk::extended_attributes(path).with_context(|| {
+                    format!("cannot read the extended attributes of {}", path.display())
+                })
+            };
+            if attributes(&pa)? != attributes(&pb)? {
+                bail!(
+                    "{} has other extended attributes than {}",
                     pb.display(),
                     pa.display()
                 );

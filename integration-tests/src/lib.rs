@@ -167,8 +167,8 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Write a tree with many small files, a few large ones, empty files and
-/// directories, symlinks, a hard link, unicode names and several modes
-/// under `root`.
+/// directories, symlinks, a hard link, extended attributes (where the file
+/// system keeps them), unicode names and several modes under `root`.
 pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(root.join("empty-dir")).expect("mkdir");
@@ -217,6 +217,13 @@ pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
     let secret = root.join("nested/secret");
     std::fs::write(&secret, b"s3cr3t").expect("write");
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    // Extended attributes, where the file system keeps them.
+    for (path, value) in [
+        (root.join("run.sh"), &b"a note on a file"[..]),
+        (root.join("nested"), b"a note on a directory"),
+    ] {
+        let _ = rustix::fs::lsetxattr(&path, "user.fabric", value, rustix::fs::XattrFlags::empty());
+    }
     let odd = root.join("nested/odd-mode");
     std::fs::write(&odd, b"odd").expect("write");
     std::fs::set_permissions(&odd, std::fs::Permissions::from_mode(0o4751)).expect("chmod");

@@ -765,3 +765,115 @@ fn zero_runs_are_restored_as_holes_with_the_same_content() {
         );
     }
 }
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> bool {
+    rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty()).is_ok()
+}
+
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buffer = vec![0u8; 4096];
+    let length = rustix::fs::lgetxattr(path, name, &mut buffer[..]).ok()?;
+    buffer.truncate(length);
+    Some(buffer)
+}
+
+#[test]
+fn extended_attributes_are_recorded_reused_and_restored() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    fs::create_dir_all(source.join("dir")).expect("mkdir");
+    fs::write(source.join("dir/file"), b"content").expect("write");
+    fs::write(source.join("plain"), b"no attributes").expect("write");
+    if !set_xattr(
+        &source.join("dir/file"),
+        "user.fabric.note",
+        b"\x00binary\xff",
+    ) {
+        eprintln!("user extended attributes unsupported here: nothing to test");
+        return;
+    }
+    let big = vec![b'v'; 3000];
+    assert!(set_xattr(&source.join("dir/file"), "user.fabric.big", &big));
+    assert!(set_xattr(
+        &source.join("dir"),
+        "user.fabric.dir",
+        b"on a directory"
+    ));
+
+    let store = MemoryStore::default();
+    let first = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    let file = entry_at(&store, first.root, &source.join("dir/file"));
+    let names: Vec<&[u8]> = file.xattrs.iter().map(|a| a.name.as_slice()).collect();
+    assert_eq!(names, vec![&b"user.fabric.big"[..], b"user.fabric.note"]);
+    assert!(
+        entry_at(&store, first.root, &source.join("plain"))
+            .xattrs
+            .is_empty()
+    );
+
+    // Unchanged: the parent's attributes are kept without reading the file.
+    let parent = ParentSnapshot {
+        source: &store,
+        root: first.root,
+    };
+    let second = backup(&options(&[&source]), &store, Some(parent), &quiet).expect("backup");
+    assert_eq!(second.stats.bytes_read, 0);
+    assert_eq!(second.root, first.root);
+
+    let target = temp.path().join("target");
+    restore_into(&store, first.root, &source, &target);
+    assert_eq!(
+        get_xattr(&target.join("dir/file"), "user.fabric.note").as_deref(),
+        Some(&b"\x00binary\xff"[..])
+    );
+    assert_eq!(
+        get_xattr(&target.join("dir/file"), "user.fabric.big"),
+        Some(big.clone())
+    );
+    assert_eq!(
+        get_xattr(&target.join("dir"), "user.fabric.dir").as_deref(),
+        Some(&b"on a directory"[..])
+    );
+
+    let mut tar = TarTarget::new(Vec::new());
+    restore(
+        &store,
+        first.root,
+        source.to_str().expect("utf-8"),
+        &mut tar,
+    )
+    .expect("tar");
+    let bytes = tar.into_inner().expect("bytes");
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    let mut found = BTreeMap::new();
+    for item in archive.entries().expect("entries") {
+        let mut item = item.expect("entry");
+        let path = item.path().expect("path").display().to_string();
+        let path = path.trim_end_matches('/').to_owned();
+        if let Some(records) = item.pax_extensions().expect("pax") {
+            for record in records {
+                let record = record.expect("record");
+                if let Some(name) = record.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                    found.insert(
+                        (path.clone(), String::from_utf8_lossy(name).into_owned()),
+                        record.value_bytes().to_vec(),
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(found.len(), 3, "{:?}", found.keys().collect::<Vec<_>>());
+    assert_eq!(
+        found[&("dir/file".to_owned(), "user.fabric.note".to_owned())],
+        b"\x00binary\xff"
+    );
+    assert_eq!(
+        found[&("dir/file".to_owned(), "user.fabric.big".to_owned())],
+        big
+    );
+    assert_eq!(
+        found[&("dir".to_owned(), "user.fabric.dir".to_owned())],
+        b"on a directory"
+    );
+}
