@@ -3,7 +3,8 @@
 //!
 //! Owns the reading side of a backup: path selection (includes, exclude
 //! globs, file system boundaries, virtual and network file systems), the
-//! parent-snapshot cache, parallel read/chunk/hash of files, and tree
+//! parent-snapshot cache, parallel read/chunk/hash of files, the metadata
+//! recorded with each entry (link counts, extended attributes), and tree
 //! encoding. The local store, the push agent and the pull source all call
 //! [`backup`]; what happens to chunks is the sink's business.
 //!
@@ -37,12 +38,6 @@ mod xattrs;
 
 pub use mounts::{MountInfo, is_skipped_fs_type, parse_mountinfo, skipped_mount_points};
 
-/// The extended attributes of `path` (not following a symlink), sorted by
-/// name, as a walk records them: none on a file system without them.
-pub fn extended_attributes(path: &Path) -> io::Result<Vec<ExtendedAttribute>> {
-    xattrs::read(XattrSource::Path(path))
-}
-
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::{DirEntry, File, Metadata, OpenOptions};
@@ -65,6 +60,12 @@ use xattrs::XattrSource;
 
 /// Bytes asked of the file system per read of a large file.
 const READ_BUFFER_SIZE: usize = 256 * 1024;
+
+/// The extended attributes of `path` (not following a symlink), sorted by
+/// name, as a walk records them: none on a file system without them.
+pub fn extended_attributes(path: &Path) -> io::Result<Vec<ExtendedAttribute>> {
+    xattrs::read(XattrSource::Path(path))
+}
 
 /// What to back up and how.
 #[derive(Clone, Debug, Default)]
