@@ -155,7 +155,7 @@ async fn prefetch_chunks(
             Some(Ok(chunk)) => {
                 let _ = answer.send(Err(Status::data_loss(format!(
                     "asked for chunk {id}, the node sent {}",
-                    hex_prefix(&chunk.id)
+                    hex::encode(&chunk.id)
                 ))));
                 return;
             }
@@ -166,15 +166,6 @@ async fn prefetch_chunks(
             None => return,
         }
     }
-}
-
-/// The start of a byte string as hex, for naming a chunk id that may be malformed.
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .take(32)
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
 }
 
 impl ChunkSource for RemoteSource {
