@@ -33,6 +33,7 @@
 //! Any other I/O error (e.g. EIO in the middle of a file), a sink error or an
 //! include path that does not exist fails the backup, naming the path.
 
+mod examine;
 mod mounts;
 mod xattrs;
 
@@ -40,7 +41,7 @@ pub use mounts::{MountInfo, is_skipped_fs_type, parse_mountinfo, skipped_mount_p
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::fs::{DirEntry, File, Metadata, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -56,6 +57,7 @@ use rayon::prelude::*;
 use crate::chunker::{BadChunkParams, Chunk, ChunkParams, Chunker};
 use crate::id::ChunkId;
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
+use examine::{EntryStat, EntryType, OpenDirectory, nanos};
 use xattrs::XattrSource;
 
 /// Bytes asked of the file system per read of a large file.
@@ -225,26 +227,28 @@ impl IncludeNode {
     }
 }
 
-fn nanos(seconds: i64, nanoseconds: i64) -> i64 {
-    seconds
-        .saturating_mul(1_000_000_000)
-        .saturating_add(nanoseconds)
-}
-
-/// A tree entry with the metadata of `meta` (no content fields yet).
-fn entry_from(name: Vec<u8>, kind: EntryKind, meta: &Metadata) -> TreeEntry {
+/// A tree entry with the metadata of `stat` (no content fields yet).
+fn entry_from(name: Vec<u8>, kind: EntryKind, stat: &EntryStat) -> TreeEntry {
     TreeEntry {
         name,
         kind: kind as i32,
-        mode: meta.mode(),
-        uid: meta.uid(),
-        gid: meta.gid(),
-        mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
-        ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
-        inode: meta.ino(),
-        device: meta.dev(),
+        mode: stat.mode,
+        uid: stat.uid,
+        gid: stat.gid,
+        mtime_ns: stat.mtime_ns,
+        ctime_ns: stat.ctime_ns,
+        inode: stat.inode,
+        device: stat.device,
         ..TreeEntry::default()
     }
+}
+
+/// `path/name`, allocated once.
+fn child_path(path: &Path, name: &[u8]) -> PathBuf {
+    let mut child = PathBuf::with_capacity(path.as_os_str().len() + 1 + name.len());
+    child.push(path);
+    child.push(OsStr::from_bytes(name));
+    child
 }
 
 /// The entry named `name` in `tree`, if any (entries are sorted by name).
@@ -447,7 +451,8 @@ impl Walk<'_> {
                     })?;
                     let below = Below { device: meta.dev() };
                     let parent_entry = parent_entry.cloned();
-                    self.entry(&child_path, name.clone(), &meta, parent_entry, below, false)
+                    let stat = EntryStat::from(&meta);
+                    self.entry(&child_path, name.clone(), &stat, parent_entry, below, false)
                 } else {
                     // A directory on the way to an include path; following a
                     // symlink here (e.g. /lib -> usr/lib) is what the user meant.
@@ -493,34 +498,33 @@ impl Walk<'_> {
         &self,
         path: &Path,
         name: Vec<u8>,
-        meta: &Metadata,
+        stat: &EntryStat,
         parent: Option<TreeEntry>,
         below: Below,
         is_below_include: bool,
     ) -> Result<Option<TreeEntry>, WalkError> {
-        let file_type = meta.file_type();
-        if file_type.is_file() {
-            self.file(path, name, meta, parent)
-        } else if file_type.is_dir() {
-            let mut entry = entry_from(name, EntryKind::Dir, meta);
-            entry.xattrs = self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
-            let descend = !is_below_include || self.may_descend(path, meta, below);
-            let parent_tree = if descend {
-                parent_subtree(parent.as_ref())
-            } else {
-                None
-            };
-            match self.directory(path, descend, parent_tree, below)? {
-                Some(id) => {
-                    entry.subtree_id = id.to_vec();
-                    Ok(Some(entry))
+        match stat.kind {
+            EntryType::File => self.file(path, name, stat, parent),
+            EntryType::Dir => {
+                let mut entry = entry_from(name, EntryKind::Dir, stat);
+                entry.xattrs = self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
+                let descend = !is_below_include || self.may_descend(path, stat, below);
+                let parent_tree = if descend {
+                    parent_subtree(parent.as_ref())
+                } else {
+                    None
+                };
+                match self.directory(path, descend, parent_tree, below)? {
+                    Some(id) => {
+                        entry.subtree_id = id.to_vec();
+                        Ok(Some(entry))
+                    }
+                    None => Ok(None),
                 }
-                None => Ok(None),
             }
-        } else if file_type.is_symlink() {
-            match std::fs::read_link(path) {
+            EntryType::Symlink => match std::fs::read_link(path) {
                 Ok(target) => {
-                    let mut entry = entry_from(name, EntryKind::Symlink, meta);
+                    let mut entry = entry_from(name, EntryKind::Symlink, stat);
                     entry.symlink_target = target.into_os_string().into_vec();
                     entry.xattrs =
                         self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
@@ -531,17 +535,18 @@ impl Walk<'_> {
                     Ok(None)
                 }
                 Err(err) => Err(io_error(path)(err)),
+            },
+            EntryType::Other => {
+                let mut entry = entry_from(name, EntryKind::Other, stat);
+                entry.xattrs = self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
+                Ok(Some(entry))
             }
-        } else {
-            let mut entry = entry_from(name, EntryKind::Other, meta);
-            entry.xattrs = self.xattrs(path, &entry, parent.as_ref(), XattrSource::Path(path));
-            Ok(Some(entry))
         }
     }
 
     /// Whether to list the directory `path` below an include path.
-    fn may_descend(&self, path: &Path, meta: &Metadata, below: Below) -> bool {
-        if self.one_file_system && meta.dev() != below.device {
+    fn may_descend(&self, path: &Path, stat: &EntryStat, below: Below) -> bool {
+        if self.one_file_system && stat.device != below.device {
             tracing::debug!(path = %path.display(), "another file system: kept empty");
             return false;
         }
@@ -562,17 +567,18 @@ impl Walk<'_> {
         parent: Option<ChunkId>,
         below: Below,
     ) -> Result<Option<ChunkId>, WalkError> {
-        let mut listed: Vec<(Vec<u8>, DirEntry)> = Vec::new();
-        if descend {
-            match std::fs::read_dir(path) {
-                Ok(listing) => {
-                    for item in listing {
-                        let item = item.map_err(io_error(path))?;
-                        listed.push((item.file_name().into_vec(), item));
-                    }
-                }
+        let listing = if descend {
+            match OpenDirectory::open(path).and_then(|dir| Ok((dir.names()?, dir))) {
+                Ok(listing) => Some(listing),
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {
                     self.warn(format!("{}: vanished before it was read", path.display()));
+                    return Ok(None);
+                }
+                Err(err) if matches!(err.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => {
+                    self.warn(format!(
+                        "{}: no longer a directory when listed; left out",
+                        path.display()
+                    ));
                     return Ok(None);
                 }
                 Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
@@ -580,34 +586,42 @@ impl Walk<'_> {
                         "{}: cannot list ({err}); kept as an empty directory",
                         path.display()
                     ));
+                    None
                 }
                 Err(err) => return Err(io_error(path)(err)),
             }
-        }
-        listed.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+        } else {
+            None
+        };
         // Examined relative to the open directory (no path lookup from `/`
         // for every entry), all before any subdirectory is entered, so a
         // deep tree does not hold a directory open per level.
-        type Examined = (PathBuf, io::Result<Metadata>);
-        let examined: Vec<(Vec<u8>, Examined)> = listed
-            .into_par_iter()
-            .filter_map(|(name, item)| {
-                let child_path = path.join(OsStr::from_bytes(&name));
-                if self.excluded(&child_path, OsStr::from_bytes(&name)) {
-                    return None;
-                }
-                let meta = item.metadata();
-                Some((name, (child_path, meta)))
-            })
-            .collect();
+        type Examined = (PathBuf, io::Result<EntryStat>);
+        let examined: Vec<(Vec<u8>, Examined)> = match listing {
+            None => Vec::new(),
+            Some((mut names, dir)) => {
+                names.sort_unstable();
+                names
+                    .into_par_iter()
+                    .filter_map(|name| {
+                        let child_path = child_path(path, &name);
+                        if self.excluded(&child_path, OsStr::from_bytes(&name)) {
+                            return None;
+                        }
+                        let stat = dir.examine(&name, &child_path);
+                        Some((name, (child_path, stat)))
+                    })
+                    .collect()
+            }
+        };
         // Asked for only now, so that a remote source's round trip (or its
         // prefetch) overlaps the listing above.
         let parent = parent.and_then(|id| self.parent_tree_by_id(path, id, self.parent?));
         let entries: Vec<Option<TreeEntry>> = with_parent_entries(examined, parent)
             .into_par_iter()
-            .map(|(name, (child_path, meta), parent_entry)| {
-                let meta = match meta {
-                    Ok(meta) => meta,
+            .map(|(name, (child_path, stat), parent_entry)| {
+                let stat = match stat {
+                    Ok(stat) => stat,
                     Err(err) if err.kind() == io::ErrorKind::NotFound => {
                         self.warn(format!(
                             "{}: vanished before it was read",
@@ -625,7 +639,7 @@ impl Walk<'_> {
                     }
                     Err(err) => return Err(io_error(&child_path)(err)),
                 };
-                self.entry(&child_path, name, &meta, parent_entry, below, true)
+                self.entry(&child_path, name, &stat, parent_entry, below, true)
             })
             .collect::<Result<_, _>>()?;
         let tree = Tree {
@@ -640,12 +654,12 @@ impl Walk<'_> {
         &self,
         path: &Path,
         name: Vec<u8>,
-        meta: &Metadata,
+        stat: &EntryStat,
         parent: Option<TreeEntry>,
     ) -> Result<Option<TreeEntry>, WalkError> {
-        let mut entry = entry_from(name, EntryKind::File, meta);
-        entry.size = meta.len();
-        entry.links = meta.nlink();
+        let mut entry = entry_from(name, EntryKind::File, stat);
+        entry.size = stat.size;
+        entry.links = stat.links;
         if let Some(previous) = parent
             && previous.kind == EntryKind::File as i32
             && previous.size == entry.size
@@ -703,7 +717,7 @@ impl Walk<'_> {
         let mut entry = entry_from(
             std::mem::take(&mut entry.name),
             EntryKind::File,
-            &opened_meta,
+            &EntryStat::from(&opened_meta),
         );
         entry.links = opened_meta.nlink();
         entry.xattrs = self.read_xattrs(path, XattrSource::File(&file));
