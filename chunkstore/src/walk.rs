@@ -112,8 +112,8 @@ pub struct BackupOutcome {
 }
 
 /// Progress of a running backup, reported after every chunk and every file.
-#[derive(Clone, Debug, Default)]
-pub struct Progress {
+#[derive(Clone, Copy, Debug)]
+pub struct Progress<'a> {
     /// Regular files done so far (read or reused).
     pub files: u64,
     /// Files reused from the parent snapshot without being read.
@@ -123,7 +123,7 @@ pub struct Progress {
     /// Bytes of file content read so far.
     pub bytes_read: u64,
     /// The file this report is about.
-    pub current_path: PathBuf,
+    pub current_path: &'a Path,
 }
 
 /// What makes a backup fail. Each variant names the path or input.
@@ -309,7 +309,7 @@ struct Walk<'a> {
     skipped_mounts: HashMap<PathBuf, String>,
     sink: &'a dyn ChunkSink,
     parent: Option<&'a dyn ChunkSource>,
-    progress: &'a (dyn Fn(&Progress) + Sync),
+    progress: &'a (dyn Fn(&Progress<'_>) + Sync),
     counters: Counters,
     warnings: Mutex<Vec<String>>,
 }
@@ -366,7 +366,7 @@ impl Walk<'_> {
             files_unchanged: self.counters.files_unchanged.load(Ordering::Relaxed),
             dirs: self.counters.dirs.load(Ordering::Relaxed),
             bytes_read: self.counters.bytes_read.load(Ordering::Relaxed),
-            current_path: path.to_owned(),
+            current_path: path,
         });
     }
 
@@ -861,7 +861,7 @@ pub fn backup(
     options: &BackupOptions,
     sink: &dyn ChunkSink,
     parent: Option<ParentSnapshot<'_>>,
-    progress: &(dyn Fn(&Progress) + Sync),
+    progress: &(dyn Fn(&Progress<'_>) + Sync),
 ) -> Result<BackupOutcome, WalkError> {
     options.chunk_params.validate()?;
     if options.includes.is_empty() {

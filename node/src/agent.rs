@@ -7,7 +7,9 @@
 //! bounded channels, so memory stays bounded whatever the file sizes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Progress};
 use fabric_chunkstore::{ChunkId, ChunkSource, SinkError};
@@ -52,7 +54,8 @@ pub fn describe_status(status: &Status) -> String {
     format!("{} ({:?})", status.message(), status.code())
 }
 
-/// Progress of a push, for the CLI and the coordinator's reports.
+/// Progress of a push, for the CLI and the coordinator's reports: at most
+/// one every [`PROGRESS_INTERVAL_MS`].
 #[derive(Clone, Debug, Default)]
 pub struct PushProgress {
     /// Files seen.
@@ -84,6 +87,12 @@ pub struct PushOutcome {
 /// store's default, so a pushed chunk is stored as a local backup would
 /// store it.
 pub const TRANSFER_ZSTD_LEVEL: i32 = 3;
+
+/// Milliseconds between two progress reports of a push. The walk reports
+/// every file and chunk; a report names the current path as a `String`, and
+/// one per file costs an unchanged re-backup of many small files more than
+/// examining the file does.
+pub const PROGRESS_INTERVAL_MS: u64 = 100;
 
 /// A callback receiving progress; called from worker threads.
 pub type ProgressFn = Arc<dyn Fn(&PushProgress) + Send + Sync>;
@@ -281,6 +290,31 @@ fn finish_record(
     template
 }
 
+/// Lets one progress report through per [`PROGRESS_INTERVAL_MS`], whichever
+/// of the walk's threads asks first.
+#[derive(Default)]
+struct ReportGate {
+    /// Milliseconds (on the caller's clock) before which nothing passes.
+    next_ms: AtomicU64,
+}
+
+impl ReportGate {
+    /// Whether a report at `now_ms` goes out.
+    fn claim(&self, now_ms: u64) -> bool {
+        let due = self.next_ms.load(Ordering::Relaxed);
+        now_ms >= due
+            && self
+                .next_ms
+                .compare_exchange(
+                    due,
+                    now_ms.saturating_add(PROGRESS_INTERVAL_MS),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
 /// Run the backup walk on a blocking thread into `chunks`, reporting
 /// progress; returns the walk's outcome.
 fn spawn_walk(
@@ -292,8 +326,14 @@ fn spawn_walk(
 ) -> tokio::task::JoinHandle<Result<BackupOutcome, Status>> {
     tokio::task::spawn_blocking(move || {
         let sink = ChannelSink::new(chunks);
-        let report = |walk: &Progress| {
-            if let Some(progress) = &progress {
+        let started = Instant::now();
+        let gate = ReportGate::default();
+        let report = |walk: &Progress<'_>| {
+            let Some(progress) = &progress else {
+                return;
+            };
+            let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if gate.claim(now_ms) {
                 progress(&PushProgress {
                     files: walk.files,
                     bytes_read: walk.bytes_read,
@@ -403,4 +443,25 @@ pub async fn push_backup(
         chunks_sent: TransferCounters::get(&counters.chunks_sent),
         bytes_sent: TransferCounters::get(&counters.bytes_sent),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_gate_lets_one_report_through_per_interval() {
+        let gate = ReportGate::default();
+        let interval = PROGRESS_INTERVAL_MS;
+        assert!(gate.claim(0), "the first report goes out");
+        assert!(!gate.claim(0));
+        assert!(!gate.claim(interval - 1));
+        assert!(gate.claim(interval));
+        assert!(!gate.claim(interval + 1));
+        // A quiet spell: the next report goes out at once, and the interval
+        // counts from it.
+        assert!(gate.claim(10 * interval + 7));
+        assert!(!gate.claim(11 * interval));
+        assert!(gate.claim(11 * interval + 7));
+    }
 }
