@@ -269,7 +269,7 @@ fn parent_subtree(entry: Option<&TreeEntry>) -> Option<ChunkId> {
 /// Pair each of `items` (sorted by name) with the entry of the same name in
 /// the parent snapshot's `tree` (sorted by name too), moved out of it.
 fn with_parent_entries<T>(
-    items: Vec<(Vec<u8>, T)>,
+    items: impl IntoIterator<Item = (Vec<u8>, T)>,
     tree: Option<Tree>,
 ) -> Vec<(Vec<u8>, T, Option<TreeEntry>)> {
     let mut previous = tree
@@ -597,13 +597,15 @@ impl Walk<'_> {
         // for every entry), all before any subdirectory is entered, so a
         // deep tree does not hold a directory open per level.
         type Examined = (PathBuf, io::Result<EntryStat>);
-        let examined: Vec<(Vec<u8>, Examined)> = match listing {
+        // Excluded entries are None: a map, unlike a filter, lets rayon
+        // write the results in place instead of gathering them in pieces.
+        let examined: Vec<Option<(Vec<u8>, Examined)>> = match listing {
             None => Vec::new(),
             Some((mut names, dir)) => {
                 names.sort_unstable();
                 names
                     .into_par_iter()
-                    .filter_map(|name| {
+                    .map(|name| {
                         let child_path = child_path(path, &name);
                         if self.excluded(&child_path, OsStr::from_bytes(&name)) {
                             return None;
@@ -617,7 +619,8 @@ impl Walk<'_> {
         // Asked for only now, so that a remote source's round trip (or its
         // prefetch) overlaps the listing above.
         let parent = parent.and_then(|id| self.parent_tree_by_id(path, id, self.parent?));
-        let entries: Vec<Option<TreeEntry>> = with_parent_entries(examined, parent)
+        let paired = with_parent_entries(examined.into_iter().flatten(), parent);
+        let entries: Vec<Option<TreeEntry>> = paired
             .into_par_iter()
             .map(|(name, (child_path, stat), parent_entry)| {
                 let stat = match stat {
