@@ -266,6 +266,54 @@ fn parent_subtree(entry: Option<&TreeEntry>) -> Option<ChunkId> {
     ChunkId::from_slice(&entry.subtree_id).ok()
 }
 
+/// What decides whether a new entry is the same as the parent snapshot's
+/// entry of that name, kept before the walk moves that entry's chunk ids
+/// into the new one.
+///
+/// Chunk ids and extended attributes are not compared: the walk reuses the
+/// parent's exactly when kind, size, mtime, ctime and inode are unchanged
+/// (attributes: kind, inode and ctime), which this compares. A symlink's
+/// target cannot change without a new ctime either, but it is compared all
+/// the same (symlinks are few).
+#[derive(PartialEq)]
+struct SameEntry {
+    kind: i32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    inode: u64,
+    device: u64,
+    links: u64,
+    subtree_id: Option<ChunkId>,
+    symlink_target: Vec<u8>,
+}
+
+impl SameEntry {
+    fn of(entry: &TreeEntry) -> Self {
+        Self {
+            kind: entry.kind,
+            mode: entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+            size: entry.size,
+            mtime_ns: entry.mtime_ns,
+            ctime_ns: entry.ctime_ns,
+            inode: entry.inode,
+            device: entry.device,
+            links: entry.links,
+            subtree_id: ChunkId::from_slice(&entry.subtree_id).ok(),
+            symlink_target: entry.symlink_target.clone(),
+        }
+    }
+
+    fn matches(&self, entry: &TreeEntry) -> bool {
+        *self == Self::of(entry)
+    }
+}
+
 /// Pair each of `items` (sorted by name) with the entry of the same name in
 /// the parent snapshot's `tree` (sorted by name too), moved out of it.
 fn with_parent_entries<T>(
@@ -392,10 +440,21 @@ impl Walk<'_> {
         self.store(path, prost::Message::encode_to_vec(tree))
     }
 
-    /// The parent snapshot's tree `id` for `path`, if it can be read.
-    fn parent_tree(&self, path: &Path, entry: Option<&TreeEntry>) -> Option<Tree> {
+    /// The id of the parent snapshot's tree `parent`, without encoding,
+    /// hashing or storing anything: the directory is the same as then, so
+    /// its tree would be the same bytes, already in the store the parent
+    /// came from (the commit checks that).
+    fn same_tree(&self, parent: ChunkId) -> ChunkId {
+        self.counters.dirs.fetch_add(1, Ordering::Relaxed);
+        parent
+    }
+
+    /// The parent snapshot's tree for `path` (below the entry `entry`) and
+    /// its id, if it can be read.
+    fn parent_tree(&self, path: &Path, entry: Option<&TreeEntry>) -> Option<(ChunkId, Tree)> {
         let source = self.parent?;
-        self.parent_tree_by_id(path, parent_subtree(entry)?, source)
+        let id = parent_subtree(entry)?;
+        Some((id, self.parent_tree_by_id(path, id, source)?))
     }
 
     fn parent_tree_by_id(
@@ -434,8 +493,9 @@ impl Walk<'_> {
         &self,
         node: &IncludeNode,
         path: &Path,
-        parent: Option<Tree>,
+        parent: Option<(ChunkId, Tree)>,
     ) -> Result<ChunkId, WalkError> {
+        let (parent_id, parent) = parent.unzip();
         let entries: Vec<Option<TreeEntry>> = node
             .children
             .par_iter()
@@ -488,7 +548,10 @@ impl Walk<'_> {
         let tree = Tree {
             entries: entries.into_iter().flatten().collect(),
         };
-        self.store_tree(path, &tree)
+        match parent_id {
+            Some(id) if parent.as_ref() == Some(&tree) => Ok(self.same_tree(id)),
+            _ => self.store_tree(path, &tree),
+        }
     }
 
     /// The entry for `path` (already `lstat`ed as `meta`), or None when it is
@@ -618,9 +681,13 @@ impl Walk<'_> {
         };
         // Asked for only now, so that a remote source's round trip (or its
         // prefetch) overlaps the listing above.
+        let parent_id = parent;
         let parent = parent.and_then(|id| self.parent_tree_by_id(path, id, self.parent?));
+        let parent_entries = parent.as_ref().map(|tree| tree.entries.len());
         let paired = with_parent_entries(examined.into_iter().flatten(), parent);
-        let entries: Vec<Option<TreeEntry>> = paired
+        // Each entry, and whether it is the parent's entry of that name
+        // unchanged.
+        let entries: Vec<Option<(TreeEntry, bool)>> = paired
             .into_par_iter()
             .map(|(name, (child_path, stat), parent_entry)| {
                 let stat = match stat {
@@ -642,11 +709,26 @@ impl Walk<'_> {
                     }
                     Err(err) => return Err(io_error(&child_path)(err)),
                 };
-                self.entry(&child_path, name, &stat, parent_entry, below, true)
+                let previous = parent_entry.as_ref().map(SameEntry::of);
+                let entry = self.entry(&child_path, name, &stat, parent_entry, below, true)?;
+                Ok(entry.map(|entry| {
+                    let same = previous.is_some_and(|previous| previous.matches(&entry));
+                    (entry, same)
+                }))
             })
             .collect::<Result<_, _>>()?;
+        // Every entry of the parent's tree, each unchanged, and nothing else.
+        let unchanged = parent_entries == Some(entries.len())
+            && entries.iter().all(|entry| matches!(entry, Some((_, true))));
+        if let Some(id) = parent_id.filter(|_| unchanged) {
+            return Ok(Some(self.same_tree(id)));
+        }
         let tree = Tree {
-            entries: entries.into_iter().flatten().collect(),
+            entries: entries
+                .into_iter()
+                .flatten()
+                .map(|(entry, _)| entry)
+                .collect(),
         };
         self.store_tree(path, &tree).map(Some)
     }
@@ -916,8 +998,10 @@ pub fn backup(
                     reason: "vanished".to_owned(),
                 })
         } else {
-            let parent_root = parent
-                .and_then(|parent| walk.parent_tree_by_id(root_path, parent.root, parent.source));
+            let parent_root = parent.and_then(|parent| {
+                let tree = walk.parent_tree_by_id(root_path, parent.root, parent.source)?;
+                Some((parent.root, tree))
+            });
             walk.include_tree(&includes, root_path, parent_root)
         }
     })?;

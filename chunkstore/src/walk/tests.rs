@@ -426,6 +426,147 @@ fn a_changed_file_is_the_only_one_read_again() {
     assert_eq!(describe(&source), describe(&target));
 }
 
+/// Back up `source` with `parent` as the parent snapshot; returns the
+/// outcome and the chunks put into `store` meanwhile.
+fn backup_after(
+    store: &MemoryStore,
+    source: &Path,
+    excludes: &[&str],
+    parent: ChunkId,
+) -> (BackupOutcome, u64) {
+    let before = store.puts.load(Ordering::Relaxed);
+    let mut options = options(&[source]);
+    options.excludes = excludes
+        .iter()
+        .map(|pattern| (*pattern).to_owned())
+        .collect();
+    let parent = ParentSnapshot {
+        source: store,
+        root: parent,
+    };
+    let outcome = backup(&options, store, Some(parent), &quiet).expect("backup");
+    (outcome, store.puts.load(Ordering::Relaxed) - before)
+}
+
+/// One change to a backed-up tree: how it is made, the exclude patterns of
+/// the backup after it, and a directory it leaves alone.
+struct Change<'a> {
+    what: &'a str,
+    make: &'a dyn Fn(),
+    excludes: &'a [&'a str],
+    untouched: &'a str,
+}
+
+#[test]
+fn an_unchanged_directory_keeps_its_parent_tree_and_every_change_makes_a_new_one() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    for dir in ["a", "b", "b/deeper"] {
+        fs::create_dir_all(source.join(dir)).expect("mkdir");
+    }
+    for (index, file) in ["a/1", "a/2", "b/3", "b/deeper/4", "top"]
+        .iter()
+        .enumerate()
+    {
+        fs::write(source.join(file), pseudo_random(3000, index as u64)).expect("write");
+    }
+    std::os::unix::fs::symlink("3", source.join("b/link")).expect("symlink");
+    let store = MemoryStore::default();
+    let first = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    let subtree = |root: ChunkId, dir: &str| {
+        let entries = entries(&store, root, as_str(&source));
+        let entry = entries
+            .get(dir)
+            .unwrap_or_else(|| panic!("{dir} in {entries:?}"));
+        entry.subtree_id.clone()
+    };
+
+    // Unchanged: the same root, and not one chunk put, not even a tree.
+    let (again, puts) = backup_after(&store, &source, &[], first.root);
+    assert_eq!(again.root, first.root);
+    assert_eq!(puts, 0);
+    assert_eq!(again.stats.files_unchanged, 5);
+    assert_eq!(
+        again.stats.dirs, first.stats.dirs,
+        "every directory counted"
+    );
+
+    // Each change gives a new root that restores to what is on disk, with
+    // the trees of the untouched directories reused.
+    let changes = [
+        Change {
+            what: "a file added",
+            make: &|| fs::write(source.join("a/new"), b"new").expect("write"),
+            excludes: &[],
+            untouched: "b",
+        },
+        Change {
+            what: "a file removed",
+            make: &|| fs::remove_file(source.join("a/2")).expect("rm"),
+            excludes: &[],
+            untouched: "b",
+        },
+        Change {
+            what: "a mode changed",
+            make: &|| {
+                fs::set_permissions(source.join("b/deeper/4"), fs::Permissions::from_mode(0o600))
+                    .expect("chmod")
+            },
+            excludes: &[],
+            untouched: "a",
+        },
+        Change {
+            what: "a symlink pointed elsewhere",
+            make: &|| {
+                fs::remove_file(source.join("b/link")).expect("rm");
+                std::os::unix::fs::symlink("deeper/4", source.join("b/link")).expect("symlink");
+            },
+            excludes: &[],
+            untouched: "a",
+        },
+        Change {
+            what: "a file excluded",
+            make: &|| {},
+            excludes: &["**/a/1"],
+            untouched: "b",
+        },
+        Change {
+            what: "an empty directory added",
+            make: &|| fs::create_dir(source.join("b/empty")).expect("mkdir"),
+            excludes: &["**/a/1"],
+            untouched: "a",
+        },
+    ];
+    let mut parent = first.root;
+    for Change {
+        what: change,
+        make,
+        excludes,
+        untouched,
+    } in changes
+    {
+        make();
+        let (outcome, puts) = backup_after(&store, &source, excludes, parent);
+        assert_ne!(outcome.root, parent, "{change}: a new root");
+        assert!(puts > 0, "{change}: new trees stored");
+        assert_eq!(
+            subtree(outcome.root, untouched),
+            subtree(parent, untouched),
+            "{change}"
+        );
+        let target = temp
+            .path()
+            .join(format!("target-{}", change.replace(' ', "-")));
+        restore_into(&store, outcome.root, &source, &target);
+        let mut expected = describe(&source);
+        for exclude in excludes {
+            expected.remove(exclude.trim_start_matches("**/").as_bytes());
+        }
+        assert_eq!(describe(&target), expected, "{change}");
+        parent = outcome.root;
+    }
+}
+
 #[test]
 fn a_parent_with_a_different_inode_is_not_trusted() {
     let temp = tempfile::tempdir().expect("tempdir");
