@@ -111,7 +111,8 @@ pub struct BackupOutcome {
     pub warnings: Vec<String>,
 }
 
-/// Progress of a running backup, reported after every chunk and every file.
+/// Progress of a running backup, reported after every chunk, every file read
+/// and every directory.
 #[derive(Clone, Copy, Debug)]
 pub struct Progress<'a> {
     /// Regular files done so far (read or reused).
@@ -122,7 +123,7 @@ pub struct Progress<'a> {
     pub dirs: u64,
     /// Bytes of file content read so far.
     pub bytes_read: u64,
-    /// The file this report is about.
+    /// The file or directory this report is about.
     pub current_path: &'a Path,
 }
 
@@ -418,9 +419,11 @@ impl Walk<'_> {
         });
     }
 
-    fn excluded(&self, path: &Path, name: &OsStr) -> bool {
+    /// Whether the entry `name` of the directory `directory` is excluded.
+    fn excluded(&self, directory: &Path, name: &[u8]) -> bool {
         !self.excludes.is_empty()
-            && (self.excludes.is_match(path) || self.excludes.is_match(Path::new(name)))
+            && (self.excludes.is_match(child_path(directory, name))
+                || self.excludes.is_match(Path::new(OsStr::from_bytes(name))))
     }
 
     fn store(&self, path: &Path, data: Vec<u8>) -> Result<ChunkId, WalkError> {
@@ -659,22 +662,20 @@ impl Walk<'_> {
         // Examined relative to the open directory (no path lookup from `/`
         // for every entry), all before any subdirectory is entered, so a
         // deep tree does not hold a directory open per level.
-        type Examined = (PathBuf, io::Result<EntryStat>);
         // Excluded entries are None: a map, unlike a filter, lets rayon
         // write the results in place instead of gathering them in pieces.
-        let examined: Vec<Option<(Vec<u8>, Examined)>> = match listing {
+        let examined: Vec<Option<(Vec<u8>, io::Result<EntryStat>)>> = match listing {
             None => Vec::new(),
             Some((mut names, dir)) => {
                 names.sort_unstable();
                 names
                     .into_par_iter()
                     .map(|name| {
-                        let child_path = child_path(path, &name);
-                        if self.excluded(&child_path, OsStr::from_bytes(&name)) {
+                        if self.excluded(path, &name) {
                             return None;
                         }
-                        let stat = dir.examine(&name, &child_path);
-                        Some((name, (child_path, stat)))
+                        let stat = dir.examine(&name);
+                        Some((name, stat))
                     })
                     .collect()
             }
@@ -689,34 +690,32 @@ impl Walk<'_> {
         // unchanged.
         let entries: Vec<Option<(TreeEntry, bool)>> = paired
             .into_par_iter()
-            .map(|(name, (child_path, stat), parent_entry)| {
+            .map(|(name, stat, parent_entry)| {
                 let stat = match stat {
                     Ok(stat) => stat,
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                        self.warn(format!(
-                            "{}: vanished before it was read",
-                            child_path.display()
-                        ));
-                        return Ok(None);
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
-                        // A directory readable but not searchable (r without x).
-                        self.warn(format!(
-                            "{}: cannot be examined ({err}); left out",
-                            child_path.display()
-                        ));
-                        return Ok(None);
-                    }
-                    Err(err) => return Err(io_error(&child_path)(err)),
+                    Err(err) => return self.unexaminable(&child_path(path, &name), err),
                 };
-                let previous = parent_entry.as_ref().map(SameEntry::of);
-                let entry = self.entry(&child_path, name, &stat, parent_entry, below, true)?;
+                let was = parent_entry.as_ref().map(SameEntry::of);
+                let entry = match parent_entry {
+                    // Most files of a re-backup: no path to make, nothing to read.
+                    Some(previous)
+                        if stat.kind == EntryType::File && file_unchanged(&stat, &previous) =>
+                    {
+                        Some(self.reuse_file(name, &stat, previous))
+                    }
+                    parent_entry => {
+                        let child_path = child_path(path, &name);
+                        self.entry(&child_path, name, &stat, parent_entry, below, true)?
+                    }
+                };
                 Ok(entry.map(|entry| {
-                    let same = previous.is_some_and(|previous| previous.matches(&entry));
+                    let same = was.is_some_and(|was| was.matches(&entry));
                     (entry, same)
                 }))
             })
             .collect::<Result<_, _>>()?;
+        // Unchanged files are not reported one by one.
+        self.report(path);
         // Every entry of the parent's tree, each unchanged, and nothing else.
         let unchanged = parent_entries == Some(entries.len())
             && entries.iter().all(|entry| matches!(entry, Some((_, true))));
@@ -742,24 +741,12 @@ impl Walk<'_> {
         stat: &EntryStat,
         parent: Option<TreeEntry>,
     ) -> Result<Option<TreeEntry>, WalkError> {
-        let mut entry = entry_from(name, EntryKind::File, stat);
-        entry.size = stat.size;
-        entry.links = stat.links;
         if let Some(previous) = parent
-            && previous.kind == EntryKind::File as i32
-            && previous.size == entry.size
-            && previous.mtime_ns == entry.mtime_ns
-            && previous.ctime_ns == entry.ctime_ns
-            && previous.inode == entry.inode
+            && file_unchanged(stat, &previous)
         {
-            entry.chunk_ids = previous.chunk_ids;
-            // Unchanged ctime: unchanged attributes too.
-            entry.xattrs = previous.xattrs;
-            self.counters
-                .files_unchanged
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(self.file_done(path, entry)));
+            return Ok(Some(self.reuse_file(name, stat, previous)));
         }
+        let mut entry = entry_from(name, EntryKind::File, stat);
 
         // O_NOFOLLOW: the path was a regular file when listed; if it has
         // been replaced by a symlink since, do not read through it.
@@ -903,7 +890,23 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn file_done(&self, path: &Path, entry: TreeEntry) -> TreeEntry {
+    /// The entry of an unchanged file (see [`file_unchanged`]): the
+    /// parent's chunks and attributes with today's metadata.
+    fn reuse_file(&self, name: Vec<u8>, stat: &EntryStat, previous: TreeEntry) -> TreeEntry {
+        let mut entry = entry_from(name, EntryKind::File, stat);
+        entry.size = stat.size;
+        entry.links = stat.links;
+        entry.chunk_ids = previous.chunk_ids;
+        // Unchanged ctime: unchanged attributes too.
+        entry.xattrs = previous.xattrs;
+        self.counters
+            .files_unchanged
+            .fetch_add(1, Ordering::Relaxed);
+        self.count_file(&entry);
+        entry
+    }
+
+    fn count_file(&self, entry: &TreeEntry) {
         self.counters.files.fetch_add(1, Ordering::Relaxed);
         self.counters
             .total_bytes
@@ -911,9 +914,50 @@ impl Walk<'_> {
         self.counters
             .chunks
             .fetch_add(entry.chunk_ids.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A file read (not reused) is done: counted and reported.
+    fn file_done(&self, path: &Path, entry: TreeEntry) -> TreeEntry {
+        self.count_file(&entry);
         self.report(path);
         entry
     }
+
+    /// An entry whose examination failed with `err`: left out with a
+    /// warning when it vanished or may not be examined, else the backup
+    /// fails.
+    fn unexaminable(
+        &self,
+        path: &Path,
+        err: io::Error,
+    ) -> Result<Option<(TreeEntry, bool)>, WalkError> {
+        match err.kind() {
+            io::ErrorKind::NotFound => {
+                self.warn(format!("{}: vanished before it was read", path.display()));
+                Ok(None)
+            }
+            io::ErrorKind::PermissionDenied => {
+                // A directory readable but not searchable (r without x).
+                self.warn(format!(
+                    "{}: cannot be examined ({err}); left out",
+                    path.display()
+                ));
+                Ok(None)
+            }
+            _ => Err(io_error(path)(err)),
+        }
+    }
+}
+
+/// Whether the regular file whose metadata is `stat` is unchanged since
+/// the parent snapshot's `previous` entry: same size, mtime, ctime and
+/// inode. Its content is then not read again.
+fn file_unchanged(stat: &EntryStat, previous: &TreeEntry) -> bool {
+    previous.kind == EntryKind::File as i32
+        && previous.size == stat.size
+        && previous.mtime_ns == stat.mtime_ns
+        && previous.ctime_ns == stat.ctime_ns
+        && previous.inode == stat.inode
 }
 
 fn build_excludes(patterns: &[String]) -> Result<GlobSet, WalkError> {

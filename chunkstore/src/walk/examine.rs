@@ -14,7 +14,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir, Statx, StatxFlags};
 use rustix::io::Errno;
@@ -118,6 +118,7 @@ const LISTING_BUFFER: usize = 32 * 1024;
 /// A directory opened for listing and examining its entries.
 pub(super) struct OpenDirectory {
     fd: OwnedFd,
+    path: PathBuf,
 }
 
 impl OpenDirectory {
@@ -130,7 +131,10 @@ impl OpenDirectory {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            path: path.to_owned(),
+        })
     }
 
     /// The names of the directory's entries (without `.` and `..`), in the
@@ -150,9 +154,8 @@ impl OpenDirectory {
         Ok(names)
     }
 
-    /// The metadata of entry `name` (at `path`), without following a
-    /// symlink.
-    pub fn examine(&self, name: &[u8], path: &Path) -> io::Result<EntryStat> {
+    /// The metadata of entry `name`, without following a symlink.
+    pub fn examine(&self, name: &[u8]) -> io::Result<EntryStat> {
         match rustix::fs::statx(
             &self.fd,
             OsStr::from_bytes(name),
@@ -163,7 +166,8 @@ impl OpenDirectory {
             // No statx (a kernel before 4.11, or a seccomp filter that
             // refuses it): std falls back to lstat.
             Err(Errno::NOSYS | Errno::PERM) => {
-                std::fs::symlink_metadata(path).map(|meta| EntryStat::from(&meta))
+                std::fs::symlink_metadata(self.path.join(OsStr::from_bytes(name)))
+                    .map(|meta| EntryStat::from(&meta))
             }
             Err(errno) => Err(errno.into()),
         }
@@ -194,15 +198,11 @@ mod tests {
         for name in &names {
             let path = dir.path().join(OsStr::from_bytes(name));
             let expected = EntryStat::from(&std::fs::symlink_metadata(&path).expect("lstat"));
-            assert_eq!(open.examine(name, &path).expect("examine"), expected);
+            assert_eq!(open.examine(name).expect("examine"), expected);
         }
-        let file = open
-            .examine(b"file", &dir.path().join("file"))
-            .expect("file");
+        let file = open.examine(b"file").expect("file");
         assert_eq!((file.kind, file.size, file.links), (EntryType::File, 10, 2));
-        let link = open
-            .examine(b"link", &dir.path().join("link"))
-            .expect("link");
+        let link = open.examine(b"link").expect("link");
         assert_eq!(link.kind, EntryType::Symlink);
     }
 
@@ -239,9 +239,7 @@ mod tests {
     fn a_vanished_entry_is_not_found() {
         let dir = tempfile::tempdir().expect("tempdir");
         let open = OpenDirectory::open(dir.path()).expect("open");
-        let err = open
-            .examine(b"gone", &dir.path().join("gone"))
-            .expect_err("nothing there");
+        let err = open.examine(b"gone").expect_err("nothing there");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 }
