@@ -414,6 +414,9 @@ pub async fn push_backup(
                 .map_err(|err| AgentError::Local(err.to_string()))?;
             let source: Arc<dyn ChunkSource + Send + Sync> =
                 Arc::new(RemoteSource::new(client.clone(), Handle::current()));
+            // The walk starts from the root tree: on its way while the
+            // upload is opened and the walk's threads start.
+            source.prefetch_trees(&[root]);
             Some((source, root))
         }
         None => None,
