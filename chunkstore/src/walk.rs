@@ -276,7 +276,6 @@ fn parent_subtree(entry: Option<&TreeEntry>) -> Option<ChunkId> {
 /// (attributes: kind, inode and ctime), which this compares. A symlink's
 /// target cannot change without a new ctime either, but it is compared all
 /// the same (symlinks are few).
-#[derive(PartialEq)]
 struct SameEntry {
     kind: i32,
     mode: u32,
@@ -288,7 +287,9 @@ struct SameEntry {
     inode: u64,
     device: u64,
     links: u64,
-    subtree_id: Option<ChunkId>,
+    /// Empty but for directories and symlinks: copying them allocates
+    /// nothing for files.
+    subtree_id: Vec<u8>,
     symlink_target: Vec<u8>,
 }
 
@@ -305,13 +306,24 @@ impl SameEntry {
             inode: entry.inode,
             device: entry.device,
             links: entry.links,
-            subtree_id: ChunkId::from_slice(&entry.subtree_id).ok(),
+            subtree_id: entry.subtree_id.clone(),
             symlink_target: entry.symlink_target.clone(),
         }
     }
 
     fn matches(&self, entry: &TreeEntry) -> bool {
-        *self == Self::of(entry)
+        self.kind == entry.kind
+            && self.mode == entry.mode
+            && self.uid == entry.uid
+            && self.gid == entry.gid
+            && self.size == entry.size
+            && self.mtime_ns == entry.mtime_ns
+            && self.ctime_ns == entry.ctime_ns
+            && self.inode == entry.inode
+            && self.device == entry.device
+            && self.links == entry.links
+            && self.subtree_id == entry.subtree_id
+            && self.symlink_target == entry.symlink_target
     }
 }
 

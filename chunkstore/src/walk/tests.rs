@@ -448,6 +448,46 @@ fn backup_after(
     (outcome, store.puts.load(Ordering::Relaxed) - before)
 }
 
+#[test]
+fn an_entry_is_the_same_only_if_every_recorded_field_but_chunks_and_attributes_is() {
+    let entry = TreeEntry {
+        name: b"name".to_vec(),
+        kind: EntryKind::Symlink as i32,
+        mode: 0o120777,
+        uid: 1,
+        gid: 2,
+        mtime_ns: 3,
+        size: 4,
+        symlink_target: b"target".to_vec(),
+        subtree_id: vec![7; 32],
+        ctime_ns: 5,
+        inode: 6,
+        device: 7,
+        links: 8,
+        ..TreeEntry::default()
+    };
+    assert!(SameEntry::of(&entry).matches(&entry));
+    let changes: [fn(&mut TreeEntry); 12] = [
+        |e| e.kind = EntryKind::File as i32,
+        |e| e.mode ^= 1,
+        |e| e.uid += 1,
+        |e| e.gid += 1,
+        |e| e.mtime_ns += 1,
+        |e| e.size += 1,
+        |e| e.symlink_target.push(b'x'),
+        |e| e.subtree_id[0] ^= 1,
+        |e| e.ctime_ns += 1,
+        |e| e.inode += 1,
+        |e| e.device += 1,
+        |e| e.links += 1,
+    ];
+    for (index, change) in changes.iter().enumerate() {
+        let mut changed = entry.clone();
+        change(&mut changed);
+        assert!(!SameEntry::of(&entry).matches(&changed), "change {index}");
+    }
+}
+
 /// One change to a backed-up tree: how it is made, the exclude patterns of
 /// the backup after it, and a directory it leaves alone.
 struct Change<'a> {
