@@ -3,7 +3,10 @@
 //!
 //! Owns the reading side of a backup: path selection (includes, exclude
 //! globs, file system boundaries, virtual and network file systems), the
-//! parent-snapshot cache, parallel read/chunk/hash of files, the metadata
+//! parent-snapshot cache (a file whose size, mtime, ctime and inode are
+//! unchanged is not read; a directory whose entries are all unchanged keeps
+//! the parent's tree id, so an unchanged re-backup stores nothing), parallel
+//! read/chunk/hash of files, the metadata
 //! recorded with each entry (link counts, extended attributes), and tree
 //! encoding. The local store, the push agent and the pull source all call
 //! [`backup`]; what happens to chunks is the sink's business.
