@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Seek, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -586,6 +586,35 @@ fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) {
     }
 }
 
+/// Set the symlink `name` (in the directory `dir`)'s extended attributes,
+/// as [`set_xattrs`] does for files and directories. No call sets one
+/// through a handle on a symlink itself; `lsetxattr` on a path through the
+/// directory's handle (`/proc/self/fd/N/name`) reaches the symlink without
+/// following it and without looking up the directory again.
+fn set_symlink_xattrs(dir: BorrowedFd<'_>, name: &[u8], at: &Path, entry: &TreeEntry) {
+    if entry.xattrs.is_empty() {
+        return;
+    }
+    let mut through_dir = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    through_dir.push(std::ffi::OsStr::from_bytes(name));
+    for attribute in &entry.xattrs {
+        let attribute_name = std::ffi::OsStr::from_bytes(&attribute.name);
+        if let Err(errno) = rustix::fs::lsetxattr(
+            &through_dir,
+            attribute_name,
+            &attribute.value,
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            tracing::warn!(
+                path = %at.display(),
+                attribute = %String::from_utf8_lossy(&attribute.name),
+                "extended attribute not restored: {}",
+                io::Error::from(errno)
+            );
+        }
+    }
+}
+
 fn errno_at(path: &Path) -> impl Fn(rustix::io::Errno) -> RestoreError + '_ {
     move |errno| RestoreError::Io {
         path: path.to_owned(),
@@ -908,6 +937,8 @@ impl RestoreTarget for DirectoryTarget {
             )
             .map_err(errno_at(&at))?;
         }
+        // After the chown, which clears security attributes.
+        set_symlink_xattrs(parent.as_fd(), name, &at, entry);
         rustix::fs::utimensat(
             parent,
             name,
