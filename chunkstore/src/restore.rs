@@ -323,6 +323,9 @@ pub struct RestoreStats {
     pub bytes: u64,
     /// Files restored as hard links to a file written before (also counted in `files`).
     pub hard_links: u64,
+    /// Extended attributes that could not be set (a file system without
+    /// them, a namespace only root may write): each is logged with its path.
+    pub attributes_not_restored: u64,
 }
 
 /// The files of a restore that later entries may be hard links to.
@@ -395,6 +398,10 @@ pub trait RestoreTarget {
     fn other(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
     /// Everything has been sent: apply pending metadata, flush.
     fn finish(&mut self) -> Result<(), RestoreError>;
+    /// Extended attributes this target could not set so far.
+    fn attributes_not_restored(&self) -> u64 {
+        0
+    }
 }
 
 /// Restore `path` of the snapshot whose root tree is `root` into `target`.
@@ -471,6 +478,7 @@ pub fn restore(
         },
     )?;
     target.finish()?;
+    stats.attributes_not_restored = target.attributes_not_restored();
     Ok(stats)
 }
 
@@ -565,12 +573,15 @@ pub struct DirectoryTarget {
     stack: Vec<OpenDirectory>,
     file: Option<OpenFile>,
     as_root: bool,
+    attributes_not_restored: u64,
 }
 
-/// Set `entry`'s extended attributes on `fd`. One that cannot be set (a
-/// file system without them, a namespace only root may write) is logged
-/// and left out: the content and the rest of the restore matter more.
-fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) {
+/// Set `entry`'s extended attributes on `fd`; returns how many could not
+/// be. One that cannot be set (a file system without them, a namespace only
+/// root may write) is logged and left out: the content and the rest of the
+/// restore matter more.
+fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) -> u64 {
+    let mut failed = 0;
     for attribute in &entry.xattrs {
         let name = std::ffi::OsStr::from_bytes(&attribute.name);
         if let Err(errno) =
@@ -582,19 +593,23 @@ fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) {
                 "extended attribute not restored: {}",
                 io::Error::from(errno)
             );
+            failed += 1;
         }
     }
+    failed
 }
 
 /// Set the symlink `name` (in the directory `dir`)'s extended attributes,
 /// as [`set_xattrs`] does for files and directories. No call sets one
 /// through a handle on a symlink itself; `lsetxattr` on a path through the
 /// directory's handle (`/proc/self/fd/N/name`) reaches the symlink without
-/// following it and without looking up the directory again.
-fn set_symlink_xattrs(dir: BorrowedFd<'_>, name: &[u8], at: &Path, entry: &TreeEntry) {
+/// following it and without looking up the directory again. Returns how
+/// many could not be set.
+fn set_symlink_xattrs(dir: BorrowedFd<'_>, name: &[u8], at: &Path, entry: &TreeEntry) -> u64 {
     if entry.xattrs.is_empty() {
-        return;
+        return 0;
     }
+    let mut failed = 0;
     let mut through_dir = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     through_dir.push(std::ffi::OsStr::from_bytes(name));
     for attribute in &entry.xattrs {
@@ -611,8 +626,10 @@ fn set_symlink_xattrs(dir: BorrowedFd<'_>, name: &[u8], at: &Path, entry: &TreeE
                 "extended attribute not restored: {}",
                 io::Error::from(errno)
             );
+            failed += 1;
         }
     }
+    failed
 }
 
 fn errno_at(path: &Path) -> impl Fn(rustix::io::Errno) -> RestoreError + '_ {
@@ -642,6 +659,7 @@ impl DirectoryTarget {
             stack: Vec::new(),
             file: None,
             as_root: rustix::process::geteuid().is_root(),
+            attributes_not_restored: 0,
         })
     }
 
@@ -670,7 +688,7 @@ impl DirectoryTarget {
                 .map_err(errno_at(&at))?;
             }
             rustix::fs::fchmod(&dir.fd, permission_bits(entry)).map_err(errno_at(&at))?;
-            set_xattrs(&dir.fd, &at, entry);
+            self.attributes_not_restored += set_xattrs(&dir.fd, &at, entry);
             rustix::fs::futimens(&dir.fd, &timestamps_of(entry)).map_err(errno_at(&at))?;
         }
         Ok(())
@@ -857,7 +875,7 @@ impl RestoreTarget for DirectoryTarget {
         }
         rustix::fs::fchmod(&open.file, permission_bits(&open.entry)).map_err(errno_at(at))?;
         // After the owner: a chown clears file capabilities.
-        set_xattrs(&open.file, at, &open.entry);
+        self.attributes_not_restored += set_xattrs(&open.file, at, &open.entry);
         rustix::fs::futimens(&open.file, &timestamps_of(&open.entry)).map_err(errno_at(at))?;
         Ok(())
     }
@@ -938,7 +956,7 @@ impl RestoreTarget for DirectoryTarget {
             .map_err(errno_at(&at))?;
         }
         // After the chown, which clears security attributes.
-        set_symlink_xattrs(parent.as_fd(), name, &at, entry);
+        let not_restored = set_symlink_xattrs(parent.as_fd(), name, &at, entry);
         rustix::fs::utimensat(
             parent,
             name,
@@ -946,6 +964,7 @@ impl RestoreTarget for DirectoryTarget {
             AtFlags::SYMLINK_NOFOLLOW,
         )
         .map_err(errno_at(&at))?;
+        self.attributes_not_restored += not_restored;
         Ok(())
     }
 
@@ -967,6 +986,10 @@ impl RestoreTarget for DirectoryTarget {
             self.close_directory()?;
         }
         Ok(())
+    }
+
+    fn attributes_not_restored(&self) -> u64 {
+        self.attributes_not_restored
     }
 }
 

@@ -665,6 +665,9 @@ pub async fn restore(
     node: Option<String>,
     job: Option<String>,
 ) -> anyhow::Result<()> {
+    // A restore logs what it could not bring back (e.g. an attribute only
+    // root may set) with its path.
+    crate::local::init_quiet_logging();
     let located = remote::locate(address, spec, node, job).await?;
     let target: Box<dyn fabric_chunkstore::restore::RestoreTarget + Send> = if to == "-" {
         Box::new(fabric_chunkstore::restore::TarTarget::new(std::io::stdout()))
@@ -691,6 +694,12 @@ pub async fn restore(
             stats.symlinks,
             bytes(stats.bytes)
         );
+        if stats.attributes_not_restored > 0 {
+            eprintln!(
+                "warning: {} extended attributes could not be set (each is logged above with its path)",
+                stats.attributes_not_restored
+            );
+        }
     }
     Ok(())
 }

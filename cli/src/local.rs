@@ -146,7 +146,8 @@ impl LocalFabric {
     }
 }
 
-fn init_quiet_logging() {
+/// Warnings and errors on stderr (or what `RUST_LOG` asks for).
+pub(crate) fn init_quiet_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()

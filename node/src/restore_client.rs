@@ -138,6 +138,7 @@ impl<'a> RestoreStreamWriter<'a> {
     pub fn finish(mut self) -> Result<RestoreStats, RestoreError> {
         self.close_file()?;
         self.target.finish()?;
+        self.stats.attributes_not_restored = self.target.attributes_not_restored();
         Ok(self.stats)
     }
 }

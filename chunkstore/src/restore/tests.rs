@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use fabric_proto::v1::{EntryKind, Tree, TreeEntry};
+use fabric_proto::v1::{EntryKind, ExtendedAttribute, Tree, TreeEntry};
 
 use super::*;
 use crate::chunker::Chunk;
@@ -909,4 +909,52 @@ fn extended_attributes_of_a_symlink_are_restored_on_the_symlink() {
         fs::read_link(target.join("link")).expect("still a symlink"),
         Path::new("file")
     );
+}
+
+#[test]
+fn extended_attributes_that_cannot_be_set_are_counted_and_the_rest_restored() {
+    // No file system knows the namespace "fabric-test": every one of these
+    // is refused, whoever restores.
+    let refused = |name: &str| ExtendedAttribute {
+        name: format!("fabric-test.{name}").into_bytes(),
+        value: b"value".to_vec(),
+    };
+    let store = MemoryStore::default();
+    let mut file = file_entry(&store, b"file", b"content");
+    file.xattrs = vec![refused("one"), refused("two")];
+    let inner = store.put_tree(&Tree {
+        entries: vec![file_entry(&store, b"plain", b"plain")],
+    });
+    let mut dir = dir_entry(b"dir", inner);
+    dir.xattrs = vec![refused("dir")];
+    let link = TreeEntry {
+        name: b"link".to_vec(),
+        kind: EntryKind::Symlink as i32,
+        mode: 0o120777,
+        symlink_target: b"file".to_vec(),
+        xattrs: vec![refused("link")],
+        ..TreeEntry::default()
+    };
+    let root = store.put_tree(&Tree {
+        entries: vec![dir, file, link],
+    });
+
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mut target = DirectoryTarget::new(temp.path()).expect("target");
+    let stats = restore(&store, root, "/", &mut target).expect("restore goes on");
+    assert_eq!(stats.attributes_not_restored, 4);
+    assert_eq!((stats.files, stats.dirs, stats.symlinks), (2, 1, 1));
+    assert_eq!(
+        fs::read(temp.path().join("file")).expect("file"),
+        b"content"
+    );
+    assert_eq!(
+        fs::read(temp.path().join("dir/plain")).expect("file"),
+        b"plain"
+    );
+
+    // A tar stream carries them all: nothing to count.
+    let mut tar = TarTarget::new(Vec::new());
+    let stats = restore(&store, root, "/", &mut tar).expect("tar");
+    assert_eq!(stats.attributes_not_restored, 0);
 }
