@@ -576,17 +576,21 @@ pub struct DirectoryTarget {
     attributes_not_restored: u64,
 }
 
-/// Set `entry`'s extended attributes on `fd`; returns how many could not
-/// be. One that cannot be set (a file system without them, a namespace only
-/// root may write) is logged and left out: the content and the rest of the
-/// restore matter more.
-fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) -> u64 {
+/// Set each of `entry`'s extended attributes with `set`; returns how many
+/// could not be. One that cannot be set (a file system without them, a
+/// namespace only root may write) is logged and left out: the content and
+/// the rest of the restore matter more.
+fn set_each_xattr(
+    at: &Path,
+    entry: &TreeEntry,
+    set: impl Fn(&std::ffi::OsStr, &[u8]) -> Result<(), rustix::io::Errno>,
+) -> u64 {
     let mut failed = 0;
     for attribute in &entry.xattrs {
-        let name = std::ffi::OsStr::from_bytes(&attribute.name);
-        if let Err(errno) =
-            rustix::fs::fsetxattr(&fd, name, &attribute.value, rustix::fs::XattrFlags::empty())
-        {
+        if let Err(errno) = set(
+            std::ffi::OsStr::from_bytes(&attribute.name),
+            &attribute.value,
+        ) {
             tracing::warn!(
                 path = %at.display(),
                 attribute = %String::from_utf8_lossy(&attribute.name),
@@ -599,37 +603,32 @@ fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) -> u64 {
     failed
 }
 
-/// Set the symlink `name` (in the directory `dir`)'s extended attributes,
-/// as [`set_xattrs`] does for files and directories. No call sets one
-/// through a handle on a symlink itself; `lsetxattr` on a path through the
-/// directory's handle (`/proc/self/fd/N/name`) reaches the symlink without
-/// following it and without looking up the directory again. Returns how
-/// many could not be set.
+/// Set `entry`'s extended attributes on `fd` (see [`set_each_xattr`]).
+fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) -> u64 {
+    set_each_xattr(at, entry, |name, value| {
+        rustix::fs::fsetxattr(&fd, name, value, rustix::fs::XattrFlags::empty())
+    })
+}
+
+/// Set the extended attributes of the symlink `name` in the directory
+/// `dir`. No call sets one through a handle on a symlink itself;
+/// `lsetxattr` on a path through the directory's handle
+/// (`/proc/self/fd/N/name`) reaches the symlink without following it and
+/// without looking up the directory again.
 fn set_symlink_xattrs(dir: BorrowedFd<'_>, name: &[u8], at: &Path, entry: &TreeEntry) -> u64 {
     if entry.xattrs.is_empty() {
         return 0;
     }
-    let mut failed = 0;
     let mut through_dir = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     through_dir.push(std::ffi::OsStr::from_bytes(name));
-    for attribute in &entry.xattrs {
-        let attribute_name = std::ffi::OsStr::from_bytes(&attribute.name);
-        if let Err(errno) = rustix::fs::lsetxattr(
+    set_each_xattr(at, entry, |attribute, value| {
+        rustix::fs::lsetxattr(
             &through_dir,
-            attribute_name,
-            &attribute.value,
+            attribute,
+            value,
             rustix::fs::XattrFlags::empty(),
-        ) {
-            tracing::warn!(
-                path = %at.display(),
-                attribute = %String::from_utf8_lossy(&attribute.name),
-                "extended attribute not restored: {}",
-                io::Error::from(errno)
-            );
-            failed += 1;
-        }
-    }
-    failed
+        )
+    })
 }
 
 fn errno_at(path: &Path) -> impl Fn(rustix::io::Errno) -> RestoreError + '_ {
