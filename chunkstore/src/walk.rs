@@ -31,6 +31,8 @@
 //!   not fail on one unreadable file);
 //! - a directory that cannot be listed for lack of permission is kept with
 //!   its metadata and no contents;
+//! - a directory replaced by a file or a symlink between being examined and
+//!   being listed is left out (a symlink is never followed);
 //! - an unreadable parent-snapshot tree means its files are read again.
 //!
 //! Any other I/O error (e.g. EIO in the middle of a file), a sink error or an

@@ -89,9 +89,10 @@ pub struct PushOutcome {
 pub const TRANSFER_ZSTD_LEVEL: i32 = 3;
 
 /// Milliseconds between two progress reports of a push. The walk reports
-/// every file and chunk; a report names the current path as a `String`, and
-/// one per file costs an unchanged re-backup of many small files more than
-/// examining the file does.
+/// every chunk, every file it reads and every directory; turning each into
+/// a `PushProgress` (with the path as a `String`) and a line of the CLI's
+/// progress bar would cost a backup of many small files more than the
+/// reports are worth.
 pub const PROGRESS_INTERVAL_MS: u64 = 100;
 
 /// A callback receiving progress; called from worker threads.
