@@ -140,8 +140,7 @@ impl OpenDirectory {
     /// The names of the directory's entries (without `.` and `..`), in the
     /// order the file system lists them.
     pub fn names(&self) -> io::Result<Vec<Vec<u8>>> {
-        let mut buffer: Vec<MaybeUninit<u8>> = Vec::with_capacity(LISTING_BUFFER);
-        buffer.resize(LISTING_BUFFER, MaybeUninit::uninit());
+        let mut buffer = vec![MaybeUninit::<u8>::uninit(); LISTING_BUFFER];
         let mut listing = RawDir::new(&self.fd, &mut buffer);
         let mut names = Vec::new();
         while let Some(item) = listing.next() {

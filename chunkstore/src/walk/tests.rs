@@ -239,44 +239,6 @@ fn as_str(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(16))]
-
-    /// Backup then restore is the identity (content, mode, mtime, owner,
-    /// symlink targets); an unchanged re-backup with the parent reads
-    /// nothing and gives the same root.
-    #[test]
-    fn backup_then_restore_is_identity(children in prop::collection::btree_map(name_strategy(), node_strategy(), 0..8)) {
-        let temp = tempfile::tempdir().expect("tempdir");
-        // Restored elsewhere, made before the backup: a new entry in any
-        // directory on the way to `source` changes its mtime, and with it
-        // the root of the next backup.
-        let restored = tempfile::tempdir().expect("tempdir");
-        let source = temp.path().join("source");
-        materialize(&source, &Node::Dir { children, mode: 0o755, mtime: 1_234_567_890 });
-        let store = MemoryStore::default();
-        let first = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
-        prop_assert!(first.warnings.is_empty(), "{:?}", first.warnings);
-        prop_assert_eq!(first.stats.bytes_read, first.stats.total_bytes);
-        prop_assert_eq!(store.flushes.load(Ordering::Relaxed), 1);
-
-        let target = restored.path().join("target");
-        let mut directory = DirectoryTarget::new(&target).expect("target");
-        let stats = restore(&store, first.root, as_str(&source), &mut directory).expect("restore");
-        prop_assert_eq!(stats.files, first.stats.files);
-        prop_assert_eq!(stats.bytes, first.stats.total_bytes);
-        prop_assert_eq!(describe(&source), describe(&target));
-
-        let parent = ParentSnapshot { source: &store, root: first.root };
-        let second = backup(&options(&[&source]), &store, Some(parent), &quiet).expect("re-backup");
-        // Not the whole root: other tests touch the temporary directory's parents.
-        prop_assert_eq!(&entry_at(&store, second.root, &source).subtree_id, &entry_at(&store, first.root, &source).subtree_id);
-        prop_assert_eq!(second.stats.bytes_read, 0);
-        prop_assert_eq!(second.stats.files_unchanged, first.stats.files);
-        prop_assert_eq!(second.stats.total_bytes, first.stats.total_bytes);
-    }
-}
-
 /// Every path below `root`, directories before what they hold.
 fn all_paths(root: &Path) -> Vec<std::path::PathBuf> {
     let mut paths = Vec::new();
@@ -340,6 +302,40 @@ fn mutate(root: &Path, pick: usize, how: u8, seed: u64) {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Backup then restore is the identity (content, mode, mtime, owner,
+    /// symlink targets); an unchanged re-backup with the parent reads
+    /// nothing and gives the same root.
+    #[test]
+    fn backup_then_restore_is_identity(children in prop::collection::btree_map(name_strategy(), node_strategy(), 0..8)) {
+        let temp = tempfile::tempdir().expect("tempdir");
+        // Restored elsewhere, made before the backup: a new entry in any
+        // directory on the way to `source` changes its mtime, and with it
+        // the root of the next backup.
+        let restored = tempfile::tempdir().expect("tempdir");
+        let source = temp.path().join("source");
+        materialize(&source, &Node::Dir { children, mode: 0o755, mtime: 1_234_567_890 });
+        let store = MemoryStore::default();
+        let first = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+        prop_assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+        prop_assert_eq!(first.stats.bytes_read, first.stats.total_bytes);
+        prop_assert_eq!(store.flushes.load(Ordering::Relaxed), 1);
+
+        let target = restored.path().join("target");
+        let mut directory = DirectoryTarget::new(&target).expect("target");
+        let stats = restore(&store, first.root, as_str(&source), &mut directory).expect("restore");
+        prop_assert_eq!(stats.files, first.stats.files);
+        prop_assert_eq!(stats.bytes, first.stats.total_bytes);
+        prop_assert_eq!(describe(&source), describe(&target));
+
+        let parent = ParentSnapshot { source: &store, root: first.root };
+        let second = backup(&options(&[&source]), &store, Some(parent), &quiet).expect("re-backup");
+        // Not the whole root: other tests touch the temporary directory's parents.
+        prop_assert_eq!(&entry_at(&store, second.root, &source).subtree_id, &entry_at(&store, first.root, &source).subtree_id);
+        prop_assert_eq!(second.stats.bytes_read, 0);
+        prop_assert_eq!(second.stats.files_unchanged, first.stats.files);
+        prop_assert_eq!(second.stats.total_bytes, first.stats.total_bytes);
+    }
 
     /// After any changes, a re-backup with the parent records exactly what
     /// a backup without it records (the same tree ids, so no unchanged file
