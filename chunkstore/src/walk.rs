@@ -327,9 +327,18 @@ impl SameEntry {
             && self.inode == entry.inode
             && self.device == entry.device
             && self.links == entry.links
-            && self.subtree_id == entry.subtree_id
-            && self.symlink_target == entry.symlink_target
+            && same_bytes(&self.subtree_id, &entry.subtree_id)
+            && same_bytes(&self.symlink_target, &entry.symlink_target)
     }
+}
+
+/// `a == b`, but two empty byte strings compare without calling `memcmp`.
+/// An empty `Vec`'s pointer is dangling, and glibc's AVX-512 `memcmp` reads
+/// it with a masked load whose fault suppression costs a microcode assist:
+/// about 100 ns per call measured here, against under 1 ns for the length
+/// check. An unchanged re-backup makes two such comparisons per file.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && (a.is_empty() || a == b)
 }
 
 /// Pair each of `items` (sorted by name) with the entry of the same name in

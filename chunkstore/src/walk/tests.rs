@@ -559,7 +559,16 @@ fn an_entry_is_the_same_only_if_every_recorded_field_but_chunks_and_attributes_i
         ..TreeEntry::default()
     };
     assert!(SameEntry::of(&entry).matches(&entry));
-    let changes: [fn(&mut TreeEntry); 12] = [
+    // A file: no subtree and no target (empty on both sides).
+    let file = TreeEntry {
+        kind: EntryKind::File as i32,
+        symlink_target: Vec::new(),
+        subtree_id: Vec::new(),
+        ..entry.clone()
+    };
+    assert!(SameEntry::of(&file).matches(&file));
+    assert!(!SameEntry::of(&file).matches(&entry));
+    let changes: [fn(&mut TreeEntry); 14] = [
         |e| e.kind = EntryKind::File as i32,
         |e| e.mode ^= 1,
         |e| e.uid += 1,
@@ -567,7 +576,9 @@ fn an_entry_is_the_same_only_if_every_recorded_field_but_chunks_and_attributes_i
         |e| e.mtime_ns += 1,
         |e| e.size += 1,
         |e| e.symlink_target.push(b'x'),
+        |e| e.symlink_target.clear(),
         |e| e.subtree_id[0] ^= 1,
+        |e| e.subtree_id.clear(),
         |e| e.ctime_ns += 1,
         |e| e.inode += 1,
         |e| e.device += 1,
