@@ -332,8 +332,9 @@ fn main() {
         }
         let small_again_seconds = median(&mut again_times);
         println!(
-            "round {}: {small_files} small files, first backup {small_first_seconds:.3} s, unchanged re-backup {small_again_seconds:.3} s (median of {SMALL_REPEATS}), {:.1}x",
+            "round {}: {small_files} small files, first backup {small_first_seconds:.3} s, unchanged re-backup {:.1} ms (median of {SMALL_REPEATS}), {:.1}x",
             round + 1,
+            small_again_seconds * 1000.0,
             small_first_seconds / small_again_seconds
         );
         small_first_times.push(small_first_seconds);
@@ -403,8 +404,8 @@ fn main() {
         median(&mut small_first_times)
     );
     println!(
-        "{small_files} small files, unchanged re-backup:      {:8.3} s  (median of the rounds' medians; median {:.1}x faster, 0 bytes sent)",
-        median(&mut small_again_medians),
+        "{small_files} small files, unchanged re-backup:      {:8.1} ms (median of the rounds' medians; median {:.1}x faster, 0 bytes sent)",
+        median(&mut small_again_medians) * 1000.0,
         median(&mut small_ratios)
     );
     println!(

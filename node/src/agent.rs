@@ -399,15 +399,26 @@ pub async fn push_backup(
     template: Snapshot,
     progress: Option<ProgressFn>,
 ) -> Result<PushOutcome, AgentError> {
-    let mut client = crate::client::storage(address).await?;
+    let client = crate::client::storage(address).await?;
     let remote = |context: &str| {
         let context = format!("{context} on {address}");
         move |status: Status| AgentError::Remote { context, status }
     };
     let mut template = template;
-    let parent = find_parent(&mut client, &template)
-        .await
-        .map_err(remote("listing snapshots"))?;
+    let counters = Arc::new(TransferCounters::default());
+    let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
+    // The upload does not need the parent (only the commit names it), so it
+    // opens during the parent's round trip.
+    let mut listing = client.clone();
+    let mut uploading = client.clone();
+    let (parent, incoming) = tokio::join!(
+        find_parent(&mut listing, &template),
+        uploading.upload(ReceiverStream::new(out_rx))
+    );
+    let parent = parent.map_err(remote("listing snapshots"))?;
+    let incoming = incoming
+        .map_err(remote("starting the upload"))?
+        .into_inner();
     let parent_source = match &parent {
         Some(parent) => {
             template.parent_id = parent.id.clone();
@@ -416,20 +427,12 @@ pub async fn push_backup(
             let source: Arc<dyn ChunkSource + Send + Sync> =
                 Arc::new(RemoteSource::new(client.clone(), Handle::current()));
             // The walk starts from the root tree: on its way while the
-            // upload is opened and the walk's threads start.
+            // walk's threads start.
             source.prefetch_trees(&[root]);
             Some((source, root))
         }
         None => None,
     };
-
-    let counters = Arc::new(TransferCounters::default());
-    let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
-    let incoming = client
-        .upload(ReceiverStream::new(out_rx))
-        .await
-        .map_err(remote("starting the upload"))?
-        .into_inner();
     let snapshot = send_backup(
         options,
         parent_source,
