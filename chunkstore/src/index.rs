@@ -6,7 +6,7 @@
 //! other engine has to pass. This module must never know about sled, packs
 //! on disk or trees.
 
-use fabric_proto::v1::Snapshot;
+use fabric_proto::v1::{Snapshot, SnapshotState};
 
 use crate::id::ChunkId;
 use crate::pack::{Codec, ENTRY_HEADER_LEN};
@@ -144,6 +144,58 @@ pub trait Catalog: Send + Sync {
             .filter(|snapshot| snapshot.name == name)
             .collect())
     }
+    /// The newest complete or verified record of `source` (newest by end
+    /// time, then start time, then id: the order snapshots are listed in),
+    /// the parent a backup of that source starts from. This default reads
+    /// every record; an implementation with an index by source should not.
+    fn newest_of(&self, source: &SnapshotSource<'_>) -> Result<Option<Snapshot>, IndexError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|snapshot| source.owns(snapshot) && is_committed(snapshot))
+            .max_by(|a, b| listing_order(a).cmp(&listing_order(b))))
+    }
+}
+
+/// What a snapshot was taken of: job, host and instance, each exact (an
+/// empty instance is the job's only one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotSource<'a> {
+    /// The job's name.
+    pub job: &'a str,
+    /// The host backed up.
+    pub host: &'a str,
+    /// The job's instance, empty for none.
+    pub instance: &'a str,
+}
+
+impl<'a> SnapshotSource<'a> {
+    /// The source of `snapshot`.
+    pub fn of(snapshot: &'a Snapshot) -> Self {
+        Self {
+            job: &snapshot.job,
+            host: &snapshot.host,
+            instance: &snapshot.instance,
+        }
+    }
+
+    /// Whether `snapshot` was taken of this source.
+    pub fn owns(&self, snapshot: &Snapshot) -> bool {
+        snapshot.job == self.job && snapshot.host == self.host && snapshot.instance == self.instance
+    }
+}
+
+/// Whether a record counts as a parent: committed (complete or verified).
+pub fn is_committed(snapshot: &Snapshot) -> bool {
+    matches!(
+        snapshot.state(),
+        SnapshotState::Complete | SnapshotState::Verified
+    )
+}
+
+/// The key snapshots are listed by, oldest first.
+pub fn listing_order(snapshot: &Snapshot) -> (i64, i64, &str) {
+    (snapshot.end_time_ms, snapshot.start_time_ms, &snapshot.id)
 }
 
 /// The suite every [`ChunkIndex`] and [`Catalog`] implementation must pass.
@@ -246,5 +298,89 @@ pub(crate) mod conformance {
         assert_eq!(catalog.remove("bb").unwrap(), Some(snapshot("bb", "daily")));
         assert_eq!(catalog.remove("bb").unwrap(), None);
         assert_eq!(catalog.list().unwrap().len(), 2);
+    }
+
+    /// A record of `job`/`host`/`instance`, ended at `end`, in `state`.
+    fn record(id: &str, source: (&str, &str, &str), end: i64, state: SnapshotState) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            job: source.0.into(),
+            host: source.1.into(),
+            instance: source.2.into(),
+            start_time_ms: end - 10,
+            end_time_ms: end,
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    /// The newest committed record by reading them all: what every
+    /// `newest_of` must answer.
+    fn newest_by_listing(catalog: &dyn Catalog, source: &SnapshotSource<'_>) -> Option<String> {
+        catalog
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|s| source.owns(s) && is_committed(s))
+            .max_by(|a, b| listing_order(a).cmp(&listing_order(b)))
+            .map(|s| s.id)
+    }
+
+    /// The newest committed record of a source: sources that share a
+    /// prefix stay apart, uncommitted records are skipped, and replacing or
+    /// removing records moves the answer.
+    pub(crate) fn newest_of_a_source(catalog: &dyn Catalog) {
+        use SnapshotState::{Complete, Incomplete, Verified};
+        let web = ("backup", "web", "");
+        let sources = [
+            web,
+            ("backup", "web", "blue"),
+            ("backupweb", "", ""),
+            ("backup", "webx", ""),
+            ("back", "upweb", ""),
+        ];
+        let newest = |source: (&str, &str, &str)| {
+            let source = SnapshotSource {
+                job: source.0,
+                host: source.1,
+                instance: source.2,
+            };
+            let found = catalog.newest_of(&source).unwrap().map(|s| s.id);
+            assert_eq!(found, newest_by_listing(catalog, &source), "{source:?}");
+            found
+        };
+        assert_eq!(newest(web), None);
+        for (n, source) in sources.iter().enumerate() {
+            for day in 0..5i64 {
+                let id = format!("s{n}d{day}");
+                catalog
+                    .put(&record(&id, *source, 1000 + 100 * day, Complete))
+                    .unwrap();
+            }
+        }
+        for source in sources {
+            assert!(newest(source).is_some());
+        }
+        assert_eq!(newest(web).as_deref(), Some("s0d4"));
+        // Negative times sort as numbers too.
+        catalog.put(&record("early", web, -5, Verified)).unwrap();
+        assert_eq!(newest(web).as_deref(), Some("s0d4"));
+        // A newer record that is not committed is no parent.
+        catalog.put(&record("half", web, 9000, Incomplete)).unwrap();
+        assert_eq!(newest(web).as_deref(), Some("s0d4"));
+        // Replacing a record moves its key: d1 is now the newest, then not.
+        catalog.put(&record("s0d1", web, 5000, Verified)).unwrap();
+        assert_eq!(newest(web).as_deref(), Some("s0d1"));
+        catalog.put(&record("s0d1", web, 1100, Complete)).unwrap();
+        assert_eq!(newest(web).as_deref(), Some("s0d4"));
+        // Equal times: the id decides, as in listings.
+        catalog.put(&record("s0d4b", web, 1400, Complete)).unwrap();
+        assert_eq!(newest(web).as_deref(), Some("s0d4b"));
+        for id in ["s0d4b", "s0d4", "s0d3"] {
+            catalog.remove(id).unwrap();
+        }
+        assert_eq!(newest(web).as_deref(), Some("s0d2"));
+        assert_eq!(newest(("backup", "web", "blue")).as_deref(), Some("s1d4"));
+        assert_eq!(newest(("backup", "nowhere", "")), None);
     }
 }

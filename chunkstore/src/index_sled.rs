@@ -1,8 +1,12 @@
 //! The sled implementation of [`ChunkIndex`] and [`Catalog`]: the only module
 //! that knows sled.
 //!
-//! One sled database per store (`<store>/index`), two trees: `chunks` (32-byte
-//! id -> 21-byte [`Location`]) and `snapshots` (id -> protobuf `Snapshot`).
+//! One sled database per store (`<store>/index`), three trees: `chunks`
+//! (32-byte id -> 21-byte [`Location`]), `snapshots` (id -> protobuf
+//! `Snapshot`) and `snapshots_by_source` (job, host, instance, end and start
+//! time, id -> nothing: an index that finds a source's newest snapshot
+//! without reading the others, kept in step with `snapshots` by
+//! transactions and rebuilt at open when their counts differ).
 //! sled is configured on purpose: a bounded page cache, and writes applied in
 //! batches of at most [`MAX_BATCH`] keys, because sled's memory grows with the
 //! size of one batch (measured: batches of 10,000 keys reached GiBs of RSS,
@@ -15,7 +19,7 @@ use fabric_proto::v1::Snapshot;
 use prost::Message;
 
 use crate::id::ChunkId;
-use crate::index::{Catalog, ChunkIndex, IndexError, Location};
+use crate::index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, is_committed};
 
 /// Largest number of keys sled is given in one `apply_batch`.
 pub const MAX_BATCH: usize = 1000;
@@ -157,21 +161,79 @@ impl ChunkIndex for SledChunkIndex {
     }
 }
 
-/// The snapshot catalogue in the `snapshots` tree of the same sled database.
+/// The snapshot catalogue in the `snapshots` tree of the same sled database,
+/// with its index by source in `snapshots_by_source`.
 #[derive(Clone, Debug)]
 pub struct SledCatalog {
     db: sled::Db,
     tree: sled::Tree,
+    by_source: sled::Tree,
 }
 
 impl SledCatalog {
-    /// The catalogue in `db`.
+    /// The catalogue in `db`; its index by source is rebuilt first if it
+    /// does not hold one key per record (a store written before the index
+    /// existed, or a rebuild cut short).
     pub fn new(db: &sled::Db) -> Result<Self, IndexError> {
-        Ok(Self {
+        let catalog = Self {
             db: db.clone(),
             tree: db.open_tree("snapshots").map_err(engine)?,
-        })
+            by_source: db.open_tree("snapshots_by_source").map_err(engine)?,
+        };
+        if catalog.by_source.len() != catalog.tree.len() {
+            catalog.rebuild_source_index()?;
+        }
+        Ok(catalog)
     }
+
+    fn rebuild_source_index(&self) -> Result<(), IndexError> {
+        self.by_source.clear().map_err(engine)?;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for item in self.tree.iter() {
+            let (key, value) = item.map_err(engine)?;
+            batch.insert(source_key(&decode_snapshot(&key, &value)?), &[] as &[u8]);
+            in_batch += 1;
+            if in_batch == MAX_BATCH {
+                self.by_source
+                    .apply_batch(std::mem::take(&mut batch))
+                    .map_err(engine)?;
+                in_batch = 0;
+            }
+        }
+        self.by_source.apply_batch(batch).map_err(engine)?;
+        self.db.flush().map_err(engine)?;
+        Ok(())
+    }
+}
+
+/// Bytes of the two times in a source key.
+const TIMES_LEN: usize = 16;
+
+/// The first part of every source key of `source`: job, host and instance,
+/// each as a 4-byte big-endian length and its bytes, so that no source's
+/// keys are a prefix of another's.
+fn source_prefix(source: &SnapshotSource<'_>) -> Vec<u8> {
+    let mut key = Vec::with_capacity(
+        12 + source.job.len() + source.host.len() + source.instance.len() + TIMES_LEN + 32,
+    );
+    for part in [source.job, source.host, source.instance] {
+        key.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        key.extend_from_slice(part.as_bytes());
+    }
+    key
+}
+
+/// `snapshot`'s key in `snapshots_by_source`: its source prefix, then end
+/// and start time (sign bit flipped, big-endian, so they sort as numbers),
+/// then its id: a source's keys sort as [`crate::index::listing_order`].
+fn source_key(snapshot: &Snapshot) -> Vec<u8> {
+    let mut key = source_prefix(&SnapshotSource::of(snapshot));
+    for time in [snapshot.end_time_ms, snapshot.start_time_ms] {
+        key.extend_from_slice(&((time as u64) ^ (1 << 63)).to_be_bytes());
+    }
+    key.extend_from_slice(snapshot.id.as_bytes());
+    key
 }
 
 fn decode_snapshot(key: &[u8], value: &[u8]) -> Result<Snapshot, IndexError> {
@@ -181,11 +243,42 @@ fn decode_snapshot(key: &[u8], value: &[u8]) -> Result<Snapshot, IndexError> {
     })
 }
 
+fn transaction_error(err: sled::transaction::TransactionError<IndexError>) -> IndexError {
+    match err {
+        sled::transaction::TransactionError::Abort(err) => err,
+        sled::transaction::TransactionError::Storage(err) => engine(err),
+    }
+}
+
+/// In a transaction: the source key of the record `old` (a record being
+/// replaced or removed) is removed with it. A record that does not decode
+/// has no key to remove; should one be left, [`Catalog::newest_of`] skips
+/// it and the next open rebuilds the index (the counts differ).
+fn remove_source_key(
+    by_source: &sled::transaction::TransactionalTree,
+    old: &sled::IVec,
+) -> sled::transaction::ConflictableTransactionResult<(), IndexError> {
+    if let Ok(old) = Snapshot::decode(old.as_ref()) {
+        by_source.remove(source_key(&old))?;
+    }
+    Ok(())
+}
+
 impl Catalog for SledCatalog {
     fn put(&self, snapshot: &Snapshot) -> Result<(), IndexError> {
-        self.tree
-            .insert(snapshot.id.as_bytes(), snapshot.encode_to_vec())
-            .map_err(engine)?;
+        use sled::Transactional;
+        let id = snapshot.id.as_bytes();
+        let value = snapshot.encode_to_vec();
+        let key = source_key(snapshot);
+        (&self.tree, &self.by_source)
+            .transaction(|(records, by_source)| {
+                if let Some(old) = records.insert(id, value.as_slice())? {
+                    remove_source_key(by_source, &old)?;
+                }
+                by_source.insert(key.as_slice(), &[] as &[u8])?;
+                Ok(())
+            })
+            .map_err(transaction_error)?;
         // The record is the commit point: sled writes in order, so one flush
         // also makes every index entry inserted before it durable.
         self.db.flush().map_err(engine)?;
@@ -200,10 +293,20 @@ impl Catalog for SledCatalog {
     }
 
     fn remove(&self, id: &str) -> Result<Option<Snapshot>, IndexError> {
-        let removed = self.tree.remove(id.as_bytes()).map_err(engine)?;
+        use sled::Transactional;
+        let key = id.as_bytes();
+        let removed = (&self.tree, &self.by_source)
+            .transaction(|(records, by_source)| {
+                let removed = records.remove(key)?;
+                if let Some(old) = &removed {
+                    remove_source_key(by_source, old)?;
+                }
+                Ok(removed)
+            })
+            .map_err(transaction_error)?;
         self.db.flush().map_err(engine)?;
         match removed {
-            Some(value) => Ok(Some(decode_snapshot(id.as_bytes(), &value)?)),
+            Some(value) => Ok(Some(decode_snapshot(key, &value)?)),
             None => Ok(None),
         }
     }
@@ -216,6 +319,24 @@ impl Catalog for SledCatalog {
                 decode_snapshot(&key, &value)
             })
             .collect()
+    }
+
+    fn newest_of(&self, source: &SnapshotSource<'_>) -> Result<Option<Snapshot>, IndexError> {
+        let prefix = source_prefix(source);
+        // Newest first; usually the first key is the answer.
+        for item in self.by_source.scan_prefix(&prefix).rev() {
+            let (key, _) = item.map_err(engine)?;
+            let Some(id) = key.get(prefix.len() + TIMES_LEN..) else {
+                continue;
+            };
+            if let Some(snapshot) = self.get(&String::from_utf8_lossy(id))?
+                && is_committed(&snapshot)
+                && source.owns(&snapshot)
+            {
+                return Ok(Some(snapshot));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -269,6 +390,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(&dir.path().join("db"), 8 << 20).unwrap();
         conformance::catalog(&SledCatalog::new(&db).unwrap());
+    }
+
+    #[test]
+    fn sled_catalog_finds_the_newest_of_a_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db"), 8 << 20).unwrap();
+        conformance::newest_of_a_source(&SledCatalog::new(&db).unwrap());
+    }
+
+    #[test]
+    fn a_missing_or_stale_source_index_is_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(&dir.path().join("db"), 8 << 20).unwrap();
+        let catalog = SledCatalog::new(&db).unwrap();
+        for (id, end) in [("a", 10), ("b", 30), ("c", 20)] {
+            catalog
+                .put(&Snapshot {
+                    id: id.into(),
+                    job: "job".into(),
+                    host: "host".into(),
+                    end_time_ms: end,
+                    state: fabric_proto::v1::SnapshotState::Complete as i32,
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        let source = SnapshotSource {
+            job: "job",
+            host: "host",
+            instance: "",
+        };
+        let newest = |catalog: &SledCatalog| catalog.newest_of(&source).unwrap().map(|s| s.id);
+        assert_eq!(newest(&catalog).as_deref(), Some("b"));
+        // A store from before the index: the tree is empty.
+        catalog.by_source.clear().unwrap();
+        assert_eq!(newest(&catalog), None);
+        let reopened = SledCatalog::new(&db).unwrap();
+        assert_eq!(newest(&reopened).as_deref(), Some("b"));
+        // A key left without its record (a rebuild cut short, say).
+        reopened.by_source.insert(b"stale", &[] as &[u8]).unwrap();
+        let reopened = SledCatalog::new(&db).unwrap();
+        assert_eq!(reopened.by_source.len(), reopened.tree.len());
+        assert_eq!(newest(&reopened).as_deref(), Some("b"));
     }
 
     #[test]

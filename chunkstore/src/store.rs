@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunker::{Chunk, ChunkParams};
 use crate::error::StoreError;
 use crate::id::ChunkId;
-use crate::index::{Catalog, ChunkIndex, IndexError, Location};
+use crate::index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, listing_order};
 use crate::index_sled::{SledCatalog, SledChunkIndex, open_db};
 use crate::pack::{self, EncodedEntry, PackWriter, StoredChunk};
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
@@ -844,10 +844,18 @@ impl Store {
     /// Every snapshot, oldest first.
     pub fn list_snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
         let mut snapshots = self.catalog.list().map_err(self.index_error())?;
-        snapshots.sort_by(|a, b| {
-            (a.end_time_ms, a.start_time_ms, &a.id).cmp(&(b.end_time_ms, b.start_time_ms, &b.id))
-        });
+        snapshots.sort_by(|a, b| listing_order(a).cmp(&listing_order(b)));
         Ok(snapshots)
+    }
+
+    /// The newest complete or verified snapshot of `source`: the parent a
+    /// backup of that source starts from. Found through the catalogue's index
+    /// by source, so it costs the same however many snapshots the store keeps.
+    pub fn newest_snapshot(
+        &self,
+        source: &SnapshotSource<'_>,
+    ) -> Result<Option<Snapshot>, StoreError> {
+        self.catalog.newest_of(source).map_err(self.index_error())
     }
 
     /// The snapshot `spec` names: a full id, a unique id prefix of at least

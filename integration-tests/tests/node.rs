@@ -12,8 +12,9 @@ use fabric_integration_tests::{
 };
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    ChunkBatch, ChunkData, ChunkEncoding, Commit, EntryKind, ListSnapshotsRequest, Offer,
-    SenderMessage, Snapshot, StatsRequest, Tree, TreeEntry, receiver_message, sender_message,
+    ChunkBatch, ChunkData, ChunkEncoding, Commit, EntryKind, GetNewestSnapshotRequest,
+    ListSnapshotsRequest, Offer, SenderMessage, Snapshot, StatsRequest, Tree, TreeEntry,
+    receiver_message, sender_message,
 };
 use prost::Message;
 use tokio_stream::StreamExt;
@@ -478,6 +479,55 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
         0,
         "nothing was written"
     );
+}
+
+#[test]
+fn a_backup_starts_from_the_newest_snapshot_of_its_own_job_and_host() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    generate_tree(&source, 20, 64 * 1024);
+    let node = Server::node(&work.path().join("store"), &[]);
+    let id = |backup: serde_json::Value| backup["snapshot"].as_str().unwrap().to_owned();
+    let first = id(backup_json(&node, &source, "daily"));
+    let other_job = id(backup_json(&node, &source, "weekly"));
+    let second = id(backup_json(&node, &source, "daily"));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+        let mut get = async |id: &str| {
+            client
+                .get_snapshot(fabric_proto::v1::GetSnapshotRequest {
+                    snapshot: id.to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        };
+        let second = get(&second).await;
+        assert_eq!(second.parent_id, first, "the newest of its own job");
+        assert_eq!(get(&other_job).await.parent_id, "", "no earlier weekly");
+
+        let mut newest = async |job: &str, host: &str, instance: &str| {
+            client
+                .get_newest_snapshot(GetNewestSnapshotRequest {
+                    job: job.into(),
+                    host: host.into(),
+                    instance: instance.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshot
+                .map(|snapshot| snapshot.id)
+        };
+        let host = second.host.clone();
+        assert_eq!(newest("daily", &host, "").await, Some(second.id.clone()));
+        assert_eq!(newest("weekly", &host, "").await, Some(other_job));
+        assert_eq!(newest("daily", &host, "blue").await, None);
+        assert_eq!(newest("daily", "elsewhere", "").await, None);
+        assert_eq!(newest("monthly", &host, "").await, None);
+    });
 }
 
 #[test]

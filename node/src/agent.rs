@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Progress};
-use fabric_chunkstore::{ChunkId, ChunkSource, SinkError};
+use fabric_chunkstore::{
+    ChunkId, ChunkSource, SinkError, SnapshotSource, is_committed, listing_order,
+};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    ChunkData, GetChunksRequest, GetTreeRequest, ListSnapshotsRequest, ReceiverMessage,
-    SenderMessage, Snapshot, SnapshotState, Tree,
+    ChunkData, GetChunksRequest, GetNewestSnapshotRequest, GetTreeRequest, ListSnapshotsRequest,
+    ReceiverMessage, SenderMessage, Snapshot, Tree,
 };
 use futures::StreamExt;
 use prost::Message;
@@ -260,6 +262,19 @@ async fn find_parent(
     client: &mut StorageClient<Channel>,
     template: &Snapshot,
 ) -> Result<Option<Snapshot>, Status> {
+    let newest = client
+        .get_newest_snapshot(GetNewestSnapshotRequest {
+            job: template.job.clone(),
+            host: template.host.clone(),
+            instance: template.instance.clone(),
+        })
+        .await;
+    match newest {
+        Ok(response) => return Ok(response.into_inner().snapshot),
+        // A node from before GetNewestSnapshot: list and pick.
+        Err(status) if status.code() == tonic::Code::Unimplemented => {}
+        Err(status) => return Err(status),
+    }
     let snapshots = client
         .list_snapshots(ListSnapshotsRequest {
             job: template.job.clone(),
@@ -268,11 +283,11 @@ async fn find_parent(
         .await?
         .into_inner()
         .snapshots;
+    let source = SnapshotSource::of(template);
     Ok(snapshots
         .into_iter()
-        .filter(|s| s.instance == template.instance)
-        .filter(|s| matches!(s.state(), SnapshotState::Complete | SnapshotState::Verified))
-        .max_by_key(|s| s.end_time_ms))
+        .filter(|s| source.owns(s) && is_committed(s))
+        .max_by(|a, b| listing_order(a).cmp(&listing_order(b))))
 }
 
 /// Fill a snapshot record from a walk's outcome and the transfer's counters.

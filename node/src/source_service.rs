@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use fabric_chunkstore::Store;
 use fabric_chunkstore::walk::BackupOptions;
-use fabric_chunkstore::{ChunkId, ChunkParams, ChunkSource, SinkError};
+use fabric_chunkstore::{ChunkId, ChunkParams, ChunkSource, SinkError, SnapshotSource};
 use fabric_proto::v1::source_server::Source;
 use fabric_proto::v1::{
     ParentTree, PullStart, ReceiverMessage, SenderMessage, Snapshot, Tree, receiver_message,
@@ -195,14 +195,12 @@ pub async fn pull_into(
 /// snapshot or its trees are too large to send.
 fn parent_trees(store: &Store, key: &(String, String, String)) -> (String, Vec<ParentTree>) {
     let none = (String::new(), Vec::new());
-    let Ok(snapshots) = store.list_snapshots() else {
-        return none;
+    let source = SnapshotSource {
+        job: &key.0,
+        host: &key.1,
+        instance: &key.2,
     };
-    let Some(parent) = snapshots
-        .into_iter()
-        .filter(|s| (&s.job, &s.host, &s.instance) == (&key.0, &key.1, &key.2))
-        .max_by_key(|s| s.end_time_ms)
-    else {
+    let Ok(Some(parent)) = store.newest_snapshot(&source) else {
         return none;
     };
     let Ok(root) = ChunkId::from_slice(&parent.root_tree_id) else {

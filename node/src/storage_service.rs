@@ -11,15 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fabric_chunkstore::restore::HardLinks;
-use fabric_chunkstore::{ChunkId, SinkError};
+use fabric_chunkstore::{ChunkId, SinkError, SnapshotSource};
 use fabric_chunkstore::{GcOptions, Store, VerifyOptions};
 use fabric_proto::v1::storage_server::Storage;
 use fabric_proto::v1::{
     ChunkData, CopyProgress, CopySnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
-    GcReport, GcRequest, GetChunksRequest, GetSnapshotRequest, GetTreeRequest,
-    ListSnapshotsRequest, ListSnapshotsResponse, ReceiverMessage, RestoreEntry, RestoreItem,
-    RestoreRequest, SenderMessage, Snapshot, StatsRequest, StoreStats, Tree, VerifyReport,
-    VerifyRequest, restore_item,
+    GcReport, GcRequest, GetChunksRequest, GetNewestSnapshotRequest, GetNewestSnapshotResponse,
+    GetSnapshotRequest, GetTreeRequest, ListSnapshotsRequest, ListSnapshotsResponse,
+    ReceiverMessage, RestoreEntry, RestoreItem, RestoreRequest, SenderMessage, Snapshot,
+    StatsRequest, StoreStats, Tree, VerifyReport, VerifyRequest, restore_item,
 };
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
@@ -253,6 +253,27 @@ impl Storage for StorageService {
             })
             .await?;
         Ok(Response::new(ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn get_newest_snapshot(
+        &self,
+        request: Request<GetNewestSnapshotRequest>,
+    ) -> Result<Response<GetNewestSnapshotResponse>, Status> {
+        let GetNewestSnapshotRequest {
+            job,
+            host,
+            instance,
+        } = request.into_inner();
+        let snapshot = self
+            .blocking(move |store| {
+                store.newest_snapshot(&SnapshotSource {
+                    job: &job,
+                    host: &host,
+                    instance: &instance,
+                })
+            })
+            .await?;
+        Ok(Response::new(GetNewestSnapshotResponse { snapshot }))
     }
 
     async fn get_snapshot(

@@ -1,12 +1,13 @@
 //! `chunkstore-bench`: throughput and memory of the storage engine.
 //!
 //! Usage: `chunkstore-bench [PART...]` with parts `raw`, `ingest`, `params`,
-//! `index`, `gc` (default: all, each measured in this process; run one part
+//! `index`, `gc`, `catalogue` (default: all, each measured in this process; run one part
 //! per invocation for a clean peak RSS). Sizes come from the environment:
 //!
 //! - `BENCH_MIB` (1024): bytes ingested per data kind, MiB;
 //! - `BENCH_RAW_MIB` (256): bytes for the raw FastCDC/BLAKE3/zstd figures;
 //! - `BENCH_INDEX_ENTRIES` (1000000): entries for the sled index and GC runs;
+//! - `BENCH_SNAPSHOTS` (10000): snapshot records for the catalogue part;
 //! - `BENCH_DIR` (a temporary directory): where stores are created;
 //! - `BENCH_THREADS` (all cores): ingest streams.
 //!
@@ -21,10 +22,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fabric_chunkstore::index::{ChunkIndex, Location};
-use fabric_chunkstore::index_sled::{SledChunkIndex, open_db};
+use fabric_chunkstore::index_sled::{SledCatalog, SledChunkIndex, open_db};
 use fabric_chunkstore::pack::Codec;
-use fabric_chunkstore::{Chunk, ChunkId, ChunkParams, Chunker, GcOptions, Store, StoreConfig};
-use fabric_proto::v1::{EntryKind, Snapshot, Tree, TreeEntry};
+use fabric_chunkstore::{
+    Catalog, Chunk, ChunkId, ChunkParams, Chunker, GcOptions, SnapshotSource, Store, StoreConfig,
+    is_committed, listing_order,
+};
+use fabric_proto::v1::{EntryKind, Snapshot, SnapshotState, Tree, TreeEntry};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -646,6 +650,75 @@ fn part_gc(base: &Path) -> BenchResult<()> {
     Ok(())
 }
 
+/// Finding a backup's parent among `BENCH_SNAPSHOTS` records (100 hosts,
+/// one job): by reading every record (what a node did before its index by
+/// source) and through the index; and rebuilding that index at open.
+fn part_catalogue(base: &Path) -> BenchResult<()> {
+    let snapshots = env_usize("BENCH_SNAPSHOTS", 10_000);
+    let dir = base.join("catalogue-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = open_db(&dir, StoreConfig::default().index_cache_bytes)?;
+    let catalog = SledCatalog::new(&db)?;
+    let record = |n: usize| Snapshot {
+        id: format!("{n:032x}"),
+        job: "daily".into(),
+        host: format!("host-{}", n % 100),
+        start_time_ms: 1_700_000_000_000 + n as i64 * 1000,
+        end_time_ms: 1_700_000_000_000 + n as i64 * 1000 + 500,
+        state: SnapshotState::Complete as i32,
+        root_tree_id: vec![7; 32],
+        name: format!("daily-{n}"),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    for n in 0..snapshots {
+        catalog.put(&record(n))?;
+    }
+    println!(
+        "catalogue: {snapshots} records put (each flushed) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let source = SnapshotSource {
+        job: "daily",
+        host: "host-42",
+        instance: "",
+    };
+    let rounds = 100;
+    let started = Instant::now();
+    let mut by_listing = None;
+    for _ in 0..rounds {
+        by_listing = catalog
+            .list()?
+            .into_iter()
+            .filter(|s| source.owns(s) && is_committed(s))
+            .max_by(|a, b| listing_order(a).cmp(&listing_order(b)));
+    }
+    let listing_ms = started.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
+    let started = Instant::now();
+    let mut by_index = None;
+    for _ in 0..rounds {
+        by_index = catalog.newest_of(&source)?;
+    }
+    let index_ms = started.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
+    assert_eq!(by_listing, by_index, "both find the same parent");
+    println!(
+        "catalogue: the newest of one host among {snapshots}: reading every record {listing_ms:.3} ms, through the index {index_ms:.3} ms (mean of {rounds})"
+    );
+    drop(catalog);
+    db.open_tree("snapshots_by_source")?.clear()?;
+    let started = Instant::now();
+    let catalog = SledCatalog::new(&db)?;
+    println!(
+        "catalogue: rebuilding the index by source of {snapshots} records at open {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(catalog.newest_of(&source)?, by_index);
+    drop(catalog);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn main() -> BenchResult<()> {
     let parts: Vec<String> = std::env::args().skip(1).collect();
     let all = parts.is_empty() || parts.iter().any(|p| p == "all");
@@ -671,6 +744,9 @@ fn main() -> BenchResult<()> {
     }
     if wants("gc") {
         part_gc(&base)?;
+    }
+    if wants("catalogue") {
+        part_catalogue(&base)?;
     }
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
     if std::env::var("BENCH_DIR").is_err() {
