@@ -152,7 +152,7 @@ pub trait Catalog: Send + Sync {
         Ok(self
             .list()?
             .into_iter()
-            .filter(|snapshot| source.owns(snapshot) && is_committed(snapshot))
+            .filter(|snapshot| source.is_source_of(snapshot) && is_committed(snapshot))
             .max_by(|a, b| listing_order(a).cmp(&listing_order(b))))
     }
 }
@@ -180,7 +180,7 @@ impl<'a> SnapshotSource<'a> {
     }
 
     /// Whether `snapshot` was taken of this source.
-    pub fn owns(&self, snapshot: &Snapshot) -> bool {
+    pub fn is_source_of(&self, snapshot: &Snapshot) -> bool {
         snapshot.job == self.job && snapshot.host == self.host && snapshot.instance == self.instance
     }
 }
@@ -321,7 +321,7 @@ pub(crate) mod conformance {
             .list()
             .unwrap()
             .into_iter()
-            .filter(|s| source.owns(s) && is_committed(s))
+            .filter(|s| source.is_source_of(s) && is_committed(s))
             .max_by(|a, b| listing_order(a).cmp(&listing_order(b)))
             .map(|s| s.id)
     }

@@ -286,7 +286,7 @@ async fn find_parent(
     let source = SnapshotSource::of(template);
     Ok(snapshots
         .into_iter()
-        .filter(|s| source.owns(s) && is_committed(s))
+        .filter(|s| source.is_source_of(s) && is_committed(s))
         .max_by(|a, b| listing_order(a).cmp(&listing_order(b))))
 }
 
@@ -430,7 +430,7 @@ pub async fn push_backup(
         find_parent(&mut listing, &template),
         uploading.upload(ReceiverStream::new(out_rx))
     );
-    let parent = parent.map_err(remote("listing snapshots"))?;
+    let parent = parent.map_err(remote("finding the parent snapshot"))?;
     let incoming = incoming
         .map_err(remote("starting the upload"))?
         .into_inner();

@@ -690,7 +690,7 @@ fn part_catalogue(base: &Path) -> BenchResult<()> {
         by_listing = catalog
             .list()?
             .into_iter()
-            .filter(|s| source.owns(s) && is_committed(s))
+            .filter(|s| source.is_source_of(s) && is_committed(s))
             .max_by(|a, b| listing_order(a).cmp(&listing_order(b)));
     }
     let listing_ms = started.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
