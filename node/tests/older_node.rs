@@ -1,0 +1,112 @@
+//! An agent talking to a node from before `Storage.GetNewestSnapshot`: the
+//! node's real storage service on 127.0.0.1, with that one method answered
+//! UNIMPLEMENTED as an older node answers it. The agent must still find its
+//! parent (by listing) and send nothing for an unchanged tree.
+
+#![allow(clippy::unwrap_used)]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::task::{Context, Poll};
+
+use fabric_chunkstore::walk::BackupOptions;
+use fabric_chunkstore::{ChunkParams, Store, StoreConfig};
+use fabric_node::agent::push_backup;
+use fabric_node::storage_service::StorageService;
+use fabric_proto::v1::storage_server::StorageServer;
+use fabric_proto::v1::{GetNewestSnapshotRequest, Snapshot};
+use tonic::codegen::{BoxFuture, Service, http};
+
+/// The storage service without `GetNewestSnapshot`.
+#[derive(Clone)]
+struct WithoutNewestSnapshot(StorageServer<StorageService>);
+
+impl tonic::server::NamedService for WithoutNewestSnapshot {
+    const NAME: &'static str = fabric_proto::service_names::STORAGE;
+}
+
+impl Service<http::Request<tonic::body::Body>> for WithoutNewestSnapshot {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() == "/fabric.v1.Storage/GetNewestSnapshot" {
+            return Box::pin(async {
+                Ok(tonic::Status::unimplemented("not on this node").into_http())
+            });
+        }
+        self.0.call(request)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    std::fs::create_dir_all(source.join("sub")).unwrap();
+    for index in 0..20 {
+        std::fs::write(
+            source.join("sub").join(format!("file{index}")),
+            format!("file {index}\n").repeat(100 * index + 1),
+        )
+        .unwrap();
+    }
+    let store = Arc::new(
+        Store::open_or_create(&work.path().join("store"), StoreConfig::default()).unwrap(),
+    );
+    let service = StorageService::new(store, 64 << 20, Arc::new(AtomicBool::new(true)));
+    let storage = StorageServer::new(service)
+        .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WithoutNewestSnapshot(storage))
+            .serve_with_incoming_shutdown(fabric_proto::standard::incoming(listener), async move {
+                let _ = stopped.await;
+            }),
+    );
+
+    let options = BackupOptions {
+        includes: vec![source.clone()],
+        chunk_params: ChunkParams::default(),
+        ..Default::default()
+    };
+    let template = Snapshot {
+        job: "daily".into(),
+        host: "client".into(),
+        ..Default::default()
+    };
+    let first = push_backup(&address, options.clone(), template.clone(), None)
+        .await
+        .unwrap();
+    assert!(first.bytes_sent > 0);
+    let second = push_backup(&address, options, template, None)
+        .await
+        .unwrap();
+    assert_eq!(second.snapshot.parent_id, first.snapshot.id);
+    assert_eq!(second.bytes_sent, 0);
+
+    // The method really is missing on this node.
+    let mut client = fabric_node::client::storage(&address).await.unwrap();
+    let refused = client
+        .get_newest_snapshot(GetNewestSnapshotRequest {
+            job: "daily".into(),
+            host: "client".into(),
+            instance: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+
+    stop.send(()).unwrap();
+    serving.await.unwrap().unwrap();
+}
