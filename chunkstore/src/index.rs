@@ -149,12 +149,20 @@ pub trait Catalog: Send + Sync {
     /// the parent a backup of that source starts from. This default reads
     /// every record; an implementation with an index by source should not.
     fn newest_of(&self, source: &SnapshotSource<'_>) -> Result<Option<Snapshot>, IndexError> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .filter(|snapshot| source.is_source_of(snapshot) && is_committed(snapshot))
-            .max_by(|a, b| listing_order(a).cmp(&listing_order(b))))
+        Ok(newest_among(self.list()?, source))
     }
+}
+
+/// The newest committed snapshot of `source` among `snapshots`, by reading
+/// them all: [`Catalog::newest_of`]'s answer, for whoever holds a listing.
+pub fn newest_among(
+    snapshots: impl IntoIterator<Item = Snapshot>,
+    source: &SnapshotSource<'_>,
+) -> Option<Snapshot> {
+    snapshots
+        .into_iter()
+        .filter(|snapshot| source.is_source_of(snapshot) && is_committed(snapshot))
+        .max_by(|a, b| listing_order(a).cmp(&listing_order(b)))
 }
 
 /// What a snapshot was taken of: job, host and instance, each exact (an
@@ -314,18 +322,6 @@ pub(crate) mod conformance {
         }
     }
 
-    /// The newest committed record by reading them all: what every
-    /// `newest_of` must answer.
-    fn newest_by_listing(catalog: &dyn Catalog, source: &SnapshotSource<'_>) -> Option<String> {
-        catalog
-            .list()
-            .unwrap()
-            .into_iter()
-            .filter(|s| source.is_source_of(s) && is_committed(s))
-            .max_by(|a, b| listing_order(a).cmp(&listing_order(b)))
-            .map(|s| s.id)
-    }
-
     /// The newest committed record of a source: sources that share a
     /// prefix stay apart, uncommitted records are skipped, and replacing or
     /// removing records moves the answer.
@@ -346,7 +342,9 @@ pub(crate) mod conformance {
                 instance: source.2,
             };
             let found = catalog.newest_of(&source).unwrap().map(|s| s.id);
-            assert_eq!(found, newest_by_listing(catalog, &source), "{source:?}");
+            // What reading every record answers.
+            let by_listing = newest_among(catalog.list().unwrap(), &source).map(|s| s.id);
+            assert_eq!(found, by_listing, "{source:?}");
             found
         };
         assert_eq!(newest(web), None);

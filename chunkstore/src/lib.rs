@@ -29,9 +29,7 @@ pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker};
 pub use error::StoreError;
 pub use gc::{DEFAULT_GC_GRACE, GcOptions, GcReport};
 pub use id::ChunkId;
-pub use index::{
-    Catalog, ChunkIndex, IndexError, Location, SnapshotSource, is_committed, listing_order,
-};
+pub use index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, newest_among};
 pub use sink::{ChunkSink, ChunkSource, SinkError};
 pub use store::{PutStats, Store, StoreConfig};
 pub use verify::{

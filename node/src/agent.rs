@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Progress};
-use fabric_chunkstore::{
-    ChunkId, ChunkSource, SinkError, SnapshotSource, is_committed, listing_order,
-};
+use fabric_chunkstore::{ChunkId, ChunkSource, SinkError, SnapshotSource, newest_among};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
     ChunkData, GetChunksRequest, GetNewestSnapshotRequest, GetTreeRequest, ListSnapshotsRequest,
@@ -283,11 +281,7 @@ async fn find_parent(
         .await?
         .into_inner()
         .snapshots;
-    let source = SnapshotSource::of(template);
-    Ok(snapshots
-        .into_iter()
-        .filter(|s| source.is_source_of(s) && is_committed(s))
-        .max_by(|a, b| listing_order(a).cmp(&listing_order(b))))
+    Ok(newest_among(snapshots, &SnapshotSource::of(template)))
 }
 
 /// Fill a snapshot record from a walk's outcome and the transfer's counters.

@@ -26,7 +26,7 @@ use fabric_chunkstore::index_sled::{SledCatalog, SledChunkIndex, open_db};
 use fabric_chunkstore::pack::Codec;
 use fabric_chunkstore::{
     Catalog, Chunk, ChunkId, ChunkParams, Chunker, GcOptions, SnapshotSource, Store, StoreConfig,
-    is_committed, listing_order,
+    newest_among,
 };
 use fabric_proto::v1::{EntryKind, Snapshot, SnapshotState, Tree, TreeEntry};
 use rand::rngs::SmallRng;
@@ -687,11 +687,7 @@ fn part_catalogue(base: &Path) -> BenchResult<()> {
     let started = Instant::now();
     let mut by_listing = None;
     for _ in 0..rounds {
-        by_listing = catalog
-            .list()?
-            .into_iter()
-            .filter(|s| source.is_source_of(s) && is_committed(s))
-            .max_by(|a, b| listing_order(a).cmp(&listing_order(b)));
+        by_listing = newest_among(catalog.list()?, &source);
     }
     let listing_ms = started.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
     let started = Instant::now();
