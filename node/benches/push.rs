@@ -15,6 +15,16 @@
 //! [`SMALL_REPEATS`] unchanged re-pushes (single runs of tens of
 //! milliseconds vary too much to compare).
 //!
+//! Then the same pairs of local ingest and first push run with the cores
+//! split in two halves: this process (the agent, and local ingest) on one,
+//! the node on the other, as when the node is another machine. On a machine
+//! of few cores the first part measures mostly that agent and node share
+//! them (the node decodes and re-hashes every chunk it receives); the second
+//! measures what the gRPC path costs the client: the agent's CPU against
+//! local ingest's, and whether a push keeps up with local ingest on the
+//! same cores (the node's writes then happen on the other half). Each part
+//! starts with one local ingest that is not counted.
+//!
 //! `FABRIC_BENCH_MB` sets the size of the large data (default 1024: half
 //! random, half text-like); `FABRIC_BENCH_SMALL_FILES` the small-file count;
 //! `FABRIC_BENCH_ROUNDS` the rounds (default 3).
@@ -28,6 +38,8 @@ use fabric_chunkstore::restore::DirectoryTarget;
 use fabric_chunkstore::walk::{BackupOptions, backup};
 use fabric_chunkstore::{ChunkParams, Store, StoreConfig};
 use fabric_proto::v1::Snapshot;
+use rustix::process::Pid;
+use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -98,6 +110,61 @@ impl CpuUse {
             self.node,
             (self.agent + self.node) / seconds
         )
+    }
+}
+
+/// The CPUs of a machine split in two halves: one for this process (the
+/// agent and local ingest), one for the node.
+struct CoreSplit {
+    agent: Vec<usize>,
+    node: Vec<usize>,
+    all: CpuSet,
+}
+
+fn cpu_set(cpus: &[usize]) -> CpuSet {
+    let mut set = CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu);
+    }
+    set
+}
+
+impl CoreSplit {
+    /// The CPUs this process may use, halved; `None` with fewer than two.
+    fn of_this_process() -> Option<Self> {
+        let all = sched_getaffinity(None).ok()?;
+        let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
+            .filter(|&cpu| all.is_set(cpu))
+            .collect();
+        if cpus.len() < 2 {
+            return None;
+        }
+        let (agent, node) = cpus.split_at(cpus.len() / 2);
+        Some(Self {
+            agent: agent.to_vec(),
+            node: node.to_vec(),
+            all,
+        })
+    }
+}
+
+/// Move every thread of this process to `cpus`. A thread started later
+/// inherits the CPUs of the thread that starts it, and so does a child
+/// process.
+fn pin_this_process(cpus: &CpuSet) {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("this process's threads");
+    for task in tasks {
+        let tid = task
+            .expect("a thread")
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .ok()
+            .and_then(Pid::from_raw);
+        if let Some(tid) = tid {
+            // A thread that ended meanwhile cannot be moved, and need not be.
+            let _ = sched_setaffinity(Some(tid), cpus);
+        }
     }
 }
 
@@ -173,14 +240,23 @@ struct NodeProcess {
 }
 
 impl NodeProcess {
-    fn start(binary: &Path, data_dir: &Path) -> Self {
-        let mut child = Command::new(binary)
+    /// Start a node; on `cpus` (and its threads with it) when given. The
+    /// child inherits the CPUs of the thread that starts it, so this thread
+    /// moves there for the start and back to `back_to` afterwards.
+    fn start(binary: &Path, data_dir: &Path, cpus: Option<(&CpuSet, &CpuSet)>) -> Self {
+        if let Some((node, _)) = cpus {
+            sched_setaffinity(None, node).expect("move to the node's CPUs");
+        }
+        let spawned = Command::new(binary)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .spawn()
-            .expect("fabric-node starts");
+            .spawn();
+        if let Some((_, back_to)) = cpus {
+            sched_setaffinity(None, back_to).expect("move back to the agent's CPUs");
+        }
+        let mut child = spawned.expect("fabric-node starts");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let first = lines.next().expect("a line").expect("readable");
         let address = format!("http://{}", first.rsplit(' ').next().expect("an address"));
@@ -199,6 +275,24 @@ impl Drop for NodeProcess {
         let _ = Command::new("kill").arg("-TERM").arg(&self.pid).status();
         let _ = self.child.wait();
     }
+}
+
+/// What one round of local ingest and a first push measured.
+struct RoundPair {
+    local_seconds: f64,
+    local_cpu: CpuUse,
+    /// Peak RSS of this process during local ingest, MiB.
+    local_rss: u64,
+    push_seconds: f64,
+    push_cpu: CpuUse,
+    /// Peak RSS of the agent (this process) during the push, MiB.
+    agent_rss: u64,
+    /// Peak RSS of the node during the push, MiB.
+    node_rss: u64,
+    outcome: fabric_node::agent::PushOutcome,
+    /// The node pushed to, still running.
+    node: NodeProcess,
+    node_dir: PathBuf,
 }
 
 /// Unchanged re-backups of the small-file tree per round.
@@ -272,20 +366,13 @@ fn main() {
         (started.elapsed().as_secs_f64(), outcome)
     };
 
-    // Local ingest and the first push alternate, so a machine whose speed
-    // drifts (a shared VM) weighs on both alike; medians are reported.
-    let mut local_times = Vec::new();
-    let mut push_times = Vec::new();
-    let mut ratios = Vec::new();
-    // Peak RSS in MiB of each phase, per round.
-    let (mut local_rss, mut agent_rss, mut node_rss) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut small_first_times, mut small_again_medians, mut small_ratios) =
-        (Vec::new(), Vec::new(), Vec::new());
-    let mut node = None;
-    let mut first = None;
-    for round in 0..rounds {
-        let local_dir = work.path().join(format!("local-store-{round}"));
+    // Local ingest of the data into an empty store: seconds, CPU, peak RSS.
+    let local_ingest = |dir_name: &str| {
+        let local_dir = work.path().join(format!("local-store-{dir_name}"));
         let local_store = Store::open_or_create(&local_dir, StoreConfig::default()).expect("store");
+        // Neither phase writes back what came before it (the data, the
+        // last round's stores).
+        rustix::fs::sync();
         reset_peak_rss("self");
         let started = Instant::now();
         let ((), local_cpu) = CpuUse::measure("self", || {
@@ -294,19 +381,34 @@ fn main() {
         let local_seconds = started.elapsed().as_secs_f64();
         drop(local_store);
         std::fs::remove_dir_all(&local_dir).expect("remove the local store");
-        local_rss.push(peak_rss_kib("self") / 1024);
-
-        // The last round's node stays for the other measurements.
-        drop(node.take());
-        let node_dir = work.path().join(format!("node-store-{round}"));
-        let started_node = NodeProcess::start(&node_binary, &node_dir);
-        reset_peak_rss("self");
-        let ((push_seconds, outcome), push_cpu) = CpuUse::measure(&started_node.pid, || {
-            push(&started_node.address, &data, "large")
-        });
+        (local_seconds, local_cpu, peak_rss_kib("self") / 1024)
+    };
+    // The first local ingest of a run, or of a part, has taken up to half
+    // again the CPU of the next ones on a shared VM (this process's heap is
+    // still growing), which would flatter the first push: one uncounted run
+    // goes first.
+    let warm_up = |part: &str| {
+        let (seconds, cpu, _) = local_ingest(&format!("warm-up-{part}"));
         println!(
-            "round {}: local ingest {:6.1} MB/s ({local_seconds:.2} s, CPU {:.2} s); push {:6.1} MB/s ({push_seconds:.2} s, {}; {} MB sent), {:.1}% of local",
-            round + 1,
+            "warm-up ({part}, not counted): local ingest {:6.1} MB/s ({seconds:.2} s, CPU {:.2} s)",
+            mb_per_s(total, seconds),
+            cpu.agent
+        );
+    };
+    // One round's pair: local ingest into an empty store, then a first push
+    // of the same data into a fresh node (on `node_cpus` when given).
+    let pair = |name: &str, node_cpus: Option<(&CpuSet, &CpuSet)>| {
+        let dir_name = name.replace(' ', "-");
+        let (local_seconds, local_cpu, local_rss) = local_ingest(&dir_name);
+
+        let node_dir = work.path().join(format!("node-store-{dir_name}"));
+        let node = NodeProcess::start(&node_binary, &node_dir, node_cpus);
+        rustix::fs::sync();
+        reset_peak_rss("self");
+        let ((push_seconds, outcome), push_cpu) =
+            CpuUse::measure(&node.pid, || push(&node.address, &data, "large"));
+        println!(
+            "{name}: local ingest {:6.1} MB/s ({local_seconds:.2} s, CPU {:.2} s); push {:6.1} MB/s ({push_seconds:.2} s, {}; {} MB sent), {:.1}% of local",
             mb_per_s(total, local_seconds),
             local_cpu.agent,
             mb_per_s(total, push_seconds),
@@ -314,12 +416,47 @@ fn main() {
             outcome.bytes_sent / 1_000_000,
             100.0 * local_seconds / push_seconds
         );
-        agent_rss.push(peak_rss_kib("self") / 1024);
-        node_rss.push(peak_rss_kib(&started_node.pid) / 1024);
-        local_times.push(local_seconds);
-        push_times.push(push_seconds);
-        ratios.push(local_seconds / push_seconds);
-        first = Some(outcome);
+        RoundPair {
+            local_seconds,
+            local_cpu,
+            local_rss,
+            push_seconds,
+            push_cpu,
+            agent_rss: peak_rss_kib("self") / 1024,
+            node_rss: peak_rss_kib(&node.pid) / 1024,
+            outcome,
+            node,
+            node_dir,
+        }
+    };
+
+    // Local ingest and the first push alternate, so a machine whose speed
+    // drifts (a shared VM) weighs on both alike; medians are reported.
+    let mut local_times = Vec::new();
+    let mut push_times = Vec::new();
+    let mut ratios = Vec::new();
+    let mut agent_cpu_shares = Vec::new();
+    // Peak RSS in MiB of each phase, per round.
+    let (mut local_rss, mut agent_rss, mut node_rss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut small_first_times, mut small_again_medians, mut small_ratios) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let mut node = None;
+    let mut first = None;
+    warm_up("shared cores");
+    for round in 0..rounds {
+        // The last round's node stays for the other measurements.
+        drop(node.take());
+        let measured = pair(&format!("round {}", round + 1), None);
+        local_rss.push(measured.local_rss);
+        agent_rss.push(measured.agent_rss);
+        node_rss.push(measured.node_rss);
+        local_times.push(measured.local_seconds);
+        push_times.push(measured.push_seconds);
+        ratios.push(measured.local_seconds / measured.push_seconds);
+        agent_cpu_shares.push(measured.push_cpu.agent / measured.local_cpu.agent);
+        first = Some(measured.outcome);
+        let started_node = measured.node;
+        let node_dir = measured.node_dir;
 
         // The small-file tree into this round's node: a first backup, then
         // unchanged re-backups (the median of a few: each takes tens of ms).
@@ -376,11 +513,12 @@ fn main() {
         mb_per_s(total, local_seconds),
     );
     println!(
-        "push, first backup over loopback:               {:8.1} MB/s  (median {first_seconds:.2} s, {} chunks, {} MB sent; median {:.1}% of local)",
+        "push, first backup over loopback:               {:8.1} MB/s  (median {first_seconds:.2} s, {} chunks, {} MB sent; median {:.1}% of local; the agent's CPU: median {:.1}% of local ingest's)",
         mb_per_s(total, first_seconds),
         first.chunks_sent,
         first.bytes_sent / 1_000_000,
         100.0 * ratio,
+        100.0 * median(&mut agent_cpu_shares),
     );
     println!(
         "push, unchanged re-backup:                      {:8.1} MB/s  ({again_seconds:.2} s, {} bytes sent, {} of {} files unchanged)",
@@ -415,5 +553,37 @@ fn main() {
         "peak RSS over the whole run: node {} MiB (last round), this process {} MiB",
         peak_rss_kib(&node.pid) / 1024,
         peak_rss_kib("self") / 1024
+    );
+    drop(node);
+
+    // The same pairs with the node on cores of its own, as when it is
+    // another machine: what the gRPC path costs the client.
+    let Some(split) = CoreSplit::of_this_process() else {
+        println!("node on cores of its own: skipped, this process may use one CPU only");
+        return;
+    };
+    let (agent_cpus, node_cpus) = (cpu_set(&split.agent), cpu_set(&split.node));
+    println!(
+        "node on cores of its own: this process (agent, local ingest) on CPUs {:?}, the node on {:?}",
+        split.agent, split.node
+    );
+    pin_this_process(&agent_cpus);
+    warm_up("split cores");
+    let (mut split_ratios, mut split_cpu_shares) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let measured = pair(
+            &format!("split round {}", round + 1),
+            Some((&node_cpus, &agent_cpus)),
+        );
+        split_ratios.push(measured.local_seconds / measured.push_seconds);
+        split_cpu_shares.push(measured.push_cpu.agent / measured.local_cpu.agent);
+        drop(measured.node);
+        std::fs::remove_dir_all(&measured.node_dir).expect("remove the node store");
+    }
+    pin_this_process(&split.all);
+    println!(
+        "push with the node on cores of its own: median {:.1}% of local ingest's speed; the agent's CPU: median {:.1}% of local ingest's",
+        100.0 * median(&mut split_ratios),
+        100.0 * median(&mut split_cpu_shares)
     );
 }
