@@ -29,6 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // Chunk bytes decode as slices of the received message's buffer,
+        // not as a copy: a node takes every byte of every upload this way.
+        .bytes(".fabric.v1.ChunkData.data")
         .server_mod_attribute(".", "#[cfg(feature = \"grpc\")]")
         .client_mod_attribute(".", "#[cfg(feature = \"grpc\")]")
         .compile_fds(descriptors)?;

@@ -30,6 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use rayon::prelude::*;
 
 use crate::chunker::Chunk;
@@ -271,8 +272,9 @@ pub struct StoredChunk {
     pub codec: Codec,
     /// Length of the plain bytes.
     pub raw_len: u32,
-    /// The encoded bytes.
-    pub stored: Vec<u8>,
+    /// The encoded bytes: `Bytes` so that a chunk received in a larger
+    /// message can stay a slice of it until it is written.
+    pub stored: Bytes,
 }
 
 impl std::fmt::Debug for StoredChunk {
@@ -296,13 +298,13 @@ impl StoredChunk {
                 id: chunk.id,
                 codec: Codec::Zstd,
                 raw_len,
-                stored: compressed,
+                stored: compressed.into(),
             },
             None => Self {
                 id: chunk.id,
                 codec: Codec::Raw,
                 raw_len,
-                stored: chunk.data,
+                stored: chunk.data.into(),
             },
         }
     }
@@ -333,13 +335,14 @@ impl StoredChunk {
     }
 
     /// The plain bytes, checked against the id (raw bytes are moved, not
-    /// copied). Decoding allocates `raw_len` bytes: see [`StoredChunk::check`].
+    /// copied, when nothing else shares their buffer). Decoding allocates
+    /// `raw_len` bytes: see [`StoredChunk::check`].
     pub fn into_plain(self) -> Result<Vec<u8>, EntryError> {
         self.check_raw_len()?;
         match self.codec {
             Codec::Raw => {
                 check_plain(&self.id, self.raw_len, &self.stored)?;
-                Ok(self.stored)
+                Ok(self.stored.into())
             }
             Codec::Zstd => decode(&self.id, self.codec, self.raw_len, &self.stored),
         }
@@ -922,8 +925,10 @@ mod tests {
         assert_eq!(encoded.clone().into_plain().unwrap(), text);
 
         let mut flipped = encoded.clone();
-        let last = flipped.stored.len() - 1;
-        flipped.stored[last] ^= 0x40;
+        let mut bytes = flipped.stored.to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        flipped.stored = bytes.into();
         assert!(flipped.check().is_err());
 
         let mut longer = encoded.clone();
@@ -944,9 +949,11 @@ mod tests {
             .collect();
         let mut raw = StoredChunk::encode(Chunk::new(random), 3);
         assert_eq!(raw.codec, Codec::Raw);
-        raw.stored[0] ^= 1;
+        let mut bytes = raw.stored.to_vec();
+        bytes[0] ^= 1;
+        raw.stored = bytes.into();
         assert_eq!(raw.check(), Err(EntryError::HashMismatch));
-        raw.stored.pop();
+        raw.stored.truncate(raw.stored.len() - 1);
         assert!(matches!(raw.into_plain(), Err(EntryError::Decompress(_))));
     }
 
@@ -974,7 +981,7 @@ mod tests {
             let data: Vec<u8> = data.iter().copied().cycle().take(data.len() * repeat).collect();
             let chunk = StoredChunk::encode(Chunk::new(data.clone()), 1);
             prop_assert!(chunk.check().is_ok());
-            let entry = encode_stored(chunk.id, chunk.codec, chunk.raw_len, &chunk.stored);
+            let entry = encode_stored(chunk.id, chunk.codec, chunk.raw_len, &chunk.stored[..]);
             let bytes = entry.to_bytes();
             let (header, stored) = check_entry(&bytes).unwrap();
             prop_assert_eq!(decode_stored(&header, stored).unwrap(), data.clone());

@@ -395,12 +395,7 @@ impl Store {
         let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
         self.put_fresh(&ids, false, |index| {
             let chunk = &chunks[index];
-            pack::encode_stored(
-                chunk.id,
-                chunk.codec,
-                chunk.raw_len,
-                chunk.stored.as_slice(),
-            )
+            pack::encode_stored(chunk.id, chunk.codec, chunk.raw_len, &chunk.stored[..])
         })
     }
 
@@ -691,7 +686,7 @@ impl Store {
             id: header.id,
             codec: header.codec,
             raw_len: header.raw_len,
-            stored,
+            stored: stored.into(),
         })
     }
 

@@ -197,8 +197,10 @@ fn stored_chunks_are_checked_kept_as_sent_and_read_back_as_stored() {
     let encoded = crate::pack::encode_chunks(chunks.clone(), 3);
 
     let mut bad = encoded[0].clone();
-    let last = bad.stored.len() - 1;
-    bad.stored[last] ^= 0x20;
+    let mut bytes = bad.stored.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x20;
+    bad.stored = bytes.into();
     let err = store
         .put_stored_pending(vec![encoded[1].clone(), bad])
         .unwrap_err();

@@ -224,7 +224,7 @@ async fn a_chunk_whose_bytes_do_not_match_its_id_is_data_loss_and_stores_nothing
                 batch: 2,
                 chunks: vec![ChunkData {
                     id: lie,
-                    data: b"a lie".to_vec(),
+                    data: b"a lie".to_vec().into(),
                     ..Default::default()
                 }],
             })),
@@ -328,7 +328,7 @@ async fn an_oversized_message_is_refused() {
         batch: 1,
         chunks: vec![ChunkData {
             id,
-            data,
+            data: data.into(),
             ..Default::default()
         }],
     }))];
@@ -377,7 +377,7 @@ async fn a_commit_with_a_missing_chunk_is_refused_naming_it() {
                 batch: 1,
                 chunks: vec![ChunkData {
                     id: root.clone(),
-                    data: encoded,
+                    data: encoded.into(),
                     ..Default::default()
                 }],
             })),
@@ -412,7 +412,7 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
     let content_id = blake3::hash(&content).as_bytes().to_vec();
     let mut chunks = vec![ChunkData {
         id: content_id.clone(),
-        data: content,
+        data: content.into(),
         ..Default::default()
     }];
     let mut commits = Vec::new();
@@ -431,7 +431,7 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
         let root = blake3::hash(&encoded).as_bytes().to_vec();
         chunks.push(ChunkData {
             id: root.clone(),
-            data: encoded,
+            data: encoded.into(),
             ..Default::default()
         });
         commits.push(root);

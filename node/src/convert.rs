@@ -169,12 +169,37 @@ mod tests {
         }
     }
 
+    /// A node takes every byte of every upload: a received chunk's bytes
+    /// must stay where the message was decoded, not be copied out of it.
+    #[test]
+    fn received_chunks_are_slices_of_their_message() {
+        use prost::Message;
+        let text = b"a line of text, again and again; ".repeat(1000);
+        let chunks = [Chunk::new(text), Chunk::new(vec![7; 3000])]
+            .map(|chunk| chunk_data(StoredChunk::encode(chunk, 3)));
+        let message = prost::bytes::Bytes::from(
+            v1::ChunkBatch {
+                batch: 1,
+                chunks: chunks.to_vec(),
+            }
+            .encode_to_vec(),
+        );
+        let decoded = v1::ChunkBatch::decode(message.clone()).unwrap();
+        let buffer = message.as_ptr_range();
+        for (chunk, sent) in decoded.chunks.into_iter().zip(&chunks) {
+            let stored = stored_chunk(chunk, 1 << 20).unwrap();
+            assert_eq!(stored.stored, sent.data);
+            assert!(buffer.contains(&stored.stored.as_ptr()));
+            stored.check().unwrap();
+        }
+    }
+
     #[test]
     fn bad_chunk_data_is_refused_naming_the_chunk() {
         let id = ChunkId::of(b"abc");
         let plain = |data: &[u8], plain_size| v1::ChunkData {
             id: id.to_vec(),
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             encoding: v1::ChunkEncoding::Plain as i32,
             plain_size,
         };
