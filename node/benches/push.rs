@@ -295,6 +295,18 @@ struct RoundPair {
     node_dir: PathBuf,
 }
 
+impl RoundPair {
+    /// The push's speed as a share of local ingest's.
+    fn speed_share(&self) -> f64 {
+        self.local_seconds / self.push_seconds
+    }
+
+    /// The agent's CPU during the push as a share of local ingest's.
+    fn agent_cpu_share(&self) -> f64 {
+        self.push_cpu.agent / self.local_cpu.agent
+    }
+}
+
 /// Unchanged re-backups of the small-file tree per round.
 const SMALL_REPEATS: usize = 5;
 
@@ -407,16 +419,7 @@ fn main() {
         reset_peak_rss("self");
         let ((push_seconds, outcome), push_cpu) =
             CpuUse::measure(&node.pid, || push(&node.address, &data, "large"));
-        println!(
-            "{name}: local ingest {:6.1} MB/s ({local_seconds:.2} s, CPU {:.2} s); push {:6.1} MB/s ({push_seconds:.2} s, {}; {} MB sent), {:.1}% of local",
-            mb_per_s(total, local_seconds),
-            local_cpu.agent,
-            mb_per_s(total, push_seconds),
-            push_cpu.describe(push_seconds),
-            outcome.bytes_sent / 1_000_000,
-            100.0 * local_seconds / push_seconds
-        );
-        RoundPair {
+        let measured = RoundPair {
             local_seconds,
             local_cpu,
             local_rss,
@@ -427,7 +430,17 @@ fn main() {
             outcome,
             node,
             node_dir,
-        }
+        };
+        println!(
+            "{name}: local ingest {:6.1} MB/s ({local_seconds:.2} s, CPU {:.2} s); push {:6.1} MB/s ({push_seconds:.2} s, {}; {} MB sent), {:.1}% of local",
+            mb_per_s(total, local_seconds),
+            measured.local_cpu.agent,
+            mb_per_s(total, push_seconds),
+            measured.push_cpu.describe(push_seconds),
+            measured.outcome.bytes_sent / 1_000_000,
+            100.0 * measured.speed_share()
+        );
+        measured
     };
 
     // Local ingest and the first push alternate, so a machine whose speed
@@ -452,8 +465,8 @@ fn main() {
         node_rss.push(measured.node_rss);
         local_times.push(measured.local_seconds);
         push_times.push(measured.push_seconds);
-        ratios.push(measured.local_seconds / measured.push_seconds);
-        agent_cpu_shares.push(measured.push_cpu.agent / measured.local_cpu.agent);
+        ratios.push(measured.speed_share());
+        agent_cpu_shares.push(measured.agent_cpu_share());
         first = Some(measured.outcome);
         let started_node = measured.node;
         let node_dir = measured.node_dir;
@@ -575,8 +588,8 @@ fn main() {
             &format!("split round {}", round + 1),
             Some((&node_cpus, &agent_cpus)),
         );
-        split_ratios.push(measured.local_seconds / measured.push_seconds);
-        split_cpu_shares.push(measured.push_cpu.agent / measured.local_cpu.agent);
+        split_ratios.push(measured.speed_share());
+        split_cpu_shares.push(measured.agent_cpu_share());
         drop(measured.node);
         std::fs::remove_dir_all(&measured.node_dir).expect("remove the node store");
     }
