@@ -631,11 +631,17 @@ impl PackWriter {
 
     /// Write the seal and make the whole pack durable. Nothing is appended after.
     pub fn seal(self) -> std::io::Result<()> {
+        self.write_seal()?.sync_all()
+    }
+
+    /// Write the seal but leave the fsync to the caller, who can run it
+    /// without holding what serialises appends. Nothing is appended after.
+    pub fn write_seal(self) -> std::io::Result<Arc<File>> {
         let mut seal = Vec::with_capacity(SEAL_LEN as usize);
         seal.extend_from_slice(&SEAL_MAGIC);
         seal.extend_from_slice(&self.entries.to_le_bytes());
         (&*self.file).write_all(&seal)?;
-        self.file.sync_all()
+        Ok(self.file)
     }
 }
 

@@ -19,13 +19,16 @@
 //!
 //! This module owns the write and read paths, trees and the snapshot
 //! catalogue's rules; GC lives in [`crate::gc`], verify, reindex and stats in
-//! [`crate::verify`]. It must never hold a lock while compressing.
+//! [`crate::verify`]. It must never hold a lock while compressing, nor the
+//! writer lock while an fsync runs on the ingest path: a full pack's seal is
+//! written under the lock and fsynced after it, and a flush waits for that
+//! fsync before it indexes the pack's chunks.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use fabric_proto::v1::{Snapshot, SnapshotState, Tree};
 use prost::Message;
@@ -104,6 +107,12 @@ pub struct Store {
     /// Chunks appended to a pack but not yet in the index (not yet fsynced,
     /// or fsynced and about to be indexed): found by reads, never indexed early.
     pending: RwLock<HashMap<ChunkId, Location>>,
+    /// Packs sealed (no more appends) whose fsync is still running: the
+    /// sealer runs it after releasing the writer lock, so other writers go on
+    /// meanwhile. Whoever indexes pending chunks first waits for the packs
+    /// that hold them to leave this set ([`Store::seal_synced`] wakes them).
+    syncing_seals: Mutex<HashSet<u32>>,
+    seal_synced: Condvar,
     /// Open read handles of packs.
     files: Mutex<HashMap<u32, Arc<File>>>,
     /// Held by a commit from its DAG check to its record write, and by GC
@@ -248,6 +257,8 @@ impl Store {
             writer: Mutex::new(None),
             next_pack: AtomicU32::new(0),
             pending: RwLock::new(HashMap::new()),
+            syncing_seals: Mutex::new(HashSet::new()),
+            seal_synced: Condvar::new(),
             files: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
             maintenance_lock: Mutex::new(()),
@@ -415,7 +426,14 @@ impl Store {
         };
         if !fresh.is_empty() {
             let encoded: Vec<EncodedEntry> = fresh.par_iter().map(|&index| encode(index)).collect();
-            let (placed, open_file) = self.append(encoded)?;
+            let Appended {
+                placed,
+                open_file,
+                sealed,
+            } = self.append(encoded)?;
+            for seal in sealed {
+                seal.sync()?;
+            }
             if durable {
                 if let Some((file, path)) = open_file {
                     file.sync_data()
@@ -462,15 +480,13 @@ impl Store {
     }
 
     /// Append entries to the open pack (rolling to a new one at the target
-    /// size) and record them as pending. Returns where each went and the open
-    /// pack's handle, which the caller fsyncs outside the lock (packs sealed
-    /// on the way were fsynced by sealing).
-    #[allow(clippy::type_complexity)]
-    fn append(
-        &self,
-        entries: Vec<EncodedEntry>,
-    ) -> Result<(Vec<(ChunkId, Location)>, Option<(Arc<File>, PathBuf)>), StoreError> {
+    /// size) and record them as pending. Returns where each went, the open
+    /// pack's handle and the packs sealed on the way, all of which the caller
+    /// fsyncs after the writer lock is released (the sealed ones first: a
+    /// flush waits for them).
+    fn append(&self, entries: Vec<EncodedEntry>) -> Result<Appended<'_>, StoreError> {
         let mut placed = Vec::with_capacity(entries.len());
+        let mut sealed = Vec::new();
         let mut writer = lock(&self.writer);
         for entry in entries {
             let id = entry.header.id;
@@ -494,7 +510,10 @@ impl Store {
                     // after it. Sync what went before (it is pending), leave
                     // the tail for the repair at the next open.
                     let path = open.path().to_owned();
-                    let _ = open.sync();
+                    let pack = open.id();
+                    if open.sync().is_err() {
+                        self.forget_pending_in(pack);
+                    }
                     *writer = None;
                     return Err(StoreError::io("cannot append to pack", path)(err));
                 }
@@ -511,15 +530,47 @@ impl Store {
             if open.len() >= self.config.pack_target_size
                 && let Some(full) = writer.take()
             {
-                let path = full.path().to_owned();
-                full.seal()
-                    .map_err(StoreError::io("cannot seal pack", path))?;
+                let seal = UnsyncedSeal::begin(self, &full);
+                full.write_seal()
+                    .map_err(StoreError::io("cannot seal pack", seal.path.clone()))?;
+                sealed.push(seal);
             }
         }
         let open_file = writer
             .as_ref()
             .map(|open| (open.file(), open.path().to_owned()));
-        Ok((placed, open_file))
+        Ok(Appended {
+            placed,
+            open_file,
+            sealed,
+        })
+    }
+
+    /// Drop the pending chunks that lie in `pack`, whose fsync failed: they
+    /// must never be indexed, and a later put stores them again.
+    fn forget_pending_in(&self, pack: u32) {
+        write_lock(&self.pending).retain(|_, location| location.pack != pack);
+    }
+
+    /// Wait until none of `packs` is still being synced by its sealer.
+    fn wait_for_seals(&self, packs: &HashSet<u32>) {
+        if packs.is_empty() {
+            return;
+        }
+        let mut syncing = lock(&self.syncing_seals);
+        while syncing.iter().any(|pack| packs.contains(pack)) {
+            syncing = self
+                .seal_synced
+                .wait(syncing)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Wait for every seal in progress; with the writer lock held, that is
+    /// every seal there will be until it is released.
+    fn wait_for_all_seals(&self) {
+        let syncing = lock(&self.syncing_seals).clone();
+        self.wait_for_seals(&syncing);
     }
 
     /// Index fsynced entries, flush the index, then forget them as pending.
@@ -540,9 +591,10 @@ impl Store {
         Ok(())
     }
 
-    /// Make every pending chunk durable: fsync the open pack, then index.
+    /// Make every pending chunk durable: fsync the open pack, wait for the
+    /// sealers of full packs to fsync theirs, then index.
     pub fn flush_pending(&self) -> Result<(), StoreError> {
-        let (placed, open_file) = {
+        let (mut placed, open_file, syncing) = {
             let writer = lock(&self.writer);
             let placed: Vec<(ChunkId, Location)> = read_lock(&self.pending)
                 .iter()
@@ -551,7 +603,7 @@ impl Store {
             let open_file = writer
                 .as_ref()
                 .map(|open| (open.file(), open.path().to_owned()));
-            (placed, open_file)
+            (placed, open_file, lock(&self.syncing_seals).clone())
         };
         if placed.is_empty() {
             return Ok(());
@@ -559,6 +611,12 @@ impl Store {
         if let Some((file, path)) = open_file {
             file.sync_data()
                 .map_err(StoreError::io("cannot fsync", path))?;
+        }
+        if !syncing.is_empty() {
+            self.wait_for_seals(&syncing);
+            // A sealer whose fsync failed took its pack's chunks out of pending.
+            let pending = read_lock(&self.pending);
+            placed.retain(|(id, location)| pending.get(id) == Some(location));
         }
         self.index_placed(&placed)
     }
@@ -582,22 +640,25 @@ impl Store {
     /// and list the pack ids, none of which will be appended to again.
     pub(crate) fn flush_and_seal(&self) -> Result<Vec<u32>, StoreError> {
         let mut writer = lock(&self.writer);
-        let placed: Vec<(ChunkId, Location)> = read_lock(&self.pending)
-            .iter()
-            .map(|(id, location)| (*id, *location))
-            .collect();
         if let Some(open) = writer.take() {
             let path = open.path().to_owned();
             open.seal()
                 .map_err(StoreError::io("cannot seal pack", path))?;
         }
+        self.wait_for_all_seals();
+        let placed: Vec<(ChunkId, Location)> = read_lock(&self.pending)
+            .iter()
+            .map(|(id, location)| (*id, *location))
+            .collect();
         self.index_placed(&placed)?;
         self.pack_ids()
     }
 
-    /// Run `body` with the writer locked: nothing is appended meanwhile.
+    /// Run `body` with the writer locked and every sealed pack synced:
+    /// nothing is appended or sealed meanwhile.
     pub(crate) fn with_writer_locked<T>(&self, body: impl FnOnce() -> T) -> T {
         let _writer = lock(&self.writer);
+        self.wait_for_all_seals();
         body()
     }
 
@@ -989,6 +1050,70 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
+/// What [`Store::append`] did: the caller syncs `sealed`, then (for a
+/// durable put) `open_file`, before it indexes `placed`.
+struct Appended<'store> {
+    /// Where each appended chunk went.
+    placed: Vec<(ChunkId, Location)>,
+    /// The pack still open for appends, if any.
+    open_file: Option<(Arc<File>, PathBuf)>,
+    /// Packs this append filled and sealed.
+    sealed: Vec<UnsyncedSeal<'store>>,
+}
+
+/// A full pack whose seal is written (or being written) and whose fsync is
+/// still to run. Listed in the store's `syncing_seals` from [`Self::begin`]
+/// until [`Self::sync`] ends; dropped without a successful sync, its pending
+/// chunks are forgotten rather than ever indexed.
+struct UnsyncedSeal<'store> {
+    store: &'store Store,
+    pack: u32,
+    file: Arc<File>,
+    path: PathBuf,
+    finished: bool,
+}
+
+impl<'store> UnsyncedSeal<'store> {
+    /// Called under the writer lock, before the seal is written.
+    fn begin(store: &'store Store, full: &PackWriter) -> Self {
+        lock(&store.syncing_seals).insert(full.id());
+        Self {
+            store,
+            pack: full.id(),
+            file: full.file(),
+            path: full.path().to_owned(),
+            finished: false,
+        }
+    }
+
+    /// Make the sealed pack durable (outside the writer lock).
+    fn sync(mut self) -> Result<(), StoreError> {
+        let synced = self.file.sync_all();
+        self.finish(synced.is_ok());
+        synced.map_err(StoreError::io(
+            "cannot fsync sealed pack",
+            self.path.clone(),
+        ))
+    }
+
+    fn finish(&mut self, synced: bool) {
+        self.finished = true;
+        if !synced {
+            self.store.forget_pending_in(self.pack);
+        }
+        lock(&self.store.syncing_seals).remove(&self.pack);
+        self.store.seal_synced.notify_all();
+    }
+}
+
+impl Drop for UnsyncedSeal<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(false);
+        }
+    }
+}
+
 impl ChunkSink for Store {
     /// Appends the chunk to the open pack (compressing on the calling
     /// thread); it is found by reads at once and durable after `flush`.
@@ -999,7 +1124,9 @@ impl ChunkSink for Store {
             return Ok(());
         }
         let entry = pack::encode_entry(chunk.id, &chunk.data, self.config.zstd_level);
-        self.append(vec![entry])?;
+        for seal in self.append(vec![entry])?.sealed {
+            seal.sync()?;
+        }
         Ok(())
     }
 

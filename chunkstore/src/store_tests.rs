@@ -415,6 +415,104 @@ fn put_chunks_of_a_chunk_pending_in_the_sink_makes_it_durable() {
 }
 
 #[test]
+fn concurrent_puts_and_flushes_index_every_chunk_once_its_pack_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB packs: each writer fills and seals several while the others
+    // append and the flusher indexes.
+    let writers: Vec<Vec<Chunk>> = (0..4u64)
+        .map(|writer| {
+            (0..30)
+                .map(|i| Chunk::new(file_content(5000, writer * 1000 + i)))
+                .collect()
+        })
+        .collect();
+    let sunk: Vec<Chunk> = (0..30)
+        .map(|i| Chunk::new(pseudo_random(5000, 9000 + i)))
+        .collect();
+    {
+        let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+        std::thread::scope(|scope| {
+            for chunks in &writers {
+                let store = &store;
+                scope.spawn(move || {
+                    for batch in chunks.chunks(3) {
+                        store.put_chunks_pending(batch.to_vec()).unwrap();
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for chunk in &sunk {
+                    store.put_chunk(chunk.clone()).unwrap();
+                }
+            });
+            scope.spawn(|| {
+                for _ in 0..20 {
+                    store.flush_pending().unwrap();
+                }
+            });
+        });
+        store.flush_pending().unwrap();
+        assert!(crate::store::read_lock(&store.pending).is_empty());
+        assert!(crate::store::lock(&store.syncing_seals).is_empty());
+        for chunk in writers.iter().flatten().chain(&sunk) {
+            assert!(store.index.contains(&chunk.id).unwrap());
+        }
+        assert!(store.pack_ids().unwrap().len() >= 5, "packs were sealed");
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.repaired_at_open(), 0);
+    for chunk in writers.iter().flatten().chain(&sunk) {
+        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
+    }
+    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+}
+
+#[test]
+fn chunks_of_a_sealed_pack_left_unsynced_are_never_indexed_and_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // Incompressible, about 5 KB each: the 64 KiB pack fills after about 13.
+    let chunks: Vec<Chunk> = (0..20)
+        .map(|i| Chunk::new(pseudo_random(5000, 500 + i)))
+        .collect();
+    {
+        let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+        let entries = chunks
+            .iter()
+            .map(|chunk| crate::pack::encode_entry(chunk.id, &chunk.data, 1))
+            .collect();
+        let appended = store.append(entries).unwrap();
+        assert_eq!(appended.sealed.len(), 1);
+        let sealed_pack = appended.sealed[0].pack;
+        let placed = appended.placed.clone();
+        // What a sealer does when the pack's fsync fails.
+        drop(appended);
+        store.flush_pending().unwrap();
+        let (unsynced, synced): (Vec<_>, Vec<_>) = placed
+            .iter()
+            .partition(|(_, location)| location.pack == sealed_pack);
+        assert!(!unsynced.is_empty() && !synced.is_empty());
+        for (id, _) in &synced {
+            assert!(store.index.contains(id).unwrap());
+        }
+        let lost: Vec<ChunkId> = unsynced.iter().map(|(id, _)| *id).collect();
+        assert_eq!(store.missing(&lost).unwrap(), lost);
+        let again: Vec<Chunk> = chunks
+            .iter()
+            .filter(|chunk| lost.contains(&chunk.id))
+            .cloned()
+            .collect();
+        assert_eq!(
+            store.put_chunks(again).unwrap().new_chunks,
+            lost.len() as u64
+        );
+    }
+    let store = Store::open(dir.path()).unwrap();
+    for chunk in &chunks {
+        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
+    }
+}
+
+#[test]
 fn a_commit_of_subtrees_found_complete_before_a_gc_checks_them_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();
