@@ -33,5 +33,5 @@ pub use index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, newes
 pub use sink::{ChunkSink, ChunkSource, SinkError};
 pub use store::{PutStats, Store, StoreConfig};
 pub use verify::{
-    ProblemKind, ReindexReport, StoreStats, VerifyOptions, VerifyProblem, VerifyReport,
+    IndexCounts, ProblemKind, ReindexReport, StoreStats, VerifyOptions, VerifyProblem, VerifyReport,
 };

@@ -157,6 +157,11 @@ fn chunks_round_trip_and_are_stored_once() {
     assert_eq!(stats.logical_bytes, 100_000);
     assert!(stats.compression_ratio > 1.2, "{stats:?}");
     assert!(stats.fs_capacity_bytes > 0);
+    let counts = store.index_counts().unwrap();
+    assert_eq!(
+        (counts.chunks, counts.logical_bytes, counts.stored_bytes),
+        (stats.chunks, stats.logical_bytes, stats.stored_bytes)
+    );
 }
 
 #[test]

@@ -121,6 +121,17 @@ pub struct StoreStats {
     pub fs_capacity_bytes: u64,
 }
 
+/// What the index alone says about the chunks stored (part of [`StoreStats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexCounts {
+    /// Chunks indexed.
+    pub chunks: u64,
+    /// Plain bytes of the indexed chunks (each once).
+    pub logical_bytes: u64,
+    /// Bytes the indexed chunks take in packs (compressed, entry headers included).
+    pub stored_bytes: u64,
+}
+
 /// At open: find packs without a seal (the one being filled when the process
 /// stopped), cut a torn tail no index entry points into, seal them, and index
 /// their valid entries the index lacks. A pack with an index entry past its
@@ -463,19 +474,40 @@ impl Store {
         Ok(restored)
     }
 
-    /// Counters of the store (reads the whole index and every tree).
-    pub fn stats(&self) -> Result<StoreStats, StoreError> {
-        let mut stats = StoreStats::default();
-        let mut indexed_per_pack: HashMap<u32, u64> = HashMap::new();
+    /// The chunk counters of [`Store::stats`] from one scan of the index,
+    /// without its walk over every snapshot's trees: cheap enough for a
+    /// node's periodic report to its coordinator.
+    pub fn index_counts(&self) -> Result<IndexCounts, StoreError> {
+        self.count_index(|_| {})
+    }
+
+    /// Scan the index, counting, and show each location to `each`.
+    fn count_index(&self, mut each: impl FnMut(&Location)) -> Result<IndexCounts, StoreError> {
+        let mut counts = IndexCounts::default();
         self.index
             .for_each(&mut |_, location| {
-                stats.chunks += 1;
-                stats.logical_bytes += u64::from(location.raw_len);
-                stats.stored_bytes += location.entry_len();
-                *indexed_per_pack.entry(location.pack).or_default() += location.entry_len();
+                counts.chunks += 1;
+                counts.logical_bytes += u64::from(location.raw_len);
+                counts.stored_bytes += location.entry_len();
+                each(&location);
                 Ok(())
             })
             .map_err(self.index_error())?;
+        Ok(counts)
+    }
+
+    /// Counters of the store (reads the whole index and every tree).
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut indexed_per_pack: HashMap<u32, u64> = HashMap::new();
+        let counts = self.count_index(|location| {
+            *indexed_per_pack.entry(location.pack).or_default() += location.entry_len();
+        })?;
+        let mut stats = StoreStats {
+            chunks: counts.chunks,
+            logical_bytes: counts.logical_bytes,
+            stored_bytes: counts.stored_bytes,
+            ..Default::default()
+        };
         for id in self.pack_ids()? {
             let path = self.pack_path(id);
             let len = std::fs::metadata(&path)

@@ -109,8 +109,8 @@ fn node_info(config: &NodeConfig, store: Option<&Store>, active_runs: Vec<String
 }
 
 /// How often the store's counters (chunks, stored bytes) are recomputed for
-/// heartbeats: counting scans the index, too slow to do every few seconds on
-/// a large store.
+/// heartbeats: counting scans the index (not the trees, which `stats` also
+/// walks), too slow to do every few seconds on a large store.
 const COUNTERS_REFRESH: Duration = Duration::from_secs(60);
 
 /// The store's (chunks, stored bytes), refreshed in the background.
@@ -129,10 +129,10 @@ async fn refresh_counters(
             _ = stop.changed() => return,
         }
         let counting = store.clone();
-        let counted = tokio::task::spawn_blocking(move || counting.stats()).await;
-        if let Ok(Ok(stats)) = counted {
+        let counted = tokio::task::spawn_blocking(move || counting.index_counts()).await;
+        if let Ok(Ok(counts)) = counted {
             *counters.lock().unwrap_or_else(|p| p.into_inner()) =
-                (stats.chunks, stats.stored_bytes);
+                (counts.chunks, counts.stored_bytes);
         }
     }
 }
