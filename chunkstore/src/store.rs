@@ -642,8 +642,11 @@ impl Store {
         let mut writer = lock(&self.writer);
         if let Some(open) = writer.take() {
             let path = open.path().to_owned();
-            open.seal()
-                .map_err(StoreError::io("cannot seal pack", path))?;
+            let pack = open.id();
+            if let Err(err) = open.seal() {
+                self.forget_pending_in(pack);
+                return Err(StoreError::io("cannot seal pack", path)(err));
+            }
         }
         self.wait_for_all_seals();
         let placed: Vec<(ChunkId, Location)> = read_lock(&self.pending)
