@@ -151,6 +151,15 @@ pub enum StoreError {
         /// What is wrong.
         detail: String,
     },
+    /// An fsync of a pack failed earlier: the store takes no more writes
+    /// until it is opened again.
+    #[error("the store in {dir} refuses writes until it is reopened: {reason}")]
+    WritesRefused {
+        /// The store.
+        dir: PathBuf,
+        /// The failure that stopped writes.
+        reason: String,
+    },
 }
 
 impl StoreError {

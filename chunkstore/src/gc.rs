@@ -110,6 +110,7 @@ impl Store {
     /// Collect garbage (see the module docs for how it stays safe).
     pub fn gc(&self, options: &GcOptions) -> Result<GcReport, StoreError> {
         let started = Instant::now();
+        self.refuse_writes_if_failed()?;
         let _maintenance = lock(&self.maintenance_lock);
         let threshold = options
             .repack_threshold
@@ -331,9 +332,7 @@ impl Store {
                         && let Some(full) = writer.take()
                     {
                         written += full.len() + SEAL_LEN;
-                        let path = full.path().to_owned();
-                        full.seal()
-                            .map_err(StoreError::io("cannot seal pack", path))?;
+                        self.seal_and_sync(full)?;
                     }
                 }
             }
@@ -342,9 +341,7 @@ impl Store {
         }
         if let Some(last) = writer.take() {
             written += last.len() + SEAL_LEN;
-            let path = last.path().to_owned();
-            last.seal()
-                .map_err(StoreError::io("cannot seal pack", path))?;
+            self.seal_and_sync(last)?;
         }
         report.moved_chunks = moved.len() as u64;
         self.index

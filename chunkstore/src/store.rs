@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
 use fabric_proto::v1::{Snapshot, SnapshotState, Tree};
 use prost::Message;
@@ -113,6 +113,16 @@ pub struct Store {
     /// that hold them to leave this set ([`Store::seal_synced`] wakes them).
     syncing_seals: Mutex<HashSet<u32>>,
     seal_synced: Condvar,
+    /// Set by the first pack fsync that fails; from then on every write is
+    /// refused. Linux may drop the dirty pages of a failed fsync and let the
+    /// next one succeed, so no later fsync can vouch for those bytes.
+    write_failure: OnceLock<String>,
+    /// Held across each pack fsync and the check of `write_failure` before
+    /// it, so an fsync that returns after another one failed never counts.
+    sync_gate: Mutex<()>,
+    /// Tests: make the next pack fsync fail.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
     /// Open read handles of packs.
     files: Mutex<HashMap<u32, Arc<File>>>,
     /// Held by a commit from its DAG check to its record write, and by GC
@@ -259,6 +269,10 @@ impl Store {
             pending: RwLock::new(HashMap::new()),
             syncing_seals: Mutex::new(HashSet::new()),
             seal_synced: Condvar::new(),
+            write_failure: OnceLock::new(),
+            sync_gate: Mutex::new(()),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             files: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
             maintenance_lock: Mutex::new(()),
@@ -419,6 +433,7 @@ impl Store {
         durable: bool,
         encode: impl Fn(usize) -> EncodedEntry<'a> + Sync,
     ) -> Result<PutStats, StoreError> {
+        self.refuse_writes_if_failed()?;
         let fresh = self.fresh_positions(ids)?;
         let mut stats = PutStats {
             chunks: ids.len() as u64,
@@ -436,8 +451,7 @@ impl Store {
             }
             if durable {
                 if let Some((file, path)) = open_file {
-                    file.sync_data()
-                        .map_err(StoreError::io("cannot fsync", path))?;
+                    self.sync_pack(&file, &path, false)?;
                 }
                 self.index_placed(&placed)?;
             }
@@ -510,9 +524,8 @@ impl Store {
                     // after it. Sync what went before (it is pending), leave
                     // the tail for the repair at the next open.
                     let path = open.path().to_owned();
-                    let pack = open.id();
-                    if open.sync().is_err() {
-                        self.forget_pending_in(pack);
+                    if self.sync_pack(&open.file(), &path, false).is_err() {
+                        self.forget_pending_in(open.id());
                     }
                     *writer = None;
                     return Err(StoreError::io("cannot append to pack", path)(err));
@@ -552,6 +565,61 @@ impl Store {
         write_lock(&self.pending).retain(|_, location| location.pack != pack);
     }
 
+    /// Why the store refuses writes, if it does: a pack fsync failed since
+    /// it was opened (the node reports NOT_SERVING).
+    pub fn write_failure(&self) -> Option<&str> {
+        self.write_failure.get().map(String::as_str)
+    }
+
+    /// Refuse a write once a pack fsync has failed.
+    pub(crate) fn refuse_writes_if_failed(&self) -> Result<(), StoreError> {
+        match self.write_failure.get() {
+            Some(reason) => Err(StoreError::WritesRefused {
+                dir: self.dir.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Fsync pack `file` (data only, or with its metadata when `whole`),
+    /// unless an earlier pack fsync failed; a failure stops all writes.
+    pub(crate) fn sync_pack(
+        &self,
+        file: &File,
+        path: &Path,
+        whole: bool,
+    ) -> Result<(), StoreError> {
+        let _gate = lock(&self.sync_gate);
+        self.refuse_writes_if_failed()?;
+        #[cfg(test)]
+        let injected = self.fail_next_sync.swap(false, Ordering::SeqCst);
+        #[cfg(not(test))]
+        let injected = false;
+        let synced = if injected {
+            Err(std::io::Error::other("injected fsync failure"))
+        } else if whole {
+            file.sync_all()
+        } else {
+            file.sync_data()
+        };
+        synced.map_err(|source| {
+            let err = StoreError::io("cannot fsync pack", path)(source);
+            let _ = self.write_failure.set(err.to_string());
+            tracing::error!(dir = %self.dir.display(), "{err}; the store refuses writes until it is reopened");
+            err
+        })
+    }
+
+    /// Write `full`'s seal and fsync the whole pack.
+    pub(crate) fn seal_and_sync(&self, full: PackWriter) -> Result<(), StoreError> {
+        let path = full.path().to_owned();
+        let file = full
+            .write_seal()
+            .map_err(StoreError::io("cannot seal pack", path.clone()))?;
+        self.sync_pack(&file, &path, true)
+    }
+
     /// Wait until none of `packs` is still being synced by its sealer.
     fn wait_for_seals(&self, packs: &HashSet<u32>) {
         if packs.is_empty() {
@@ -578,6 +646,7 @@ impl Store {
         if placed.is_empty() {
             return Ok(());
         }
+        self.refuse_writes_if_failed()?;
         self.index
             .insert_batch(placed)
             .map_err(self.index_error())?;
@@ -609,8 +678,7 @@ impl Store {
             return Ok(());
         }
         if let Some((file, path)) = open_file {
-            file.sync_data()
-                .map_err(StoreError::io("cannot fsync", path))?;
+            self.sync_pack(&file, &path, false)?;
         }
         if !syncing.is_empty() {
             self.wait_for_seals(&syncing);
@@ -627,9 +695,7 @@ impl Store {
         match writer.take() {
             Some(open) => {
                 let id = open.id();
-                let path = open.path().to_owned();
-                open.seal()
-                    .map_err(StoreError::io("cannot seal pack", path))?;
+                self.seal_and_sync(open)?;
                 Ok(Some(id))
             }
             None => Ok(None),
@@ -641,11 +707,10 @@ impl Store {
     pub(crate) fn flush_and_seal(&self) -> Result<Vec<u32>, StoreError> {
         let mut writer = lock(&self.writer);
         if let Some(open) = writer.take() {
-            let path = open.path().to_owned();
             let pack = open.id();
-            if let Err(err) = open.seal() {
+            if let Err(err) = self.seal_and_sync(open) {
                 self.forget_pending_in(pack);
-                return Err(StoreError::io("cannot seal pack", path)(err));
+                return Err(err);
             }
         }
         self.wait_for_all_seals();
@@ -842,6 +907,7 @@ impl Store {
                 snapshot: label.clone(),
                 detail: format!("root_tree_id: {err}"),
             })?;
+        self.refuse_writes_if_failed()?;
         self.flush_pending()?;
         let _commit = lock(&self.commit_lock);
         self.check_dag(root, &label)?;
@@ -1091,12 +1157,9 @@ impl<'store> UnsyncedSeal<'store> {
 
     /// Make the sealed pack durable (outside the writer lock).
     fn sync(mut self) -> Result<(), StoreError> {
-        let synced = self.file.sync_all();
+        let synced = self.store.sync_pack(&self.file, &self.path, true);
         self.finish(synced.is_ok());
-        synced.map_err(StoreError::io(
-            "cannot fsync sealed pack",
-            self.path.clone(),
-        ))
+        synced
     }
 
     fn finish(&mut self, synced: bool) {
@@ -1122,6 +1185,7 @@ impl ChunkSink for Store {
     /// thread); it is found by reads at once and durable after `flush`.
     fn put_chunk(&self, chunk: Chunk) -> Result<(), SinkError> {
         check_hashes(std::slice::from_ref(&chunk))?;
+        self.refuse_writes_if_failed()?;
         let fresh = self.fresh_positions(std::slice::from_ref(&chunk.id))?;
         if fresh.is_empty() {
             return Ok(());

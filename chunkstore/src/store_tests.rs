@@ -518,6 +518,88 @@ fn chunks_of_a_sealed_pack_left_unsynced_are_never_indexed_and_stored_again() {
 }
 
 #[test]
+fn a_failed_flush_fsync_indexes_nothing_and_stops_writes_until_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<Chunk> = (0..3)
+        .map(|i| Chunk::new(pseudo_random(4000, 700 + i)))
+        .collect();
+    {
+        let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+        store.put_chunks_pending(chunks.clone()).unwrap();
+        store
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = store.flush_pending().unwrap_err();
+        assert!(err.to_string().contains("cannot fsync pack"), "{err}");
+        for chunk in &chunks {
+            assert!(!store.index.contains(&chunk.id).unwrap());
+        }
+        let reason = store.write_failure().unwrap().to_owned();
+        assert!(reason.contains("injected fsync failure"), "{reason}");
+
+        // Every later write is refused, naming the store and the failure,
+        // and nothing the failed fsync covered is ever indexed.
+        let refused = store
+            .put_chunks(vec![Chunk::new(pseudo_random(4000, 799))])
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::WritesRefused { .. }),
+            "{refused}"
+        );
+        let message = refused.to_string();
+        assert!(message.contains(&dir.path().display().to_string()) && message.contains(&reason));
+        assert!(matches!(
+            store.flush_pending(),
+            Err(StoreError::WritesRefused { .. })
+        ));
+        assert!(
+            store
+                .put_chunk(Chunk::new(pseudo_random(4000, 798)))
+                .is_err()
+        );
+        assert!(matches!(
+            try_backup(&store, "refused", &files(2, 3000, 5)),
+            Err(StoreError::WritesRefused { .. })
+        ));
+        assert!(matches!(
+            store.gc(&GcOptions::default()),
+            Err(StoreError::WritesRefused { .. })
+        ));
+        for chunk in &chunks {
+            assert!(!store.index.contains(&chunk.id).unwrap());
+        }
+    }
+    // Opened again, the store takes writes: its repair re-read the pack.
+    let store = Store::open(dir.path()).unwrap();
+    assert!(store.write_failure().is_none());
+    let snapshot = backup(&store, "after", &files(2, 3000, 5));
+    assert!(store.find_snapshot(&snapshot.id).is_ok());
+}
+
+#[test]
+fn a_failed_seal_fsync_fails_the_put_and_forgets_the_sealed_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    // Incompressible, about 5 KB each: the 64 KiB pack fills after about 13.
+    let chunks: Vec<Chunk> = (0..20)
+        .map(|i| Chunk::new(pseudo_random(5000, 600 + i)))
+        .collect();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    store
+        .fail_next_sync
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = store.put_chunks_pending(chunks.clone()).unwrap_err();
+    assert!(err.to_string().contains("cannot fsync pack"), "{err}");
+    assert!(crate::store::lock(&store.syncing_seals).is_empty());
+    let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
+    let missing = store.missing(&ids).unwrap();
+    assert!(
+        missing.len() >= 10,
+        "the sealed pack's chunks are forgotten"
+    );
+    assert!(store.write_failure().is_some());
+}
+
+#[test]
 fn a_commit_of_subtrees_found_complete_before_a_gc_checks_them_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();

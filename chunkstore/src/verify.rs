@@ -389,6 +389,7 @@ impl Store {
     /// Rebuild the index from the packs alone: clear it, scan every pack in
     /// order and index each valid entry (the first copy of a chunk wins).
     pub fn reindex(&self) -> Result<ReindexReport, StoreError> {
+        self.refuse_writes_if_failed()?;
         let _maintenance = lock(&self.maintenance_lock);
         self.flush_pending()?;
         self.with_writer_locked(|| {

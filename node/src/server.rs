@@ -189,7 +189,9 @@ pub async fn serve(
 }
 
 /// Every few seconds: NOT_SERVING and uploads refused while the store's file
-/// system has less than `min_free` bytes free; back to SERVING when it has.
+/// system has less than `min_free` bytes free, back to SERVING when it has;
+/// for good once the store refuses writes (a pack fsync failed: only a
+/// restart, whose open re-reads the packs, brings it back).
 async fn watch_free_space(
     store: Arc<Store>,
     min_free: u64,
@@ -208,13 +210,19 @@ async fn watch_free_space(
             tokio::task::spawn_blocking(move || crate::disk::space(&dir).map(|(_, free)| free))
                 .await;
         let Ok(Ok(free)) = free else { continue };
-        let ok = free >= min_free;
+        let failure = store.write_failure();
+        let ok = free >= min_free && failure.is_none();
         if writable.swap(ok, Ordering::Relaxed) != ok {
             if ok {
                 tracing::info!(free, "free space recovered: accepting writes");
                 readiness.set_serving().await;
             } else {
-                tracing::warn!(free, min_free, "too little free space: refusing writes");
+                match failure {
+                    Some(reason) => tracing::error!("refusing writes: {reason}"),
+                    None => {
+                        tracing::warn!(free, min_free, "too little free space: refusing writes")
+                    }
+                }
                 readiness.set_not_serving().await;
             }
         }

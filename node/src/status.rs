@@ -17,6 +17,7 @@ pub fn status_from_store_error(err: StoreError) -> Status {
         }
         StoreError::Ambiguous { .. } => Status::invalid_argument(message),
         StoreError::Corrupt { .. } => Status::data_loss(message),
+        StoreError::WritesRefused { .. } => Status::unavailable(message),
         _ => Status::internal(message),
     }
 }
