@@ -4,7 +4,8 @@
 //!
 //! Order: open the store (health NOT_SERVING meanwhile), serve, flip health
 //! to SERVING, watch free space (NOT_SERVING and uploads refused under the
-//! configured minimum), and, when a coordinator is configured, keep a session
+//! configured minimum, or for good once the store refuses writes after a
+//! failed fsync), and, when a coordinator is configured, keep a session
 //! with it. On shutdown: stop accepting, let in-flight calls finish; an upload
 //! cut short leaves no snapshot (the commit is the last step).
 
