@@ -624,12 +624,16 @@ impl PackWriter {
         Ok(offset)
     }
 
-    /// Make everything appended durable.
+    /// Make everything appended durable (tests: a store fsyncs its packs
+    /// through `Store::sync_pack`, which stops writes when one fails).
+    #[cfg(test)]
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
 
-    /// Write the seal and make the whole pack durable. Nothing is appended after.
+    /// Write the seal and make the whole pack durable (tests, as `sync`).
+    /// Nothing is appended after.
+    #[cfg(test)]
     pub fn seal(self) -> std::io::Result<()> {
         self.write_seal()?.sync_all()
     }
