@@ -334,6 +334,15 @@ impl StoredChunk {
         Ok(())
     }
 
+    /// Tests: `stored` with byte `index` XORed by `mask` (its `Bytes` may be
+    /// shared, so the bytes are copied).
+    #[cfg(test)]
+    pub(crate) fn flip_stored_byte(&mut self, index: usize, mask: u8) {
+        let mut bytes = self.stored.to_vec();
+        bytes[index] ^= mask;
+        self.stored = bytes.into();
+    }
+
     /// The plain bytes, checked against the id (raw bytes are moved, not
     /// copied, when nothing else shares their buffer). Decoding allocates
     /// `raw_len` bytes: see [`StoredChunk::check`].
@@ -935,10 +944,7 @@ mod tests {
         assert_eq!(encoded.clone().into_plain().unwrap(), text);
 
         let mut flipped = encoded.clone();
-        let mut bytes = flipped.stored.to_vec();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x40;
-        flipped.stored = bytes.into();
+        flipped.flip_stored_byte(flipped.stored.len() - 1, 0x40);
         assert!(flipped.check().is_err());
 
         let mut longer = encoded.clone();
@@ -959,9 +965,7 @@ mod tests {
             .collect();
         let mut raw = StoredChunk::encode(Chunk::new(random), 3);
         assert_eq!(raw.codec, Codec::Raw);
-        let mut bytes = raw.stored.to_vec();
-        bytes[0] ^= 1;
-        raw.stored = bytes.into();
+        raw.flip_stored_byte(0, 1);
         assert_eq!(raw.check(), Err(EntryError::HashMismatch));
         raw.stored.truncate(raw.stored.len() - 1);
         assert!(matches!(raw.into_plain(), Err(EntryError::Decompress(_))));

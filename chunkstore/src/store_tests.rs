@@ -35,6 +35,20 @@ pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     crate::test_data::pseudo_random(len, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
+/// `count` incompressible chunks of `len` bytes, from seeds `first_seed`...
+fn random_chunks(count: u64, len: usize, first_seed: u64) -> Vec<Chunk> {
+    (first_seed..first_seed + count)
+        .map(|seed| Chunk::new(pseudo_random(len, seed)))
+        .collect()
+}
+
+/// Make the next pack fsync of `store` fail, as a disk error would.
+fn fail_next_pack_sync(store: &Store) {
+    store
+        .fail_next_sync
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Half random, half repetitive: some chunks compress, some do not.
 pub(crate) fn file_content(len: usize, seed: u64) -> Vec<u8> {
     let mut data = pseudo_random(len / 2, seed);
@@ -167,7 +181,7 @@ fn chunks_round_trip_and_are_stored_once() {
 #[test]
 fn pending_batches_are_readable_at_once_and_durable_after_a_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let chunks: Vec<Chunk> = (0..5).map(|i| Chunk::new(pseudo_random(4000, i))).collect();
+    let chunks = random_chunks(5, 4000, 0);
     let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
     {
         let store = Store::open_or_create(dir.path(), small_config()).unwrap();
@@ -202,10 +216,7 @@ fn stored_chunks_are_checked_kept_as_sent_and_read_back_as_stored() {
     let encoded = crate::pack::encode_chunks(chunks.clone(), 3);
 
     let mut bad = encoded[0].clone();
-    let mut bytes = bad.stored.to_vec();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x20;
-    bad.stored = bytes.into();
+    bad.flip_stored_byte(bad.stored.len() - 1, 0x20);
     let err = store
         .put_stored_pending(vec![encoded[1].clone(), bad])
         .unwrap_err();
@@ -259,7 +270,7 @@ fn stored_chunks_are_checked_kept_as_sent_and_read_back_as_stored() {
 fn missing_keeps_the_offered_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();
-    let chunks: Vec<Chunk> = (0..6).map(|i| Chunk::new(pseudo_random(2000, i))).collect();
+    let chunks = random_chunks(6, 2000, 0);
     store
         .put_chunks(vec![chunks[1].clone(), chunks[4].clone()])
         .unwrap();
@@ -431,9 +442,7 @@ fn concurrent_puts_and_flushes_index_every_chunk_once_its_pack_is_synced() {
                 .collect()
         })
         .collect();
-    let sunk: Vec<Chunk> = (0..30)
-        .map(|i| Chunk::new(pseudo_random(5000, 9000 + i)))
-        .collect();
+    let sunk = random_chunks(30, 5000, 9000);
     {
         let store = Store::open_or_create(dir.path(), small_config()).unwrap();
         std::thread::scope(|scope| {
@@ -476,9 +485,7 @@ fn concurrent_puts_and_flushes_index_every_chunk_once_its_pack_is_synced() {
 fn chunks_of_a_sealed_pack_left_unsynced_are_never_indexed_and_stored_again() {
     let dir = tempfile::tempdir().unwrap();
     // Incompressible, about 5 KB each: the 64 KiB pack fills after about 13.
-    let chunks: Vec<Chunk> = (0..20)
-        .map(|i| Chunk::new(pseudo_random(5000, 500 + i)))
-        .collect();
+    let chunks = random_chunks(20, 5000, 500);
     {
         let store = Store::open_or_create(dir.path(), small_config()).unwrap();
         let entries = chunks
@@ -520,15 +527,11 @@ fn chunks_of_a_sealed_pack_left_unsynced_are_never_indexed_and_stored_again() {
 #[test]
 fn a_failed_flush_fsync_indexes_nothing_and_stops_writes_until_reopened() {
     let dir = tempfile::tempdir().unwrap();
-    let chunks: Vec<Chunk> = (0..3)
-        .map(|i| Chunk::new(pseudo_random(4000, 700 + i)))
-        .collect();
+    let chunks = random_chunks(3, 4000, 700);
     {
         let store = Store::open_or_create(dir.path(), small_config()).unwrap();
         store.put_chunks_pending(chunks.clone()).unwrap();
-        store
-            .fail_next_sync
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        fail_next_pack_sync(&store);
         let err = store.flush_pending().unwrap_err();
         assert!(err.to_string().contains("cannot fsync pack"), "{err}");
         for chunk in &chunks {
@@ -580,13 +583,9 @@ fn a_failed_flush_fsync_indexes_nothing_and_stops_writes_until_reopened() {
 fn a_failed_seal_fsync_fails_the_put_and_forgets_the_sealed_pack() {
     let dir = tempfile::tempdir().unwrap();
     // Incompressible, about 5 KB each: the 64 KiB pack fills after about 13.
-    let chunks: Vec<Chunk> = (0..20)
-        .map(|i| Chunk::new(pseudo_random(5000, 600 + i)))
-        .collect();
+    let chunks = random_chunks(20, 5000, 600);
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();
-    store
-        .fail_next_sync
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    fail_next_pack_sync(&store);
     let err = store.put_chunks_pending(chunks.clone()).unwrap_err();
     assert!(err.to_string().contains("cannot fsync pack"), "{err}");
     assert!(crate::store::lock(&store.syncing_seals).is_empty());
