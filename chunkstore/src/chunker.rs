@@ -4,6 +4,9 @@
 //! chunks; it does no I/O, so a file, a gRPC stream or a pipe can feed it
 //! alike. [`ChunkReader`] is the thin adapter over `std::io::Read`.
 //! Memory is bounded by twice the maximum chunk size whatever the input.
+//! [`Chunker::feed_zeros`] takes a run of zero bytes (a hole of a sparse
+//! file) without copying or hashing the whole chunks it holds, and must cut
+//! exactly where feeding those zeros would.
 
 use std::io::Read;
 
@@ -105,11 +108,38 @@ impl Chunk {
     }
 }
 
+/// A piece of what [`Chunker::feed_zeros`] hands back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// A finished chunk, as [`Chunker::feed`] gives them.
+    Chunk(Chunk),
+    /// `count` chunks in a row, each of `len` zero bytes and so all with the
+    /// id `id`, neither built nor hashed: a caller that needs the bytes
+    /// makes them once.
+    Zeros {
+        /// BLAKE3 of `len` zero bytes.
+        id: ChunkId,
+        /// Bytes of each chunk.
+        len: u32,
+        /// How many chunks.
+        count: u64,
+    },
+}
+
+/// Zero bytes fed from here when a run of zeros is too short to skip.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
 /// Push-based FastCDC: `feed` bytes, collect finished chunks, `finish` at the end.
 #[derive(Debug)]
 pub struct Chunker {
     params: ChunkParams,
     pending: Vec<u8>,
+    /// How many of the last pending bytes are zeros, kept while zeros are fed
+    /// so that "the open chunk is all zeros" is known without a scan.
+    trailing_zeros: usize,
+    /// The length and id of the chunk FastCDC cuts from a long run of zeros,
+    /// once needed.
+    zero_chunk: Option<(u32, ChunkId)>,
 }
 
 impl Chunker {
@@ -119,6 +149,8 @@ impl Chunker {
         Ok(Self {
             params,
             pending: Vec::with_capacity(params.max_size as usize * 2),
+            trailing_zeros: 0,
+            zero_chunk: None,
         })
     }
 
@@ -139,6 +171,91 @@ impl Chunker {
                 self.cut(false, &mut emit);
             }
         }
+    }
+
+    /// Add `len` zero bytes: the same chunks as [`Chunker::feed`] of that
+    /// many zeros, handed to `emit`, but the whole chunks that lie in the run
+    /// come as one [`Cut::Zeros`] instead of being built and hashed.
+    ///
+    /// FastCDC decides a cut from at most `max_size` bytes after a chunk's
+    /// start, so every chunk that starts in the run with `max_size` zeros
+    /// still ahead of it is the same: the first chunk FastCDC cuts from a
+    /// long run of zeros. The zeros before the first such start (the chunk
+    /// that reaches back into earlier bytes) and those too close to the
+    /// run's end go through `feed` as they are.
+    pub fn feed_zeros(&mut self, mut len: u64, mut emit: impl FnMut(Cut)) {
+        let max = u64::from(self.params.max_size);
+        self.trailing_zeros = self
+            .pending
+            .iter()
+            .rev()
+            .take_while(|&&byte| byte == 0)
+            .count();
+        // A chunk of zeros is at least `min_size` long: a shorter run cannot
+        // hold one to skip, nor pay for working out which it is.
+        if (self.pending.len() as u64).saturating_add(len) < max + u64::from(self.params.min_size) {
+            self.feed_zero_bytes(len, &mut emit);
+            return;
+        }
+        let (zero_len, zero_id) = self.zero_chunk();
+        let zero_len = u64::from(zero_len);
+        while len > 0 {
+            let pending = self.pending.len() as u64;
+            // The open chunk is all zeros and `max_size` zeros follow the
+            // start of at least one whole zero chunk.
+            if self.trailing_zeros == self.pending.len() && pending + len >= max + zero_len {
+                let count = (pending + len - max) / zero_len;
+                let skipped = count * zero_len;
+                emit(Cut::Zeros {
+                    id: zero_id,
+                    len: zero_len as u32,
+                    count,
+                });
+                if skipped <= pending {
+                    self.pending.drain(..skipped as usize);
+                } else {
+                    len -= skipped - pending;
+                    self.pending.clear();
+                }
+                self.trailing_zeros = self.pending.len();
+                // Fewer zeros are left than a skip needs: feed them below.
+                self.feed_zero_bytes(len, &mut emit);
+                return;
+            }
+            let piece = len.min(ZEROS.len() as u64);
+            self.feed_zero_bytes(piece, &mut emit);
+            len -= piece;
+        }
+    }
+
+    /// `feed` of `len` zeros from [`ZEROS`], keeping `trailing_zeros`.
+    fn feed_zero_bytes(&mut self, mut len: u64, emit: &mut impl FnMut(Cut)) {
+        while len > 0 {
+            let piece = len.min(ZEROS.len() as u64) as usize;
+            self.feed(&ZEROS[..piece], |chunk| emit(Cut::Chunk(chunk)));
+            // A cut drains the front of `pending`, so what is left still
+            // ends in the zeros counted so far and this piece.
+            self.trailing_zeros = (self.trailing_zeros + piece).min(self.pending.len());
+            len -= piece as u64;
+        }
+    }
+
+    /// The length and id of the chunk FastCDC cuts at the start of a run of
+    /// zeros longer than `max_size`.
+    fn zero_chunk(&mut self) -> (u32, ChunkId) {
+        *self.zero_chunk.get_or_insert_with(|| {
+            let ChunkParams {
+                min_size,
+                avg_size,
+                max_size,
+            } = self.params;
+            // FastCDC looks no further than `max_size` bytes for a cut.
+            let zeros = vec![0u8; max_size as usize];
+            let len = fastcdc::v2020::FastCDC::new(&zeros, min_size, avg_size, max_size)
+                .next()
+                .map_or(max_size as usize, |cut| cut.length);
+            (len as u32, ChunkId::of(&zeros[..len]))
+        })
     }
 
     /// The remaining bytes as the last chunks (none for empty input).
@@ -249,6 +366,24 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A long run of zeros is skipped, not fed: all but the chunks at its
+    /// edges come as one `Cut::Zeros`.
+    #[test]
+    fn a_long_run_of_zeros_is_one_cut() {
+        let mut chunker = Chunker::new(small()).unwrap();
+        let mut chunks = 0;
+        let mut skipped = 0;
+        chunker.feed(&pseudo_random(5000, 1), |_| chunks += 1);
+        chunker.feed_zeros(1 << 30, |cut| match cut {
+            Cut::Chunk(_) => chunks += 1,
+            Cut::Zeros { len, count, .. } => skipped += u64::from(len) * count,
+        });
+        // At most two chunks' worth of zeros on either side of the skip.
+        let max = u64::from(small().max_size);
+        assert!(chunks <= 8, "{chunks} chunks fed one by one");
+        assert!(skipped >= (1 << 30) - 4 * max, "{skipped} bytes skipped");
+    }
+
     #[test]
     fn bad_params_are_refused_with_their_values() {
         let err = Chunker::new(ChunkParams {
@@ -279,6 +414,41 @@ mod tests {
             for (chunk, bytes) in out.iter().zip(&expected) {
                 prop_assert_eq!(&chunk.data, bytes);
                 prop_assert_eq!(chunk.id, ChunkId(*blake3::hash(bytes).as_bytes()));
+            }
+        }
+
+        /// Runs of zeros fed with `feed_zeros` cut exactly as the same
+        /// zeros fed with `feed` do, whatever comes before and after them;
+        /// long runs come as `Cut::Zeros` of the right id.
+        #[test]
+        fn fed_zeros_cut_as_the_zeros_themselves(
+            pieces in proptest::collection::vec((0usize..30_000, 0u64..120_000, any::<u64>()), 1..6),
+        ) {
+            let mut data = Vec::new();
+            let mut chunker = Chunker::new(small()).unwrap();
+            let mut out = Vec::new();
+            for (data_len, zeros, seed) in pieces {
+                let bytes = pseudo_random(data_len, seed);
+                data.extend_from_slice(&bytes);
+                chunker.feed(&bytes, |c| out.push(c));
+                data.resize(data.len() + zeros as usize, 0);
+                chunker.feed_zeros(zeros, |cut| match cut {
+                    Cut::Chunk(chunk) => out.push(chunk),
+                    Cut::Zeros { id, len, count } => {
+                        let zeros = vec![0; len as usize];
+                        assert_eq!(id, ChunkId::of(&zeros));
+                        for _ in 0..count {
+                            out.push(Chunk { id, data: zeros.clone() });
+                        }
+                    }
+                });
+            }
+            chunker.finish(|c| out.push(c));
+            let expected = one_shot(&data, small());
+            prop_assert_eq!(out.len(), expected.len());
+            for (chunk, bytes) in out.iter().zip(&expected) {
+                prop_assert_eq!(&chunk.data, bytes);
+                prop_assert_eq!(chunk.id, ChunkId::of(bytes));
             }
         }
 

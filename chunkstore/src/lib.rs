@@ -25,7 +25,7 @@ mod test_data;
 pub mod verify;
 pub mod walk;
 
-pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker};
+pub use chunker::{Chunk, ChunkParams, ChunkReader, Chunker, Cut};
 pub use error::StoreError;
 pub use gc::{DEFAULT_GC_GRACE, GcOptions, GcReport};
 pub use id::ChunkId;

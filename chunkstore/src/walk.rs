@@ -6,7 +6,8 @@
 //! parent-snapshot cache (a file whose size, mtime, ctime and inode are
 //! unchanged is not read; a directory whose entries are all unchanged keeps
 //! the parent's tree id, so an unchanged re-backup stores nothing), parallel
-//! read/chunk/hash of files, the metadata
+//! read/chunk/hash of files (a sparse file's holes are chunked as zeros
+//! without being read: see [`Chunker::feed_zeros`]), the metadata
 //! recorded with each entry (link counts, extended attributes), and tree
 //! encoding. The local store, the push agent and the pull source all call
 //! [`backup`]; what happens to chunks is the sink's business.
@@ -39,6 +40,7 @@
 //! include path that does not exist fails the backup, naming the path.
 
 mod examine;
+mod holes;
 mod mounts;
 mod xattrs;
 
@@ -50,7 +52,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,10 +61,11 @@ use fabric_proto::v1::{EntryKind, ExtendedAttribute, SnapshotStats, Tree, TreeEn
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 
-use crate::chunker::{BadChunkParams, Chunk, ChunkParams, Chunker};
+use crate::chunker::{BadChunkParams, Chunk, ChunkParams, Chunker, Cut};
 use crate::id::ChunkId;
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
 use examine::{EntryStat, EntryType, OpenDirectory, nanos};
+use holes::Holes;
 use xattrs::XattrSource;
 
 /// Bytes asked of the file system per read of a large file.
@@ -114,6 +117,9 @@ pub struct BackupOutcome {
     pub stats: SnapshotStats,
     /// Problems met while reading, one line each, naming the path.
     pub warnings: Vec<String>,
+    /// Bytes of sparse files' holes that went into whole chunks of zeros
+    /// without being read or hashed (they count in `stats.bytes_read`).
+    pub hole_bytes_skipped: u64,
 }
 
 /// Progress of a running backup, reported after every chunk, every file read
@@ -372,6 +378,7 @@ struct Counters {
     dirs: AtomicU64,
     total_bytes: AtomicU64,
     bytes_read: AtomicU64,
+    hole_bytes_skipped: AtomicU64,
     chunks: AtomicU64,
 }
 
@@ -819,7 +826,10 @@ impl Walk<'_> {
         );
         entry.links = opened_meta.nlink();
         entry.xattrs = self.read_xattrs(path, XattrSource::File(&file));
-        let read = self.read_file(path, &file, opened_meta.len(), &mut entry)?;
+        // Fewer blocks than the size needs: there are holes to skip (or the
+        // file system compresses, and seeking for holes finds none).
+        let may_have_holes = opened_meta.blocks().saturating_mul(512) < opened_meta.len();
+        let read = self.read_file(path, &file, opened_meta.len(), may_have_holes, &mut entry)?;
         entry.size = read;
         let after = file.metadata().map_err(io_error(path))?;
         if after.len() != opened_meta.len()
@@ -835,12 +845,16 @@ impl Walk<'_> {
     }
 
     /// Chunk the content of `file`, send the chunks, record their ids in
-    /// `entry`; returns the bytes read. `size_hint` is the size when opened.
+    /// `entry`; returns the bytes read (holes included). `size_hint` is the
+    /// size when opened. When `may_have_holes`, the holes the file system
+    /// reports are fed to the chunker as zeros without being read, which
+    /// cuts the same chunks as reading them would.
     fn read_file(
         &self,
         path: &Path,
         file: &File,
         size_hint: u64,
+        may_have_holes: bool,
         entry: &mut TreeEntry,
     ) -> Result<u64, WalkError> {
         let mut reader = file;
@@ -877,20 +891,73 @@ impl Walk<'_> {
             Some(chunker) => chunker,
             None => Chunker::new(self.chunk_params)?,
         };
+        let mut holes = may_have_holes.then(|| Holes::new(file));
+        let mut zero_chunk_sent = false;
         let mut buffer = vec![0u8; READ_BUFFER_SIZE];
         let mut ready = Vec::new();
         loop {
-            let length = match reader.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(length) => length,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(io_error(path)(err)),
+            let hole = match &mut holes {
+                Some(holes) => holes.next_at(read).map_err(io_error(path))?,
+                None => None,
             };
-            read += length as u64;
-            chunker.feed(&buffer[..length], |chunk| ready.push(chunk));
-            for chunk in ready.drain(..) {
-                self.send(path, chunk, entry)?;
+            // Read up to the hole, or to the end of the file.
+            let data_end = hole.map_or(u64::MAX, |hole| hole.start);
+            let mut at_end = false;
+            while read < data_end {
+                let wanted = (data_end - read).min(READ_BUFFER_SIZE as u64) as usize;
+                let length = match file.read_at(&mut buffer[..wanted], read) {
+                    Ok(0) => {
+                        at_end = true;
+                        break;
+                    }
+                    Ok(length) => length,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(err) => return Err(io_error(path)(err)),
+                };
+                read += length as u64;
+                chunker.feed(&buffer[..length], |chunk| ready.push(chunk));
+                for chunk in ready.drain(..) {
+                    self.send(path, chunk, entry)?;
+                }
             }
+            let Some(hole) = hole.filter(|_| !at_end) else {
+                break;
+            };
+            let mut zeros = Vec::new();
+            chunker.feed_zeros(hole.end - hole.start, |cut| zeros.push(cut));
+            for cut in zeros {
+                match cut {
+                    Cut::Chunk(chunk) => self.send(path, chunk, entry)?,
+                    Cut::Zeros { id, len, count } => {
+                        // One chunk of zeros is all the sink needs to see.
+                        if !zero_chunk_sent {
+                            self.sink
+                                .put_chunk(Chunk {
+                                    id,
+                                    data: vec![0; len as usize],
+                                })
+                                .map_err(|source| WalkError::Sink {
+                                    path: path.to_owned(),
+                                    source,
+                                })?;
+                            zero_chunk_sent = true;
+                        }
+                        let id = id.to_vec();
+                        entry
+                            .chunk_ids
+                            .extend(std::iter::repeat_n(id, count as usize));
+                        let skipped = u64::from(len) * count;
+                        self.counters
+                            .bytes_read
+                            .fetch_add(skipped, Ordering::Relaxed);
+                        self.counters
+                            .hole_bytes_skipped
+                            .fetch_add(skipped, Ordering::Relaxed);
+                        self.report(path);
+                    }
+                }
+            }
+            read = hole.end;
         }
         chunker.finish(|chunk| ready.push(chunk));
         for chunk in ready {
@@ -1095,6 +1162,7 @@ pub fn backup(
         root,
         stats,
         warnings,
+        hole_bytes_skipped: counters.hole_bytes_skipped.load(Ordering::Relaxed),
     })
 }
 

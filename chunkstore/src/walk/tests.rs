@@ -1030,6 +1030,65 @@ fn file_chunks_are_those_of_one_pass_over_the_content() {
     }
 }
 
+#[test]
+fn a_sparse_file_is_chunked_as_its_content_without_reading_its_holes() {
+    use std::os::unix::fs::FileExt;
+    let mib = 1u64 << 20;
+    let len = 24 * mib;
+    let pieces: [(u64, Vec<u8>); 3] = [
+        (0, pseudo_random(5000, 1)),
+        (9 * mib + 123, pseudo_random(70_000, 2)),
+        (20 * mib, pseudo_random(40_000, 3)),
+    ];
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    fs::create_dir(&source).expect("mkdir");
+    let path = source.join("disk.img");
+    let file = fs::File::create(&path).expect("create");
+    file.set_len(len).expect("set_len");
+    let mut content = vec![0u8; len as usize];
+    for (offset, bytes) in &pieces {
+        file.write_all_at(bytes, *offset).expect("write");
+        content[*offset as usize..*offset as usize + bytes.len()].copy_from_slice(bytes);
+    }
+    file.sync_all().expect("sync");
+    drop(file);
+    let has_holes = fs::metadata(&path).expect("stat").blocks() * 512 < len;
+
+    let store = MemoryStore::default();
+    let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
+    let all = entries(&store, outcome.root, as_str(&source));
+    let expected: Vec<Vec<u8>> =
+        crate::chunker::ChunkReader::new(content.as_slice(), small_params())
+            .expect("params")
+            .map(|chunk| chunk.expect("in memory").id.to_vec())
+            .collect();
+    assert_eq!(all["disk.img"].chunk_ids, expected);
+    assert_eq!(all["disk.img"].size, len);
+    assert_eq!(outcome.stats.bytes_read, len);
+    assert_eq!(outcome.stats.chunks, expected.len() as u64);
+    if has_holes {
+        // All but the chunks next to the data came from the holes unread,
+        // and the sink was handed tens of chunks, not the 1,500 of reading.
+        assert!(
+            outcome.hole_bytes_skipped >= len - 12 * 4 * 16384 - 115_000,
+            "{} of {len} bytes skipped",
+            outcome.hole_bytes_skipped
+        );
+        let puts = store.puts.load(Ordering::Relaxed);
+        assert!(puts < 100, "{puts} chunks put");
+    }
+
+    let target = temp.path().join("target");
+    restore_into(&store, outcome.root, &source, &target);
+    let restored = target.join("disk.img");
+    assert!(fs::read(&restored).expect("read back") == content);
+    if has_holes {
+        assert!(fs::metadata(&restored).expect("stat").blocks() * 512 < len);
+    }
+}
+
 /// Discards chunks, counting them: measures the walk alone.
 #[derive(Default)]
 struct CountingSink {
