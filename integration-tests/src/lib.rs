@@ -166,7 +166,8 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// Write a tree with many small files, a few large ones, empty files and
+/// Write a tree with many small files, a few large ones, a sparse file
+/// (32 MiB, holes where the file system makes them), empty files and
 /// directories, symlinks, a hard link, extended attributes (where the file
 /// system keeps them), unicode names and several modes under `root`.
 pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
@@ -208,6 +209,17 @@ pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
         pseudo_random(large_bytes, 1),
     )
     .expect("write");
+    {
+        use std::os::unix::fs::FileExt;
+        let sparse = std::fs::File::create(root.join("sparse.img")).expect("create");
+        sparse.set_len(32 << 20).expect("set_len");
+        sparse
+            .write_all_at(&pseudo_random(100_000, 7), 5 << 20)
+            .expect("write");
+        sparse
+            .write_all_at(&pseudo_random(3000, 8), (20 << 20) + 17)
+            .expect("write");
+    }
     std::os::unix::fs::symlink("nested/deeper", root.join("link-to-dir")).expect("symlink");
     std::os::unix::fs::symlink("does-not-exist", root.join("dangling-link")).expect("symlink");
     std::os::unix::fs::symlink("../large-text.log", root.join("nested/link-up")).expect("symlink");

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use fabric_chunkstore::pack::StoredChunk;
@@ -69,6 +70,19 @@ fn a_generated_tree_restores_identical_and_an_unchanged_rebackup_sends_nothing()
     restore_source(&node, &first, &source, &restored);
     let compared = fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
     assert!(compared.entries > 300, "{compared:?}");
+    // The sparse file comes back sparse (where the file system makes holes).
+    let allocated = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (meta.blocks() * 512, meta.len())
+    };
+    let (source_blocks, size) = allocated(&source.join("sparse.img"));
+    if source_blocks < size {
+        let (restored_blocks, _) = allocated(&restored.join("sparse.img"));
+        assert!(
+            restored_blocks < size / 2,
+            "{restored_blocks} of {size} bytes allocated"
+        );
+    }
 
     let second = backup_json(&node, &source, "tree");
     assert_eq!(field(&second, "bytes_sent"), 0, "{second}");
