@@ -409,8 +409,9 @@ pub trait RestoreTarget {
 /// `path` "" or "/" restores the whole snapshot into the target root; a
 /// directory's contents go into the target root; a single file, symlink or
 /// other entry goes to `<target>/<its name>`. Every chunk is re-hashed and
-/// compared with its id before its bytes reach the target; a file whose
-/// chunks do not add up to its recorded size is an error.
+/// compared with its id before its bytes reach the target (a chunk that
+/// comes again right after itself is written from that checked copy); a
+/// file whose chunks do not add up to its recorded size is an error.
 pub fn restore(
     source: &dyn ChunkSource,
     root: ChunkId,
@@ -419,6 +420,9 @@ pub fn restore(
 ) -> Result<RestoreStats, RestoreError> {
     let mut stats = RestoreStats::default();
     let mut hard_links = HardLinks::default();
+    // The chunk read last, checked: the same id again (a run of zeros comes
+    // as thousands of one chunk) is written without reading it again.
+    let mut last_chunk: Option<(ChunkId, Vec<u8>)> = None;
     walk_tree(
         source,
         root,
@@ -444,12 +448,18 @@ pub fn restore(
                                 path: lossy(entry_path),
                                 reason: err.to_string(),
                             })?;
-                        let bytes = fetch_checked(source, &id, entry_path)?;
+                        let bytes = match &mut last_chunk {
+                            Some((last, bytes)) if *last == id => bytes,
+                            last => {
+                                let bytes = fetch_checked(source, &id, entry_path)?;
+                                &last.insert((id, bytes)).1
+                            }
+                        };
                         written += bytes.len() as u64;
                         if written > entry.size {
                             break;
                         }
-                        target.file_data(&bytes)?;
+                        target.file_data(bytes)?;
                     }
                     if written != entry.size {
                         return Err(RestoreError::BadEntry {
