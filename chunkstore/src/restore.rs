@@ -556,13 +556,6 @@ struct OpenFile {
 /// database file) restores sparse.
 const MIN_HOLE: usize = 4096;
 
-fn all_zero(bytes: &[u8]) -> bool {
-    const ZEROS: [u8; 4096] = [0; 4096];
-    bytes
-        .chunks(ZEROS.len())
-        .all(|piece| piece == &ZEROS[..piece.len()])
-}
-
 /// Restores into a directory on the local file system.
 ///
 /// Content, permission bits, mtimes (nanoseconds) and the extended
@@ -837,7 +830,7 @@ impl RestoreTarget for DirectoryTarget {
             path: open.path.clone(),
             source,
         };
-        if bytes.len() >= MIN_HOLE && all_zero(bytes) {
+        if bytes.len() >= MIN_HOLE && crate::chunker::all_zero(bytes) {
             open.file
                 .seek(io::SeekFrom::Current(bytes.len() as i64))
                 .map_err(io_error)?;

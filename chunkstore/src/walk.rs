@@ -7,7 +7,8 @@
 //! unchanged is not read; a directory whose entries are all unchanged keeps
 //! the parent's tree id, so an unchanged re-backup stores nothing), parallel
 //! read/chunk/hash of files (a sparse file's holes are chunked as zeros
-//! without being read: see [`Chunker::feed_zeros`]), the metadata
+//! without being read, and runs of zeros without being hashed: see
+//! [`Chunker::feed_zeros`]), the metadata
 //! recorded with each entry (link counts, extended attributes), and tree
 //! encoding. The local store, the push agent and the pull source all call
 //! [`backup`]; what happens to chunks is the sink's business.
@@ -71,6 +72,10 @@ use xattrs::XattrSource;
 /// Bytes asked of the file system per read of a large file.
 const READ_BUFFER_SIZE: usize = 256 * 1024;
 
+/// Zeros read in a row are fed to the chunker (and the progress reported)
+/// at least this often.
+const ZERO_RUN_REPORTED: u64 = 64 * 1024 * 1024;
+
 /// The extended attributes of `path` (not following a symlink), sorted by
 /// name, as a walk records them: none on a file system without them.
 pub fn extended_attributes(path: &Path) -> io::Result<Vec<ExtendedAttribute>> {
@@ -117,9 +122,10 @@ pub struct BackupOutcome {
     pub stats: SnapshotStats,
     /// Problems met while reading, one line each, naming the path.
     pub warnings: Vec<String>,
-    /// Bytes of sparse files' holes that went into whole chunks of zeros
-    /// without being read or hashed (they count in `stats.bytes_read`).
-    pub hole_bytes_skipped: u64,
+    /// Bytes of zeros (sparse files' holes, not read, and zeros read) that
+    /// went into whole chunks of zeros without being hashed; they count in
+    /// `stats.bytes_read`.
+    pub zero_bytes_skipped: u64,
 }
 
 /// Progress of a running backup, reported after every chunk, every file read
@@ -378,7 +384,7 @@ struct Counters {
     dirs: AtomicU64,
     total_bytes: AtomicU64,
     bytes_read: AtomicU64,
-    hole_bytes_skipped: AtomicU64,
+    zero_bytes_skipped: AtomicU64,
     chunks: AtomicU64,
 }
 
@@ -892,6 +898,8 @@ impl Walk<'_> {
             None => Chunker::new(self.chunk_params)?,
         };
         let mut holes = may_have_holes.then(|| Holes::new(file));
+        // Zeros read or in holes, not yet fed: a run is fed at once.
+        let mut zeros: u64 = 0;
         let mut zero_chunk_sent = false;
         let mut buffer = vec![0u8; READ_BUFFER_SIZE];
         let mut ready = Vec::new();
@@ -915,7 +923,22 @@ impl Walk<'_> {
                     Err(err) => return Err(io_error(path)(err)),
                 };
                 read += length as u64;
-                chunker.feed(&buffer[..length], |chunk| ready.push(chunk));
+                let bytes = &buffer[..length];
+                // Zeros read (a preallocated or zeroed file) skip hashing
+                // as a hole's do; other bytes end the check at once.
+                if crate::chunker::all_zero(bytes) {
+                    zeros += length as u64;
+                    if zeros >= ZERO_RUN_REPORTED {
+                        let run = std::mem::take(&mut zeros);
+                        self.feed_zeros(path, &mut chunker, run, entry, &mut zero_chunk_sent)?;
+                    }
+                    continue;
+                }
+                if zeros > 0 {
+                    let run = std::mem::take(&mut zeros);
+                    self.feed_zeros(path, &mut chunker, run, entry, &mut zero_chunk_sent)?;
+                }
+                chunker.feed(bytes, |chunk| ready.push(chunk));
                 for chunk in ready.drain(..) {
                     self.send(path, chunk, entry)?;
                 }
@@ -923,47 +946,63 @@ impl Walk<'_> {
             let Some(hole) = hole.filter(|_| !at_end) else {
                 break;
             };
-            let mut zeros = Vec::new();
-            chunker.feed_zeros(hole.end - hole.start, |cut| zeros.push(cut));
-            for cut in zeros {
-                match cut {
-                    Cut::Chunk(chunk) => self.send(path, chunk, entry)?,
-                    Cut::Zeros { id, len, count } => {
-                        // One chunk of zeros is all the sink needs to see.
-                        if !zero_chunk_sent {
-                            self.sink
-                                .put_chunk(Chunk {
-                                    id,
-                                    data: vec![0; len as usize],
-                                })
-                                .map_err(|source| WalkError::Sink {
-                                    path: path.to_owned(),
-                                    source,
-                                })?;
-                            zero_chunk_sent = true;
-                        }
-                        let id = id.to_vec();
-                        entry
-                            .chunk_ids
-                            .extend(std::iter::repeat_n(id, count as usize));
-                        let skipped = u64::from(len) * count;
-                        self.counters
-                            .bytes_read
-                            .fetch_add(skipped, Ordering::Relaxed);
-                        self.counters
-                            .hole_bytes_skipped
-                            .fetch_add(skipped, Ordering::Relaxed);
-                        self.report(path);
-                    }
-                }
-            }
+            zeros += hole.end - hole.start;
             read = hole.end;
+        }
+        if zeros > 0 {
+            self.feed_zeros(path, &mut chunker, zeros, entry, &mut zero_chunk_sent)?;
         }
         chunker.finish(|chunk| ready.push(chunk));
         for chunk in ready {
             self.send(path, chunk, entry)?;
         }
         Ok(read)
+    }
+
+    /// Feed `len` zeros of the file `path` to `chunker` and record the
+    /// chunks; whole chunks of zeros are neither built nor hashed, and the
+    /// sink is handed the chunk of zeros once per file (`zero_chunk_sent`).
+    fn feed_zeros(
+        &self,
+        path: &Path,
+        chunker: &mut Chunker,
+        len: u64,
+        entry: &mut TreeEntry,
+        zero_chunk_sent: &mut bool,
+    ) -> Result<(), WalkError> {
+        let mut cuts = Vec::new();
+        chunker.feed_zeros(len, |cut| cuts.push(cut));
+        for cut in cuts {
+            match cut {
+                Cut::Chunk(chunk) => self.send(path, chunk, entry)?,
+                Cut::Zeros { id, len, count } => {
+                    if !*zero_chunk_sent {
+                        self.sink
+                            .put_chunk(Chunk {
+                                id,
+                                data: vec![0; len as usize],
+                            })
+                            .map_err(|source| WalkError::Sink {
+                                path: path.to_owned(),
+                                source,
+                            })?;
+                        *zero_chunk_sent = true;
+                    }
+                    entry
+                        .chunk_ids
+                        .extend(std::iter::repeat_n(id.to_vec(), count as usize));
+                    let skipped = u64::from(len) * count;
+                    self.counters
+                        .bytes_read
+                        .fetch_add(skipped, Ordering::Relaxed);
+                    self.counters
+                        .zero_bytes_skipped
+                        .fetch_add(skipped, Ordering::Relaxed);
+                    self.report(path);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hand one chunk of the file `path` to the sink and record it.
@@ -1162,7 +1201,7 @@ pub fn backup(
         root,
         stats,
         warnings,
-        hole_bytes_skipped: counters.hole_bytes_skipped.load(Ordering::Relaxed),
+        zero_bytes_skipped: counters.zero_bytes_skipped.load(Ordering::Relaxed),
     })
 }
 
