@@ -556,6 +556,27 @@ struct OpenFile {
 /// database file) restores sparse.
 const MIN_HOLE: usize = 4096;
 
+impl OpenFile {
+    /// Write `bytes` at the file's position, or seek over them when they
+    /// are `zero` (a hole).
+    fn put(&mut self, bytes: &[u8], zero: bool) -> Result<(), RestoreError> {
+        let done = if bytes.is_empty() {
+            Ok(())
+        } else if zero {
+            self.holes = true;
+            self.file
+                .seek(io::SeekFrom::Current(bytes.len() as i64))
+                .map(|_| ())
+        } else {
+            self.file.write_all(bytes)
+        };
+        done.map_err(|source| RestoreError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
 /// Restores into a directory on the local file system.
 ///
 /// Content, permission bits, mtimes (nanoseconds) and the extended
@@ -826,18 +847,21 @@ impl RestoreTarget for DirectoryTarget {
                 "file data without a file".to_owned(),
             ));
         };
-        let io_error = |source| RestoreError::Io {
-            path: open.path.clone(),
-            source,
-        };
-        if bytes.len() >= MIN_HOLE && crate::chunker::all_zero(bytes) {
-            open.file
-                .seek(io::SeekFrom::Current(bytes.len() as i64))
-                .map_err(io_error)?;
-            open.holes = true;
-        } else {
-            open.file.write_all(bytes).map_err(io_error)?;
+        // Runs of whole zero pieces of MIN_HOLE bytes are seeked over, the
+        // rest written as runs: a chunk that is half data, half zeros (where
+        // a sparse file's data ends) leaves its zeros as a hole too.
+        let mut run_start = 0;
+        let mut run_zero = false;
+        for (index, piece) in bytes.chunks(MIN_HOLE).enumerate() {
+            let zero = piece.len() == MIN_HOLE && crate::chunker::all_zero(piece);
+            let at = index * MIN_HOLE;
+            if zero != run_zero && at > run_start {
+                open.put(&bytes[run_start..at], run_zero)?;
+                run_start = at;
+            }
+            run_zero = zero;
         }
+        open.put(&bytes[run_start..], run_zero)?;
         open.written += bytes.len() as u64;
         Ok(())
     }

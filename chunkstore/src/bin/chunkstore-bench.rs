@@ -1,13 +1,15 @@
 //! `chunkstore-bench`: throughput and memory of the storage engine.
 //!
 //! Usage: `chunkstore-bench [PART...]` with parts `raw`, `ingest`, `params`,
-//! `index`, `gc`, `catalogue` (default: all, each measured in this process; run one part
+//! `index`, `gc`, `catalogue`, `sparse` (default: all, each measured in this process; run one part
 //! per invocation for a clean peak RSS). Sizes come from the environment:
 //!
 //! - `BENCH_MIB` (1024): bytes ingested per data kind, MiB;
 //! - `BENCH_RAW_MIB` (256): bytes for the raw FastCDC/BLAKE3/zstd figures;
 //! - `BENCH_INDEX_ENTRIES` (1000000): entries for the sled index and GC runs;
 //! - `BENCH_SNAPSHOTS` (10000): snapshot records for the catalogue part;
+//! - `BENCH_SPARSE_GIB` (8): size of the sparse file of the sparse part (it
+//!   also writes a file of 1 GiB, most of it zeros);
 //! - `BENCH_DIR` (a temporary directory): where stores are created;
 //! - `BENCH_THREADS` (all cores): ingest streams.
 //!
@@ -715,6 +717,79 @@ fn part_catalogue(base: &Path) -> BenchResult<()> {
     Ok(())
 }
 
+/// Files that are mostly zeros, backed up with the walk into an empty store
+/// and restored from it: a sparse image of `BENCH_SPARSE_GIB` GiB with 8 MiB
+/// of random data in each GiB (holes between), and a file of 1 GiB whose
+/// zeros are all written, with 8 MiB of random data in each 256 MiB.
+fn part_sparse(base: &Path) -> BenchResult<()> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let gib = env_usize("BENCH_SPARSE_GIB", 8) as u64;
+    let dir = base.join("sparse");
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files)?;
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut data = vec![0u8; 8 * MIB];
+    let sparse = files.join("sparse.img");
+    let file = std::fs::File::create(&sparse)?;
+    file.set_len(gib << 30)?;
+    for index in 0..gib {
+        rng.fill_bytes(&mut data);
+        file.write_all_at(&data, (index << 30) + 100 * MIB as u64)?;
+    }
+    file.sync_all()?;
+    let zeroed = files.join("zeroed.img");
+    let file = std::fs::File::create(&zeroed)?;
+    let zeros = vec![0u8; 8 * MIB];
+    for index in 0..128 {
+        if index % 32 == 0 {
+            rng.fill_bytes(&mut data);
+            file.write_all_at(&data, index * 8 * MIB as u64)?;
+        } else {
+            file.write_all_at(&zeros, index * 8 * MIB as u64)?;
+        }
+    }
+    file.sync_all()?;
+    drop(file);
+
+    for path in [&sparse, &zeroed] {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let meta = std::fs::metadata(path)?;
+        let store =
+            Store::open_or_create(&dir.join(format!("store-{name}")), StoreConfig::default())?;
+        let options = fabric_chunkstore::walk::BackupOptions {
+            includes: vec![path.to_path_buf()],
+            excludes: Vec::new(),
+            one_file_system: false,
+            chunk_params: store.config().chunk_params,
+            threads: 0,
+        };
+        let started = Instant::now();
+        let outcome = fabric_chunkstore::walk::backup(&options, &store, None, &|_| {})?;
+        let backup_seconds = started.elapsed().as_secs_f64();
+        let target = dir.join(format!("restored-{name}"));
+        let started = Instant::now();
+        fabric_chunkstore::restore::restore(
+            &store,
+            outcome.root,
+            path.to_str().ok_or("a non-UTF-8 bench directory")?,
+            &mut fabric_chunkstore::restore::DirectoryTarget::new(&target)?,
+        )?;
+        let restore_seconds = started.elapsed().as_secs_f64();
+        let restored = std::fs::metadata(target.join(name))?;
+        println!(
+            "sparse: {name}, {} MiB ({} MiB on disk): backup {backup_seconds:.2} s ({:.0} MB/s of its size; {} MiB of zeros not hashed), restore {restore_seconds:.2} s ({:.0} MB/s; {} MiB on disk)",
+            meta.len() >> 20,
+            (meta.blocks() * 512) >> 20,
+            mbps(meta.len() as usize, backup_seconds),
+            outcome.zero_bytes_skipped >> 20,
+            mbps(meta.len() as usize, restore_seconds),
+            (restored.blocks() * 512) >> 20,
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 fn main() -> BenchResult<()> {
     let parts: Vec<String> = std::env::args().skip(1).collect();
     let all = parts.is_empty() || parts.iter().any(|p| p == "all");
@@ -743,6 +818,9 @@ fn main() -> BenchResult<()> {
     }
     if wants("catalogue") {
         part_catalogue(&base)?;
+    }
+    if wants("sparse") {
+        part_sparse(&base)?;
     }
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
     if std::env::var("BENCH_DIR").is_err() {

@@ -766,6 +766,43 @@ fn zero_runs_are_restored_as_holes_with_the_same_content() {
     }
 }
 
+#[test]
+fn zeros_inside_a_chunk_with_data_are_restored_as_holes_too() {
+    use std::os::unix::fs::MetadataExt;
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    fs::create_dir_all(&source).expect("mkdir");
+    // With the default 512 KiB..4 MiB chunks, data and zeros share chunks.
+    let mut content = pseudo_random(100_000, 1);
+    content.extend(std::iter::repeat_n(0u8, 2 << 20));
+    content.extend(pseudo_random(10_000, 2));
+    content.extend(std::iter::repeat_n(0u8, 1 << 20));
+    fs::write(source.join("image"), &content).expect("write");
+    let store = MemoryStore::default();
+    let mut options = options(&[&source]);
+    options.chunk_params = crate::ChunkParams::default();
+    let outcome = backup(&options, &store, None, &quiet).expect("backup");
+    let entry = entry_at(&store, outcome.root, &source.join("image"));
+    assert!(entry.chunk_ids.len() <= 2, "data and zeros share chunks");
+
+    let target = temp.path().join("target");
+    restore_into(&store, outcome.root, &source, &target);
+    let restored = target.join("image");
+    assert!(fs::read(&restored).expect("read") == content);
+    let probe = temp.path().join("probe");
+    fs::File::create(&probe)
+        .and_then(|file| file.set_len(1 << 20))
+        .expect("probe");
+    if fs::metadata(&probe).expect("stat").blocks() == 0 {
+        let allocated = fs::metadata(&restored).expect("stat").blocks() * 512;
+        assert!(
+            allocated < (1 << 20),
+            "{allocated} bytes allocated for {} bytes with 3 MiB of zeros",
+            content.len()
+        );
+    }
+}
+
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> bool {
     rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty()).is_ok()
 }
