@@ -42,6 +42,13 @@ fn random_chunks(count: u64, len: usize, first_seed: u64) -> Vec<Chunk> {
         .collect()
 }
 
+/// Every one of `chunks` reads back from `store` as its own bytes.
+fn assert_reads_back<'c>(store: &Store, chunks: impl IntoIterator<Item = &'c Chunk>) {
+    for chunk in chunks {
+        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
+    }
+}
+
 /// Make the next pack fsync of `store` fail, as a disk error would.
 fn fail_next_pack_sync(store: &Store) {
     store
@@ -203,9 +210,7 @@ fn pending_batches_are_readable_at_once_and_durable_after_a_flush() {
         store.flush_pending().unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
-    for chunk in &chunks {
-        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
-    }
+    assert_reads_back(&store, &chunks);
 }
 
 #[test]
@@ -475,9 +480,7 @@ fn concurrent_puts_and_flushes_index_every_chunk_once_its_pack_is_synced() {
     }
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.repaired_at_open(), 0);
-    for chunk in writers.iter().flatten().chain(&sunk) {
-        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
-    }
+    assert_reads_back(&store, writers.iter().flatten().chain(&sunk));
     assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
 }
 
@@ -519,9 +522,7 @@ fn chunks_of_a_sealed_pack_left_unsynced_are_never_indexed_and_stored_again() {
         );
     }
     let store = Store::open(dir.path()).unwrap();
-    for chunk in &chunks {
-        assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
-    }
+    assert_reads_back(&store, &chunks);
 }
 
 #[test]

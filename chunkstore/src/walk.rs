@@ -465,15 +465,20 @@ impl Walk<'_> {
                 || self.excludes.is_match(Path::new(OsStr::from_bytes(name))))
     }
 
-    fn store(&self, path: &Path, data: Vec<u8>) -> Result<ChunkId, WalkError> {
-        let chunk = Chunk::new(data);
-        let id = chunk.id;
+    /// Hand `chunk`, a chunk of `path`, to the sink.
+    fn put(&self, path: &Path, chunk: Chunk) -> Result<(), WalkError> {
         self.sink
             .put_chunk(chunk)
             .map_err(|source| WalkError::Sink {
                 path: path.to_owned(),
                 source,
-            })?;
+            })
+    }
+
+    fn store(&self, path: &Path, data: Vec<u8>) -> Result<ChunkId, WalkError> {
+        let chunk = Chunk::new(data);
+        let id = chunk.id;
+        self.put(path, chunk)?;
         Ok(id)
     }
 
@@ -977,15 +982,11 @@ impl Walk<'_> {
                 Cut::Chunk(chunk) => self.send(path, chunk, entry)?,
                 Cut::Zeros { id, len, count } => {
                     if !*zero_chunk_sent {
-                        self.sink
-                            .put_chunk(Chunk {
-                                id,
-                                data: vec![0; len as usize],
-                            })
-                            .map_err(|source| WalkError::Sink {
-                                path: path.to_owned(),
-                                source,
-                            })?;
+                        let zeros = Chunk {
+                            id,
+                            data: vec![0; len as usize],
+                        };
+                        self.put(path, zeros)?;
                         *zero_chunk_sent = true;
                     }
                     entry
@@ -1009,12 +1010,7 @@ impl Walk<'_> {
     fn send(&self, path: &Path, chunk: Chunk, entry: &mut TreeEntry) -> Result<(), WalkError> {
         let length = chunk.data.len() as u64;
         entry.chunk_ids.push(chunk.id.to_vec());
-        self.sink
-            .put_chunk(chunk)
-            .map_err(|source| WalkError::Sink {
-                path: path.to_owned(),
-                source,
-            })?;
+        self.put(path, chunk)?;
         self.counters
             .bytes_read
             .fetch_add(length, Ordering::Relaxed);
