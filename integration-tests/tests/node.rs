@@ -190,6 +190,65 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
     );
 }
 
+#[test]
+fn concurrent_uploads_within_the_smallest_memory_budget_all_commit_and_share_their_chunks() {
+    const UPLOADS: u64 = 6;
+    const OWN_BYTES: usize = 12 * 1024 * 1024;
+    const SHARED_BYTES: usize = 16 * 1024 * 1024;
+    let work = tempfile::tempdir().unwrap();
+    // Every source has two files of its own and one all of them share.
+    let shared = pseudo_random(SHARED_BYTES, 1000);
+    let sources: Vec<_> = (0..UPLOADS)
+        .map(|upload| {
+            let source = work.path().join(format!("source-{upload}"));
+            std::fs::create_dir_all(&source).unwrap();
+            for part in 0..2 {
+                std::fs::write(
+                    source.join(format!("own-{part}")),
+                    pseudo_random(OWN_BYTES / 2, upload * 10 + part),
+                )
+                .unwrap();
+            }
+            std::fs::write(source.join("shared"), &shared).unwrap();
+            source
+        })
+        .collect();
+    // A budget of 1 byte is raised to the smallest the node allows: one
+    // largest message, far less than six uploads keep in flight.
+    let node = Server::node(&work.path().join("store"), &["--upload-memory-bytes", "1"]);
+    let backups: Vec<serde_json::Value> = std::thread::scope(|scope| {
+        let running: Vec<_> = sources
+            .iter()
+            .enumerate()
+            .map(|(upload, source)| {
+                let node = &node;
+                scope.spawn(move || backup_json(node, source, &format!("upload-{upload}")))
+            })
+            .collect();
+        running.into_iter().map(|run| run.join().unwrap()).collect()
+    });
+
+    for (upload, (backup, source)) in backups.iter().zip(&sources).enumerate() {
+        let restored = work.path().join(format!("restored-{upload}"));
+        restore_source(&node, backup, source, &restored);
+        for name in ["own-0", "own-1", "shared"] {
+            assert!(
+                std::fs::read(restored.join(name)).unwrap()
+                    == std::fs::read(source.join(name)).unwrap(),
+                "upload {upload}: {name} restored different"
+            );
+        }
+    }
+    // Each upload's own bytes once, the shared file once or, where two
+    // uploads stored it at the same instant, a few times: not six.
+    let packs = directory_bytes(&work.path().join("store/packs"));
+    let own = UPLOADS * OWN_BYTES as u64;
+    assert!(
+        packs >= own + SHARED_BYTES as u64 && packs < own + 3 * SHARED_BYTES as u64,
+        "{packs} bytes of packs for {own} bytes of own data and {SHARED_BYTES} shared"
+    );
+}
+
 fn directory_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {

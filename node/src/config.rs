@@ -54,7 +54,9 @@ pub struct NodeConfig {
     /// Report NOT_SERVING (and refuse uploads) when the store's file system
     /// has less free space than this, in bytes.
     pub min_free_bytes: u64,
-    /// Bytes of chunk data all uploads together may hold in memory at once.
+    /// Bytes of chunk data all uploads together may hold in memory at once;
+    /// at least one largest message (`transfer::MAX_MESSAGE_BYTES`), to
+    /// which a smaller value is raised.
     pub upload_memory_bytes: u64,
     /// `text` or `json`.
     pub log_format: LogFormat,
