@@ -27,7 +27,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
 use fabric_proto::v1::{Snapshot, SnapshotState, Tree};
@@ -107,6 +107,12 @@ pub struct Store {
     /// Chunks appended to a pack but not yet in the index (not yet fsynced,
     /// or fsynced and about to be indexed): found by reads, never indexed early.
     pending: RwLock<HashMap<ChunkId, Location>>,
+    /// Counts the times pending chunks moved into the index, bumped under the
+    /// `pending` write lock. A writer that found a chunk in neither (and then
+    /// spent a while encoding it) looks in the index again before appending
+    /// when this moved meanwhile: another writer may have stored and
+    /// flushed the same chunk, and a second copy would only waste space.
+    index_moves: AtomicU64,
     /// Packs sealed (no more appends) whose fsync is still running: the
     /// sealer runs it after releasing the writer lock, so other writers go on
     /// meanwhile. Whoever indexes pending chunks first waits for the packs
@@ -267,6 +273,7 @@ impl Store {
             writer: Mutex::new(None),
             next_pack: AtomicU32::new(0),
             pending: RwLock::new(HashMap::new()),
+            index_moves: AtomicU64::new(0),
             syncing_seals: Mutex::new(HashSet::new()),
             seal_synced: Condvar::new(),
             write_failure: OnceLock::new(),
@@ -434,7 +441,7 @@ impl Store {
         encode: impl Fn(usize) -> EncodedEntry<'a> + Sync,
     ) -> Result<PutStats, StoreError> {
         self.refuse_writes_if_failed()?;
-        let fresh = self.fresh_positions(ids)?;
+        let (fresh, checked) = self.fresh_positions(ids)?;
         let mut stats = PutStats {
             chunks: ids.len() as u64,
             ..Default::default()
@@ -445,7 +452,7 @@ impl Store {
                 placed,
                 open_file,
                 sealed,
-            } = self.append(encoded)?;
+            } = self.append(encoded, checked)?;
             for seal in sealed {
                 seal.sync()?;
             }
@@ -477,9 +484,14 @@ impl Store {
     }
 
     /// Protect `ids` from a running GC and return the positions of those the
-    /// store lacks, first occurrence only.
-    fn fresh_positions(&self, ids: &[ChunkId]) -> Result<Vec<usize>, StoreError> {
+    /// store lacks, first occurrence only, with the [`FreshCheck`] to hand
+    /// to [`Self::append`].
+    fn fresh_positions(&self, ids: &[ChunkId]) -> Result<(Vec<usize>, FreshCheck), StoreError> {
         self.protect(ids);
+        // Read before looking: a move into the index after this is seen.
+        let checked = FreshCheck {
+            index_moves: self.index_moves.load(Ordering::Acquire),
+        };
         let mut seen = HashSet::with_capacity(ids.len());
         let mut fresh = Vec::new();
         for (position, id) in ids.iter().enumerate() {
@@ -490,21 +502,33 @@ impl Store {
                 fresh.push(position);
             }
         }
-        Ok(fresh)
+        Ok((fresh, checked))
     }
 
     /// Append entries to the open pack (rolling to a new one at the target
     /// size) and record them as pending. Returns where each went, the open
     /// pack's handle and the packs sealed on the way, all of which the caller
     /// fsyncs after the writer lock is released (the sealed ones first: a
-    /// flush waits for them).
-    fn append(&self, entries: Vec<EncodedEntry>) -> Result<Appended<'_>, StoreError> {
+    /// flush waits for them). An entry another writer appended since
+    /// `checked` (pending, or already moved into the index) is left out.
+    fn append(
+        &self,
+        entries: Vec<EncodedEntry>,
+        checked: FreshCheck,
+    ) -> Result<Appended<'_>, StoreError> {
         let mut placed = Vec::with_capacity(entries.len());
         let mut sealed = Vec::new();
         let mut writer = lock(&self.writer);
         for entry in entries {
             let id = entry.header.id;
             if read_lock(&self.pending).contains_key(&id) {
+                continue;
+            }
+            // After the look at pending: a chunk that left it for the index
+            // bumped the count before that lock was released.
+            if self.index_moves.load(Ordering::Acquire) != checked.index_moves
+                && self.index.contains(&id).map_err(self.index_error())?
+            {
                 continue;
             }
             if writer.is_none() {
@@ -657,6 +681,7 @@ impl Store {
                 pending.remove(id);
             }
         }
+        self.index_moves.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -1119,6 +1144,13 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
+/// When a writer looked for its chunks in the pending set and the index
+/// ([`Store::fresh_positions`]).
+#[derive(Clone, Copy, Debug)]
+struct FreshCheck {
+    index_moves: u64,
+}
+
 /// What [`Store::append`] did: the caller syncs `sealed`, then (for a
 /// durable put) `open_file`, before it indexes `placed`.
 struct Appended<'store> {
@@ -1186,12 +1218,12 @@ impl ChunkSink for Store {
     fn put_chunk(&self, chunk: Chunk) -> Result<(), SinkError> {
         check_hashes(std::slice::from_ref(&chunk))?;
         self.refuse_writes_if_failed()?;
-        let fresh = self.fresh_positions(std::slice::from_ref(&chunk.id))?;
+        let (fresh, checked) = self.fresh_positions(std::slice::from_ref(&chunk.id))?;
         if fresh.is_empty() {
             return Ok(());
         }
         let entry = pack::encode_entry(chunk.id, &chunk.data, self.config.zstd_level);
-        for seal in self.append(vec![entry])?.sealed {
+        for seal in self.append(vec![entry], checked)?.sealed {
             seal.sync()?;
         }
         Ok(())

@@ -186,6 +186,32 @@ fn chunks_round_trip_and_are_stored_once() {
 }
 
 #[test]
+fn a_chunk_another_writer_stored_and_indexed_since_the_check_is_not_appended_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let taken = Chunk::new(pseudo_random(8000, 1));
+    let other = Chunk::new(pseudo_random(8000, 2));
+    // This writer finds both chunks fresh and starts encoding them...
+    let (fresh, checked) = store.fresh_positions(&[taken.id, other.id]).unwrap();
+    assert_eq!(fresh, vec![0, 1]);
+    let entries = [&taken, &other]
+        .map(|chunk| crate::pack::encode_entry(chunk.id, &chunk.data, 1))
+        .into();
+    // ...meanwhile another stores one of them durably: in the index, no
+    // longer pending...
+    assert_eq!(store.put_chunks(vec![taken.clone()]).unwrap().new_chunks, 1);
+    // ...so only the other is appended.
+    let appended = store.append(entries, checked).unwrap();
+    let placed: Vec<ChunkId> = appended.placed.iter().map(|(id, _)| *id).collect();
+    assert_eq!(placed, vec![other.id]);
+    assert!(appended.sealed.is_empty());
+    drop(appended);
+    store.flush_pending().unwrap();
+    assert_eq!(store.stats().unwrap().chunks, 2);
+    assert_reads_back(&store, [&taken, &other]);
+}
+
+#[test]
 fn pending_batches_are_readable_at_once_and_durable_after_a_flush() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = random_chunks(5, 4000, 0);
@@ -495,7 +521,9 @@ fn chunks_of_a_sealed_pack_left_unsynced_are_never_indexed_and_stored_again() {
             .iter()
             .map(|chunk| crate::pack::encode_entry(chunk.id, &chunk.data, 1))
             .collect();
-        let appended = store.append(entries).unwrap();
+        let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
+        let (_, checked) = store.fresh_positions(&ids).unwrap();
+        let appended = store.append(entries, checked).unwrap();
         assert_eq!(appended.sealed.len(), 1);
         let sealed_pack = appended.sealed[0].pack;
         let placed = appended.placed.clone();
