@@ -127,12 +127,12 @@ pub enum Cut {
 }
 
 /// Zero bytes fed from here when a run of zeros is too short to skip.
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+pub(crate) static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Whether every byte of `bytes` is zero (compared with [`ZEROS`] piece by
 /// piece, which runs as fast as `memcmp`; it stops at the first piece that
 /// differs).
-pub(crate) fn all_zero(bytes: &[u8]) -> bool {
+pub fn all_zero(bytes: &[u8]) -> bool {
     bytes
         .chunks(ZEROS.len())
         .all(|piece| piece == &ZEROS[..piece.len()])

@@ -83,6 +83,14 @@ pub enum StoreError {
         /// The decode error.
         source: prost::DecodeError,
     },
+    /// A tree chunk stored in parts whose parts cannot be joined.
+    #[error("tree {id}: {source}")]
+    BadTreeParts {
+        /// The tree chunk.
+        id: ChunkId,
+        /// What is wrong with its parts.
+        source: crate::tree_parts::TreePartsError,
+    },
     /// A snapshot record is not usable.
     #[error("snapshot {snapshot}: {detail}")]
     BadSnapshot {

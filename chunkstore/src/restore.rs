@@ -197,10 +197,20 @@ fn fetch_checked(
 /// The tree `id` (the listing of `path`), its bytes checked against the id.
 fn fetch_tree(source: &dyn ChunkSource, id: &ChunkId, path: &[u8]) -> Result<Tree, RestoreError> {
     let bytes = fetch_checked(source, id, path)?;
-    <Tree as prost::Message>::decode(bytes.as_slice()).map_err(|err| RestoreError::BadEntry {
-        path: lossy(path),
-        reason: format!("tree {id} does not decode: {err}"),
-    })
+    let tree = <Tree as prost::Message>::decode(bytes.as_slice()).map_err(|err| {
+        RestoreError::BadEntry {
+            path: lossy(path),
+            reason: format!("tree {id} does not decode: {err}"),
+        }
+    })?;
+    crate::tree_parts::join_parts(
+        tree,
+        |part| fetch_checked(source, part, path),
+        |err| RestoreError::BadEntry {
+            path: lossy(path),
+            reason: format!("tree {id}: {err}"),
+        },
+    )
 }
 
 fn subtree_id(path: &[u8], entry: &TreeEntry) -> Result<ChunkId, RestoreError> {
@@ -382,6 +392,19 @@ pub trait RestoreTarget {
     fn file_start(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
     /// The next piece of the current file's content.
     fn file_data(&mut self, bytes: &[u8]) -> Result<(), RestoreError>;
+    /// The next piece of the current file's content is `len` zero bytes (a
+    /// chunk the driver knows to be all zeros: a sparse file's holes come
+    /// as thousands of one such chunk). A target may leave them as a hole
+    /// without looking at them; by default they are written.
+    fn file_zeros(&mut self, len: u64) -> Result<(), RestoreError> {
+        let mut left = len;
+        while left > 0 {
+            let piece = left.min(crate::chunker::ZEROS.len() as u64);
+            self.file_data(&crate::chunker::ZEROS[..piece as usize])?;
+            left -= piece;
+        }
+        Ok(())
+    }
     /// The current file is complete.
     fn file_end(&mut self) -> Result<(), RestoreError>;
     /// Make `path` a hard link to `existing`, a file this restore has
@@ -420,9 +443,10 @@ pub fn restore(
 ) -> Result<RestoreStats, RestoreError> {
     let mut stats = RestoreStats::default();
     let mut hard_links = HardLinks::default();
-    // The chunk read last, checked: the same id again (a run of zeros comes
-    // as thousands of one chunk) is written without reading it again.
-    let mut last_chunk: Option<(ChunkId, Vec<u8>)> = None;
+    // The chunk read last, checked, and whether it is all zeros: the same
+    // id again (a run of zeros comes as thousands of one chunk) is written
+    // without reading or scanning it again.
+    let mut last_chunk: Option<(ChunkId, Vec<u8>, bool)> = None;
     walk_tree(
         source,
         root,
@@ -448,18 +472,24 @@ pub fn restore(
                                 path: lossy(entry_path),
                                 reason: err.to_string(),
                             })?;
-                        let bytes = match &mut last_chunk {
-                            Some((last, bytes)) if *last == id => bytes,
+                        let (bytes, zero) = match &mut last_chunk {
+                            Some((last, bytes, zero)) if *last == id => (bytes, *zero),
                             last => {
                                 let bytes = fetch_checked(source, &id, entry_path)?;
-                                &last.insert((id, bytes)).1
+                                let zero = crate::chunker::all_zero(&bytes);
+                                let (_, bytes, _) = last.insert((id, bytes, zero));
+                                (bytes, zero)
                             }
                         };
                         written += bytes.len() as u64;
                         if written > entry.size {
                             break;
                         }
-                        target.file_data(bytes)?;
+                        if zero {
+                            target.file_zeros(bytes.len() as u64)?;
+                        } else {
+                            target.file_data(bytes)?;
+                        }
                     }
                     if written != entry.size {
                         return Err(RestoreError::BadEntry {
@@ -560,17 +590,28 @@ impl OpenFile {
     /// Write `bytes` at the file's position, or seek over them when they
     /// are `zero` (a hole).
     fn put(&mut self, bytes: &[u8], zero: bool) -> Result<(), RestoreError> {
-        let done = if bytes.is_empty() {
-            Ok(())
-        } else if zero {
-            self.holes = true;
-            self.file
-                .seek(io::SeekFrom::Current(bytes.len() as i64))
-                .map(|_| ())
-        } else {
-            self.file.write_all(bytes)
-        };
-        done.map_err(|source| RestoreError::Io {
+        if zero {
+            return self.skip(bytes.len() as u64);
+        }
+        self.file
+            .write_all(bytes)
+            .map_err(|source| RestoreError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Seek over `len` zero bytes, leaving a hole (the length is set at
+    /// the end).
+    fn skip(&mut self, len: u64) -> Result<(), RestoreError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.holes = true;
+        let seeked = i64::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a hole too long"))
+            .and_then(|len| self.file.seek(io::SeekFrom::Current(len)));
+        seeked.map(|_| ()).map_err(|source| RestoreError::Io {
             path: self.path.clone(),
             source,
         })
@@ -863,6 +904,17 @@ impl RestoreTarget for DirectoryTarget {
         }
         open.put(&bytes[run_start..], run_zero)?;
         open.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn file_zeros(&mut self, len: u64) -> Result<(), RestoreError> {
+        let Some(open) = &mut self.file else {
+            return Err(RestoreError::OutOfOrder(
+                "file data without a file".to_owned(),
+            ));
+        };
+        open.skip(len)?;
+        open.written += len;
         Ok(())
     }
 

@@ -29,10 +29,15 @@ pub trait ChunkSource: Sync {
     /// The plain bytes of chunk `id`, checked against the id.
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SinkError>;
 
-    /// The tree whose id is `id`.
+    /// The tree whose id is `id`, joined from its parts if it has any.
     fn get_tree(&self, id: &ChunkId) -> Result<Tree, SinkError> {
         let bytes = self.get_chunk(id)?;
-        Ok(<Tree as prost::Message>::decode(bytes.as_slice())?)
+        let tree = <Tree as prost::Message>::decode(bytes.as_slice())?;
+        crate::tree_parts::join_parts(
+            tree,
+            |part| self.get_chunk(part),
+            |err| format!("tree {id}: {err}").into(),
+        )
     }
 
     /// A hint that the trees `ids` will be asked for soon (a backup walk

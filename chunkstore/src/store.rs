@@ -42,6 +42,7 @@ use crate::index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, li
 use crate::index_sled::{SledCatalog, SledChunkIndex, open_db};
 use crate::pack::{self, EncodedEntry, PackWriter, StoredChunk};
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
+use crate::tree_parts;
 
 /// The tunables of a store, recorded in `<dir>/config.toml` at creation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -844,18 +845,47 @@ impl Store {
         })
     }
 
-    /// Store `tree` as a chunk (durable on return); its id.
+    /// Store `tree` as a chunk, in parts if it is large (see
+    /// [`crate::tree_parts`]); durable on return. Its id.
     pub fn put_tree(&self, tree: &Tree) -> Result<ChunkId, StoreError> {
-        let chunk = Chunk::new(tree.encode_to_vec());
-        let id = chunk.id;
-        self.put_chunks(vec![chunk])?;
+        let (listing, mut chunks) = tree_parts::tree_chunks(tree);
+        let id = listing.id;
+        chunks.push(listing);
+        self.put_chunks(chunks)?;
         Ok(id)
     }
 
-    /// The tree stored as chunk `id`.
+    /// The tree stored as chunk `id`, joined from its parts if it has any.
     pub fn get_tree(&self, id: &ChunkId) -> Result<Tree, StoreError> {
+        self.get_tree_with_parts(id).map(|(tree, _)| tree)
+    }
+
+    /// The tree stored as chunk `id`, and the ids of the parts it was
+    /// joined from (none for a tree stored whole): a walk over a snapshot's
+    /// chunks counts those too.
+    pub fn get_tree_with_parts(&self, id: &ChunkId) -> Result<(Tree, Vec<ChunkId>), StoreError> {
+        let (tree, parts) = self.tree_chunk(id)?;
+        Ok((self.join_tree(id, tree)?, parts))
+    }
+
+    /// Tree chunk `id` as stored (entries, or the ids of its parts), and
+    /// the ids of its parts.
+    fn tree_chunk(&self, id: &ChunkId) -> Result<(Tree, Vec<ChunkId>), StoreError> {
         let bytes = self.get_chunk(id)?;
-        Tree::decode(bytes.as_slice()).map_err(|source| StoreError::BadTree { id: *id, source })
+        let tree = Tree::decode(bytes.as_slice())
+            .map_err(|source| StoreError::BadTree { id: *id, source })?;
+        let parts = tree_parts::part_ids(&tree)
+            .map_err(|source| StoreError::BadTreeParts { id: *id, source })?;
+        Ok((tree, parts))
+    }
+
+    /// The listing tree chunk `id` (decoded as `tree`) stands for.
+    fn join_tree(&self, id: &ChunkId, tree: Tree) -> Result<Tree, StoreError> {
+        tree_parts::join_parts(
+            tree,
+            |part| self.get_chunk(part),
+            |source| StoreError::BadTreeParts { id: *id, source },
+        )
     }
 
     /// Check that every chunk of the DAG under `root` is indexed (durable);
@@ -880,7 +910,15 @@ impl Store {
             if !self.index.contains(&tree_id).map_err(self.index_error())? {
                 return Err(missing(tree_id, path));
             }
-            let tree = self.get_tree(&tree_id)?;
+            // The parts are chunks of the tree: present before it is read.
+            let (tree, parts) = self.tree_chunk(&tree_id)?;
+            for id in parts {
+                self.protect([&id]);
+                if !self.index.contains(&id).map_err(self.index_error())? {
+                    return Err(missing(id, path));
+                }
+            }
+            let tree = self.join_tree(&tree_id, tree)?;
             for entry in &tree.entries {
                 let entry_path = join_path(&path, &entry.name);
                 for raw in &entry.chunk_ids {
@@ -1063,8 +1101,8 @@ impl Store {
             if !seen_trees.insert(tree_id) {
                 continue;
             }
-            let tree = match self.get_tree(&tree_id) {
-                Ok(tree) => tree,
+            let (tree, parts) = match self.get_tree_with_parts(&tree_id) {
+                Ok(read) => read,
                 Err(err) => {
                     visit(WalkItem::BadTree {
                         id: tree_id,
@@ -1078,6 +1116,9 @@ impl Store {
                 id: tree_id,
                 path: &path,
             })?;
+            for id in parts {
+                visit(WalkItem::Chunk { id, path: &path })?;
+            }
             for entry in &tree.entries {
                 let entry_path = join_path(&path, &entry.name);
                 for raw in &entry.chunk_ids {

@@ -96,7 +96,10 @@ pub(crate) fn try_backup(
         });
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    let sub = store.put_tree(&Tree { entries })?;
+    let sub = store.put_tree(&Tree {
+        entries,
+        parts: Vec::new(),
+    })?;
     let root = store.put_tree(&Tree {
         entries: vec![TreeEntry {
             name: b"dir".to_vec(),
@@ -104,6 +107,7 @@ pub(crate) fn try_backup(
             subtree_id: sub.to_vec(),
             ..Default::default()
         }],
+        parts: Vec::new(),
     })?;
     store.commit_snapshot(Snapshot {
         name: name.to_owned(),
@@ -397,6 +401,7 @@ fn a_commit_referencing_a_missing_chunk_is_refused() {
                 chunk_ids: vec![absent.to_vec()],
                 ..Default::default()
             }],
+            parts: Vec::new(),
         })
         .unwrap();
     let err = store
@@ -654,6 +659,79 @@ fn a_commit_of_subtrees_found_complete_before_a_gc_checks_them_again() {
     let err = again("third").unwrap_err();
     assert!(matches!(err, StoreError::MissingChunk { .. }), "{err}");
     assert!(store.list_snapshots().unwrap().is_empty());
+}
+
+#[test]
+fn a_listing_in_parts_is_committed_kept_by_gc_verified_and_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let content = Chunk::new(pseudo_random(3000, 9));
+    store.put_chunks(vec![content.clone()]).unwrap();
+    // 100,000 files of the same content: a listing of about 6 MB.
+    let listing = Tree {
+        entries: (0..100_000)
+            .map(|index| TreeEntry {
+                name: format!("file-{index:06}").into_bytes(),
+                kind: EntryKind::File as i32,
+                mode: 0o100644,
+                size: 3000,
+                chunk_ids: vec![content.id.to_vec()],
+                ..Default::default()
+            })
+            .collect(),
+        parts: Vec::new(),
+    };
+    let (_, parts) = crate::tree_parts::tree_chunks(&listing);
+    assert!(parts.len() > 1, "{} parts", parts.len());
+    let root = store.put_tree(&listing).unwrap();
+    assert!(store.get_tree(&root).unwrap() == listing);
+    store
+        .commit_snapshot(Snapshot {
+            name: "large".into(),
+            job: "job".into(),
+            root_tree_id: root.to_vec(),
+            ..Default::default()
+        })
+        .unwrap();
+    // GC keeps the parts (reachable through the tree chunk), verify reads them.
+    let report = store.gc(&GcOptions::immediate()).unwrap();
+    assert_eq!(report.swept_chunks, 0, "{report:?}");
+    assert_reads_back(&store, &parts);
+    let verified = store.verify(&VerifyOptions::default()).unwrap();
+    assert!(verified.is_ok(), "{verified:?}");
+    assert!(
+        verified.chunks_checked >= parts.len() as u64 + 2,
+        "{verified:?}"
+    );
+
+    // A listing one of whose parts the store lacks is refused at commit,
+    // naming that part.
+    let other = Tree {
+        entries: listing.entries[..90_000].to_vec(),
+        parts: Vec::new(),
+    };
+    let (tree_chunk, other_parts) = crate::tree_parts::tree_chunks(&other);
+    let lacking = other_parts
+        .iter()
+        .find(|part| !store.contains(&part.id).unwrap())
+        .expect("a part of its own")
+        .id;
+    let stored: Vec<Chunk> = other_parts
+        .into_iter()
+        .filter(|part| part.id != lacking)
+        .chain([tree_chunk.clone()])
+        .collect();
+    store.put_chunks(stored).unwrap();
+    let refused = store.commit_snapshot(Snapshot {
+        name: "lacking".into(),
+        job: "job".into(),
+        root_tree_id: tree_chunk.id.to_vec(),
+        ..Default::default()
+    });
+    match refused {
+        Err(StoreError::MissingChunk { id, .. }) => assert_eq!(id, lacking),
+        other => panic!("{:?}", other.map(|snapshot| snapshot.name)),
+    }
 }
 
 #[test]

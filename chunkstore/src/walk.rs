@@ -475,16 +475,17 @@ impl Walk<'_> {
             })
     }
 
-    fn store(&self, path: &Path, data: Vec<u8>) -> Result<ChunkId, WalkError> {
-        let chunk = Chunk::new(data);
-        let id = chunk.id;
-        self.put(path, chunk)?;
-        Ok(id)
-    }
-
     fn store_tree(&self, path: &Path, tree: &Tree) -> Result<ChunkId, WalkError> {
         self.counters.dirs.fetch_add(1, Ordering::Relaxed);
-        self.store(path, prost::Message::encode_to_vec(tree))
+        // A listing too large for one chunk goes in parts, before the tree
+        // chunk that lists them.
+        let (listing, parts) = crate::tree_parts::tree_chunks(tree);
+        for part in parts {
+            self.put(path, part)?;
+        }
+        let id = listing.id;
+        self.put(path, listing)?;
+        Ok(id)
     }
 
     /// The id of the parent snapshot's tree `parent`, without encoding,
@@ -594,6 +595,7 @@ impl Walk<'_> {
             .collect::<Result<_, _>>()?;
         let tree = Tree {
             entries: entries.into_iter().flatten().collect(),
+            parts: Vec::new(),
         };
         match parent_id {
             Some(id) if parent.as_ref() == Some(&tree) => Ok(self.same_tree(id)),
@@ -772,6 +774,7 @@ impl Walk<'_> {
                 .flatten()
                 .map(|(entry, _)| entry)
                 .collect(),
+            parts: Vec::new(),
         };
         self.store_tree(path, &tree).map(Some)
     }

@@ -440,6 +440,7 @@ async fn a_commit_with_a_missing_chunk_is_refused_naming_it() {
             chunk_ids: vec![absent.clone()],
             ..Default::default()
         }],
+        parts: Vec::new(),
     };
     let encoded = tree.encode_to_vec();
     let root = blake3::hash(&encoded).as_bytes().to_vec();
@@ -499,6 +500,7 @@ async fn a_snapshot_with_a_traversal_name_is_refused_at_restore() {
                 chunk_ids: vec![content_id.clone()],
                 ..Default::default()
             }],
+            parts: Vec::new(),
         };
         let encoded = tree.encode_to_vec();
         let root = blake3::hash(&encoded).as_bytes().to_vec();
@@ -646,6 +648,74 @@ fn node_to_node_copy_gives_an_identical_snapshot() {
     let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
     restore(&second, &id, &inside, &restored);
     fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
+}
+
+#[test]
+fn a_file_of_150000_chunks_is_backed_up_copied_and_restored_with_its_listing_in_parts() {
+    // 600 GiB, nearly all a hole: some 150,000 chunks, whose ids (5 MB)
+    // are more than one tree chunk or one restore message may carry.
+    const SIZE: u64 = 600 << 30;
+    const DATA: usize = 1 << 20;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let image = std::fs::File::create(source.join("disk.img")).unwrap();
+    image.set_len(SIZE).unwrap();
+    let offsets = [0, SIZE / 2 + 12_345, SIZE - DATA as u64];
+    for (seed, offset) in offsets.iter().enumerate() {
+        std::os::unix::fs::FileExt::write_all_at(
+            &image,
+            &pseudo_random(DATA, seed as u64 + 40),
+            *offset,
+        )
+        .unwrap();
+    }
+    drop(image);
+    let first = Server::node(&work.path().join("store-1"), &[]);
+    let second = Server::node(&work.path().join("store-2"), &[]);
+    let backup = backup_json(&first, &source, "disk");
+    // The zero chunk and the data chunks, each offered once.
+    assert_eq!(field(&backup, "bytes_read"), SIZE, "{backup}");
+    assert!(field(&backup, "chunks_offered") < 20, "{backup}");
+    let id = backup["snapshot"].as_str().unwrap().to_owned();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let copied = runtime.block_on(async {
+        let mut client = StorageClient::connect(first.address.clone()).await.unwrap();
+        let mut progress = client
+            .copy_snapshot(fabric_proto::v1::CopySnapshotRequest {
+                snapshot: id.clone(),
+                target: second.address.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut committed = None;
+        while let Some(item) = progress.next().await {
+            committed = item.unwrap().committed.or(committed);
+        }
+        committed.expect("the copy committed")
+    });
+    assert_eq!(copied.id, id);
+
+    let restored = work.path().join("restored");
+    restore_source(&second, &backup, &source, &restored);
+    let image = std::fs::File::open(restored.join("disk.img")).unwrap();
+    let meta = image.metadata().unwrap();
+    assert_eq!(meta.len(), SIZE);
+    assert!(
+        meta.blocks() * 512 < 64 << 20,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    for (seed, offset) in offsets.iter().enumerate() {
+        let mut back = vec![0; DATA];
+        std::os::unix::fs::FileExt::read_exact_at(&image, &mut back, *offset).unwrap();
+        assert!(
+            back == pseudo_random(DATA, seed as u64 + 40),
+            "the data at {offset}"
+        );
+    }
 }
 
 async fn health(node: &Server) -> tonic_health::pb::health_check_response::ServingStatus {

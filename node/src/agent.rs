@@ -15,8 +15,8 @@ use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Prog
 use fabric_chunkstore::{ChunkId, ChunkSource, SinkError, SnapshotSource, newest_among};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
-    ChunkData, GetChunksRequest, GetNewestSnapshotRequest, GetTreeRequest, ListSnapshotsRequest,
-    ReceiverMessage, SenderMessage, Snapshot, Tree,
+    ChunkData, GetChunksRequest, GetNewestSnapshotRequest, ListSnapshotsRequest, ReceiverMessage,
+    SenderMessage, Snapshot, Tree,
 };
 use futures::StreamExt;
 use prost::Message;
@@ -203,24 +203,32 @@ impl ChunkSource for RemoteSource {
 
     fn get_tree(&self, id: &ChunkId) -> Result<Tree, SinkError> {
         let waiting = self.prefetched().remove(id);
-        if let Some(waiting) = waiting {
+        let prefetched = match waiting {
             // A prefetch dropped unanswered is fetched again below.
-            if let Ok(answer) = self.runtime.block_on(waiting) {
-                // Decoded and checked against its id here, on the walk's
-                // thread, not on the runtime's.
+            Some(waiting) => self.runtime.block_on(waiting).ok(),
+            None => None,
+        };
+        // Decoded and checked against its id here, on the walk's thread,
+        // not on the runtime's.
+        let bytes = match prefetched {
+            Some(answer) => {
                 let chunk = crate::convert::plain_chunk(answer?)?;
-                return Tree::decode(chunk.data.as_slice())
-                    .map_err(|err| format!("tree {id} does not decode: {err}").into());
+                if chunk.id != *id {
+                    return Err(format!("the node sent chunk {} for tree {id}", chunk.id).into());
+                }
+                chunk.data
             }
-        }
-        let mut client = self.client.clone();
-        let id = *id;
-        self.runtime.block_on(async move {
-            Ok(client
-                .get_tree(GetTreeRequest { id: id.to_vec() })
-                .await?
-                .into_inner())
-        })
+            // As a chunk, not with GetTree: the tree chunk of a large
+            // listing is small, its parts are fetched one by one below.
+            None => self.get_chunk(id)?,
+        };
+        let tree = Tree::decode(bytes.as_slice())
+            .map_err(|err| format!("tree {id} does not decode: {err}"))?;
+        fabric_chunkstore::tree_parts::join_parts(
+            tree,
+            |part| self.get_chunk(part),
+            |err| format!("tree {id}: {err}").into(),
+        )
     }
 
     fn prefetch_trees(&self, ids: &[ChunkId]) {

@@ -12,7 +12,7 @@ use fabric_chunkstore::restore::{
     HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
 };
 use fabric_proto::v1::{
-    ChunkData, EntryKind, RestoreItem, RestoreRequest, TreeEntry, restore_item,
+    ChunkData, EntryKind, RestoreEntry, RestoreItem, RestoreRequest, TreeEntry, restore_item,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -28,8 +28,12 @@ pub struct RestoreStreamWriter<'a> {
     /// Files other entries may be hard links to: the node sends those
     /// links without chunks, by the same rule.
     hard_links: HardLinks,
-    /// The last chunk written, as it came and as its checked plain bytes.
-    last_chunk: Option<(ChunkData, Vec<u8>)>,
+    /// The last chunk written, as it came, as its checked plain bytes, and
+    /// whether those are all zeros.
+    last_chunk: Option<(ChunkData, Vec<u8>, bool)>,
+    /// A file entry whose chunk ids are still coming in `more_chunk_ids`
+    /// items, and how many it has in all.
+    incomplete: Option<(RestoreEntry, usize)>,
 }
 
 struct OpenFile {
@@ -55,6 +59,7 @@ impl<'a> RestoreStreamWriter<'a> {
             stats: RestoreStats::default(),
             hard_links: HardLinks::default(),
             last_chunk: None,
+            incomplete: None,
         }
     }
 
@@ -81,78 +86,128 @@ impl<'a> RestoreStreamWriter<'a> {
 
     /// Take the next item of the stream.
     pub fn item(&mut self, item: RestoreItem) -> Result<(), RestoreError> {
+        if let Some((header, count)) = &mut self.incomplete {
+            let path = String::from_utf8_lossy(&header.path).into_owned();
+            let Some(restore_item::Kind::MoreChunkIds(more)) = item.kind else {
+                return Err(bad(&path, "the entry's chunk ids ended early"));
+            };
+            let ids = &mut header.entry.get_or_insert_default().chunk_ids;
+            if ids.len() + more.ids.len() > *count {
+                return Err(bad(&path, "more chunk ids than the entry announced"));
+            }
+            ids.extend(more.ids);
+            if ids.len() == *count
+                && let Some((header, _)) = self.incomplete.take()
+            {
+                return self.entry(header);
+            }
+            return Ok(());
+        }
         match item.kind {
             Some(restore_item::Kind::Entry(header)) => {
                 self.close_file()?;
-                let entry = header.entry.unwrap_or_default();
-                let path = String::from_utf8_lossy(&header.path).into_owned();
-                check_relative_path(&header.path)?;
-                match entry.kind() {
-                    EntryKind::Dir => {
-                        self.target.directory(&header.path, &entry)?;
-                        self.stats.dirs += 1;
-                    }
-                    EntryKind::File => {
-                        if let Some(existing) = self.hard_links.link_target(&header.path, &entry) {
-                            self.target.hard_link(&header.path, &existing, &entry)?;
-                            self.stats.files += 1;
-                            self.stats.hard_links += 1;
-                            return Ok(());
-                        }
-                        self.target.file_start(&header.path, &entry)?;
-                        self.current = Some(OpenFile {
-                            path,
-                            entry,
-                            next_chunk: 0,
-                            written: 0,
-                        });
-                    }
-                    EntryKind::Symlink => {
-                        self.target.symlink(&header.path, &entry)?;
-                        self.stats.symlinks += 1;
-                    }
-                    EntryKind::Other => {
-                        self.target.other(&header.path, &entry)?;
-                        self.stats.others_skipped += 1;
-                    }
-                    EntryKind::Unspecified => return Err(bad(&path, "an entry of no kind")),
-                }
-            }
-            Some(restore_item::Kind::Chunk(chunk)) => {
-                let file = self
-                    .current
-                    .as_mut()
-                    .ok_or_else(|| bad("", "chunk data outside of a file"))?;
-                let expected = file
+                let count = usize::try_from(header.chunk_id_count).unwrap_or(usize::MAX);
+                let listed = header
                     .entry
-                    .chunk_ids
-                    .get(file.next_chunk)
-                    .ok_or_else(|| bad(&file.path, "more chunks than the entry lists"))?;
-                if *expected != chunk.id {
-                    return Err(bad(&file.path, "a chunk out of order"));
+                    .as_ref()
+                    .map_or(0, |entry| entry.chunk_ids.len());
+                if count > listed {
+                    self.incomplete = Some((header, count));
+                    return Ok(());
                 }
-                // The same id, encoding and bytes as the chunk checked last
-                // decode to the same plain bytes.
-                let plain = match &mut self.last_chunk {
-                    Some((last, plain)) if *last == chunk => plain,
-                    last => {
-                        let plain = plain_chunk(chunk.clone())
-                            .map_err(|err| bad(&file.path, err))?
-                            .data;
-                        &last.insert((chunk, plain)).1
-                    }
-                };
-                file.next_chunk += 1;
-                file.written += plain.len() as u64;
-                self.target.file_data(plain)?;
+                self.entry(header)
             }
-            None => return Err(bad("", "an empty restore item")),
+            Some(restore_item::Kind::MoreChunkIds(_)) => {
+                Err(bad("", "chunk ids outside of a file entry"))
+            }
+            Some(restore_item::Kind::Chunk(chunk)) => self.chunk(chunk),
+            None => Err(bad("", "an empty restore item")),
+        }
+    }
+
+    /// An entry, complete with its chunk ids.
+    fn entry(&mut self, header: RestoreEntry) -> Result<(), RestoreError> {
+        let entry = header.entry.unwrap_or_default();
+        let path = String::from_utf8_lossy(&header.path).into_owned();
+        check_relative_path(&header.path)?;
+        match entry.kind() {
+            EntryKind::Dir => {
+                self.target.directory(&header.path, &entry)?;
+                self.stats.dirs += 1;
+            }
+            EntryKind::File => {
+                if let Some(existing) = self.hard_links.link_target(&header.path, &entry) {
+                    self.target.hard_link(&header.path, &existing, &entry)?;
+                    self.stats.files += 1;
+                    self.stats.hard_links += 1;
+                    return Ok(());
+                }
+                self.target.file_start(&header.path, &entry)?;
+                self.current = Some(OpenFile {
+                    path,
+                    entry,
+                    next_chunk: 0,
+                    written: 0,
+                });
+            }
+            EntryKind::Symlink => {
+                self.target.symlink(&header.path, &entry)?;
+                self.stats.symlinks += 1;
+            }
+            EntryKind::Other => {
+                self.target.other(&header.path, &entry)?;
+                self.stats.others_skipped += 1;
+            }
+            EntryKind::Unspecified => return Err(bad(&path, "an entry of no kind")),
+        }
+        Ok(())
+    }
+
+    /// The next chunk of the open file.
+    fn chunk(&mut self, chunk: ChunkData) -> Result<(), RestoreError> {
+        let file = self
+            .current
+            .as_mut()
+            .ok_or_else(|| bad("", "chunk data outside of a file"))?;
+        let expected = file
+            .entry
+            .chunk_ids
+            .get(file.next_chunk)
+            .ok_or_else(|| bad(&file.path, "more chunks than the entry lists"))?;
+        if *expected != chunk.id {
+            return Err(bad(&file.path, "a chunk out of order"));
+        }
+        // The same id, encoding and bytes as the chunk checked last decode
+        // to the same plain bytes.
+        let (plain, zero) = match &mut self.last_chunk {
+            Some((last, plain, zero)) if *last == chunk => (plain, *zero),
+            last => {
+                let plain = plain_chunk(chunk.clone())
+                    .map_err(|err| bad(&file.path, err))?
+                    .data;
+                let zero = fabric_chunkstore::chunker::all_zero(&plain);
+                let (_, plain, _) = last.insert((chunk, plain, zero));
+                (plain, zero)
+            }
+        };
+        file.next_chunk += 1;
+        file.written += plain.len() as u64;
+        if zero {
+            self.target.file_zeros(plain.len() as u64)?;
+        } else {
+            self.target.file_data(plain)?;
         }
         Ok(())
     }
 
     /// The stream ended: close the last file and finish the target.
     pub fn finish(mut self) -> Result<RestoreStats, RestoreError> {
+        if let Some((header, _)) = &self.incomplete {
+            return Err(bad(
+                &String::from_utf8_lossy(&header.path),
+                "the stream ended before the entry's chunk ids",
+            ));
+        }
         self.close_file()?;
         self.target.finish()?;
         self.stats.attributes_not_restored = self.target.attributes_not_restored();
@@ -219,7 +274,6 @@ mod tests {
     use fabric_chunkstore::Chunk;
     use fabric_chunkstore::pack::StoredChunk;
     use fabric_chunkstore::restore::DirectoryTarget;
-    use fabric_proto::v1::RestoreEntry;
 
     use super::*;
     use crate::convert::chunk_data;
@@ -236,6 +290,7 @@ mod tests {
                     chunk_ids: chunks.iter().map(|chunk| chunk.id.to_vec()).collect(),
                     ..Default::default()
                 }),
+                chunk_id_count: 0,
             })),
         }
     }
@@ -280,5 +335,88 @@ mod tests {
             expected.extend_from_slice(&chunk.data);
         }
         assert!(std::fs::read(temp.path().join("image")).unwrap() == expected);
+    }
+
+    /// `file_entry` with only the first `listed` ids in the entry, and the
+    /// rest as `more_chunk_ids` items of at most `per_item` ids.
+    fn entry_in_pieces(
+        name: &str,
+        chunks: &[&Chunk],
+        listed: usize,
+        per_item: usize,
+    ) -> Vec<RestoreItem> {
+        let mut whole = file_entry(name, chunks);
+        let Some(restore_item::Kind::Entry(header)) = &mut whole.kind else {
+            unreachable!()
+        };
+        let entry = header.entry.as_mut().unwrap();
+        let rest = entry.chunk_ids.split_off(listed);
+        header.chunk_id_count = chunks.len() as u64;
+        let mut items = vec![whole];
+        for piece in rest.chunks(per_item) {
+            items.push(RestoreItem {
+                kind: Some(restore_item::Kind::MoreChunkIds(
+                    fabric_proto::v1::ChunkIds {
+                        ids: piece.to_vec(),
+                    },
+                )),
+            });
+        }
+        items
+    }
+
+    #[test]
+    fn chunk_ids_sent_after_their_entry_are_joined_to_it_before_any_chunk() {
+        let temp = tempfile::tempdir().unwrap();
+        let chunks: Vec<Chunk> = (0..7u8)
+            .map(|index| Chunk::new(vec![index + 1; 1000 + usize::from(index)]))
+            .collect();
+        let all: Vec<&Chunk> = chunks.iter().collect();
+        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut writer = RestoreStreamWriter::new(&mut target);
+        for item in entry_in_pieces("large", &all, 2, 3) {
+            writer.item(item).unwrap();
+        }
+        for chunk in &all {
+            writer.item(chunk_item(compressed(chunk))).unwrap();
+        }
+        writer.finish().unwrap();
+        let expected: Vec<u8> = all.iter().flat_map(|chunk| chunk.data.clone()).collect();
+        assert!(std::fs::read(temp.path().join("large")).unwrap() == expected);
+
+        // A chunk before the ids are complete, or more ids than announced,
+        // is refused naming the file.
+        let temp = tempfile::tempdir().unwrap();
+        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut writer = RestoreStreamWriter::new(&mut target);
+        let mut items = entry_in_pieces("early", &all, 2, 3).into_iter();
+        writer.item(items.next().unwrap()).unwrap();
+        let err = writer.item(chunk_item(compressed(all[0]))).unwrap_err();
+        assert!(
+            err.to_string().contains("early") && err.to_string().contains("ended early"),
+            "{err}"
+        );
+
+        let temp = tempfile::tempdir().unwrap();
+        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut writer = RestoreStreamWriter::new(&mut target);
+        let mut items = entry_in_pieces("long", &all, 2, 5);
+        let Some(restore_item::Kind::MoreChunkIds(more)) = &mut items[1].kind else {
+            unreachable!()
+        };
+        more.ids.push(all[0].id.to_vec());
+        writer.item(items[0].clone()).unwrap();
+        let err = writer.item(items[1].clone()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more chunk ids than the entry announced"),
+            "{err}"
+        );
+
+        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut writer = RestoreStreamWriter::new(&mut target);
+        let stray = entry_in_pieces("stray", &all, 2, 5).pop().unwrap();
+        let err = writer.item(stray).unwrap_err();
+        assert!(err.to_string().contains("outside of a file entry"), "{err}");
     }
 }

@@ -16,7 +16,9 @@ pub fn status_from_store_error(err: StoreError) -> Status {
             Status::not_found(message)
         }
         StoreError::Ambiguous { .. } => Status::invalid_argument(message),
-        StoreError::Corrupt { .. } => Status::data_loss(message),
+        StoreError::Corrupt { .. }
+        | StoreError::BadTree { .. }
+        | StoreError::BadTreeParts { .. } => Status::data_loss(message),
         StoreError::WritesRefused { .. } => Status::unavailable(message),
         _ => Status::internal(message),
     }

@@ -15,11 +15,12 @@ use fabric_chunkstore::{ChunkId, SinkError, SnapshotSource};
 use fabric_chunkstore::{GcOptions, Store, VerifyOptions};
 use fabric_proto::v1::storage_server::Storage;
 use fabric_proto::v1::{
-    ChunkData, CopyProgress, CopySnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
-    GcReport, GcRequest, GetChunksRequest, GetNewestSnapshotRequest, GetNewestSnapshotResponse,
-    GetSnapshotRequest, GetTreeRequest, ListSnapshotsRequest, ListSnapshotsResponse,
-    ReceiverMessage, RestoreEntry, RestoreItem, RestoreRequest, SenderMessage, Snapshot,
-    StatsRequest, StoreStats, Tree, VerifyReport, VerifyRequest, restore_item,
+    ChunkData, ChunkIds, CopyProgress, CopySnapshotRequest, DeleteSnapshotRequest,
+    DeleteSnapshotResponse, GcReport, GcRequest, GetChunksRequest, GetNewestSnapshotRequest,
+    GetNewestSnapshotResponse, GetSnapshotRequest, GetTreeRequest, ListSnapshotsRequest,
+    ListSnapshotsResponse, ReceiverMessage, RestoreEntry, RestoreItem, RestoreRequest,
+    SenderMessage, Snapshot, StatsRequest, StoreStats, Tree, TreeEntry, VerifyReport,
+    VerifyRequest, restore_item,
 };
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
@@ -167,11 +168,8 @@ impl Storage for StorageService {
                 store.as_ref(),
                 root,
                 &path,
-                |entry_path: &[u8], entry: &fabric_proto::v1::TreeEntry| -> Result<(), SinkError> {
-                    send(restore_item::Kind::Entry(RestoreEntry {
-                        path: entry_path.to_vec(),
-                        entry: Some(entry.clone()),
-                    }))?;
+                |entry_path: &[u8], entry: &TreeEntry| -> Result<(), SinkError> {
+                    send_entry(&send, entry_path, entry)?;
                     if hard_links.link_target(entry_path, entry).is_some() {
                         // The client links it to the file it already has.
                         return Ok(());
@@ -419,4 +417,36 @@ impl Storage for StorageService {
             ReceiverStream::new(progress_rx).map(|item| item),
         )))
     }
+}
+
+/// Chunk ids in one restore stream message: 65,536 ids are 2.2 MB, well
+/// under the message limit.
+pub const RESTORE_IDS_PER_MESSAGE: usize = 65_536;
+
+/// Send the header of `entry` (at `path`): whole, or, for a file of more
+/// chunks than [`RESTORE_IDS_PER_MESSAGE`], with its first ids and the rest
+/// in `more_chunk_ids` items right after it.
+fn send_entry(
+    send: &impl Fn(restore_item::Kind) -> Result<(), SinkError>,
+    path: &[u8],
+    entry: &TreeEntry,
+) -> Result<(), SinkError> {
+    let mut header = entry.clone();
+    let count = header.chunk_ids.len();
+    let rest = if count > RESTORE_IDS_PER_MESSAGE {
+        header.chunk_ids.split_off(RESTORE_IDS_PER_MESSAGE)
+    } else {
+        Vec::new()
+    };
+    send(restore_item::Kind::Entry(RestoreEntry {
+        path: path.to_vec(),
+        entry: Some(header),
+        chunk_id_count: if rest.is_empty() { 0 } else { count as u64 },
+    }))?;
+    for piece in rest.chunks(RESTORE_IDS_PER_MESSAGE) {
+        send(restore_item::Kind::MoreChunkIds(ChunkIds {
+            ids: piece.to_vec(),
+        }))?;
+    }
+    Ok(())
 }

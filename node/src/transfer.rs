@@ -533,7 +533,14 @@ pub fn offer_snapshot_dag(
         if !seen_trees.insert(tree_id) {
             continue;
         }
-        let tree = store.get_tree(&tree_id).map_err(status_from_store_error)?;
+        let (tree, parts) = store
+            .get_tree_with_parts(&tree_id)
+            .map_err(status_from_store_error)?;
+        for id in parts {
+            chunks
+                .blocking_send(OutgoingChunk::Stored(id))
+                .map_err(|_| Status::cancelled("the copy was abandoned"))?;
+        }
         for entry in &tree.entries {
             for id in &entry.chunk_ids {
                 let id = parse_id(id, "tree entry")?;

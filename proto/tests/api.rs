@@ -25,6 +25,7 @@ fn messages_round_trip_through_encoding() {
             mtime_ns: -1_500_000_000,
             ..Default::default()
         }],
+        parts: Vec::new(),
     };
     let decoded = Tree::decode(tree.encode_to_vec().as_slice()).unwrap();
     assert_eq!(decoded, tree);

@@ -607,7 +607,10 @@ fn part_gc(base: &Path) -> BenchResult<()> {
     }
     store.put_chunks(batch)?;
     for (half, entries) in files.into_iter().enumerate() {
-        let root = store.put_tree(&Tree { entries })?;
+        let root = store.put_tree(&Tree {
+            entries,
+            parts: Vec::new(),
+        })?;
         let snapshot = store.commit_snapshot(Snapshot {
             name: format!("half-{half}"),
             root_tree_id: root.to_vec(),

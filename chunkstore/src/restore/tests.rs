@@ -107,6 +107,7 @@ fn hostile_root(store: &MemoryStore, bad: &[u8], as_dir: bool, nested: bool) -> 
     let bad_entry = if as_dir {
         let inner = store.put_tree(&Tree {
             entries: vec![file_entry(store, b"payload", b"escaped!")],
+            parts: Vec::new(),
         });
         dir_entry(bad, inner)
     } else {
@@ -116,10 +117,14 @@ fn hostile_root(store: &MemoryStore, bad: &[u8], as_dir: bool, nested: bool) -> 
     // except the empty one.
     let mut entries = vec![file_entry(store, b"!good", b"fine"), bad_entry];
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    let tree = store.put_tree(&Tree { entries });
+    let tree = store.put_tree(&Tree {
+        entries,
+        parts: Vec::new(),
+    });
     if nested {
         store.put_tree(&Tree {
             entries: vec![dir_entry(b"d", tree)],
+            parts: Vec::new(),
         })
     } else {
         tree
@@ -249,9 +254,11 @@ fn a_symlink_already_in_the_target_is_never_followed() {
     let store = MemoryStore::default();
     let inner = store.put_tree(&Tree {
         entries: vec![file_entry(&store, b"f", b"overwritten!")],
+        parts: Vec::new(),
     });
     let with_file = store.put_tree(&Tree {
         entries: vec![file_entry(&store, b"g", b"new g")],
+        parts: Vec::new(),
     });
     let err = restore(
         &store,
@@ -271,6 +278,7 @@ fn a_symlink_already_in_the_target_is_never_followed() {
 
     let with_dir = store.put_tree(&Tree {
         entries: vec![dir_entry(b"d", inner)],
+        parts: Vec::new(),
     });
     let err = restore(
         &store,
@@ -299,6 +307,7 @@ fn a_chunk_that_does_not_match_its_id_is_not_written() {
             chunk_ids: vec![good.id.to_vec()],
             ..TreeEntry::default()
         }],
+        parts: Vec::new(),
     });
     let temp = tempfile::tempdir().expect("tempdir");
     let target = temp.path().join("target");
@@ -327,6 +336,7 @@ fn unsorted_or_repeated_names_and_unknown_paths_are_refused() {
             file_entry(&store, b"b", b"1"),
             file_entry(&store, b"a", b"2"),
         ],
+        parts: Vec::new(),
     });
     let err = restore(&store, root, "", &mut TarTarget::new(Vec::new())).expect_err("unsorted");
     assert!(err.to_string().contains("\"a\""), "{err}");
@@ -335,6 +345,7 @@ fn unsorted_or_repeated_names_and_unknown_paths_are_refused() {
             file_entry(&store, b"a", b"1"),
             file_entry(&store, b"a", b"2"),
         ],
+        parts: Vec::new(),
     });
     assert!(restore(&store, root, "", &mut TarTarget::new(Vec::new())).is_err());
     let err = restore(
@@ -356,9 +367,11 @@ fn unsorted_or_repeated_names_and_unknown_paths_are_refused() {
     // A requested path cannot go through a hostile name either.
     let inner = store.put_tree(&Tree {
         entries: vec![file_entry(&store, b"f", b"x")],
+        parts: Vec::new(),
     });
     let root_with_dots = store.put_tree(&Tree {
         entries: vec![dir_entry(b"..", inner)],
+        parts: Vec::new(),
     });
     let err = restore(
         &store,
@@ -376,6 +389,7 @@ fn unsorted_or_repeated_names_and_unknown_paths_are_refused() {
     short.size = 9;
     let root = store.put_tree(&Tree {
         entries: vec![short],
+        parts: Vec::new(),
     });
     let err = restore(&store, root, "", &mut TarTarget::new(Vec::new())).expect_err("short");
     assert!(err.to_string().contains("short"), "{err}");
@@ -943,6 +957,7 @@ fn extended_attributes_that_cannot_be_set_are_counted_and_the_rest_restored() {
     file.xattrs = vec![refused("one"), refused("two")];
     let inner = store.put_tree(&Tree {
         entries: vec![file_entry(&store, b"plain", b"plain")],
+        parts: Vec::new(),
     });
     let mut dir = dir_entry(b"dir", inner);
     dir.xattrs = vec![refused("dir")];
@@ -956,6 +971,7 @@ fn extended_attributes_that_cannot_be_set_are_counted_and_the_rest_restored() {
     };
     let root = store.put_tree(&Tree {
         entries: vec![dir, file, link],
+        parts: Vec::new(),
     });
 
     let temp = tempfile::tempdir().expect("tempdir");

@@ -1209,6 +1209,7 @@ fn listed_names_are_paired_with_the_parent_entry_of_the_same_name() {
     // "b" and "e" were deleted, "c" and "f" are new.
     let parent = Tree {
         entries: named(&[b"a", b"b", b"d", b"e"]),
+        parts: Vec::new(),
     };
     let paired: Vec<(Vec<u8>, Option<Vec<u8>>)> = with_parent_entries(listed.clone(), Some(parent))
         .into_iter()
@@ -1239,6 +1240,7 @@ proptest! {
     ) {
         let parent = Tree {
             entries: previous.iter().map(|name| TreeEntry { name: name.clone(), ..TreeEntry::default() }).collect(),
+            parts: Vec::new(),
         };
         let items: Vec<(Vec<u8>, ())> = listed.iter().map(|name| (name.clone(), ())).collect();
         for (name, (), entry) in with_parent_entries(items, Some(parent.clone())) {
