@@ -605,6 +605,28 @@ fn a_backup_starts_from_the_newest_snapshot_of_its_own_job_and_host() {
     });
 }
 
+/// Copy snapshot `id` from node `from` to node `to` with `CopySnapshot`;
+/// the snapshot as `to` committed it.
+fn copy_snapshot(from: &Server, id: &str, to: &Server) -> Snapshot {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = StorageClient::connect(from.address.clone()).await.unwrap();
+        let mut progress = client
+            .copy_snapshot(fabric_proto::v1::CopySnapshotRequest {
+                snapshot: id.to_owned(),
+                target: to.address.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut committed = None;
+        while let Some(item) = progress.next().await {
+            committed = item.unwrap().committed.or(committed);
+        }
+        committed.expect("the copy committed")
+    })
+}
+
 #[test]
 fn node_to_node_copy_gives_an_identical_snapshot() {
     let work = tempfile::tempdir().unwrap();
@@ -615,32 +637,17 @@ fn node_to_node_copy_gives_an_identical_snapshot() {
     let backup = backup_json(&first, &source, "copy");
     let id = backup["snapshot"].as_str().unwrap().to_owned();
 
+    let copied = copy_snapshot(&first, &id, &second);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (original, copied) = runtime.block_on(async {
+    let original = runtime.block_on(async {
         let mut client = StorageClient::connect(first.address.clone()).await.unwrap();
-        let mut progress = client
-            .copy_snapshot(fabric_proto::v1::CopySnapshotRequest {
-                snapshot: id.clone(),
-                target: second.address.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut committed = None;
-        while let Some(item) = progress.next().await {
-            let item = item.unwrap();
-            if item.committed.is_some() {
-                committed = item.committed;
-            }
-        }
-        let original = client
+        client
             .get_snapshot(fabric_proto::v1::GetSnapshotRequest {
                 snapshot: id.clone(),
             })
             .await
             .unwrap()
-            .into_inner();
-        (original, committed.expect("the copy committed"))
+            .into_inner()
     });
     assert_eq!(copied.id, original.id);
     assert_eq!(copied.root_tree_id, original.root_tree_id);
@@ -679,23 +686,7 @@ fn a_file_of_150000_chunks_is_backed_up_copied_and_restored_with_its_listing_in_
     assert!(field(&backup, "chunks_offered") < 20, "{backup}");
     let id = backup["snapshot"].as_str().unwrap().to_owned();
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let copied = runtime.block_on(async {
-        let mut client = StorageClient::connect(first.address.clone()).await.unwrap();
-        let mut progress = client
-            .copy_snapshot(fabric_proto::v1::CopySnapshotRequest {
-                snapshot: id.clone(),
-                target: second.address.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut committed = None;
-        while let Some(item) = progress.next().await {
-            committed = item.unwrap().committed.or(committed);
-        }
-        committed.expect("the copy committed")
-    });
+    let copied = copy_snapshot(&first, &id, &second);
     assert_eq!(copied.id, id);
 
     let restored = work.path().join("restored");
