@@ -129,9 +129,9 @@ pub enum Cut {
 /// Zero bytes fed from here when a run of zeros is too short to skip.
 pub(crate) static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// Whether every byte of `bytes` is zero (compared with [`ZEROS`] piece by
-/// piece, which runs as fast as `memcmp`; it stops at the first piece that
-/// differs).
+/// Whether every byte of `bytes` is zero (compared with a static buffer of
+/// zeros piece by piece, which runs as fast as `memcmp`; it stops at the
+/// first piece that differs).
 pub fn all_zero(bytes: &[u8]) -> bool {
     bytes
         .chunks(ZEROS.len())
