@@ -541,6 +541,59 @@ fn backup_after(
 }
 
 #[test]
+fn a_directory_of_60000_files_is_stored_in_parts_reused_unchanged_and_restored() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let source = temp.path().join("source");
+    let many = source.join("many");
+    fs::create_dir_all(&many).expect("mkdir");
+    // Empty files (quick to make) with long names.
+    let name = |index: usize| format!("a-file-whose-name-is-long-enough-to-fill-{index:06}");
+    for index in 0..60_000 {
+        fs::File::create(many.join(name(index))).expect("create");
+    }
+    let store = MemoryStore::default();
+    let first = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
+    // Its listing (about 5 MB) is a tree chunk of parts.
+    let parts_of = |root: ChunkId| {
+        let entries = entries(&store, root, as_str(&source));
+        let listing = ChunkId::from_slice(&entries["many"].subtree_id).expect("a subtree id");
+        let stored = store.get_chunk(&listing).expect("the tree chunk");
+        <Tree as prost::Message>::decode(stored.as_slice())
+            .expect("a tree")
+            .parts
+    };
+    let parts = parts_of(first.root);
+    assert!(parts.len() > 1, "{} parts", parts.len());
+
+    let (again, puts) = backup_after(&store, &source, &[], first.root);
+    assert_eq!((again.root, puts), (first.root, 0));
+
+    // One changed file: a new listing, nearly all of whose parts are the
+    // old ones.
+    fs::write(many.join(name(40_000)), b"changed").expect("write");
+    let (changed, _) = backup_after(&store, &source, &[], first.root);
+    assert_ne!(changed.root, first.root);
+    let new_parts = parts_of(changed.root)
+        .into_iter()
+        .filter(|part| !parts.contains(part))
+        .count();
+    assert!(
+        new_parts <= 2,
+        "{new_parts} of {} parts are new",
+        parts.len()
+    );
+
+    // A restore finds the file in the joined listing.
+    let target = temp.path().join("restored");
+    let stats = restore_into(&store, changed.root, &many.join(name(40_000)), &target);
+    assert_eq!(stats.files, 1);
+    assert_eq!(
+        fs::read(target.join(name(40_000))).expect("read"),
+        b"changed"
+    );
+}
+
+#[test]
 fn an_entry_is_the_same_only_if_every_recorded_field_but_chunks_and_attributes_is() {
     let entry = TreeEntry {
         name: b"name".to_vec(),
