@@ -6,7 +6,11 @@
 //! of its file's entry and must decode to bytes that hash to it, and a file must add up to its
 //! recorded size, before anything reaches the target. A chunk the node sends
 //! again byte for byte right after it was checked (the thousands of zero
-//! chunks of a sparse file) is written from the checked copy.
+//! chunks of a sparse file) is written from the checked copy, and a chunk of
+//! zeros goes to the target as a run of zeros it may leave as a hole. A file
+//! of more chunk ids than one message carries has the rest of them in
+//! `more_chunk_ids` items; they are joined to its entry before the file is
+//! started.
 
 use fabric_chunkstore::restore::{
     HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
