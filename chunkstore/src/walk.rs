@@ -871,7 +871,6 @@ impl Walk<'_> {
         may_have_holes: bool,
         entry: &mut TreeEntry,
     ) -> Result<u64, WalkError> {
-        let mut reader = file;
         let mut read: u64 = 0;
         let min_size = u64::from(self.chunk_params.min_size);
         let mut chunker = None;
@@ -880,8 +879,7 @@ impl Walk<'_> {
             // whatever FastCDC does, so small files skip the chunker and its
             // buffers (most files of a typical tree).
             let mut data = Vec::with_capacity(size_hint as usize + 1);
-            (&mut reader)
-                .take(min_size)
+            file.take(min_size)
                 .read_to_end(&mut data)
                 .map_err(io_error(path))?;
             if (data.len() as u64) < min_size {
