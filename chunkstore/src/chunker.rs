@@ -127,7 +127,13 @@ pub enum Cut {
 }
 
 /// Zero bytes fed from here when a run of zeros is too short to skip.
-pub(crate) static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// `len` zero bytes, as slices of one static buffer of zeros.
+pub(crate) fn zero_pieces(len: u64) -> impl Iterator<Item = &'static [u8]> {
+    let piece = ZEROS.len() as u64;
+    (0..len.div_ceil(piece)).map(move |index| &ZEROS[..(len - index * piece).min(piece) as usize])
+}
 
 /// Whether every byte of `bytes` is zero (compared with a static buffer of
 /// zeros piece by piece, which runs as fast as `memcmp`; it stops at the
@@ -249,12 +255,10 @@ impl Chunker {
         }
     }
 
-    /// `feed` of `len` zeros from [`ZEROS`].
-    fn feed_zero_bytes(&mut self, mut len: u64, emit: &mut impl FnMut(Cut)) {
-        while len > 0 {
-            let piece = len.min(ZEROS.len() as u64) as usize;
-            self.feed_known(&ZEROS[..piece], true, &mut |chunk| emit(Cut::Chunk(chunk)));
-            len -= piece as u64;
+    /// `feed` of `len` zeros.
+    fn feed_zero_bytes(&mut self, len: u64, emit: &mut impl FnMut(Cut)) {
+        for piece in zero_pieces(len) {
+            self.feed_known(piece, true, &mut |chunk| emit(Cut::Chunk(chunk)));
         }
     }
 
@@ -384,6 +388,22 @@ mod tests {
         chunker.feed(&[], |c| out.push(c));
         chunker.finish(|c| out.push(c));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn zero_pieces_add_up_to_the_length_asked_for() {
+        for len in [0u64, 1, 65_535, 65_536, 65_537, 200_000] {
+            let pieces: Vec<&[u8]> = zero_pieces(len).collect();
+            assert_eq!(
+                pieces.iter().map(|piece| piece.len() as u64).sum::<u64>(),
+                len
+            );
+            assert!(
+                pieces
+                    .iter()
+                    .all(|piece| !piece.is_empty() && all_zero(piece))
+            );
+        }
     }
 
     /// A long run of zeros is skipped, not fed: all but the chunks at its

@@ -397,13 +397,7 @@ pub trait RestoreTarget {
     /// as thousands of one such chunk). A target may leave them as a hole
     /// without looking at them; by default they are written.
     fn file_zeros(&mut self, len: u64) -> Result<(), RestoreError> {
-        let mut left = len;
-        while left > 0 {
-            let piece = left.min(crate::chunker::ZEROS.len() as u64);
-            self.file_data(&crate::chunker::ZEROS[..piece as usize])?;
-            left -= piece;
-        }
-        Ok(())
+        crate::chunker::zero_pieces(len).try_for_each(|piece| self.file_data(piece))
     }
     /// The current file is complete.
     fn file_end(&mut self) -> Result<(), RestoreError>;
