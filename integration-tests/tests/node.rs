@@ -14,8 +14,8 @@ use fabric_integration_tests::{
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunkEncoding, Commit, EntryKind, GetNewestSnapshotRequest,
-    ListSnapshotsRequest, Offer, SenderMessage, Snapshot, StatsRequest, Tree, TreeEntry,
-    receiver_message, sender_message,
+    GetTreeRequest, ListSnapshotsRequest, Offer, SenderMessage, Snapshot, StatsRequest, Tree,
+    TreeEntry, receiver_message, sender_message,
 };
 use prost::Message;
 use tokio_stream::StreamExt;
@@ -707,6 +707,116 @@ fn a_file_of_150000_chunks_is_backed_up_copied_and_restored_with_its_listing_in_
             "the data at {offset}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_listing_larger_than_a_message_is_read_in_pages_or_without_chunk_ids() {
+    // 40,000 files of 25 chunks each: the listing's encoding (about 35 MB)
+    // is stored in parts and is more than one message may carry.
+    const FILES: usize = 40_000;
+    const CHUNKS_PER_FILE: usize = 25;
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(&work.path().join("store"), &[]);
+    let content = b"one chunk that every file repeats".to_vec();
+    let content_id = blake3::hash(&content).as_bytes().to_vec();
+    let listing = Tree {
+        entries: (0..FILES)
+            .map(|n| TreeEntry {
+                name: format!("file-{n:06}").into_bytes(),
+                kind: EntryKind::File as i32,
+                mode: 0o100644,
+                size: (content.len() * CHUNKS_PER_FILE) as u64,
+                chunk_ids: vec![content_id.clone(); CHUNKS_PER_FILE],
+                ..Default::default()
+            })
+            .collect(),
+        parts: Vec::new(),
+    };
+    assert!(listing.encoded_len() > fabric_node::transfer::MAX_MESSAGE_BYTES);
+    let (root, parts) = fabric_chunkstore::tree_parts::tree_chunks(&listing);
+    assert!(parts.len() > 1, "stored in parts");
+    let chunk_data = |id: &[u8], data: Vec<u8>| ChunkData {
+        id: id.to_vec(),
+        data: data.into(),
+        ..Default::default()
+    };
+    let mut batches = vec![vec![chunk_data(&content_id, content.clone())]];
+    batches.extend(
+        parts
+            .iter()
+            .map(|part| vec![chunk_data(&part.id.to_vec(), part.data.clone())]),
+    );
+    batches.push(vec![chunk_data(&root.id.to_vec(), root.data.clone())]);
+    let mut messages: Vec<SenderMessage> = batches
+        .into_iter()
+        .zip(1..)
+        .map(|(chunks, batch)| send(sender_message::Kind::Chunks(ChunkBatch { batch, chunks })))
+        .collect();
+    messages.push(send(sender_message::Kind::Commit(Commit {
+        snapshot: Some(Snapshot {
+            job: "wide".into(),
+            root_tree_id: root.id.to_vec(),
+            ..Default::default()
+        }),
+    })));
+    let replies = upload(&node, messages).await.unwrap();
+    assert!(
+        matches!(replies.last(), Some(receiver_message::Kind::Committed(_))),
+        "committed: {replies:?}"
+    );
+
+    let mut client = StorageClient::connect(node.address.clone())
+        .await
+        .unwrap()
+        .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES);
+    let request = |start_after: &[u8], max_entries, without_chunk_ids| GetTreeRequest {
+        id: root.id.to_vec(),
+        start_after: start_after.to_vec(),
+        max_entries,
+        without_chunk_ids,
+    };
+    let whole = client.get_tree(request(b"", 0, false)).await.unwrap_err();
+    assert_eq!(whole.code(), tonic::Code::OutOfRange, "{whole:?}");
+    assert!(whole.message().contains("max_entries"), "{whole:?}");
+
+    // Pages of 15,000: 15,000, 15,000, then the short last one.
+    let mut read = Vec::new();
+    let mut sizes = Vec::new();
+    loop {
+        let start_after = read
+            .last()
+            .map_or(Vec::new(), |entry: &TreeEntry| entry.name.clone());
+        let page = client
+            .get_tree(request(&start_after, 15_000, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.parts.is_empty(), "joined");
+        sizes.push(page.entries.len());
+        let last = page.entries.len() < 15_000;
+        read.extend(page.entries);
+        if last {
+            break;
+        }
+    }
+    assert_eq!(sizes, [15_000, 15_000, 10_000]);
+    assert!(read == listing.entries, "the pages make up the listing");
+
+    let bare = client
+        .get_tree(request(b"", 0, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bare.entries.len(), FILES);
+    assert!(bare.entries.iter().all(|entry| entry.chunk_ids.is_empty()));
+    assert_eq!(
+        bare.entries[FILES - 1].name,
+        listing.entries[FILES - 1].name
+    );
+    assert_eq!(
+        bare.entries[FILES - 1].size,
+        listing.entries[FILES - 1].size
+    );
 }
 
 async fn health(node: &Server) -> tonic_health::pb::health_check_response::ServingStatus {

@@ -117,6 +117,58 @@ pub fn receive_upload(
     ReceiverStream::new(out_rx)
 }
 
+/// The page of (joined) listing `tree` that `request` asks for: the entries
+/// after `start_after`, at most `max_entries`, without chunk ids if asked;
+/// refused with `OutOfRange` if it does not fit in one message.
+fn tree_page(id: &ChunkId, tree: Tree, request: &GetTreeRequest) -> Result<Tree, Status> {
+    // Entries are sorted by name (see `Tree`), so a page starts where the
+    // names pass `start_after`.
+    let start = if request.start_after.is_empty() {
+        0
+    } else {
+        tree.entries
+            .partition_point(|entry| entry.name <= request.start_after)
+    };
+    let total = tree.entries.len();
+    let wanted = match request.max_entries {
+        0 => usize::MAX,
+        max => max as usize,
+    };
+    let entries: Vec<TreeEntry> = tree
+        .entries
+        .into_iter()
+        .skip(start)
+        .take(wanted)
+        .map(|mut entry| {
+            if request.without_chunk_ids {
+                entry.chunk_ids = Vec::new();
+            }
+            entry
+        })
+        .collect();
+    let page = Tree {
+        entries,
+        parts: Vec::new(),
+    };
+    let bytes = prost::Message::encoded_len(&page);
+    if bytes > transfer::MAX_MESSAGE_BYTES {
+        let count = page.entries.len();
+        // Half of what would fit on average, as entries differ in size.
+        let fitting =
+            (count as u128 * transfer::MAX_MESSAGE_BYTES as u128 / bytes as u128 / 2).max(1);
+        return Err(Status::out_of_range(format!(
+            "tree {id}: {count} of its {total} entries from entry {start} take {bytes} bytes, more than one message holds ({}); ask for a page of about {fitting} with max_entries{}",
+            transfer::MAX_MESSAGE_BYTES,
+            if request.without_chunk_ids {
+                ""
+            } else {
+                ", or leave out chunk ids with without_chunk_ids"
+            }
+        )));
+    }
+    Ok(page)
+}
+
 fn parse_id(bytes: &[u8]) -> Result<ChunkId, Status> {
     ChunkId::from_slice(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
 }
@@ -193,9 +245,10 @@ impl Storage for StorageService {
     }
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<Tree>, Status> {
-        let id = parse_id(&request.into_inner().id)?;
+        let request = request.into_inner();
+        let id = parse_id(&request.id)?;
         let tree = self.blocking(move |store| store.get_tree(&id)).await?;
-        Ok(Response::new(tree))
+        tree_page(&id, tree, &request).map(Response::new)
     }
 
     type GetChunksStream = ItemStream<ChunkData>;
@@ -449,4 +502,84 @@ fn send_entry(
         }))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, chunks: usize) -> TreeEntry {
+        TreeEntry {
+            name: name.as_bytes().to_vec(),
+            size: chunks as u64,
+            chunk_ids: vec![vec![7; 32]; chunks],
+            ..Default::default()
+        }
+    }
+
+    fn names(tree: &Tree) -> Vec<String> {
+        tree.entries
+            .iter()
+            .map(|entry| String::from_utf8_lossy(&entry.name).into_owned())
+            .collect()
+    }
+
+    fn request(start_after: &str, max_entries: u32, without_chunk_ids: bool) -> GetTreeRequest {
+        GetTreeRequest {
+            id: Vec::new(),
+            start_after: start_after.as_bytes().to_vec(),
+            max_entries,
+            without_chunk_ids,
+        }
+    }
+
+    #[test]
+    fn pages_follow_the_names_and_the_last_is_short() {
+        let tree = Tree {
+            entries: ["a", "b", "c", "d", "e"].map(|name| file(name, 2)).to_vec(),
+            parts: Vec::new(),
+        };
+        let id = ChunkId::of(b"tree");
+        let page =
+            |start_after, max| tree_page(&id, tree.clone(), &request(start_after, max, false));
+        assert_eq!(names(&page("", 0).expect("all")), ["a", "b", "c", "d", "e"]);
+        assert_eq!(names(&page("", 2).expect("first")), ["a", "b"]);
+        assert_eq!(names(&page("b", 2).expect("second")), ["c", "d"]);
+        assert_eq!(names(&page("d", 2).expect("last")), ["e"]);
+        assert!(page("e", 2).expect("past the end").entries.is_empty());
+        // A name between entries (one deleted since the last page) still
+        // continues after it.
+        assert_eq!(names(&page("bb", 0).expect("from bb")), ["c", "d", "e"]);
+        assert_eq!(page("", 0).expect("all").entries[0].chunk_ids.len(), 2);
+        let bare = tree_page(&id, tree.clone(), &request("", 0, true)).expect("bare");
+        assert!(bare.entries.iter().all(|entry| entry.chunk_ids.is_empty()));
+        assert_eq!(bare.entries[4].size, 2, "metadata stays");
+    }
+
+    #[test]
+    fn a_page_larger_than_a_message_is_out_of_range_and_says_what_fits() {
+        // Each entry carries about 1.1 MB of chunk ids: 30 are over the limit.
+        let tree = Tree {
+            entries: (0..30).map(|n| file(&format!("f{n:02}"), 32_000)).collect(),
+            parts: Vec::new(),
+        };
+        let id = ChunkId::of(b"tree");
+        let refused = tree_page(&id, tree.clone(), &request("", 0, false)).expect_err("too big");
+        assert_eq!(refused.code(), tonic::Code::OutOfRange);
+        let message = refused.message();
+        assert!(message.contains(&id.to_string()), "{message}");
+        assert!(message.contains("30 of its 30 entries"), "{message}");
+        assert!(message.contains("max_entries"), "{message}");
+        assert!(message.contains("without_chunk_ids"), "{message}");
+        let suggested: u32 = message
+            .split("a page of about ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|count| count.parse().ok())
+            .expect("a suggested page size");
+        let page = tree_page(&id, tree.clone(), &request("", suggested, false)).expect("fits");
+        assert_eq!(page.entries.len(), suggested as usize);
+        let bare = tree_page(&id, tree, &request("", 0, true)).expect("fits without ids");
+        assert_eq!(bare.entries.len(), 30);
+    }
 }
