@@ -819,6 +819,92 @@ async fn a_listing_larger_than_a_message_is_read_in_pages_or_without_chunk_ids()
     );
 }
 
+/// The tree of `path` (absolute) in the snapshot whose root is `root`.
+fn tree_at(store: &fabric_chunkstore::Store, root: &[u8], path: &Path) -> Tree {
+    let mut tree = store
+        .get_tree(&fabric_chunkstore::ChunkId::from_slice(root).unwrap())
+        .unwrap();
+    for component in path.strip_prefix("/").unwrap().components() {
+        let name = component.as_os_str().as_encoded_bytes();
+        let entry = tree
+            .entries
+            .iter()
+            .find(|entry| entry.name == name)
+            .unwrap();
+        let subtree = fabric_chunkstore::ChunkId::from_slice(&entry.subtree_id).unwrap();
+        tree = store.get_tree(&subtree).unwrap();
+    }
+    tree
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_skips_unchanged_files_even_when_the_parents_trees_are_larger_than_a_message() {
+    // A 2 TiB file, nearly all a hole: over 500,000 chunks, whose ids alone
+    // (18 MB) are more than a pull could once send of its parent.
+    const SIZE: u64 = 2 << 40;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    std::fs::create_dir_all(source.join("notes")).unwrap();
+    let image = std::fs::File::create(source.join("disk.img")).unwrap();
+    image.set_len(SIZE).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&image, &pseudo_random(1 << 20, 60), 0).unwrap();
+    drop(image);
+    for name in ["a", "b", "c"] {
+        std::fs::write(source.join("notes").join(name), name.repeat(1000)).unwrap();
+    }
+    // The real binary is the client's agent; this process is the puller.
+    let agent = Server::node(&work.path().join("agent-store"), &[]);
+    let store = std::sync::Arc::new(
+        fabric_chunkstore::Store::open_or_create(
+            &work.path().join("puller-store"),
+            fabric_chunkstore::StoreConfig::default(),
+        )
+        .unwrap(),
+    );
+    let memory = std::sync::Arc::new(tokio::sync::Semaphore::new(64 * 1024));
+    let pull = || {
+        fabric_node::source_service::pull_into(
+            store.clone(),
+            &agent.address,
+            vec![source.to_str().unwrap().to_owned()],
+            Vec::new(),
+            false,
+            Snapshot {
+                job: "pulled".into(),
+                host: "client".into(),
+                ..Default::default()
+            },
+            memory.clone(),
+        )
+    };
+    let first = pull().await.unwrap();
+    let listing = tree_at(&store, &first.root_tree_id, &source);
+    let disk = listing
+        .entries
+        .iter()
+        .find(|entry| entry.name == b"disk.img")
+        .unwrap();
+    assert!(disk.chunk_ids.len() > 500_000, "{}", disk.chunk_ids.len());
+
+    let second = pull().await.unwrap();
+    assert_eq!(second.parent_id, first.id);
+    assert_eq!(second.root_tree_id, first.root_tree_id);
+    let stats = second.stats.unwrap();
+    assert_eq!(
+        (stats.files, stats.files_unchanged, stats.bytes_read),
+        (4, 4, 0)
+    );
+
+    std::fs::write(source.join("notes/b"), "changed").unwrap();
+    let third = pull().await.unwrap();
+    assert_eq!(third.parent_id, second.id);
+    let stats = third.stats.unwrap();
+    assert_eq!(
+        (stats.files, stats.files_unchanged, stats.bytes_read),
+        (4, 3, 7)
+    );
+}
+
 async fn health(node: &Server) -> tonic_health::pb::health_check_response::ServingStatus {
     let channel = tonic::transport::Channel::from_shared(node.address.clone()).unwrap();
     let mut client =

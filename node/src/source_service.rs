@@ -1,9 +1,12 @@
 //! Pull jobs. The source side (`fabric.v1.Source`, served by a client's
 //! agent) walks the client's files and sends them with the transfer protocol
 //! on the response stream; the puller side ([`pull_into`], run by a storage
-//! node) receives into its own store. The client never dials storage.
+//! node) receives into its own store. The client never dials storage: the
+//! puller sends the parent snapshot's tree chunks ahead of the transfer
+//! (at most [`MAX_PARENT_TREE_BYTES`]), from which the source's walk knows
+//! the files it need not read again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -12,7 +15,7 @@ use fabric_chunkstore::walk::BackupOptions;
 use fabric_chunkstore::{ChunkId, ChunkParams, ChunkSource, SinkError, SnapshotSource};
 use fabric_proto::v1::source_server::Source;
 use fabric_proto::v1::{
-    ParentTree, PullStart, ReceiverMessage, SenderMessage, Snapshot, Tree, receiver_message,
+    ChunkData, ParentTrees, PullStart, ReceiverMessage, SenderMessage, Snapshot, receiver_message,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
@@ -21,22 +24,69 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::send_backup;
 use crate::transfer::{
-    MAX_MESSAGE_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, run_receiver,
+    MAX_BATCH_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, run_receiver,
 };
 
-/// The parent snapshot's trees, sent by the puller in `PullStart`.
-struct ParentTrees(HashMap<ChunkId, Tree>);
+/// Most bytes (as stored) of a parent snapshot's tree chunks that a pull
+/// carries and a source holds in memory: some millions of files. A puller
+/// with a larger parent stops and says so, and the source reads every file.
+pub const MAX_PARENT_TREE_BYTES: usize = 256 * 1024 * 1024;
 
-impl ChunkSource for ParentTrees {
+/// The parent snapshot's tree chunks (and parts), as stored, as the puller
+/// sent them in `parent_trees` messages. Each is decoded and checked
+/// against its id when the walk asks for it.
+struct ParentTreeChunks(HashMap<ChunkId, ChunkData>);
+
+impl ChunkSource for ParentTreeChunks {
     fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, SinkError> {
-        Err(format!("chunk {id} is not available during a pull").into())
-    }
-
-    fn get_tree(&self, id: &ChunkId) -> Result<Tree, SinkError> {
-        self.0
+        let chunk = self
+            .0
             .get(id)
             .cloned()
-            .ok_or_else(|| format!("tree {id} of the parent snapshot was not sent").into())
+            .ok_or_else(|| format!("chunk {id} of the parent snapshot's trees was not sent"))?;
+        // Keyed by the id it carries, which `plain_chunk` checks it against.
+        Ok(crate::convert::plain_chunk(chunk)?.data)
+    }
+}
+
+/// Read the `parent_trees` messages that follow a `pull_start` naming
+/// parent `root`, up to the one marked `done`: the parent's tree chunks,
+/// or none if the puller could not send them all.
+async fn receive_parent_trees(
+    incoming: &mut Streaming<ReceiverMessage>,
+    root: ChunkId,
+) -> Result<Option<ParentTreeChunks>, Status> {
+    let mut chunks = HashMap::new();
+    let mut bytes = 0usize;
+    loop {
+        let message = incoming.next().await.ok_or_else(|| {
+            Status::invalid_argument("the pull ended before the parent's trees were all sent")
+        })??;
+        let Some(receiver_message::Kind::ParentTrees(ParentTrees {
+            chunks: batch,
+            done,
+            truncated,
+        })) = message.kind
+        else {
+            return Err(Status::invalid_argument(
+                "a pull_start naming a parent must be followed by parent_trees messages up to one marked done",
+            ));
+        };
+        for chunk in batch {
+            bytes = bytes.saturating_add(chunk.data.len());
+            if bytes > MAX_PARENT_TREE_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the parent's trees are over {MAX_PARENT_TREE_BYTES} bytes, more than a source holds"
+                )));
+            }
+            let id = ChunkId::from_slice(&chunk.id)
+                .map_err(|err| Status::invalid_argument(format!("a parent tree chunk: {err}")))?;
+            chunks.insert(id, chunk);
+        }
+        if done {
+            let complete = !truncated && chunks.contains_key(&root);
+            return Ok(complete.then_some(ParentTreeChunks(chunks)));
+        }
     }
 }
 
@@ -80,7 +130,6 @@ impl Source for SourceService {
             exclude,
             one_file_system,
             snapshot,
-            parent_trees,
             parent_root,
         } = start;
         if include.is_empty() {
@@ -92,19 +141,18 @@ impl Source for SourceService {
         if template.host.is_empty() {
             template.host = self.hostname.clone();
         }
-        let mut trees = HashMap::new();
-        for ParentTree { id, tree } in parent_trees {
-            let id = ChunkId::from_slice(&id)
-                .map_err(|err| Status::invalid_argument(err.to_string()))?;
-            trees.insert(id, tree.unwrap_or_default());
-        }
-        let parent = ChunkId::from_slice(&parent_root)
-            .ok()
-            .filter(|root| trees.contains_key(root))
-            .map(|root| {
-                let source: Arc<dyn ChunkSource + Send + Sync> = Arc::new(ParentTrees(trees));
-                (source, root)
-            });
+        let parent = if parent_root.is_empty() {
+            None
+        } else {
+            let root = ChunkId::from_slice(&parent_root)
+                .map_err(|err| Status::invalid_argument(format!("parent_root: {err}")))?;
+            receive_parent_trees(&mut incoming, root)
+                .await?
+                .map(|trees| {
+                    let source: Arc<dyn ChunkSource + Send + Sync> = Arc::new(trees);
+                    (source, root)
+                })
+        };
         let options = BackupOptions {
             includes: include.into_iter().map(Into::into).collect(),
             excludes: exclude,
@@ -133,10 +181,6 @@ impl Source for SourceService {
     }
 }
 
-/// Most bytes of parent trees a puller sends along (a larger parent means a
-/// full re-read on the client rather than an oversized message).
-const MAX_PARENT_TREE_BYTES: usize = MAX_MESSAGE_BYTES / 2;
-
 /// Pull from the agent at `source_address` into `store`: the storage node's
 /// side of a pull job. Sends the newest snapshot of the same job, host and
 /// instance as the parent so unchanged files are not read again.
@@ -159,73 +203,256 @@ pub async fn pull_into(
         template.host.clone(),
         template.instance.clone(),
     );
-    let (parent_id, parent_trees) =
-        tokio::task::spawn_blocking(move || parent_trees(&parent_store, &key))
-            .await
-            .map_err(crate::status::join_error)?;
-    let parent_root = parent_trees
-        .first()
-        .map(|tree| tree.id.clone())
+    let parent = tokio::task::spawn_blocking(move || parent_of(&parent_store, &key))
+        .await
+        .map_err(crate::status::join_error)?;
+    let parent_root = parent
+        .as_ref()
+        .map(|(_, root)| root.to_vec())
         .unwrap_or_default();
-    template.parent_id = parent_id;
+    if let Some((id, _)) = &parent {
+        template.parent_id.clone_from(id);
+    }
 
-    let (request_tx, request_rx) = mpsc::channel::<ReceiverMessage>(REPLY_CHANNEL + 1);
-    request_tx
+    // The pull start and the parent's trees go first, on a channel of their
+    // own with room for few batches; the receiver's replies follow on theirs
+    // (the source sends nothing to reply to before it has the trees).
+    let (start_tx, start_rx) = mpsc::channel::<ReceiverMessage>(2);
+    start_tx
         .send(ReceiverMessage {
             kind: Some(receiver_message::Kind::PullStart(PullStart {
                 include,
                 exclude,
                 one_file_system,
                 snapshot: Some(template),
-                parent_trees,
                 parent_root,
             })),
         })
         .await
         .map_err(|_| Status::internal("the pull request stream closed at once"))?;
-    let incoming = client
-        .pull(ReceiverStream::new(request_rx))
-        .await?
-        .into_inner();
-    run_receiver(store, incoming, request_tx, memory).await
+    if let Some((_, root)) = parent {
+        let tree_store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            send_parent_trees(&tree_store, root, MAX_PARENT_TREE_BYTES, &mut |batch| {
+                start_tx
+                    .blocking_send(ReceiverMessage {
+                        kind: Some(receiver_message::Kind::ParentTrees(batch)),
+                    })
+                    .is_ok()
+            });
+        });
+    } else {
+        drop(start_tx);
+    }
+    let (request_tx, request_rx) = mpsc::channel::<ReceiverMessage>(REPLY_CHANNEL + 1);
+    let requests = ReceiverStream::new(start_rx).chain(ReceiverStream::new(request_rx));
+    let mut incoming = client.pull(requests).await?.into_inner();
+    let committed = run_receiver(store, &mut incoming, request_tx, memory).await?;
+    // Dropping the call would reset it and could discard the `committed`
+    // answer before it reaches the source: wait (briefly) for the source to
+    // end its side, which it does once it has the answer.
+    let _ = tokio::time::timeout(SOURCE_END_WAIT, async {
+        while incoming.next().await.is_some() {}
+    })
+    .await;
+    Ok(committed)
 }
 
-/// The id and trees (root first) of the newest snapshot of `(job, host,
-/// instance)`, within [`MAX_PARENT_TREE_BYTES`]; none when there is no such
-/// snapshot or its trees are too large to send.
-fn parent_trees(store: &Store, key: &(String, String, String)) -> (String, Vec<ParentTree>) {
-    let none = (String::new(), Vec::new());
+/// How long a puller waits, after its commit, for the source to end the pull.
+const SOURCE_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The id and root tree of the newest snapshot of `(job, host, instance)`.
+fn parent_of(store: &Store, key: &(String, String, String)) -> Option<(String, ChunkId)> {
     let source = SnapshotSource {
         job: &key.0,
         host: &key.1,
         instance: &key.2,
     };
-    let Ok(Some(parent)) = store.newest_snapshot(&source) else {
-        return none;
-    };
-    let Ok(root) = ChunkId::from_slice(&parent.root_tree_id) else {
-        return none;
-    };
-    let mut trees = Vec::new();
-    let mut bytes = 0;
+    let parent = store.newest_snapshot(&source).ok()??;
+    let root = ChunkId::from_slice(&parent.root_tree_id).ok()?;
+    Some((parent.id, root))
+}
+
+/// Hand `send` the tree chunks (and parts) of the DAG under `root`, as
+/// stored, in batches of at most [`MAX_BATCH_BYTES`], the last marked done;
+/// truncated once they pass `limit` bytes or a tree cannot be read. Stops
+/// early when `send` says the pull has gone.
+fn send_parent_trees(
+    store: &Store,
+    root: ChunkId,
+    limit: usize,
+    send: &mut dyn FnMut(ParentTrees) -> bool,
+) {
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
+    let mut total = 0usize;
+    let mut seen = HashSet::new();
     let mut stack = vec![root];
-    while let Some(id) = stack.pop() {
-        let Ok(tree) = store.get_tree(&id) else {
-            return none;
+    let truncated = loop {
+        let Some(id) = stack.pop() else {
+            break false;
         };
-        bytes += prost::Message::encoded_len(&tree);
-        if bytes > MAX_PARENT_TREE_BYTES {
-            return none;
+        if !seen.insert(id) {
+            continue;
         }
+        let read = store.get_tree_with_parts(&id).and_then(|(tree, parts)| {
+            let stored = std::iter::once(id)
+                .chain(parts)
+                .map(|chunk_id| store.get_stored(&chunk_id))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((tree, stored))
+        });
+        let (tree, stored) = match read {
+            Ok(read) => read,
+            Err(err) => {
+                tracing::warn!(tree = %id, "the parent's trees are not sent, the source reads every file: {err}");
+                break true;
+            }
+        };
         stack.extend(
             tree.entries
                 .iter()
                 .filter_map(|entry| ChunkId::from_slice(&entry.subtree_id).ok()),
         );
-        trees.push(ParentTree {
-            id: id.to_vec(),
-            tree: Some(tree),
-        });
+        let overflow = stored.iter().map(|chunk| chunk.stored.len()).sum::<usize>()
+            > limit.saturating_sub(total);
+        if overflow {
+            tracing::info!(
+                "the parent's trees are over {limit} bytes: the source reads every file"
+            );
+            break true;
+        }
+        for chunk in stored {
+            let len = chunk.stored.len();
+            if !batch.is_empty() && batch_bytes + len > MAX_BATCH_BYTES {
+                let full = ParentTrees {
+                    chunks: std::mem::take(&mut batch),
+                    done: false,
+                    truncated: false,
+                };
+                if !send(full) {
+                    return;
+                }
+                batch_bytes = 0;
+            }
+            batch_bytes += len;
+            total += len;
+            batch.push(crate::convert::chunk_data(chunk));
+        }
+    };
+    if truncated {
+        batch.clear();
     }
-    (parent.id, trees)
+    send(ParentTrees {
+        chunks: batch,
+        done: true,
+        truncated,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use fabric_chunkstore::StoreConfig;
+    use fabric_chunkstore::walk::backup;
+
+    use super::*;
+
+    /// A store holding a backup of a few directories; the root tree's id.
+    fn store_with_backup(dir: &std::path::Path) -> (Store, ChunkId) {
+        let source = dir.join("source");
+        for sub in ["a", "b", "a/deeper"] {
+            std::fs::create_dir_all(source.join(sub)).expect("mkdir");
+            std::fs::write(source.join(sub).join("file"), sub).expect("write");
+        }
+        // Two identical directories: one tree, sent once.
+        std::fs::create_dir_all(source.join("same-1")).expect("mkdir");
+        std::fs::create_dir_all(source.join("same-2")).expect("mkdir");
+        let store =
+            Store::open_or_create(&dir.join("store"), StoreConfig::default()).expect("store");
+        let options = BackupOptions {
+            includes: vec![source],
+            excludes: Vec::new(),
+            one_file_system: false,
+            chunk_params: ChunkParams::default(),
+            threads: 1,
+        };
+        let outcome = backup(&options, &store, None, &|_| {}).expect("backup");
+        (store, outcome.root)
+    }
+
+    fn sent(store: &Store, root: ChunkId, limit: usize) -> Vec<ParentTrees> {
+        let mut messages = Vec::new();
+        send_parent_trees(store, root, limit, &mut |batch| {
+            messages.push(batch);
+            true
+        });
+        messages
+    }
+
+    #[test]
+    fn every_tree_of_the_parent_is_sent_once_and_reads_back_as_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, root) = store_with_backup(dir.path());
+        let messages = sent(&store, root, MAX_PARENT_TREE_BYTES);
+        let last = messages.last().expect("a message");
+        assert!(last.done && !last.truncated);
+        assert!(messages[..messages.len() - 1].iter().all(|m| !m.done));
+        let chunks: Vec<ChunkData> = messages.into_iter().flat_map(|m| m.chunks).collect();
+        let ids: HashSet<Vec<u8>> = chunks.iter().map(|chunk| chunk.id.clone()).collect();
+        assert_eq!(ids.len(), chunks.len(), "no tree twice");
+        let trees = ParentTreeChunks(
+            chunks
+                .into_iter()
+                .map(|chunk| (ChunkId::from_slice(&chunk.id).expect("an id"), chunk))
+                .collect(),
+        );
+        let mut stack = vec![root];
+        let mut visited = 0;
+        while let Some(id) = stack.pop() {
+            let tree = trees.get_tree(&id).expect("sent");
+            assert_eq!(tree, store.get_tree(&id).expect("stored"));
+            stack.extend(
+                tree.entries
+                    .iter()
+                    .filter_map(|entry| ChunkId::from_slice(&entry.subtree_id).ok()),
+            );
+            visited += 1;
+        }
+        // The path down to the source, then source, a, a/deeper, b and the
+        // two identical directories (one tree, visited twice).
+        assert!(
+            visited > trees.0.len(),
+            "{visited} visits of {} trees",
+            trees.0.len()
+        );
+    }
+
+    #[test]
+    fn a_parent_over_the_limit_is_sent_as_truncated_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, root) = store_with_backup(dir.path());
+        let messages = sent(&store, root, 200);
+        let last = messages.last().expect("a message");
+        assert!(last.done && last.truncated);
+        assert!(last.chunks.is_empty());
+    }
+
+    #[test]
+    fn a_tree_altered_on_the_way_is_refused_when_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, root) = store_with_backup(dir.path());
+        let mut chunks: HashMap<ChunkId, ChunkData> = sent(&store, root, MAX_PARENT_TREE_BYTES)
+            .into_iter()
+            .flat_map(|m| m.chunks)
+            .map(|chunk| (ChunkId::from_slice(&chunk.id).expect("an id"), chunk))
+            .collect();
+        let chunk = chunks.get_mut(&root).expect("the root");
+        let mut data = chunk.data.to_vec();
+        data[0] ^= 1;
+        chunk.data = data.into();
+        let err = ParentTreeChunks(chunks)
+            .get_tree(&root)
+            .expect_err("altered");
+        assert!(err.to_string().contains(&root.to_string()), "{err}");
+    }
 }
