@@ -6,7 +6,7 @@
 //! (at most [`MAX_PARENT_TREE_BYTES`]), from which the source's walk knows
 //! the files it need not read again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -23,8 +23,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::send_backup;
+use crate::status::status_from_store_error;
 use crate::transfer::{
-    MAX_BATCH_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, run_receiver,
+    MAX_BATCH_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, for_each_tree, run_receiver,
 };
 
 /// Most bytes (as stored) of a parent snapshot's tree chunks that a pull
@@ -286,41 +287,19 @@ fn send_parent_trees(
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
     let mut total = 0usize;
-    let mut seen = HashSet::new();
-    let mut stack = vec![root];
-    let truncated = loop {
-        let Some(id) = stack.pop() else {
-            break false;
-        };
-        if !seen.insert(id) {
-            continue;
-        }
-        let read = store.get_tree_with_parts(&id).and_then(|(tree, parts)| {
-            let stored = std::iter::once(id)
-                .chain(parts)
-                .map(|chunk_id| store.get_stored(&chunk_id))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((tree, stored))
-        });
-        let (tree, stored) = match read {
-            Ok(read) => read,
-            Err(err) => {
-                tracing::warn!(tree = %id, "the parent's trees are not sent, the source reads every file: {err}");
-                break true;
-            }
-        };
-        stack.extend(
-            tree.entries
-                .iter()
-                .filter_map(|entry| ChunkId::from_slice(&entry.subtree_id).ok()),
-        );
-        let overflow = stored.iter().map(|chunk| chunk.stored.len()).sum::<usize>()
-            > limit.saturating_sub(total);
-        if overflow {
-            tracing::info!(
-                "the parent's trees are over {limit} bytes: the source reads every file"
-            );
-            break true;
+    let mut gone = false;
+    let walked = for_each_tree(store, root, |id, _, parts| {
+        let stored = std::iter::once(id)
+            .chain(parts)
+            .map(|chunk_id| store.get_stored(&chunk_id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(status_from_store_error)?;
+        if stored.iter().map(|chunk| chunk.stored.len()).sum::<usize>()
+            > limit.saturating_sub(total)
+        {
+            return Err(Status::out_of_range(format!(
+                "the parent's trees are over {limit} bytes"
+            )));
         }
         for chunk in stored {
             let len = chunk.stored.len();
@@ -331,13 +310,32 @@ fn send_parent_trees(
                     truncated: false,
                 };
                 if !send(full) {
-                    return;
+                    gone = true;
+                    return Err(Status::cancelled("the pull has gone"));
                 }
                 batch_bytes = 0;
             }
             batch_bytes += len;
             total += len;
             batch.push(crate::convert::chunk_data(chunk));
+        }
+        Ok(())
+    });
+    if gone {
+        return;
+    }
+    let truncated = match walked {
+        Ok(()) => false,
+        Err(status) if status.code() == tonic::Code::OutOfRange => {
+            tracing::info!("{}: the source reads every file", status.message());
+            true
+        }
+        Err(status) => {
+            tracing::warn!(
+                "the parent's trees are not sent, the source reads every file: {}",
+                status.message()
+            );
+            true
         }
     };
     if truncated {
@@ -352,6 +350,8 @@ fn send_parent_trees(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use fabric_chunkstore::StoreConfig;
     use fabric_chunkstore::walk::backup;
 

@@ -28,7 +28,7 @@ use fabric_chunkstore::pack::{self, StoredChunk};
 use fabric_chunkstore::{Chunk, ChunkId, Store};
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
-    SenderMessage, Snapshot, receiver_message, sender_message,
+    SenderMessage, Snapshot, Tree, receiver_message, sender_message,
 };
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
@@ -518,14 +518,14 @@ fn spawn_writer(
     (batches, writer)
 }
 
-/// Send every chunk of the DAG under `root` into `chunks`, for a copy: each
-/// tree's data chunks, then the tree itself, depth first (the order does not
-/// matter to the receiver: its commit checks the whole DAG). Runs on a
-/// blocking thread.
-pub fn offer_snapshot_dag(
+/// Visit every distinct tree of the DAG under `root` once, depth first: its
+/// id, its (joined) listing and the ids of the parts it was joined from.
+/// Stops at the first error: reading a tree, a malformed subtree id, or
+/// `visit`'s own. Runs on a blocking thread.
+pub fn for_each_tree(
     store: &Store,
     root: ChunkId,
-    chunks: &mpsc::Sender<OutgoingChunk>,
+    mut visit: impl FnMut(ChunkId, &Tree, Vec<ChunkId>) -> Result<(), Status>,
 ) -> Result<(), Status> {
     let mut stack = vec![root];
     let mut seen_trees = HashSet::new();
@@ -536,27 +536,41 @@ pub fn offer_snapshot_dag(
         let (tree, parts) = store
             .get_tree_with_parts(&tree_id)
             .map_err(status_from_store_error)?;
-        for id in parts {
-            chunks
-                .blocking_send(OutgoingChunk::Stored(id))
-                .map_err(|_| Status::cancelled("the copy was abandoned"))?;
-        }
+        visit(tree_id, &tree, parts)?;
         for entry in &tree.entries {
-            for id in &entry.chunk_ids {
-                let id = parse_id(id, "tree entry")?;
-                chunks
-                    .blocking_send(OutgoingChunk::Stored(id))
-                    .map_err(|_| Status::cancelled("the copy was abandoned"))?;
-            }
             if !entry.subtree_id.is_empty() {
                 stack.push(parse_id(&entry.subtree_id, "tree entry")?);
             }
         }
-        chunks
-            .blocking_send(OutgoingChunk::Stored(tree_id))
-            .map_err(|_| Status::cancelled("the copy was abandoned"))?;
     }
     Ok(())
+}
+
+/// Send every chunk of the DAG under `root` into `chunks`, for a copy: each
+/// tree's parts and data chunks, then the tree itself, depth first (the
+/// order does not matter to the receiver: its commit checks the whole DAG).
+/// Runs on a blocking thread.
+pub fn offer_snapshot_dag(
+    store: &Store,
+    root: ChunkId,
+    chunks: &mpsc::Sender<OutgoingChunk>,
+) -> Result<(), Status> {
+    let offer = |id| {
+        chunks
+            .blocking_send(OutgoingChunk::Stored(id))
+            .map_err(|_| Status::cancelled("the copy was abandoned"))
+    };
+    for_each_tree(store, root, |tree_id, tree, parts| {
+        for id in parts {
+            offer(id)?;
+        }
+        for entry in &tree.entries {
+            for id in &entry.chunk_ids {
+                offer(parse_id(id, "tree entry")?)?;
+            }
+        }
+        offer(tree_id)
+    })
 }
 
 /// A sink for the backup walk that feeds a sender: every chunk goes into the
