@@ -16,7 +16,6 @@ pub mod gc;
 pub mod id;
 pub mod index;
 pub mod index_sled;
-pub mod naming;
 pub mod pack;
 pub mod restore;
 pub mod sink;

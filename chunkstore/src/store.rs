@@ -991,7 +991,7 @@ impl Store {
         }
         snapshot.state = SnapshotState::Complete as i32;
         if snapshot.name.is_empty() {
-            snapshot.name = crate::naming::snapshot_name(&snapshot);
+            snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
         }
         self.write_snapshot_file(&snapshot)?;
         self.catalog.put(&snapshot).map_err(self.index_error())?;

@@ -19,8 +19,8 @@
 //!
 //! Layout: like restic, the root tree mirrors the absolute paths from `/`.
 //! Backing up `/a/b/src` gives root -> `a` -> `b` -> `src` -> contents, the
-//! intermediate directories with their real metadata and only the included
-//! children.
+//! intermediate directories with their name, mode and owner (no times, so an
+//! unchanged include keeps the same root) and only the included children.
 //!
 //! Policy for problems while reading (each becomes a line of
 //! [`BackupOutcome::warnings`] naming the path, never a failure):

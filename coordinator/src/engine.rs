@@ -912,7 +912,7 @@ impl Inner {
             start_time_ms: now,
             ..Default::default()
         };
-        snapshot.name = fabric_chunkstore::naming::snapshot_name(&snapshot);
+        snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
         record.snapshot = Some(snapshot.clone());
         snapshot
     }

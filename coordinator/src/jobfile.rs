@@ -86,7 +86,7 @@ use fabric_proto::v1::{Direction, JobSpec, SnapshotType};
 use toml::de::{DeTable, DeValue};
 
 use crate::dest::{DestParseError, DestPlan, DestStep};
-use fabric_chunkstore::naming::CivilTime;
+use fabric_proto::naming::CivilTime;
 
 /// Run-time variables, substituted by [`expand_runtime`].
 pub const RUNTIME_VARIABLES: [&str; 3] = ["instance", "host", "start_time"];

@@ -6,7 +6,7 @@
 //! snapshot catalogue.
 //!
 //! Pure logic: [`dest`] (destination grammar), [`jobfile`] (jobs files; snapshot
-//! names come from `fabric_chunkstore::naming`),
+//! names come from `fabric_proto::naming`),
 //! [`check`] (freshness), [`runs`] (the run
 //! state machine). Stateful parts: [`state`] (sled), [`engine`] (live state),
 //! [`service`] (gRPC), [`server`] (the server function).

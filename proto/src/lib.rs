@@ -7,8 +7,11 @@
 //! messages the API carries, without pulling in tonic or tokio.
 //!
 //! With `grpc`, [`standard`] adds grpc.health.v1 and server reflection to a
-//! server. This crate must never hold business logic: only the API and the
-//! glue every server needs to expose it.
+//! server. [`naming`] names snapshot records (B1000's scheme), so the chunk
+//! store and the coordinator share it without the coordinator depending on
+//! the storage engine. This crate must never hold business logic beyond
+//! that: only the API, the names of its records, and the glue every server
+//! needs to expose it.
 
 /// Package `fabric.v1`: every message, and (feature `grpc`) every service.
 pub mod v1 {
@@ -30,6 +33,8 @@ pub mod service_names {
     /// The coordinator.
     pub const COORDINATOR: &str = "fabric.v1.Coordinator";
 }
+
+pub mod naming;
 
 #[cfg(feature = "grpc")]
 pub mod standard;

@@ -11,11 +11,12 @@
 //! A snapshot without a job is named under `snapshot/`.
 //!
 //! This module only formats; it never reads a clock (callers pass times).
-//! It lives in the chunk store because both the store (naming a record
-//! committed without a name) and the coordinator (naming a run's snapshot up
-//! front, so every copy carries the same name) use it.
+//! It lives beside the records it names because both the chunk store (naming
+//! a record committed without a name) and the coordinator (naming a run's
+//! snapshot up front, so every copy carries the same name) use it, and the
+//! coordinator must not depend on the storage engine.
 
-use fabric_proto::v1::{Snapshot, SnapshotType};
+use crate::v1::{Snapshot, SnapshotType};
 
 const DAY_NAMES: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
 
