@@ -70,6 +70,18 @@ pub struct CoordinatorConfig {
     pub queue_timeout: Duration,
     /// `text` or `json` (`log_format`).
     pub log_format: LogFormat,
+    /// The coordinator's certificate, role coordinator (`tls_cert`).
+    pub tls_cert: Option<PathBuf>,
+    /// Its key (`tls_key`, mode 0600).
+    pub tls_key: Option<PathBuf>,
+    /// The fabric's CA certificate (`tls_ca`).
+    pub tls_ca: Option<PathBuf>,
+    /// No TLS and no authentication (`insecure_plaintext`): only for a
+    /// throwaway fabric on a trusted network; logged as a warning.
+    pub insecure_plaintext: bool,
+    /// The plaintext port that serves only grpc.health.v1, for probes
+    /// (`health_listen`, default `0.0.0.0:7420`; `""`: none).
+    pub health_listen: String,
 }
 
 impl Default for CoordinatorConfig {
@@ -81,6 +93,11 @@ impl Default for CoordinatorConfig {
             lost_after_missed_heartbeats: 3,
             queue_timeout: Duration::from_secs(600),
             log_format: LogFormat::Text,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            insecure_plaintext: false,
+            health_listen: "0.0.0.0:7420".to_owned(),
         }
     }
 }
@@ -120,6 +137,16 @@ impl CoordinatorConfig {
             });
         }
         Ok(())
+    }
+
+    /// The TLS files and the plaintext switch.
+    pub fn transport_settings(&self) -> fabric_trust::transport::TransportSettings {
+        fabric_trust::transport::TransportSettings {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            insecure_plaintext: self.insecure_plaintext,
+        }
     }
 
     /// How long without a heartbeat before a node is lost.

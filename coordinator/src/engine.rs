@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CancelAssignment, CatalogEntry, CheckResponse, CoordinatorMessage,
-    CopyState, CopyTarget, Direction, Job, JobSpec, ListCatalogRequest, ListRunsRequest, Node,
-    NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, Run, RunCopy, RunDetail, RunEvent,
+    CopyState, CopyTarget, Direction, Job, JobChange, JobSpec, ListCatalogRequest, ListRunsRequest, Node,
+    NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, PullPermit, Run, RunCopy, RunDetail, RunEvent,
     RunState, RunUpdate, Snapshot, SnapshotType, SubmitJobsRequest, SubmitJobsResponse,
     coordinator_message, node_message,
 };
@@ -55,6 +55,9 @@ pub enum EngineError {
     /// A run id prefix matching several runs.
     #[error(transparent)]
     Ambiguous(#[from] AmbiguousPrefix),
+    /// The caller may not do this (a node id held by a live session).
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 /// The timing the engine follows.
@@ -103,6 +106,7 @@ pub struct Engine {
     inner: Mutex<Inner>,
     events: broadcast::Sender<RunEvent>,
     settings: Settings,
+    state: Store,
 }
 
 impl std::fmt::Debug for Engine {
@@ -153,6 +157,7 @@ fn static_value(value: &str) -> String {
 impl Engine {
     /// Loads the state and gets ready to serve.
     pub fn open(store: Store, settings: Settings) -> Result<Self, StateError> {
+        let state = store.clone();
         let (events, _) = broadcast::channel(1024);
         let now = now_ms();
         let mut nodes = BTreeMap::new();
@@ -201,7 +206,13 @@ impl Engine {
             }),
             events,
             settings,
+            state,
         })
+    }
+
+    /// The state database (for the token store, which shares it).
+    pub fn state(&self) -> Store {
+        self.state.clone()
     }
 
     /// The timing settings.
@@ -232,6 +243,19 @@ impl Engine {
         validate_node_info(&hello)?;
         let now = now_ms();
         let mut inner = self.inner.lock().await;
+        if let Some(session) = inner.sessions.get(&hello.id)
+            && !session.sender.is_closed()
+        {
+            let last_seen = inner.last_seen.get(&hello.id).copied().unwrap_or(0);
+            let silent = now.saturating_sub(last_seen);
+            if silent < millis(self.settings.lost_after) {
+                tracing::warn!(node = %hello.id, "a second session for a node id with a live session was refused");
+                return Err(EngineError::PermissionDenied(format!(
+                    "node {} already has a live session (last heard {} ms ago): a second process with this id is refused; it can take over once that session ends or the node is lost",
+                    hello.id, silent
+                )));
+            }
+        }
         let (sender, receiver) = mpsc::unbounded_channel();
         let generation = inner.next_generation;
         inner.next_generation += 1;
@@ -304,9 +328,12 @@ impl Engine {
     }
 
     /// Stores the jobs of a file and starts the selected runs.
+    /// `by` is who submitted them (`operator/alice`), recorded with every
+    /// job it creates or changes.
     pub async fn submit_jobs(
         &self,
         request: SubmitJobsRequest,
+        by: &str,
     ) -> Result<SubmitJobsResponse, EngineError> {
         let now = now_ms();
         let mut inner = self.inner.lock().await;
@@ -326,10 +353,34 @@ impl Engine {
                 .map_err(|error| EngineError::InvalidArgument(format!("{file_name}: {error}")))?
         };
         for spec in &specs {
+            let earlier = inner.store.job(&spec.name)?;
+            let mut history = earlier
+                .as_ref()
+                .map(|job| job.history.clone())
+                .unwrap_or_default();
+            let change = match earlier.as_ref().and_then(|job| job.spec.as_ref()) {
+                None => Some("created".to_owned()),
+                Some(old) => {
+                    let keys = crate::job_history::changed_keys(old, spec);
+                    (!keys.is_empty()).then(|| format!("changed: {}", keys.join(", ")))
+                }
+            };
+            if let Some(change) = change {
+                tracing::info!(job = %spec.name, by, %change, "job stored");
+                history.push(JobChange {
+                    time_ms: now,
+                    by: by.to_owned(),
+                    change,
+                });
+                let excess = history.len().saturating_sub(MAX_JOB_HISTORY);
+                history.drain(..excess);
+            }
             inner.store.put_job(&Job {
                 spec: Some(spec.clone()),
                 submitted_ms: now,
                 last_run: None,
+                submitted_by: by.to_owned(),
+                history,
             })?;
         }
         let mut started = Vec::new();
@@ -537,6 +588,27 @@ impl Engine {
         inner.store.flush().await?;
         Ok(())
     }
+}
+
+/// Changes kept in a job's history.
+const MAX_JOB_HISTORY: usize = 100;
+
+/// Tells a passive client that the node of `pull` (a pull assignment) may
+/// pull that run, and which paths.
+fn pull_permit(pull: &CoordinatorMessage) -> Option<CoordinatorMessage> {
+    let Some(coordinator_message::Kind::Assignment(assignment)) = &pull.kind else {
+        return None;
+    };
+    let job = assignment.job.clone().unwrap_or_default();
+    Some(CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::PullPermit(PullPermit {
+            run_id: assignment.run_id.clone(),
+            puller: assignment.dest.clone(),
+            include: job.include,
+            exclude: job.exclude,
+            one_file_system: job.one_file_system,
+        })),
+    })
 }
 
 fn validate_node_info(info: &NodeInfo) -> Result<(), EngineError> {
@@ -1026,6 +1098,7 @@ impl Inner {
                 job: Some(job),
                 instance: run.instance.clone(),
                 source_address: self.address_of(&run.client),
+                source_node: run.client.clone(),
                 snapshot: Some(snapshot),
                 dest: node.to_owned(),
                 attempt,
@@ -1039,6 +1112,11 @@ impl Inner {
         let step = runs::next_pull_step(record);
         for node in step.start {
             let assignment = self.pull_assignment(record, &node, now);
+            // The client's agent serves a pull only to a node it was told of.
+            let client = record.run().client.clone();
+            if let Some(permit) = pull_permit(&assignment) {
+                self.send(&client, permit);
+            }
             if self.send(&node, assignment) {
                 record.pulls_outstanding.push(node.clone());
                 self.copy_event(record, &node, &format!("pull assigned to {node}"), now)?;
@@ -1095,6 +1173,15 @@ impl Inner {
             } else if is_client && has_it && record.pull_done_sent {
                 // It may not have heard before its session broke.
                 record.pull_done_sent = false;
+            }
+            if is_client && has_it && record.run_kind() == RunKind::Pull {
+                // The permits of pulls in flight, in case it lost them.
+                for puller in record.pulls_outstanding.clone() {
+                    let assignment = self.pull_assignment(&mut record, &puller, now);
+                    if let Some(permit) = pull_permit(&assignment) {
+                        self.send(node_id, permit);
+                    }
+                }
             }
             if record.run_kind() == RunKind::Pull
                 && record.pulls_outstanding.iter().any(|node| node == node_id)

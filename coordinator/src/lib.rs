@@ -8,19 +8,22 @@
 //! Pure logic: [`dest`] (destination grammar), [`jobfile`] (jobs files; snapshot
 //! names come from `fabric_proto::naming`),
 //! [`check`] (freshness), [`runs`] (the run
-//! state machine). Stateful parts: [`state`] (sled), [`engine`] (live state),
+//! state machine), [`job_history`] (what a resubmission changed). Who may
+//! call what is `fabric_trust`'s table; [`tokens`] keeps bearer tokens. Stateful parts: [`state`] (sled), [`engine`] (live state),
 //! [`service`] (gRPC), [`server`] (the server function).
 
 pub mod check;
 pub mod config;
 pub mod dest;
 pub mod engine;
+pub mod job_history;
 pub mod jobfile;
 pub mod record;
 pub mod runs;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod tokens;
 
 pub use config::{ConfigError, CoordinatorConfig, LogFormat};
-pub use server::{ServeError, serve};
+pub use server::{ServeError, serve, serve_with_health};

@@ -51,6 +51,21 @@ struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "FABRIC_COORDINATOR_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// The coordinator's certificate (PEM), from `fabricctl pki issue --coordinator NAME`.
+    #[arg(long, env = "FABRIC_COORDINATOR_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "FABRIC_COORDINATOR_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The fabric's CA certificate (PEM).
+    #[arg(long, env = "FABRIC_COORDINATOR_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// No TLS, no authentication: anyone who reaches the port may do anything.
+    #[arg(long, env = "FABRIC_COORDINATOR_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
+    /// Plaintext port serving only grpc.health.v1, for probes ("" for none) [default: 0.0.0.0:7420].
+    #[arg(long, env = "FABRIC_COORDINATOR_HEALTH_LISTEN")]
+    health_listen: Option<String>,
 }
 
 impl ServeArgs {
@@ -77,6 +92,21 @@ impl ServeArgs {
         if let Some(format) = self.log_format {
             config.log_format = format;
         }
+        if let Some(path) = &self.tls_cert {
+            config.tls_cert = Some(path.clone());
+        }
+        if let Some(path) = &self.tls_key {
+            config.tls_key = Some(path.clone());
+        }
+        if let Some(path) = &self.tls_ca {
+            config.tls_ca = Some(path.clone());
+        }
+        if self.insecure_plaintext {
+            config.insecure_plaintext = true;
+        }
+        if let Some(address) = &self.health_listen {
+            config.health_listen = address.clone();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -95,7 +125,13 @@ async fn main() -> anyhow::Result<()> {
                 fabric_proto::standard::bind_and_announce("fabric-coordinator", config.listen)
                     .await
                     .with_context(|| format!("cannot listen on {}", config.listen))?;
-            fabric_coordinator::serve(listener, config, shutdown).await?;
+            let health = fabric_proto::standard::bind_health(
+                "fabric-coordinator",
+                &config.health_listen,
+            )
+            .await
+            .with_context(|| format!("cannot listen on {:?}", config.health_listen))?;
+            fabric_coordinator::serve_with_health(listener, health, config, shutdown).await?;
             Ok(())
         }
     }

@@ -125,3 +125,15 @@ pub fn is_final(state: RunState) -> bool {
         RunState::Done | RunState::Failed | RunState::Cancelled
     )
 }
+
+/// A bearer token as the coordinator keeps it: its public description and a
+/// hash of its secret, never the secret.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredToken {
+    /// What `ListTokens` shows.
+    #[prost(message, optional, tag = "1")]
+    pub info: Option<fabric_proto::v1::TokenInfo>,
+    /// `fabric_trust::token::Token::secret_hash` of the secret.
+    #[prost(bytes = "vec", tag = "2")]
+    pub secret_hash: Vec<u8>,
+}

@@ -19,6 +19,11 @@ use crate::config::{ConfigError, CoordinatorConfig};
 use crate::engine::{Engine, EngineError, Settings};
 use crate::service::CoordinatorService;
 use crate::state::{StateError, Store};
+use crate::tokens::Tokens;
+
+/// Largest message the coordinator sends or accepts: a jobs file, a long
+/// run history, a large catalogue.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] fabric_trust::TlsError),
 }
 
 /// How long a graceful shutdown waits for clients to hang up.
@@ -63,7 +71,22 @@ pub async fn serve(
     config: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_with_health(listener, None, config, shutdown).await
+}
+
+/// Serves the coordinator on `listener`, and grpc.health.v1 alone in
+/// plaintext on `health` (for probes), until `shutdown` completes.
+pub async fn serve_with_health(
+    listener: TcpListener,
+    health: Option<TcpListener>,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     config.validate()?;
+    let transport = config
+        .transport_settings()
+        .server(&fabric_trust::Expect::Coordinator)?;
+    let incoming = fabric_trust::transport::incoming(listener, &transport)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -78,9 +101,26 @@ pub async fn serve(
             queue_timeout: config.queue_timeout,
         },
     )?);
+    let tokens = Tokens::new(engine.state());
     let (stop_sender, stop) = watch::channel(false);
-    let service = CoordinatorService::new(Arc::clone(&engine), stop.clone());
-    let routes = standard.routes.add_service(CoordinatorServer::new(service));
+    let service = CoordinatorService::new(Arc::clone(&engine), tokens.clone(), stop.clone());
+    let routes = standard.routes.add_service(
+        CoordinatorServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let verifier: Arc<dyn fabric_trust::TokenVerifier> = Arc::new(tokens);
+    let layer = fabric_trust::AuthLayer::for_transport(&transport, Some(verifier));
+    if let Some(health) = health {
+        let readiness = standard.readiness.clone();
+        let mut stopping = stop.clone();
+        tokio::spawn(async move {
+            let stopped = async move { crate::service::stopped(&mut stopping).await };
+            if let Err(error) = readiness.serve_plaintext_health(health, stopped).await {
+                tracing::error!(%error, "the health port failed");
+            }
+        });
+    }
 
     let ticker = {
         let engine = Arc::clone(&engine);
@@ -103,7 +143,12 @@ pub async fn serve(
     };
 
     standard.readiness.set_serving().await;
-    tracing::info!(data_dir = %config.data_dir.display(), "coordinator ready");
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        tls = transport.is_tls(),
+        identity = %transport.identity().map(ToString::to_string).unwrap_or_default(),
+        "coordinator ready"
+    );
     let readiness = standard.readiness.clone();
     let signal = async move {
         shutdown.await;
@@ -114,8 +159,9 @@ pub async fn serve(
     };
     let mut server = Box::pin(
         tonic::transport::Server::builder()
+            .layer(layer)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(fabric_proto::standard::incoming(listener), signal),
+            .serve_with_incoming_shutdown(incoming, signal),
     );
     let mut stopping = stop.clone();
     let served = tokio::select! {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use fabric_proto::v1::coordinator_server::Coordinator;
 use fabric_proto::v1::{
-    CancelRunRequest, CheckRequest, CheckResponse, CoordinatorMessage, GetJobRequest,
+    CancelRunRequest, CheckRequest, CheckResponse, CoordinatorMessage, CreateTokenRequest,
+    CreateTokenResponse, GetJobRequest, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
+    TokenInfo,
     GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse, ListJobsRequest, ListJobsResponse,
     ListNodesRequest, ListNodesResponse, ListRunsRequest, ListRunsResponse, NodeInfo, NodeMessage,
     RegisterNodeResponse, RetryRunRequest, Run, RunDetail, RunEvent, SubmitJobsRequest,
@@ -19,7 +21,10 @@ use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status, Streaming};
 
+use fabric_trust::Caller;
+
 use crate::engine::{Engine, EngineError};
+use crate::tokens::Tokens;
 use crate::record::is_final;
 
 /// The one mapping from engine errors to gRPC statuses.
@@ -30,6 +35,7 @@ pub fn status_of(error: EngineError) -> Status {
         EngineError::InvalidArgument(message) => Status::invalid_argument(message),
         EngineError::FailedPrecondition(message) => Status::failed_precondition(message),
         EngineError::Ambiguous(error) => Status::invalid_argument(error.to_string()),
+        EngineError::PermissionDenied(message) => Status::permission_denied(message),
     }
 }
 
@@ -39,13 +45,21 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
     engine: Arc<Engine>,
+    tokens: Tokens,
     shutdown: watch::Receiver<bool>,
 }
 
 impl CoordinatorService {
-    /// A service over `engine`; its streams end when `shutdown` turns true.
-    pub fn new(engine: Arc<Engine>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { engine, shutdown }
+    /// A service over `engine` and `tokens`; its streams end when `shutdown`
+    /// turns true. Who may call each RPC is `fabric_trust::authz::TABLE`'s
+    /// business (the layer in front of this service); this service checks
+    /// only what depends on the caller's name.
+    pub fn new(engine: Arc<Engine>, tokens: Tokens, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            engine,
+            tokens,
+            shutdown,
+        }
     }
 }
 
@@ -65,7 +79,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<NodeInfo>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let caller = Caller::of(&request);
         let info = request.into_inner();
+        caller.check_node(&info.id)?;
         tracing::info!(node = %info.id, address = %info.address, "node registered");
         self.engine.register_node(info).await.map_err(status_of)?;
         let interval = self.engine.settings().heartbeat_interval;
@@ -80,6 +96,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(NodeMessage {
@@ -91,6 +108,7 @@ impl Coordinator for CoordinatorService {
                 ));
             }
         };
+        caller.check_node(&hello.id)?;
         let node_id = hello.id.clone();
         let (generation, outbound) = self.engine.open_session(hello).await.map_err(status_of)?;
 
@@ -129,8 +147,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<SubmitJobsRequest>,
     ) -> Result<Response<SubmitJobsResponse>, Status> {
+        let by = Caller::of(&request).record();
         self.engine
-            .submit_jobs(request.into_inner())
+            .submit_jobs(request.into_inner(), &by)
             .await
             .map(Response::new)
             .map_err(status_of)
@@ -278,11 +297,19 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<ListCatalogRequest>,
     ) -> Result<Response<ListCatalogResponse>, Status> {
-        let entries = self
-            .engine
-            .catalog(&request.into_inner())
-            .await
-            .map_err(status_of)?;
+        let caller = Caller::of(&request);
+        let mut filter = request.into_inner();
+        if let Some(host) = caller.client_host() {
+            // A client sees its own host's snapshots only.
+            if !filter.host.is_empty() && filter.host != host {
+                return Err(Status::permission_denied(format!(
+                    "{} may list only host {host}'s snapshots",
+                    caller.describe()
+                )));
+            }
+            filter.host = host.to_owned();
+        }
+        let entries = self.engine.catalog(&filter).await.map_err(status_of)?;
         Ok(Response::new(ListCatalogResponse { entries }))
     }
 
@@ -292,6 +319,38 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CheckResponse>, Status> {
         self.engine
             .check(&request.into_inner().jobs)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let by = Caller::of(&request).record();
+        self.tokens
+            .create(request.get_ref(), &by)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let tokens = self.tokens.list().map_err(status_of)?;
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<TokenInfo>, Status> {
+        let by = Caller::of(&request).record();
+        self.tokens
+            .revoke(&request.get_ref().id, &by)
             .await
             .map(Response::new)
             .map_err(status_of)

@@ -1,4 +1,4 @@
-//! The coordinator's durable state: one sled database with five trees, every
+//! The coordinator's durable state: one sled database with six trees, every
 //! value a prost-encoded message. This is the only module that knows sled;
 //! the rest of the crate sees [`Store`]'s small API. It never decides
 //! anything about runs or nodes: it stores and reads what it is given.
@@ -10,13 +10,14 @@
 //! | `runs` | run id (time-ordered hex, see [`crate::engine::new_run_id`]) | [`RunRecord`] |
 //! | `events` | run id, `/`, sequence (u64 big-endian) | [`RunEvent`] |
 //! | `catalog` | start time (order-preserving i64), snapshot id | [`CatalogEntry`] |
+//! | `tokens` | token id | [`StoredToken`] (a hash of the secret, never the secret) |
 
 use std::path::{Path, PathBuf};
 
 use fabric_proto::v1::{CatalogCopy, CatalogEntry, Job, Node, RunEvent, Snapshot};
 use prost::Message;
 
-use crate::record::RunRecord;
+use crate::record::{RunRecord, StoredToken};
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,7 @@ pub struct Store {
     runs: sled::Tree,
     events: sled::Tree,
     catalog: sled::Tree,
+    tokens: sled::Tree,
 }
 
 impl std::fmt::Debug for Store {
@@ -131,6 +133,7 @@ impl Store {
             runs: tree("runs")?,
             events: tree("events")?,
             catalog: tree("catalog")?,
+            tokens: tree("tokens")?,
             db,
         })
     }
@@ -164,6 +167,38 @@ impl Store {
             .map(|item| {
                 let (key, value) = item.map_err(sled_error("read nodes"))?;
                 decode("nodes", &key, &value)
+            })
+            .collect()
+    }
+
+    /// Stores a token.
+    pub fn put_token(&self, token: &StoredToken) -> Result<(), StateError> {
+        let id = token.info.as_ref().map(|info| info.id.as_str()).unwrap_or("");
+        self.tokens
+            .insert(id.as_bytes(), token.encode_to_vec())
+            .map(|_| ())
+            .map_err(sled_error(format!("store token {id:?}")))
+    }
+
+    /// One token by id.
+    pub fn token(&self, id: &str) -> Result<Option<StoredToken>, StateError> {
+        match self
+            .tokens
+            .get(id.as_bytes())
+            .map_err(sled_error(format!("read token {id:?}")))?
+        {
+            Some(value) => Ok(Some(decode("tokens", id.as_bytes(), &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every token, by id.
+    pub fn tokens(&self) -> Result<Vec<StoredToken>, StateError> {
+        self.tokens
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(sled_error("read tokens"))?;
+                decode("tokens", &key, &value)
             })
             .collect()
     }

@@ -51,6 +51,24 @@ impl Readiness {
         self.set(ServingStatus::NotServing).await;
     }
 
+    /// Serve grpc.health.v1 alone, in plaintext, on `listener` until
+    /// `shutdown`: for probes that cannot present a client certificate
+    /// (Kubernetes' `grpc` probes). It shares this readiness; it serves no
+    /// other service, so it gives nothing away.
+    pub async fn serve_plaintext_health(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        let health = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
+        );
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming(listener), shutdown)
+            .await
+    }
+
     async fn set(&self, status: ServingStatus) {
         self.reporter.set_service_status("", status).await;
         for service in &self.services {
@@ -134,6 +152,26 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
             _ = interrupt.recv() => tracing::info!("interrupted: shutting down"),
         }
     })
+}
+
+/// Bind the plaintext health port `address` (`""`: none) and print
+/// `<binary> health listening on <address>` on stdout, after the main line.
+pub async fn bind_health(
+    binary: &str,
+    address: &str,
+) -> std::io::Result<Option<tokio::net::TcpListener>> {
+    if address.trim().is_empty() {
+        return Ok(None);
+    }
+    let address: std::net::SocketAddr = address.trim().parse().map_err(|err| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("health_listen {address:?} is not an address like 0.0.0.0:7420: {err}"),
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    println!("{binary} health listening on {}", listener.local_addr()?);
+    Ok(Some(listener))
 }
 
 /// Bind `address` and print the one line on stdout that scripts and tests
