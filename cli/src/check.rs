@@ -6,12 +6,12 @@ use fabric_coordinator::check::render_nagios;
 use fabric_proto::v1::CheckRequest;
 
 use crate::commands::now_ms;
-use crate::remote::coordinator;
+use crate::remote::Remote;
 
 /// Run the check; returns the process exit code.
-pub async fn run(address: &str, jobs: Vec<String>) -> i32 {
+pub async fn run(remote: &Remote, jobs: Vec<String>) -> i32 {
     let checks = async {
-        let mut client = coordinator(address).await?;
+        let mut client = remote.coordinator().await?;
         let response = client
             .check(CheckRequest { jobs })
             .await

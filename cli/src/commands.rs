@@ -16,7 +16,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::output::{self, OutputFormat, Row, bytes, duration_ms, time_ms};
-use crate::remote::{self, coordinator, status_error};
+use crate::remote::{self, Remote, status_error};
 use crate::revision;
 
 /// The lower-case name of a proto enum value, without its prefix
@@ -199,6 +199,7 @@ struct NodeRow {
     free_bytes: u64,
     chunks: u64,
     stored_bytes: u64,
+    transport: String,
 }
 
 impl Row for NodeRow {
@@ -212,6 +213,7 @@ impl Row for NodeRow {
             "free",
             "chunks",
             "stored",
+            "transport",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -224,6 +226,7 @@ impl Row for NodeRow {
             bytes(self.free_bytes),
             self.chunks.to_string(),
             bytes(self.stored_bytes),
+            self.transport.clone(),
         ]
     }
 }
@@ -239,6 +242,11 @@ fn node_row(node: &Node) -> NodeRow {
         free_bytes: info.free_bytes,
         chunks: node.chunks,
         stored_bytes: node.stored_bytes,
+        transport: if info.insecure_plaintext {
+            "INSECURE PLAINTEXT".to_owned()
+        } else {
+            "tls".to_owned()
+        },
     }
 }
 
@@ -302,14 +310,14 @@ pub fn snapshot_row(snapshot: &Snapshot, nodes: Vec<String>) -> SnapshotRow {
 }
 
 pub async fn job_submit(
-    address: &str,
+    remote: &Remote,
     file: &std::path::Path,
     select: Vec<String>,
     no_run: bool,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
     let toml = remote::read_file(file)?;
-    let mut client = coordinator(address).await?;
+    let mut client = remote.coordinator().await?;
     let response = client
         .submit_jobs(SubmitJobsRequest {
             toml,
@@ -327,8 +335,8 @@ pub async fn job_submit(
     output::print_rows(&rows, format)
 }
 
-pub async fn job_list(address: &str, format: OutputFormat) -> anyhow::Result<()> {
-    let mut client = coordinator(address).await?;
+pub async fn job_list(remote: &Remote, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
     let jobs = client
         .list_jobs(ListJobsRequest {})
         .await
@@ -338,8 +346,8 @@ pub async fn job_list(address: &str, format: OutputFormat) -> anyhow::Result<()>
     output::print_rows(&jobs.iter().map(job_row).collect::<Vec<_>>(), format)
 }
 
-pub async fn job_show(address: &str, name: &str, format: OutputFormat) -> anyhow::Result<()> {
-    let mut client = coordinator(address).await?;
+pub async fn job_show(remote: &Remote, name: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
     let job = client
         .get_job(GetJobRequest { name: name.into() })
         .await
@@ -368,7 +376,7 @@ pub async fn job_show(address: &str, name: &str, format: OutputFormat) -> anyhow
 }
 
 pub async fn run_list(
-    address: &str,
+    remote: &Remote,
     job: Option<String>,
     state: Option<String>,
     since: Option<humantime::Duration>,
@@ -384,7 +392,7 @@ pub async fn run_list(
             now.saturating_sub(*since).as_millis() as i64
         })
         .unwrap_or(0);
-    let mut client = coordinator(address).await?;
+    let mut client = remote.coordinator().await?;
     let runs = client
         .list_runs(ListRunsRequest {
             job: job.unwrap_or_default(),
@@ -418,8 +426,8 @@ fn event_line(event: &RunEvent) -> String {
     line
 }
 
-pub async fn run_show(address: &str, run: &str, format: OutputFormat) -> anyhow::Result<()> {
-    let mut client = coordinator(address).await?;
+pub async fn run_show(remote: &Remote, run: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
     let detail = client
         .get_run(GetRunRequest { run_id: run.into() })
         .await
@@ -470,8 +478,8 @@ pub async fn run_show(address: &str, run: &str, format: OutputFormat) -> anyhow:
     })
 }
 
-pub async fn run_watch(address: &str, run: &str) -> anyhow::Result<()> {
-    let mut client = coordinator(address).await?;
+pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
     let mut events = client
         .watch_run(WatchRunRequest { run_id: run.into() })
         .await
@@ -560,8 +568,8 @@ fn eta(estimate: u64, done: u64, rate: f64) -> String {
     humantime::format_duration(Duration::from_secs(seconds)).to_string()
 }
 
-pub async fn run_retry(address: &str, run: &str, format: OutputFormat) -> anyhow::Result<()> {
-    let mut client = coordinator(address).await?;
+pub async fn run_retry(remote: &Remote, run: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
     let retried = client
         .retry_run(RetryRunRequest { run_id: run.into() })
         .await
@@ -570,8 +578,8 @@ pub async fn run_retry(address: &str, run: &str, format: OutputFormat) -> anyhow
     output::print_rows(&[run_row(&retried)], format)
 }
 
-pub async fn run_cancel(address: &str, run: &str, format: OutputFormat) -> anyhow::Result<()> {
-    let mut client = coordinator(address).await?;
+pub async fn run_cancel(remote: &Remote, run: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
     let cancelled = client
         .cancel_run(CancelRunRequest { run_id: run.into() })
         .await
@@ -580,8 +588,8 @@ pub async fn run_cancel(address: &str, run: &str, format: OutputFormat) -> anyho
     output::print_rows(&[run_row(&cancelled)], format)
 }
 
-pub async fn node_list(address: &str, format: OutputFormat) -> anyhow::Result<()> {
-    let mut client = coordinator(address).await?;
+pub async fn node_list(remote: &Remote, format: OutputFormat) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
     let nodes = remote::nodes(&mut client).await?;
     output::print_rows(&nodes.iter().map(node_row).collect::<Vec<_>>(), format)
 }
@@ -589,13 +597,15 @@ pub async fn node_list(address: &str, format: OutputFormat) -> anyhow::Result<()
 /// Snapshots with the nodes holding them, oldest first: from the coordinator's
 /// catalogue, or straight from a node when `node` is an address.
 pub async fn snapshot_entries(
-    address: &str,
+    remote: &Remote,
     job: Option<String>,
     host: Option<String>,
     node: Option<String>,
 ) -> anyhow::Result<Vec<(Snapshot, Vec<String>)>> {
     if let Some(node) = node.filter(|n| remote::is_address(n)) {
-        let mut storage = fabric_node::client::storage(&node).await?;
+        let mut storage = remote
+            .storage(&fabric_node::client::Peer::any_node(&node))
+            .await?;
         let snapshots = storage
             .list_snapshots(fabric_proto::v1::ListSnapshotsRequest {
                 job: job.unwrap_or_default(),
@@ -610,7 +620,7 @@ pub async fn snapshot_entries(
             .map(|s| (s, vec![node.clone()]))
             .collect());
     }
-    let mut client = coordinator(address).await?;
+    let mut client = remote.coordinator().await?;
     let entries = remote::catalog(&mut client, job, host).await?;
     Ok(entries
         .into_iter()
@@ -631,25 +641,25 @@ fn rows_of<'a>(entries: impl IntoIterator<Item = &'a (Snapshot, Vec<String>)>) -
 }
 
 pub async fn snapshot_list(
-    address: &str,
+    remote: &Remote,
     job: Option<String>,
     host: Option<String>,
     node: Option<String>,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let entries = snapshot_entries(address, job, host, node).await?;
+    let entries = snapshot_entries(remote, job, host, node).await?;
     output::print_rows(&rows_of(&entries), format)
 }
 
 pub async fn find(
-    address: &str,
+    remote: &Remote,
     spec: &str,
     job: Option<String>,
     host: Option<String>,
     node: Option<String>,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let entries = snapshot_entries(address, job, host, node).await?;
+    let entries = snapshot_entries(remote, job, host, node).await?;
     let found = revision::find(&entries, spec, |(snapshot, _)| snapshot)?;
     if found.is_empty() {
         bail!("no snapshot matches {spec:?}");
@@ -658,7 +668,7 @@ pub async fn find(
 }
 
 pub async fn restore(
-    address: &str,
+    remote: &Remote,
     spec: &str,
     path: &str,
     to: &str,
@@ -668,7 +678,7 @@ pub async fn restore(
     // A restore logs what it could not bring back (e.g. an attribute only
     // root may set) with its path.
     crate::local::init_quiet_logging();
-    let located = remote::locate(address, spec, node, job).await?;
+    let located = remote::locate(remote, spec, node, job).await?;
     let target: Box<dyn fabric_chunkstore::restore::RestoreTarget + Send> = if to == "-" {
         Box::new(fabric_chunkstore::restore::TarTarget::new(std::io::stdout()))
     } else {
@@ -678,7 +688,8 @@ pub async fn restore(
         )?)
     };
     let stats = fabric_node::restore_client::restore_from(
-        &located.address,
+        &located.peer,
+        remote.transport()?,
         &located.snapshot_id,
         path,
         target,
@@ -745,7 +756,7 @@ impl Row for VerifyRow {
 }
 
 pub async fn verify(
-    address: &str,
+    remote: &Remote,
     snapshot: Option<String>,
     node: Option<String>,
     sample: Option<String>,
@@ -756,25 +767,28 @@ pub async fn verify(
         .map(parse_sample)
         .transpose()?
         .unwrap_or(0.0);
-    let (node_address, node_name, snapshot_id) = match (&snapshot, &node) {
+    let (peer, node_name, snapshot_id) = match (&snapshot, &node) {
         (Some(spec), _) => {
-            let located = remote::locate(address, spec, node.clone(), None).await?;
-            (located.address, located.node, located.snapshot_id)
+            let located = remote::locate(remote, spec, node.clone(), None).await?;
+            (located.peer, located.node, located.snapshot_id)
         }
-        (None, Some(node)) if remote::is_address(node) => {
-            (node.clone(), node.clone(), String::new())
-        }
+        (None, Some(node)) if remote::is_address(node) => (
+            fabric_node::client::Peer::any_node(node),
+            node.clone(),
+            String::new(),
+        ),
         (None, Some(node)) => {
-            let mut client = coordinator(address).await?;
+            let mut client = remote.coordinator().await?;
+            let address = remote::node_address(&mut client, node).await?;
             (
-                remote::node_address(&mut client, node).await?,
+                fabric_node::client::Peer::node(node, &address),
                 node.clone(),
                 String::new(),
             )
         }
         (None, None) => bail!("say what to verify: a SNAPSHOT, or --node N for a whole store"),
     };
-    let mut storage = fabric_node::client::storage(&node_address).await?;
+    let mut storage = remote.storage(&peer).await?;
     let report: VerifyReport = storage
         .verify(VerifyRequest {
             sample,
@@ -813,7 +827,9 @@ pub async fn verify(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn backup(
+    remote: &Remote,
     node: &str,
     paths: Vec<PathBuf>,
     job: String,
@@ -836,9 +852,16 @@ pub async fn backup(
         chunk_params: fabric_chunkstore::ChunkParams::default(),
         threads: 0,
     };
+    // A client certificate may commit only its own host's snapshots: its
+    // name is the host.
+    let transport = remote.transport()?;
+    let host = match transport.identity() {
+        Some(identity) if identity.role == fabric_trust::Role::Client => identity.name.clone(),
+        _ => fabric_node::config::system_hostname(),
+    };
     let template = Snapshot {
         job,
-        host: fabric_node::config::system_hostname(),
+        host,
         tags,
         r#type: fabric_proto::v1::SnapshotType::Full as i32,
         start_time_ms: now_ms(),
@@ -863,7 +886,14 @@ pub async fn backup(
             ));
         }
     });
-    let outcome = fabric_node::agent::push_backup(node, options, template, Some(progress)).await?;
+    let outcome = fabric_node::agent::push_backup(
+        &fabric_node::client::Peer::any_node(node),
+        transport,
+        options,
+        template,
+        Some(progress),
+    )
+    .await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

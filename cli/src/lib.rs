@@ -9,3 +9,4 @@ pub mod local;
 pub mod output;
 pub mod remote;
 pub mod revision;
+pub mod security;

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fabric_node::config::{NodeConfig, Role};
+use fabric_node::config::{NodeConfig, Role as NodeRole};
+use fabric_trust::Role;
 use fabric_proto::v1::{ListNodesRequest, NodeState, RunState, SubmitJobsRequest, WatchRunRequest};
 use futures::StreamExt;
 use tokio::net::TcpListener;
@@ -15,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::commands;
 use crate::output::{self, OutputFormat, bytes};
-use crate::remote;
+use crate::remote::{self, Remote};
 
 /// The id of the embedded client agent.
 pub const AGENT_ID: &str = "agent";
@@ -24,6 +25,11 @@ pub const AGENT_ID: &str = "agent";
 pub struct LocalFabric {
     /// The coordinator's address.
     pub coordinator: String,
+    /// How to reach it as its operator (TLS with the `operator/local`
+    /// certificate of the fabric's own CA).
+    pub remote: Remote,
+    /// Where its CA and certificates are.
+    pub pki: PathBuf,
     /// (id, address) of each storage node.
     pub nodes: Vec<(String, String)>,
     /// The client agent's address.
@@ -46,23 +52,64 @@ async fn bind() -> anyhow::Result<(TcpListener, String)> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot listen on 127.0.0.1")?;
-    let address = format!("http://{}", listener.local_addr()?);
+    let address = format!("https://{}", listener.local_addr()?);
     Ok((listener, address))
+}
+
+/// The embedded fabric's CA under `dir/pki` (made on first start, reused
+/// after), and a certificate for each of its parts.
+struct LocalPki {
+    dir: PathBuf,
+    authority: fabric_trust::pki::CertificateAuthority,
+}
+
+impl LocalPki {
+    fn open(dir: &Path) -> anyhow::Result<Self> {
+        let dir = dir.join("pki");
+        let authority = if dir.join(fabric_trust::pki::CA_KEY_FILE).exists() {
+            fabric_trust::pki::load(&dir)?
+        } else {
+            fabric_trust::pki::init(&dir, "fabric local CA", fabric_trust::pki::CA_VALIDITY)?
+        };
+        Ok(Self { dir, authority })
+    }
+
+    /// (certificate, key) files of a fresh certificate for `role/name`.
+    fn issue(&self, role: Role, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let identity = fabric_trust::Identity::new(role, name)?;
+        let issued = self
+            .authority
+            .issue(&identity, &fabric_trust::pki::IssueOptions::default())?;
+        Ok(fabric_trust::pki::write_issued(&self.dir, &identity, &issued)?)
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join(fabric_trust::pki::CA_CERT_FILE)
+    }
 }
 
 impl LocalFabric {
     /// Start a coordinator, `storage_nodes` storage nodes (n1, n2, ...) and
-    /// an agent, with state under `dir`; returns once all are online.
+    /// an agent, with state under `dir`, all speaking TLS with certificates
+    /// of a CA of their own; returns once all are online.
     pub async fn start(dir: &Path, storage_nodes: usize) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = &std::fs::canonicalize(dir)
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        let pki = LocalPki::open(dir)?;
         let (stop_coordinator, coordinator_stop_rx) = watch::channel(false);
         let (stop_nodes, stop_rx) = watch::channel(false);
         let mut node_tasks = Vec::new();
 
         let (listener, coordinator) = bind().await?;
+        let (cert, key) = pki.issue(Role::Coordinator, "local")?;
         let config = fabric_coordinator::config::CoordinatorConfig {
             data_dir: dir.join("coordinator"),
             heartbeat_interval: Duration::from_millis(500),
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            tls_ca: Some(pki.ca()),
+            health_listen: String::new(),
             ..Default::default()
         };
         let shutdown = stopped(coordinator_stop_rx);
@@ -77,11 +124,16 @@ impl LocalFabric {
         for index in 0..=storage_nodes {
             let (listener, address) = bind().await?;
             let (id, roles) = if index == storage_nodes {
-                (AGENT_ID.to_owned(), vec![Role::Agent])
+                (AGENT_ID.to_owned(), vec![NodeRole::Agent])
             } else {
-                (format!("n{}", index + 1), vec![Role::Storage])
+                (format!("n{}", index + 1), vec![NodeRole::Storage])
             };
+            let (cert, key) = pki.issue(Role::Node, &id)?;
             let config = NodeConfig {
+                tls_cert: Some(cert),
+                tls_key: Some(key),
+                tls_ca: Some(pki.ca()),
+                health_listen: String::new(),
                 data_dir: dir.join(&id),
                 node_id: id.clone(),
                 advertise: address.clone(),
@@ -101,7 +153,17 @@ impl LocalFabric {
         }
         let (agent_id, agent) = nodes.pop().unwrap_or_default();
         debug_assert_eq!(agent_id, AGENT_ID);
+        let (cert, key) = pki.issue(Role::Operator, "local")?;
+        let transport = fabric_trust::transport::TransportSettings {
+            ca: Some(pki.ca()),
+            cert: Some(cert),
+            key: Some(key),
+            insecure_plaintext: false,
+        }
+        .client()?;
         let fabric = Self {
+            remote: Remote::with_transport(coordinator.clone(), transport),
+            pki: pki.dir.clone(),
             coordinator,
             nodes,
             agent,
@@ -116,7 +178,7 @@ impl LocalFabric {
 
     async fn wait_online(&self, count: usize) -> anyhow::Result<()> {
         for _ in 0..200 {
-            if let Ok(mut client) = remote::coordinator(&self.coordinator).await
+            if let Ok(mut client) = self.remote.coordinator().await
                 && let Ok(response) = client.list_nodes(ListNodesRequest {}).await
             {
                 let online = response
@@ -172,6 +234,10 @@ pub async fn up(dir: &Path, storage_nodes: usize) -> anyhow::Result<()> {
     println!();
     println!("export FABRIC_COORDINATOR={}", fabric.coordinator);
     println!(
+        "export FABRIC_TLS_CA={pki}/ca.pem FABRIC_TLS_CERT={pki}/operator-local.pem FABRIC_TLS_KEY={pki}/operator-local.key",
+        pki = fabric.pki.display()
+    );
+    println!(
         "then e.g.: fabricctl node list; fabricctl job submit -f jobs.toml (client = \"{AGENT_ID}\")"
     );
     println!("Ctrl-C stops the fabric.");
@@ -206,7 +272,7 @@ pub async fn demo(source: &Path, dir: Option<&Path>) -> anyhow::Result<()> {
 
 async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Result<()> {
     println!(
-        "fabric: coordinator {} and storage nodes {}",
+        "fabric: coordinator {} and storage nodes {} (TLS, certificates of a CA of its own)",
         fabric.coordinator,
         fabric
             .nodes
@@ -222,7 +288,7 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
         "[job.demo]\ndirection = \"push\"\nclient = \"{AGENT_ID}\"\ninclude = [{source}]\nreplicas = 2\ninterval = \"24h\"\n",
         source = toml::Value::String(source_text.to_owned())
     );
-    let mut client = remote::coordinator(&fabric.coordinator).await?;
+    let mut client = fabric.remote.coordinator().await?;
     let submitted = client
         .submit_jobs(SubmitJobsRequest {
             toml: jobs,
@@ -288,7 +354,7 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
 
     println!();
     let entries =
-        commands::snapshot_entries(&fabric.coordinator, Some("demo".into()), None, None).await?;
+        commands::snapshot_entries(&fabric.remote, Some("demo".into()), None, None).await?;
     let rows: Vec<_> = entries
         .iter()
         .map(|(snapshot, nodes)| commands::snapshot_row(snapshot, nodes.clone()))
@@ -310,13 +376,14 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
             .with_context(|| format!("cannot clear {}", target.display()))?;
     }
     std::fs::create_dir_all(&target)?;
-    let located = remote::locate(&fabric.coordinator, &snapshot.id, None, None).await?;
+    let located = remote::locate(&fabric.remote, &snapshot.id, None, None).await?;
     let restore_target = Box::new(fabric_chunkstore::restore::DirectoryTarget::new(
         target.clone(),
     )?);
     let path = source.to_string_lossy().trim_start_matches('/').to_owned();
     let stats = fabric_node::restore_client::restore_from(
-        &located.address,
+        &located.peer,
+        fabric.remote.transport()?,
         &located.snapshot_id,
         &path,
         restore_target,

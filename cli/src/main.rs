@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use fabricctl::output::OutputFormat;
-use fabricctl::{check, commands, local};
+use fabricctl::remote::Remote;
+use fabricctl::{check, commands, local, security};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -21,7 +22,13 @@ Examples:
   fabricctl restore 3f2a9c /etc --to ./restored
   fabricctl restore latest --job db --to - > db.tar
   fabricctl check                              # Nagios: exit 2 when a job's newest snapshot is stale
-  fabricctl backup --node http://127.0.0.1:7401 /home   # push straight to a node, no coordinator";
+  fabricctl backup --node https://127.0.0.1:7401 /home  # push straight to a node, no coordinator
+  fabricctl pki init --dir ./pki                        # the fabric's own CA
+  fabricctl pki issue --dir ./pki --node n1             # a certificate for node n1
+  fabricctl token create --role monitor --name grafana  # a bearer token for a dashboard
+
+Credentials: --tls-ca, --tls-cert, --tls-key (FABRIC_TLS_CA, FABRIC_TLS_CERT,
+FABRIC_TLS_KEY), or --tls-ca with --token (FABRIC_TOKEN).";
 
 #[derive(Parser)]
 #[command(name = "fabricctl", version, about = "Operate a fabric: jobs, runs, nodes, snapshots, restores", after_help = EXAMPLES)]
@@ -31,9 +38,24 @@ struct Cli {
         long,
         global = true,
         env = "FABRIC_COORDINATOR",
-        default_value = "http://127.0.0.1:7400"
+        default_value = "https://127.0.0.1:7400"
     )]
     coordinator: String,
+    /// The fabric's CA certificate (PEM).
+    #[arg(long, global = true, env = "FABRIC_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Your certificate (PEM), from `fabricctl pki issue`.
+    #[arg(long, global = true, env = "FABRIC_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Your certificate's private key (PEM).
+    #[arg(long, global = true, env = "FABRIC_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// A bearer token instead of a certificate (coordinator calls only).
+    #[arg(long, global = true, env = "FABRIC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Talk plaintext to servers started with --insecure-plaintext.
+    #[arg(long, global = true, env = "FABRIC_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
     /// Output of listings: table or json.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
@@ -70,6 +92,12 @@ enum Command {
     /// A whole fabric in this process, on loopback.
     #[command(subcommand)]
     Local(LocalCommand),
+    /// The fabric's CA and its certificates (made here, no server involved).
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Bearer tokens for services that cannot hold a certificate.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -219,7 +247,7 @@ struct CheckArgs {
 
 #[derive(clap::Args)]
 struct BackupArgs {
-    /// The node's address, e.g. http://127.0.0.1:7401.
+    /// The node's address, e.g. https://127.0.0.1:7401.
     #[arg(long)]
     node: String,
     /// Paths to back up.
@@ -237,6 +265,76 @@ struct BackupArgs {
     /// Tags of the snapshot.
     #[arg(long)]
     tag: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make the fabric's CA: DIR/ca.pem and DIR/ca.key (0600).
+    Init {
+        /// Where the CA lives.
+        #[arg(long, default_value = "fabric-pki")]
+        dir: PathBuf,
+        /// How long it is valid.
+        #[arg(long, default_value = "10y")]
+        valid_for: humantime::Duration,
+    },
+    /// Issue a certificate for one identity: ROLE-NAME.pem and ROLE-NAME.key (0600).
+    #[command(group(clap::ArgGroup::new("identity").required(true).args(["node", "operator", "monitor", "client", "coordinator"])))]
+    Issue {
+        /// Where the CA lives.
+        #[arg(long, default_value = "fabric-pki")]
+        dir: PathBuf,
+        /// Where to write the certificate and key (default: the CA's folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A storage node or agent: its node id.
+        #[arg(long)]
+        node: Option<String>,
+        /// A person or tool with every right.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Read-only: listings, check, watch.
+        #[arg(long)]
+        monitor: Option<String>,
+        /// A host that backs itself up (`fabricctl backup`): its host name.
+        #[arg(long)]
+        client: Option<String>,
+        /// The coordinator's server certificate.
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// How long it is valid.
+        #[arg(long, default_value = "365d")]
+        valid_for: humantime::Duration,
+        /// A DNS name to add (for tools that check host names, e.g. grpcurl).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address to add, likewise.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token (shown once); the coordinator keeps only its hash.
+    Create {
+        /// operator, monitor or client.
+        #[arg(long)]
+        role: String,
+        /// Who holds it (a client's host name).
+        #[arg(long)]
+        name: String,
+        /// How long it is valid (at most 2 years).
+        #[arg(long, default_value = "90d")]
+        valid_for: humantime::Duration,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token: its next call is refused.
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -275,7 +373,16 @@ fn main() {
 
 async fn run(cli: Cli) -> i32 {
     let format = cli.output;
-    let coordinator = cli.coordinator;
+    let coordinator = Remote::new(
+        cli.coordinator,
+        fabric_trust::transport::TransportSettings {
+            ca: cli.tls_ca,
+            cert: cli.tls_cert,
+            key: cli.tls_key,
+            insecure_plaintext: cli.insecure_plaintext,
+        },
+        cli.token,
+    );
     let result = match cli.command {
         Command::Job(JobCommand::Submit {
             file,
@@ -334,6 +441,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Check(args) => return check::run(&coordinator, args.jobs).await,
         Command::Backup(args) => {
             commands::backup(
+                &coordinator,
                 &args.node,
                 args.paths,
                 args.job,
@@ -347,6 +455,44 @@ async fn run(cli: Cli) -> i32 {
         Command::Local(LocalCommand::Up { dir, nodes }) => local::up(&dir, nodes).await,
         Command::Local(LocalCommand::Demo { source, dir }) => {
             local::demo(&source, dir.as_deref()).await
+        }
+        Command::Pki(PkiCommand::Init { dir, valid_for }) => {
+            security::pki_init(&dir, valid_for.into())
+        }
+        Command::Pki(PkiCommand::Issue {
+            dir,
+            out,
+            node,
+            operator,
+            monitor,
+            client,
+            coordinator: coordinator_name,
+            valid_for,
+            dns,
+            ip,
+        }) => {
+            use fabric_trust::Role;
+            let (role, name) = [
+                (Role::Node, node),
+                (Role::Operator, operator),
+                (Role::Monitor, monitor),
+                (Role::Client, client),
+                (Role::Coordinator, coordinator_name),
+            ]
+            .into_iter()
+            .find_map(|(role, name)| name.map(|name| (role, name)))
+            .unwrap_or((Role::Operator, String::new()));
+            let out = out.unwrap_or_else(|| dir.clone());
+            security::pki_issue(&dir, &out, role, &name, valid_for.into(), dns, ip)
+        }
+        Command::Token(TokenCommand::Create {
+            role,
+            name,
+            valid_for,
+        }) => security::token_create(&coordinator, &role, &name, valid_for.into(), format).await,
+        Command::Token(TokenCommand::List) => security::token_list(&coordinator, format).await,
+        Command::Token(TokenCommand::Revoke { id }) => {
+            security::token_revoke(&coordinator, &id, format).await
         }
         Command::Completions { shell } => {
             clap_complete::generate(

@@ -1,24 +1,93 @@
 //! Reaching the coordinator and the nodes, with errors that say what to do,
-//! and finding where a snapshot lives.
+//! and finding where a snapshot lives. [`Remote`] holds how this
+//! `fabricctl` talks: the coordinator's address, its TLS material (or
+//! `--insecure-plaintext`) and its bearer token.
+
+use std::sync::OnceLock;
 
 use anyhow::{Context, anyhow, bail};
+use fabric_node::client::Peer;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
+use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{CatalogEntry, ListCatalogRequest, ListNodesRequest, Node, NodeState};
+use fabric_trust::transport::TransportSettings;
+use fabric_trust::{AuthChannel, BearerToken, Transport};
 use tonic::Status;
 use tonic::transport::Channel;
 
 use crate::revision;
 
-/// A coordinator client, or an error naming the address and a hint.
-pub async fn coordinator(address: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let channel = fabric_node::client::channel(address).await.map_err(|err| {
-        anyhow!(
-            "cannot reach the coordinator at {address}: {} (is it running? see --coordinator)",
-            short_reason(&err.reason)
-        )
-    })?;
-    Ok(CoordinatorClient::new(channel)
-        .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES))
+/// A coordinator client whose calls carry the token, if any.
+pub type Coordinator = CoordinatorClient<AuthChannel>;
+
+/// How this process reaches the fabric.
+#[derive(Debug)]
+pub struct Remote {
+    /// The coordinator's address.
+    pub coordinator: String,
+    settings: TransportSettings,
+    token: Option<String>,
+    transport: OnceLock<Transport>,
+}
+
+impl Remote {
+    /// From the command line: the coordinator's address, the TLS files (or
+    /// plaintext) and a token; nothing is read until a command dials.
+    pub fn new(coordinator: String, settings: TransportSettings, token: Option<String>) -> Self {
+        Self {
+            coordinator,
+            settings,
+            token: token.filter(|token| !token.trim().is_empty()),
+            transport: OnceLock::new(),
+        }
+    }
+
+    /// The embedded fabric's: its address and an already loaded transport.
+    pub fn with_transport(coordinator: String, transport: Transport) -> Self {
+        let remote = Self::new(coordinator, TransportSettings::default(), None);
+        let _ = remote.transport.set(transport);
+        remote
+    }
+
+    /// The transport, loaded at first use.
+    pub fn transport(&self) -> anyhow::Result<&Transport> {
+        if let Some(transport) = self.transport.get() {
+            return Ok(transport);
+        }
+        let loaded = self.settings.client().map_err(|err| {
+            anyhow!(
+                "{err} (fabricctl takes --tls-ca, --tls-cert, --tls-key and --token, or FABRIC_TLS_CA, FABRIC_TLS_CERT, FABRIC_TLS_KEY and FABRIC_TOKEN)"
+            )
+        })?;
+        if self.token.is_none() && loaded.identity().is_none() && loaded.is_tls() {
+            tracing::debug!("no client certificate and no token: only health checks will pass");
+        }
+        Ok(self.transport.get_or_init(|| loaded))
+    }
+
+    /// A coordinator client, or an error naming the address and a hint.
+    pub async fn coordinator(&self) -> anyhow::Result<Coordinator> {
+        let address = self.coordinator.as_str();
+        let transport = self.transport()?;
+        let token = BearerToken::new(self.token.as_deref())
+            .map_err(|err| anyhow!("--token / FABRIC_TOKEN: {err}"))?;
+        let channel = fabric_node::client::channel(&Peer::coordinator(address), transport)
+            .await
+            .map_err(|err| {
+                anyhow!(
+                    "cannot reach the coordinator at {address}: {} (is it running? see --coordinator)",
+                    short_reason(&err.reason)
+                )
+            })?;
+        Ok(CoordinatorClient::with_interceptor(channel, token)
+            .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES))
+    }
+
+    /// A storage client for `node`.
+    pub async fn storage(&self, node: &Peer) -> anyhow::Result<StorageClient<Channel>> {
+        Ok(fabric_node::client::storage(node, self.transport()?).await?)
+    }
 }
 
 /// The last, most specific part of a transport error chain
@@ -41,7 +110,7 @@ pub fn is_address(node: &str) -> bool {
 
 /// The address of node `id` (online), from the coordinator.
 pub async fn node_address(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Coordinator,
     id: &str,
 ) -> anyhow::Result<String> {
     let nodes = nodes(client).await?;
@@ -66,7 +135,7 @@ pub async fn node_address(
 }
 
 /// Every node the coordinator knows.
-pub async fn nodes(client: &mut CoordinatorClient<Channel>) -> anyhow::Result<Vec<Node>> {
+pub async fn nodes(client: &mut Coordinator) -> anyhow::Result<Vec<Node>> {
     Ok(client
         .list_nodes(ListNodesRequest {})
         .await
@@ -77,7 +146,7 @@ pub async fn nodes(client: &mut CoordinatorClient<Channel>) -> anyhow::Result<Ve
 
 /// The catalogue, filtered.
 pub async fn catalog(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Coordinator,
     job: Option<String>,
     host: Option<String>,
 ) -> anyhow::Result<Vec<CatalogEntry>> {
@@ -94,8 +163,8 @@ pub async fn catalog(
 
 /// Where to read a snapshot from: (node address, the snapshot's id there).
 pub struct Located {
-    /// The node's address.
-    pub address: String,
+    /// The node, with the identity it must prove.
+    pub peer: Peer,
     /// The snapshot's id on that node.
     pub snapshot_id: String,
     /// The node's id, for messages.
@@ -105,13 +174,13 @@ pub struct Located {
 /// Find the one snapshot `spec` names (a revision spec) and an online node
 /// holding it (`node` if given).
 pub async fn locate(
-    coordinator_address: &str,
+    remote: &Remote,
     spec: &str,
     node: Option<String>,
     job: Option<String>,
 ) -> anyhow::Result<Located> {
     if let Some(address) = node.as_deref().filter(|n| is_address(n)) {
-        let mut storage = fabric_node::client::storage(address).await?;
+        let mut storage = remote.storage(&Peer::any_node(address)).await?;
         let snapshots = storage
             .list_snapshots(fabric_proto::v1::ListSnapshotsRequest {
                 job: job.unwrap_or_default(),
@@ -124,12 +193,12 @@ pub async fn locate(
         let found = revision::find(&snapshots, spec, |s| s)?;
         let snapshot = single(found, spec)?;
         return Ok(Located {
-            address: address.to_owned(),
+            peer: Peer::any_node(address),
             snapshot_id: snapshot.id.clone(),
             node: address.to_owned(),
         });
     }
-    let mut client = coordinator(coordinator_address).await?;
+    let mut client = remote.coordinator().await?;
     let entries: Vec<(
         fabric_proto::v1::Snapshot,
         Vec<fabric_proto::v1::CatalogCopy>,
@@ -151,12 +220,13 @@ pub async fn locate(
             continue;
         }
         if let Some(found) = online(&copy.node) {
+            let address = found
+                .info
+                .as_ref()
+                .map(|i| i.address.clone())
+                .unwrap_or_default();
             return Ok(Located {
-                address: found
-                    .info
-                    .as_ref()
-                    .map(|i| i.address.clone())
-                    .unwrap_or_default(),
+                peer: Peer::node(&copy.node, &address),
                 snapshot_id: copy.snapshot_id.clone(),
                 node: copy.node.clone(),
             });

@@ -407,16 +407,18 @@ where
     .await
 }
 
-/// Back up `options.includes` to the node at `address` as a snapshot made
+/// Back up `options.includes` to `node` as a snapshot made
 /// from `template` (job, host, instance, type, tags... and, if set, the id
 /// every replica shares).
 pub async fn push_backup(
-    address: &str,
+    node: &crate::client::Peer,
+    transport: &fabric_trust::Transport,
     options: BackupOptions,
     template: Snapshot,
     progress: Option<ProgressFn>,
 ) -> Result<PushOutcome, AgentError> {
-    let client = crate::client::storage(address).await?;
+    let client = crate::client::storage(node, transport).await?;
+    let address = node.address.as_str();
     let remote = |context: &str| {
         let context = format!("{context} on {address}");
         move |status: Status| AgentError::Remote { context, status }

@@ -1,8 +1,11 @@
-//! Dialling other fabric servers: one place that sets the message limits and
-//! turns a connection failure into an error naming the address.
+//! Dialling other fabric servers: one place that sets the message limits,
+//! speaks TLS with the process's credentials, demands the identity the
+//! caller expects of the server ([`Peer`]), and turns a failure into an
+//! error naming the address.
 
 use fabric_proto::v1::source_client::SourceClient;
 use fabric_proto::v1::storage_client::StorageClient;
+use fabric_trust::{Expect, Transport};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::transfer::MAX_MESSAGE_BYTES;
@@ -13,6 +16,41 @@ use crate::transfer::MAX_MESSAGE_BYTES;
 pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// HTTP/2 flow-control window of one connection (several streams share it).
 pub const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
+
+/// A server to dial: where, and who it must prove to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// `https://host:port` (a bare `host:port` is accepted).
+    pub address: String,
+    /// The identity its certificate must carry.
+    pub expect: Expect,
+}
+
+impl Peer {
+    /// Node `id` at `address`.
+    pub fn node(id: &str, address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+            expect: Expect::Node(id.to_owned()),
+        }
+    }
+
+    /// Whichever node answers at `address` (an operator's `--node ADDR`).
+    pub fn any_node(address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+            expect: Expect::AnyNode,
+        }
+    }
+
+    /// The coordinator at `address`.
+    pub fn coordinator(address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+            expect: Expect::Coordinator,
+        }
+    }
+}
 
 /// A server that could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -28,29 +66,32 @@ fn describe(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
 }
 
-/// A channel to `address` (`http://host:port`; a bare `host:port` gets `http://`).
-pub async fn channel(address: &str) -> Result<Channel, ConnectError> {
+/// A channel to `peer` over `transport`.
+pub async fn channel(peer: &Peer, transport: &Transport) -> Result<Channel, ConnectError> {
+    let address = peer.address.as_str();
     let uri = if address.contains("://") {
         address.to_owned()
     } else {
-        format!("http://{address}")
+        format!("{}://{address}", transport.scheme())
     };
     let endpoint = Endpoint::from_shared(uri).map_err(|err| ConnectError {
         address: address.to_owned(),
         reason: describe(&err),
     })?;
-    endpoint
-        .tcp_nodelay(true)
+    let endpoint = endpoint
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .connect()
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
+    fabric_trust::transport::connect(endpoint, transport, peer.expect.clone())
         .await
         .map_err(|err| ConnectError {
             address: address.to_owned(),
@@ -59,15 +100,21 @@ pub async fn channel(address: &str) -> Result<Channel, ConnectError> {
 }
 
 /// A storage client with the fabric's message limits.
-pub async fn storage(address: &str) -> Result<StorageClient<Channel>, ConnectError> {
-    Ok(StorageClient::new(channel(address).await?)
+pub async fn storage(
+    peer: &Peer,
+    transport: &Transport,
+) -> Result<StorageClient<Channel>, ConnectError> {
+    Ok(StorageClient::new(channel(peer, transport).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// A source (pull endpoint) client with the fabric's message limits.
-pub async fn source(address: &str) -> Result<SourceClient<Channel>, ConnectError> {
-    Ok(SourceClient::new(channel(address).await?)
+pub async fn source(
+    peer: &Peer,
+    transport: &Transport,
+) -> Result<SourceClient<Channel>, ConnectError> {
+    Ok(SourceClient::new(channel(peer, transport).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

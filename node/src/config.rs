@@ -2,6 +2,7 @@
 //! with every key overridable by a flag or an environment variable (the
 //! binary merges those; this module only knows the file and the defaults).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,29 @@ pub struct NodeConfig {
     pub upload_memory_bytes: u64,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// This node's certificate, role node, for its `node_id`
+    /// (`FABRIC_NODE_TLS_CERT`, `--tls-cert`).
+    pub tls_cert: Option<PathBuf>,
+    /// Its key, mode 0600 (`FABRIC_NODE_TLS_KEY`, `--tls-key`).
+    pub tls_key: Option<PathBuf>,
+    /// The fabric's CA certificate (`FABRIC_NODE_TLS_CA`, `--tls-ca`).
+    pub tls_ca: Option<PathBuf>,
+    /// No TLS and no authentication (`--insecure-plaintext`): only for a
+    /// throwaway fabric on a trusted network; logged, and shown by
+    /// `fabricctl node list`.
+    pub insecure_plaintext: bool,
+    /// The plaintext port serving only grpc.health.v1, for probes
+    /// (`FABRIC_NODE_HEALTH_LISTEN`; `""`: none).
+    pub health_listen: String,
+    /// Commands this agent runs for jobs (`pre`, `post`, `!command` values):
+    /// each entry is a whole command line that a job's command must equal,
+    /// or a prefix ending in ` *` whose command is run with the job's
+    /// remaining words as arguments, without a shell. Default: none. The
+    /// coordinator can ask, only the host decides.
+    pub allow_commands: Vec<String>,
+    /// Named hooks: a job's `pre = "@freeze"` runs this host's `freeze`
+    /// command, whatever the job file says it does.
+    pub hooks: BTreeMap<String, String>,
 }
 
 impl Default for NodeConfig {
@@ -76,6 +100,13 @@ impl Default for NodeConfig {
             min_free_bytes: 256 * 1024 * 1024,
             upload_memory_bytes: 256 * 1024 * 1024,
             log_format: LogFormat::Text,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            insecure_plaintext: false,
+            health_listen: "0.0.0.0:7421".to_owned(),
+            allow_commands: Vec::new(),
+            hooks: BTreeMap::new(),
         }
     }
 }
@@ -123,9 +154,24 @@ impl NodeConfig {
             self.node_id = self.hostname.clone();
         }
         if self.advertise.is_empty() {
-            self.advertise = format!("http://{local_addr}");
+            let scheme = if self.insecure_plaintext {
+                "http"
+            } else {
+                "https"
+            };
+            self.advertise = format!("{scheme}://{local_addr}");
         }
         self
+    }
+
+    /// The TLS files and the plaintext switch.
+    pub fn transport_settings(&self) -> fabric_trust::transport::TransportSettings {
+        fabric_trust::transport::TransportSettings {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            insecure_plaintext: self.insecure_plaintext,
+        }
     }
 
     /// Whether this node has `role`.
@@ -157,13 +203,18 @@ mod tests {
             node_id = "n1"
             labels = ["ssd", "eu"]
             roles = ["storage"]
-            coordinator = "http://c:7400"
+            coordinator = "https://c:7400"
+            allow_commands = ["/usr/local/bin/db-freeze", "/usr/local/bin/dump *"]
+            [hooks]
+            thaw = "/usr/local/bin/db-thaw --all"
             "#,
         )
         .unwrap();
         assert_eq!(config.node_id, "n1");
         assert_eq!(config.roles, vec![Role::Storage]);
         assert_eq!(config.labels, vec!["ssd", "eu"]);
+        assert_eq!(config.allow_commands.len(), 2);
+        assert_eq!(config.hooks["thaw"], "/usr/local/bin/db-thaw --all");
     }
 
     #[test]

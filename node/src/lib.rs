@@ -6,15 +6,21 @@
 //! - [`agent`] is what runs on a client: push backups and restores; the CLI
 //!   uses it too.
 //! - [`transfer`] is the transfer protocol, both ends.
+//! - [`commands`] is what commands this host lets jobs run, and
+//!   [`pull_permits`] which storage node may pull what: the host's and the
+//!   coordinator's word, checked here, never taken from a caller.
+//! - [`client`] dials other servers over TLS, checking their identity.
 //!
 //! The chunk store is synchronous; this crate owns every async and gRPC part
 //! of a node and must never put storage logic of its own beside the store's.
 
 pub mod agent;
 pub mod client;
+pub mod commands;
 pub mod config;
 pub mod convert;
 pub mod disk;
+pub mod pull_permits;
 pub mod restore_client;
 pub mod server;
 pub mod session;
@@ -24,4 +30,4 @@ pub mod storage_service;
 pub mod transfer;
 
 pub use config::NodeConfig;
-pub use server::serve;
+pub use server::{serve, serve_with_health};

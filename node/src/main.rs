@@ -66,6 +66,24 @@ struct ServeArgs {
     /// text or json.
     #[arg(long, env = "FABRIC_NODE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// This node's certificate (PEM), from `fabricctl pki issue --node ID`.
+    #[arg(long, env = "FABRIC_NODE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "FABRIC_NODE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The fabric's CA certificate (PEM).
+    #[arg(long, env = "FABRIC_NODE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// No TLS, no authentication: anyone who reaches the port may do anything.
+    #[arg(long, env = "FABRIC_NODE_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
+    /// Plaintext port serving only grpc.health.v1, for probes ("" for none) [default: 0.0.0.0:7421].
+    #[arg(long, env = "FABRIC_NODE_HEALTH_LISTEN")]
+    health_listen: Option<String>,
+    /// A command jobs may run here (repeatable; a prefix ends in " *"); adds to allow_commands.
+    #[arg(long = "allow-command")]
+    allow_commands: Vec<String>,
 }
 
 fn parse_role(text: &str) -> anyhow::Result<Role> {
@@ -118,6 +136,22 @@ impl ServeArgs {
         if let Some(value) = self.log_format {
             config.log_format = value;
         }
+        if let Some(value) = self.tls_cert {
+            config.tls_cert = Some(value);
+        }
+        if let Some(value) = self.tls_key {
+            config.tls_key = Some(value);
+        }
+        if let Some(value) = self.tls_ca {
+            config.tls_ca = Some(value);
+        }
+        if self.insecure_plaintext {
+            config.insecure_plaintext = true;
+        }
+        if let Some(value) = self.health_listen {
+            config.health_listen = value;
+        }
+        config.allow_commands.extend(self.allow_commands);
         Ok(config)
     }
 }
@@ -134,7 +168,10 @@ async fn main() -> anyhow::Result<()> {
             let listener = fabric_proto::standard::bind_and_announce("fabric-node", config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            fabric_node::serve(listener, config, shutdown).await?;
+            let health = fabric_proto::standard::bind_health("fabric-node", &config.health_listen)
+                .await
+                .with_context(|| format!("cannot listen on {:?}", config.health_listen))?;
+            fabric_node::serve_with_health(listener, health, config, shutdown).await?;
         }
     }
     Ok(())

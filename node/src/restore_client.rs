@@ -219,14 +219,16 @@ impl<'a> RestoreStreamWriter<'a> {
     }
 }
 
-/// Restore `path` of `snapshot` from the node at `address` into `target`.
+/// Restore `path` of `snapshot` from `node` into `target`.
 pub async fn restore_from(
-    address: &str,
+    node: &crate::client::Peer,
+    transport: &fabric_trust::Transport,
     snapshot: &str,
     path: &str,
     mut target: Box<dyn RestoreTarget + Send>,
 ) -> Result<RestoreStats, AgentError> {
-    let mut client = crate::client::storage(address).await?;
+    let mut client = crate::client::storage(node, transport).await?;
+    let address = node.address.as_str();
     let mut stream = client
         .restore(RestoreRequest {
             snapshot: snapshot.to_owned(),

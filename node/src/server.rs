@@ -8,6 +8,10 @@
 //! failed fsync), and, when a coordinator is configured, keep a session
 //! with it. On shutdown: stop accepting, let in-flight calls finish; an upload
 //! cut short leaves no snapshot (the commit is the last step).
+//!
+//! Every call passes the authorization layer (`fabric_trust::AuthLayer`)
+//! over TLS with the node's certificate, which must be for its `node_id`;
+//! plaintext only with `insecure_plaintext`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +25,9 @@ use fabric_proto::v1::source_server::SourceServer;
 use fabric_proto::v1::storage_server::StorageServer;
 use tokio::net::TcpListener;
 
+use crate::commands::CommandPolicy;
 use crate::config::{NodeConfig, Role};
+use crate::pull_permits::PullPermits;
 use crate::source_service::SourceService;
 use crate::storage_service::StorageService;
 use crate::transfer::MAX_MESSAGE_BYTES;
@@ -62,6 +68,12 @@ pub enum ServeError {
     /// The listener has no local address.
     #[error("cannot read the listener's address: {0}")]
     Listener(std::io::Error),
+    /// The TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] fabric_trust::TlsError),
+    /// `allow_commands` or `hooks` is unusable.
+    #[error("bad allow_commands: {0}")]
+    Commands(String),
 }
 
 /// Run a node on `listener` until `shutdown` resolves.
@@ -70,8 +82,28 @@ pub async fn serve(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_with_health(listener, None, config, shutdown).await
+}
+
+/// Run a node on `listener`, and grpc.health.v1 alone in plaintext on
+/// `health` (for probes), until `shutdown` resolves.
+pub async fn serve_with_health(
+    listener: TcpListener,
+    health: Option<TcpListener>,
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
     let config = config.complete(local_addr);
+    let transport = config
+        .transport_settings()
+        .server(&fabric_trust::Expect::Node(config.node_id.clone()))?;
+    let commands = Arc::new(
+        CommandPolicy::new(&config.node_id, &config.allow_commands, &config.hooks)
+            .map_err(ServeError::Commands)?,
+    );
+    let permits = PullPermits::default();
+    let incoming = fabric_trust::transport::incoming(listener, &transport)?;
     let mut names = Vec::new();
     if config.has_role(Role::Storage) {
         names.push(service_names::STORAGE);
@@ -102,8 +134,14 @@ pub async fn serve(
         .await
         .map_err(|err| ServeError::Internal(err.to_string()))??;
         let opened = Arc::new(opened);
-        let service =
-            StorageService::new(opened.clone(), config.upload_memory_bytes, writable.clone());
+        let coordinator = (!config.coordinator.is_empty()).then(|| config.coordinator.clone());
+        let service = StorageService::new(
+            opened.clone(),
+            config.upload_memory_bytes,
+            writable.clone(),
+            transport.clone(),
+            coordinator,
+        );
         routes = routes.add_service(
             StorageServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -113,7 +151,10 @@ pub async fn serve(
     }
     if config.has_role(Role::Agent) {
         routes = routes.add_service(
-            SourceServer::new(SourceService::new(config.hostname.clone()))
+            SourceServer::new(SourceService::new(
+                config.hostname.clone(),
+                permits.clone(),
+            ))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
@@ -124,6 +165,7 @@ pub async fn serve(
         listen = %local_addr,
         advertise = %config.advertise,
         data_dir = %config.data_dir.display(),
+        tls = transport.is_tls(),
         "fabric-node serving"
     );
     // Ready only if the store can take writes; the watcher below flips
@@ -163,16 +205,34 @@ pub async fn serve(
         tokio::spawn(crate::session::run_session(
             config.clone(),
             store.clone(),
+            crate::session::SessionParts {
+                transport: transport.clone(),
+                commands,
+                permits,
+            },
             stop_rx.clone(),
         ));
+    }
+    if let Some(health) = health {
+        let readiness = readiness.clone();
+        let mut stopping = stop_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stopping.wait_for(|stopped| *stopped).await;
+            };
+            if let Err(error) = readiness.serve_plaintext_health(health, stopped).await {
+                tracing::error!(%error, "the health port failed");
+            }
+        });
     }
 
     let address = local_addr.to_string();
     let result = tonic::transport::Server::builder()
         .initial_stream_window_size(crate::client::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW_BYTES)
+        .layer(fabric_trust::AuthLayer::for_transport(&transport, None))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(fabric_proto::standard::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_tx.send(true);
     readiness.set_not_serving().await;

@@ -31,8 +31,12 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
+use fabric_trust::Transport;
+
 use crate::agent::{PushProgress, describe_status, push_backup};
+use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
+use crate::pull_permits::PullPermits;
 
 /// Updates waiting to be sent, kept across reconnects (bounded: the oldest
 /// progress-only updates are dropped first when it overflows).
@@ -56,6 +60,9 @@ struct Context {
     store: Option<Arc<Store>>,
     updates: mpsc::UnboundedSender<RunUpdate>,
     pull_memory: Arc<Semaphore>,
+    transport: Transport,
+    commands: Arc<CommandPolicy>,
+    permits: PullPermits,
 }
 
 impl Context {
@@ -85,7 +92,12 @@ impl Context {
     }
 }
 
-fn node_info(config: &NodeConfig, store: Option<&Store>, active_runs: Vec<String>) -> NodeInfo {
+fn node_info(
+    config: &NodeConfig,
+    store: Option<&Store>,
+    active_runs: Vec<String>,
+    insecure_plaintext: bool,
+) -> NodeInfo {
     let (capacity_bytes, free_bytes) = store
         .and_then(|store| crate::disk::space(store.dir()).ok())
         .unwrap_or((0, 0));
@@ -105,6 +117,7 @@ fn node_info(config: &NodeConfig, store: Option<&Store>, active_runs: Vec<String
             .collect(),
         hostname: config.hostname.clone(),
         active_runs,
+        insecure_plaintext,
     }
 }
 
@@ -156,19 +169,36 @@ async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heart
     }
 }
 
+/// What a session needs besides the config and the store.
+#[derive(Clone, Debug)]
+pub struct SessionParts {
+    /// How to dial the coordinator and other nodes.
+    pub transport: Transport,
+    /// What commands this host lets jobs run.
+    pub commands: Arc<CommandPolicy>,
+    /// The pull permits the coordinator grants, shared with the source
+    /// service that checks them.
+    pub permits: PullPermits,
+}
+
 /// Keep a session with the coordinator until `stop` turns true.
 pub async fn run_session(
     config: NodeConfig,
     store: Option<Arc<Store>>,
+    parts: SessionParts,
     mut stop: watch::Receiver<bool>,
 ) {
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<RunUpdate>();
     let active = Arc::new(Mutex::new(ActiveRuns::default()));
+    let insecure = !parts.transport.is_tls();
     let context = Context {
         config: config.clone(),
         store: store.clone(),
         updates: updates_tx,
         pull_memory: Arc::new(Semaphore::new(64 * 1024)),
+        transport: parts.transport,
+        commands: parts.commands,
+        permits: parts.permits,
     };
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
@@ -181,7 +211,7 @@ pub async fn run_session(
         if *stop.borrow() {
             return;
         }
-        match connect(&config, store.as_deref(), &active).await {
+        match connect(&context, store.as_deref(), &active).await {
             Err(err) => {
                 tracing::warn!(coordinator = %config.coordinator, error = %err, retry_in = ?backoff, "cannot reach the coordinator");
             }
@@ -194,6 +224,7 @@ pub async fn run_session(
                         &config,
                         store.as_deref(),
                         active_runs,
+                        insecure,
                     ))),
                 };
                 if out_tx.send(hello).await.is_ok() {
@@ -276,17 +307,20 @@ fn lock(active: &Mutex<ActiveRuns>) -> std::sync::MutexGuard<'_, ActiveRuns> {
 }
 
 async fn connect(
-    config: &NodeConfig,
+    context: &Context,
     store: Option<&Store>,
     active: &Mutex<ActiveRuns>,
 ) -> Result<(CoordinatorClient<tonic::transport::Channel>, Duration), String> {
-    let channel = crate::client::channel(&config.coordinator)
+    let config = &context.config;
+    let peer = crate::client::Peer::coordinator(&config.coordinator);
+    let channel = crate::client::channel(&peer, &context.transport)
         .await
         .map_err(|err| err.to_string())?;
     let mut client = CoordinatorClient::new(channel);
     let active_runs = lock(active).runs.keys().cloned().collect();
+    let insecure = !context.transport.is_tls();
     let response = client
-        .register_node(node_info(config, store, active_runs))
+        .register_node(node_info(config, store, active_runs, insecure))
         .await
         .map_err(|status| describe_status(&status))?
         .into_inner();
@@ -333,6 +367,7 @@ fn handle(
             );
         }
         Some(coordinator_message::Kind::Cancel(cancel)) => {
+            context.permits.forget(&cancel.run_id);
             if let Some(run) = lock(active).runs.remove(&cancel.run_id) {
                 run.task.abort();
                 tracing::info!(run = %cancel.run_id, "run cancelled");
@@ -342,6 +377,9 @@ fn handle(
                     "cancelled by the operator",
                 );
             }
+        }
+        Some(coordinator_message::Kind::PullPermit(permit)) => {
+            context.permits.grant(permit);
         }
         Some(coordinator_message::Kind::PullDone(done)) => {
             let waiter = lock(active)
@@ -396,16 +434,33 @@ async fn execute(
     }
 }
 
-/// Run `command` with `sh -c`, sending each output line as a run message.
+/// Run `command`, the job's `what`, if this host's `allow_commands` or
+/// hooks allow it (refused with the reason otherwise), sending each output
+/// line as a run message.
 async fn run_script(
     context: &Context,
     run_id: &str,
     what: &str,
     command: &str,
 ) -> Result<String, String> {
-    let output = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
+    let approved = context.commands.approve(what, command)?;
+    let mut process = match &approved {
+        Approved::Shell(line) => {
+            let mut process = tokio::process::Command::new("sh");
+            process.arg("-c").arg(line);
+            process
+        }
+        Approved::Program(words) => {
+            let (program, arguments) = words
+                .split_first()
+                .ok_or_else(|| format!("the {what} command is empty"))?;
+            let mut process = tokio::process::Command::new(program);
+            process.args(arguments);
+            process
+        }
+    };
+    let command = approved.describe();
+    let output = process
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -625,7 +680,8 @@ async fn copy_once(
         });
     });
     push_backup(
-        &target.address,
+        &crate::client::Peer::node(&target.node, &target.address),
+        &context.transport,
         backup_options(job),
         template.clone(),
         Some(progress),
@@ -664,6 +720,8 @@ async fn execute_passive(
         Ok(Err(_)) => Err("the pull's end was never signalled".to_owned()),
         Err(_) => Err(format!("no pull ended within {timeout:?}")),
     };
+    // Nobody may pull this run any more.
+    context.permits.forget(&run_id);
     if !job.post.is_empty() {
         context.state(&run_id, RunState::Post, "");
         run_script(context, &run_id, "post", &job.post).await?;
@@ -688,7 +746,9 @@ async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
         let template = assignment.snapshot.clone().unwrap_or_default();
         crate::source_service::pull_into(
             store,
-            &assignment.source_address,
+            &crate::client::Peer::node(&assignment.source_node, &assignment.source_address),
+            &context.transport,
+            &assignment.run_id,
             job.include.clone(),
             job.exclude.clone(),
             job.one_file_system,
@@ -730,6 +790,9 @@ async fn execute_expand(context: &Context, assignment: &Assignment) -> Result<Ve
         .instances_command
         .strip_prefix('!')
         .unwrap_or(&job.instances_command);
+    if command.trim().is_empty() {
+        return Err(format!("job {} has no instances command", job.name));
+    }
     let output = run_script(context, &assignment.run_id, "instances", command).await?;
     Ok(output
         .lines()

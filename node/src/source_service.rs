@@ -5,6 +5,10 @@
 //! puller sends the parent snapshot's tree chunks ahead of the transfer
 //! (at most [`MAX_PARENT_TREE_BYTES`]), from which the source's walk knows
 //! the files it need not read again.
+//!
+//! A pull reads the client's files, so the source serves one only to the
+//! storage node the coordinator assigned to an active pull of this agent
+//! ([`crate::pull_permits`]), and only that pull job's paths.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -22,7 +26,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use fabric_trust::{Caller, Role, Transport};
+
 use crate::agent::send_backup;
+use crate::client::Peer;
+use crate::pull_permits::{PERMIT_WAIT, PermittedPaths, PullPermits};
 use crate::status::status_from_store_error;
 use crate::transfer::{
     MAX_BATCH_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, for_each_tree, run_receiver,
@@ -95,12 +103,57 @@ async fn receive_parent_trees(
 #[derive(Debug, Clone)]
 pub struct SourceService {
     hostname: String,
+    permits: PullPermits,
 }
 
 impl SourceService {
-    /// Serve pulls of this host's files; snapshots record `hostname`.
-    pub fn new(hostname: String) -> Self {
-        Self { hostname }
+    /// Serve pulls of this host's files, as `permits` allow; snapshots
+    /// record `hostname`.
+    pub fn new(hostname: String, permits: PullPermits) -> Self {
+        Self { hostname, permits }
+    }
+
+    /// The paths the caller may pull for `run_id`: those of the permit the
+    /// coordinator sent for that run and the caller's certified node id.
+    /// An insecure agent (`--insecure-plaintext`) cannot tell callers apart
+    /// and serves what is asked.
+    async fn permitted(
+        &self,
+        caller: &Caller,
+        start: &PullStart,
+    ) -> Result<PermittedPaths, Status> {
+        let asked = PermittedPaths {
+            include: start.include.clone(),
+            exclude: start.exclude.clone(),
+            one_file_system: start.one_file_system,
+        };
+        let puller = match caller {
+            Caller::Insecure => return Ok(asked),
+            Caller::Authenticated(identity) if identity.role == Role::Node => &identity.name,
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "only the storage node assigned to a pull may pull, not {}",
+                    other.describe()
+                )));
+            }
+        };
+        let run = start.run_id.chars().take(64).collect::<String>();
+        let permitted = self
+            .permits
+            .wait_for(&start.run_id, puller, PERMIT_WAIT)
+            .await
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "node {puller} holds no permit to pull run {run:?} from this agent: only the storage node the coordinator assigned to an active pull may pull"
+                ))
+            })?;
+        if permitted != asked {
+            return Err(Status::permission_denied(format!(
+                "node {puller} asks for other paths than the pull job of run {run} permits (include {:?})",
+                permitted.include
+            )));
+        }
+        Ok(permitted)
     }
 }
 
@@ -114,6 +167,7 @@ impl Source for SourceService {
         &self,
         request: Request<Streaming<ReceiverMessage>>,
     ) -> Result<Response<Self::PullStream>, Status> {
+        let caller = Caller::of(&request);
         let mut incoming = request.into_inner();
         let start = match incoming.next().await {
             Some(Ok(ReceiverMessage {
@@ -126,12 +180,15 @@ impl Source for SourceService {
                 ));
             }
         };
-        let PullStart {
+        let PermittedPaths {
             include,
             exclude,
             one_file_system,
+        } = self.permitted(&caller, &start).await?;
+        let PullStart {
             snapshot,
             parent_root,
+            ..
         } = start;
         if include.is_empty() {
             return Err(Status::invalid_argument(
@@ -182,19 +239,23 @@ impl Source for SourceService {
     }
 }
 
-/// Pull from the agent at `source_address` into `store`: the storage node's
-/// side of a pull job. Sends the newest snapshot of the same job, host and
+/// Pull run `run_id` from the agent `source` into `store`: the storage
+/// node's side of a pull job (the agent serves it only with the
+/// coordinator's permit for this node). Sends the newest snapshot of the same job, host and
 /// instance as the parent so unchanged files are not read again.
+#[allow(clippy::too_many_arguments)]
 pub async fn pull_into(
     store: Arc<Store>,
-    source_address: &str,
+    source: &Peer,
+    transport: &Transport,
+    run_id: &str,
     include: Vec<String>,
     exclude: Vec<String>,
     one_file_system: bool,
     mut template: Snapshot,
     memory: Arc<Semaphore>,
 ) -> Result<Snapshot, Status> {
-    let mut client = crate::client::source(source_address)
+    let mut client = crate::client::source(source, transport)
         .await
         .map_err(|err| Status::unavailable(err.to_string()))?;
 
@@ -227,6 +288,7 @@ pub async fn pull_into(
                 one_file_system,
                 snapshot: Some(template),
                 parent_root,
+                run_id: run_id.to_owned(),
             })),
         })
         .await
@@ -248,7 +310,7 @@ pub async fn pull_into(
     let (request_tx, request_rx) = mpsc::channel::<ReceiverMessage>(REPLY_CHANNEL + 1);
     let requests = ReceiverStream::new(start_rx).chain(ReceiverStream::new(request_rx));
     let mut incoming = client.pull(requests).await?.into_inner();
-    let committed = run_receiver(store, &mut incoming, request_tx, memory).await?;
+    let committed = run_receiver(store, &mut incoming, request_tx, memory, None).await?;
     // Dropping the call would reset it and could discard the `committed`
     // answer before it reaches the source: wait (briefly) for the source to
     // end its side, which it does once it has the answer.

@@ -4,6 +4,12 @@
 //! This module translates between the API and the store; the transfer
 //! protocol itself lives in [`crate::transfer`], restore's tree walk in the
 //! chunk store. It must never hold chunk data beyond one batch per stream.
+//!
+//! Who may call which RPC is the authorization table's business; this
+//! service narrows what a *client* caller touches to its own host's
+//! snapshots (listing, reading, restoring, committing), and sends a copy
+//! only to a node id the coordinator resolves, over TLS to a server that
+//! proves that id.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,6 +28,7 @@ use fabric_proto::v1::{
     SenderMessage, Snapshot, StatsRequest, StoreStats, Tree, TreeEntry, VerifyReport,
     VerifyRequest, restore_item,
 };
+use fabric_trust::{Caller, Transport};
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
@@ -45,6 +52,10 @@ pub struct StorageService {
     upload_memory: Arc<Semaphore>,
     /// False while the store cannot take writes (e.g. its disk is full).
     writable: Arc<AtomicBool>,
+    /// How this node dials other servers (copies).
+    transport: Transport,
+    /// The coordinator, which resolves a copy's target node id.
+    coordinator: Option<String>,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -57,7 +68,15 @@ impl std::fmt::Debug for StorageService {
 
 impl StorageService {
     /// Serve `store`, holding at most `upload_memory_bytes` of upload data.
-    pub fn new(store: Arc<Store>, upload_memory_bytes: u64, writable: Arc<AtomicBool>) -> Self {
+    /// Copies dial with `transport`, to nodes the `coordinator` (if any)
+    /// resolves.
+    pub fn new(
+        store: Arc<Store>,
+        upload_memory_bytes: u64,
+        writable: Arc<AtomicBool>,
+        transport: Transport,
+        coordinator: Option<String>,
+    ) -> Self {
         let permits = usize::try_from(upload_memory_bytes / 1024)
             .unwrap_or(usize::MAX)
             .clamp(transfer::MAX_MESSAGE_BYTES / 1024, Semaphore::MAX_PERMITS);
@@ -65,6 +84,55 @@ impl StorageService {
             store,
             upload_memory: Arc::new(Semaphore::new(permits)),
             writable,
+            transport,
+            coordinator,
+        }
+    }
+
+    /// The address of registered node `id`, from the coordinator: a copy
+    /// goes only to a node the fabric knows, never to an address a caller
+    /// names.
+    async fn resolve_node(&self, id: &str) -> Result<String, Status> {
+        fabric_trust::identity::validate_name(id).map_err(|err| {
+            Status::invalid_argument(format!("target_node must be a node id: {err}"))
+        })?;
+        let coordinator = self.coordinator.as_deref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node has no coordinator to resolve node ids: a copy needs one",
+            )
+        })?;
+        let peer = crate::client::Peer::coordinator(coordinator);
+        let channel = crate::client::channel(&peer, &self.transport)
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        let nodes = fabric_proto::v1::coordinator_client::CoordinatorClient::new(channel)
+            .list_nodes(fabric_proto::v1::ListNodesRequest {})
+            .await
+            .map_err(|status| {
+                Status::unavailable(format!(
+                    "asking the coordinator for node {id}: {}",
+                    crate::agent::describe_status(&status)
+                ))
+            })?
+            .into_inner()
+            .nodes;
+        nodes
+            .into_iter()
+            .filter_map(|node| node.info)
+            .find(|info| info.id == id)
+            .map(|info| info.address)
+            .filter(|address| !address.is_empty())
+            .ok_or_else(|| Status::not_found(format!("no registered node {id}")))
+    }
+
+    /// Refused unless a client caller owns `snapshot` (other callers pass).
+    fn check_owner(caller: &Caller, snapshot: &Snapshot) -> Result<(), Status> {
+        match caller.client_host() {
+            Some(host) if snapshot.host != host => Err(Status::permission_denied(format!(
+                "client {host} may read only its own host's snapshots; {} is not",
+                snapshot.id
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -91,6 +159,7 @@ pub fn receive_upload(
     store: Arc<Store>,
     incoming: impl Stream<Item = Result<SenderMessage, Status>> + Unpin + Send + 'static,
     memory: Arc<Semaphore>,
+    commit_host: Option<String>,
 ) -> ReceiverStream<Result<ReceiverMessage, Status>> {
     let (reply_tx, mut reply_rx) = mpsc::channel(REPLY_CHANNEL);
     let (out_tx, out_rx) = mpsc::channel(REPLY_CHANNEL + 1);
@@ -103,7 +172,10 @@ pub fn receive_upload(
                 }
             }
         };
-        let (result, ()) = tokio::join!(run_receiver(store, incoming, reply_tx, memory), forward);
+        let (result, ()) = tokio::join!(
+            run_receiver(store, incoming, reply_tx, memory, commit_host),
+            forward
+        );
         match result {
             Ok(snapshot) => {
                 tracing::info!(snapshot = %snapshot.id, name = %snapshot.name, "upload committed")
@@ -187,10 +259,12 @@ impl Storage for StorageService {
                 self.store.dir().display()
             )));
         }
+        let commit_host = Caller::of(&request).client_host().map(str::to_owned);
         Ok(Response::new(receive_upload(
             self.store.clone(),
             request.into_inner(),
             self.upload_memory.clone(),
+            commit_host,
         )))
     }
 
@@ -200,6 +274,7 @@ impl Storage for StorageService {
         &self,
         request: Request<RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
+        let caller = Caller::of(&request);
         let RestoreRequest { snapshot, path } = request.into_inner();
         let found = self
             .blocking({
@@ -207,6 +282,7 @@ impl Storage for StorageService {
                 move |store| store.find_snapshot(&snapshot)
             })
             .await?;
+        Self::check_owner(&caller, &found)?;
         let root = parse_id(&found.root_tree_id)?;
         let (tx, rx) = mpsc::channel::<Result<RestoreItem, Status>>(8);
         let store = self.store.clone();
@@ -291,7 +367,16 @@ impl Storage for StorageService {
         &self,
         request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        let ListSnapshotsRequest { job, host } = request.into_inner();
+        let caller = Caller::of(&request);
+        let ListSnapshotsRequest { job, mut host } = request.into_inner();
+        if let Some(own) = caller.client_host() {
+            if !host.is_empty() && host != own {
+                return Err(Status::permission_denied(format!(
+                    "client {own} may list only its own host's snapshots"
+                )));
+            }
+            own.clone_into(&mut host);
+        }
         let snapshots = self
             .blocking(move |store| {
                 Ok(store
@@ -310,11 +395,19 @@ impl Storage for StorageService {
         &self,
         request: Request<GetNewestSnapshotRequest>,
     ) -> Result<Response<GetNewestSnapshotResponse>, Status> {
+        let caller = Caller::of(&request);
         let GetNewestSnapshotRequest {
             job,
             host,
             instance,
         } = request.into_inner();
+        if let Some(own) = caller.client_host()
+            && host != own
+        {
+            return Err(Status::permission_denied(format!(
+                "client {own} may read only its own host's snapshots"
+            )));
+        }
         let snapshot = self
             .blocking(move |store| {
                 store.newest_snapshot(&SnapshotSource {
@@ -331,10 +424,12 @@ impl Storage for StorageService {
         &self,
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<Snapshot>, Status> {
+        let caller = Caller::of(&request);
         let spec = request.into_inner().snapshot;
         let snapshot = self
             .blocking(move |store| store.find_snapshot(&spec))
             .await?;
+        Self::check_owner(&caller, &snapshot)?;
         Ok(Response::new(snapshot))
     }
 
@@ -397,14 +492,20 @@ impl Storage for StorageService {
         &self,
         request: Request<CopySnapshotRequest>,
     ) -> Result<Response<Self::CopySnapshotStream>, Status> {
-        let CopySnapshotRequest { snapshot, target } = request.into_inner();
+        let CopySnapshotRequest {
+            snapshot,
+            target_node,
+        } = request.into_inner();
+        let address = self.resolve_node(&target_node).await?;
+        let target = target_node;
         let record = self
             .blocking({
                 let snapshot = snapshot.clone();
                 move |store| store.find_snapshot(&snapshot)
             })
             .await?;
-        let mut client = crate::client::storage(&target)
+        let peer = crate::client::Peer::node(&target, &address);
+        let mut client = crate::client::storage(&peer, &self.transport)
             .await
             .map_err(|err| Status::unavailable(err.to_string()))?;
         let counters = Arc::new(TransferCounters::default());

@@ -350,13 +350,16 @@ const WRITER_QUEUE: usize = 2;
 /// Batches are checked and written by a second task, so offers are answered
 /// meanwhile; they become durable every [`FLUSH_EVERY_BYTES`] and at the
 /// commit. `memory` bounds the chunk bytes (as sent) all receivers hold at
-/// once (one permit per KiB). Returns the committed snapshot; a stream that
-/// ends before its commit leaves no snapshot.
+/// once (one permit per KiB). With `commit_host` (a client's upload), only
+/// a snapshot of that host is committed (`PERMISSION_DENIED` otherwise).
+/// Returns the committed snapshot; a stream that ends before its commit
+/// leaves no snapshot.
 pub async fn run_receiver<I>(
     store: Arc<Store>,
     mut incoming: I,
     outgoing: mpsc::Sender<ReceiverMessage>,
     memory: Arc<Semaphore>,
+    commit_host: Option<String>,
 ) -> Result<Snapshot, Status>
 where
     I: Stream<Item = Result<SenderMessage, Status>> + Unpin,
@@ -448,6 +451,14 @@ where
             Some(sender_message::Kind::Commit(Commit { snapshot })) => {
                 let snapshot =
                     snapshot.ok_or_else(|| protocol_error("a commit without a snapshot"))?;
+                if let Some(host) = &commit_host
+                    && snapshot.host != *host
+                {
+                    return Err(Status::permission_denied(format!(
+                        "client {host} may commit snapshots of its own host only, not of host {:?}",
+                        snapshot.host.chars().take(64).collect::<String>()
+                    )));
+                }
                 // Every batch is written (and acknowledged) before the commit,
                 // which makes them durable and checks the whole DAG.
                 drop(batches.take());
