@@ -51,6 +51,9 @@ struct JobRow {
     interval_s: u64,
     last_run: String,
     last_state: String,
+    submitted_by: String,
+    /// `TIME BY CHANGE`, oldest first.
+    history: Vec<String>,
 }
 
 impl Row for JobRow {
@@ -107,6 +110,19 @@ fn job_row(job: &Job) -> JobRow {
             .as_ref()
             .map(|r| run_state(r.state()))
             .unwrap_or_else(|| "-".into()),
+        submitted_by: job.submitted_by.clone(),
+        history: job
+            .history
+            .iter()
+            .map(|change| {
+                format!(
+                    "{} {} {}",
+                    time_ms(change.time_ms),
+                    change.by,
+                    change.change
+                )
+            })
+            .collect(),
     }
 }
 
@@ -356,7 +372,7 @@ pub async fn job_show(remote: &Remote, name: &str, format: OutputFormat) -> anyh
     let spec = job.spec.clone().unwrap_or_default();
     output::print_one(&job_row(&job), format, |row| {
         format!(
-            "job:        {}\ndirection:  {}\nclient:     {}\ninclude:    {}\nexclude:    {}\ndest:       {}\nreplicas:   {}\npre:        {}\npost:       {}\ninstances:  {}{}\ninterval:   {}s\nlast run:   {} ({})\n",
+            "job:        {}\ndirection:  {}\nclient:     {}\ninclude:    {}\nexclude:    {}\ndest:       {}\nreplicas:   {}\npre:        {}\npost:       {}\ninstances:  {}{}\ninterval:   {}s\nlast run:   {} ({})\nchanges:\n{}",
             row.name,
             row.direction,
             row.client,
@@ -371,6 +387,10 @@ pub async fn job_show(remote: &Remote, name: &str, format: OutputFormat) -> anyh
             spec.interval_s,
             row.last_run,
             row.last_state,
+            row.history
+                .iter()
+                .map(|change| format!("  {change}\n"))
+                .collect::<String>(),
         )
     })
 }

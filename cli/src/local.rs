@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fabric_node::config::{NodeConfig, Role as NodeRole};
-use fabric_trust::Role;
 use fabric_proto::v1::{ListNodesRequest, NodeState, RunState, SubmitJobsRequest, WatchRunRequest};
+use fabric_trust::Role;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -56,38 +56,6 @@ async fn bind() -> anyhow::Result<(TcpListener, String)> {
     Ok((listener, address))
 }
 
-/// The embedded fabric's CA under `dir/pki` (made on first start, reused
-/// after), and a certificate for each of its parts.
-struct LocalPki {
-    dir: PathBuf,
-    authority: fabric_trust::pki::CertificateAuthority,
-}
-
-impl LocalPki {
-    fn open(dir: &Path) -> anyhow::Result<Self> {
-        let dir = dir.join("pki");
-        let authority = if dir.join(fabric_trust::pki::CA_KEY_FILE).exists() {
-            fabric_trust::pki::load(&dir)?
-        } else {
-            fabric_trust::pki::init(&dir, "fabric local CA", fabric_trust::pki::CA_VALIDITY)?
-        };
-        Ok(Self { dir, authority })
-    }
-
-    /// (certificate, key) files of a fresh certificate for `role/name`.
-    fn issue(&self, role: Role, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-        let identity = fabric_trust::Identity::new(role, name)?;
-        let issued = self
-            .authority
-            .issue(&identity, &fabric_trust::pki::IssueOptions::default())?;
-        Ok(fabric_trust::pki::write_issued(&self.dir, &identity, &issued)?)
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join(fabric_trust::pki::CA_CERT_FILE)
-    }
-}
-
 impl LocalFabric {
     /// Start a coordinator, `storage_nodes` storage nodes (n1, n2, ...) and
     /// an agent, with state under `dir`, all speaking TLS with certificates
@@ -96,19 +64,21 @@ impl LocalFabric {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = &std::fs::canonicalize(dir)
             .with_context(|| format!("cannot resolve {}", dir.display()))?;
-        let pki = LocalPki::open(dir)?;
+        // Reused when `local up` starts again on the same folder.
+        let pki = fabric_trust::pki::PkiDir::open_or_init(&dir.join("pki"), "fabric local CA")?;
+        let issue = |role: Role, name: &str| pki.issue_into(role, name, pki.dir());
         let (stop_coordinator, coordinator_stop_rx) = watch::channel(false);
         let (stop_nodes, stop_rx) = watch::channel(false);
         let mut node_tasks = Vec::new();
 
         let (listener, coordinator) = bind().await?;
-        let (cert, key) = pki.issue(Role::Coordinator, "local")?;
+        let (cert, key) = issue(Role::Coordinator, "local")?;
         let config = fabric_coordinator::config::CoordinatorConfig {
             data_dir: dir.join("coordinator"),
             heartbeat_interval: Duration::from_millis(500),
             tls_cert: Some(cert),
             tls_key: Some(key),
-            tls_ca: Some(pki.ca()),
+            tls_ca: Some(pki.ca_certificate()),
             health_listen: String::new(),
             ..Default::default()
         };
@@ -128,11 +98,11 @@ impl LocalFabric {
             } else {
                 (format!("n{}", index + 1), vec![NodeRole::Storage])
             };
-            let (cert, key) = pki.issue(Role::Node, &id)?;
+            let (cert, key) = issue(Role::Node, &id)?;
             let config = NodeConfig {
                 tls_cert: Some(cert),
                 tls_key: Some(key),
-                tls_ca: Some(pki.ca()),
+                tls_ca: Some(pki.ca_certificate()),
                 health_listen: String::new(),
                 data_dir: dir.join(&id),
                 node_id: id.clone(),
@@ -153,9 +123,9 @@ impl LocalFabric {
         }
         let (agent_id, agent) = nodes.pop().unwrap_or_default();
         debug_assert_eq!(agent_id, AGENT_ID);
-        let (cert, key) = pki.issue(Role::Operator, "local")?;
+        let (cert, key) = issue(Role::Operator, "local")?;
         let transport = fabric_trust::transport::TransportSettings {
-            ca: Some(pki.ca()),
+            ca: Some(pki.ca_certificate()),
             cert: Some(cert),
             key: Some(key),
             insecure_plaintext: false,
@@ -163,7 +133,7 @@ impl LocalFabric {
         .client()?;
         let fabric = Self {
             remote: Remote::with_transport(coordinator.clone(), transport),
-            pki: pki.dir.clone(),
+            pki: pki.dir().to_owned(),
             coordinator,
             nodes,
             agent,

@@ -109,10 +109,7 @@ pub fn is_address(node: &str) -> bool {
 }
 
 /// The address of node `id` (online), from the coordinator.
-pub async fn node_address(
-    client: &mut Coordinator,
-    id: &str,
-) -> anyhow::Result<String> {
+pub async fn node_address(client: &mut Coordinator, id: &str) -> anyhow::Result<String> {
     let nodes = nodes(client).await?;
     let node = nodes
         .iter()

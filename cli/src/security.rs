@@ -131,7 +131,9 @@ pub async fn token_create(
         .await
         .map_err(|status| status_error("creating a token", status))?
         .into_inner();
-    let info = made.info.ok_or_else(|| anyhow!("the coordinator sent no token record"))?;
+    let info = made
+        .info
+        .ok_or_else(|| anyhow!("the coordinator sent no token record"))?;
     #[derive(Serialize)]
     struct Made {
         token: String,

@@ -309,7 +309,7 @@ mod tests {
                 ..JobSpec::default()
             }),
             submitted_ms: NOW - submitted_ago_h * HOUR_MS,
-            last_run: None,
+            ..Job::default()
         }
     }
 

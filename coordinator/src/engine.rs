@@ -21,10 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CancelAssignment, CatalogEntry, CheckResponse, CoordinatorMessage,
-    CopyState, CopyTarget, Direction, Job, JobChange, JobSpec, ListCatalogRequest, ListRunsRequest, Node,
-    NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, PullPermit, Run, RunCopy, RunDetail, RunEvent,
-    RunState, RunUpdate, Snapshot, SnapshotType, SubmitJobsRequest, SubmitJobsResponse,
-    coordinator_message, node_message,
+    CopyState, CopyTarget, Direction, Job, JobChange, JobSpec, ListCatalogRequest, ListRunsRequest,
+    Node, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, PullPermit, Run, RunCopy,
+    RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SnapshotType, SubmitJobsRequest,
+    SubmitJobsResponse, coordinator_message, node_message,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

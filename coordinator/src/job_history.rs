@@ -32,10 +32,16 @@ pub fn changed_keys(old: &JobSpec, new: &JobSpec) -> Vec<&'static str> {
     );
     differs("interval", old.interval_s != new.interval_s);
     differs("master_host", old.master_host != new.master_host);
-    differs("master_instance", old.master_instance != new.master_instance);
+    differs(
+        "master_instance",
+        old.master_instance != new.master_instance,
+    );
     differs("data_age", old.data_age != new.data_age);
     differs("tags", old.tags != new.tags);
-    differs("one_file_system", old.one_file_system != new.one_file_system);
+    differs(
+        "one_file_system",
+        old.one_file_system != new.one_file_system,
+    );
     differs("pull_source", old.pull_source != new.pull_source);
     differs("pull_timeout", old.pull_timeout_s != new.pull_timeout_s);
     keys

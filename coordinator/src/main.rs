@@ -125,12 +125,10 @@ async fn main() -> anyhow::Result<()> {
                 fabric_proto::standard::bind_and_announce("fabric-coordinator", config.listen)
                     .await
                     .with_context(|| format!("cannot listen on {}", config.listen))?;
-            let health = fabric_proto::standard::bind_health(
-                "fabric-coordinator",
-                &config.health_listen,
-            )
-            .await
-            .with_context(|| format!("cannot listen on {:?}", config.health_listen))?;
+            let health =
+                fabric_proto::standard::bind_health("fabric-coordinator", &config.health_listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {:?}", config.health_listen))?;
             fabric_coordinator::serve_with_health(listener, health, config, shutdown).await?;
             Ok(())
         }

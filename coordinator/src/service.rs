@@ -9,12 +9,11 @@ use std::sync::Arc;
 use fabric_proto::v1::coordinator_server::Coordinator;
 use fabric_proto::v1::{
     CancelRunRequest, CheckRequest, CheckResponse, CoordinatorMessage, CreateTokenRequest,
-    CreateTokenResponse, GetJobRequest, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
-    TokenInfo,
-    GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse, ListJobsRequest, ListJobsResponse,
-    ListNodesRequest, ListNodesResponse, ListRunsRequest, ListRunsResponse, NodeInfo, NodeMessage,
-    RegisterNodeResponse, RetryRunRequest, Run, RunDetail, RunEvent, SubmitJobsRequest,
-    SubmitJobsResponse, WatchRunRequest, node_message,
+    CreateTokenResponse, GetJobRequest, GetRunRequest, Job, ListCatalogRequest,
+    ListCatalogResponse, ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse,
+    ListRunsRequest, ListRunsResponse, ListTokensRequest, ListTokensResponse, NodeInfo,
+    NodeMessage, RegisterNodeResponse, RetryRunRequest, RevokeTokenRequest, Run, RunDetail,
+    RunEvent, SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest, node_message,
 };
 use futures::Stream;
 use futures::StreamExt;
@@ -24,8 +23,8 @@ use tonic::{Request, Response, Status, Streaming};
 use fabric_trust::Caller;
 
 use crate::engine::{Engine, EngineError};
-use crate::tokens::Tokens;
 use crate::record::is_final;
+use crate::tokens::Tokens;
 
 /// The one mapping from engine errors to gRPC statuses.
 pub fn status_of(error: EngineError) -> Status {

@@ -173,7 +173,11 @@ impl Store {
 
     /// Stores a token.
     pub fn put_token(&self, token: &StoredToken) -> Result<(), StateError> {
-        let id = token.info.as_ref().map(|info| info.id.as_str()).unwrap_or("");
+        let id = token
+            .info
+            .as_ref()
+            .map(|info| info.id.as_str())
+            .unwrap_or("");
         self.tokens
             .insert(id.as_bytes(), token.encode_to_vec())
             .map(|_| ())

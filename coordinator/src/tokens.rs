@@ -50,7 +50,9 @@ impl Tokens {
         let role: Role = request
             .role
             .parse()
-            .map_err(|err: fabric_trust::IdentityError| EngineError::InvalidArgument(err.to_string()))?;
+            .map_err(|err: fabric_trust::IdentityError| {
+                EngineError::InvalidArgument(err.to_string())
+            })?;
         if !matches!(role, Role::Operator | Role::Monitor | Role::Client) {
             return Err(EngineError::InvalidArgument(format!(
                 "a token cannot have role {role}: tokens are for operator, monitor and client; nodes and coordinators use certificates"

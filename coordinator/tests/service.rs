@@ -17,6 +17,9 @@ use fabric_proto::v1::{
     RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SubmitJobsRequest, TransferProgress,
     WatchRunRequest, coordinator_message, node_message,
 };
+use fabric_trust::pki::PkiDir;
+use fabric_trust::transport::TransportSettings;
+use fabric_trust::{Expect, Role};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -28,18 +31,37 @@ struct Coordinator {
     address: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), fabric_coordinator::ServeError>>,
+    /// The fabric's CA and the certificates issued for the test.
+    pki: PkiDir,
+    _tls: tempfile::TempDir,
 }
 
 impl Coordinator {
     async fn start(data_dir: &Path, heartbeat_interval: Duration) -> Self {
+        Self::start_with(data_dir, |config| {
+            config.heartbeat_interval = heartbeat_interval
+        })
+        .await
+    }
+
+    /// A coordinator with TLS (a CA of the test's own) and `configure`d.
+    async fn start_with(data_dir: &Path, configure: impl FnOnce(&mut CoordinatorConfig)) -> Self {
+        let tls = tempfile::tempdir().unwrap();
+        let pki = PkiDir::open_or_init(&tls.path().join("ca"), "test CA").unwrap();
+        let (cert, key) = pki
+            .issue_into(Role::Coordinator, "test", tls.path())
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = format!("http://{}", listener.local_addr().unwrap());
-        let config = CoordinatorConfig {
+        let address = format!("https://{}", listener.local_addr().unwrap());
+        let mut config = CoordinatorConfig {
             listen: listener.local_addr().unwrap(),
             data_dir: data_dir.to_owned(),
-            heartbeat_interval,
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            tls_ca: Some(pki.ca_certificate()),
             ..CoordinatorConfig::default()
         };
+        configure(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, config, async move {
             let _ = stopped.await;
@@ -48,13 +70,35 @@ impl Coordinator {
             address,
             stop: Some(stop),
             task,
+            pki,
+            _tls: tls,
         }
     }
 
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(self.address.clone())
+    /// A client holding a certificate for `role/name`.
+    async fn client_as(&self, role: Role, name: &str) -> CoordinatorClient<Channel> {
+        let (cert, key) = self
+            .pki
+            .issue_into(role, name, &self._tls.path().join(format!("{role}-{name}")))
+            .unwrap();
+        let transport = TransportSettings {
+            ca: Some(self.pki.ca_certificate()),
+            cert: Some(cert),
+            key: Some(key),
+            insecure_plaintext: false,
+        }
+        .client()
+        .unwrap();
+        let endpoint = tonic::transport::Endpoint::from_shared(self.address.clone()).unwrap();
+        let channel = fabric_trust::transport::connect(endpoint, &transport, Expect::Coordinator)
             .await
-            .unwrap()
+            .unwrap();
+        CoordinatorClient::new(channel)
+    }
+
+    /// An operator's client.
+    async fn client(&self) -> CoordinatorClient<Channel> {
+        self.client_as(Role::Operator, "test").await
     }
 
     async fn stop(mut self) {
@@ -86,12 +130,13 @@ fn info(id: &str, roles: &[NodeRole], labels: &[&str]) -> NodeInfo {
         roles: roles.iter().map(|role| *role as i32).collect(),
         hostname: format!("{id}.example"),
         active_runs: Vec::new(),
+        insecure_plaintext: false,
     }
 }
 
 impl FakeNode {
     async fn connect(coordinator: &Coordinator, info: NodeInfo) -> Self {
-        let mut client = coordinator.client().await;
+        let mut client = coordinator.client_as(Role::Node, &info.id).await;
         let settings = client
             .register_node(info.clone())
             .await
@@ -687,10 +732,20 @@ async fn a_pull_run_orchestrates_the_storage_nodes_and_tells_the_client() {
     n2.update(dest(&run_id, "n2", CopyState::Running)).await;
     n2.update(committed(&second, "n2")).await;
 
-    let done: PullDone = match client.next_message().await {
-        coordinator_message::Kind::PullDone(done) => done,
-        other => panic!("expected pull_done, got {other:?}"),
+    // The client was told whom to serve, and which paths, before each pull.
+    let mut permitted = Vec::new();
+    let done: PullDone = loop {
+        match client.next_message().await {
+            coordinator_message::Kind::PullPermit(permit) => {
+                assert_eq!(permit.run_id, run_id);
+                assert_eq!(permit.include, ["/srv/export"]);
+                permitted.push(permit.puller);
+            }
+            coordinator_message::Kind::PullDone(done) => break done,
+            other => panic!("expected pull_permit or pull_done, got {other:?}"),
+        }
     };
+    assert_eq!(permitted, ["n1", "n1", "n2"]);
     assert!(done.ok, "{done:?}");
     assert_eq!(done.run_id, run_id);
     client.update(state(&run_id, RunState::Post)).await;
@@ -779,7 +834,7 @@ async fn a_queued_run_waits_for_its_client_and_is_reassigned_after_a_reconnect()
     let _n2 = FakeNode::storage(&coordinator, "n2").await;
     // c1 is known but not connected.
     coordinator
-        .client()
+        .client_as(Role::Node, "c1")
         .await
         .register_node(info("c1", &[NodeRole::Agent], &[]))
         .await
@@ -924,27 +979,15 @@ async fn a_run_survives_a_coordinator_restart_mid_copy() {
 #[tokio::test]
 async fn a_run_whose_client_never_connects_fails_after_the_queue_timeout() {
     let temp = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let config = CoordinatorConfig {
-        data_dir: data_dir(&temp),
-        heartbeat_interval: Duration::from_millis(100),
-        queue_timeout: Duration::from_millis(300),
-        ..CoordinatorConfig::default()
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    let coordinator = Coordinator {
-        address,
-        stop: Some(stop),
-        task,
-    };
+    let coordinator = Coordinator::start_with(&data_dir(&temp), |config| {
+        config.heartbeat_interval = Duration::from_millis(100);
+        config.queue_timeout = Duration::from_millis(300);
+    })
+    .await;
     let _n1 = FakeNode::storage(&coordinator, "n1").await;
     let _n2 = FakeNode::storage(&coordinator, "n2").await;
     coordinator
-        .client()
+        .client_as(Role::Node, "c1")
         .await
         .register_node(info("c1", &[NodeRole::Agent], &[]))
         .await

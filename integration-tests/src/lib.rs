@@ -46,16 +46,162 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The tests' CA, shared by every test process of a build (under the
+/// target directory, made once), with the operator certificate `fabricctl`
+/// uses by default.
+pub struct TestPki {
+    pki: fabric_trust::pki::PkiDir,
+    operator: (PathBuf, PathBuf),
+}
+
+impl TestPki {
+    /// The CA.
+    pub fn pki(&self) -> &fabric_trust::pki::PkiDir {
+        &self.pki
+    }
+
+    /// The CA certificate file.
+    pub fn ca(&self) -> PathBuf {
+        self.pki.ca_certificate()
+    }
+
+    /// (certificate, key) of `operator/test`.
+    pub fn operator(&self) -> (PathBuf, PathBuf) {
+        self.operator.clone()
+    }
+
+    /// A certificate for `role/name` in `out` (a test's own folder).
+    pub fn issue(&self, role: fabric_trust::Role, name: &str, out: &Path) -> (PathBuf, PathBuf) {
+        self.pki
+            .issue_into(role, name, out)
+            .expect("a test certificate can be issued")
+    }
+
+    /// `--tls-ca CA --tls-cert CERT --tls-key KEY` for a certificate of
+    /// `role/name` issued into `out`.
+    pub fn flags(&self, role: fabric_trust::Role, name: &str, out: &Path) -> Vec<String> {
+        let (cert, key) = self.issue(role, name, out);
+        vec![
+            "--tls-ca".into(),
+            path_text(&self.ca()),
+            "--tls-cert".into(),
+            path_text(&cert),
+            "--tls-key".into(),
+            path_text(&key),
+        ]
+    }
+
+    /// The transport of a client holding `role/name`'s certificate
+    /// (issued into `out`), or none with `None`.
+    pub fn transport(
+        &self,
+        identity: Option<(fabric_trust::Role, &str)>,
+        out: &Path,
+    ) -> fabric_trust::Transport {
+        let (cert, key) = match identity {
+            Some((role, name)) => {
+                let (cert, key) = self.issue(role, name, out);
+                (Some(cert), Some(key))
+            }
+            None => (None, None),
+        };
+        fabric_trust::transport::TransportSettings {
+            ca: Some(self.ca()),
+            cert,
+            key,
+            insecure_plaintext: false,
+        }
+        .client()
+        .expect("test credentials load")
+    }
+
+    /// The transport of `operator/test`.
+    pub fn operator_transport(&self) -> fabric_trust::Transport {
+        let (cert, key) = self.operator();
+        fabric_trust::transport::TransportSettings {
+            ca: Some(self.ca()),
+            cert: Some(cert),
+            key: Some(key),
+            insecure_plaintext: false,
+        }
+        .client()
+        .expect("test credentials load")
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_str().expect("a UTF-8 path").to_owned()
+}
+
+/// The tests' CA and operator certificate (made on first use).
+pub fn pki() -> &'static TestPki {
+    static PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        let pki = fabric_trust::pki::PkiDir::open_or_init(
+            &target.join("tmp").join("fabric-test-pki"),
+            "fabric test CA",
+        )
+        .expect("the tests' CA can be made");
+        // The operator's certificate is shared by every test process: made
+        // whole in a folder of its own and renamed into place, like the CA.
+        let operator_dir = pki.dir().join("operator");
+        if !operator_dir.join("operator-test.key").exists() {
+            let staging = pki
+                .dir()
+                .join(format!(".operator.{}.tmp", std::process::id()));
+            pki.issue_into(fabric_trust::Role::Operator, "test", &staging)
+                .expect("the operator certificate can be issued");
+            if std::fs::rename(&staging, &operator_dir).is_err() {
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+        }
+        let operator = (
+            operator_dir.join("operator-test.pem"),
+            operator_dir.join("operator-test.key"),
+        );
+        TestPki { pki, operator }
+    })
+}
+
+/// A storage client of the node at `address`, as `operator/test`.
+pub async fn storage_client(
+    address: &str,
+) -> fabric_proto::v1::storage_client::StorageClient<tonic::transport::Channel> {
+    fabric_node::client::storage(
+        &fabric_node::client::Peer::any_node(address),
+        &pki().operator_transport(),
+    )
+    .await
+    .expect("the node can be reached")
+}
+
 /// A server process started by a test, killed when dropped.
 pub struct Server {
     /// The process.
     pub child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub address: String,
+    /// Where its certificate is (removed with it).
+    pub tls: Option<tempfile::TempDir>,
+}
+
+/// The value after `flag` in `args`.
+fn flag_value<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|arg| *arg == flag)
+        .and_then(|index| args.get(index + 1).copied())
 }
 
 impl Server {
     /// Start `binary serve ARGS...` and wait for its "listening on" line.
+    /// Unless ARGS say `--insecure-plaintext` or give `--tls-cert`, it gets a
+    /// certificate of the tests' CA: `node/ID` for a node (its `--node-id`,
+    /// or the host name), `coordinator/test` for a coordinator. Unless ARGS
+    /// give `--health-listen`, it has no health port (tests run in
+    /// parallel; a fixed port would clash).
     pub fn start(binary_name: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary(binary_name));
         command
@@ -65,6 +211,23 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .env("RUST_LOG", "warn");
+        if !args.contains(&"--health-listen") {
+            command.args(["--health-listen", ""]);
+        }
+        let mut tls = None;
+        if !args.contains(&"--insecure-plaintext") && !args.contains(&"--tls-cert") {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (role, name) = if binary_name == "fabric-coordinator" {
+                (fabric_trust::Role::Coordinator, "test".to_owned())
+            } else {
+                let id = flag_value(args, "--node-id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(fabric_node::config::system_hostname);
+                (fabric_trust::Role::Node, id)
+            };
+            command.args(pki().flags(role, &name, dir.path()));
+            tls = Some(dir);
+        }
         for (key, value) in envs {
             command.env(key, value);
         }
@@ -75,14 +238,23 @@ impl Server {
             .next()
             .expect("the server prints its address")
             .expect("stdout is readable");
+        let scheme = if args.contains(&"--insecure-plaintext") {
+            "http"
+        } else {
+            "https"
+        };
         let address = first
             .rsplit(' ')
             .next()
-            .map(|addr| format!("http://{addr}"))
+            .map(|addr| format!("{scheme}://{addr}"))
             .expect("an address");
         // Keep draining stdout so the server never blocks on it.
         std::thread::spawn(move || for _ in lines.by_ref() {});
-        Self { child, address }
+        Self {
+            child,
+            address,
+            tls,
+        }
     }
 
     /// A storage node (and agent) on 127.0.0.1:0 with its store in `data_dir`.
@@ -121,15 +293,30 @@ pub fn signal(pid: u32, signal: rustix::process::Signal) {
     }
 }
 
-/// Run `fabricctl ARGS...` to completion.
+/// Run `fabricctl ARGS...` to completion, as `operator/test` unless ARGS
+/// give other credentials.
 pub fn fabricctl(args: &[&str]) -> Output {
-    Command::new(binary("fabricctl"))
-        .args(args)
+    fabricctl_command(args)
         .stdin(Stdio::null())
-        .env("RUST_LOG", "warn")
-        .env_remove("FABRIC_COORDINATOR")
         .output()
         .expect("fabricctl runs")
+}
+
+/// `fabricctl ARGS...` as `operator/test` unless ARGS give other
+/// credentials, to spawn.
+pub fn fabricctl_command(args: &[&str]) -> Command {
+    let (cert, key) = pki().operator();
+    let mut command = Command::new(binary("fabricctl"));
+    command
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("FABRIC_COORDINATOR")
+        .env_remove("FABRIC_TOKEN")
+        .env_remove("FABRIC_INSECURE_PLAINTEXT")
+        .env("FABRIC_TLS_CA", pki().ca())
+        .env("FABRIC_TLS_CERT", cert)
+        .env("FABRIC_TLS_KEY", key);
+    command
 }
 
 /// `fabricctl ARGS...`, asserting success; returns stdout.
@@ -242,7 +429,8 @@ pub fn generate_tree(root: &Path, small_files: usize, large_bytes: usize) {
 }
 
 /// A whole fabric of real processes: a coordinator, storage nodes n1..nN
-/// (label `disk`) and a client agent `client` (host name `client-host`).
+/// (label `disk`) and a client agent `client` (host name `client-host`)
+/// that allows only the commands the tests' jobs run.
 pub struct Fabric {
     /// Temporary state of every process.
     pub dir: tempfile::TempDir,
@@ -280,6 +468,17 @@ impl Fabric {
                 "client-host",
                 "--coordinator",
                 &coordinator.address,
+                // What the tests' jobs run, and nothing else.
+                "--allow-command",
+                "sleep 30",
+                "--allow-command",
+                "echo preparing",
+                "--allow-command",
+                "echo about to fail; exit 3",
+                "--allow-command",
+                "printf 'alpha\\nbeta\\n'",
+                "--allow-command",
+                "touch *",
             ],
             &[],
         );
@@ -437,7 +636,7 @@ pub fn remote_ports(pid: u32) -> std::collections::HashSet<u16> {
     ports
 }
 
-/// The port of an `http://host:port` address.
+/// The port of an `https://host:port` address.
 pub fn port_of(address: &str) -> u16 {
     address
         .rsplit(':')

@@ -254,7 +254,7 @@ fn a_coordinator_killed_and_restarted_mid_run_loses_nothing() {
     let listen = fabric
         .coordinator
         .address
-        .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .to_owned();
     let mut old = std::mem::replace(
         &mut fabric.coordinator,

@@ -9,9 +9,9 @@ use std::path::Path;
 
 use fabric_chunkstore::pack::StoredChunk;
 use fabric_integration_tests::{
-    Server, fabricctl, fabricctl_json, fabricctl_ok, generate_tree, pseudo_random,
+    Server, fabricctl, fabricctl_json, fabricctl_ok, generate_tree, pki, pseudo_random,
+    storage_client,
 };
-use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunkEncoding, Commit, EntryKind, GetNewestSnapshotRequest,
     GetTreeRequest, ListSnapshotsRequest, Offer, SenderMessage, Snapshot, StatsRequest, Tree,
@@ -133,21 +133,20 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
     }
     let node = Server::node(&work.path().join("store"), &[]);
 
-    let mut client = std::process::Command::new(fabric_integration_tests::binary("fabricctl"))
-        .args([
-            "-o",
-            "json",
-            "backup",
-            "--node",
-            &node.address,
-            "--job",
-            "killed",
-            source.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut client = fabric_integration_tests::fabricctl_command(&[
+        "-o",
+        "json",
+        "backup",
+        "--node",
+        &node.address,
+        "--job",
+        "killed",
+        source.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     // Kill it once the node has written some chunks but before the end.
     let packs = work.path().join("store/packs");
     let mut written_before_kill = 0;
@@ -167,7 +166,7 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let mut storage = StorageClient::connect(node.address.clone()).await.unwrap();
+        let mut storage = storage_client(&node.address).await;
         let listed = storage
             .list_snapshots(ListSnapshotsRequest::default())
             .await
@@ -265,7 +264,7 @@ async fn upload(
     node: &Server,
     messages: Vec<SenderMessage>,
 ) -> Result<Vec<receiver_message::Kind>, tonic::Status> {
-    let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+    let mut client = storage_client(&node.address).await;
     let mut replies = client
         .upload(tokio_stream::iter(messages))
         .await?
@@ -306,7 +305,7 @@ async fn a_chunk_whose_bytes_do_not_match_its_id_is_data_loss_and_stores_nothing
     .await;
     let status = result.unwrap_err();
     assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
-    let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+    let mut client = storage_client(&node.address).await;
     let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.chunks, 0);
 }
@@ -382,7 +381,7 @@ async fn a_compressed_chunk_that_decodes_to_other_bytes_or_too_many_is_refused()
     let status = refusal(bomb).await;
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
 
-    let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+    let mut client = storage_client(&node.address).await;
     let stats = client.stats(StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.chunks, 0);
 }
@@ -393,9 +392,8 @@ async fn an_oversized_message_is_refused() {
     let node = Server::node(&work.path().join("store"), &[]);
     let data = vec![0u8; 40 * 1024 * 1024];
     let id = blake3::hash(&data).as_bytes().to_vec();
-    let mut client = StorageClient::connect(node.address.clone())
+    let mut client = storage_client(&node.address)
         .await
-        .unwrap()
         .max_encoding_message_size(64 * 1024 * 1024);
     let messages = vec![send(sender_message::Kind::Chunks(ChunkBatch {
         batch: 1,
@@ -569,7 +567,7 @@ fn a_backup_starts_from_the_newest_snapshot_of_its_own_job_and_host() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let mut client = StorageClient::connect(node.address.clone()).await.unwrap();
+        let mut client = storage_client(&node.address).await;
         let mut get = async |id: &str| {
             client
                 .get_snapshot(fabric_proto::v1::GetSnapshotRequest {
@@ -605,16 +603,55 @@ fn a_backup_starts_from_the_newest_snapshot_of_its_own_job_and_host() {
     });
 }
 
-/// Copy snapshot `id` from node `from` to node `to` with `CopySnapshot`;
-/// the snapshot as `to` committed it.
-fn copy_snapshot(from: &Server, id: &str, to: &Server) -> Snapshot {
+/// Two storage nodes, n1 and n2, registered with a coordinator (which
+/// resolves a copy's target node id): (coordinator, n1, n2).
+fn two_registered_nodes(work: &Path) -> (Server, Server, Server) {
+    let coordinator = Server::start(
+        "fabric-coordinator",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            work.join("coordinator").to_str().unwrap(),
+            "--heartbeat-interval",
+            "200ms",
+        ],
+        &[],
+    );
+    let node = |id: &str| {
+        Server::node(
+            &work.join(format!("store-{id}")),
+            &[
+                "--node-id",
+                id,
+                "--roles",
+                "storage",
+                "--coordinator",
+                &coordinator.address,
+            ],
+        )
+    };
+    let (first, second) = (node("n1"), node("n2"));
+    for _ in 0..300 {
+        let nodes = fabricctl_json(&["--coordinator", &coordinator.address, "node", "list"]);
+        if nodes.as_array().is_some_and(|nodes| nodes.len() == 2) {
+            return (coordinator, first, second);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the nodes did not register");
+}
+
+/// Copy snapshot `id` from node `from` to node `to_id` with `CopySnapshot`;
+/// the snapshot as `to_id` committed it.
+fn copy_snapshot(from: &Server, id: &str, to_id: &str) -> Snapshot {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let mut client = StorageClient::connect(from.address.clone()).await.unwrap();
+        let mut client = storage_client(&from.address).await;
         let mut progress = client
             .copy_snapshot(fabric_proto::v1::CopySnapshotRequest {
                 snapshot: id.to_owned(),
-                target: to.address.clone(),
+                target_node: to_id.to_owned(),
             })
             .await
             .unwrap()
@@ -632,15 +669,14 @@ fn node_to_node_copy_gives_an_identical_snapshot() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("source");
     generate_tree(&source, 50, 2 * 1024 * 1024);
-    let first = Server::node(&work.path().join("store-1"), &[]);
-    let second = Server::node(&work.path().join("store-2"), &[]);
+    let (_coordinator, first, second) = two_registered_nodes(work.path());
     let backup = backup_json(&first, &source, "copy");
     let id = backup["snapshot"].as_str().unwrap().to_owned();
 
-    let copied = copy_snapshot(&first, &id, &second);
+    let copied = copy_snapshot(&first, &id, "n2");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let original = runtime.block_on(async {
-        let mut client = StorageClient::connect(first.address.clone()).await.unwrap();
+        let mut client = storage_client(&first.address).await;
         client
             .get_snapshot(fabric_proto::v1::GetSnapshotRequest {
                 snapshot: id.clone(),
@@ -678,15 +714,14 @@ fn a_file_of_150000_chunks_is_backed_up_copied_and_restored_with_its_listing_in_
         .unwrap();
     }
     drop(image);
-    let first = Server::node(&work.path().join("store-1"), &[]);
-    let second = Server::node(&work.path().join("store-2"), &[]);
+    let (_coordinator, first, second) = two_registered_nodes(work.path());
     let backup = backup_json(&first, &source, "disk");
     // The zero chunk and the data chunks, each offered once.
     assert_eq!(field(&backup, "bytes_read"), SIZE, "{backup}");
     assert!(field(&backup, "chunks_offered") < 20, "{backup}");
     let id = backup["snapshot"].as_str().unwrap().to_owned();
 
-    let copied = copy_snapshot(&first, &id, &second);
+    let copied = copy_snapshot(&first, &id, "n2");
     assert_eq!(copied.id, id);
 
     let restored = work.path().join("restored");
@@ -765,9 +800,8 @@ async fn a_listing_larger_than_a_message_is_read_in_pages_or_without_chunk_ids()
         "committed: {replies:?}"
     );
 
-    let mut client = StorageClient::connect(node.address.clone())
+    let mut client = storage_client(&node.address)
         .await
-        .unwrap()
         .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES);
     let request = |start_after: &[u8], max_entries, without_chunk_ids| GetTreeRequest {
         id: root.id.to_vec(),
@@ -853,7 +887,10 @@ async fn a_pull_skips_unchanged_files_even_when_the_parents_trees_are_larger_tha
         std::fs::write(source.join("notes").join(name), name.repeat(1000)).unwrap();
     }
     // The real binary is the client's agent; this process is the puller.
-    let agent = Server::node(&work.path().join("agent-store"), &[]);
+    // Without a coordinator there is nobody to grant this process a pull
+    // permit, so the agent runs without TLS and authentication, which
+    // serves any pull (the permits are tested in trust.rs).
+    let agent = Server::node(&work.path().join("agent-store"), &["--insecure-plaintext"]);
     let store = std::sync::Arc::new(
         fabric_chunkstore::Store::open_or_create(
             &work.path().join("puller-store"),
@@ -862,10 +899,14 @@ async fn a_pull_skips_unchanged_files_even_when_the_parents_trees_are_larger_tha
         .unwrap(),
     );
     let memory = std::sync::Arc::new(tokio::sync::Semaphore::new(64 * 1024));
+    let peer = fabric_node::client::Peer::any_node(&agent.address);
+    let plaintext = fabric_trust::Transport::InsecurePlaintext;
     let pull = || {
         fabric_node::source_service::pull_into(
             store.clone(),
-            &agent.address,
+            &peer,
+            &plaintext,
+            "",
             vec![source.to_str().unwrap().to_owned()],
             Vec::new(),
             false,
@@ -905,10 +946,16 @@ async fn a_pull_skips_unchanged_files_even_when_the_parents_trees_are_larger_tha
     );
 }
 
+/// The node's health, asked without credentials (health is open to anyone).
 async fn health(node: &Server) -> tonic_health::pb::health_check_response::ServingStatus {
-    let channel = tonic::transport::Channel::from_shared(node.address.clone()).unwrap();
-    let mut client =
-        tonic_health::pb::health_client::HealthClient::new(channel.connect().await.unwrap());
+    let anonymous = pki().transport(None, Path::new("."));
+    let channel = fabric_node::client::channel(
+        &fabric_node::client::Peer::any_node(&node.address),
+        &anonymous,
+    )
+    .await
+    .unwrap();
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     client
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

@@ -237,6 +237,41 @@ fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / 1e6 / seconds
 }
 
+/// The bench's CA: the node's certificate and the agent's transport (a
+/// push is measured as deployed: TLS 1.3 both ways).
+struct BenchTls {
+    ca: PathBuf,
+    node: (PathBuf, PathBuf),
+    agent: fabric_trust::Transport,
+}
+
+impl BenchTls {
+    fn new(dir: &Path) -> Self {
+        use fabric_trust::Role;
+        let pki =
+            fabric_trust::pki::PkiDir::open_or_init(&dir.join("ca"), "bench CA").expect("a CA");
+        let node = pki
+            .issue_into(Role::Node, "bench-node", dir)
+            .expect("a node certificate");
+        let (cert, key) = pki
+            .issue_into(Role::Node, "bench-agent", dir)
+            .expect("an agent certificate");
+        let agent = fabric_trust::transport::TransportSettings {
+            ca: Some(pki.ca_certificate()),
+            cert: Some(cert),
+            key: Some(key),
+            insecure_plaintext: false,
+        }
+        .client()
+        .expect("the agent's credentials");
+        Self {
+            ca: pki.ca_certificate(),
+            node,
+            agent,
+        }
+    }
+}
+
 /// A `fabric-node serve` child on 127.0.0.1, stopped (SIGTERM, then waited
 /// for) when dropped.
 struct NodeProcess {
@@ -249,13 +284,25 @@ impl NodeProcess {
     /// Start a node; on `cpus` (and its threads with it) when given. The
     /// child inherits the CPUs of the thread that starts it, so this thread
     /// moves there for the start and back to `back_to` afterwards.
-    fn start(binary: &Path, data_dir: &Path, cpus: Option<(&CpuSet, &CpuSet)>) -> Self {
+    fn start(
+        binary: &Path,
+        data_dir: &Path,
+        cpus: Option<(&CpuSet, &CpuSet)>,
+        tls: &BenchTls,
+    ) -> Self {
         if let Some((node, _)) = cpus {
             sched_setaffinity(None, node).expect("move to the node's CPUs");
         }
         let spawned = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--health-listen", ""])
+            .args(["--node-id", "bench-node", "--data-dir"])
             .arg(data_dir)
+            .arg("--tls-ca")
+            .arg(&tls.ca)
+            .arg("--tls-cert")
+            .arg(&tls.node.0)
+            .arg("--tls-key")
+            .arg(&tls.node.1)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn();
@@ -265,7 +312,7 @@ impl NodeProcess {
         let mut child = spawned.expect("fabric-node starts");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let first = lines.next().expect("a line").expect("readable");
-        let address = format!("http://{}", first.rsplit(' ').next().expect("an address"));
+        let address = format!("https://{}", first.rsplit(' ').next().expect("an address"));
         std::thread::spawn(move || for _ in lines.by_ref() {});
         let pid = child.id().to_string();
         Self {
@@ -377,11 +424,13 @@ fn main() {
         threads: 0,
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let tls = BenchTls::new(&work.path().join("tls"));
     let push = |address: &str, path: &Path, job: &str| {
         let started = Instant::now();
         let outcome = runtime
             .block_on(fabric_node::agent::push_backup(
-                address,
+                &fabric_node::client::Peer::node("bench-node", address),
+                &tls.agent,
                 options(path),
                 Snapshot {
                     job: job.into(),
@@ -441,7 +490,7 @@ fn main() {
         let (local_seconds, local_cpu, local_rss, recheck_cpu) = local_ingest(&dir_name);
 
         let node_dir = work.path().join(format!("node-store-{dir_name}"));
-        let node = NodeProcess::start(&node_binary, &node_dir, node_cpus);
+        let node = NodeProcess::start(&node_binary, &node_dir, node_cpus, &tls);
         rustix::fs::sync();
         reset_peak_rss("self");
         let ((push_seconds, outcome), push_cpu) =
@@ -543,7 +592,8 @@ fn main() {
     let ((), restore_cpu) = CpuUse::measure(&node.pid, || {
         runtime
             .block_on(fabric_node::restore_client::restore_from(
-                &node.address,
+                &fabric_node::client::Peer::node("bench-node", &node.address),
+                &tls.agent,
                 &first.snapshot.id,
                 &inside,
                 Box::new(DirectoryTarget::new(restore_dir.clone()).expect("target")),

@@ -78,9 +78,11 @@ impl CommandPolicy {
             }
             match entry.strip_suffix(" *") {
                 Some(prefix) => {
-                    let words = shlex::split(prefix).filter(|words| !words.is_empty()).ok_or_else(
-                        || format!("allow_commands entry {entry:?} does not split into words"),
-                    )?;
+                    let words = shlex::split(prefix)
+                        .filter(|words| !words.is_empty())
+                        .ok_or_else(|| {
+                            format!("allow_commands entry {entry:?} does not split into words")
+                        })?;
                     policy.prefixes.push(words);
                 }
                 None => policy.exact.push(entry.to_owned()),
@@ -161,7 +163,10 @@ mod tests {
     fn nothing_runs_by_default() {
         let none = CommandPolicy::new("web1", &[], &BTreeMap::new()).unwrap();
         let error = none.approve("pre", "touch /tmp/pwned").unwrap_err();
-        assert!(error.contains("allow_commands") && error.contains("web1"), "{error}");
+        assert!(
+            error.contains("allow_commands") && error.contains("web1"),
+            "{error}"
+        );
         assert!(error.contains("no commands"), "{error}");
     }
 
@@ -169,12 +174,20 @@ mod tests {
     fn exact_commands_prefixes_and_hooks_are_what_the_host_allows() {
         let policy = policy();
         assert_eq!(
-            policy.approve("pre", " /usr/local/bin/db-dump --all ").unwrap(),
+            policy
+                .approve("pre", " /usr/local/bin/db-dump --all ")
+                .unwrap(),
             Approved::Shell("/usr/local/bin/db-dump --all".into())
         );
-        assert!(policy.approve("pre", "/usr/local/bin/db-dump --all; id").is_err());
+        assert!(
+            policy
+                .approve("pre", "/usr/local/bin/db-dump --all; id")
+                .is_err()
+        );
         assert_eq!(
-            policy.approve("post", "/usr/local/bin/export /srv 'a b'").unwrap(),
+            policy
+                .approve("post", "/usr/local/bin/export /srv 'a b'")
+                .unwrap(),
             Approved::Program(vec![
                 "/usr/local/bin/export".into(),
                 "/srv".into(),
@@ -183,7 +196,9 @@ mod tests {
         );
         // Shell syntax after a prefix is only an argument.
         assert_eq!(
-            policy.approve("post", "/usr/local/bin/export x; rm -rf /").unwrap(),
+            policy
+                .approve("post", "/usr/local/bin/export x; rm -rf /")
+                .unwrap(),
             Approved::Program(vec![
                 "/usr/local/bin/export".into(),
                 "x;".into(),

@@ -36,7 +36,7 @@ pub struct PullPermits {
 /// How long a pull waits for its permit: the coordinator sends the permit
 /// to the agent just before it sends the assignment to the puller, on
 /// another stream, so the puller may dial first.
-pub const PERMIT_WAIT: Duration = Duration::from_secs(10);
+pub const PERMIT_WAIT: Duration = Duration::from_secs(5);
 
 impl PullPermits {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, PermittedPaths>>> {

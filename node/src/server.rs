@@ -151,10 +151,7 @@ pub async fn serve_with_health(
     }
     if config.has_role(Role::Agent) {
         routes = routes.add_service(
-            SourceServer::new(SourceService::new(
-                config.hostname.clone(),
-                permits.clone(),
-            ))
+            SourceServer::new(SourceService::new(config.hostname.clone(), permits.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );

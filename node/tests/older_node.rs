@@ -13,9 +13,13 @@ use std::task::{Context, Poll};
 use fabric_chunkstore::walk::BackupOptions;
 use fabric_chunkstore::{ChunkParams, Store, StoreConfig};
 use fabric_node::agent::push_backup;
+use fabric_node::client::Peer;
 use fabric_node::storage_service::StorageService;
 use fabric_proto::v1::storage_server::StorageServer;
 use fabric_proto::v1::{GetNewestSnapshotRequest, Snapshot};
+use fabric_trust::pki::PkiDir;
+use fabric_trust::transport::TransportSettings;
+use fabric_trust::{AuthLayer, Expect, Role};
 use tonic::codegen::{BoxFuture, Service, http};
 
 /// The storage service without `GetNewestSnapshot`.
@@ -60,20 +64,44 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
     let store = Arc::new(
         Store::open_or_create(&work.path().join("store"), StoreConfig::default()).unwrap(),
     );
-    let service = StorageService::new(store, 64 << 20, Arc::new(AtomicBool::new(true)));
+    // TLS and the authorization layer, as on every node.
+    let pki = PkiDir::open_or_init(&work.path().join("ca"), "test CA").unwrap();
+    let credentials = |role, name| {
+        let (cert, key) = pki.issue_into(role, name, work.path()).unwrap();
+        TransportSettings {
+            ca: Some(pki.ca_certificate()),
+            cert: Some(cert),
+            key: Some(key),
+            insecure_plaintext: false,
+        }
+    };
+    let server_transport = credentials(Role::Node, "old")
+        .server(&Expect::Node("old".into()))
+        .unwrap();
+    let agent = credentials(Role::Node, "agent").client().unwrap();
+    let service = StorageService::new(
+        store,
+        64 << 20,
+        Arc::new(AtomicBool::new(true)),
+        server_transport.clone(),
+        None,
+    );
     let storage = StorageServer::new(service)
         .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
+    let address = format!("https://{}", listener.local_addr().unwrap());
+    let incoming = fabric_trust::transport::incoming(listener, &server_transport).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(AuthLayer::for_transport(&server_transport, None))
             .add_service(WithoutNewestSnapshot(storage))
-            .serve_with_incoming_shutdown(fabric_proto::standard::incoming(listener), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.await;
             }),
     );
+    let node = Peer::node("old", &address);
 
     let options = BackupOptions {
         includes: vec![source.clone()],
@@ -85,18 +113,18 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
         host: "client".into(),
         ..Default::default()
     };
-    let first = push_backup(&address, options.clone(), template.clone(), None)
+    let first = push_backup(&node, &agent, options.clone(), template.clone(), None)
         .await
         .unwrap();
     assert!(first.bytes_sent > 0);
-    let second = push_backup(&address, options, template, None)
+    let second = push_backup(&node, &agent, options, template, None)
         .await
         .unwrap();
     assert_eq!(second.snapshot.parent_id, first.snapshot.id);
     assert_eq!(second.bytes_sent, 0);
 
     // The method really is missing on this node.
-    let mut client = fabric_node::client::storage(&address).await.unwrap();
+    let mut client = fabric_node::client::storage(&node, &agent).await.unwrap();
     let refused = client
         .get_newest_snapshot(GetNewestSnapshotRequest {
             job: "daily".into(),

@@ -47,7 +47,10 @@ pub const TABLE: &[(&str, Access)] = &[
     ),
     // The coordinator.
     // Only under the node's own id (the service checks the name).
-    ("/fabric.v1.Coordinator/RegisterNode", Access::Roles(&[Node])),
+    (
+        "/fabric.v1.Coordinator/RegisterNode",
+        Access::Roles(&[Node]),
+    ),
     ("/fabric.v1.Coordinator/Session", Access::Roles(&[Node])),
     ("/fabric.v1.Coordinator/SubmitJobs", OPERATOR),
     ("/fabric.v1.Coordinator/GetJob", READERS),
@@ -78,7 +81,10 @@ pub const TABLE: &[(&str, Access)] = &[
         "/fabric.v1.Storage/Upload",
         Access::Roles(&[Operator, Node, Client]),
     ),
-    ("/fabric.v1.Storage/Restore", Access::Roles(&[Operator, Client])),
+    (
+        "/fabric.v1.Storage/Restore",
+        Access::Roles(&[Operator, Client]),
+    ),
     // By id: an id is only known to who has the content or read a tree
     // that names it.
     (

@@ -210,7 +210,10 @@ mod tests {
         ));
         for name in ["", "../n1", "n1/x", ".hidden", "a b", "n\0"] {
             assert!(
-                matches!(Identity::new(Role::Node, name), Err(IdentityError::BadName(_))),
+                matches!(
+                    Identity::new(Role::Node, name),
+                    Err(IdentityError::BadName(_))
+                ),
                 "{name:?}"
             );
         }

@@ -117,7 +117,10 @@ impl Caller {
 pub trait TokenVerifier: Send + Sync + 'static {
     /// The identity `token` stands for, or why it is refused (a message for
     /// the caller that does not contain the token).
-    fn verify(&self, token: String) -> Pin<Box<dyn Future<Output = Result<Identity, String>> + Send>>;
+    fn verify(
+        &self,
+        token: String,
+    ) -> Pin<Box<dyn Future<Output = Result<Identity, String>> + Send>>;
 }
 
 /// The authorization layer.
@@ -250,10 +253,7 @@ impl CallFacts {
                 .get::<PeerInfo>()
                 .and_then(|peer| peer.certificates.as_ref())
                 .and_then(|chain| chain.first().cloned()),
-            authorization: request
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .cloned(),
+            authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
         }
     }
 }

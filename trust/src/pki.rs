@@ -73,7 +73,8 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -145,7 +146,11 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn ca_params(name: &str, not_before: SystemTime, not_after: SystemTime) -> Result<CertificateParams, PkiError> {
+fn ca_params(
+    name: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     let mut subject = DistinguishedName::new();
     subject.push(DnType::CommonName, name);
@@ -245,7 +250,9 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         let certificate = params
             .signed_by(&key, &self.issuer)
-            .map_err(certificate_error(format!("signing the certificate of {identity}")))?;
+            .map_err(certificate_error(format!(
+                "signing the certificate of {identity}"
+            )))?;
         Ok(Issued {
             certificate_pem: certificate.pem(),
             key_pem: key.serialize_pem(),
@@ -310,7 +317,12 @@ pub fn init(dir: &Path, name: &str, valid_for: Duration) -> Result<CertificateAu
     }
     let (authority, key_pem) = CertificateAuthority::generate(name, valid_for)?;
     write_file(&key_path, &key_pem, 0o600, true)?;
-    write_file(&dir.join(CA_CERT_FILE), authority.certificate_pem(), 0o644, false)?;
+    write_file(
+        &dir.join(CA_CERT_FILE),
+        authority.certificate_pem(),
+        0o644,
+        false,
+    )?;
     Ok(authority)
 }
 
@@ -367,7 +379,9 @@ mod tests {
         ));
 
         let identity = Identity::new(Role::Node, "n1").unwrap();
-        let issued = authority.issue(&identity, &IssueOptions::default()).unwrap();
+        let issued = authority
+            .issue(&identity, &IssueOptions::default())
+            .unwrap();
         let (certificate, key) = write_issued(dir.path(), &identity, &issued).unwrap();
         assert_eq!(mode(&key), 0o600);
         let der = rustls_pki_types::pem::PemObject::from_pem_file(&certificate);
@@ -378,5 +392,73 @@ mod tests {
         let reloaded = load(dir.path()).unwrap();
         let client = Identity::new(Role::Client, "web1").unwrap();
         reloaded.issue(&client, &IssueOptions::default()).unwrap();
+    }
+}
+
+/// A CA directory in use: the embedded fabric's and the tests'.
+#[derive(Debug)]
+pub struct PkiDir {
+    dir: PathBuf,
+    authority: CertificateAuthority,
+}
+
+impl PkiDir {
+    /// The CA in `dir`, made there first if there is none. Several
+    /// processes may race to make it: the CA is made whole in a temporary
+    /// folder beside `dir` and renamed into place, so each ends up with
+    /// the same complete CA.
+    pub fn open_or_init(dir: &Path, name: &str) -> Result<Self, PkiError> {
+        if !dir.join(CA_KEY_FILE).exists() {
+            let parent = dir.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).map_err(|source| PkiError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+            let staging = parent.join(format!(
+                ".{}.{:08x}.tmp",
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                rand::random::<u32>()
+            ));
+            init(&staging, name, CA_VALIDITY)?;
+            if std::fs::rename(&staging, dir).is_err() {
+                // Someone else's CA won the race (or `dir` exists): use it.
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            authority: load(dir)?,
+        })
+    }
+
+    /// The CA's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate's file (`tls_ca`).
+    pub fn ca_certificate(&self) -> PathBuf {
+        self.dir.join(CA_CERT_FILE)
+    }
+
+    /// The CA.
+    pub fn authority(&self) -> &CertificateAuthority {
+        &self.authority
+    }
+
+    /// Issue a certificate for `role/name` (valid for a year) into `out`;
+    /// returns (certificate, key) files.
+    pub fn issue_into(
+        &self,
+        role: Role,
+        name: &str,
+        out: &Path,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
+        let identity =
+            Identity::new(role, name).map_err(|err| PkiError::Validity(err.to_string()))?;
+        let issued = self.authority.issue(&identity, &IssueOptions::default())?;
+        write_issued(out, &identity, &issued)
     }
 }

@@ -24,8 +24,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 
 use crate::identity::{Identity, Role};
@@ -186,12 +186,13 @@ impl TlsCredentials {
             (Some(cert), Some(key)) => {
                 let chain = certificates("tls_cert", cert)?;
                 let key_bytes = read("tls_key", key)?;
-                let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|err| TlsError::Pem {
-                    what: "tls_key",
-                    path: key.clone(),
-                    kind: "private key",
-                    detail: format!(": {err}"),
-                })?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|err| TlsError::Pem {
+                        what: "tls_key",
+                        path: key.clone(),
+                        kind: "private key",
+                        detail: format!(": {err}"),
+                    })?;
                 Some((cert.clone(), chain, key))
             }
             (None, None) => None,
@@ -227,7 +228,11 @@ impl TlsCredentials {
 
     fn new(
         ca: Vec<CertificateDer<'static>>,
-        own: Option<(PathBuf, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+        own: Option<(
+            PathBuf,
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+        )>,
     ) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         for certificate in ca {
@@ -244,7 +249,8 @@ impl TlsCredentials {
                     reason,
                 };
                 let leaf = chain.first().ok_or_else(|| bad("no certificate".into()))?;
-                let identity = Identity::from_certificate(leaf).map_err(|err| bad(err.to_string()))?;
+                let identity =
+                    Identity::from_certificate(leaf).map_err(|err| bad(err.to_string()))?;
                 // Checked here, so a wrong file fails at start with a clear
                 // reason rather than every handshake later.
                 check_own_certificate(leaf, &chain[1..], &roots, identity.role)
@@ -268,9 +274,10 @@ impl TlsCredentials {
     /// from the fabric's CA verified when presented (a client may instead
     /// present a token).
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let own = self.own.as_ref().ok_or_else(|| {
-            TlsError::Config("a server needs tls_cert and tls_key".to_owned())
-        })?;
+        let own = self
+            .own
+            .as_ref()
+            .ok_or_else(|| TlsError::Config("a server needs tls_cert and tls_key".to_owned()))?;
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .allow_unauthenticated()
             .build()

@@ -2,6 +2,8 @@
 //! through the handshake, whose identity a client accepts, and what the
 //! layer lets each caller call.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -33,7 +35,11 @@ impl Pki {
     }
 
     fn transport(&self, role: Role, name: &str) -> Transport {
-        Transport::Tls(Arc::new(self.credentials(role, name, &IssueOptions::default())))
+        Transport::Tls(Arc::new(self.credentials(
+            role,
+            name,
+            &IssueOptions::default(),
+        )))
     }
 
     fn anonymous(&self) -> Transport {
@@ -47,7 +53,9 @@ impl Pki {
 async fn serve(transport: Transport) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("https://{}", listener.local_addr().unwrap());
-    let standard = fabric_proto::standard::StandardServices::new(&[]).await.unwrap();
+    let standard = fabric_proto::standard::StandardServices::new(&[])
+        .await
+        .unwrap();
     standard.readiness.set_serving().await;
     let incoming = transport::incoming(listener, &transport).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -78,9 +86,9 @@ async fn health(address: &str, transport: &Transport, expect: Expect) -> Result<
 }
 
 async fn reflection(address: &str, transport: &Transport) -> Result<(), tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let endpoint = Endpoint::from_shared(address.to_owned()).unwrap();
     let channel = transport::connect(endpoint, transport, Expect::AnyNode)
         .await
@@ -104,14 +112,19 @@ async fn mutual_tls_admits_fabric_certificates_and_checks_the_servers_identity()
 
     // A fabric client reaches node n1, and its reflection.
     let operator = pki.transport(Role::Operator, "alice");
-    health(&address, &operator, Expect::Node("n1".into())).await.unwrap();
+    health(&address, &operator, Expect::Node("n1".into()))
+        .await
+        .unwrap();
     reflection(&address, &operator).await.unwrap();
 
     // Expecting another identity, the client refuses the server.
     let error = health(&address, &operator, Expect::Node("n2".into()))
         .await
         .unwrap_err();
-    assert!(error.contains("node/n1") && error.contains("node/n2"), "{error}");
+    assert!(
+        error.contains("node/n1") && error.contains("node/n2"),
+        "{error}"
+    );
     let error = health(&address, &operator, Expect::Coordinator)
         .await
         .unwrap_err();
@@ -122,12 +135,19 @@ async fn mutual_tls_admits_fabric_certificates_and_checks_the_servers_identity()
     health(&address, &anonymous, Expect::AnyNode).await.unwrap();
     let refused = reflection(&address, &anonymous).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
-    assert!(refused.message().contains("no client certificate or token"), "{refused:?}");
+    assert!(
+        refused.message().contains("no client certificate or token"),
+        "{refused:?}"
+    );
 
     // Plaintext against a TLS server: no answer at all.
-    let error = health(&address.replace("https", "http"), &Transport::InsecurePlaintext, Expect::AnyNode)
-        .await
-        .unwrap_err();
+    let error = health(
+        &address.replace("https", "http"),
+        &Transport::InsecurePlaintext,
+        Expect::AnyNode,
+    )
+    .await
+    .unwrap_err();
     assert!(!error.is_empty());
 }
 
@@ -140,25 +160,25 @@ async fn a_foreign_ca_or_an_expired_certificate_is_refused() {
     // ours, so only the server's check can stop it).
     let foreign = Pki::new();
     let identity = Identity::new(Role::Operator, "mallory").unwrap();
-    let issued = foreign.ca.issue(&identity, &IssueOptions::default()).unwrap();
+    let issued = foreign
+        .ca
+        .issue(&identity, &IssueOptions::default())
+        .unwrap();
     let mixed = Transport::Tls(Arc::new(
+        // Refused at load: not issued by this CA.
         TlsCredentials::from_pem(
             pki.ca.certificate_pem(),
             Some((&issued.certificate_pem, &issued.key_pem)),
         )
-        // Refused at load: not issued by this CA.
-        .map_or_else(
-            |err| {
-                assert!(err.to_string().contains("not issued by this CA"), "{err}");
-                // Build it the way an attacker would: trust the foreign CA
-                // for our own loading, then talk to the real server.
-                let mut both = foreign.ca.certificate_pem().to_owned();
-                both.push_str(pki.ca.certificate_pem());
-                TlsCredentials::from_pem(&both, Some((&issued.certificate_pem, &issued.key_pem)))
-                    .unwrap()
-            },
-            |credentials| credentials,
-        ),
+        .unwrap_or_else(|err| {
+            assert!(err.to_string().contains("not issued by this CA"), "{err}");
+            // Built the way an attacker would: trust the foreign CA for
+            // its own loading, then talk to the real server.
+            let mut both = foreign.ca.certificate_pem().to_owned();
+            both.push_str(pki.ca.certificate_pem());
+            TlsCredentials::from_pem(&both, Some((&issued.certificate_pem, &issued.key_pem)))
+                .unwrap()
+        }),
     ));
     assert!(health(&address, &mixed, Expect::AnyNode).await.is_err());
 
