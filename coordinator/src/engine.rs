@@ -228,8 +228,10 @@ impl Engine {
     /// Registers or updates a node.
     pub async fn register_node(&self, info: NodeInfo) -> Result<(), EngineError> {
         validate_node_info(&info)?;
+        let now = now_ms();
         let mut inner = self.inner.lock().await;
-        inner.upsert_node(info, now_ms())?;
+        inner.check_claim(&info, now, self.settings.lost_after)?;
+        inner.upsert_node(info, now)?;
         inner.store.flush().await?;
         Ok(())
     }
@@ -243,19 +245,7 @@ impl Engine {
         validate_node_info(&hello)?;
         let now = now_ms();
         let mut inner = self.inner.lock().await;
-        if let Some(session) = inner.sessions.get(&hello.id)
-            && !session.sender.is_closed()
-        {
-            let last_seen = inner.last_seen.get(&hello.id).copied().unwrap_or(0);
-            let silent = now.saturating_sub(last_seen);
-            if silent < millis(self.settings.lost_after) {
-                tracing::warn!(node = %hello.id, "a second session for a node id with a live session was refused");
-                return Err(EngineError::PermissionDenied(format!(
-                    "node {} already has a live session (last heard {} ms ago): a second process with this id is refused; it can take over once that session ends or the node is lost",
-                    hello.id, silent
-                )));
-            }
-        }
+        inner.check_claim(&hello, now, self.settings.lost_after)?;
         let (sender, receiver) = mpsc::unbounded_channel();
         let generation = inner.next_generation;
         inner.next_generation += 1;
@@ -621,6 +611,44 @@ fn validate_node_info(info: &NodeInfo) -> Result<(), EngineError> {
 }
 
 impl Inner {
+    /// Whether the (certified) node `info.id` may register or open a
+    /// session as `info` says: not while another process holds a live
+    /// session for that id (it would take over its address and its runs),
+    /// and not as a storage node if it first registered without storage (a
+    /// compromised agent must not attract other hosts' replicas).
+    fn check_claim(
+        &self,
+        info: &NodeInfo,
+        now: i64,
+        lost_after: Duration,
+    ) -> Result<(), EngineError> {
+        let storage = NodeRole::Storage as i32;
+        if let Some(known) = self.nodes.get(&info.id).and_then(|node| node.info.as_ref())
+            && !known.roles.contains(&storage)
+            && info.roles.contains(&storage)
+        {
+            tracing::warn!(node = %info.id, "a node that registered without storage claimed it");
+            return Err(EngineError::PermissionDenied(format!(
+                "node {} registered without the storage role and cannot take it on later (a compromised agent must not receive replicas): give the storage node an id and a certificate of its own",
+                info.id
+            )));
+        }
+        if let Some(session) = self.sessions.get(&info.id)
+            && !session.sender.is_closed()
+        {
+            let last_seen = self.last_seen.get(&info.id).copied().unwrap_or(0);
+            let silent = now.saturating_sub(last_seen);
+            if silent < millis(lost_after) {
+                tracing::warn!(node = %info.id, "a second process for a node id with a live session was refused");
+                return Err(EngineError::PermissionDenied(format!(
+                    "node {} already has a live session (last heard {silent} ms ago): a second process with this id is refused; it can take over once that session ends or the node is lost",
+                    info.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn upsert_node(&mut self, mut info: NodeInfo, now: i64) -> Result<(), StateError> {
         info.active_runs.clear();
         let id = info.id.clone();

@@ -540,6 +540,24 @@ async fn a_node_is_its_certificate_and_cannot_take_another_nodes_place() {
     );
     assert!(message.contains("live session"), "{message}");
 
+    // The client's agent, with its own genuine certificate, posing as a
+    // storage node to attract other hosts' replicas.
+    let agent = channel_as(
+        coordinator,
+        Some((Role::Node, "client")),
+        Expect::Coordinator,
+        &dir.join("agent"),
+    )
+    .await;
+    let message = assert_code(
+        CoordinatorClient::new(agent)
+            .register_node(claim("client"))
+            .await,
+        Code::PermissionDenied,
+        "an agent registering as storage",
+    );
+    assert!(message.contains("storage role"), "{message}");
+
     // The node list still has the genuine n1, at its address, and no n9.
     let nodes = fabric.json(&["node", "list"]);
     let nodes = nodes.as_array().unwrap();
