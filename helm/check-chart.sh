@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Offline check of the fabric Helm chart: lint, render (default values,
-# ci/values-large.yaml and a small variant), validate every manifest against
-# Kubernetes' schemas, assert the chart's invariants, and make sure
-# ci/values-bad.yaml is refused.
+# Offline check of the fabric Helm chart: lint, render it in each trust mode
+# (Secrets of your own: default values, ci/values-large.yaml and a small
+# variant; cert-manager: ci/values-cert-manager.yaml; insecure plaintext),
+# validate every manifest against Kubernetes' schemas (cert-manager
+# Certificates, a CRD, against the check's own subset of their schema),
+# assert the chart's invariants (probes on the plaintext health port, TLS
+# files read-only and one identity per pod, Certificates' identities equal to
+# the node ids), and make sure ci/values-bad.yaml and other bad values are
+# refused.
 #
 # The Python tools install into a virtual environment under target/ the first
 # time (that run needs the package registry); later runs reuse it and work

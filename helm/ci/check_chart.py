@@ -1,12 +1,17 @@
 """Offline checks of the fabric Helm chart.
 
-Owns: linting the chart, rendering it with its default values and with
-ci/values-large.yaml, validating every rendered manifest against pinned
-Kubernetes schemas, the chart's own invariants (gRPC probes on the ports the
-binaries listen on, replicas as asked, hardened containers), and the schema's
-refusal of bad values. It uses Helm's own Go library (through helm-python-sdk)
-and the schemas shipped in kubernetes-validate: no cluster, no helm binary,
-no network.
+Owns: linting the chart, rendering it in each of its trust modes (Secrets of
+your own: the default values and ci/values-large.yaml; cert-manager:
+ci/values-cert-manager.yaml; insecure plaintext: a variant), validating every
+rendered manifest against pinned Kubernetes schemas, the chart's own
+invariants (gRPC probes on the plaintext health port each binary serves,
+every server's TLS files mounted read-only from one identity per pod, the
+cert-manager Certificates' identities equal to the node ids, replicas as
+asked, hardened containers), and the schema's refusal of bad values. It uses
+Helm's own Go library (through helm-python-sdk) and the schemas shipped in
+kubernetes-validate: no cluster, no helm binary, no network. cert-manager's
+Certificate is a CRD that kubernetes-validate does not ship: it is validated
+against CERTIFICATE_SCHEMA below, a subset of cert-manager's v1 schema.
 
 Must never: contact a cluster or the network, or modify the chart.
 
@@ -16,6 +21,7 @@ Exit status: 0 when every check passed, 1 otherwise.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import tomllib
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import helm_python as helm
+import jsonschema
 import kubernetes_validate
 import yaml
 
@@ -33,17 +40,113 @@ KUBERNETES_VERSIONS = ("1.27.0", "1.34.0")
 RELEASE_NAME = "ci"
 NAMESPACE = "fabric-ci"
 
-# The port each binary listens on by default, i.e. what the chart must probe.
+# The port each binary listens on by default (its TLS gRPC port).
 BINARY_PORTS = {
     "/usr/local/bin/fabric-coordinator": 7400,
     "/usr/local/bin/fabric-node": 7401,
 }
+# Each binary's default health_listen: the plaintext port serving only
+# grpc.health.v1, the one the probes must ask (kubelet has no client
+# certificate for the TLS port).
+BINARY_HEALTH_LISTEN = {
+    "/usr/local/bin/fabric-coordinator": "0.0.0.0:7420",
+    "/usr/local/bin/fabric-node": "0.0.0.0:7421",
+}
+# The prefix of each binary's environment variables (FABRIC_NODE_TLS_CERT...).
+BINARY_ENV_PREFIX = {
+    "/usr/local/bin/fabric-coordinator": "FABRIC_COORDINATOR_",
+    "/usr/local/bin/fabric-node": "FABRIC_NODE_",
+}
+TLS_FLAGS = {"--tls-cert": "tls.crt", "--tls-key": "tls.key", "--tls-ca": "ca.crt"}
+# A name an identity may carry (fabric-trust's validate_name).
+IDENTITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 SMALL_VARIANT = {
     "agent": {"enabled": True, "readAllFiles": False},
     "storage": {"replicas": 1, "antiAffinity": "none", "podDisruptionBudget": {"enabled": False}},
     "serviceAccount": {"create": False},
     "networkPolicy": {"enabled": True},
 }
+# Mode C: no TLS at all, every part on.
+INSECURE_VARIANT = {
+    "insecure": {"plaintext": True},
+    "agent": {"enabled": True},
+    "networkPolicy": {"enabled": True},
+}
+# cert-manager's Certificate (cert-manager.io/v1) is a CRD, absent from the
+# Kubernetes schemas kubernetes-validate ships. This is the subset of its
+# schema the chart uses, strict (an unknown or misspelt field fails), so the
+# rendered Certificates are still validated offline.
+CERTIFICATE_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime",
+    "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+]
+CERTIFICATE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": {
+            "type": "object",
+            "required": ["name", "namespace"],
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"},
+                "secretTemplate": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                    },
+                },
+                "commonName": {"type": "string"},
+                "dnsNames": {"type": "array", "items": {"type": "string"}},
+                "ipAddresses": {"type": "array", "items": {"type": "string"}},
+                "uris": {"type": "array", "items": {"type": "string"}},
+                "duration": {"type": "string"},
+                "renewBefore": {"type": "string"},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                        "size": {"type": "integer"},
+                    },
+                },
+                "usages": {"type": "array", "items": {"enum": CERTIFICATE_USAGES}},
+                "issuerRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "kind": {"type": "string"},
+                        "group": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+}
+# Kinds that are not in Kubernetes' schemas: validated against these instead.
+CRD_SCHEMAS = {("cert-manager.io/v1", "Certificate"): CERTIFICATE_SCHEMA}
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 WORKLOAD_KINDS = ("StatefulSet", "DaemonSet", "Deployment")
 
@@ -139,8 +242,17 @@ def lint(chart_dir: Path, values: dict[str, Any], label: str) -> str:
 
 def validate_manifests(manifests: list[dict[str, Any]]) -> str:
     errors = []
+    crds = 0
     for manifest in manifests:
         document = {k: v for k, v in manifest.items() if k != "__template__"}
+        crd_schema = CRD_SCHEMAS.get((manifest.get("apiVersion"), manifest.get("kind")))
+        if crd_schema is not None:
+            # Not a Kubernetes kind: the chart check's own subset of its schema.
+            crds += 1
+            for error in jsonschema.Draft7Validator(crd_schema).iter_errors(document):
+                path = "/".join(str(p) for p in error.path)
+                errors.append(f"{describe(manifest)} against the check's CRD subset: {path}: {error.message}")
+            continue
         for version in KUBERNETES_VERSIONS:
             try:
                 kubernetes_validate.validate(document, version, strict=True)
@@ -150,7 +262,10 @@ def validate_manifests(manifests: list[dict[str, Any]]) -> str:
             except kubernetes_validate.SchemaNotFoundError as error:
                 errors.append(f"{describe(manifest)}: {error.message}")
     require(not errors, "\n      ".join(errors))
-    return f"{len(manifests)} manifests x Kubernetes {', '.join(KUBERNETES_VERSIONS)}, strict"
+    detail = f"{len(manifests) - crds} manifests x Kubernetes {', '.join(KUBERNETES_VERSIONS)}, strict"
+    if crds:
+        detail += f"; {crds} cert-manager Certificates against the check's subset of their CRD schema"
+    return detail
 
 
 def by_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -216,50 +331,114 @@ def listen_port(listen: str, where: str) -> int:
     return int(port)
 
 
+def command_of(container: dict[str, Any]) -> list[str]:
+    return container.get("command", []) + container.get("args", [])
+
+
+def flag_value(command: list[str], flag: str) -> str | None:
+    """The value of `--flag VALUE` or `--flag=VALUE` in a command line, if given."""
+    for index, word in enumerate(command):
+        if word == flag:
+            require(index + 1 < len(command), f"{flag} without a value in {command}")
+            return command[index + 1]
+        if word.startswith(flag + "="):
+            return word[len(flag) + 1 :]
+    return None
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def effective_setting(
+    container: dict[str, Any], config: dict[str, Any], flag: str, key: str, default: str
+) -> str:
+    """A setting as the binary resolves it: flag, else environment, else file, else default."""
+    binary = container["command"][0]
+    value = flag_value(command_of(container), flag)
+    if value is not None:
+        return value
+    variable = env_of(container).get(BINARY_ENV_PREFIX[binary] + key.upper())
+    if variable is not None:
+        require("value" in variable, f"{variable['name']} is not a literal value")
+        return variable["value"]
+    return config.get(key, default)
+
+
+def servers(manifests: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every (workload, container) of the chart; each runs a fabric server."""
+    return [
+        (workload, container)
+        for kind in WORKLOAD_KINDS
+        for workload in by_kind(manifests, kind)
+        for container in workload["spec"]["template"]["spec"]["containers"]
+    ]
+
+
 def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
-    """Probes are gRPC probes on the port the binary listens on, everywhere."""
+    """Probes are gRPC probes on the plaintext health port, never on the TLS port."""
     files = config_files(manifests)
     seen = []
-    for workload in (m for kind in WORKLOAD_KINDS for m in by_kind(manifests, kind)):
-        for container in workload["spec"]["template"]["spec"]["containers"]:
-            where = f"{describe(workload)} container {container['name']}"
-            binary = container.get("command", [""])[0]
-            require(binary in BINARY_PORTS, f"{where}: runs {binary!r}, not one of {sorted(BINARY_PORTS)}")
-            expected = BINARY_PORTS[binary]
-            config = container_config(workload, container, files)
-            require("listen" in config, f"{where}: its config file has no `listen`")
-            configured = listen_port(config["listen"], where)
+    for workload, container in servers(manifests):
+        where = f"{describe(workload)} container {container['name']}"
+        binary = container.get("command", [""])[0]
+        require(binary in BINARY_PORTS, f"{where}: runs {binary!r}, not one of {sorted(BINARY_PORTS)}")
+        expected = BINARY_PORTS[binary]
+        config = container_config(workload, container, files)
+        require("listen" in config, f"{where}: its config file has no `listen`")
+        configured = listen_port(config["listen"], where)
+        require(
+            configured == expected,
+            f"{where}: config listen {config['listen']} is not the binary's port {expected}",
+        )
+        require(
+            flag_value(command_of(container), "--listen") is None
+            and BINARY_ENV_PREFIX[binary] + "LISTEN" not in env_of(container),
+            f"{where}: listen is overridden outside its config file",
+        )
+        health_listen = effective_setting(
+            container, config, "--health-listen", "health_listen", BINARY_HEALTH_LISTEN[binary]
+        )
+        require(health_listen != "", f"{where}: health_listen is empty: the server has no health port to probe")
+        health = listen_port(health_listen, f"{where} health_listen")
+        require(health != configured, f"{where}: health port {health} is the TLS gRPC port")
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        require(
+            ports.get("grpc") == expected,
+            f"{where}: containerPort grpc is {ports.get('grpc')}, expected {expected}",
+        )
+        require(
+            ports.get("health") == health,
+            f"{where}: containerPort health is {ports.get('health')}, its health_listen is {health_listen}",
+        )
+        for probe_name in PROBES:
+            probe = container.get(probe_name)
+            require(probe is not None, f"{where}: no {probe_name}")
+            require("grpc" in probe, f"{where}: {probe_name} is not a grpc probe: {sorted(probe)}")
             require(
-                configured == expected,
-                f"{where}: config listen {config['listen']} is not the binary's port {expected}",
+                probe["grpc"].get("port") == health,
+                f"{where}: {probe_name} probes port {probe['grpc'].get('port')}, "
+                f"the plaintext health port (health_listen {health_listen}) is {health}",
             )
-            ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
             require(
-                ports.get("grpc") == expected,
-                f"{where}: containerPort grpc is {ports.get('grpc')}, expected {expected}",
+                probe["grpc"].get("service", "") == "",
+                f"{where}: {probe_name} asks service {probe['grpc'].get('service')!r}, not the server's overall health",
             )
-            for probe_name in PROBES:
-                probe = container.get(probe_name)
-                require(probe is not None, f"{where}: no {probe_name}")
-                require("grpc" in probe, f"{where}: {probe_name} is not a grpc probe: {sorted(probe)}")
-                require(
-                    probe["grpc"].get("port") == expected,
-                    f"{where}: {probe_name} probes port {probe['grpc'].get('port')}, the binary listens on {expected}",
-                )
-                require(
-                    probe["grpc"].get("service", "") == "",
-                    f"{where}: {probe_name} asks service {probe['grpc'].get('service')!r}, not the server's overall health",
-                )
-            seen.append(f"{workload['metadata']['name']}:{expected}")
+        seen.append(f"{workload['metadata']['name']}:{expected}+{health}")
 
-    # The coordinator address the nodes dial is its Service, on its port.
+    # The coordinator address the nodes dial is its Service, on its port,
+    # https unless insecure.plaintext.
     coordinator_service = one_service(manifests, "coordinator", headless=False)
     service_port = coordinator_service["spec"]["ports"][0]["port"]
     require(
         service_port == BINARY_PORTS["/usr/local/bin/fabric-coordinator"],
         f"coordinator Service port is {service_port}",
     )
-    expected_url = f"http://{coordinator_service['metadata']['name']}.{NAMESPACE}.svc.{merged['clusterDomain']}:{service_port}"
+    for service in by_kind(manifests, "Service"):
+        names = [p.get("name") for p in service["spec"]["ports"]]
+        require(names == ["grpc"], f"{describe(service)}: exposes ports {names}, only grpc expected")
+    scheme = "http" if merged["insecure"]["plaintext"] else "https"
+    expected_url = f"{scheme}://{coordinator_service['metadata']['name']}.{NAMESPACE}.svc.{merged['clusterDomain']}:{service_port}"
     for (configmap, key), config in files.items():
         if "coordinator" in config:
             require(
@@ -267,6 +446,216 @@ def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> st
                 f"ConfigMap {configmap} {key}: coordinator {config['coordinator']!r}, expected {expected_url!r}",
             )
     return ", ".join(seen)
+
+
+def pods_of(workload: dict[str, Any], merged: dict[str, Any]) -> list[tuple[str, dict[str, str], str]]:
+    """The pods a workload runs, as (label, the pod's $(VAR) values, node id).
+
+    Storage pod N: POD_NAME is "<statefulset>-N", its id FABRIC_NODE_ID with
+    that substituted. An agent: NODE_NAME is a Kubernetes node's name (those
+    listed in tls.agent.nodes, or a stand-in when each node holds its own
+    files). The coordinator: one pod, no node id.
+    """
+    component = component_of(workload)
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    node_id = env_of(container).get("FABRIC_NODE_ID", {}).get("value", "")
+    if component == "coordinator":
+        return [(f"{workload['metadata']['name']}-0", {}, "")]
+    if component == "storage":
+        pods = [f"{workload['metadata']['name']}-{i}" for i in range(workload["spec"]["replicas"])]
+        return [(pod, {"POD_NAME": pod}, node_id.replace("$(POD_NAME)", pod)) for pod in pods]
+    require(component == "agent", f"{describe(workload)}: unknown component {component!r}")
+    nodes = merged["tls"]["agent"]["nodes"] if merged["tls"]["agent"]["source"] == "secrets" else []
+    nodes = nodes or ["any-kubernetes-node"]
+    return [(f"agent on {node}", {"NODE_NAME": node}, node_id.replace("$(NODE_NAME)", node)) for node in nodes]
+
+
+def substitute(text: str, variables: dict[str, str]) -> str:
+    for name, value in variables.items():
+        text = text.replace(f"$({name})", value)
+    require("$(" not in text, f"{text!r} references a variable that is not the pod's")
+    return text
+
+
+def tls_file_source(
+    workload: dict[str, Any], container: dict[str, Any], path: str, key: str, where: str
+) -> tuple[dict[str, Any], str]:
+    """Where a TLS file comes from: the read-only mount holding `path`, and
+    the source of that file ("secret NAME" or "hostPath DIR")."""
+    pod = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = [
+        m
+        for m in container.get("volumeMounts", [])
+        if "subPath" not in m and path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    require(mounts, f"{where}: {path} is on no volume")
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    require(mount.get("readOnly") is True, f"{where}: {path} is on mount {mount['mountPath']}, not read-only")
+    volume = volumes[mount["name"]]
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    if "secret" in volume:
+        secret = volume["secret"]
+        items = {i["path"]: i["key"] for i in secret.get("items", [])} or None
+        file_key = items.get(relative) if items else relative
+        require(file_key == key, f"{where}: {path} is key {file_key!r} of Secret {secret['secretName']}, not {key}")
+        return volume, f"secret {secret['secretName']}"
+    if "projected" in volume:
+        for source in volume["projected"]["sources"]:
+            require(set(source) == {"secret"}, f"{where}: volume {volume['name']} projects {sorted(source)}")
+            for item in source["secret"].get("items", []):
+                if item["path"] == relative:
+                    require(
+                        item["key"] == key,
+                        f"{where}: {path} is key {item['key']!r} of Secret {source['secret']['name']}, not {key}",
+                    )
+                    return volume, f"secret {source['secret']['name']}"
+        raise CheckFailed(f"{where}: no Secret of volume {volume['name']} projects {relative}")
+    if "hostPath" in volume:
+        require(relative == key, f"{where}: {path} is not {key} of host directory {volume['hostPath']['path']}")
+        return volume, f"hostPath {volume['hostPath']['path']}"
+    raise CheckFailed(f"{where}: {path} is on volume {volume['name']}, which holds no key material: {sorted(volume)}")
+
+
+def tls_sources(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each pod's TLS files, checked: pod label -> {component, source, node_id}.
+
+    Every server container takes --tls-cert, --tls-key and --tls-ca, on a
+    read-only mount of key material, all three from one source per pod, and
+    no two pods share a source unless it is each Kubernetes node's own
+    directory.
+    """
+    files = config_files(manifests)
+    found: dict[str, dict[str, Any]] = {}
+    for workload, container in servers(manifests):
+        where = f"{describe(workload)} container {container['name']}"
+        binary = container["command"][0]
+        command = command_of(container)
+        config = container_config(workload, container, files)
+        require(
+            "--insecure-plaintext" not in command
+            and BINARY_ENV_PREFIX[binary] + "INSECURE_PLAINTEXT" not in env_of(container)
+            and not config.get("insecure_plaintext", False),
+            f"{where}: insecure plaintext while insecure.plaintext is off",
+        )
+        paths = {}
+        for flag, key in TLS_FLAGS.items():
+            value = flag_value(command, flag)
+            require(value is not None, f"{where}: no {flag} in its command {command}")
+            paths[flag] = (value, key)
+        workload_sources = set()
+        for label, variables, node_id in pods_of(workload, merged):
+            sources = set()
+            for flag, (value, key) in paths.items():
+                path = substitute(value, variables)
+                volume, source = tls_file_source(workload, container, path, key, f"{where} ({label})")
+                if "hostPath" not in volume:
+                    # Kubernetes' default mode for Secret files is 0644.
+                    mode = volume.get("secret", volume.get("projected", {})).get("defaultMode", 0o644)
+                    if mode & 0o007:
+                        raise CheckFailed(
+                            f"{where}: volume {volume['name']} has mode {mode:o}: key material readable by anyone"
+                        )
+                sources.add(source)
+            require(len(sources) == 1, f"{where} ({label}): its TLS files come from {sorted(sources)}, not one source")
+            source = sources.pop()
+            if not source.startswith("hostPath "):
+                require(source not in workload_sources, f"{where}: {source} serves more than one pod")
+            workload_sources.add(source)
+            found[label] = {"component": component_of(workload), "source": source, "node_id": node_id}
+    return found
+
+
+def check_transport(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
+    """TLS everywhere unless insecure.plaintext, and then plaintext everywhere."""
+    insecure = merged["insecure"]["plaintext"]
+    scheme = "http" if insecure else "https"
+    for workload, container in servers(manifests):
+        where = f"{describe(workload)} container {container['name']}"
+        advertise = env_of(container).get("FABRIC_NODE_ADVERTISE", {}).get("value")
+        if advertise is not None:
+            require(advertise.startswith(f"{scheme}://"), f"{where}: advertises {advertise}, expected {scheme}://")
+        # Every volume of key material is mounted read-only, wherever it is mounted.
+        pod = workload["spec"]["template"]["spec"]
+        secret_volumes = {
+            v["name"] for v in pod.get("volumes", []) if "secret" in v or "projected" in v or "hostPath" in v
+        }
+        for mount in container.get("volumeMounts", []):
+            if mount["name"] in secret_volumes:
+                require(mount.get("readOnly") is True, f"{where}: volume {mount['name']} is mounted writable")
+    if insecure:
+        for workload, container in servers(manifests):
+            where = f"{describe(workload)} container {container['name']}"
+            command = command_of(container)
+            require("--insecure-plaintext" in command, f"{where}: no --insecure-plaintext in {command}")
+            flags = [flag for flag in TLS_FLAGS if flag_value(command, flag) is not None]
+            require(not flags, f"{where}: {flags} with --insecure-plaintext")
+            names = {v["name"] for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+            require("tls" not in names, f"{describe(workload)}: mounts TLS files with --insecure-plaintext")
+        require(not by_kind(manifests, "Certificate"), "Certificates rendered with insecure.plaintext")
+        return "every server --insecure-plaintext, http:// addresses, no TLS files"
+    sources = tls_sources(manifests, merged)
+    return f"{len(sources)} pods, each its own TLS files, read-only: " + ", ".join(
+        sorted({s["source"].split(" ")[0] for s in sources.values()})
+    )
+
+
+def check_certificates(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
+    """cert-manager's Certificates write exactly the Secrets the pods mount,
+    one identity per pod: fabric://node/<node id> for each storage ordinal
+    (and each listed agent), fabric://coordinator/NAME for the coordinator."""
+    certificates = by_kind(manifests, "Certificate")
+    certificate_manager = merged["tls"]["certManager"]
+    if merged["insecure"]["plaintext"] or not certificate_manager["enabled"]:
+        require(not certificates, f"{len(certificates)} Certificates rendered without tls.certManager.enabled")
+        return "none (Secrets of your own)" if not merged["insecure"]["plaintext"] else "none (insecure)"
+    by_secret: dict[str, dict[str, Any]] = {}
+    for certificate in certificates:
+        spec = certificate["spec"]
+        where = describe(certificate)
+        require(spec["secretName"] not in by_secret, f"{where}: Secret {spec['secretName']} written twice")
+        by_secret[spec["secretName"]] = certificate
+        wanted_issuer = {k: v for k, v in certificate_manager["issuerRef"].items() if v}
+        require(spec["issuerRef"] == wanted_issuer, f"{where}: issuerRef {spec['issuerRef']}, values say {wanted_issuer}")
+        usages = set(spec.get("usages", []))
+        require(
+            {"server auth", "client auth"} <= usages,
+            f"{where}: usages {sorted(usages)}: a server serves and dials with it",
+        )
+        require(len(spec.get("uris", [])) == 1, f"{where}: uris {spec.get('uris')}: one identity expected")
+    sources = tls_sources(manifests, merged)
+    counts: dict[str, int] = {}
+    used = set()
+    for label, source in sorted(sources.items()):
+        if not source["source"].startswith("secret "):
+            continue
+        secret = source["source"].removeprefix("secret ")
+        require(secret in by_secret, f"{label}: no Certificate writes its Secret {secret}")
+        used.add(secret)
+        certificate = by_secret[secret]
+        uri = certificate["spec"]["uris"][0]
+        if source["component"] == "coordinator":
+            name = uri.removeprefix("fabric://coordinator/")
+            require(
+                uri.startswith("fabric://coordinator/") and IDENTITY_NAME.match(name) is not None,
+                f"{describe(certificate)}: {uri} is not fabric://coordinator/NAME",
+            )
+        else:
+            expected = f"fabric://node/{source['node_id']}"
+            require(
+                IDENTITY_NAME.match(source["node_id"]) is not None,
+                f"{label}: node id {source['node_id']!r} cannot be an identity",
+            )
+            require(uri == expected, f"{describe(certificate)}: {uri}, but {label} has node id {source['node_id']} ({expected})")
+        counts[source["component"]] = counts.get(source["component"], 0) + 1
+    stray = sorted(set(by_secret) - used)
+    require(not stray, f"Certificates write Secrets no pod mounts: {stray}")
+    require(
+        counts.get("storage") == merged["storage"]["replicas"],
+        f"{counts.get('storage')} storage Certificates for {merged['storage']['replicas']} replicas",
+    )
+    require(counts.get("coordinator") == 1, "no coordinator Certificate")
+    return ", ".join(f"{count} {component}" for component, count in sorted(counts.items()))
 
 
 def one_service(manifests: list[dict[str, Any]], component: str, headless: bool) -> dict[str, Any]:
@@ -329,7 +718,8 @@ def check_statefulsets(manifests: list[dict[str, Any]], merged: dict[str, Any]) 
         env.get("FABRIC_NODE_ID", {}).get("value") == expected_id,
         f"storage: FABRIC_NODE_ID {env.get('FABRIC_NODE_ID')}, expected {expected_id}",
     )
-    expected_advertise = f"http://$(FABRIC_NODE_ID):{BINARY_PORTS['/usr/local/bin/fabric-node']}"
+    scheme = "http" if merged["insecure"]["plaintext"] else "https"
+    expected_advertise = f"{scheme}://$(FABRIC_NODE_ID):{BINARY_PORTS['/usr/local/bin/fabric-node']}"
     require(
         env.get("FABRIC_NODE_ADVERTISE", {}).get("value") == expected_advertise,
         f"storage: FABRIC_NODE_ADVERTISE {env.get('FABRIC_NODE_ADVERTISE')}",
@@ -401,6 +791,21 @@ def check_shape(manifests: list[dict[str, Any]], merged: dict[str, Any], notes: 
         "port-forward" in notes and "fabricctl" in notes,
         "NOTES.txt does not say how to reach the coordinator with fabricctl",
     )
+    if merged["insecure"]["plaintext"]:
+        require("WARNING" in notes, "NOTES.txt does not warn about insecure.plaintext")
+    else:
+        require("FABRIC_TLS_CA" in notes, "NOTES.txt does not say how fabricctl gets the fabric's CA")
+    if merged["agent"]["enabled"]:
+        # The host decides which commands jobs may run: exactly what values say.
+        agent = config_files(manifests)[(f"{RELEASE_NAME}-fabric-config", "agent.toml")]
+        require(
+            agent.get("allow_commands") == merged["agent"]["allowCommands"],
+            f"agent.toml allow_commands {agent.get('allow_commands')}, values say {merged['agent']['allowCommands']}",
+        )
+        require(
+            agent.get("hooks", {}) == merged["agent"]["hooks"],
+            f"agent.toml hooks {agent.get('hooks')}, values say {merged['agent']['hooks']}",
+        )
     for manifest in manifests:
         require(
             manifest["metadata"].get("namespace") == NAMESPACE,
@@ -430,7 +835,11 @@ def check_rendering(
     manifests, merged = state["manifests"], state["merged"]
     report.check(f"{label}: Kubernetes schema validation", lambda: validate_manifests(manifests))
     report.check(
-        f"{label}: gRPC probes on the ports the binaries listen on", lambda: check_servers(manifests, merged)
+        f"{label}: gRPC probes on the plaintext health ports, coordinator address", lambda: check_servers(manifests, merged)
+    )
+    report.check(f"{label}: TLS files or insecure plaintext", lambda: check_transport(manifests, merged))
+    report.check(
+        f"{label}: cert-manager Certificates, one identity per pod", lambda: check_certificates(manifests, merged)
     )
     report.check(f"{label}: StatefulSets, claims, node ids", lambda: check_statefulsets(manifests, merged))
     report.check(f"{label}: security contexts", lambda: check_security(manifests, merged))
@@ -452,6 +861,18 @@ def expect_rejected(chart: helm.Chart, values: dict[str, Any], mentions: list[st
             return "rejected by validation and by render"
         return "rejected by validation (render does not validate)"
     raise CheckFailed(f"the schema accepted {values}")
+
+
+def expect_render_refused(chart: helm.Chart, values: dict[str, Any], mentions: list[str]) -> str:
+    chart.validate_schema(values)
+    try:
+        chart.render(values, name=RELEASE_NAME, namespace=NAMESPACE, is_install=True)
+    except helm.HelmError as error:
+        message = str(error)
+        missing = [word for word in mentions if word not in message]
+        require(not missing, f"the render error does not name {missing}: {message}")
+        return "schema accepts, render refuses"
+    raise CheckFailed(f"the chart rendered {values}")
 
 
 def expect_lint_errors(chart_dir: Path, values: dict[str, Any]) -> str:
@@ -483,13 +904,20 @@ def main(argv: list[str]) -> int:
     large_file = helm_dir / "ci" / "values-large.yaml"
     check_rendering(report, chart, chart_dir, large_file.name, load_values_file(large_file))
 
+    # Mode B: cert-manager issues every identity.
+    cert_manager_file = helm_dir / "ci" / "values-cert-manager.yaml"
+    check_rendering(report, chart, chart_dir, cert_manager_file.name, load_values_file(cert_manager_file))
+
     # The agent as a plain non-root user, and the other switches turned off.
     check_rendering(report, chart, chart_dir, "small variant", SMALL_VARIANT)
+
+    # Mode C: no TLS at all.
+    check_rendering(report, chart, chart_dir, "insecure plaintext", INSECURE_VARIANT)
 
     bad_file = helm_dir / "ci" / "values-bad.yaml"
     report.check(
         f"{bad_file.name} is rejected by the schema",
-        lambda: expect_rejected(chart, load_values_file(bad_file), ["replicas", "size", "port"]),
+        lambda: expect_rejected(chart, load_values_file(bad_file), ["replicas", "size", "port", "issuerRef"]),
     )
     report.check(
         f"{bad_file.name} fails helm lint", lambda: expect_lint_errors(chart_dir, load_values_file(bad_file))
@@ -505,12 +933,37 @@ def main(argv: list[str]) -> int:
             {"agent": {"enabled": True, "hostPaths": [{"name": "etc", "path": "etc"}]}},
             ["path"],
         ),
+        "cert-manager without an issuer": ({"tls": {"certManager": {"enabled": True}}}, ["issuerRef", "name"]),
+        "cert-manager with insecure plaintext": (
+            {"insecure": {"plaintext": True}, "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca"}}}},
+            ["certManager"],
+        ),
+        "an unknown issuer kind": (
+            {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "ca", "kind": "Isuer"}}}},
+            ["kind"],
+        ),
+        "agents reading Secrets of no listed node": (
+            {"agent": {"enabled": True}, "tls": {"agent": {"source": "secrets"}}},
+            ["nodes"],
+        ),
+        "an unknown agent certificate source": ({"tls": {"agent": {"source": "csi"}}}, ["source"]),
+        "a TLS switch that does not exist": ({"tls": {"enabled": False}}, ["enabled"]),
+        "insecure plaintext as a string": ({"insecure": {"plaintext": "yes"}}, ["plaintext"]),
+        "a health port out of range": ({"storage": {"healthPort": 0}}, ["healthPort"]),
+        "a blank allowed command": ({"agent": {"allowCommands": [" "]}}, ["allowCommands"]),
+        "a hook name with a space": ({"agent": {"hooks": {"db freeze": "/bin/true"}}}, ["db freeze"]),
     }
     for label, (values, mentions) in bad_cases.items():
         report.check(
             f"schema rejects {label}",
             lambda values=values, mentions=mentions: expect_rejected(chart, values, mentions),
         )
+
+    # The schema cannot compare two values: the templates refuse this one.
+    report.check(
+        "render refuses a health port equal to the TLS port",
+        lambda: expect_render_refused(chart, {"agent": {"enabled": True, "healthPort": 7401}}, ["agent.healthPort"]),
+    )
 
     status = report.summary()
     print(f"chart check took {time.monotonic() - started:.1f}s")

@@ -2,8 +2,9 @@
 //!
 //! `helm/check-chart.sh` lints and renders the chart with Helm's own library,
 //! validates every manifest against Kubernetes' schemas and asserts the
-//! chart's invariants (gRPC probes on the ports the binaries listen on, the
-//! replicas asked for, bad values refused). This test only runs it: it must
+//! chart's invariants (gRPC probes on the plaintext health ports the
+//! binaries listen on, TLS files on every server, one certificate identity
+//! per pod, the replicas asked for, bad values refused). This test only runs it: it must
 //! never skip it, so a machine without python3 fails here with a message
 //! saying so.
 

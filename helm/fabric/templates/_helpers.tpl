@@ -57,9 +57,172 @@ characters so that "<fullname>-coordinator-headless" stays a valid DNS label.
 {{- end }}
 {{- end }}
 
+{{/* The scheme of every address: https, or http with insecure.plaintext. */}}
+{{- define "fabric.scheme" -}}
+{{- ternary "http" "https" .Values.insecure.plaintext }}
+{{- end }}
+
 {{/* The address nodes and agents dial to reach the coordinator. */}}
 {{- define "fabric.coordinatorUrl" -}}
-{{- printf "http://%s.%s.svc.%s:%d" (include "fabric.coordinatorName" .) .Release.Namespace .Values.clusterDomain (int .Values.coordinator.port) }}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "fabric.scheme" .) (include "fabric.coordinatorName" .) .Release.Namespace .Values.clusterDomain (int .Values.coordinator.port) }}
+{{- end }}
+
+{{/*
+A storage node's id: its pod's stable DNS name (see the headless Service).
+Call with (dict "context" $ "pod" "$(POD_NAME)") or a pod's name.
+*/}}
+{{- define "fabric.storageNodeId" -}}
+{{- printf "%s.%s.%s.svc.%s" .pod (include "fabric.storageName" .context) .context.Release.Namespace .context.Values.clusterDomain }}
+{{- end }}
+
+{{/* The Secret holding the coordinator's tls.crt, tls.key and ca.crt. */}}
+{{- define "fabric.coordinatorTlsSecret" -}}
+{{- default (printf "%s-tls" (include "fabric.coordinatorName" .)) .Values.tls.secrets.coordinator }}
+{{- end }}
+
+{{/* The storage pod with ordinal N reads the Secret "<this>N". */}}
+{{- define "fabric.storageTlsSecretPrefix" -}}
+{{- default (printf "%s-tls-" (include "fabric.storageName" .)) .Values.tls.secrets.storagePrefix }}
+{{- end }}
+
+{{/* The agent on Kubernetes node X reads the Secret "<this>X" (source "secrets"). */}}
+{{- define "fabric.agentTlsSecretPrefix" -}}
+{{- default (printf "%s-tls-" (include "fabric.agentName" .)) .Values.tls.secrets.agentPrefix }}
+{{- end }}
+
+{{/*
+The transport flags of a server: its three TLS files in .dir, or
+--insecure-plaintext. Call with (dict "context" $ "dir" "/etc/fabric/tls").
+*/}}
+{{- define "fabric.transportArgs" -}}
+{{- if .context.Values.insecure.plaintext -}}
+# No TLS, no authentication (insecure.plaintext).
+- --insecure-plaintext
+{{- else -}}
+- --tls-cert
+- {{ printf "%s/tls.crt" .dir }}
+- --tls-key
+- {{ printf "%s/tls.key" .dir }}
+- --tls-ca
+- {{ printf "%s/ca.crt" .dir }}
+{{- end }}
+{{- end }}
+
+{{/* The read-only mount of a server's TLS files; call unless insecure.plaintext. */}}
+{{- define "fabric.tlsVolumeMount" -}}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+
+{{/*
+The TLS files of the storage pods: the Secret of every ordinal, each under a
+directory named after its pod, so that one pod template serves every ordinal
+(a pod reads $(POD_NAME)/tls.crt). Call unless insecure.plaintext.
+*/}}
+{{- define "fabric.storageTlsVolume" -}}
+{{- $prefix := include "fabric.storageTlsSecretPrefix" . }}
+{{- $statefulset := include "fabric.storageName" . -}}
+- name: tls
+  projected:
+    # Readable by the owner and the pod's fsGroup only.
+    defaultMode: 0440
+    sources:
+      {{- range $i := until (int .Values.storage.replicas) }}
+      {{- $pod := printf "%s-%d" $statefulset $i }}
+      - secret:
+          name: {{ printf "%s%d" $prefix $i }}
+          items:
+            - key: tls.crt
+              path: {{ $pod }}/tls.crt
+            - key: tls.key
+              path: {{ $pod }}/tls.key
+            - key: ca.crt
+              path: {{ $pod }}/ca.crt
+      {{- end }}
+{{- end }}
+
+{{/*
+The TLS files of the agents: a directory of each Kubernetes node (source
+hostPath), or the Secret of every listed node, each under a directory named
+after the node (source secrets). Call unless insecure.plaintext.
+*/}}
+{{- define "fabric.agentTlsVolume" -}}
+{{- if eq .Values.tls.agent.source "hostPath" -}}
+- name: tls
+  hostPath:
+    path: {{ .Values.tls.agent.hostPath }}
+    type: Directory
+{{- else -}}
+{{- $prefix := include "fabric.agentTlsSecretPrefix" . -}}
+- name: tls
+  projected:
+    # Readable by the owner and the pod's fsGroup only.
+    defaultMode: 0440
+    sources:
+      {{- range $node := .Values.tls.agent.nodes }}
+      # A node without its Secret: its agent finds no files and says so.
+      - secret:
+          name: {{ printf "%s%s" $prefix $node }}
+          optional: true
+          items:
+            - key: tls.crt
+              path: {{ $node }}/tls.crt
+            - key: tls.key
+              path: {{ $node }}/tls.key
+            - key: ca.crt
+              path: {{ $node }}/ca.crt
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A cert-manager Certificate for one identity. Call with (dict "context" $
+"name" NAME "component" COMPONENT "secretName" SECRET "uri" URI).
+*/}}
+{{- define "fabric.certificate" -}}
+{{- $certManager := .context.Values.tls.certManager -}}
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata:
+  name: {{ .name }}
+  namespace: {{ .context.Release.Namespace }}
+  labels:
+    {{- include "fabric.componentLabels" (dict "context" .context "component" .component) | nindent 4 }}
+spec:
+  secretName: {{ .secretName }}
+  secretTemplate:
+    labels:
+      {{- include "fabric.componentLabels" (dict "context" .context "component" .component) | nindent 6 }}
+  # The identity is the URI; peers check it, not host names.
+  uris:
+    - {{ .uri }}
+  duration: {{ $certManager.duration }}
+  renewBefore: {{ $certManager.renewBefore }}
+  privateKey:
+    algorithm: ECDSA
+    size: 256
+    encoding: PKCS8
+    rotationPolicy: Always
+  # Servers serve with it and dial other servers with it.
+  usages:
+    - digital signature
+    - server auth
+    - client auth
+  issuerRef:
+    name: {{ $certManager.issuerRef.name }}
+    kind: {{ $certManager.issuerRef.kind }}
+    group: {{ $certManager.issuerRef.group }}
+{{- end }}
+
+{{/* Values that the schema cannot compare; fails the render with a reason. */}}
+{{- define "fabric.validate" -}}
+{{- range $component := list "coordinator" "storage" "agent" }}
+{{- $values := index $.Values $component }}
+{{- if eq (int $values.port) (int $values.healthPort) }}
+{{- fail (printf "%s.port and %s.healthPort are both %d: the plaintext health port must differ from the TLS port" $component $component (int $values.port)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "fabric.image" -}}
@@ -96,8 +259,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-The three gRPC health probes of a server listening on .port. Call with
-(dict "context" $ "port" 7401).
+The three gRPC health probes of a server whose plaintext health port is
+.port (its health_listen: kubelet cannot present a client certificate, so it
+never probes the TLS port). Call with (dict "context" $ "port" 7421).
 */}}
 {{- define "fabric.probes" -}}
 {{- $probes := .context.Values.probes -}}
