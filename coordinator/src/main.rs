@@ -121,6 +121,12 @@ async fn main() -> anyhow::Result<()> {
             fabric_proto::standard::init_logging(config.log_format == LogFormat::Json);
             let shutdown = fabric_proto::standard::shutdown_signal()
                 .context("cannot listen for SIGTERM and SIGINT")?;
+            // Unusable TLS files fail before the "listening" line.
+            if !config.insecure_plaintext {
+                config
+                    .transport_settings()
+                    .server(&fabric_trust::Expect::Coordinator)?;
+            }
             let listener =
                 fabric_proto::standard::bind_and_announce("fabric-coordinator", config.listen)
                     .await

@@ -1,6 +1,7 @@
 //! The node's configuration: one documented struct, read from a TOML file,
-//! with every key overridable by a flag or an environment variable (the
-//! binary merges those; this module only knows the file and the defaults).
+//! with every key but `hooks` overridable by a flag and most by an
+//! environment variable (the binary merges those; this module only knows
+//! the file and the defaults).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -40,13 +41,13 @@ pub struct NodeConfig {
     /// Unique node id (`FABRIC_NODE_ID`, `--node-id`); defaults to the host name.
     pub node_id: String,
     /// Address other nodes and the coordinator dial (`FABRIC_NODE_ADVERTISE`,
-    /// `--advertise`); defaults to `http://<listen>`.
+    /// `--advertise`); defaults to `https://<listen>` (`http://` with `insecure_plaintext`).
     pub advertise: String,
     /// Labels a job's `dest` may name (`FABRIC_NODE_LABELS`, comma-separated).
     pub labels: Vec<String>,
     /// `storage`, `agent` or both (`FABRIC_NODE_ROLES`, comma-separated).
     pub roles: Vec<Role>,
-    /// The coordinator's address, e.g. `http://coordinator:7400`
+    /// The coordinator's address, e.g. `https://coordinator:7400`
     /// (`FABRIC_NODE_COORDINATOR`); empty: standalone.
     pub coordinator: String,
     /// Host name recorded in the snapshots this node's agent makes

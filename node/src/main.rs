@@ -23,8 +23,9 @@ struct Cli {
 enum Command {
     /// Serve the storage service (and the agent's pull endpoint) until SIGTERM.
     ///
-    /// Every key of the config file can be set by a flag or an environment
-    /// variable, which win over the file.
+    /// Every key of the config file but `hooks` can be set by a flag, and
+    /// all but `hooks` and `allow_commands` by an environment variable;
+    /// those win over the file (`--allow-command` adds to the file's list).
     Serve(ServeArgs),
 }
 
@@ -42,7 +43,7 @@ struct ServeArgs {
     /// Unique node id (default: the host name).
     #[arg(long, env = "FABRIC_NODE_ID")]
     node_id: Option<String>,
-    /// Address other nodes and the coordinator dial (default: http://<listen>).
+    /// Address other nodes and the coordinator dial (default: https://<listen>, http:// with --insecure-plaintext).
     #[arg(long, env = "FABRIC_NODE_ADVERTISE")]
     advertise: Option<String>,
     /// Labels a job's dest may name, comma-separated.
@@ -51,7 +52,7 @@ struct ServeArgs {
     /// storage, agent, or both, comma-separated.
     #[arg(long, env = "FABRIC_NODE_ROLES", value_delimiter = ',')]
     roles: Option<Vec<String>>,
-    /// The coordinator's address, e.g. http://coordinator:7400.
+    /// The coordinator's address, e.g. https://coordinator:7400.
     #[arg(long, env = "FABRIC_NODE_COORDINATOR")]
     coordinator: Option<String>,
     /// Host name recorded in this agent's snapshots.
@@ -165,6 +166,14 @@ async fn main() -> anyhow::Result<()> {
             fabric_proto::standard::init_logging(config.log_format == LogFormat::Json);
             let shutdown = fabric_proto::standard::shutdown_signal()
                 .context("cannot listen for SIGTERM and SIGINT")?;
+            // Unusable TLS files fail before the "listening" line, so a
+            // script never waits on an address that will not serve.
+            if !config.insecure_plaintext {
+                let completed = config.clone().complete(config.listen);
+                completed
+                    .transport_settings()
+                    .server(&fabric_trust::Expect::Node(completed.node_id.clone()))?;
+            }
             let listener = fabric_proto::standard::bind_and_announce("fabric-node", config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
