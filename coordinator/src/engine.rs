@@ -5,6 +5,10 @@
 //! under one lock and are written through to the [`Store`] before the lock
 //! is released, so a restart resumes from what was last reported.
 //!
+//! Its parts: the node registry and who may claim a node id
+//! (`engine/nodes.rs`), the assignments and pull permits sent to nodes
+//! (`engine/assignments.rs`), and here the runs' lifecycle.
+//!
 //! The state machine itself lives in [`crate::runs`] (pure); destination
 //! grammar, job files, naming and checks in their own modules. The engine
 //! never speaks gRPC: the service turns requests into calls here and the
@@ -30,6 +34,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{Mutex, broadcast, mpsc};
+
+mod assignments;
+mod nodes;
+
+use assignments::pull_permit;
 
 use crate::dest::{self, DestPlan, NodeView};
 use crate::jobfile::{self, KnownNodes};
@@ -583,24 +592,6 @@ impl Engine {
 /// Changes kept in a job's history.
 const MAX_JOB_HISTORY: usize = 100;
 
-/// Tells a passive client that the node of `pull` (a pull assignment) may
-/// pull that run, and which paths.
-fn pull_permit(pull: &CoordinatorMessage) -> Option<CoordinatorMessage> {
-    let Some(coordinator_message::Kind::Assignment(assignment)) = &pull.kind else {
-        return None;
-    };
-    let job = assignment.job.clone().unwrap_or_default();
-    Some(CoordinatorMessage {
-        kind: Some(coordinator_message::Kind::PullPermit(PullPermit {
-            run_id: assignment.run_id.clone(),
-            puller: assignment.dest.clone(),
-            include: job.include,
-            exclude: job.exclude,
-            one_file_system: job.one_file_system,
-        })),
-    })
-}
-
 fn validate_node_info(info: &NodeInfo) -> Result<(), EngineError> {
     if info.id.is_empty() {
         return Err(EngineError::InvalidArgument(
@@ -611,127 +602,6 @@ fn validate_node_info(info: &NodeInfo) -> Result<(), EngineError> {
 }
 
 impl Inner {
-    /// Whether the (certified) node `info.id` may register or open a
-    /// session as `info` says: not while another process holds a live
-    /// session for that id (it would take over its address and its runs),
-    /// and not as a storage node if it first registered without storage (a
-    /// compromised agent must not attract other hosts' replicas).
-    fn check_claim(
-        &self,
-        info: &NodeInfo,
-        now: i64,
-        lost_after: Duration,
-    ) -> Result<(), EngineError> {
-        let storage = NodeRole::Storage as i32;
-        if let Some(known) = self.nodes.get(&info.id).and_then(|node| node.info.as_ref())
-            && !known.roles.contains(&storage)
-            && info.roles.contains(&storage)
-        {
-            tracing::warn!(node = %info.id, "a node that registered without storage claimed it");
-            return Err(EngineError::PermissionDenied(format!(
-                "node {} registered without the storage role and cannot take it on later (a compromised agent must not receive replicas): give the storage node an id and a certificate of its own",
-                info.id
-            )));
-        }
-        if let Some(session) = self.sessions.get(&info.id)
-            && !session.sender.is_closed()
-        {
-            let last_seen = self.last_seen.get(&info.id).copied().unwrap_or(0);
-            let silent = now.saturating_sub(last_seen);
-            if silent < millis(lost_after) {
-                tracing::warn!(node = %info.id, "a second process for a node id with a live session was refused");
-                return Err(EngineError::PermissionDenied(format!(
-                    "node {} already has a live session (last heard {silent} ms ago): a second process with this id is refused; it can take over once that session ends or the node is lost",
-                    info.id
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    fn upsert_node(&mut self, mut info: NodeInfo, now: i64) -> Result<(), StateError> {
-        info.active_runs.clear();
-        let id = info.id.clone();
-        let node = self.nodes.entry(id.clone()).or_default();
-        node.info = Some(info);
-        node.state = NodeState::Online as i32;
-        node.last_heartbeat_ms = now;
-        let node = node.clone();
-        self.last_seen.insert(id, now);
-        self.store.put_node(&node)
-    }
-
-    fn heartbeat(
-        &mut self,
-        node_id: &str,
-        heartbeat: &fabric_proto::v1::Heartbeat,
-        now: i64,
-    ) -> Result<(), StateError> {
-        self.last_seen.insert(node_id.to_owned(), now);
-        let Some(node) = self.nodes.get_mut(node_id) else {
-            return Ok(());
-        };
-        if node.state() == NodeState::Lost {
-            tracing::info!(node = %node_id, "node is back");
-        }
-        node.state = NodeState::Online as i32;
-        node.last_heartbeat_ms = now;
-        node.chunks = heartbeat.chunks;
-        node.stored_bytes = heartbeat.stored_bytes;
-        if let Some(info) = node.info.as_mut() {
-            info.free_bytes = heartbeat.free_bytes;
-        }
-        let node = node.clone();
-        self.store.put_node(&node)
-    }
-
-    fn known_nodes(&self) -> KnownNodes {
-        let mut known = KnownNodes::default();
-        for (id, node) in &self.nodes {
-            known.ids.insert(id.clone());
-            if let Some(info) = node.info.as_ref() {
-                known.labels.extend(info.labels.iter().cloned());
-            }
-        }
-        known
-    }
-
-    fn node_views(&self) -> Vec<NodeView> {
-        self.nodes
-            .iter()
-            .map(|(id, node)| NodeView {
-                id: id.clone(),
-                labels: node
-                    .info
-                    .as_ref()
-                    .map(|info| info.labels.clone())
-                    .unwrap_or_default(),
-                healthy: node.state() == NodeState::Online && self.sessions.contains_key(id),
-                storage: is_storage(node),
-            })
-            .collect()
-    }
-
-    fn address_of(&self, node_id: &str) -> String {
-        self.nodes
-            .get(node_id)
-            .and_then(|node| node.info.as_ref())
-            .map(|info| info.address.clone())
-            .unwrap_or_default()
-    }
-
-    fn send(&mut self, node_id: &str, message: CoordinatorMessage) -> bool {
-        let Some(session) = self.sessions.get(node_id) else {
-            return false;
-        };
-        if session.sender.send(message).is_ok() {
-            true
-        } else {
-            self.sessions.remove(node_id);
-            false
-        }
-    }
-
     fn store_event(&mut self, event: RunEvent) -> Result<(), StateError> {
         let stored = self.store.append_event(event)?;
         // Nobody watching is fine.
@@ -980,159 +850,6 @@ impl Inner {
                 ..Default::default()
             })
             .collect())
-    }
-
-    fn ensure_snapshot(&mut self, record: &mut RunRecord, now: i64) -> Snapshot {
-        if let Some(snapshot) = record.snapshot.as_ref() {
-            return snapshot.clone();
-        }
-        let spec = record.spec();
-        let run = record.run();
-        let host = self
-            .nodes
-            .get(&run.client)
-            .and_then(|node| node.info.as_ref())
-            .map(|info| info.hostname.clone())
-            .filter(|hostname| !hostname.is_empty())
-            .unwrap_or_else(|| run.client.clone());
-        let mut snapshot = Snapshot {
-            id: random_snapshot_id(&mut self.rng),
-            job: spec.name.clone(),
-            host,
-            instance: run.instance.clone(),
-            master_host: static_value(&spec.master_host),
-            master_instance: static_value(&spec.master_instance),
-            data_age: static_value(&spec.data_age).trim().parse().unwrap_or(0),
-            r#type: if spec.r#type == SnapshotType::Unspecified as i32 {
-                SnapshotType::Full as i32
-            } else {
-                spec.r#type
-            },
-            tags: spec.tags.clone(),
-            start_time_ms: now,
-            ..Default::default()
-        };
-        snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
-        record.snapshot = Some(snapshot.clone());
-        snapshot
-    }
-
-    fn target(&self, copy: &RunCopy) -> CopyTarget {
-        CopyTarget {
-            node: copy.node.clone(),
-            address: self.address_of(&copy.node),
-            background: copy.background,
-        }
-    }
-
-    fn client_assignment(&mut self, record: &mut RunRecord, now: i64) -> CoordinatorMessage {
-        let snapshot = self.ensure_snapshot(record, now);
-        let run = record.run().clone();
-        let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
-        let expand = |spec: &JobSpec| {
-            jobfile::expand_runtime(spec, instance, &snapshot.host, snapshot.start_time_ms)
-        };
-        let attempt = record.assignments_sent + 1;
-        let assignment = match record.run_kind() {
-            RunKind::Expand => Assignment {
-                run_id: run.id.clone(),
-                role: AssignmentRole::Expand as i32,
-                job: Some(expand(&record.spec())),
-                attempt,
-                ..Default::default()
-            },
-            RunKind::Pull => Assignment {
-                run_id: run.id.clone(),
-                role: AssignmentRole::Passive as i32,
-                job: Some(expand(&record.passive.clone().unwrap_or_default())),
-                instance: run.instance.clone(),
-                snapshot: Some(snapshot.clone()),
-                attempt,
-                ..Default::default()
-            },
-            RunKind::Push | RunKind::Unspecified => {
-                let spec = record.spec();
-                let targets: Vec<CopyTarget> = run
-                    .copies
-                    .iter()
-                    .filter(|copy| copy.state() != CopyState::Done)
-                    .map(|copy| self.target(copy))
-                    .collect();
-                let spares = if spec.replicas > 0 {
-                    self.spares(&run.copies)
-                } else {
-                    Vec::new()
-                };
-                Assignment {
-                    run_id: run.id.clone(),
-                    role: AssignmentRole::Push as i32,
-                    job: Some(expand(&spec)),
-                    instance: run.instance.clone(),
-                    targets,
-                    snapshot: Some(snapshot.clone()),
-                    attempt,
-                    spares,
-                    ..Default::default()
-                }
-            }
-        };
-        CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::Assignment(assignment)),
-        }
-    }
-
-    /// Healthy storage nodes outside the plan, in a random order.
-    fn spares(&mut self, copies: &[RunCopy]) -> Vec<CopyTarget> {
-        let mut spares: Vec<CopyTarget> = self
-            .node_views()
-            .into_iter()
-            .filter(|view| view.healthy && view.storage)
-            .filter(|view| !copies.iter().any(|copy| copy.node == view.id))
-            .map(|view| CopyTarget {
-                address: self.address_of(&view.id),
-                node: view.id,
-                background: true,
-            })
-            .collect();
-        spares.shuffle(&mut self.rng);
-        spares
-    }
-
-    fn pull_assignment(
-        &mut self,
-        record: &mut RunRecord,
-        node: &str,
-        now: i64,
-    ) -> CoordinatorMessage {
-        let snapshot = self.ensure_snapshot(record, now);
-        let run = record.run();
-        let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
-        let job = jobfile::expand_runtime(
-            &record.spec(),
-            instance,
-            &snapshot.host,
-            snapshot.start_time_ms,
-        );
-        let attempt = run
-            .copies
-            .iter()
-            .find(|copy| copy.node == node)
-            .map(|copy| copy.attempts.max(1))
-            .unwrap_or(1);
-        CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::Assignment(Assignment {
-                run_id: run.id.clone(),
-                role: AssignmentRole::Pull as i32,
-                job: Some(job),
-                instance: run.instance.clone(),
-                source_address: self.address_of(&run.client),
-                source_node: run.client.clone(),
-                snapshot: Some(snapshot),
-                dest: node.to_owned(),
-                attempt,
-                ..Default::default()
-            })),
-        }
     }
 
     /// Moves a pull run's orchestration as far as it can go now.

@@ -1,0 +1,183 @@
+//! What the engine sends nodes: a run's snapshot record (chosen once), the
+//! client's assignment, a pull's assignment and the pull permit that goes
+//! to the passive client before it, and the spare nodes of a push. Part of
+//! [`super::Inner`]; it decides nothing about a run's state.
+
+use super::*;
+
+/// Tells a passive client that the node of `pull` (a pull assignment) may
+/// pull that run, and which paths.
+pub(super) fn pull_permit(pull: &CoordinatorMessage) -> Option<CoordinatorMessage> {
+    let Some(coordinator_message::Kind::Assignment(assignment)) = &pull.kind else {
+        return None;
+    };
+    let job = assignment.job.clone().unwrap_or_default();
+    Some(CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::PullPermit(PullPermit {
+            run_id: assignment.run_id.clone(),
+            puller: assignment.dest.clone(),
+            include: job.include,
+            exclude: job.exclude,
+            one_file_system: job.one_file_system,
+        })),
+    })
+}
+
+impl Inner {
+    pub(super) fn ensure_snapshot(&mut self, record: &mut RunRecord, now: i64) -> Snapshot {
+        if let Some(snapshot) = record.snapshot.as_ref() {
+            return snapshot.clone();
+        }
+        let spec = record.spec();
+        let run = record.run();
+        let host = self
+            .nodes
+            .get(&run.client)
+            .and_then(|node| node.info.as_ref())
+            .map(|info| info.hostname.clone())
+            .filter(|hostname| !hostname.is_empty())
+            .unwrap_or_else(|| run.client.clone());
+        let mut snapshot = Snapshot {
+            id: random_snapshot_id(&mut self.rng),
+            job: spec.name.clone(),
+            host,
+            instance: run.instance.clone(),
+            master_host: static_value(&spec.master_host),
+            master_instance: static_value(&spec.master_instance),
+            data_age: static_value(&spec.data_age).trim().parse().unwrap_or(0),
+            r#type: if spec.r#type == SnapshotType::Unspecified as i32 {
+                SnapshotType::Full as i32
+            } else {
+                spec.r#type
+            },
+            tags: spec.tags.clone(),
+            start_time_ms: now,
+            ..Default::default()
+        };
+        snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
+        record.snapshot = Some(snapshot.clone());
+        snapshot
+    }
+
+    pub(super) fn target(&self, copy: &RunCopy) -> CopyTarget {
+        CopyTarget {
+            node: copy.node.clone(),
+            address: self.address_of(&copy.node),
+            background: copy.background,
+        }
+    }
+
+    pub(super) fn client_assignment(
+        &mut self,
+        record: &mut RunRecord,
+        now: i64,
+    ) -> CoordinatorMessage {
+        let snapshot = self.ensure_snapshot(record, now);
+        let run = record.run().clone();
+        let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
+        let expand = |spec: &JobSpec| {
+            jobfile::expand_runtime(spec, instance, &snapshot.host, snapshot.start_time_ms)
+        };
+        let attempt = record.assignments_sent + 1;
+        let assignment = match record.run_kind() {
+            RunKind::Expand => Assignment {
+                run_id: run.id.clone(),
+                role: AssignmentRole::Expand as i32,
+                job: Some(expand(&record.spec())),
+                attempt,
+                ..Default::default()
+            },
+            RunKind::Pull => Assignment {
+                run_id: run.id.clone(),
+                role: AssignmentRole::Passive as i32,
+                job: Some(expand(&record.passive.clone().unwrap_or_default())),
+                instance: run.instance.clone(),
+                snapshot: Some(snapshot.clone()),
+                attempt,
+                ..Default::default()
+            },
+            RunKind::Push | RunKind::Unspecified => {
+                let spec = record.spec();
+                let targets: Vec<CopyTarget> = run
+                    .copies
+                    .iter()
+                    .filter(|copy| copy.state() != CopyState::Done)
+                    .map(|copy| self.target(copy))
+                    .collect();
+                let spares = if spec.replicas > 0 {
+                    self.spares(&run.copies)
+                } else {
+                    Vec::new()
+                };
+                Assignment {
+                    run_id: run.id.clone(),
+                    role: AssignmentRole::Push as i32,
+                    job: Some(expand(&spec)),
+                    instance: run.instance.clone(),
+                    targets,
+                    snapshot: Some(snapshot.clone()),
+                    attempt,
+                    spares,
+                    ..Default::default()
+                }
+            }
+        };
+        CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Assignment(assignment)),
+        }
+    }
+
+    /// Healthy storage nodes outside the plan, in a random order.
+    pub(super) fn spares(&mut self, copies: &[RunCopy]) -> Vec<CopyTarget> {
+        let mut spares: Vec<CopyTarget> = self
+            .node_views()
+            .into_iter()
+            .filter(|view| view.healthy && view.storage)
+            .filter(|view| !copies.iter().any(|copy| copy.node == view.id))
+            .map(|view| CopyTarget {
+                address: self.address_of(&view.id),
+                node: view.id,
+                background: true,
+            })
+            .collect();
+        spares.shuffle(&mut self.rng);
+        spares
+    }
+
+    pub(super) fn pull_assignment(
+        &mut self,
+        record: &mut RunRecord,
+        node: &str,
+        now: i64,
+    ) -> CoordinatorMessage {
+        let snapshot = self.ensure_snapshot(record, now);
+        let run = record.run();
+        let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
+        let job = jobfile::expand_runtime(
+            &record.spec(),
+            instance,
+            &snapshot.host,
+            snapshot.start_time_ms,
+        );
+        let attempt = run
+            .copies
+            .iter()
+            .find(|copy| copy.node == node)
+            .map(|copy| copy.attempts.max(1))
+            .unwrap_or(1);
+        CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Assignment(Assignment {
+                run_id: run.id.clone(),
+                role: AssignmentRole::Pull as i32,
+                job: Some(job),
+                instance: run.instance.clone(),
+                source_address: self.address_of(&run.client),
+                source_node: run.client.clone(),
+                snapshot: Some(snapshot),
+                dest: node.to_owned(),
+                attempt,
+                ..Default::default()
+            })),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The engine's node registry: who may claim a node id, registrations,
+//! heartbeats, and the views the planner and the sessions use. Part of
+//! [`super::Inner`]; it never plans or changes a run.
+
+use super::*;
+
+impl Inner {
+    /// Whether the (certified) node `info.id` may register or open a
+    /// session as `info` says: not while another process holds a live
+    /// session for that id (it would take over its address and its runs),
+    /// and not as a storage node if it first registered without storage (a
+    /// compromised agent must not attract other hosts' replicas).
+    pub(super) fn check_claim(
+        &self,
+        info: &NodeInfo,
+        now: i64,
+        lost_after: Duration,
+    ) -> Result<(), EngineError> {
+        let storage = NodeRole::Storage as i32;
+        if let Some(known) = self.nodes.get(&info.id).and_then(|node| node.info.as_ref())
+            && !known.roles.contains(&storage)
+            && info.roles.contains(&storage)
+        {
+            tracing::warn!(node = %info.id, "a node that registered without storage claimed it");
+            return Err(EngineError::PermissionDenied(format!(
+                "node {} registered without the storage role and cannot take it on later (a compromised agent must not receive replicas): give the storage node an id and a certificate of its own",
+                info.id
+            )));
+        }
+        if let Some(session) = self.sessions.get(&info.id)
+            && !session.sender.is_closed()
+        {
+            let last_seen = self.last_seen.get(&info.id).copied().unwrap_or(0);
+            let silent = now.saturating_sub(last_seen);
+            if silent < millis(lost_after) {
+                tracing::warn!(node = %info.id, "a second process for a node id with a live session was refused");
+                return Err(EngineError::PermissionDenied(format!(
+                    "node {} already has a live session (last heard {silent} ms ago): a second process with this id is refused; it can take over once that session ends or the node is lost",
+                    info.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn upsert_node(&mut self, mut info: NodeInfo, now: i64) -> Result<(), StateError> {
+        info.active_runs.clear();
+        let id = info.id.clone();
+        let node = self.nodes.entry(id.clone()).or_default();
+        node.info = Some(info);
+        node.state = NodeState::Online as i32;
+        node.last_heartbeat_ms = now;
+        let node = node.clone();
+        self.last_seen.insert(id, now);
+        self.store.put_node(&node)
+    }
+
+    pub(super) fn heartbeat(
+        &mut self,
+        node_id: &str,
+        heartbeat: &fabric_proto::v1::Heartbeat,
+        now: i64,
+    ) -> Result<(), StateError> {
+        self.last_seen.insert(node_id.to_owned(), now);
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Ok(());
+        };
+        if node.state() == NodeState::Lost {
+            tracing::info!(node = %node_id, "node is back");
+        }
+        node.state = NodeState::Online as i32;
+        node.last_heartbeat_ms = now;
+        node.chunks = heartbeat.chunks;
+        node.stored_bytes = heartbeat.stored_bytes;
+        if let Some(info) = node.info.as_mut() {
+            info.free_bytes = heartbeat.free_bytes;
+        }
+        let node = node.clone();
+        self.store.put_node(&node)
+    }
+
+    pub(super) fn known_nodes(&self) -> KnownNodes {
+        let mut known = KnownNodes::default();
+        for (id, node) in &self.nodes {
+            known.ids.insert(id.clone());
+            if let Some(info) = node.info.as_ref() {
+                known.labels.extend(info.labels.iter().cloned());
+            }
+        }
+        known
+    }
+
+    pub(super) fn node_views(&self) -> Vec<NodeView> {
+        self.nodes
+            .iter()
+            .map(|(id, node)| NodeView {
+                id: id.clone(),
+                labels: node
+                    .info
+                    .as_ref()
+                    .map(|info| info.labels.clone())
+                    .unwrap_or_default(),
+                healthy: node.state() == NodeState::Online && self.sessions.contains_key(id),
+                storage: is_storage(node),
+            })
+            .collect()
+    }
+
+    pub(super) fn address_of(&self, node_id: &str) -> String {
+        self.nodes
+            .get(node_id)
+            .and_then(|node| node.info.as_ref())
+            .map(|info| info.address.clone())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn send(&mut self, node_id: &str, message: CoordinatorMessage) -> bool {
+        let Some(session) = self.sessions.get(node_id) else {
+            return false;
+        };
+        if session.sender.send(message).is_ok() {
+            true
+        } else {
+            self.sessions.remove(node_id);
+            false
+        }
+    }
+}
