@@ -110,7 +110,14 @@ impl LocalFabric {
                 labels: vec!["local".into()],
                 roles,
                 coordinator: coordinator.clone(),
-                hostname: hostname.clone(),
+                // The agent backs up this machine under its host name;
+                // storage nodes go by their ids, since a host name belongs
+                // to one node only.
+                hostname: if index == storage_nodes {
+                    hostname.clone()
+                } else {
+                    id.clone()
+                },
                 ..Default::default()
             };
             let shutdown = stopped(stop_rx.clone());

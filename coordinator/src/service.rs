@@ -15,12 +15,11 @@ use fabric_proto::v1::{
     NodeMessage, RegisterNodeResponse, RetryRunRequest, RevokeTokenRequest, Run, RunDetail,
     RunEvent, SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest, node_message,
 };
+use fabric_trust::Caller;
 use futures::Stream;
 use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status, Streaming};
-
-use fabric_trust::Caller;
 
 use crate::engine::{Engine, EngineError};
 use crate::record::is_final;

@@ -581,6 +581,73 @@ async fn a_node_is_its_certificate_and_cannot_take_another_nodes_place() {
     assert_eq!(fabric.wait_run(&runs[0])["state"], "done");
     let listed = fabricctl_json(&["snapshot", "list", "--node", &fabric.nodes[0].address]);
     assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    // An agent's certificate reads and commits only its own host's
+    // snapshots on a storage node (the host name the coordinator
+    // registered for it), though agents and storage nodes share the role.
+    let other = fabricctl_json(&[
+        "backup",
+        "--node",
+        &fabric.nodes[0].address,
+        "--job",
+        "operators",
+        source.to_str().unwrap(),
+    ]);
+    let other_id = other["snapshot"].as_str().unwrap().to_owned();
+    let agent_on_n1 = channel_as(
+        &fabric.nodes[0].address,
+        Some((Role::Node, "client")),
+        Expect::Node("n1".into()),
+        &dir.join("agent-n1"),
+    )
+    .await;
+    let mut storage = StorageClient::new(agent_on_n1);
+    let seen = storage
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].host, "client-host");
+    assert_code(
+        storage
+            .restore(RestoreRequest {
+                snapshot: other_id,
+                path: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "an agent restoring another host's snapshot",
+    );
+    assert_code(
+        upload_commit(&mut storage, "someone-else").await,
+        Code::PermissionDenied,
+        "an agent committing as another host",
+    );
+
+    // A new agent cannot take over that host name either.
+    let web9 = channel_as(
+        coordinator,
+        Some((Role::Node, "web9")),
+        Expect::Coordinator,
+        &dir.join("web9"),
+    )
+    .await;
+    let message = assert_code(
+        CoordinatorClient::new(web9)
+            .register_node(NodeInfo {
+                id: "web9".into(),
+                address: "https://127.0.0.1:9".into(),
+                roles: vec![fabric_proto::v1::NodeRole::Agent as i32],
+                hostname: "client-host".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::PermissionDenied,
+        "an agent claiming another's host name",
+    );
+    assert!(message.contains("host name"), "{message}");
 }
 
 #[test]

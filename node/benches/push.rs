@@ -243,6 +243,8 @@ struct BenchTls {
     ca: PathBuf,
     node: (PathBuf, PathBuf),
     agent: fabric_trust::Transport,
+    /// A restore is an operator's (or a client's) call, not an agent's.
+    operator: fabric_trust::Transport,
 }
 
 impl BenchTls {
@@ -253,21 +255,22 @@ impl BenchTls {
         let node = pki
             .issue_into(Role::Node, "bench-node", dir)
             .expect("a node certificate");
-        let (cert, key) = pki
-            .issue_into(Role::Node, "bench-agent", dir)
-            .expect("an agent certificate");
-        let agent = fabric_trust::transport::TransportSettings {
-            ca: Some(pki.ca_certificate()),
-            cert: Some(cert),
-            key: Some(key),
-            insecure_plaintext: false,
-        }
-        .client()
-        .expect("the agent's credentials");
+        let transport = |role, name| {
+            let (cert, key) = pki.issue_into(role, name, dir).expect("a certificate");
+            fabric_trust::transport::TransportSettings {
+                ca: Some(pki.ca_certificate()),
+                cert: Some(cert),
+                key: Some(key),
+                insecure_plaintext: false,
+            }
+            .client()
+            .expect("credentials")
+        };
         Self {
             ca: pki.ca_certificate(),
             node,
-            agent,
+            agent: transport(Role::Node, "bench-agent"),
+            operator: transport(Role::Operator, "bench"),
         }
     }
 }
@@ -434,7 +437,7 @@ fn main() {
                 options(path),
                 Snapshot {
                     job: job.into(),
-                    host: "bench".into(),
+                    host: "bench-agent".into(),
                     ..Default::default()
                 },
                 None,
@@ -593,7 +596,7 @@ fn main() {
         runtime
             .block_on(fabric_node::restore_client::restore_from(
                 &fabric_node::client::Peer::node("bench-node", &node.address),
-                &tls.agent,
+                &tls.operator,
                 &first.snapshot.id,
                 &inside,
                 Box::new(DirectoryTarget::new(restore_dir.clone()).expect("target")),

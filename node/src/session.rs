@@ -26,12 +26,11 @@ use fabric_proto::v1::{
     Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, NodeInfo, NodeMessage, NodeRole,
     RunState, RunUpdate, Snapshot, TransferProgress, coordinator_message, node_message,
 };
+use fabric_trust::Transport;
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
-
-use fabric_trust::Transport;
 
 use crate::agent::{PushProgress, describe_status, push_backup};
 use crate::commands::{Approved, CommandPolicy};

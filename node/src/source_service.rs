@@ -21,12 +21,11 @@ use fabric_proto::v1::source_server::Source;
 use fabric_proto::v1::{
     ChunkData, ParentTrees, PullStart, ReceiverMessage, SenderMessage, Snapshot, receiver_message,
 };
+use fabric_trust::{Caller, Role, Transport};
 use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-
-use fabric_trust::{Caller, Role, Transport};
 
 use crate::agent::send_backup;
 use crate::client::Peer;
@@ -241,8 +240,9 @@ impl Source for SourceService {
 
 /// Pull run `run_id` from the agent `source` into `store`: the storage
 /// node's side of a pull job (the agent serves it only with the
-/// coordinator's permit for this node). Sends the newest snapshot of the same job, host and
-/// instance as the parent so unchanged files are not read again.
+/// coordinator's permit for this node). Sends the newest snapshot of the
+/// same job, host and instance as the parent so unchanged files are not
+/// read again.
 #[allow(clippy::too_many_arguments)]
 pub async fn pull_into(
     store: Arc<Store>,

@@ -6,10 +6,10 @@
 //! chunk store. It must never hold chunk data beyond one batch per stream.
 //!
 //! Who may call which RPC is the authorization table's business; this
-//! service narrows what a *client* caller touches to its own host's
-//! snapshots (listing, reading, restoring, committing), and sends a copy
-//! only to a node id the coordinator resolves, over TLS to a server that
-//! proves that id.
+//! service narrows what a client, or an agent (a node the coordinator did
+//! not register as storage), touches to its own host's snapshots (listing,
+//! reading, restoring, committing), and sends a copy only to a node id the
+//! coordinator resolves, over TLS to a server that proves that id.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use fabric_proto::v1::{
     SenderMessage, Snapshot, StatsRequest, StoreStats, Tree, TreeEntry, VerifyReport,
     VerifyRequest, restore_item,
 };
-use fabric_trust::{Caller, Transport};
+use fabric_trust::{Caller, Role, Transport};
 use futures::Stream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
@@ -36,6 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
+use crate::node_directory::NodeDirectory;
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
     self, OutgoingChunk, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, offer_snapshot_dag,
@@ -54,8 +55,8 @@ pub struct StorageService {
     writable: Arc<AtomicBool>,
     /// How this node dials other servers (copies).
     transport: Transport,
-    /// The coordinator, which resolves a copy's target node id.
-    coordinator: Option<String>,
+    /// The fabric's nodes: copy targets, and which callers are agents.
+    directory: NodeDirectory,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -84,8 +85,8 @@ impl StorageService {
             store,
             upload_memory: Arc::new(Semaphore::new(permits)),
             writable,
+            directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
-            coordinator,
         }
     }
 
@@ -96,40 +97,49 @@ impl StorageService {
         fabric_trust::identity::validate_name(id).map_err(|err| {
             Status::invalid_argument(format!("target_node must be a node id: {err}"))
         })?;
-        let coordinator = self.coordinator.as_deref().ok_or_else(|| {
-            Status::failed_precondition(
-                "this node has no coordinator to resolve node ids: a copy needs one",
-            )
-        })?;
-        let peer = crate::client::Peer::coordinator(coordinator);
-        let channel = crate::client::channel(&peer, &self.transport)
-            .await
-            .map_err(|err| Status::unavailable(err.to_string()))?;
-        let nodes = fabric_proto::v1::coordinator_client::CoordinatorClient::new(channel)
-            .list_nodes(fabric_proto::v1::ListNodesRequest {})
-            .await
-            .map_err(|status| {
-                Status::unavailable(format!(
-                    "asking the coordinator for node {id}: {}",
-                    crate::agent::describe_status(&status)
-                ))
-            })?
-            .into_inner()
-            .nodes;
-        nodes
-            .into_iter()
-            .filter_map(|node| node.info)
-            .find(|info| info.id == id)
-            .map(|info| info.address)
+        self.directory
+            .lookup(id)
+            .await?
+            .map(|node| node.address)
             .filter(|address| !address.is_empty())
             .ok_or_else(|| Status::not_found(format!("no registered node {id}")))
     }
 
-    /// Refused unless a client caller owns `snapshot` (other callers pass).
-    fn check_owner(caller: &Caller, snapshot: &Snapshot) -> Result<(), Status> {
-        match caller.client_host() {
+    /// The one host whose snapshots `caller` may see and commit, or `None`
+    /// for all: a client's own name; an agent's host name as the
+    /// coordinator registered it; a node the directory does not know as a
+    /// storage node, its own id; everyone else (operators, monitors,
+    /// storage nodes copying) unscoped.
+    async fn scope(&self, caller: &Caller) -> Result<Option<String>, Status> {
+        let Caller::Authenticated(identity) = caller else {
+            return Ok(None);
+        };
+        match identity.role {
+            Role::Client => Ok(Some(identity.name.clone())),
+            Role::Node => {
+                if self.directory.is_standalone() {
+                    return Ok(Some(identity.name.clone()));
+                }
+                Ok(match self.directory.lookup(&identity.name).await? {
+                    Some(node) if node.storage => None,
+                    Some(node) => Some(node.hostname),
+                    None => Some(identity.name.clone()),
+                })
+            }
+            Role::Operator | Role::Monitor | Role::Coordinator => Ok(None),
+        }
+    }
+
+    /// Refused unless `snapshot` is of the caller's host, when it has one.
+    fn check_owner(
+        caller: &Caller,
+        scope: Option<&str>,
+        snapshot: &Snapshot,
+    ) -> Result<(), Status> {
+        match scope {
             Some(host) if snapshot.host != host => Err(Status::permission_denied(format!(
-                "client {host} may read only its own host's snapshots; {} is not",
+                "{} may read only host {host}'s snapshots; {} is not",
+                caller.describe(),
                 snapshot.id
             ))),
             _ => Ok(()),
@@ -259,7 +269,7 @@ impl Storage for StorageService {
                 self.store.dir().display()
             )));
         }
-        let commit_host = Caller::of(&request).client_host().map(str::to_owned);
+        let commit_host = self.scope(&Caller::of(&request)).await?;
         Ok(Response::new(receive_upload(
             self.store.clone(),
             request.into_inner(),
@@ -275,6 +285,7 @@ impl Storage for StorageService {
         request: Request<RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
         let caller = Caller::of(&request);
+        let scope = self.scope(&caller).await?;
         let RestoreRequest { snapshot, path } = request.into_inner();
         let found = self
             .blocking({
@@ -282,7 +293,7 @@ impl Storage for StorageService {
                 move |store| store.find_snapshot(&snapshot)
             })
             .await?;
-        Self::check_owner(&caller, &found)?;
+        Self::check_owner(&caller, scope.as_deref(), &found)?;
         let root = parse_id(&found.root_tree_id)?;
         let (tx, rx) = mpsc::channel::<Result<RestoreItem, Status>>(8);
         let store = self.store.clone();
@@ -368,14 +379,16 @@ impl Storage for StorageService {
         request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         let caller = Caller::of(&request);
+        let scope = self.scope(&caller).await?;
         let ListSnapshotsRequest { job, mut host } = request.into_inner();
-        if let Some(own) = caller.client_host() {
+        if let Some(own) = scope {
             if !host.is_empty() && host != own {
                 return Err(Status::permission_denied(format!(
-                    "client {own} may list only its own host's snapshots"
+                    "{} may list only host {own}'s snapshots",
+                    caller.describe()
                 )));
             }
-            own.clone_into(&mut host);
+            host = own;
         }
         let snapshots = self
             .blocking(move |store| {
@@ -401,11 +414,12 @@ impl Storage for StorageService {
             host,
             instance,
         } = request.into_inner();
-        if let Some(own) = caller.client_host()
+        if let Some(own) = self.scope(&caller).await?
             && host != own
         {
             return Err(Status::permission_denied(format!(
-                "client {own} may read only its own host's snapshots"
+                "{} may read only host {own}'s snapshots",
+                caller.describe()
             )));
         }
         let snapshot = self
@@ -425,11 +439,12 @@ impl Storage for StorageService {
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<Snapshot>, Status> {
         let caller = Caller::of(&request);
+        let scope = self.scope(&caller).await?;
         let spec = request.into_inner().snapshot;
         let snapshot = self
             .blocking(move |store| store.find_snapshot(&spec))
             .await?;
-        Self::check_owner(&caller, &snapshot)?;
+        Self::check_owner(&caller, scope.as_deref(), &snapshot)?;
         Ok(Response::new(snapshot))
     }
 

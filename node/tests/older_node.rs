@@ -78,7 +78,9 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
     let server_transport = credentials(Role::Node, "old")
         .server(&Expect::Node("old".into()))
         .unwrap();
-    let agent = credentials(Role::Node, "agent").client().unwrap();
+    // A node without a coordinator scopes a node caller to its id: the
+    // agent backs up host "client" as node "client".
+    let agent = credentials(Role::Node, "client").client().unwrap();
     let service = StorageService::new(
         store,
         64 << 20,

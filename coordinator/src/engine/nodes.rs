@@ -27,6 +27,30 @@ impl Inner {
                 info.id
             )));
         }
+        if !info.roles.contains(&storage) {
+            // An agent's host name decides whose snapshots it may read on
+            // the storage nodes: it may neither change nor be another's.
+            let claimed = effective_hostname(info);
+            if let Some(known) = self.nodes.get(&info.id).and_then(|node| node.info.as_ref())
+                && effective_hostname(known) != claimed
+            {
+                return Err(EngineError::PermissionDenied(format!(
+                    "node {} registered with host name {:?} and cannot change it to {claimed:?} (its snapshots and what it may read follow it): give it a new node id",
+                    info.id,
+                    effective_hostname(known)
+                )));
+            }
+            if let Some(holder) = self.nodes.iter().find_map(|(id, node)| {
+                let other = node.info.as_ref()?;
+                (id != &info.id && effective_hostname(other) == claimed).then_some(id)
+            }) {
+                tracing::warn!(node = %info.id, holder = %holder, "a node claimed another node's host name");
+                return Err(EngineError::PermissionDenied(format!(
+                    "node {} claims host name {claimed:?}, which node {holder} has: an agent may read only its own host's snapshots, so host names are not shared",
+                    info.id
+                )));
+            }
+        }
         if let Some(session) = self.sessions.get(&info.id)
             && !session.sender.is_closed()
         {
@@ -124,5 +148,14 @@ impl Inner {
             self.sessions.remove(node_id);
             false
         }
+    }
+}
+
+/// The host name a node's snapshots carry: its own, or its id.
+fn effective_hostname(info: &NodeInfo) -> &str {
+    if info.hostname.is_empty() {
+        &info.id
+    } else {
+        &info.hostname
     }
 }
