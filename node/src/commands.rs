@@ -47,15 +47,7 @@ pub struct CommandPolicy {
 
 /// A command's text in a message: its start only.
 fn shorten(command: &str) -> String {
-    const MAX: usize = 120;
-    if command.len() <= MAX {
-        return command.to_owned();
-    }
-    let mut end = MAX;
-    while !command.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &command[..end])
+    fabric_trust::identity::shorten_to(command, 120)
 }
 
 impl CommandPolicy {

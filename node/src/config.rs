@@ -167,12 +167,12 @@ impl NodeConfig {
 
     /// The TLS files and the plaintext switch.
     pub fn transport_settings(&self) -> fabric_trust::transport::TransportSettings {
-        fabric_trust::transport::TransportSettings {
-            ca: self.tls_ca.clone(),
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            insecure_plaintext: self.insecure_plaintext,
-        }
+        fabric_trust::transport::TransportSettings::new(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.insecure_plaintext,
+        )
     }
 
     /// Whether this node has `role`.

@@ -91,11 +91,16 @@ pub enum IdentityError {
 /// Keep a bad input's echo short: an error must never carry a whole
 /// (possibly huge, possibly secret) input back to the caller.
 pub(crate) fn shorten(text: &str) -> String {
-    const MAX: usize = 64;
-    if text.len() <= MAX {
+    shorten_to(text, 64)
+}
+
+/// `text`'s first `max` bytes (on a character boundary) and `...` if it
+/// is longer: how much of an input a message may echo.
+pub fn shorten_to(text: &str, max: usize) -> String {
+    if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }

@@ -73,6 +73,22 @@ pub struct TransportSettings {
 }
 
 impl TransportSettings {
+    /// From a config's `tls_ca`, `tls_cert`, `tls_key` and
+    /// `insecure_plaintext`.
+    pub fn new(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+        insecure_plaintext: bool,
+    ) -> Self {
+        Self {
+            ca: ca.map(Into::into),
+            cert: cert.map(Into::into),
+            key: key.map(Into::into),
+            insecure_plaintext,
+        }
+    }
+
     /// The transport of a server whose certificate must be `expected`'s: TLS
     /// with all three files, or plaintext only when asked for by name (which
     /// is logged as a warning).
