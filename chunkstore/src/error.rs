@@ -99,9 +99,21 @@ pub enum StoreError {
         /// What is wrong.
         detail: String,
     },
+    /// A snapshot offered for a commit breaks a rule of commit validation
+    /// (`crate::validate`): the sender's mistake, nothing is committed.
+    #[error("snapshot {snapshot} is refused: {path}: {reason}")]
+    InvalidSnapshot {
+        /// Its id or name, cut to a quotable length.
+        snapshot: String,
+        /// Where in the snapshot ("record" for the record itself, "/" for
+        /// the root tree), cut to a quotable length.
+        path: String,
+        /// The rule it breaks.
+        reason: String,
+    },
     /// No snapshot matches a spec.
     #[error(
-        "no snapshot matches {spec:?} (give a full id, a unique id prefix of 6+ characters, or an exact name)"
+        "no snapshot matches {spec:?} (give a full id, a unique id prefix of 8+ characters, or an exact name)"
     )]
     SnapshotNotFound {
         /// The spec.

@@ -5,7 +5,7 @@
 //! [`index_sled`]), the [`Store`] that ties them together with trees and
 //! snapshots ([`store`]), garbage collection ([`gc`]) and verify, reindex and
 //! stats ([`verify`]), listings too large for one chunk ([`tree_parts`]),
-//! the backup walk that turns directories into chunks and trees ([`walk`])
+//! what a commit accepts ([`validate`]), the backup walk that turns directories into chunks and trees ([`walk`])
 //! and the restore writers ([`restore`]). A plain synchronous
 //! library: it must never depend on tokio or tonic; async callers run it on
 //! blocking threads, through the [`sink`] traits.
@@ -23,6 +23,7 @@ pub mod store;
 #[cfg(test)]
 mod test_data;
 pub mod tree_parts;
+pub mod validate;
 pub mod verify;
 pub mod walk;
 

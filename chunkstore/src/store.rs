@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
-use fabric_proto::v1::{Snapshot, SnapshotState, Tree};
+use fabric_proto::v1::{EntryKind, Snapshot, SnapshotState, Tree};
 use prost::Message;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,7 @@ use crate::index_sled::{SledCatalog, SledChunkIndex, open_db};
 use crate::pack::{self, EncodedEntry, PackWriter, StoredChunk};
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
 use crate::tree_parts;
+use crate::validate::{self, TreeSummary};
 
 /// The tunables of a store, recorded in `<dir>/config.toml` at creation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -147,12 +148,15 @@ pub struct Store {
     /// the same subtrees (an unchanged re-backup) skips them. Not used or
     /// filled while a GC runs, emptied when one starts; at most
     /// [`COMPLETE_TREES_HELD`] ids.
-    pub(crate) complete_trees: Mutex<HashSet<ChunkId>>,
+    pub(crate) complete_trees: Mutex<HashMap<ChunkId, TreeSummary>>,
 }
 
 /// Tree ids [`Store::commit_snapshot`] remembers as complete, at most (about
 /// 50 bytes each); beyond, it forgets them all and starts again.
 const COMPLETE_TREES_HELD: usize = 1 << 20;
+
+/// The shortest id prefix [`Store::find_snapshot`] takes for an id.
+pub const MIN_ID_PREFIX: usize = 8;
 
 // Shared between upload threads behind an `Arc`: must stay Send + Sync.
 const _: fn() = || {
@@ -286,7 +290,7 @@ impl Store {
             maintenance_lock: Mutex::new(()),
             protected: Mutex::new(None),
             repaired_at_open: 0,
-            complete_trees: Mutex::new(HashSet::new()),
+            complete_trees: Mutex::new(HashMap::new()),
         };
         let packs = store.pack_ids()?;
         let next = packs.iter().max().map_or(1, |max| max + 1);
@@ -888,59 +892,182 @@ impl Store {
         )
     }
 
-    /// Check that every chunk of the DAG under `root` is indexed (durable);
-    /// protects every id it checks from a running GC.
-    fn check_dag(&self, root: ChunkId, snapshot: &str) -> Result<(), StoreError> {
+    /// Validate the DAG under `root` for a commit and summarize it: every
+    /// tree is read and decoded, every entry passes
+    /// [`validate::entry_problem`], listings are sorted and unique, every
+    /// chunk is indexed (durable), a file's size is the sum of its chunks'
+    /// plain sizes, and the whole stays within [`validate::MAX_DEPTH`] and
+    /// the expansion bounds. Protects every id it checks from a running GC.
+    ///
+    /// Bottom-up, once per distinct tree: a tree's summary is remembered
+    /// (here, and across commits in `complete_trees`), so a DAG whose
+    /// subtrees share each other costs its distinct trees, not its paths.
+    fn validate_dag(&self, root: ChunkId, snapshot: &str) -> Result<TreeSummary, StoreError> {
+        /// A tree to read, or a tree whose subtrees are all summarized.
+        enum Step {
+            Enter {
+                id: ChunkId,
+                path: String,
+                depth: u32,
+            },
+            Leave {
+                id: ChunkId,
+                path: String,
+                own: TreeSummary,
+                subtrees: Vec<ChunkId>,
+            },
+        }
+        let invalid = |path: &str, reason: String| StoreError::InvalidSnapshot {
+            snapshot: validate::quote(snapshot.as_bytes()),
+            path: validate::quote(path.as_bytes()),
+            reason,
+        };
+        let missing = |id: ChunkId, path: &str| StoreError::MissingChunk {
+            id,
+            snapshot: validate::quote(snapshot.as_bytes()),
+            path: validate::quote(path.as_bytes()),
+        };
         // Under the commit lock, which a GC takes to start protecting: while
         // it runs, every id must be protected, so nothing is skipped.
         let gc_running = lock(&self.protected).is_some();
         let mut complete = lock(&self.complete_trees);
-        let mut stack = vec![(root, String::from("/"))];
-        let mut seen_trees = HashSet::new();
-        while let Some((tree_id, path)) = stack.pop() {
-            if !seen_trees.insert(tree_id) || (!gc_running && complete.contains(&tree_id)) {
-                continue;
-            }
-            let missing = |id: ChunkId, path: String| StoreError::MissingChunk {
-                id,
-                snapshot: snapshot.to_owned(),
-                path,
-            };
-            self.protect([&tree_id]);
-            if !self.index.contains(&tree_id).map_err(self.index_error())? {
-                return Err(missing(tree_id, path));
-            }
-            // The parts are chunks of the tree: present before it is read.
-            let (tree, parts) = self.tree_chunk(&tree_id)?;
-            for id in parts {
-                self.protect([&id]);
-                if !self.index.contains(&id).map_err(self.index_error())? {
-                    return Err(missing(id, path));
-                }
-            }
-            let tree = self.join_tree(&tree_id, tree)?;
-            for entry in &tree.entries {
-                let entry_path = join_path(&path, &entry.name);
-                for raw in &entry.chunk_ids {
-                    let id = self.entry_id(raw, snapshot, &entry_path)?;
+        let mut summaries: HashMap<ChunkId, TreeSummary> = HashMap::new();
+        let mut entered: HashSet<ChunkId> = HashSet::new();
+        let mut steps = vec![Step::Enter {
+            id: root,
+            path: String::from("/"),
+            depth: 1,
+        }];
+        while let Some(step) = steps.pop() {
+            match step {
+                Step::Enter { id, path, depth } => {
+                    if summaries.contains_key(&id) {
+                        continue;
+                    }
+                    if !gc_running && let Some(known) = complete.get(&id) {
+                        summaries.insert(id, *known);
+                        continue;
+                    }
+                    if depth > validate::MAX_DEPTH {
+                        return Err(invalid(
+                            &path,
+                            format!("directories nested deeper than {}", validate::MAX_DEPTH),
+                        ));
+                    }
+                    if !entered.insert(id) {
+                        // Reached again before its summary exists: either a
+                        // sibling path is still on the stack (fine, it will
+                        // be summarized before its parent leaves) or a cycle,
+                        // which content addressing rules out.
+                        continue;
+                    }
                     self.protect([&id]);
                     if !self.index.contains(&id).map_err(self.index_error())? {
-                        return Err(missing(id, entry_path));
+                        return Err(missing(id, &path));
                     }
+                    // The parts are chunks of the tree: present before it is read.
+                    let (tree, parts) = self.tree_chunk(&id).map_err(|err| {
+                        invalid(&path, format!("tree {id} cannot be read: {err}"))
+                    })?;
+                    for part in parts {
+                        self.protect([&part]);
+                        if !self.index.contains(&part).map_err(self.index_error())? {
+                            return Err(missing(part, &path));
+                        }
+                    }
+                    let tree = self.join_tree(&id, tree).map_err(|err| {
+                        invalid(&path, format!("tree {id} cannot be joined: {err}"))
+                    })?;
+                    if let Some(index) = validate::listing_problem(&tree) {
+                        return Err(invalid(
+                            &join_path(&path, &tree.entries[index].name),
+                            "entries out of order or repeated (a listing is sorted by name, each name once)"
+                                .into(),
+                        ));
+                    }
+                    let mut own = TreeSummary {
+                        height: 1,
+                        ..TreeSummary::default()
+                    };
+                    let mut subtrees = Vec::new();
+                    for entry in &tree.entries {
+                        let entry_path = join_path(&path, &entry.name);
+                        if let Some(problem) = validate::entry_problem(entry) {
+                            return Err(invalid(&entry_path, problem));
+                        }
+                        let mut size = 0u64;
+                        for raw in &entry.chunk_ids {
+                            let chunk = self.entry_id(raw, snapshot, &entry_path)?;
+                            self.protect([&chunk]);
+                            match self.index.get(&chunk).map_err(self.index_error())? {
+                                Some(location) => size += u64::from(location.raw_len),
+                                None => return Err(missing(chunk, &entry_path)),
+                            }
+                        }
+                        if size != entry.size {
+                            return Err(invalid(
+                                &entry_path,
+                                format!(
+                                    "size {} is not the {size} bytes of its {} chunks",
+                                    entry.size,
+                                    entry.chunk_ids.len()
+                                ),
+                            ));
+                        }
+                        if entry.kind == EntryKind::Dir as i32 {
+                            let subtree =
+                                self.entry_id(&entry.subtree_id, snapshot, &entry_path)?;
+                            subtrees.push(subtree);
+                            steps.push(Step::Enter {
+                                id: subtree,
+                                path: entry_path,
+                                depth: depth + 1,
+                            });
+                        } else {
+                            own.add_entry(entry);
+                        }
+                    }
+                    // Leave runs after every Enter pushed above.
+                    let at = steps.len() - subtrees.len();
+                    steps.insert(
+                        at,
+                        Step::Leave {
+                            id,
+                            path,
+                            own,
+                            subtrees,
+                        },
+                    );
                 }
-                if !entry.subtree_id.is_empty() {
-                    let id = self.entry_id(&entry.subtree_id, snapshot, &entry_path)?;
-                    stack.push((id, entry_path));
+                Step::Leave {
+                    id,
+                    path,
+                    mut own,
+                    subtrees,
+                } => {
+                    for subtree in &subtrees {
+                        let Some(child) = summaries.get(subtree) else {
+                            return Err(invalid(&path, format!("tree {id} contains itself")));
+                        };
+                        own.add_subdirectory(child);
+                    }
+                    if let Some(problem) = own.bound_problem() {
+                        return Err(invalid(&path, problem));
+                    }
+                    summaries.insert(id, own);
                 }
             }
         }
+        let Some(summary) = summaries.get(&root).copied() else {
+            return Err(invalid("/", "the root tree was not summarized".into()));
+        };
         if !gc_running {
-            if complete.len() + seen_trees.len() > COMPLETE_TREES_HELD {
+            if complete.len() + summaries.len() > COMPLETE_TREES_HELD {
                 complete.clear();
             }
-            complete.extend(seen_trees);
+            complete.extend(summaries);
         }
-        Ok(())
+        Ok(summary)
     }
 
     pub(crate) fn entry_id(
@@ -955,36 +1082,67 @@ impl Store {
         })
     }
 
-    /// Commit `snapshot`: the single commit point. Makes pending chunks
-    /// durable, checks that every chunk reachable from `root_tree_id` is in
-    /// the store, fills in id (if empty), name (if empty), end time and state,
-    /// and writes the record. Durable on return.
+    /// Commit `snapshot`: the single commit point. Checks the record
+    /// ([`validate::record_problem`]), makes pending chunks durable,
+    /// validates the whole DAG under `root_tree_id` (see
+    /// [`Store::validate_dag`]: every rule of [`validate`], every chunk in
+    /// the store), computes the snapshot's files, directories, size and
+    /// chunk references itself (a sender's figures are never taken; bytes
+    /// read and unchanged files are capped by them), fills in id (if empty),
+    /// name, end time and state, and writes the record. Durable on return.
+    ///
+    /// A snapshot without a name gets
+    /// [`fabric_proto::naming::snapshot_name`]'s; a given name passes
+    /// [`validate::snapshot_name_problem`] and is neither another
+    /// snapshot's id nor the name of a snapshot of another job, host or
+    /// instance. An id that exists is
+    /// [`StoreError::SnapshotExists`], unless the existing snapshot is the
+    /// same run with the same content (job, host, instance, start time and
+    /// root): a retried copy, answered with the existing record.
     pub fn commit_snapshot(&self, mut snapshot: Snapshot) -> Result<Snapshot, StoreError> {
-        let label = if snapshot.name.is_empty() {
-            snapshot.id.clone()
+        let label = if !snapshot.name.is_empty() {
+            validate::quote(snapshot.name.as_bytes())
+        } else if !snapshot.id.is_empty() {
+            validate::quote(snapshot.id.as_bytes())
         } else {
-            snapshot.name.clone()
+            format!(
+                "(new) of job {:?}, host {:?}",
+                validate::quote(snapshot.job.as_bytes()),
+                validate::quote(snapshot.host.as_bytes())
+            )
         };
-        let root =
-            ChunkId::from_slice(&snapshot.root_tree_id).map_err(|err| StoreError::BadSnapshot {
+        let now = now_ms();
+        if let Some(reason) = validate::record_problem(&snapshot, now) {
+            return Err(StoreError::InvalidSnapshot {
+                snapshot: label,
+                path: "record".into(),
+                reason,
+            });
+        }
+        let root = ChunkId::from_slice(&snapshot.root_tree_id).map_err(|err| {
+            StoreError::InvalidSnapshot {
                 snapshot: label.clone(),
-                detail: format!("root_tree_id: {err}"),
-            })?;
+                path: "record".into(),
+                reason: format!("root_tree_id: {err}"),
+            }
+        })?;
         self.refuse_writes_if_failed()?;
         self.flush_pending()?;
         let _commit = lock(&self.commit_lock);
-        self.check_dag(root, &label)?;
+        let summary = self.validate_dag(root, &label)?;
         if snapshot.id.is_empty() {
             snapshot.id = hex::encode(rand::random::<[u8; 16]>());
-        } else if self
-            .catalog
-            .get(&snapshot.id)
-            .map_err(self.index_error())?
-            .is_some()
-        {
+        } else if let Some(existing) = self.catalog.get(&snapshot.id).map_err(self.index_error())? {
+            let same_run = existing.root_tree_id == snapshot.root_tree_id
+                && existing.job == snapshot.job
+                && existing.host == snapshot.host
+                && existing.instance == snapshot.instance
+                && existing.start_time_ms == snapshot.start_time_ms;
+            if same_run {
+                return Ok(existing);
+            }
             return Err(StoreError::SnapshotExists { id: snapshot.id });
         }
-        let now = now_ms();
         snapshot.end_time_ms = now;
         if snapshot.start_time_ms == 0 {
             snapshot.start_time_ms = now;
@@ -993,6 +1151,41 @@ impl Store {
         if snapshot.name.is_empty() {
             snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
         }
+        if let Some(reason) = validate::snapshot_name_problem(&snapshot.name) {
+            return Err(StoreError::InvalidSnapshot {
+                snapshot: label,
+                path: "record".into(),
+                reason,
+            });
+        }
+        // Names are for people: two runs of one job, host and instance in
+        // the same second share one (as every run of a sync snapshot does),
+        // and a lookup by that name reports them all. A name that another
+        // job's, host's or instance's snapshot has, or another's id, would
+        // pass for that snapshot: refused.
+        if let Some(other) = self.list_snapshots()?.into_iter().find(|other| {
+            other.id == snapshot.name
+                || (other.name == snapshot.name
+                    && (other.job != snapshot.job
+                        || other.host != snapshot.host
+                        || other.instance != snapshot.instance))
+        }) {
+            return Err(StoreError::SnapshotExists {
+                id: format!(
+                    "{} (named {:?}, of another job, host or instance)",
+                    other.id,
+                    validate::quote(snapshot.name.as_bytes())
+                ),
+            });
+        }
+        let stats = snapshot.stats.get_or_insert_with(Default::default);
+        stats.files = summary.files;
+        stats.dirs = summary.dirs + 1;
+        stats.total_bytes = summary.bytes;
+        stats.chunks = summary.chunks;
+        stats.bytes_read = stats.bytes_read.min(summary.bytes);
+        stats.files_unchanged = stats.files_unchanged.min(summary.files);
+        snapshot.warnings = validate::bounded_warnings(std::mem::take(&mut snapshot.warnings));
         self.write_snapshot_file(&snapshot)?;
         self.catalog.put(&snapshot).map_err(self.index_error())?;
         Ok(snapshot)
@@ -1046,25 +1239,33 @@ impl Store {
         self.catalog.newest_of(source).map_err(self.index_error())
     }
 
-    /// The snapshot `spec` names: a full id, a unique id prefix of at least
-    /// 6 characters, or an exact name.
+    /// The snapshot `spec` names: a full id, else an exact name, else a
+    /// unique id prefix of at least [`MIN_ID_PREFIX`] characters. A full id
+    /// always wins over a name or a prefix.
     pub fn find_snapshot(&self, spec: &str) -> Result<Snapshot, StoreError> {
         if let Some(snapshot) = self.catalog.get(spec).map_err(self.index_error())? {
             return Ok(snapshot);
         }
-        let mut matches: Vec<Snapshot> = self
-            .list_snapshots()?
-            .into_iter()
-            .filter(|s| s.name == spec || (spec.len() >= 6 && s.id.starts_with(spec)))
+        let snapshots = self.list_snapshots()?;
+        let mut matches: Vec<Snapshot> = snapshots
+            .iter()
+            .filter(|s| s.name == spec)
+            .cloned()
             .collect();
+        if matches.is_empty() && spec.len() >= MIN_ID_PREFIX {
+            matches = snapshots
+                .into_iter()
+                .filter(|s| s.id.starts_with(spec))
+                .collect();
+        }
         match matches.len() {
             0 => Err(StoreError::SnapshotNotFound {
-                spec: spec.to_owned(),
+                spec: validate::quote(spec.as_bytes()),
             }),
             1 => Ok(matches.remove(0)),
             _ => Err(StoreError::Ambiguous {
-                spec: spec.to_owned(),
-                candidates: matches.into_iter().map(|s| s.id).collect(),
+                spec: validate::quote(spec.as_bytes()),
+                candidates: matches.into_iter().take(10).map(|s| s.id).collect(),
             }),
         }
     }

@@ -15,7 +15,10 @@ pub fn status_from_store_error(err: StoreError) -> Status {
         StoreError::SnapshotNotFound { .. } | StoreError::ChunkNotFound { .. } => {
             Status::not_found(message)
         }
-        StoreError::Ambiguous { .. } => Status::invalid_argument(message),
+        StoreError::Ambiguous { .. } | StoreError::InvalidSnapshot { .. } => {
+            Status::invalid_argument(message)
+        }
+        StoreError::SnapshotExists { .. } => Status::already_exists(message),
         StoreError::Corrupt { .. }
         | StoreError::BadTree { .. }
         | StoreError::BadTreeParts { .. } => Status::data_loss(message),

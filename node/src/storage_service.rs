@@ -11,14 +11,16 @@
 //! reading, restoring, committing), and sends a copy only to a node id the
 //! coordinator resolves, over TLS to a server that proves that id.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fabric_chunkstore::restore::HardLinks;
+use fabric_chunkstore::restore::{HardLinks, RestoreError};
+use fabric_chunkstore::validate;
 use fabric_chunkstore::{ChunkId, SinkError, SnapshotSource};
-use fabric_chunkstore::{GcOptions, Store, VerifyOptions};
+use fabric_chunkstore::{GcOptions, Store, StoreError, VerifyOptions};
 use fabric_proto::v1::storage_server::Storage;
 use fabric_proto::v1::{
     ChunkData, ChunkIds, CopyProgress, CopySnapshotRequest, DeleteSnapshotRequest,
@@ -251,6 +253,42 @@ fn tree_page(id: &ChunkId, tree: Tree, request: &GetTreeRequest) -> Result<Tree,
     Ok(page)
 }
 
+/// Longest path a restore request may name, in bytes (Linux's PATH_MAX).
+const MAX_RESTORE_PATH_BYTES: usize = 4096;
+
+/// Why a restore request's `path` cannot name anything in a snapshot, if it
+/// cannot: each of its components must be a valid entry name.
+fn restore_path_problem(path: &str) -> Option<String> {
+    if path.len() > MAX_RESTORE_PATH_BYTES {
+        return Some(format!(
+            "{} bytes (at most {MAX_RESTORE_PATH_BYTES})",
+            path.len()
+        ));
+    }
+    path.split('/')
+        .filter(|part| !part.is_empty())
+        .find_map(|part| validate::name_problem(part.as_bytes()))
+}
+
+/// The status of a restore that failed part way: the caller's mistake
+/// (`NOT_FOUND` for a path not in the snapshot, `INVALID_ARGUMENT`), or
+/// stored data that cannot be read as it should (`DATA_LOSS`).
+fn restore_status(snapshot: &str, path: &str, err: SinkError) -> Status {
+    let message = format!(
+        "restore of snapshot {:?} path {:?} failed: {err}",
+        validate::quote(snapshot.as_bytes()),
+        validate::quote(path.as_bytes())
+    );
+    match err.downcast_ref::<RestoreError>() {
+        Some(RestoreError::NotFound { .. }) => Status::not_found(message),
+        Some(RestoreError::BadName { .. }) => Status::invalid_argument(message),
+        Some(RestoreError::ChunkMismatch { .. } | RestoreError::Source { .. }) => {
+            Status::data_loss(message)
+        }
+        _ => Status::failed_precondition(message),
+    }
+}
+
 fn parse_id(bytes: &[u8]) -> Result<ChunkId, Status> {
     ChunkId::from_slice(bytes).map_err(|err| Status::invalid_argument(err.to_string()))
 }
@@ -287,6 +325,12 @@ impl Storage for StorageService {
         let caller = Caller::of(&request);
         let scope = self.scope(&caller).await?;
         let RestoreRequest { snapshot, path } = request.into_inner();
+        if let Some(problem) = restore_path_problem(&path) {
+            return Err(Status::invalid_argument(format!(
+                "restore path {:?}: {problem}",
+                validate::quote(path.as_bytes())
+            )));
+        }
         let found = self
             .blocking({
                 let snapshot = snapshot.clone();
@@ -323,9 +367,7 @@ impl Storage for StorageService {
                 },
             );
             if let Err(err) = result {
-                let _ = tx.blocking_send(Err(Status::failed_precondition(format!(
-                    "restore of snapshot {snapshot} path {path:?} failed: {err}"
-                ))));
+                let _ = tx.blocking_send(Err(restore_status(&snapshot, &path, err)));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -334,7 +376,19 @@ impl Storage for StorageService {
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<Tree>, Status> {
         let request = request.into_inner();
         let id = parse_id(&request.id)?;
-        let tree = self.blocking(move |store| store.get_tree(&id)).await?;
+        let store = self.store.clone();
+        let tree = tokio::task::spawn_blocking(move || store.get_tree(&id))
+            .await
+            .map_err(join_error)?
+            .map_err(|err| match err {
+                // A stored chunk matches its id (reads check it), so one that
+                // does not decode as a tree was never one: the caller's
+                // mistake, not damage.
+                StoreError::BadTree { .. } | StoreError::BadTreeParts { .. } => {
+                    Status::invalid_argument(err.to_string())
+                }
+                err => status_from_store_error(err),
+            })?;
         tree_page(&id, tree, &request).map(Response::new)
     }
 
@@ -357,14 +411,30 @@ impl Storage for StorageService {
                 transfer::MAX_OFFER_IDS
             )));
         }
+        // Each id is served once, in the order first asked: a request that
+        // repeats one id 4,096 times must not cost 4,096 reads.
+        let mut seen = HashSet::with_capacity(ids.len());
+        let ids: Vec<ChunkId> = ids.into_iter().filter(|id| seen.insert(*id)).collect();
         let (tx, rx) = mpsc::channel(4);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            for id in ids {
+            let mut sent = 0u64;
+            for (index, id) in ids.iter().enumerate() {
+                if sent >= MAX_GET_CHUNKS_BYTES {
+                    let _ = tx.blocking_send(Err(Status::out_of_range(format!(
+                        "GetChunks answers at most {MAX_GET_CHUNKS_BYTES} bytes per call: \
+                         {index} of {} chunks sent, ask again for the rest",
+                        ids.len()
+                    ))));
+                    break;
+                }
                 let item = store
-                    .get_stored(&id)
+                    .get_stored(id)
                     .map(convert::chunk_data)
                     .map_err(status_from_store_error);
+                if let Ok(chunk) = &item {
+                    sent += chunk.data.len() as u64;
+                }
                 let failed = item.is_err();
                 if tx.blocking_send(item).is_err() || failed {
                     break;
@@ -591,6 +661,11 @@ impl Storage for StorageService {
 /// Chunk ids in one restore stream message: 65,536 ids are 2.2 MB, well
 /// under the message limit.
 pub const RESTORE_IDS_PER_MESSAGE: usize = 65_536;
+
+/// Chunk bytes (as stored) one `GetChunks` call answers at most; past them
+/// the stream ends with `OUT_OF_RANGE` and the caller asks again for the
+/// rest. A parent tree prefetch asks for far less.
+pub const MAX_GET_CHUNKS_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Send the header of `entry` (at `path`): whole, or, for a file of more
 /// chunks than [`RESTORE_IDS_PER_MESSAGE`], with its first ids and the rest

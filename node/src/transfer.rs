@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fabric_chunkstore::pack::{self, StoredChunk};
-use fabric_chunkstore::{Chunk, ChunkId, Store};
+use fabric_chunkstore::{Chunk, ChunkId, PutStats, Store};
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
     SenderMessage, Snapshot, Tree, receiver_message, sender_message,
@@ -462,7 +462,14 @@ where
                 // Every batch is written (and acknowledged) before the commit,
                 // which makes them durable and checks the whole DAG.
                 drop(batches.take());
-                writer.await.map_err(join_error)??;
+                let written = writer.await.map_err(join_error)??;
+                // What this upload added is the receiver's count, never the
+                // sender's; the store computes the rest of the statistics.
+                let mut snapshot = snapshot;
+                let stats = snapshot.stats.get_or_insert_with(Default::default);
+                stats.new_chunks = written.new_chunks;
+                stats.new_bytes = written.new_bytes;
+                stats.stored_bytes = written.stored_bytes;
                 let store = store.clone();
                 let committed =
                     tokio::task::spawn_blocking(move || store.commit_snapshot(snapshot))
@@ -491,11 +498,12 @@ fn spawn_writer(
     outgoing: mpsc::Sender<ReceiverMessage>,
 ) -> (
     mpsc::Sender<QueuedBatch>,
-    tokio::task::JoinHandle<Result<(), Status>>,
+    tokio::task::JoinHandle<Result<PutStats, Status>>,
 ) {
     let (batches, mut queue) = mpsc::channel::<QueuedBatch>(WRITER_QUEUE);
     let writer = tokio::spawn(async move {
         let mut unflushed = 0u64;
+        let mut written = PutStats::default();
         while let Some((batch, chunks, held)) = queue.recv().await {
             let writing = store.clone();
             let stats = tokio::task::spawn_blocking(move || writing.put_stored_pending(chunks))
@@ -503,6 +511,7 @@ fn spawn_writer(
                 .map_err(join_error)?
                 .map_err(status_from_store_error)?;
             drop(held);
+            written.add(&stats);
             unflushed += stats.new_bytes;
             if unflushed >= FLUSH_EVERY_BYTES {
                 unflushed = 0;
@@ -524,7 +533,7 @@ fn spawn_writer(
                 .await
                 .map_err(|_| Status::cancelled("the sender went away"))?;
         }
-        Ok(())
+        Ok(written)
     });
     (batches, writer)
 }
