@@ -32,6 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Chunk bytes decode as slices of the received message's buffer,
         // not as a copy: a node takes every byte of every upload this way.
         .bytes(".fabric.v1.ChunkData.data")
+        // prost's codec, but a message that does not decode is
+        // INVALID_ARGUMENT (the sender's mistake), not INTERNAL.
+        .codec_path("crate::codec::FabricCodec")
         .server_mod_attribute(".", "#[cfg(feature = \"grpc\")]")
         .client_mod_attribute(".", "#[cfg(feature = \"grpc\")]")
         .compile_fds(descriptors)?;

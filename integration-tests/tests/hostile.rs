@@ -107,6 +107,10 @@ enum Call {
     Restore(String, String),
     Delete(String),
     Verify(String),
+    /// A `GetTreeRequest` whose `id` is not UTF-8, sent where a
+    /// `GetSnapshotRequest` (field 1: a string) is expected: a message
+    /// that does not decode.
+    Undecodable(Channel),
 }
 
 struct Case {
@@ -177,6 +181,23 @@ async fn run(client: &mut StorageClient<Channel>, call: Call) -> Result<(), toni
             .delete_snapshot(DeleteSnapshotRequest { snapshot })
             .await
             .map(drop),
+        Call::Undecodable(channel) => {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready()
+                .await
+                .map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+            let codec = tonic_prost::ProstCodec::<GetTreeRequest, Snapshot>::default();
+            grpc.unary(
+                tonic::Request::new(GetTreeRequest {
+                    id: vec![0xff, 0xfe, 0xfd],
+                    ..GetTreeRequest::default()
+                }),
+                "/fabric.v1.Storage/GetSnapshot".parse().unwrap(),
+                codec,
+            )
+            .await
+            .map(drop)
+        }
         Call::Verify(snapshot) => client
             .verify(VerifyRequest {
                 sample: 0.0,
@@ -828,6 +849,18 @@ async fn hostile_input_is_refused_with_a_clear_code_and_changes_nothing() {
             "a verify of an unknown snapshot",
             NotFound,
             Call::Verify("nothing".into()),
+        ),
+        case(
+            "a message that does not decode",
+            InvalidArgument,
+            Call::Undecodable(
+                fabric_node::client::channel(
+                    &fabric_node::client::Peer::any_node(&node.address),
+                    &pki().operator_transport(),
+                )
+                .await
+                .unwrap(),
+            ),
         ),
     ];
     assert!(cases.len() >= 60, "{} cases", cases.len());

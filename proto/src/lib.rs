@@ -6,7 +6,8 @@
 //! `grpc`, so the records it persists (`Tree`, `Snapshot`) are the very
 //! messages the API carries, without pulling in tonic or tokio.
 //!
-//! With `grpc`, [`standard`] adds grpc.health.v1 and server reflection to a
+//! With `grpc`, every service uses [`codec::FabricCodec`] (a message that
+//! does not decode is the sender's mistake), and [`standard`] adds grpc.health.v1 and server reflection to a
 //! server. [`naming`] names snapshot records (B1000's scheme), so the chunk
 //! store and the coordinator share it without the coordinator depending on
 //! the storage engine. This crate must never hold business logic beyond
@@ -35,6 +36,9 @@ pub mod service_names {
 }
 
 pub mod naming;
+
+#[cfg(feature = "grpc")]
+pub mod codec;
 
 #[cfg(feature = "grpc")]
 pub mod standard;
