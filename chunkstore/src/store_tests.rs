@@ -790,6 +790,31 @@ fn gc_grace_spares_chunks_of_an_upload_not_committed_yet() {
     assert_eq!(store.missing(&ids).unwrap(), ids);
 }
 
+/// What happens to an upload abandoned before its commit, as on a node: its
+/// chunks sit pending, the next upload's flush indexes them with its own
+/// (a commit makes every pending chunk durable), no snapshot references
+/// them, and the first GC past the grace reclaims them; the committed
+/// snapshot keeps every chunk.
+#[test]
+fn an_abandoned_uploads_chunks_are_indexed_by_the_next_commit_and_reclaimed_by_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let abandoned: Vec<Chunk> = random_chunks(5, 20_000, 900);
+    let ids: Vec<ChunkId> = abandoned.iter().map(|c| c.id).collect();
+    store.put_chunks_pending(abandoned).unwrap();
+    let before = store.stats().unwrap().chunks;
+    let kept = backup(&store, "later", &files(2, 30_000, 901));
+    assert!(store.missing(&ids).unwrap().is_empty(), "indexed by the commit's flush");
+    assert!(store.stats().unwrap().chunks >= before + ids.len() as u64);
+    let spared = store.gc(&GcOptions::default()).unwrap();
+    assert_eq!(spared.swept_chunks, 0, "within the grace, an upload may still commit");
+    let report = store.gc(&GcOptions::immediate()).unwrap();
+    assert_eq!(report.swept_chunks, ids.len() as u64, "{report:?}");
+    assert_eq!(store.missing(&ids).unwrap(), ids);
+    assert!(restore(&store, &kept).unwrap() == files(2, 30_000, 901));
+    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+}
+
 #[test]
 fn identical_content_in_many_snapshots_is_stored_once() {
     let dir = tempfile::tempdir().unwrap();
