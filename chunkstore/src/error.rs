@@ -111,6 +111,14 @@ pub enum StoreError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A snapshot inside its WORM window cannot be deleted.
+    #[error("snapshot {id} is retained (a WORM window): it can be deleted from {until} on")]
+    Retained {
+        /// The snapshot's id.
+        id: String,
+        /// When its window ends, UTC (ISO 8601).
+        until: String,
+    },
     /// No snapshot matches a spec.
     #[error(
         "no snapshot matches {spec:?} (give a full id, a unique id prefix of 8+ characters, or an exact name)"

@@ -1270,9 +1270,19 @@ impl Store {
         }
     }
 
-    /// Remove the record of the snapshot `spec` names (its chunks stay until GC).
+    /// Remove the record of the snapshot `spec` names (its chunks stay until
+    /// GC). A snapshot inside its WORM window (`retain_until_ms` not yet
+    /// reached) is [`StoreError::Retained`]: no caller, operator or not, can
+    /// delete it before then.
     pub fn delete_snapshot(&self, spec: &str) -> Result<Snapshot, StoreError> {
         let snapshot = self.find_snapshot(spec)?;
+        if snapshot.retain_until_ms > now_ms() {
+            return Err(StoreError::Retained {
+                id: snapshot.id,
+                until: fabric_proto::naming::CivilTime::from_unix_ms(snapshot.retain_until_ms)
+                    .iso8601(),
+            });
+        }
         // The file first: a crash in between leaves the record, and deleting
         // again finishes the job; never a file that would resurrect it.
         let path = self.snapshot_file(&snapshot.id);

@@ -804,15 +804,57 @@ fn an_abandoned_uploads_chunks_are_indexed_by_the_next_commit_and_reclaimed_by_g
     store.put_chunks_pending(abandoned).unwrap();
     let before = store.stats().unwrap().chunks;
     let kept = backup(&store, "later", &files(2, 30_000, 901));
-    assert!(store.missing(&ids).unwrap().is_empty(), "indexed by the commit's flush");
+    assert!(
+        store.missing(&ids).unwrap().is_empty(),
+        "indexed by the commit's flush"
+    );
     assert!(store.stats().unwrap().chunks >= before + ids.len() as u64);
     let spared = store.gc(&GcOptions::default()).unwrap();
-    assert_eq!(spared.swept_chunks, 0, "within the grace, an upload may still commit");
+    assert_eq!(
+        spared.swept_chunks, 0,
+        "within the grace, an upload may still commit"
+    );
     let report = store.gc(&GcOptions::immediate()).unwrap();
     assert_eq!(report.swept_chunks, ids.len() as u64, "{report:?}");
     assert_eq!(store.missing(&ids).unwrap(), ids);
     assert!(restore(&store, &kept).unwrap() == files(2, 30_000, 901));
     assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+}
+
+#[test]
+fn a_snapshot_in_its_worm_window_cannot_be_deleted_and_can_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let template = backup(&store, "template", &files(1, 10_000, 950));
+    let retained = store
+        .commit_snapshot(Snapshot {
+            id: String::new(),
+            name: String::new(),
+            end_time_ms: 0,
+            state: 0,
+            // 2100-01-01.
+            retain_until_ms: 4_102_444_800_000,
+            job: "worm".into(),
+            ..template.clone()
+        })
+        .unwrap();
+    let err = store.delete_snapshot(&retained.id).unwrap_err();
+    assert!(matches!(err, StoreError::Retained { .. }), "{err}");
+    assert!(err.to_string().contains("2100-01-01T00:00:00Z"), "{err}");
+    assert!(store.find_snapshot(&retained.id).is_ok(), "still there");
+    // A window that has passed is no window.
+    let passed = store
+        .commit_snapshot(Snapshot {
+            id: String::new(),
+            name: String::new(),
+            end_time_ms: 0,
+            state: 0,
+            retain_until_ms: 1_000,
+            job: "worm-passed".into(),
+            ..template
+        })
+        .unwrap();
+    store.delete_snapshot(&passed.id).unwrap();
 }
 
 #[test]

@@ -43,6 +43,8 @@ pub const MAX_LABEL_BYTES: usize = 128;
 pub const MAX_TAGS: usize = 64;
 /// How far in the future a start time may lie (clock skew): one day.
 pub const MAX_START_SKEW_MS: i64 = 24 * 3600 * 1000;
+/// The longest WORM window a record may ask for: 100 years.
+pub const MAX_RETENTION_MS: i64 = 100 * 366 * 24 * 3600 * 1000;
 /// Most warnings a snapshot keeps, and the longest kept warning, in bytes.
 pub const MAX_WARNINGS: usize = 1000;
 /// The longest warning kept, in bytes.
@@ -307,6 +309,14 @@ pub fn record_problem(snapshot: &Snapshot, now_ms: i64) -> Option<String> {
     }
     if SnapshotType::try_from(snapshot.r#type).is_err() {
         return Some(format!("unknown snapshot type {}", snapshot.r#type));
+    }
+    if snapshot.retain_until_ms < 0
+        || snapshot.retain_until_ms > now_ms.saturating_add(MAX_RETENTION_MS)
+    {
+        return Some(format!(
+            "retain until {} ms is before 1970 or more than 100 years ahead",
+            snapshot.retain_until_ms
+        ));
     }
     if snapshot.start_time_ms < 0 || snapshot.start_time_ms > now_ms + MAX_START_SKEW_MS {
         return Some(format!(

@@ -45,6 +45,7 @@
 //! | `one_file_system` | push, pull | `true` to stay on the file systems of the included paths |
 //! | `pull_source` | pull | the passive job this pull job fetches from (its twin; required) |
 //! | `pull_timeout` | passive | how long the client waits to be pulled before its post script (default 1h) |
+//! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
 //!
 //! A key that does not apply to the job's direction is an error when the job
 //! sets it, and ignored when it comes from `[global]`. `dest` and `replicas`
@@ -137,6 +138,7 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("one_file_system", true, true, false),
     rule("pull_source", false, true, false),
     rule("pull_timeout", false, false, true),
+    rule("min_retention", true, true, false),
 ];
 
 /// Keys whose value may be a `!command` (in push jobs).
@@ -1011,6 +1013,11 @@ impl JobContext<'_> {
                     "the passive job this pull job fetches (pull_source = \"JOB\")",
                 ),
             }
+        }
+        if is("min_retention")
+            && let Some(window) = self.duration(reporter, "min_retention")
+        {
+            spec.min_retention_s = window.as_secs();
         }
         if is("pull_timeout") {
             spec.pull_timeout_s = self

@@ -655,3 +655,20 @@ proptest! {
         let _ = parse_jobs_file("fuzz.toml", &text, &known());
     }
 }
+
+#[test]
+fn min_retention_is_a_duration_for_push_and_pull_jobs() {
+    let text = "[global]\nmin_retention = \"30d\"\n\
+                [job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\n\
+                [job.q]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nmin_retention = \"1h\"\n";
+    let jobs = parse_jobs_file("jobs.toml", text, &known()).unwrap();
+    assert_eq!(job(&jobs, "p").min_retention_s, 30 * 86_400);
+    assert_eq!(job(&jobs, "q").min_retention_s, 3600);
+    let bad = error(
+        "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nmin_retention = \"forever\"\n",
+    );
+    assert!(bad.contains("min_retention"), "{bad}");
+    let passive =
+        error("[job.c]\ndirection = \"passive\"\nclient = \"ext1\"\nmin_retention = \"1d\"\n");
+    assert!(passive.contains("min_retention"), "{passive}");
+}

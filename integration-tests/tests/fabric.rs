@@ -5,7 +5,10 @@
 
 use std::collections::HashSet;
 
-use fabric_integration_tests::{Fabric, generate_tree, port_of, pseudo_random, remote_ports};
+use fabric_integration_tests::{
+    Fabric, generate_tree, port_of, pseudo_random, remote_ports, storage_client,
+};
+use fabric_proto::v1::{DeleteSnapshotRequest, ListSnapshotsRequest};
 
 fn copies_of(run: &serde_json::Value) -> Vec<(String, String, bool)> {
     run["copies"]
@@ -92,12 +95,14 @@ fn a_push_job_copies_in_background_then_in_random_order_to_all_three() {
     assert_eq!(orders.len(), 2, "both orders of n2/n3 occur over 20 runs");
 }
 
+/// Also: the job's `min_retention` makes both copies undeletable (a WORM
+/// window), even by an operator, on every node that holds one.
 #[test]
 fn replicas_put_the_snapshot_on_exactly_two_distinct_nodes() {
     let fabric = Fabric::start(3);
     let source = source_tree(&fabric);
     let jobs = format!(
-        "[job.db]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 2\n",
+        "[job.db]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 2\nmin_retention = \"30d\"\n",
         source.display()
     );
     let runs = fabric.submit(&jobs, &[]);
@@ -107,6 +112,34 @@ fn replicas_put_the_snapshot_on_exactly_two_distinct_nodes() {
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].len(), 2, "{nodes:?}");
     assert_ne!(nodes[0][0], nodes[0][1]);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for (index, node) in fabric.nodes.iter().enumerate() {
+        if !nodes[0].contains(&format!("n{}", index + 1)) {
+            continue;
+        }
+        runtime.block_on(async {
+            let mut client = storage_client(&node.address).await;
+            let snapshots = client
+                .list_snapshots(ListSnapshotsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshots;
+            assert_eq!(snapshots.len(), 1);
+            let snapshot = &snapshots[0];
+            let window = snapshot.retain_until_ms - snapshot.start_time_ms;
+            assert_eq!(window, 30 * 86_400 * 1000, "{snapshot:?}");
+            let refused = client
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot: snapshot.id.clone(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+            assert!(refused.message().contains("deleted from 20"), "{refused:?}");
+        });
+    }
 }
 
 #[test]

@@ -466,6 +466,23 @@ async fn hostile_input_is_refused_with_a_clear_code_and_changes_nothing() {
         staged
     };
     assert_eq!(other_host.host, "h2");
+    // A snapshot in its WORM window (until 2100).
+    let retained = {
+        let replies = upload(
+            &mut client,
+            commit(Snapshot {
+                job: "worm".into(),
+                retain_until_ms: 4_102_444_800_000,
+                ..record(&good)
+            }),
+        )
+        .await
+        .unwrap();
+        match replies.last().and_then(|reply| reply.kind.clone()) {
+            Some(receiver_message::Kind::Committed(committed)) => committed.snapshot.unwrap(),
+            other => panic!("the retained snapshot was not committed: {other:?}"),
+        }
+    };
 
     let with_root = |root: &[u8]| record(root);
     let rec = |change: &dyn Fn(&mut Snapshot)| {
@@ -475,6 +492,7 @@ async fn hostile_input_is_refused_with_a_clear_code_and_changes_nothing() {
     };
     use Code::{
         AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, OutOfRange,
+        PermissionDenied,
     };
     let cases = vec![
         // 1. Commit validation: trees.
@@ -707,6 +725,11 @@ async fn hostile_input_is_refused_with_a_clear_code_and_changes_nothing() {
             rec(&|s| s.start_time_ms = -5),
         ),
         refused(
+            "a WORM window of 300 years",
+            InvalidArgument,
+            rec(&|s| s.retain_until_ms = 11_000_000_000_000),
+        ),
+        refused(
             "a parent id with ../",
             InvalidArgument,
             rec(&|s| s.parent_id = "../../x".into()),
@@ -851,6 +874,11 @@ async fn hostile_input_is_refused_with_a_clear_code_and_changes_nothing() {
             Call::Verify("nothing".into()),
         ),
         case(
+            "a delete inside the WORM window",
+            PermissionDenied,
+            Call::Delete(retained.id.clone()),
+        ),
+        case(
             "a message that does not decode",
             InvalidArgument,
             Call::Undecodable(
@@ -868,8 +896,8 @@ async fn hostile_input_is_refused_with_a_clear_code_and_changes_nothing() {
     let before = observe(&mut client).await;
     assert_eq!(
         before.0.len(),
-        4,
-        "staged, real, and the other host's (staged as h1, then h2)"
+        5,
+        "staged, real, the other host's (staged as h1, then h2), retained"
     );
     for Case { what, call, expect } in cases {
         let status = match run(&mut client, call).await {

@@ -19,6 +19,7 @@ pub fn status_from_store_error(err: StoreError) -> Status {
             Status::invalid_argument(message)
         }
         StoreError::SnapshotExists { .. } => Status::already_exists(message),
+        StoreError::Retained { .. } => Status::permission_denied(message),
         StoreError::Corrupt { .. }
         | StoreError::BadTree { .. }
         | StoreError::BadTreeParts { .. } => Status::data_loss(message),

@@ -72,6 +72,14 @@ impl CivilTime {
         format!("{:02}:{:02}:{:02}", self.hour, self.minute, self.second)
     }
 
+    /// ISO 8601 in UTC, to the second: `2026-11-23T04:05:06Z`.
+    pub fn iso8601(&self) -> String {
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            self.year, self.month, self.day, self.hour, self.minute, self.second
+        )
+    }
+
     /// B1000's `$start_time`: `%Y-%m-%d-%H-%M-%S`.
     pub fn start_time_stamp(&self) -> String {
         format!(
@@ -190,6 +198,11 @@ mod tests {
     fn civil_times_of_known_instants() {
         let epoch = CivilTime::from_unix_ms(0);
         assert_eq!(epoch.date_with_weekday(), "1970-01-01-Thu");
+        assert_eq!(epoch.iso8601(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            CivilTime::from_unix_ms(1_795_405_022_500).iso8601(),
+            "2026-11-23T03:37:02Z"
+        );
         assert_eq!(epoch.time_of_day(), "00:00:00");
         // 2000-02-29 is a leap day (divisible by 400), a Tuesday.
         let leap = CivilTime::from_unix_ms(951_782_400_000 + 23 * 3_600_000 + 59 * 60_000 + 59_999);

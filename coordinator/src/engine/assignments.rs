@@ -52,6 +52,15 @@ impl Inner {
             },
             tags: spec.tags.clone(),
             start_time_ms: now,
+            retain_until_ms: if spec.min_retention_s > 0 {
+                now.saturating_add(
+                    i64::try_from(spec.min_retention_s)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(1000),
+                )
+            } else {
+                0
+            },
             ..Default::default()
         };
         snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
