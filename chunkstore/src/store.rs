@@ -1516,3 +1516,7 @@ pub(crate) mod tests;
 #[cfg(test)]
 #[path = "crash_tests.rs"]
 mod crash_tests;
+
+#[cfg(test)]
+#[path = "commit_props.rs"]
+mod commit_props;
