@@ -44,8 +44,13 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         (-2i32..8).prop_map(Mutation::Kind),
         prop_oneof![Just(u64::MAX), Just(0u64), any::<u64>()].prop_map(Mutation::Size),
         any::<i8>().prop_map(Mutation::SizeDelta),
-        prop_oneof![Just(0o104755u32), Just(0o040755), Just(0o120777), any::<u32>()]
-            .prop_map(Mutation::Mode),
+        prop_oneof![
+            Just(0o104755u32),
+            Just(0o040755),
+            Just(0o120777),
+            any::<u32>()
+        ]
+        .prop_map(Mutation::Mode),
         prop_oneof![Just(i64::MIN), Just(-1i64), Just(i64::MAX), any::<i64>()]
             .prop_map(Mutation::Mtime),
         prop_oneof![Just(i64::MIN), any::<i64>()].prop_map(Mutation::Ctime),

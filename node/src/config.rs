@@ -60,6 +60,10 @@ pub struct NodeConfig {
     /// at least one largest message (`transfer::MAX_MESSAGE_BYTES`), to
     /// which a smaller value is raised.
     pub upload_memory_bytes: u64,
+    /// Seconds an upload may send nothing before this node drops it (what
+    /// it sent stays uncommitted); senders say they are alive every
+    /// minute. Default 300.
+    pub transfer_idle_timeout_s: u64,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// This node's certificate, role node, for its `node_id`
@@ -100,6 +104,7 @@ impl Default for NodeConfig {
             hostname: String::new(),
             min_free_bytes: 256 * 1024 * 1024,
             upload_memory_bytes: 256 * 1024 * 1024,
+            transfer_idle_timeout_s: crate::transfer::IDLE_TIMEOUT.as_secs(),
             log_format: LogFormat::Text,
             tls_cert: None,
             tls_key: None,

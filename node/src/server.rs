@@ -85,6 +85,13 @@ pub async fn serve(
     serve_with_health(listener, None, config, shutdown).await
 }
 
+/// Calls one connection may have open at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// How often a node pings a connection that sends nothing.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Run a node on `listener`, and grpc.health.v1 alone in plaintext on
 /// `health` (for probes), until `shutdown` resolves.
 pub async fn serve_with_health(
@@ -138,6 +145,7 @@ pub async fn serve_with_health(
         let service = StorageService::new(
             opened.clone(),
             config.upload_memory_bytes,
+            Duration::from_secs(config.transfer_idle_timeout_s.max(1)),
             writable.clone(),
             transport.clone(),
             coordinator,
@@ -227,6 +235,12 @@ pub async fn serve_with_health(
     let result = tonic::transport::Server::builder()
         .initial_stream_window_size(crate::client::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::client::CONNECTION_WINDOW_BYTES)
+        // One connection cannot open calls without bound, and a peer that
+        // went away without closing its connection is found and dropped
+        // (its streams, and what they hold, with it).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(fabric_trust::AuthLayer::for_transport(&transport, None))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -59,6 +59,8 @@ pub struct StorageService {
     transport: Transport,
     /// The fabric's nodes: copy targets, and which callers are agents.
     directory: NodeDirectory,
+    /// How long an upload may send nothing before it is dropped.
+    idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -76,6 +78,7 @@ impl StorageService {
     pub fn new(
         store: Arc<Store>,
         upload_memory_bytes: u64,
+        idle_timeout: Duration,
         writable: Arc<AtomicBool>,
         transport: Transport,
         coordinator: Option<String>,
@@ -86,6 +89,7 @@ impl StorageService {
         Self {
             store,
             upload_memory: Arc::new(Semaphore::new(permits)),
+            idle_timeout,
             writable,
             directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
@@ -166,12 +170,14 @@ impl StorageService {
     }
 }
 
-/// Receive one upload on `incoming` into `store`, replying on a stream.
+/// Receive one upload on `incoming` into `store`, replying on a stream; an
+/// upload quiet for `idle_timeout` is dropped.
 pub fn receive_upload(
     store: Arc<Store>,
     incoming: impl Stream<Item = Result<SenderMessage, Status>> + Unpin + Send + 'static,
     memory: Arc<Semaphore>,
     commit_host: Option<String>,
+    idle_timeout: Duration,
 ) -> ReceiverStream<Result<ReceiverMessage, Status>> {
     let (reply_tx, mut reply_rx) = mpsc::channel(REPLY_CHANNEL);
     let (out_tx, out_rx) = mpsc::channel(REPLY_CHANNEL + 1);
@@ -185,7 +191,7 @@ pub fn receive_upload(
             }
         };
         let (result, ()) = tokio::join!(
-            run_receiver(store, incoming, reply_tx, memory, commit_host),
+            run_receiver(store, incoming, reply_tx, memory, commit_host, idle_timeout),
             forward
         );
         match result {
@@ -313,6 +319,7 @@ impl Storage for StorageService {
             request.into_inner(),
             self.upload_memory.clone(),
             commit_host,
+            self.idle_timeout,
         )))
     }
 

@@ -182,6 +182,14 @@ where
     let mut offered: HashSet<ChunkId> = HashSet::new();
     let mut next_batch = 0u64;
     let mut producer_done = false;
+    // A walk over unchanged files may offer nothing for minutes: a progress
+    // message now and then tells the receiver the sender is alive (it drops
+    // a sender quiet for IDLE_TIMEOUT).
+    let mut alive = tokio::time::interval_at(
+        tokio::time::Instant::now() + SENDER_ALIVE_EVERY,
+        SENDER_ALIVE_EVERY,
+    );
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     while !(producer_done && offers.is_empty() && encoding.is_empty() && batches_unacked == 0) {
         let may_offer = !producer_done
@@ -215,6 +223,9 @@ where
                 TransferCounters::add(&counters.chunks_offered, batch.len() as u64);
                 offers.insert(next_batch, batch);
                 send(sender_message::Kind::Offer(Offer { batch: next_batch, ids })).await?;
+            }
+            _ = alive.tick() => {
+                send(sender_message::Kind::Progress(fabric_proto::v1::TransferProgress::default())).await?;
             }
             Some(encoded) = encoding.next(), if !encoding.is_empty() => {
                 for batch in encoded? {
@@ -340,6 +351,14 @@ fn parse_id(bytes: &[u8], context: &str) -> Result<ChunkId, Status> {
 /// are sent again on resume, and no fsync is paid per batch.
 pub const FLUSH_EVERY_BYTES: u64 = 256 * 1024 * 1024;
 
+/// How long a receiver waits for the sender's next message before it drops
+/// the transfer: a sender that stalls holds memory permits and a writer.
+/// A live sender is never this quiet (it sends progress while it reads).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How often a sender says it is alive when it has nothing else to send.
+pub const SENDER_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Batches queued for a receiver's writer: one being written, one waiting.
 const WRITER_QUEUE: usize = 2;
 
@@ -360,6 +379,7 @@ pub async fn run_receiver<I>(
     outgoing: mpsc::Sender<ReceiverMessage>,
     memory: Arc<Semaphore>,
     commit_host: Option<String>,
+    idle_timeout: std::time::Duration,
 ) -> Result<Snapshot, Status>
 where
     I: Stream<Item = Result<SenderMessage, Status>> + Unpin,
@@ -378,7 +398,15 @@ where
     let mut batches = Some(batches);
     loop {
         let message = tokio::select! {
-            message = incoming.next() => message,
+            message = tokio::time::timeout(idle_timeout, incoming.next()) => match message {
+                Ok(message) => message,
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the sender sent nothing for {} s: the transfer is dropped, nothing was committed",
+                        idle_timeout.as_secs()
+                    )));
+                }
+            },
             written = &mut writer => {
                 // The writer ends early only when a batch failed.
                 written.map_err(join_error)??;

@@ -84,6 +84,7 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
     let service = StorageService::new(
         store,
         64 << 20,
+        fabric_node::transfer::IDLE_TIMEOUT,
         Arc::new(AtomicBool::new(true)),
         server_transport.clone(),
         None,
