@@ -5,14 +5,18 @@
 //! ([`walk_tree`]), the [`RestoreTarget`] seam a walk (or a remote stream of
 //! entries) drives, which files become hard links ([`HardLinks`]), and two
 //! targets: a directory ([`DirectoryTarget`]) and a tar stream
-//! ([`TarTarget`]).
+//! ([`TarTarget`]). What a directory restore gives back of recorded
+//! privileges is its [`RestorePolicy`] (in `restore/policy.rs`).
 //!
 //! It must never write outside the target: names are checked both where a
 //! snapshot is read and again in each target (a target can be driven from the
 //! network), and [`DirectoryTarget`] walks the target with `openat` and
 //! `O_NOFOLLOW` from directory handles it opened itself, so neither a hostile
 //! snapshot nor a symlink already present in the target can redirect a write.
-//! It must never write bytes that do not hash to their chunk id.
+//! It must never write bytes that do not hash to their chunk id. It must
+//! never give an entry its recorded owner or its setuid and setgid bits
+//! unless the [`RestorePolicy`] asks for them (a snapshot holds whatever
+//! its uploader recorded), and never creates a device node, FIFO or socket.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,6 +30,10 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
 use crate::id::ChunkId;
 use crate::sink::{ChunkSource, SinkError};
+
+mod policy;
+
+pub use policy::RestorePolicy;
 
 /// What can go wrong in a restore. Each variant names the entry or path.
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +335,8 @@ pub struct RestoreStats {
     pub dirs: u64,
     /// Symlinks created.
     pub symlinks: u64,
-    /// FIFOs, sockets and devices: recorded as metadata only, not restored.
+    /// FIFOs, sockets and devices: recorded as metadata only. No target
+    /// creates them; each is logged with its path.
     pub others_skipped: u64,
     /// Bytes of file content written.
     pub bytes: u64,
@@ -336,6 +345,10 @@ pub struct RestoreStats {
     /// Extended attributes that could not be set (a file system without
     /// them, a namespace only root may write): each is logged with its path.
     pub attributes_not_restored: u64,
+    /// Entries whose recorded owner was asked for ([`RestorePolicy::same_owner`])
+    /// and could not be given (only root may give a file away): each is
+    /// logged with its path and keeps the restoring user as its owner.
+    pub owners_not_restored: u64,
 }
 
 /// The files of a restore that later entries may be hard links to.
@@ -411,12 +424,19 @@ pub trait RestoreTarget {
     ) -> Result<(), RestoreError>;
     /// Create the symlink `path` pointing at `entry.symlink_target`.
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
-    /// A FIFO, socket or device: metadata only.
+    /// A FIFO, socket or device: metadata only. A target never creates
+    /// one (a device node from an untrusted snapshot would open the
+    /// restoring host's hardware to whoever may read it).
     fn other(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
     /// Everything has been sent: apply pending metadata, flush.
     fn finish(&mut self) -> Result<(), RestoreError>;
     /// Extended attributes this target could not set so far.
     fn attributes_not_restored(&self) -> u64 {
+        0
+    }
+    /// Entries this target could not give the recorded owner it was asked
+    /// to give so far.
+    fn owners_not_restored(&self) -> u64 {
         0
     }
 }
@@ -513,6 +533,7 @@ pub fn restore(
     )?;
     target.finish()?;
     stats.attributes_not_restored = target.attributes_not_restored();
+    stats.owners_not_restored = target.owners_not_restored();
     Ok(stats)
 }
 
@@ -549,8 +570,25 @@ fn timestamps_of(entry: &TreeEntry) -> Timestamps {
     }
 }
 
-fn permission_bits(entry: &TreeEntry) -> Mode {
-    Mode::from_bits_truncate(entry.mode & 0o7777)
+/// What kind of special file a mode's file type says, for messages.
+fn special_kind(mode: u32) -> &'static str {
+    match mode & 0o170000 {
+        0o010000 => "FIFO",
+        0o020000 => "character device",
+        0o060000 => "block device",
+        0o140000 => "socket",
+        _ => "special file",
+    }
+}
+
+/// Log that the special file at `path` (a device, FIFO or socket) was not
+/// created, as every other entry a restore leaves out is logged.
+fn warn_special_skipped(at: &Path, entry: &TreeEntry) {
+    tracing::warn!(
+        path = %at.display(),
+        "{} not restored: a restore never creates devices, FIFOs or sockets",
+        special_kind(entry.mode)
+    );
 }
 
 /// A directory of the target held open while its contents are written.
@@ -612,27 +650,35 @@ impl OpenFile {
     }
 }
 
-/// Restores into a directory on the local file system.
+/// Restores into a directory on the local file system, under a
+/// [`RestorePolicy`].
 ///
 /// Content, permission bits, mtimes (nanoseconds) and the extended
-/// attributes of files and directories are restored; ownership too when the
-/// process runs as root (effective uid 0). An attribute that cannot be set
-/// (say `security.*` when not root) is logged and left out. A directory's
-/// metadata is applied when the walk leaves it, after its contents, so a
-/// read-only directory can still be filled and its mtime survives. Existing
-/// files and symlinks in the way are replaced; an existing directory is
-/// reused; a symlink is never followed (`O_NOFOLLOW` from handles of the
-/// target's own directories). Zero pieces of content of at least 4 KiB
-/// are left as holes. A hard link is made with `linkat` to a file
-/// this restore wrote, found from the target root the same way. Other
-/// entries (FIFOs, devices) are skipped.
+/// attributes of files and directories are restored. What the snapshot's
+/// uploader could use to gain privileges on the restoring host comes back
+/// only on request: recorded owners only with
+/// [`RestorePolicy::same_owner`] (otherwise everything belongs to the
+/// restoring user, even root), setuid and setgid bits only with
+/// [`RestorePolicy::setid_bits`]. An attribute that cannot be set (say
+/// `security.*` when not root) or an owner that cannot be given (any other
+/// than one's own when not root) is logged and counted, and the restore
+/// goes on. A directory's metadata is applied when the walk leaves it,
+/// after its contents, so a read-only directory can still be filled and
+/// its mtime survives. Existing files and symlinks in the way are
+/// replaced; an existing directory is reused; a symlink is never followed
+/// (`O_NOFOLLOW` from handles of the target's own directories). Zero
+/// pieces of content of at least 4 KiB are left as holes. A hard link is
+/// made with `linkat` to a file this restore wrote, found from the target
+/// root the same way. Other entries (FIFOs, sockets, devices) are never
+/// created: each is logged and counted as skipped.
 pub struct DirectoryTarget {
     root_path: PathBuf,
     root: OwnedFd,
     stack: Vec<OpenDirectory>,
     file: Option<OpenFile>,
-    as_root: bool,
+    policy: RestorePolicy,
     attributes_not_restored: u64,
+    owners_not_restored: u64,
 }
 
 /// Set each of `entry`'s extended attributes with `set`; returns how many
@@ -697,9 +743,42 @@ fn errno_at(path: &Path) -> impl Fn(rustix::io::Errno) -> RestoreError + '_ {
     }
 }
 
+/// Give the entry at `at` its recorded owner and group with `chown`, when
+/// `policy` asks for it. Returns whether the owner was asked for and
+/// refused; a refusal is logged with the path and the restore goes on (as
+/// tar does: the content matters more, and the entry simply stays the
+/// restoring user's).
+fn chown_as_recorded(
+    policy: RestorePolicy,
+    at: &Path,
+    entry: &TreeEntry,
+    chown: impl FnOnce(rustix::fs::Uid, rustix::fs::Gid) -> Result<(), rustix::io::Errno>,
+) -> bool {
+    if !policy.same_owner {
+        return false;
+    }
+    match chown(
+        rustix::fs::Uid::from_raw(entry.uid),
+        rustix::fs::Gid::from_raw(entry.gid),
+    ) {
+        Ok(()) => false,
+        Err(errno) => {
+            tracing::warn!(
+                path = %at.display(),
+                uid = entry.uid,
+                gid = entry.gid,
+                "owner not restored: {}",
+                io::Error::from(errno)
+            );
+            true
+        }
+    }
+}
+
 impl DirectoryTarget {
-    /// A target writing under `root`, which is created if missing.
-    pub fn new(root: impl Into<PathBuf>) -> Result<Self, RestoreError> {
+    /// A target writing under `root`, which is created if missing, giving
+    /// back recorded owners and setuid and setgid bits as `policy` says.
+    pub fn new(root: impl Into<PathBuf>, policy: RestorePolicy) -> Result<Self, RestoreError> {
         let root_path = root.into();
         std::fs::create_dir_all(&root_path).map_err(|source| RestoreError::Io {
             path: root_path.clone(),
@@ -716,8 +795,9 @@ impl DirectoryTarget {
             root,
             stack: Vec::new(),
             file: None,
-            as_root: rustix::process::geteuid().is_root(),
+            policy,
             attributes_not_restored: 0,
+            owners_not_restored: 0,
         })
     }
 
@@ -737,15 +817,13 @@ impl DirectoryTarget {
         };
         if let Some(entry) = &dir.entry {
             let at = self.root_path.join(&dir.path);
-            if self.as_root {
-                rustix::fs::fchown(
-                    &dir.fd,
-                    Some(rustix::fs::Uid::from_raw(entry.uid)),
-                    Some(rustix::fs::Gid::from_raw(entry.gid)),
-                )
-                .map_err(errno_at(&at))?;
-            }
-            rustix::fs::fchmod(&dir.fd, permission_bits(entry)).map_err(errno_at(&at))?;
+            // The owner before the mode: a chown may clear setid bits.
+            let refused = chown_as_recorded(self.policy, &at, entry, |uid, gid| {
+                rustix::fs::fchown(&dir.fd, Some(uid), Some(gid))
+            });
+            self.owners_not_restored += u64::from(refused);
+            let bits = self.policy.permission_bits(entry.mode, refused);
+            rustix::fs::fchmod(&dir.fd, Mode::from_bits_truncate(bits)).map_err(errno_at(&at))?;
             self.attributes_not_restored += set_xattrs(&dir.fd, &at, entry);
             rustix::fs::futimens(&dir.fd, &timestamps_of(entry)).map_err(errno_at(&at))?;
         }
@@ -937,16 +1015,14 @@ impl RestoreTarget for DirectoryTarget {
                     source,
                 })?;
         }
-        if self.as_root {
-            rustix::fs::fchown(
-                &open.file,
-                Some(rustix::fs::Uid::from_raw(open.entry.uid)),
-                Some(rustix::fs::Gid::from_raw(open.entry.gid)),
-            )
-            .map_err(errno_at(at))?;
-        }
-        rustix::fs::fchmod(&open.file, permission_bits(&open.entry)).map_err(errno_at(at))?;
-        // After the owner: a chown clears file capabilities.
+        // The owner before the mode (a chown clears setid bits) and the
+        // attributes (a chown clears file capabilities).
+        let refused = chown_as_recorded(self.policy, at, &open.entry, |uid, gid| {
+            rustix::fs::fchown(&open.file, Some(uid), Some(gid))
+        });
+        self.owners_not_restored += u64::from(refused);
+        let bits = self.policy.permission_bits(open.entry.mode, refused);
+        rustix::fs::fchmod(&open.file, Mode::from_bits_truncate(bits)).map_err(errno_at(at))?;
         self.attributes_not_restored += set_xattrs(&open.file, at, &open.entry);
         rustix::fs::futimens(&open.file, &timestamps_of(&open.entry)).map_err(errno_at(at))?;
         Ok(())
@@ -1017,16 +1093,16 @@ impl RestoreTarget for DirectoryTarget {
         let parent = self.current_fd();
         rustix::fs::symlinkat(entry.symlink_target.as_slice(), parent, name)
             .map_err(errno_at(&at))?;
-        if self.as_root {
+        // A symlink has no mode of its own to restore, only an owner.
+        let refused = chown_as_recorded(self.policy, &at, entry, |uid, gid| {
             rustix::fs::chownat(
                 parent,
                 name,
-                Some(rustix::fs::Uid::from_raw(entry.uid)),
-                Some(rustix::fs::Gid::from_raw(entry.gid)),
+                Some(uid),
+                Some(gid),
                 AtFlags::SYMLINK_NOFOLLOW,
             )
-            .map_err(errno_at(&at))?;
-        }
+        });
         // After the chown, which clears security attributes.
         let not_restored = set_symlink_xattrs(parent.as_fd(), name, &at, entry);
         rustix::fs::utimensat(
@@ -1037,13 +1113,15 @@ impl RestoreTarget for DirectoryTarget {
         )
         .map_err(errno_at(&at))?;
         self.attributes_not_restored += not_restored;
+        self.owners_not_restored += u64::from(refused);
         Ok(())
     }
 
-    fn other(&mut self, path: &[u8], _entry: &TreeEntry) -> Result<(), RestoreError> {
+    fn other(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         // Metadata only: still checked and still moves the directory stack,
         // so the directories around it get their metadata in order.
         self.enter_parent(path)?;
+        warn_special_skipped(&self.display_path(path), entry);
         Ok(())
     }
 
@@ -1062,6 +1140,10 @@ impl RestoreTarget for DirectoryTarget {
 
     fn attributes_not_restored(&self) -> u64 {
         self.attributes_not_restored
+    }
+
+    fn owners_not_restored(&self) -> u64 {
+        self.owners_not_restored
     }
 }
 
@@ -1090,7 +1172,15 @@ fn pax_record_bytes(key: &[u8], value: &[u8]) -> Vec<u8> {
 /// extensions): directories, files, hard links and symlinks with mode, uid, gid and
 /// mtime (whole seconds in the header, the exact value in a PAX `mtime`
 /// record when it has a fraction), and extended attributes in PAX
-/// `SCHILY.xattr.*` records. Other entries are skipped.
+/// `SCHILY.xattr.*` records. Other entries (devices, FIFOs, sockets) are
+/// skipped and logged.
+///
+/// A tar stream is data, not an extraction, so it takes no
+/// [`RestorePolicy`]: it carries the recorded modes, setuid and setgid bits
+/// included, and the recorded owners, as an archive of the files would.
+/// Whoever extracts it applies their tar's policy, and tar run as root
+/// gives back owners and setid bits by default: extract a stream of an
+/// untrusted snapshot as root only with that in mind.
 pub struct TarTarget<W: Write> {
     builder: tar::Builder<W>,
     file: Option<(PathBuf, u64, u64)>,
@@ -1271,8 +1361,10 @@ impl<W: Write> RestoreTarget for TarTarget<W> {
             .map_err(Self::io_error(path))
     }
 
-    fn other(&mut self, path: &[u8], _entry: &TreeEntry) -> Result<(), RestoreError> {
-        self.check(path)
+    fn other(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
+        self.check(path)?;
+        warn_special_skipped(path_of(path), entry);
+        Ok(())
     }
 
     fn finish(&mut self) -> Result<(), RestoreError> {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use fabric_chunkstore::restore::{RestorePolicy, RestoreStats};
 use fabric_proto::v1::{
     CancelRunRequest, CopyState, GetJobRequest, GetRunRequest, Job, ListJobsRequest,
     ListRunsRequest, Node, NodeState, RetryRunRequest, Run, RunEvent, RunState, Snapshot,
@@ -687,6 +688,10 @@ pub async fn find(
     output::print_rows(&rows_of(found), format)
 }
 
+/// Restore `path` of the snapshot `spec` names into the directory `to`
+/// under `policy` (what of the recorded owners and setuid and setgid bits
+/// comes back), or as a tar stream on stdout when `to` is `-`, which
+/// carries everything as recorded and so takes no policy.
 pub async fn restore(
     remote: &Remote,
     spec: &str,
@@ -694,7 +699,17 @@ pub async fn restore(
     to: &str,
     node: Option<String>,
     job: Option<String>,
+    policy: RestorePolicy,
 ) -> anyhow::Result<()> {
+    if to == "-" && policy != RestorePolicy::default() {
+        // Refused rather than ignored: the flags would suggest a tar stream
+        // leaves something out without them.
+        bail!(
+            "--same-owner and --keep-setid apply to a restore into a directory; a tar stream \
+             (--to -) always carries the recorded owners and modes, and the tar that extracts \
+             it decides what to apply"
+        );
+    }
     // A restore logs what it could not bring back (e.g. an attribute only
     // root may set) with its path.
     crate::local::init_quiet_logging();
@@ -705,6 +720,7 @@ pub async fn restore(
         std::fs::create_dir_all(to).with_context(|| format!("cannot create {to}"))?;
         Box::new(fabric_chunkstore::restore::DirectoryTarget::new(
             PathBuf::from(to),
+            policy,
         )?)
     };
     let stats = fabric_node::restore_client::restore_from(
@@ -725,14 +741,38 @@ pub async fn restore(
             stats.symlinks,
             bytes(stats.bytes)
         );
-        if stats.attributes_not_restored > 0 {
-            eprintln!(
-                "warning: {} extended attributes could not be set (each is logged above with its path)",
-                stats.attributes_not_restored
-            );
-        }
+    }
+    for warning in restore_warnings(&stats) {
+        eprintln!("warning: {warning}");
     }
     Ok(())
+}
+
+/// What a restore left out, one sentence per kind, for the summary after
+/// the per-path log lines.
+pub fn restore_warnings(stats: &RestoreStats) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if stats.attributes_not_restored > 0 {
+        warnings.push(format!(
+            "{} extended attributes could not be set (each is logged above with its path)",
+            stats.attributes_not_restored
+        ));
+    }
+    if stats.owners_not_restored > 0 {
+        warnings.push(format!(
+            "{} entries could not be given their recorded owner and belong to you (--same-owner \
+             needs root; each is logged above with its path)",
+            stats.owners_not_restored
+        ));
+    }
+    if stats.others_skipped > 0 {
+        warnings.push(format!(
+            "{} special files (devices, FIFOs, sockets) were not restored: a restore never \
+             creates them (each is logged above with its path)",
+            stats.others_skipped
+        ));
+    }
+    warnings
 }
 
 fn parse_sample(text: &str) -> anyhow::Result<f64> {

@@ -354,8 +354,12 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
     }
     std::fs::create_dir_all(&target)?;
     let located = remote::locate(&fabric.remote, &snapshot.id, None, None).await?;
+    // The default policy, as `fabricctl restore` without flags: no owners
+    // given, no setuid or setgid bits; the comparison expects the same.
+    let policy = fabric_chunkstore::restore::RestorePolicy::default();
     let restore_target = Box::new(fabric_chunkstore::restore::DirectoryTarget::new(
         target.clone(),
+        policy,
     )?);
     let path = source.to_string_lossy().trim_start_matches('/').to_owned();
     let stats = fabric_node::restore_client::restore_from(
@@ -374,7 +378,10 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
         stats.files,
         bytes(stats.bytes)
     );
-    let compared = crate::compare::compare_trees(source, &target, false)?;
+    for warning in commands::restore_warnings(&stats) {
+        eprintln!("warning: {warning}");
+    }
+    let compared = crate::compare::compare_trees(source, &target, false, policy)?;
     println!(
         "compared byte for byte with {}: {} entries, {} identical",
         source.display(),

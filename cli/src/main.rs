@@ -20,6 +20,7 @@ Examples:
   fabricctl status                             # the snapshot table
   fabricctl find -r 0 --job db                 # the newest snapshot of job db
   fabricctl restore 3f2a9c /etc --to ./restored
+  fabricctl restore 3f2a9c / --to /mnt/sysroot --same-owner --keep-setid   # a trusted system, as root
   fabricctl restore latest --job db --to - > db.tar
   fabricctl check                              # Nagios: exit 2 when a job's newest snapshot is stale
   fabricctl backup --node https://127.0.0.1:7401 /home  # push straight to a node, no coordinator
@@ -225,6 +226,14 @@ struct RestoreArgs {
     /// With a revision spec: only this job's snapshots.
     #[arg(long)]
     job: Option<String>,
+    /// Give entries their recorded owner and group (like tar --same-owner;
+    /// needs root). Without it everything belongs to you, even as root.
+    #[arg(long)]
+    same_owner: bool,
+    /// Keep recorded setuid and setgid bits (dropped by default: a
+    /// snapshot may hold whatever its uploader recorded).
+    #[arg(long)]
+    keep_setid: bool,
 }
 
 #[derive(clap::Args)]
@@ -432,6 +441,10 @@ async fn run(cli: Cli) -> i32 {
                 &args.to,
                 args.node,
                 args.job,
+                fabric_chunkstore::restore::RestorePolicy {
+                    same_owner: args.same_owner,
+                    setid_bits: args.keep_setid,
+                },
             )
             .await
         }

@@ -3,7 +3,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use fabric_chunkstore::restore::RestorePolicy;
 use fabric_integration_tests::{Fabric, fabricctl, generate_tree};
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -129,7 +141,8 @@ fn every_command_against_a_real_fabric() {
         stderr(&bad)
     );
 
-    // restore to a directory, and to a tar stream
+    // restore to a directory, setuid bits kept on request (the tree has a
+    // setuid file, nested/odd-mode), and to a tar stream
     let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
     let target = fabric.dir.path().join("restored");
     let restored = fabric.ctl(&[
@@ -138,9 +151,22 @@ fn every_command_against_a_real_fabric() {
         &inside,
         "--to",
         target.to_str().unwrap(),
+        "--keep-setid",
     ]);
     assert!(restored.status.success(), "{}", stderr(&restored));
-    fabricctl::compare::compare_trees(&source, &target, true).unwrap();
+    let keep_setid = RestorePolicy {
+        setid_bits: true,
+        ..RestorePolicy::default()
+    };
+    fabricctl::compare::compare_trees(&source, &target, true, keep_setid).unwrap();
+    assert_eq!(mode_of(&target.join("nested/odd-mode")), 0o4751);
+    let with_tar = fabric.ctl(&["restore", "latest", "--to", "-", "--keep-setid"]);
+    assert!(!with_tar.status.success());
+    assert!(
+        stderr(&with_tar).contains("a tar stream (--to -) always carries the recorded owners"),
+        "{}",
+        stderr(&with_tar)
+    );
     let tarred = fabric.ctl(&[
         "restore",
         "latest",
@@ -158,6 +184,15 @@ fn every_command_against_a_real_fabric() {
         .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
         .collect();
     assert!(names.iter().any(|n| n.ends_with("secret")), "{names:?}");
+    // The stream carries the recorded mode, setuid bit included.
+    let mut archive = tar::Archive::new(tarred.stdout.as_slice());
+    let odd = archive
+        .entries()
+        .unwrap()
+        .map(Result::unwrap)
+        .find(|e| e.path().unwrap().ends_with("odd-mode"))
+        .expect("odd-mode in the stream");
+    assert_eq!(odd.header().mode().unwrap(), 0o4751);
     let missing = fabric.ctl(&[
         "restore",
         "nosuchsnapshot",

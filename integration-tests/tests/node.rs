@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use fabric_chunkstore::pack::StoredChunk;
+use fabric_chunkstore::restore::RestorePolicy;
 use fabric_integration_tests::{
     Server, fabricctl_json, fabricctl_ok, generate_tree, pki, pseudo_random, storage_client,
 };
@@ -67,8 +68,14 @@ fn a_generated_tree_restores_identical_and_an_unchanged_rebackup_sends_nothing()
 
     let restored = work.path().join("restored");
     restore_source(&node, &first, &source, &restored);
-    let compared = fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
+    let compared =
+        fabricctl::compare::compare_trees(&source, &restored, true, RestorePolicy::default())
+            .unwrap();
     assert!(compared.entries > 300, "{compared:?}");
+    // Restored without its setuid bit, as a restore without --keep-setid does.
+    let mode = |path: &Path| std::fs::symlink_metadata(path).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&source.join("nested/odd-mode")), 0o4751);
+    assert_eq!(mode(&restored.join("nested/odd-mode")), 0o751);
     // The sparse file comes back sparse (where the file system makes holes).
     let allocated = |path: &Path| {
         let meta = std::fs::metadata(path).unwrap();
@@ -678,7 +685,7 @@ fn node_to_node_copy_gives_an_identical_snapshot() {
     let restored = work.path().join("restored");
     let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
     restore(&second, &id, &inside, &restored);
-    fabricctl::compare::compare_trees(&source, &restored, true).unwrap();
+    fabricctl::compare::compare_trees(&source, &restored, true, RestorePolicy::default()).unwrap();
 }
 
 #[test]

@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use fabric_chunkstore::restore::DirectoryTarget;
+use fabric_chunkstore::restore::{DirectoryTarget, RestorePolicy};
 use fabric_chunkstore::walk::{BackupOptions, backup};
 use fabric_chunkstore::{ChunkParams, Store, StoreConfig, VerifyOptions};
 use fabric_proto::v1::Snapshot;
@@ -599,7 +599,10 @@ fn main() {
                 &tls.operator,
                 &first.snapshot.id,
                 &inside,
-                Box::new(DirectoryTarget::new(restore_dir.clone()).expect("target")),
+                Box::new(
+                    DirectoryTarget::new(restore_dir.clone(), RestorePolicy::default())
+                        .expect("target"),
+                ),
             ))
             .expect("restore");
     });

@@ -11,6 +11,14 @@
 //! of more chunk ids than one message carries has the rest of them in
 //! `more_chunk_ids` items; they are joined to its entry before the file is
 //! started.
+//!
+//! The stream carries entries as they were recorded, owners and setuid and
+//! setgid bits included: what of them reaches the disk is the target's
+//! business (a [`DirectoryTarget`](fabric_chunkstore::restore::DirectoryTarget)
+//! gives them back only as its
+//! [`RestorePolicy`](fabric_chunkstore::restore::RestorePolicy) asks), and
+//! this module never widens it. Special files are passed to the target,
+//! which never creates them, and counted as skipped.
 
 use fabric_chunkstore::restore::{
     HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
@@ -215,11 +223,13 @@ impl<'a> RestoreStreamWriter<'a> {
         self.close_file()?;
         self.target.finish()?;
         self.stats.attributes_not_restored = self.target.attributes_not_restored();
+        self.stats.owners_not_restored = self.target.owners_not_restored();
         Ok(self.stats)
     }
 }
 
-/// Restore `path` of `snapshot` from `node` into `target`.
+/// Restore `path` of `snapshot` from `node` into `target`, which applies
+/// its own policy for owners and setuid and setgid bits.
 pub async fn restore_from(
     node: &crate::client::Peer,
     transport: &fabric_trust::Transport,
@@ -279,7 +289,7 @@ pub async fn restore_from(
 mod tests {
     use fabric_chunkstore::Chunk;
     use fabric_chunkstore::pack::StoredChunk;
-    use fabric_chunkstore::restore::DirectoryTarget;
+    use fabric_chunkstore::restore::{DirectoryTarget, RestorePolicy};
 
     use super::*;
     use crate::convert::chunk_data;
@@ -316,7 +326,7 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let zeros = Chunk::new(vec![0; 100_000]);
         let text = Chunk::new(b"some text between the zeros".repeat(100));
-        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).unwrap();
         let mut writer = RestoreStreamWriter::new(&mut target);
         writer
             .item(file_entry("image", &[&zeros, &zeros, &text, &zeros]))
@@ -378,7 +388,7 @@ mod tests {
             .map(|index| Chunk::new(vec![index + 1; 1000 + usize::from(index)]))
             .collect();
         let all: Vec<&Chunk> = chunks.iter().collect();
-        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).unwrap();
         let mut writer = RestoreStreamWriter::new(&mut target);
         for item in entry_in_pieces("large", &all, 2, 3) {
             writer.item(item).unwrap();
@@ -393,7 +403,7 @@ mod tests {
         // A chunk before the ids are complete, or more ids than announced,
         // is refused naming the file.
         let temp = tempfile::tempdir().unwrap();
-        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).unwrap();
         let mut writer = RestoreStreamWriter::new(&mut target);
         let mut items = entry_in_pieces("early", &all, 2, 3).into_iter();
         writer.item(items.next().unwrap()).unwrap();
@@ -404,7 +414,7 @@ mod tests {
         );
 
         let temp = tempfile::tempdir().unwrap();
-        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).unwrap();
         let mut writer = RestoreStreamWriter::new(&mut target);
         let mut items = entry_in_pieces("long", &all, 2, 5);
         let Some(restore_item::Kind::MoreChunkIds(more)) = &mut items[1].kind else {
@@ -419,7 +429,7 @@ mod tests {
             "{err}"
         );
 
-        let mut target = DirectoryTarget::new(temp.path()).unwrap();
+        let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).unwrap();
         let mut writer = RestoreStreamWriter::new(&mut target);
         let stray = entry_in_pieces("stray", &all, 2, 5).pop().unwrap();
         let err = writer.item(stray).unwrap_err();

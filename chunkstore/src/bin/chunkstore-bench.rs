@@ -775,7 +775,10 @@ fn part_sparse(base: &Path) -> BenchResult<()> {
             &store,
             outcome.root,
             path.to_str().ok_or("a non-UTF-8 bench directory")?,
-            &mut fabric_chunkstore::restore::DirectoryTarget::new(&target)?,
+            &mut fabric_chunkstore::restore::DirectoryTarget::new(
+                &target,
+                fabric_chunkstore::restore::RestorePolicy::default(),
+            )?,
         )?;
         let restore_seconds = started.elapsed().as_secs_f64();
         let restored = std::fs::metadata(target.join(name))?;

@@ -1,5 +1,6 @@
 //! Restore tests: path safety on hand-made hostile trees, subtree and
-//! single-file restores, chunk checks and the tar stream.
+//! single-file restores, chunk checks, the tar stream, and the restore
+//! policy (owners, setuid and setgid bits, special files).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -140,7 +141,8 @@ fn hostile_names_are_refused_and_nothing_escapes() {
                 let root = hostile_root(&store, bad, as_dir, nested);
                 let temp = tempfile::tempdir().expect("tempdir");
                 let target = temp.path().join("target");
-                let mut directory = DirectoryTarget::new(&target).expect("target");
+                let mut directory =
+                    DirectoryTarget::new(&target, RestorePolicy::default()).expect("target");
                 let err = restore(&store, root, "", &mut directory).expect_err("refused");
                 let RestoreError::BadName { path, .. } = &err else {
                     panic!("{bad:?}: {err}");
@@ -182,7 +184,7 @@ fn hostile_names_are_refused_and_nothing_escapes() {
 fn targets_check_paths_they_are_given() {
     let temp = tempfile::tempdir().expect("tempdir");
     let target = temp.path().join("target");
-    let mut directory = DirectoryTarget::new(&target).expect("target");
+    let mut directory = DirectoryTarget::new(&target, RestorePolicy::default()).expect("target");
     let entry = TreeEntry {
         kind: EntryKind::File as i32,
         ..TreeEntry::default()
@@ -206,7 +208,7 @@ fn targets_check_paths_they_are_given() {
 fn a_directory_target_can_be_driven_like_a_stream() {
     let temp = tempfile::tempdir().expect("tempdir");
     let target = temp.path().join("target");
-    let mut directory = DirectoryTarget::new(&target).expect("target");
+    let mut directory = DirectoryTarget::new(&target, RestorePolicy::default()).expect("target");
     let entry = TreeEntry {
         kind: EntryKind::File as i32,
         mode: 0o100600,
@@ -264,7 +266,7 @@ fn a_symlink_already_in_the_target_is_never_followed() {
         &store,
         with_file,
         "",
-        &mut DirectoryTarget::new(&target).expect("target"),
+        &mut DirectoryTarget::new(&target, RestorePolicy::default()).expect("target"),
     );
     err.expect("the symlink at g is replaced, not followed");
     assert_eq!(fs::read(outside.join("f")).expect("read"), b"original");
@@ -284,7 +286,7 @@ fn a_symlink_already_in_the_target_is_never_followed() {
         &store,
         with_dir,
         "",
-        &mut DirectoryTarget::new(&target).expect("target"),
+        &mut DirectoryTarget::new(&target, RestorePolicy::default()).expect("target"),
     )
     .expect_err("d is a symlink");
     assert!(matches!(err, RestoreError::Unsafe { .. }), "{err}");
@@ -315,7 +317,7 @@ fn a_chunk_that_does_not_match_its_id_is_not_written() {
         &store,
         root,
         "",
-        &mut DirectoryTarget::new(&target).expect("target"),
+        &mut DirectoryTarget::new(&target, RestorePolicy::default()).expect("target"),
     )
     .expect_err("mismatch");
     assert!(
@@ -432,7 +434,7 @@ fn whole_subtree_and_single_file_restores() {
         &store,
         root,
         "/",
-        &mut DirectoryTarget::new(&whole).expect("target"),
+        &mut DirectoryTarget::new(&whole, RestorePolicy::default()).expect("target"),
     )
     .expect("restore");
     let mirrored = whole.join(source.strip_prefix("/").expect("absolute"));
@@ -444,7 +446,7 @@ fn whole_subtree_and_single_file_restores() {
         &store,
         root,
         &format!("{source_str}/docs/"),
-        &mut DirectoryTarget::new(&sub).expect("target"),
+        &mut DirectoryTarget::new(&sub, RestorePolicy::default()).expect("target"),
     )
     .expect("restore");
     assert_eq!(stats.files, 4);
@@ -457,7 +459,7 @@ fn whole_subtree_and_single_file_restores() {
         &store,
         root,
         &format!("{source_str}/docs/deeper/big.bin"),
-        &mut DirectoryTarget::new(&one).expect("target"),
+        &mut DirectoryTarget::new(&one, RestorePolicy::default()).expect("target"),
     )
     .expect("restore");
     assert_eq!(stats.bytes, 50_000);
@@ -473,7 +475,7 @@ fn whole_subtree_and_single_file_restores() {
         &store,
         root,
         &format!("{source_str}/docs"),
-        &mut DirectoryTarget::new(&sub).expect("target"),
+        &mut DirectoryTarget::new(&sub, RestorePolicy::default()).expect("target"),
     )
     .expect("restore over");
     assert_eq!(describe(&source.join("docs")), describe(&sub));
@@ -675,7 +677,7 @@ fn hard_links_are_restored_as_links_to_one_file() {
         &store,
         root,
         &format!("{}/sub", source.display()),
-        &mut DirectoryTarget::new(&partial).expect("target"),
+        &mut DirectoryTarget::new(&partial, RestorePolicy::default()).expect("target"),
     )
     .expect("restore");
     assert_eq!((stats.files, stats.hard_links), (1, 0));
@@ -975,7 +977,7 @@ fn extended_attributes_that_cannot_be_set_are_counted_and_the_rest_restored() {
     });
 
     let temp = tempfile::tempdir().expect("tempdir");
-    let mut target = DirectoryTarget::new(temp.path()).expect("target");
+    let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).expect("target");
     let stats = restore(&store, root, "/", &mut target).expect("restore goes on");
     assert_eq!(stats.attributes_not_restored, 4);
     assert_eq!((stats.files, stats.dirs, stats.symlinks), (2, 1, 1));
@@ -992,4 +994,204 @@ fn extended_attributes_that_cannot_be_set_are_counted_and_the_rest_restored() {
     let mut tar = TarTarget::new(Vec::new());
     let stats = restore(&store, root, "/", &mut tar).expect("tar");
     assert_eq!(stats.attributes_not_restored, 0);
+}
+
+/// A snapshot as an untrusted uploader might record it: `tool`, setuid and
+/// setgid (0o6755), and `link` inside `shared`, a setgid directory, and
+/// `tmp`, a sticky directory, all four owned by uid and gid 12345; `fifo`
+/// and `disk`, a FIFO and a block device.
+fn privileged_root(store: &MemoryStore) -> ChunkId {
+    let owned = |mut entry: TreeEntry| {
+        entry.uid = 12345;
+        entry.gid = 12345;
+        entry
+    };
+    let mut tool = owned(file_entry(store, b"tool", b"#!/bin/sh\nid\n"));
+    tool.mode = 0o106755;
+    let link = owned(TreeEntry {
+        name: b"link".to_vec(),
+        kind: EntryKind::Symlink as i32,
+        mode: 0o120777,
+        symlink_target: b"tool".to_vec(),
+        mtime_ns: 1_600_000_000_000_000_000,
+        ..TreeEntry::default()
+    });
+    let inner = store.put_tree(&Tree {
+        entries: vec![link, tool],
+        parts: Vec::new(),
+    });
+    let mut shared = owned(dir_entry(b"shared", inner));
+    shared.mode = 0o42775;
+    let empty = store.put_tree(&Tree::default());
+    let mut tmp = owned(dir_entry(b"tmp", empty));
+    tmp.mode = 0o41777;
+    let special = |name: &[u8], mode: u32| TreeEntry {
+        name: name.to_vec(),
+        kind: EntryKind::Other as i32,
+        mode,
+        mtime_ns: 1_600_000_000_000_000_000,
+        ..TreeEntry::default()
+    };
+    store.put_tree(&Tree {
+        entries: vec![
+            special(b"disk", 0o060660),
+            special(b"fifo", 0o010644),
+            shared,
+            tmp,
+        ],
+        parts: Vec::new(),
+    })
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .expect("lstat")
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn owner_of(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path).expect("lstat");
+    (meta.uid(), meta.gid())
+}
+
+/// Whether this process may give a file to uid and gid 12345 (root, in
+/// most places; a user namespace may not map that id even for root).
+fn may_give_files_away(dir: &Path) -> bool {
+    let probe = dir.join("chown-probe");
+    fs::write(&probe, b"").expect("probe");
+    let allowed = std::os::unix::fs::chown(&probe, Some(12345), Some(12345)).is_ok();
+    fs::remove_file(&probe).expect("remove probe");
+    allowed
+}
+
+#[test]
+fn setuid_and_setgid_bits_are_dropped_by_default_and_kept_on_request() {
+    let store = MemoryStore::default();
+    let root = privileged_root(&store);
+    let temp = tempfile::tempdir().expect("tempdir");
+
+    let default = temp.path().join("default");
+    let mut target = DirectoryTarget::new(&default, RestorePolicy::default()).expect("target");
+    restore(&store, root, "/", &mut target).expect("restore");
+    assert_eq!(mode_of(&default.join("shared/tool")), 0o755);
+    assert_eq!(mode_of(&default.join("shared")), 0o775);
+    assert_eq!(
+        mode_of(&default.join("tmp")),
+        0o1777,
+        "the sticky bit stays"
+    );
+
+    let kept = temp.path().join("kept");
+    let policy = RestorePolicy {
+        setid_bits: true,
+        ..RestorePolicy::default()
+    };
+    let mut target = DirectoryTarget::new(&kept, policy).expect("target");
+    restore(&store, root, "/", &mut target).expect("restore");
+    assert_eq!(mode_of(&kept.join("shared/tool")), 0o6755);
+    assert_eq!(mode_of(&kept.join("shared")), 0o2775);
+    assert_eq!(mode_of(&kept.join("tmp")), 0o1777);
+}
+
+#[test]
+fn recorded_owners_are_not_given_by_default_whoever_restores() {
+    let store = MemoryStore::default();
+    let root = privileged_root(&store);
+    let temp = tempfile::tempdir().expect("tempdir");
+    let restored = temp.path().join("restored");
+    let mut target = DirectoryTarget::new(&restored, RestorePolicy::default()).expect("target");
+    let stats = restore(&store, root, "/", &mut target).expect("no chown, no error");
+    assert_eq!(
+        stats.owners_not_restored, 0,
+        "nothing was asked, nothing refused"
+    );
+    // Everything belongs to the restoring user, as the target root does
+    // (root included: no chown is even tried).
+    let own = owner_of(&restored);
+    assert_eq!(own.0, rustix::process::geteuid().as_raw());
+    for path in ["shared", "shared/tool", "shared/link", "tmp"] {
+        assert_eq!(owner_of(&restored.join(path)), own, "{path}");
+    }
+}
+
+#[test]
+fn same_owner_gives_recorded_owners_or_counts_each_refusal_and_drops_setid_bits() {
+    let store = MemoryStore::default();
+    let root = privileged_root(&store);
+    let temp = tempfile::tempdir().expect("tempdir");
+    let restored = temp.path().join("restored");
+    let mut target = DirectoryTarget::new(&restored, RestorePolicy::AS_RECORDED).expect("target");
+    let stats = restore(&store, root, "/", &mut target).expect("a refused owner is no error");
+    let owned = ["shared", "shared/tool", "shared/link", "tmp"];
+    if may_give_files_away(temp.path()) {
+        assert_eq!(stats.owners_not_restored, 0);
+        for path in owned {
+            assert_eq!(owner_of(&restored.join(path)), (12345, 12345), "{path}");
+        }
+        assert_eq!(mode_of(&restored.join("shared/tool")), 0o6755);
+        assert_eq!(mode_of(&restored.join("shared")), 0o2775);
+    } else {
+        // As tar does without root: tried, refused, logged, and the
+        // restore goes on with the entries left to the restoring user.
+        assert_eq!(stats.owners_not_restored, 4);
+        let own = owner_of(&restored);
+        for path in owned {
+            assert_eq!(owner_of(&restored.join(path)), own, "{path}");
+        }
+        // A setuid program of someone other than its recorded owner is
+        // not made: the bits go with the owner.
+        assert_eq!(mode_of(&restored.join("shared/tool")), 0o755);
+        assert_eq!(mode_of(&restored.join("shared")), 0o775);
+    }
+    assert_eq!(
+        fs::read(restored.join("shared/tool")).expect("content"),
+        b"#!/bin/sh\nid\n"
+    );
+}
+
+#[test]
+fn special_files_are_never_created_only_counted() {
+    let store = MemoryStore::default();
+    let root = privileged_root(&store);
+    for policy in [RestorePolicy::default(), RestorePolicy::AS_RECORDED] {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut target = DirectoryTarget::new(temp.path(), policy).expect("target");
+        let stats = restore(&store, root, "/", &mut target).expect("restore goes on");
+        assert_eq!(stats.others_skipped, 2, "{policy:?}");
+        assert_eq!((stats.files, stats.dirs, stats.symlinks), (1, 2, 1));
+        for name in ["fifo", "disk"] {
+            assert!(
+                fs::symlink_metadata(temp.path().join(name)).is_err(),
+                "{name} created under {policy:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_tar_stream_carries_the_recorded_modes_and_owners() {
+    let store = MemoryStore::default();
+    let root = privileged_root(&store);
+    let mut tar = TarTarget::new(Vec::new());
+    let stats = restore(&store, root, "/", &mut tar).expect("tar");
+    assert_eq!(stats.others_skipped, 2);
+    let bytes = tar.into_inner().expect("bytes");
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    let mut headers = BTreeMap::new();
+    for item in archive.entries().expect("entries") {
+        let item = item.expect("entry");
+        let path = item.path().expect("path").display().to_string();
+        headers.insert(path.trim_end_matches('/').to_owned(), item.header().clone());
+    }
+    let tool = &headers["shared/tool"];
+    assert_eq!(tool.mode().expect("mode"), 0o6755);
+    assert_eq!(
+        (tool.uid().expect("uid"), tool.gid().expect("gid")),
+        (12345, 12345)
+    );
+    assert_eq!(headers["shared"].mode().expect("mode"), 0o2775);
+    assert!(!headers.contains_key("fifo") && !headers.contains_key("disk"));
 }

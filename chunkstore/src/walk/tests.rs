@@ -14,7 +14,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::chunker::Chunk;
-use crate::restore::{DirectoryTarget, restore, walk_tree};
+use crate::restore::{DirectoryTarget, RestorePolicy, restore, walk_tree};
 use crate::walk::memory::MemoryStore;
 
 pub(crate) fn small_params() -> ChunkParams {
@@ -37,7 +37,10 @@ pub(crate) fn options(includes: &[&Path]) -> BackupOptions {
 
 pub(crate) fn quiet(_: &Progress) {}
 
-/// Restore the backed-up `source` of the snapshot `root` into the directory `target`.
+/// Restore the backed-up `source` of the snapshot `root` into the
+/// directory `target` as recorded ([`RestorePolicy::AS_RECORDED`]: owners
+/// and setuid and setgid bits too), so that it can be compared with the
+/// source whole.
 pub(crate) fn restore_into(
     store: &MemoryStore,
     root: ChunkId,
@@ -48,7 +51,7 @@ pub(crate) fn restore_into(
         store,
         root,
         as_str(source),
-        &mut DirectoryTarget::new(target).expect("target"),
+        &mut DirectoryTarget::new(target, RestorePolicy::AS_RECORDED).expect("target"),
     )
     .expect("restore")
 }
@@ -322,7 +325,7 @@ proptest! {
         prop_assert_eq!(store.flushes.load(Ordering::Relaxed), 1);
 
         let target = restored.path().join("target");
-        let mut directory = DirectoryTarget::new(&target).expect("target");
+        let mut directory = DirectoryTarget::new(&target, RestorePolicy::AS_RECORDED).expect("target");
         let stats = restore(&store, first.root, as_str(&source), &mut directory).expect("restore");
         prop_assert_eq!(stats.files, first.stats.files);
         prop_assert_eq!(stats.bytes, first.stats.total_bytes);
@@ -363,7 +366,7 @@ proptest! {
             &entry_at(&store, fresh.root, &source).subtree_id
         );
         let target = restored.path().join("target");
-        let mut directory = DirectoryTarget::new(&target).expect("target");
+        let mut directory = DirectoryTarget::new(&target, RestorePolicy::AS_RECORDED).expect("target");
         restore(&store, again.root, as_str(&source), &mut directory).expect("restore");
         prop_assert_eq!(describe(&source), describe(&target));
     }
