@@ -688,10 +688,20 @@ pub struct DirectoryTarget {
 fn set_each_xattr(
     at: &Path,
     entry: &TreeEntry,
+    policy: RestorePolicy,
     set: impl Fn(&std::ffi::OsStr, &[u8]) -> Result<(), rustix::io::Errno>,
 ) -> u64 {
     let mut failed = 0;
     for attribute in &entry.xattrs {
+        if !policy.keeps_attribute(&attribute.name) {
+            tracing::warn!(
+                path = %at.display(),
+                attribute = %String::from_utf8_lossy(&attribute.name),
+                "file capabilities not restored (they are privileges, like setuid: --keep-setid)"
+            );
+            failed += 1;
+            continue;
+        }
         if let Err(errno) = set(
             std::ffi::OsStr::from_bytes(&attribute.name),
             &attribute.value,
@@ -709,8 +719,8 @@ fn set_each_xattr(
 }
 
 /// Set `entry`'s extended attributes on `fd` (see [`set_each_xattr`]).
-fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) -> u64 {
-    set_each_xattr(at, entry, |name, value| {
+fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry, policy: RestorePolicy) -> u64 {
+    set_each_xattr(at, entry, policy, |name, value| {
         rustix::fs::fsetxattr(&fd, name, value, rustix::fs::XattrFlags::empty())
     })
 }
@@ -720,13 +730,19 @@ fn set_xattrs(fd: impl AsFd, at: &Path, entry: &TreeEntry) -> u64 {
 /// `lsetxattr` on a path through the directory's handle
 /// (`/proc/self/fd/N/name`) reaches the symlink without following it and
 /// without looking up the directory again.
-fn set_symlink_xattrs(dir: BorrowedFd<'_>, name: &[u8], at: &Path, entry: &TreeEntry) -> u64 {
+fn set_symlink_xattrs(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    at: &Path,
+    entry: &TreeEntry,
+    policy: RestorePolicy,
+) -> u64 {
     if entry.xattrs.is_empty() {
         return 0;
     }
     let mut through_dir = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     through_dir.push(std::ffi::OsStr::from_bytes(name));
-    set_each_xattr(at, entry, |attribute, value| {
+    set_each_xattr(at, entry, policy, |attribute, value| {
         rustix::fs::lsetxattr(
             &through_dir,
             attribute,
@@ -824,7 +840,7 @@ impl DirectoryTarget {
             self.owners_not_restored += u64::from(refused);
             let bits = self.policy.permission_bits(entry.mode, refused);
             rustix::fs::fchmod(&dir.fd, Mode::from_bits_truncate(bits)).map_err(errno_at(&at))?;
-            self.attributes_not_restored += set_xattrs(&dir.fd, &at, entry);
+            self.attributes_not_restored += set_xattrs(&dir.fd, &at, entry, self.policy);
             rustix::fs::futimens(&dir.fd, &timestamps_of(entry)).map_err(errno_at(&at))?;
         }
         Ok(())
@@ -1023,7 +1039,7 @@ impl RestoreTarget for DirectoryTarget {
         self.owners_not_restored += u64::from(refused);
         let bits = self.policy.permission_bits(open.entry.mode, refused);
         rustix::fs::fchmod(&open.file, Mode::from_bits_truncate(bits)).map_err(errno_at(at))?;
-        self.attributes_not_restored += set_xattrs(&open.file, at, &open.entry);
+        self.attributes_not_restored += set_xattrs(&open.file, at, &open.entry, self.policy);
         rustix::fs::futimens(&open.file, &timestamps_of(&open.entry)).map_err(errno_at(at))?;
         Ok(())
     }
@@ -1104,7 +1120,7 @@ impl RestoreTarget for DirectoryTarget {
             )
         });
         // After the chown, which clears security attributes.
-        let not_restored = set_symlink_xattrs(parent.as_fd(), name, &at, entry);
+        let not_restored = set_symlink_xattrs(parent.as_fd(), name, &at, entry, self.policy);
         rustix::fs::utimensat(
             parent,
             name,

@@ -230,8 +230,8 @@ struct RestoreArgs {
     /// needs root). Without it everything belongs to you, even as root.
     #[arg(long)]
     same_owner: bool,
-    /// Keep recorded setuid and setgid bits (dropped by default: a
-    /// snapshot may hold whatever its uploader recorded).
+    /// Keep recorded setuid and setgid bits and file capabilities (dropped
+    /// by default: a snapshot may hold whatever its uploader recorded).
     #[arg(long)]
     keep_setid: bool,
 }

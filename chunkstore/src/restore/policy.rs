@@ -16,6 +16,9 @@
 //! and sockets are outside it because no target ever creates them,
 //! whatever it is asked: they are counted as skipped and logged.
 
+/// The extended attribute holding a file's capabilities.
+const CAPABILITY_ATTRIBUTE: &[u8] = b"security.capability";
+
 /// The setuid and setgid bits of a mode (`S_ISUID | S_ISGID`).
 const SETID_BITS: u32 = 0o6000;
 
@@ -35,7 +38,8 @@ pub struct RestorePolicy {
     /// bits, see [`RestorePolicy::permission_bits`]).
     pub same_owner: bool,
     /// Keep the setuid and setgid bits of files and directories as
-    /// recorded.
+    /// recorded, and their file capabilities (`security.capability`, which
+    /// grant privileges as setuid does).
     pub setid_bits: bool,
 }
 
@@ -47,6 +51,12 @@ impl RestorePolicy {
         same_owner: true,
         setid_bits: true,
     };
+
+    /// Whether the extended attribute `name` is restored: every one but
+    /// file capabilities, which only [`Self::setid_bits`] brings back.
+    pub fn keeps_attribute(self, name: &[u8]) -> bool {
+        self.setid_bits || name != CAPABILITY_ATTRIBUTE
+    }
 
     /// The permission bits (at most `0o7777`) an entry recorded with
     /// `mode` gets: without setuid and setgid unless [`Self::setid_bits`],
@@ -66,6 +76,14 @@ impl RestorePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_capabilities_are_kept_only_with_the_setid_bits() {
+        assert!(!RestorePolicy::default().keeps_attribute(b"security.capability"));
+        assert!(RestorePolicy::default().keeps_attribute(b"user.comment"));
+        assert!(RestorePolicy::default().keeps_attribute(b"security.selinux"));
+        assert!(RestorePolicy::AS_RECORDED.keeps_attribute(b"security.capability"));
+    }
 
     #[test]
     fn setid_bits_are_kept_only_when_asked_and_the_owner_was_not_refused() {
