@@ -111,6 +111,19 @@ pub enum StoreError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A commit sooner after the last snapshot of its job, host and
+    /// instance than the node's `min_interval` allows.
+    #[error(
+        "job {job:?} of host {host:?} had a snapshot too recently: the next is allowed from {next} on (the node's min_interval)"
+    )]
+    TooSoon {
+        /// The job.
+        job: String,
+        /// The host.
+        host: String,
+        /// When the next is allowed, UTC (ISO 8601).
+        next: String,
+    },
     /// A snapshot inside its WORM window cannot be deleted.
     #[error("snapshot {id} is retained (a WORM window): it can be deleted from {until} on")]
     Retained {

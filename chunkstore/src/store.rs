@@ -155,6 +155,36 @@ pub struct Store {
 /// 50 bytes each); beyond, it forgets them all and starts again.
 const COMPLETE_TREES_HELD: usize = 1 << 20;
 
+/// Snapshots whose new bytes make "the usual" for the growth guard.
+pub const USUAL_OF_LAST: usize = 10;
+
+/// byteback's guards against a hostile client, applied at a commit (see
+/// [`Store::commit_snapshot_guarded`]). `None` turns one off.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CommitGuards {
+    /// The least time between two snapshots of one job, host and instance.
+    pub min_interval_ms: Option<i64>,
+    /// How many times the usual new bytes a snapshot may add unflagged.
+    pub max_growth: Option<f64>,
+}
+
+/// The median new bytes of the newest [`USUAL_OF_LAST`] of `snapshots`
+/// (by commit time), or `None` when there are none or the median is 0.
+fn usual_new_bytes(snapshots: &[&Snapshot]) -> Option<u64> {
+    let mut recent: Vec<&Snapshot> = snapshots.to_vec();
+    recent.sort_by_key(|snapshot| std::cmp::Reverse(snapshot.end_time_ms));
+    let mut sizes: Vec<u64> = recent
+        .iter()
+        .take(USUAL_OF_LAST)
+        .map(|snapshot| snapshot.stats.as_ref().map_or(0, |stats| stats.new_bytes))
+        .collect();
+    if sizes.is_empty() {
+        return None;
+    }
+    sizes.sort_unstable();
+    Some(sizes[sizes.len() / 2]).filter(|&median| median > 0)
+}
+
 /// The shortest id prefix [`Store::find_snapshot`] takes for an id.
 pub const MIN_ID_PREFIX: usize = 8;
 
@@ -1099,7 +1129,21 @@ impl Store {
     /// [`StoreError::SnapshotExists`], unless the existing snapshot is the
     /// same run with the same content (job, host, instance, start time and
     /// root): a retried copy, answered with the existing record.
-    pub fn commit_snapshot(&self, mut snapshot: Snapshot) -> Result<Snapshot, StoreError> {
+    pub fn commit_snapshot(&self, snapshot: Snapshot) -> Result<Snapshot, StoreError> {
+        self.commit_snapshot_guarded(snapshot, &CommitGuards::default())
+    }
+
+    /// [`Store::commit_snapshot`], applying `guards` (byteback's) against
+    /// the snapshots of the same job, host and instance already here: a
+    /// commit sooner than `min_interval_ms` after the last is
+    /// [`StoreError::TooSoon`]; one whose new bytes exceed `max_growth`
+    /// times the usual (the median of the last [`USUAL_OF_LAST`]) is kept,
+    /// with `unusual_growth` set and a warning saying so.
+    pub fn commit_snapshot_guarded(
+        &self,
+        mut snapshot: Snapshot,
+        guards: &CommitGuards,
+    ) -> Result<Snapshot, StoreError> {
         let label = if !snapshot.name.is_empty() {
             validate::quote(snapshot.name.as_bytes())
         } else if !snapshot.id.is_empty() {
@@ -1163,7 +1207,8 @@ impl Store {
         // and a lookup by that name reports them all. A name that another
         // job's, host's or instance's snapshot has, or another's id, would
         // pass for that snapshot: refused.
-        if let Some(other) = self.list_snapshots()?.into_iter().find(|other| {
+        let existing = self.list_snapshots()?;
+        if let Some(other) = existing.iter().find(|other| {
             other.id == snapshot.name
                 || (other.name == snapshot.name
                     && (other.job != snapshot.job
@@ -1185,6 +1230,39 @@ impl Store {
         stats.chunks = summary.chunks;
         stats.bytes_read = stats.bytes_read.min(summary.bytes);
         stats.files_unchanged = stats.files_unchanged.min(summary.files);
+        let new_bytes = stats.new_bytes;
+        let same_source: Vec<&Snapshot> = existing
+            .iter()
+            .filter(|other| {
+                other.job == snapshot.job
+                    && other.host == snapshot.host
+                    && other.instance == snapshot.instance
+            })
+            .collect();
+        if let Some(min_interval_ms) = guards.min_interval_ms
+            && let Some(last) = same_source.iter().map(|other| other.end_time_ms).max()
+            && now < last.saturating_add(min_interval_ms)
+        {
+            return Err(StoreError::TooSoon {
+                job: validate::quote(snapshot.job.as_bytes()),
+                host: validate::quote(snapshot.host.as_bytes()),
+                next: fabric_proto::naming::CivilTime::from_unix_ms(
+                    last.saturating_add(min_interval_ms),
+                )
+                .iso8601(),
+            });
+        }
+        if let Some(max_growth) = guards.max_growth
+            && let Some(usual) = usual_new_bytes(&same_source)
+            && new_bytes as f64 > max_growth * usual as f64
+        {
+            snapshot.unusual_growth = true;
+            snapshot.warnings.push(format!(
+                "unusual growth: {new_bytes} new bytes, more than {max_growth} times the usual {usual} of job {:?} on host {:?}",
+                validate::quote(snapshot.job.as_bytes()),
+                validate::quote(snapshot.host.as_bytes()),
+            ));
+        }
         snapshot.warnings = validate::bounded_warnings(std::mem::take(&mut snapshot.warnings));
         self.write_snapshot_file(&snapshot)?;
         self.catalog.put(&snapshot).map_err(self.index_error())?;

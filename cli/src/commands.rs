@@ -288,12 +288,15 @@ pub struct SnapshotRow {
     pub nodes: Vec<String>,
     /// complete or verified.
     pub state: String,
+    /// Flags a node set at the commit: `growth` (new data beyond its
+    /// `max_growth` times the usual), `worm` (inside its WORM window).
+    pub flags: Vec<String>,
 }
 
 impl Row for SnapshotRow {
     fn headers() -> &'static [&'static str] {
         &[
-            "date", "id", "name", "size", "new", "duration", "tags", "nodes",
+            "date", "id", "name", "size", "new", "duration", "tags", "nodes", "flags",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -306,6 +309,7 @@ impl Row for SnapshotRow {
             duration_ms(self.duration_ms),
             self.tags.join(","),
             self.nodes.join(","),
+            self.flags.join(","),
         ]
     }
 }
@@ -323,7 +327,20 @@ pub fn snapshot_row(snapshot: &Snapshot, nodes: Vec<String>) -> SnapshotRow {
         tags: snapshot.tags.clone(),
         nodes,
         state: enum_name(snapshot.state().as_str_name(), "SNAPSHOT_STATE_"),
+        flags: snapshot_flags(snapshot, now_ms()),
     }
+}
+
+/// What `status` flags about `snapshot` at `now_ms`.
+fn snapshot_flags(snapshot: &Snapshot, now_ms: i64) -> Vec<String> {
+    let mut flags = Vec::new();
+    if snapshot.unusual_growth {
+        flags.push("growth".to_owned());
+    }
+    if snapshot.retain_until_ms > now_ms {
+        flags.push("worm".to_owned());
+    }
+    flags
 }
 
 pub async fn job_submit(

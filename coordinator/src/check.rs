@@ -39,13 +39,28 @@ pub fn check_jobs(jobs: &[Job], snapshots: &[Snapshot], now_ms: i64) -> Vec<JobC
         .filter_map(|job| job.spec.as_ref().map(|spec| (job, spec)))
         .map(|(job, spec)| {
             let judged_by_age = spec.interval_s > 0 && spec.direction() != Direction::Passive;
-            let (status, message, newest_good_ms) = if judged_by_age {
+            let (mut status, mut message, newest_good_ms) = if judged_by_age {
                 judge_by_age(job, snapshots, now_ms)
             } else {
                 let (status, message) = judge_by_last_run(job);
                 let newest = newest_good(snapshots, &spec.name, None).unwrap_or(0);
                 (status, message, newest)
             };
+            // A node flagged the newest snapshot (byteback's growth guard):
+            // kept, but someone should look.
+            if status == CheckStatus::Ok
+                && let Some(flagged) = snapshots
+                    .iter()
+                    .filter(|snapshot| snapshot.job == spec.name)
+                    .max_by_key(|snapshot| snapshot.end_time_ms)
+                    .filter(|snapshot| snapshot.unusual_growth)
+            {
+                status = CheckStatus::Warning;
+                message = format!(
+                    "newest snapshot {} grew unusually ({message})",
+                    flagged.name
+                );
+            }
             JobCheck {
                 job: spec.name.clone(),
                 status: status as i32,
@@ -330,6 +345,35 @@ mod tests {
             reason: reason.into(),
             ..Run::default()
         }
+    }
+
+    #[test]
+    fn a_newest_snapshot_flagged_for_growth_makes_an_ok_job_a_warning() {
+        let job = job("db", 24, 100);
+        let mut flagged = snapshot("db", "", 1, SnapshotState::Complete);
+        flagged.unusual_growth = true;
+        flagged.name = "db/x".into();
+        let checks = check_jobs(
+            std::slice::from_ref(&job),
+            &[
+                snapshot("db", "", 20, SnapshotState::Complete),
+                flagged.clone(),
+            ],
+            NOW,
+        );
+        assert_eq!(checks[0].status(), CheckStatus::Warning, "{checks:?}");
+        assert!(
+            checks[0].message.contains("db/x grew unusually"),
+            "{checks:?}"
+        );
+        // An older flagged one does not count once a newer one is fine.
+        flagged.end_time_ms = NOW - 30 * HOUR_MS;
+        let checks = check_jobs(
+            std::slice::from_ref(&job),
+            &[snapshot("db", "", 2, SnapshotState::Complete), flagged],
+            NOW,
+        );
+        assert_eq!(checks[0].status(), CheckStatus::Ok, "{checks:?}");
     }
 
     #[test]

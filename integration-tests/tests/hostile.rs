@@ -1036,3 +1036,109 @@ async fn a_repeated_id_is_served_once() {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].id, chunk);
 }
+
+/// A storage client of `node` holding `client/NAME`'s certificate.
+async fn client_of(node: &Server, name: &str, dir: &Path) -> StorageClient<Channel> {
+    let transport = pki().transport(Some((fabric_trust::Role::Client, name)), dir);
+    fabric_node::client::storage(
+        &fabric_node::client::Peer::any_node(&node.address),
+        &transport,
+    )
+    .await
+    .unwrap()
+}
+
+/// Upload one file of `content` as `host`'s snapshot of `job`.
+async fn client_backup(
+    client: &mut StorageClient<Channel>,
+    job: &str,
+    host: &str,
+    content: &[u8],
+) -> Result<Snapshot, tonic::Status> {
+    let root = Tree {
+        entries: vec![file(b"f", &id_of(content), content.len() as u64)],
+        parts: Vec::new(),
+    }
+    .encode_to_vec();
+    let mut messages = vec![send(sender_message::Kind::Chunks(ChunkBatch {
+        batch: 1,
+        chunks: [content.to_vec(), root.clone()]
+            .into_iter()
+            .map(|data| ChunkData {
+                id: id_of(&data),
+                data: data.into(),
+                ..ChunkData::default()
+            })
+            .collect(),
+    }))];
+    messages.extend(commit(Snapshot {
+        job: job.into(),
+        host: host.into(),
+        ..record(&id_of(&root))
+    }));
+    let replies = upload(client, messages).await?;
+    match replies.last().and_then(|reply| reply.kind.clone()) {
+        Some(receiver_message::Kind::Committed(committed)) => Ok(committed.snapshot.unwrap()),
+        other => panic!("no commit: {other:?}"),
+    }
+}
+
+/// byteback's guards, on a node that sets them, against a client: a second
+/// snapshot of one job within `min_interval_s` is refused naming when the
+/// next is allowed (another job is not held back, nor an operator); a
+/// snapshot far larger than the usual is kept and flagged.
+#[tokio::test]
+async fn a_node_refuses_snapshots_too_often_and_flags_sudden_growth() {
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("node.toml");
+    std::fs::write(&config, "min_interval_s = 3600\nmax_growth = 4.0\n").unwrap();
+    let node = Server::node(
+        &work.path().join("store"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut web1 = client_of(&node, "web1", work.path()).await;
+    client_backup(&mut web1, "daily", "web1", b"first")
+        .await
+        .unwrap();
+    let refused = client_backup(&mut web1, "daily", "web1", b"second")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("allowed from 20"), "{refused:?}");
+    assert!(serving(&node).await);
+    // Other jobs are their own sources.
+    for job in ["a", "b", "c"] {
+        client_backup(&mut web1, job, "web1", job.repeat(1000).as_bytes())
+            .await
+            .unwrap();
+    }
+    // Operators and storage nodes' copies are not held to the guards.
+    let mut operator = storage_client(&node.address).await;
+    let by_operator = client_backup(&mut operator, "daily", "web1", b"by the operator")
+        .await
+        .unwrap();
+    assert!(!by_operator.unusual_growth);
+
+    // Growth: usual new data is about 1 kB for job g; then 100 kB.
+    let growth = {
+        let dir = work.path().join("growth");
+        let config = work.path().join("growth.toml");
+        std::fs::write(&config, "max_growth = 4.0\n").unwrap();
+        let node = Server::node(&dir, &["--config", config.to_str().unwrap()]);
+        let mut web2 = client_of(&node, "web2", work.path()).await;
+        for round in 0..3u8 {
+            let usual = client_backup(&mut web2, "g", "web2", &vec![round; 1000])
+                .await
+                .unwrap();
+            assert!(!usual.unusual_growth, "{usual:?}");
+        }
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        client_backup(&mut web2, "g", "web2", &big).await.unwrap()
+    };
+    assert!(growth.unusual_growth, "{growth:?}");
+    assert!(
+        growth.warnings.iter().any(|w| w.contains("unusual growth")),
+        "{:?}",
+        growth.warnings
+    );
+}

@@ -64,6 +64,16 @@ pub struct NodeConfig {
     /// it sent stays uncommitted); senders say they are alive every
     /// minute. Default 300.
     pub transfer_idle_timeout_s: u64,
+    /// byteback's guard: the least seconds between two snapshots of one
+    /// job, host and instance that a client or agent may upload here; a
+    /// sooner one is refused with RESOURCE_EXHAUSTED naming when the next
+    /// is allowed. 0 (the default): no limit.
+    pub min_interval_s: u64,
+    /// byteback's other guard: a client's or agent's snapshot whose new
+    /// bytes exceed this many times the usual (the median of that source's
+    /// last 10) is kept but flagged (`unusual_growth`: `status` shows it,
+    /// `check` warns). 0 (the default): off.
+    pub max_growth: f64,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// This node's certificate, role node, for its `node_id`
@@ -105,6 +115,8 @@ impl Default for NodeConfig {
             min_free_bytes: 256 * 1024 * 1024,
             upload_memory_bytes: 256 * 1024 * 1024,
             transfer_idle_timeout_s: crate::transfer::IDLE_TIMEOUT.as_secs(),
+            min_interval_s: 0,
+            max_growth: 0.0,
             log_format: LogFormat::Text,
             tls_cert: None,
             tls_key: None,
@@ -139,6 +151,18 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// The guards `min_interval_s` and `max_growth` set (0: off).
+    pub fn commit_guards(&self) -> fabric_chunkstore::CommitGuards {
+        fabric_chunkstore::CommitGuards {
+            min_interval_ms: (self.min_interval_s > 0).then(|| {
+                i64::try_from(self.min_interval_s)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000)
+            }),
+            max_growth: (self.max_growth > 0.0).then_some(self.max_growth),
+        }
+    }
+
     /// Read `path`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -64,6 +64,17 @@ struct ServeArgs {
     /// Chunk bytes all uploads together may hold in memory.
     #[arg(long, env = "FABRIC_NODE_UPLOAD_MEMORY_BYTES")]
     upload_memory_bytes: Option<u64>,
+    /// Seconds an upload may send nothing before it is dropped.
+    #[arg(long, env = "FABRIC_NODE_TRANSFER_IDLE_TIMEOUT_S")]
+    transfer_idle_timeout_s: Option<u64>,
+    /// Least seconds between two snapshots of one job, host and instance
+    /// that a client or agent may upload (0: no limit).
+    #[arg(long, env = "FABRIC_NODE_MIN_INTERVAL_S")]
+    min_interval_s: Option<u64>,
+    /// Flag a client's or agent's snapshot whose new bytes exceed this many
+    /// times the usual (0: off).
+    #[arg(long, env = "FABRIC_NODE_MAX_GROWTH")]
+    max_growth: Option<f64>,
     /// text or json.
     #[arg(long, env = "FABRIC_NODE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -133,6 +144,15 @@ impl ServeArgs {
         }
         if let Some(value) = self.upload_memory_bytes {
             config.upload_memory_bytes = value;
+        }
+        if let Some(value) = self.transfer_idle_timeout_s {
+            config.transfer_idle_timeout_s = value;
+        }
+        if let Some(value) = self.min_interval_s {
+            config.min_interval_s = value;
+        }
+        if let Some(value) = self.max_growth {
+            config.max_growth = value;
         }
         if let Some(value) = self.log_format {
             config.log_format = value;

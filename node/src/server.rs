@@ -146,6 +146,7 @@ pub async fn serve_with_health(
             opened.clone(),
             config.upload_memory_bytes,
             Duration::from_secs(config.transfer_idle_timeout_s.max(1)),
+            config.commit_guards(),
             writable.clone(),
             transport.clone(),
             coordinator,

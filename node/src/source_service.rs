@@ -315,8 +315,7 @@ pub async fn pull_into(
         &mut incoming,
         request_tx,
         memory,
-        None,
-        crate::transfer::IDLE_TIMEOUT,
+        crate::transfer::ReceiveRules::trusted(),
     )
     .await?;
     // Dropping the call would reset it and could discard the `committed`

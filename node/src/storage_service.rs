@@ -20,7 +20,7 @@ use std::time::Duration;
 use fabric_chunkstore::restore::{HardLinks, RestoreError};
 use fabric_chunkstore::validate;
 use fabric_chunkstore::{ChunkId, SinkError, SnapshotSource};
-use fabric_chunkstore::{GcOptions, Store, StoreError, VerifyOptions};
+use fabric_chunkstore::{CommitGuards, GcOptions, Store, StoreError, VerifyOptions};
 use fabric_proto::v1::storage_server::Storage;
 use fabric_proto::v1::{
     ChunkData, ChunkIds, CopyProgress, CopySnapshotRequest, DeleteSnapshotRequest,
@@ -41,8 +41,8 @@ use crate::convert;
 use crate::node_directory::NodeDirectory;
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
-    self, OutgoingChunk, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, offer_snapshot_dag,
-    run_receiver, run_sender,
+    self, OutgoingChunk, REPLY_CHANNEL, ReceiveRules, SENDER_CHANNEL, TransferCounters,
+    offer_snapshot_dag, run_receiver, run_sender,
 };
 
 type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -61,6 +61,8 @@ pub struct StorageService {
     directory: NodeDirectory,
     /// How long an upload may send nothing before it is dropped.
     idle_timeout: Duration,
+    /// byteback's guards for uploads of clients and agents.
+    guards: CommitGuards,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -79,6 +81,7 @@ impl StorageService {
         store: Arc<Store>,
         upload_memory_bytes: u64,
         idle_timeout: Duration,
+        guards: CommitGuards,
         writable: Arc<AtomicBool>,
         transport: Transport,
         coordinator: Option<String>,
@@ -90,6 +93,7 @@ impl StorageService {
             store,
             upload_memory: Arc::new(Semaphore::new(permits)),
             idle_timeout,
+            guards,
             writable,
             directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
@@ -176,8 +180,7 @@ pub fn receive_upload(
     store: Arc<Store>,
     incoming: impl Stream<Item = Result<SenderMessage, Status>> + Unpin + Send + 'static,
     memory: Arc<Semaphore>,
-    commit_host: Option<String>,
-    idle_timeout: Duration,
+    rules: ReceiveRules,
 ) -> ReceiverStream<Result<ReceiverMessage, Status>> {
     let (reply_tx, mut reply_rx) = mpsc::channel(REPLY_CHANNEL);
     let (out_tx, out_rx) = mpsc::channel(REPLY_CHANNEL + 1);
@@ -191,7 +194,7 @@ pub fn receive_upload(
             }
         };
         let (result, ()) = tokio::join!(
-            run_receiver(store, incoming, reply_tx, memory, commit_host, idle_timeout),
+            run_receiver(store, incoming, reply_tx, memory, rules),
             forward
         );
         match result {
@@ -318,8 +321,17 @@ impl Storage for StorageService {
             self.store.clone(),
             request.into_inner(),
             self.upload_memory.clone(),
-            commit_host,
-            self.idle_timeout,
+            ReceiveRules {
+                // The guards hold the hosts that back themselves up (clients
+                // and agents), not storage nodes' copies or operators.
+                guards: if commit_host.is_some() {
+                    self.guards
+                } else {
+                    CommitGuards::default()
+                },
+                commit_host,
+                idle_timeout: self.idle_timeout,
+            },
         )))
     }
 

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fabric_chunkstore::pack::{self, StoredChunk};
-use fabric_chunkstore::{Chunk, ChunkId, PutStats, Store};
+use fabric_chunkstore::{Chunk, ChunkId, CommitGuards, PutStats, Store};
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
     SenderMessage, Snapshot, Tree, receiver_message, sender_message,
@@ -356,6 +356,30 @@ pub const FLUSH_EVERY_BYTES: u64 = 256 * 1024 * 1024;
 /// A live sender is never this quiet (it sends progress while it reads).
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// What a receiver holds an upload to, beyond the protocol.
+#[derive(Clone, Debug)]
+pub struct ReceiveRules {
+    /// A client's or agent's upload: only a snapshot of this host is
+    /// committed (`PERMISSION_DENIED` otherwise).
+    pub commit_host: Option<String>,
+    /// How long the sender may send nothing before the transfer is dropped.
+    pub idle_timeout: std::time::Duration,
+    /// byteback's guards, applied to the commit.
+    pub guards: CommitGuards,
+}
+
+impl ReceiveRules {
+    /// A transfer from a trusted sender (a storage node's copy, a pull this
+    /// node runs): no host to hold it to, no guards.
+    pub fn trusted() -> Self {
+        Self {
+            commit_host: None,
+            idle_timeout: IDLE_TIMEOUT,
+            guards: CommitGuards::default(),
+        }
+    }
+}
+
 /// How often a sender says it is alive when it has nothing else to send.
 pub const SENDER_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -378,8 +402,7 @@ pub async fn run_receiver<I>(
     mut incoming: I,
     outgoing: mpsc::Sender<ReceiverMessage>,
     memory: Arc<Semaphore>,
-    commit_host: Option<String>,
-    idle_timeout: std::time::Duration,
+    rules: ReceiveRules,
 ) -> Result<Snapshot, Status>
 where
     I: Stream<Item = Result<SenderMessage, Status>> + Unpin,
@@ -398,12 +421,12 @@ where
     let mut batches = Some(batches);
     loop {
         let message = tokio::select! {
-            message = tokio::time::timeout(idle_timeout, incoming.next()) => match message {
+            message = tokio::time::timeout(rules.idle_timeout, incoming.next()) => match message {
                 Ok(message) => message,
                 Err(_) => {
                     return Err(Status::deadline_exceeded(format!(
                         "the sender sent nothing for {} s: the transfer is dropped, nothing was committed",
-                        idle_timeout.as_secs()
+                        rules.idle_timeout.as_secs()
                     )));
                 }
             },
@@ -479,7 +502,7 @@ where
             Some(sender_message::Kind::Commit(Commit { snapshot })) => {
                 let snapshot =
                     snapshot.ok_or_else(|| protocol_error("a commit without a snapshot"))?;
-                if let Some(host) = &commit_host
+                if let Some(host) = &rules.commit_host
                     && snapshot.host != *host
                 {
                     return Err(Status::permission_denied(format!(
@@ -499,11 +522,13 @@ where
                 stats.new_bytes = written.new_bytes;
                 stats.stored_bytes = written.stored_bytes;
                 let store = store.clone();
-                let committed =
-                    tokio::task::spawn_blocking(move || store.commit_snapshot(snapshot))
-                        .await
-                        .map_err(join_error)?
-                        .map_err(status_from_store_error)?;
+                let guards = rules.guards;
+                let committed = tokio::task::spawn_blocking(move || {
+                    store.commit_snapshot_guarded(snapshot, &guards)
+                })
+                .await
+                .map_err(join_error)?
+                .map_err(status_from_store_error)?;
                 reply(receiver_message::Kind::Committed(Committed {
                     snapshot: Some(committed.clone()),
                 }))

@@ -85,6 +85,7 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
         store,
         64 << 20,
         fabric_node::transfer::IDLE_TIMEOUT,
+        fabric_chunkstore::CommitGuards::default(),
         Arc::new(AtomicBool::new(true)),
         server_transport.clone(),
         None,
