@@ -969,6 +969,8 @@ pub async fn backup(
         options,
         template,
         Some(progress),
+        // The node's ingest limit applies; a one-off backup has no own.
+        fabric_node::rate_limit::RateLimits::none(),
     )
     .await?;
     if let Some(bar) = bar {

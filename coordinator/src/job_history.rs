@@ -45,6 +45,10 @@ pub fn changed_keys(old: &JobSpec, new: &JobSpec) -> Vec<&'static str> {
     differs("pull_source", old.pull_source != new.pull_source);
     differs("pull_timeout", old.pull_timeout_s != new.pull_timeout_s);
     differs("min_retention", old.min_retention_s != new.min_retention_s);
+    differs(
+        "bandwidth_limit",
+        old.bandwidth_limit_bytes_per_s != new.bandwidth_limit_bytes_per_s,
+    );
     keys
 }
 

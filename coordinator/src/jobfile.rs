@@ -45,6 +45,7 @@
 //! | `one_file_system` | push, pull | `true` to stay on the file systems of the included paths |
 //! | `pull_source` | pull | the passive job this pull job fetches from (its twin; required) |
 //! | `pull_timeout` | passive | how long the client waits to be pulled before its post script (default 1h) |
+//! | `bandwidth_limit` | push, pull | bytes per second for the job's transfers: `"20MB/s"`, `"512KiB"`, or a number of bytes (the agent's sends of a push, the puller's receives of a pull) |
 //! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
 //!
 //! A key that does not apply to the job's direction is an error when the job
@@ -139,6 +140,7 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("pull_source", false, true, false),
     rule("pull_timeout", false, false, true),
     rule("min_retention", true, true, false),
+    rule("bandwidth_limit", true, true, false),
 ];
 
 /// Keys whose value may be a `!command` (in push jobs).
@@ -527,6 +529,36 @@ pub fn is_valid_name(name: &str) -> bool {
         _ => return false,
     }
     chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Bytes per second from `text`: a number (decimals allowed) and an
+/// optional unit (`k`/`K`, `M`, `G`, `T` in powers of 1000, `Ki`, `Mi`,
+/// `Gi`, `Ti` in powers of 1024, each with an optional `B`; a lone `B`),
+/// then an optional `/s`. `None` for anything else or beyond `u64`.
+pub fn parse_rate(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let text = text.strip_suffix("/s").unwrap_or(text).trim_end();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let unit = unit.trim();
+    let unit = unit.strip_suffix('B').unwrap_or(unit);
+    let factor: f64 = match unit {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let bytes = number * factor;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes.round() as u64)
 }
 
 /// Parses and validates a jobs file. `file_name` is only used in messages.
@@ -1014,6 +1046,11 @@ impl JobContext<'_> {
                 ),
             }
         }
+        if is("bandwidth_limit")
+            && let Some(rate) = self.rate(reporter, "bandwidth_limit")
+        {
+            spec.bandwidth_limit_bytes_per_s = rate;
+        }
         if is("min_retention")
             && let Some(window) = self.duration(reporter, "min_retention")
         {
@@ -1223,6 +1260,40 @@ impl JobContext<'_> {
             return None;
         }
         Some(number)
+    }
+
+    /// Bytes per second: a whole number, or a number and a unit (`k`, `M`,
+    /// `G` and `T` in powers of 1000, `KiB`... in powers of 1024, an
+    /// optional `B` and `/s`).
+    fn rate(&self, reporter: &mut Reporter<'_>, key: &str) -> Checked<u64> {
+        let setting = self.setting(key)?;
+        let text = match &setting.entry.value {
+            Value::Integer(bytes) if *bytes >= 0 => return Some(*bytes as u64),
+            Value::Text(text) => self.resolve(reporter, key, setting.entry.line, text)?,
+            other => {
+                reporter.report(
+                    setting.entry.line,
+                    Some(key),
+                    ProblemKind::WrongType {
+                        expected: "bytes per second (\"20MB/s\", \"512KiB\") or a whole number",
+                        found: other.type_name(),
+                    },
+                );
+                return None;
+            }
+        };
+        match parse_rate(&text) {
+            Some(rate) => Some(rate),
+            None => {
+                self.bad(
+                    reporter,
+                    key,
+                    text,
+                    "bytes per second, e.g. \"20MB/s\", \"512KiB\" or 1000000",
+                );
+                None
+            }
+        }
     }
 
     fn duration(&self, reporter: &mut Reporter<'_>, key: &str) -> Checked<Duration> {

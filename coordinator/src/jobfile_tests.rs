@@ -672,3 +672,27 @@ fn min_retention_is_a_duration_for_push_and_pull_jobs() {
         error("[job.c]\ndirection = \"passive\"\nclient = \"ext1\"\nmin_retention = \"1d\"\n");
     assert!(passive.contains("min_retention"), "{passive}");
 }
+
+#[test]
+fn bandwidth_limits_read_units_and_refuse_nonsense() {
+    assert_eq!(parse_rate("1000"), Some(1000));
+    assert_eq!(parse_rate("20MB/s"), Some(20_000_000));
+    assert_eq!(parse_rate("512KiB"), Some(524_288));
+    assert_eq!(parse_rate("1.5 G"), Some(1_500_000_000));
+    assert_eq!(parse_rate(" 7k/s "), Some(7000));
+    for bad in ["", "fast", "10 parsecs", "-5", "1e999", "MB"] {
+        assert_eq!(parse_rate(bad), None, "{bad:?}");
+    }
+    let text = "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nbandwidth_limit = \"20MB/s\"\n\
+                [job.q]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nbandwidth_limit = 4096\n";
+    let jobs = parse_jobs_file("jobs.toml", text, &known()).unwrap();
+    assert_eq!(job(&jobs, "p").bandwidth_limit_bytes_per_s, 20_000_000);
+    assert_eq!(job(&jobs, "q").bandwidth_limit_bytes_per_s, 4096);
+    let bad = error(
+        "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nbandwidth_limit = \"lots\"\n",
+    );
+    assert!(
+        bad.contains("bandwidth_limit") && bad.contains("lots"),
+        "{bad}"
+    );
+}

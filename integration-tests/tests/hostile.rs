@@ -1091,7 +1091,11 @@ async fn client_backup(
 async fn a_node_refuses_snapshots_too_often_and_flags_sudden_growth() {
     let work = tempfile::tempdir().unwrap();
     let config = work.path().join("node.toml");
-    std::fs::write(&config, "min_interval_s = 3600\nmax_growth = 4.0\n").unwrap();
+    std::fs::write(
+        &config,
+        "min_interval_s = 3600\nmax_growth = 4.0\ningest_limit_bytes_per_s = 50000000\n",
+    )
+    .unwrap();
     let node = Server::node(
         &work.path().join("store"),
         &["--config", config.to_str().unwrap()],

@@ -911,6 +911,7 @@ async fn a_pull_skips_unchanged_files_even_when_the_parents_trees_are_larger_tha
                 ..Default::default()
             },
             memory.clone(),
+            fabric_node::rate_limit::RateLimits::none(),
         )
     };
     let first = pull().await.unwrap();

@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
+use crate::rate_limit::RateLimits;
 use crate::transfer::{
     ChannelSink, OutgoingChunk, READ_AHEAD_CHUNKS, SENDER_CHANNEL, TransferCounters, run_sender,
 };
@@ -375,6 +376,7 @@ fn spawn_walk(
 /// `parent`), send what the receiver lacks on `outgoing`, taking its replies
 /// from `incoming`, and commit the snapshot made from `template`. Returns the
 /// snapshot as the receiver committed it.
+#[allow(clippy::too_many_arguments)]
 pub async fn send_backup<I>(
     options: BackupOptions,
     parent: Option<(Arc<dyn ChunkSource + Send + Sync>, ChunkId)>,
@@ -383,6 +385,7 @@ pub async fn send_backup<I>(
     incoming: I,
     counters: Arc<TransferCounters>,
     progress: Option<ProgressFn>,
+    limits: RateLimits,
 ) -> Result<Snapshot, Status>
 where
     I: futures::Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
@@ -403,6 +406,7 @@ where
         incoming,
         commit,
         counters,
+        limits,
     )
     .await
 }
@@ -416,6 +420,7 @@ pub async fn push_backup(
     options: BackupOptions,
     template: Snapshot,
     progress: Option<ProgressFn>,
+    limits: RateLimits,
 ) -> Result<PushOutcome, AgentError> {
     let client = crate::client::storage(node, transport).await?;
     let address = node.address.as_str();
@@ -460,6 +465,7 @@ pub async fn push_backup(
         incoming,
         counters.clone(),
         progress,
+        limits,
     )
     .await
     .map_err(remote("backing up"))?;

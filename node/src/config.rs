@@ -74,6 +74,12 @@ pub struct NodeConfig {
     /// last 10) is kept but flagged (`unusual_growth`: `status` shows it,
     /// `check` warns). 0 (the default): off.
     pub max_growth: f64,
+    /// Bytes per second this agent's sends may use, all together: its
+    /// pushes and the pulls it serves (0, the default: no limit).
+    pub upload_limit_bytes_per_s: u64,
+    /// Bytes per second this storage node takes in, all uploads and pulls
+    /// together (0, the default: no limit).
+    pub ingest_limit_bytes_per_s: u64,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// This node's certificate, role node, for its `node_id`
@@ -117,6 +123,8 @@ impl Default for NodeConfig {
             transfer_idle_timeout_s: crate::transfer::IDLE_TIMEOUT.as_secs(),
             min_interval_s: 0,
             max_growth: 0.0,
+            upload_limit_bytes_per_s: 0,
+            ingest_limit_bytes_per_s: 0,
             log_format: LogFormat::Text,
             tls_cert: None,
             tls_key: None,

@@ -75,6 +75,12 @@ struct ServeArgs {
     /// times the usual (0: off).
     #[arg(long, env = "FABRIC_NODE_MAX_GROWTH")]
     max_growth: Option<f64>,
+    /// Bytes per second this agent's sends may use (0: no limit).
+    #[arg(long, env = "FABRIC_NODE_UPLOAD_LIMIT_BYTES_PER_S")]
+    upload_limit_bytes_per_s: Option<u64>,
+    /// Bytes per second this storage node takes in (0: no limit).
+    #[arg(long, env = "FABRIC_NODE_INGEST_LIMIT_BYTES_PER_S")]
+    ingest_limit_bytes_per_s: Option<u64>,
     /// text or json.
     #[arg(long, env = "FABRIC_NODE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -153,6 +159,12 @@ impl ServeArgs {
         }
         if let Some(value) = self.max_growth {
             config.max_growth = value;
+        }
+        if let Some(value) = self.upload_limit_bytes_per_s {
+            config.upload_limit_bytes_per_s = value;
+        }
+        if let Some(value) = self.ingest_limit_bytes_per_s {
+            config.ingest_limit_bytes_per_s = value;
         }
         if let Some(value) = self.log_format {
             config.log_format = value;

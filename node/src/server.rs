@@ -110,6 +110,9 @@ pub async fn serve_with_health(
             .map_err(ServeError::Commands)?,
     );
     let permits = PullPermits::default();
+    // One bucket each, shared by every transfer they govern.
+    let upload_limit = crate::rate_limit::RateLimit::new(config.upload_limit_bytes_per_s);
+    let ingest_limit = crate::rate_limit::RateLimit::new(config.ingest_limit_bytes_per_s);
     let incoming = fabric_trust::transport::incoming(listener, &transport)?;
     let mut names = Vec::new();
     if config.has_role(Role::Storage) {
@@ -144,9 +147,12 @@ pub async fn serve_with_health(
         let coordinator = (!config.coordinator.is_empty()).then(|| config.coordinator.clone());
         let service = StorageService::new(
             opened.clone(),
-            config.upload_memory_bytes,
-            Duration::from_secs(config.transfer_idle_timeout_s.max(1)),
-            config.commit_guards(),
+            crate::storage_service::UploadSettings {
+                memory_bytes: config.upload_memory_bytes,
+                idle_timeout: Duration::from_secs(config.transfer_idle_timeout_s.max(1)),
+                guards: config.commit_guards(),
+                ingest_limit: ingest_limit.clone(),
+            },
             writable.clone(),
             transport.clone(),
             coordinator,
@@ -160,9 +166,13 @@ pub async fn serve_with_health(
     }
     if config.has_role(Role::Agent) {
         routes = routes.add_service(
-            SourceServer::new(SourceService::new(config.hostname.clone(), permits.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            SourceServer::new(SourceService::new(
+                config.hostname.clone(),
+                permits.clone(),
+                upload_limit.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     }
 
@@ -215,6 +225,8 @@ pub async fn serve_with_health(
                 transport: transport.clone(),
                 commands,
                 permits,
+                upload_limit: upload_limit.clone(),
+                ingest_limit: ingest_limit.clone(),
             },
             stop_rx.clone(),
         ));

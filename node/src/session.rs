@@ -36,6 +36,7 @@ use crate::agent::{PushProgress, describe_status, push_backup};
 use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
 use crate::pull_permits::PullPermits;
+use crate::rate_limit::{RateLimit, RateLimits};
 
 /// Updates waiting to be sent, kept across reconnects (bounded: the oldest
 /// progress-only updates are dropped first when it overflows).
@@ -62,6 +63,8 @@ struct Context {
     transport: Transport,
     commands: Arc<CommandPolicy>,
     permits: PullPermits,
+    upload_limit: Option<Arc<RateLimit>>,
+    ingest_limit: Option<Arc<RateLimit>>,
 }
 
 impl Context {
@@ -178,6 +181,10 @@ pub struct SessionParts {
     /// The pull permits the coordinator grants, shared with the source
     /// service that checks them.
     pub permits: PullPermits,
+    /// This agent's upload limit (node.toml `upload_limit_bytes_per_s`).
+    pub upload_limit: Option<Arc<RateLimit>>,
+    /// This node's ingest limit (node.toml `ingest_limit_bytes_per_s`).
+    pub ingest_limit: Option<Arc<RateLimit>>,
 }
 
 /// Keep a session with the coordinator until `stop` turns true.
@@ -198,6 +205,8 @@ pub async fn run_session(
         transport: parts.transport,
         commands: parts.commands,
         permits: parts.permits,
+        upload_limit: parts.upload_limit,
+        ingest_limit: parts.ingest_limit,
     };
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
@@ -684,6 +693,9 @@ async fn copy_once(
         backup_options(job),
         template.clone(),
         Some(progress),
+        RateLimits::none()
+            .with(context.upload_limit.clone())
+            .with(RateLimit::new(job.bandwidth_limit_bytes_per_s)),
     )
     .await
     .map(|outcome| outcome.snapshot)
@@ -753,6 +765,9 @@ async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
             job.one_file_system,
             template,
             context.pull_memory.clone(),
+            RateLimits::none()
+                .with(context.ingest_limit.clone())
+                .with(RateLimit::new(job.bandwidth_limit_bytes_per_s)),
         )
         .await
         .map_err(|status| {

@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::agent::send_backup;
 use crate::client::Peer;
 use crate::pull_permits::{PERMIT_WAIT, PermittedPaths, PullPermits};
+use crate::rate_limit::{RateLimit, RateLimits};
 use crate::status::status_from_store_error;
 use crate::transfer::{
     MAX_BATCH_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, for_each_tree, run_receiver,
@@ -103,13 +104,23 @@ async fn receive_parent_trees(
 pub struct SourceService {
     hostname: String,
     permits: PullPermits,
+    /// The agent's upload limit, which pulls it serves wait for too.
+    upload_limit: Option<Arc<RateLimit>>,
 }
 
 impl SourceService {
     /// Serve pulls of this host's files, as `permits` allow; snapshots
     /// record `hostname`.
-    pub fn new(hostname: String, permits: PullPermits) -> Self {
-        Self { hostname, permits }
+    pub fn new(
+        hostname: String,
+        permits: PullPermits,
+        upload_limit: Option<Arc<RateLimit>>,
+    ) -> Self {
+        Self {
+            hostname,
+            permits,
+            upload_limit,
+        }
     }
 
     /// The paths the caller may pull for `run_id`: those of the permit the
@@ -222,8 +233,18 @@ impl Source for SourceService {
         let counters = Arc::new(TransferCounters::default());
         let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
         let (result_tx, result_rx) = mpsc::channel::<Result<SenderMessage, Status>>(1);
+        let upload_limit = self.upload_limit.clone();
         tokio::spawn(async move {
-            let sent = send_backup(options, parent, template, out_tx, incoming, counters, None);
+            let sent = send_backup(
+                options,
+                parent,
+                template,
+                out_tx,
+                incoming,
+                counters,
+                None,
+                RateLimits::none().with(upload_limit),
+            );
             match sent.await {
                 Ok(snapshot) => tracing::info!(snapshot = %snapshot.id, "pull served"),
                 Err(status) => {
@@ -254,6 +275,7 @@ pub async fn pull_into(
     one_file_system: bool,
     mut template: Snapshot,
     memory: Arc<Semaphore>,
+    limits: RateLimits,
 ) -> Result<Snapshot, Status> {
     let mut client = crate::client::source(source, transport)
         .await
@@ -315,7 +337,10 @@ pub async fn pull_into(
         &mut incoming,
         request_tx,
         memory,
-        crate::transfer::ReceiveRules::trusted(),
+        crate::transfer::ReceiveRules {
+            limits,
+            ..crate::transfer::ReceiveRules::trusted()
+        },
     )
     .await?;
     // Dropping the call would reset it and could discard the `committed`

@@ -39,6 +39,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
 use crate::node_directory::NodeDirectory;
+use crate::rate_limit::{RateLimit, RateLimits};
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
     self, OutgoingChunk, REPLY_CHANNEL, ReceiveRules, SENDER_CHANNEL, TransferCounters,
@@ -63,6 +64,21 @@ pub struct StorageService {
     idle_timeout: Duration,
     /// byteback's guards for uploads of clients and agents.
     guards: CommitGuards,
+    /// The node-wide ingest limit every upload waits for.
+    ingest_limit: Option<Arc<RateLimit>>,
+}
+
+/// How a node takes uploads.
+#[derive(Clone, Debug)]
+pub struct UploadSettings {
+    /// Chunk bytes all uploads together may hold in memory.
+    pub memory_bytes: u64,
+    /// How long an upload may send nothing before it is dropped.
+    pub idle_timeout: Duration,
+    /// byteback's guards for uploads of clients and agents.
+    pub guards: CommitGuards,
+    /// The node-wide ingest limit (bytes/s), if any.
+    pub ingest_limit: Option<Arc<RateLimit>>,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -79,13 +95,17 @@ impl StorageService {
     /// resolves.
     pub fn new(
         store: Arc<Store>,
-        upload_memory_bytes: u64,
-        idle_timeout: Duration,
-        guards: CommitGuards,
+        uploads: UploadSettings,
         writable: Arc<AtomicBool>,
         transport: Transport,
         coordinator: Option<String>,
     ) -> Self {
+        let UploadSettings {
+            memory_bytes: upload_memory_bytes,
+            idle_timeout,
+            guards,
+            ingest_limit,
+        } = uploads;
         let permits = usize::try_from(upload_memory_bytes / 1024)
             .unwrap_or(usize::MAX)
             .clamp(transfer::MAX_MESSAGE_BYTES / 1024, Semaphore::MAX_PERMITS);
@@ -94,6 +114,7 @@ impl StorageService {
             upload_memory: Arc::new(Semaphore::new(permits)),
             idle_timeout,
             guards,
+            ingest_limit,
             writable,
             directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
@@ -331,6 +352,7 @@ impl Storage for StorageService {
                 },
                 commit_host,
                 idle_timeout: self.idle_timeout,
+                limits: RateLimits::none().with(self.ingest_limit.clone()),
             },
         )))
     }
@@ -642,6 +664,8 @@ impl Storage for StorageService {
                 incoming,
                 commit,
                 copy_counters,
+                // The target's ingest limit paces a copy.
+                RateLimits::none(),
             )
             .await
         };

@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fabric_chunkstore::pack::{self, StoredChunk};
 use fabric_chunkstore::{Chunk, ChunkId, CommitGuards, PutStats, Store};
+
+use crate::rate_limit::RateLimits;
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
     SenderMessage, Snapshot, Tree, receiver_message, sender_message,
@@ -151,6 +153,7 @@ fn protocol_error(what: impl std::fmt::Display) -> Status {
 /// when that does not shrink it); a missing `Stored` chunk is read from
 /// `store` as it is stored. Both happen on blocking threads while the loop
 /// goes on offering, sending and taking acknowledgements.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_sender<I, C>(
     mut chunks: mpsc::Receiver<OutgoingChunk>,
     store: Option<Arc<Store>>,
@@ -159,6 +162,7 @@ pub async fn run_sender<I, C>(
     mut incoming: I,
     commit: C,
     counters: Arc<TransferCounters>,
+    limits: RateLimits,
 ) -> Result<Snapshot, Status>
 where
     I: Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
@@ -234,6 +238,7 @@ where
                     TransferCounters::add(&counters.chunks_sent, batch.len() as u64);
                     TransferCounters::add(&counters.bytes_sent, bytes as u64);
                     batches_unacked += 1;
+                    limits.take(bytes as u64).await;
                     send(sender_message::Kind::Chunks(ChunkBatch { batch: next_batch, chunks: batch })).await?;
                 }
             }
@@ -366,6 +371,9 @@ pub struct ReceiveRules {
     pub idle_timeout: std::time::Duration,
     /// byteback's guards, applied to the commit.
     pub guards: CommitGuards,
+    /// Bandwidth limits the chunk batches received wait for (the node's
+    /// ingest limit; a pull's job limit).
+    pub limits: RateLimits,
 }
 
 impl ReceiveRules {
@@ -376,6 +384,7 @@ impl ReceiveRules {
             commit_host: None,
             idle_timeout: IDLE_TIMEOUT,
             guards: CommitGuards::default(),
+            limits: RateLimits::none(),
         }
     }
 }
@@ -485,6 +494,7 @@ where
                 let permits = u32::try_from(bytes.div_ceil(1024).max(1)).map_err(|_| {
                     Status::out_of_range(format!("chunk batch {batch} is too large"))
                 })?;
+                rules.limits.take(bytes as u64).await;
                 let held = memory
                     .clone()
                     .acquire_many_owned(permits)

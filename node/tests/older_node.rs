@@ -14,6 +14,7 @@ use fabric_chunkstore::walk::BackupOptions;
 use fabric_chunkstore::{ChunkParams, Store, StoreConfig};
 use fabric_node::agent::push_backup;
 use fabric_node::client::Peer;
+use fabric_node::rate_limit::RateLimits;
 use fabric_node::storage_service::StorageService;
 use fabric_proto::v1::storage_server::StorageServer;
 use fabric_proto::v1::{GetNewestSnapshotRequest, Snapshot};
@@ -83,9 +84,12 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
     let agent = credentials(Role::Node, "client").client().unwrap();
     let service = StorageService::new(
         store,
-        64 << 20,
-        fabric_node::transfer::IDLE_TIMEOUT,
-        fabric_chunkstore::CommitGuards::default(),
+        fabric_node::storage_service::UploadSettings {
+            memory_bytes: 64 << 20,
+            idle_timeout: fabric_node::transfer::IDLE_TIMEOUT,
+            guards: fabric_chunkstore::CommitGuards::default(),
+            ingest_limit: None,
+        },
         Arc::new(AtomicBool::new(true)),
         server_transport.clone(),
         None,
@@ -117,11 +121,18 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
         host: "client".into(),
         ..Default::default()
     };
-    let first = push_backup(&node, &agent, options.clone(), template.clone(), None)
-        .await
-        .unwrap();
+    let first = push_backup(
+        &node,
+        &agent,
+        options.clone(),
+        template.clone(),
+        None,
+        RateLimits::none(),
+    )
+    .await
+    .unwrap();
     assert!(first.bytes_sent > 0);
-    let second = push_backup(&node, &agent, options, template, None)
+    let second = push_backup(&node, &agent, options, template, None, RateLimits::none())
         .await
         .unwrap();
     assert_eq!(second.snapshot.parent_id, first.snapshot.id);
