@@ -217,6 +217,15 @@ struct NodeRow {
     chunks: u64,
     stored_bytes: u64,
     transport: String,
+    /// Hosts with a quota on this node: used and quota bytes.
+    quotas: Vec<QuotaUse>,
+}
+
+#[derive(Serialize)]
+struct QuotaUse {
+    host: String,
+    used_bytes: u64,
+    quota_bytes: u64,
 }
 
 impl Row for NodeRow {
@@ -231,6 +240,7 @@ impl Row for NodeRow {
             "chunks",
             "stored",
             "transport",
+            "fullest quota",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -244,8 +254,28 @@ impl Row for NodeRow {
             self.chunks.to_string(),
             bytes(self.stored_bytes),
             self.transport.clone(),
+            fullest_quota(&self.quotas),
         ]
     }
+}
+
+/// The host closest to its quota: `web1 80% of 10.0 GiB`, or `-`.
+fn fullest_quota(quotas: &[QuotaUse]) -> String {
+    let share = |quota: &QuotaUse| quota.used_bytes as f64 / quota.quota_bytes.max(1) as f64;
+    quotas
+        .iter()
+        .max_by(|a, b| share(a).total_cmp(&share(b)))
+        .map_or_else(
+            || "-".to_owned(),
+            |quota| {
+                format!(
+                    "{} {:.0}% of {}",
+                    quota.host,
+                    share(quota) * 100.0,
+                    bytes(quota.quota_bytes)
+                )
+            },
+        )
 }
 
 fn node_row(node: &Node) -> NodeRow {
@@ -264,6 +294,15 @@ fn node_row(node: &Node) -> NodeRow {
         } else {
             "tls".to_owned()
         },
+        quotas: node
+            .quota_usage
+            .iter()
+            .map(|usage| QuotaUse {
+                host: usage.host.clone(),
+                used_bytes: usage.used_bytes,
+                quota_bytes: usage.quota_bytes,
+            })
+            .collect(),
     }
 }
 
@@ -1072,5 +1111,27 @@ mod tests {
                 .contains("nope")
         );
         assert_eq!(run_state(RunState::Done), "done");
+    }
+
+    #[test]
+    fn the_fullest_quota_is_the_one_shown() {
+        assert_eq!(fullest_quota(&[]), "-");
+        let quotas = [
+            QuotaUse {
+                host: "web1".into(),
+                used_bytes: 100,
+                quota_bytes: 1000,
+            },
+            QuotaUse {
+                host: "db1".into(),
+                used_bytes: 800,
+                quota_bytes: 1000,
+            },
+        ];
+        assert!(
+            fullest_quota(&quotas).starts_with("db1 80% of "),
+            "{}",
+            fullest_quota(&quotas)
+        );
     }
 }

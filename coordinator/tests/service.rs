@@ -12,10 +12,10 @@ use fabric_coordinator::{CoordinatorConfig, serve};
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CancelRunRequest, CheckRequest, CoordinatorMessage, CopyState,
-    GetJobRequest, GetRunRequest, Heartbeat, ListCatalogRequest, ListJobsRequest, ListNodesRequest,
-    ListRunsRequest, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, RetryRunRequest, Run,
-    RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SubmitJobsRequest, TransferProgress,
-    WatchRunRequest, coordinator_message, node_message,
+    GetJobRequest, GetRunRequest, Heartbeat, HostUsage, ListCatalogRequest, ListJobsRequest,
+    ListNodesRequest, ListRunsRequest, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone,
+    RetryRunRequest, Run, RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SubmitJobsRequest,
+    TransferProgress, WatchRunRequest, coordinator_message, node_message,
 };
 use fabric_trust::pki::PkiDir;
 use fabric_trust::transport::TransportSettings;
@@ -179,6 +179,11 @@ impl FakeNode {
                     free_bytes: 1 << 28,
                     chunks: 7,
                     stored_bytes: 700,
+                    quota_usage: vec![HostUsage {
+                        host: "web1".into(),
+                        used_bytes: 300,
+                        quota_bytes: 1000,
+                    }],
                 })),
             })
             .await
@@ -457,6 +462,7 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
         .collect();
     assert_eq!(ids, ["c1", "n1", "n2"]);
     assert_eq!(nodes[1].chunks, 7);
+    assert_eq!(nodes[1].quota_usage[0].host, "web1", "quota usage is kept");
     let job = operator
         .get_job(GetJobRequest { name: "db".into() })
         .await

@@ -1146,3 +1146,59 @@ async fn a_node_refuses_snapshots_too_often_and_flags_sudden_growth() {
         growth.warnings
     );
 }
+
+/// A per-host quota on a node: a client's upload that would go over it
+/// fails with RESOURCE_EXHAUSTED before its batch is written, and commits
+/// nothing; another host has its own room; an operator's upload of that
+/// host's snapshot is held to the same quota at its commit.
+#[tokio::test]
+async fn a_hosts_quota_stops_an_upload_that_would_go_over_it() {
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "host_quota_bytes = 40000\n[host_quotas]\nbig = 10000000\n",
+    )
+    .unwrap();
+    let node = Server::node(
+        &work.path().join("store"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let incompressible = |seed: u32, len: u32| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+            .collect()
+    };
+    let mut web1 = client_of(&node, "web1", work.path()).await;
+    let first = client_backup(&mut web1, "a", "web1", &incompressible(1, 20_000))
+        .await
+        .unwrap();
+    let used = first.stats.unwrap().stored_bytes;
+    assert!(used > 20_000, "{used}");
+    let mut operator = storage_client(&node.address).await;
+    let before = observe(&mut operator).await;
+
+    let refused = client_backup(&mut web1, "b", "web1", &incompressible(2, 30_000))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("quota of 40000"), "{refused:?}");
+    assert!(serving(&node).await);
+    // The operator's upload of web1's data is held to web1's quota too.
+    let by_operator = client_backup(&mut operator, "c", "web1", &incompressible(3, 30_000))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        by_operator.code(),
+        Code::ResourceExhausted,
+        "{by_operator:?}"
+    );
+    let after = observe(&mut operator).await;
+    assert_eq!(after.0, before.0, "no snapshot was committed");
+
+    // Another host has its own room, and "big" a quota of its own.
+    let mut big = client_of(&node, "big", work.path()).await;
+    client_backup(&mut big, "a", "big", &incompressible(4, 60_000))
+        .await
+        .unwrap();
+}

@@ -105,6 +105,12 @@ pub struct NodeConfig {
     /// Named hooks: a job's `pre = "@freeze"` runs this host's `freeze`
     /// command, whatever the job file says it does.
     pub hooks: BTreeMap<String, String>,
+    /// Bytes each host's snapshots may add to this node's store (the sum
+    /// of their `stored_bytes`); an upload that would go over fails with
+    /// RESOURCE_EXHAUSTED and commits nothing. 0 (the default): none.
+    pub host_quota_bytes: u64,
+    /// Hosts with a quota of their own (0: none for that host).
+    pub host_quotas: BTreeMap<String, u64>,
 }
 
 impl Default for NodeConfig {
@@ -133,6 +139,8 @@ impl Default for NodeConfig {
             health_listen: "0.0.0.0:7421".to_owned(),
             allow_commands: Vec::new(),
             hooks: BTreeMap::new(),
+            host_quota_bytes: 0,
+            host_quotas: BTreeMap::new(),
         }
     }
 }
@@ -159,6 +167,14 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// The quotas `host_quota_bytes` and `[host_quotas]` set.
+    pub fn host_quotas(&self) -> crate::quota::HostQuotas {
+        crate::quota::HostQuotas {
+            default_bytes: self.host_quota_bytes,
+            per_host: self.host_quotas.clone(),
+        }
+    }
+
     /// The guards `min_interval_s` and `max_growth` set (0: off).
     pub fn commit_guards(&self) -> fabric_chunkstore::CommitGuards {
         fabric_chunkstore::CommitGuards {

@@ -22,6 +22,7 @@ pub mod convert;
 pub mod disk;
 pub mod node_directory;
 pub mod pull_permits;
+pub mod quota;
 pub mod rate_limit;
 pub mod restore_client;
 pub mod server;

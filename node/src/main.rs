@@ -81,6 +81,9 @@ struct ServeArgs {
     /// Bytes per second this storage node takes in (0: no limit).
     #[arg(long, env = "FABRIC_NODE_INGEST_LIMIT_BYTES_PER_S")]
     ingest_limit_bytes_per_s: Option<u64>,
+    /// Bytes each host's snapshots may add to this node's store (0: none).
+    #[arg(long, env = "FABRIC_NODE_HOST_QUOTA_BYTES")]
+    host_quota_bytes: Option<u64>,
     /// text or json.
     #[arg(long, env = "FABRIC_NODE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -165,6 +168,9 @@ impl ServeArgs {
         }
         if let Some(value) = self.ingest_limit_bytes_per_s {
             config.ingest_limit_bytes_per_s = value;
+        }
+        if let Some(value) = self.host_quota_bytes {
+            config.host_quota_bytes = value;
         }
         if let Some(value) = self.log_format {
             config.log_format = value;

@@ -152,6 +152,7 @@ pub async fn serve_with_health(
                 idle_timeout: Duration::from_secs(config.transfer_idle_timeout_s.max(1)),
                 guards: config.commit_guards(),
                 ingest_limit: ingest_limit.clone(),
+                quotas: Arc::new(config.host_quotas()),
             },
             writable.clone(),
             transport.clone(),

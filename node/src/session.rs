@@ -23,8 +23,8 @@ use fabric_chunkstore::Store;
 use fabric_chunkstore::walk::BackupOptions;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
-    Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, NodeInfo, NodeMessage, NodeRole,
-    RunState, RunUpdate, Snapshot, TransferProgress, coordinator_message, node_message,
+    Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, HostUsage, NodeInfo, NodeMessage,
+    NodeRole, RunState, RunUpdate, Snapshot, TransferProgress, coordinator_message, node_message,
 };
 use fabric_trust::Transport;
 use futures::StreamExt;
@@ -129,11 +129,13 @@ fn node_info(
 const COUNTERS_REFRESH: Duration = Duration::from_secs(60);
 
 /// The store's (chunks, stored bytes), refreshed in the background.
-type StoreCounters = Arc<Mutex<(u64, u64)>>;
+/// Chunks, stored bytes, and the usage of hosts with a quota.
+type StoreCounters = Arc<Mutex<(u64, u64, Vec<HostUsage>)>>;
 
 /// Keep `counters` up to date until `stop` turns true.
 async fn refresh_counters(
     store: Arc<Store>,
+    quotas: Arc<crate::quota::HostQuotas>,
     counters: StoreCounters,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -144,10 +146,28 @@ async fn refresh_counters(
             _ = stop.changed() => return,
         }
         let counting = store.clone();
-        let counted = tokio::task::spawn_blocking(move || counting.index_counts()).await;
+        let quotas = quotas.clone();
+        let counted = tokio::task::spawn_blocking(move || {
+            let counts = counting.index_counts()?;
+            let usage = if quotas.is_empty() {
+                Vec::new()
+            } else {
+                crate::quota::usage(&counting, &quotas)?
+                    .into_iter()
+                    .filter_map(|(host, used_bytes, limit)| {
+                        limit.map(|quota_bytes| HostUsage {
+                            host,
+                            used_bytes,
+                            quota_bytes,
+                        })
+                    })
+                    .collect()
+            };
+            Ok::<_, fabric_chunkstore::StoreError>((counts.chunks, counts.stored_bytes, usage))
+        })
+        .await;
         if let Ok(Ok(counts)) = counted {
-            *counters.lock().unwrap_or_else(|p| p.into_inner()) =
-                (counts.chunks, counts.stored_bytes);
+            *counters.lock().unwrap_or_else(|p| p.into_inner()) = counts;
         }
     }
 }
@@ -157,7 +177,8 @@ async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heart
     let Some(store) = store else {
         return Heartbeat::default();
     };
-    let (chunks, stored_bytes) = *counters.lock().unwrap_or_else(|p| p.into_inner());
+    let (chunks, stored_bytes, quota_usage) =
+        counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let free_bytes = tokio::task::spawn_blocking(move || crate::disk::space(store.dir()))
         .await
         .ok()
@@ -168,6 +189,7 @@ async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heart
         free_bytes,
         chunks,
         stored_bytes,
+        quota_usage,
     }
 }
 
@@ -212,7 +234,12 @@ pub async fn run_session(
     let mut backoff = Duration::from_millis(200);
     let counters = StoreCounters::default();
     if let Some(store) = store.clone() {
-        tokio::spawn(refresh_counters(store, counters.clone(), stop.clone()));
+        tokio::spawn(refresh_counters(
+            store,
+            Arc::new(config.host_quotas()),
+            counters.clone(),
+            stop.clone(),
+        ));
     }
 
     loop {

@@ -39,6 +39,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
 use crate::node_directory::NodeDirectory;
+use crate::quota::HostQuotas;
 use crate::rate_limit::{RateLimit, RateLimits};
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
@@ -66,6 +67,8 @@ pub struct StorageService {
     guards: CommitGuards,
     /// The node-wide ingest limit every upload waits for.
     ingest_limit: Option<Arc<RateLimit>>,
+    /// Per-host quotas of stored bytes.
+    quotas: Arc<HostQuotas>,
 }
 
 /// How a node takes uploads.
@@ -79,6 +82,8 @@ pub struct UploadSettings {
     pub guards: CommitGuards,
     /// The node-wide ingest limit (bytes/s), if any.
     pub ingest_limit: Option<Arc<RateLimit>>,
+    /// Per-host quotas of stored bytes.
+    pub quotas: Arc<HostQuotas>,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -105,6 +110,7 @@ impl StorageService {
             idle_timeout,
             guards,
             ingest_limit,
+            quotas,
         } = uploads;
         let permits = usize::try_from(upload_memory_bytes / 1024)
             .unwrap_or(usize::MAX)
@@ -115,6 +121,7 @@ impl StorageService {
             idle_timeout,
             guards,
             ingest_limit,
+            quotas,
             writable,
             directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
@@ -353,6 +360,7 @@ impl Storage for StorageService {
                 commit_host,
                 idle_timeout: self.idle_timeout,
                 limits: RateLimits::none().with(self.ingest_limit.clone()),
+                quotas: self.quotas.clone(),
             },
         )))
     }

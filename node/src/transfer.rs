@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fabric_chunkstore::pack::{self, StoredChunk};
 use fabric_chunkstore::{Chunk, ChunkId, CommitGuards, PutStats, Store};
 
+use crate::quota::HostQuotas;
 use crate::rate_limit::RateLimits;
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
@@ -374,6 +375,8 @@ pub struct ReceiveRules {
     /// Bandwidth limits the chunk batches received wait for (the node's
     /// ingest limit; a pull's job limit).
     pub limits: RateLimits,
+    /// The node's per-host quotas of stored bytes.
+    pub quotas: Arc<HostQuotas>,
 }
 
 impl ReceiveRules {
@@ -385,8 +388,28 @@ impl ReceiveRules {
             idle_timeout: IDLE_TIMEOUT,
             guards: CommitGuards::default(),
             limits: RateLimits::none(),
+            quotas: Arc::new(HostQuotas::default()),
         }
     }
+}
+
+/// Bytes `host`'s snapshots have added to `store` (see [`crate::quota`]).
+async fn host_usage(store: &Arc<Store>, host: &str) -> Result<u64, Status> {
+    let store = store.clone();
+    let host = host.to_owned();
+    tokio::task::spawn_blocking(move || crate::quota::usage_of(&store, &host))
+        .await
+        .map_err(join_error)?
+        .map_err(status_from_store_error)
+}
+
+/// The refusal of an upload that would take `host` over its quota.
+fn over_quota(host: &str, used: u64, adding: u64, limit: u64) -> Status {
+    Status::resource_exhausted(format!(
+        "host {:?} has {used} bytes stored here and this upload would add {adding} more: \
+         over its quota of {limit} bytes on this node (nothing was committed)",
+        fabric_chunkstore::validate::quote(host.as_bytes())
+    ))
 }
 
 /// How often a sender says it is alive when it has nothing else to send.
@@ -426,6 +449,23 @@ where
         }
     };
     let max_chunk = (store.config().chunk_params.max_size as usize).max(MAX_CHUNK_BYTES);
+    // A client's or agent's upload knows its host from the start: its
+    // quota is enforced batch by batch, before anything over it is written.
+    let quota_of_caller = rules
+        .commit_host
+        .as_deref()
+        .and_then(|host| rules.quotas.limit_of(host));
+    let room = match (&rules.commit_host, quota_of_caller) {
+        (Some(host), Some(limit)) => {
+            let used = host_usage(&store, host).await?;
+            if used >= limit {
+                return Err(over_quota(host, used, 0, limit));
+            }
+            Some((host.clone(), used, limit))
+        }
+        _ => None,
+    };
+    let mut received = 0u64;
     let (batches, mut writer) = spawn_writer(store.clone(), outgoing.clone());
     let mut batches = Some(batches);
     loop {
@@ -491,6 +531,12 @@ where
                     })?;
                     parsed.push(chunk);
                 }
+                received += bytes as u64;
+                if let Some((host, used, limit)) = &room
+                    && used.saturating_add(received) > *limit
+                {
+                    return Err(over_quota(host, *used, received, *limit));
+                }
                 let permits = u32::try_from(bytes.div_ceil(1024).max(1)).map_err(|_| {
                     Status::out_of_range(format!("chunk batch {batch} is too large"))
                 })?;
@@ -526,6 +572,19 @@ where
                 let written = writer.await.map_err(join_error)??;
                 // What this upload added is the receiver's count, never the
                 // sender's; the store computes the rest of the statistics.
+                // Whoever uploaded it, a snapshot counts against its host's
+                // quota: checked again at the commit, with what was stored.
+                if let Some(limit) = rules.quotas.limit_of(&snapshot.host) {
+                    let used = host_usage(&store, &snapshot.host).await?;
+                    if used.saturating_add(written.stored_bytes) > limit {
+                        return Err(over_quota(
+                            &snapshot.host,
+                            used,
+                            written.stored_bytes,
+                            limit,
+                        ));
+                    }
+                }
                 let mut snapshot = snapshot;
                 let stats = snapshot.stats.get_or_insert_with(Default::default);
                 stats.new_chunks = written.new_chunks;

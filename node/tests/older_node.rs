@@ -89,6 +89,7 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
             idle_timeout: fabric_node::transfer::IDLE_TIMEOUT,
             guards: fabric_chunkstore::CommitGuards::default(),
             ingest_limit: None,
+            quotas: Default::default(),
         },
         Arc::new(AtomicBool::new(true)),
         server_transport.clone(),

@@ -96,6 +96,7 @@ impl Inner {
         node.last_heartbeat_ms = now;
         node.chunks = heartbeat.chunks;
         node.stored_bytes = heartbeat.stored_bytes;
+        node.quota_usage.clone_from(&heartbeat.quota_usage);
         if let Some(info) = node.info.as_mut() {
             info.free_bytes = heartbeat.free_bytes;
         }
