@@ -178,6 +178,22 @@ pub async fn storage_client(
     .expect("the node can be reached")
 }
 
+/// The health of the server at `address`, asked without credentials
+/// (health is open to anyone).
+pub async fn health(address: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    let anonymous = pki().transport(None, Path::new("."));
+    let channel =
+        fabric_node::client::channel(&fabric_node::client::Peer::any_node(address), &anonymous)
+            .await
+            .expect("the server can be reached");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("the health check answers")
+        .into_inner()
+        .status()
+}
+
 /// A server process started by a test, killed when dropped.
 pub struct Server {
     /// The process.

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use fabric_integration_tests::{Server, pki, storage_client};
+use fabric_integration_tests::{Server, health, pki, storage_client};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, Commit, DeleteSnapshotRequest, EntryKind, ExtendedAttribute,
@@ -229,20 +229,7 @@ async fn observe(client: &mut StorageClient<Channel>) -> (Vec<Snapshot>, StoreSt
 }
 
 async fn serving(node: &Server) -> bool {
-    let anonymous = pki().transport(None, Path::new("."));
-    let channel = fabric_node::client::channel(
-        &fabric_node::client::Peer::any_node(&node.address),
-        &anonymous,
-    )
-    .await
-    .unwrap();
-    let status = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .status();
-    status == tonic_health::pb::health_check_response::ServingStatus::Serving
+    health(&node.address).await == tonic_health::pb::health_check_response::ServingStatus::Serving
 }
 
 /// Commit a valid snapshot whose one file holds every staged chunk, in

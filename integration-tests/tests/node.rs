@@ -10,7 +10,7 @@ use std::path::Path;
 use fabric_chunkstore::pack::StoredChunk;
 use fabric_chunkstore::restore::RestorePolicy;
 use fabric_integration_tests::{
-    Server, fabricctl_json, fabricctl_ok, generate_tree, pki, pseudo_random, storage_client,
+    Server, fabricctl_json, fabricctl_ok, generate_tree, health, pseudo_random, storage_client,
 };
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunkEncoding, Commit, EntryKind, GetNewestSnapshotRequest,
@@ -911,7 +911,7 @@ async fn a_pull_skips_unchanged_files_even_when_the_parents_trees_are_larger_tha
                 ..Default::default()
             },
             memory.clone(),
-            fabric_node::rate_limit::RateLimits::none(),
+            fabric_node::transfer::ReceiveRules::trusted(),
         )
     };
     let first = pull().await.unwrap();
@@ -942,31 +942,11 @@ async fn a_pull_skips_unchanged_files_even_when_the_parents_trees_are_larger_tha
     );
 }
 
-/// The node's health, asked without credentials (health is open to anyone).
-async fn health(node: &Server) -> tonic_health::pb::health_check_response::ServingStatus {
-    let anonymous = pki().transport(None, Path::new("."));
-    let channel = fabric_node::client::channel(
-        &fabric_node::client::Peer::any_node(&node.address),
-        &anonymous,
-    )
-    .await
-    .unwrap();
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    client
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
-}
-
 #[tokio::test]
 async fn the_health_check_answers_serving() {
     let work = tempfile::tempdir().unwrap();
     let node = Server::node(&work.path().join("store"), &[]);
-    let status = health(&node).await;
+    let status = health(&node.address).await;
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving
@@ -981,7 +961,7 @@ async fn a_node_without_room_is_not_serving_and_refuses_uploads() {
         &work.path().join("store"),
         &["--min-free-bytes", "1152921504606846976"],
     );
-    let status = health(&node).await;
+    let status = health(&node.address).await;
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::NotServing

@@ -792,9 +792,15 @@ async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
             job.one_file_system,
             template,
             context.pull_memory.clone(),
-            RateLimits::none()
-                .with(context.ingest_limit.clone())
-                .with(RateLimit::new(job.bandwidth_limit_bytes_per_s)),
+            // A pull is this node's own doing: no host to hold it to and no
+            // guards, but the pulled host's quota here and the limits apply.
+            crate::transfer::ReceiveRules {
+                limits: RateLimits::none()
+                    .with(context.ingest_limit.clone())
+                    .with(RateLimit::new(job.bandwidth_limit_bytes_per_s)),
+                quotas: Arc::new(context.config.host_quotas()),
+                ..crate::transfer::ReceiveRules::trusted()
+            },
         )
         .await
         .map_err(|status| {

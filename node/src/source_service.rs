@@ -275,7 +275,7 @@ pub async fn pull_into(
     one_file_system: bool,
     mut template: Snapshot,
     memory: Arc<Semaphore>,
-    limits: RateLimits,
+    rules: crate::transfer::ReceiveRules,
 ) -> Result<Snapshot, Status> {
     let mut client = crate::client::source(source, transport)
         .await
@@ -332,17 +332,7 @@ pub async fn pull_into(
     let (request_tx, request_rx) = mpsc::channel::<ReceiverMessage>(REPLY_CHANNEL + 1);
     let requests = ReceiverStream::new(start_rx).chain(ReceiverStream::new(request_rx));
     let mut incoming = client.pull(requests).await?.into_inner();
-    let committed = run_receiver(
-        store,
-        &mut incoming,
-        request_tx,
-        memory,
-        crate::transfer::ReceiveRules {
-            limits,
-            ..crate::transfer::ReceiveRules::trusted()
-        },
-    )
-    .await?;
+    let committed = run_receiver(store, &mut incoming, request_tx, memory, rules).await?;
     // Dropping the call would reset it and could discard the `committed`
     // answer before it reaches the source: wait (briefly) for the source to
     // end its side, which it does once it has the answer.
