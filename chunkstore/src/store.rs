@@ -143,16 +143,18 @@ pub struct Store {
     pub(crate) protected: Mutex<Option<HashSet<ChunkId>>>,
     /// Unsealed packs the last open found and repaired (sealed, tail cut).
     repaired_at_open: u64,
-    /// Trees whose whole DAG a commit found indexed, since the last GC or
-    /// reindex began (only those remove index entries): a later commit of
-    /// the same subtrees (an unchanged re-backup) skips them. Not used or
-    /// filled while a GC runs, emptied when one starts; at most
-    /// [`COMPLETE_TREES_HELD`] ids.
+    /// Trees whose whole DAG a commit found valid and indexed, with what
+    /// each expands to, since the last GC or reindex began (only those
+    /// remove index entries): a later commit of the same subtrees (an
+    /// unchanged re-backup) takes their summaries without reading them. Not
+    /// used or filled while a GC runs, emptied when one starts; at most
+    /// [`COMPLETE_TREES_HELD`] trees.
     pub(crate) complete_trees: Mutex<HashMap<ChunkId, TreeSummary>>,
 }
 
-/// Tree ids [`Store::commit_snapshot`] remembers as complete, at most (about
-/// 50 bytes each); beyond, it forgets them all and starts again.
+/// Trees [`Store::commit_snapshot`] remembers as complete, at most (about
+/// 100 bytes each, id and summary); beyond, it forgets them all and starts
+/// again.
 const COMPLETE_TREES_HELD: usize = 1 << 20;
 
 /// Snapshots whose new bytes make "the usual" for the growth guard.
@@ -1115,7 +1117,7 @@ impl Store {
     /// Commit `snapshot`: the single commit point. Checks the record
     /// ([`validate::record_problem`]), makes pending chunks durable,
     /// validates the whole DAG under `root_tree_id` (see
-    /// [`Store::validate_dag`]: every rule of [`validate`], every chunk in
+    /// `validate_dag`: every rule of [`validate`], every chunk in
     /// the store), computes the snapshot's files, directories, size and
     /// chunk references itself (a sender's figures are never taken; bytes
     /// read and unchanged files are capped by them), fills in id (if empty),

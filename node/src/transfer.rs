@@ -26,9 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fabric_chunkstore::pack::{self, StoredChunk};
 use fabric_chunkstore::{Chunk, ChunkId, CommitGuards, PutStats, Store};
-
-use crate::quota::HostQuotas;
-use crate::rate_limit::RateLimits;
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, ChunksStored, Commit, Committed, Offer, OfferReply, ReceiverMessage,
     SenderMessage, Snapshot, Tree, receiver_message, sender_message,
@@ -39,6 +36,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
 use crate::convert::{ChunkDataError, chunk_data, stored_chunk};
+use crate::quota::HostQuotas;
+use crate::rate_limit::RateLimits;
 use crate::status::{join_error, status_from_store_error};
 
 /// Most ids in one offer.
@@ -570,8 +569,6 @@ where
                 // which makes them durable and checks the whole DAG.
                 drop(batches.take());
                 let written = writer.await.map_err(join_error)??;
-                // What this upload added is the receiver's count, never the
-                // sender's; the store computes the rest of the statistics.
                 // Whoever uploaded it, a snapshot counts against its host's
                 // quota: checked again at the commit, with what was stored.
                 if let Some(limit) = rules.quotas.limit_of(&snapshot.host) {
@@ -585,6 +582,8 @@ where
                         ));
                     }
                 }
+                // What this upload added is the receiver's count, never the
+                // sender's; the store computes the rest of the statistics.
                 let mut snapshot = snapshot;
                 let stats = snapshot.stats.get_or_insert_with(Default::default);
                 stats.new_chunks = written.new_chunks;
