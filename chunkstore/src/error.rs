@@ -124,6 +124,20 @@ pub enum StoreError {
         /// When the next is allowed, UTC (ISO 8601).
         next: String,
     },
+    /// A commit that would take its host over its quota on this store.
+    #[error(
+        "host {host:?} has {used} bytes stored here and this upload would add {adding} more: over its quota of {limit} bytes on this node (nothing was committed)"
+    )]
+    OverQuota {
+        /// The host, cut to a quotable length.
+        host: String,
+        /// What its snapshots already take.
+        used: u64,
+        /// What this one adds.
+        adding: u64,
+        /// Its quota.
+        limit: u64,
+    },
     /// A snapshot inside its WORM window cannot be deleted.
     #[error("snapshot {id} is retained (a WORM window): it can be deleted from {until} on")]
     Retained {

@@ -33,7 +33,7 @@ pub use gc::{DEFAULT_GC_GRACE, GcOptions, GcReport};
 pub use id::ChunkId;
 pub use index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, newest_among};
 pub use sink::{ChunkSink, ChunkSource, SinkError};
-pub use store::{CommitGuards, PutStats, Store, StoreConfig};
+pub use store::{CommitGuards, PutStats, Store, StoreConfig, stored_by_host};
 pub use verify::{
     IndexCounts, ProblemKind, ReindexReport, StoreStats, VerifyOptions, VerifyProblem, VerifyReport,
 };

@@ -168,6 +168,24 @@ pub struct CommitGuards {
     pub min_interval_ms: Option<i64>,
     /// How many times the usual new bytes a snapshot may add unflagged.
     pub max_growth: Option<f64>,
+    /// The quota of the snapshot's host on this store: the most bytes its
+    /// snapshots' `stored_bytes` may add up to, this one included.
+    pub host_quota_bytes: Option<u64>,
+}
+
+/// Bytes the snapshots of `host` among `snapshots` added to their store:
+/// the sum of their `stored_bytes`, what a host quota counts.
+pub fn stored_by_host<'a>(snapshots: impl IntoIterator<Item = &'a Snapshot>, host: &str) -> u64 {
+    snapshots
+        .into_iter()
+        .filter(|snapshot| snapshot.host == host)
+        .map(|snapshot| {
+            snapshot
+                .stats
+                .as_ref()
+                .map_or(0, |stats| stats.stored_bytes)
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 /// The median new bytes of the newest [`USUAL_OF_LAST`] of `snapshots`
@@ -1233,6 +1251,7 @@ impl Store {
         stats.bytes_read = stats.bytes_read.min(summary.bytes);
         stats.files_unchanged = stats.files_unchanged.min(summary.files);
         let new_bytes = stats.new_bytes;
+        let stored_bytes = stats.stored_bytes;
         let same_source: Vec<&Snapshot> = existing
             .iter()
             .filter(|other| {
@@ -1253,6 +1272,17 @@ impl Store {
                 )
                 .iso8601(),
             });
+        }
+        if let Some(limit) = guards.host_quota_bytes {
+            let used = stored_by_host(&existing, &snapshot.host);
+            if used.saturating_add(stored_bytes) > limit {
+                return Err(StoreError::OverQuota {
+                    host: validate::quote(snapshot.host.as_bytes()),
+                    used,
+                    adding: stored_bytes,
+                    limit,
+                });
+            }
         }
         if let Some(max_growth) = guards.max_growth
             && let Some(usual) = usual_new_bytes(&same_source)

@@ -194,6 +194,24 @@ pub async fn health(address: &str) -> tonic_health::pb::health_check_response::S
         .status()
 }
 
+/// Send `messages` on one `Upload` of `client` and collect the replies
+/// until the node ends the stream: all of them, or its first error.
+pub async fn upload(
+    client: &mut fabric_proto::v1::storage_client::StorageClient<tonic::transport::Channel>,
+    messages: Vec<fabric_proto::v1::SenderMessage>,
+) -> Result<Vec<fabric_proto::v1::ReceiverMessage>, tonic::Status> {
+    use tokio_stream::StreamExt;
+    let mut replies = client
+        .upload(tokio_stream::iter(messages))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(reply) = replies.next().await {
+        out.push(reply?);
+    }
+    Ok(out)
+}
+
 /// A server process started by a test, killed when dropped.
 pub struct Server {
     /// The process.

@@ -14,13 +14,13 @@
 
 use std::path::Path;
 
-use fabric_integration_tests::{Server, health, pki, storage_client};
+use fabric_integration_tests::{Server, health, pki, storage_client, upload};
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{
     ChunkBatch, ChunkData, Commit, DeleteSnapshotRequest, EntryKind, ExtendedAttribute,
     GetChunksRequest, GetSnapshotRequest, GetTreeRequest, ListSnapshotsRequest, Offer,
-    ReceiverMessage, RestoreRequest, SenderMessage, Snapshot, SnapshotStats, SnapshotType,
-    StatsRequest, StoreStats, Tree, TreeEntry, VerifyRequest, receiver_message, sender_message,
+    RestoreRequest, SenderMessage, Snapshot, SnapshotStats, SnapshotType, StatsRequest, StoreStats,
+    Tree, TreeEntry, VerifyRequest, receiver_message, sender_message,
 };
 use prost::Message;
 use tokio_stream::StreamExt;
@@ -126,21 +126,6 @@ fn case(what: &'static str, expect: Code, call: Call) -> Case {
 /// A commit of `snapshot` (all its chunks staged) that must be refused.
 fn refused(what: &'static str, expect: Code, snapshot: Snapshot) -> Case {
     case(what, expect, Call::Upload(commit(snapshot)))
-}
-
-async fn upload(
-    client: &mut StorageClient<Channel>,
-    messages: Vec<SenderMessage>,
-) -> Result<Vec<ReceiverMessage>, tonic::Status> {
-    let mut replies = client
-        .upload(tokio_stream::iter(messages))
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(reply) = replies.next().await {
-        out.push(reply?);
-    }
-    Ok(out)
 }
 
 /// Drain a server stream: the items, or the first error.

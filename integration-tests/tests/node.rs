@@ -271,15 +271,11 @@ async fn upload(
     messages: Vec<SenderMessage>,
 ) -> Result<Vec<receiver_message::Kind>, tonic::Status> {
     let mut client = storage_client(&node.address).await;
-    let mut replies = client
-        .upload(tokio_stream::iter(messages))
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(reply) = replies.next().await {
-        out.push(reply?.kind.unwrap());
-    }
-    Ok(out)
+    let replies = fabric_integration_tests::upload(&mut client, messages).await?;
+    Ok(replies
+        .into_iter()
+        .map(|reply| reply.kind.unwrap())
+        .collect())
 }
 
 fn send(kind: sender_message::Kind) -> SenderMessage {

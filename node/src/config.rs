@@ -175,7 +175,8 @@ impl NodeConfig {
         }
     }
 
-    /// The guards `min_interval_s` and `max_growth` set (0: off).
+    /// The guards `min_interval_s` and `max_growth` set (0: off); the host
+    /// quota, which depends on the snapshot's host, is the receiver's to add.
     pub fn commit_guards(&self) -> fabric_chunkstore::CommitGuards {
         fabric_chunkstore::CommitGuards {
             min_interval_ms: (self.min_interval_s > 0).then(|| {
@@ -184,6 +185,7 @@ impl NodeConfig {
                     .saturating_mul(1000)
             }),
             max_growth: (self.max_growth > 0.0).then_some(self.max_growth),
+            host_quota_bytes: None,
         }
     }
 

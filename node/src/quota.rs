@@ -4,14 +4,15 @@
 //!
 //! A host's usage is the sum of its committed snapshots' `stored_bytes`
 //! (the compressed bytes each added when it was committed), so it is
-//! counted the same way whoever uploaded the snapshot. This module owns
-//! that rule and the limits; the receiver (`transfer::run_receiver`)
-//! enforces them during an upload and again at its commit. It must never
+//! counted the same way whoever uploaded the snapshot
+//! (`fabric_chunkstore::stored_by_host`). This module owns the limits; the
+//! receiver (`transfer::run_receiver`) enforces them during an upload, and
+//! the store again at the commit (`CommitGuards::host_quota_bytes`). It must never
 //! refuse a transfer by itself: it only answers how much room is left.
 
 use std::collections::BTreeMap;
 
-use fabric_chunkstore::{Store, StoreError};
+use fabric_chunkstore::{Store, StoreError, stored_by_host};
 
 /// The quotas of one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,17 +42,7 @@ impl HostQuotas {
 
 /// Bytes the snapshots of `host` have added to `store`.
 pub fn usage_of(store: &Store, host: &str) -> Result<u64, StoreError> {
-    Ok(store
-        .list_snapshots()?
-        .iter()
-        .filter(|snapshot| snapshot.host == host)
-        .map(|snapshot| {
-            snapshot
-                .stats
-                .as_ref()
-                .map_or(0, |stats| stats.stored_bytes)
-        })
-        .fold(0u64, u64::saturating_add))
+    Ok(stored_by_host(&store.list_snapshots()?, host))
 }
 
 /// Every host's usage in `store`, with its quota: (host, used, limit).

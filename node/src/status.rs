@@ -20,7 +20,9 @@ pub fn status_from_store_error(err: StoreError) -> Status {
         }
         StoreError::SnapshotExists { .. } => Status::already_exists(message),
         StoreError::Retained { .. } => Status::permission_denied(message),
-        StoreError::TooSoon { .. } => Status::resource_exhausted(message),
+        StoreError::TooSoon { .. } | StoreError::OverQuota { .. } => {
+            Status::resource_exhausted(message)
+        }
         StoreError::Corrupt { .. }
         | StoreError::BadTree { .. }
         | StoreError::BadTreeParts { .. } => Status::data_loss(message),

@@ -402,13 +402,15 @@ async fn host_usage(store: &Arc<Store>, host: &str) -> Result<u64, Status> {
         .map_err(status_from_store_error)
 }
 
-/// The refusal of an upload that would take `host` over its quota.
+/// The refusal of an upload that would take `host` over its quota: the
+/// store's own, as a commit over it gets.
 fn over_quota(host: &str, used: u64, adding: u64, limit: u64) -> Status {
-    Status::resource_exhausted(format!(
-        "host {:?} has {used} bytes stored here and this upload would add {adding} more: \
-         over its quota of {limit} bytes on this node (nothing was committed)",
-        fabric_chunkstore::validate::quote(host.as_bytes())
-    ))
+    status_from_store_error(fabric_chunkstore::StoreError::OverQuota {
+        host: fabric_chunkstore::validate::quote(host.as_bytes()),
+        used,
+        adding,
+        limit,
+    })
 }
 
 /// How often a sender says it is alive when it has nothing else to send.
@@ -569,19 +571,6 @@ where
                 // which makes them durable and checks the whole DAG.
                 drop(batches.take());
                 let written = writer.await.map_err(join_error)??;
-                // Whoever uploaded it, a snapshot counts against its host's
-                // quota: checked again at the commit, with what was stored.
-                if let Some(limit) = rules.quotas.limit_of(&snapshot.host) {
-                    let used = host_usage(&store, &snapshot.host).await?;
-                    if used.saturating_add(written.stored_bytes) > limit {
-                        return Err(over_quota(
-                            &snapshot.host,
-                            used,
-                            written.stored_bytes,
-                            limit,
-                        ));
-                    }
-                }
                 // What this upload added is the receiver's count, never the
                 // sender's; the store computes the rest of the statistics.
                 let mut snapshot = snapshot;
@@ -590,7 +579,13 @@ where
                 stats.new_bytes = written.new_bytes;
                 stats.stored_bytes = written.stored_bytes;
                 let store = store.clone();
-                let guards = rules.guards;
+                // Whoever uploaded it, a snapshot counts against its host's
+                // quota: checked by the store under its commit lock, with
+                // what this upload stored.
+                let guards = CommitGuards {
+                    host_quota_bytes: rules.quotas.limit_of(&snapshot.host),
+                    ..rules.guards
+                };
                 let committed = tokio::task::spawn_blocking(move || {
                     store.commit_snapshot_guarded(snapshot, &guards)
                 })
