@@ -856,15 +856,27 @@ impl Inner {
     fn advance_pulls(&mut self, record: &mut RunRecord, now: i64) -> Result<(), StateError> {
         let step = runs::next_pull_step(record);
         for node in step.start {
+            self.renew_snapshot_id_for_reread(record);
             let assignment = self.pull_assignment(record, &node, now);
             // The client's agent serves a pull only to a node it was told of.
             let client = record.run().client.clone();
             if let Some(permit) = pull_permit(&assignment) {
                 self.send(&client, permit);
             }
+            let text = match self.holders(record.run()) {
+                Some((id, holders)) => format!(
+                    "copy of {id} assigned to {node}, node to node from {}",
+                    holders
+                        .iter()
+                        .map(|holder| holder.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+                None => format!("pull assigned to {node}"),
+            };
             if self.send(&node, assignment) {
                 record.pulls_outstanding.push(node.clone());
-                self.copy_event(record, &node, &format!("pull assigned to {node}"), now)?;
+                self.copy_event(record, &node, &text, now)?;
             }
         }
         if let Some((ok, message)) = step.done {

@@ -310,6 +310,15 @@ pub fn next_pull_step(record: &RunRecord) -> PullStep {
     if record.run_kind() != RunKind::Pull || !record.ready || record.is_finished() {
         return step;
     }
+    // The source is read by one pull at a time until a copy is done; every
+    // later copy is made node to node from one that holds the snapshot, so
+    // that all copies of a snapshot are the same.
+    let any_done = record
+        .run()
+        .copies
+        .iter()
+        .any(|copy| copy.state() == CopyState::Done);
+    let reading = !any_done && !record.pulls_outstanding.is_empty();
     for copy in &record.run().copies {
         let waiting_retry = record
             .pull_retries
@@ -322,7 +331,7 @@ pub fn next_pull_step(record: &RunRecord) -> PullStep {
             CopyState::Pending | CopyState::Retrying | CopyState::Running
         ) && !waiting_retry
             && !outstanding;
-        if startable {
+        if startable && (any_done || (!reading && step.start.is_empty())) {
             step.start.push(copy.node.clone());
         }
         let ended = matches!(copy.state(), CopyState::Done | CopyState::Failed);
@@ -603,8 +612,8 @@ mod tests {
     }
 
     #[test]
-    fn pulls_start_in_plan_order_after_ready_background_ones_without_waiting() {
-        let mut record = pull_run(&[("n1", true), ("n2", false), ("n3", false)]);
+    fn pulls_start_after_ready_one_reading_the_source_then_the_rest_in_plan_order() {
+        let mut record = pull_run(&[("n1", true), ("n2", true), ("n3", false), ("n4", false)]);
         assert_eq!(next_pull_step(&record), PullStep::default());
         let ready = RunUpdate {
             ready: true,
@@ -612,15 +621,24 @@ mod tests {
         };
         let outcome = apply_update(&mut record, "c1", &ready, 1);
         assert!(outcome.pulls_changed);
-        assert_eq!(next_pull_step(&record).start, ["n1", "n2"]);
-        record.pulls_outstanding = vec!["n1".into(), "n2".into()];
+        // One pull reads the source, background or not: two reads of live
+        // files could differ.
+        assert_eq!(next_pull_step(&record).start, ["n1"]);
+        record.pulls_outstanding = vec!["n1".into()];
         assert!(next_pull_step(&record).start.is_empty());
-        apply_update(&mut record, "n2", &committed("n2", "s1"), 2);
-        assert_eq!(next_pull_step(&record).start, ["n3"]);
-        record.pulls_outstanding.push("n3".into());
+        apply_update(&mut record, "n1", &committed("n1", "s1"), 2);
+        record.pulls_outstanding.clear();
+        // Then copies from n1, in plan order, background ones overlapping.
+        assert_eq!(next_pull_step(&record).start, ["n2", "n3"]);
+        record.pulls_outstanding = vec!["n2".into(), "n3".into()];
+        assert!(next_pull_step(&record).start.is_empty());
         apply_update(&mut record, "n3", &committed("n3", "s1"), 3);
+        record.pulls_outstanding.retain(|node| node != "n3");
+        assert_eq!(next_pull_step(&record).start, ["n4"]);
+        record.pulls_outstanding.push("n4".into());
+        apply_update(&mut record, "n4", &committed("n4", "s1"), 4);
         assert_eq!(next_pull_step(&record), PullStep::default());
-        apply_update(&mut record, "n1", &committed("n1", "s1"), 4);
+        apply_update(&mut record, "n2", &committed("n2", "s1"), 5);
         assert_eq!(next_pull_step(&record).done, Some((true, String::new())));
     }
 

@@ -662,6 +662,10 @@ async fn retry_sends_only_the_failed_copies_again() {
         again.snapshot.as_ref().unwrap().id,
         assignment.snapshot.as_ref().unwrap().id
     );
+    // n1 holds the committed snapshot: n2's copy is to come from there.
+    let holders: Vec<&str> = again.holders.iter().map(|h| h.node.as_str()).collect();
+    assert_eq!(holders, ["n1"]);
+    assert!(!again.holders[0].address.is_empty());
     client.update(committed(&again, "n2")).await;
     client.update(state(&run_id, RunState::Done)).await;
     watch_to_end(&coordinator, &run_id).await;
@@ -730,11 +734,23 @@ async fn a_pull_run_orchestrates_the_storage_nodes_and_tells_the_client() {
     let retry = n1.assignment().await;
     assert_eq!(retry.dest, "n1");
     assert_eq!(retry.attempt, 2);
+    // The failed pull may have committed: the source is read again under a
+    // new snapshot id.
+    let (planned, reread) = (
+        pull.snapshot.unwrap().id,
+        retry.snapshot.clone().unwrap().id,
+    );
+    assert_ne!(planned, reread);
+    assert!(retry.holders.is_empty());
     n1.update(dest(&run_id, "n1", CopyState::Running)).await;
-    n1.update(committed(&pull, "n1")).await;
+    n1.update(committed(&retry, "n1")).await;
 
+    // n2 copies n1's snapshot node to node instead of reading the source.
     let second = n2.assignment().await;
     assert_eq!(second.dest, "n2");
+    assert_eq!(second.snapshot.as_ref().unwrap().id, reread);
+    let holders: Vec<&str> = second.holders.iter().map(|h| h.node.as_str()).collect();
+    assert_eq!(holders, ["n1"]);
     n2.update(dest(&run_id, "n2", CopyState::Running)).await;
     n2.update(committed(&second, "n2")).await;
 
@@ -751,7 +767,8 @@ async fn a_pull_run_orchestrates_the_storage_nodes_and_tells_the_client() {
             other => panic!("expected pull_permit or pull_done, got {other:?}"),
         }
     };
-    assert_eq!(permitted, ["n1", "n1", "n2"]);
+    // The client serves only the pulls that read it, not n2's copy.
+    assert_eq!(permitted, ["n1", "n1"]);
     assert!(done.ok, "{done:?}");
     assert_eq!(done.run_id, run_id);
     client.update(state(&run_id, RunState::Post)).await;

@@ -546,25 +546,34 @@ impl Fabric {
 
     /// Start storage node `n<index>`.
     pub fn start_node(dir: &tempfile::TempDir, coordinator: &str, index: usize) -> Server {
+        Self::start_node_with(dir, coordinator, index, &[])
+    }
+
+    /// Start storage node `n<index>` with `extra` flags.
+    pub fn start_node_with(
+        dir: &tempfile::TempDir,
+        coordinator: &str,
+        index: usize,
+        extra: &[&str],
+    ) -> Server {
         let data = dir.path().join(format!("n{index}"));
-        Server::start(
-            "fabric-node",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data.to_str().expect("utf-8"),
-                "--node-id",
-                &format!("n{index}"),
-                "--roles",
-                "storage",
-                "--labels",
-                "disk",
-                "--coordinator",
-                coordinator,
-            ],
-            &[],
-        )
+        let id = format!("n{index}");
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--node-id",
+            &id,
+            "--roles",
+            "storage",
+            "--labels",
+            "disk",
+            "--coordinator",
+            coordinator,
+        ];
+        args.extend_from_slice(extra);
+        Server::start("fabric-node", &args, &[])
     }
 
     /// `fabricctl --coordinator ADDR ARGS...`.
@@ -582,6 +591,24 @@ impl Fabric {
     }
 
     /// Wait (bounded) until at least `count` nodes are online.
+    /// Wait until the coordinator lists node `id` online at `address` (a
+    /// restarted node, once it registered again).
+    pub fn wait_node_at(&self, id: &str, address: &str) {
+        for _ in 0..300 {
+            let nodes = self.json(&["node", "list"]);
+            let there = nodes.as_array().is_some_and(|nodes| {
+                nodes.iter().any(|node| {
+                    node["id"] == id && node["address"] == address && node["state"] == "online"
+                })
+            });
+            if there {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("node {id} did not come online at {address}");
+    }
+
     pub fn wait_online(&self, count: usize) {
         for _ in 0..300 {
             let nodes = self.json(&["node", "list"]);

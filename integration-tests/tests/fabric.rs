@@ -148,7 +148,7 @@ fn a_passive_and_pull_pair_completes_without_the_client_dialling_storage() {
     let source = source_tree(&fabric);
     let marker = fabric.dir.path().join("post-ran");
     let jobs = format!(
-        "[job.ext-client]\ndirection = \"passive\"\nclient = \"client\"\npre = \"echo preparing\"\npost = \"touch {}\"\npull_timeout = \"5m\"\n\n[job.ext]\ndirection = \"pull\"\npull_source = \"ext-client\"\ninclude = [\"{}\"]\ndest = \"n2\"\n",
+        "[job.ext-client]\ndirection = \"passive\"\nclient = \"client\"\npre = \"echo preparing\"\npost = \"touch {}\"\npull_timeout = \"5m\"\n\n[job.ext]\ndirection = \"pull\"\npull_source = \"ext-client\"\ninclude = [\"{}\"]\ndest = \"n2& n3\"\n",
         marker.display(),
         source.display()
     );
@@ -170,7 +170,17 @@ fn a_passive_and_pull_pair_completes_without_the_client_dialling_storage() {
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     assert_eq!(run["state"], "done", "{run:#}");
-    assert_eq!(snapshot_nodes(&fabric, "ext"), vec![vec!["n2"]]);
+    // One snapshot, the same on both nodes: n2 pulled it from the client, and
+    // n3 (which would otherwise have pulled at the same time) copied it from
+    // n2, not from the client's live files.
+    assert_eq!(snapshot_nodes(&fabric, "ext"), vec![vec!["n2", "n3"]]);
+    let events = events_of(&run);
+    assert!(
+        first_event(&events, "pull assigned to n2").is_some()
+            && first_event(&events, "assigned to n3, node to node from n2").is_some()
+            && first_event(&events, "pull assigned to n3").is_none(),
+        "{events:#?}"
+    );
     assert!(marker.exists(), "the client ran post after the pull");
     let seen = seen.lock().unwrap();
     assert!(
@@ -238,6 +248,94 @@ fn a_storage_node_killed_during_a_copy_fails_that_copy_or_goes_to_a_spare() {
         copies.iter().any(|c| c.0 != first && c.1 == "done"),
         "the spare took over: {copies:?}"
     );
+}
+
+/// Issue 21: every copy of one snapshot id holds the same content. A run
+/// reads the source once; its later copies, and a retried run's, are made
+/// node to node from a node that holds the committed snapshot.
+#[test]
+fn a_retried_copy_is_the_committed_snapshot_not_a_new_read_of_the_source() {
+    let mut fabric = Fabric::start(1);
+    // n2 cannot take the client's data at first: its quota is too small.
+    fabric.nodes.push(Fabric::start_node_with(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        2,
+        &["--host-quota-bytes", "1000"],
+    ));
+    fabric.wait_online(3);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.twice]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\ncopy_retries = 0\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    let copies = copies_of(&run);
+    assert!(
+        copies.contains(&("n1".into(), "done".into(), false)),
+        "{copies:?}"
+    );
+    assert!(
+        copies.contains(&("n2".into(), "failed".into(), false)),
+        "{copies:?}"
+    );
+    let events = events_of(&run);
+    assert!(
+        first_event(&events, "n2 running  [client]  node to node from n1").is_some(),
+        "n2's copy came from n1: {events:#?}"
+    );
+    assert!(
+        first_event(&events, "quota").is_some(),
+        "n2's quota refused the copy: {events:#?}"
+    );
+
+    // The source changes; n2 comes back without a quota; the run is retried.
+    std::fs::write(source.join("new-after-the-run"), b"not in the snapshot").unwrap();
+    let n2 = fabric.nodes.pop().unwrap();
+    drop(n2);
+    fabric.nodes.push(Fabric::start_node(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        2,
+    ));
+    fabric.wait_node_at("n2", &fabric.nodes[1].address);
+    let retried = fabric.ctl(&["run", "retry", &runs[0]]);
+    assert!(retried.status.success(), "{retried:?}");
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let held: Vec<fabric_proto::v1::Snapshot> = fabric
+        .nodes
+        .iter()
+        .map(|node| {
+            runtime.block_on(async {
+                let mut snapshots = storage_client(&node.address)
+                    .await
+                    .list_snapshots(ListSnapshotsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .snapshots;
+                assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+                snapshots.remove(0)
+            })
+        })
+        .collect();
+    assert_eq!(held[0].id, held[1].id);
+    assert_eq!(
+        held[0].root_tree_id, held[1].root_tree_id,
+        "the same content"
+    );
+    let (first, second) = (held[0].stats.unwrap(), held[1].stats.unwrap());
+    assert_eq!(
+        (first.files, first.total_bytes),
+        (second.files, second.total_bytes),
+        "the file written after the run is in neither"
+    );
+    assert_eq!(snapshot_nodes(&fabric, "twice"), vec![vec!["n1", "n2"]]);
 }
 
 fn wait_copy_running(fabric: &Fabric, run: &str, node: &str) {

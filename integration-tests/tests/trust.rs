@@ -613,13 +613,37 @@ async fn a_node_is_its_certificate_and_cannot_take_another_nodes_place() {
     assert_code(
         storage
             .restore(RestoreRequest {
-                snapshot: other_id,
+                snapshot: other_id.clone(),
                 path: String::new(),
             })
             .await,
         Code::PermissionDenied,
         "an agent restoring another host's snapshot",
     );
+    // It may ask for node-to-node copies of its own host's snapshots (a
+    // run's later copies), never of another host's, and only to a storage
+    // node.
+    assert_code(
+        storage
+            .copy_snapshot(CopySnapshotRequest {
+                snapshot: other_id,
+                target_node: "n1".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "an agent copying another host's snapshot",
+    );
+    let message = assert_code(
+        storage
+            .copy_snapshot(CopySnapshotRequest {
+                snapshot: seen[0].id.clone(),
+                target_node: "client".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "a copy to a node without a store",
+    );
+    assert!(message.contains("keeps no store"), "{message}");
     assert_code(
         upload_commit(&mut storage, "someone-else").await,
         Code::PermissionDenied,

@@ -25,6 +25,7 @@ pub mod pull_permits;
 pub mod quota;
 pub mod rate_limit;
 pub mod restore_client;
+pub mod run_copies;
 pub mod server;
 pub mod session;
 pub mod source_service;

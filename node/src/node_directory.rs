@@ -122,11 +122,26 @@ impl NodeDirectory {
     /// Node `id`, from a listing at most [`FRESH_FOR`] old (asked for
     /// again on a miss, at most once per [`MIN_REFRESH`]).
     pub async fn lookup(&self, id: &str) -> Result<Option<KnownNode>, Status> {
+        self.lookup_with(id, false).await
+    }
+
+    /// Node `id` from a new listing (waiting until the last one is
+    /// [`MIN_REFRESH`] old): for an address that did not answer, as the
+    /// node may have restarted on another port.
+    pub async fn lookup_again(&self, id: &str) -> Result<Option<KnownNode>, Status> {
+        let fetched = self.cache.lock().await.fetched;
+        if let Some(wait) = fetched.and_then(|at| MIN_REFRESH.checked_sub(at.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
+        self.lookup_with(id, true).await
+    }
+
+    async fn lookup_with(&self, id: &str, again: bool) -> Result<Option<KnownNode>, Status> {
         let mut cache = self.cache.lock().await;
         let age = cache.fetched.map(|at| at.elapsed());
         let stale = age.is_none_or(|age| age >= FRESH_FOR);
         let may_refresh = age.is_none_or(|age| age >= MIN_REFRESH);
-        if stale || (!cache.nodes.contains_key(id) && may_refresh) {
+        if stale || ((again || !cache.nodes.contains_key(id)) && may_refresh) {
             match self.fetch().await {
                 Ok(nodes) => {
                     cache.nodes = nodes;

@@ -37,6 +37,7 @@ use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
 use crate::pull_permits::PullPermits;
 use crate::rate_limit::{RateLimit, RateLimits};
+use crate::run_copies::{self, NextCopy, SnapshotCopies};
 
 /// Updates waiting to be sent, kept across reconnects (bounded: the oldest
 /// progress-only updates are dropped first when it overflows).
@@ -595,6 +596,11 @@ async fn execute_push(context: &Context, assignment: Assignment) -> Result<(), S
     }
     context.state(&run_id, RunState::Copying, "");
     let template = snapshot_template(context, &assignment).await?;
+    let copies = Arc::new(SnapshotCopies::new(
+        template,
+        assignment.holders.clone(),
+        assignment.attempt <= 1,
+    ));
     let spares = Arc::new(Mutex::new(VecDeque::from(assignment.spares.clone())));
     let mut background = Vec::new();
     let mut failures = Vec::new();
@@ -603,7 +609,7 @@ async fn execute_push(context: &Context, assignment: Assignment) -> Result<(), S
             context.clone(),
             run_id.clone(),
             job.clone(),
-            template.clone(),
+            copies.clone(),
             target.clone(),
             spares.clone(),
         );
@@ -637,7 +643,7 @@ async fn copy_with_retries(
     context: Context,
     run_id: String,
     job: fabric_proto::v1::JobSpec,
-    template: Snapshot,
+    copies: Arc<SnapshotCopies>,
     mut target: CopyTarget,
     spares: Arc<Mutex<VecDeque<CopyTarget>>>,
 ) -> Result<(), String> {
@@ -647,7 +653,7 @@ async fn copy_with_retries(
         let reason = loop {
             attempt += 1;
             context.dest(&run_id, &target.node, CopyState::Running, "");
-            match copy_once(&context, &run_id, &job, &template, &target).await {
+            match copy_once(&context, &run_id, &job, &copies, &target).await {
                 Ok(snapshot) => {
                     context.send(RunUpdate {
                         run_id: run_id.clone(),
@@ -686,11 +692,86 @@ async fn copy_with_retries(
     }
 }
 
+/// One attempt at the copy to `target`: node to node from a node that holds
+/// the run's snapshot, or, when none does, by reading the source (one copy
+/// at a time; see `run_copies`).
 async fn copy_once(
     context: &Context,
     run_id: &str,
     job: &fabric_proto::v1::JobSpec,
-    template: &Snapshot,
+    copies: &SnapshotCopies,
+    target: &CopyTarget,
+) -> Result<Snapshot, String> {
+    let mut holders = copies.holders();
+    if holders.is_empty() {
+        let _walk = copies.lock_walk().await;
+        match copies.plan_walk(&context.transport).await {
+            NextCopy::FromHolders(known) => holders = known,
+            NextCopy::Walk(template) => {
+                return match walk_once(context, run_id, job, *template, target).await {
+                    Ok(snapshot) => {
+                        copies.walked_to(target, &snapshot);
+                        Ok(snapshot)
+                    }
+                    Err(reason) => {
+                        copies.walk_failed(target);
+                        Err(reason)
+                    }
+                };
+            }
+        }
+    }
+    context.dest(
+        run_id,
+        &target.node,
+        CopyState::Running,
+        format!("node to node from {}", holder_names(&holders)),
+    );
+    let updates = context.updates.clone();
+    let (run, dest) = (run_id.to_owned(), target.node.clone());
+    let last_report = Mutex::new(Instant::now());
+    let progress = move |bytes_sent: u64| {
+        let mut last = last_report.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        *last = Instant::now();
+        let _ = updates.send(RunUpdate {
+            run_id: run.clone(),
+            dest: dest.clone(),
+            progress: Some(TransferProgress {
+                bytes_sent,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    };
+    let snapshot = run_copies::copy_from_holders(
+        &holders,
+        &copies.snapshot_id(),
+        target,
+        &context.transport,
+        &progress,
+    )
+    .await?;
+    copies.copied_to(target);
+    Ok(snapshot)
+}
+
+fn holder_names(holders: &[CopyTarget]) -> String {
+    holders
+        .iter()
+        .map(|holder| holder.node.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// Read the source and push it to `target`, committing `template`.
+async fn walk_once(
+    context: &Context,
+    run_id: &str,
+    job: &fabric_proto::v1::JobSpec,
+    template: Snapshot,
     target: &CopyTarget,
 ) -> Result<Snapshot, String> {
     let last_report = Arc::new(Mutex::new(Instant::now()));
@@ -718,7 +799,7 @@ async fn copy_once(
         &crate::client::Peer::node(&target.node, &target.address),
         &context.transport,
         backup_options(job),
-        template.clone(),
+        template,
         Some(progress),
         RateLimits::none()
             .with(context.upload_limit.clone())
@@ -782,6 +863,22 @@ async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
             .ok_or_else(|| format!("node {dest} has no store to pull into"))?;
         let job = assignment.job.clone().unwrap_or_default();
         let template = assignment.snapshot.clone().unwrap_or_default();
+        if !assignment.holders.is_empty() {
+            // Another node committed this run's snapshot: copy it from
+            // there, so that every copy is that one.
+            let own = CopyTarget {
+                node: context.config.node_id.clone(),
+                ..Default::default()
+            };
+            return run_copies::copy_from_holders(
+                &assignment.holders,
+                &template.id,
+                &own,
+                &context.transport,
+                &|_| {},
+            )
+            .await;
+        }
         crate::source_service::pull_into(
             store,
             &crate::client::Peer::node(&assignment.source_node, &assignment.source_address),

@@ -131,16 +131,51 @@ impl StorageService {
     /// The address of registered node `id`, from the coordinator: a copy
     /// goes only to a node the fabric knows, never to an address a caller
     /// names.
-    async fn resolve_node(&self, id: &str) -> Result<String, Status> {
+    async fn resolve_node(&self, id: &str, again: bool) -> Result<String, Status> {
         fabric_trust::identity::validate_name(id).map_err(|err| {
             Status::invalid_argument(format!("target_node must be a node id: {err}"))
         })?;
-        self.directory
-            .lookup(id)
-            .await?
-            .map(|node| node.address)
-            .filter(|address| !address.is_empty())
-            .ok_or_else(|| Status::not_found(format!("no registered node {id}")))
+        let found = if again {
+            self.directory.lookup_again(id).await?
+        } else {
+            self.directory.lookup(id).await?
+        };
+        let node = found
+            .filter(|node| !node.address.is_empty())
+            .ok_or_else(|| Status::not_found(format!("no registered node {id}")))?;
+        if !node.storage {
+            return Err(Status::failed_precondition(format!(
+                "node {id} keeps no store: a copy goes only to a storage node"
+            )));
+        }
+        Ok(node.address)
+    }
+
+    /// Who may ask for a copy of `snapshot` to `target`: an operator, any;
+    /// an agent, only of its own host's snapshots (a push run's later
+    /// copies, made node to node so that every copy is the one committed);
+    /// a storage node, only to itself (a pull run's later copies). The
+    /// authorization table admits only operators and nodes.
+    fn check_copy(
+        caller: &Caller,
+        scope: Option<&str>,
+        snapshot: &Snapshot,
+        target: &str,
+    ) -> Result<(), Status> {
+        let Some(identity) = caller.identity() else {
+            return Ok(());
+        };
+        match (identity.role, scope) {
+            (Role::Node, Some(_)) => Self::check_owner(caller, scope, snapshot),
+            (Role::Node, None) if identity.name != target => {
+                Err(Status::permission_denied(format!(
+                    "{} may ask for copies only to itself, not to {}",
+                    caller.describe(),
+                    validate::quote(target.as_bytes())
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The one host whose snapshots `caller` may see and commit, or `None`
@@ -626,11 +661,13 @@ impl Storage for StorageService {
         &self,
         request: Request<CopySnapshotRequest>,
     ) -> Result<Response<Self::CopySnapshotStream>, Status> {
+        let caller = Caller::of(&request);
+        let scope = self.scope(&caller).await?;
         let CopySnapshotRequest {
             snapshot,
             target_node,
         } = request.into_inner();
-        let address = self.resolve_node(&target_node).await?;
+        let address = self.resolve_node(&target_node, false).await?;
         let target = target_node;
         let record = self
             .blocking({
@@ -638,10 +675,25 @@ impl Storage for StorageService {
                 move |store| store.find_snapshot(&snapshot)
             })
             .await?;
-        let peer = crate::client::Peer::node(&target, &address);
-        let mut client = crate::client::storage(&peer, &self.transport)
-            .await
-            .map_err(|err| Status::unavailable(err.to_string()))?;
+        Self::check_copy(&caller, scope.as_deref(), &record, &target)?;
+        let mut client = match crate::client::storage(
+            &crate::client::Peer::node(&target, &address),
+            &self.transport,
+        )
+        .await
+        {
+            Ok(client) => client,
+            Err(first) => {
+                // A node that restarted registers a new address: ask once more.
+                let again = self.resolve_node(&target, true).await?;
+                if again == address {
+                    return Err(Status::unavailable(first.to_string()));
+                }
+                crate::client::storage(&crate::client::Peer::node(&target, &again), &self.transport)
+                    .await
+                    .map_err(|err| Status::unavailable(err.to_string()))?
+            }
+        };
         let counters = Arc::new(TransferCounters::default());
         let (progress_tx, progress_rx) = mpsc::channel(4);
         let store = self.store.clone();

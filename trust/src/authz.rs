@@ -111,7 +111,12 @@ pub const TABLE: &[(&str, Access)] = &[
     ("/fabric.v1.Storage/Stats", READERS),
     ("/fabric.v1.Storage/Verify", OPERATOR),
     ("/fabric.v1.Storage/CollectGarbage", OPERATOR),
-    ("/fabric.v1.Storage/CopySnapshot", OPERATOR),
+    // Nodes: an agent for its own host's snapshots, a storage node to
+    // itself (the service checks).
+    (
+        "/fabric.v1.Storage/CopySnapshot",
+        Access::Roles(&[Operator, Node]),
+    ),
     // A client's agent: only the storage node assigned to an active pull of
     // this agent, for that job's includes (the service checks).
     ("/fabric.v1.Source/Pull", Access::Roles(&[Node])),
@@ -202,11 +207,16 @@ mod tests {
         for rpc in [
             "/fabric.v1.Storage/DeleteSnapshot",
             "/fabric.v1.Storage/CollectGarbage",
-            "/fabric.v1.Storage/CopySnapshot",
             "/fabric.v1.Coordinator/SubmitJobs",
         ] {
             assert_eq!(access(rpc), Some(OPERATOR), "{rpc}");
         }
+        // Copies: operators, and nodes as the storage service narrows it
+        // (an agent's own host's snapshots, a storage node to itself).
+        assert_eq!(
+            access("/fabric.v1.Storage/CopySnapshot"),
+            Some(Access::Roles(&[Role::Operator, Role::Node]))
+        );
         assert_eq!(access("/fabric.v1.Storage/NoSuchThing"), None);
     }
 }

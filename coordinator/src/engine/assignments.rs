@@ -11,6 +11,10 @@ pub(super) fn pull_permit(pull: &CoordinatorMessage) -> Option<CoordinatorMessag
     let Some(coordinator_message::Kind::Assignment(assignment)) = &pull.kind else {
         return None;
     };
+    if !assignment.holders.is_empty() {
+        // Copied node to node: the client serves nothing.
+        return None;
+    }
     let job = assignment.job.clone().unwrap_or_default();
     Some(CoordinatorMessage {
         kind: Some(coordinator_message::Kind::PullPermit(PullPermit {
@@ -76,6 +80,48 @@ impl Inner {
         }
     }
 
+    /// The nodes holding a run's committed snapshot, and its id there (an
+    /// agent or puller that had to read the source again committed under a
+    /// new id); `None` while no copy is done.
+    pub(super) fn holders(&self, run: &Run) -> Option<(String, Vec<CopyTarget>)> {
+        let id = run
+            .copies
+            .iter()
+            .find(|copy| copy.state() == CopyState::Done && !copy.snapshot_id.is_empty())?
+            .snapshot_id
+            .clone();
+        let holders = run
+            .copies
+            .iter()
+            .filter(|copy| copy.state() == CopyState::Done && copy.snapshot_id == id)
+            .map(|copy| CopyTarget {
+                background: false,
+                ..self.target(copy)
+            })
+            .collect();
+        Some((id, holders))
+    }
+
+    /// Before a pull reads the source when no copy is done: a new snapshot
+    /// id unless no copy of the run was ever started, since a pull that
+    /// failed may still have committed under the planned one.
+    pub(super) fn renew_snapshot_id_for_reread(&mut self, record: &mut RunRecord) {
+        let run = record.run();
+        let started = run
+            .copies
+            .iter()
+            .any(|copy| copy.state() != CopyState::Pending || copy.attempts > 1);
+        if !started || self.holders(run).is_some() {
+            return;
+        }
+        let id = random_snapshot_id(&mut self.rng);
+        let run_id = record.id().to_owned();
+        if let Some(snapshot) = record.snapshot.as_mut() {
+            tracing::info!(run = %run_id, old = %snapshot.id, new = %id, "reading the source again under a new snapshot id");
+            snapshot.id = id;
+        }
+    }
+
     pub(super) fn client_assignment(
         &mut self,
         record: &mut RunRecord,
@@ -113,6 +159,16 @@ impl Inner {
                     .filter(|copy| copy.state() != CopyState::Done)
                     .map(|copy| self.target(copy))
                     .collect();
+                // A retry copies from the nodes that hold the committed
+                // snapshot, under their id.
+                let mut snapshot = snapshot.clone();
+                let holders = match self.holders(&run) {
+                    Some((id, holders)) => {
+                        snapshot.id = id;
+                        holders
+                    }
+                    None => Vec::new(),
+                };
                 let spares = if spec.replicas > 0 {
                     self.spares(&run.copies)
                 } else {
@@ -124,9 +180,10 @@ impl Inner {
                     job: Some(expand(&spec)),
                     instance: run.instance.clone(),
                     targets,
-                    snapshot: Some(snapshot.clone()),
+                    snapshot: Some(snapshot),
                     attempt,
                     spares,
+                    holders,
                     ..Default::default()
                 }
             }
@@ -159,8 +216,15 @@ impl Inner {
         node: &str,
         now: i64,
     ) -> CoordinatorMessage {
-        let snapshot = self.ensure_snapshot(record, now);
+        let mut snapshot = self.ensure_snapshot(record, now);
         let run = record.run();
+        let holders = match self.holders(run) {
+            Some((id, holders)) => {
+                snapshot.id = id;
+                holders
+            }
+            None => Vec::new(),
+        };
         let instance = (!run.instance.is_empty()).then_some(run.instance.as_str());
         let job = jobfile::expand_runtime(
             &record.spec(),
@@ -185,6 +249,7 @@ impl Inner {
                 snapshot: Some(snapshot),
                 dest: node.to_owned(),
                 attempt,
+                holders,
                 ..Default::default()
             })),
         }
