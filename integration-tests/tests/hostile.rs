@@ -1174,3 +1174,121 @@ async fn a_hosts_quota_stops_an_upload_that_would_go_over_it() {
         .await
         .unwrap();
 }
+
+/// A caller that opens a restore (or a chunk answer) and reads nothing
+/// holds the node's sending thread only for the idle timeout: the node
+/// then gives up, and when the caller reads on, the answer ends in
+/// DEADLINE_EXCEEDED, never as if it were complete.
+#[tokio::test]
+async fn a_restore_nobody_reads_is_dropped_after_the_idle_timeout_and_never_looks_complete() {
+    let work = tempfile::tempdir().unwrap();
+    let node = Server::node(
+        &work.path().join("store"),
+        &["--transfer-idle-timeout-s", "1"],
+    );
+    let mut client = storage_client(&node.address).await;
+    // 48 files of 512 KiB each: far more than the stream's buffers hold.
+    let contents: Vec<Vec<u8>> = (0..48u32)
+        .map(|seed| {
+            (0..512 * 1024u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 7919) >> 11) as u8)
+                .collect()
+        })
+        .collect();
+    let root = Tree {
+        entries: contents
+            .iter()
+            .enumerate()
+            .map(|(index, content)| {
+                file(
+                    format!("f{index:03}").as_bytes(),
+                    &id_of(content),
+                    content.len() as u64,
+                )
+            })
+            .collect(),
+        parts: Vec::new(),
+    }
+    .encode_to_vec();
+    let mut messages = Vec::new();
+    for (batch, group) in contents.chunks(8).enumerate() {
+        messages.push(send(sender_message::Kind::Chunks(ChunkBatch {
+            batch: batch as u64 + 1,
+            chunks: group
+                .iter()
+                .map(|data| ChunkData {
+                    id: id_of(data),
+                    data: data.clone().into(),
+                    ..ChunkData::default()
+                })
+                .collect(),
+        })));
+    }
+    messages.push(send(sender_message::Kind::Chunks(ChunkBatch {
+        batch: 100,
+        chunks: vec![ChunkData {
+            id: id_of(&root),
+            data: root.clone().into(),
+            ..ChunkData::default()
+        }],
+    })));
+    messages.extend(commit(record(&id_of(&root))));
+    upload(&mut client, messages).await.unwrap();
+    let snapshot = client
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .remove(0);
+
+    // Read in full, the restore ends cleanly.
+    let whole = drain(
+        client
+            .restore(RestoreRequest {
+                snapshot: snapshot.id.clone(),
+                path: String::new(),
+            })
+            .await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(whole.len(), 96, "48 entries and 48 chunks");
+
+    // Opened and left unread past the idle timeout (1 s here), it is cut.
+    let mut stalled = client
+        .restore(RestoreRequest {
+            snapshot: snapshot.id.clone(),
+            path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = client
+        .get_chunks(GetChunksRequest {
+            ids: contents.iter().map(|content| id_of(content)).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    for (what, ended) in [
+        ("restore", last_status(&mut stalled).await),
+        ("chunks", last_status(&mut chunks).await),
+    ] {
+        let status = ended.unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{what}: {status:?}");
+        assert!(status.message().contains("took nothing"), "{status:?}");
+    }
+    assert!(serving(&node).await);
+}
+
+/// Read a stream to its end: how it ended and how many items came.
+async fn last_status<T>(stream: &mut tonic::Streaming<T>) -> Result<usize, tonic::Status> {
+    let mut count = 0;
+    while let Some(item) = stream.next().await {
+        item?;
+        count += 1;
+    }
+    Ok(count)
+}

@@ -27,6 +27,7 @@ pub mod rate_limit;
 pub mod restore_client;
 pub mod run_copies;
 pub mod server;
+pub mod server_stream;
 pub mod session;
 pub mod source_service;
 pub mod status;

@@ -12,7 +12,6 @@
 //! coordinator resolves, over TLS to a server that proves that id.
 
 use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,13 +40,12 @@ use crate::convert;
 use crate::node_directory::NodeDirectory;
 use crate::quota::HostQuotas;
 use crate::rate_limit::{RateLimit, RateLimits};
+use crate::server_stream::{self, ItemStream};
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
     self, OutgoingChunk, REPLY_CHANNEL, ReceiveRules, SENDER_CHANNEL, TransferCounters,
     offer_snapshot_dag, run_receiver, run_sender,
 };
-
-type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The shared state of a node's storage service.
 #[derive(Clone)]
@@ -423,13 +421,15 @@ impl Storage for StorageService {
             .await?;
         Self::check_owner(&caller, scope.as_deref(), &found)?;
         let root = parse_id(&found.root_tree_id)?;
-        let (tx, rx) = mpsc::channel::<Result<RestoreItem, Status>>(8);
+        let (producer, stream) =
+            server_stream::channel::<RestoreItem>("the restore", self.idle_timeout);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let mut hard_links = HardLinks::default();
             let send = |item: restore_item::Kind| -> Result<(), SinkError> {
-                tx.blocking_send(Ok(RestoreItem { kind: Some(item) }))
-                    .map_err(|_| "the client went away".into())
+                producer
+                    .send(Ok(RestoreItem { kind: Some(item) }))
+                    .map_err(|stopped| stopped.to_string().into())
             };
             let result = fabric_chunkstore::restore::walk_tree(
                 store.as_ref(),
@@ -450,11 +450,12 @@ impl Storage for StorageService {
                     Ok(())
                 },
             );
-            if let Err(err) = result {
-                let _ = tx.blocking_send(Err(restore_status(&snapshot, &path, err)));
+            match result {
+                Ok(()) => producer.finish(),
+                Err(err) => producer.fail(restore_status(&snapshot, &path, err)),
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<Tree>, Status> {
@@ -499,33 +500,35 @@ impl Storage for StorageService {
         // repeats one id 4,096 times must not cost 4,096 reads.
         let mut seen = HashSet::with_capacity(ids.len());
         let ids: Vec<ChunkId> = ids.into_iter().filter(|id| seen.insert(*id)).collect();
-        let (tx, rx) = mpsc::channel(4);
+        let (producer, stream) = server_stream::channel("the chunks", self.idle_timeout);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let mut sent = 0u64;
             for (index, id) in ids.iter().enumerate() {
                 if sent >= MAX_GET_CHUNKS_BYTES {
-                    let _ = tx.blocking_send(Err(Status::out_of_range(format!(
+                    producer.fail(Status::out_of_range(format!(
                         "GetChunks answers at most {MAX_GET_CHUNKS_BYTES} bytes per call: \
                          {index} of {} chunks sent, ask again for the rest",
                         ids.len()
-                    ))));
-                    break;
+                    )));
+                    return;
                 }
-                let item = store
-                    .get_stored(id)
-                    .map(convert::chunk_data)
-                    .map_err(status_from_store_error);
-                if let Ok(chunk) = &item {
-                    sent += chunk.data.len() as u64;
-                }
-                let failed = item.is_err();
-                if tx.blocking_send(item).is_err() || failed {
-                    break;
+                match store.get_stored(id).map(convert::chunk_data) {
+                    Ok(chunk) => {
+                        sent += chunk.data.len() as u64;
+                        if producer.send(Ok(chunk)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        producer.fail(status_from_store_error(err));
+                        return;
+                    }
                 }
             }
+            producer.finish();
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 
     async fn list_snapshots(
