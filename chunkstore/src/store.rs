@@ -115,6 +115,9 @@ pub struct Store {
     /// when this moved meanwhile: another writer may have stored and
     /// flushed the same chunk, and a second copy would only waste space.
     index_moves: AtomicU64,
+    /// Counts snapshot commits and deletions, for whoever keeps figures
+    /// derived from the snapshot list (a node's usage counters) fresh.
+    catalog_changes: AtomicU64,
     /// Packs sealed (no more appends) whose fsync is still running: the
     /// sealer runs it after releasing the writer lock, so other writers go on
     /// meanwhile. Whoever indexes pending chunks first waits for the packs
@@ -329,6 +332,7 @@ impl Store {
             next_pack: AtomicU32::new(0),
             pending: RwLock::new(HashMap::new()),
             index_moves: AtomicU64::new(0),
+            catalog_changes: AtomicU64::new(0),
             syncing_seals: Mutex::new(HashSet::new()),
             seal_synced: Condvar::new(),
             write_failure: OnceLock::new(),
@@ -1298,6 +1302,7 @@ impl Store {
         snapshot.warnings = validate::bounded_warnings(std::mem::take(&mut snapshot.warnings));
         self.write_snapshot_file(&snapshot)?;
         self.catalog.put(&snapshot).map_err(self.index_error())?;
+        self.catalog_changes.fetch_add(1, Ordering::Relaxed);
         Ok(snapshot)
     }
 
@@ -1404,7 +1409,14 @@ impl Store {
         self.catalog
             .remove(&snapshot.id)
             .map_err(self.index_error())?;
+        self.catalog_changes.fetch_add(1, Ordering::Relaxed);
         Ok(snapshot)
+    }
+
+    /// How many snapshots were committed or deleted since the store opened:
+    /// figures derived from the snapshot list are stale once it moved.
+    pub fn catalog_changes(&self) -> u64 {
+        self.catalog_changes.load(Ordering::Relaxed)
     }
 
     /// Walk the DAG under `root`: `visit_tree(id, path)` for each tree, then

@@ -330,12 +330,39 @@ pub struct SnapshotRow {
     /// Flags a node set at the commit: `growth` (new data beyond its
     /// `max_growth` times the usual), `worm` (inside its WORM window).
     pub flags: Vec<String>,
+    /// Its job's use of the job's quota, when it has one.
+    pub job_quota: Option<JobQuotaCell>,
+}
+
+/// A job's use of its quota, as the storage nodes last counted.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct JobQuotaCell {
+    /// Bytes the job's snapshots take on the storage nodes together.
+    pub used_bytes: u64,
+    /// The job's quota.
+    pub quota_bytes: u64,
+}
+
+impl std::fmt::Display for JobQuotaCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let share = self.used_bytes as f64 / self.quota_bytes.max(1) as f64;
+        write!(f, "{:.0}% of {}", share * 100.0, bytes(self.quota_bytes))
+    }
 }
 
 impl Row for SnapshotRow {
     fn headers() -> &'static [&'static str] {
         &[
-            "date", "id", "name", "size", "new", "duration", "tags", "nodes", "flags",
+            "date",
+            "id",
+            "name",
+            "size",
+            "new",
+            "duration",
+            "tags",
+            "nodes",
+            "flags",
+            "job quota",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -349,6 +376,8 @@ impl Row for SnapshotRow {
             self.tags.join(","),
             self.nodes.join(","),
             self.flags.join(","),
+            self.job_quota
+                .map_or_else(|| "-".to_owned(), |quota| quota.to_string()),
         ]
     }
 }
@@ -367,6 +396,7 @@ pub fn snapshot_row(snapshot: &Snapshot, nodes: Vec<String>) -> SnapshotRow {
         nodes,
         state: enum_name(snapshot.state().as_str_name(), "SNAPSHOT_STATE_"),
         flags: snapshot_flags(snapshot, now_ms()),
+        job_quota: None,
     }
 }
 
@@ -673,12 +703,31 @@ pub async fn node_list(remote: &Remote, format: OutputFormat) -> anyhow::Result<
 
 /// Snapshots with the nodes holding them, oldest first: from the coordinator's
 /// catalogue, or straight from a node when `node` is an address.
+/// Snapshots with the nodes that hold them, and the quotas of their jobs
+/// (job -> (used, quota) bytes; none when listed from one node).
+pub struct SnapshotListing {
+    /// Each snapshot and its nodes.
+    pub entries: Vec<(Snapshot, Vec<String>)>,
+    /// Jobs with a quota.
+    pub job_quotas: std::collections::HashMap<String, (u64, u64)>,
+}
+
 pub async fn snapshot_entries(
     remote: &Remote,
     job: Option<String>,
     host: Option<String>,
     node: Option<String>,
 ) -> anyhow::Result<Vec<(Snapshot, Vec<String>)>> {
+    Ok(snapshot_listing(remote, job, host, node).await?.entries)
+}
+
+/// [`snapshot_entries`] with the quotas of their jobs.
+pub async fn snapshot_listing(
+    remote: &Remote,
+    job: Option<String>,
+    host: Option<String>,
+    node: Option<String>,
+) -> anyhow::Result<SnapshotListing> {
     if let Some(node) = node.filter(|n| remote::is_address(n)) {
         let mut storage = remote
             .storage(&fabric_node::client::Peer::any_node(&node))
@@ -692,28 +741,51 @@ pub async fn snapshot_entries(
             .map_err(|status| status_error(&format!("listing snapshots on {node}"), status))?
             .into_inner()
             .snapshots;
-        return Ok(snapshots
-            .into_iter()
-            .map(|s| (s, vec![node.clone()]))
-            .collect());
+        return Ok(SnapshotListing {
+            entries: snapshots
+                .into_iter()
+                .map(|s| (s, vec![node.clone()]))
+                .collect(),
+            job_quotas: Default::default(),
+        });
     }
     let mut client = remote.coordinator().await?;
-    let entries = remote::catalog(&mut client, job, host).await?;
-    Ok(entries
-        .into_iter()
-        .map(|entry| {
-            (
-                entry.snapshot.unwrap_or_default(),
-                entry.copies.into_iter().map(|c| c.node).collect(),
-            )
-        })
-        .collect())
+    let listed = remote::catalog_with_quotas(&mut client, job, host).await?;
+    Ok(SnapshotListing {
+        entries: listed
+            .entries
+            .into_iter()
+            .map(|entry| {
+                (
+                    entry.snapshot.unwrap_or_default(),
+                    entry.copies.into_iter().map(|c| c.node).collect(),
+                )
+            })
+            .collect(),
+        job_quotas: listed
+            .job_quotas
+            .into_iter()
+            .map(|quota| (quota.job, (quota.used_bytes, quota.quota_bytes)))
+            .collect(),
+    })
 }
 
-fn rows_of<'a>(entries: impl IntoIterator<Item = &'a (Snapshot, Vec<String>)>) -> Vec<SnapshotRow> {
+fn rows_of<'a>(
+    entries: impl IntoIterator<Item = &'a (Snapshot, Vec<String>)>,
+    job_quotas: &std::collections::HashMap<String, (u64, u64)>,
+) -> Vec<SnapshotRow> {
     entries
         .into_iter()
-        .map(|(snapshot, nodes)| snapshot_row(snapshot, nodes.clone()))
+        .map(|(snapshot, nodes)| {
+            let mut row = snapshot_row(snapshot, nodes.clone());
+            row.job_quota = job_quotas
+                .get(&snapshot.job)
+                .map(|&(used_bytes, quota_bytes)| JobQuotaCell {
+                    used_bytes,
+                    quota_bytes,
+                });
+            row
+        })
         .collect()
 }
 
@@ -724,8 +796,8 @@ pub async fn snapshot_list(
     node: Option<String>,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let entries = snapshot_entries(remote, job, host, node).await?;
-    output::print_rows(&rows_of(&entries), format)
+    let listing = snapshot_listing(remote, job, host, node).await?;
+    output::print_rows(&rows_of(&listing.entries, &listing.job_quotas), format)
 }
 
 pub async fn find(
@@ -736,12 +808,12 @@ pub async fn find(
     node: Option<String>,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let entries = snapshot_entries(remote, job, host, node).await?;
-    let found = revision::find(&entries, spec, |(snapshot, _)| snapshot)?;
+    let listing = snapshot_listing(remote, job, host, node).await?;
+    let found = revision::find(&listing.entries, spec, |(snapshot, _)| snapshot)?;
     if found.is_empty() {
         bail!("no snapshot matches {spec:?}");
     }
-    output::print_rows(&rows_of(found), format)
+    output::print_rows(&rows_of(found, &listing.job_quotas), format)
 }
 
 /// Restore `path` of the snapshot `spec` names into the directory `to`
@@ -1009,7 +1081,7 @@ pub async fn backup(
         template,
         Some(progress),
         // The node's ingest limit applies; a one-off backup has no own.
-        fabric_node::rate_limit::RateLimits::none(),
+        fabric_node::rate_limit::TransferLimits::none(),
     )
     .await?;
     if let Some(bar) = bar {

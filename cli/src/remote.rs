@@ -147,6 +147,15 @@ pub async fn catalog(
     job: Option<String>,
     host: Option<String>,
 ) -> anyhow::Result<Vec<CatalogEntry>> {
+    Ok(catalog_with_quotas(client, job, host).await?.entries)
+}
+
+/// The catalogue entries and the quotas of their jobs.
+pub async fn catalog_with_quotas(
+    client: &mut Coordinator,
+    job: Option<String>,
+    host: Option<String>,
+) -> anyhow::Result<fabric_proto::v1::ListCatalogResponse> {
     Ok(client
         .list_catalog(ListCatalogRequest {
             job: job.unwrap_or_default(),
@@ -154,8 +163,7 @@ pub async fn catalog(
         })
         .await
         .map_err(|status| status_error("listing snapshots", status))?
-        .into_inner()
-        .entries)
+        .into_inner())
 }
 
 /// Where to read a snapshot from: (node address, the snapshot's id there).

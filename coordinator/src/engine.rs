@@ -551,6 +551,28 @@ impl Engine {
             .collect())
     }
 
+    /// The quotas of `jobs` that have one, with their usage.
+    pub async fn job_quotas(
+        &self,
+        jobs: &[String],
+    ) -> Result<Vec<fabric_proto::v1::JobQuotaUsage>, EngineError> {
+        let inner = self.inner.lock().await;
+        let mut quotas = Vec::new();
+        for name in jobs {
+            if let Some(job) = inner.store.job(name)?
+                && let Some(spec) = job.spec
+                && spec.quota_bytes > 0
+            {
+                quotas.push(fabric_proto::v1::JobQuotaUsage {
+                    job: name.clone(),
+                    used_bytes: inner.job_used_bytes(name),
+                    quota_bytes: spec.quota_bytes,
+                });
+            }
+        }
+        Ok(quotas)
+    }
+
     /// Freshness of the named jobs (all when empty).
     pub async fn check(&self, names: &[String]) -> Result<CheckResponse, EngineError> {
         let inner = self.inner.lock().await;
@@ -791,6 +813,20 @@ impl Inner {
                 }
                 Err(reason) => return self.wait(record, reason, now),
             }
+        }
+        if record.run_kind() != RunKind::Expand
+            && let Some(0) = self.quota_left(&record.spec())
+        {
+            let spec = record.spec();
+            let reason = format!(
+                "job {} is at its quota: its snapshots take {} bytes of {} on the storage nodes \
+                 (as they last counted); delete snapshots or raise the job's quota",
+                spec.name,
+                self.job_used_bytes(&spec.name),
+                spec.quota_bytes
+            );
+            runs::finish(record, RunState::Failed, &reason, now);
+            return self.coordinator_event(record, &reason, now);
         }
         let client = record.run().client.clone();
         if !self.sessions.contains_key(&client) {

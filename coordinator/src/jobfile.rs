@@ -45,6 +45,7 @@
 //! | `one_file_system` | push, pull | `true` to stay on the file systems of the included paths |
 //! | `pull_source` | pull | the passive job this pull job fetches from (its twin; required) |
 //! | `pull_timeout` | passive | how long the client waits to be pulled before its post script (default 1h) |
+//! | `quota` | push, pull | the most the job's snapshots may take on the storage nodes together: `"500GiB"`, `"2TB"`, or a number of bytes; a run does not start while the job is at or over it, and a transfer that would go over stops without committing (as the storage nodes last counted, every minute) |
 //! | `bandwidth_limit` | push, pull | bytes per second for the job's transfers: `"20MB/s"`, `"512KiB"`, or a number of bytes (the agent's sends of a push, the puller's receives of a pull) |
 //! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
 //!
@@ -141,7 +142,17 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("pull_timeout", false, false, true),
     rule("min_retention", true, true, false),
     rule("bandwidth_limit", true, true, false),
+    rule("quota", true, true, false),
 ];
+
+/// What a byte-valued key holds.
+#[derive(Clone, Copy)]
+enum BytesKind {
+    /// A rate (`bandwidth_limit`).
+    PerSecond,
+    /// An amount (`quota`).
+    Total,
+}
 
 /// Keys whose value may be a `!command` (in push jobs).
 const DYNAMIC_KEYS: [&str; 4] = ["instances", "master_host", "master_instance", "data_age"];
@@ -531,13 +542,19 @@ pub fn is_valid_name(name: &str) -> bool {
     chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// Bytes per second from `text`: a number (decimals allowed) and an
-/// optional unit (`k`/`K`, `M`, `G`, `T` in powers of 1000, `Ki`, `Mi`,
-/// `Gi`, `Ti` in powers of 1024, each with an optional `B`; a lone `B`),
-/// then an optional `/s`. `None` for anything else or beyond `u64`.
+/// Bytes per second from `text`: [`parse_bytes`]'s form, then an optional
+/// `/s`. `None` for anything else or beyond `u64`.
 pub fn parse_rate(text: &str) -> Option<u64> {
     let text = text.trim();
-    let text = text.strip_suffix("/s").unwrap_or(text).trim_end();
+    parse_bytes(text.strip_suffix("/s").unwrap_or(text))
+}
+
+/// Bytes from `text`: a number (decimals allowed) and an optional unit
+/// (`k`/`K`, `M`, `G`, `T` in powers of 1000, `Ki`, `Mi`, `Gi`, `Ti` in
+/// powers of 1024, each with an optional `B`; a lone `B`). `None` for
+/// anything else or beyond `u64`.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -1047,9 +1064,14 @@ impl JobContext<'_> {
             }
         }
         if is("bandwidth_limit")
-            && let Some(rate) = self.rate(reporter, "bandwidth_limit")
+            && let Some(rate) = self.bytes(reporter, "bandwidth_limit", BytesKind::PerSecond)
         {
             spec.bandwidth_limit_bytes_per_s = rate;
+        }
+        if is("quota")
+            && let Some(quota) = self.bytes(reporter, "quota", BytesKind::Total)
+        {
+            spec.quota_bytes = quota;
         }
         if is("min_retention")
             && let Some(window) = self.duration(reporter, "min_retention")
@@ -1265,8 +1287,20 @@ impl JobContext<'_> {
     /// Bytes per second: a whole number, or a number and a unit (`k`, `M`,
     /// `G` and `T` in powers of 1000, `KiB`... in powers of 1024, an
     /// optional `B` and `/s`).
-    fn rate(&self, reporter: &mut Reporter<'_>, key: &str) -> Checked<u64> {
+    fn bytes(&self, reporter: &mut Reporter<'_>, key: &str, kind: BytesKind) -> Checked<u64> {
         let setting = self.setting(key)?;
+        let (expected, example, parse): (_, _, fn(&str) -> Option<u64>) = match kind {
+            BytesKind::PerSecond => (
+                "bytes per second (\"20MB/s\", \"512KiB\") or a whole number",
+                "bytes per second, e.g. \"20MB/s\", \"512KiB\" or 1000000",
+                parse_rate,
+            ),
+            BytesKind::Total => (
+                "bytes (\"500GiB\", \"2TB\") or a whole number",
+                "bytes, e.g. \"500GiB\", \"2TB\" or 1000000",
+                parse_bytes,
+            ),
+        };
         let text = match &setting.entry.value {
             Value::Integer(bytes) if *bytes >= 0 => return Some(*bytes as u64),
             Value::Text(text) => self.resolve(reporter, key, setting.entry.line, text)?,
@@ -1275,22 +1309,17 @@ impl JobContext<'_> {
                     setting.entry.line,
                     Some(key),
                     ProblemKind::WrongType {
-                        expected: "bytes per second (\"20MB/s\", \"512KiB\") or a whole number",
+                        expected,
                         found: other.type_name(),
                     },
                 );
                 return None;
             }
         };
-        match parse_rate(&text) {
-            Some(rate) => Some(rate),
+        match parse(&text) {
+            Some(bytes) => Some(bytes),
             None => {
-                self.bad(
-                    reporter,
-                    key,
-                    text,
-                    "bytes per second, e.g. \"20MB/s\", \"512KiB\" or 1000000",
-                );
+                self.bad(reporter, key, text, example);
                 None
             }
         }

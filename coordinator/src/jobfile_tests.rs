@@ -696,3 +696,21 @@ fn bandwidth_limits_read_units_and_refuse_nonsense() {
         "{bad}"
     );
 }
+
+#[test]
+fn a_quota_is_an_amount_of_bytes_not_a_rate() {
+    assert_eq!(parse_bytes("500GiB"), Some(500 * 1024 * 1024 * 1024));
+    assert_eq!(parse_bytes("2TB"), Some(2_000_000_000_000));
+    assert_eq!(parse_bytes("2TB/s"), None, "a rate is not a quota");
+    let text = "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nquota = \"1.5 GB\"\n\
+                [job.q]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nquota = 4096\n";
+    let jobs = parse_jobs_file("jobs.toml", text, &known()).unwrap();
+    assert_eq!(job(&jobs, "p").quota_bytes, 1_500_000_000);
+    assert_eq!(job(&jobs, "q").quota_bytes, 4096);
+    let bad = error(
+        "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nquota = \"10MB/s\"\n",
+    );
+    assert!(bad.contains("quota") && bad.contains("10MB/s"), "{bad}");
+    let passive = error("[job.c]\ndirection = \"passive\"\nclient = \"ext1\"\nquota = \"1GB\"\n");
+    assert!(passive.contains("quota"), "{passive}");
+}

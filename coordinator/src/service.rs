@@ -308,7 +308,16 @@ impl Coordinator for CoordinatorService {
             filter.host = host.to_owned();
         }
         let entries = self.engine.catalog(&filter).await.map_err(status_of)?;
-        Ok(Response::new(ListCatalogResponse { entries }))
+        let jobs: std::collections::BTreeSet<String> = entries
+            .iter()
+            .filter_map(|entry| entry.snapshot.as_ref().map(|snapshot| snapshot.job.clone()))
+            .collect();
+        let jobs: Vec<String> = jobs.into_iter().collect();
+        let job_quotas = self.engine.job_quotas(&jobs).await.map_err(status_of)?;
+        Ok(Response::new(ListCatalogResponse {
+            entries,
+            job_quotas,
+        }))
     }
 
     async fn check(

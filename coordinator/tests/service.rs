@@ -184,6 +184,10 @@ impl FakeNode {
                         used_bytes: 300,
                         quota_bytes: 1000,
                     }],
+                    job_usage: vec![fabric_proto::v1::JobUsage {
+                        job: "web".into(),
+                        stored_bytes: 300,
+                    }],
                 })),
             })
             .await

@@ -338,6 +338,81 @@ fn a_retried_copy_is_the_committed_snapshot_not_a_new_read_of_the_source() {
     assert_eq!(snapshot_nodes(&fabric, "twice"), vec![vec!["n1", "n2"]]);
 }
 
+/// Issue 21: a job's `quota` on the coordinator. An upload that would go
+/// over what the quota leaves stops without a commit; the job's usage shows
+/// in `status`; a job at its quota does not start.
+#[test]
+fn a_jobs_quota_stops_its_uploads_and_shows_in_status() {
+    let fabric = Fabric::start(1);
+    let source = source_tree(&fabric);
+    let job = |quota: &str| {
+        format!(
+            "[job.capped]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ncopy_retries = 0\nquota = {quota}\n",
+            source.display()
+        )
+    };
+    let stored = || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            storage_client(&fabric.nodes[0].address)
+                .await
+                .list_snapshots(ListSnapshotsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshots
+        })
+    };
+
+    // The source stores some 400 kB: a quota of 100 kB stops the upload.
+    let runs = fabric.submit(&job("100000"), &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    let reason = run["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("job capped would go over its quota of 100000 bytes")
+            && reason.contains("nothing was committed"),
+        "{reason}"
+    );
+    assert!(stored().is_empty(), "nothing committed");
+
+    // With room, it commits, and `status` shows the job's usage once n1
+    // counted it.
+    let runs = fabric.submit(&job("\"10MB\""), &[]);
+    assert_eq!(fabric.wait_run(&runs[0])["state"], "done");
+    let snapshots = stored();
+    assert_eq!(snapshots.len(), 1);
+    let stored_bytes = snapshots[0].stats.unwrap().stored_bytes;
+    let mut quota = serde_json::Value::Null;
+    for _ in 0..100 {
+        quota = fabric.json(&["status", "--job", "capped"])[0]["job_quota"].clone();
+        if quota["used_bytes"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(quota["used_bytes"], stored_bytes, "{quota}");
+    assert_eq!(quota["quota_bytes"], 10_000_000, "{quota}");
+    let table = fabric.ctl(&["status", "--job", "capped", "-o", "table"]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("JOB QUOTA") && table.contains("% of "),
+        "{table}"
+    );
+
+    // At its quota, a run does not start.
+    let runs = fabric.submit(&job("1000"), &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap()
+            .contains("job capped is at its quota"),
+        "{run:#}"
+    );
+    assert_eq!(stored().len(), 1);
+}
+
 fn wait_copy_running(fabric: &Fabric, run: &str, node: &str) {
     for _ in 0..600 {
         let shown = fabric.json(&["run", "show", run]);

@@ -441,7 +441,7 @@ fn main() {
                     ..Default::default()
                 },
                 None,
-                fabric_node::rate_limit::RateLimits::none(),
+                fabric_node::rate_limit::TransferLimits::none(),
             ))
             .expect("push");
         (started.elapsed().as_secs_f64(), outcome)

@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::rate_limit::RateLimits;
+use crate::rate_limit::TransferLimits;
 use crate::transfer::{
     ChannelSink, OutgoingChunk, READ_AHEAD_CHUNKS, SENDER_CHANNEL, TransferCounters, run_sender,
 };
@@ -385,7 +385,7 @@ pub async fn send_backup<I>(
     incoming: I,
     counters: Arc<TransferCounters>,
     progress: Option<ProgressFn>,
-    limits: RateLimits,
+    limits: TransferLimits,
 ) -> Result<Snapshot, Status>
 where
     I: futures::Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
@@ -420,7 +420,7 @@ pub async fn push_backup(
     options: BackupOptions,
     template: Snapshot,
     progress: Option<ProgressFn>,
-    limits: RateLimits,
+    limits: TransferLimits,
 ) -> Result<PushOutcome, AgentError> {
     let client = crate::client::storage(node, transport).await?;
     let address = node.address.as_str();

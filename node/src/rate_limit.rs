@@ -1,15 +1,21 @@
 //! Bandwidth limits: a token bucket of bytes per second, shared by every
 //! transfer it governs (an agent's uploads, a job's copies, a node's
-//! ingest), and [`RateLimits`], the set one transfer obeys.
+//! ingest); a job's byte budget (what its quota leaves a run); and
+//! [`TransferLimits`], the set one transfer obeys.
 //!
-//! A limit never refuses and never drops: it only makes the caller wait
-//! until the bytes it is about to move fit the rate. It must never hold
-//! its lock while waiting, so transfers sharing a limit take turns.
+//! A rate limit never refuses and never drops: it only makes the caller
+//! wait until the bytes it is about to move fit the rate. It must never
+//! hold its lock while waiting, so transfers sharing a limit take turns. A
+//! budget refuses the batch that would go over it, and the transfer ends
+//! without a commit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use fabric_chunkstore::validate;
 use tokio::time::Instant;
+use tonic::Status;
 
 /// Bytes per second, with a burst of one second's worth.
 #[derive(Debug)]
@@ -69,11 +75,57 @@ impl RateLimit {
     }
 }
 
-/// The limits one transfer obeys: it waits for each.
-#[derive(Clone, Debug, Default)]
-pub struct RateLimits(Vec<Arc<RateLimit>>);
+/// What a job's quota leaves one run: the bytes its transfers may move.
+#[derive(Debug)]
+pub struct JobBudget {
+    job: String,
+    quota_bytes: u64,
+    left_bytes: u64,
+    spent: AtomicU64,
+}
 
-impl RateLimits {
+impl JobBudget {
+    /// `left_bytes` for a run of `job`, whose quota is `quota_bytes`; none
+    /// when the job has no quota (0).
+    pub fn new(job: &str, quota_bytes: u64, left_bytes: u64) -> Option<Arc<Self>> {
+        (quota_bytes > 0).then(|| {
+            Arc::new(Self {
+                job: job.to_owned(),
+                quota_bytes,
+                left_bytes,
+                spent: AtomicU64::new(0),
+            })
+        })
+    }
+
+    /// Spend `bytes`, or refuse when they would go over.
+    fn spend(&self, bytes: u64) -> Result<(), Status> {
+        let spent = self
+            .spent
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
+        if spent > self.left_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "job {} would go over its quota of {} bytes: this run may store {} more bytes \
+                 and has moved {spent} (nothing was committed)",
+                validate::quote(self.job.as_bytes()),
+                self.quota_bytes,
+                self.left_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The limits one transfer obeys: it waits for each rate, and stops at its
+/// budget.
+#[derive(Clone, Debug, Default)]
+pub struct TransferLimits {
+    rates: Vec<Arc<RateLimit>>,
+    budget: Option<Arc<JobBudget>>,
+}
+
+impl TransferLimits {
     /// No limit.
     pub fn none() -> Self {
         Self::default()
@@ -81,20 +133,32 @@ impl RateLimits {
 
     /// These limits and `limit` (if any).
     pub fn with(mut self, limit: Option<Arc<RateLimit>>) -> Self {
-        self.0.extend(limit);
+        self.rates.extend(limit);
         self
     }
 
-    /// Wait until `bytes` fit every limit.
-    pub async fn take(&self, bytes: u64) {
-        for limit in &self.0 {
+    /// These limits and the byte budget `budget` (if any).
+    pub fn with_budget(mut self, budget: Option<Arc<JobBudget>>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Count `bytes` against the budget, then wait until they fit every
+    /// rate. Refused (RESOURCE_EXHAUSTED) when they would go over the
+    /// budget.
+    pub async fn take(&self, bytes: u64) -> Result<(), Status> {
+        if let Some(budget) = &self.budget {
+            budget.spend(bytes)?;
+        }
+        for limit in &self.rates {
             limit.take(bytes).await;
         }
+        Ok(())
     }
 
     /// Whether there is any limit.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.rates.is_empty() && self.budget.is_none()
     }
 }
 
@@ -105,7 +169,7 @@ mod tests {
     #[test]
     fn zero_is_no_limit() {
         assert!(RateLimit::new(0).is_none());
-        assert!(RateLimits::none().with(RateLimit::new(0)).is_empty());
+        assert!(TransferLimits::none().with(RateLimit::new(0)).is_empty());
     }
 
     /// On the runtime's paused clock (it advances only when every task
@@ -114,13 +178,31 @@ mod tests {
     async fn transfers_sharing_limits_move_at_the_slowest_rate() {
         let agent = RateLimit::new(1_000);
         let job = RateLimit::new(4_000);
-        let limits = RateLimits::none().with(agent).with(job);
+        let limits = TransferLimits::none().with(agent).with(job);
         let start = Instant::now();
         // 1,000 bytes of burst, then 9,000 at 1,000 bytes/s.
         for _ in 0..10 {
-            limits.take(1_000).await;
+            limits.take(1_000).await.unwrap();
         }
         assert_eq!(start.elapsed(), Duration::from_secs(9));
+    }
+
+    #[tokio::test]
+    async fn a_budget_refuses_the_batch_that_would_go_over_it() {
+        assert!(JobBudget::new("web", 0, 0).is_none(), "no quota, no budget");
+        let limits = TransferLimits::none().with_budget(JobBudget::new("web", 10_000, 2_500));
+        limits.take(1_000).await.unwrap();
+        limits.take(1_500).await.unwrap();
+        let refused = limits.take(1).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused
+                .message()
+                .contains("job web would go over its quota of 10000 bytes"),
+            "{refused:?}"
+        );
+        let none_left = TransferLimits::none().with_budget(JobBudget::new("web", 10_000, 0));
+        assert!(none_left.take(1).await.is_err());
     }
 
     #[test]

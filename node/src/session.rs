@@ -23,8 +23,9 @@ use fabric_chunkstore::Store;
 use fabric_chunkstore::walk::BackupOptions;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
-    Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, HostUsage, NodeInfo, NodeMessage,
-    NodeRole, RunState, RunUpdate, Snapshot, TransferProgress, coordinator_message, node_message,
+    Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, HostUsage, JobUsage, NodeInfo,
+    NodeMessage, NodeRole, RunState, RunUpdate, Snapshot, TransferProgress, coordinator_message,
+    node_message,
 };
 use fabric_trust::Transport;
 use futures::StreamExt;
@@ -36,7 +37,7 @@ use crate::agent::{PushProgress, describe_status, push_backup};
 use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
 use crate::pull_permits::PullPermits;
-use crate::rate_limit::{RateLimit, RateLimits};
+use crate::rate_limit::{JobBudget, RateLimit, TransferLimits};
 use crate::run_copies::{self, NextCopy, SnapshotCopies};
 
 /// Updates waiting to be sent, kept across reconnects (bounded: the oldest
@@ -126,12 +127,50 @@ fn node_info(
 
 /// How often the store's counters (chunks, stored bytes) are recomputed for
 /// heartbeats: counting scans the index (not the trees, which `stats` also
-/// walks), too slow to do every few seconds on a large store.
+/// walks), too slow to do every few seconds on a large store. A commit or a
+/// deletion has them recomputed within [`COUNTERS_CHANGED_CHECK`], so that
+/// quotas see it.
 const COUNTERS_REFRESH: Duration = Duration::from_secs(60);
 
-/// The store's (chunks, stored bytes), refreshed in the background.
-/// Chunks, stored bytes, and the usage of hosts with a quota.
-type StoreCounters = Arc<Mutex<(u64, u64, Vec<HostUsage>)>>;
+/// How often the store is asked whether a snapshot was committed or deleted.
+const COUNTERS_CHANGED_CHECK: Duration = Duration::from_secs(1);
+
+/// The most jobs a heartbeat reports the usage of (the largest first).
+const MAX_JOB_USAGE: usize = 10_000;
+
+/// What heartbeats say of the store, refreshed in the background.
+#[derive(Clone, Debug, Default)]
+struct Counted {
+    chunks: u64,
+    stored_bytes: u64,
+    /// Hosts with a quota here.
+    quota_usage: Vec<HostUsage>,
+    /// Every job (the coordinator holds jobs to their quotas with it).
+    job_usage: Vec<JobUsage>,
+}
+
+type StoreCounters = Arc<Mutex<Counted>>;
+
+/// What each job's snapshots in `store` take: the sum of their
+/// `stored_bytes`, the largest first, at most [`MAX_JOB_USAGE`].
+fn job_usage(store: &Store) -> Result<Vec<JobUsage>, fabric_chunkstore::StoreError> {
+    let mut by_job: HashMap<String, u64> = HashMap::new();
+    for snapshot in store.list_snapshots()? {
+        let stored = snapshot
+            .stats
+            .as_ref()
+            .map_or(0, |stats| stats.stored_bytes);
+        let sum = by_job.entry(snapshot.job).or_default();
+        *sum = sum.saturating_add(stored);
+    }
+    let mut usage: Vec<JobUsage> = by_job
+        .into_iter()
+        .map(|(job, stored_bytes)| JobUsage { job, stored_bytes })
+        .collect();
+    usage.sort_by(|a, b| b.stored_bytes.cmp(&a.stored_bytes).then(a.job.cmp(&b.job)));
+    usage.truncate(MAX_JOB_USAGE);
+    Ok(usage)
+}
 
 /// Keep `counters` up to date until `stop` turns true.
 async fn refresh_counters(
@@ -140,12 +179,20 @@ async fn refresh_counters(
     counters: StoreCounters,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(COUNTERS_REFRESH);
+    let mut ticker = tokio::time::interval(COUNTERS_CHANGED_CHECK);
+    let mut counted_at: Option<(Instant, u64)> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
+        let changes = store.catalog_changes();
+        let fresh =
+            counted_at.is_some_and(|(at, seen)| seen == changes && at.elapsed() < COUNTERS_REFRESH);
+        if fresh {
+            continue;
+        }
+        counted_at = Some((Instant::now(), changes));
         let counting = store.clone();
         let quotas = quotas.clone();
         let counted = tokio::task::spawn_blocking(move || {
@@ -164,7 +211,12 @@ async fn refresh_counters(
                     })
                     .collect()
             };
-            Ok::<_, fabric_chunkstore::StoreError>((counts.chunks, counts.stored_bytes, usage))
+            Ok::<_, fabric_chunkstore::StoreError>(Counted {
+                chunks: counts.chunks,
+                stored_bytes: counts.stored_bytes,
+                quota_usage: usage,
+                job_usage: job_usage(&counting)?,
+            })
         })
         .await;
         if let Ok(Ok(counts)) = counted {
@@ -178,8 +230,12 @@ async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heart
     let Some(store) = store else {
         return Heartbeat::default();
     };
-    let (chunks, stored_bytes, quota_usage) =
-        counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Counted {
+        chunks,
+        stored_bytes,
+        quota_usage,
+        job_usage,
+    } = counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let free_bytes = tokio::task::spawn_blocking(move || crate::disk::space(store.dir()))
         .await
         .ok()
@@ -191,6 +247,7 @@ async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heart
         chunks,
         stored_bytes,
         quota_usage,
+        job_usage,
     }
 }
 
@@ -612,6 +669,7 @@ async fn execute_push(context: &Context, assignment: Assignment) -> Result<(), S
             copies.clone(),
             target.clone(),
             spares.clone(),
+            assignment.quota_left_bytes,
         );
         if target.background {
             background.push(tokio::spawn(copy));
@@ -646,6 +704,7 @@ async fn copy_with_retries(
     copies: Arc<SnapshotCopies>,
     mut target: CopyTarget,
     spares: Arc<Mutex<VecDeque<CopyTarget>>>,
+    quota_left: u64,
 ) -> Result<(), String> {
     let min_sleep = Duration::from_millis(job.copy_retry_min_sleep_ms);
     loop {
@@ -653,7 +712,7 @@ async fn copy_with_retries(
         let reason = loop {
             attempt += 1;
             context.dest(&run_id, &target.node, CopyState::Running, "");
-            match copy_once(&context, &run_id, &job, &copies, &target).await {
+            match copy_once(&context, &run_id, &job, &copies, &target, quota_left).await {
                 Ok(snapshot) => {
                     context.send(RunUpdate {
                         run_id: run_id.clone(),
@@ -701,6 +760,7 @@ async fn copy_once(
     job: &fabric_proto::v1::JobSpec,
     copies: &SnapshotCopies,
     target: &CopyTarget,
+    quota_left: u64,
 ) -> Result<Snapshot, String> {
     let mut holders = copies.holders();
     if holders.is_empty() {
@@ -708,7 +768,7 @@ async fn copy_once(
         match copies.plan_walk(&context.transport).await {
             NextCopy::FromHolders(known) => holders = known,
             NextCopy::Walk(template) => {
-                return match walk_once(context, run_id, job, *template, target).await {
+                return match walk_once(context, run_id, job, *template, target, quota_left).await {
                     Ok(snapshot) => {
                         copies.walked_to(target, &snapshot);
                         Ok(snapshot)
@@ -766,13 +826,15 @@ fn holder_names(holders: &[CopyTarget]) -> String {
         .join(" or ")
 }
 
-/// Read the source and push it to `target`, committing `template`.
+/// Read the source and push it to `target`, committing `template`; with a
+/// job quota, sending at most `quota_left` bytes.
 async fn walk_once(
     context: &Context,
     run_id: &str,
     job: &fabric_proto::v1::JobSpec,
     template: Snapshot,
     target: &CopyTarget,
+    quota_left: u64,
 ) -> Result<Snapshot, String> {
     let last_report = Arc::new(Mutex::new(Instant::now()));
     let updates = context.updates.clone();
@@ -801,9 +863,10 @@ async fn walk_once(
         backup_options(job),
         template,
         Some(progress),
-        RateLimits::none()
+        TransferLimits::none()
             .with(context.upload_limit.clone())
-            .with(RateLimit::new(job.bandwidth_limit_bytes_per_s)),
+            .with(RateLimit::new(job.bandwidth_limit_bytes_per_s))
+            .with_budget(JobBudget::new(&job.name, job.quota_bytes, quota_left)),
     )
     .await
     .map(|outcome| outcome.snapshot)
@@ -892,9 +955,14 @@ async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
             // A pull is this node's own doing: no host to hold it to and no
             // guards, but the pulled host's quota here and the limits apply.
             crate::transfer::ReceiveRules {
-                limits: RateLimits::none()
+                limits: TransferLimits::none()
                     .with(context.ingest_limit.clone())
-                    .with(RateLimit::new(job.bandwidth_limit_bytes_per_s)),
+                    .with(RateLimit::new(job.bandwidth_limit_bytes_per_s))
+                    .with_budget(JobBudget::new(
+                        &job.name,
+                        job.quota_bytes,
+                        assignment.quota_left_bytes,
+                    )),
                 quotas: Arc::new(context.config.host_quotas()),
                 ..crate::transfer::ReceiveRules::trusted()
             },

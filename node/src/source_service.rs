@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::agent::send_backup;
 use crate::client::Peer;
 use crate::pull_permits::{PERMIT_WAIT, PermittedPaths, PullPermits};
-use crate::rate_limit::{RateLimit, RateLimits};
+use crate::rate_limit::{RateLimit, TransferLimits};
 use crate::status::status_from_store_error;
 use crate::transfer::{
     MAX_BATCH_BYTES, REPLY_CHANNEL, SENDER_CHANNEL, TransferCounters, for_each_tree, run_receiver,
@@ -243,7 +243,7 @@ impl Source for SourceService {
                 incoming,
                 counters,
                 None,
-                RateLimits::none().with(upload_limit),
+                TransferLimits::none().with(upload_limit),
             );
             match sent.await {
                 Ok(snapshot) => tracing::info!(snapshot = %snapshot.id, "pull served"),

@@ -39,7 +39,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::node_directory::NodeDirectory;
 use crate::quota::HostQuotas;
-use crate::rate_limit::{RateLimit, RateLimits};
+use crate::rate_limit::{RateLimit, TransferLimits};
 use crate::server_stream::{self, ItemStream};
 use crate::status::{join_error, status_from_store_error};
 use crate::transfer::{
@@ -392,7 +392,7 @@ impl Storage for StorageService {
                 },
                 commit_host,
                 idle_timeout: self.idle_timeout,
-                limits: RateLimits::none().with(self.ingest_limit.clone()),
+                limits: TransferLimits::none().with(self.ingest_limit.clone()),
                 quotas: self.quotas.clone(),
             },
         )))
@@ -728,7 +728,7 @@ impl Storage for StorageService {
                 commit,
                 copy_counters,
                 // The target's ingest limit paces a copy.
-                RateLimits::none(),
+                TransferLimits::none(),
             )
             .await
         };

@@ -37,7 +37,7 @@ use tonic::Status;
 
 use crate::convert::{ChunkDataError, chunk_data, stored_chunk};
 use crate::quota::HostQuotas;
-use crate::rate_limit::RateLimits;
+use crate::rate_limit::TransferLimits;
 use crate::status::{join_error, status_from_store_error};
 
 /// Most ids in one offer.
@@ -162,7 +162,7 @@ pub async fn run_sender<I, C>(
     mut incoming: I,
     commit: C,
     counters: Arc<TransferCounters>,
-    limits: RateLimits,
+    limits: TransferLimits,
 ) -> Result<Snapshot, Status>
 where
     I: Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
@@ -238,7 +238,7 @@ where
                     TransferCounters::add(&counters.chunks_sent, batch.len() as u64);
                     TransferCounters::add(&counters.bytes_sent, bytes as u64);
                     batches_unacked += 1;
-                    limits.take(bytes as u64).await;
+                    limits.take(bytes as u64).await?;
                     send(sender_message::Kind::Chunks(ChunkBatch { batch: next_batch, chunks: batch })).await?;
                 }
             }
@@ -373,7 +373,7 @@ pub struct ReceiveRules {
     pub guards: CommitGuards,
     /// Bandwidth limits the chunk batches received wait for (the node's
     /// ingest limit; a pull's job limit).
-    pub limits: RateLimits,
+    pub limits: TransferLimits,
     /// The node's per-host quotas of stored bytes.
     pub quotas: Arc<HostQuotas>,
 }
@@ -386,7 +386,7 @@ impl ReceiveRules {
             commit_host: None,
             idle_timeout: IDLE_TIMEOUT,
             guards: CommitGuards::default(),
-            limits: RateLimits::none(),
+            limits: TransferLimits::none(),
             quotas: Arc::new(HostQuotas::default()),
         }
     }
@@ -541,7 +541,7 @@ where
                 let permits = u32::try_from(bytes.div_ceil(1024).max(1)).map_err(|_| {
                     Status::out_of_range(format!("chunk batch {batch} is too large"))
                 })?;
-                rules.limits.take(bytes as u64).await;
+                rules.limits.take(bytes as u64).await?;
                 let held = memory
                     .clone()
                     .acquire_many_owned(permits)

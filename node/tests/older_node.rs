@@ -14,7 +14,7 @@ use fabric_chunkstore::walk::BackupOptions;
 use fabric_chunkstore::{ChunkParams, Store, StoreConfig};
 use fabric_node::agent::push_backup;
 use fabric_node::client::Peer;
-use fabric_node::rate_limit::RateLimits;
+use fabric_node::rate_limit::TransferLimits;
 use fabric_node::storage_service::StorageService;
 use fabric_proto::v1::storage_server::StorageServer;
 use fabric_proto::v1::{GetNewestSnapshotRequest, Snapshot};
@@ -128,14 +128,21 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
         options.clone(),
         template.clone(),
         None,
-        RateLimits::none(),
+        TransferLimits::none(),
     )
     .await
     .unwrap();
     assert!(first.bytes_sent > 0);
-    let second = push_backup(&node, &agent, options, template, None, RateLimits::none())
-        .await
-        .unwrap();
+    let second = push_backup(
+        &node,
+        &agent,
+        options,
+        template,
+        None,
+        TransferLimits::none(),
+    )
+    .await
+    .unwrap();
     assert_eq!(second.snapshot.parent_id, first.snapshot.id);
     assert_eq!(second.bytes_sent, 0);
 

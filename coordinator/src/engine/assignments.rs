@@ -184,6 +184,7 @@ impl Inner {
                     attempt,
                     spares,
                     holders,
+                    quota_left_bytes: self.quota_left(&spec).unwrap_or(0),
                     ..Default::default()
                 }
             }
@@ -250,6 +251,7 @@ impl Inner {
                 dest: node.to_owned(),
                 attempt,
                 holders,
+                quota_left_bytes: self.quota_left(&record.spec()).unwrap_or(0),
                 ..Default::default()
             })),
         }

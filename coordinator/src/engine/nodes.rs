@@ -97,11 +97,31 @@ impl Inner {
         node.chunks = heartbeat.chunks;
         node.stored_bytes = heartbeat.stored_bytes;
         node.quota_usage.clone_from(&heartbeat.quota_usage);
+        node.job_usage.clone_from(&heartbeat.job_usage);
         if let Some(info) = node.info.as_mut() {
             info.free_bytes = heartbeat.free_bytes;
         }
         let node = node.clone();
         self.store.put_node(&node)
+    }
+
+    /// What job `job`'s snapshots take on all storage nodes, as each last
+    /// counted.
+    pub(super) fn job_used_bytes(&self, job: &str) -> u64 {
+        self.nodes
+            .values()
+            .flat_map(|node| &node.job_usage)
+            .filter(|usage| usage.job == job)
+            .map(|usage| usage.stored_bytes)
+            .fold(0, u64::saturating_add)
+    }
+
+    /// The bytes a run of `spec` may still store, when it has a quota.
+    pub(super) fn quota_left(&self, spec: &JobSpec) -> Option<u64> {
+        (spec.quota_bytes > 0).then(|| {
+            spec.quota_bytes
+                .saturating_sub(self.job_used_bytes(&spec.name))
+        })
     }
 
     pub(super) fn known_nodes(&self) -> KnownNodes {
