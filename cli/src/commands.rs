@@ -1015,17 +1015,40 @@ pub async fn verify(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What `fabricctl backup` backs up, to where.
+#[derive(Debug, Clone)]
+pub struct ManualBackup {
+    /// The node's address.
+    pub node: String,
+    /// Paths to back up.
+    pub paths: Vec<PathBuf>,
+    /// The job recorded in the snapshot.
+    pub job: String,
+    /// Glob patterns to leave out.
+    pub exclude: Vec<String>,
+    /// Stay on the paths' file systems.
+    pub one_file_system: bool,
+    /// The snapshot's tags.
+    pub tags: Vec<String>,
+    /// Bytes per second to send at most (0: no limit).
+    pub limit_bytes_per_s: u64,
+}
+
 pub async fn backup(
     remote: &Remote,
-    node: &str,
-    paths: Vec<PathBuf>,
-    job: String,
-    exclude: Vec<String>,
-    one_file_system: bool,
-    tags: Vec<String>,
+    request: ManualBackup,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
+    let ManualBackup {
+        node,
+        paths,
+        job,
+        exclude,
+        one_file_system,
+        tags,
+        limit_bytes_per_s,
+    } = request;
+    let node = node.as_str();
     let mut includes = Vec::new();
     for path in paths {
         includes.push(
@@ -1080,8 +1103,9 @@ pub async fn backup(
         options,
         template,
         Some(progress),
-        // The node's ingest limit applies; a one-off backup has no own.
-        fabric_node::rate_limit::TransferLimits::none(),
+        // The node's ingest limit applies too.
+        fabric_node::rate_limit::TransferLimits::none()
+            .with(fabric_node::rate_limit::RateLimit::new(limit_bytes_per_s)),
     )
     .await?;
     if let Some(bar) = bar {

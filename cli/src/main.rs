@@ -274,6 +274,16 @@ struct BackupArgs {
     /// Tags of the snapshot.
     #[arg(long)]
     tag: Vec<String>,
+    /// Send at most this many bytes per second: "20MB/s", "512KiB", or a
+    /// number (the node's ingest limit applies too).
+    #[arg(long, value_parser = parse_rate_flag)]
+    limit_rate: Option<u64>,
+}
+
+fn parse_rate_flag(text: &str) -> Result<u64, String> {
+    fabric_coordinator::jobfile::parse_rate(text).ok_or_else(|| {
+        format!("{text:?} is not a rate: use e.g. \"20MB/s\", \"512KiB\" or 1000000")
+    })
 }
 
 #[derive(Subcommand)]
@@ -455,12 +465,15 @@ async fn run(cli: Cli) -> i32 {
         Command::Backup(args) => {
             commands::backup(
                 &coordinator,
-                &args.node,
-                args.paths,
-                args.job,
-                args.exclude,
-                args.one_file_system,
-                args.tag,
+                commands::ManualBackup {
+                    node: args.node,
+                    paths: args.paths,
+                    job: args.job,
+                    exclude: args.exclude,
+                    one_file_system: args.one_file_system,
+                    tags: args.tag,
+                    limit_bytes_per_s: args.limit_rate.unwrap_or(0),
+                },
                 format,
             )
             .await

@@ -139,6 +139,21 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
     }
     let node = Server::node(&work.path().join("store"), &[]);
 
+    let refused = fabric_integration_tests::fabricctl(&[
+        "backup",
+        "--node",
+        &node.address,
+        "--limit-rate",
+        "lots",
+        source.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("\"lots\" is not a rate"),
+        "{refused:?}"
+    );
+
+    // 192 MiB at 64 MiB/s: at least three seconds, so the kill comes first.
     let mut client = fabric_integration_tests::fabricctl_command(&[
         "-o",
         "json",
@@ -147,6 +162,8 @@ fn a_killed_client_leaves_no_snapshot_and_the_rerun_sends_only_the_rest() {
         &node.address,
         "--job",
         "killed",
+        "--limit-rate",
+        "64MiB/s",
         source.to_str().unwrap(),
     ])
     .stdout(std::process::Stdio::null())

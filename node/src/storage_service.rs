@@ -732,6 +732,7 @@ impl Storage for StorageService {
             )
             .await
         };
+        let idle = self.idle_timeout;
         tokio::spawn(async move {
             tokio::pin!(copy);
             let mut ticker = tokio::time::interval(Duration::from_millis(500));
@@ -747,11 +748,17 @@ impl Storage for StorageService {
                         let last = result.map(|snapshot| progress(Some(snapshot))).map_err(|status| {
                             Status::new(status.code(), format!("copy of {snapshot} to {target} failed: {}", status.message()))
                         });
-                        let _ = progress_tx.send(last).await;
+                        // A caller that reads nothing holds this task for
+                        // the idle timeout at most.
+                        let _ = tokio::time::timeout(idle, progress_tx.send(last)).await;
                         break;
                     }
                     _ = ticker.tick() => {
-                        if progress_tx.send(Ok(progress(None))).await.is_err() {
+                        // Progress is dropped while the caller does not read:
+                        // the copy itself never waits for it.
+                        if let Err(mpsc::error::TrySendError::Closed(_)) =
+                            progress_tx.try_send(Ok(progress(None)))
+                        {
                             break;
                         }
                     }
