@@ -52,6 +52,9 @@ struct JobRow {
     interval_s: u64,
     last_run: String,
     last_state: String,
+    /// Scheduled jobs: the next run's time and the tags it carries.
+    next_run: String,
+    next_run_tags: Vec<String>,
     submitted_by: String,
     /// `TIME BY CHANGE`, oldest first.
     history: Vec<String>,
@@ -67,6 +70,7 @@ impl Row for JobRow {
             "interval",
             "last run",
             "state",
+            "next run",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -88,6 +92,11 @@ impl Row for JobRow {
             interval,
             self.last_run.clone(),
             self.last_state.clone(),
+            if self.next_run.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{} {}", self.next_run, self.next_run_tags.join(","))
+            },
         ]
     }
 }
@@ -111,6 +120,12 @@ fn job_row(job: &Job) -> JobRow {
             .as_ref()
             .map(|r| run_state(r.state()))
             .unwrap_or_else(|| "-".into()),
+        next_run: if job.next_run_ms > 0 {
+            time_ms(job.next_run_ms)
+        } else {
+            String::new()
+        },
+        next_run_tags: job.next_run_tags.clone(),
         submitted_by: job.submitted_by.clone(),
         history: job
             .history

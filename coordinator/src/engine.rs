@@ -44,6 +44,7 @@ use crate::dest::{self, DestPlan, NodeView};
 use crate::jobfile::{self, KnownNodes};
 use crate::record::{RunKind, RunRecord};
 use crate::runs;
+use crate::schedule::Schedule;
 use crate::state::{AmbiguousPrefix, StateError, Store};
 
 /// Why a request to the engine failed.
@@ -318,7 +319,12 @@ impl Engine {
     /// Periodic work: lost nodes, due pull retries, queue timeouts, runs
     /// waiting for a destination.
     pub async fn tick(&self) -> Result<(), EngineError> {
-        let now = now_ms();
+        self.tick_at(now_ms()).await
+    }
+
+    /// [`Engine::tick`] at `now` (ms since the Unix epoch): the clock is
+    /// a parameter, so schedules can be run in virtual time.
+    pub async fn tick_at(&self, now: i64) -> Result<(), EngineError> {
         let mut inner = self.inner.lock().await;
         if inner.tick(now)? {
             inner.store.flush().await?;
@@ -374,12 +380,20 @@ impl Engine {
                 let excess = history.len().saturating_sub(MAX_JOB_HISTORY);
                 history.drain(..excess);
             }
+            // A resubmitted job keeps its place in its schedule.
+            let (scheduled_ms, schedule_since_ms) = earlier
+                .map(|job| (job.scheduled_ms, job.schedule_since_ms))
+                .filter(|(_, since)| *since > 0)
+                .unwrap_or_else(|| (Default::default(), now));
             inner.store.put_job(&Job {
                 spec: Some(spec.clone()),
                 submitted_ms: now,
                 last_run: None,
                 submitted_by: by.to_owned(),
                 history,
+                scheduled_ms,
+                schedule_since_ms,
+                ..Default::default()
             })?;
         }
         let mut started = Vec::new();
@@ -702,11 +716,80 @@ impl Inner {
     }
 
     fn jobs_with_last_runs(&self) -> Result<Vec<Job>, EngineError> {
+        let now = now_ms();
         self.store
             .jobs()?
             .into_iter()
-            .map(|job| self.with_last_run(job))
+            .map(|mut job| {
+                if let Some(spec) = job.spec.as_ref()
+                    && let Some(schedule) = Schedule::of(spec)
+                    && let Some(next) = schedule.next_run(
+                        &spec.name,
+                        &job.scheduled_ms.clone().into_iter().collect(),
+                        job.schedule_since_ms,
+                        now,
+                    )
+                {
+                    job.next_run_ms = next.at_ms;
+                    job.next_run_tags = next.tags;
+                }
+                self.with_last_run(job)
+            })
             .collect()
+    }
+
+    /// Starts a run of each scheduled job that has a tag due, carrying the
+    /// due tags as snapshot tags; a job with a run still active waits (its
+    /// tags stay due, so it runs once when that run ends). Returns whether
+    /// anything started.
+    fn run_schedules(&mut self, now: i64) -> Result<bool, StateError> {
+        let mut changed = false;
+        for mut job in self.store.jobs()? {
+            let Some(spec) = job.spec.clone() else {
+                continue;
+            };
+            if spec.direction() == Direction::Passive {
+                continue;
+            }
+            let Some(schedule) = Schedule::of(&spec) else {
+                continue;
+            };
+            let last_runs = job.scheduled_ms.clone().into_iter().collect();
+            let due = schedule.due_tags(&spec.name, &last_runs, job.schedule_since_ms, now);
+            if due.is_empty() {
+                continue;
+            }
+            if self
+                .active
+                .values()
+                .any(|record| record.run().job == spec.name)
+            {
+                continue;
+            }
+            let mut run_spec = spec.clone();
+            for tag in &due {
+                if !run_spec.tags.contains(tag) {
+                    run_spec.tags.push(tag.clone());
+                }
+            }
+            match self.start_job(&run_spec, &[], None, now) {
+                Ok(run) => {
+                    tracing::info!(job = %spec.name, run = %run.id, tags = ?due, "scheduled run started");
+                }
+                // Marked as run anyway: a job that cannot start (a pull
+                // job whose passive job is gone) must not be retried on
+                // every tick.
+                Err(error) => {
+                    tracing::warn!(job = %spec.name, %error, "a scheduled run could not start");
+                }
+            }
+            for tag in due {
+                job.scheduled_ms.insert(tag, now);
+            }
+            self.store.put_job(&job)?;
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// Creates the run(s) for a selected job and instance.
@@ -767,6 +850,7 @@ impl Inner {
                 state: RunState::Queued as i32,
                 created_ms: now,
                 attempt: 1,
+                tags: spec.tags.clone(),
                 ..Default::default()
             }),
             kind: kind as i32,
@@ -1067,7 +1151,7 @@ impl Inner {
 
     /// Returns whether anything changed.
     fn tick(&mut self, now: i64) -> Result<bool, StateError> {
-        let mut changed = false;
+        let mut changed = self.run_schedules(now)?;
         let lost_after = millis(self.settings.lost_after);
         let queue_timeout = millis(self.settings.queue_timeout);
         let mut lost = Vec::new();

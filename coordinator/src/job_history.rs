@@ -49,6 +49,10 @@ pub fn changed_keys(old: &JobSpec, new: &JobSpec) -> Vec<&'static str> {
         "bandwidth_limit",
         old.bandwidth_limit_bytes_per_s != new.bandwidth_limit_bytes_per_s,
     );
+    differs("quota", old.quota_bytes != new.quota_bytes);
+    differs("schedule", old.schedule != new.schedule);
+    differs("window", old.window != new.window);
+    differs("time_zone", old.time_zone != new.time_zone);
     keys
 }
 

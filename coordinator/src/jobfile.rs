@@ -45,6 +45,9 @@
 //! | `one_file_system` | push, pull | `true` to stay on the file systems of the included paths |
 //! | `pull_source` | pull | the passive job this pull job fetches from (its twin; required) |
 //! | `pull_timeout` | passive | how long the client waits to be pulled before its post script (default 1h) |
+//! | `schedule` | push, pull | backy's schedule: `{ daily = { interval = "24h", keep = 7 }, weekly = { interval = "7d", keep = 4 } }`; the coordinator starts the job's runs by itself, each carrying (as snapshot tags) every tag that is due; slots are spread over the interval by the job's name |
+//! | `window` | push, pull | hours in which scheduled runs may start, `"01:00-05:00"` (may span midnight), in `time_zone` |
+//! | `time_zone` | push, pull | the window's time zone, an IANA name (default UTC) |
 //! | `quota` | push, pull | the most the job's snapshots may take on the storage nodes together: `"500GiB"`, `"2TB"`, or a number of bytes; a run does not start while the job is at or over it, and a transfer that would go over stops without committing (as the storage nodes last counted, every minute) |
 //! | `bandwidth_limit` | push, pull | bytes per second for the job's transfers: `"20MB/s"`, `"512KiB"`, or a number of bytes (the agent's sends of a push, the puller's receives of a pull) |
 //! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
@@ -85,7 +88,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use fabric_proto::v1::{Direction, JobSpec, SnapshotType};
+use fabric_proto::v1::{Direction, JobSpec, ScheduleTag, SnapshotType};
 use toml::de::{DeTable, DeValue};
 
 use crate::dest::{DestParseError, DestPlan, DestStep};
@@ -143,6 +146,9 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("min_retention", true, true, false),
     rule("bandwidth_limit", true, true, false),
     rule("quota", true, true, false),
+    rule("schedule", true, true, false),
+    rule("window", true, true, false),
+    rule("time_zone", true, true, false),
 ];
 
 /// What a byte-valued key holds.
@@ -540,6 +546,63 @@ pub fn is_valid_name(name: &str) -> bool {
         _ => return false,
     }
     chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// One tag of a `schedule` table: `TAG = { interval = "24h", keep = 7 }`,
+/// or what is wrong with it (value, what was expected).
+fn schedule_tag(
+    tag: &str,
+    entry: &Entry,
+    shape: &'static str,
+) -> Result<ScheduleTag, Vec<(String, &'static str)>> {
+    if !is_valid_name(tag) {
+        return Err(vec![(
+            tag.to_owned(),
+            "a tag name (letters, digits, '-', '_', '.')",
+        )]);
+    }
+    let Value::Table(fields) = &entry.value else {
+        return Err(vec![(
+            format!("{tag} = {}", entry.value.type_name()),
+            shape,
+        )]);
+    };
+    let (mut interval_s, mut keep) = (None, None);
+    let mut problems = Vec::new();
+    for (field, value) in fields {
+        match (field.as_str(), &value.value) {
+            ("interval", Value::Text(text)) => match humantime::parse_duration(text.trim()) {
+                Ok(interval) if interval.as_secs() >= 60 => interval_s = Some(interval.as_secs()),
+                _ => problems.push((
+                    format!("{tag}.interval = {text:?}"),
+                    "an interval of at least a minute (\"1h\", \"24h\", \"7d\")",
+                )),
+            },
+            ("interval", Value::Integer(seconds)) if *seconds >= 60 => {
+                interval_s = Some(*seconds as u64);
+            }
+            ("keep", Value::Integer(count)) if (1..=100_000).contains(count) => {
+                keep = Some(*count as u32);
+            }
+            ("interval" | "keep", other) => problems.push((
+                format!("{tag}.{field} = {}", other.type_name()),
+                "interval: a duration of at least a minute; keep: a count from 1",
+            )),
+            (other, _) => problems.push((format!("{tag}.{other}"), "only interval and keep")),
+        }
+    }
+    match (interval_s, keep) {
+        (Some(interval_s), Some(keep)) if problems.is_empty() => Ok(ScheduleTag {
+            tag: tag.to_owned(),
+            interval_s,
+            keep,
+        }),
+        _ if !problems.is_empty() => Err(problems),
+        _ => Err(vec![(
+            tag.to_owned(),
+            "both an interval and a keep count: { interval = \"24h\", keep = 7 }",
+        )]),
+    }
 }
 
 /// Bytes per second from `text`: [`parse_bytes`]'s form, then an optional
@@ -1011,6 +1074,55 @@ impl JobContext<'_> {
         if let Some(interval) = self.duration(reporter, "interval") {
             spec.interval_s = interval.as_secs();
         }
+        if is("schedule")
+            && let Some(schedule) = self.schedule(reporter)
+        {
+            // `check` holds a scheduled job to its most frequent tag unless
+            // `interval` says otherwise.
+            if self.setting("interval").is_none() {
+                spec.interval_s = schedule.iter().map(|tag| tag.interval_s).min().unwrap_or(0);
+            }
+            spec.schedule = schedule;
+        }
+        if is("window")
+            && let Some(window) = self.text(reporter, "window", false)
+        {
+            match crate::schedule::Window::parse(&window) {
+                Ok(_) => spec.window = window,
+                Err(_) => self.bad(
+                    reporter,
+                    "window",
+                    window,
+                    "hours of the day, \"01:00-05:00\"",
+                ),
+            }
+        }
+        if is("time_zone")
+            && let Some(zone) = self.text(reporter, "time_zone", false)
+        {
+            match jiff::tz::TimeZone::get(&zone) {
+                Ok(_) => spec.time_zone = zone,
+                Err(_) => self.bad(
+                    reporter,
+                    "time_zone",
+                    zone,
+                    "a time zone name, e.g. \"Europe/Berlin\" or \"UTC\"",
+                ),
+            }
+        }
+        if (!spec.window.is_empty() || !spec.time_zone.is_empty()) && spec.schedule.is_empty() {
+            let key = if spec.window.is_empty() {
+                "time_zone"
+            } else {
+                "window"
+            };
+            self.bad(
+                reporter,
+                key,
+                String::new(),
+                "a `schedule` to go with it (window and time_zone shape scheduled runs)",
+            );
+        }
         let dynamic = direction == Direction::Push;
         if is("master_host") {
             spec.master_host = self
@@ -1323,6 +1435,53 @@ impl JobContext<'_> {
                 None
             }
         }
+    }
+
+    /// `schedule = { TAG = { interval = "24h", keep = 7 }, ... }`.
+    fn schedule(&self, reporter: &mut Reporter<'_>) -> Checked<Vec<ScheduleTag>> {
+        const SHAPE: &str =
+            "a table of tags: schedule = { daily = { interval = \"24h\", keep = 7 } }";
+        let setting = self.setting("schedule")?;
+        let line = setting.entry.line;
+        let Value::Table(tags) = &setting.entry.value else {
+            reporter.report(
+                line,
+                Some("schedule"),
+                ProblemKind::WrongType {
+                    expected: SHAPE,
+                    found: setting.entry.value.type_name(),
+                },
+            );
+            return None;
+        };
+        let mut schedule = Vec::new();
+        let mut good = true;
+        for (tag, entry) in tags {
+            match schedule_tag(tag, entry, SHAPE) {
+                Ok(tag) => schedule.push(tag),
+                Err(problems) => {
+                    good = false;
+                    for (value, expected) in problems {
+                        reporter.report(
+                            entry.line,
+                            Some("schedule"),
+                            ProblemKind::BadValue { value, expected },
+                        );
+                    }
+                }
+            }
+        }
+        if schedule.is_empty() && good {
+            reporter.report(
+                line,
+                Some("schedule"),
+                ProblemKind::BadValue {
+                    value: "{}".to_owned(),
+                    expected: SHAPE,
+                },
+            );
+        }
+        (good && !schedule.is_empty()).then_some(schedule)
     }
 
     fn duration(&self, reporter: &mut Reporter<'_>, key: &str) -> Checked<Duration> {

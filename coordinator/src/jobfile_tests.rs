@@ -714,3 +714,63 @@ fn a_quota_is_an_amount_of_bytes_not_a_rate() {
     let passive = error("[job.c]\ndirection = \"passive\"\nclient = \"ext1\"\nquota = \"1GB\"\n");
     assert!(passive.contains("quota"), "{passive}");
 }
+
+#[test]
+fn a_schedule_has_tags_with_an_interval_and_a_keep_count() {
+    let text = "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\n\
+                schedule = { daily = { interval = \"24h\", keep = 7 }, weekly = { interval = \"7d\", keep = 4 } }\n\
+                window = \"22:00-04:00\"\ntime_zone = \"Europe/Berlin\"\n";
+    let jobs = parse_jobs_file("jobs.toml", text, &known()).unwrap();
+    let p = job(&jobs, "p");
+    let tags: Vec<(&str, u64, u32)> = p
+        .schedule
+        .iter()
+        .map(|tag| (tag.tag.as_str(), tag.interval_s, tag.keep))
+        .collect();
+    assert_eq!(tags, [("daily", 86_400, 7), ("weekly", 604_800, 4)]);
+    assert_eq!(p.interval_s, 86_400, "check follows the most frequent tag");
+    assert_eq!(p.window, "22:00-04:00");
+    assert_eq!(p.time_zone, "Europe/Berlin");
+    let base =
+        "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\n";
+    for (bad, says) in [
+        ("schedule = \"daily\"\n", "schedule"),
+        ("schedule = {}\n", "schedule"),
+        (
+            "schedule = { daily = { interval = \"24h\" } }\n",
+            "keep count",
+        ),
+        (
+            "schedule = { daily = { interval = \"10s\", keep = 1 } }\n",
+            "at least a minute",
+        ),
+        (
+            "schedule = { daily = { interval = \"24h\", keep = 0 } }\n",
+            "keep",
+        ),
+        (
+            "schedule = { daily = { interval = \"24h\", keep = 1, at = 3 } }\n",
+            "only interval and keep",
+        ),
+        (
+            "schedule = { \"../x\" = { interval = \"24h\", keep = 1 } }\n",
+            "tag name",
+        ),
+        (
+            "schedule = { d = { interval = \"1h\", keep = 1 } }\nwindow = \"25:00-01:00\"\n",
+            "window",
+        ),
+        (
+            "schedule = { d = { interval = \"1h\", keep = 1 } }\ntime_zone = \"Mars/Olympus\"\n",
+            "Mars/Olympus",
+        ),
+        ("window = \"01:00-05:00\"\n", "schedule"),
+    ] {
+        let message = error(&format!("{base}{bad}"));
+        assert!(message.contains(says), "{bad}: {message}");
+    }
+    let passive = error(
+        "[job.c]\ndirection = \"passive\"\nclient = \"ext1\"\nschedule = { d = { interval = \"1h\", keep = 1 } }\n",
+    );
+    assert!(passive.contains("schedule"), "{passive}");
+}
