@@ -774,3 +774,15 @@ fn a_schedule_has_tags_with_an_interval_and_a_keep_count() {
     );
     assert!(passive.contains("schedule"), "{passive}");
 }
+
+#[test]
+fn scheduled_example() {
+    let jobs = load("scheduled.toml");
+    let etc = job(&jobs, "etc");
+    assert_eq!(etc.schedule.len(), 2);
+    assert_eq!(etc.interval_s, 86_400);
+    let db = job(&jobs, "db");
+    assert_eq!(db.window, "01:00-05:00");
+    assert_eq!(db.time_zone, "Europe/Berlin");
+    assert_eq!(db.interval_s, 3_600);
+}
