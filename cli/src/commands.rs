@@ -710,14 +710,86 @@ pub async fn run_cancel(remote: &Remote, run: &str, format: OutputFormat) -> any
     output::print_rows(&[run_row(&cancelled)], format)
 }
 
+/// One snapshot in `forget`'s answer.
+#[derive(serde::Serialize)]
+struct ForgetRow {
+    date: String,
+    id: String,
+    host: String,
+    instance: String,
+    tags: Vec<String>,
+    nodes: Vec<String>,
+    /// `keep` or `remove` (`would remove` in a dry run).
+    decision: String,
+    kept_because: Vec<String>,
+}
+
+impl Row for ForgetRow {
+    fn headers() -> &'static [&'static str] {
+        &["date", "id", "host", "tags", "nodes", "decision", "why"]
+    }
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.date.clone(),
+            short(&self.id),
+            if self.instance.is_empty() {
+                self.host.clone()
+            } else {
+                format!("{}/{}", self.host, self.instance)
+            },
+            self.tags.join(","),
+            self.nodes.join(","),
+            self.decision.clone(),
+            self.kept_because.join("; "),
+        ]
+    }
+}
+
+pub async fn forget(
+    remote: &Remote,
+    job: &str,
+    dry_run: bool,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
+    let answer = client
+        .forget(fabric_proto::v1::ForgetRequest {
+            job: job.into(),
+            dry_run,
+        })
+        .await
+        .map_err(|status| status_error(&format!("retention of job {job}"), status))?
+        .into_inner();
+    let rows: Vec<ForgetRow> = answer
+        .decisions
+        .into_iter()
+        .map(|decision| ForgetRow {
+            date: time_ms(decision.end_time_ms),
+            id: decision.snapshot_id,
+            host: decision.host,
+            instance: decision.instance,
+            tags: decision.tags,
+            nodes: decision.nodes,
+            decision: match (decision.kept_because.is_empty(), dry_run) {
+                (false, _) => "keep".to_owned(),
+                (true, true) => "would remove".to_owned(),
+                (true, false) => "remove".to_owned(),
+            },
+            kept_because: decision.kept_because,
+        })
+        .collect();
+    if !answer.held_back.is_empty() {
+        eprintln!("{}", answer.held_back);
+    }
+    output::print_rows(&rows, format)
+}
+
 pub async fn node_list(remote: &Remote, format: OutputFormat) -> anyhow::Result<()> {
     let mut client = remote.coordinator().await?;
     let nodes = remote::nodes(&mut client).await?;
     output::print_rows(&nodes.iter().map(node_row).collect::<Vec<_>>(), format)
 }
 
-/// Snapshots with the nodes holding them, oldest first: from the coordinator's
-/// catalogue, or straight from a node when `node` is an address.
 /// Snapshots with the nodes that hold them, and the quotas of their jobs
 /// (job -> (used, quota) bytes; none when listed from one node).
 pub struct SnapshotListing {
@@ -727,6 +799,8 @@ pub struct SnapshotListing {
     pub job_quotas: std::collections::HashMap<String, (u64, u64)>,
 }
 
+/// Snapshots with the nodes holding them, oldest first: from the coordinator's
+/// catalogue, or straight from a node when `node` is an address.
 pub async fn snapshot_entries(
     remote: &Remote,
     job: Option<String>,

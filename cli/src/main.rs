@@ -88,6 +88,16 @@ enum Command {
     Verify(VerifyArgs),
     /// Nagios check of every job's freshness (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
     Check(CheckArgs),
+    /// Apply a job's retention (its schedule's keep counts and keep_*
+    /// keys): remove from every node the snapshots no rule keeps.
+    Forget {
+        /// The job.
+        #[arg(long)]
+        job: String,
+        /// Only print what would be removed, and why the rest is kept.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Push a backup straight to a node, without a coordinator.
     Backup(BackupArgs),
     /// A whole fabric in this process, on loopback.
@@ -462,6 +472,9 @@ async fn run(cli: Cli) -> i32 {
             commands::verify(&coordinator, args.snapshot, args.node, args.sample, format).await
         }
         Command::Check(args) => return check::run(&coordinator, args.jobs).await,
+        Command::Forget { job, dry_run } => {
+            commands::forget(&coordinator, &job, dry_run, format).await
+        }
         Command::Backup(args) => {
             commands::backup(
                 &coordinator,

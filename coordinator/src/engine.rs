@@ -25,10 +25,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CancelAssignment, CatalogEntry, CheckResponse, CoordinatorMessage,
-    CopyState, CopyTarget, Direction, Job, JobChange, JobSpec, ListCatalogRequest, ListRunsRequest,
-    Node, NodeInfo, NodeMessage, NodeRole, NodeState, PullDone, PullPermit, Run, RunCopy,
-    RunDetail, RunEvent, RunState, RunUpdate, Snapshot, SnapshotType, SubmitJobsRequest,
-    SubmitJobsResponse, coordinator_message, node_message,
+    CopyState, CopyTarget, DeleteSnapshots, Direction, ForgetDecision, ForgetResponse, Job,
+    JobChange, JobSpec, ListCatalogRequest, ListRunsRequest, Node, NodeInfo, NodeMessage, NodeRole,
+    NodeState, PullDone, PullPermit, Run, RunCopy, RunDetail, RunEvent, RunState, RunUpdate,
+    Snapshot, SnapshotType, SubmitJobsRequest, SubmitJobsResponse, coordinator_message,
+    node_message,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -43,6 +44,7 @@ use assignments::pull_permit;
 use crate::dest::{self, DestPlan, NodeView};
 use crate::jobfile::{self, KnownNodes};
 use crate::record::{RunKind, RunRecord};
+use crate::retention;
 use crate::runs;
 use crate::schedule::Schedule;
 use crate::state::{AmbiguousPrefix, StateError, Store};
@@ -148,6 +150,33 @@ pub fn new_run_id(now_ms: i64, rng: &mut impl Rng) -> String {
 fn random_snapshot_id(rng: &mut impl Rng) -> String {
     let bytes: [u8; 16] = rng.random();
     hex::encode(bytes)
+}
+
+/// How often a job's retention is applied by itself, besides after each of
+/// its runs that succeeded.
+const RETENTION_EVERY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// The retention rules of `spec`: its schedule's keep counts per tag and
+/// its `keep_*` keys, in its time zone.
+fn retention_rules(spec: &JobSpec) -> retention::RetentionRules {
+    retention::RetentionRules {
+        tag_keep: spec
+            .schedule
+            .iter()
+            .map(|tag| (tag.tag.clone(), tag.keep))
+            .collect(),
+        keep_last: spec.keep_last,
+        keep_hourly: spec.keep_hourly,
+        keep_daily: spec.keep_daily,
+        keep_weekly: spec.keep_weekly,
+        keep_monthly: spec.keep_monthly,
+        keep_yearly: spec.keep_yearly,
+        time_zone: if spec.time_zone.is_empty() {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::get(&spec.time_zone).unwrap_or(jiff::tz::TimeZone::UTC)
+        },
+    }
 }
 
 fn is_storage(node: &Node) -> bool {
@@ -289,6 +318,15 @@ impl Engine {
                 if durable {
                     inner.store.flush().await?;
                 }
+            }
+            Some(node_message::Kind::Deleted(deleted)) => {
+                for id in &deleted.deleted {
+                    inner.store.remove_catalog_copy(id, node_id)?;
+                }
+                for refusal in &deleted.refused {
+                    tracing::warn!(node = %node_id, %refusal, "a snapshot retention removed was not deleted");
+                }
+                inner.store.flush().await?;
             }
             Some(node_message::Kind::Hello(_)) => {
                 return Err(EngineError::InvalidArgument(format!(
@@ -565,6 +603,15 @@ impl Engine {
             .collect())
     }
 
+    /// Applies job `name`'s retention rules, or with `dry_run` only says
+    /// what they would remove.
+    pub async fn forget(&self, name: &str, dry_run: bool) -> Result<ForgetResponse, EngineError> {
+        let mut inner = self.inner.lock().await;
+        let response = inner.apply_retention(name, dry_run, now_ms())?;
+        inner.store.flush().await?;
+        Ok(response)
+    }
+
     /// The quotas of `jobs` that have one, with their usage.
     pub async fn job_quotas(
         &self,
@@ -736,6 +783,130 @@ impl Inner {
                 self.with_last_run(job)
             })
             .collect()
+    }
+
+    /// Job `name`'s retention: the plan for its snapshots in the catalogue
+    /// and, unless `dry_run`, the removed ones sent to every node holding
+    /// them (a node offline now is asked again the next time; the catalogue
+    /// keeps a copy until its node says it is gone).
+    fn apply_retention(
+        &mut self,
+        name: &str,
+        dry_run: bool,
+        now: i64,
+    ) -> Result<ForgetResponse, EngineError> {
+        let Some(mut job) = self.store.job(name)? else {
+            return Err(EngineError::NotFound(format!("no job {name:?}")));
+        };
+        let spec = job.spec.clone().unwrap_or_default();
+        let rules = retention_rules(&spec);
+        let entries: Vec<CatalogEntry> = self
+            .store
+            .catalog()?
+            .into_iter()
+            .filter(|entry| entry.snapshot.as_ref().is_some_and(|s| s.job == name))
+            .collect();
+        let snapshots: Vec<retention::SnapshotInfo> = entries
+            .iter()
+            .filter_map(|entry| entry.snapshot.as_ref().map(retention::SnapshotInfo::from))
+            .collect();
+        let last_failed = self.last_finished_run_failed(name)?;
+        let guards = retention::Guards {
+            recent_runs_failed: last_failed,
+        };
+        let plan = retention::plan(&snapshots, &rules, &guards, now);
+        let nodes_of = |id: &str| -> Vec<String> {
+            entries
+                .iter()
+                .find(|entry| entry.snapshot.as_ref().is_some_and(|s| s.id == id))
+                .map(|entry| entry.copies.iter().map(|copy| copy.node.clone()).collect())
+                .unwrap_or_default()
+        };
+        let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let decisions = plan
+            .decisions
+            .iter()
+            .map(|decision| {
+                let nodes = nodes_of(&decision.snapshot.id);
+                if !decision.is_kept() {
+                    for node in &nodes {
+                        by_node
+                            .entry(node.clone())
+                            .or_default()
+                            .push(decision.snapshot.id.clone());
+                    }
+                }
+                ForgetDecision {
+                    snapshot_id: decision.snapshot.id.clone(),
+                    host: decision.snapshot.host.clone(),
+                    instance: decision.snapshot.instance.clone(),
+                    end_time_ms: decision.snapshot.end_time_ms,
+                    tags: decision.snapshot.tags.clone(),
+                    nodes,
+                    kept_because: decision.reasons.iter().map(ToString::to_string).collect(),
+                }
+            })
+            .collect();
+        if !dry_run {
+            for (node, ids) in by_node {
+                let message = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::DeleteSnapshots(
+                        DeleteSnapshots { ids: ids.clone() },
+                    )),
+                };
+                if self.send(&node, message) {
+                    tracing::info!(job = %name, %node, snapshots = ids.len(), "retention removes snapshots");
+                } else {
+                    tracing::info!(job = %name, %node, "node offline: retention asks it again later");
+                }
+            }
+            job.retention_applied_ms = now;
+            self.store.put_job(&job)?;
+        }
+        Ok(ForgetResponse {
+            decisions,
+            held_back: if last_failed {
+                format!("the last run of job {name} failed: nothing is removed until one succeeds")
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    /// Whether job `name`'s most recent finished run failed.
+    fn last_finished_run_failed(&self, name: &str) -> Result<bool, StateError> {
+        let mut failed = false;
+        self.store.visit_runs_newest_first(|record| {
+            let run = record.run();
+            if run.job != name || !record.is_finished() {
+                return true;
+            }
+            failed = run.state() == RunState::Failed;
+            false
+        })?;
+        Ok(failed)
+    }
+
+    /// Applies the retention of every job with rules that has not had it
+    /// for a day.
+    fn apply_retention_daily(&mut self, now: i64) -> Result<bool, StateError> {
+        let mut changed = false;
+        for job in self.store.jobs()? {
+            let Some(spec) = job.spec.as_ref() else {
+                continue;
+            };
+            if retention_rules(spec).is_empty()
+                || now.saturating_sub(job.retention_applied_ms) < RETENTION_EVERY_MS
+            {
+                continue;
+            }
+            match self.apply_retention(&spec.name, false, now) {
+                Ok(_) => changed = true,
+                Err(EngineError::State(err)) => return Err(err),
+                Err(err) => tracing::warn!(job = %spec.name, error = %err, "retention failed"),
+            }
+        }
+        Ok(changed)
     }
 
     /// Starts a run of each scheduled job that has a tag due, carrying the
@@ -1124,6 +1295,12 @@ impl Inner {
         if outcome.pulls_changed {
             self.advance_pulls(&mut record, now)?;
         }
+        // A new good snapshot: what it makes redundant goes once the run is
+        // saved (retention looks at the job's last finished run).
+        let retention_after = (outcome.finished
+            && record.run().state() == RunState::Done
+            && !retention_rules(&record.spec()).is_empty())
+        .then(|| record.run().job.clone());
         if outcome.finished {
             if record.run_kind() == RunKind::Pull {
                 let cancel = CoordinatorMessage {
@@ -1141,6 +1318,13 @@ impl Inner {
         let spec = record.spec();
         let instances = outcome.instances;
         self.save(record)?;
+        if let Some(job) = retention_after {
+            match self.apply_retention(&job, false, now) {
+                Ok(_) => {}
+                Err(EngineError::State(err)) => return Err(err),
+                Err(err) => tracing::warn!(%job, error = %err, "retention after a run failed"),
+            }
+        }
         if !instances.is_empty() {
             for instance in instances {
                 self.new_run(&spec, None, Some(&instance), RunKind::Push, now)?;
@@ -1152,6 +1336,7 @@ impl Inner {
     /// Returns whether anything changed.
     fn tick(&mut self, now: i64) -> Result<bool, StateError> {
         let mut changed = self.run_schedules(now)?;
+        changed |= self.apply_retention_daily(now)?;
         let lost_after = millis(self.settings.lost_after);
         let queue_timeout = millis(self.settings.queue_timeout);
         let mut lost = Vec::new();

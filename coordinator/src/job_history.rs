@@ -53,6 +53,12 @@ pub fn changed_keys(old: &JobSpec, new: &JobSpec) -> Vec<&'static str> {
     differs("schedule", old.schedule != new.schedule);
     differs("window", old.window != new.window);
     differs("time_zone", old.time_zone != new.time_zone);
+    differs("keep_last", old.keep_last != new.keep_last);
+    differs("keep_hourly", old.keep_hourly != new.keep_hourly);
+    differs("keep_daily", old.keep_daily != new.keep_daily);
+    differs("keep_weekly", old.keep_weekly != new.keep_weekly);
+    differs("keep_monthly", old.keep_monthly != new.keep_monthly);
+    differs("keep_yearly", old.keep_yearly != new.keep_yearly);
     keys
 }
 

@@ -48,6 +48,7 @@
 //! | `schedule` | push, pull | backy's schedule: `{ daily = { interval = "24h", keep = 7 }, weekly = { interval = "7d", keep = 4 } }`; the coordinator starts the job's runs by itself, each carrying (as snapshot tags) every tag that is due; slots are spread over the interval by the job's name |
 //! | `window` | push, pull | hours in which scheduled runs may start, `"01:00-05:00"` (may span midnight), in `time_zone` |
 //! | `time_zone` | push, pull | the window's time zone, an IANA name (default UTC) |
+//! | `keep_last`, `keep_hourly`, `keep_daily`, `keep_weekly`, `keep_monthly`, `keep_yearly` | push, pull | restic-style retention per host and instance (`keep_daily = 7`: the newest snapshot of each of the 7 most recent days that have one, in `time_zone`); with a `schedule`'s `keep` counts, `fabricctl forget` and the coordinator (after each run and daily) remove every snapshot no rule keeps, from every node |
 //! | `quota` | push, pull | the most the job's snapshots may take on the storage nodes together: `"500GiB"`, `"2TB"`, or a number of bytes; a run does not start while the job is at or over it, and a transfer that would go over stops without committing (as the storage nodes last counted, every minute) |
 //! | `bandwidth_limit` | push, pull | bytes per second for the job's transfers: `"20MB/s"`, `"512KiB"`, or a number of bytes (the agent's sends of a push, the puller's receives of a pull) |
 //! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
@@ -149,6 +150,12 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("schedule", true, true, false),
     rule("window", true, true, false),
     rule("time_zone", true, true, false),
+    rule("keep_last", true, true, false),
+    rule("keep_hourly", true, true, false),
+    rule("keep_daily", true, true, false),
+    rule("keep_weekly", true, true, false),
+    rule("keep_monthly", true, true, false),
+    rule("keep_yearly", true, true, false),
 ];
 
 /// What a byte-valued key holds.
@@ -1110,17 +1117,40 @@ impl JobContext<'_> {
                 ),
             }
         }
-        if (!spec.window.is_empty() || !spec.time_zone.is_empty()) && spec.schedule.is_empty() {
-            let key = if spec.window.is_empty() {
-                "time_zone"
-            } else {
-                "window"
-            };
+        for (key, field) in [
+            ("keep_last", &mut spec.keep_last),
+            ("keep_hourly", &mut spec.keep_hourly),
+            ("keep_daily", &mut spec.keep_daily),
+            ("keep_weekly", &mut spec.keep_weekly),
+            ("keep_monthly", &mut spec.keep_monthly),
+            ("keep_yearly", &mut spec.keep_yearly),
+        ] {
+            if is(key)
+                && let Some(count) = self.integer(reporter, key, 0)
+            {
+                *field = u32::try_from(count.min(100_000)).unwrap_or(100_000);
+            }
+        }
+        let keeps_by_calendar = spec.keep_hourly
+            + spec.keep_daily
+            + spec.keep_weekly
+            + spec.keep_monthly
+            + spec.keep_yearly
+            > 0;
+        if !spec.time_zone.is_empty() && spec.schedule.is_empty() && !keeps_by_calendar {
             self.bad(
                 reporter,
-                key,
+                "time_zone",
                 String::new(),
-                "a `schedule` to go with it (window and time_zone shape scheduled runs)",
+                "a `schedule` or a calendar `keep_*` to go with it",
+            );
+        }
+        if !spec.window.is_empty() && spec.schedule.is_empty() {
+            self.bad(
+                reporter,
+                "window",
+                String::new(),
+                "a `schedule` to go with it (a window holds scheduled runs)",
             );
         }
         let dynamic = direction == Direction::Push;

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use fabric_proto::v1::coordinator_server::Coordinator;
 use fabric_proto::v1::{
     CancelRunRequest, CheckRequest, CheckResponse, CoordinatorMessage, CreateTokenRequest,
-    CreateTokenResponse, GetJobRequest, GetRunRequest, Job, ListCatalogRequest,
-    ListCatalogResponse, ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse,
-    ListRunsRequest, ListRunsResponse, ListTokensRequest, ListTokensResponse, NodeInfo,
-    NodeMessage, RegisterNodeResponse, RetryRunRequest, RevokeTokenRequest, Run, RunDetail,
-    RunEvent, SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest, node_message,
+    CreateTokenResponse, ForgetRequest, ForgetResponse, GetJobRequest, GetRunRequest, Job,
+    ListCatalogRequest, ListCatalogResponse, ListJobsRequest, ListJobsResponse, ListNodesRequest,
+    ListNodesResponse, ListRunsRequest, ListRunsResponse, ListTokensRequest, ListTokensResponse,
+    NodeInfo, NodeMessage, RegisterNodeResponse, RetryRunRequest, RevokeTokenRequest, Run,
+    RunDetail, RunEvent, SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest,
+    node_message,
 };
 use fabric_trust::Caller;
 use futures::Stream;
@@ -326,6 +327,30 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CheckResponse>, Status> {
         self.engine
             .check(&request.into_inner().jobs)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn forget(
+        &self,
+        request: Request<ForgetRequest>,
+    ) -> Result<Response<ForgetResponse>, Status> {
+        let caller = Caller::of(&request);
+        let ForgetRequest { job, dry_run } = request.into_inner();
+        // A monitor may see what retention would do; only an operator
+        // removes anything.
+        if !dry_run
+            && let Some(identity) = caller.identity()
+            && identity.role != fabric_trust::Role::Operator
+        {
+            return Err(Status::permission_denied(format!(
+                "{} may only ask what retention would remove (--dry-run); removing is for operators",
+                caller.describe()
+            )));
+        }
+        self.engine
+            .forget(&job, dry_run)
             .await
             .map(Response::new)
             .map_err(status_of)

@@ -376,6 +376,38 @@ impl Store {
         Ok(true)
     }
 
+    /// Records that `node` no longer holds snapshot `id`; the entry goes
+    /// with its last copy. Returns whether anything changed.
+    pub fn remove_catalog_copy(&self, id: &str, node: &str) -> Result<bool, StateError> {
+        for item in self.catalog.iter() {
+            let (key, value) = item.map_err(sled_error("read the catalog"))?;
+            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
+            if entry
+                .snapshot
+                .as_ref()
+                .is_none_or(|snapshot| snapshot.id != id)
+            {
+                continue;
+            }
+            let before = entry.copies.len();
+            entry.copies.retain(|copy| copy.node != node);
+            if entry.copies.len() == before {
+                return Ok(false);
+            }
+            if entry.copies.is_empty() {
+                self.catalog
+                    .remove(&key)
+                    .map_err(sled_error(format!("remove catalog entry {id}")))?;
+            } else {
+                self.catalog
+                    .insert(key, entry.encode_to_vec())
+                    .map_err(sled_error(format!("store catalog entry {id}")))?;
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// The catalogue, oldest first.
     pub fn catalog(&self) -> Result<Vec<CatalogEntry>, StateError> {
         self.catalog

@@ -413,6 +413,91 @@ fn a_jobs_quota_stops_its_uploads_and_shows_in_status() {
     assert_eq!(stored().len(), 1);
 }
 
+/// Issue 22: retention applies by itself after each good run: with
+/// `keep_last = 2`, four runs leave the two newest snapshots on both nodes
+/// and in the catalogue, each still restoring identical; `forget --dry-run`
+/// says why each is kept.
+#[test]
+fn retention_removes_what_no_rule_keeps_from_every_node() {
+    let fabric = Fabric::start(2);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.kept]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\nkeep_last = 2\n",
+        source.display()
+    );
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let runs = fabric.submit(&jobs, &[]);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        ids.push(run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned());
+    }
+    let newest: Vec<String> = ids[2..].to_vec();
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = fabric
+            .json(&["status", "--job", "kept"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>();
+        if listed.len() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    listed.sort();
+    let mut expected = newest.clone();
+    expected.sort();
+    assert_eq!(listed, expected, "the catalogue holds the two newest");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for node in &fabric.nodes {
+        let mut held: Vec<String> = runtime.block_on(async {
+            storage_client(&node.address)
+                .await
+                .list_snapshots(ListSnapshotsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshots
+                .into_iter()
+                .map(|snapshot| snapshot.id)
+                .collect()
+        });
+        held.sort();
+        assert_eq!(held, expected, "{} holds the two newest", node.address);
+    }
+
+    let plan = fabric.json(&["forget", "--job", "kept", "--dry-run"]);
+    let plan = plan.as_array().unwrap();
+    assert_eq!(plan.len(), 2, "{plan:#?}");
+    for row in plan {
+        assert_eq!(row["decision"], "keep");
+        let why = row["kept_because"].to_string();
+        assert!(why.contains("last"), "{why}");
+    }
+
+    // What is kept still restores identical.
+    let target = fabric.dir.path().join("restored");
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    let restored = fabric.ctl(&[
+        "restore",
+        &newest[0],
+        &inside,
+        "--to",
+        target.to_str().unwrap(),
+    ]);
+    assert!(restored.status.success(), "{restored:?}");
+    fabricctl::compare::compare_trees(
+        &source,
+        &target,
+        false,
+        fabric_chunkstore::restore::RestorePolicy::default(),
+    )
+    .unwrap();
+}
+
 fn wait_copy_running(fabric: &Fabric, run: &str, node: &str) {
     for _ in 0..600 {
         let shown = fabric.json(&["run", "show", run]);

@@ -24,8 +24,8 @@ use fabric_chunkstore::walk::BackupOptions;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, HostUsage, JobUsage, NodeInfo,
-    NodeMessage, NodeRole, RunState, RunUpdate, Snapshot, TransferProgress, coordinator_message,
-    node_message,
+    NodeMessage, NodeRole, RunState, RunUpdate, Snapshot, SnapshotsDeleted, TransferProgress,
+    coordinator_message, node_message,
 };
 use fabric_trust::Transport;
 use futures::StreamExt;
@@ -67,6 +67,8 @@ struct Context {
     permits: PullPermits,
     upload_limit: Option<Arc<RateLimit>>,
     ingest_limit: Option<Arc<RateLimit>>,
+    /// Answers to `DeleteSnapshots`, sent like run updates.
+    deletions: mpsc::UnboundedSender<SnapshotsDeleted>,
 }
 
 impl Context {
@@ -275,6 +277,7 @@ pub async fn run_session(
     mut stop: watch::Receiver<bool>,
 ) {
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<RunUpdate>();
+    let (deletions_tx, mut deletions_rx) = mpsc::unbounded_channel::<SnapshotsDeleted>();
     let active = Arc::new(Mutex::new(ActiveRuns::default()));
     let insecure = !parts.transport.is_tls();
     let context = Context {
@@ -287,6 +290,7 @@ pub async fn run_session(
         permits: parts.permits,
         upload_limit: parts.upload_limit,
         ingest_limit: parts.ingest_limit,
+        deletions: deletions_tx,
     };
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
@@ -347,6 +351,10 @@ pub async fn run_session(
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Update(update)) });
                                         trim(&mut pending);
                                     }
+                                    deleted = deletions_rx.recv() => {
+                                        let Some(deleted) = deleted else { return };
+                                        pending.push_back(NodeMessage { kind: Some(node_message::Kind::Deleted(deleted)) });
+                                    }
                                     message = incoming.next() => match message {
                                         Some(Ok(message)) => handle(&context, &active, message.kind),
                                         Some(Err(status)) => {
@@ -366,7 +374,12 @@ pub async fn run_session(
             }
         }
         // Heartbeats of a broken session are stale; updates are kept.
-        pending.retain(|m| matches!(m.kind, Some(node_message::Kind::Update(_))));
+        pending.retain(|m| {
+            matches!(
+                m.kind,
+                Some(node_message::Kind::Update(_) | node_message::Kind::Deleted(_))
+            )
+        });
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -474,6 +487,9 @@ fn handle(
         Some(coordinator_message::Kind::PullPermit(permit)) => {
             context.permits.grant(permit);
         }
+        Some(coordinator_message::Kind::DeleteSnapshots(delete)) => {
+            tokio::spawn(delete_snapshots(context.clone(), delete.ids));
+        }
         Some(coordinator_message::Kind::PullDone(done)) => {
             let waiter = lock(active)
                 .runs
@@ -487,7 +503,35 @@ fn handle(
     }
 }
 
-/// Run one assignment to its end, reporting every step.
+/// Retention removed `ids`: delete each from the store (one inside its WORM
+/// window is refused, as it is to anyone) and say what happened.
+async fn delete_snapshots(context: Context, ids: Vec<String>) {
+    let Some(store) = context.store.clone() else {
+        return;
+    };
+    let deleted = tokio::task::spawn_blocking(move || {
+        let mut answer = SnapshotsDeleted::default();
+        // At most this many per message: a bounded amount of work per ask.
+        for id in ids.into_iter().take(10_000) {
+            match store.delete_snapshot(&id) {
+                Ok(_) | Err(fabric_chunkstore::StoreError::SnapshotNotFound { .. }) => {
+                    tracing::info!(snapshot = %id, "deleted for retention");
+                    answer.deleted.push(id);
+                }
+                Err(err) => {
+                    tracing::warn!(snapshot = %id, error = %err, "not deleted for retention");
+                    answer.refused.push(format!("{id}: {err}"));
+                }
+            }
+        }
+        answer
+    })
+    .await;
+    if let Ok(answer) = deleted {
+        let _ = context.deletions.send(answer);
+    }
+}
+
 /// Run one assignment to its end, reporting every step but the last, which
 /// it returns: the caller forgets the run before sending it, so a
 /// coordinator that answers the end with a new attempt finds the node free.

@@ -72,6 +72,11 @@ pub const TABLE: &[(&str, Access)] = &[
         Access::Roles(&[Operator, Monitor, Client]),
     ),
     ("/fabric.v1.Coordinator/Check", READERS),
+    // A monitor only with `dry_run` (the service checks).
+    (
+        "/fabric.v1.Coordinator/Forget",
+        Access::Roles(&[Operator, Monitor]),
+    ),
     ("/fabric.v1.Coordinator/CreateToken", OPERATOR),
     ("/fabric.v1.Coordinator/ListTokens", OPERATOR),
     ("/fabric.v1.Coordinator/RevokeToken", OPERATOR),
