@@ -840,6 +840,16 @@ fn a_token_works_for_its_role_until_it_is_revoked() {
         "{stderr}"
     );
     assert!(!stderr.contains(&token));
+    // A monitor may ask what retention would remove, not remove anything.
+    let refused = as_token(&["forget", "--job", "nothing"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("may only ask what retention would remove"),
+        "{stderr}"
+    );
+    let dry = as_token(&["forget", "--job", "nothing", "--dry-run"]);
+    let stderr = String::from_utf8_lossy(&dry.stderr);
+    assert!(stderr.contains("no job \"nothing\""), "{stderr}");
 
     let tokens = fabric.json(&["token", "list"]);
     assert!(
