@@ -1032,6 +1032,67 @@ impl Row for VerifyRow {
     }
 }
 
+/// What `gc` reclaimed on one node.
+#[derive(serde::Serialize)]
+struct GcRow {
+    node: String,
+    unreferenced_chunks: u64,
+    swept_chunks: u64,
+    freed_bytes: u64,
+    packs_rewritten: u64,
+    packs_deleted: u64,
+}
+
+impl Row for GcRow {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "node",
+            "unreferenced",
+            "swept",
+            "freed",
+            "packs rewritten",
+            "packs deleted",
+        ]
+    }
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.node.clone(),
+            self.unreferenced_chunks.to_string(),
+            self.swept_chunks.to_string(),
+            bytes(self.freed_bytes),
+            self.packs_rewritten.to_string(),
+            self.packs_deleted.to_string(),
+        ]
+    }
+}
+
+pub async fn gc(remote: &Remote, node: &str, format: OutputFormat) -> anyhow::Result<()> {
+    let peer = if remote::is_address(node) {
+        fabric_node::client::Peer::any_node(node)
+    } else {
+        let mut client = remote.coordinator().await?;
+        let address = remote::node_address(&mut client, node).await?;
+        fabric_node::client::Peer::node(node, &address)
+    };
+    let mut storage = remote.storage(&peer).await?;
+    let report = storage
+        .collect_garbage(fabric_proto::v1::GcRequest::default())
+        .await
+        .map_err(|status| status_error(&format!("collecting garbage on {node}"), status))?
+        .into_inner();
+    output::print_rows(
+        &[GcRow {
+            node: node.to_owned(),
+            unreferenced_chunks: report.unreferenced_chunks,
+            swept_chunks: report.swept_chunks,
+            freed_bytes: report.freed_bytes,
+            packs_rewritten: report.packs_rewritten,
+            packs_deleted: report.packs_deleted,
+        }],
+        format,
+    )
+}
+
 pub async fn verify(
     remote: &Remote,
     snapshot: Option<String>,

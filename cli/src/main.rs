@@ -86,6 +86,14 @@ enum Command {
     Restore(RestoreArgs),
     /// Read a snapshot's chunks back (or a whole node's store) and check them.
     Verify(VerifyArgs),
+    /// Collect a node's garbage now: sweep the chunks no snapshot references
+    /// (retention's deletions free space only then) and report what it
+    /// reclaimed.
+    Gc {
+        /// The node (id, or an address to bypass the coordinator).
+        #[arg(long)]
+        node: String,
+    },
     /// Nagios check of every job's freshness (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
     Check(CheckArgs),
     /// Apply a job's retention (its schedule's keep counts and keep_*
@@ -472,6 +480,7 @@ async fn run(cli: Cli) -> i32 {
             commands::verify(&coordinator, args.snapshot, args.node, args.sample, format).await
         }
         Command::Check(args) => return check::run(&coordinator, args.jobs).await,
+        Command::Gc { node } => commands::gc(&coordinator, &node, format).await,
         Command::Forget { job, dry_run } => {
             commands::forget(&coordinator, &job, dry_run, format).await
         }

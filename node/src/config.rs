@@ -64,6 +64,10 @@ pub struct NodeConfig {
     /// it sent stays uncommitted); senders say they are alive every
     /// minute. Default 300.
     pub transfer_idle_timeout_s: u64,
+    /// Seconds a pack must be old before GC may sweep its unreferenced
+    /// chunks: an upload that has not committed for this long is taken as
+    /// abandoned. Keep it well above `transfer_idle_timeout_s`. Default 3600.
+    pub gc_grace_s: u64,
     /// byteback's guard: the least seconds between two snapshots of one
     /// job, host and instance that a client or agent may upload here; a
     /// sooner one is refused with RESOURCE_EXHAUSTED naming when the next
@@ -127,6 +131,7 @@ impl Default for NodeConfig {
             min_free_bytes: 256 * 1024 * 1024,
             upload_memory_bytes: 256 * 1024 * 1024,
             transfer_idle_timeout_s: crate::transfer::IDLE_TIMEOUT.as_secs(),
+            gc_grace_s: fabric_chunkstore::DEFAULT_GC_GRACE.as_secs(),
             min_interval_s: 0,
             max_growth: 0.0,
             upload_limit_bytes_per_s: 0,

@@ -67,6 +67,9 @@ struct ServeArgs {
     /// Seconds an upload may send nothing before it is dropped.
     #[arg(long, env = "FABRIC_NODE_TRANSFER_IDLE_TIMEOUT_S")]
     transfer_idle_timeout_s: Option<u64>,
+    /// Seconds a pack must be old before GC may sweep it.
+    #[arg(long, env = "FABRIC_NODE_GC_GRACE_S")]
+    gc_grace_s: Option<u64>,
     /// Least seconds between two snapshots of one job, host and instance
     /// that a client or agent may upload (0: no limit).
     #[arg(long, env = "FABRIC_NODE_MIN_INTERVAL_S")]
@@ -156,6 +159,9 @@ impl ServeArgs {
         }
         if let Some(value) = self.transfer_idle_timeout_s {
             config.transfer_idle_timeout_s = value;
+        }
+        if let Some(value) = self.gc_grace_s {
+            config.gc_grace_s = value;
         }
         if let Some(value) = self.min_interval_s {
             config.min_interval_s = value;

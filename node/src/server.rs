@@ -147,12 +147,13 @@ pub async fn serve_with_health(
         let coordinator = (!config.coordinator.is_empty()).then(|| config.coordinator.clone());
         let service = StorageService::new(
             opened.clone(),
-            crate::storage_service::UploadSettings {
+            crate::storage_service::StorageSettings {
                 memory_bytes: config.upload_memory_bytes,
                 idle_timeout: Duration::from_secs(config.transfer_idle_timeout_s.max(1)),
                 guards: config.commit_guards(),
                 ingest_limit: ingest_limit.clone(),
                 quotas: Arc::new(config.host_quotas()),
+                gc_grace: Duration::from_secs(config.gc_grace_s),
             },
             writable.clone(),
             transport.clone(),

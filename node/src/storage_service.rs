@@ -67,11 +67,12 @@ pub struct StorageService {
     ingest_limit: Option<Arc<RateLimit>>,
     /// Per-host quotas of stored bytes.
     quotas: Arc<HostQuotas>,
+    gc_grace: Duration,
 }
 
 /// How a node takes uploads.
 #[derive(Clone, Debug)]
-pub struct UploadSettings {
+pub struct StorageSettings {
     /// Chunk bytes all uploads together may hold in memory.
     pub memory_bytes: u64,
     /// How long an upload may send nothing before it is dropped.
@@ -82,6 +83,9 @@ pub struct UploadSettings {
     pub ingest_limit: Option<Arc<RateLimit>>,
     /// Per-host quotas of stored bytes.
     pub quotas: Arc<HostQuotas>,
+    /// How old a pack must be before GC may sweep it: younger ones may
+    /// hold an upload still in progress.
+    pub gc_grace: Duration,
 }
 
 impl std::fmt::Debug for StorageService {
@@ -98,18 +102,19 @@ impl StorageService {
     /// resolves.
     pub fn new(
         store: Arc<Store>,
-        uploads: UploadSettings,
+        settings: StorageSettings,
         writable: Arc<AtomicBool>,
         transport: Transport,
         coordinator: Option<String>,
     ) -> Self {
-        let UploadSettings {
+        let StorageSettings {
             memory_bytes: upload_memory_bytes,
             idle_timeout,
             guards,
             ingest_limit,
             quotas,
-        } = uploads;
+            gc_grace,
+        } = settings;
         let permits = usize::try_from(upload_memory_bytes / 1024)
             .unwrap_or(usize::MAX)
             .clamp(transfer::MAX_MESSAGE_BYTES / 1024, Semaphore::MAX_PERMITS);
@@ -120,6 +125,7 @@ impl StorageService {
             guards,
             ingest_limit,
             quotas,
+            gc_grace,
             writable,
             directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
@@ -646,9 +652,13 @@ impl Storage for StorageService {
         request: Request<GcRequest>,
     ) -> Result<Response<GcReport>, Status> {
         let threshold = request.into_inner().repack_threshold;
+        let gc_grace = self.gc_grace;
         let report = self
             .blocking(move |store| {
-                let mut options = GcOptions::default();
+                let mut options = GcOptions {
+                    grace: gc_grace,
+                    ..GcOptions::default()
+                };
                 if threshold > 0.0 {
                     options.repack_threshold = Some(threshold);
                 }

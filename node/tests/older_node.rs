@@ -84,12 +84,13 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
     let agent = credentials(Role::Node, "client").client().unwrap();
     let service = StorageService::new(
         store,
-        fabric_node::storage_service::UploadSettings {
+        fabric_node::storage_service::StorageSettings {
             memory_bytes: 64 << 20,
             idle_timeout: fabric_node::transfer::IDLE_TIMEOUT,
             guards: fabric_chunkstore::CommitGuards::default(),
             ingest_limit: None,
             quotas: Default::default(),
+            gc_grace: fabric_chunkstore::DEFAULT_GC_GRACE,
         },
         Arc::new(AtomicBool::new(true)),
         server_transport.clone(),
