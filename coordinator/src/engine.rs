@@ -157,8 +157,16 @@ fn random_snapshot_id(rng: &mut impl Rng) -> String {
 const RETENTION_EVERY_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// The retention rules of `spec`: its schedule's keep counts per tag and
-/// its `keep_*` keys, in its time zone.
+/// its `keep_*` keys, in its time zone. A sync job keeps exactly its
+/// newest snapshot per host and instance (B1000's sync type: one current
+/// copy, replaced by each run), whatever else it says.
 fn retention_rules(spec: &JobSpec) -> retention::RetentionRules {
+    if spec.r#type() == SnapshotType::Sync {
+        return retention::RetentionRules {
+            keep_last: 1,
+            ..Default::default()
+        };
+    }
     retention::RetentionRules {
         tag_keep: spec
             .schedule
@@ -1472,5 +1480,35 @@ impl Inner {
             }
         }
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_job_keeps_one_snapshot_and_a_full_job_its_rules() {
+        let sync = JobSpec {
+            r#type: SnapshotType::Sync as i32,
+            keep_daily: 7,
+            ..Default::default()
+        };
+        let rules = retention_rules(&sync);
+        assert_eq!((rules.keep_last, rules.keep_daily), (1, 0));
+        let full = JobSpec {
+            r#type: SnapshotType::Full as i32,
+            keep_daily: 7,
+            schedule: vec![fabric_proto::v1::ScheduleTag {
+                tag: "weekly".into(),
+                interval_s: 604_800,
+                keep: 4,
+            }],
+            ..Default::default()
+        };
+        let rules = retention_rules(&full);
+        assert_eq!((rules.keep_last, rules.keep_daily), (0, 7));
+        assert_eq!(rules.tag_keep.get("weekly"), Some(&4));
+        assert!(retention_rules(&JobSpec::default()).is_empty());
     }
 }
