@@ -55,6 +55,8 @@ struct JobRow {
     /// Scheduled jobs: the next run's time and the tags it carries.
     next_run: String,
     next_run_tags: Vec<String>,
+    /// Its schedule is held.
+    paused: bool,
     submitted_by: String,
     /// `TIME BY CHANGE`, oldest first.
     history: Vec<String>,
@@ -92,7 +94,9 @@ impl Row for JobRow {
             interval,
             self.last_run.clone(),
             self.last_state.clone(),
-            if self.next_run.is_empty() {
+            if self.paused {
+                "paused".to_owned()
+            } else if self.next_run.is_empty() {
                 "-".to_owned()
             } else {
                 format!("{} {}", self.next_run, self.next_run_tags.join(","))
@@ -126,6 +130,7 @@ fn job_row(job: &Job) -> JobRow {
             String::new()
         },
         next_run_tags: job.next_run_tags.clone(),
+        paused: job.paused,
         submitted_by: job.submitted_by.clone(),
         history: job
             .history
@@ -462,6 +467,54 @@ pub async fn job_list(remote: &Remote, format: OutputFormat) -> anyhow::Result<(
         .into_inner()
         .jobs;
     output::print_rows(&jobs.iter().map(job_row).collect::<Vec<_>>(), format)
+}
+
+/// What `job_change` does to a job.
+#[derive(Debug, Clone, Copy)]
+pub enum JobChangeKind {
+    /// Hold its schedule.
+    Pause,
+    /// Let its schedule run again.
+    Resume,
+    /// Forget it.
+    Delete,
+}
+
+pub async fn job_change(
+    remote: &Remote,
+    name: &str,
+    change: JobChangeKind,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
+    let request = GetJobRequest { name: name.into() };
+    let (what, answer) = match change {
+        JobChangeKind::Pause => ("pausing", client.pause_job(request).await),
+        JobChangeKind::Resume => ("resuming", client.resume_job(request).await),
+        JobChangeKind::Delete => ("deleting", client.delete_job(request).await),
+    };
+    let job = answer
+        .map_err(|status| status_error(&format!("{what} job {name}"), status))?
+        .into_inner();
+    output::print_rows(&[job_row(&job)], format)
+}
+
+pub async fn job_run(
+    remote: &Remote,
+    name: &str,
+    instance: Option<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
+    let run = client
+        .run_job(fabric_proto::v1::RunJobRequest {
+            name: name.into(),
+            instance: instance.unwrap_or_default(),
+        })
+        .await
+        .map_err(|status| status_error(&format!("running job {name}"), status))?
+        .into_inner();
+    output::print_rows(&[run_row(&run)], format)
 }
 
 pub async fn job_show(remote: &Remote, name: &str, format: OutputFormat) -> anyhow::Result<()> {

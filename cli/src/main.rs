@@ -144,6 +144,29 @@ enum JobCommand {
         /// The job's name.
         name: String,
     },
+    /// Hold a job's scheduled runs (a run in progress goes on).
+    Pause {
+        /// The job's name.
+        name: String,
+    },
+    /// Let a paused job's schedule run again.
+    Resume {
+        /// The job's name.
+        name: String,
+    },
+    /// Forget a job: no more runs or retention; its snapshots stay.
+    Delete {
+        /// The job's name.
+        name: String,
+    },
+    /// Start a run of a stored job now.
+    Run {
+        /// The job's name.
+        name: String,
+        /// Only this instance.
+        #[arg(long)]
+        instance: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -429,6 +452,18 @@ async fn run(cli: Cli) -> i32 {
         Command::Job(JobCommand::List) => commands::job_list(&coordinator, format).await,
         Command::Job(JobCommand::Show { name }) => {
             commands::job_show(&coordinator, &name, format).await
+        }
+        Command::Job(JobCommand::Pause { name }) => {
+            commands::job_change(&coordinator, &name, commands::JobChangeKind::Pause, format).await
+        }
+        Command::Job(JobCommand::Resume { name }) => {
+            commands::job_change(&coordinator, &name, commands::JobChangeKind::Resume, format).await
+        }
+        Command::Job(JobCommand::Delete { name }) => {
+            commands::job_change(&coordinator, &name, commands::JobChangeKind::Delete, format).await
+        }
+        Command::Job(JobCommand::Run { name, instance }) => {
+            commands::job_run(&coordinator, &name, instance, format).await
         }
         Command::Run(RunCommand::List {
             job,

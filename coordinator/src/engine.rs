@@ -611,6 +611,49 @@ impl Engine {
             .collect())
     }
 
+    /// Pauses (`true`) or resumes job `name`'s schedule.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<Job, EngineError> {
+        let inner = self.inner.lock().await;
+        let Some(mut job) = inner.store.job(name)? else {
+            return Err(EngineError::NotFound(format!("no job {name:?}")));
+        };
+        job.paused = paused;
+        inner.store.put_job(&job)?;
+        inner.store.flush().await?;
+        tracing::info!(job = %name, paused, "job schedule changed");
+        inner.with_last_run(job)
+    }
+
+    /// Deletes job `name` (its runs and snapshots stay).
+    pub async fn delete_job(&self, name: &str) -> Result<Job, EngineError> {
+        let inner = self.inner.lock().await;
+        let Some(job) = inner.store.delete_job(name)? else {
+            return Err(EngineError::NotFound(format!("no job {name:?}")));
+        };
+        inner.store.flush().await?;
+        tracing::info!(job = %name, "job deleted");
+        Ok(job)
+    }
+
+    /// Starts a run of stored job `name` now.
+    pub async fn run_job(&self, name: &str, instance: &str) -> Result<Run, EngineError> {
+        let now = now_ms();
+        let mut inner = self.inner.lock().await;
+        let Some(spec) = inner.store.job(name)?.and_then(|job| job.spec) else {
+            return Err(EngineError::NotFound(format!("no job {name:?}")));
+        };
+        if !instance.is_empty() && !spec.instances.iter().any(|known| known == instance) {
+            return Err(EngineError::InvalidArgument(format!(
+                "job {name} has no instance {:?}",
+                instance.chars().take(100).collect::<String>()
+            )));
+        }
+        let instance = (!instance.is_empty()).then_some(instance);
+        let run = inner.start_job(&spec, &[], instance, now)?;
+        inner.store.flush().await?;
+        Ok(run)
+    }
+
     /// Applies job `name`'s retention rules, or with `dry_run` only says
     /// what they would remove.
     pub async fn forget(&self, name: &str, dry_run: bool) -> Result<ForgetResponse, EngineError> {
@@ -927,7 +970,7 @@ impl Inner {
             let Some(spec) = job.spec.clone() else {
                 continue;
             };
-            if spec.direction() == Direction::Passive {
+            if spec.direction() == Direction::Passive || job.paused {
                 continue;
             }
             let Some(schedule) = Schedule::of(&spec) else {

@@ -332,6 +332,42 @@ impl Coordinator for CoordinatorService {
             .map_err(status_of)
     }
 
+    async fn pause_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        self.engine
+            .set_paused(&request.into_inner().name, true)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn resume_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        self.engine
+            .set_paused(&request.into_inner().name, false)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn delete_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        self.engine
+            .delete_job(&request.into_inner().name)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn run_job(
+        &self,
+        request: Request<fabric_proto::v1::RunJobRequest>,
+    ) -> Result<Response<Run>, Status> {
+        let fabric_proto::v1::RunJobRequest { name, instance } = request.into_inner();
+        self.engine
+            .run_job(&name, &instance)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
     async fn forget(
         &self,
         request: Request<ForgetRequest>,

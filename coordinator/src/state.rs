@@ -220,6 +220,18 @@ impl Store {
             .map_err(sled_error(format!("store job {name:?}")))
     }
 
+    /// Removes job `name`; returns it, if it was there.
+    pub fn delete_job(&self, name: &str) -> Result<Option<Job>, StateError> {
+        match self
+            .jobs
+            .remove(name.as_bytes())
+            .map_err(sled_error(format!("remove job {name:?}")))?
+        {
+            Some(value) => Ok(Some(decode("job", name.as_bytes(), &value)?)),
+            None => Ok(None),
+        }
+    }
+
     /// One job by name.
     pub fn job(&self, name: &str) -> Result<Option<Job>, StateError> {
         match self

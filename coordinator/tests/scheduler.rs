@@ -177,3 +177,53 @@ schedule = { hourly = { interval = "1h", keep = 24 } }
         assert!(pair[1].created_ms >= pair[0].created_ms + 2 * DAY);
     }
 }
+
+/// `job pause` holds the schedule (and `job run` still starts a run),
+/// `job resume` lets it go on, `job delete` ends it.
+#[tokio::test]
+async fn a_paused_job_waits_a_resumed_one_runs_and_a_deleted_one_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), Duration::from_secs(600));
+    submit(
+        &engine,
+        r#"
+[job.web]
+direction = "push"
+client = "c1"
+include = ["/srv"]
+dest = "n1"
+schedule = { daily = { interval = "24h", keep = 7 } }
+"#,
+    )
+    .await;
+    let start = fabric_coordinator::engine::now_ms();
+    assert!(engine.set_paused("web", true).await.unwrap().paused);
+    tick_through(&engine, start, start + 5 * DAY, 10 * MINUTE, None).await;
+    assert!(runs(&engine, "web").await.is_empty(), "paused: no runs");
+    let by_hand = engine.run_job("web", "").await.unwrap();
+    assert_eq!(by_hand.job, "web");
+    assert!(engine.run_job("web", "nope").await.is_err());
+
+    assert!(!engine.set_paused("web", false).await.unwrap().paused);
+    tick_through(&engine, start + 5 * DAY, start + 8 * DAY, 10 * MINUTE, None).await;
+    let after_resume = runs(&engine, "web").await.len();
+    // The manual run, one catch-up run for the days paused, then the slots.
+    assert!((3..=5).contains(&after_resume), "{after_resume}");
+
+    engine.delete_job("web").await.unwrap();
+    assert!(engine.jobs().await.unwrap().is_empty());
+    tick_through(
+        &engine,
+        start + 8 * DAY,
+        start + 12 * DAY,
+        10 * MINUTE,
+        None,
+    )
+    .await;
+    assert_eq!(
+        runs(&engine, "web").await.len(),
+        after_resume,
+        "deleted: no runs"
+    );
+    assert!(engine.set_paused("web", true).await.is_err());
+}

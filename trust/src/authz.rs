@@ -71,6 +71,10 @@ pub const TABLE: &[(&str, Access)] = &[
         "/fabric.v1.Coordinator/ListCatalog",
         Access::Roles(&[Operator, Monitor, Client]),
     ),
+    ("/fabric.v1.Coordinator/PauseJob", OPERATOR),
+    ("/fabric.v1.Coordinator/ResumeJob", OPERATOR),
+    ("/fabric.v1.Coordinator/DeleteJob", OPERATOR),
+    ("/fabric.v1.Coordinator/RunJob", OPERATOR),
     ("/fabric.v1.Coordinator/Check", READERS),
     // A monitor only with `dry_run` (the service checks).
     (
