@@ -68,6 +68,12 @@ pub struct CoordinatorConfig {
     /// default `"10m"`).
     #[serde(with = "humantime_serde_duration")]
     pub queue_timeout: Duration,
+    /// Runs in progress at once in the whole fabric (`worker_limit`,
+    /// default 0: no limit); more wait their turn in the queue.
+    pub worker_limit: u32,
+    /// Runs in progress at once on one client node (`node_worker_limit`,
+    /// default 0: no limit).
+    pub node_worker_limit: u32,
     /// `text` or `json` (`log_format`).
     pub log_format: LogFormat,
     /// The coordinator's certificate, role coordinator (`tls_cert`).
@@ -92,6 +98,8 @@ impl Default for CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(5),
             lost_after_missed_heartbeats: 3,
             queue_timeout: Duration::from_secs(600),
+            worker_limit: 0,
+            node_worker_limit: 0,
             log_format: LogFormat::Text,
             tls_cert: None,
             tls_key: None,

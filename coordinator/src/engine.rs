@@ -81,6 +81,11 @@ pub struct Settings {
     pub lost_after: Duration,
     /// How long a run waits for its nodes before failing.
     pub queue_timeout: Duration,
+    /// Runs in progress at once in the whole fabric (0: no limit); more
+    /// wait their turn, without timing out.
+    pub worker_limit: u32,
+    /// Runs in progress at once on one client node (0: no limit).
+    pub node_worker_limit: u32,
 }
 
 /// The shortest sleep before a pull is assigned again. A node reports a
@@ -1135,6 +1140,13 @@ impl Inner {
             return self.coordinator_event(record, &reason, now);
         }
         let client = record.run().client.clone();
+        if let Some(reason) = self.worker_limit_reached(&client) {
+            self.wait(record, reason, now)?;
+            // Waiting for a worker is waiting in line, not for a node that
+            // may never come: the queue timeout does not run meanwhile.
+            record.waiting_since_ms = now;
+            return Ok(());
+        }
         if !self.sessions.contains_key(&client) {
             return self.wait(
                 record,
@@ -1158,6 +1170,34 @@ impl Inner {
             )?;
         }
         Ok(())
+    }
+
+    /// Why a run on `client` may not start now, if a worker limit says so.
+    fn worker_limit_reached(&self, client: &str) -> Option<String> {
+        let running: Vec<&RunRecord> = self
+            .active
+            .values()
+            .filter(|record| record.client_assigned && !record.is_finished())
+            .collect();
+        let limit = self.settings.worker_limit;
+        if limit > 0 && running.len() >= limit as usize {
+            return Some(format!(
+                "waiting for a worker: {} runs in progress (worker_limit {limit})",
+                running.len()
+            ));
+        }
+        let limit = self.settings.node_worker_limit;
+        let on_client = running
+            .iter()
+            .filter(|record| record.run().client == client)
+            .count();
+        if limit > 0 && on_client >= limit as usize {
+            return Some(format!(
+                "waiting for a worker on {client}: {on_client} runs in progress there \
+                 (node_worker_limit {limit})"
+            ));
+        }
+        None
     }
 
     fn wait(&mut self, record: &mut RunRecord, reason: String, now: i64) -> Result<(), StateError> {

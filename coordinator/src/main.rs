@@ -48,6 +48,12 @@ struct ServeArgs {
     /// How long a run waits for its nodes before failing, e.g. "10m".
     #[arg(long, env = "FABRIC_COORDINATOR_QUEUE_TIMEOUT", value_parser = humantime::parse_duration)]
     queue_timeout: Option<Duration>,
+    /// Runs in progress at once in the fabric (0: no limit).
+    #[arg(long, env = "FABRIC_COORDINATOR_WORKER_LIMIT")]
+    worker_limit: Option<u32>,
+    /// Runs in progress at once on one client node (0: no limit).
+    #[arg(long, env = "FABRIC_COORDINATOR_NODE_WORKER_LIMIT")]
+    node_worker_limit: Option<u32>,
     /// Log format on stderr.
     #[arg(long, env = "FABRIC_COORDINATOR_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -88,6 +94,12 @@ impl ServeArgs {
         }
         if let Some(timeout) = self.queue_timeout {
             config.queue_timeout = timeout;
+        }
+        if let Some(limit) = self.worker_limit {
+            config.worker_limit = limit;
+        }
+        if let Some(limit) = self.node_worker_limit {
+            config.node_worker_limit = limit;
         }
         if let Some(format) = self.log_format {
             config.log_format = format;

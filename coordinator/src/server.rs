@@ -99,6 +99,8 @@ pub async fn serve_with_health(
             heartbeat_interval: config.heartbeat_interval,
             lost_after: config.lost_after(),
             queue_timeout: config.queue_timeout,
+            worker_limit: config.worker_limit,
+            node_worker_limit: config.node_worker_limit,
         },
     )?);
     let tokens = Tokens::new(engine.state());

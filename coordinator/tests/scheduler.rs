@@ -14,12 +14,18 @@ const HOUR: i64 = 60 * MINUTE;
 const DAY: i64 = 24 * HOUR;
 
 fn engine(dir: &std::path::Path, queue_timeout: Duration) -> Engine {
+    engine_with(dir, queue_timeout, 0)
+}
+
+fn engine_with(dir: &std::path::Path, queue_timeout: Duration, worker_limit: u32) -> Engine {
     Engine::open(
         Store::open(dir).unwrap(),
         Settings {
             heartbeat_interval: Duration::from_secs(1),
             lost_after: Duration::from_secs(5),
             queue_timeout,
+            worker_limit,
+            node_worker_limit: 0,
         },
     )
     .unwrap()

@@ -1098,3 +1098,55 @@ replicas = 2
     );
     coordinator.stop().await;
 }
+
+/// With `worker_limit = 1` a second run waits its turn (without timing
+/// out) and is assigned when the first ends.
+#[tokio::test]
+async fn a_worker_limit_makes_runs_wait_their_turn() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start_with(&data_dir(&temp), |config| {
+        config.heartbeat_interval = Duration::from_secs(5);
+        config.worker_limit = 1;
+    })
+    .await;
+    let _n1 = FakeNode::storage(&coordinator, "n1").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let jobs = r#"
+[job.first]
+direction = "push"
+client = "c1"
+include = ["/srv/a"]
+dest = "n1"
+
+[job.second]
+direction = "push"
+client = "c1"
+include = ["/srv/b"]
+dest = "n1"
+"#;
+    let runs = submit(&coordinator, jobs, &[]).await;
+    assert_eq!(runs.len(), 2);
+    let first = client.assignment().await;
+    let (running, waiting) = if first.run_id == runs[0].id {
+        (&runs[0], &runs[1])
+    } else {
+        (&runs[1], &runs[0])
+    };
+    let detail = run_detail(&coordinator, &waiting.id).await;
+    assert_eq!(detail.run.as_ref().unwrap().state(), RunState::Queued);
+    assert!(
+        detail
+            .events
+            .iter()
+            .any(|event| event.message.contains("waiting for a worker")
+                && event.message.contains("worker_limit 1")),
+        "{:?}",
+        detail.events
+    );
+    client.update(state(&running.id, RunState::Copying)).await;
+    client.update(committed(&first, "n1")).await;
+    client.update(state(&running.id, RunState::Done)).await;
+    let second = client.assignment().await;
+    assert_eq!(second.run_id, waiting.id);
+    coordinator.stop().await;
+}
