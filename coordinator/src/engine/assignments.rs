@@ -103,14 +103,17 @@ impl Inner {
     }
 
     /// Before a pull reads the source when no copy is done: a new snapshot
-    /// id unless no copy of the run was ever started, since a pull that
-    /// failed may still have committed under the planned one.
+    /// id unless no copy of the run was ever started (in this attempt or an
+    /// earlier one), since a pull that failed may still have committed under
+    /// the planned one.
     pub(super) fn renew_snapshot_id_for_reread(&mut self, record: &mut RunRecord) {
         let run = record.run();
-        let started = run
-            .copies
-            .iter()
-            .any(|copy| copy.state() != CopyState::Pending || copy.attempts > 1);
+        // A retried run (attempt 2 on) may have read the source before.
+        let started = run.attempt > 1
+            || run
+                .copies
+                .iter()
+                .any(|copy| copy.state() != CopyState::Pending || copy.attempts > 1);
         if !started || self.holders(run).is_some() {
             return;
         }
