@@ -1188,8 +1188,7 @@ impl Inner {
 
     /// Returns whether anything changed.
     fn tick(&mut self, now: i64) -> Result<bool, StateError> {
-        let mut changed = self.run_schedules(now)?;
-        changed |= self.apply_retention_daily(now)?;
+        let mut changed = self.upkeep(now)?;
         let lost_after = millis(self.settings.lost_after);
         let queue_timeout = millis(self.settings.queue_timeout);
         let mut lost = Vec::new();

@@ -83,6 +83,16 @@ pub struct NextRun {
     pub tags: Vec<String>,
 }
 
+/// A job's `time_zone` (its schedule's window and its retention's
+/// calendar): UTC when empty, `None` when it names no zone.
+pub fn time_zone_of(spec: &fabric_proto::v1::JobSpec) -> Option<TimeZone> {
+    if spec.time_zone.is_empty() {
+        Some(TimeZone::UTC)
+    } else {
+        TimeZone::get(&spec.time_zone).ok()
+    }
+}
+
 /// Where `job`'s slots of `interval_ms` fall within the interval: a stable
 /// hash of the name (FNV-1a), so the spread survives restarts and versions.
 pub fn offset_ms(job: &str, interval_ms: i64) -> i64 {
@@ -118,11 +128,7 @@ impl Schedule {
         } else {
             Some(Window::parse(&spec.window).ok()?)
         };
-        let time_zone = if spec.time_zone.is_empty() {
-            TimeZone::UTC
-        } else {
-            TimeZone::get(&spec.time_zone).ok()?
-        };
+        let time_zone = time_zone_of(spec)?;
         let tags = spec
             .schedule
             .iter()
@@ -350,6 +356,19 @@ mod tests {
         runs
     }
 
+    /// The local date of each run, in `zone`.
+    fn local_dates(runs: &[(i64, Vec<String>)], zone: &TimeZone) -> Vec<String> {
+        runs.iter()
+            .map(|(time, _)| {
+                Timestamp::from_millisecond(*time)
+                    .unwrap()
+                    .to_zoned(zone.clone())
+                    .date()
+                    .to_string()
+            })
+            .collect()
+    }
+
     #[test]
     fn the_spread_is_stable_and_differs_between_jobs() {
         assert_eq!(offset_ms("web", DAY), offset_ms("web", DAY));
@@ -478,16 +497,7 @@ mod tests {
             ("2026-10-22T00:00:00Z", "2026-10-29T00:00:00Z"),
         ] {
             let runs = simulate(&schedule, "web", at(from), at(to), None);
-            let mut days: Vec<String> = runs
-                .iter()
-                .map(|(time, _)| {
-                    Timestamp::from_millisecond(*time)
-                        .unwrap()
-                        .to_zoned(schedule.time_zone.clone())
-                        .date()
-                        .to_string()
-                })
-                .collect();
+            let mut days = local_dates(&runs, &schedule.time_zone);
             let count = days.len();
             days.dedup();
             assert_eq!(days.len(), count, "one run a day at most: {days:?}");
@@ -509,16 +519,7 @@ mod tests {
             at("2028-03-03T00:00:00Z"),
             None,
         );
-        let days: Vec<String> = runs
-            .iter()
-            .map(|(time, _)| {
-                Timestamp::from_millisecond(*time)
-                    .unwrap()
-                    .to_zoned(schedule.time_zone.clone())
-                    .date()
-                    .to_string()
-            })
-            .collect();
+        let days = local_dates(&runs, &schedule.time_zone);
         assert!(days.contains(&"2028-02-29".to_owned()), "{days:?}");
     }
 

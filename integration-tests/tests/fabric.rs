@@ -57,6 +57,19 @@ fn snapshot_nodes(fabric: &Fabric, job: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The snapshots node `address` holds, as its own listing says.
+fn snapshots_on(address: &str) -> Vec<fabric_proto::v1::Snapshot> {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        storage_client(address)
+            .await
+            .list_snapshots(ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots
+    })
+}
+
 fn source_tree(fabric: &Fabric) -> std::path::PathBuf {
     let source = fabric.dir.path().join("source");
     generate_tree(&source, 40, 256 * 1024);
@@ -306,22 +319,13 @@ fn a_retried_copy_is_the_committed_snapshot_not_a_new_read_of_the_source() {
     let run = fabric.wait_run(&runs[0]);
     assert_eq!(run["state"], "done", "{run:#}");
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let held: Vec<fabric_proto::v1::Snapshot> = fabric
         .nodes
         .iter()
         .map(|node| {
-            runtime.block_on(async {
-                let mut snapshots = storage_client(&node.address)
-                    .await
-                    .list_snapshots(ListSnapshotsRequest::default())
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .snapshots;
-                assert_eq!(snapshots.len(), 1, "{snapshots:?}");
-                snapshots.remove(0)
-            })
+            let mut snapshots = snapshots_on(&node.address);
+            assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+            snapshots.remove(0)
         })
         .collect();
     assert_eq!(held[0].id, held[1].id);
@@ -351,17 +355,7 @@ fn a_jobs_quota_stops_its_uploads_and_shows_in_status() {
             source.display()
         )
     };
-    let stored = || {
-        tokio::runtime::Runtime::new().unwrap().block_on(async {
-            storage_client(&fabric.nodes[0].address)
-                .await
-                .list_snapshots(ListSnapshotsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .snapshots
-        })
-    };
+    let stored = || snapshots_on(&fabric.nodes[0].address);
 
     // The source stores some 400 kB: a quota of 100 kB stops the upload.
     let runs = fabric.submit(&job("100000"), &[]);
@@ -470,20 +464,11 @@ fn retention_removes_what_no_rule_keeps_from_every_node() {
     let mut expected = newest.clone();
     expected.sort();
     assert_eq!(listed, expected, "the catalogue holds the two newest");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     for node in &fabric.nodes {
-        let mut held: Vec<String> = runtime.block_on(async {
-            storage_client(&node.address)
-                .await
-                .list_snapshots(ListSnapshotsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .snapshots
-                .into_iter()
-                .map(|snapshot| snapshot.id)
-                .collect()
-        });
+        let mut held: Vec<String> = snapshots_on(&node.address)
+            .into_iter()
+            .map(|snapshot| snapshot.id)
+            .collect();
         held.sort();
         assert_eq!(held, expected, "{} holds the two newest", node.address);
     }

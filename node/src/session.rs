@@ -831,22 +831,10 @@ async fn copy_once(
         CopyState::Running,
         format!("node to node from {}", holder_names(&holders)),
     );
-    let updates = context.updates.clone();
-    let (run, dest) = (run_id.to_owned(), target.node.clone());
-    let last_report = Mutex::new(Instant::now());
+    let reporter = ProgressReporter::new(context, run_id, &target.node);
     let progress = move |bytes_sent: u64| {
-        let mut last = last_report.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() < Duration::from_secs(1) {
-            return;
-        }
-        *last = Instant::now();
-        let _ = updates.send(RunUpdate {
-            run_id: run.clone(),
-            dest: dest.clone(),
-            progress: Some(TransferProgress {
-                bytes_sent,
-                ..Default::default()
-            }),
+        reporter.report(|| TransferProgress {
+            bytes_sent,
             ..Default::default()
         });
     };
@@ -860,6 +848,41 @@ async fn copy_once(
     .await?;
     copies.copied_to(target);
     Ok(snapshot)
+}
+
+/// A copy's progress, sent to the coordinator at most once a second.
+struct ProgressReporter {
+    updates: mpsc::UnboundedSender<RunUpdate>,
+    run_id: String,
+    dest: String,
+    last: Mutex<Instant>,
+}
+
+impl ProgressReporter {
+    fn new(context: &Context, run_id: &str, dest: &str) -> Self {
+        Self {
+            updates: context.updates.clone(),
+            run_id: run_id.to_owned(),
+            dest: dest.to_owned(),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Sends `progress()` unless one went less than a second ago (the
+    /// progress is only made when it goes: this runs for every file).
+    fn report(&self, progress: impl FnOnce() -> TransferProgress) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        *last = Instant::now();
+        let _ = self.updates.send(RunUpdate {
+            run_id: self.run_id.clone(),
+            dest: self.dest.clone(),
+            progress: Some(progress()),
+            ..Default::default()
+        });
+    }
 }
 
 fn holder_names(holders: &[CopyTarget]) -> String {
@@ -880,25 +903,13 @@ async fn walk_once(
     target: &CopyTarget,
     quota_left: u64,
 ) -> Result<Snapshot, String> {
-    let last_report = Arc::new(Mutex::new(Instant::now()));
-    let updates = context.updates.clone();
-    let (run, dest) = (run_id.to_owned(), target.node.clone());
+    let reporter = ProgressReporter::new(context, run_id, &target.node);
     let progress = Arc::new(move |progress: &PushProgress| {
-        let mut last = last_report.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() < Duration::from_secs(1) {
-            return;
-        }
-        *last = Instant::now();
-        let _ = updates.send(RunUpdate {
-            run_id: run.clone(),
-            dest: dest.clone(),
-            progress: Some(TransferProgress {
-                files: progress.files,
-                bytes_read: progress.bytes_read,
-                bytes_sent: progress.bytes_sent,
-                current_path: progress.current_path.clone(),
-            }),
-            ..Default::default()
+        reporter.report(|| TransferProgress {
+            files: progress.files,
+            bytes_read: progress.bytes_read,
+            bytes_sent: progress.bytes_sent,
+            current_path: progress.current_path.clone(),
         });
     });
     push_backup(

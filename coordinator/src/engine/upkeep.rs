@@ -34,11 +34,9 @@ pub(super) fn retention_rules(spec: &JobSpec) -> retention::RetentionRules {
         keep_weekly: spec.keep_weekly,
         keep_monthly: spec.keep_monthly,
         keep_yearly: spec.keep_yearly,
-        time_zone: if spec.time_zone.is_empty() {
-            jiff::tz::TimeZone::UTC
-        } else {
-            jiff::tz::TimeZone::get(&spec.time_zone).unwrap_or(jiff::tz::TimeZone::UTC)
-        },
+        // The jobs file check refuses an unknown zone; a hand-edited state
+        // falls back to UTC.
+        time_zone: crate::schedule::time_zone_of(spec).unwrap_or(jiff::tz::TimeZone::UTC),
     }
 }
 
@@ -73,19 +71,23 @@ impl Inner {
             recent_runs_failed: last_failed,
         };
         let plan = retention::plan(&snapshots, &rules, &guards, now);
-        let nodes_of = |id: &str| -> Vec<String> {
-            entries
-                .iter()
-                .find(|entry| entry.snapshot.as_ref().is_some_and(|s| s.id == id))
-                .map(|entry| entry.copies.iter().map(|copy| copy.node.clone()).collect())
-                .unwrap_or_default()
-        };
+        let nodes_of: HashMap<&str, Vec<String>> = entries
+            .iter()
+            .filter_map(|entry| {
+                let snapshot = entry.snapshot.as_ref()?;
+                let nodes = entry.copies.iter().map(|copy| copy.node.clone()).collect();
+                Some((snapshot.id.as_str(), nodes))
+            })
+            .collect();
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let decisions = plan
             .decisions
             .iter()
             .map(|decision| {
-                let nodes = nodes_of(&decision.snapshot.id);
+                let nodes = nodes_of
+                    .get(decision.snapshot.id.as_str())
+                    .cloned()
+                    .unwrap_or_default();
                 if !decision.is_kept() {
                     for node in &nodes {
                         by_node
@@ -145,11 +147,22 @@ impl Inner {
         Ok(failed)
     }
 
-    /// Applies the retention of every job with rules that has not had it
-    /// for a day.
-    pub(super) fn apply_retention_daily(&mut self, now: i64) -> Result<bool, StateError> {
+    /// The tick's upkeep: scheduled runs, then daily retention, over one
+    /// listing of the stored jobs. Returns whether anything changed.
+    pub(super) fn upkeep(&mut self, now: i64) -> Result<bool, StateError> {
+        let jobs = self.store.jobs()?;
+        let started = self.run_schedules(&jobs, now)?;
+        // `apply_retention` reads each job again, so what `run_schedules`
+        // stored meanwhile is not lost.
+        let retained = self.apply_retention_daily(&jobs, now)?;
+        Ok(started || retained)
+    }
+
+    /// Applies the retention of each of `jobs` with rules that has not had
+    /// it for a day.
+    fn apply_retention_daily(&mut self, jobs: &[Job], now: i64) -> Result<bool, StateError> {
         let mut changed = false;
-        for job in self.store.jobs()? {
+        for job in jobs {
             let Some(spec) = job.spec.as_ref() else {
                 continue;
             };
@@ -171,16 +184,16 @@ impl Inner {
     /// due tags as snapshot tags; a job with a run still active waits (its
     /// tags stay due, so it runs once when that run ends). Returns whether
     /// anything started.
-    pub(super) fn run_schedules(&mut self, now: i64) -> Result<bool, StateError> {
+    fn run_schedules(&mut self, jobs: &[Job], now: i64) -> Result<bool, StateError> {
         let mut changed = false;
-        for mut job in self.store.jobs()? {
-            let Some(spec) = job.spec.clone() else {
+        for job in jobs {
+            let Some(spec) = job.spec.as_ref() else {
                 continue;
             };
             if spec.direction() == Direction::Passive || job.paused {
                 continue;
             }
-            let Some(schedule) = Schedule::of(&spec) else {
+            let Some(schedule) = Schedule::of(spec) else {
                 continue;
             };
             let last_runs = job.scheduled_ms.clone().into_iter().collect();
@@ -212,6 +225,7 @@ impl Inner {
                     tracing::warn!(job = %spec.name, %error, "a scheduled run could not start");
                 }
             }
+            let mut job = job.clone();
             for tag in due {
                 job.scheduled_ms.insert(tag, now);
             }
