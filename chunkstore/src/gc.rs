@@ -49,6 +49,9 @@ pub struct GcOptions {
     /// Packs written less than this long ago are left alone, chunks and all:
     /// they hold the chunks of uploads still running (not committed yet).
     pub grace: Duration,
+    /// Stop rewriting packs at this instant (a GC lease's end): what was
+    /// swept stays swept, packs not yet rewritten wait for the next GC.
+    pub deadline: Option<Instant>,
 }
 
 /// The default grace: an upload that has not committed for this long is abandoned.
@@ -60,6 +63,7 @@ impl Default for GcOptions {
             dry_run: false,
             repack_threshold: None,
             grace: DEFAULT_GC_GRACE,
+            deadline: None,
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct GcReport {
     /// Packs left as they are although under the threshold, because a live
     /// entry in them could not be read (verify names it).
     pub packs_kept_damaged: u64,
+    /// Packs left to a later GC because the deadline came first.
+    pub packs_left_at_deadline: u64,
 }
 
 struct PackUsage {
@@ -277,7 +283,14 @@ impl Store {
         let mut writer: Option<PackWriter> = None;
         let mut moved: Vec<(ChunkId, Location)> = Vec::new();
         let mut written = 0u64;
-        for &id in &to_rewrite {
+        for (done, &id) in to_rewrite.iter().enumerate() {
+            if options
+                .deadline
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                report.packs_left_at_deadline = (to_rewrite.len() - done) as u64;
+                break;
+            }
             let path = self.pack_path(id);
             let file = self
                 .pack_file(id)

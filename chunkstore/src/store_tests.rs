@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use fabric_proto::v1::{EntryKind, Snapshot, SnapshotState, Tree, TreeEntry};
 use proptest::prelude::*;
@@ -769,6 +770,47 @@ fn gc_reclaims_deleted_snapshots_and_keeps_the_others() {
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     assert!(restore(&store, &keep).unwrap() == files(3, 60_000, 1));
+}
+
+#[test]
+fn gc_past_its_deadline_sweeps_but_leaves_rewrites_to_the_next_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let kept = files(3, 60_000, 1);
+    let mut mixed = kept.clone();
+    mixed.extend(
+        files(3, 60_000, 2)
+            .into_iter()
+            .map(|(name, data)| (format!("other-{name}"), data)),
+    );
+    // One snapshot writes both sets into shared packs; deleting it leaves
+    // those packs part live (the kept set's chunks), part dead.
+    backup(&store, "mixed", &mixed);
+    let keep = backup(&store, "keep", &kept);
+    store.delete_snapshot("mixed").unwrap();
+    let options = GcOptions {
+        repack_threshold: Some(1.0),
+        deadline: Some(Instant::now()),
+        ..GcOptions::immediate()
+    };
+    let late = store.gc(&options).unwrap();
+    assert!(late.swept_chunks > 0, "{late:?}");
+    assert_eq!(late.packs_rewritten, 0, "{late:?}");
+    assert!(late.packs_left_at_deadline > 0, "{late:?}");
+    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+    assert!(restore(&store, &keep).unwrap() == kept);
+    let next = store
+        .gc(&GcOptions {
+            repack_threshold: Some(1.0),
+            ..GcOptions::immediate()
+        })
+        .unwrap();
+    assert_eq!(
+        next.packs_rewritten, late.packs_left_at_deadline,
+        "{next:?}"
+    );
+    assert_eq!(next.packs_left_at_deadline, 0);
+    assert!(restore(&store, &keep).unwrap() == kept);
 }
 
 #[test]

@@ -1094,6 +1094,10 @@ struct GcRow {
     freed_bytes: u64,
     packs_rewritten: u64,
     packs_deleted: u64,
+    /// Packs left for a later GC because the lease ended first.
+    packs_left_at_lease_end: u64,
+    /// How young a pack the GC left alone, seconds.
+    grace_s: u64,
 }
 
 impl Row for GcRow {
@@ -1105,6 +1109,8 @@ impl Row for GcRow {
             "freed",
             "packs rewritten",
             "packs deleted",
+            "packs left",
+            "grace",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -1115,24 +1121,47 @@ impl Row for GcRow {
             bytes(self.freed_bytes),
             self.packs_rewritten.to_string(),
             self.packs_deleted.to_string(),
+            self.packs_left_at_lease_end.to_string(),
+            humantime::format_duration(std::time::Duration::from_secs(self.grace_s)).to_string(),
         ]
     }
 }
 
-pub async fn gc(remote: &Remote, node: &str, format: OutputFormat) -> anyhow::Result<()> {
-    let peer = if remote::is_address(node) {
-        fabric_node::client::Peer::any_node(node)
+/// `gc --node`: by id, through the coordinator under a GC lease (it waits
+/// while a node sharing a snapshot collects, and shortens the grace for
+/// young packs to the uploads in flight); by address, straight to the
+/// node with its own grace (for a node without a coordinator).
+pub async fn gc(
+    remote: &Remote,
+    node: &str,
+    repack_threshold: Option<f64>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let repack_threshold = repack_threshold.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&repack_threshold) {
+        anyhow::bail!("--repack-threshold must be a fraction in [0, 1), got {repack_threshold}");
+    }
+    let report = if remote::is_address(node) {
+        let peer = fabric_node::client::Peer::any_node(node);
+        let mut storage = remote.storage(&peer).await?;
+        storage
+            .collect_garbage(fabric_proto::v1::GcRequest { repack_threshold })
+            .await
+            .map_err(|status| status_error(&format!("collecting garbage on {node}"), status))?
+            .into_inner()
     } else {
         let mut client = remote.coordinator().await?;
-        let address = remote::node_address(&mut client, node).await?;
-        fabric_node::client::Peer::node(node, &address)
+        client
+            .collect_garbage(fabric_proto::v1::CollectGarbageRequest {
+                node: node.to_owned(),
+                repack_threshold,
+            })
+            .await
+            .map_err(|status| status_error(&format!("collecting garbage on {node}"), status))?
+            .into_inner()
+            .report
+            .unwrap_or_default()
     };
-    let mut storage = remote.storage(&peer).await?;
-    let report = storage
-        .collect_garbage(fabric_proto::v1::GcRequest::default())
-        .await
-        .map_err(|status| status_error(&format!("collecting garbage on {node}"), status))?
-        .into_inner();
     output::print_rows(
         &[GcRow {
             node: node.to_owned(),
@@ -1141,6 +1170,8 @@ pub async fn gc(remote: &Remote, node: &str, format: OutputFormat) -> anyhow::Re
             freed_bytes: report.freed_bytes,
             packs_rewritten: report.packs_rewritten,
             packs_deleted: report.packs_deleted,
+            packs_left_at_lease_end: report.packs_left_at_lease_end,
+            grace_s: report.grace_s,
         }],
         format,
     )

@@ -90,9 +90,14 @@ enum Command {
     /// (retention's deletions free space only then) and report what it
     /// reclaimed.
     Gc {
-        /// The node (id, or an address to bypass the coordinator).
+        /// The node: an id (through the coordinator, under a GC lease), or
+        /// an address (straight to the node, with its own grace).
         #[arg(long)]
         node: String,
+        /// Rewrite a pack when its live fraction falls under this (default:
+        /// the store's).
+        #[arg(long)]
+        repack_threshold: Option<f64>,
     },
     /// Nagios check of every job's freshness (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
     Check(CheckArgs),
@@ -515,7 +520,10 @@ async fn run(cli: Cli) -> i32 {
             commands::verify(&coordinator, args.snapshot, args.node, args.sample, format).await
         }
         Command::Check(args) => return check::run(&coordinator, args.jobs).await,
-        Command::Gc { node } => commands::gc(&coordinator, &node, format).await,
+        Command::Gc {
+            node,
+            repack_threshold,
+        } => commands::gc(&coordinator, &node, repack_threshold, format).await,
         Command::Forget { job, dry_run } => {
             commands::forget(&coordinator, &job, dry_run, format).await
         }

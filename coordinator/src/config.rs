@@ -88,6 +88,20 @@ pub struct CoordinatorConfig {
     /// The plaintext port that serves only grpc.health.v1, for probes
     /// (`health_listen`, default `0.0.0.0:7420`; `""`: none).
     pub health_listen: String,
+    /// Each storage node collects garbage at least this often (`gc_every`,
+    /// default `"24h"`; `"0s"`: only after deletions and on demand).
+    #[serde(with = "humantime_serde_duration")]
+    pub gc_every: Duration,
+    /// How long a GC lease lasts (`gc_lease`, default `"1h"`): a node
+    /// stops rewriting packs at its end and leaves the rest to its next.
+    #[serde(with = "humantime_serde_duration")]
+    pub gc_lease: Duration,
+    /// Hours in which routine and retention-driven GC may start
+    /// (`gc_window`, e.g. `"01:00-05:00"`; default: any time). GC for
+    /// space and on demand do not wait for it.
+    pub gc_window: Option<String>,
+    /// The window's time zone (`gc_time_zone`, an IANA name, default `UTC`).
+    pub gc_time_zone: String,
 }
 
 impl Default for CoordinatorConfig {
@@ -106,6 +120,10 @@ impl Default for CoordinatorConfig {
             tls_ca: None,
             insecure_plaintext: false,
             health_listen: "0.0.0.0:7420".to_owned(),
+            gc_every: Duration::from_secs(24 * 60 * 60),
+            gc_lease: Duration::from_secs(60 * 60),
+            gc_window: None,
+            gc_time_zone: "UTC".to_owned(),
         }
     }
 }
@@ -138,6 +156,13 @@ impl CoordinatorConfig {
                 message: "must be more than zero".into(),
             });
         }
+        if self.gc_lease < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "gc_lease",
+                message: "must be at least 1s".into(),
+            });
+        }
+        self.gc_settings()?;
         if self.lost_after_missed_heartbeats == 0 {
             return Err(ConfigError::Invalid {
                 key: "lost_after_missed_heartbeats",
@@ -145,6 +170,30 @@ impl CoordinatorConfig {
             });
         }
         Ok(())
+    }
+
+    /// When storage nodes collect garbage, as the engine takes it.
+    pub fn gc_settings(&self) -> Result<crate::engine::GcSettings, ConfigError> {
+        let window = self
+            .gc_window
+            .as_deref()
+            .map(crate::schedule::Window::parse)
+            .transpose()
+            .map_err(|message| ConfigError::Invalid {
+                key: "gc_window",
+                message,
+            })?;
+        let time_zone =
+            jiff::tz::TimeZone::get(&self.gc_time_zone).map_err(|_| ConfigError::Invalid {
+                key: "gc_time_zone",
+                message: format!("{:?} is not a known time zone", self.gc_time_zone),
+            })?;
+        Ok(crate::engine::GcSettings {
+            every: self.gc_every,
+            lease: self.gc_lease,
+            window,
+            time_zone,
+        })
     }
 
     /// The TLS files and the plaintext switch.

@@ -37,8 +37,11 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{Mutex, broadcast, mpsc};
 
 mod assignments;
+mod gc;
 mod nodes;
 mod upkeep;
+
+pub use gc::{GcAnswer, GcSettings};
 
 use upkeep::retention_rules;
 
@@ -76,7 +79,7 @@ pub enum EngineError {
 }
 
 /// The timing the engine follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// How often nodes send a heartbeat.
     pub heartbeat_interval: Duration,
@@ -89,6 +92,21 @@ pub struct Settings {
     pub worker_limit: u32,
     /// Runs in progress at once on one client node (0: no limit).
     pub node_worker_limit: u32,
+    /// When storage nodes collect garbage.
+    pub gc: GcSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            lost_after: Duration::from_secs(15),
+            queue_timeout: Duration::from_secs(600),
+            worker_limit: 0,
+            node_worker_limit: 0,
+            gc: GcSettings::default(),
+        }
+    }
 }
 
 /// The shortest sleep before a pull is assigned again. A node reports a
@@ -119,6 +137,7 @@ struct Inner {
     last_run: HashMap<String, String>,
     next_generation: u64,
     rng: StdRng,
+    gc: gc::GcBook,
 }
 
 /// The coordinator's live state.
@@ -213,7 +232,7 @@ impl Engine {
         Ok(Self {
             inner: Mutex::new(Inner {
                 store,
-                settings,
+                settings: settings.clone(),
                 events: events.clone(),
                 nodes,
                 sessions: HashMap::new(),
@@ -223,6 +242,7 @@ impl Engine {
                 last_run,
                 next_generation: 1,
                 rng: StdRng::from_os_rng(),
+                gc: gc::GcBook::new(now),
             }),
             events,
             settings,
@@ -235,9 +255,30 @@ impl Engine {
         self.state.clone()
     }
 
+    /// Collects garbage on storage node `node_id` now, under a lease (after
+    /// any node sharing a snapshot with it ends its own), and returns what
+    /// the collection did; an error names the node and why.
+    pub async fn collect_garbage(
+        &self,
+        node_id: &str,
+        repack_threshold: f64,
+    ) -> Result<fabric_proto::v1::GcReport, EngineError> {
+        let receiver = {
+            let mut inner = self.inner.lock().await;
+            inner.ask_gc(node_id, repack_threshold, now_ms())?
+        };
+        match receiver.await {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(why)) => Err(EngineError::FailedPrecondition(why)),
+            Err(_) => Err(EngineError::FailedPrecondition(format!(
+                "the coordinator stopped before node {node_id}'s GC ended"
+            ))),
+        }
+    }
+
     /// The timing settings.
     pub fn settings(&self) -> Settings {
-        self.settings
+        self.settings.clone()
     }
 
     /// Live events of every run (subscribe before reading stored ones).
@@ -304,9 +345,16 @@ impl Engine {
                 for id in &deleted.deleted {
                     inner.store.remove_catalog_copy(id, node_id)?;
                 }
+                if !deleted.deleted.is_empty() {
+                    inner.gc_wanted(node_id, now)?;
+                }
                 for refusal in &deleted.refused {
                     tracing::warn!(node = %node_id, %refusal, "a snapshot retention removed was not deleted");
                 }
+                inner.store.flush().await?;
+            }
+            Some(node_message::Kind::GcDone(done)) => {
+                inner.gc_done(node_id, &done, now)?;
                 inner.store.flush().await?;
             }
             Some(node_message::Kind::Hello(_)) => {
@@ -328,6 +376,7 @@ impl Engine {
             .is_some_and(|session| session.generation == generation)
         {
             inner.sessions.remove(node_id);
+            inner.gc.node_gone(node_id);
             inner
                 .disconnected_since
                 .insert(node_id.to_owned(), now_ms());
@@ -1189,6 +1238,7 @@ impl Inner {
     /// Returns whether anything changed.
     fn tick(&mut self, now: i64) -> Result<bool, StateError> {
         let mut changed = self.upkeep(now)?;
+        changed |= self.gc_upkeep(now)?;
         let lost_after = millis(self.settings.lost_after);
         let queue_timeout = millis(self.settings.queue_timeout);
         let mut lost = Vec::new();

@@ -18,6 +18,7 @@ pub mod dest;
 pub mod engine;
 pub mod job_history;
 pub mod jobfile;
+pub mod prune;
 pub mod record;
 pub mod retention;
 pub mod runs;

@@ -61,6 +61,21 @@ impl Window {
         }
         Ok(window)
     }
+
+    /// Whether instant `t` (ms since the Unix epoch) falls inside the
+    /// window in `time_zone` (no spread: for things that are not jobs,
+    /// such as the coordinator's GC window).
+    pub fn contains(&self, time_zone: &TimeZone, t: i64) -> bool {
+        let Ok(at) = Timestamp::from_millisecond(t) else {
+            return false;
+        };
+        let time = at.to_zoned(time_zone.clone()).time();
+        if self.start < self.end {
+            self.start <= time && time < self.end
+        } else {
+            time >= self.start || time < self.end
+        }
+    }
 }
 
 /// A job's schedule.
@@ -289,6 +304,22 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_contains_its_hours_in_its_zone_also_across_midnight() {
+        let at = |text: &str| text.parse::<Timestamp>().unwrap().as_millisecond();
+        let night = Window::parse("22:00-02:00").unwrap();
+        let utc = TimeZone::UTC;
+        assert!(night.contains(&utc, at("2026-03-01T23:30:00Z")));
+        assert!(night.contains(&utc, at("2026-03-02T01:59:00Z")));
+        assert!(!night.contains(&utc, at("2026-03-02T02:00:00Z")));
+        assert!(!night.contains(&utc, at("2026-03-02T12:00:00Z")));
+        let berlin = TimeZone::get("Europe/Berlin").unwrap();
+        let early = Window::parse("01:00-05:00").unwrap();
+        // 00:30 UTC is 01:30 in Berlin in winter.
+        assert!(early.contains(&berlin, at("2026-01-10T00:30:00Z")));
+        assert!(!early.contains(&utc, at("2026-01-10T00:30:00Z")));
+    }
 
     const MINUTE: i64 = 60_000;
     const HOUR: i64 = 60 * MINUTE;

@@ -101,6 +101,7 @@ pub async fn serve_with_health(
             queue_timeout: config.queue_timeout,
             worker_limit: config.worker_limit,
             node_worker_limit: config.node_worker_limit,
+            gc: config.gc_settings()?,
         },
     )?);
     let tokens = Tokens::new(engine.state());

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use fabric_proto::v1::coordinator_server::Coordinator;
 use fabric_proto::v1::{
-    CancelRunRequest, CheckRequest, CheckResponse, CoordinatorMessage, CreateTokenRequest,
-    CreateTokenResponse, ForgetRequest, ForgetResponse, GetJobRequest, GetRunRequest, Job,
-    ListCatalogRequest, ListCatalogResponse, ListJobsRequest, ListJobsResponse, ListNodesRequest,
-    ListNodesResponse, ListRunsRequest, ListRunsResponse, ListTokensRequest, ListTokensResponse,
-    NodeInfo, NodeMessage, RegisterNodeResponse, RetryRunRequest, RevokeTokenRequest, Run,
-    RunDetail, RunEvent, SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest,
-    node_message,
+    CancelRunRequest, CheckRequest, CheckResponse, CollectGarbageRequest, CollectGarbageResponse,
+    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, ForgetRequest, ForgetResponse,
+    GetJobRequest, GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse, ListJobsRequest,
+    ListJobsResponse, ListNodesRequest, ListNodesResponse, ListRunsRequest, ListRunsResponse,
+    ListTokensRequest, ListTokensResponse, NodeInfo, NodeMessage, RegisterNodeResponse,
+    RetryRunRequest, RevokeTokenRequest, Run, RunDetail, RunEvent, SubmitJobsRequest,
+    SubmitJobsResponse, TokenInfo, WatchRunRequest, node_message,
 };
 use fabric_trust::Caller;
 use futures::Stream;
@@ -390,6 +390,25 @@ impl Coordinator for CoordinatorService {
             .await
             .map(Response::new)
             .map_err(status_of)
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<CollectGarbageRequest>,
+    ) -> Result<Response<CollectGarbageResponse>, Status> {
+        let CollectGarbageRequest {
+            node,
+            repack_threshold,
+        } = request.into_inner();
+        let report = self
+            .engine
+            .collect_garbage(&node, repack_threshold)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(CollectGarbageResponse {
+            node,
+            report: Some(report),
+        }))
     }
 
     async fn create_token(

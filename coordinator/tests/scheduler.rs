@@ -26,6 +26,8 @@ fn engine_with(dir: &std::path::Path, queue_timeout: Duration, worker_limit: u32
             queue_timeout,
             worker_limit,
             node_worker_limit: 0,
+            // The month here has no storage nodes to collect.
+            ..Settings::default()
         },
     )
     .unwrap()

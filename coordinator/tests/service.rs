@@ -131,6 +131,7 @@ fn info(id: &str, roles: &[NodeRole], labels: &[&str]) -> NodeInfo {
         hostname: format!("{id}.example"),
         active_runs: Vec::new(),
         insecure_plaintext: false,
+        ..Default::default()
     }
 }
 
@@ -188,6 +189,7 @@ impl FakeNode {
                         job: "web".into(),
                         stored_bytes: 300,
                     }],
+                    ..Default::default()
                 })),
             })
             .await

@@ -68,6 +68,12 @@ pub struct NodeConfig {
     /// chunks: an upload that has not committed for this long is taken as
     /// abandoned. Keep it well above `transfer_idle_timeout_s`. Default 3600.
     pub gc_grace_s: u64,
+    /// byteback's pruning: the free space, in bytes, this storage node asks
+    /// to keep. Below it the coordinator removes the least important
+    /// snapshots (never a job's last ones) and collects garbage until it
+    /// is reached, or says why it cannot be. 0 (the default): no pruning
+    /// for space.
+    pub target_free_bytes: u64,
     /// byteback's guard: the least seconds between two snapshots of one
     /// job, host and instance that a client or agent may upload here; a
     /// sooner one is refused with RESOURCE_EXHAUSTED naming when the next
@@ -132,6 +138,7 @@ impl Default for NodeConfig {
             upload_memory_bytes: 256 * 1024 * 1024,
             transfer_idle_timeout_s: crate::transfer::IDLE_TIMEOUT.as_secs(),
             gc_grace_s: fabric_chunkstore::DEFAULT_GC_GRACE.as_secs(),
+            target_free_bytes: 0,
             min_interval_s: 0,
             max_growth: 0.0,
             upload_limit_bytes_per_s: 0,

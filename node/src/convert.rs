@@ -152,6 +152,8 @@ pub fn gc_report(report: &fabric_chunkstore::GcReport) -> v1::GcReport {
         freed_bytes: report.bytes_freed,
         packs_rewritten: report.packs_rewritten,
         packs_deleted: report.packs_deleted,
+        packs_left_at_lease_end: report.packs_left_at_deadline,
+        grace_s: 0,
     }
 }
 

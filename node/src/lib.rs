@@ -20,6 +20,7 @@ pub mod commands;
 pub mod config;
 pub mod convert;
 pub mod disk;
+pub mod gc_lease;
 pub mod node_directory;
 pub mod pull_permits;
 pub mod quota;

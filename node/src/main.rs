@@ -70,6 +70,10 @@ struct ServeArgs {
     /// Seconds a pack must be old before GC may sweep it.
     #[arg(long, env = "FABRIC_NODE_GC_GRACE_S")]
     gc_grace_s: Option<u64>,
+    /// Free bytes this storage node asks the coordinator to keep by pruning
+    /// (0: no pruning for space).
+    #[arg(long, env = "FABRIC_NODE_TARGET_FREE_BYTES")]
+    target_free_bytes: Option<u64>,
     /// Least seconds between two snapshots of one job, host and instance
     /// that a client or agent may upload (0: no limit).
     #[arg(long, env = "FABRIC_NODE_MIN_INTERVAL_S")]
@@ -162,6 +166,9 @@ impl ServeArgs {
         }
         if let Some(value) = self.gc_grace_s {
             config.gc_grace_s = value;
+        }
+        if let Some(value) = self.target_free_bytes {
+            config.target_free_bytes = value;
         }
         if let Some(value) = self.min_interval_s {
             config.min_interval_s = value;

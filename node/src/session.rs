@@ -15,6 +15,7 @@
 //! decides what it means for the run.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,9 +24,9 @@ use fabric_chunkstore::Store;
 use fabric_chunkstore::walk::BackupOptions;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
-    Assignment, AssignmentRole, CopyState, CopyTarget, Heartbeat, HostUsage, JobUsage, NodeInfo,
-    NodeMessage, NodeRole, RunState, RunUpdate, Snapshot, SnapshotsDeleted, TransferProgress,
-    coordinator_message, node_message,
+    Assignment, AssignmentRole, CopyState, CopyTarget, GcDone, GcLease, Heartbeat, HostUsage,
+    JobUsage, NodeInfo, NodeMessage, NodeRole, RunState, RunUpdate, Snapshot, SnapshotsDeleted,
+    TransferProgress, coordinator_message, node_message,
 };
 use fabric_trust::Transport;
 use futures::StreamExt;
@@ -67,8 +68,10 @@ struct Context {
     permits: PullPermits,
     upload_limit: Option<Arc<RateLimit>>,
     ingest_limit: Option<Arc<RateLimit>>,
-    /// Answers to `DeleteSnapshots`, sent like run updates.
-    deletions: mpsc::UnboundedSender<SnapshotsDeleted>,
+    /// Answers to `DeleteSnapshots` and `GcLease`, sent like run updates.
+    replies: mpsc::UnboundedSender<node_message::Kind>,
+    /// The lease of the GC running now (0: none).
+    gc_running: Arc<AtomicU64>,
 }
 
 impl Context {
@@ -124,6 +127,11 @@ fn node_info(
         hostname: config.hostname.clone(),
         active_runs,
         insecure_plaintext,
+        target_free_bytes: if config.roles.contains(&Role::Storage) {
+            config.target_free_bytes
+        } else {
+            0
+        },
     }
 }
 
@@ -228,7 +236,11 @@ async fn refresh_counters(
 }
 
 /// A heartbeat: free space now, counters as last refreshed.
-async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heartbeat {
+async fn heartbeat(
+    store: Option<Arc<Store>>,
+    counters: &StoreCounters,
+    gc_running: &AtomicU64,
+) -> Heartbeat {
     let Some(store) = store else {
         return Heartbeat::default();
     };
@@ -250,6 +262,7 @@ async fn heartbeat(store: Option<Arc<Store>>, counters: &StoreCounters) -> Heart
         stored_bytes,
         quota_usage,
         job_usage,
+        gc_lease_id: gc_running.load(Ordering::SeqCst),
     }
 }
 
@@ -277,7 +290,7 @@ pub async fn run_session(
     mut stop: watch::Receiver<bool>,
 ) {
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<RunUpdate>();
-    let (deletions_tx, mut deletions_rx) = mpsc::unbounded_channel::<SnapshotsDeleted>();
+    let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<node_message::Kind>();
     let active = Arc::new(Mutex::new(ActiveRuns::default()));
     let insecure = !parts.transport.is_tls();
     let context = Context {
@@ -290,7 +303,8 @@ pub async fn run_session(
         permits: parts.permits,
         upload_limit: parts.upload_limit,
         ingest_limit: parts.ingest_limit,
-        deletions: deletions_tx,
+        replies: replies_tx,
+        gc_running: Arc::new(AtomicU64::new(0)),
     };
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
@@ -343,7 +357,7 @@ pub async fn run_session(
                                 tokio::select! {
                                     _ = stop.changed() => return,
                                     _ = ticker.tick() => {
-                                        let beat = heartbeat(store.clone(), &counters).await;
+                                        let beat = heartbeat(store.clone(), &counters, &context.gc_running).await;
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Heartbeat(beat)) });
                                     }
                                     update = updates_rx.recv() => {
@@ -351,9 +365,9 @@ pub async fn run_session(
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Update(update)) });
                                         trim(&mut pending);
                                     }
-                                    deleted = deletions_rx.recv() => {
-                                        let Some(deleted) = deleted else { return };
-                                        pending.push_back(NodeMessage { kind: Some(node_message::Kind::Deleted(deleted)) });
+                                    reply = replies_rx.recv() => {
+                                        let Some(reply) = reply else { return };
+                                        pending.push_back(NodeMessage { kind: Some(reply) });
                                     }
                                     message = incoming.next() => match message {
                                         Some(Ok(message)) => handle(&context, &active, message.kind),
@@ -377,7 +391,11 @@ pub async fn run_session(
         pending.retain(|m| {
             matches!(
                 m.kind,
-                Some(node_message::Kind::Update(_) | node_message::Kind::Deleted(_))
+                Some(
+                    node_message::Kind::Update(_)
+                        | node_message::Kind::Deleted(_)
+                        | node_message::Kind::GcDone(_)
+                )
             )
         });
         tokio::select! {
@@ -490,6 +508,9 @@ fn handle(
         Some(coordinator_message::Kind::DeleteSnapshots(delete)) => {
             tokio::spawn(delete_snapshots(context.clone(), delete.ids));
         }
+        Some(coordinator_message::Kind::GcLease(lease)) => {
+            tokio::spawn(collect_garbage(context.clone(), lease));
+        }
         Some(coordinator_message::Kind::PullDone(done)) => {
             let waiter = lock(active)
                 .runs
@@ -528,8 +549,35 @@ async fn delete_snapshots(context: Context, ids: Vec<String>) {
     })
     .await;
     if let Ok(answer) = deleted {
-        let _ = context.deletions.send(answer);
+        let _ = context.replies.send(node_message::Kind::Deleted(answer));
     }
+}
+
+/// The coordinator granted a GC lease: collect (see [`crate::gc_lease`])
+/// and say how it went.
+async fn collect_garbage(context: Context, lease: GcLease) {
+    let lease_id = lease.lease_id;
+    let done = match context.store.clone() {
+        None => GcDone {
+            lease_id,
+            report: None,
+            error: format!("GC lease {lease_id}: this node has no store"),
+        },
+        Some(store) => {
+            let own_grace = Duration::from_secs(context.config.gc_grace_s);
+            let running = context.gc_running.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::gc_lease::collect_under_lease(&store, &lease, own_grace, &running, now_ms())
+            })
+            .await
+            .unwrap_or_else(|err| GcDone {
+                lease_id,
+                report: None,
+                error: format!("GC lease {lease_id}: the collection stopped: {err}"),
+            })
+        }
+    };
+    let _ = context.replies.send(node_message::Kind::GcDone(done));
 }
 
 /// Run one assignment to its end, reporting every step but the last, which

@@ -665,7 +665,9 @@ impl Storage for StorageService {
                 store.gc(&options)
             })
             .await?;
-        Ok(Response::new(convert::gc_report(&report)))
+        let mut report = convert::gc_report(&report);
+        report.grace_s = gc_grace.as_secs();
+        Ok(Response::new(report))
     }
 
     type CopySnapshotStream = ItemStream<CopyProgress>;

@@ -81,6 +81,8 @@ pub const TABLE: &[(&str, Access)] = &[
         "/fabric.v1.Coordinator/Forget",
         Access::Roles(&[Operator, Monitor]),
     ),
+    // Grants a GC lease on a storage node and waits for its report.
+    ("/fabric.v1.Coordinator/CollectGarbage", OPERATOR),
     ("/fabric.v1.Coordinator/CreateToken", OPERATOR),
     ("/fabric.v1.Coordinator/ListTokens", OPERATOR),
     ("/fabric.v1.Coordinator/RevokeToken", OPERATOR),

@@ -86,6 +86,7 @@ impl Inner {
         now: i64,
     ) -> Result<(), StateError> {
         self.last_seen.insert(node_id.to_owned(), now);
+        self.gc.heartbeat(node_id, heartbeat.gc_lease_id);
         let Some(node) = self.nodes.get_mut(node_id) else {
             return Ok(());
         };
