@@ -192,7 +192,7 @@ impl fmt::Display for Unremovable {
             (self.newest, "their group's newest".to_owned()),
             (self.worm, worm),
             (self.failing_job, "of a job whose runs fail".to_owned()),
-            (self.min_keep, "kept by their job's min_keep".to_owned()),
+            (self.min_keep, "kept by their job's keep_last".to_owned()),
             (self.uncatalogued, "not in the catalogue".to_owned()),
             (
                 self.in_several_groups,
@@ -825,7 +825,7 @@ mod tests {
             three
                 .unremovable
                 .to_string()
-                .ends_with("1 their group's newest, 2 kept by their job's min_keep")
+                .ends_with("1 their group's newest, 2 kept by their job's keep_last")
         );
         for zero_or_one in [0, 1] {
             let order = prune_order(
@@ -942,7 +942,7 @@ mod tests {
         assert_eq!(
             plan.unremovable.to_string(),
             "the remaining 3 snapshots may not go: 1 their group's newest, \
-             1 kept by their job's min_keep, 1 not in the catalogue"
+             1 kept by their job's keep_last, 1 not in the catalogue"
         );
         assert!(
             prune_order(

@@ -93,6 +93,9 @@ pub(super) struct GcBook {
     running: HashMap<String, u64>,
     /// Nodes whose wanted collection is for space: no window.
     urgent: HashSet<String>,
+    /// Nodes that ended a collection and have not sent a heartbeat since:
+    /// their free space is not measured yet.
+    unmeasured: HashSet<String>,
     /// Nodes a prune's deletion was sent to, and when.
     prune_sent: HashMap<String, i64>,
     /// When this coordinator first saw each node: the routine interval of
@@ -114,6 +117,7 @@ impl GcBook {
 
     /// What the node's heartbeat says it is running.
     pub(super) fn heartbeat(&mut self, node_id: &str, lease_id: u64) {
+        self.unmeasured.remove(node_id);
         if lease_id == 0 {
             self.running.remove(node_id);
         } else {
@@ -213,6 +217,7 @@ impl Inner {
                 done.lease_id
             )),
         };
+        self.gc.unmeasured.insert(node_id.to_owned());
         let Some(node) = self.nodes.get_mut(node_id) else {
             return Ok(());
         };
@@ -418,7 +423,7 @@ impl Inner {
                     // Deletions not swept yet, or no heartbeat since the
                     // last collection: the free space is not what it will be.
                     && node.gc_wanted_since_ms == 0
-                    && node.last_heartbeat_ms > node.last_gc_ms
+                    && !self.gc.unmeasured.contains(*id)
                     && (info.target_free_bytes > 0 || !node.prune_blocked.is_empty())
             })
             .map(|(id, _)| id.clone())
