@@ -239,6 +239,19 @@ struct NodeRow {
     transport: String,
     /// Hosts with a quota on this node: used and quota bytes.
     quotas: Vec<QuotaUse>,
+    /// The free space the node asks to keep by pruning (0: none).
+    target_free_bytes: u64,
+    /// When its last GC under this coordinator ended (empty: none).
+    last_gc: String,
+    /// What that GC freed and swept, or why it failed.
+    last_gc_freed_bytes: u64,
+    last_gc_swept_chunks: u64,
+    last_gc_error: String,
+    /// Snapshots were deleted here that no GC has swept yet.
+    gc_wanted: bool,
+    /// Why pruning cannot reach `target_free_bytes` (empty: it can, or
+    /// there is none).
+    prune_blocked: String,
 }
 
 #[derive(Serialize)]
@@ -261,6 +274,8 @@ impl Row for NodeRow {
             "stored",
             "transport",
             "fullest quota",
+            "last gc",
+            "pruning",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -275,6 +290,20 @@ impl Row for NodeRow {
             bytes(self.stored_bytes),
             self.transport.clone(),
             fullest_quota(&self.quotas),
+            if self.last_gc.is_empty() {
+                "-".to_owned()
+            } else if !self.last_gc_error.is_empty() {
+                format!("{} FAILED: {}", self.last_gc, self.last_gc_error)
+            } else {
+                format!("{} freed {}", self.last_gc, bytes(self.last_gc_freed_bytes))
+            },
+            if !self.prune_blocked.is_empty() {
+                format!("BLOCKED: {}", self.prune_blocked)
+            } else if self.target_free_bytes > 0 {
+                format!("to keep {} free", bytes(self.target_free_bytes))
+            } else {
+                "-".to_owned()
+            },
         ]
     }
 }
@@ -323,6 +352,17 @@ fn node_row(node: &Node) -> NodeRow {
                 quota_bytes: usage.quota_bytes,
             })
             .collect(),
+        target_free_bytes: info.target_free_bytes,
+        last_gc: if node.last_gc_ms > 0 {
+            time_ms(node.last_gc_ms)
+        } else {
+            String::new()
+        },
+        last_gc_freed_bytes: node.last_gc.map_or(0, |report| report.freed_bytes),
+        last_gc_swept_chunks: node.last_gc.map_or(0, |report| report.swept_chunks),
+        last_gc_error: node.last_gc_error.clone(),
+        gc_wanted: node.gc_wanted_since_ms != 0,
+        prune_blocked: node.prune_blocked.clone(),
     }
 }
 

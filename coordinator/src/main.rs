@@ -54,6 +54,19 @@ struct ServeArgs {
     /// Runs in progress at once on one client node (0: no limit).
     #[arg(long, env = "FABRIC_COORDINATOR_NODE_WORKER_LIMIT")]
     node_worker_limit: Option<u32>,
+    /// Each storage node collects garbage at least this often, e.g. "24h"
+    /// ("0s": only after deletions and on demand).
+    #[arg(long, env = "FABRIC_COORDINATOR_GC_EVERY", value_parser = humantime::parse_duration)]
+    gc_every: Option<Duration>,
+    /// How long a GC lease lasts, e.g. "1h".
+    #[arg(long, env = "FABRIC_COORDINATOR_GC_LEASE", value_parser = humantime::parse_duration)]
+    gc_lease: Option<Duration>,
+    /// Hours in which routine GC may start, "HH:MM-HH:MM".
+    #[arg(long, env = "FABRIC_COORDINATOR_GC_WINDOW")]
+    gc_window: Option<String>,
+    /// The GC window's time zone (IANA name).
+    #[arg(long, env = "FABRIC_COORDINATOR_GC_TIME_ZONE")]
+    gc_time_zone: Option<String>,
     /// Log format on stderr.
     #[arg(long, env = "FABRIC_COORDINATOR_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -100,6 +113,18 @@ impl ServeArgs {
         }
         if let Some(limit) = self.node_worker_limit {
             config.node_worker_limit = limit;
+        }
+        if let Some(every) = self.gc_every {
+            config.gc_every = every;
+        }
+        if let Some(lease) = self.gc_lease {
+            config.gc_lease = lease;
+        }
+        if let Some(window) = &self.gc_window {
+            config.gc_window = Some(window.clone());
+        }
+        if let Some(zone) = &self.gc_time_zone {
+            config.gc_time_zone = zone.clone();
         }
         if let Some(format) = self.log_format {
             config.log_format = format;

@@ -480,11 +480,26 @@ impl Fabric {
     /// Start a coordinator, `storage` storage nodes and an agent; returns
     /// once the coordinator lists all of them online.
     pub fn start(storage: usize) -> Self {
+        Self::start_with(storage, &[], &[])
+    }
+
+    /// [`Fabric::start`] with `coordinator_extra` flags for the coordinator
+    /// and `node_extra` for every storage node.
+    pub fn start_with(storage: usize, coordinator_extra: &[&str], node_extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let coordinator = Self::start_coordinator(&dir.path().join("coordinator"), "127.0.0.1:0");
+        let coordinator = Self::start_coordinator_with(
+            &dir.path().join("coordinator"),
+            "127.0.0.1:0",
+            coordinator_extra,
+        );
         let mut nodes = Vec::new();
         for index in 1..=storage {
-            nodes.push(Self::start_node(&dir, &coordinator.address, index));
+            nodes.push(Self::start_node_with(
+                &dir,
+                &coordinator.address,
+                index,
+                node_extra,
+            ));
         }
         let agent_dir = dir.path().join("agent");
         let agent = Server::start(
@@ -528,20 +543,23 @@ impl Fabric {
 
     /// Start (or restart) the coordinator on `listen` with its state in `data_dir`.
     pub fn start_coordinator(data_dir: &Path, listen: &str) -> Server {
-        Server::start(
-            "fabric-coordinator",
-            &[
-                "--listen",
-                listen,
-                "--data-dir",
-                data_dir.to_str().expect("utf-8"),
-                "--heartbeat-interval",
-                "200ms",
-                "--lost-after-missed-heartbeats",
-                "5",
-            ],
-            &[],
-        )
+        Self::start_coordinator_with(data_dir, listen, &[])
+    }
+
+    /// [`Fabric::start_coordinator`] with `extra` flags.
+    pub fn start_coordinator_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "--listen",
+            listen,
+            "--data-dir",
+            data_dir.to_str().expect("utf-8"),
+            "--heartbeat-interval",
+            "200ms",
+            "--lost-after-missed-heartbeats",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        Server::start("fabric-coordinator", &args, &[])
     }
 
     /// Start storage node `n<index>`.
