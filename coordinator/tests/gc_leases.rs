@@ -276,9 +276,68 @@ async fn a_node_under_its_target_loses_its_least_important_snapshots_then_says_w
     );
     assert!(node.last_gc_ms > 0);
 
-    // Back above the target: the message goes.
+    // Back above the target: the message goes (a blocked node is looked
+    // at again a minute later).
     heartbeat(&engine, "n1", 2 << 30, 0).await;
     engine.tick_at(t + 1000).await.unwrap();
     let node = engine.nodes().await.into_iter().next().unwrap();
+    assert!(!node.prune_blocked.is_empty());
+    engine.tick_at(t + 61_000).await.unwrap();
+    let node = engine.nodes().await.into_iter().next().unwrap();
     assert!(node.prune_blocked.is_empty(), "{}", node.prune_blocked);
+}
+
+#[tokio::test]
+async fn a_failed_collection_is_retried_a_minute_later_and_bad_asks_are_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let engine = Engine::open(Store::open(temp.path()).unwrap(), settings()).unwrap();
+    let now = fabric_coordinator::engine::now_ms();
+    let (_, mut session) = engine
+        .open_session(storage("n1", 0, 1 << 29))
+        .await
+        .unwrap();
+    engine.tick_at(now).await.unwrap();
+    engine.tick_at(now + 2 * HOUR).await.unwrap();
+    let lease = leases(&drain(&mut session));
+    assert_eq!(lease.len(), 1);
+    engine
+        .session_message(
+            "n1",
+            NodeMessage {
+                kind: Some(node_message::Kind::GcDone(GcDone {
+                    lease_id: lease[0],
+                    report: None,
+                    error: "the store refuses writes after a failed flush".into(),
+                })),
+            },
+        )
+        .await
+        .unwrap();
+    let node = engine.nodes().await.into_iter().next().unwrap();
+    assert!(node.last_gc_error.contains("failed flush"), "{node:?}");
+    // Not again on the next ticks (the failure's time is the real clock's).
+    let failed_at = node.last_gc_ms;
+    engine.tick_at(failed_at + 1000).await.unwrap();
+    assert!(leases(&drain(&mut session)).is_empty());
+    engine.tick_at(failed_at + 61_000).await.unwrap();
+    assert_eq!(leases(&drain(&mut session)).len(), 1);
+
+    // What an operator may not ask, refused at once, naming the input.
+    let agent = NodeInfo {
+        roles: vec![NodeRole::Agent as i32],
+        ..storage("c1", 0, 0)
+    };
+    let _agent_session = engine.open_session(agent).await.unwrap();
+    for (node, threshold, expected) in [
+        ("nobody", 0.0, "no node \"nobody\""),
+        ("c1", 0.0, "c1 is not a storage node"),
+        ("n1", 1.5, "repack_threshold"),
+    ] {
+        let error = engine
+            .collect_garbage(node, threshold)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(expected), "{error}");
+    }
 }

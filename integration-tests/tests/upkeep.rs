@@ -298,7 +298,10 @@ fn a_node_under_its_free_space_target_is_pruned_down_to_each_jobs_newest() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(held_ids(&fabric.nodes[0].address, "full"), std::slice::from_ref(&newest));
+    assert_eq!(
+        held_ids(&fabric.nodes[0].address, "full"),
+        std::slice::from_ref(&newest)
+    );
     let blocked = row["prune_blocked"].as_str().unwrap();
     assert!(
         blocked.contains("target_free") && blocked.contains("newest"),

@@ -65,6 +65,15 @@ const LEASE_SLACK_MS: i64 = 60_000;
 /// How long a prune's deletion may go unanswered before pruning asks again.
 const PRUNE_ANSWER_WAIT_MS: i64 = 60_000;
 
+/// How long after a failed collection the next one is granted by itself
+/// (an operator's ask is not held back): a store that fails every GC is
+/// not asked again on every tick.
+const GC_RETRY_AFTER_MS: i64 = 60_000;
+
+/// How often a node that pruning cannot bring to its target is looked at
+/// again (the plan reads the whole catalogue).
+const PRUNE_BLOCKED_RECHECK_MS: i64 = 60_000;
+
 /// What an on-demand collection's caller is told.
 pub type GcAnswer = Result<GcReport, String>;
 
@@ -98,6 +107,8 @@ pub(super) struct GcBook {
     unmeasured: HashSet<String>,
     /// Nodes a prune's deletion was sent to, and when.
     prune_sent: HashMap<String, i64>,
+    /// When pruning last found it could not reach a node's target.
+    prune_blocked_at: HashMap<String, i64>,
     /// When this coordinator first saw each node: the routine interval of
     /// a node that never collected under it counts from then, so a new
     /// fabric does not start by collecting everywhere.
@@ -244,6 +255,11 @@ impl Inner {
             Err(error) => {
                 tracing::warn!(node = %node_id, lease = done.lease_id, %error, "GC failed");
                 node.last_gc_error.clone_from(error);
+                // Still to do: again after GC_RETRY_AFTER_MS, not a whole
+                // gc_every later.
+                if node.gc_wanted_since_ms == 0 {
+                    node.gc_wanted_since_ms = now;
+                }
             }
         }
         let node = node.clone();
@@ -311,11 +327,15 @@ impl Inner {
             if !is_storage(node) || !self.sessions.contains_key(id) || self.gc.busy(id) {
                 continue;
             }
+            let failed_recently = !node.last_gc_error.is_empty()
+                && now.saturating_sub(node.last_gc_ms) < GC_RETRY_AFTER_MS;
             let routine_since = node
                 .last_gc_ms
                 .max(*self.gc.first_seen.entry(id.clone()).or_insert(now));
             if self.gc.asked.contains_key(id) {
                 due.push((0, 0, id.clone()));
+            } else if failed_recently {
+                continue;
             } else if node.gc_wanted_since_ms != 0 && self.gc.urgent.contains(id) {
                 due.push((1, node.gc_wanted_since_ms, id.clone()));
             } else if in_window && node.gc_wanted_since_ms != 0 {
@@ -416,9 +436,15 @@ impl Inner {
                     .prune_sent
                     .get(*id)
                     .is_some_and(|sent| now.saturating_sub(*sent) < PRUNE_ANSWER_WAIT_MS);
+                let blocked_lately = self
+                    .gc
+                    .prune_blocked_at
+                    .get(*id)
+                    .is_some_and(|at| now.saturating_sub(*at) < PRUNE_BLOCKED_RECHECK_MS);
                 is_storage(node)
                     && self.sessions.contains_key(*id)
                     && !waiting_answer
+                    && !blocked_lately
                     && !self.gc.busy(id)
                     // Deletions not swept yet, or no heartbeat since the
                     // last collection: the free space is not what it will be.
@@ -463,6 +489,7 @@ impl Inner {
             let (rules, failing) = self.prune_rules(&snapshots)?;
             let plan = prune::plan(&snapshots, &on_node, &rules, &failing, now);
             let Some(first) = plan.order.first() else {
+                self.gc.prune_blocked_at.insert(id.clone(), now);
                 let why = format!(
                     "node {id} has {} free, under its target_free {}, and nothing more may be \
                      pruned: {}",
