@@ -102,6 +102,11 @@ pub struct CoordinatorConfig {
     pub gc_window: Option<String>,
     /// The window's time zone (`gc_time_zone`, an IANA name, default `UTC`).
     pub gc_time_zone: String,
+    /// A leased GC spares packs written since this long before the oldest
+    /// run in flight began (`gc_clock_margin`, default `"5m"`): more than
+    /// the clocks of the coordinator and a node may differ.
+    #[serde(with = "humantime_serde_duration")]
+    pub gc_clock_margin: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -124,6 +129,7 @@ impl Default for CoordinatorConfig {
             gc_lease: Duration::from_secs(60 * 60),
             gc_window: None,
             gc_time_zone: "UTC".to_owned(),
+            gc_clock_margin: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -193,6 +199,7 @@ impl CoordinatorConfig {
             lease: self.gc_lease,
             window,
             time_zone,
+            clock_margin: self.gc_clock_margin,
         })
     }
 

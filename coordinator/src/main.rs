@@ -67,6 +67,9 @@ struct ServeArgs {
     /// The GC window's time zone (IANA name).
     #[arg(long, env = "FABRIC_COORDINATOR_GC_TIME_ZONE")]
     gc_time_zone: Option<String>,
+    /// How far before the oldest run in flight a leased GC spares packs, e.g. "5m".
+    #[arg(long, env = "FABRIC_COORDINATOR_GC_CLOCK_MARGIN", value_parser = humantime::parse_duration)]
+    gc_clock_margin: Option<Duration>,
     /// Log format on stderr.
     #[arg(long, env = "FABRIC_COORDINATOR_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -125,6 +128,9 @@ impl ServeArgs {
         }
         if let Some(zone) = &self.gc_time_zone {
             config.gc_time_zone = zone.clone();
+        }
+        if let Some(margin) = self.gc_clock_margin {
+            config.gc_clock_margin = margin;
         }
         if let Some(format) = self.log_format {
             config.log_format = format;

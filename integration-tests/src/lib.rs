@@ -244,7 +244,12 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .env("RUST_LOG", "warn");
+            // Quiet unless asked: FABRIC_TEST_LOG=info shows what the
+            // servers did (GC leases, scheduled runs) while a test ran.
+            .env(
+                "RUST_LOG",
+                std::env::var("FABRIC_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            );
         if !args.contains(&"--health-listen") {
             command.args(["--health-listen", ""]);
         }

@@ -15,7 +15,7 @@ use fabric_proto::v1::ListSnapshotsRequest;
 
 /// The changing file's size: each version is new data, so each removed
 /// snapshot leaves garbage behind.
-const VERSION_BYTES: usize = 400_000;
+const VERSION_BYTES: usize = 200_000;
 
 /// Version `k` of the changing file: its number, then bytes derived from it,
 /// so any restored copy can be checked without knowing which it is.
@@ -177,43 +177,111 @@ fn changing_source(fabric: &Fabric) -> std::path::PathBuf {
     source
 }
 
+/// A GC window (UTC) that opens two hours from now: the coordinator
+/// collects by itself only then, so the test's own collections are the ones
+/// that find the garbage.
+fn window_not_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let minute_of_day = (now / 60) % (24 * 60);
+    let at = |minutes: u64| {
+        let minutes = (minute_of_day + minutes) % (24 * 60);
+        format!("{:02}:{:02}", minutes / 60, minutes % 60)
+    };
+    format!("{}-{}", at(120), at(180))
+}
+
+/// Waits (bounded) until a copy of `run` is running; returns its node, or
+/// None when the run ended first.
+fn wait_copy_sending(fabric: &Fabric, run: &str) -> Option<String> {
+    for _ in 0..600 {
+        let shown = fabric.json(&["run", "show", run]);
+        if matches!(
+            shown["state"].as_str(),
+            Some("done" | "failed" | "cancelled")
+        ) {
+            return None;
+        }
+        let sending = shown["copies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|copy| copy["state"] == "running");
+        if let Some(copy) = sending {
+            return Some(copy["node"].as_str().unwrap().to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no copy of run {run} started sending");
+}
+
 #[test]
 fn backups_upload_while_gc_leases_collect_and_every_kept_snapshot_restores_identical() {
-    // GC on both nodes as often as the leases allow, sweeping packs of any
-    // age: uploads and collections overlap all the time.
+    // Nodes without a grace of their own; a lease spares exactly the runs
+    // in flight (no clock margin on one machine); the coordinator's own
+    // collections wait for a window hours away.
+    let window = window_not_now();
     let fabric = Fabric::start_with(
         2,
-        &["--gc-every", "1s", "--gc-lease", "1m"],
+        &["--gc-window", &window, "--gc-clock-margin", "0s"],
         &["--gc-grace-s", "0"],
     );
     let source = changing_source(&fabric);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = keep_changing(&source, &stop);
+    // Slow uploads (about three seconds each), so that a GC fits in one.
     let jobs = format!(
         "[job.busy]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\n\
-         dest = \"n1 n2\"\nkeep_last = 2\n",
+         dest = \"n1 n2\"\nkeep_last = 2\nbandwidth_limit = \"64KiB\"\n",
         source.display()
     );
+    // (runs that a GC overlapped, of those the GCs that swept garbage)
+    let mut overlapped = 0;
+    let mut swept_during_upload = 0;
     for _ in 0..6 {
         let runs = fabric.submit(&jobs, &[]);
+        if let Some(node) = wait_copy_sending(&fabric, &runs[0]) {
+            // Retention removed older snapshots after earlier runs: their
+            // chunks are garbage, swept now while this run uploads.
+            let collected = fabric.json(&["gc", "--node", &node]);
+            assert_eq!(collected[0]["node"], node.as_str(), "{collected}");
+            let shown = fabric.json(&["run", "show", &runs[0]]);
+            if !matches!(
+                shown["state"].as_str(),
+                Some("done" | "failed" | "cancelled")
+            ) {
+                overlapped += 1;
+                if collected[0]["swept_chunks"].as_u64().unwrap() > 0 {
+                    swept_during_upload += 1;
+                }
+            }
+        }
         let run = fabric.wait_run(&runs[0]);
         assert_eq!(
             run["state"], "done",
             "a run succeeds while GC runs: {run:#}"
         );
     }
+    eprintln!(
+        "GC during an upload: {overlapped} of 6 runs, sweeping garbage in {swept_during_upload}"
+    );
+    assert!(overlapped > 0, "no GC ran during an upload");
+    assert!(
+        swept_during_upload > 0,
+        "no GC during an upload swept anything"
+    );
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
+    // What the last deletions left: collected on demand, no run in flight
+    // (the node's own grace, 0, applies).
+    for node in ["n1", "n2"] {
+        let collected = fabric.json(&["gc", "--node", node]);
+        assert_eq!(collected[0]["grace_s"], 0, "{collected}");
+    }
     settle(&fabric, "busy", 2);
     assert_kept_newest(&fabric, "busy", 2, &source);
-
-    // One on demand, through the coordinator's lease.
-    let collected = fabric.json(&["gc", "--node", "n2"]);
-    assert_eq!(collected[0]["node"], "n2", "{collected}");
-    assert_eq!(
-        collected[0]["grace_s"], 0,
-        "the node's own grace is 0: {collected}"
-    );
 }
 
 #[test]

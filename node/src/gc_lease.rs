@@ -10,10 +10,11 @@
 //! upload that has not committed yet keeps its chunks. The node's own
 //! `gc_grace_s` (an hour by default) must cover the slowest upload, because
 //! a node alone does not know which are in flight. Under a lease the
-//! coordinator says since when the oldest run it knows of has been going
-//! (`writes_since_ms`), and the grace shortens to reach back just that far,
-//! plus [`CLOCK_MARGIN`] for the two machines' clocks and the runs'
-//! start-up.
+//! coordinator says since when the oldest run it knows of has been going,
+//! less its `gc_clock_margin` for the two machines' clocks
+//! (`writes_since_ms`, 0 for none), and the grace reaches back just that
+//! far, whatever the node's own; with no run in flight it is the node's
+//! own, at most [`IDLE_GRACE`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,19 +23,21 @@ use std::time::{Duration, Instant};
 use fabric_chunkstore::{GcOptions, Store};
 use fabric_proto::v1::{GcDone, GcLease};
 
-/// Added to the age of the oldest run in flight: covers clock skew between
-/// the coordinator and the node, and a run's chunks written before the
-/// coordinator recorded its start.
-pub const CLOCK_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// The longest grace of a leased GC with no run in flight: what it spares
+/// is an upload that no coordinator run covers and that has been quiet
+/// for less than this.
+pub const IDLE_GRACE: Duration = Duration::from_secs(5 * 60);
 
-/// The grace a leased GC uses: the node's own, shortened to the age of the
-/// oldest write in flight plus [`CLOCK_MARGIN`] when that is less. Never
-/// longer than the node's own (a lease can only make GC bolder where the
-/// coordinator knows more, not more timid than the operator chose).
+/// The grace a leased GC uses. With runs in flight, back to
+/// `writes_since_ms` (which the coordinator set before the oldest one's
+/// start by its `gc_clock_margin`), whatever the node's own: every pack
+/// written since is left alone. With none (`writes_since_ms` 0), the
+/// node's own, at most [`IDLE_GRACE`].
 pub fn lease_grace(own_grace: Duration, writes_since_ms: i64, now_ms: i64) -> Duration {
-    let in_flight =
-        Duration::from_millis(u64::try_from(now_ms.saturating_sub(writes_since_ms)).unwrap_or(0));
-    own_grace.min(in_flight.saturating_add(CLOCK_MARGIN))
+    if writes_since_ms <= 0 {
+        return own_grace.min(IDLE_GRACE);
+    }
+    Duration::from_millis(u64::try_from(now_ms.saturating_sub(writes_since_ms)).unwrap_or(0))
 }
 
 /// Runs the GC `lease` allows on `store`, unless one is running already
@@ -115,20 +118,19 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
-    fn the_grace_reaches_back_to_the_oldest_write_plus_a_margin_never_past_the_own() {
+    fn the_grace_reaches_back_to_what_the_lease_says_or_the_own_at_most_idle() {
         let now = 10 * 3_600_000;
-        assert_eq!(lease_grace(HOUR, now, now), CLOCK_MARGIN);
-        assert_eq!(
-            lease_grace(HOUR, now - 60_000, now),
-            CLOCK_MARGIN + Duration::from_secs(60)
-        );
-        assert_eq!(lease_grace(HOUR, now - 2 * 3_600_000, now), HOUR);
-        assert_eq!(
-            lease_grace(Duration::ZERO, now - 60_000, now),
-            Duration::ZERO
-        );
+        // No run in flight: the node's own, at most IDLE_GRACE.
+        assert_eq!(lease_grace(HOUR, 0, now), IDLE_GRACE);
+        assert_eq!(lease_grace(Duration::ZERO, 0, now), Duration::ZERO);
+        // Runs in flight: back to `writes_since_ms`, also on a node with
+        // no grace of its own, and past its own hour.
+        let minute = Duration::from_secs(60);
+        assert_eq!(lease_grace(HOUR, now - 60_000, now), minute);
+        assert_eq!(lease_grace(Duration::ZERO, now - 60_000, now), minute);
+        assert_eq!(lease_grace(HOUR, now - 2 * 3_600_000, now), 2 * HOUR);
         // A coordinator clock ahead of the node's: no negative age.
-        assert_eq!(lease_grace(HOUR, now + 60_000, now), CLOCK_MARGIN);
+        assert_eq!(lease_grace(HOUR, now + 60_000, now), Duration::ZERO);
     }
 
     fn store() -> (tempfile::TempDir, Store) {
@@ -152,7 +154,7 @@ mod tests {
         assert_eq!(done.lease_id, 7);
         assert!(done.error.is_empty(), "{}", done.error);
         let report = done.report.expect("a report");
-        assert_eq!(report.grace_s, CLOCK_MARGIN.as_secs());
+        assert_eq!(report.grace_s, 0, "back to `writes_since_ms`, which is now");
         assert_eq!(running.load(Ordering::SeqCst), 0, "the lease is released");
     }
 

@@ -46,6 +46,9 @@ pub struct GcSettings {
     pub window: Option<Window>,
     /// The window's time zone.
     pub time_zone: TimeZone,
+    /// How far before the oldest run in flight a leased GC spares packs:
+    /// more than the clocks of the coordinator and a node may differ.
+    pub clock_margin: Duration,
 }
 
 impl Default for GcSettings {
@@ -55,6 +58,7 @@ impl Default for GcSettings {
             lease: Duration::from_secs(60 * 60),
             window: None,
             time_zone: TimeZone::UTC,
+            clock_margin: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -368,13 +372,21 @@ impl Inner {
             .chain(self.gc.running.keys())
             .cloned()
             .collect();
+        // 0: no run in flight.
+        let margin = millis(settings.clock_margin);
         let writes_since_ms = self
             .active
             .values()
-            .map(|record| record.run().created_ms)
+            .map(|record| {
+                record
+                    .run()
+                    .created_ms
+                    .min(now)
+                    .saturating_sub(margin)
+                    .max(1)
+            })
             .min()
-            .unwrap_or(now)
-            .min(now);
+            .unwrap_or(0);
         for (_, _, node) in due {
             let held = holders.get(&node).unwrap_or(&empty);
             let conflict = collecting.iter().find(|other| {
