@@ -524,7 +524,7 @@ fn handle(
     }
 }
 
-/// Retention removed `ids`: delete each from the store (one inside its WORM
+/// Retention or pruning removed `ids`: delete each from the store (one inside its WORM
 /// window is refused, as it is to anyone) and say what happened.
 async fn delete_snapshots(context: Context, ids: Vec<String>) {
     let Some(store) = context.store.clone() else {
@@ -536,11 +536,11 @@ async fn delete_snapshots(context: Context, ids: Vec<String>) {
         for id in ids.into_iter().take(10_000) {
             match store.delete_snapshot(&id) {
                 Ok(_) | Err(fabric_chunkstore::StoreError::SnapshotNotFound { .. }) => {
-                    tracing::info!(snapshot = %id, "deleted for retention");
+                    tracing::info!(snapshot = %id, "deleted at the coordinator's request (retention or pruning)");
                     answer.deleted.push(id);
                 }
                 Err(err) => {
-                    tracing::warn!(snapshot = %id, error = %err, "not deleted for retention");
+                    tracing::warn!(snapshot = %id, error = %err, "not deleted at the coordinator's request");
                     answer.refused.push(format!("{id}: {err}"));
                 }
             }

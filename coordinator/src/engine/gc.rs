@@ -75,7 +75,8 @@ const PRUNE_ANSWER_WAIT_MS: i64 = 60_000;
 const GC_RETRY_AFTER_MS: i64 = 60_000;
 
 /// How often a node that pruning cannot bring to its target is looked at
-/// again (the plan reads the whole catalogue).
+/// again while what it stores stays the same (the plan reads the whole
+/// catalogue).
 const PRUNE_BLOCKED_RECHECK_MS: i64 = 60_000;
 
 /// What an on-demand collection's caller is told.
@@ -111,8 +112,10 @@ pub(super) struct GcBook {
     unmeasured: HashSet<String>,
     /// Nodes a prune's deletion was sent to, and when.
     prune_sent: HashMap<String, i64>,
-    /// When pruning last found it could not reach a node's target.
-    prune_blocked_at: HashMap<String, i64>,
+    /// When pruning last found it could not reach a node's target, and
+    /// what the node stored then (a change, such as a new snapshot, has it
+    /// look again at once).
+    prune_blocked_at: HashMap<String, (i64, u64)>,
     /// When this coordinator first saw each node: the routine interval of
     /// a node that never collected under it counts from then, so a new
     /// fabric does not start by collecting everywhere.
@@ -448,11 +451,14 @@ impl Inner {
                     .prune_sent
                     .get(*id)
                     .is_some_and(|sent| now.saturating_sub(*sent) < PRUNE_ANSWER_WAIT_MS);
-                let blocked_lately = self
-                    .gc
-                    .prune_blocked_at
-                    .get(*id)
-                    .is_some_and(|at| now.saturating_sub(*at) < PRUNE_BLOCKED_RECHECK_MS);
+                let blocked_lately =
+                    self.gc
+                        .prune_blocked_at
+                        .get(*id)
+                        .is_some_and(|(at, stored)| {
+                            *stored == node.stored_bytes
+                                && now.saturating_sub(*at) < PRUNE_BLOCKED_RECHECK_MS
+                        });
                 is_storage(node)
                     && self.sessions.contains_key(*id)
                     && !waiting_answer
@@ -501,7 +507,9 @@ impl Inner {
             let (rules, failing) = self.prune_rules(&snapshots)?;
             let plan = prune::plan(&snapshots, &on_node, &rules, &failing, now);
             let Some(first) = plan.order.first() else {
-                self.gc.prune_blocked_at.insert(id.clone(), now);
+                self.gc
+                    .prune_blocked_at
+                    .insert(id.clone(), (now, node.stored_bytes));
                 let why = format!(
                     "node {id} has {} free, under its target_free {}, and nothing more may be \
                      pruned: {}",
