@@ -1173,6 +1173,8 @@ impl Inner {
         if let Some(event) = outcome.event {
             self.store_event(event)?;
         }
+        let is_sync = record.spec().r#type() == SnapshotType::Sync;
+        let mut sync_committed = Vec::new();
         for (snapshot, node) in &outcome.committed {
             let mut entry = snapshot.clone();
             if entry.id.is_empty()
@@ -1181,6 +1183,12 @@ impl Inner {
                 entry.id = planned.id.clone();
             }
             self.store.add_catalog_copy(&entry, node)?;
+            if is_sync {
+                sync_committed.push((node.clone(), entry));
+            }
+        }
+        for (node, snapshot) in &sync_committed {
+            self.replace_sync_snapshots(node, snapshot, now)?;
         }
         if record.run_kind() == RunKind::Pull && update.dest_state() == CopyState::Failed {
             let spec = record.spec();

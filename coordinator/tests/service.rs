@@ -1152,3 +1152,51 @@ dest = "n1"
     assert_eq!(second.run_id, waiting.id);
     coordinator.stop().await;
 }
+
+#[tokio::test]
+async fn a_sync_snapshot_replaces_the_older_one_on_each_node_as_it_commits_there() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_secs(5)).await;
+    let mut n1 = FakeNode::storage(&coordinator, "n1").await;
+    let mut n2 = FakeNode::storage(&coordinator, "n2").await;
+    let mut client = FakeNode::agent(&coordinator, "c1").await;
+    let jobs = r#"
+[job.mirror]
+direction = "push"
+client = "c1"
+include = ["/srv/mirror"]
+dest = "n1 n2"
+type = "sync"
+"#;
+    let first_run = submit(&coordinator, jobs, &[]).await[0].id.clone();
+    let first = client.assignment().await;
+    client.update(state(&first_run, RunState::Copying)).await;
+    client.update(committed(&first, "n1")).await;
+    client.update(committed(&first, "n2")).await;
+    client.update(state(&first_run, RunState::Done)).await;
+    watch_to_end(&coordinator, &first_run).await;
+    let first_id = first.snapshot.as_ref().unwrap().id.clone();
+
+    let second_run = submit(&coordinator, jobs, &[]).await[0].id.clone();
+    let second = client.assignment().await;
+    client.update(state(&second_run, RunState::Copying)).await;
+    // Committed on n1 only: n1 drops the older one now, before the run
+    // ends and before n2 has the new one.
+    client.update(committed(&second, "n1")).await;
+    match n1.next_message().await {
+        coordinator_message::Kind::DeleteSnapshots(delete) => {
+            assert_eq!(delete.ids, [first_id.clone()]);
+        }
+        other => panic!("n1: expected DeleteSnapshots, got {other:?}"),
+    }
+    client.update(committed(&second, "n2")).await;
+    match n2.next_message().await {
+        coordinator_message::Kind::DeleteSnapshots(delete) => {
+            assert_eq!(delete.ids, [first_id.clone()]);
+        }
+        other => panic!("n2: expected DeleteSnapshots, got {other:?}"),
+    }
+    client.update(state(&second_run, RunState::Done)).await;
+    watch_to_end(&coordinator, &second_run).await;
+    coordinator.stop().await;
+}

@@ -178,6 +178,22 @@ pub async fn storage_client(
     .expect("the node can be reached")
 }
 
+/// The snapshots the storage node at `address` holds, as an operator sees
+/// them (from a synchronous test).
+pub fn snapshots_on(address: &str) -> Vec<fabric_proto::v1::Snapshot> {
+    tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(async {
+            storage_client(address)
+                .await
+                .list_snapshots(fabric_proto::v1::ListSnapshotsRequest::default())
+                .await
+                .expect("the node lists its snapshots")
+                .into_inner()
+                .snapshots
+        })
+}
+
 /// The health of the server at `address`, asked without credentials
 /// (health is open to anyone).
 pub async fn health(address: &str) -> tonic_health::pb::health_check_response::ServingStatus {

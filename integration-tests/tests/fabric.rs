@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use fabric_integration_tests::{
-    Fabric, generate_tree, port_of, pseudo_random, remote_ports, storage_client,
+    Fabric, generate_tree, port_of, pseudo_random, remote_ports, snapshots_on, storage_client,
 };
 use fabric_proto::v1::{DeleteSnapshotRequest, ListSnapshotsRequest};
 
@@ -58,18 +58,6 @@ fn snapshot_nodes(fabric: &Fabric, job: &str) -> Vec<Vec<String>> {
 }
 
 /// The snapshots node `address` holds, as its own listing says.
-fn snapshots_on(address: &str) -> Vec<fabric_proto::v1::Snapshot> {
-    tokio::runtime::Runtime::new().unwrap().block_on(async {
-        storage_client(address)
-            .await
-            .list_snapshots(ListSnapshotsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshots
-    })
-}
-
 fn source_tree(fabric: &Fabric) -> std::path::PathBuf {
     let source = fabric.dir.path().join("source");
     generate_tree(&source, 40, 256 * 1024);

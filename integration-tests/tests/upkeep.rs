@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use fabric_integration_tests::{Fabric, pseudo_random, storage_client};
-use fabric_proto::v1::ListSnapshotsRequest;
+use fabric_integration_tests::{Fabric, pseudo_random, snapshots_on};
 
 /// The changing file's size: each version is new data, so each removed
 /// snapshot leaves garbage behind.
@@ -42,18 +41,6 @@ fn assert_a_version(path: &Path) {
         "{} is not version {k} whole",
         path.display()
     );
-}
-
-fn snapshots_on(address: &str) -> Vec<fabric_proto::v1::Snapshot> {
-    tokio::runtime::Runtime::new().unwrap().block_on(async {
-        storage_client(address)
-            .await
-            .list_snapshots(ListSnapshotsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshots
-    })
 }
 
 fn held_ids(address: &str, job: &str) -> Vec<String> {

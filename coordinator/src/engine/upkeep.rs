@@ -133,6 +133,47 @@ impl Inner {
         })
     }
 
+    /// A sync job's `snapshot` was committed on `node`: the older ones of
+    /// its job, host and instance there go now (B1000's sync type: one
+    /// current copy per node), not when the whole run ends. A node keeps
+    /// one inside its WORM window (it refuses the deletion).
+    pub(super) fn replace_sync_snapshots(
+        &mut self,
+        node: &str,
+        snapshot: &Snapshot,
+        now: i64,
+    ) -> Result<(), StateError> {
+        let older: Vec<String> = self
+            .store
+            .catalog()?
+            .into_iter()
+            .filter(|entry| entry.copies.iter().any(|copy| copy.node == node))
+            .filter_map(|entry| entry.snapshot)
+            .filter(|other| {
+                other.id != snapshot.id
+                    && other.job == snapshot.job
+                    && other.host == snapshot.host
+                    && other.instance == snapshot.instance
+                    && other.end_time_ms <= snapshot.end_time_ms
+                    && other.retain_until_ms <= now
+            })
+            .map(|other| other.id)
+            .collect();
+        if older.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(job = %snapshot.job, %node, replaced = older.len(), "a sync snapshot replaces the older ones on its node");
+        let message = CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::DeleteSnapshots(
+                DeleteSnapshots { ids: older },
+            )),
+        };
+        // A node offline now keeps them until the job's retention (keep
+        // the newest) asks again.
+        self.send(node, message);
+        Ok(())
+    }
+
     /// Whether job `name`'s most recent finished run failed.
     pub(super) fn last_finished_run_failed(&self, name: &str) -> Result<bool, StateError> {
         let mut failed = false;
