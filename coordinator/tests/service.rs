@@ -1185,14 +1185,14 @@ type = "sync"
     client.update(committed(&second, "n1")).await;
     match n1.next_message().await {
         coordinator_message::Kind::DeleteSnapshots(delete) => {
-            assert_eq!(delete.ids, [first_id.clone()]);
+            assert_eq!(delete.ids, std::slice::from_ref(&first_id));
         }
         other => panic!("n1: expected DeleteSnapshots, got {other:?}"),
     }
     client.update(committed(&second, "n2")).await;
     match n2.next_message().await {
         coordinator_message::Kind::DeleteSnapshots(delete) => {
-            assert_eq!(delete.ids, [first_id.clone()]);
+            assert_eq!(delete.ids, std::slice::from_ref(&first_id));
         }
         other => panic!("n2: expected DeleteSnapshots, got {other:?}"),
     }
