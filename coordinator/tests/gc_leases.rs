@@ -124,7 +124,9 @@ async fn nodes_sharing_a_snapshot_never_collect_at_once() {
     let temp = tempfile::tempdir().unwrap();
     let store = Store::open(temp.path()).unwrap();
     // n1 and n2 hold copies of one snapshot; n3 holds its own.
-    let now = fabric_coordinator::engine::now_ms();
+    // A second in the past: a collection's end (stamped with the real clock)
+    // comes after the first tick, never in the same millisecond.
+    let now = fabric_coordinator::engine::now_ms() - 1000;
     let shared = snapshot("shared", "web", now - DAY);
     store.add_catalog_copy(&shared, "n1").unwrap();
     store.add_catalog_copy(&shared, "n2").unwrap();
@@ -340,4 +342,50 @@ async fn a_failed_collection_is_retried_a_minute_later_and_bad_asks_are_refused(
             .to_string();
         assert!(error.contains(expected), "{error}");
     }
+}
+
+async fn deleted(engine: &Engine, node: &str, id: &str) {
+    engine
+        .session_message(
+            node,
+            NodeMessage {
+                kind: Some(node_message::Kind::Deleted(SnapshotsDeleted {
+                    deleted: vec![id.into()],
+                    refused: Vec::new(),
+                })),
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_deletion_after_a_lease_was_granted_wants_another_collection() {
+    let temp = tempfile::tempdir().unwrap();
+    let engine = Engine::open(Store::open(temp.path()).unwrap(), settings()).unwrap();
+    let (_, mut session) = engine
+        .open_session(storage("n1", 0, 1 << 29))
+        .await
+        .unwrap();
+    let now = fabric_coordinator::engine::now_ms;
+    // Deletions are stamped with the real clock, so the ticks use it too.
+    deleted(&engine, "n1", "first").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    engine.tick_at(now()).await.unwrap();
+    let first = leases(&drain(&mut session));
+    assert_eq!(first.len(), 1, "a deletion wants a collection");
+    // Another deletion while that collection runs: it may have missed it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    deleted(&engine, "n1", "second").await;
+    done(&engine, "n1", first[0], 0).await;
+    let node = engine.nodes().await.into_iter().next().unwrap();
+    assert!(node.gc_wanted_since_ms > 0, "still wanted: {node:?}");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    engine.tick_at(now()).await.unwrap();
+    let second = leases(&drain(&mut session));
+    assert_eq!(second.len(), 1, "and granted again");
+    // This one came after both: nothing more is wanted.
+    done(&engine, "n1", second[0], 0).await;
+    let node = engine.nodes().await.into_iter().next().unwrap();
+    assert_eq!(node.gc_wanted_since_ms, 0, "{node:?}");
 }

@@ -107,6 +107,10 @@ pub(super) struct GcBook {
     running: HashMap<String, u64>,
     /// Nodes whose wanted collection is for space: no window.
     urgent: HashSet<String>,
+    /// When each node last reported a deletion (a collection granted
+    /// before it leaves the node wanting another; a restarted coordinator
+    /// goes by `Node.gc_wanted_since_ms` alone).
+    last_deletion: HashMap<String, i64>,
     /// Nodes that ended a collection and have not sent a heartbeat since:
     /// their free space is not measured yet.
     unmeasured: HashSet<String>,
@@ -254,7 +258,14 @@ impl Inner {
                 node.last_gc_error.clear();
                 // Deletions after the grant want another collection.
                 let granted_ms = granted.as_ref().map_or(0, |granted| granted.granted_ms);
-                if node.gc_wanted_since_ms != 0 && node.gc_wanted_since_ms <= granted_ms {
+                let last_deletion = self
+                    .gc
+                    .last_deletion
+                    .get(node_id)
+                    .copied()
+                    .unwrap_or(node.gc_wanted_since_ms)
+                    .max(node.gc_wanted_since_ms);
+                if node.gc_wanted_since_ms != 0 && last_deletion < granted_ms {
                     node.gc_wanted_since_ms = 0;
                     self.gc.urgent.remove(node_id);
                 }
@@ -280,6 +291,7 @@ impl Inner {
     /// A node deleted snapshots: its store wants a collection.
     pub(super) fn gc_wanted(&mut self, node_id: &str, now: i64) -> Result<(), StateError> {
         self.gc.prune_sent.remove(node_id);
+        self.gc.last_deletion.insert(node_id.to_owned(), now);
         let Some(node) = self.nodes.get_mut(node_id) else {
             return Ok(());
         };
