@@ -387,11 +387,15 @@ impl Inner {
             .chain(self.gc.running.keys())
             .cloned()
             .collect();
-        // 0: no run in flight.
+        // 0: no run in flight. A run never assigned (queued for a worker,
+        // its node or a destination) writes nothing yet, however old it
+        // is; one assigned before, whose client reconnects, may still be
+        // uploading.
         let margin = millis(settings.clock_margin);
         let writes_since_ms = self
             .active
             .values()
+            .filter(|record| record.client_assigned || record.assignments_sent > 0)
             .map(|record| {
                 record
                     .run()
