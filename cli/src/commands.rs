@@ -1023,7 +1023,7 @@ pub async fn restore(
     // A restore logs what it could not bring back (e.g. an attribute only
     // root may set) with its path.
     crate::local::init_quiet_logging();
-    let located = remote::locate(remote, spec, node, job).await?;
+    let copies = remote::locate_all(remote, spec, node, job).await?;
     let target: Box<dyn fabric_chunkstore::restore::RestoreTarget + Send> = if to == "-" {
         Box::new(fabric_chunkstore::restore::TarTarget::new(std::io::stdout()))
     } else {
@@ -1033,14 +1033,25 @@ pub async fn restore(
             policy,
         )?)
     };
-    let stats = fabric_node::restore_client::restore_from(
-        &located.peer,
+    let candidates: Vec<(fabric_node::client::Peer, String)> = copies
+        .iter()
+        .map(|copy| (copy.peer.clone(), copy.snapshot_id.clone()))
+        .collect();
+    let restored = fabric_node::restore_client::restore_from_any(
+        &candidates,
         remote.transport()?,
-        &located.snapshot_id,
         path,
         target,
     )
     .await?;
+    let located = &copies[restored.from];
+    for (copy, why) in copies.iter().zip(&restored.skipped) {
+        eprintln!(
+            "warning: the copy on {} could not be read, so {} served the restore: {why}",
+            copy.node, located.node
+        );
+    }
+    let stats = restored.stats;
     if to != "-" {
         eprintln!(
             "restored snapshot {} from {}: {} files, {} directories, {} symlinks, {} into {to}",

@@ -184,6 +184,19 @@ pub async fn locate(
     node: Option<String>,
     job: Option<String>,
 ) -> anyhow::Result<Located> {
+    let mut all = locate_all(remote, spec, node, job).await?;
+    Ok(all.remove(0))
+}
+
+/// Every copy of the one snapshot `spec` names (a revision spec), the
+/// online holders first, then those the coordinator does not see online
+/// (they may still answer); only `node`'s when given. Never empty.
+pub async fn locate_all(
+    remote: &Remote,
+    spec: &str,
+    node: Option<String>,
+    job: Option<String>,
+) -> anyhow::Result<Vec<Located>> {
     if let Some(address) = node.as_deref().filter(|n| is_address(n)) {
         let mut storage = remote.storage(&Peer::any_node(address)).await?;
         let snapshots = storage
@@ -197,11 +210,11 @@ pub async fn locate(
             .snapshots;
         let found = revision::find(&snapshots, spec, |s| s)?;
         let snapshot = single(found, spec)?;
-        return Ok(Located {
+        return Ok(vec![Located {
             peer: Peer::any_node(address),
             snapshot_id: snapshot.id.clone(),
             node: address.to_owned(),
-        });
+        }]);
     }
     let mut client = remote.coordinator().await?;
     let entries: Vec<(
@@ -215,27 +228,41 @@ pub async fn locate(
     let found = revision::find(&entries, spec, |(snapshot, _)| snapshot)?;
     let (_, copies) = single(found, spec)?;
     let nodes = nodes(&mut client).await?;
-    let online = |id: &str| {
+    let known = |id: &str| {
         nodes
             .iter()
-            .find(|n| n.info.as_ref().is_some_and(|i| i.id == id) && n.state() == NodeState::Online)
+            .find(|n| n.info.as_ref().is_some_and(|i| i.id == id))
     };
+    let mut online = Vec::new();
+    let mut others = Vec::new();
     for copy in copies {
         if node.as_deref().is_some_and(|wanted| wanted != copy.node) {
             continue;
         }
-        if let Some(found) = online(&copy.node) {
-            let address = found
-                .info
-                .as_ref()
-                .map(|i| i.address.clone())
-                .unwrap_or_default();
-            return Ok(Located {
-                peer: Peer::node(&copy.node, &address),
-                snapshot_id: copy.snapshot_id.clone(),
-                node: copy.node.clone(),
-            });
+        let Some(found) = known(&copy.node) else {
+            continue;
+        };
+        let address = found
+            .info
+            .as_ref()
+            .map(|i| i.address.clone())
+            .unwrap_or_default();
+        let located = Located {
+            peer: Peer::node(&copy.node, &address),
+            snapshot_id: copy.snapshot_id.clone(),
+            node: copy.node.clone(),
+        };
+        if found.state() == NodeState::Online {
+            online.push(located);
+        } else {
+            others.push(located);
         }
+    }
+    // A copy on an online node first; one on a node the coordinator lost
+    // only if no online node holds it (it is tried, and says why it fails).
+    if !online.is_empty() {
+        online.extend(others);
+        return Ok(online);
     }
     let holders: Vec<&str> = copies.iter().map(|c| c.node.as_str()).collect();
     match node {

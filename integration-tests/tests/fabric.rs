@@ -687,3 +687,72 @@ fn bad_job_files_are_rejected_naming_the_problem() {
         assert!(stderr.contains(needle), "names {needle:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_restore_reads_another_copy_when_a_holder_is_down_or_lost_it() {
+    let fabric = Fabric::start(3);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.spread]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2 n3\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    let id = run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned();
+    // The order restore tries the copies in: the catalogue's.
+    let status = fabric.json(&["status", "--job", "spread"]);
+    let holders: Vec<String> = status[0]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(holders.len(), 3, "{status:#}");
+    let server = |node: &str| {
+        let index: usize = node.trim_start_matches('n').parse().unwrap();
+        &fabric.nodes[index - 1]
+    };
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    let restore_into = |name: &str| {
+        let target = fabric.dir.path().join(name);
+        let output = fabric.ctl(&["restore", &id, &inside, "--to", target.to_str().unwrap()]);
+        assert!(output.status.success(), "{output:?}");
+        fabricctl::compare::compare_trees(
+            &source,
+            &target,
+            false,
+            fabric_chunkstore::restore::RestorePolicy::default(),
+        )
+        .unwrap();
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    // The first holder killed: the coordinator still lists it online, the
+    // restore cannot reach it and reads the second.
+    fabric_integration_tests::signal(server(&holders[0]).pid(), rustix::process::Signal::KILL);
+    let said = restore_into("from-second");
+    assert!(
+        said.contains(&format!("the copy on {} could not be read", holders[0]))
+            && said.contains(&format!("{} served the restore", holders[1])),
+        "{said}"
+    );
+
+    // The second lost its copy (deleted on the node behind the
+    // coordinator's back): the third serves.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        storage_client(&server(&holders[1]).address)
+            .await
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot: id.clone(),
+            })
+            .await
+            .unwrap();
+    });
+    let said = restore_into("from-third");
+    assert!(
+        said.contains(&format!("the copy on {} could not be read", holders[1]))
+            && said.contains(&format!("{} served the restore", holders[2])),
+        "{said}"
+    );
+}

@@ -235,21 +235,73 @@ pub async fn restore_from(
     transport: &fabric_trust::Transport,
     snapshot: &str,
     path: &str,
-    mut target: Box<dyn RestoreTarget + Send>,
+    target: Box<dyn RestoreTarget + Send>,
 ) -> Result<RestoreStats, AgentError> {
-    let mut client = crate::client::storage(node, transport).await?;
+    let copy = [(node.clone(), snapshot.to_owned())];
+    let restored = restore_from_any(&copy, transport, path, target).await?;
+    Ok(restored.stats)
+}
+
+/// What [`restore_from_any`] did.
+#[derive(Debug)]
+pub struct Restored {
+    /// Index into the copies of the one it restored from.
+    pub from: usize,
+    /// Why each copy before it could not start, in order.
+    pub skipped: Vec<String>,
+    /// What it wrote.
+    pub stats: RestoreStats,
+}
+
+/// Restore `path` from the first of `copies` (a node, and the snapshot's id
+/// there) that starts the restore: a node that cannot be reached, or that
+/// refuses (no such snapshot any more, not serving), is passed over for the
+/// next before anything is written. Once a copy has started sending, its
+/// errors end the restore (nothing written can be taken back from a tar
+/// stream).
+pub async fn restore_from_any(
+    copies: &[(crate::client::Peer, String)],
+    transport: &fabric_trust::Transport,
+    path: &str,
+    mut target: Box<dyn RestoreTarget + Send>,
+) -> Result<Restored, AgentError> {
+    let mut skipped = Vec::new();
+    let mut opened = None;
+    for (index, (node, snapshot)) in copies.iter().enumerate() {
+        let address = node.address.as_str();
+        let attempt = async {
+            let mut client = crate::client::storage(node, transport).await?;
+            client
+                .restore(RestoreRequest {
+                    snapshot: snapshot.clone(),
+                    path: path.to_owned(),
+                })
+                .await
+                .map_err(|status| AgentError::Remote {
+                    context: format!("restoring {snapshot} from {address}"),
+                    status,
+                })
+        };
+        match attempt.await {
+            Ok(response) => {
+                opened = Some((index, response.into_inner()));
+                break;
+            }
+            Err(err) if index + 1 < copies.len() => {
+                tracing::warn!(node = %address, error = %err, "this copy cannot be read; trying the next");
+                skipped.push(err.to_string());
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let Some((from, mut stream)) = opened else {
+        return Err(AgentError::Local(
+            "no copy of the snapshot to restore from".to_owned(),
+        ));
+    };
+    let (node, snapshot) = &copies[from];
+    let snapshot = snapshot.as_str();
     let address = node.address.as_str();
-    let mut stream = client
-        .restore(RestoreRequest {
-            snapshot: snapshot.to_owned(),
-            path: path.to_owned(),
-        })
-        .await
-        .map_err(|status| AgentError::Remote {
-            context: format!("restoring {snapshot} from {address}"),
-            status,
-        })?
-        .into_inner();
     let (items_tx, mut items_rx) = mpsc::channel::<RestoreItem>(8);
     let writer = tokio::task::spawn_blocking(move || {
         let mut writer = RestoreStreamWriter::new(target.as_mut());
@@ -282,7 +334,13 @@ pub async fn restore_from(
             status,
         });
     }
-    written.map_err(|err| AgentError::Local(format!("restore of {snapshot} failed: {err}")))
+    let stats =
+        written.map_err(|err| AgentError::Local(format!("restore of {snapshot} failed: {err}")))?;
+    Ok(Restored {
+        from,
+        skipped,
+        stats,
+    })
 }
 
 #[cfg(test)]
