@@ -252,6 +252,9 @@ struct NodeRow {
     /// Why pruning cannot reach `target_free_bytes` (empty: it can, or
     /// there is none).
     prune_blocked: String,
+    /// Why the node refuses writes (empty: it accepts them); no copy is
+    /// planned to it meanwhile.
+    refuses_writes: String,
 }
 
 #[derive(Serialize)]
@@ -283,7 +286,11 @@ impl Row for NodeRow {
             self.id.clone(),
             self.address.clone(),
             self.labels.join(","),
-            self.state.clone(),
+            if self.refuses_writes.is_empty() {
+                self.state.clone()
+            } else {
+                format!("{} (refuses writes)", self.state)
+            },
             self.last_heartbeat.clone(),
             bytes(self.free_bytes),
             self.chunks.to_string(),
@@ -363,6 +370,7 @@ fn node_row(node: &Node) -> NodeRow {
         last_gc_error: node.last_gc_error.clone(),
         gc_wanted: node.gc_wanted_since_ms != 0,
         prune_blocked: node.prune_blocked.clone(),
+        refuses_writes: node.refuses_writes.clone(),
     }
 }
 

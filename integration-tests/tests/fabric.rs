@@ -756,3 +756,55 @@ fn a_restore_reads_another_copy_when_a_holder_is_down_or_lost_it() {
         "{said}"
     );
 }
+
+#[test]
+fn placement_avoids_a_node_that_refuses_writes() {
+    let mut fabric = Fabric::start(0);
+    // n1 wants more free space than any disk has: it refuses uploads.
+    fabric.nodes.push(Fabric::start_node_with(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        1,
+        &["--min-free-bytes", "1000000000000000000"],
+    ));
+    fabric.nodes.push(Fabric::start_node(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        2,
+    ));
+    fabric.wait_online(3);
+    let mut refusing = String::new();
+    for _ in 0..300 {
+        let nodes = fabric.json(&["node", "list"]);
+        refusing = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|node| node["id"] == "n1")
+            .map(|node| node["refuses_writes"].as_str().unwrap().to_owned())
+            .unwrap_or_default();
+        if !refusing.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(refusing.contains("min_free_bytes"), "{refusing:?}");
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.one]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 1\n",
+        source.display()
+    );
+    // Picked at random between two storage nodes, were n1 a candidate.
+    for _ in 0..4 {
+        let runs = fabric.submit(&jobs, &[]);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        let nodes: Vec<&str> = run["copies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|copy| copy["node"].as_str().unwrap())
+            .collect();
+        assert_eq!(nodes, ["n2"], "{run:#}");
+    }
+}

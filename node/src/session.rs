@@ -240,6 +240,7 @@ async fn heartbeat(
     store: Option<Arc<Store>>,
     counters: &StoreCounters,
     gc_running: &AtomicU64,
+    min_free_bytes: u64,
 ) -> Heartbeat {
     let Some(store) = store else {
         return Heartbeat::default();
@@ -250,19 +251,30 @@ async fn heartbeat(
         quota_usage,
         job_usage,
     } = counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let failure = store.write_failure().map(str::to_owned);
     let free_bytes = tokio::task::spawn_blocking(move || crate::disk::space(store.dir()))
         .await
         .ok()
         .and_then(Result::ok)
-        .map(|(_, free)| free)
-        .unwrap_or(0);
+        .map(|(_, free)| free);
+    // What the storage service refuses uploads for (see
+    // `server::watch_free_space`), so that nothing is planned here.
+    let refuses_writes = match (failure, free_bytes) {
+        (Some(reason), _) => format!("the store failed a write: {reason}"),
+        (None, Some(free)) if free < min_free_bytes => {
+            format!("{free} bytes free, under its min_free_bytes of {min_free_bytes}")
+        }
+        (None, None) => "its free space cannot be read".to_owned(),
+        (None, Some(_)) => String::new(),
+    };
     Heartbeat {
-        free_bytes,
+        free_bytes: free_bytes.unwrap_or(0),
         chunks,
         stored_bytes,
         quota_usage,
         job_usage,
         gc_lease_id: gc_running.load(Ordering::SeqCst),
+        refuses_writes,
     }
 }
 
@@ -357,7 +369,7 @@ pub async fn run_session(
                                 tokio::select! {
                                     _ = stop.changed() => return,
                                     _ = ticker.tick() => {
-                                        let beat = heartbeat(store.clone(), &counters, &context.gc_running).await;
+                                        let beat = heartbeat(store.clone(), &counters, &context.gc_running, config.min_free_bytes).await;
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Heartbeat(beat)) });
                                     }
                                     update = updates_rx.recv() => {

@@ -99,6 +99,14 @@ impl Inner {
         node.stored_bytes = heartbeat.stored_bytes;
         node.quota_usage.clone_from(&heartbeat.quota_usage);
         node.job_usage.clone_from(&heartbeat.job_usage);
+        if node.refuses_writes != heartbeat.refuses_writes {
+            if heartbeat.refuses_writes.is_empty() {
+                tracing::info!(node = %node_id, "node accepts writes again");
+            } else {
+                tracing::warn!(node = %node_id, why = %heartbeat.refuses_writes, "node refuses writes: no copy is planned to it");
+            }
+        }
+        node.refuses_writes.clone_from(&heartbeat.refuses_writes);
         if let Some(info) = node.info.as_mut() {
             info.free_bytes = heartbeat.free_bytes;
         }
@@ -146,7 +154,10 @@ impl Inner {
                     .as_ref()
                     .map(|info| info.labels.clone())
                     .unwrap_or_default(),
-                healthy: node.state() == NodeState::Online && self.sessions.contains_key(id),
+                // A node that refuses writes is no destination meanwhile.
+                healthy: node.state() == NodeState::Online
+                    && self.sessions.contains_key(id)
+                    && node.refuses_writes.is_empty(),
                 storage: is_storage(node),
             })
             .collect()
