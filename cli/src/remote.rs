@@ -190,7 +190,8 @@ pub async fn locate(
 
 /// Every copy of the one snapshot `spec` names (a revision spec), the
 /// online holders first, then those the coordinator does not see online
-/// (they may still answer); only `node`'s when given. Never empty.
+/// (they may still answer); only `node`'s when given. Never empty: with
+/// no online holder it is an error naming the holders.
 pub async fn locate_all(
     remote: &Remote,
     spec: &str,
@@ -258,8 +259,9 @@ pub async fn locate_all(
             others.push(located);
         }
     }
-    // A copy on an online node first; one on a node the coordinator lost
-    // only if no online node holds it (it is tried, and says why it fails).
+    // Copies on online nodes first, then on nodes the coordinator lost
+    // (they may still answer). With no online holder at all, the caller
+    // hears that plainly instead of waiting on nodes that are likely down.
     if !online.is_empty() {
         online.extend(others);
         return Ok(online);
