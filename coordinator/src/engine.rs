@@ -1174,7 +1174,6 @@ impl Inner {
             self.store_event(event)?;
         }
         let is_sync = record.spec().r#type() == SnapshotType::Sync;
-        let mut sync_committed = Vec::new();
         for (snapshot, node) in &outcome.committed {
             let mut entry = snapshot.clone();
             if entry.id.is_empty()
@@ -1184,11 +1183,8 @@ impl Inner {
             }
             self.store.add_catalog_copy(&entry, node)?;
             if is_sync {
-                sync_committed.push((node.clone(), entry));
+                self.replace_sync_snapshots(node, &entry, now)?;
             }
-        }
-        for (node, snapshot) in &sync_committed {
-            self.replace_sync_snapshots(node, snapshot, now)?;
         }
         if record.run_kind() == RunKind::Pull && update.dest_state() == CopyState::Failed {
             let spec = record.spec();

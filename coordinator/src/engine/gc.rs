@@ -216,18 +216,18 @@ impl Inner {
         done: &GcDone,
         now: i64,
     ) -> Result<(), StateError> {
-        let granted = self
+        // An answer to an older lease (or one a restarted coordinator never
+        // granted) leaves the current one in place.
+        let answers_current = self
             .gc
             .granted
-            .remove_entry(node_id)
-            .and_then(|(key, granted)| {
-                if granted.lease_id == done.lease_id {
-                    Some(granted)
-                } else {
-                    self.gc.granted.insert(key, granted);
-                    None
-                }
-            });
+            .get(node_id)
+            .is_some_and(|granted| granted.lease_id == done.lease_id);
+        let granted = if answers_current {
+            self.gc.granted.remove(node_id)
+        } else {
+            None
+        };
         if self.gc.running.get(node_id) == Some(&done.lease_id) {
             self.gc.running.remove(node_id);
         }
@@ -484,7 +484,10 @@ impl Inner {
                     // last collection: the free space is not what it will be.
                     && node.gc_wanted_since_ms == 0
                     && !self.gc.unmeasured.contains(*id)
-                    && (info.target_free_bytes > 0 || !node.prune_blocked.is_empty())
+                    // Under its target, or above it again with an old
+                    // "blocked" message to clear.
+                    && ((info.target_free_bytes > 0 && info.free_bytes < info.target_free_bytes)
+                        || !node.prune_blocked.is_empty())
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -492,11 +495,9 @@ impl Inner {
             return Ok(false);
         }
         let mut changed = false;
-        let catalog = self.store.catalog()?;
-        let snapshots: Vec<retention::SnapshotInfo> = catalog
-            .iter()
-            .filter_map(|entry| entry.snapshot.as_ref().map(retention::SnapshotInfo::from))
-            .collect();
+        // Read once, and only when a node needs a plan: the catalogue and
+        // each job's rules are the same for every node.
+        let mut loaded: Option<PruneInputs> = None;
         for id in short {
             let Some(node) = self.nodes.get(&id) else {
                 continue;
@@ -515,13 +516,23 @@ impl Inner {
                 }
                 continue;
             }
-            let on_node: HashSet<String> = catalog
+            let inputs = match loaded {
+                Some(ref inputs) => inputs,
+                None => loaded.insert(self.prune_inputs()?),
+            };
+            let on_node: HashSet<String> = inputs
+                .catalog
                 .iter()
                 .filter(|entry| entry.copies.iter().any(|copy| copy.node == id))
                 .filter_map(|entry| entry.snapshot.as_ref().map(|s| s.id.clone()))
                 .collect();
-            let (rules, failing) = self.prune_rules(&snapshots)?;
-            let plan = prune::plan(&snapshots, &on_node, &rules, &failing, now);
+            let plan = prune::plan(
+                &inputs.snapshots,
+                &on_node,
+                &inputs.rules,
+                &inputs.failing,
+                now,
+            );
             let Some(first) = plan.order.first() else {
                 self.gc
                     .prune_blocked_at
@@ -567,13 +578,16 @@ impl Inner {
         Ok(changed)
     }
 
-    /// Each job's pruning rules (target ages from its schedule, at least
-    /// one snapshot kept per group, more with `keep_last`) and the jobs
-    /// whose last run failed, for the jobs in `snapshots`.
-    fn prune_rules(
-        &self,
-        snapshots: &[retention::SnapshotInfo],
-    ) -> Result<(BTreeMap<String, prune::PruneRules>, HashSet<String>), StateError> {
+    /// What every node's pruning plan reads: the catalogue, its snapshots,
+    /// each of their jobs' pruning rules (target ages from its schedule, at
+    /// least one snapshot kept per group, more with `keep_last`) and the
+    /// jobs whose last run failed.
+    fn prune_inputs(&self) -> Result<PruneInputs, StateError> {
+        let catalog = self.store.catalog()?;
+        let snapshots: Vec<retention::SnapshotInfo> = catalog
+            .iter()
+            .filter_map(|entry| entry.snapshot.as_ref().map(retention::SnapshotInfo::from))
+            .collect();
         let jobs: HashSet<&str> = snapshots.iter().map(|s| s.job.as_str()).collect();
         let mut rules = BTreeMap::new();
         let mut failing = HashSet::new();
@@ -594,8 +608,21 @@ impl Inner {
                 failing.insert(job.to_owned());
             }
         }
-        Ok((rules, failing))
+        Ok(PruneInputs {
+            catalog,
+            snapshots,
+            rules,
+            failing,
+        })
     }
+}
+
+/// What [`prune::plan`] reads besides the node, the same for every node.
+struct PruneInputs {
+    catalog: Vec<CatalogEntry>,
+    snapshots: Vec<retention::SnapshotInfo>,
+    rules: BTreeMap<String, prune::PruneRules>,
+    failing: HashSet<String>,
 }
 
 /// `bytes` for people: "1.5 GiB".
