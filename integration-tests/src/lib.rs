@@ -648,6 +648,15 @@ impl Fabric {
         panic!("node {id} did not come online at {address}");
     }
 
+    /// Node `id`'s row of `node list -o json`; panics when it is not listed.
+    pub fn node_row(&self, id: &str) -> serde_json::Value {
+        self.json(&["node", "list"])
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|node| node["id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("node {id} is not listed"))
+    }
+
     pub fn wait_online(&self, count: usize) {
         for _ in 0..300 {
             let nodes = self.json(&["node", "list"]);

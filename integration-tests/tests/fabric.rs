@@ -476,14 +476,7 @@ fn retention_removes_what_no_rule_keeps_from_every_node() {
     // rewritten only once enough of each is dead.)
     let mut swept = 0;
     for _ in 0..300 {
-        let n1 = fabric
-            .json(&["node", "list"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|node| node["id"] == "n1")
-            .cloned()
-            .unwrap();
+        let n1 = fabric.node_row("n1");
         if n1["gc_wanted"] == false && !n1["last_gc"].as_str().unwrap().is_empty() {
             swept = n1["last_gc_swept_chunks"].as_u64().unwrap();
             break;
@@ -775,14 +768,10 @@ fn placement_avoids_a_node_that_refuses_writes() {
     fabric.wait_online(3);
     let mut refusing = String::new();
     for _ in 0..300 {
-        let nodes = fabric.json(&["node", "list"]);
-        refusing = nodes
-            .as_array()
+        refusing = fabric.node_row("n1")["refuses_writes"]
+            .as_str()
             .unwrap()
-            .iter()
-            .find(|node| node["id"] == "n1")
-            .map(|node| node["refuses_writes"].as_str().unwrap().to_owned())
-            .unwrap_or_default();
+            .to_owned();
         if !refusing.is_empty() {
             break;
         }
@@ -799,12 +788,7 @@ fn placement_avoids_a_node_that_refuses_writes() {
         let runs = fabric.submit(&jobs, &[]);
         let run = fabric.wait_run(&runs[0]);
         assert_eq!(run["state"], "done", "{run:#}");
-        let nodes: Vec<&str> = run["copies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|copy| copy["node"].as_str().unwrap())
-            .collect();
+        let nodes: Vec<String> = copies_of(&run).into_iter().map(|copy| copy.0).collect();
         assert_eq!(nodes, ["n2"], "{run:#}");
     }
 }

@@ -53,17 +53,6 @@ fn held_ids(address: &str, job: &str) -> Vec<String> {
     ids
 }
 
-fn node_row(fabric: &Fabric, id: &str) -> serde_json::Value {
-    fabric
-        .json(&["node", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|node| node["id"] == id)
-        .cloned()
-        .unwrap()
-}
-
 /// Restores snapshot `id` under `fabric.dir/restored-<id>` and checks it:
 /// the steady file as the source has it, the changing one a whole version.
 fn restore_and_check(fabric: &Fabric, id: &str, source: &Path) {
@@ -145,7 +134,7 @@ fn assert_kept_newest(fabric: &Fabric, job: &str, count: usize, source: &Path) {
         assert_eq!(held_ids(&node.address, job), newest, "{}", node.address);
     }
     for node in ["n1", "n2"] {
-        let row = node_row(fabric, node);
+        let row = fabric.node_row(node);
         assert!(!row["last_gc"].as_str().unwrap().is_empty(), "{row:#}");
         assert_eq!(row["last_gc_error"], "", "{row:#}");
         let verified = fabric.ctl(&["verify", "--node", node]);
@@ -346,7 +335,7 @@ fn a_node_under_its_free_space_target_is_pruned_down_to_each_jobs_newest() {
     let newest = ids.last().unwrap().clone();
     let mut row = serde_json::Value::Null;
     for _ in 0..600 {
-        row = node_row(&fabric, "n1");
+        row = fabric.node_row("n1");
         let held = held_ids(&fabric.nodes[0].address, "full");
         if held == [newest.clone()] && row["prune_blocked"].as_str().unwrap().contains("newest") {
             break;
