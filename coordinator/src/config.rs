@@ -107,6 +107,23 @@ pub struct CoordinatorConfig {
     /// the clocks of the coordinator and a node may differ.
     #[serde(with = "humantime_serde_duration")]
     pub gc_clock_margin: Duration,
+    /// How long a storage node may be lost before the snapshots it held
+    /// are copied again to other nodes, to keep their replica targets
+    /// (`replace_after`, default `"30m"`; `"0s"`: never).
+    #[serde(with = "humantime_serde_duration")]
+    pub replace_after: Duration,
+    /// How often re-replication looks at the catalogue, and how long a
+    /// snapshot must be short of its target before a copy starts
+    /// (`replication_check_every`, default `"30s"`).
+    #[serde(with = "humantime_serde_duration")]
+    pub replication_check_every: Duration,
+    /// The most re-replication copies one node sends or receives at once
+    /// (`replication_per_node`, default 1).
+    pub replication_per_node: u32,
+    /// The most bytes a second each re-replication copy sends
+    /// (`replication_bandwidth_bytes_per_s`, default 0: no limit beyond
+    /// the nodes' own).
+    pub replication_bandwidth_bytes_per_s: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -130,6 +147,10 @@ impl Default for CoordinatorConfig {
             gc_window: None,
             gc_time_zone: "UTC".to_owned(),
             gc_clock_margin: Duration::from_secs(5 * 60),
+            replace_after: Duration::from_secs(30 * 60),
+            replication_check_every: Duration::from_secs(30),
+            replication_per_node: 1,
+            replication_bandwidth_bytes_per_s: 0,
         }
     }
 }
@@ -169,6 +190,18 @@ impl CoordinatorConfig {
             });
         }
         self.gc_settings()?;
+        if self.replication_per_node == 0 {
+            return Err(ConfigError::Invalid {
+                key: "replication_per_node",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.replication_check_every < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "replication_check_every",
+                message: "must be at least 1s".into(),
+            });
+        }
         if self.lost_after_missed_heartbeats == 0 {
             return Err(ConfigError::Invalid {
                 key: "lost_after_missed_heartbeats",
@@ -201,6 +234,17 @@ impl CoordinatorConfig {
             time_zone,
             clock_margin: self.gc_clock_margin,
         })
+    }
+
+    /// How snapshots are kept at their replica targets, as the engine
+    /// takes it.
+    pub fn replication_settings(&self) -> crate::engine::ReplicationSettings {
+        crate::engine::ReplicationSettings {
+            replace_after: self.replace_after,
+            check_every: self.replication_check_every,
+            per_node: self.replication_per_node,
+            bandwidth_limit_bytes_per_s: self.replication_bandwidth_bytes_per_s,
+        }
     }
 
     /// The TLS files and the plaintext switch.

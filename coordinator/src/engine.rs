@@ -39,9 +39,11 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 mod assignments;
 mod gc;
 mod nodes;
+mod replication;
 mod upkeep;
 
 pub use gc::{GcAnswer, GcSettings};
+pub use replication::ReplicationSettings;
 
 use upkeep::retention_rules;
 
@@ -94,6 +96,8 @@ pub struct Settings {
     pub node_worker_limit: u32,
     /// When storage nodes collect garbage.
     pub gc: GcSettings,
+    /// How snapshots are kept at their replica targets.
+    pub replication: ReplicationSettings,
 }
 
 impl Default for Settings {
@@ -105,6 +109,7 @@ impl Default for Settings {
             worker_limit: 0,
             node_worker_limit: 0,
             gc: GcSettings::default(),
+            replication: ReplicationSettings::default(),
         }
     }
 }
@@ -138,6 +143,7 @@ struct Inner {
     next_generation: u64,
     rng: StdRng,
     gc: gc::GcBook,
+    replicas: replication::ReplicaBook,
 }
 
 /// The coordinator's live state.
@@ -243,6 +249,7 @@ impl Engine {
                 next_generation: 1,
                 rng: StdRng::from_os_rng(),
                 gc: gc::GcBook::new(now),
+                replicas: replication::ReplicaBook::new(now),
             }),
             events,
             settings,
@@ -355,6 +362,10 @@ impl Engine {
             }
             Some(node_message::Kind::GcDone(done)) => {
                 inner.gc_done(node_id, &done, now)?;
+                inner.store.flush().await?;
+            }
+            Some(node_message::Kind::Replicated(answer)) => {
+                inner.replicated(node_id, &answer, now)?;
                 inner.store.flush().await?;
             }
             Some(node_message::Kind::Hello(_)) => {
@@ -620,7 +631,7 @@ impl Engine {
         filter: &ListCatalogRequest,
     ) -> Result<Vec<CatalogEntry>, EngineError> {
         let inner = self.inner.lock().await;
-        Ok(inner
+        let mut entries: Vec<CatalogEntry> = inner
             .store
             .catalog()?
             .into_iter()
@@ -630,7 +641,9 @@ impl Engine {
                         && (filter.host.is_empty() || snapshot.host == filter.host)
                 })
             })
-            .collect())
+            .collect();
+        inner.annotate_replicas(&mut entries, now_ms());
+        Ok(entries)
     }
 
     /// Pauses (`true`) or resumes job `name`'s schedule.
@@ -1174,6 +1187,12 @@ impl Inner {
             self.store_event(event)?;
         }
         let is_sync = record.spec().r#type() == SnapshotType::Sync;
+        // The copies the coordinator keeps of the run's snapshot: the job's
+        // `replicas`, or as many as its plan names.
+        let replica_target = match record.spec().replicas {
+            0 => u32::try_from(record.run().copies.len()).unwrap_or(u32::MAX),
+            replicas => replicas,
+        };
         for (snapshot, node) in &outcome.committed {
             let mut entry = snapshot.clone();
             if entry.id.is_empty()
@@ -1181,7 +1200,7 @@ impl Inner {
             {
                 entry.id = planned.id.clone();
             }
-            self.store.add_catalog_copy(&entry, node)?;
+            self.store.add_catalog_copy(&entry, node, replica_target)?;
             if is_sync {
                 self.replace_sync_snapshots(node, &entry, now)?;
             }
@@ -1243,6 +1262,7 @@ impl Inner {
     fn tick(&mut self, now: i64) -> Result<bool, StateError> {
         let mut changed = self.upkeep(now)?;
         changed |= self.gc_upkeep(now)?;
+        changed |= self.replication_upkeep(now)?;
         let lost_after = millis(self.settings.lost_after);
         let queue_timeout = millis(self.settings.queue_timeout);
         let mut lost = Vec::new();

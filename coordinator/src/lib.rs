@@ -20,6 +20,7 @@ pub mod job_history;
 pub mod jobfile;
 pub mod prune;
 pub mod record;
+pub mod replicas;
 pub mod retention;
 pub mod runs;
 pub mod schedule;

@@ -70,6 +70,19 @@ struct ServeArgs {
     /// How far before the oldest run in flight a leased GC spares packs, e.g. "5m".
     #[arg(long, env = "FABRIC_COORDINATOR_GC_CLOCK_MARGIN", value_parser = humantime::parse_duration)]
     gc_clock_margin: Option<Duration>,
+    /// How long a storage node may be lost before its snapshots are copied
+    /// again elsewhere, e.g. "30m" ("0s": never).
+    #[arg(long, env = "FABRIC_COORDINATOR_REPLACE_AFTER", value_parser = humantime::parse_duration)]
+    replace_after: Option<Duration>,
+    /// How often re-replication looks at the catalogue, e.g. "30s".
+    #[arg(long, env = "FABRIC_COORDINATOR_REPLICATION_CHECK_EVERY", value_parser = humantime::parse_duration)]
+    replication_check_every: Option<Duration>,
+    /// Re-replication copies one node sends or receives at once.
+    #[arg(long, env = "FABRIC_COORDINATOR_REPLICATION_PER_NODE")]
+    replication_per_node: Option<u32>,
+    /// Bytes a second each re-replication copy may send (0: no limit).
+    #[arg(long, env = "FABRIC_COORDINATOR_REPLICATION_BANDWIDTH_BYTES_PER_S")]
+    replication_bandwidth_bytes_per_s: Option<u64>,
     /// Log format on stderr.
     #[arg(long, env = "FABRIC_COORDINATOR_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -131,6 +144,18 @@ impl ServeArgs {
         }
         if let Some(margin) = self.gc_clock_margin {
             config.gc_clock_margin = margin;
+        }
+        if let Some(after) = self.replace_after {
+            config.replace_after = after;
+        }
+        if let Some(every) = self.replication_check_every {
+            config.replication_check_every = every;
+        }
+        if let Some(per_node) = self.replication_per_node {
+            config.replication_per_node = per_node;
+        }
+        if let Some(limit) = self.replication_bandwidth_bytes_per_s {
+            config.replication_bandwidth_bytes_per_s = limit;
         }
         if let Some(format) = self.log_format {
             config.log_format = format;

@@ -77,7 +77,9 @@ fn copy_state_word(state: CopyState) -> &'static str {
 }
 
 /// The state a run ends in once its client reported `client_state`: a run
-/// is done only if the client says so and every copy committed.
+/// is done only if the client says so and every copy committed, or, for a
+/// job of `replicas = N`, N copies committed (spares stood in for failed
+/// targets: the failures stay in the reason).
 pub fn final_state(
     record: &RunRecord,
     client_state: RunState,
@@ -86,8 +88,23 @@ pub fn final_state(
     match client_state {
         RunState::Done => {
             let failed = failed_copies_summary(record);
+            let replicas = record.spec().replicas as usize;
+            let done = record
+                .run()
+                .copies
+                .iter()
+                .filter(|copy| copy.state() == CopyState::Done)
+                .count();
             if failed.is_empty() {
                 (RunState::Done, String::new())
+            } else if replicas > 0 && done >= replicas {
+                (
+                    RunState::Done,
+                    format!(
+                        "{done} copies as asked; spares stood in for failed copies: {}",
+                        failed.join("; ")
+                    ),
+                )
             } else {
                 (
                     RunState::Failed,
@@ -587,6 +604,32 @@ mod tests {
         apply_update(&mut record, "c1", &dest("n9", CopyState::Running), 5);
         assert_eq!(record.run().copies.len(), 2);
         assert_eq!(record.run().copies[1].node, "n9");
+    }
+
+    #[test]
+    fn a_replicas_run_whose_spare_made_the_copies_is_done_and_says_what_failed() {
+        let mut record = push_run(&[("n1", false), ("n2", false)]);
+        record.spec = Some(fabric_proto::v1::JobSpec {
+            replicas: 2,
+            ..Default::default()
+        });
+        apply_update(&mut record, "c1", &dest("n1", CopyState::Done), 1);
+        let mut failed = dest("n2", CopyState::Failed);
+        failed.message = "copy to n2 failed: no space".into();
+        apply_update(&mut record, "c1", &failed, 2);
+        apply_update(&mut record, "c1", &dest("n3", CopyState::Done), 3);
+        let (state, reason) = final_state(&record, RunState::Done, "");
+        assert_eq!(state, RunState::Done);
+        assert!(reason.contains("n2") && reason.contains("no space"), "{reason}");
+
+        // One copy short of the count fails, whatever the client says.
+        let mut short = push_run(&[("n1", false), ("n2", false)]);
+        short.spec = record.spec.clone();
+        apply_update(&mut short, "c1", &dest("n1", CopyState::Done), 1);
+        apply_update(&mut short, "c1", &failed, 2);
+        let (state, reason) = final_state(&short, RunState::Done, "");
+        assert_eq!(state, RunState::Failed);
+        assert!(reason.contains("no space"), "{reason}");
     }
 
     #[test]

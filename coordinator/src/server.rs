@@ -102,6 +102,7 @@ pub async fn serve_with_health(
             worker_limit: config.worker_limit,
             node_worker_limit: config.node_worker_limit,
             gc: config.gc_settings()?,
+            replication: config.replication_settings(),
         },
     )?);
     let tokens = Tokens::new(engine.state());

@@ -360,9 +360,15 @@ impl Store {
             .collect()
     }
 
-    /// Records that `node` holds `snapshot` (under the id it reported).
-    /// Returns whether the entry changed.
-    pub fn add_catalog_copy(&self, snapshot: &Snapshot, node: &str) -> Result<bool, StateError> {
+    /// Records that `node` holds `snapshot` (under the id it reported),
+    /// and `replica_target` as the entry's target when it has none yet (0:
+    /// leave it). Returns whether the entry changed.
+    pub fn add_catalog_copy(
+        &self,
+        snapshot: &Snapshot,
+        node: &str,
+        replica_target: u32,
+    ) -> Result<bool, StateError> {
         let key = catalog_key(snapshot);
         let mut entry: CatalogEntry = match self
             .catalog
@@ -372,20 +378,42 @@ impl Store {
             Some(value) => decode("catalog", snapshot.id.as_bytes(), &value)?,
             None => CatalogEntry {
                 snapshot: Some(snapshot.clone()),
-                copies: Vec::new(),
+                ..Default::default()
             },
         };
-        if entry.copies.iter().any(|copy| copy.node == node) {
+        let mut changed = false;
+        if entry.replica_target == 0 && replica_target > 0 {
+            entry.replica_target = replica_target;
+            changed = true;
+        }
+        if !entry.copies.iter().any(|copy| copy.node == node) {
+            entry.copies.push(CatalogCopy {
+                node: node.to_owned(),
+                snapshot_id: snapshot.id.clone(),
+                ..Default::default()
+            });
+            changed = true;
+        }
+        if !changed {
             return Ok(false);
         }
-        entry.copies.push(CatalogCopy {
-            node: node.to_owned(),
-            snapshot_id: snapshot.id.clone(),
-        });
         self.catalog
             .insert(key, entry.encode_to_vec())
             .map_err(sled_error(format!("store catalog entry {}", snapshot.id)))?;
         Ok(true)
+    }
+
+    /// The catalogue entry of snapshot `id`, if any (a scan: the catalogue
+    /// is keyed by start time).
+    pub fn catalog_entry(&self, id: &str) -> Result<Option<CatalogEntry>, StateError> {
+        for item in self.catalog.iter() {
+            let (key, value) = item.map_err(sled_error("read the catalog"))?;
+            let entry: CatalogEntry = decode("catalog", &key, &value)?;
+            if entry.snapshot.as_ref().is_some_and(|s| s.id == id) {
+                return Ok(Some(entry));
+            }
+        }
+        Ok(None)
     }
 
     /// Records that `node` no longer holds snapshot `id`; the entry goes
@@ -487,9 +515,9 @@ mod tests {
                 start_time_ms: 5,
                 ..Default::default()
             };
-            assert!(store.add_catalog_copy(&snapshot, "n1").unwrap());
-            assert!(store.add_catalog_copy(&snapshot, "n2").unwrap());
-            assert!(!store.add_catalog_copy(&snapshot, "n2").unwrap());
+            assert!(store.add_catalog_copy(&snapshot, "n1", 0).unwrap());
+            assert!(store.add_catalog_copy(&snapshot, "n2", 0).unwrap());
+            assert!(!store.add_catalog_copy(&snapshot, "n2", 0).unwrap());
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.nodes().unwrap().len(), 1);
@@ -527,7 +555,7 @@ mod tests {
                 start_time_ms: time,
                 ..Default::default()
             };
-            store.add_catalog_copy(&snapshot, "n1").unwrap();
+            store.add_catalog_copy(&snapshot, "n1", 0).unwrap();
         }
         let ids: Vec<String> = store
             .catalog()

@@ -128,10 +128,10 @@ async fn nodes_sharing_a_snapshot_never_collect_at_once() {
     // comes after the first tick, never in the same millisecond.
     let now = fabric_coordinator::engine::now_ms() - 1000;
     let shared = snapshot("shared", "web", now - DAY);
-    store.add_catalog_copy(&shared, "n1").unwrap();
-    store.add_catalog_copy(&shared, "n2").unwrap();
+    store.add_catalog_copy(&shared, "n1", 0).unwrap();
+    store.add_catalog_copy(&shared, "n2", 0).unwrap();
     store
-        .add_catalog_copy(&snapshot("alone", "web", now - DAY), "n3")
+        .add_catalog_copy(&snapshot("alone", "web", now - DAY), "n3", 0)
         .unwrap();
     let engine = Engine::open(store, settings()).unwrap();
     let mut sessions = Vec::new();
@@ -210,11 +210,12 @@ async fn a_node_under_its_target_loses_its_least_important_snapshots_then_says_w
             .add_catalog_copy(
                 &snapshot(&format!("web-{age}"), "web", now - age * DAY),
                 "n1",
+                0,
             )
             .unwrap();
     }
     store
-        .add_catalog_copy(&snapshot("db-0", "db", now - HOUR), "n1")
+        .add_catalog_copy(&snapshot("db-0", "db", now - HOUR), "n1", 0)
         .unwrap();
     let engine = Engine::open(store, settings()).unwrap();
     let (_, mut session) = engine

@@ -660,6 +660,7 @@ fn copy_snapshot(from: &Server, id: &str, to_id: &str) -> Snapshot {
             .copy_snapshot(fabric_proto::v1::CopySnapshotRequest {
                 snapshot: id.to_owned(),
                 target_node: to_id.to_owned(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -387,6 +387,7 @@ async fn a_client_certificate_puts_and_reads_its_own_host_only() {
                 .copy_snapshot(CopySnapshotRequest {
                     snapshot: web_id.clone(),
                     target_node: "n2".into(),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),
@@ -628,6 +629,7 @@ async fn a_node_is_its_certificate_and_cannot_take_another_nodes_place() {
             .copy_snapshot(CopySnapshotRequest {
                 snapshot: other_id,
                 target_node: "n1".into(),
+                ..Default::default()
             })
             .await,
         Code::PermissionDenied,
@@ -638,6 +640,7 @@ async fn a_node_is_its_certificate_and_cannot_take_another_nodes_place() {
             .copy_snapshot(CopySnapshotRequest {
                 snapshot: seen[0].id.clone(),
                 target_node: "client".into(),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -801,6 +804,7 @@ async fn a_pull_is_served_only_to_the_assigned_node_and_a_copy_only_to_a_registe
             .copy_snapshot(CopySnapshotRequest {
                 snapshot: "whatever".into(),
                 target_node: target.into(),
+                ..Default::default()
             })
             .await;
         assert_code(copy, code, target);

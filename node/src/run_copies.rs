@@ -177,11 +177,14 @@ async fn holds(node: &CopyTarget, id: &str, transport: &Transport) -> Option<boo
 
 /// Copy snapshot `id` to `target` from the first of `holders` that can,
 /// calling `progress` with the bytes sent so far; the committed record.
+/// The holder sends at most `bandwidth_limit_bytes_per_s` (0: no limit of
+/// its own).
 pub async fn copy_from_holders(
     holders: &[CopyTarget],
     id: &str,
     target: &CopyTarget,
     transport: &Transport,
+    bandwidth_limit_bytes_per_s: u64,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Snapshot, String> {
     let mut reasons = Vec::new();
@@ -206,7 +209,16 @@ pub async fn copy_from_holders(
             }
             continue;
         }
-        match copy_from(holder, id, target, transport, progress).await {
+        match copy_from(
+            holder,
+            id,
+            target,
+            transport,
+            bandwidth_limit_bytes_per_s,
+            progress,
+        )
+        .await
+        {
             Ok(snapshot) => return Ok(snapshot),
             Err(reason) => {
                 tracing::warn!(holder = %holder.node, target = %target.node, %reason, "node-to-node copy failed");
@@ -226,6 +238,7 @@ async fn copy_from(
     id: &str,
     target: &CopyTarget,
     transport: &Transport,
+    bandwidth_limit_bytes_per_s: u64,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<Snapshot, String> {
     let mut client = crate::client::storage(&Peer::node(&holder.node, &holder.address), transport)
@@ -235,6 +248,7 @@ async fn copy_from(
         .copy_snapshot(CopySnapshotRequest {
             snapshot: id.to_owned(),
             target_node: target.node.clone(),
+            bandwidth_limit_bytes_per_s,
         })
         .await
         .map_err(|status| describe_status(&status))?

@@ -25,6 +25,7 @@ use fabric_chunkstore::walk::BackupOptions;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CopyState, CopyTarget, GcDone, GcLease, Heartbeat, HostUsage,
+    Replicate, Replicated,
     JobUsage, NodeInfo, NodeMessage, NodeRole, RunState, RunUpdate, Snapshot, SnapshotsDeleted,
     TransferProgress, coordinator_message, node_message,
 };
@@ -523,6 +524,9 @@ fn handle(
         Some(coordinator_message::Kind::GcLease(lease)) => {
             tokio::spawn(collect_garbage(context.clone(), lease));
         }
+        Some(coordinator_message::Kind::Replicate(replicate)) => {
+            tokio::spawn(replicate_here(context.clone(), replicate));
+        }
         Some(coordinator_message::Kind::PullDone(done)) => {
             let waiter = lock(active)
                 .runs
@@ -590,6 +594,59 @@ async fn collect_garbage(context: Context, lease: GcLease) {
         }
     };
     let _ = context.replies.send(node_message::Kind::GcDone(done));
+}
+
+/// The coordinator asks for a copy of a snapshot here (re-replication):
+/// ask the holders, in order, to copy it to this node, and say how it went.
+/// A node without a store refuses.
+async fn replicate_here(context: Context, replicate: Replicate) {
+    let Replicate {
+        replication_id,
+        snapshot_id,
+        holders,
+        bandwidth_limit_bytes_per_s,
+    } = replicate;
+    let own = CopyTarget {
+        node: context.config.node_id.clone(),
+        ..Default::default()
+    };
+    let result = if context.store.is_none() {
+        Err(format!(
+            "node {} has no store to copy snapshot {snapshot_id} into",
+            own.node
+        ))
+    } else if holders.is_empty() {
+        Err(format!("no node holding snapshot {snapshot_id} was named"))
+    } else {
+        tracing::info!(snapshot = %snapshot_id, holders = %holder_names(&holders), "re-replication: copying a snapshot here");
+        run_copies::copy_from_holders(
+            &holders,
+            &snapshot_id,
+            &own,
+            &context.transport,
+            bandwidth_limit_bytes_per_s,
+            &|_| {},
+        )
+        .await
+    };
+    let answer = match result {
+        Ok(committed) => Replicated {
+            replication_id,
+            snapshot_id,
+            committed: Some(committed),
+            error: String::new(),
+        },
+        Err(error) => {
+            tracing::warn!(snapshot = %snapshot_id, %error, "re-replication failed");
+            Replicated {
+                replication_id,
+                snapshot_id,
+                committed: None,
+                error,
+            }
+        }
+    };
+    let _ = context.replies.send(node_message::Kind::Replicated(answer));
 }
 
 /// Run one assignment to its end, reporting every step but the last, which
@@ -903,6 +960,7 @@ async fn copy_once(
         &copies.snapshot_id(),
         target,
         &context.transport,
+        0,
         &progress,
     )
     .await?;
@@ -1053,6 +1111,7 @@ async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
                 &template.id,
                 &own,
                 &context.transport,
+                0,
                 &|_| {},
             )
             .await;

@@ -681,6 +681,7 @@ impl Storage for StorageService {
         let CopySnapshotRequest {
             snapshot,
             target_node,
+            bandwidth_limit_bytes_per_s,
         } = request.into_inner();
         let address = self.resolve_node(&target_node, false).await?;
         let target = target_node;
@@ -739,8 +740,9 @@ impl Storage for StorageService {
                 incoming,
                 commit,
                 copy_counters,
-                // The target's ingest limit paces a copy.
-                TransferLimits::none(),
+                // The target's ingest limit paces a copy, and the caller
+                // may ask for a lower rate (re-replication does).
+                TransferLimits::none().with(RateLimit::new(bandwidth_limit_bytes_per_s)),
             )
             .await
         };

@@ -404,6 +404,12 @@ impl Inner {
                     .saturating_sub(margin)
                     .max(1)
             })
+            .chain(
+                // A copy re-replication started uploads like a run.
+                self.replicas
+                    .oldest_started_ms()
+                    .map(|started| started.min(now).saturating_sub(margin).max(1)),
+            )
             .min()
             .unwrap_or(0);
         for (_, _, node) in due {
