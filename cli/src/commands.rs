@@ -400,6 +400,26 @@ pub struct SnapshotRow {
     pub flags: Vec<String>,
     /// Its job's use of the job's quota, when it has one.
     pub job_quota: Option<JobQuotaCell>,
+    /// Its copies that count against its replica target (from the
+    /// coordinator's catalogue only).
+    pub copies: Option<CopiesCell>,
+}
+
+/// A snapshot's copies that count, against its replica target.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CopiesCell {
+    /// Copies that count now.
+    pub healthy: u32,
+    /// The copies the coordinator keeps of it.
+    pub target: u32,
+    /// Why a copy does not count, or may soon stop to, as "node: why".
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for CopiesCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.healthy, self.target)
+    }
 }
 
 /// A job's use of its quota, as the storage nodes last counted.
@@ -429,6 +449,7 @@ impl Row for SnapshotRow {
             "duration",
             "tags",
             "nodes",
+            "copies",
             "flags",
             "job quota",
         ]
@@ -443,6 +464,9 @@ impl Row for SnapshotRow {
             duration_ms(self.duration_ms),
             self.tags.join(","),
             self.nodes.join(","),
+            self.copies
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string),
             self.flags.join(","),
             self.job_quota
                 .map_or_else(|| "-".to_owned(), |quota| quota.to_string()),
@@ -465,6 +489,7 @@ pub fn snapshot_row(snapshot: &Snapshot, nodes: Vec<String>) -> SnapshotRow {
         state: enum_name(snapshot.state().as_str_name(), "SNAPSHOT_STATE_"),
         flags: snapshot_flags(snapshot, now_ms()),
         job_quota: None,
+        copies: None,
     }
 }
 
@@ -898,6 +923,9 @@ pub struct SnapshotListing {
     pub entries: Vec<(Snapshot, Vec<String>)>,
     /// Jobs with a quota.
     pub job_quotas: std::collections::HashMap<String, (u64, u64)>,
+    /// Each snapshot's copies against its replica target, by snapshot id
+    /// (none when listed from one node).
+    pub copies: std::collections::HashMap<String, CopiesCell>,
 }
 
 /// Snapshots with the nodes holding them, oldest first: from the coordinator's
@@ -937,11 +965,38 @@ pub async fn snapshot_listing(
                 .map(|s| (s, vec![node.clone()]))
                 .collect(),
             job_quotas: Default::default(),
+            copies: Default::default(),
         });
     }
     let mut client = remote.coordinator().await?;
     let listed = remote::catalog_with_quotas(&mut client, job, host).await?;
+    let copies = listed
+        .entries
+        .iter()
+        .filter_map(|entry| {
+            let id = entry.snapshot.as_ref()?.id.clone();
+            let target = match entry.replica_target {
+                0 => u32::try_from(entry.copies.len()).unwrap_or(u32::MAX),
+                target => target,
+            };
+            let problems = entry
+                .copies
+                .iter()
+                .filter(|copy| !copy.problem.is_empty())
+                .map(|copy| format!("{}: {}", copy.node, copy.problem))
+                .collect();
+            Some((
+                id,
+                CopiesCell {
+                    healthy: entry.healthy_copies,
+                    target,
+                    problems,
+                },
+            ))
+        })
+        .collect();
     Ok(SnapshotListing {
+        copies,
         entries: listed
             .entries
             .into_iter()
@@ -962,18 +1017,28 @@ pub async fn snapshot_listing(
 
 fn rows_of<'a>(
     entries: impl IntoIterator<Item = &'a (Snapshot, Vec<String>)>,
-    job_quotas: &std::collections::HashMap<String, (u64, u64)>,
+    listing: &SnapshotListing,
 ) -> Vec<SnapshotRow> {
     entries
         .into_iter()
         .map(|(snapshot, nodes)| {
             let mut row = snapshot_row(snapshot, nodes.clone());
-            row.job_quota = job_quotas
-                .get(&snapshot.job)
-                .map(|&(used_bytes, quota_bytes)| JobQuotaCell {
-                    used_bytes,
-                    quota_bytes,
-                });
+            row.job_quota =
+                listing
+                    .job_quotas
+                    .get(&snapshot.job)
+                    .map(|&(used_bytes, quota_bytes)| JobQuotaCell {
+                        used_bytes,
+                        quota_bytes,
+                    });
+            row.copies = listing.copies.get(&snapshot.id).cloned();
+            if row
+                .copies
+                .as_ref()
+                .is_some_and(|copies| copies.healthy < copies.target)
+            {
+                row.flags.push("under-replicated".to_owned());
+            }
             row
         })
         .collect()
@@ -987,7 +1052,7 @@ pub async fn snapshot_list(
     format: OutputFormat,
 ) -> anyhow::Result<()> {
     let listing = snapshot_listing(remote, job, host, node).await?;
-    output::print_rows(&rows_of(&listing.entries, &listing.job_quotas), format)
+    output::print_rows(&rows_of(&listing.entries, &listing), format)
 }
 
 pub async fn find(
@@ -1003,7 +1068,7 @@ pub async fn find(
     if found.is_empty() {
         bail!("no snapshot matches {spec:?}");
     }
-    output::print_rows(&rows_of(found, &listing.job_quotas), format)
+    output::print_rows(&rows_of(found, &listing), format)
 }
 
 /// Restore `path` of the snapshot `spec` names into the directory `to`

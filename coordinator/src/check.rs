@@ -184,6 +184,42 @@ fn judge_by_last_run(job: &Job) -> (CheckStatus, String) {
     }
 }
 
+/// Replicas on top of freshness: a job with snapshots short of their
+/// replica target is a WARNING ("2 snapshots short of their replica
+/// target"), and one with a snapshot no copy of which counts any more is
+/// CRITICAL. `short` is (job, copies that count, target) per snapshot.
+pub fn add_replica_shortfalls(checks: &mut [JobCheck], short: &[(String, usize, usize)]) {
+    for check in checks {
+        let mine: Vec<&(String, usize, usize)> = short
+            .iter()
+            .filter(|(job, _, _)| *job == check.job)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let without_copy = mine.iter().filter(|(_, counted, _)| *counted == 0).count();
+        let (status, note) = if without_copy > 0 {
+            (
+                CheckStatus::Critical,
+                format!("{without_copy} snapshot(s) without a copy on a live node"),
+            )
+        } else {
+            (
+                CheckStatus::Warning,
+                format!("{} snapshot(s) short of their replica target", mine.len()),
+            )
+        };
+        if severity(status) > severity(check.status()) {
+            check.set_status(status);
+        }
+        check.message = if check.message.is_empty() {
+            note
+        } else {
+            format!("{note}; {}", check.message)
+        };
+    }
+}
+
 /// Rank for "worst": OK < UNKNOWN < WARNING < CRITICAL.
 fn severity(status: CheckStatus) -> u8 {
     match status {
@@ -374,6 +410,34 @@ mod tests {
             NOW,
         );
         assert_eq!(checks[0].status(), CheckStatus::Ok, "{checks:?}");
+    }
+
+    #[test]
+    fn snapshots_short_of_their_target_warn_and_one_without_a_copy_is_critical() {
+        let jobs = vec![job("db", 24, 48), job("web", 24, 48)];
+        let snapshots = vec![
+            snapshot("db", "", 1, SnapshotState::Complete),
+            snapshot("web", "", 1, SnapshotState::Complete),
+        ];
+        let mut checks = check_jobs(&jobs, &snapshots, NOW);
+        add_replica_shortfalls(
+            &mut checks,
+            &[
+                ("db".into(), 1, 2),
+                ("db".into(), 1, 2),
+                ("web".into(), 0, 2),
+            ],
+        );
+        assert_eq!(checks[0].status(), CheckStatus::Warning);
+        assert!(
+            checks[0]
+                .message
+                .starts_with("2 snapshot(s) short of their replica target"),
+            "{}",
+            checks[0].message
+        );
+        assert_eq!(checks[1].status(), CheckStatus::Critical);
+        assert!(checks[1].message.contains("without a copy"));
     }
 
     #[test]

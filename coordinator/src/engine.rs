@@ -739,15 +739,16 @@ impl Engine {
                     .is_some_and(|spec| names.contains(&spec.name))
             });
         }
-        let snapshots: Vec<Snapshot> = inner
-            .store
-            .catalog()?
+        let now = now_ms();
+        let entries = inner.store.catalog()?;
+        let short = inner.replica_shortfalls(&entries, now);
+        let snapshots: Vec<Snapshot> = entries
             .into_iter()
             .filter_map(|entry| entry.snapshot)
             .collect();
-        Ok(CheckResponse {
-            jobs: crate::check::check_jobs(&jobs, &snapshots, now_ms()),
-        })
+        let mut checks = crate::check::check_jobs(&jobs, &snapshots, now);
+        crate::check::add_replica_shortfalls(&mut checks, &short);
+        Ok(CheckResponse { jobs: checks })
     }
 
     /// Writes everything out (at shutdown).

@@ -58,7 +58,10 @@ impl CopyProblem {
         };
         match self {
             CopyProblem::LostRecently { since_ms } => {
-                format!("node lost {} ago; replaced if it stays away", ago(*since_ms))
+                format!(
+                    "node lost {} ago; replaced if it stays away",
+                    ago(*since_ms)
+                )
             }
             CopyProblem::Lost { since_ms } => {
                 format!("node lost {} ago; not counted", ago(*since_ms))
@@ -113,7 +116,8 @@ pub fn counted_copies(
         .copies
         .iter()
         .filter(|copy| {
-            copy_problem(nodes.get(&copy.node), rules, now_ms).is_none_or(|problem| problem.counts())
+            copy_problem(nodes.get(&copy.node), rules, now_ms)
+                .is_none_or(|problem| problem.counts())
         })
         .count()
 }
@@ -178,7 +182,8 @@ pub fn short_of_target(
             }
             let target = target_of(entry);
             let counted = counted_copies(entry, nodes, rules, now_ms);
-            (counted < target).then(|| (snapshot.id.clone(), counted, target, snapshot.start_time_ms))
+            (counted < target)
+                .then(|| (snapshot.id.clone(), counted, target, snapshot.start_time_ms))
         })
         .collect();
     short.sort_by(|a, b| a.1.cmp(&b.1).then(b.3.cmp(&a.3)));
@@ -398,10 +403,7 @@ mod tests {
             ("n3".to_owned(), online(50)),
         ]
         .into();
-        let entries = vec![
-            entry("a", 1, 2, &["n1", "n2"]),
-            entry("b", 2, 1, &["n2"]),
-        ];
+        let entries = vec![entry("a", 1, 2, &["n1", "n2"]), entry("b", 2, 1, &["n2"])];
         let short = short_of_target(&entries, &nodes, &rules(), 2 * HOUR);
         assert_eq!(short.len(), 2);
         // "b" has no copy on a connected node: nothing can be done.

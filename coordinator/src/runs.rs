@@ -620,7 +620,10 @@ mod tests {
         apply_update(&mut record, "c1", &dest("n3", CopyState::Done), 3);
         let (state, reason) = final_state(&record, RunState::Done, "");
         assert_eq!(state, RunState::Done);
-        assert!(reason.contains("n2") && reason.contains("no space"), "{reason}");
+        assert!(
+            reason.contains("n2") && reason.contains("no space"),
+            "{reason}"
+        );
 
         // One copy short of the count fails, whatever the client says.
         let mut short = push_run(&[("n1", false), ("n2", false)]);

@@ -792,3 +792,116 @@ fn placement_avoids_a_node_that_refuses_writes() {
         assert_eq!(nodes, ["n2"], "{run:#}");
     }
 }
+
+#[test]
+fn a_node_lost_for_good_has_its_snapshots_copied_back_to_their_replica_target() {
+    let fabric = Fabric::start_with(
+        3,
+        &["--replace-after", "1s", "--replication-check-every", "1s"],
+        &[],
+    );
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.kept]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 2\n",
+        source.display()
+    );
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let runs = fabric.submit(&jobs, &[]);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        ids.push(run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned());
+    }
+    let listed = fabric.json(&["snapshot", "list", "--job", "kept"]);
+    for row in listed.as_array().unwrap() {
+        assert_eq!(row["copies"]["healthy"], 2, "{row:#}");
+        assert_eq!(row["copies"]["target"], 2, "{row:#}");
+    }
+    // The node holding the most copies dies for good.
+    let holders = |row: &serde_json::Value| -> Vec<String> {
+        row["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|node| node.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut count: std::collections::BTreeMap<String, usize> = Default::default();
+    for row in listed.as_array().unwrap() {
+        for node in holders(row) {
+            *count.entry(node).or_default() += 1;
+        }
+    }
+    let victim = count
+        .iter()
+        .max_by_key(|(_, held)| **held)
+        .map(|(node, _)| node.clone())
+        .unwrap();
+    let index: usize = victim.trim_start_matches('n').parse().unwrap();
+    fabric_integration_tests::signal(fabric.nodes[index - 1].pid(), rustix::process::Signal::KILL);
+
+    // Every snapshot gets back to two copies that count, on the others.
+    let mut rows = Vec::new();
+    for _ in 0..600 {
+        rows = fabric
+            .json(&["snapshot", "list", "--job", "kept"])
+            .as_array()
+            .cloned()
+            .unwrap();
+        let back = rows.iter().all(|row| {
+            row["copies"]["healthy"] == 2
+                && holders(row).iter().filter(|node| **node != victim).count() == 2
+        });
+        if back {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for row in &rows {
+        assert_eq!(row["copies"]["healthy"], 2, "{rows:#?}");
+        let problems = row["copies"]["problems"].to_string();
+        if holders(row).contains(&victim) {
+            assert!(
+                problems.contains(&format!("{victim}: node lost"))
+                    && problems.contains("not counted"),
+                "{row:#}"
+            );
+        }
+        let flags = row["flags"].to_string();
+        assert!(!flags.contains("under-replicated"), "{row:#}");
+    }
+    // The new copies are really there, and restore from them.
+    for id in &ids {
+        let on_live_nodes = fabric
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(at, _)| *at != index - 1)
+            .filter(|(_, node)| {
+                snapshots_on(&node.address)
+                    .iter()
+                    .any(|snapshot| &snapshot.id == id)
+            })
+            .count();
+        assert_eq!(on_live_nodes, 2, "snapshot {id}");
+    }
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    let target = fabric.dir.path().join("restored");
+    let output = fabric.ctl(&[
+        "restore",
+        &ids[0],
+        &inside,
+        "--to",
+        target.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    fabricctl::compare::compare_trees(
+        &source,
+        &target,
+        false,
+        fabric_chunkstore::restore::RestorePolicy::default(),
+    )
+    .unwrap();
+    let check = fabric.ctl(&["check", "kept"]);
+    assert!(check.status.success(), "{check:?}");
+}

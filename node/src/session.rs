@@ -25,9 +25,8 @@ use fabric_chunkstore::walk::BackupOptions;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CopyState, CopyTarget, GcDone, GcLease, Heartbeat, HostUsage,
-    Replicate, Replicated,
-    JobUsage, NodeInfo, NodeMessage, NodeRole, RunState, RunUpdate, Snapshot, SnapshotsDeleted,
-    TransferProgress, coordinator_message, node_message,
+    JobUsage, NodeInfo, NodeMessage, NodeRole, Replicate, Replicated, RunState, RunUpdate,
+    Snapshot, SnapshotsDeleted, TransferProgress, coordinator_message, node_message,
 };
 use fabric_trust::Transport;
 use futures::StreamExt;

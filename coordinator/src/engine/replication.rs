@@ -159,6 +159,28 @@ impl Inner {
         }
     }
 
+    /// The snapshots of `entries` short of their targets now, as (job,
+    /// copies that count, target), for `check`.
+    pub(super) fn replica_shortfalls(
+        &self,
+        entries: &[CatalogEntry],
+        now: i64,
+    ) -> Vec<(String, usize, usize)> {
+        let jobs: HashMap<&str, &str> = entries
+            .iter()
+            .filter_map(|entry| {
+                let snapshot = entry.snapshot.as_ref()?;
+                Some((snapshot.id.as_str(), snapshot.job.as_str()))
+            })
+            .collect();
+        replicas::short_of_target(entries, &self.replica_nodes(), &self.replica_rules(), now)
+            .into_iter()
+            .filter_map(|(id, counted, target)| {
+                Some((jobs.get(id.as_str())?.to_string(), counted, target))
+            })
+            .collect()
+    }
+
     /// On every tick: every `check_every`, start the copies that bring
     /// snapshots back to their targets.
     pub(super) fn replication_upkeep(&mut self, now: i64) -> Result<bool, StateError> {
@@ -304,9 +326,11 @@ impl Inner {
             // Retention removed it meanwhile: so goes this copy.
             tracing::info!(node = %node_id, snapshot = %answer.snapshot_id, "a copy of a snapshot no longer in the catalogue: deleting it");
             let delete = CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::DeleteSnapshots(DeleteSnapshots {
-                    ids: vec![answer.snapshot_id.clone()],
-                })),
+                kind: Some(coordinator_message::Kind::DeleteSnapshots(
+                    DeleteSnapshots {
+                        ids: vec![answer.snapshot_id.clone()],
+                    },
+                )),
             };
             self.send(node_id, delete);
             return Ok(());
