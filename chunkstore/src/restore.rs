@@ -430,6 +430,17 @@ pub trait RestoreTarget {
     fn other(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError>;
     /// Everything has been sent: apply pending metadata, flush.
     fn finish(&mut self) -> Result<(), RestoreError>;
+    /// The restore failed: take back what this target wrote, as far as it
+    /// can, and say how many entries it removed. A target that cannot
+    /// (a tar stream already sent) removes nothing.
+    fn abort(&mut self) -> Result<u64, RestoreError> {
+        Ok(0)
+    }
+    /// Whether, after [`RestoreTarget::abort`], the whole restore may be
+    /// written again from the start (from another copy).
+    fn restartable(&self) -> bool {
+        false
+    }
     /// Extended attributes this target could not set so far.
     fn attributes_not_restored(&self) -> u64 {
         0
@@ -679,6 +690,9 @@ pub struct DirectoryTarget {
     policy: RestorePolicy,
     attributes_not_restored: u64,
     owners_not_restored: u64,
+    /// Everything this restore created, in order (and whether it is a
+    /// directory): what [`RestoreTarget::abort`] removes, last first.
+    created: Vec<(Vec<u8>, bool)>,
 }
 
 /// Set each of `entry`'s extended attributes with `set`; returns how many
@@ -814,7 +828,44 @@ impl DirectoryTarget {
             policy,
             attributes_not_restored: 0,
             owners_not_restored: 0,
+            created: Vec::new(),
         })
+    }
+
+    /// Remove `path` (relative to the root; a directory only when empty),
+    /// reaching it one component at a time, never through a symlink.
+    fn remove_created(&self, path: &[u8], directory: bool) -> Result<bool, RestoreError> {
+        let at = self.display_path(path);
+        let components: Vec<&[u8]> = path.split(|&byte| byte == b'/').collect();
+        let Some((name, parents)) = components.split_last() else {
+            return Ok(false);
+        };
+        let mut opened: Option<OwnedFd> = None;
+        for component in parents {
+            let parent = opened.as_ref().unwrap_or(&self.root);
+            match rustix::fs::openat(
+                parent,
+                *component,
+                OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => opened = Some(fd),
+                // Gone already, or replaced by something this restore
+                // did not make: nothing of ours to remove there.
+                Err(_) => return Ok(false),
+            }
+        }
+        let parent = opened.as_ref().unwrap_or(&self.root);
+        let flags = if directory {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        match rustix::fs::unlinkat(parent, *name, flags) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTEMPTY) => Ok(false),
+            Err(errno) => Err(errno_at(&at)(errno)),
+        }
     }
 
     fn display_path(&self, relative: &[u8]) -> PathBuf {
@@ -851,10 +902,15 @@ impl DirectoryTarget {
     fn open_child_directory(&mut self, name: &[u8], path: &[u8]) -> Result<OwnedFd, RestoreError> {
         let at = self.display_path(path);
         let parent = self.current_fd();
-        match rustix::fs::mkdirat(parent, name, Mode::RWXU) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        let made = match rustix::fs::mkdirat(parent, name, Mode::RWXU) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
             Err(errno) => return Err(errno_at(&at)(errno)),
+        };
+        if made {
+            self.created.push((path.to_vec(), true));
         }
+        let parent = self.current_fd();
         match rustix::fs::openat(
             parent,
             name,
@@ -960,6 +1016,7 @@ impl RestoreTarget for DirectoryTarget {
             Mode::RUSR | Mode::WUSR,
         )
         .map_err(errno_at(&at))?;
+        self.created.push((path.to_vec(), false));
         self.file = Some(OpenFile {
             path: at,
             file: File::from(fd),
@@ -1093,7 +1150,9 @@ impl RestoreTarget for DirectoryTarget {
             name,
             AtFlags::empty(),
         )
-        .map_err(errno_at(&at))
+        .map_err(errno_at(&at))?;
+        self.created.push((path.to_vec(), false));
+        Ok(())
     }
 
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
@@ -1109,6 +1168,8 @@ impl RestoreTarget for DirectoryTarget {
         let parent = self.current_fd();
         rustix::fs::symlinkat(entry.symlink_target.as_slice(), parent, name)
             .map_err(errno_at(&at))?;
+        self.created.push((path.to_vec(), false));
+        let parent = self.current_fd();
         // A symlink has no mode of its own to restore, only an owner.
         let refused = chown_as_recorded(self.policy, &at, entry, |uid, gid| {
             rustix::fs::chownat(
@@ -1152,6 +1213,27 @@ impl RestoreTarget for DirectoryTarget {
             self.close_directory()?;
         }
         Ok(())
+    }
+
+    /// Removes every file, link and directory this restore created, last
+    /// first (a directory only once empty: what was there before stays).
+    /// A file the restore replaced is not brought back: it was removed
+    /// when its new version was started.
+    fn abort(&mut self) -> Result<u64, RestoreError> {
+        self.file = None;
+        // Directories are closed without their recorded metadata.
+        self.stack.clear();
+        let mut removed = 0;
+        for (path, directory) in std::mem::take(&mut self.created).into_iter().rev() {
+            if self.remove_created(&path, directory)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn restartable(&self) -> bool {
+        true
     }
 
     fn attributes_not_restored(&self) -> u64 {

@@ -241,6 +241,45 @@ fn a_directory_target_can_be_driven_like_a_stream() {
 }
 
 #[test]
+fn an_aborted_directory_restore_removes_what_it_wrote_and_nothing_else() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let target = temp.path().join("target");
+    fs::create_dir_all(target.join("kept")).expect("mkdir");
+    fs::write(target.join("kept/before"), b"mine").expect("write");
+    let mut directory = DirectoryTarget::new(&target, RestorePolicy::default()).expect("target");
+    let entry = TreeEntry {
+        kind: EntryKind::File as i32,
+        mode: 0o100644,
+        size: 6,
+        ..TreeEntry::default()
+    };
+    directory.file_start(b"kept/new", &entry).expect("start");
+    directory.file_data(b"abcdef").expect("data");
+    directory.file_end().expect("end");
+    directory.file_start(b"a/b/c", &entry).expect("start");
+    directory.file_data(b"abcdef").expect("data");
+    directory.file_end().expect("end");
+    directory
+        .hard_link(b"a/link", b"a/b/c", &entry)
+        .expect("link");
+    let link = TreeEntry {
+        kind: EntryKind::Symlink as i32,
+        symlink_target: b"b/c".to_vec(),
+        ..TreeEntry::default()
+    };
+    directory.symlink(b"a/sym", &link).expect("symlink");
+    // Half a file, then the restore fails.
+    directory.file_start(b"a/half", &entry).expect("start");
+    directory.file_data(b"abc").expect("data");
+    assert!(directory.restartable());
+    let removed = directory.abort().expect("abort");
+    // kept/new, a, a/b, a/b/c, a/link, a/sym, a/half.
+    assert_eq!(removed, 7);
+    assert_eq!(listing(&target), vec!["kept", "kept/before"]);
+    assert_eq!(fs::read(target.join("kept/before")).expect("read"), b"mine");
+}
+
+#[test]
 fn a_symlink_already_in_the_target_is_never_followed() {
     let temp = tempfile::tempdir().expect("tempdir");
     let outside = temp.path().join("outside");
