@@ -1071,6 +1071,15 @@ pub async fn find(
     output::print_rows(&rows_of(found, &listing), format)
 }
 
+/// How `fabricctl restore` writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// What of the recorded owners and setuid and setgid bits comes back.
+    pub policy: RestorePolicy,
+    /// Keep what a failed restore wrote.
+    pub keep_partial: bool,
+}
+
 /// Restore `path` of the snapshot `spec` names into the directory `to`
 /// under `policy` (what of the recorded owners and setuid and setgid bits
 /// comes back), or as a tar stream on stdout when `to` is `-`, which
@@ -1082,8 +1091,12 @@ pub async fn restore(
     to: &str,
     node: Option<String>,
     job: Option<String>,
-    policy: RestorePolicy,
+    options: RestoreOptions,
 ) -> anyhow::Result<()> {
+    let RestoreOptions {
+        policy,
+        keep_partial,
+    } = options;
     if to == "-" && policy != RestorePolicy::default() {
         // Refused rather than ignored: the flags would suggest a tar stream
         // leaves something out without them.
@@ -1115,6 +1128,7 @@ pub async fn restore(
         remote.transport()?,
         path,
         target,
+        keep_partial,
     )
     .await?;
     let located = &copies[restored.from];
@@ -1122,6 +1136,13 @@ pub async fn restore(
         eprintln!(
             "warning: the copy on {} could not be read, so {} served the restore: {why}",
             copy.node, located.node
+        );
+    }
+    if restored.chunks_from_other_copies > 0 {
+        eprintln!(
+            "warning: {} chunk(s) the copy on {} could not read were read from other copies \
+             (every one checked against its id): that copy needs repair",
+            restored.chunks_from_other_copies, located.node
         );
     }
     let stats = restored.stats;

@@ -280,6 +280,11 @@ struct RestoreArgs {
     /// by default: a snapshot may hold whatever its uploader recorded).
     #[arg(long)]
     keep_setid: bool,
+    /// When the restore fails, keep what it wrote (by default it is
+    /// removed, and a directory restore starts over from another copy of
+    /// the snapshot when one is left).
+    #[arg(long)]
+    keep_partial: bool,
 }
 
 #[derive(clap::Args)]
@@ -509,9 +514,12 @@ async fn run(cli: Cli) -> i32 {
                 &args.to,
                 args.node,
                 args.job,
-                fabric_chunkstore::restore::RestorePolicy {
-                    same_owner: args.same_owner,
-                    setid_bits: args.keep_setid,
+                commands::RestoreOptions {
+                    policy: fabric_chunkstore::restore::RestorePolicy {
+                        same_owner: args.same_owner,
+                        setid_bits: args.keep_setid,
+                    },
+                    keep_partial: args.keep_partial,
                 },
             )
             .await

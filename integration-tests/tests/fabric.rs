@@ -905,3 +905,112 @@ fn a_node_lost_for_good_has_its_snapshots_copied_back_to_their_replica_target() 
     let check = fabric.ctl(&["check", "kept"]);
     assert!(check.status.success(), "{check:?}");
 }
+
+/// Flip one byte in the middle of the largest chunk of every pack under
+/// `data_dir` (a file's content in these tests, never a tree).
+fn damage_largest_chunks(data_dir: &std::path::Path) -> usize {
+    use std::os::unix::fs::FileExt;
+    let mut packs = Vec::new();
+    let mut dirs = vec![data_dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path
+                .parent()
+                .is_some_and(|parent| parent.ends_with("packs"))
+            {
+                packs.push(path);
+            }
+        }
+    }
+    let mut damaged = 0;
+    for pack in packs {
+        let mut largest: Option<(u64, u32)> = None;
+        let scanned = fabric_chunkstore::pack::scan_pack(&pack, |offset, header, _| {
+            if largest.is_none_or(|(_, len)| header.stored_len > len) {
+                largest = Some((offset, header.stored_len));
+            }
+        });
+        let (Ok(_), Some((offset, len))) = (scanned, largest) else {
+            continue;
+        };
+        let at = offset + fabric_chunkstore::pack::ENTRY_HEADER_LEN as u64 + u64::from(len / 2);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pack)
+            .unwrap();
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, at).unwrap();
+        byte[0] ^= 0x5a;
+        file.write_all_at(&byte, at).unwrap();
+        damaged += 1;
+    }
+    damaged
+}
+
+#[test]
+fn a_damaged_chunk_is_read_from_another_copy_and_a_failed_restore_leaves_nothing_behind() {
+    let fabric = Fabric::start(2);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.pair]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    let id = run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned();
+    let status = fabric.json(&["status", "--job", "pair"]);
+    let first = status[0]["nodes"][0].as_str().unwrap().to_owned();
+    let second = status[0]["nodes"][1].as_str().unwrap().to_owned();
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    let restore = |name: &str, extra: &[&str]| {
+        let target = fabric.dir.path().join(name);
+        let mut args = vec![
+            "restore",
+            id.as_str(),
+            inside.as_str(),
+            "--to",
+            target.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (fabric.ctl(&args), target)
+    };
+
+    // The copy restore reads first is damaged: the damaged chunk comes from
+    // the other copy, and the result is identical.
+    assert!(damage_largest_chunks(&fabric.dir.path().join(&first)) > 0);
+    let (output, target) = restore("healed", &[]);
+    assert!(output.status.success(), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains(&format!(
+            "the copy on {first} could not read were read from other copies"
+        )),
+        "{said}"
+    );
+    fabricctl::compare::compare_trees(
+        &source,
+        &target,
+        false,
+        fabric_chunkstore::restore::RestorePolicy::default(),
+    )
+    .unwrap();
+
+    // Both copies damaged in the same chunk: the restore fails and takes
+    // back everything it wrote...
+    assert!(damage_largest_chunks(&fabric.dir.path().join(&second)) > 0);
+    let (output, target) = restore("failed", &[]);
+    assert!(!output.status.success(), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("no other copy has it"), "{said}");
+    assert!(said.contains("--keep-partial"), "{said}");
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "{said}");
+    // ...unless asked to keep it.
+    let (output, target) = restore("kept", &["--keep-partial"]);
+    assert!(!output.status.success(), "{output:?}");
+    assert!(std::fs::read_dir(&target).unwrap().count() > 0);
+}

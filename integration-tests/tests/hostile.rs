@@ -157,11 +157,17 @@ async fn run(client: &mut StorageClient<Channel>, call: Call) -> Result<(), toni
             .get_snapshot(GetSnapshotRequest { snapshot })
             .await
             .map(drop),
-        Call::Restore(snapshot, path) => {
-            drain(client.restore(RestoreRequest { snapshot, path }).await)
-                .await
-                .map(drop)
-        }
+        Call::Restore(snapshot, path) => drain(
+            client
+                .restore(RestoreRequest {
+                    snapshot,
+                    path,
+                    ..Default::default()
+                })
+                .await,
+        )
+        .await
+        .map(drop),
         Call::Delete(snapshot) => client
             .delete_snapshot(DeleteSnapshotRequest { snapshot })
             .await
@@ -1248,6 +1254,7 @@ async fn a_restore_nobody_reads_is_dropped_after_the_idle_timeout_and_never_look
             .restore(RestoreRequest {
                 snapshot: snapshot.id.clone(),
                 path: String::new(),
+                ..Default::default()
             })
             .await,
     )
@@ -1260,6 +1267,7 @@ async fn a_restore_nobody_reads_is_dropped_after_the_idle_timeout_and_never_look
         .restore(RestoreRequest {
             snapshot: snapshot.id.clone(),
             path: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -343,6 +343,7 @@ async fn a_client_certificate_puts_and_reads_its_own_host_only() {
         .restore(RestoreRequest {
             snapshot: db_id.clone(),
             path: String::new(),
+            ..Default::default()
         })
         .await;
     assert_code(
@@ -354,6 +355,7 @@ async fn a_client_certificate_puts_and_reads_its_own_host_only() {
         .restore(RestoreRequest {
             snapshot: web_id.clone(),
             path: String::new(),
+            ..Default::default()
         })
         .await;
     assert!(own.is_ok(), "web1 restores its own: {own:?}");
@@ -616,6 +618,7 @@ async fn a_node_is_its_certificate_and_cannot_take_another_nodes_place() {
             .restore(RestoreRequest {
                 snapshot: other_id.clone(),
                 path: String::new(),
+                ..Default::default()
             })
             .await,
         Code::PermissionDenied,

@@ -24,7 +24,8 @@ use fabric_chunkstore::restore::{
     HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
 };
 use fabric_proto::v1::{
-    ChunkData, EntryKind, RestoreEntry, RestoreItem, RestoreRequest, TreeEntry, restore_item,
+    ChunkData, EntryKind, GetChunksRequest, RestoreEntry, RestoreItem, RestoreRequest, TreeEntry,
+    restore_item,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -46,7 +47,16 @@ pub struct RestoreStreamWriter<'a> {
     /// A file entry whose chunk ids are still coming in `more_chunk_ids`
     /// items, and how many it has in all.
     incomplete: Option<(RestoreEntry, usize)>,
+    /// Where a chunk the node could not read, or sent damaged, is fetched
+    /// from instead (another copy), if anywhere.
+    fallback: Option<ChunkFetcher<'a>>,
+    /// Chunks taken from the fallback.
+    chunks_from_other_copies: u64,
 }
+
+/// Fetches one chunk by id from somewhere else than the stream (checked
+/// again by the writer).
+pub type ChunkFetcher<'a> = Box<dyn FnMut(&[u8]) -> Result<ChunkData, String> + Send + 'a>;
 
 struct OpenFile {
     path: String,
@@ -72,7 +82,21 @@ impl<'a> RestoreStreamWriter<'a> {
             hard_links: HardLinks::default(),
             last_chunk: None,
             incomplete: None,
+            fallback: None,
+            chunks_from_other_copies: 0,
         }
+    }
+
+    /// Fetch a chunk the node could not read, or sent damaged, with
+    /// `fetch` (from another copy) instead of failing.
+    pub fn with_fallback(mut self, fetch: ChunkFetcher<'a>) -> Self {
+        self.fallback = Some(fetch);
+        self
+    }
+
+    /// Chunks taken from the fallback so far.
+    pub fn chunks_from_other_copies(&self) -> u64 {
+        self.chunks_from_other_copies
     }
 
     fn close_file(&mut self) -> Result<(), RestoreError> {
@@ -132,7 +156,14 @@ impl<'a> RestoreStreamWriter<'a> {
             Some(restore_item::Kind::MoreChunkIds(_)) => {
                 Err(bad("", "chunk ids outside of a file entry"))
             }
-            Some(restore_item::Kind::Chunk(chunk)) => self.chunk(chunk),
+            Some(restore_item::Kind::Chunk(chunk)) => {
+                let id = chunk.id.clone();
+                self.next_chunk(&id, Ok(chunk))
+            }
+            Some(restore_item::Kind::UnreadableChunk(unreadable)) => {
+                let reason = format!("the node cannot read it: {}", unreadable.reason);
+                self.next_chunk(&unreadable.id, Err(reason))
+            }
             None => Err(bad("", "an empty restore item")),
         }
     }
@@ -175,8 +206,14 @@ impl<'a> RestoreStreamWriter<'a> {
         Ok(())
     }
 
-    /// The next chunk of the open file.
-    fn chunk(&mut self, chunk: ChunkData) -> Result<(), RestoreError> {
+    /// The next chunk of the open file, `id` as the node sent it or could
+    /// not read it (`Err`): checked, or fetched from the fallback when it
+    /// does not check.
+    fn next_chunk(
+        &mut self,
+        id: &[u8],
+        got: Result<ChunkData, String>,
+    ) -> Result<(), RestoreError> {
         let file = self
             .current
             .as_mut()
@@ -186,25 +223,53 @@ impl<'a> RestoreStreamWriter<'a> {
             .chunk_ids
             .get(file.next_chunk)
             .ok_or_else(|| bad(&file.path, "more chunks than the entry lists"))?;
-        if *expected != chunk.id {
+        if expected != id {
             return Err(bad(&file.path, "a chunk out of order"));
         }
         // The same id, encoding and bytes as the chunk checked last decode
         // to the same plain bytes.
-        let (plain, zero) = match &mut self.last_chunk {
-            Some((last, plain, zero)) if *last == chunk => (plain, *zero),
-            last => {
-                let plain = plain_chunk(chunk.clone())
-                    .map_err(|err| bad(&file.path, err))?
-                    .data;
-                let zero = fabric_chunkstore::chunker::all_zero(&plain);
-                let (_, plain, _) = last.insert((chunk, plain, zero));
-                (plain, zero)
-            }
+        let repeated = matches!(
+            (&self.last_chunk, &got),
+            (Some((last, _, _)), Ok(chunk)) if last == chunk
+        );
+        if !repeated {
+            let checked = got.and_then(|chunk| {
+                let plain = plain_chunk(chunk.clone())?.data;
+                Ok((chunk, plain))
+            });
+            let (chunk, plain) = match checked {
+                Ok(checked) => checked,
+                Err(why) => {
+                    let Some(fetch) = self.fallback.as_mut() else {
+                        return Err(bad(&file.path, why));
+                    };
+                    let hex = fabric_chunkstore::ChunkId::from_slice(id)
+                        .map_or_else(|_| "?".to_owned(), |id| id.to_string());
+                    tracing::warn!(chunk = %hex, path = %file.path, %why, "reading the chunk from another copy");
+                    let chunk = fetch(id).map_err(|err| {
+                        bad(
+                            &file.path,
+                            format!("chunk {hex}: {why}, and no other copy has it: {err}"),
+                        )
+                    })?;
+                    let plain = plain_chunk(chunk.clone())
+                        .map_err(|err| {
+                            bad(&file.path, format!("chunk {hex} from another copy: {err}"))
+                        })?
+                        .data;
+                    self.chunks_from_other_copies += 1;
+                    (chunk, plain)
+                }
+            };
+            let zero = fabric_chunkstore::chunker::all_zero(&plain);
+            self.last_chunk = Some((chunk, plain, zero));
+        }
+        let Some((_, plain, zero)) = &self.last_chunk else {
+            return Err(bad(&file.path, "no chunk to write"));
         };
         file.next_chunk += 1;
         file.written += plain.len() as u64;
-        if zero {
+        if *zero {
             self.target.file_zeros(plain.len() as u64)?;
         } else {
             self.target.file_data(plain)?;
@@ -238,7 +303,7 @@ pub async fn restore_from(
     target: Box<dyn RestoreTarget + Send>,
 ) -> Result<RestoreStats, AgentError> {
     let copy = [(node.clone(), snapshot.to_owned())];
-    let restored = restore_from_any(&copy, transport, path, target).await?;
+    let restored = restore_from_any(&copy, transport, path, target, false).await?;
     Ok(restored.stats)
 }
 
@@ -247,34 +312,113 @@ pub async fn restore_from(
 pub struct Restored {
     /// Index into the copies of the one it restored from.
     pub from: usize,
-    /// Why each copy before it could not start, in order.
+    /// Why each copy before it could not serve the restore, in order.
     pub skipped: Vec<String>,
     /// What it wrote.
     pub stats: RestoreStats,
+    /// Chunks the copy it restored from could not read, or sent damaged,
+    /// that were read from another copy.
+    pub chunks_from_other_copies: u64,
+}
+
+/// Reads single chunks from the copies other than the one restoring, in
+/// order, each checked against its id; on a blocking thread (the writer's).
+struct OtherCopies {
+    copies: Vec<crate::client::Peer>,
+    transport: fabric_trust::Transport,
+    runtime: tokio::runtime::Handle,
+    clients:
+        Vec<Option<fabric_proto::v1::storage_client::StorageClient<tonic::transport::Channel>>>,
+}
+
+impl OtherCopies {
+    fn new(copies: Vec<crate::client::Peer>, transport: fabric_trust::Transport) -> Self {
+        let clients = copies.iter().map(|_| None).collect();
+        Self {
+            copies,
+            transport,
+            runtime: tokio::runtime::Handle::current(),
+            clients,
+        }
+    }
+
+    fn fetch(&mut self, id: &[u8]) -> Result<ChunkData, String> {
+        let runtime = self.runtime.clone();
+        runtime.block_on(async {
+            let mut reasons = Vec::new();
+            for (peer, client) in self.copies.iter().zip(self.clients.iter_mut()) {
+                let node = &peer.address;
+                let connected = match client {
+                    Some(client) => client,
+                    None => match crate::client::storage(peer, &self.transport).await {
+                        Ok(new) => client.insert(new),
+                        Err(err) => {
+                            reasons.push(format!("{node}: {err}"));
+                            continue;
+                        }
+                    },
+                };
+                let answer = connected
+                    .get_chunks(GetChunksRequest {
+                        ids: vec![id.to_vec()],
+                    })
+                    .await;
+                let mut stream = match answer {
+                    Ok(stream) => stream.into_inner(),
+                    Err(status) => {
+                        reasons.push(format!("{node}: {}", status.message()));
+                        continue;
+                    }
+                };
+                match stream.next().await {
+                    Some(Ok(chunk)) if chunk.id == id => match plain_chunk(chunk.clone()) {
+                        Ok(_) => return Ok(chunk),
+                        Err(err) => reasons.push(format!("{node}: {err}")),
+                    },
+                    Some(Ok(_)) => reasons.push(format!("{node}: sent another chunk")),
+                    Some(Err(status)) => reasons.push(format!("{node}: {}", status.message())),
+                    None => reasons.push(format!("{node}: sent nothing")),
+                }
+            }
+            if reasons.is_empty() {
+                reasons.push("there is no other copy".to_owned());
+            }
+            Err(reasons.join("; "))
+        })
+    }
 }
 
 /// Restore `path` from the first of `copies` (a node, and the snapshot's id
-/// there) that starts the restore: a node that cannot be reached, or that
-/// refuses (no such snapshot any more, not serving), is passed over for the
-/// next before anything is written. Once a copy has started sending, its
-/// errors end the restore (nothing written can be taken back from a tar
-/// stream).
+/// there) that can serve it:
+///
+/// - a node that cannot be reached, or that refuses (no such snapshot any
+///   more, not serving), is passed over for the next before anything is
+///   written;
+/// - a chunk the serving node cannot read, or sends damaged, is read from
+///   the other copies instead, and checked like every other;
+/// - when the serving node fails mid-stream (it stopped, it sent a bad
+///   entry), what was written is taken back and, if the target can be
+///   written again (a directory; not a tar stream already sent), the
+///   restore starts over from the next copy. With `keep_partial`, what was
+///   written stays and the restore ends there.
 pub async fn restore_from_any(
     copies: &[(crate::client::Peer, String)],
     transport: &fabric_trust::Transport,
     path: &str,
     mut target: Box<dyn RestoreTarget + Send>,
+    keep_partial: bool,
 ) -> Result<Restored, AgentError> {
     let mut skipped = Vec::new();
-    let mut opened = None;
     for (index, (node, snapshot)) in copies.iter().enumerate() {
+        let last = index + 1 == copies.len();
         let address = node.address.as_str();
-        let attempt = async {
+        let opened = async {
             let mut client = crate::client::storage(node, transport).await?;
             client
                 .restore(RestoreRequest {
                     snapshot: snapshot.clone(),
                     path: path.to_owned(),
+                    report_unreadable_chunks: copies.len() > 1,
                 })
                 .await
                 .map_err(|status| AgentError::Remote {
@@ -282,65 +426,118 @@ pub async fn restore_from_any(
                     status,
                 })
         };
-        match attempt.await {
-            Ok(response) => {
-                opened = Some((index, response.into_inner()));
-                break;
-            }
-            Err(err) if index + 1 < copies.len() => {
+        let mut stream = match opened.await {
+            Ok(response) => response.into_inner(),
+            Err(err) if !last => {
                 tracing::warn!(node = %address, error = %err, "this copy cannot be read; trying the next");
                 skipped.push(err.to_string());
+                continue;
             }
             Err(err) => return Err(err),
-        }
-    }
-    let Some((from, mut stream)) = opened else {
-        return Err(AgentError::Local(
-            "no copy of the snapshot to restore from".to_owned(),
-        ));
-    };
-    let (node, snapshot) = &copies[from];
-    let snapshot = snapshot.as_str();
-    let address = node.address.as_str();
-    let (items_tx, mut items_rx) = mpsc::channel::<RestoreItem>(8);
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut writer = RestoreStreamWriter::new(target.as_mut());
-        while let Some(item) = items_rx.blocking_recv() {
-            writer.item(item)?;
-        }
-        writer.finish()
-    });
-    let mut remote_error = None;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(item) => {
-                if items_tx.send(item).await.is_err() {
+        };
+        let others: Vec<crate::client::Peer> = copies
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, (peer, _))| peer.clone())
+            .collect();
+        let mut fallback = OtherCopies::new(others, transport.clone());
+        let (items_tx, mut items_rx) = mpsc::channel::<RestoreItem>(8);
+        let writer = tokio::task::spawn_blocking(move || {
+            let written = {
+                let mut writer = RestoreStreamWriter::new(target.as_mut())
+                    .with_fallback(Box::new(move |id| fallback.fetch(id)));
+                let mut result = Ok(());
+                while let Some(item) = items_rx.blocking_recv() {
+                    result = writer.item(item);
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                let from_others = writer.chunks_from_other_copies();
+                result
+                    .and_then(|()| writer.finish())
+                    .map(|stats| (stats, from_others))
+            };
+            (target, written)
+        });
+        let mut remote_error = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(item) => {
+                    if items_tx.send(item).await.is_err() {
+                        break;
+                    }
+                }
+                Err(status) => {
+                    remote_error = Some(status);
                     break;
                 }
             }
-            Err(status) => {
-                remote_error = Some(status);
-                break;
-            }
         }
-    }
-    drop(items_tx);
-    let written = writer
+        drop(items_tx);
+        let (returned, written) = writer
+            .await
+            .map_err(|err| AgentError::Local(format!("restore writer failed: {err}")))?;
+        target = returned;
+        let (failure, node_at_fault) = match (remote_error, written) {
+            (None, Ok((stats, chunks_from_other_copies))) => {
+                return Ok(Restored {
+                    from: index,
+                    skipped,
+                    stats,
+                    chunks_from_other_copies,
+                });
+            }
+            (Some(status), _) => (
+                AgentError::Remote {
+                    context: format!("restoring {snapshot} from {address}"),
+                    status,
+                },
+                true,
+            ),
+            (None, Err(err)) => {
+                // What the node sent did not check; a write that failed
+                // here would fail from any copy.
+                let node_at_fault = !matches!(err, RestoreError::Io { .. });
+                (
+                    AgentError::Local(format!("restore of {snapshot} failed: {err}")),
+                    node_at_fault,
+                )
+            }
+        };
+        if keep_partial {
+            return Err(failure);
+        }
+        let removed = tokio::task::spawn_blocking(move || {
+            let removed = target.abort();
+            (target, removed)
+        })
         .await
-        .map_err(|err| AgentError::Local(format!("restore writer failed: {err}")))?;
-    if let Some(status) = remote_error {
-        return Err(AgentError::Remote {
-            context: format!("restoring {snapshot} from {address}"),
-            status,
-        });
+        .map_err(|err| AgentError::Local(format!("taking back a failed restore: {err}")))?;
+        target = removed.0;
+        let removed = removed.1.map_err(|err| {
+            AgentError::Local(format!(
+                "{failure}; and what it wrote could not all be removed: {err}"
+            ))
+        })?;
+        if last || !node_at_fault || !target.restartable() {
+            if removed == 0 {
+                return Err(failure);
+            }
+            return Err(AgentError::Local(format!(
+                "{failure}; the {removed} entries the restore had written were removed \
+                 (--keep-partial keeps them)"
+            )));
+        }
+        tracing::warn!(node = %address, error = %failure, removed, "the copy failed mid-restore; starting over from the next");
+        skipped.push(format!(
+            "{failure} (the {removed} entries written from it were removed)"
+        ));
     }
-    let stats =
-        written.map_err(|err| AgentError::Local(format!("restore of {snapshot} failed: {err}")))?;
-    Ok(Restored {
-        from,
-        skipped,
-        stats,
-    })
+    Err(AgentError::Local(
+        "no copy of the snapshot to restore from".to_owned(),
+    ))
 }
 
 #[cfg(test)]
@@ -409,6 +606,68 @@ mod tests {
             expected.extend_from_slice(&chunk.data);
         }
         assert!(std::fs::read(temp.path().join("image")).unwrap() == expected);
+    }
+
+    #[test]
+    fn a_chunk_the_node_cannot_read_or_sends_damaged_comes_from_the_fallback_checked() {
+        let temp = tempfile::tempdir().unwrap();
+        let first = Chunk::new(b"first chunk of the file".repeat(50));
+        let second = Chunk::new(b"second chunk of the file".repeat(50));
+        let third = Chunk::new(b"third chunk of the file".repeat(50));
+        let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).unwrap();
+        let good = [first.clone(), second.clone(), third.clone()];
+        let fetch: ChunkFetcher<'_> = Box::new(|id: &[u8]| {
+            good.iter()
+                .find(|chunk| chunk.id.as_bytes() == id)
+                .map(compressed)
+                .ok_or_else(|| "not here either".to_owned())
+        });
+        let mut writer = RestoreStreamWriter::new(&mut target).with_fallback(fetch);
+        writer
+            .item(file_entry("file", &[&first, &second, &third]))
+            .unwrap();
+        writer.item(chunk_item(compressed(&first))).unwrap();
+        // Damaged on the way: the id is right, the bytes are not.
+        let mut damaged = compressed(&second);
+        damaged.data = compressed(&third).data;
+        writer.item(chunk_item(damaged)).unwrap();
+        writer
+            .item(RestoreItem {
+                kind: Some(restore_item::Kind::UnreadableChunk(
+                    fabric_proto::v1::UnreadableChunk {
+                        id: third.id.to_vec(),
+                        reason: "checksum mismatch".into(),
+                    },
+                )),
+            })
+            .unwrap();
+        assert_eq!(writer.chunks_from_other_copies(), 2);
+        writer.finish().unwrap();
+        let expected: Vec<u8> = good.iter().flat_map(|chunk| chunk.data.clone()).collect();
+        assert!(std::fs::read(temp.path().join("file")).unwrap() == expected);
+
+        // Without a fallback, or when it fails too, the error names the
+        // file and the chunk.
+        let temp = tempfile::tempdir().unwrap();
+        let mut target = DirectoryTarget::new(temp.path(), RestorePolicy::default()).unwrap();
+        let nowhere: ChunkFetcher<'_> = Box::new(|_| Err("no other copy".to_owned()));
+        let mut writer = RestoreStreamWriter::new(&mut target).with_fallback(nowhere);
+        writer.item(file_entry("lost", &[&first])).unwrap();
+        let err = writer
+            .item(RestoreItem {
+                kind: Some(restore_item::Kind::UnreadableChunk(
+                    fabric_proto::v1::UnreadableChunk {
+                        id: first.id.to_vec(),
+                        reason: "missing".into(),
+                    },
+                )),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lost") && err.contains(&first.id.to_string()) && err.contains("missing"),
+            "{err}"
+        );
     }
 
     /// `file_entry` with only the first `listed` ids in the entry, and the

@@ -26,8 +26,8 @@ use fabric_proto::v1::{
     DeleteSnapshotResponse, GcReport, GcRequest, GetChunksRequest, GetNewestSnapshotRequest,
     GetNewestSnapshotResponse, GetSnapshotRequest, GetTreeRequest, ListSnapshotsRequest,
     ListSnapshotsResponse, ReceiverMessage, RestoreEntry, RestoreItem, RestoreRequest,
-    SenderMessage, Snapshot, StatsRequest, StoreStats, Tree, TreeEntry, VerifyReport,
-    VerifyRequest, restore_item,
+    SenderMessage, Snapshot, StatsRequest, StoreStats, Tree, TreeEntry, UnreadableChunk,
+    VerifyReport, VerifyRequest, restore_item,
 };
 use fabric_trust::{Caller, Role, Transport};
 use futures::Stream;
@@ -412,7 +412,11 @@ impl Storage for StorageService {
     ) -> Result<Response<Self::RestoreStream>, Status> {
         let caller = Caller::of(&request);
         let scope = self.scope(&caller).await?;
-        let RestoreRequest { snapshot, path } = request.into_inner();
+        let RestoreRequest {
+            snapshot,
+            path,
+            report_unreadable_chunks,
+        } = request.into_inner();
         if let Some(problem) = restore_path_problem(&path) {
             return Err(Status::invalid_argument(format!(
                 "restore path {:?}: {problem}",
@@ -450,8 +454,19 @@ impl Storage for StorageService {
                     // Chunks go as stored: the client decodes and checks them.
                     for id in &entry.chunk_ids {
                         let chunk_id = ChunkId::from_slice(id)?;
-                        let stored = store.get_stored(&chunk_id)?;
-                        send(restore_item::Kind::Chunk(convert::chunk_data(stored)))?;
+                        match store.get_stored(&chunk_id) {
+                            Ok(stored) => {
+                                send(restore_item::Kind::Chunk(convert::chunk_data(stored)))?
+                            }
+                            Err(err) if report_unreadable_chunks => {
+                                tracing::warn!(chunk = %chunk_id, path = %String::from_utf8_lossy(entry_path), error = %err, "a chunk this node cannot read: the client fetches it from another copy");
+                                send(restore_item::Kind::UnreadableChunk(UnreadableChunk {
+                                    id: id.clone(),
+                                    reason: err.to_string(),
+                                }))?
+                            }
+                            Err(err) => return Err(err.into()),
+                        }
                     }
                     Ok(())
                 },
