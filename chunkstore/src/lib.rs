@@ -18,6 +18,7 @@ pub mod index;
 pub mod index_sled;
 pub mod pack;
 pub mod restore;
+pub mod scrub;
 pub mod sink;
 pub mod store;
 #[cfg(test)]
