@@ -3,9 +3,10 @@
 //! chunks found damaged, from bytes another copy supplied
 //! ([`Store::repair_chunks`]).
 //!
-//! Scrub reads only sealed packs (the open one is checked once sealed) and
-//! never changes anything; it checks every entry the index points at: its
-//! checksum, its decoding and its hash. Pacing, the cursor across restarts
+//! Scrub never changes anything; it checks every entry of a pack that the
+//! index points at: its checksum, its decoding and its hash. In the pack
+//! still open for appends, whatever does not parse at its end is taken as
+//! an append in progress. Pacing, the cursor across restarts
 //! and where the good bytes come from are the caller's (the storage node).
 //!
 //! Repair takes the maintenance lock (no GC or verify meanwhile), writes
@@ -42,8 +43,7 @@ pub struct ScrubPackReport {
     pub chunks_checked: u64,
     /// Live entries that failed a check.
     pub damaged: Vec<DamagedChunk>,
-    /// The pack was not scrubbed: not sealed yet, or gone (a GC removed
-    /// it).
+    /// The pack was not scrubbed: gone (a GC removed it).
     pub skipped: bool,
 }
 
@@ -68,22 +68,18 @@ impl Store {
         Ok(self.pack_ids()?.into_iter().find(|id| *id >= from))
     }
 
-    /// Check every live entry of sealed pack `pack`.
+    /// Check every live entry of pack `pack`.
     pub fn scrub_pack(&self, pack: u32) -> Result<ScrubPackReport, StoreError> {
         let path = self.pack_path(pack);
         let mut report = ScrubPackReport::default();
-        match pack::looks_sealed(&path) {
-            Ok(true) => {}
-            Ok(false) => {
-                report.skipped = true;
-                return Ok(report);
-            }
+        let sealed = match pack::looks_sealed(&path) {
+            Ok(sealed) => sealed,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 report.skipped = true;
                 return Ok(report);
             }
             Err(err) => return Err(StoreError::io("cannot read pack", &path)(err)),
-        }
+        };
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -133,7 +129,9 @@ impl Store {
             }
             offset += entry_len;
         }
-        if let Some((at, why)) = broken_at {
+        // In the open pack, bytes that do not parse at the end are an
+        // append in progress, not damage.
+        if let Some((at, why)) = broken_at.filter(|_| sealed) {
             // Past a broken header the entries cannot be told apart: every
             // live chunk the index places there is damaged.
             let mut lost = Vec::new();
@@ -193,7 +191,9 @@ impl Store {
             }
         }
         let _maintenance = lock(&self.maintenance_lock);
-        self.flush_pending()?;
+        // The open pack is sealed first: a pack this rewrites and deletes
+        // must never be appended to again.
+        self.flush_and_seal()?;
         let mut report = RepairReport::default();
         let mut damaged_packs: BTreeSet<u32> = BTreeSet::new();
         let mut to_write = Vec::new();
@@ -330,7 +330,6 @@ mod tests {
             .map(|n| Chunk::new(pseudo_random(10_000, n)))
             .collect();
         store.put_chunks(chunks.clone()).unwrap();
-        store.flush_and_seal().unwrap();
         let packs = store.pack_ids().unwrap();
         let clean: u64 = packs
             .iter()
@@ -348,6 +347,20 @@ mod tests {
         assert_eq!(report.damaged.len(), 1, "{report:?}");
         assert_eq!(report.damaged[0].id, chunks[7].id);
         assert!(report.damaged[0].detail.contains("offset"), "{report:?}");
+
+        // The last chunk sits in the pack still open for appends.
+        damage(&store, &chunks[19].id);
+        let open_pack = store.locate(&chunks[19].id).unwrap().unwrap().pack;
+        let report = store.scrub_pack(open_pack).unwrap();
+        assert_eq!(report.damaged.len(), 1, "{report:?}");
+        assert_eq!(report.damaged[0].id, chunks[19].id);
+        let repaired = store.repair_chunks(vec![chunks[19].clone()]).unwrap();
+        assert_eq!(repaired.packs_rewritten, 1);
+        assert!(!store.pack_path(open_pack).exists());
+        // New writes go to a new pack, never the deleted one.
+        let late = Chunk::new(pseudo_random(10_000, 99));
+        store.put_chunks(vec![late.clone()]).unwrap();
+        assert_eq!(store.get_chunk(&late.id).unwrap(), late.data);
 
         // A forged repair is refused; a good one rewrites the pack.
         let mut forged = chunks[8].clone();

@@ -255,6 +255,40 @@ struct NodeRow {
     /// Why the node refuses writes (empty: it accepts them); no copy is
     /// planned to it meanwhile.
     refuses_writes: String,
+    /// Its scrub (none when it runs none, or is not a storage node).
+    scrub: Option<ScrubCell>,
+    /// What its last repair of damaged chunks did (empty: none).
+    last_repair: String,
+}
+
+/// Where a storage node's scrub stands.
+#[derive(Serialize)]
+struct ScrubCell {
+    /// Packs read in the pass in progress, of how many.
+    packs_read: u32,
+    packs: u32,
+    /// When its last full pass ended (empty: none yet).
+    last_pass: String,
+    /// Damaged chunks found and not repaired yet.
+    damaged_chunks: u64,
+}
+
+impl std::fmt::Display for ScrubCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let done = if self.packs == 0 {
+            100
+        } else {
+            u64::from(self.packs_read.min(self.packs)) * 100 / u64::from(self.packs)
+        };
+        write!(f, "{done}%")?;
+        if !self.last_pass.is_empty() {
+            write!(f, ", last pass {}", self.last_pass)?;
+        }
+        if self.damaged_chunks > 0 {
+            write!(f, ", {} DAMAGED chunk(s)", self.damaged_chunks)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -279,6 +313,7 @@ impl Row for NodeRow {
             "fullest quota",
             "last gc",
             "pruning",
+            "scrub",
         ]
     }
     fn cells(&self) -> Vec<String> {
@@ -311,6 +346,9 @@ impl Row for NodeRow {
             } else {
                 "-".to_owned()
             },
+            self.scrub
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string),
         ]
     }
 }
@@ -371,6 +409,17 @@ fn node_row(node: &Node) -> NodeRow {
         gc_wanted: node.gc_wanted_since_ms != 0,
         prune_blocked: node.prune_blocked.clone(),
         refuses_writes: node.refuses_writes.clone(),
+        scrub: node.scrub.as_ref().map(|scrub| ScrubCell {
+            packs_read: scrub.packs_read,
+            packs: scrub.packs,
+            last_pass: if scrub.last_pass_ms > 0 {
+                time_ms(scrub.last_pass_ms)
+            } else {
+                String::new()
+            },
+            damaged_chunks: scrub.damaged_chunks,
+        }),
+        last_repair: node.last_repair.clone(),
     }
 }
 

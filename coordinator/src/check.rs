@@ -201,7 +201,7 @@ pub fn add_replica_shortfalls(checks: &mut [JobCheck], short: &[(String, usize, 
         let (status, note) = if without_copy > 0 {
             (
                 CheckStatus::Critical,
-                format!("{without_copy} snapshot(s) without a copy on a live node"),
+                format!("{without_copy} snapshot(s) without a good copy on a live node"),
             )
         } else {
             (
@@ -437,7 +437,7 @@ mod tests {
             checks[0].message
         );
         assert_eq!(checks[1].status(), CheckStatus::Critical);
-        assert!(checks[1].message.contains("without a copy"));
+        assert!(checks[1].message.contains("without a good copy"));
     }
 
     #[test]

@@ -368,6 +368,10 @@ impl Engine {
                 inner.replicated(node_id, &answer, now)?;
                 inner.store.flush().await?;
             }
+            Some(node_message::Kind::RepairDone(done)) => {
+                inner.repair_done(node_id, &done)?;
+                inner.store.flush().await?;
+            }
             Some(node_message::Kind::Hello(_)) => {
                 return Err(EngineError::InvalidArgument(format!(
                     "node {node_id}: hello is only the first message of a session"

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use fabric_proto::v1::{CatalogEntry, SnapshotType};
+use fabric_proto::v1::{CatalogCopy, CatalogEntry, SnapshotType};
 
 /// A node as the replica rules see it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub enum CopyProblem {
     Lost { since_ms: i64 },
     /// The coordinator does not know its node any more.
     UnknownNode,
+    /// Its node's scrub found damage in it that no other node could
+    /// repair.
+    Damaged { reason: String },
 }
 
 impl CopyProblem {
@@ -67,6 +70,7 @@ impl CopyProblem {
                 format!("node lost {} ago; not counted", ago(*since_ms))
             }
             CopyProblem::UnknownNode => "unknown node; not counted".to_owned(),
+            CopyProblem::Damaged { reason } => format!("damaged: {reason}; not counted"),
         }
     }
 }
@@ -78,12 +82,18 @@ pub struct ReplicaRules {
     pub replace_after_ms: i64,
 }
 
-/// What is wrong with the copy on `node`, if anything.
+/// What is wrong with `copy`, on `node`, if anything.
 pub fn copy_problem(
+    copy: &CatalogCopy,
     node: Option<&ReplicaNode>,
     rules: &ReplicaRules,
     now_ms: i64,
 ) -> Option<CopyProblem> {
+    if !copy.damage.is_empty() {
+        return Some(CopyProblem::Damaged {
+            reason: copy.damage.clone(),
+        });
+    }
     let Some(node) = node else {
         return Some(CopyProblem::UnknownNode);
     };
@@ -116,7 +126,7 @@ pub fn counted_copies(
         .copies
         .iter()
         .filter(|copy| {
-            copy_problem(nodes.get(&copy.node), rules, now_ms)
+            copy_problem(copy, nodes.get(&copy.node), rules, now_ms)
                 .is_none_or(|problem| problem.counts())
         })
         .count()
@@ -226,6 +236,7 @@ pub fn plan(
         let mut holders: Vec<&str> = entry
             .copies
             .iter()
+            .filter(|copy| copy.damage.is_empty())
             .map(|copy| copy.node.as_str())
             .filter(|node| nodes.get(*node).is_some_and(|node| node.connected))
             .collect();
@@ -262,7 +273,7 @@ pub fn plan(
 
 #[cfg(test)]
 mod tests {
-    use fabric_proto::v1::{CatalogCopy, Snapshot};
+    use fabric_proto::v1::Snapshot;
 
     use super::*;
 
@@ -342,11 +353,39 @@ mod tests {
             }]
         );
         assert_eq!(
-            copy_problem(nodes.get("n2"), &rules(), 2 * HOUR)
+            copy_problem(&entries[0].copies[1], nodes.get("n2"), &rules(), 2 * HOUR)
                 .unwrap()
                 .describe(2 * HOUR),
             "node lost 2h ago; not counted"
         );
+    }
+
+    #[test]
+    fn a_damaged_copy_does_not_count_is_no_source_and_gets_no_new_copy() {
+        let nodes: HashMap<String, ReplicaNode> = [
+            ("n1".to_owned(), online(100)),
+            ("n2".to_owned(), online(100)),
+            ("n3".to_owned(), online(1)),
+        ]
+        .into();
+        let mut entries = vec![entry("s", 1, 2, &["n1", "n2"])];
+        entries[0].copies[0].damage = "3 chunks unrepairable".into();
+        let short = short_of_target(&entries, &nodes, &rules(), 0);
+        assert_eq!(short, vec![("s".to_owned(), 1, 2)]);
+        let planned = plan(&entries, &short, &nodes, &limits());
+        assert_eq!(
+            planned,
+            vec![PlannedCopy {
+                snapshot_id: "s".into(),
+                target: "n3".into(),
+                holders: vec!["n2".into()],
+            }]
+        );
+        // Every copy damaged: nothing to copy from.
+        entries[0].copies[1].damage = "1 chunk unrepairable".into();
+        let short = short_of_target(&entries, &nodes, &rules(), 0);
+        assert_eq!(short, vec![("s".to_owned(), 0, 2)]);
+        assert!(plan(&entries, &short, &nodes, &limits()).is_empty());
     }
 
     #[test]

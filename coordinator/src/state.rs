@@ -403,6 +403,41 @@ impl Store {
         Ok(true)
     }
 
+    /// Marks `node`'s copy of snapshot `id` damaged (`reason`); the entry's
+    /// snapshot becomes DAMAGED when no copy is left undamaged. Returns
+    /// whether anything changed.
+    pub fn mark_catalog_copy_damaged(
+        &self,
+        id: &str,
+        node: &str,
+        reason: &str,
+    ) -> Result<bool, StateError> {
+        for item in self.catalog.iter() {
+            let (key, value) = item.map_err(sled_error("read the catalog"))?;
+            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
+            if entry.snapshot.as_ref().is_none_or(|s| s.id != id) {
+                continue;
+            }
+            let Some(copy) = entry.copies.iter_mut().find(|copy| copy.node == node) else {
+                return Ok(false);
+            };
+            if copy.damage == reason {
+                return Ok(false);
+            }
+            copy.damage = reason.to_owned();
+            if entry.copies.iter().all(|copy| !copy.damage.is_empty())
+                && let Some(snapshot) = entry.snapshot.as_mut()
+            {
+                snapshot.set_state(fabric_proto::v1::SnapshotState::Damaged);
+            }
+            self.catalog
+                .insert(key, entry.encode_to_vec())
+                .map_err(sled_error(format!("store catalog entry {id}")))?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// The catalogue entry of snapshot `id`, if any (a scan: the catalogue
     /// is keyed by start time).
     pub fn catalog_entry(&self, id: &str) -> Result<Option<CatalogEntry>, StateError> {

@@ -74,6 +74,11 @@ pub struct NodeConfig {
     /// is reached, or says why it cannot be. 0 (the default): no pruning
     /// for space.
     pub target_free_bytes: u64,
+    /// How fast this storage node reads its whole store back to find
+    /// damage (scrub), bytes a second; the pass starts again when it ends
+    /// and resumes where it stopped after a restart. Default 4 MiB/s; 0
+    /// turns the scrub off.
+    pub scrub_bytes_per_s: u64,
     /// byteback's guard: the least seconds between two snapshots of one
     /// job, host and instance that a client or agent may upload here; a
     /// sooner one is refused with RESOURCE_EXHAUSTED naming when the next
@@ -139,6 +144,7 @@ impl Default for NodeConfig {
             transfer_idle_timeout_s: crate::transfer::IDLE_TIMEOUT.as_secs(),
             gc_grace_s: fabric_chunkstore::DEFAULT_GC_GRACE.as_secs(),
             target_free_bytes: 0,
+            scrub_bytes_per_s: 4 * 1024 * 1024,
             min_interval_s: 0,
             max_growth: 0.0,
             upload_limit_bytes_per_s: 0,

@@ -29,6 +29,7 @@ pub mod restore_client;
 pub mod run_copies;
 pub mod server;
 pub mod server_stream;
+pub mod scrub;
 pub mod session;
 pub mod source_service;
 pub mod status;

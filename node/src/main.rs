@@ -74,6 +74,9 @@ struct ServeArgs {
     /// (0: no pruning for space).
     #[arg(long, env = "FABRIC_NODE_TARGET_FREE_BYTES")]
     target_free_bytes: Option<u64>,
+    /// How fast the scrub reads the store back, bytes a second (0: no scrub).
+    #[arg(long, env = "FABRIC_NODE_SCRUB_BYTES_PER_S")]
+    scrub_bytes_per_s: Option<u64>,
     /// Least seconds between two snapshots of one job, host and instance
     /// that a client or agent may upload (0: no limit).
     #[arg(long, env = "FABRIC_NODE_MIN_INTERVAL_S")]
@@ -169,6 +172,9 @@ impl ServeArgs {
         }
         if let Some(value) = self.target_free_bytes {
             config.target_free_bytes = value;
+        }
+        if let Some(value) = self.scrub_bytes_per_s {
+            config.scrub_bytes_per_s = value;
         }
         if let Some(value) = self.min_interval_s {
             config.min_interval_s = value;

@@ -219,6 +219,19 @@ pub async fn serve_with_health(
             stop_rx.clone(),
         ));
     }
+    let scrub = match &store {
+        Some(store) if config.scrub_bytes_per_s > 0 => {
+            let scrub = crate::scrub::Scrub::load(&config.data_dir);
+            tokio::spawn(crate::scrub::run(
+                store.clone(),
+                scrub.clone(),
+                config.scrub_bytes_per_s,
+                stop_rx.clone(),
+            ));
+            Some(scrub)
+        }
+        _ => None,
+    };
     if !config.coordinator.is_empty() {
         tokio::spawn(crate::session::run_session(
             config.clone(),
@@ -229,6 +242,7 @@ pub async fn serve_with_health(
                 permits,
                 upload_limit: upload_limit.clone(),
                 ingest_limit: ingest_limit.clone(),
+                scrub,
             },
             stop_rx.clone(),
         ));

@@ -72,6 +72,8 @@ struct Context {
     replies: mpsc::UnboundedSender<node_message::Kind>,
     /// The lease of the GC running now (0: none).
     gc_running: Arc<AtomicU64>,
+    /// This storage node's scrub, when it runs one.
+    scrub: Option<crate::scrub::Scrub>,
 }
 
 impl Context {
@@ -275,6 +277,7 @@ async fn heartbeat(
         job_usage,
         gc_lease_id: gc_running.load(Ordering::SeqCst),
         refuses_writes,
+        scrub: None,
     }
 }
 
@@ -292,6 +295,8 @@ pub struct SessionParts {
     pub upload_limit: Option<Arc<RateLimit>>,
     /// This node's ingest limit (node.toml `ingest_limit_bytes_per_s`).
     pub ingest_limit: Option<Arc<RateLimit>>,
+    /// This storage node's scrub, when it runs one.
+    pub scrub: Option<crate::scrub::Scrub>,
 }
 
 /// Keep a session with the coordinator until `stop` turns true.
@@ -317,6 +322,7 @@ pub async fn run_session(
         ingest_limit: parts.ingest_limit,
         replies: replies_tx,
         gc_running: Arc::new(AtomicU64::new(0)),
+        scrub: parts.scrub,
     };
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut backoff = Duration::from_millis(200);
@@ -369,7 +375,8 @@ pub async fn run_session(
                                 tokio::select! {
                                     _ = stop.changed() => return,
                                     _ = ticker.tick() => {
-                                        let beat = heartbeat(store.clone(), &counters, &context.gc_running, config.min_free_bytes).await;
+                                        let mut beat = heartbeat(store.clone(), &counters, &context.gc_running, config.min_free_bytes).await;
+                                        beat.scrub = context.scrub.as_ref().map(crate::scrub::Scrub::progress);
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Heartbeat(beat)) });
                                     }
                                     update = updates_rx.recv() => {
@@ -525,6 +532,16 @@ fn handle(
         }
         Some(coordinator_message::Kind::Replicate(replicate)) => {
             tokio::spawn(replicate_here(context.clone(), replicate));
+        }
+        Some(coordinator_message::Kind::RepairChunks(ask)) => {
+            if let (Some(store), Some(scrub)) = (context.store.clone(), context.scrub.clone()) {
+                let context = context.clone();
+                tokio::spawn(async move {
+                    let done =
+                        crate::scrub::repair(store, scrub, context.transport.clone(), ask).await;
+                    let _ = context.replies.send(node_message::Kind::RepairDone(done));
+                });
+            }
         }
         Some(coordinator_message::Kind::PullDone(done)) => {
             let waiter = lock(active)

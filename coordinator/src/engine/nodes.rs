@@ -110,8 +110,21 @@ impl Inner {
         if let Some(info) = node.info.as_mut() {
             info.free_bytes = heartbeat.free_bytes;
         }
+        let damaged: Vec<Vec<u8>> = heartbeat
+            .scrub
+            .as_ref()
+            .map(|scrub| scrub.damaged_ids.clone())
+            .unwrap_or_default();
+        node.scrub = heartbeat.scrub.clone().map(|mut scrub| {
+            scrub.damaged_ids.clear();
+            scrub
+        });
         let node = node.clone();
-        self.store.put_node(&node)
+        self.store.put_node(&node)?;
+        if !damaged.is_empty() {
+            self.ask_repair(node_id, damaged, now);
+        }
+        Ok(())
     }
 
     /// What job `job`'s snapshots take on all storage nodes, as each last

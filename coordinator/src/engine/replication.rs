@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 
-use fabric_proto::v1::{CopyTarget, Replicate, Replicated};
+use fabric_proto::v1::{CopyTarget, RepairChunks, RepairDone, Replicate, Replicated};
 
 use super::*;
 use crate::replicas::{self, PlanLimits, ReplicaNode, ReplicaRules};
@@ -56,6 +56,9 @@ const RETRY_AFTER_MS: i64 = 5 * 60 * 1000;
 /// restarted, say) and may be planned again.
 const UNANSWERED_AFTER_MS: i64 = 24 * 60 * 60 * 1000;
 
+/// How long a repair may go unanswered before the node is asked again.
+const REPAIR_ASK_AGAIN_MS: i64 = 5 * 60 * 1000;
+
 /// A copy asked for and not answered yet.
 #[derive(Debug, Clone)]
 pub(super) struct InFlight {
@@ -81,6 +84,8 @@ pub(super) struct ReplicaBook {
     short_since: HashMap<String, i64>,
     /// (snapshot, target) → when a copy there may be tried again.
     held_back: HashMap<(String, String), i64>,
+    /// Nodes asked to repair damaged chunks, and when.
+    repairs_asked: HashMap<String, i64>,
 }
 
 impl ReplicaBook {
@@ -152,11 +157,91 @@ impl Inner {
                 u32::try_from(replicas::counted_copies(entry, &nodes, &rules, now))
                     .unwrap_or(u32::MAX);
             for copy in &mut entry.copies {
-                copy.problem = replicas::copy_problem(nodes.get(&copy.node), &rules, now)
+                copy.problem = replicas::copy_problem(copy, nodes.get(&copy.node), &rules, now)
                     .map(|problem| problem.describe(now))
                     .unwrap_or_default();
             }
         }
+    }
+
+    /// A storage node's scrub reported damaged chunks: ask it to repair
+    /// them from the other connected storage nodes (once per
+    /// [`REPAIR_ASK_AGAIN_MS`] while it does not answer).
+    pub(super) fn ask_repair(&mut self, node_id: &str, ids: Vec<Vec<u8>>, now: i64) {
+        if self
+            .replicas
+            .repairs_asked
+            .get(node_id)
+            .is_some_and(|asked| now.saturating_sub(*asked) < REPAIR_ASK_AGAIN_MS)
+        {
+            return;
+        }
+        let sources: Vec<CopyTarget> = self
+            .node_views()
+            .into_iter()
+            .filter(|view| view.storage && view.id != node_id && self.sessions.contains_key(&view.id))
+            .map(|view| CopyTarget {
+                address: self.address_of(&view.id),
+                node: view.id,
+                background: false,
+            })
+            .collect();
+        if sources.is_empty() {
+            tracing::warn!(node = %node_id, chunks = ids.len(), "damaged chunks, and no other storage node to repair them from");
+            return;
+        }
+        tracing::info!(node = %node_id, chunks = ids.len(), sources = sources.len(), "asking for a repair of damaged chunks");
+        let message = CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::RepairChunks(RepairChunks {
+                ids,
+                sources,
+            })),
+        };
+        if self.send(node_id, message) {
+            self.replicas.repairs_asked.insert(node_id.to_owned(), now);
+        }
+    }
+
+    /// A node's repair ended: what no one could repair marks its copies of
+    /// the snapshots using it damaged (they stop counting, so other copies
+    /// are made), and a snapshot left with no undamaged copy DAMAGED.
+    pub(super) fn repair_done(&mut self, node_id: &str, done: &RepairDone) -> Result<(), StateError> {
+        self.replicas.repairs_asked.remove(node_id);
+        let summary = if done.unrepairable.is_empty() && done.error.is_empty() {
+            format!(
+                "{} chunk(s) repaired, {} pack(s) rewritten",
+                done.repaired,
+                done.packs_rewritten
+            )
+        } else {
+            format!(
+                "{} chunk(s) repaired, {} unrepairable ({} snapshot(s) damaged here){}{}",
+                done.repaired,
+                done.unrepairable.len(),
+                done.damaged_snapshots.len(),
+                if done.error.is_empty() { "" } else { ": " },
+                done.error
+            )
+        };
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.last_repair = summary.clone();
+            let node = node.clone();
+            self.store.put_node(&node)?;
+        }
+        tracing::info!(node = %node_id, %summary, "repair ended");
+        for snapshot in &done.damaged_snapshots {
+            let reason = format!(
+                "{} chunk(s) damaged and found on no other node",
+                done.unrepairable.len()
+            );
+            if self
+                .store
+                .mark_catalog_copy_damaged(snapshot, node_id, &reason)?
+            {
+                tracing::error!(node = %node_id, %snapshot, "a copy with damage no other node could repair: it no longer counts");
+            }
+        }
+        Ok(())
     }
 
     /// The snapshots of `entries` short of their targets now, as (job,
