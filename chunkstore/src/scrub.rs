@@ -155,6 +155,14 @@ impl Store {
         Ok(report)
     }
 
+    /// Whether the index still places chunk `id` in pack `pack` (a repair
+    /// or a GC may have moved it since a scrub found it damaged there).
+    pub fn chunk_is_in_pack(&self, id: &ChunkId, pack: u32) -> Result<bool, StoreError> {
+        Ok(self
+            .locate(id)?
+            .is_some_and(|location| location.pack == pack))
+    }
+
     /// The snapshots (ids) whose DAG reaches any of `chunks`: what damage
     /// that cannot be repaired costs.
     pub fn snapshots_using(&self, chunks: &HashSet<ChunkId>) -> Result<Vec<String>, StoreError> {
@@ -236,7 +244,10 @@ impl Store {
             Ok::<(), StoreError>(())
         };
         for chunk in &to_write {
-            append(&mut writer, pack::encode_entry(chunk.id, &chunk.data, zstd_level))?;
+            append(
+                &mut writer,
+                pack::encode_entry(chunk.id, &chunk.data, zstd_level),
+            )?;
             report.repaired.push(chunk.id);
         }
         // Then the rest of each damaged pack, when all of it reads back.
@@ -245,7 +256,10 @@ impl Store {
         self.index
             .for_each(&mut |id, location| {
                 if damaged_packs.contains(&location.pack) && !repaired.contains(&id) {
-                    live_by_pack.entry(location.pack).or_default().push((id, location));
+                    live_by_pack
+                        .entry(location.pack)
+                        .or_default()
+                        .push((id, location));
                 }
                 Ok(())
             })
@@ -316,7 +330,8 @@ mod tests {
             .write(true)
             .open(store.pack_path(location.pack))
             .unwrap();
-        let at = location.offset + pack::ENTRY_HEADER_LEN as u64 + u64::from(location.stored_len / 2);
+        let at =
+            location.offset + pack::ENTRY_HEADER_LEN as u64 + u64::from(location.stored_len / 2);
         let mut byte = [0u8; 1];
         file.read_exact_at(&mut byte, at).unwrap();
         file.write_all_at(&[byte[0] ^ 0xff], at).unwrap();

@@ -1014,3 +1014,85 @@ fn a_damaged_chunk_is_read_from_another_copy_and_a_failed_restore_leaves_nothing
     assert!(!output.status.success(), "{output:?}");
     assert!(std::fs::read_dir(&target).unwrap().count() > 0);
 }
+
+#[test]
+fn scrub_finds_a_flipped_byte_repair_fixes_it_and_damage_on_every_copy_is_critical() {
+    let fabric = Fabric::start_with(2, &[], &["--scrub-bytes-per-s", "100000000"]);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.scrubbed]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    let id = run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned();
+    let wait_for = |node: &str, what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        for _ in 0..600 {
+            let row = fabric.node_row(node);
+            if done(&row) {
+                return row;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{what}: {:#}", fabric.node_row(node));
+    };
+
+    // One byte flipped on n1: its scrub finds it, n2 supplies the chunk.
+    assert!(damage_largest_chunks(&fabric.dir.path().join("n1")) > 0);
+    wait_for("n1", "n1 repaired", &|row| {
+        row["last_repair"]
+            .as_str()
+            .is_some_and(|said| said.starts_with("1 chunk(s) repaired"))
+            && row["scrub"]["damaged_chunks"] == 0
+    });
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    let target = fabric.dir.path().join("after-repair");
+    let output = fabric.ctl(&[
+        "restore",
+        &id,
+        &inside,
+        "--to",
+        target.to_str().unwrap(),
+        "--node",
+        "n1",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("other copies"),
+        "{output:?}"
+    );
+    fabricctl::compare::compare_trees(
+        &source,
+        &target,
+        false,
+        fabric_chunkstore::restore::RestorePolicy::default(),
+    )
+    .unwrap();
+
+    // The same chunk damaged on both: nobody can repair it, both copies are
+    // marked damaged, the snapshot is DAMAGED and check is CRITICAL.
+    assert!(damage_largest_chunks(&fabric.dir.path().join("n1")) > 0);
+    assert!(damage_largest_chunks(&fabric.dir.path().join("n2")) > 0);
+    for node in ["n1", "n2"] {
+        wait_for(node, "unrepairable damage reported", &|row| {
+            row["last_repair"]
+                .as_str()
+                .is_some_and(|said| said.contains("1 unrepairable (1 snapshot(s) damaged here)"))
+        });
+    }
+    let listed = fabric.json(&["snapshot", "list", "--job", "scrubbed"]);
+    let row = &listed[0];
+    assert_eq!(row["state"], "damaged", "{row:#}");
+    assert_eq!(row["copies"]["healthy"], 0, "{row:#}");
+    assert!(
+        row["flags"].to_string().contains("under-replicated"),
+        "{row:#}"
+    );
+    let check = fabric.ctl(&["check", "scrubbed"]);
+    assert_eq!(check.status.code(), Some(2), "{check:?}");
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("without a good copy"),
+        "{check:?}"
+    );
+}

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fabric_chunkstore::{Chunk, ChunkId, Store};
-use fabric_proto::v1::{CopyTarget, GetChunksRequest, RepairDone, RepairChunks, ScrubProgress};
+use fabric_proto::v1::{CopyTarget, GetChunksRequest, RepairChunks, RepairDone, ScrubProgress};
 use fabric_trust::Transport;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -84,7 +84,9 @@ impl Scrub {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ScrubState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A copy of the state.
@@ -102,8 +104,8 @@ impl Scrub {
             }
         };
         let temporary = self.path.with_extension("toml.tmp");
-        let written = std::fs::write(&temporary, text)
-            .and_then(|()| std::fs::rename(&temporary, &self.path));
+        let written =
+            std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, &self.path));
         if let Err(err) = written {
             tracing::warn!(file = %self.path.display(), error = %err, "scrub state not saved");
         }
@@ -162,7 +164,18 @@ pub async fn run(
             let packs = step_store.pack_ids()?.len();
             let next = step_store.next_pack_from(from)?;
             let report = match next {
-                Some(pack) => Some((pack, step_store.scrub_pack(pack)?)),
+                Some(pack) => {
+                    let mut report = step_store.scrub_pack(pack)?;
+                    // Repaired meanwhile: no longer damaged here.
+                    let mut still = Vec::new();
+                    for damaged in report.damaged {
+                        if step_store.chunk_is_in_pack(&damaged.id, damaged.pack)? {
+                            still.push(damaged);
+                        }
+                    }
+                    report.damaged = still;
+                    Some((pack, report))
+                }
                 None => None,
             };
             Ok::<_, fabric_chunkstore::StoreError>((packs, report))
@@ -170,9 +183,10 @@ pub async fn run(
         .await;
         let pause = match step {
             Ok(Ok((packs, Some((pack, report))))) => {
-                scrub
-                    .packs
-                    .store(u32::try_from(packs).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
+                scrub.packs.store(
+                    u32::try_from(packs).unwrap_or(u32::MAX),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 {
                     let mut state = scrub.lock();
                     if state.pass_started_ms == 0 {
@@ -197,7 +211,11 @@ pub async fn run(
                     let read = state.bytes_this_pass;
                     if read > 0 {
                         state.last_pass_ms = now_ms();
-                        tracing::info!(bytes = read, damaged = state.damaged.len(), "scrub pass complete");
+                        tracing::info!(
+                            bytes = read,
+                            damaged = state.damaged.len(),
+                            "scrub pass complete"
+                        );
                     }
                     state.next_pack = 0;
                     state.bytes_this_pass = 0;
@@ -282,7 +300,11 @@ pub async fn repair(
             done.repaired = report.repaired.len() as u64;
             done.packs_rewritten = report.packs_rewritten;
             if !report.repaired.is_empty() {
-                tracing::info!(chunks = report.repaired.len(), packs = report.packs_rewritten, "damaged chunks repaired from other nodes");
+                tracing::info!(
+                    chunks = report.repaired.len(),
+                    packs = report.packs_rewritten,
+                    "damaged chunks repaired from other nodes"
+                );
             }
         }
         Ok(Err(err)) => reasons.push(format!("the store could not rewrite them: {err}")),
@@ -327,7 +349,9 @@ async fn fetch(
             Ok(data) => match plain_chunk(data) {
                 Ok(chunk) => chunks.push(chunk),
                 // A bad copy there: the next source may have a good one.
-                Err(err) => tracing::warn!(node = %source.node, error = %err, "a chunk fetched for repair does not check"),
+                Err(err) => {
+                    tracing::warn!(node = %source.node, error = %err, "a chunk fetched for repair does not check")
+                }
             },
             // The source lacks one (NOT_FOUND ends the stream): keep what
             // came before it.
@@ -355,7 +379,9 @@ mod tests {
             let mut state = scrub.lock();
             state.next_pack = 7;
             state.bytes_this_pass = 1234;
-            state.damaged.insert(id.to_string(), "checksum mismatch".into());
+            state
+                .damaged
+                .insert(id.to_string(), "checksum mismatch".into());
         }
         scrub.save();
         let again = Scrub::load(temp.path());

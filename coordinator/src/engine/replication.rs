@@ -179,7 +179,9 @@ impl Inner {
         let sources: Vec<CopyTarget> = self
             .node_views()
             .into_iter()
-            .filter(|view| view.storage && view.id != node_id && self.sessions.contains_key(&view.id))
+            .filter(|view| {
+                view.storage && view.id != node_id && self.sessions.contains_key(&view.id)
+            })
             .map(|view| CopyTarget {
                 address: self.address_of(&view.id),
                 node: view.id,
@@ -205,13 +207,16 @@ impl Inner {
     /// A node's repair ended: what no one could repair marks its copies of
     /// the snapshots using it damaged (they stop counting, so other copies
     /// are made), and a snapshot left with no undamaged copy DAMAGED.
-    pub(super) fn repair_done(&mut self, node_id: &str, done: &RepairDone) -> Result<(), StateError> {
+    pub(super) fn repair_done(
+        &mut self,
+        node_id: &str,
+        done: &RepairDone,
+    ) -> Result<(), StateError> {
         self.replicas.repairs_asked.remove(node_id);
         let summary = if done.unrepairable.is_empty() && done.error.is_empty() {
             format!(
                 "{} chunk(s) repaired, {} pack(s) rewritten",
-                done.repaired,
-                done.packs_rewritten
+                done.repaired, done.packs_rewritten
             )
         } else {
             format!(
@@ -223,6 +228,12 @@ impl Inner {
                 done.error
             )
         };
+        let nothing_to_do =
+            done.repaired == 0 && done.unrepairable.is_empty() && done.error.is_empty();
+        if nothing_to_do {
+            // Found intact already (a repair that overlapped a scrub).
+            return Ok(());
+        }
         if let Some(node) = self.nodes.get_mut(node_id) {
             node.last_repair = summary.clone();
             let node = node.clone();
