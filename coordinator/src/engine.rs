@@ -369,7 +369,7 @@ impl Engine {
                 inner.store.flush().await?;
             }
             Some(node_message::Kind::RepairDone(done)) => {
-                inner.repair_done(node_id, &done)?;
+                inner.repair_done(node_id, &done, now)?;
                 inner.store.flush().await?;
             }
             Some(node_message::Kind::Hello(_)) => {

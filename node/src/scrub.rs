@@ -206,7 +206,7 @@ pub async fn run(
                 Duration::from_secs_f64(report.bytes_read as f64 / rate as f64)
             }
             Ok(Ok((_, None))) => {
-                let passed = {
+                {
                     let mut state = scrub.lock();
                     let read = state.bytes_this_pass;
                     if read > 0 {
@@ -221,16 +221,11 @@ pub async fn run(
                     state.bytes_this_pass = 0;
                     state.packs_this_pass = 0;
                     state.pass_started_ms = 0;
-                    read
-                };
-                scrub.save();
-                // An empty store is looked at again in a while; a small
-                // one is not read over and over.
-                if passed == 0 {
-                    Duration::from_secs(60)
-                } else {
-                    PAUSE_BETWEEN_PASSES
                 }
+                scrub.save();
+                // A small store is not read over and over, nor an empty
+                // one looked at.
+                PAUSE_BETWEEN_PASSES
             }
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "scrub step failed; trying again in a minute");

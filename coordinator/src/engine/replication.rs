@@ -211,8 +211,16 @@ impl Inner {
         &mut self,
         node_id: &str,
         done: &RepairDone,
+        now: i64,
     ) -> Result<(), StateError> {
-        self.replicas.repairs_asked.remove(node_id);
+        if done.unrepairable.is_empty() && done.error.is_empty() {
+            self.replicas.repairs_asked.remove(node_id);
+        } else {
+            // What could not be repaired now is asked about again only
+            // after a while (another copy may turn up), not on every
+            // heartbeat that still names it.
+            self.replicas.repairs_asked.insert(node_id.to_owned(), now);
+        }
         let summary = if done.unrepairable.is_empty() && done.error.is_empty() {
             format!(
                 "{} chunk(s) repaired, {} pack(s) rewritten",
