@@ -257,6 +257,8 @@ struct NodeRow {
     refuses_writes: String,
     /// Its scrub (none when it runs none, or is not a storage node).
     scrub: Option<ScrubCell>,
+    /// While it is drained: how far it got, or "removable".
+    drain: String,
     /// What its last repair of damaged chunks did (empty: none).
     last_repair: String,
 }
@@ -321,10 +323,10 @@ impl Row for NodeRow {
             self.id.clone(),
             self.address.clone(),
             self.labels.join(","),
-            if self.refuses_writes.is_empty() {
-                self.state.clone()
-            } else {
-                format!("{} (refuses writes)", self.state)
+            match (self.refuses_writes.is_empty(), self.drain.is_empty()) {
+                (true, true) => self.state.clone(),
+                (false, true) => format!("{} (refuses writes)", self.state),
+                (_, false) => format!("{} (draining: {})", self.state, self.drain),
             },
             self.last_heartbeat.clone(),
             bytes(self.free_bytes),
@@ -420,6 +422,7 @@ fn node_row(node: &Node) -> NodeRow {
             damaged_chunks: scrub.damaged_chunks,
         }),
         last_repair: node.last_repair.clone(),
+        drain: node.drain.clone(),
     }
 }
 
@@ -963,6 +966,49 @@ pub async fn node_list(remote: &Remote, format: OutputFormat) -> anyhow::Result<
     let mut client = remote.coordinator().await?;
     let nodes = remote::nodes(&mut client).await?;
     output::print_rows(&nodes.iter().map(node_row).collect::<Vec<_>>(), format)
+}
+
+/// `fabricctl node drain`: start (or cancel) draining `node`; with `wait`,
+/// print its progress as it changes until it is removable.
+pub async fn node_drain(
+    remote: &Remote,
+    node: &str,
+    cancel: bool,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
+    let drained = client
+        .drain_node(fabric_proto::v1::DrainNodeRequest {
+            node: node.to_owned(),
+            cancel,
+        })
+        .await
+        .map_err(|status| status_error(&format!("draining {node}"), status))?
+        .into_inner();
+    if cancel {
+        println!("{node}: no longer draining");
+        return Ok(());
+    }
+    let mut said = drained.drain.clone();
+    println!("{node}: draining: {said}");
+    while wait && said != "removable" {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let nodes = remote::nodes(&mut client).await?;
+        let Some(now) = nodes
+            .iter()
+            .find(|n| n.info.as_ref().is_some_and(|info| info.id == node))
+        else {
+            bail!("node {node} is no longer known to the coordinator");
+        };
+        if now.draining_since_ms == 0 {
+            bail!("the drain of {node} was cancelled");
+        }
+        if now.drain != said {
+            said = now.drain.clone();
+            println!("{node}: draining: {said}");
+        }
+    }
+    Ok(())
 }
 
 /// Snapshots with the nodes that hold them, and the quotas of their jobs

@@ -220,6 +220,22 @@ enum RunCommand {
 enum NodeCommand {
     /// List nodes: id, address, labels, state, last heartbeat, free space, chunks, stored bytes.
     List,
+    /// Drain a storage node: no new copies go to it, every snapshot it
+    /// holds is copied to other nodes until its replica target is met
+    /// without it, then deleted on it; it is then removable.
+    Drain(DrainArgs),
+}
+
+#[derive(clap::Args)]
+struct DrainArgs {
+    /// The storage node's id.
+    node: String,
+    /// Stop draining it (what moved stays where it went).
+    #[arg(long, conflicts_with = "wait")]
+    cancel: bool,
+    /// Print the progress until the node is removable.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Subcommand)]
@@ -492,6 +508,9 @@ async fn run(cli: Cli) -> i32 {
             commands::run_cancel(&coordinator, &run, format).await
         }
         Command::Node(NodeCommand::List) => commands::node_list(&coordinator, format).await,
+        Command::Node(NodeCommand::Drain(args)) => {
+            commands::node_drain(&coordinator, &args.node, args.cancel, args.wait).await
+        }
         Command::Snapshot(SnapshotCommand::List(args)) | Command::Status(args) => {
             commands::snapshot_list(&coordinator, args.job, args.host, args.node, format).await
         }

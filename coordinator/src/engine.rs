@@ -625,6 +625,14 @@ impl Engine {
     }
 
     /// Every node, by id.
+    /// Starts or stops draining a storage node.
+    pub async fn drain_node(&self, node_id: &str, cancel: bool) -> Result<Node, EngineError> {
+        let mut inner = self.inner.lock().await;
+        let node = inner.drain_node(node_id, cancel, now_ms())?;
+        inner.store.flush().await?;
+        Ok(node)
+    }
+
     pub async fn nodes(&self) -> Vec<Node> {
         self.inner.lock().await.nodes.values().cloned().collect()
     }

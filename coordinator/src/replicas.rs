@@ -30,6 +30,9 @@ pub struct ReplicaNode {
     pub lost_since_ms: Option<i64>,
     /// Free bytes, as of its last heartbeat.
     pub free_bytes: u64,
+    /// Being drained: its copies do not count (they are copied elsewhere,
+    /// then deleted there), though it still sends them.
+    pub draining: bool,
 }
 
 /// Why a copy does not count, or may soon stop to.
@@ -45,6 +48,8 @@ pub enum CopyProblem {
     /// Its node's scrub found damage in it that no other node could
     /// repair.
     Damaged { reason: String },
+    /// Its node is being drained.
+    Draining,
 }
 
 impl CopyProblem {
@@ -71,6 +76,7 @@ impl CopyProblem {
             }
             CopyProblem::UnknownNode => "unknown node; not counted".to_owned(),
             CopyProblem::Damaged { reason } => format!("damaged: {reason}; not counted"),
+            CopyProblem::Draining => "node draining; not counted".to_owned(),
         }
     }
 }
@@ -97,6 +103,9 @@ pub fn copy_problem(
     let Some(node) = node else {
         return Some(CopyProblem::UnknownNode);
     };
+    if node.draining {
+        return Some(CopyProblem::Draining);
+    }
     let since_ms = node.lost_since_ms?;
     if now_ms.saturating_sub(since_ms) >= rules.replace_after_ms {
         Some(CopyProblem::Lost { since_ms })
@@ -307,6 +316,7 @@ mod tests {
             accepts_copies: true,
             lost_since_ms: None,
             free_bytes: free,
+            draining: false,
         }
     }
 
@@ -452,6 +462,26 @@ mod tests {
         let mut limits = self::limits();
         limits.held_back.insert(("a", "n3"));
         assert!(plan(&entries, &short, &nodes, &limits).is_empty());
+    }
+
+    #[test]
+    fn a_draining_node_sends_its_copies_but_they_do_not_count() {
+        let mut draining = online(1000);
+        draining.draining = true;
+        draining.accepts_copies = false;
+        let nodes: HashMap<String, ReplicaNode> = [
+            ("n1".to_owned(), draining),
+            ("n2".to_owned(), online(100)),
+            ("n3".to_owned(), online(50)),
+        ]
+        .into();
+        let entries = vec![entry("s", 1, 2, &["n1", "n2"])];
+        let short = short_of_target(&entries, &nodes, &rules(), 0);
+        assert_eq!(short, vec![("s".to_owned(), 1, 2)]);
+        let planned = plan(&entries, &short, &nodes, &limits());
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].target, "n3");
+        assert!(planned[0].holders.contains(&"n1".to_owned()));
     }
 
     #[test]

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use fabric_proto::v1::coordinator_server::Coordinator;
 use fabric_proto::v1::{
     CancelRunRequest, CheckRequest, CheckResponse, CollectGarbageRequest, CollectGarbageResponse,
-    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, ForgetRequest, ForgetResponse,
-    GetJobRequest, GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse, ListJobsRequest,
-    ListJobsResponse, ListNodesRequest, ListNodesResponse, ListRunsRequest, ListRunsResponse,
-    ListTokensRequest, ListTokensResponse, NodeInfo, NodeMessage, RegisterNodeResponse,
-    RetryRunRequest, RevokeTokenRequest, Run, RunDetail, RunEvent, SubmitJobsRequest,
-    SubmitJobsResponse, TokenInfo, WatchRunRequest, node_message,
+    CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, DrainNodeRequest, ForgetRequest,
+    ForgetResponse, GetJobRequest, GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse,
+    ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse, ListRunsRequest,
+    ListRunsResponse, ListTokensRequest, ListTokensResponse, Node, NodeInfo, NodeMessage,
+    RegisterNodeResponse, RetryRunRequest, RevokeTokenRequest, Run, RunDetail, RunEvent,
+    SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest, node_message,
 };
 use fabric_trust::Caller;
 use futures::Stream;
@@ -409,6 +409,21 @@ impl Coordinator for CoordinatorService {
             node,
             report: Some(report),
         }))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let by = Caller::of(&request).record();
+        let DrainNodeRequest { node, cancel } = request.into_inner();
+        let drained = self
+            .engine
+            .drain_node(&node, cancel)
+            .await
+            .map_err(status_of)?;
+        tracing::info!(%node, cancel, %by, "drain asked");
+        Ok(Response::new(drained))
     }
 
     async fn create_token(

@@ -1096,3 +1096,70 @@ fn scrub_finds_a_flipped_byte_repair_fixes_it_and_damage_on_every_copy_is_critic
         "{check:?}"
     );
 }
+
+#[test]
+fn a_drained_node_gives_its_snapshots_to_the_others_and_becomes_removable() {
+    let fabric = Fabric::start_with(3, &["--replication-check-every", "1s"], &[]);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.moved]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 2\n",
+        source.display()
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let runs = fabric.submit(&jobs, &[]);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        ids.push(run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned());
+    }
+    let held = |index: usize| {
+        snapshots_on(&fabric.nodes[index].address)
+            .into_iter()
+            .map(|snapshot| snapshot.id)
+            .collect::<HashSet<String>>()
+    };
+    let victim = (0..3).max_by_key(|index| held(*index).len()).unwrap();
+    let name = format!("n{}", victim + 1);
+    assert!(!held(victim).is_empty());
+
+    let output = fabric.ctl(&["node", "drain", &name]);
+    assert!(output.status.success(), "{output:?}");
+    let mut row = serde_json::Value::Null;
+    for _ in 0..600 {
+        row = fabric.node_row(&name);
+        if row["drain"] == "removable" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(row["drain"], "removable", "{row:#}");
+    assert!(held(victim).is_empty(), "{:?}", held(victim));
+    for id in &ids {
+        let elsewhere = (0..3)
+            .filter(|index| *index != victim && held(*index).contains(id))
+            .count();
+        assert_eq!(elsewhere, 2, "snapshot {id}");
+    }
+    for row in fabric
+        .json(&["snapshot", "list", "--job", "moved"])
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(row["copies"]["healthy"], 2, "{row:#}");
+    }
+    // Waiting on a removable node returns at once; a new run avoids it.
+    let output = fabric.ctl(&["node", "drain", &name, "--wait"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("removable"));
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    assert!(
+        copies_of(&run).iter().all(|(node, _, _)| *node != name),
+        "{run:#}"
+    );
+    // Cancelled, it takes copies again.
+    let output = fabric.ctl(&["node", "drain", &name, "--cancel"]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(fabric.node_row(&name)["drain"], "");
+}

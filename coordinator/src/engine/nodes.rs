@@ -167,10 +167,12 @@ impl Inner {
                     .as_ref()
                     .map(|info| info.labels.clone())
                     .unwrap_or_default(),
-                // A node that refuses writes is no destination meanwhile.
+                // A node that refuses writes, or is being drained, is no
+                // destination meanwhile.
                 healthy: node.state() == NodeState::Online
                     && self.sessions.contains_key(id)
-                    && node.refuses_writes.is_empty(),
+                    && node.refuses_writes.is_empty()
+                    && node.draining_since_ms == 0,
                 storage: is_storage(node),
             })
             .collect()

@@ -141,6 +141,7 @@ impl Inner {
                         accepts_copies,
                         lost_since_ms,
                         free_bytes,
+                        draining: node.draining_since_ms != 0,
                     },
                 )
             })
@@ -326,6 +327,7 @@ impl Inner {
                     .is_some_and(|since| now.saturating_sub(*since) >= check_every)
             })
             .collect();
+        self.drain_upkeep(&entries, &nodes, now)?;
         if settled.is_empty() {
             return Ok(false);
         }
@@ -394,6 +396,98 @@ impl Inner {
             );
         }
         Ok(false)
+    }
+
+    /// Draining nodes: delete there what is at its target without them,
+    /// and say how far each got (`Node.drain`).
+    fn drain_upkeep(
+        &mut self,
+        entries: &[CatalogEntry],
+        nodes: &HashMap<String, ReplicaNode>,
+        now: i64,
+    ) -> Result<(), StateError> {
+        let rules = self.replica_rules();
+        let draining: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.draining_since_ms != 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node_id in draining {
+            let mut left = 0usize;
+            let mut moved = Vec::new();
+            for entry in entries {
+                let Some(copy) = entry.copies.iter().find(|copy| copy.node == node_id) else {
+                    continue;
+                };
+                left += 1;
+                if replicas::counted_copies(entry, nodes, &rules, now) >= replicas::target_of(entry)
+                {
+                    moved.push(copy.snapshot_id.clone());
+                }
+            }
+            if !moved.is_empty() {
+                moved.truncate(1000);
+                let delete = CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::DeleteSnapshots(
+                        DeleteSnapshots { ids: moved.clone() },
+                    )),
+                };
+                if self.send(&node_id, delete) {
+                    tracing::info!(node = %node_id, snapshots = moved.len(), "drain: copied elsewhere, deleting here");
+                }
+            }
+            let progress = if left == 0 {
+                "removable".to_owned()
+            } else {
+                format!(
+                    "{left} snapshot(s) left, {} at their target elsewhere and being deleted here",
+                    moved.len()
+                )
+            };
+            if let Some(node) = self.nodes.get_mut(&node_id)
+                && node.drain != progress
+            {
+                if left == 0 {
+                    tracing::info!(node = %node_id, "drain complete: the node is removable");
+                }
+                node.drain = progress;
+                let node = node.clone();
+                self.store.put_node(&node)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or, with `cancel`, stops) draining storage node `node_id`.
+    pub(super) fn drain_node(
+        &mut self,
+        node_id: &str,
+        cancel: bool,
+        now: i64,
+    ) -> Result<Node, EngineError> {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Err(EngineError::NotFound(format!("no node {node_id:?}")));
+        };
+        if !is_storage(node) {
+            return Err(EngineError::InvalidArgument(format!(
+                "node {node_id} keeps no store: there is nothing to drain"
+            )));
+        }
+        if cancel {
+            node.draining_since_ms = 0;
+            node.drain.clear();
+            tracing::info!(node = %node_id, "drain cancelled");
+        } else if node.draining_since_ms == 0 {
+            node.draining_since_ms = now;
+            node.drain = "starting".to_owned();
+            tracing::info!(node = %node_id, "drain started");
+        }
+        let node = node.clone();
+        self.store.put_node(&node)?;
+        // The next tick looks at it at once.
+        self.replicas.last_check_ms = 0;
+        Ok(node)
     }
 
     /// A node's answer to a [`Replicate`]: record its copy, or hold the
