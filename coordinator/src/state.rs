@@ -438,6 +438,35 @@ impl Store {
         Ok(false)
     }
 
+    /// Clears the damage marks of `node`'s copies (its repair succeeded,
+    /// so every chunk it holds reads back); a DAMAGED snapshot with a copy
+    /// there is COMPLETE again. Returns how many copies changed.
+    pub fn clear_catalog_damage(&self, node: &str) -> Result<u64, StateError> {
+        let mut cleared = 0;
+        for item in self.catalog.iter() {
+            let (key, value) = item.map_err(sled_error("read the catalog"))?;
+            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
+            let Some(copy) = entry
+                .copies
+                .iter_mut()
+                .find(|copy| copy.node == node && !copy.damage.is_empty())
+            else {
+                continue;
+            };
+            copy.damage.clear();
+            if let Some(snapshot) = entry.snapshot.as_mut()
+                && snapshot.state() == fabric_proto::v1::SnapshotState::Damaged
+            {
+                snapshot.set_state(fabric_proto::v1::SnapshotState::Complete);
+            }
+            self.catalog
+                .insert(key, entry.encode_to_vec())
+                .map_err(sled_error("store a catalog entry"))?;
+            cleared += 1;
+        }
+        Ok(cleared)
+    }
+
     /// The catalogue entry of snapshot `id`, if any (a scan: the catalogue
     /// is keyed by start time).
     pub fn catalog_entry(&self, id: &str) -> Result<Option<CatalogEntry>, StateError> {
@@ -578,6 +607,37 @@ mod tests {
         let catalog = store.catalog().unwrap();
         assert_eq!(catalog.len(), 1);
         assert_eq!(catalog[0].copies.len(), 2);
+    }
+
+    #[test]
+    fn damage_on_every_copy_makes_a_snapshot_damaged_and_a_repair_undoes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let snapshot = Snapshot {
+            id: "s1".into(),
+            state: fabric_proto::v1::SnapshotState::Complete as i32,
+            ..Default::default()
+        };
+        store.add_catalog_copy(&snapshot, "n1", 2).unwrap();
+        store.add_catalog_copy(&snapshot, "n2", 0).unwrap();
+        assert_eq!(store.catalog().unwrap()[0].replica_target, 2);
+        assert!(store.mark_catalog_copy_damaged("s1", "n1", "bad").unwrap());
+        assert!(!store.mark_catalog_copy_damaged("s1", "n1", "bad").unwrap());
+        let state = |store: &Store| {
+            store.catalog().unwrap()[0]
+                .snapshot
+                .clone()
+                .unwrap()
+                .state()
+        };
+        assert_eq!(state(&store), fabric_proto::v1::SnapshotState::Complete);
+        assert!(store.mark_catalog_copy_damaged("s1", "n2", "bad").unwrap());
+        assert_eq!(state(&store), fabric_proto::v1::SnapshotState::Damaged);
+        assert_eq!(store.clear_catalog_damage("n2").unwrap(), 1);
+        assert_eq!(state(&store), fabric_proto::v1::SnapshotState::Complete);
+        let entry = store.catalog_entry("s1").unwrap().unwrap();
+        assert_eq!(entry.copies[0].damage, "bad");
+        assert!(entry.copies[1].damage.is_empty());
     }
 
     #[test]

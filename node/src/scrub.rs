@@ -36,6 +36,10 @@ pub const STATE_FILE: &str = "scrub.toml";
 /// The least time between the end of one pass and the next.
 const PAUSE_BETWEEN_PASSES: Duration = Duration::from_secs(10);
 
+/// Damaged chunks fetched and rewritten together, at most: what a repair
+/// holds in memory.
+const REPAIR_BATCH: usize = 32;
+
 /// Damaged chunks named in one heartbeat, at most.
 pub const MAX_REPORTED_DAMAGED: usize = 1000;
 
@@ -256,54 +260,54 @@ pub async fn repair(
         .iter()
         .filter_map(|id| ChunkId::from_slice(id).ok())
         .collect();
-    let mut found: BTreeMap<ChunkId, Chunk> = BTreeMap::new();
     let mut reasons = Vec::new();
-    for source in &ask.sources {
-        let missing: Vec<Vec<u8>> = wanted
-            .iter()
-            .filter(|id| !found.contains_key(*id))
-            .take(crate::transfer::MAX_OFFER_IDS)
-            .map(|id| id.to_vec())
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        match fetch(source, &transport, missing).await {
-            Ok(chunks) => {
-                for chunk in chunks {
-                    found.insert(chunk.id, chunk);
-                }
+    let mut done = RepairDone::default();
+    let mut fixed: Vec<ChunkId> = Vec::new();
+    // A batch at a time: at most this many chunks are held in memory.
+    for batch in wanted.chunks(REPAIR_BATCH) {
+        let mut found: BTreeMap<ChunkId, Chunk> = BTreeMap::new();
+        for source in &ask.sources {
+            let missing: Vec<Vec<u8>> = batch
+                .iter()
+                .filter(|id| !found.contains_key(*id))
+                .map(|id| id.to_vec())
+                .collect();
+            if missing.is_empty() {
+                break;
             }
-            Err(reason) => reasons.push(format!("{}: {reason}", source.node)),
+            match fetch(source, &transport, missing).await {
+                Ok(chunks) => {
+                    for chunk in chunks {
+                        found.insert(chunk.id, chunk);
+                    }
+                }
+                Err(reason) => reasons.push(format!("{}: {reason}", source.node)),
+            }
+        }
+        if found.is_empty() {
+            continue;
+        }
+        let chunks: Vec<Chunk> = found.into_values().collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
+        let repair_store = store.clone();
+        match tokio::task::spawn_blocking(move || repair_store.repair_chunks(chunks)).await {
+            Ok(Ok(report)) => {
+                scrub.repaired(&ids);
+                scrub.save();
+                fixed.extend(ids);
+                done.repaired += report.repaired.len() as u64;
+                done.packs_rewritten += report.packs_rewritten;
+            }
+            Ok(Err(err)) => reasons.push(format!("the store could not rewrite them: {err}")),
+            Err(err) => reasons.push(format!("the repair stopped: {err}")),
         }
     }
-    let chunks: Vec<Chunk> = found.into_values().collect();
-    let fixed: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
-    let repair_store = store.clone();
-    let repaired = tokio::task::spawn_blocking(move || {
-        if chunks.is_empty() {
-            return Ok(Default::default());
-        }
-        repair_store.repair_chunks(chunks)
-    })
-    .await;
-    let mut done = RepairDone::default();
-    match repaired {
-        Ok(Ok(report)) => {
-            scrub.repaired(&fixed);
-            scrub.save();
-            done.repaired = report.repaired.len() as u64;
-            done.packs_rewritten = report.packs_rewritten;
-            if !report.repaired.is_empty() {
-                tracing::info!(
-                    chunks = report.repaired.len(),
-                    packs = report.packs_rewritten,
-                    "damaged chunks repaired from other nodes"
-                );
-            }
-        }
-        Ok(Err(err)) => reasons.push(format!("the store could not rewrite them: {err}")),
-        Err(err) => reasons.push(format!("the repair stopped: {err}")),
+    if done.repaired > 0 {
+        tracing::info!(
+            chunks = done.repaired,
+            packs = done.packs_rewritten,
+            "damaged chunks repaired from other nodes"
+        );
     }
     let fixed: HashSet<ChunkId> = fixed.into_iter().collect();
     let unrepairable: HashSet<ChunkId> = wanted

@@ -216,6 +216,12 @@ impl Inner {
     ) -> Result<(), StateError> {
         if done.unrepairable.is_empty() && done.error.is_empty() {
             self.replicas.repairs_asked.remove(node_id);
+            if done.repaired > 0 {
+                let cleared = self.store.clear_catalog_damage(node_id)?;
+                if cleared > 0 {
+                    tracing::info!(node = %node_id, copies = cleared, "repaired: copies marked damaged count again");
+                }
+            }
         } else {
             // What could not be repaired now is asked about again only
             // after a while (another copy may turn up), not on every
