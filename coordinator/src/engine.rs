@@ -41,6 +41,7 @@ mod gc;
 mod nodes;
 mod replication;
 mod upkeep;
+mod verify_after_backup;
 
 pub use gc::{GcAnswer, GcSettings};
 pub use replication::ReplicationSettings;
@@ -366,6 +367,10 @@ impl Engine {
             }
             Some(node_message::Kind::Replicated(answer)) => {
                 inner.replicated(node_id, &answer, now)?;
+                inner.store.flush().await?;
+            }
+            Some(node_message::Kind::SnapshotVerified(answer)) => {
+                inner.snapshot_verified(node_id, &answer, now)?;
                 inner.store.flush().await?;
             }
             Some(node_message::Kind::RepairDone(done)) => {
@@ -1214,6 +1219,7 @@ impl Inner {
                 entry.id = planned.id.clone();
             }
             self.store.add_catalog_copy(&entry, node, replica_target)?;
+            self.verify_new_copy(&record, &entry.id, node);
             if is_sync {
                 self.replace_sync_snapshots(node, &entry, now)?;
             }

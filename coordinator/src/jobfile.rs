@@ -52,6 +52,7 @@
 //! | `quota` | push, pull | the most the job's snapshots may take on the storage nodes together: `"500GiB"`, `"2TB"`, or a number of bytes; a run does not start while the job is at or over it, and a transfer that would go over stops without committing (as the storage nodes last counted, every minute) |
 //! | `bandwidth_limit` | push, pull | bytes per second for the job's transfers: `"20MB/s"`, `"512KiB"`, or a number of bytes (the agent's sends of a push, the puller's receives of a pull) |
 //! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
+//! | `verify` | push, pull | backy's verify after backup: `"none"` (default), `"full"`, or `"sample:5%"`; each storage node reads its new copy's chunks (all, or that share at random) back once it is committed: a copy that checks makes the snapshot VERIFIED, one that does not is marked damaged (and copied again elsewhere) |
 //!
 //! A key that does not apply to the job's direction is an error when the job
 //! sets it, and ignored when it comes from `[global]`. `dest` and `replicas`
@@ -156,6 +157,7 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("keep_weekly", true, true, false),
     rule("keep_monthly", true, true, false),
     rule("keep_yearly", true, true, false),
+    rule("verify", true, true, false),
 ];
 
 /// What a byte-valued key holds.
@@ -1215,6 +1217,19 @@ impl JobContext<'_> {
         {
             spec.quota_bytes = quota;
         }
+        if is("verify")
+            && let Some(text) = self.text(reporter, "verify", false)
+        {
+            match parse_verify(&text) {
+                Some(fraction) => spec.verify_fraction = fraction,
+                None => self.bad(
+                    reporter,
+                    "verify",
+                    text,
+                    "\"none\", \"full\" or \"sample:N%\" with 0 < N <= 100",
+                ),
+            }
+        }
         if is("min_retention")
             && let Some(window) = self.duration(reporter, "min_retention")
         {
@@ -1858,6 +1873,25 @@ fn direction_word(direction: Direction) -> &'static str {
         Direction::Pull => "pull",
         Direction::Passive => "passive",
         Direction::Unspecified => "unspecified",
+    }
+}
+
+/// A job's `verify` as the fraction of chunks to read back: `none` 0,
+/// `full` 1, `sample:N%` N/100 (0 < N <= 100); `None` for anything else.
+pub fn parse_verify(text: &str) -> Option<f64> {
+    match text.trim() {
+        "none" => Some(0.0),
+        "full" => Some(1.0),
+        other => {
+            let percent: f64 = other
+                .strip_prefix("sample:")?
+                .trim()
+                .strip_suffix('%')?
+                .trim()
+                .parse()
+                .ok()?;
+            (percent > 0.0 && percent <= 100.0).then_some(percent / 100.0)
+        }
     }
 }
 

@@ -786,3 +786,32 @@ fn scheduled_example() {
     assert_eq!(db.time_zone, "Europe/Berlin");
     assert_eq!(db.interval_s, 3_600);
 }
+
+#[test]
+fn verify_takes_none_full_or_a_sample_percentage() {
+    assert_eq!(parse_verify("none"), Some(0.0));
+    assert_eq!(parse_verify("full"), Some(1.0));
+    assert_eq!(parse_verify("sample:5%"), Some(0.05));
+    assert_eq!(parse_verify(" sample: 100 % "), Some(1.0));
+    for bad in [
+        "sample:0%",
+        "sample:101%",
+        "sample:5",
+        "5%",
+        "all",
+        "sample:x%",
+        "",
+    ] {
+        assert_eq!(parse_verify(bad), None, "{bad:?}");
+    }
+    let text = "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nverify = \"sample:5%\"\n";
+    let jobs = parse_jobs_file("jobs.toml", text, &known()).unwrap();
+    assert_eq!(job(&jobs, "p").verify_fraction, 0.05);
+    let bad = error(
+        "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\ndest = \"n1\"\nverify = \"sometimes\"\n",
+    );
+    assert!(
+        bad.contains("verify") && bad.contains("sometimes") && bad.contains("sample:N%"),
+        "{bad}"
+    );
+}

@@ -438,6 +438,33 @@ impl Store {
         Ok(false)
     }
 
+    /// Sets snapshot `id`'s state in the catalogue to `state` (a DAMAGED
+    /// one stays so). Returns whether it changed.
+    pub fn set_catalog_state(
+        &self,
+        id: &str,
+        state: fabric_proto::v1::SnapshotState,
+    ) -> Result<bool, StateError> {
+        for item in self.catalog.iter() {
+            let (key, value) = item.map_err(sled_error("read the catalog"))?;
+            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
+            let Some(snapshot) = entry.snapshot.as_mut().filter(|s| s.id == id) else {
+                continue;
+            };
+            if snapshot.state() == state
+                || snapshot.state() == fabric_proto::v1::SnapshotState::Damaged
+            {
+                return Ok(false);
+            }
+            snapshot.set_state(state);
+            self.catalog
+                .insert(key, entry.encode_to_vec())
+                .map_err(sled_error(format!("store catalog entry {id}")))?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Clears the damage marks of `node`'s copies (its repair succeeded,
     /// so every chunk it holds reads back); a DAMAGED snapshot with a copy
     /// there is COMPLETE again. Returns how many copies changed.

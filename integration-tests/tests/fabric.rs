@@ -1163,3 +1163,39 @@ fn a_drained_node_gives_its_snapshots_to_the_others_and_becomes_removable() {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(fabric.node_row(&name)["drain"], "");
 }
+
+#[test]
+fn a_job_with_verify_gets_its_snapshot_read_back_and_verified() {
+    let fabric = Fabric::start(2);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.checked]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\nverify = \"full\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    let mut events = Vec::new();
+    for _ in 0..300 {
+        events = events_of(&fabric.json(&["run", "show", &runs[0]]));
+        if ["n1", "n2"].iter().all(|node| {
+            events
+                .iter()
+                .any(|e| e.contains(&format!("verified on {node}")))
+        }) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for node in ["n1", "n2"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains(&format!("verified on {node}: "))
+                    && e.contains("chunk(s) read back intact")),
+            "{events:#?}"
+        );
+    }
+    let listed = fabric.json(&["snapshot", "list", "--job", "checked"]);
+    assert_eq!(listed[0]["state"], "verified", "{listed:#}");
+}

@@ -26,7 +26,8 @@ use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CopyState, CopyTarget, GcDone, GcLease, Heartbeat, HostUsage,
     JobUsage, NodeInfo, NodeMessage, NodeRole, Replicate, Replicated, RunState, RunUpdate,
-    Snapshot, SnapshotsDeleted, TransferProgress, coordinator_message, node_message,
+    Snapshot, SnapshotVerified, SnapshotsDeleted, TransferProgress, VerifySnapshot,
+    coordinator_message, node_message,
 };
 use fabric_trust::Transport;
 use futures::StreamExt;
@@ -533,6 +534,9 @@ fn handle(
         Some(coordinator_message::Kind::Replicate(replicate)) => {
             tokio::spawn(replicate_here(context.clone(), replicate));
         }
+        Some(coordinator_message::Kind::VerifySnapshot(ask)) => {
+            tokio::spawn(verify_snapshot(context.clone(), ask));
+        }
         Some(coordinator_message::Kind::RepairChunks(ask)) => {
             if let (Some(store), Some(scrub)) = (context.store.clone(), context.scrub.clone()) {
                 let context = context.clone();
@@ -663,6 +667,54 @@ async fn replicate_here(context: Context, replicate: Replicate) {
         }
     };
     let _ = context.replies.send(node_message::Kind::Replicated(answer));
+}
+
+/// Verify after backup: read the chunks of a snapshot just committed here
+/// back (all, or the asked fraction at random) and say what was found.
+async fn verify_snapshot(context: Context, ask: VerifySnapshot) {
+    let VerifySnapshot {
+        run_id,
+        snapshot_id,
+        fraction,
+    } = ask;
+    let mut answer = SnapshotVerified {
+        run_id,
+        snapshot_id: snapshot_id.clone(),
+        ..Default::default()
+    };
+    match context.store.clone() {
+        None => answer.error = "this node has no store".to_owned(),
+        Some(_) if !(fraction > 0.0 && fraction <= 1.0) => {
+            answer.error = format!("{fraction} is not a fraction of chunks to read");
+        }
+        Some(store) => {
+            let options = fabric_chunkstore::VerifyOptions {
+                sample: (fraction < 1.0).then_some(fraction),
+                snapshot: Some(snapshot_id.clone()),
+            };
+            match tokio::task::spawn_blocking(move || store.verify(&options)).await {
+                Ok(Ok(report)) => {
+                    answer.chunks_checked = report.chunks_checked;
+                    answer.problems = report
+                        .problems
+                        .iter()
+                        .take(20)
+                        .map(|problem| format!("chunk {}: {}", problem.chunk, problem.detail))
+                        .collect();
+                }
+                Ok(Err(err)) => answer.error = err.to_string(),
+                Err(err) => answer.error = format!("the check stopped: {err}"),
+            }
+        }
+    }
+    if answer.problems.is_empty() && answer.error.is_empty() {
+        tracing::info!(snapshot = %snapshot_id, chunks = answer.chunks_checked, "verified after backup");
+    } else {
+        tracing::warn!(snapshot = %snapshot_id, problems = answer.problems.len(), error = %answer.error, "verify after backup found problems");
+    }
+    let _ = context
+        .replies
+        .send(node_message::Kind::SnapshotVerified(answer));
 }
 
 /// Run one assignment to its end, reporting every step but the last, which
