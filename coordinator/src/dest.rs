@@ -285,6 +285,19 @@ pub enum ResolveError {
         /// Healthy storage nodes there are.
         available: usize,
     },
+    /// Fewer failure domains with a healthy storage node than replicas.
+    #[error(
+        "replicas = {wanted} with spread_by = {key:?} needs healthy storage nodes in {wanted} \
+         distinct {key}s (labels {key}:VALUE), but only {available} have one"
+    )]
+    NotEnoughDomains {
+        /// The label key.
+        key: String,
+        /// Replicas asked for.
+        wanted: usize,
+        /// Domains with a healthy storage node.
+        available: usize,
+    },
 }
 
 /// Resolves a plan against the known nodes: names become node ids (a label
@@ -369,21 +382,33 @@ fn expand_name<'n>(
     Ok(usable)
 }
 
-/// `replicas = N`: N distinct healthy storage nodes in a random order. All
-/// copies run in parallel, so every one is marked background (the run still
-/// waits for all of them before its post script).
+/// The failure domain `key` of a node with `labels`: the value of its label
+/// `key:VALUE` (or `key=VALUE`), if it has one.
+pub fn domain_of<'l>(labels: &'l [String], key: &str) -> Option<&'l str> {
+    labels.iter().find_map(|label| {
+        let value = label.strip_prefix(key)?.strip_prefix([':', '='])?;
+        (!value.is_empty()).then_some(value)
+    })
+}
+
+/// `replicas = N`: N distinct healthy storage nodes in a random order, with
+/// `spread_by = KEY` each in a failure domain of its own (a node without a
+/// `KEY:VALUE` label is not chosen then). All copies run in parallel, so
+/// every one is marked background (the run still waits for all of them
+/// before its post script).
 pub fn pick_replicas<R: Rng + ?Sized>(
     replicas: usize,
+    spread_by: Option<&str>,
     nodes: &[NodeView],
     rng: &mut R,
 ) -> Result<Vec<PlannedCopy>, ResolveError> {
     if replicas == 0 {
         return Err(ResolveError::NoReplicas);
     }
-    let mut usable: Vec<&str> = Vec::new();
+    let mut usable: Vec<&NodeView> = Vec::new();
     for node in nodes.iter().filter(|node| node.usable()) {
-        if !usable.contains(&node.id.as_str()) {
-            usable.push(node.id.as_str());
+        if !usable.iter().any(|seen| seen.id == node.id) {
+            usable.push(node);
         }
     }
     if usable.len() < replicas {
@@ -393,8 +418,26 @@ pub fn pick_replicas<R: Rng + ?Sized>(
         });
     }
     usable.shuffle(rng);
+    if let Some(key) = spread_by {
+        let mut domains: Vec<&str> = Vec::new();
+        usable.retain(|node| match domain_of(&node.labels, key) {
+            Some(domain) if !domains.contains(&domain) => {
+                domains.push(domain);
+                true
+            }
+            _ => false,
+        });
+        if usable.len() < replicas {
+            return Err(ResolveError::NotEnoughDomains {
+                key: key.to_owned(),
+                wanted: replicas,
+                available: usable.len(),
+            });
+        }
+    }
     Ok(usable
         .into_iter()
+        .map(|node| node.id.as_str())
         .take(replicas)
         .map(|node| PlannedCopy {
             node: node.to_owned(),
@@ -618,7 +661,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut chosen_sets = BTreeSet::new();
         for _ in 0..100 {
-            let copies = pick_replicas(2, &nodes, &mut rng).unwrap();
+            let copies = pick_replicas(2, None, &nodes, &mut rng).unwrap();
             let set: BTreeSet<&str> = order(&copies).into_iter().collect();
             assert_eq!(set.len(), 2);
             assert!(!set.contains("n4"));
@@ -631,13 +674,47 @@ mod tests {
             "every ordered pair occurs: {chosen_sets:?}"
         );
         assert_eq!(
-            pick_replicas(4, &nodes, &mut rng).unwrap_err().to_string(),
+            pick_replicas(4, None, &nodes, &mut rng)
+                .unwrap_err()
+                .to_string(),
             "replicas = 4 needs 4 healthy storage nodes, but only 3 are"
         );
         assert_eq!(
-            pick_replicas(0, &nodes, &mut rng).unwrap_err(),
+            pick_replicas(0, None, &nodes, &mut rng).unwrap_err(),
             ResolveError::NoReplicas
         );
+    }
+
+    #[test]
+    fn spread_by_puts_each_replica_in_a_zone_of_its_own() {
+        let nodes = vec![
+            node("a1", &["zone:a", "disk"]),
+            node("a2", &["zone:a"]),
+            node("b1", &["zone=b"]),
+            node("c1", &["zone:c"]),
+            node("x1", &["disk"]),
+        ];
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..50 {
+            let copies = pick_replicas(3, Some("zone"), &nodes, &mut rng).unwrap();
+            let zones: BTreeSet<&str> = copies
+                .iter()
+                .map(|copy| {
+                    let view = nodes.iter().find(|n| n.id == copy.node).unwrap();
+                    domain_of(&view.labels, "zone").unwrap()
+                })
+                .collect();
+            assert_eq!(zones.len(), 3, "{copies:?}");
+        }
+        let err = pick_replicas(4, Some("zone"), &nodes, &mut rng)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("3 have one") && err.contains("zone:VALUE"),
+            "{err}"
+        );
+        assert_eq!(domain_of(&["zone:".to_owned()], "zone"), None);
+        assert_eq!(domain_of(&["zones:a".to_owned()], "zone"), None);
     }
 
     #[test]

@@ -1055,7 +1055,8 @@ impl Inner {
     fn plan_copies(&mut self, spec: &JobSpec) -> Result<Vec<RunCopy>, String> {
         let views = self.node_views();
         let planned = if spec.replicas > 0 {
-            dest::pick_replicas(spec.replicas as usize, &views, &mut self.rng)
+            let spread_by = (!spec.spread_by.is_empty()).then_some(spec.spread_by.as_str());
+            dest::pick_replicas(spec.replicas as usize, spread_by, &views, &mut self.rng)
                 .map_err(|error| error.to_string())?
         } else {
             let plan = DestPlan::parse(&spec.dest)

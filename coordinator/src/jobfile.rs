@@ -52,6 +52,7 @@
 //! | `quota` | push, pull | the most the job's snapshots may take on the storage nodes together: `"500GiB"`, `"2TB"`, or a number of bytes; a run does not start while the job is at or over it, and a transfer that would go over stops without committing (as the storage nodes last counted, every minute) |
 //! | `bandwidth_limit` | push, pull | bytes per second for the job's transfers: `"20MB/s"`, `"512KiB"`, or a number of bytes (the agent's sends of a push, the puller's receives of a pull) |
 //! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
+//! | `spread_by` | push, pull | with `replicas`: a label key such as `"zone"`; each replica goes to a node in a failure domain of its own (nodes labelled `zone:a`, `zone:b`...; a node without the label is not chosen), and re-replication keeps it so |
 //! | `verify` | push, pull | backy's verify after backup: `"none"` (default), `"full"`, or `"sample:5%"`; each storage node reads its new copy's chunks (all, or that share at random) back once it is committed: a copy that checks makes the snapshot VERIFIED, one that does not is marked damaged (and copied again elsewhere) |
 //!
 //! A key that does not apply to the job's direction is an error when the job
@@ -158,6 +159,7 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("keep_monthly", true, true, false),
     rule("keep_yearly", true, true, false),
     rule("verify", true, true, false),
+    rule("spread_by", true, true, false),
 ];
 
 /// What a byte-valued key holds.
@@ -1651,11 +1653,31 @@ impl JobContext<'_> {
             }
             _ => {}
         }
+        let spread_by = self.text(reporter, "spread_by", false);
+        if let Some(key) = &spread_by
+            && (!crate::dest::is_valid_name(key) || key.contains(':'))
+        {
+            self.bad(
+                reporter,
+                "spread_by",
+                key.clone(),
+                "a label key: letters, digits, '-', '_' and '.' (nodes carry it as KEY:VALUE)",
+            );
+        }
         if replicas.is_some() {
             if let Some(count) = self.integer(reporter, "replicas", 1) {
                 spec.replicas = u32::try_from(count).unwrap_or(u32::MAX);
             }
+            spec.spread_by = spread_by.unwrap_or_default();
             return;
+        }
+        if let Some(key) = spread_by {
+            self.bad(
+                reporter,
+                "spread_by",
+                key,
+                "to go with replicas = N (a dest names its nodes itself)",
+            );
         }
         let line = self.line_of("dest");
         let Some(text) = self.text(reporter, "dest", false) else {
@@ -1900,9 +1922,10 @@ fn why_not(key: &str, direction: Direction) -> &'static str {
         (Direction::Passive, "include" | "exclude" | "type" | "tags" | "one_file_system") => {
             " (its pull job decides what to copy)"
         }
-        (Direction::Passive, "dest" | "replicas" | "copy_retries" | "copy_retry_min_sleep") => {
-            " (its pull job decides where the copies go)"
-        }
+        (
+            Direction::Passive,
+            "dest" | "replicas" | "spread_by" | "verify" | "copy_retries" | "copy_retry_min_sleep",
+        ) => " (its pull job decides where the copies go)",
         (Direction::Pull, "client") => " (its client is the client of its pull_source)",
         (Direction::Pull, "pre" | "post") => " (the passive job on the client runs pre and post)",
         (Direction::Pull, "instances") => " (pull jobs have no instances)",

@@ -815,3 +815,22 @@ fn verify_takes_none_full_or_a_sample_percentage() {
         "{bad}"
     );
 }
+
+#[test]
+fn spread_by_is_a_label_key_that_goes_with_replicas() {
+    let head = "[job.p]\ndirection = \"push\"\nclient = \"web1\"\ninclude = \"/x\"\n";
+    let jobs = parse_jobs_file(
+        "jobs.toml",
+        &format!("{head}replicas = 2\nspread_by = \"zone\"\n"),
+        &known(),
+    )
+    .unwrap();
+    assert_eq!(job(&jobs, "p").spread_by, "zone");
+    let bad = error(&format!("{head}dest = \"n1\"\nspread_by = \"zone\"\n"));
+    assert!(
+        bad.contains("spread_by") && bad.contains("replicas = N"),
+        "{bad}"
+    );
+    let bad = error(&format!("{head}replicas = 2\nspread_by = \"zone:a\"\n"));
+    assert!(bad.contains("a label key"), "{bad}");
+}

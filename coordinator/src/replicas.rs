@@ -33,6 +33,8 @@ pub struct ReplicaNode {
     /// Being drained: its copies do not count (they are copied elsewhere,
     /// then deleted there), though it still sends them.
     pub draining: bool,
+    /// Its labels (failure domains are `KEY:VALUE` labels).
+    pub labels: Vec<String>,
 }
 
 /// Why a copy does not count, or may soon stop to.
@@ -164,6 +166,9 @@ pub struct PlanLimits<'a> {
     pub in_flight: HashSet<&'a str>,
     /// (snapshot, target) pairs not to try now (a copy that failed lately).
     pub held_back: HashSet<(&'a str, &'a str)>,
+    /// Jobs with a `spread_by`, and its label key: a new copy of their
+    /// snapshots goes only to a node in a domain no good copy is in.
+    pub spread_by: HashMap<String, String>,
 }
 
 /// The snapshots short of their target, as (snapshot id, counted, target),
@@ -257,8 +262,29 @@ pub fn plan(
             continue;
         }
         let holding: HashSet<&str> = entry.copies.iter().map(|copy| copy.node.as_str()).collect();
+        let spread_by = entry
+            .snapshot
+            .as_ref()
+            .and_then(|snapshot| limits.spread_by.get(&snapshot.job));
+        // The domains of the copies that are good and on nodes in service.
+        let used_domains: HashSet<&str> = match spread_by {
+            Some(key) => entry
+                .copies
+                .iter()
+                .filter(|copy| copy.damage.is_empty())
+                .filter_map(|copy| nodes.get(&copy.node))
+                .filter(|node| node.lost_since_ms.is_none() && !node.draining)
+                .filter_map(|node| crate::dest::domain_of(&node.labels, key))
+                .collect(),
+            None => HashSet::new(),
+        };
         let target = receivers
             .iter()
+            .filter(|(_, node)| match spread_by {
+                Some(key) => crate::dest::domain_of(&node.labels, key)
+                    .is_some_and(|domain| !used_domains.contains(domain)),
+                None => true,
+            })
             .map(|(node, _)| node.as_str())
             .filter(|node| {
                 !holding.contains(node)
@@ -317,6 +343,7 @@ mod tests {
             lost_since_ms: None,
             free_bytes: free,
             draining: false,
+            labels: Vec::new(),
         }
     }
 
@@ -482,6 +509,36 @@ mod tests {
         assert_eq!(planned.len(), 1);
         assert_eq!(planned[0].target, "n3");
         assert!(planned[0].holders.contains(&"n1".to_owned()));
+    }
+
+    #[test]
+    fn with_spread_by_a_new_copy_goes_to_a_zone_no_good_copy_is_in() {
+        let zoned = |zone: &str, free: u64| ReplicaNode {
+            labels: vec![format!("zone:{zone}")],
+            ..online(free)
+        };
+        let nodes: HashMap<String, ReplicaNode> = [
+            ("a1".to_owned(), zoned("a", 10)),
+            ("a2".to_owned(), zoned("a", 1000)),
+            (
+                "b1".to_owned(),
+                ReplicaNode {
+                    lost_since_ms: Some(0),
+                    ..zoned("b", 10)
+                },
+            ),
+            ("b2".to_owned(), zoned("b", 10)),
+            ("x1".to_owned(), online(5000)),
+        ]
+        .into();
+        let entries = vec![entry("s", 1, 2, &["a1", "b1"])];
+        let short = short_of_target(&entries, &nodes, &rules(), 2 * HOUR);
+        let mut limits = limits();
+        // Without spread_by the most free space wins: x1.
+        assert_eq!(plan(&entries, &short, &nodes, &limits)[0].target, "x1");
+        // With it, zone a is taken by a1's copy, x1 has no zone: b2.
+        limits.spread_by.insert("db".into(), "zone".into());
+        assert_eq!(plan(&entries, &short, &nodes, &limits)[0].target, "b2");
     }
 
     #[test]

@@ -173,7 +173,8 @@ impl Inner {
                     None => Vec::new(),
                 };
                 let spares = if spec.replicas > 0 {
-                    self.spares(&run.copies)
+                    let spread_by = (!spec.spread_by.is_empty()).then_some(spec.spread_by.as_str());
+                    self.spares(&run.copies, spread_by)
                 } else {
                     Vec::new()
                 };
@@ -197,13 +198,32 @@ impl Inner {
         }
     }
 
-    /// Healthy storage nodes outside the plan, in a random order.
-    pub(super) fn spares(&mut self, copies: &[RunCopy]) -> Vec<CopyTarget> {
-        let mut spares: Vec<CopyTarget> = self
-            .node_views()
-            .into_iter()
+    /// Healthy storage nodes outside the plan, in a random order; with
+    /// `spread_by`, only nodes in failure domains the plan does not use.
+    pub(super) fn spares(
+        &mut self,
+        copies: &[RunCopy],
+        spread_by: Option<&str>,
+    ) -> Vec<CopyTarget> {
+        let views = self.node_views();
+        let planned_domains: Vec<&str> = match spread_by {
+            Some(key) => views
+                .iter()
+                .filter(|view| copies.iter().any(|copy| copy.node == view.id))
+                .filter_map(|view| dest::domain_of(&view.labels, key))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut spares: Vec<CopyTarget> = views
+            .iter()
             .filter(|view| view.healthy && view.storage)
             .filter(|view| !copies.iter().any(|copy| copy.node == view.id))
+            .filter(|view| match spread_by {
+                Some(key) => dest::domain_of(&view.labels, key)
+                    .is_some_and(|domain| !planned_domains.contains(&domain)),
+                None => true,
+            })
+            .cloned()
             .map(|view| CopyTarget {
                 address: self.address_of(&view.id),
                 node: view.id,
@@ -211,6 +231,25 @@ impl Inner {
             })
             .collect();
         spares.shuffle(&mut self.rng);
+        if let Some(key) = spread_by {
+            // One spare per domain: two failed targets never both end up
+            // in one.
+            let mut seen: Vec<String> = Vec::new();
+            spares.retain(|spare| {
+                let domain = views
+                    .iter()
+                    .find(|view| view.id == spare.node)
+                    .and_then(|view| dest::domain_of(&view.labels, key))
+                    .unwrap_or_default()
+                    .to_owned();
+                if seen.contains(&domain) {
+                    false
+                } else {
+                    seen.push(domain);
+                    true
+                }
+            });
+        }
         spares
     }
 

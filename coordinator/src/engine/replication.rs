@@ -142,6 +142,11 @@ impl Inner {
                         lost_since_ms,
                         free_bytes,
                         draining: node.draining_since_ms != 0,
+                        labels: node
+                            .info
+                            .as_ref()
+                            .map(|info| info.labels.clone())
+                            .unwrap_or_default(),
                     },
                 )
             })
@@ -349,7 +354,16 @@ impl Inner {
             .map(|copy| copy.snapshot_id.clone())
             .collect();
         let held_back: Vec<(String, String)> = self.replicas.held_back.keys().cloned().collect();
+        let spread_by: HashMap<String, String> = self
+            .store
+            .jobs()?
+            .into_iter()
+            .filter_map(|job| job.spec)
+            .filter(|spec| !spec.spread_by.is_empty())
+            .map(|spec| (spec.name, spec.spread_by))
+            .collect();
         let limits = PlanLimits {
+            spread_by,
             busy,
             per_node: settings.per_node as usize,
             in_flight: in_flight.iter().map(String::as_str).collect(),
