@@ -1199,3 +1199,79 @@ fn a_job_with_verify_gets_its_snapshot_read_back_and_verified() {
     let listed = fabric.json(&["snapshot", "list", "--job", "checked"]);
     assert_eq!(listed[0]["state"], "verified", "{listed:#}");
 }
+
+#[test]
+fn a_node_killed_during_a_run_and_lost_for_good_leaves_every_snapshot_at_two_copies() {
+    let fabric = Fabric::start_with(
+        3,
+        &["--replace-after", "1s", "--replication-check-every", "1s"],
+        &[],
+    );
+    let source = source_tree(&fabric);
+    // No retries: a copy to the dead node goes to a spare at once.
+    let jobs = format!(
+        "[job.hard]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 2\ncopy_retries = 0\n",
+        source.display()
+    );
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let runs = fabric.submit(&jobs, &[]);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        ids.push(run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned());
+    }
+    // n1 dies; the coordinator still lists it online when the next run is
+    // planned, so that run likely counts on it.
+    fabric_integration_tests::signal(fabric.nodes[0].pid(), rustix::process::Signal::KILL);
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "a spare stands in for n1: {run:#}");
+    let committed: Vec<String> = run["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|copy| copy["state"] == "done")
+        .map(|copy| copy["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(committed.len(), 2, "{run:#}");
+    assert!(!committed.contains(&"n1".to_owned()), "{run:#}");
+    ids.push(
+        run["copies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|copy| {
+                (copy["state"] == "done").then(|| copy["snapshot_id"].as_str().unwrap().to_owned())
+            })
+            .unwrap(),
+    );
+
+    // Every snapshot, old or new, gets back to two copies on n2 and n3.
+    let on = |index: usize| -> HashSet<String> {
+        snapshots_on(&fabric.nodes[index].address)
+            .into_iter()
+            .map(|snapshot| snapshot.id)
+            .collect()
+    };
+    let mut missing = Vec::new();
+    for _ in 0..600 {
+        let (n2, n3) = (on(1), on(2));
+        missing = ids
+            .iter()
+            .filter(|id| !(n2.contains(*id) && n3.contains(*id)))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(missing.is_empty(), "not back on n2 and n3: {missing:?}");
+    for row in fabric
+        .json(&["snapshot", "list", "--job", "hard"])
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(row["copies"]["healthy"], 2, "{row:#}");
+    }
+}
