@@ -968,6 +968,106 @@ pub async fn node_list(remote: &Remote, format: OutputFormat) -> anyhow::Result<
     output::print_rows(&nodes.iter().map(node_row).collect::<Vec<_>>(), format)
 }
 
+/// A row of `fabricctl sync list`.
+#[derive(Serialize)]
+struct SyncRow {
+    date: String,
+    id: String,
+    name: String,
+    /// The label of the nodes it goes to.
+    label: String,
+    /// pending, syncing, synced or failed.
+    state: String,
+    /// The node it went (or goes) to.
+    node: String,
+    attempts: u32,
+    /// Why the last attempt failed, or why it waits.
+    error: String,
+    /// When the state last changed.
+    updated: String,
+}
+
+impl Row for SyncRow {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "date", "id", "name", "label", "state", "node", "attempts", "updated", "error",
+        ]
+    }
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.date.clone(),
+            short(&self.id),
+            self.name.clone(),
+            self.label.clone(),
+            self.state.clone(),
+            if self.node.is_empty() {
+                "-".to_owned()
+            } else {
+                self.node.clone()
+            },
+            self.attempts.to_string(),
+            self.updated.clone(),
+            self.error.clone(),
+        ]
+    }
+}
+
+/// `fabricctl sync list`: the snapshots of jobs with a `sync_to` and where
+/// their off-site sync stands; only those not synced unless `all`.
+pub async fn sync_list(
+    remote: &Remote,
+    job: Option<String>,
+    all: bool,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
+    let entries = remote::catalog(&mut client, job, None).await?;
+    let rows: Vec<SyncRow> = entries
+        .iter()
+        .filter_map(|entry| {
+            let snapshot = entry.snapshot.as_ref()?;
+            let sync = entry.offsite.as_ref()?;
+            if !all && sync.state() == fabric_proto::v1::SyncState::Synced {
+                return None;
+            }
+            Some(SyncRow {
+                date: time_ms(snapshot.end_time_ms),
+                id: snapshot.id.clone(),
+                name: snapshot.name.clone(),
+                label: sync.label.clone(),
+                state: enum_name(sync.state().as_str_name(), "SYNC_STATE_"),
+                node: sync.node.clone(),
+                attempts: sync.attempts,
+                error: sync.error.clone(),
+                updated: time_ms(sync.updated_ms),
+            })
+        })
+        .collect();
+    output::print_rows(&rows, format)
+}
+
+/// `fabricctl sync reset`: sync a job's snapshots (or the ones named) again.
+pub async fn sync_reset(
+    remote: &Remote,
+    job: Option<String>,
+    snapshots: Vec<String>,
+) -> anyhow::Result<()> {
+    if job.is_none() && snapshots.is_empty() {
+        bail!("name a job (--job) or snapshot ids whose off-site sync to reset");
+    }
+    let mut client = remote.coordinator().await?;
+    let answer = client
+        .reset_sync(fabric_proto::v1::ResetSyncRequest {
+            job: job.clone().unwrap_or_default(),
+            snapshot_ids: snapshots,
+        })
+        .await
+        .map_err(|status| status_error("resetting the off-site sync", status))?
+        .into_inner();
+    println!("{} snapshot(s) will be synced off-site again", answer.reset);
+    Ok(())
+}
+
 /// `fabricctl node drain`: start (or cancel) draining `node`; with `wait`,
 /// print its progress as it changes until it is removable.
 pub async fn node_drain(

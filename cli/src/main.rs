@@ -78,6 +78,9 @@ enum Command {
     /// Snapshots across the fabric (or on one node with --node).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Off-site sync of the jobs with a `sync_to` label.
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// The snapshot table (same as `snapshot list`).
     Status(SnapshotListArgs),
     /// Find snapshots by a revision spec (backy's `find -r`).
@@ -236,6 +239,29 @@ struct DrainArgs {
     /// Print the progress until the node is removable.
     #[arg(long)]
     wait: bool,
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// The snapshots not synced off-site yet (all of them with --all):
+    /// label, state, node, attempts, last error.
+    List {
+        /// Only this job's snapshots.
+        #[arg(long)]
+        job: Option<String>,
+        /// Synced ones too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Sync a job's snapshots (or the ones named) again: their state goes
+    /// back to pending, and only what the off-site node lacks is copied.
+    Reset {
+        /// The job whose snapshots to reset.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only these snapshots (ids).
+        snapshots: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -508,6 +534,12 @@ async fn run(cli: Cli) -> i32 {
             commands::run_cancel(&coordinator, &run, format).await
         }
         Command::Node(NodeCommand::List) => commands::node_list(&coordinator, format).await,
+        Command::Sync(SyncCommand::List { job, all }) => {
+            commands::sync_list(&coordinator, job, all, format).await
+        }
+        Command::Sync(SyncCommand::Reset { job, snapshots }) => {
+            commands::sync_reset(&coordinator, job, snapshots).await
+        }
         Command::Node(NodeCommand::Drain(args)) => {
             commands::node_drain(&coordinator, &args.node, args.cancel, args.wait).await
         }

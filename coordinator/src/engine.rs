@@ -39,6 +39,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 mod assignments;
 mod gc;
 mod nodes;
+mod offsite;
 mod replication;
 mod upkeep;
 mod verify_after_backup;
@@ -630,6 +631,15 @@ impl Engine {
     }
 
     /// Every node, by id.
+    /// Sets the off-site sync state of `job`'s snapshots (or of `ids`)
+    /// back to pending; how many changed.
+    pub async fn reset_sync(&self, job: &str, ids: &[String]) -> Result<u32, EngineError> {
+        let mut inner = self.inner.lock().await;
+        let reset = inner.reset_sync(job, ids, now_ms())?;
+        inner.store.flush().await?;
+        Ok(reset)
+    }
+
     /// Starts or stops draining a storage node.
     pub async fn drain_node(&self, node_id: &str, cancel: bool) -> Result<Node, EngineError> {
         let mut inner = self.inner.lock().await;
@@ -1221,6 +1231,7 @@ impl Inner {
             }
             self.store.add_catalog_copy(&entry, node, replica_target)?;
             self.verify_new_copy(&record, &entry.id, node);
+            self.offsite_pending(&record.spec(), &entry.id, now)?;
             if is_sync {
                 self.replace_sync_snapshots(node, &entry, now)?;
             }

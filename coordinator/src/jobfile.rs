@@ -53,6 +53,7 @@
 //! | `bandwidth_limit` | push, pull | bytes per second for the job's transfers: `"20MB/s"`, `"512KiB"`, or a number of bytes (the agent's sends of a push, the puller's receives of a pull) |
 //! | `min_retention` | push, pull | a WORM window: `"30d"`; no one can delete a snapshot of the job before this long after its run started |
 //! | `spread_by` | push, pull | with `replicas`: a label key such as `"zone"`; each replica goes to a node in a failure domain of its own (nodes labelled `zone:a`, `zone:b`...; a node without the label is not chosen), and re-replication keeps it so |
+//! | `sync_to` | push, pull | off-site sync (btw-backup): a label, e.g. `"offsite"`; each snapshot of the job, once committed, is copied to one storage node carrying it, and the catalogue keeps its sync state (`fabricctl sync list`, `sync reset`); an interrupted sync is taken up again |
 //! | `verify` | push, pull | backy's verify after backup: `"none"` (default), `"full"`, or `"sample:5%"`; each storage node reads its new copy's chunks (all, or that share at random) back once it is committed: a copy that checks makes the snapshot VERIFIED, one that does not is marked damaged (and copied again elsewhere) |
 //!
 //! A key that does not apply to the job's direction is an error when the job
@@ -160,6 +161,7 @@ const JOB_KEYS: &[KeyRule] = &[
     rule("keep_yearly", true, true, false),
     rule("verify", true, true, false),
     rule("spread_by", true, true, false),
+    rule("sync_to", true, true, false),
 ];
 
 /// What a byte-valued key holds.
@@ -1219,6 +1221,20 @@ impl JobContext<'_> {
         {
             spec.quota_bytes = quota;
         }
+        if is("sync_to")
+            && let Some(label) = self.text(reporter, "sync_to", false)
+        {
+            if crate::dest::is_valid_name(&label) {
+                spec.sync_to = label;
+            } else {
+                self.bad(
+                    reporter,
+                    "sync_to",
+                    label,
+                    "a label: letters, digits, '-', '_', '.' and ':'",
+                );
+            }
+        }
         if is("verify")
             && let Some(text) = self.text(reporter, "verify", false)
         {
@@ -1924,7 +1940,13 @@ fn why_not(key: &str, direction: Direction) -> &'static str {
         }
         (
             Direction::Passive,
-            "dest" | "replicas" | "spread_by" | "verify" | "copy_retries" | "copy_retry_min_sleep",
+            "dest"
+            | "replicas"
+            | "spread_by"
+            | "sync_to"
+            | "verify"
+            | "copy_retries"
+            | "copy_retry_min_sleep",
         ) => " (its pull job decides where the copies go)",
         (Direction::Pull, "client") => " (its client is the client of its pull_source)",
         (Direction::Pull, "pre" | "post") => " (the passive job on the client runs pre and post)",

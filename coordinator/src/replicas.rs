@@ -332,7 +332,7 @@ mod tests {
                 })
                 .collect(),
             replica_target: target,
-            healthy_copies: 0,
+            ..Default::default()
         }
     }
 

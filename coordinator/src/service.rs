@@ -13,8 +13,9 @@ use fabric_proto::v1::{
     ForgetResponse, GetJobRequest, GetRunRequest, Job, ListCatalogRequest, ListCatalogResponse,
     ListJobsRequest, ListJobsResponse, ListNodesRequest, ListNodesResponse, ListRunsRequest,
     ListRunsResponse, ListTokensRequest, ListTokensResponse, Node, NodeInfo, NodeMessage,
-    RegisterNodeResponse, RetryRunRequest, RevokeTokenRequest, Run, RunDetail, RunEvent,
-    SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest, node_message,
+    RegisterNodeResponse, ResetSyncRequest, ResetSyncResponse, RetryRunRequest, RevokeTokenRequest,
+    Run, RunDetail, RunEvent, SubmitJobsRequest, SubmitJobsResponse, TokenInfo, WatchRunRequest,
+    node_message,
 };
 use fabric_trust::Caller;
 use futures::Stream;
@@ -424,6 +425,21 @@ impl Coordinator for CoordinatorService {
             .map_err(status_of)?;
         tracing::info!(%node, cancel, %by, "drain asked");
         Ok(Response::new(drained))
+    }
+
+    async fn reset_sync(
+        &self,
+        request: Request<ResetSyncRequest>,
+    ) -> Result<Response<ResetSyncResponse>, Status> {
+        let by = Caller::of(&request).record();
+        let ResetSyncRequest { job, snapshot_ids } = request.into_inner();
+        let reset = self
+            .engine
+            .reset_sync(&job, &snapshot_ids)
+            .await
+            .map_err(status_of)?;
+        tracing::info!(%job, reset, %by, "off-site sync state reset");
+        Ok(Response::new(ResetSyncResponse { reset }))
     }
 
     async fn create_token(

@@ -438,6 +438,31 @@ impl Store {
         Ok(false)
     }
 
+    /// Applies `change` to the catalogue entry of snapshot `id` and stores
+    /// it when `change` says it changed. Returns whether it did (false
+    /// too when there is no such entry).
+    pub fn update_catalog_entry(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut CatalogEntry) -> bool,
+    ) -> Result<bool, StateError> {
+        for item in self.catalog.iter() {
+            let (key, value) = item.map_err(sled_error("read the catalog"))?;
+            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
+            if entry.snapshot.as_ref().is_none_or(|s| s.id != id) {
+                continue;
+            }
+            if !change(&mut entry) {
+                return Ok(false);
+            }
+            self.catalog
+                .insert(key, entry.encode_to_vec())
+                .map_err(sled_error(format!("store catalog entry {id}")))?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Sets snapshot `id`'s state in the catalogue to `state` (a DAMAGED
     /// one stays so). Returns whether it changed.
     pub fn set_catalog_state(

@@ -1275,3 +1275,103 @@ fn a_node_killed_during_a_run_and_lost_for_good_leaves_every_snapshot_at_two_cop
         assert_eq!(row["copies"]["healthy"], 2, "{row:#}");
     }
 }
+
+#[test]
+fn off_site_sync_copies_each_snapshot_to_the_labelled_node_and_catches_up_after_an_outage() {
+    let mut fabric = Fabric::start_with(2, &["--replication-check-every", "1s"], &[]);
+    let coordinator = fabric.coordinator.address.clone();
+    fabric.nodes.push(Fabric::start_node_with(
+        &fabric.dir,
+        &coordinator,
+        3,
+        &["--labels", "offsite"],
+    ));
+    fabric.wait_online(4);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.away]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\nsync_to = \"offsite\"\n",
+        source.display()
+    );
+    let backup = |fabric: &Fabric| {
+        let runs = fabric.submit(&jobs, &[]);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned()
+    };
+    let state_of = |fabric: &Fabric, id: &str| -> serde_json::Value {
+        fabric
+            .json(&["sync", "list", "--job", "away", "--all"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["id"] == id)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let wait_synced = |fabric: &Fabric, id: &str| {
+        let mut row = serde_json::Value::Null;
+        for _ in 0..300 {
+            row = state_of(fabric, id);
+            if row["state"] == "synced" {
+                return row;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{id} not synced: {row:#}");
+    };
+    let first = backup(&fabric);
+    let row = wait_synced(&fabric, &first);
+    assert_eq!(row["node"], "n3", "{row:#}");
+    assert!(
+        snapshots_on(&fabric.nodes[2].address)
+            .iter()
+            .any(|s| s.id == first)
+    );
+    // Synced ones are listed only with --all.
+    let unsynced = fabric.json(&["sync", "list", "--job", "away"]);
+    assert!(unsynced.as_array().unwrap().is_empty(), "{unsynced:#}");
+
+    // The off-site node is down when the next snapshot is made: it waits,
+    // saying why, and goes once the node is back.
+    fabric_integration_tests::signal(fabric.nodes[2].pid(), rustix::process::Signal::KILL);
+    for _ in 0..300 {
+        if fabric.node_row("n3")["state"] == "lost" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let second = backup(&fabric);
+    let mut waiting = serde_json::Value::Null;
+    for _ in 0..300 {
+        waiting = state_of(&fabric, &second);
+        if waiting["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("offsite"))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_ne!(waiting["state"], "synced", "{waiting:#}");
+    assert!(
+        waiting["error"]
+            .as_str()
+            .unwrap()
+            .contains("no storage node labelled"),
+        "{waiting:#}"
+    );
+    fabric.nodes[2] =
+        Fabric::start_node_with(&fabric.dir, &coordinator, 3, &["--labels", "offsite"]);
+    wait_synced(&fabric, &second);
+
+    // Reset: synced again (n3 still holds it; nothing needs to travel).
+    let output = fabric.ctl(&["sync", "reset", "--job", "away"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .contains("2 snapshot(s) will be synced off-site again"),
+        "{output:?}"
+    );
+    wait_synced(&fabric, &first);
+    wait_synced(&fabric, &second);
+}

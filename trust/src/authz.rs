@@ -84,6 +84,7 @@ pub const TABLE: &[(&str, Access)] = &[
     // Grants a GC lease on a storage node and waits for its report.
     ("/fabric.v1.Coordinator/CollectGarbage", OPERATOR),
     ("/fabric.v1.Coordinator/DrainNode", OPERATOR),
+    ("/fabric.v1.Coordinator/ResetSync", OPERATOR),
     ("/fabric.v1.Coordinator/CreateToken", OPERATOR),
     ("/fabric.v1.Coordinator/ListTokens", OPERATOR),
     ("/fabric.v1.Coordinator/RevokeToken", OPERATOR),

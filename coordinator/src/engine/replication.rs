@@ -50,7 +50,7 @@ impl Default for ReplicationSettings {
 }
 
 /// How long after a failed copy to a node the same copy is tried again.
-const RETRY_AFTER_MS: i64 = 5 * 60 * 1000;
+pub(super) const RETRY_AFTER_MS: i64 = 5 * 60 * 1000;
 
 /// How long a copy may go unanswered before it is taken as lost (its node
 /// restarted, say) and may be planned again.
@@ -70,6 +70,8 @@ pub(super) struct InFlight {
     /// an entry that had none.
     pub replica_target: u32,
     pub started_ms: i64,
+    /// An off-site sync's copy (`engine/offsite.rs`), not re-replication.
+    pub offsite: bool,
 }
 
 /// What re-replication remembers between ticks (not persisted: a
@@ -77,15 +79,18 @@ pub(super) struct InFlight {
 /// of copies it asked for before).
 #[derive(Debug, Default)]
 pub(super) struct ReplicaBook {
-    next_id: u64,
+    pub next_id: u64,
     pub in_flight: BTreeMap<u64, InFlight>,
-    last_check_ms: i64,
+    pub last_check_ms: i64,
     /// Since when each snapshot has been short of its target.
     short_since: HashMap<String, i64>,
     /// (snapshot, target) → when a copy there may be tried again.
-    held_back: HashMap<(String, String), i64>,
+    pub held_back: HashMap<(String, String), i64>,
     /// Nodes asked to repair damaged chunks, and when.
     repairs_asked: HashMap<String, i64>,
+    /// (snapshot, node) pairs asked to verify a new copy: only their
+    /// answers are believed (`engine/verify_after_backup.rs`).
+    pub verifies_asked: HashSet<(String, String)>,
 }
 
 impl ReplicaBook {
@@ -301,17 +306,18 @@ impl Inner {
     /// snapshots back to their targets.
     pub(super) fn replication_upkeep(&mut self, now: i64) -> Result<bool, StateError> {
         let settings = self.settings.replication.clone();
-        if settings.replace_after.is_zero() {
-            return Ok(false);
-        }
         let check_every = millis(settings.check_every).max(1);
         if now.saturating_sub(self.replicas.last_check_ms) < check_every {
             return Ok(false);
         }
         self.replicas.last_check_ms = now;
-        self.replicas
-            .in_flight
-            .retain(|_, copy| now.saturating_sub(copy.started_ms) < UNANSWERED_AFTER_MS);
+        // A copy whose target went away is taken as lost (its answer, if
+        // it comes after a reconnect, is still recorded).
+        let connected: HashSet<String> = self.sessions.keys().cloned().collect();
+        self.replicas.in_flight.retain(|_, copy| {
+            now.saturating_sub(copy.started_ms) < UNANSWERED_AFTER_MS
+                && connected.contains(&copy.target)
+        });
         self.replicas.held_back.retain(|_, until| *until > now);
 
         let entries = self.store.catalog()?;
@@ -339,7 +345,10 @@ impl Inner {
             })
             .collect();
         self.drain_upkeep(&entries, &nodes, now)?;
-        if settled.is_empty() {
+        self.offsite_upkeep(&entries, &nodes, now)?;
+        // `replace_after = 0s`: drains and off-site syncs go on, but
+        // nothing is copied to make up for a loss.
+        if settled.is_empty() || settings.replace_after.is_zero() {
             return Ok(false);
         }
         let mut busy: HashMap<String, usize> = HashMap::new();
@@ -412,6 +421,7 @@ impl Inner {
                     source: copy.holders.first().cloned().unwrap_or_default(),
                     replica_target,
                     started_ms: now,
+                    offsite: false,
                 },
             );
         }
@@ -525,6 +535,9 @@ impl Inner {
                 return Ok(());
             }
             self.replicas.in_flight.remove(&answer.replication_id);
+        }
+        if asked.as_ref().is_some_and(|asked| asked.offsite) {
+            self.offsite_answered(node_id, answer, now)?;
         }
         let Some(committed) = answer.committed.as_ref() else {
             tracing::warn!(node = %node_id, snapshot = %answer.snapshot_id, error = %answer.error, "re-replication failed");

@@ -6,7 +6,10 @@
 //! re-replication copies the snapshot again from a good holder). Either
 //! way the run's history says what was found.
 //!
-//! This module never reads a chunk itself and never deletes anything.
+//! An answer counts only from the node that was asked, for the snapshot it
+//! was asked about (the asks live in memory: an answer arriving after a
+//! coordinator restart is dropped, and the snapshot stays complete). This
+//! module never reads a chunk itself and never deletes anything.
 
 use fabric_proto::v1::{SnapshotState, SnapshotVerified, VerifySnapshot};
 
@@ -29,6 +32,9 @@ impl Inner {
             })),
         };
         if self.send(node, message) {
+            self.replicas
+                .verifies_asked
+                .insert((snapshot_id.to_owned(), node.to_owned()));
             tracing::info!(%node, snapshot = %snapshot_id, fraction, "verify after backup asked");
         } else {
             tracing::warn!(%node, snapshot = %snapshot_id, "verify after backup not asked: the node is not connected");
@@ -42,6 +48,16 @@ impl Inner {
         answer: &SnapshotVerified,
         now: i64,
     ) -> Result<(), StateError> {
+        // Believed only from the node asked, for the snapshot asked (and
+        // once).
+        if !self
+            .replicas
+            .verifies_asked
+            .remove(&(answer.snapshot_id.clone(), node_id.to_owned()))
+        {
+            tracing::warn!(node = %node_id, snapshot = %answer.snapshot_id, "a verify answer nobody asked this node for ignored");
+            return Ok(());
+        }
         let message = if !answer.error.is_empty() {
             format!(
                 "verify after backup on {node_id} could not run: {}",
