@@ -84,7 +84,7 @@ impl Inner {
             let labelled = |node: &str| {
                 nodes
                     .get(node)
-                    .is_some_and(|node| node.labels.iter().any(|label| *label == sync.label))
+                    .is_some_and(|node| node.labels.contains(&sync.label))
             };
             // A node of the label holds it already (re-replication, a
             // sync whose answer was lost): synced.
@@ -112,7 +112,7 @@ impl Inner {
                 .iter()
                 .filter(|(id, node)| {
                     node.accepts_copies
-                        && node.labels.iter().any(|label| *label == sync.label)
+                        && node.labels.contains(&sync.label)
                         && busy.get(*id).copied().unwrap_or(0) < per_node
                         && !self
                             .replicas
@@ -243,6 +243,18 @@ impl Inner {
                 "name a job, or snapshots, whose sync state to reset".to_owned(),
             ));
         }
+        // Every snapshot named must have a sync, or nothing is reset.
+        for id in ids {
+            if self
+                .store
+                .catalog_entry(id)?
+                .is_none_or(|entry| entry.offsite.is_none())
+            {
+                return Err(EngineError::NotFound(format!(
+                    "snapshot {id} is not in the catalogue with an off-site sync"
+                )));
+            }
+        }
         let mut reset = 0u32;
         for entry in self.store.catalog()? {
             let Some(snapshot) = entry.snapshot.as_ref() else {
@@ -261,17 +273,6 @@ impl Inner {
                 sync.error.clear();
             })?;
             reset += 1;
-        }
-        for id in ids {
-            if !self
-                .store
-                .catalog_entry(id)?
-                .is_some_and(|entry| entry.offsite.is_some())
-            {
-                return Err(EngineError::NotFound(format!(
-                    "snapshot {id} is not in the catalogue with an off-site sync"
-                )));
-            }
         }
         // The next tick looks at them at once.
         self.replicas.last_check_ms = 0;
