@@ -261,7 +261,7 @@ impl Inner {
                 continue;
             };
             let selected = (job.is_empty() || snapshot.job == job)
-                && (ids.is_empty() || ids.iter().any(|id| *id == snapshot.id));
+                && (ids.is_empty() || ids.contains(&snapshot.id));
             if !selected || entry.offsite.is_none() {
                 continue;
             }
