@@ -630,7 +630,6 @@ impl Engine {
         Ok(run)
     }
 
-    /// Every node, by id.
     /// Sets the off-site sync state of `job`'s snapshots (or of `ids`)
     /// back to pending; how many changed.
     pub async fn reset_sync(&self, job: &str, ids: &[String]) -> Result<u32, EngineError> {
@@ -648,6 +647,7 @@ impl Engine {
         Ok(node)
     }
 
+    /// Every node, by id.
     pub async fn nodes(&self) -> Vec<Node> {
         self.inner.lock().await.nodes.values().cloned().collect()
     }

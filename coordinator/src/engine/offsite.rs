@@ -81,10 +81,11 @@ impl Inner {
             if !due {
                 continue;
             }
+            // On a node of the label that is not lost.
             let labelled = |node: &str| {
-                nodes
-                    .get(node)
-                    .is_some_and(|node| node.labels.contains(&sync.label))
+                nodes.get(node).is_some_and(|node| {
+                    node.lost_since_ms.is_none() && node.labels.contains(&sync.label)
+                })
             };
             // A node of the label holds it already (re-replication, a
             // sync whose answer was lost): synced.
@@ -195,7 +196,11 @@ impl Inner {
         now: i64,
     ) -> Result<(), StateError> {
         let node = node_id.to_owned();
-        if answer.committed.is_some() && answer.error.is_empty() {
+        let committed = answer
+            .committed
+            .as_ref()
+            .is_some_and(|committed| committed.id == answer.snapshot_id);
+        if committed && answer.error.is_empty() {
             tracing::info!(snapshot = %answer.snapshot_id, node = %node_id, "off-site sync done");
             self.set_offsite(&answer.snapshot_id, now, |sync| {
                 sync.set_state(SyncState::Synced);
@@ -203,7 +208,11 @@ impl Inner {
                 sync.error.clear();
             })
         } else {
-            let error = answer.error.clone();
+            let error = if answer.error.is_empty() {
+                "the node committed something else".to_owned()
+            } else {
+                answer.error.clone()
+            };
             tracing::warn!(snapshot = %answer.snapshot_id, node = %node_id, %error, "off-site sync failed");
             self.set_offsite(&answer.snapshot_id, now, |sync| {
                 sync.set_state(SyncState::Failed);

@@ -88,9 +88,10 @@ pub(super) struct ReplicaBook {
     pub held_back: HashMap<(String, String), i64>,
     /// Nodes asked to repair damaged chunks, and when.
     repairs_asked: HashMap<String, i64>,
-    /// (snapshot, node) pairs asked to verify a new copy: only their
-    /// answers are believed (`engine/verify_after_backup.rs`).
-    pub verifies_asked: HashSet<(String, String)>,
+    /// (snapshot, node) pairs asked to verify a new copy, and the run
+    /// that made it: only their answers are believed
+    /// (`engine/verify_after_backup.rs`).
+    pub verifies_asked: HashMap<(String, String), String>,
 }
 
 impl ReplicaBook {
@@ -113,8 +114,15 @@ impl ReplicaBook {
 
 impl Inner {
     fn replica_rules(&self) -> ReplicaRules {
+        let replace_after = self.settings.replication.replace_after;
         ReplicaRules {
-            replace_after_ms: millis(self.settings.replication.replace_after),
+            // `0s`: a lost node's copies are never replaced (they keep
+            // counting); drained and damaged ones still are.
+            replace_after_ms: if replace_after.is_zero() {
+                i64::MAX
+            } else {
+                millis(replace_after)
+            },
         }
     }
 
@@ -346,9 +354,7 @@ impl Inner {
             .collect();
         self.drain_upkeep(&entries, &nodes, now)?;
         self.offsite_upkeep(&entries, &nodes, now)?;
-        // `replace_after = 0s`: drains and off-site syncs go on, but
-        // nothing is copied to make up for a loss.
-        if settled.is_empty() || settings.replace_after.is_zero() {
+        if settled.is_empty() {
             return Ok(false);
         }
         let mut busy: HashMap<String, usize> = HashMap::new();

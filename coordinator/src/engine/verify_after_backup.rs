@@ -32,9 +32,10 @@ impl Inner {
             })),
         };
         if self.send(node, message) {
-            self.replicas
-                .verifies_asked
-                .insert((snapshot_id.to_owned(), node.to_owned()));
+            self.replicas.verifies_asked.insert(
+                (snapshot_id.to_owned(), node.to_owned()),
+                record.id().to_owned(),
+            );
             tracing::info!(%node, snapshot = %snapshot_id, fraction, "verify after backup asked");
         } else {
             tracing::warn!(%node, snapshot = %snapshot_id, "verify after backup not asked: the node is not connected");
@@ -50,14 +51,14 @@ impl Inner {
     ) -> Result<(), StateError> {
         // Believed only from the node asked, for the snapshot asked (and
         // once).
-        if !self
+        let Some(run_id) = self
             .replicas
             .verifies_asked
             .remove(&(answer.snapshot_id.clone(), node_id.to_owned()))
-        {
+        else {
             tracing::warn!(node = %node_id, snapshot = %answer.snapshot_id, "a verify answer nobody asked this node for ignored");
             return Ok(());
-        }
+        };
         let message = if !answer.error.is_empty() {
             format!(
                 "verify after backup on {node_id} could not run: {}",
@@ -85,9 +86,10 @@ impl Inner {
             tracing::error!(node = %node_id, snapshot = %answer.snapshot_id, %reason, "a new copy failed its verify: marked damaged");
             format!("{reason} on {node_id}: that copy no longer counts")
         };
-        let record = match self.active.get(&answer.run_id) {
+        // The run asked about, whatever the answer names.
+        let record = match self.active.get(&run_id) {
             Some(record) => Some(record.clone()),
-            None => self.store.run(&answer.run_id)?,
+            None => self.store.run(&run_id)?,
         };
         if let Some(record) = record {
             self.copy_event(&record, node_id, &message, now)?;
