@@ -20,6 +20,9 @@
 //! this module never widens it. Special files are passed to the target,
 //! which never creates them, and counted as skipped.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use fabric_chunkstore::restore::{
     HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
 };
@@ -443,6 +446,11 @@ pub async fn restore_from_any(
             .collect();
         let mut fallback = OtherCopies::new(others, transport.clone());
         let (items_tx, mut items_rx) = mpsc::channel::<RestoreItem>(8);
+        // Set when the node ended the stream itself: only then is the
+        // target finished (a restore cut off is not given its directories'
+        // modes, which could keep `abort` from removing what it wrote).
+        let complete = Arc::new(AtomicBool::new(false));
+        let writer_complete = complete.clone();
         let writer = tokio::task::spawn_blocking(move || {
             let written = {
                 let mut writer = RestoreStreamWriter::new(target.as_mut())
@@ -456,21 +464,34 @@ pub async fn restore_from_any(
                 }
                 let from_others = writer.chunks_from_other_copies();
                 result
-                    .and_then(|()| writer.finish())
+                    .and_then(|()| {
+                        if writer_complete.load(Ordering::SeqCst) {
+                            writer.finish()
+                        } else {
+                            Err(bad(
+                                "",
+                                "the stream broke off before the restore was complete",
+                            ))
+                        }
+                    })
                     .map(|stats| (stats, from_others))
             };
             (target, written)
         });
         let mut remote_error = None;
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(item) => {
+        loop {
+            match stream.next().await {
+                Some(Ok(item)) => {
                     if items_tx.send(item).await.is_err() {
                         break;
                     }
                 }
-                Err(status) => {
+                Some(Err(status)) => {
                     remote_error = Some(status);
+                    break;
+                }
+                None => {
+                    complete.store(true, Ordering::SeqCst);
                     break;
                 }
             }

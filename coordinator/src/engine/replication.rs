@@ -457,7 +457,22 @@ impl Inner {
                     continue;
                 };
                 left += 1;
-                if replicas::counted_copies(entry, nodes, &rules, now) >= replicas::target_of(entry)
+                // Deleted here only once its target is met on nodes in
+                // session (a copy on a node lost a moment ago counts for
+                // re-replication, but is no place to move to).
+                let elsewhere = entry
+                    .copies
+                    .iter()
+                    .filter(|other| other.node != node_id && other.damage.is_empty())
+                    .filter(|other| {
+                        nodes.get(&other.node).is_some_and(|node| {
+                            node.connected && !node.draining && node.lost_since_ms.is_none()
+                        })
+                    })
+                    .count();
+                if elsewhere >= replicas::target_of(entry)
+                    && replicas::counted_copies(entry, nodes, &rules, now)
+                        >= replicas::target_of(entry)
                 {
                     moved.push(copy.snapshot_id.clone());
                 }
