@@ -255,11 +255,51 @@ pub async fn repair(
     transport: Transport,
     ask: RepairChunks,
 ) -> RepairDone {
-    let wanted: Vec<ChunkId> = ask
+    let asked: Vec<ChunkId> = ask
         .ids
         .iter()
         .filter_map(|id| ChunkId::from_slice(id).ok())
         .collect();
+    // A damaged chunk no snapshot needs any more (a GC swept it) is no
+    // longer damaged here: forget it instead of fetching it.
+    let lookup = store.clone();
+    let present = tokio::task::spawn_blocking(move || {
+        asked
+            .into_iter()
+            .map(|id| lookup.contains(&id).map(|there| (id, there)))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await;
+    let wanted: Vec<ChunkId> = match present {
+        Ok(Ok(present)) => {
+            let gone: Vec<ChunkId> = present
+                .iter()
+                .filter(|(_, there)| !there)
+                .map(|(id, _)| *id)
+                .collect();
+            if !gone.is_empty() {
+                scrub.repaired(&gone);
+                scrub.save();
+            }
+            present
+                .into_iter()
+                .filter(|(_, there)| *there)
+                .map(|(id, _)| id)
+                .collect()
+        }
+        Ok(Err(err)) => {
+            return RepairDone {
+                error: format!("cannot look the damaged chunks up: {err}"),
+                ..Default::default()
+            };
+        }
+        Err(err) => {
+            return RepairDone {
+                error: format!("cannot look the damaged chunks up: {err}"),
+                ..Default::default()
+            };
+        }
+    };
     let mut reasons = Vec::new();
     let mut done = RepairDone::default();
     let mut fixed: Vec<ChunkId> = Vec::new();

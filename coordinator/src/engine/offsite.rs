@@ -112,7 +112,10 @@ impl Inner {
             let mut candidates: Vec<(&String, &ReplicaNode)> = nodes
                 .iter()
                 .filter(|(id, node)| {
-                    node.accepts_copies
+                    // Not a node holding a (damaged) copy: it would keep
+                    // its damaged chunks rather than take good ones.
+                    !entry.copies.iter().any(|copy| copy.node == **id)
+                        && node.accepts_copies
                         && node.labels.contains(&sync.label)
                         && busy.get(*id).copied().unwrap_or(0) < per_node
                         && !self
