@@ -1375,3 +1375,91 @@ fn off_site_sync_copies_each_snapshot_to_the_labelled_node_and_catches_up_after_
     wait_synced(&fabric, &first);
     wait_synced(&fabric, &second);
 }
+
+#[test]
+fn spread_by_keeps_replicas_in_distinct_zones_through_a_loss() {
+    let mut fabric = Fabric::start_with(
+        0,
+        &["--replace-after", "1s", "--replication-check-every", "1s"],
+        &[],
+    );
+    let coordinator = fabric.coordinator.address.clone();
+    // n1 and n2 in zone a, n3 in zone b, n4 in none.
+    for (index, zone) in [(1, Some("a")), (2, Some("a")), (3, Some("b")), (4, None)] {
+        let label = zone.map(|zone| format!("zone:{zone}"));
+        let extra: Vec<&str> = match &label {
+            Some(label) => vec!["--labels", label.as_str()],
+            None => Vec::new(),
+        };
+        fabric.nodes.push(Fabric::start_node_with(
+            &fabric.dir,
+            &coordinator,
+            index,
+            &extra,
+        ));
+    }
+    fabric.wait_online(5);
+    let source = source_tree(&fabric);
+    let jobs = format!(
+        "[job.zoned]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 2\nspread_by = \"zone\"\n",
+        source.display()
+    );
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let runs = fabric.submit(&jobs, &[]);
+        let run = fabric.wait_run(&runs[0]);
+        assert_eq!(run["state"], "done", "{run:#}");
+        let nodes: HashSet<String> = copies_of(&run)
+            .into_iter()
+            .map(|(node, _, _)| node)
+            .collect();
+        assert!(nodes.contains("n3"), "one copy in zone b: {run:#}");
+        assert!(
+            nodes.contains("n1") != nodes.contains("n2"),
+            "one copy in zone a: {run:#}"
+        );
+        assert!(
+            !nodes.contains("n4"),
+            "no copy on a node without a zone: {run:#}"
+        );
+        ids.push(run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned());
+    }
+
+    // Zone b is lost; a node of zone c comes: the copies go there, never
+    // to the zone a node that has none, nor to n4.
+    fabric_integration_tests::signal(fabric.nodes[2].pid(), rustix::process::Signal::KILL);
+    fabric.nodes.push(Fabric::start_node_with(
+        &fabric.dir,
+        &coordinator,
+        5,
+        &["--labels", "zone:c"],
+    ));
+    let on = |index: usize| -> HashSet<String> {
+        snapshots_on(&fabric.nodes[index].address)
+            .into_iter()
+            .map(|snapshot| snapshot.id)
+            .collect()
+    };
+    let mut missing = ids.clone();
+    for _ in 0..600 {
+        let in_c = on(4);
+        missing = ids
+            .iter()
+            .filter(|id| !in_c.contains(*id))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(missing.is_empty(), "not copied to zone c: {missing:?}");
+    let (n1, n2, n4) = (on(0), on(1), on(3));
+    for id in &ids {
+        assert!(
+            n1.contains(id) != n2.contains(id),
+            "{id}: exactly one copy in zone a"
+        );
+        assert!(!n4.contains(id), "{id}: nothing on the node without a zone");
+    }
+}
