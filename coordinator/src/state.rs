@@ -412,17 +412,12 @@ impl Store {
         node: &str,
         reason: &str,
     ) -> Result<bool, StateError> {
-        for item in self.catalog.iter() {
-            let (key, value) = item.map_err(sled_error("read the catalog"))?;
-            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
-            if entry.snapshot.as_ref().is_none_or(|s| s.id != id) {
-                continue;
-            }
+        self.update_catalog_entry(id, |entry| {
             let Some(copy) = entry.copies.iter_mut().find(|copy| copy.node == node) else {
-                return Ok(false);
+                return false;
             };
             if copy.damage == reason {
-                return Ok(false);
+                return false;
             }
             copy.damage = reason.to_owned();
             if entry.copies.iter().all(|copy| !copy.damage.is_empty())
@@ -430,12 +425,8 @@ impl Store {
             {
                 snapshot.set_state(fabric_proto::v1::SnapshotState::Damaged);
             }
-            self.catalog
-                .insert(key, entry.encode_to_vec())
-                .map_err(sled_error(format!("store catalog entry {id}")))?;
-            return Ok(true);
-        }
-        Ok(false)
+            true
+        })
     }
 
     /// Applies `change` to the catalogue entry of snapshot `id` and stores
@@ -446,21 +437,16 @@ impl Store {
         id: &str,
         change: impl FnOnce(&mut CatalogEntry) -> bool,
     ) -> Result<bool, StateError> {
-        for item in self.catalog.iter() {
-            let (key, value) = item.map_err(sled_error("read the catalog"))?;
-            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
-            if entry.snapshot.as_ref().is_none_or(|s| s.id != id) {
-                continue;
-            }
-            if !change(&mut entry) {
-                return Ok(false);
-            }
-            self.catalog
-                .insert(key, entry.encode_to_vec())
-                .map_err(sled_error(format!("store catalog entry {id}")))?;
-            return Ok(true);
+        let Some((key, mut entry)) = self.find_catalog_entry(id)? else {
+            return Ok(false);
+        };
+        if !change(&mut entry) {
+            return Ok(false);
         }
-        Ok(false)
+        self.catalog
+            .insert(key, entry.encode_to_vec())
+            .map_err(sled_error(format!("store catalog entry {id}")))?;
+        Ok(true)
     }
 
     /// Sets snapshot `id`'s state in the catalogue to `state` (a DAMAGED
@@ -470,24 +456,18 @@ impl Store {
         id: &str,
         state: fabric_proto::v1::SnapshotState,
     ) -> Result<bool, StateError> {
-        for item in self.catalog.iter() {
-            let (key, value) = item.map_err(sled_error("read the catalog"))?;
-            let mut entry: CatalogEntry = decode("catalog", &key, &value)?;
-            let Some(snapshot) = entry.snapshot.as_mut().filter(|s| s.id == id) else {
-                continue;
+        self.update_catalog_entry(id, |entry| {
+            let Some(snapshot) = entry.snapshot.as_mut() else {
+                return false;
             };
             if snapshot.state() == state
                 || snapshot.state() == fabric_proto::v1::SnapshotState::Damaged
             {
-                return Ok(false);
+                return false;
             }
             snapshot.set_state(state);
-            self.catalog
-                .insert(key, entry.encode_to_vec())
-                .map_err(sled_error(format!("store catalog entry {id}")))?;
-            return Ok(true);
-        }
-        Ok(false)
+            true
+        })
     }
 
     /// Clears the damage marks of `node`'s copies (its repair succeeded,
@@ -522,11 +502,19 @@ impl Store {
     /// The catalogue entry of snapshot `id`, if any (a scan: the catalogue
     /// is keyed by start time).
     pub fn catalog_entry(&self, id: &str) -> Result<Option<CatalogEntry>, StateError> {
+        Ok(self.find_catalog_entry(id)?.map(|(_, entry)| entry))
+    }
+
+    /// The key and entry of snapshot `id` in the catalogue (a scan).
+    fn find_catalog_entry(
+        &self,
+        id: &str,
+    ) -> Result<Option<(sled::IVec, CatalogEntry)>, StateError> {
         for item in self.catalog.iter() {
             let (key, value) = item.map_err(sled_error("read the catalog"))?;
             let entry: CatalogEntry = decode("catalog", &key, &value)?;
             if entry.snapshot.as_ref().is_some_and(|s| s.id == id) {
-                return Ok(Some(entry));
+                return Ok(Some((key, entry)));
             }
         }
         Ok(None)
