@@ -291,33 +291,10 @@ impl Store {
                 report.packs_left_at_deadline = (to_rewrite.len() - done) as u64;
                 break;
             }
-            let path = self.pack_path(id);
-            let file = self
-                .pack_file(id)
-                .map_err(StoreError::io("cannot open pack", &path))?;
-            let mut entries = Vec::new();
-            let mut damaged = false;
-            for (chunk, location) in &usage[&id].live {
-                match pack::read_stored(&file, location.offset, location.entry_len(), chunk)
-                    .map_err(StoreError::io("cannot read pack", &path))?
-                {
-                    Ok((header, stored)) => entries.push(pack::encode_stored(
-                        *chunk,
-                        header.codec,
-                        header.raw_len,
-                        stored,
-                    )),
-                    Err(err) => {
-                        tracing::warn!(pack = %path.display(), chunk = %chunk, "live entry unreadable, pack kept: {err}");
-                        damaged = true;
-                        break;
-                    }
-                }
-            }
-            if damaged {
+            let Some(entries) = self.live_entries_of(id, &usage[&id].live)? else {
                 report.packs_kept_damaged += 1;
                 continue;
-            }
+            };
             for entry in entries {
                 if writer.is_none() {
                     let new_id = self.allocate_pack_id();
@@ -380,5 +357,39 @@ impl Store {
         }
         report.bytes_freed = deleted_bytes.saturating_sub(written);
         Ok(report)
+    }
+
+    /// The `live` entries of pack `pack`, read and encoded again for
+    /// another pack (as stored: nothing is recompressed), or `None` when
+    /// one of them does not read back intact (the pack is then kept as it
+    /// is). GC's repack and repair's rewrite both take a pack apart this
+    /// way.
+    pub(crate) fn live_entries_of(
+        &self,
+        pack: u32,
+        live: &[(ChunkId, Location)],
+    ) -> Result<Option<Vec<pack::EncodedEntry<'static>>>, StoreError> {
+        let path = self.pack_path(pack);
+        let file = self
+            .pack_file(pack)
+            .map_err(StoreError::io("cannot open pack", &path))?;
+        let mut entries = Vec::with_capacity(live.len());
+        for (chunk, location) in live {
+            match pack::read_stored(&file, location.offset, location.entry_len(), chunk)
+                .map_err(StoreError::io("cannot read pack", &path))?
+            {
+                Ok((header, stored)) => entries.push(pack::encode_stored(
+                    *chunk,
+                    header.codec,
+                    header.raw_len,
+                    stored,
+                )),
+                Err(err) => {
+                    tracing::warn!(pack = %path.display(), chunk = %chunk, "live entry unreadable, pack kept: {err}");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(entries))
     }
 }

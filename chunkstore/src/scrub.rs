@@ -266,32 +266,11 @@ impl Store {
             .map_err(self.index_error())?;
         let mut to_delete = Vec::new();
         for pack_id in &damaged_packs {
-            let path = self.pack_path(*pack_id);
-            let file = self
-                .pack_file(*pack_id)
-                .map_err(StoreError::io("cannot open pack", &path))?;
-            let mut entries = Vec::new();
-            let mut intact = true;
-            for (chunk, location) in live_by_pack.get(pack_id).into_iter().flatten() {
-                match pack::read_stored(&file, location.offset, location.entry_len(), chunk)
-                    .map_err(StoreError::io("cannot read pack", &path))?
-                {
-                    Ok((header, stored)) => entries.push(pack::encode_stored(
-                        *chunk,
-                        header.codec,
-                        header.raw_len,
-                        stored,
-                    )),
-                    Err(_) => {
-                        intact = false;
-                        break;
-                    }
-                }
-            }
-            if !intact {
+            let live = live_by_pack.get(pack_id).map_or(&[][..], Vec::as_slice);
+            let Some(entries) = self.live_entries_of(*pack_id, live)? else {
                 report.packs_kept_damaged += 1;
                 continue;
-            }
+            };
             for entry in entries {
                 append(&mut writer, entry)?;
             }
