@@ -705,6 +705,37 @@ impl Fabric {
             .cloned()
             .unwrap_or_default()
     }
+
+    /// `fabricctl restore ID SOURCE --to <dir>/NAME EXTRA...` of the tree
+    /// backed up from `source` (its path inside the snapshot), asserting
+    /// that it succeeds and that the result is identical to `source`;
+    /// what fabricctl said on stderr.
+    pub fn restore_matching(&self, id: &str, source: &Path, name: &str, extra: &[&str]) -> String {
+        let target = self.dir.path().join(name);
+        let inside = source
+            .to_str()
+            .expect("utf-8")
+            .trim_start_matches('/')
+            .to_owned();
+        let mut args = vec![
+            "restore",
+            id,
+            inside.as_str(),
+            "--to",
+            target.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        let output = self.ctl(&args);
+        assert!(output.status.success(), "{output:?}");
+        fabricctl::compare::compare_trees(
+            source,
+            &target,
+            false,
+            fabric_chunkstore::restore::RestorePolicy::default(),
+        )
+        .expect("the restored tree matches its source");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
 }
 
 /// Remote TCP ports of the connections process `pid` holds now (from

@@ -491,23 +491,7 @@ fn retention_removes_what_no_rule_keeps_from_every_node() {
 
     // What is kept still restores identical: the newest is the source as
     // it is now.
-    let target = fabric.dir.path().join("restored");
-    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
-    let restored = fabric.ctl(&[
-        "restore",
-        &newest[1],
-        &inside,
-        "--to",
-        target.to_str().unwrap(),
-    ]);
-    assert!(restored.status.success(), "{restored:?}");
-    fabricctl::compare::compare_trees(
-        &source,
-        &target,
-        false,
-        fabric_chunkstore::restore::RestorePolicy::default(),
-    )
-    .unwrap();
+    fabric.restore_matching(&newest[1], &source, "restored", &[]);
 }
 
 fn wait_copy_running(fabric: &Fabric, run: &str, node: &str) {
@@ -706,20 +690,7 @@ fn a_restore_reads_another_copy_when_a_holder_is_down_or_lost_it() {
         let index: usize = node.trim_start_matches('n').parse().unwrap();
         &fabric.nodes[index - 1]
     };
-    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
-    let restore_into = |name: &str| {
-        let target = fabric.dir.path().join(name);
-        let output = fabric.ctl(&["restore", &id, &inside, "--to", target.to_str().unwrap()]);
-        assert!(output.status.success(), "{output:?}");
-        fabricctl::compare::compare_trees(
-            &source,
-            &target,
-            false,
-            fabric_chunkstore::restore::RestorePolicy::default(),
-        )
-        .unwrap();
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
+    let restore_into = |name: &str| fabric.restore_matching(&id, &source, name, &[]);
 
     // The first holder killed: the coordinator still lists it online, the
     // restore cannot reach it and reads the second.
@@ -885,23 +856,7 @@ fn a_node_lost_for_good_has_its_snapshots_copied_back_to_their_replica_target() 
             .count();
         assert_eq!(on_live_nodes, 2, "snapshot {id}");
     }
-    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
-    let target = fabric.dir.path().join("restored");
-    let output = fabric.ctl(&[
-        "restore",
-        &ids[0],
-        &inside,
-        "--to",
-        target.to_str().unwrap(),
-    ]);
-    assert!(output.status.success(), "{output:?}");
-    fabricctl::compare::compare_trees(
-        &source,
-        &target,
-        false,
-        fabric_chunkstore::restore::RestorePolicy::default(),
-    )
-    .unwrap();
+    fabric.restore_matching(&ids[0], &source, "restored", &[]);
     let check = fabric.ctl(&["check", "kept"]);
     assert!(check.status.success(), "{check:?}");
 }
@@ -1046,29 +1001,8 @@ fn scrub_finds_a_flipped_byte_repair_fixes_it_and_damage_on_every_copy_is_critic
             .is_some_and(|said| said.starts_with("1 chunk(s) repaired"))
             && row["scrub"]["damaged_chunks"] == 0
     });
-    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
-    let target = fabric.dir.path().join("after-repair");
-    let output = fabric.ctl(&[
-        "restore",
-        &id,
-        &inside,
-        "--to",
-        target.to_str().unwrap(),
-        "--node",
-        "n1",
-    ]);
-    assert!(output.status.success(), "{output:?}");
-    assert!(
-        !String::from_utf8_lossy(&output.stderr).contains("other copies"),
-        "{output:?}"
-    );
-    fabricctl::compare::compare_trees(
-        &source,
-        &target,
-        false,
-        fabric_chunkstore::restore::RestorePolicy::default(),
-    )
-    .unwrap();
+    let said = fabric.restore_matching(&id, &source, "after-repair", &["--node", "n1"]);
+    assert!(!said.contains("other copies"), "{said}");
 
     // The same chunk damaged on both: nobody can repair it, both copies are
     // marked damaged, the snapshot is DAMAGED and check is CRITICAL.
