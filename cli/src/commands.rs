@@ -11,7 +11,7 @@ use fabric_chunkstore::restore::{RestorePolicy, RestoreStats};
 use fabric_proto::v1::{
     CancelRunRequest, CopyState, GetJobRequest, GetRunRequest, Job, ListJobsRequest,
     ListRunsRequest, Node, NodeState, RetryRunRequest, Run, RunEvent, RunState, Snapshot,
-    SubmitJobsRequest, VerifyReport, VerifyRequest, WatchRunRequest,
+    SubmitJobsRequest, TransferProgress, VerifyReport, VerifyRequest, WatchRunRequest,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -806,49 +806,49 @@ pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
     };
     let terminal = std::io::stdout().is_terminal();
     let bars = indicatif::MultiProgress::new();
-    let mut per_dest: std::collections::HashMap<
-        String,
-        (indicatif::ProgressBar, std::time::Instant),
-    > = Default::default();
+    let mut copies: std::collections::HashMap<String, WatchedCopy> = Default::default();
     let mut last_state = RunState::Unspecified;
     while let Some(event) = events.next().await {
         let event = event.map_err(|status| status_error("watching the run", status))?;
         last_state = event.state();
-        if let (true, false) = (terminal, event.dest.is_empty()) {
-            let (bar, started) = per_dest.entry(event.dest.clone()).or_insert_with(|| {
-                let bar = bars.add(indicatif::ProgressBar::new_spinner());
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template("{spinner} {prefix:<14} {msg}")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-                );
-                bar.set_prefix(event.dest.clone());
-                bar.enable_steady_tick(Duration::from_millis(200));
-                (bar, std::time::Instant::now())
-            });
-            let progress = event.progress.clone().unwrap_or_default();
-            let seconds = started.elapsed().as_secs_f64().max(0.001);
-            let rate = progress.bytes_read as f64 / seconds;
-            bar.set_message(format!(
-                "{}  {} files, {} read, {} sent, {}/s, ETA {}  {}",
-                copy_state(event.dest_state()),
-                progress.files,
-                bytes(progress.bytes_read),
-                bytes(progress.bytes_sent),
-                bytes(rate as u64),
-                eta(estimate, progress.bytes_read, rate),
-                event.message
-            ));
-            if matches!(event.dest_state(), CopyState::Done | CopyState::Failed) {
-                bar.finish();
+        if event.dest.is_empty() {
+            if terminal {
+                bars.println(event_line(&event))?;
+            } else {
+                println!("{}", event_line(&event));
             }
-        } else if terminal {
-            bars.println(event_line(&event))?;
-        } else {
-            println!("{}", event_line(&event));
+            continue;
+        }
+        let copy = copies
+            .entry(event.dest.clone())
+            .or_insert_with(|| WatchedCopy::new(&bars, &event.dest, terminal));
+        // Stored events of a copy carry no progress: its bytes are the last
+        // live report's.
+        if let Some(progress) = event.progress.as_ref() {
+            copy.progress = progress.clone();
+        }
+        let ended = matches!(event.dest_state(), CopyState::Done | CopyState::Failed);
+        let line = copy.line(&event, estimate);
+        match copy.bar.as_ref() {
+            Some(bar) => {
+                bar.set_message(line);
+                if ended {
+                    bar.finish();
+                }
+            }
+            // Without a terminal: every stored event, and live progress at
+            // most once a second per copy.
+            None if event.seq != 0 || copy.printed.elapsed() >= Duration::from_secs(1) => {
+                copy.printed = std::time::Instant::now();
+                println!("{}  {line}", time_ms(event.time_ms));
+            }
+            None => {}
         }
     }
-    for (bar, _) in per_dest.values() {
-        bar.finish();
+    for copy in copies.values() {
+        if let Some(bar) = copy.bar.as_ref() {
+            bar.finish();
+        }
     }
     match last_state {
         RunState::Done => Ok(()),
@@ -856,6 +856,61 @@ pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
             bail!("run {run} ended {}", run_state(last_state))
         }
         _ => Ok(()),
+    }
+}
+
+/// One copy as `run watch` follows it.
+struct WatchedCopy {
+    dest: String,
+    /// On a terminal: its line, redrawn in place.
+    bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
+    printed: std::time::Instant,
+    progress: TransferProgress,
+}
+
+impl WatchedCopy {
+    fn new(bars: &indicatif::MultiProgress, dest: &str, terminal: bool) -> Self {
+        let bar = terminal.then(|| {
+            let bar = bars.add(indicatif::ProgressBar::new_spinner());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix:<14} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.set_prefix(dest.to_owned());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        let now = std::time::Instant::now();
+        Self {
+            dest: dest.to_owned(),
+            bar,
+            started: now,
+            printed: now - Duration::from_secs(60),
+            progress: TransferProgress::default(),
+        }
+    }
+
+    fn line(&self, event: &RunEvent, estimate: u64) -> String {
+        let progress = &self.progress;
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = progress.bytes_read as f64 / seconds;
+        let mut line = format!(
+            "{}  {}, {} read, {} sent, {}/s, ETA {}",
+            copy_state(event.dest_state()),
+            output::count(progress.files, "file"),
+            bytes(progress.bytes_read),
+            bytes(progress.bytes_sent),
+            bytes(rate as u64),
+            eta(estimate, progress.bytes_read, rate),
+        );
+        if self.bar.is_none() {
+            line = format!("{}  {line}", self.dest);
+        }
+        if !event.message.is_empty() {
+            line.push_str(&format!("  {}", event.message));
+        }
+        line
     }
 }
 

@@ -75,6 +75,17 @@ pub fn bytes(count: u64) -> String {
     }
 }
 
+/// A count with its noun, singular or plural: "1 file", "3 files".
+pub fn count(number: u64, noun: &str) -> String {
+    if number == 1 {
+        format!("1 {noun}")
+    } else if let Some(stem) = noun.strip_suffix('y') {
+        format!("{number} {stem}ies")
+    } else {
+        format!("{number} {noun}s")
+    }
+}
+
 /// A Unix time in milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC); "-" for 0.
 pub fn time_ms(ms: i64) -> String {
     if ms <= 0 {

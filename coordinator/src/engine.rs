@@ -544,7 +544,10 @@ impl Engine {
     pub async fn run_detail(&self, id_or_prefix: &str) -> Result<RunDetail, EngineError> {
         let inner = self.inner.lock().await;
         let record = inner.find_run(id_or_prefix)?;
-        let events = inner.store.events(record.id(), 0)?;
+        let mut events = inner.store.events(record.id(), 0)?;
+        if !record.is_finished() {
+            events.extend(runs::current_progress(&record, now_ms()));
+        }
         Ok(RunDetail {
             run: record.run,
             events,
@@ -1214,6 +1217,10 @@ impl Inner {
         let durable = outcome.event.is_some() || !outcome.committed.is_empty();
         if let Some(event) = outcome.event {
             self.store_event(event)?;
+        }
+        if let Some(live) = outcome.progress {
+            // Nobody watching is fine.
+            let _ = self.events.send(live);
         }
         let is_sync = record.spec().r#type() == SnapshotType::Sync;
         // The copies the coordinator keeps of the run's snapshot: the job's

@@ -4,7 +4,9 @@
 //! the engine passes the time in and does whatever the outcome asks for
 //! (store, broadcast, send, catalogue).
 
-use fabric_proto::v1::{CopyState, RunCopy, RunEvent, RunState, RunUpdate, Snapshot};
+use fabric_proto::v1::{
+    CopyState, RunCopy, RunEvent, RunState, RunUpdate, Snapshot, TransferProgress,
+};
 
 use crate::record::{PullRetry, RunKind, RunRecord, is_final};
 
@@ -13,6 +15,8 @@ use crate::record::{PullRetry, RunKind, RunRecord, is_final};
 pub struct Outcome {
     /// The event to store (none for progress-only updates).
     pub event: Option<RunEvent>,
+    /// A progress-only update: broadcast to watchers, not stored.
+    pub progress: Option<RunEvent>,
     /// Snapshots committed on a node: add them to the catalogue.
     pub committed: Vec<(Snapshot, String)>,
     /// Expand runs: the instances to start one run each for.
@@ -200,6 +204,19 @@ pub fn apply_update(
                 copy.reason.clear();
                 if let Some(snapshot) = update.snapshot.as_ref() {
                     copy.snapshot_id = snapshot.id.clone();
+                    // The last live report is up to a second old: the
+                    // snapshot's own figures are the copy's final ones.
+                    if update.progress.is_none()
+                        && let Some(stats) = snapshot.stats.as_ref()
+                    {
+                        let last = copy.progress.take().unwrap_or_default();
+                        copy.progress = Some(TransferProgress {
+                            files: stats.files,
+                            bytes_read: stats.bytes_read.max(last.bytes_read),
+                            bytes_sent: stats.stored_bytes.max(last.bytes_sent),
+                            current_path: String::new(),
+                        });
+                    }
                 }
                 if kind == RunKind::Pull {
                     record
@@ -259,7 +276,13 @@ pub fn apply_update(
         && update.message.is_empty()
         && !update.ready
         && update.instances.is_empty();
-    if !only_progress {
+    if only_progress {
+        if let Some(progress) = update.progress.as_ref()
+            && !update.dest.is_empty()
+        {
+            outcome.progress = Some(progress_event(record, node, &update.dest, progress, now_ms));
+        }
+    } else {
         let mut stored = event(record, node, now_ms);
         stored.dest = update.dest.clone();
         stored.dest_state = update.dest_state;
@@ -271,9 +294,52 @@ pub fn apply_update(
             stored.message = format!("instances: {}", update.instances.join(", "));
         }
         stored.progress = update.progress.clone();
+        if stored.progress.is_none() && dest_state == CopyState::Done {
+            stored.progress = record
+                .run()
+                .copies
+                .iter()
+                .find(|copy| copy.node == update.dest)
+                .and_then(|copy| copy.progress.clone());
+        }
         outcome.event = Some(stored);
     }
     outcome
+}
+
+/// A live progress report of one copy, for watchers only: never stored
+/// (seq 0), so a run's history stays a list of things that happened.
+pub fn progress_event(
+    record: &RunRecord,
+    node: &str,
+    dest: &str,
+    progress: &TransferProgress,
+    now_ms: i64,
+) -> RunEvent {
+    let mut live = event(record, node, now_ms);
+    live.dest = dest.to_owned();
+    live.dest_state = record
+        .run()
+        .copies
+        .iter()
+        .find(|copy| copy.node == dest)
+        .map_or(CopyState::Running as i32, |copy| copy.state);
+    live.progress = Some(progress.clone());
+    live
+}
+
+/// The live progress of every copy that has some, as watchers joining a
+/// run late first see it.
+pub fn current_progress(record: &RunRecord, now_ms: i64) -> Vec<RunEvent> {
+    record
+        .run()
+        .copies
+        .iter()
+        .filter_map(|copy| {
+            let progress = copy.progress.as_ref()?;
+            Some(progress_event(record, "", &copy.node, progress, now_ms))
+        })
+        .collect()
 }
 
 fn late_message(update: &RunUpdate) -> String {
@@ -567,8 +633,9 @@ mod tests {
     }
 
     #[test]
-    fn progress_alone_is_not_an_event_but_updates_the_copy() {
+    fn progress_alone_is_not_stored_but_goes_live_to_watchers_and_updates_the_copy() {
         let mut record = push_run(&[("n1", false)]);
+        apply_update(&mut record, "c1", &dest("n1", CopyState::Running), 1);
         let progress = RunUpdate {
             run_id: "r1".into(),
             dest: "n1".into(),
@@ -580,10 +647,18 @@ mod tests {
         };
         let outcome = apply_update(&mut record, "c1", &progress, 1);
         assert!(outcome.event.is_none());
+        let live = outcome.progress.expect("a live progress event");
+        assert_eq!(live.seq, 0, "live progress is never stored");
+        assert_eq!(live.dest, "n1");
+        assert_eq!(live.dest_state(), CopyState::Running);
+        assert_eq!(live.progress.unwrap().bytes_read, 42);
         assert_eq!(
             record.run().copies[0].progress.as_ref().unwrap().bytes_read,
             42
         );
+        let joining = current_progress(&record, 2);
+        assert_eq!(joining.len(), 1);
+        assert_eq!(joining[0].progress.as_ref().unwrap().bytes_read, 42);
         let output_line = RunUpdate {
             run_id: "r1".into(),
             message: "dumping".into(),
@@ -591,6 +666,27 @@ mod tests {
         };
         let outcome = apply_update(&mut record, "c1", &output_line, 2);
         assert_eq!(outcome.event.unwrap().message, "dumping");
+    }
+
+    #[test]
+    fn a_copys_done_event_carries_its_final_figures_from_the_snapshot() {
+        let mut record = push_run(&[("n1", false)]);
+        apply_update(&mut record, "c1", &dest("n1", CopyState::Running), 1);
+        let mut done = committed("n1", "s1");
+        if let Some(snapshot) = done.snapshot.as_mut() {
+            snapshot.stats = Some(fabric_proto::v1::SnapshotStats {
+                files: 7,
+                bytes_read: 4096,
+                stored_bytes: 1000,
+                ..Default::default()
+            });
+        }
+        let outcome = apply_update(&mut record, "c1", &done, 2);
+        let progress = outcome.event.unwrap().progress.unwrap();
+        assert_eq!(
+            (progress.files, progress.bytes_read, progress.bytes_sent),
+            (7, 4096, 1000)
+        );
     }
 
     #[test]

@@ -217,7 +217,8 @@ impl Coordinator for CoordinatorService {
         let stream = async_stream(move |sender| async move {
             let mut last_seq = 0;
             for event in detail.events {
-                last_seq = event.seq;
+                // Live progress (seq 0) comes after the stored history.
+                last_seq = last_seq.max(event.seq);
                 if sender.send(Ok(event)).await.is_err() {
                     return;
                 }
@@ -228,7 +229,17 @@ impl Coordinator for CoordinatorService {
             loop {
                 match live.recv().await {
                     Ok(event) => {
-                        if event.run_id != run_id || event.seq <= last_seq {
+                        if event.run_id != run_id {
+                            continue;
+                        }
+                        if event.seq == 0 {
+                            // Live progress, not stored: passed on as it comes.
+                            if sender.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        if event.seq <= last_seq {
                             continue;
                         }
                         last_seq = event.seq;

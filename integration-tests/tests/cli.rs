@@ -58,6 +58,38 @@ fn help_and_completions_work() {
 }
 
 #[test]
+fn run_watch_shows_the_bytes_as_they_move() {
+    let fabric = Fabric::start(1);
+    let source = fabric.dir.path().join("source");
+    generate_tree(&source, 8, 4 * 1024 * 1024);
+    // Slow enough that the copy reports progress many times before it ends.
+    let jobs = format!(
+        "[job.slow]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ninterval = \"24h\"\nbandwidth_limit = \"1MiB/s\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &["slow"]);
+    let watch = fabric.ctl(&["run", "watch", &runs[0]]);
+    assert!(watch.status.success(), "{}", stderr(&watch));
+    let text = stdout(&watch);
+    let moving: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("  n1  running  ") && !line.contains(" 0 B read"))
+        .collect();
+    assert!(
+        !moving.is_empty(),
+        "no line showed bytes moving to n1:\n{text}"
+    );
+    let done = text
+        .lines()
+        .find(|line| line.contains("  n1  done  "))
+        .unwrap_or_else(|| panic!("no done line for n1:\n{text}"));
+    assert!(
+        !done.contains(" 0 B read") && !done.contains(" 0 files"),
+        "the done line keeps the copy's last figures: {done}"
+    );
+}
+
+#[test]
 fn every_command_against_a_real_fabric() {
     let fabric = Fabric::start(2);
     let source = fabric.dir.path().join("source");

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fabric_chunkstore::walk::{BackupOptions, BackupOutcome, ParentSnapshot, Progress};
 use fabric_chunkstore::{ChunkId, ChunkSource, SinkError, SnapshotSource, newest_among};
@@ -392,13 +392,20 @@ where
 {
     // Bounded in bytes by the sink as well (READ_AHEAD_BYTES).
     let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(READ_AHEAD_CHUNKS);
+    let (progress, sending_progress) = match progress {
+        Some(progress) => {
+            let (walk_progress, ticker) = SendingProgress::start(progress, counters.clone());
+            (Some(walk_progress), Some(ticker))
+        }
+        None => (None, None),
+    };
     let walk = spawn_walk(options, chunks_tx, parent, counters.clone(), progress);
     let commit_counters = counters.clone();
     let commit = async move {
         let outcome = walk.await.map_err(crate::status::join_error)??;
         Ok(finish_record(template, outcome, &commit_counters))
     };
-    run_sender(
+    let sent = run_sender(
         chunks_rx,
         None,
         TRANSFER_ZSTD_LEVEL,
@@ -408,7 +415,50 @@ where
         counters,
         limits,
     )
-    .await
+    .await;
+    if let Some(ticker) = sending_progress {
+        ticker.abort();
+    }
+    sent
+}
+
+/// Progress while chunks are still being sent: the walk reports only while
+/// it reads, and it can finish reading long before a slow link has carried
+/// what it read (read-ahead, a bandwidth limit). A ticker repeats the walk's
+/// last figures with the bytes sent so far, until the send ends.
+struct SendingProgress;
+
+impl SendingProgress {
+    /// The progress function for the walk, and the ticker to abort once the
+    /// send has ended.
+    fn start(
+        progress: ProgressFn,
+        counters: Arc<TransferCounters>,
+    ) -> (ProgressFn, tokio::task::JoinHandle<()>) {
+        let latest = Arc::new(Mutex::new(PushProgress::default()));
+        let walk_progress: ProgressFn = {
+            let latest = latest.clone();
+            let progress = progress.clone();
+            Arc::new(move |report: &PushProgress| {
+                *latest.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+                progress(report);
+            })
+        };
+        let ticker = tokio::spawn(async move {
+            let mut interval =
+                tokio::time::interval(Duration::from_millis(PROGRESS_INTERVAL_MS * 5));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                let mut report = latest.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                report.bytes_sent = TransferCounters::get(&counters.bytes_sent);
+                report.new_bytes = TransferCounters::get(&counters.new_bytes);
+                progress(&report);
+            }
+        });
+        (walk_progress, ticker)
+    }
 }
 
 /// Back up `options.includes` to `node` as a snapshot made
