@@ -150,6 +150,8 @@ fn job_row(job: &Job) -> JobRow {
 #[derive(Serialize)]
 struct RunRow {
     id: String,
+    /// The shortest prefix of the id no other run shares.
+    short_id: String,
     job: String,
     instance: String,
     client: String,
@@ -185,7 +187,7 @@ impl Row for RunRow {
             .collect::<Vec<_>>()
             .join(" ");
         vec![
-            short(&self.id),
+            self.short_id.clone(),
             self.job.clone(),
             self.instance.clone(),
             self.state.clone(),
@@ -203,6 +205,11 @@ fn short(id: &str) -> String {
 fn run_row(run: &Run) -> RunRow {
     RunRow {
         id: run.id.clone(),
+        short_id: if run.short_id.is_empty() {
+            run.id.clone()
+        } else {
+            run.short_id.clone()
+        },
         job: run.job.clone(),
         instance: run.instance.clone(),
         client: run.client.clone(),

@@ -176,6 +176,9 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The fewest characters a run's short id has (see `Run.short_id`).
+const SHORT_RUN_ID_MIN: usize = 8;
+
 /// A run id: the creation time in hex (so ids sort by creation, which the
 /// `runs` tree relies on for newest-first listing), then random hex.
 pub fn new_run_id(now_ms: i64, rng: &mut impl Rng) -> String {
@@ -537,6 +540,9 @@ impl Engine {
             }
             runs.len() < limit
         })?;
+        for run in &mut runs {
+            inner.fill_short_id(run)?;
+        }
         Ok(runs)
     }
 
@@ -548,10 +554,11 @@ impl Engine {
         if !record.is_finished() {
             events.extend(runs::current_progress(&record, now_ms()));
         }
-        Ok(RunDetail {
-            run: record.run,
-            events,
-        })
+        let mut run = record.run;
+        if let Some(run) = run.as_mut() {
+            inner.fill_short_id(run)?;
+        }
+        Ok(RunDetail { run, events })
     }
 
     /// A run's events after `after`, and whether the run has ended.
@@ -849,6 +856,15 @@ impl Inner {
         } else {
             self.active.insert(id, record);
         }
+        Ok(())
+    }
+
+    /// Sets `run.short_id` (see the proto) for a reply.
+    fn fill_short_id(&self, run: &mut Run) -> Result<(), StateError> {
+        let length = self
+            .store
+            .run_unique_prefix_len(&run.id, SHORT_RUN_ID_MIN)?;
+        run.short_id = run.id.get(..length).unwrap_or(&run.id).to_owned();
         Ok(())
     }
 

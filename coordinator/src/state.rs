@@ -300,6 +300,30 @@ impl Store {
         Ok(Ok(Some(decode("runs", &key, &value)?)))
     }
 
+    /// The length of the shortest prefix of run `id` that no other run
+    /// starts with, at least `minimum`: one more than the longest prefix
+    /// it shares with its neighbours in id order.
+    pub fn run_unique_prefix_len(&self, id: &str, minimum: usize) -> Result<usize, StateError> {
+        let shared = |other: Option<Result<(sled::IVec, sled::IVec), sled::Error>>| {
+            other
+                .transpose()
+                .map_err(sled_error(format!("read runs around {id}")))
+                .map(|other| {
+                    other.map_or(0, |(key, _)| {
+                        key.iter()
+                            .zip(id.as_bytes())
+                            .take_while(|(a, b)| a == b)
+                            .count()
+                    })
+                })
+        };
+        let before = shared(self.runs.range(..id.as_bytes()).next_back())?;
+        let mut after_key = id.as_bytes().to_vec();
+        after_key.push(0);
+        let after = shared(self.runs.range(after_key.as_slice()..).next())?;
+        Ok((before.max(after) + 1).max(minimum).min(id.len()))
+    }
+
     /// Visits runs newest first until `visit` returns false.
     pub fn visit_runs_newest_first(
         &self,
@@ -577,6 +601,51 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_runs_short_id_is_the_shortest_prefix_no_other_run_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Two runs of the same millisecond share the 12 characters of time.
+        for id in [
+            "019af3c2b7e1aaaa0001",
+            "019af3c2b7e1bbbb0002",
+            "019b000000000000cccc",
+        ] {
+            store.put_run(&record(id)).unwrap();
+        }
+        assert_eq!(
+            store
+                .run_unique_prefix_len("019af3c2b7e1aaaa0001", 8)
+                .unwrap(),
+            13
+        );
+        assert_eq!(
+            store
+                .run_unique_prefix_len("019af3c2b7e1bbbb0002", 8)
+                .unwrap(),
+            13
+        );
+        assert_eq!(
+            store
+                .run_unique_prefix_len("019b000000000000cccc", 4)
+                .unwrap(),
+            4
+        );
+        assert_eq!(
+            store
+                .run_unique_prefix_len("019b000000000000cccc", 8)
+                .unwrap(),
+            8
+        );
+        for id in ["019af3c2b7e1aaaa0001", "019af3c2b7e1bbbb0002"] {
+            let prefix = &id[..13];
+            assert_eq!(
+                store.run_by_prefix(prefix).unwrap().unwrap().unwrap().id(),
+                id
+            );
         }
     }
 
