@@ -74,10 +74,13 @@ impl Remote {
         let channel = fabric_node::client::channel(&Peer::coordinator(address), transport)
             .await
             .map_err(|err| {
-                anyhow!(
-                    "cannot reach the coordinator at {address}: {} (is it running? see --coordinator)",
-                    short_reason(&err.reason)
-                )
+                let reason = short_reason(&err.reason);
+                let hint = if reason.contains("certificate is for node/") {
+                    "that is a node's address: give the coordinator's, see --coordinator"
+                } else {
+                    "is it running? see --coordinator"
+                };
+                anyhow!("cannot reach the coordinator at {address}: {reason} ({hint})")
             })?;
         Ok(CoordinatorClient::with_interceptor(channel, token)
             .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES)
@@ -93,6 +96,13 @@ impl Remote {
 /// The last, most specific part of a transport error chain
 /// ("connection refused" rather than "transport error: ...").
 fn short_reason(reason: &str) -> String {
+    // A certificate check's own sentence arrives wrapped in debug output
+    // (`Other(OtherError(Reason("the server's certificate is ...")))`).
+    if let (Some(start), Some(end)) = (reason.find("(\""), reason.rfind("\")"))
+        && start + 2 < end
+    {
+        return reason[start + 2..end].replace("\\\"", "\"");
+    }
     let last = reason.rsplit(": ").next().unwrap_or(reason);
     let last = last.split(" (os error").next().unwrap_or(last);
     last.to_lowercase()
@@ -290,4 +300,23 @@ fn single<'a, T>(mut found: Vec<&'a T>, spec: &str) -> anyhow::Result<&'a T> {
 /// Read a jobs file, naming it in the error.
 pub fn read_file(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_reason;
+
+    #[test]
+    fn a_transport_reason_is_cut_to_its_last_sentence() {
+        assert_eq!(
+            short_reason("transport error: tcp connect error: Connection refused (os error 111)"),
+            "connection refused"
+        );
+        assert_eq!(
+            short_reason(
+                "transport error: invalid peer certificate: Other(OtherError(Reason(\"the server's certificate is for node/n1, but a coordinator was expected\")))"
+            ),
+            "the server's certificate is for node/n1, but a coordinator was expected"
+        );
+    }
 }

@@ -91,7 +91,8 @@ pub async fn serve_with_health(
         path: config.data_dir.clone(),
         source,
     })?;
-    let standard = StandardServices::new(&[service_names::COORDINATOR]).await?;
+    let standard =
+        StandardServices::new(&[service_names::COORDINATOR], "the fabric coordinator").await?;
     let store = Store::open(&config.data_dir)?;
     let engine = Arc::new(Engine::open(
         store,

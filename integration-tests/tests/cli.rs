@@ -58,6 +58,18 @@ fn help_and_completions_work() {
 }
 
 #[test]
+fn a_node_given_as_the_coordinator_says_what_it_is() {
+    let fabric = Fabric::start(1);
+    let output = fabricctl(&["--coordinator", &fabric.nodes[0].address, "node", "list"]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(
+        text.contains("the server's certificate is for node/n1, but a coordinator was expected (that is a node's address: give the coordinator's, see --coordinator)"),
+        "{text}"
+    );
+}
+
+#[test]
 fn run_watch_shows_the_bytes_as_they_move() {
     let fabric = Fabric::start(1);
     let source = fabric.dir.path().join("source");

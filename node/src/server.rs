@@ -121,7 +121,12 @@ pub async fn serve_with_health(
     if config.has_role(Role::Agent) {
         names.push(service_names::SOURCE);
     }
-    let standard = StandardServices::new(&names).await?;
+    let server = if config.has_role(Role::Storage) {
+        "a fabric storage node"
+    } else {
+        "a fabric client agent"
+    };
+    let standard = StandardServices::new(&names, server).await?;
     let readiness = standard.readiness.clone();
     let mut routes = standard.routes;
     let writable = Arc::new(AtomicBool::new(true));

@@ -97,7 +97,15 @@ impl StandardServices {
     /// Build health (everything NOT_SERVING until the server says otherwise)
     /// and reflection (v1 and v1alpha) for a server that will serve
     /// `services` (fully qualified names, see [`crate::service_names`]).
-    pub async fn new(services: &[&'static str]) -> Result<Self, StandardServicesError> {
+    ///
+    /// Reflection advertises only those services (and health); a call of
+    /// any other service is answered UNIMPLEMENTED with a message saying
+    /// what this server is (`server`, e.g. "a fabric storage node"), so a
+    /// client pointed at the wrong address learns why.
+    pub async fn new(
+        services: &[&'static str],
+        server: &'static str,
+    ) -> Result<Self, StandardServicesError> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let readiness = Readiness {
             reporter,
@@ -105,21 +113,56 @@ impl StandardServices {
         };
         readiness.set_not_serving().await;
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        let configure = || {
+            services.iter().chain([&HEALTH_SERVICE]).fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(*name),
+            )
+        };
+        let reflection_v1 = configure().build_v1()?;
+        let reflection_v1alpha = configure().build_v1alpha()?;
 
-        let mut routes = Routes::new(health_service);
-        routes = routes
+        let served = services.join(", ");
+        let routes = Routes::new(health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-        Ok(Self { routes, readiness })
+            .add_service(reflection_v1alpha)
+            .into_axum_router()
+            .fallback(move |uri: tonic::codegen::http::Uri| {
+                let message = unknown_call_message(server, &served, uri.path());
+                async move {
+                    let (parts, ()) = tonic::Status::unimplemented(message)
+                        .into_http::<()>()
+                        .into_parts();
+                    tonic::codegen::http::Response::from_parts(parts, tonic::body::Body::empty())
+                }
+            });
+        Ok(Self {
+            routes: Routes::from(routes),
+            readiness,
+        })
     }
+}
+
+/// grpc.health.v1's service name.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// What a server answers a call of a service it does not serve.
+fn unknown_call_message(server: &str, served: &str, path: &str) -> String {
+    let service = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let mut message = format!("this is {server}, which does not serve {service}");
+    if !served.is_empty() {
+        message.push_str(&format!(" (it serves {served})"));
+    }
+    if service == crate::service_names::COORDINATOR {
+        message.push_str(": give the coordinator's address instead");
+    }
+    message
 }
 
 /// Log to stderr, as human-readable lines or (with `json`) one JSON object

@@ -45,7 +45,7 @@ fn messages_round_trip_through_encoding() {
 }
 
 async fn start_server() -> (String, fabric_proto::standard::Readiness) {
-    let standard = StandardServices::new(&[service_names::STORAGE])
+    let standard = StandardServices::new(&[service_names::STORAGE], "a test storage node")
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -99,14 +99,9 @@ async fn health_is_not_serving_until_ready_then_serving() {
 }
 
 #[tokio::test]
-async fn reflection_lists_the_fabric_services_in_v1_and_v1alpha() {
+async fn reflection_lists_the_services_the_server_serves_in_v1_and_v1alpha() {
     let (address, _readiness) = start_server().await;
-    let expected = [
-        service_names::STORAGE,
-        service_names::SOURCE,
-        service_names::COORDINATOR,
-        "grpc.health.v1.Health",
-    ];
+    let expected = [service_names::STORAGE, "grpc.health.v1.Health"];
 
     {
         use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -134,6 +129,12 @@ async fn reflection_lists_the_fabric_services_in_v1_and_v1alpha() {
                 "{name} missing from {names:?}"
             );
         }
+        for name in [service_names::SOURCE, service_names::COORDINATOR] {
+            assert!(
+                !names.iter().any(|n| n == name),
+                "{name} is not served here but listed in {names:?}"
+            );
+        }
     }
     {
         use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
@@ -158,4 +159,20 @@ async fn reflection_lists_the_fabric_services_in_v1_and_v1alpha() {
         };
         assert!(!files.file_descriptor_proto.is_empty());
     }
+}
+
+#[tokio::test]
+async fn a_call_of_a_service_the_server_does_not_serve_says_what_the_server_is() {
+    let (address, _readiness) = start_server().await;
+    let mut client =
+        fabric_proto::v1::coordinator_client::CoordinatorClient::new(channel(&address).await);
+    let status = client
+        .list_nodes(fabric_proto::v1::ListNodesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert_eq!(
+        status.message(),
+        "this is a test storage node, which does not serve fabric.v1.Coordinator (it serves fabric.v1.Storage): give the coordinator's address instead"
+    );
 }

@@ -53,7 +53,7 @@ impl Pki {
 async fn serve(transport: Transport) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("https://{}", listener.local_addr().unwrap());
-    let standard = fabric_proto::standard::StandardServices::new(&[])
+    let standard = fabric_proto::standard::StandardServices::new(&[], "a test server")
         .await
         .unwrap();
     standard.readiness.set_serving().await;
