@@ -940,6 +940,74 @@ pub async fn run_retry(remote: &Remote, run: &str, format: OutputFormat) -> anyh
     output::print_rows(&[run_row(&retried)], format)
 }
 
+/// How many runs `run retry --all-failed` looks back through.
+const RETRY_LOOK_BACK: u32 = 10_000;
+
+/// The runs `run retry --all-failed` retries: of `runs` (newest first), the
+/// newest of each job and instance, when it failed.
+pub fn newest_failed(runs: &[Run]) -> Vec<&Run> {
+    let mut seen = std::collections::HashSet::new();
+    runs.iter()
+        .filter(|run| seen.insert((run.job.as_str(), run.instance.as_str())))
+        .filter(|run| run.state() == RunState::Failed)
+        .collect()
+}
+
+pub async fn run_retry_all_failed(
+    remote: &Remote,
+    job: Option<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let mut client = remote.coordinator().await?;
+    let runs = client
+        .list_runs(ListRunsRequest {
+            job: job.clone().unwrap_or_default(),
+            state: RunState::Unspecified as i32,
+            since_ms: 0,
+            until_ms: 0,
+            limit: RETRY_LOOK_BACK,
+        })
+        .await
+        .map_err(|status| status_error("listing runs", status))?
+        .into_inner()
+        .runs;
+    let failed = newest_failed(&runs);
+    if failed.is_empty() {
+        eprintln!(
+            "no failed run to retry{}",
+            job.map(|job| format!(" of job {job}")).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let mut retried = Vec::new();
+    let mut refused = Vec::new();
+    for run in failed {
+        match client
+            .retry_run(RetryRunRequest {
+                run_id: run.id.clone(),
+            })
+            .await
+        {
+            Ok(reply) => retried.push(run_row(&reply.into_inner())),
+            Err(status) => refused.push(status_error(&format!("retrying run {}", run.id), status)),
+        }
+    }
+    output::print_rows(&retried, format)?;
+    for error in &refused {
+        eprintln!("{error:#}");
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{} of {} retried, {} refused",
+            retried.len(),
+            retried.len() + refused.len(),
+            refused.len()
+        )
+    }
+}
+
 pub async fn run_cancel(remote: &Remote, run: &str, format: OutputFormat) -> anyhow::Result<()> {
     let mut client = remote.coordinator().await?;
     let cancelled = client
@@ -1823,6 +1891,31 @@ mod tests {
                 .to_string()
                 .contains("\"abc\"")
         );
+    }
+
+    #[test]
+    fn all_failed_retries_only_the_newest_run_of_each_job_and_instance() {
+        let run = |id: &str, job: &str, instance: &str, state: RunState| Run {
+            id: id.into(),
+            job: job.into(),
+            instance: instance.into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        // Newest first, as ListRuns answers.
+        let runs = [
+            run("r6", "db", "main", RunState::Failed),
+            run("r5", "web", "", RunState::Done),
+            run("r4", "db", "replica", RunState::Copying),
+            run("r3", "web", "", RunState::Failed),
+            run("r2", "db", "main", RunState::Failed),
+            run("r1", "db", "replica", RunState::Failed),
+        ];
+        let ids: Vec<&str> = newest_failed(&runs)
+            .iter()
+            .map(|run| run.id.as_str())
+            .collect();
+        assert_eq!(ids, ["r6"]);
     }
 
     #[test]

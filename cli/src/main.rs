@@ -204,13 +204,25 @@ enum RunCommand {
         /// Run id or unique prefix.
         run: String,
     },
-    /// Retry a finished run's failed copies.
+    /// Retry a finished run's failed copies, or (B1000's -c) every job's
+    /// newest run that failed.
+    #[command(
+        after_help = "Examples:\n  fabricctl run retry 3f2a9c1e\n  fabricctl run retry --all-failed\n  fabricctl run retry --all-failed --job db"
+    )]
     Retry {
         /// Run id or unique prefix.
-        run: String,
+        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        run: Option<String>,
         /// Only the failed copies (the only kind of retry there is; accepted for clarity).
         #[arg(long)]
         copy: bool,
+        /// Retry the newest run of every job and instance when it failed
+        /// (an older failure a later run made good is left alone).
+        #[arg(long)]
+        all_failed: bool,
+        /// With --all-failed: only this job's runs.
+        #[arg(long, requires = "all_failed")]
+        job: Option<String>,
     },
     /// Cancel a queued or running run.
     Cancel {
@@ -527,9 +539,15 @@ async fn run(cli: Cli) -> i32 {
             commands::run_show(&coordinator, &run, format).await
         }
         Command::Run(RunCommand::Watch { run }) => commands::run_watch(&coordinator, &run).await,
-        Command::Run(RunCommand::Retry { run, copy: _ }) => {
-            commands::run_retry(&coordinator, &run, format).await
-        }
+        Command::Run(RunCommand::Retry {
+            run,
+            copy: _,
+            all_failed,
+            job,
+        }) => match run {
+            Some(run) if !all_failed => commands::run_retry(&coordinator, &run, format).await,
+            _ => commands::run_retry_all_failed(&coordinator, job, format).await,
+        },
         Command::Run(RunCommand::Cancel { run }) => {
             commands::run_cancel(&coordinator, &run, format).await
         }

@@ -70,6 +70,46 @@ fn a_node_given_as_the_coordinator_says_what_it_is() {
 }
 
 #[test]
+fn run_retry_all_failed_retries_each_jobs_newest_failed_run() {
+    let fabric = Fabric::start(1);
+    let source = fabric.dir.path().join("source");
+    generate_tree(&source, 5, 1024);
+    let missing = fabric.dir.path().join("appears-later");
+    let jobs = format!(
+        "[job.fine]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ninterval = \"24h\"\n\n[job.broken]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ninterval = \"24h\"\ncopy_retries = 0\n",
+        source.display(),
+        missing.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    assert_eq!(runs.len(), 2);
+    let states: Vec<String> = runs
+        .iter()
+        .map(|run| fabric.wait_run(run)["state"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        states.contains(&"done".to_owned()) && states.contains(&"failed".to_owned()),
+        "{states:?}"
+    );
+
+    std::fs::create_dir_all(&missing).unwrap();
+    std::fs::write(missing.join("file"), b"here now").unwrap();
+    let retried = fabric.json(&["run", "retry", "--all-failed"]);
+    let retried = retried.as_array().unwrap();
+    assert_eq!(retried.len(), 1, "{retried:?}");
+    assert_eq!(retried[0]["job"], "broken");
+    let again = fabric.wait_run(retried[0]["id"].as_str().unwrap());
+    assert_eq!(again["state"], "done", "{again}");
+
+    let nothing = fabric.ctl(&["run", "retry", "--all-failed", "--job", "broken"]);
+    assert!(nothing.status.success(), "{}", stderr(&nothing));
+    assert!(
+        stderr(&nothing).contains("no failed run to retry of job broken"),
+        "{}",
+        stderr(&nothing)
+    );
+}
+
+#[test]
 fn run_watch_shows_the_bytes_as_they_move() {
     let fabric = Fabric::start(1);
     let source = fabric.dir.path().join("source");
