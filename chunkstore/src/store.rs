@@ -1151,8 +1151,8 @@ impl Store {
     /// snapshot's id nor the name of a snapshot of another job, host or
     /// instance. An id that exists is
     /// [`StoreError::SnapshotExists`], unless the existing snapshot is the
-    /// same run with the same content (job, host, instance, start time and
-    /// root): a retried copy, answered with the existing record.
+    /// same run (job, host, instance and start time): a retried copy,
+    /// answered with the existing record, whatever root the retry read.
     pub fn commit_snapshot(&self, snapshot: Snapshot) -> Result<Snapshot, StoreError> {
         self.commit_snapshot_guarded(snapshot, &CommitGuards::default())
     }
@@ -1201,8 +1201,11 @@ impl Store {
         if snapshot.id.is_empty() {
             snapshot.id = hex::encode(rand::random::<[u8; 16]>());
         } else if let Some(existing) = self.catalog.get(&snapshot.id).map_err(self.index_error())? {
-            let same_run = existing.root_tree_id == snapshot.root_tree_id
-                && existing.job == snapshot.job
+            // The id is the run's: a copy retried after its commit went
+            // through (a crash before the answer arrived) may have read
+            // changed files, so the content is not compared. The first
+            // commit stands; the retry's chunks are left to GC.
+            let same_run = existing.job == snapshot.job
                 && existing.host == snapshot.host
                 && existing.instance == snapshot.instance
                 && existing.start_time_ms == snapshot.start_time_ms;

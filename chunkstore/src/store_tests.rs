@@ -390,6 +390,37 @@ fn commit_fills_in_the_record_and_find_understands_ids_prefixes_and_names() {
 }
 
 #[test]
+fn a_runs_second_commit_is_answered_with_its_first_and_another_runs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let first_read = backup(&store, "", &files(2, 20_000, 1));
+    let retry_read = backup(&store, "", &files(2, 20_000, 2));
+    let run = |root: &[u8], job: &str| Snapshot {
+        id: "0123456789abcdef0123456789abcdef".into(),
+        job: job.into(),
+        host: "db1".into(),
+        start_time_ms: 1_700_000_000_000,
+        root_tree_id: root.to_vec(),
+        ..Default::default()
+    };
+    let committed = store
+        .commit_snapshot(run(&first_read.root_tree_id, "db"))
+        .unwrap();
+    // The retry read changed files: its root differs, the run is the same.
+    let again = store
+        .commit_snapshot(run(&retry_read.root_tree_id, "db"))
+        .unwrap();
+    assert_eq!(again, committed);
+    let other = store
+        .commit_snapshot(run(&first_read.root_tree_id, "web"))
+        .unwrap_err();
+    assert!(
+        matches!(other, StoreError::SnapshotExists { .. }),
+        "{other}"
+    );
+}
+
+#[test]
 fn a_commit_referencing_a_missing_chunk_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_or_create(dir.path(), small_config()).unwrap();

@@ -1793,8 +1793,8 @@ pub async fn backup(
     let progress: fabric_node::agent::ProgressFn = std::sync::Arc::new(move |p| {
         if let Some(bar) = &progress_bar {
             bar.set_message(format!(
-                "{} files, {} read, {} sent  {}",
-                p.files,
+                "{}, {} read, {} sent  {}",
+                output::count(p.files, "file"),
                 bytes(p.bytes_read),
                 bytes(p.bytes_sent),
                 p.current_path
@@ -1841,10 +1841,10 @@ pub async fn backup(
     };
     output::print_one(&row, format, |row| {
         let mut text = format!(
-            "snapshot {} ({})\n  {} files ({} unchanged), {} read, {} of {} chunks sent ({})\n",
+            "snapshot {} ({})\n  {} ({} unchanged), {} read, {} of {} chunks sent ({})\n",
             row.snapshot,
             row.name,
-            row.files,
+            output::count(row.files, "file"),
             row.files_unchanged,
             bytes(row.bytes_read),
             row.chunks_sent,

@@ -38,6 +38,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 
 mod assignments;
 mod gc;
+mod held;
 mod nodes;
 mod offsite;
 mod replication;
@@ -380,6 +381,11 @@ impl Engine {
             Some(node_message::Kind::RepairDone(done)) => {
                 inner.repair_done(node_id, &done, now)?;
                 inner.store.flush().await?;
+            }
+            Some(node_message::Kind::Held(held)) => {
+                if inner.snapshots_held(node_id, &held)? {
+                    inner.store.flush().await?;
+                }
             }
             Some(node_message::Kind::Hello(_)) => {
                 return Err(EngineError::InvalidArgument(format!(

@@ -110,6 +110,42 @@ fn run_retry_all_failed_retries_each_jobs_newest_failed_run() {
 }
 
 #[test]
+fn a_backup_pushed_straight_to_a_node_reaches_the_catalogue() {
+    let fabric = Fabric::start(1);
+    let source = fabric.dir.path().join("source");
+    generate_tree(&source, 5, 1024);
+    let pushed = fabric.ctl(&[
+        "-o",
+        "json",
+        "backup",
+        "--node",
+        &fabric.nodes[0].address,
+        "--job",
+        "by-hand",
+        source.to_str().unwrap(),
+    ]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let pushed: serde_json::Value = serde_json::from_slice(&pushed.stdout).unwrap();
+    let id = pushed["snapshot"].as_str().unwrap().to_owned();
+    let mut listed = None;
+    for _ in 0..300 {
+        let status = fabric.json(&["status", "--job", "by-hand"]);
+        if let Some(row) = status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["id"] == id)
+        {
+            listed = Some(row.clone());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let row = listed.unwrap_or_else(|| panic!("snapshot {id} never reached the catalogue"));
+    assert_eq!(row["nodes"][0], "n1", "{row}");
+}
+
+#[test]
 fn run_watch_shows_the_bytes_as_they_move() {
     let fabric = Fabric::start(1);
     let source = fabric.dir.path().join("source");

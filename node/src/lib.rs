@@ -21,6 +21,7 @@ pub mod config;
 pub mod convert;
 pub mod disk;
 pub mod gc_lease;
+pub mod held;
 pub mod node_directory;
 pub mod pull_permits;
 pub mod quota;

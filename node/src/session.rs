@@ -326,6 +326,7 @@ pub async fn run_session(
         scrub: parts.scrub,
     };
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
+    let mut held = crate::held::HeldReport::default();
     let mut backoff = Duration::from_millis(200);
     let counters = StoreCounters::default();
     if let Some(store) = store.clone() {
@@ -366,6 +367,7 @@ pub async fn run_session(
                             tracing::info!(coordinator = %config.coordinator, "session with the coordinator open");
                             let mut incoming = response.into_inner();
                             let mut ticker = tokio::time::interval(interval);
+                            held.new_session();
                             'session: loop {
                                 while let Some(message) = pending.pop_front() {
                                     if out_tx.send(message.clone()).await.is_err() {
@@ -379,6 +381,11 @@ pub async fn run_session(
                                         let mut beat = heartbeat(store.clone(), &counters, &context.gc_running, config.min_free_bytes).await;
                                         beat.scrub = context.scrub.as_ref().map(crate::scrub::Scrub::progress);
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Heartbeat(beat)) });
+                                        if let Some(store) = store.as_ref()
+                                            && let Some(list) = held.next(store).await
+                                        {
+                                            pending.push_back(NodeMessage { kind: Some(node_message::Kind::Held(list)) });
+                                        }
                                     }
                                     update = updates_rx.recv() => {
                                         let Some(update) = update else { return };
