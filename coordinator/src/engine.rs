@@ -448,6 +448,14 @@ impl Engine {
         };
         let specs = jobfile::parse_jobs_file(file_name, &request.toml, &known)
             .map_err(|error| EngineError::InvalidArgument(error.to_string()))?;
+        for spec in &specs {
+            if let Some(problem) = inner.replicas_problem(spec) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "{file_name}: job {}: {problem}",
+                    spec.name
+                )));
+            }
+        }
         let selected = if request.no_run {
             Vec::new()
         } else {

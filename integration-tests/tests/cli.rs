@@ -76,19 +76,45 @@ fn run_retry_all_failed_retries_each_jobs_newest_failed_run() {
     generate_tree(&source, 5, 1024);
     let missing = fabric.dir.path().join("appears-later");
     let jobs = format!(
-        "[job.fine]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ninterval = \"24h\"\n\n[job.broken]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ninterval = \"24h\"\ncopy_retries = 0\n",
+        "[job.fine]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ninterval = \"24h\"\n\n[job.broken]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ninterval = \"24h\"\n",
         source.display(),
         missing.display()
     );
+    // replicas beyond the storage nodes there are: refused at submit.
+    let file = fabric.dir.path().join("too-many.toml");
+    std::fs::write(
+        &file,
+        format!("{jobs}\n[job.wide]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nreplicas = 3\ninterval = \"24h\"\n", source.display()),
+    )
+    .unwrap();
+    let refused = fabric.ctl(&["job", "submit", "-f", file.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused)
+            .contains("job wide: replicas = 3 needs 3 storage nodes, the fabric has 1 (n1)"),
+        "{}",
+        stderr(&refused)
+    );
+
     let runs = fabric.submit(&jobs, &[]);
     assert_eq!(runs.len(), 2);
-    let states: Vec<String> = runs
-        .iter()
-        .map(|run| fabric.wait_run(run)["state"].as_str().unwrap().to_owned())
-        .collect();
+    // The missing include fails the run at once (3 retries a minute apart
+    // by default would not help), blaming the client, not the node.
+    let ended: Vec<serde_json::Value> = runs.iter().map(|run| fabric.wait_run(run)).collect();
+    let failed = ended.iter().find(|run| run["job"] == "broken").unwrap();
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let reason = failed["reason"].as_str().unwrap();
     assert!(
-        states.contains(&"done".to_owned()) && states.contains(&"failed".to_owned()),
-        "{states:?}"
+        reason.contains("cannot read what the job includes")
+            && reason.contains("appears-later")
+            && !reason.contains("retrying"),
+        "{reason}"
+    );
+    assert_eq!(failed["copies"][0]["attempts"], 1, "{failed}");
+    assert!(
+        ended
+            .iter()
+            .any(|run| run["job"] == "fine" && run["state"] == "done")
     );
 
     std::fs::create_dir_all(&missing).unwrap();

@@ -48,6 +48,41 @@ pub enum AgentError {
     /// The local walk or restore failed.
     #[error("{0}")]
     Local(String),
+    /// What the backup was asked to read cannot be read on this client (an
+    /// include path missing, a bad pattern): no node and no retry can help
+    /// until someone changes the client or the job.
+    #[error("{0}")]
+    Source(String),
+}
+
+/// The metadata key a walk's error carries when the source is at fault
+/// (see [`AgentError::Source`]); it never leaves this process.
+const SOURCE_FAULT: &str = "x-fabric-source-fault";
+
+/// The status for a walk that failed: marked as the source's fault when
+/// retrying cannot help.
+fn walk_status(error: fabric_chunkstore::walk::WalkError) -> Status {
+    use fabric_chunkstore::walk::WalkError;
+    let source_fault = matches!(
+        error,
+        WalkError::NoIncludes
+            | WalkError::BadInclude { .. }
+            | WalkError::BadExclude { .. }
+            | WalkError::ChunkParams(_)
+    );
+    let mut status = Status::failed_precondition(error.to_string());
+    if source_fault {
+        status.metadata_mut().insert(
+            SOURCE_FAULT,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+    }
+    status
+}
+
+/// Whether `status` is a walk's error with the source at fault.
+fn is_source_fault(status: &Status) -> bool {
+    status.metadata().contains_key(SOURCE_FAULT)
 }
 
 /// A status as a person reads it: the code's meaning and the message.
@@ -366,8 +401,7 @@ fn spawn_walk(
             source: source.as_ref(),
             root: *root,
         });
-        fabric_chunkstore::walk::backup(&options, &sink, parent, &report)
-            .map_err(|err| Status::failed_precondition(err.to_string()))
+        fabric_chunkstore::walk::backup(&options, &sink, parent, &report).map_err(walk_status)
     })
 }
 
@@ -518,7 +552,13 @@ pub async fn push_backup(
         limits,
     )
     .await
-    .map_err(remote("backing up"))?;
+    .map_err(|status| {
+        if is_source_fault(&status) {
+            AgentError::Source(status.message().to_owned())
+        } else {
+            remote("backing up")(status)
+        }
+    })?;
     Ok(PushOutcome {
         snapshot,
         chunks_offered: TransferCounters::get(&counters.chunks_offered),

@@ -35,7 +35,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use crate::agent::{PushProgress, describe_status, push_backup};
+use crate::agent::{AgentError, PushProgress, describe_status, push_backup};
 use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
 use crate::pull_permits::PullPermits;
@@ -959,16 +959,30 @@ async fn copy_with_retries(
                     });
                     return Ok(());
                 }
-                Err(reason) if attempt <= job.copy_retries => {
+                Err(failure) if failure.source_fault => {
+                    // Not the node's fault, and the same on every node.
+                    context.dest(
+                        &run_id,
+                        &target.node,
+                        CopyState::Failed,
+                        failure.reason.clone(),
+                    );
+                    return Err(failure.reason);
+                }
+                Err(failure) if attempt <= job.copy_retries => {
                     context.dest(
                         &run_id,
                         &target.node,
                         CopyState::Retrying,
-                        format!("attempt {attempt} failed, retrying in {min_sleep:?}: {reason}"),
+                        format!(
+                            "attempt {attempt} failed, retrying in {}: {}",
+                            humantime::format_duration(min_sleep),
+                            failure.reason
+                        ),
                     );
                     tokio::time::sleep(min_sleep).await;
                 }
-                Err(reason) => break reason,
+                Err(failure) => break failure.reason,
             }
         };
         let reason = format!("copy to {} failed: {reason}", target.node);
@@ -997,7 +1011,7 @@ async fn copy_once(
     copies: &SnapshotCopies,
     target: &CopyTarget,
     quota_left: u64,
-) -> Result<Snapshot, String> {
+) -> Result<Snapshot, CopyFailure> {
     let mut holders = copies.holders();
     if holders.is_empty() {
         let _walk = copies.lock_walk().await;
@@ -1095,7 +1109,7 @@ async fn walk_once(
     template: Snapshot,
     target: &CopyTarget,
     quota_left: u64,
-) -> Result<Snapshot, String> {
+) -> Result<Snapshot, CopyFailure> {
     let reporter = ProgressReporter::new(context, run_id, &target.node);
     let progress = Arc::new(move |progress: &PushProgress| {
         reporter.report(|| TransferProgress {
@@ -1118,7 +1132,34 @@ async fn walk_once(
     )
     .await
     .map(|outcome| outcome.snapshot)
-    .map_err(|err| err.to_string())
+    .map_err(|err| match err {
+        AgentError::Source(reason) => CopyFailure {
+            reason: format!(
+                "the client {} cannot read what the job includes: {reason}",
+                context.config.hostname
+            ),
+            source_fault: true,
+        },
+        other => CopyFailure::from(other.to_string()),
+    })
+}
+
+/// Why one attempt at a copy failed.
+#[derive(Debug)]
+struct CopyFailure {
+    reason: String,
+    /// The client's own source is at fault (an include path missing): no
+    /// retry and no other node can help.
+    source_fault: bool,
+}
+
+impl From<String> for CopyFailure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            source_fault: false,
+        }
+    }
 }
 
 async fn execute_passive(

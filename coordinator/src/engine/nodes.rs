@@ -146,6 +146,46 @@ impl Inner {
         })
     }
 
+    /// Why a job's `replicas` cannot be met by the storage nodes this
+    /// fabric has (each replica on a node, or with `spread_by` in a failure
+    /// domain, of its own; drained nodes do not count), if it cannot.
+    pub(super) fn replicas_problem(&self, spec: &JobSpec) -> Option<String> {
+        let wanted = spec.replicas as usize;
+        if wanted == 0 {
+            return None;
+        }
+        let storage: Vec<(&String, &Node)> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| is_storage(node) && node.draining_since_ms == 0)
+            .collect();
+        if spec.spread_by.is_empty() {
+            return (storage.len() < wanted).then(|| {
+                format!(
+                    "replicas = {wanted} needs {wanted} storage nodes, the fabric has {}{}",
+                    storage.len(),
+                    listed(storage.iter().map(|(id, _)| id.as_str()))
+                )
+            });
+        }
+        let domains: std::collections::BTreeSet<&str> = storage
+            .iter()
+            .filter_map(|(_, node)| {
+                let labels = node.info.as_ref().map(|info| info.labels.as_slice())?;
+                crate::dest::domain_of(labels, &spec.spread_by)
+            })
+            .collect();
+        (domains.len() < wanted).then(|| {
+            format!(
+                "replicas = {wanted} with spread_by = {:?} needs storage nodes in {wanted} {} domains, the fabric has {}{}",
+                spec.spread_by,
+                spec.spread_by,
+                domains.len(),
+                listed(domains.iter().copied())
+            )
+        })
+    }
+
     pub(super) fn known_nodes(&self) -> KnownNodes {
         let mut known = KnownNodes::default();
         for (id, node) in &self.nodes {
@@ -205,5 +245,15 @@ fn effective_hostname(info: &NodeInfo) -> &str {
         &info.id
     } else {
         &info.hostname
+    }
+}
+
+/// ` (a, b, c)`, or nothing for none.
+fn listed<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let items: Vec<&str> = items.collect();
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", items.join(", "))
     }
 }
