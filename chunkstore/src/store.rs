@@ -1229,12 +1229,23 @@ impl Store {
                 reason,
             });
         }
-        // Names are for people: two runs of one job, host and instance in
-        // the same second share one (as every run of a sync snapshot does),
-        // and a lookup by that name reports them all. A name that another
-        // job's, host's or instance's snapshot has, or another's id, would
-        // pass for that snapshot: refused.
+        // Names are for people. Every run of a sync snapshot shares one (a
+        // lookup by it finds the newest, the current one). Two full
+        // snapshots of one job, host and instance in the same second would
+        // too: the later gets `-2`, `-3`... A name that another job's,
+        // host's or instance's snapshot has, or another's id, would pass
+        // for that snapshot: refused.
         let existing = self.list_snapshots()?;
+        if snapshot.r#type() != fabric_proto::v1::SnapshotType::Sync {
+            snapshot.name = unique_name(&snapshot.name, |name| {
+                existing.iter().any(|other| {
+                    other.name == name
+                        && other.job == snapshot.job
+                        && other.host == snapshot.host
+                        && other.instance == snapshot.instance
+                })
+            });
+        }
         if let Some(other) = existing.iter().find(|other| {
             other.id == snapshot.name
                 || (other.name == snapshot.name
@@ -1370,6 +1381,15 @@ impl Store {
             .filter(|s| s.name == spec)
             .cloned()
             .collect();
+        // A sync snapshot's name is every run's: the newest is the current.
+        if matches.len() > 1
+            && matches
+                .iter()
+                .all(|s| s.r#type() == fabric_proto::v1::SnapshotType::Sync)
+        {
+            matches.sort_by_key(|s| s.end_time_ms);
+            matches.drain(..matches.len() - 1);
+        }
         if matches.is_empty() && spec.len() >= MIN_ID_PREFIX {
             matches = snapshots
                 .into_iter()
@@ -1645,3 +1665,15 @@ mod crash_tests;
 #[cfg(test)]
 #[path = "commit_props.rs"]
 mod commit_props;
+
+/// `name`, or the first of `name-2`, `name-3`... that `taken` does not
+/// refuse.
+fn unique_name(name: &str, taken: impl Fn(&str) -> bool) -> String {
+    if !taken(name) {
+        return name.to_owned();
+    }
+    (2u64..)
+        .map(|n| format!("{name}-{n}"))
+        .find(|candidate| !taken(candidate))
+        .unwrap_or_else(|| name.to_owned())
+}

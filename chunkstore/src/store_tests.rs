@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fabric_proto::v1::{EntryKind, Snapshot, SnapshotState, Tree, TreeEntry};
+use fabric_proto::v1::{EntryKind, Snapshot, SnapshotState, SnapshotType, Tree, TreeEntry};
 use proptest::prelude::*;
 
 use crate::chunker::{Chunk, ChunkParams, ChunkReader};
@@ -418,6 +418,46 @@ fn a_runs_second_commit_is_answered_with_its_first_and_another_runs_is_refused()
         matches!(other, StoreError::SnapshotExists { .. }),
         "{other}"
     );
+}
+
+#[test]
+fn full_snapshots_of_one_second_get_distinct_names_and_a_sync_name_finds_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let content = backup(&store, "", &files(1, 1000, 1));
+    let record = |kind: SnapshotType, start: i64| Snapshot {
+        job: "binlogs".into(),
+        host: "vm".into(),
+        r#type: kind as i32,
+        start_time_ms: start,
+        root_tree_id: content.root_tree_id.clone(),
+        ..Default::default()
+    };
+    let second = 1_700_000_000_000;
+    let first = store
+        .commit_snapshot(record(SnapshotType::Full, second))
+        .unwrap();
+    let again = store
+        .commit_snapshot(record(SnapshotType::Full, second + 400))
+        .unwrap();
+    let third = store
+        .commit_snapshot(record(SnapshotType::Full, second + 800))
+        .unwrap();
+    assert_eq!(again.name, format!("{}-2", first.name));
+    assert_eq!(third.name, format!("{}-3", first.name));
+    assert_eq!(store.find_snapshot(&again.name).unwrap(), again);
+
+    let mut syncs = Vec::new();
+    for start in [second, second + 1000, second + 2000] {
+        syncs.push(
+            store
+                .commit_snapshot(record(SnapshotType::Sync, start))
+                .unwrap(),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(syncs.iter().all(|s| s.name == "binlogs/vm"), "{syncs:?}");
+    assert_eq!(store.find_snapshot("binlogs/vm").unwrap(), syncs[2]);
 }
 
 #[test]

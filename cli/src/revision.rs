@@ -38,6 +38,16 @@ pub fn find<'a, T>(
             s.id.starts_with(spec) || s.name == spec
         })
         .collect();
+    // Every run of a sync snapshot has its name: the newest is the current
+    // one (they are ordered oldest first).
+    let all_sync_by_name = by_id.len() > 1
+        && by_id.iter().all(|item| {
+            let s = snapshot(item);
+            s.name == spec && s.r#type() == fabric_proto::v1::SnapshotType::Sync
+        });
+    if all_sync_by_name {
+        return Ok(by_id.last().copied().into_iter().collect());
+    }
     if !by_id.is_empty() {
         return Ok(by_id);
     }
@@ -83,6 +93,24 @@ mod tests {
         assert_eq!(find("weekly"), ["bbb222"]);
         assert_eq!(find("daily"), ["bbb222", "aaa111"]);
         assert!(find("nothing").is_empty());
+    }
+
+    #[test]
+    fn a_sync_snapshots_name_finds_the_current_one() {
+        let sync = |id: &str, end: i64| Snapshot {
+            name: "binlogs/vm".into(),
+            r#type: fabric_proto::v1::SnapshotType::Sync as i32,
+            ..snapshot(id, end, &[])
+        };
+        let all = vec![sync("s2", 20), sync("s3", 30), sync("s1", 10)];
+        assert_eq!(ids(find(&all, "binlogs/vm", |s| s).unwrap()), ["s3"]);
+        // Full snapshots sharing a name stay ambiguous: each is a backup.
+        let full = |id: &str, end: i64| Snapshot {
+            name: "db/x".into(),
+            ..snapshot(id, end, &[])
+        };
+        let all = vec![full("f1", 1), full("f2", 2)];
+        assert_eq!(ids(find(&all, "db/x", |s| s).unwrap()), ["f1", "f2"]);
     }
 
     #[test]
