@@ -596,7 +596,7 @@ async fn run(cli: Cli) -> i32 {
         Command::Verify(args) => {
             commands::verify(&coordinator, args.snapshot, args.node, args.sample, format).await
         }
-        Command::Check(args) => return check::run(&coordinator, args.jobs).await,
+        Command::Check(args) => return check::run(&coordinator, args.jobs, format).await,
         Command::Gc {
             node,
             repack_threshold,

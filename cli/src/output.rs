@@ -86,6 +86,16 @@ pub fn count(number: u64, noun: &str) -> String {
     }
 }
 
+/// A Unix time in milliseconds as RFC 3339 in UTC (`2026-12-07T02:05:00Z`),
+/// for JSON output; "" for 0.
+pub fn rfc3339_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unsigned_abs());
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
 /// A Unix time in milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC); "-" for 0.
 pub fn time_ms(ms: i64) -> String {
     if ms <= 0 {

@@ -11,10 +11,13 @@
 //!   time), and CRITICAL after that (backy would stay silent; a job that never
 //!   produced a snapshot is the failure a monitor exists for). A job with a
 //!   static list of instances is judged per instance, and takes the worst.
-//!   In time, but the last run failed or was cancelled: WARNING.
-//! - **without an interval** (and every passive job, whose data freshness is
-//!   its pull twin's to judge): by its last run. Failed is CRITICAL,
-//!   cancelled is WARNING, done is OK, still in progress or none is UNKNOWN.
+//!   In time, but the last run failed: WARNING. A cancelled run is an
+//!   operator's decision, not a failure: it changes nothing.
+//! - **without an interval**: by its last run. Failed is CRITICAL, done or
+//!   cancelled is OK, still in progress or none is UNKNOWN.
+//! - **a passive job** only makes its data ready; the pull jobs naming it as
+//!   their `pull_source` fetch it. It is judged as they are (the worst of
+//!   them), and UNKNOWN when no pull job names it.
 //!
 //! The overall status is the worst one, ordered OK < UNKNOWN < WARNING <
 //! CRITICAL, and is also the exit code (0, 3, 1, 2 as Nagios wants).
@@ -35,6 +38,47 @@ pub fn stale_after_ms(interval_s: u64) -> i64 {
 
 /// Judges every job (in the order given).
 pub fn check_jobs(jobs: &[Job], snapshots: &[Snapshot], now_ms: i64) -> Vec<JobCheck> {
+    let mut checks = judge_each(jobs, snapshots, now_ms);
+    judge_passive_by_pulls(jobs, &mut checks);
+    checks
+}
+
+/// A passive job takes the verdict of the pull jobs that fetch it.
+fn judge_passive_by_pulls(jobs: &[Job], checks: &mut [JobCheck]) {
+    let specs: Vec<&fabric_proto::v1::JobSpec> =
+        jobs.iter().filter_map(|job| job.spec.as_ref()).collect();
+    let verdicts: Vec<JobCheck> = checks.to_vec();
+    for check in checks.iter_mut() {
+        let passive = specs
+            .iter()
+            .any(|spec| spec.name == check.job && spec.direction() == Direction::Passive);
+        if !passive {
+            continue;
+        }
+        let pulls: Vec<&JobCheck> = specs
+            .iter()
+            .filter(|spec| spec.direction() == Direction::Pull && spec.pull_source == check.job)
+            .filter_map(|spec| verdicts.iter().find(|verdict| verdict.job == spec.name))
+            .collect();
+        let worst = pulls
+            .iter()
+            .max_by_key(|verdict| severity(verdict.status()))
+            .copied();
+        match worst {
+            Some(pull) => {
+                check.status = pull.status;
+                check.message = format!("judged by its pull job {}: {}", pull.job, pull.message);
+                check.newest_good_ms = pull.newest_good_ms;
+            }
+            None => {
+                check.status = CheckStatus::Unknown as i32;
+                check.message = "passive, and no pull job names it as its pull_source".into();
+            }
+        }
+    }
+}
+
+fn judge_each(jobs: &[Job], snapshots: &[Snapshot], now_ms: i64) -> Vec<JobCheck> {
     jobs.iter()
         .filter_map(|job| job.spec.as_ref().map(|spec| (job, spec)))
         .map(|(job, spec)| {
@@ -140,7 +184,6 @@ fn judge_by_age(job: &Job, snapshots: &[Snapshot], now_ms: i64) -> (CheckStatus,
                 RunState::Failed => {
                     Some(format!("in time, but the last run failed: {}", run.reason))
                 }
-                RunState::Cancelled => Some("in time, but the last run was cancelled".to_owned()),
                 _ => None,
             });
             if let Some(problem) = last_run_problem {
@@ -174,7 +217,7 @@ fn judge_by_last_run(job: &Job) -> (CheckStatus, String) {
             format!("last run {} failed: {}", run.id, run.reason),
         ),
         RunState::Cancelled => (
-            CheckStatus::Warning,
+            CheckStatus::Ok,
             format!("last run {} was cancelled", run.id),
         ),
         _ => (
@@ -244,7 +287,7 @@ pub fn exit_code(status: CheckStatus) -> i32 {
     status as i32
 }
 
-fn status_word(status: CheckStatus) -> &'static str {
+pub fn status_word(status: CheckStatus) -> &'static str {
     match status {
         CheckStatus::Ok => "OK",
         CheckStatus::Warning => "WARNING",
@@ -381,6 +424,52 @@ mod tests {
             reason: reason.into(),
             ..Run::default()
         }
+    }
+
+    #[test]
+    fn a_passive_job_is_judged_by_the_pull_that_fetches_it() {
+        let mut passive = job("vm", 0, 100);
+        if let Some(spec) = passive.spec.as_mut() {
+            spec.direction = Direction::Passive as i32;
+        }
+        let mut pull = job("vm-pull", 24, 100);
+        if let Some(spec) = pull.spec.as_mut() {
+            spec.direction = Direction::Pull as i32;
+            spec.pull_source = "vm".into();
+        }
+        let jobs = [passive.clone(), pull];
+        let fresh = [snapshot("vm-pull", "", 2, SnapshotState::Complete)];
+        let checks = check_jobs(&jobs, &fresh, NOW);
+        assert_eq!(checks[0].status(), CheckStatus::Ok, "{checks:?}");
+        assert!(
+            checks[0]
+                .message
+                .starts_with("judged by its pull job vm-pull: newest 2h ago"),
+            "{checks:?}"
+        );
+        assert_eq!(checks[0].newest_good_ms, fresh[0].end_time_ms);
+        let stale = [snapshot("vm-pull", "", 48, SnapshotState::Complete)];
+        let checks = check_jobs(&jobs, &stale, NOW);
+        assert_eq!(checks[0].status(), CheckStatus::Critical, "{checks:?}");
+        // Alone, nothing judges it.
+        let checks = check_jobs(&[passive], &fresh, NOW);
+        assert_eq!(checks[0].status(), CheckStatus::Unknown, "{checks:?}");
+    }
+
+    #[test]
+    fn a_cancelled_run_is_not_a_warning() {
+        let mut timed = job("db", 24, 100);
+        timed.last_run = Some(run("r1", RunState::Cancelled, ""));
+        let mut untimed = job("adhoc", 0, 100);
+        untimed.last_run = Some(run("r2", RunState::Cancelled, ""));
+        let checks = check_jobs(
+            &[timed, untimed],
+            &[snapshot("db", "", 2, SnapshotState::Complete)],
+            NOW,
+        );
+        assert_eq!(checks[0].status(), CheckStatus::Ok, "{checks:?}");
+        assert_eq!(checks[1].status(), CheckStatus::Ok, "{checks:?}");
+        assert!(checks[1].message.contains("cancelled"), "{checks:?}");
     }
 
     #[test]

@@ -126,6 +126,21 @@ fn run_retry_all_failed_retries_each_jobs_newest_failed_run() {
     let again = fabric.wait_run(retried[0]["id"].as_str().unwrap());
     assert_eq!(again["state"], "done", "{again}");
 
+    // check speaks JSON too, one entry per job.
+    let check = fabric.ctl(&["-o", "json", "check"]);
+    let report: serde_json::Value = serde_json::from_slice(&check.stdout)
+        .unwrap_or_else(|err| panic!("check -o json is not JSON ({err}): {}", stdout(&check)));
+    assert_eq!(report["status"], "OK", "{report}");
+    assert_eq!(check.status.code(), Some(0));
+    let jobs = report["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "{report}");
+    assert!(
+        jobs.iter().all(|job| job["newest_good"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))),
+        "{report}"
+    );
+
     let nothing = fabric.ctl(&["run", "retry", "--all-failed", "--job", "broken"]);
     assert!(nothing.status.success(), "{}", stderr(&nothing));
     assert!(
