@@ -84,7 +84,7 @@ impl Row for JobRow {
         let interval = if self.interval_s == 0 {
             "-".to_owned()
         } else {
-            humantime::format_duration(Duration::from_secs(self.interval_s)).to_string()
+            fabric_proto::duration_word(self.interval_s)
         };
         vec![
             self.name.clone(),
@@ -659,7 +659,7 @@ pub async fn job_show(remote: &Remote, name: &str, format: OutputFormat) -> anyh
     let spec = job.spec.clone().unwrap_or_default();
     output::print_one(&job_row(&job), format, |row| {
         format!(
-            "job:        {}\ndirection:  {}\nclient:     {}\ninclude:    {}\nexclude:    {}\ndest:       {}\nreplicas:   {}\npre:        {}\npost:       {}\ninstances:  {}{}\ninterval:   {}s\nlast run:   {} ({})\nchanges:\n{}",
+            "job:        {}\ndirection:  {}\nclient:     {}\ninclude:    {}\nexclude:    {}\ndest:       {}\nreplicas:   {}\npre:        {}\npost:       {}\ninstances:  {}{}\ninterval:   {}\nlast run:   {} ({})\nchanges:\n{}",
             row.name,
             row.direction,
             row.client,
@@ -671,7 +671,11 @@ pub async fn job_show(remote: &Remote, name: &str, format: OutputFormat) -> anyh
             spec.post,
             spec.instances.join(" "),
             spec.instances_command,
-            spec.interval_s,
+            if spec.interval_s == 0 {
+                "-".to_owned()
+            } else {
+                fabric_proto::duration_word(spec.interval_s)
+            },
             row.last_run,
             row.last_state,
             row.history

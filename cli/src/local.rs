@@ -310,20 +310,10 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
             format!(
                 " {} {}",
                 event.dest,
-                event
-                    .dest_state()
-                    .as_str_name()
-                    .trim_start_matches("COPY_STATE_")
-                    .to_lowercase()
+                fabric_proto::enum_word(event.dest_state().as_str_name())
             )
         };
-        println!(
-            "  {}{}",
-            last.as_str_name()
-                .trim_start_matches("RUN_STATE_")
-                .to_lowercase(),
-            dest
-        );
+        println!("  {}{}", fabric_proto::enum_word(last.as_str_name()), dest);
     }
     if last != RunState::Done {
         bail!("the backup run {run} did not complete: {reason}");
@@ -372,10 +362,10 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
     .await?;
     println!();
     println!(
-        "restored from {} into {}: {} files, {}",
+        "restored from {} into {}: {}, {}",
         located.node,
         target.display(),
-        stats.files,
+        crate::output::count(stats.files, "file"),
         bytes(stats.bytes)
     );
     for warning in commands::restore_warnings(&stats) {

@@ -137,7 +137,7 @@ fn judge_by_age(job: &Job, snapshots: &[Snapshot], now_ms: i64) -> (CheckStatus,
         return (CheckStatus::Unknown, "no job spec".into(), 0);
     };
     let limit = stale_after_ms(spec.interval_s);
-    let interval = short_duration_ms(spec.interval_s as i64 * 1000);
+    let interval = fabric_proto::duration_word(spec.interval_s);
     let instances: Vec<Option<&str>> = if spec.instances.is_empty() {
         vec![None]
     } else {
@@ -548,7 +548,7 @@ mod tests {
         let (line, exit) = render_nagios(&checks, NOW);
         assert_eq!(
             line,
-            "BACKUP CRITICAL - 1 of 3 jobs CRITICAL: db (newest 40h ago, interval 24h) \
+            "BACKUP CRITICAL - 1 of 3 jobs CRITICAL: db (newest 40h ago, interval 1d) \
              | db_age=144000s;;129600;0 etc_age=126000s;;129600;0 logs_age=3600s;;5400;0"
         );
         assert_eq!(exit, 2);
@@ -578,7 +578,7 @@ mod tests {
         assert_eq!(checks[0].status(), CheckStatus::Critical);
         assert_eq!(
             checks[0].message,
-            "no good snapshot in the 37h since it was submitted, interval 24h"
+            "no good snapshot in the 37h since it was submitted, interval 1d"
         );
     }
 
@@ -615,7 +615,7 @@ mod tests {
         assert_eq!(checks[0].status(), CheckStatus::Critical);
         assert_eq!(
             checks[0].message,
-            "instance 3307: newest 50h ago, interval 24h"
+            "instance 3307: newest 50h ago, interval 1d"
         );
         assert_eq!(checks[0].newest_good_ms, NOW - HOUR_MS);
     }

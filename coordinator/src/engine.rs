@@ -598,7 +598,7 @@ impl Engine {
         let Some(mut record) = inner.active.remove(&id) else {
             return Err(EngineError::FailedPrecondition(format!(
                 "run {id} has already ended ({})",
-                record.run().state().as_str_name()
+                fabric_proto::enum_word(record.run().state().as_str_name())
             )));
         };
         let cancel = CoordinatorMessage {

@@ -349,7 +349,7 @@ fn late_message(update: &RunUpdate) -> String {
     } else {
         format!(
             "after the run ended, the node reported {}",
-            state.as_str_name()
+            fabric_proto::enum_word(state.as_str_name())
         )
     };
     if update.message.is_empty() {
@@ -474,7 +474,7 @@ pub fn retry_refusal(record: &RunRecord) -> Option<String> {
         return Some(format!(
             "run {} is {}; only a finished run can be retried",
             run.id,
-            run.state().as_str_name()
+            fabric_proto::enum_word(run.state().as_str_name())
         ));
     }
     if run.state() == RunState::Done {

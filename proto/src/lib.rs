@@ -43,5 +43,50 @@ pub mod codec;
 #[cfg(feature = "grpc")]
 pub mod standard;
 
+/// A proto enum value as people read it: lower case, without the enum's
+/// prefix (`RUN_STATE_COPYING` -> `copying`, `COPY_STATE_DONE` -> `done`).
+/// For messages and tables; the JSON of listings uses the same words.
+pub fn enum_word(full_name: &str) -> String {
+    let word = match full_name.find("_STATE_") {
+        Some(at) => &full_name[at + "_STATE_".len()..],
+        None => full_name
+            .split_once('_')
+            .map_or(full_name, |(_, rest)| rest),
+    };
+    word.to_lowercase()
+}
+
+/// A job's interval (or any exact duration) in one spelling everywhere:
+/// the largest of d, h, m, s that states it exactly (`86400` -> `1d`,
+/// `5400` -> `90m`). Job files accept it back.
+pub fn duration_word(seconds: u64) -> String {
+    match seconds {
+        0 => "0s".to_owned(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// Length in bytes of a chunk or tree id (BLAKE3-256).
 pub const ID_LEN: usize = 32;
+
+#[cfg(test)]
+mod enum_word_tests {
+    #[test]
+    fn enum_values_read_as_words() {
+        assert_eq!(super::enum_word("RUN_STATE_COPYING"), "copying");
+        assert_eq!(super::enum_word("COPY_STATE_DONE"), "done");
+        assert_eq!(super::enum_word("SNAPSHOT_STATE_DAMAGED"), "damaged");
+        assert_eq!(super::enum_word("DIRECTION_PUSH"), "push");
+    }
+
+    #[test]
+    fn durations_take_their_largest_exact_unit() {
+        assert_eq!(super::duration_word(86_400), "1d");
+        assert_eq!(super::duration_word(5400), "90m");
+        assert_eq!(super::duration_word(7200), "2h");
+        assert_eq!(super::duration_word(61), "61s");
+    }
+}
