@@ -442,6 +442,17 @@ pub struct SnapshotRow {
     pub id: String,
     /// B1000's name.
     pub name: String,
+    /// The job, host and instance it is of, and its master, if any.
+    pub job: String,
+    pub host: String,
+    pub instance: String,
+    pub master_host: String,
+    pub master_instance: String,
+    /// full or sync.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its root tree's id, hex like every id.
+    pub root_tree_id: String,
     /// Logical size (sum of file sizes).
     pub size_bytes: u64,
     /// Bytes new to the store when it was made.
@@ -540,6 +551,17 @@ pub fn snapshot_row(snapshot: &Snapshot, nodes: Vec<String>) -> SnapshotRow {
         date: time_ms(snapshot.end_time_ms),
         id: snapshot.id.clone(),
         name: snapshot.name.clone(),
+        job: snapshot.job.clone(),
+        host: snapshot.host.clone(),
+        instance: snapshot.instance.clone(),
+        master_host: snapshot.master_host.clone(),
+        master_instance: snapshot.master_instance.clone(),
+        kind: if snapshot.r#type() == fabric_proto::v1::SnapshotType::Sync {
+            "sync".to_owned()
+        } else {
+            "full".to_owned()
+        },
+        root_tree_id: hex::encode(&snapshot.root_tree_id),
         size_bytes: stats.total_bytes,
         new_bytes: stats.new_bytes,
         duration_ms: snapshot.end_time_ms - snapshot.start_time_ms,
@@ -657,7 +679,38 @@ pub async fn job_show(remote: &Remote, name: &str, format: OutputFormat) -> anyh
         .map_err(|status| status_error(&format!("job {name}"), status))?
         .into_inner();
     let spec = job.spec.clone().unwrap_or_default();
-    output::print_one(&job_row(&job), format, |row| {
+    /// `job show -o json`: the listing's row and what the job reads and
+    /// runs.
+    #[derive(Serialize)]
+    struct JobShown {
+        #[serde(flatten)]
+        row: JobRow,
+        include: Vec<String>,
+        exclude: Vec<String>,
+        pre: String,
+        post: String,
+        instances: Vec<String>,
+        instances_command: String,
+        tags: Vec<String>,
+        interval: String,
+    }
+    let shown = JobShown {
+        row: job_row(&job),
+        include: spec.include.clone(),
+        exclude: spec.exclude.clone(),
+        pre: spec.pre.clone(),
+        post: spec.post.clone(),
+        instances: spec.instances.clone(),
+        instances_command: spec.instances_command.clone(),
+        tags: spec.tags.clone(),
+        interval: if spec.interval_s == 0 {
+            String::new()
+        } else {
+            fabric_proto::duration_word(spec.interval_s)
+        },
+    };
+    output::print_one(&shown, format, |shown| {
+        let row = &shown.row;
         format!(
             "job:        {}\ndirection:  {}\nclient:     {}\ninclude:    {}\nexclude:    {}\ndest:       {}\nreplicas:   {}\npre:        {}\npost:       {}\ninstances:  {}{}\ninterval:   {}\nlast run:   {} ({})\nchanges:\n{}",
             row.name,
@@ -719,6 +772,58 @@ pub async fn run_list(
     output::print_rows(&runs.iter().map(run_row).collect::<Vec<_>>(), format)
 }
 
+/// A run event as `run show -o json` gives it.
+#[derive(Serialize)]
+struct EventRow {
+    /// Its place in the run's history (0: live progress, not stored).
+    seq: u64,
+    time: String,
+    /// The node that reported it (empty: the coordinator).
+    node: String,
+    /// The run's state after it.
+    state: String,
+    /// The destination concerned, and its state after it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    dest: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    dest_state: String,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<ProgressRow>,
+}
+
+#[derive(Serialize)]
+struct ProgressRow {
+    files: u64,
+    bytes_read: u64,
+    bytes_sent: u64,
+    current_path: String,
+}
+
+impl EventRow {
+    fn of(event: &RunEvent) -> Self {
+        Self {
+            seq: event.seq,
+            time: output::rfc3339_ms(event.time_ms),
+            node: event.node.clone(),
+            state: run_state(event.state()),
+            dest: event.dest.clone(),
+            dest_state: if event.dest.is_empty() {
+                String::new()
+            } else {
+                copy_state(event.dest_state())
+            },
+            message: event.message.clone(),
+            progress: event.progress.as_ref().map(|progress| ProgressRow {
+                files: progress.files,
+                bytes_read: progress.bytes_read,
+                bytes_sent: progress.bytes_sent,
+                current_path: progress.current_path.clone(),
+            }),
+        }
+    }
+}
+
 fn event_line(event: &RunEvent) -> String {
     let mut line = format!("{}  {}", time_ms(event.time_ms), run_state(event.state()));
     if !event.dest.is_empty() {
@@ -749,11 +854,11 @@ pub async fn run_show(remote: &Remote, run: &str, format: OutputFormat) -> anyho
     struct Shown {
         #[serde(flatten)]
         run: RunRow,
-        events: Vec<String>,
+        events: Vec<EventRow>,
     }
     let shown = Shown {
         run: row,
-        events: detail.events.iter().map(event_line).collect(),
+        events: detail.events.iter().map(EventRow::of).collect(),
     };
     output::print_one(&shown, format, |shown| {
         let mut text = format!(
@@ -782,8 +887,8 @@ pub async fn run_show(remote: &Remote, run: &str, format: OutputFormat) -> anyho
             ));
         }
         text.push_str("events:\n");
-        for event in &shown.events {
-            text.push_str(&format!("  {event}\n"));
+        for event in &detail.events {
+            text.push_str(&format!("  {}\n", event_line(event)));
         }
         text
     })

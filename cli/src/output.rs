@@ -96,17 +96,13 @@ pub fn rfc3339_ms(ms: i64) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
-/// A Unix time in milliseconds as `YYYY-MM-DD HH:MM:SS` (UTC); "-" for 0.
+/// A Unix time in milliseconds as `YYYY-MM-DD HH:MM:SSZ`: RFC 3339 in UTC
+/// with the space RFC 3339 allows for readability; "-" for 0.
 pub fn time_ms(ms: i64) -> String {
     if ms <= 0 {
         return "-".to_owned();
     }
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unsigned_abs());
-    humantime::format_rfc3339_seconds(time)
-        .to_string()
-        .replace('T', " ")
-        .trim_end_matches('Z')
-        .to_owned()
+    rfc3339_ms(ms).replace('T', " ")
 }
 
 /// A duration in milliseconds, short (`1m 20s`).
@@ -131,7 +127,8 @@ mod tests {
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
         assert_eq!(time_ms(0), "-");
-        assert_eq!(time_ms(1_700_000_000_000), "2023-11-14 22:13:20");
+        assert_eq!(time_ms(1_700_000_000_000), "2023-11-14 22:13:20Z");
+        assert_eq!(rfc3339_ms(1_700_000_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(duration_ms(80_000), "1m 20s");
         assert_eq!(duration_ms(250), "250ms");
     }

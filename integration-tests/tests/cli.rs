@@ -247,6 +247,21 @@ fn every_command_against_a_real_fabric() {
     assert!(stdout(&watch).contains("done"), "{}", stdout(&watch));
     let run = fabric.wait_run(&runs[0]);
     assert_eq!(run["state"], "done");
+    // Events are objects, times RFC 3339 with their offset.
+    let events = run["events"].as_array().unwrap();
+    assert!(
+        events.iter().all(|event| event["seq"].as_u64().is_some()
+            && event["state"].is_string()
+            && event["time"]
+                .as_str()
+                .is_some_and(|time| time.contains('T') && time.ends_with('Z'))),
+        "{run}"
+    );
+    assert!(run["created"].as_str().unwrap().ends_with('Z'), "{run}");
+    let shown = fabric.json(&["job", "show", "site"]);
+    assert_eq!(shown["include"][0], source.to_str().unwrap(), "{shown}");
+    assert_eq!(shown["interval"], "1d", "{shown}");
+    assert!(shown["exclude"].is_array() && shown["pre"].is_string() && shown["post"].is_string());
     let listed = fabric.json(&["run", "list", "--job", "site", "--state", "done"]);
     assert_eq!(listed.as_array().unwrap().len(), 1);
     let bad_state = fabric.ctl(&["run", "list", "--state", "sleeping"]);
@@ -278,6 +293,12 @@ fn every_command_against_a_real_fabric() {
     assert_eq!(rows.len(), 1);
     let id = rows[0]["id"].as_str().unwrap().to_owned();
     assert_eq!(rows[0]["tags"][0], "daily");
+    let root = rows[0]["root_tree_id"].as_str().unwrap();
+    assert!(
+        root.len() == 64 && root.chars().all(|c| c.is_ascii_hexdigit()),
+        "{root}"
+    );
+    assert_eq!(rows[0]["type"], "full");
     let table = fabric.ctl(&["snapshot", "list"]);
     assert!(
         stdout(&table).contains("DATE") && stdout(&table).contains(&id[..12]),
