@@ -383,6 +383,12 @@ pub enum ProblemKind {
     /// A run-time name defined in `[global]`.
     #[error("is set at run time and cannot be defined")]
     ReservedName,
+    /// A `[global]` variable whose name is one letter or so from a job key:
+    /// a typo of that key, which would otherwise silently be a variable.
+    #[error(
+        "looks like a typo of the key {0}: as written it is a free variable, which sets nothing (fix the key, or name the variable further from any key)"
+    )]
+    LikelyTypo(String),
     /// A bad instance name.
     #[error(
         "instance {0:?} is not valid (letters, digits and `-_.`, starting with a letter or digit)"
@@ -803,6 +809,8 @@ fn check_global(
     for (key, entry) in global {
         if RUNTIME_VARIABLES.contains(&key.as_str()) {
             reporter.report(entry.line, Some(&key), ProblemKind::ReservedName);
+        } else if let Some(meant) = typo_of_a_key(&key) {
+            reporter.report(entry.line, Some(&key), ProblemKind::LikelyTypo(meant));
         } else if let Value::Table(_) = entry.value {
             reporter.report(
                 entry.line,
@@ -1963,6 +1971,24 @@ fn closest_key(key: &str) -> Option<String> {
         .filter(|(distance, name)| *distance <= (name.len() / 3).max(2))
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, name)| name.to_owned())
+}
+
+/// The job key a `[global]` name is a likely typo of. Stricter than
+/// [`closest_key`]: a free variable may well be named like a key (`base`
+/// is two letters from `dest`), so only one letter off a key of five or
+/// more, or two off one of nine or more, counts.
+fn typo_of_a_key(name: &str) -> Option<String> {
+    if JOB_KEYS.iter().any(|rule| rule.name == name) {
+        return None;
+    }
+    JOB_KEYS
+        .iter()
+        .map(|rule| (edit_distance(name, rule.name), rule.name))
+        .filter(|(distance, key)| {
+            (*distance == 1 && key.len() >= 5) || (*distance == 2 && key.len() >= 9)
+        })
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, key)| key.to_owned())
 }
 
 /// Levenshtein distance, for "did you mean".

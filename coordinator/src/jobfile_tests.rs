@@ -834,3 +834,17 @@ fn spread_by_is_a_label_key_that_goes_with_replicas() {
     let bad = error(&format!("{head}replicas = 2\nspread_by = \"zone:a\"\n"));
     assert!(bad.contains("a label key"), "{bad}");
 }
+
+#[test]
+fn a_global_name_one_letter_off_a_key_is_a_typo_not_a_variable() {
+    let text = "[global]\nintervall = \"1h\"\nbase = \"/srv\"\n\n[job.db]\ndirection = \"push\"\nclient = \"db1\"\ninclude = [\"$base/db\"]\ndest = \"n1\"\n";
+    let message = error(text);
+    assert!(
+        message.contains("intervall") && message.contains("looks like a typo of the key interval"),
+        "{message}"
+    );
+    // A variable named like no key, or near only a short one, is a variable.
+    let fine = "[global]\nbase = \"/srv\"\nhosts = \"x\"\n\n[job.db]\ndirection = \"push\"\nclient = \"db1\"\ninclude = [\"$base/db\"]\ndest = \"n1\"\n";
+    let jobs = parse_jobs_file("jobs.toml", fine, &known()).unwrap();
+    assert_eq!(jobs[0].include, strings(&["/srv/db"]));
+}
