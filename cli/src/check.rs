@@ -22,11 +22,12 @@ pub async fn run(remote: &Remote, jobs: Vec<String>) -> i32 {
     match checks {
         Ok(checks) => {
             let (line, code) = render_nagios(&checks, now_ms());
-            println!("{line}");
+            // A reader gone before the line is printed changes nothing of the result.
+            let _ = crate::outln!("{line}");
             code
         }
         Err(err) => {
-            println!("FABRIC UNKNOWN - {err:#}");
+            let _ = crate::outln!("FABRIC UNKNOWN - {err:#}");
             3
         }
     }

@@ -564,12 +564,12 @@ pub async fn job_submit(
     no_run: bool,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let toml = remote::read_file(file)?;
+    let (toml, file_name) = remote::read_jobs_file(file)?;
     let mut client = remote.coordinator().await?;
     let response = client
         .submit_jobs(SubmitJobsRequest {
             toml,
-            file_name: file.display().to_string(),
+            file_name,
             select,
             no_run,
         })
@@ -577,7 +577,7 @@ pub async fn job_submit(
         .map_err(|status| anyhow!("{}", status.message()))?
         .into_inner();
     if format == OutputFormat::Table {
-        println!("jobs stored: {}", response.jobs.join(", "));
+        crate::outln!("jobs stored: {}", response.jobs.join(", "))?;
     }
     let rows: Vec<RunRow> = response.runs.iter().map(run_row).collect();
     output::print_rows(&rows, format)
@@ -844,7 +844,7 @@ pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
         } else if terminal {
             bars.println(event_line(&event))?;
         } else {
-            println!("{}", event_line(&event));
+            crate::outln!("{}", event_line(&event))?;
         }
     }
     for (bar, _) in per_dest.values() {
@@ -1064,7 +1064,7 @@ pub async fn sync_reset(
         .await
         .map_err(|status| status_error("resetting the off-site sync", status))?
         .into_inner();
-    println!("{} snapshot(s) will be synced off-site again", answer.reset);
+    crate::outln!("{} snapshot(s) will be synced off-site again", answer.reset)?;
     Ok(())
 }
 
@@ -1086,11 +1086,11 @@ pub async fn node_drain(
         .map_err(|status| status_error(&format!("draining {node}"), status))?
         .into_inner();
     if cancel {
-        println!("{node}: no longer draining");
+        crate::outln!("{node}: no longer draining")?;
         return Ok(());
     }
     let mut said = drained.drain.clone();
-    println!("{node}: draining: {said}");
+    crate::outln!("{node}: draining: {said}")?;
     while wait && said != "removable" {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let nodes = remote::nodes(&mut client).await?;
@@ -1105,7 +1105,7 @@ pub async fn node_drain(
         }
         if now.drain != said {
             said = now.drain.clone();
-            println!("{node}: draining: {said}");
+            crate::outln!("{node}: draining: {said}")?;
         }
     }
     Ok(())

@@ -15,6 +15,7 @@ Examples:
   fabricctl local up --dir ./fabric-state      # a coordinator and 3 storage nodes on loopback, until Ctrl-C
   fabricctl job submit -f jobs.toml            # submit every job of the file and run them
   fabricctl job submit -f jobs.toml db/main    # run only job db, instance main
+  generate-jobs | fabricctl job submit -f -    # the jobs file from stdin
   fabricctl run watch 3f2a                     # live progress of a run, per destination
   fabricctl run retry 3f2a --copy              # retry only the failed copies
   fabricctl status                             # the snapshot table
@@ -126,6 +127,9 @@ enum Command {
     #[command(subcommand)]
     Token(TokenCommand),
     /// Print shell completions.
+    #[command(
+        after_help = "Examples:\n  fabricctl completions bash > /etc/bash_completion.d/fabricctl\n  fabricctl completions fish > ~/.config/fish/completions/fabricctl.fish"
+    )]
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -135,8 +139,11 @@ enum Command {
 #[derive(Subcommand)]
 enum JobCommand {
     /// Submit the jobs of a TOML file and start runs (B1000's command line).
+    #[command(
+        after_help = "Examples:\n  fabricctl job submit -f jobs.toml\n  fabricctl job submit -f jobs.toml db/main --no-run\n  generate-jobs | fabricctl job submit -f -"
+    )]
     Submit {
-        /// The jobs file.
+        /// The jobs file, or - to read it from stdin (messages then name "<stdin>").
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
         /// Jobs to run, as JOB or JOB/INSTANCE (default: all).
@@ -461,12 +468,19 @@ enum LocalCommand {
         nodes: usize,
     },
     /// The main job, end to end: push DIR with 2 replicas, list, restore, compare byte for byte.
+    #[command(
+        after_help = "Examples:\n  fabricctl local demo ./my-folder\n  fabricctl local demo ./my-folder --keep     # keep the restored copy (and the fabric's state)"
+    )]
     Demo {
         /// The directory to back up.
         source: PathBuf,
         /// Where the fabric's state lives (default: a temporary folder, removed after).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Keep the temporary folder (the restored copy and the fabric's
+        /// state) and print where it is.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -603,8 +617,8 @@ async fn run(cli: Cli) -> i32 {
             .await
         }
         Command::Local(LocalCommand::Up { dir, nodes }) => local::up(&dir, nodes).await,
-        Command::Local(LocalCommand::Demo { source, dir }) => {
-            local::demo(&source, dir.as_deref()).await
+        Command::Local(LocalCommand::Demo { source, dir, keep }) => {
+            local::demo(&source, dir.as_deref(), keep).await
         }
         Command::Pki(PkiCommand::Init { dir, valid_for }) => {
             security::pki_init(&dir, valid_for.into())
@@ -645,17 +659,17 @@ async fn run(cli: Cli) -> i32 {
             security::token_revoke(&coordinator, &id, format).await
         }
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "fabricctl",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            // Into a buffer first: generate() panics on a failed write,
+            // and `| head` closes stdout early.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "fabricctl", &mut script);
+            fabricctl::output::write_all(&script).map_err(anyhow::Error::from)
         }
     };
     match result {
         Ok(()) => 0,
+        // The reader went away (`| head`): what it wanted it has.
+        Err(err) if fabricctl::output::is_closed_stdout(&err) => 0,
         Err(err) => {
             eprintln!("fabricctl: {err:#}");
             1
