@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{CommandFactory, Parser, Subcommand};
 use fabricctl::output::OutputFormat;
 use fabricctl::remote::Remote;
-use fabricctl::{check, commands, local, security};
+use fabricctl::{browse, check, commands, local, security};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -23,6 +23,9 @@ Examples:
   fabricctl restore 3f2a9c /etc --to ./restored
   fabricctl restore 3f2a9c / --to /mnt/sysroot --same-owner --keep-setid   # a trusted system, as root
   fabricctl restore latest --job db --to - > db.tar
+  fabricctl restore 3f2a9c --to ./restored --skip-existing --dry-run   # what would be written, what is in the way
+  fabricctl ls latest --job db /var/lib -r     # browse a snapshot without restoring it
+  fabricctl diff 1 0 --job db                  # what changed between the two newest snapshots of job db
   fabricctl check                              # Nagios: exit 2 when a job's newest snapshot is stale
   fabricctl backup --node https://127.0.0.1:7401 /home  # push straight to a node, no coordinator
   fabricctl pki init --dir ./pki                        # the fabric's own CA
@@ -87,7 +90,14 @@ enum Command {
     /// Find snapshots by a revision spec (backy's `find -r`).
     Find(FindArgs),
     /// Restore a snapshot, a subtree or one file into a directory or as a tar stream.
+    #[command(after_help = RESTORE_EXAMPLES)]
     Restore(RestoreArgs),
+    /// List a snapshot's entries (mode, owner, size, mtime, name) without restoring it.
+    #[command(after_help = LS_EXAMPLES)]
+    Ls(LsArgs),
+    /// What changed between two snapshots: + added, - removed, M content, m metadata only.
+    #[command(after_help = DIFF_EXAMPLES)]
+    Diff(DiffArgs),
     /// Read a snapshot's chunks back (or a whole node's store) and check them.
     Verify(VerifyArgs),
     /// Collect a node's garbage now: sweep the chunks no snapshot references
@@ -334,7 +344,73 @@ struct RestoreArgs {
     /// the snapshot when one is left).
     #[arg(long)]
     keep_partial: bool,
+    /// Replace entries already in the target (by default a restore that
+    /// would write over one is refused). Should the restore fail, what it
+    /// wrote is removed, replacements included: what they replaced is gone.
+    #[arg(long, conflicts_with = "skip_existing")]
+    overwrite: bool,
+    /// Leave entries already in the target as they are and restore only
+    /// what is missing (a directory already there keeps its mode and
+    /// times). A failed restore never removes them.
+    #[arg(long)]
+    skip_existing: bool,
+    /// List what would be written (path, kind, size) and what is in the
+    /// way; write nothing. Reads the snapshot's listings from a node.
+    #[arg(long)]
+    dry_run: bool,
 }
+
+const RESTORE_EXAMPLES: &str = "\
+Examples:
+  fabricctl restore 3f2a9c /etc --to ./restored               # refused if ./restored holds what /etc has
+  fabricctl restore 3f2a9c /etc --to ./restored --dry-run     # what would be written, and conflicts
+  fabricctl restore 3f2a9c /etc --to /etc --skip-existing     # bring back only what is missing
+  fabricctl restore latest --job db --to - > db.tar           # a tar stream (never onto a terminal)";
+
+#[derive(clap::Args)]
+struct LsArgs {
+    /// The snapshot: a revision spec as for `find -r`.
+    snapshot: String,
+    /// A path inside the snapshot (default: its root).
+    path: Option<String>,
+    /// List directories' contents too, depth first.
+    #[arg(short = 'r', long)]
+    recursive: bool,
+    /// Read from this node (id, or an address to bypass the coordinator).
+    #[arg(long)]
+    node: Option<String>,
+    /// With a revision spec: only this job's snapshots.
+    #[arg(long)]
+    job: Option<String>,
+}
+
+const LS_EXAMPLES: &str = "\
+Examples:
+  fabricctl ls latest --job db                 # the root of job db's newest snapshot
+  fabricctl ls 3f2a9c /etc -r                  # everything below /etc
+  fabricctl ls 0 /etc/hosts -o json            # one entry, as an object";
+
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// The older snapshot: a revision spec as for `find -r`.
+    a: String,
+    /// The newer snapshot, likewise.
+    b: String,
+    /// Compare only below this path.
+    path: Option<String>,
+    /// Read both from this node (id, or an address to bypass the coordinator).
+    #[arg(long)]
+    node: Option<String>,
+    /// With revision specs: only this job's snapshots.
+    #[arg(long)]
+    job: Option<String>,
+}
+
+const DIFF_EXAMPLES: &str = "\
+Examples:
+  fabricctl diff 1 0 --job db                  # the two newest snapshots of job db
+  fabricctl diff 3f2a9c 7b1e04 /etc            # only below /etc
+  fabricctl diff 1 0 --job db -o json          # changes and summary as JSON";
 
 #[derive(clap::Args)]
 struct VerifyArgs {
@@ -585,7 +661,42 @@ async fn run(cli: Cli) -> i32 {
                         setid_bits: args.keep_setid,
                     },
                     keep_partial: args.keep_partial,
+                    existing: if args.overwrite {
+                        fabric_chunkstore::restore::ExistingEntries::Overwrite
+                    } else if args.skip_existing {
+                        fabric_chunkstore::restore::ExistingEntries::Skip
+                    } else {
+                        fabric_chunkstore::restore::ExistingEntries::Refuse
+                    },
+                    dry_run: args.dry_run,
+                    format,
                 },
+            )
+            .await
+        }
+        Command::Ls(args) => {
+            let path = args.path.as_deref().unwrap_or("");
+            browse::ls(
+                &coordinator,
+                &args.snapshot,
+                path,
+                args.recursive,
+                args.node,
+                args.job,
+                format,
+            )
+            .await
+        }
+        Command::Diff(args) => {
+            let path = args.path.as_deref().unwrap_or("");
+            browse::diff(
+                &coordinator,
+                &args.a,
+                &args.b,
+                path,
+                args.node,
+                args.job,
+                format,
             )
             .await
         }
