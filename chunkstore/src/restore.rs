@@ -6,7 +6,9 @@
 //! entries) drives, which files become hard links ([`HardLinks`]), and two
 //! targets: a directory ([`DirectoryTarget`]) and a tar stream
 //! ([`TarTarget`]). What a directory restore gives back of recorded
-//! privileges is its [`RestorePolicy`] (in `restore/policy.rs`).
+//! privileges is its [`RestorePolicy`] (in `restore/policy.rs`); what it
+//! does with an entry already in the target is its [`ExistingEntries`]
+//! (in `restore/existing.rs`).
 //!
 //! It must never write outside the target: names are checked both where a
 //! snapshot is read and again in each target (a target can be driven from the
@@ -31,8 +33,10 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use crate::id::ChunkId;
 use crate::sink::{ChunkSource, SinkError};
 
+mod existing;
 mod policy;
 
+pub use existing::{Action, ExistingEntries, Found, decide};
 pub use policy::RestorePolicy;
 
 /// What can go wrong in a restore. Each variant names the entry or path.
@@ -83,6 +87,13 @@ pub enum RestoreError {
         path: PathBuf,
         /// Why.
         reason: &'static str,
+    },
+    /// An entry is already at a path the restore writes, and the target
+    /// was asked to leave such entries alone ([`ExistingEntries::Refuse`]).
+    #[error("{path} already exists")]
+    Exists {
+        /// The path in the target.
+        path: PathBuf,
     },
     /// Writing the target failed.
     #[error("restoring {path}: {source}")]
@@ -349,6 +360,11 @@ pub struct RestoreStats {
     /// and could not be given (only root may give a file away): each is
     /// logged with its path and keeps the restoring user as its owner.
     pub owners_not_restored: u64,
+    /// Files, symlinks and hard links already in the target that were left
+    /// as they were ([`ExistingEntries::Skip`]); they are also counted in
+    /// `files` or `symlinks` (and a file's size in `bytes`), as the
+    /// snapshot holds them.
+    pub existing_kept: u64,
 }
 
 /// The files of a restore that later entries may be hard links to.
@@ -450,6 +466,11 @@ pub trait RestoreTarget {
     fn owners_not_restored(&self) -> u64 {
         0
     }
+    /// Entries already there that this target left as they were so far
+    /// ([`ExistingEntries::Skip`]).
+    fn existing_kept(&self) -> u64 {
+        0
+    }
 }
 
 /// Restore `path` of the snapshot whose root tree is `root` into `target`.
@@ -545,6 +566,7 @@ pub fn restore(
     target.finish()?;
     stats.attributes_not_restored = target.attributes_not_restored();
     stats.owners_not_restored = target.owners_not_restored();
+    stats.existing_kept = target.existing_kept();
     Ok(stats)
 }
 
@@ -675,9 +697,12 @@ impl OpenFile {
 /// than one's own when not root) is logged and counted, and the restore
 /// goes on. A directory's metadata is applied when the walk leaves it,
 /// after its contents, so a read-only directory can still be filled and
-/// its mtime survives. Existing files and symlinks in the way are
-/// replaced; an existing directory is reused; a symlink is never followed
-/// (`O_NOFOLLOW` from handles of the target's own directories). Zero
+/// its mtime survives. What is already at a path it writes is its
+/// [`ExistingEntries`]' business: by default ([`ExistingEntries::Overwrite`])
+/// files and symlinks in the way are replaced and an existing directory is
+/// reused; with [`ExistingEntries::Refuse`] the first one stops the restore,
+/// with [`ExistingEntries::Skip`] it is left as it is. A symlink is never
+/// followed (`O_NOFOLLOW` from handles of the target's own directories). Zero
 /// pieces of content of at least 4 KiB are left as holes. A hard link is
 /// made with `linkat` to a file this restore wrote, found from the target
 /// root the same way. Other entries (FIFOs, sockets, devices) are never
@@ -691,8 +716,18 @@ pub struct DirectoryTarget {
     attributes_not_restored: u64,
     owners_not_restored: u64,
     /// Everything this restore created, in order (and whether it is a
-    /// directory): what [`RestoreTarget::abort`] removes, last first.
+    /// directory): what [`RestoreTarget::abort`] removes, last first. An
+    /// entry left as it was never gets here, so an abort cannot remove it.
     created: Vec<(Vec<u8>, bool)>,
+    /// What to do with an entry already at a path.
+    existing: ExistingEntries,
+    /// Entries already there and left as they were.
+    existing_kept: u64,
+    /// The paths of files left as they were: a later hard link to one of
+    /// them is not made (its content is not the snapshot's).
+    kept_files: std::collections::HashSet<Vec<u8>>,
+    /// The current file is one left as it was: its content is passed over.
+    skipping_file: bool,
 }
 
 /// Set each of `entry`'s extended attributes with `set`; returns how many
@@ -829,7 +864,63 @@ impl DirectoryTarget {
             attributes_not_restored: 0,
             owners_not_restored: 0,
             created: Vec::new(),
+            existing: ExistingEntries::default(),
+            existing_kept: 0,
+            kept_files: std::collections::HashSet::new(),
+            skipping_file: false,
         })
+    }
+
+    /// Do with entries already at a path as `existing` says (by default
+    /// they are replaced: [`ExistingEntries::Overwrite`]).
+    pub fn with_existing(mut self, existing: ExistingEntries) -> Self {
+        self.existing = existing;
+        self
+    }
+
+    /// What is at `name` in the current directory (never followed).
+    fn found_at(&self, name: &[u8], path: &[u8]) -> Result<Found, RestoreError> {
+        match rustix::fs::statat(self.current_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(rustix::io::Errno::NOENT) => Ok(Found::Nothing),
+            Err(errno) => Err(errno_at(&self.display_path(path))(errno)),
+            Ok(stat)
+                if rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                    == rustix::fs::FileType::Directory =>
+            {
+                Ok(Found::Directory)
+            }
+            Ok(_) => Ok(Found::Other),
+        }
+    }
+
+    /// Make way for a file, link or symlink at `name` (`path`) in the
+    /// current directory as [`ExistingEntries`] says: Ok(true) to write it,
+    /// Ok(false) when what is there stays and the entry is not restored.
+    fn make_way(&mut self, name: &[u8], path: &[u8]) -> Result<bool, RestoreError> {
+        let found = self.found_at(name, path)?;
+        match decide(self.existing, found, false) {
+            Action::Create => Ok(true),
+            Action::Replace => {
+                self.clear_for(name, path)?;
+                Ok(true)
+            }
+            Action::Keep => {
+                self.existing_kept += 1;
+                Ok(false)
+            }
+            Action::Conflict => Err(RestoreError::Exists {
+                path: self.display_path(path),
+            }),
+            Action::Blocked(reason) => Err(RestoreError::Unsafe {
+                path: self.display_path(path),
+                reason,
+            }),
+            // `decide` gives these only for a directory.
+            Action::Merge | Action::MergeKeeping => Err(RestoreError::OutOfOrder(format!(
+                "{} handled as a directory",
+                lossy(path)
+            ))),
+        }
     }
 
     /// Remove `path` (relative to the root; a directory only when empty),
@@ -938,6 +1029,12 @@ impl DirectoryTarget {
                 file.path.display()
             )));
         }
+        if self.skipping_file {
+            return Err(RestoreError::OutOfOrder(format!(
+                "{} arrived before the file left as it was ended",
+                lossy(path)
+            )));
+        }
         let components: Vec<&[u8]> = path.split(|&byte| byte == b'/').collect();
         let (name, parents) = match components.split_last() {
             Some(split) => split,
@@ -995,19 +1092,48 @@ impl DirectoryTarget {
 impl RestoreTarget for DirectoryTarget {
     fn directory(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         let name = self.enter_parent(path)?;
+        let found = self.found_at(name, path)?;
+        let keep_metadata = match decide(self.existing, found, true) {
+            Action::Create | Action::Merge => false,
+            Action::MergeKeeping => true,
+            Action::Conflict => {
+                return Err(RestoreError::Exists {
+                    path: self.display_path(path),
+                });
+            }
+            Action::Blocked(reason) => {
+                return Err(RestoreError::Unsafe {
+                    path: self.display_path(path),
+                    reason,
+                });
+            }
+            // `decide` gives these only for what is not a directory.
+            Action::Replace | Action::Keep => {
+                return Err(RestoreError::OutOfOrder(format!(
+                    "{} handled as a file",
+                    lossy(path)
+                )));
+            }
+        };
         let fd = self.open_child_directory(name, path)?;
         self.stack.push(OpenDirectory {
             name: name.to_vec(),
             path: path_of(path).to_owned(),
             fd,
-            entry: Some(entry.clone()),
+            // A directory that was there keeps its own mode and times when
+            // asked to leave existing entries as they are.
+            entry: (!keep_metadata).then(|| entry.clone()),
         });
         Ok(())
     }
 
     fn file_start(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         let name = self.enter_parent(path)?;
-        self.clear_for(name, path)?;
+        if !self.make_way(name, path)? {
+            self.kept_files.insert(path.to_vec());
+            self.skipping_file = true;
+            return Ok(());
+        }
         let at = self.display_path(path);
         let fd = rustix::fs::openat(
             self.current_fd(),
@@ -1028,6 +1154,9 @@ impl RestoreTarget for DirectoryTarget {
     }
 
     fn file_data(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        if self.skipping_file {
+            return Ok(());
+        }
         let Some(open) = &mut self.file else {
             return Err(RestoreError::OutOfOrder(
                 "file data without a file".to_owned(),
@@ -1053,6 +1182,9 @@ impl RestoreTarget for DirectoryTarget {
     }
 
     fn file_zeros(&mut self, len: u64) -> Result<(), RestoreError> {
+        if self.skipping_file {
+            return Ok(());
+        }
         let Some(open) = &mut self.file else {
             return Err(RestoreError::OutOfOrder(
                 "file data without a file".to_owned(),
@@ -1064,6 +1196,9 @@ impl RestoreTarget for DirectoryTarget {
     }
 
     fn file_end(&mut self) -> Result<(), RestoreError> {
+        if std::mem::take(&mut self.skipping_file) {
+            return Ok(());
+        }
         let Some(open) = self.file.take() else {
             return Err(RestoreError::OutOfOrder(
                 "file end without a file".to_owned(),
@@ -1109,8 +1244,20 @@ impl RestoreTarget for DirectoryTarget {
     ) -> Result<(), RestoreError> {
         check_relative_path(existing)?;
         let name = self.enter_parent(path)?;
-        self.clear_for(name, path)?;
+        if !self.make_way(name, path)? {
+            return Ok(());
+        }
         let at = self.display_path(path);
+        if self.kept_files.contains(existing) {
+            // Its first path was already there and left as it was: a link
+            // to that file would not have the snapshot's content.
+            tracing::warn!(
+                path = %at.display(),
+                "hard link not restored: the file it links to was already there and was left as it was"
+            );
+            self.existing_kept += 1;
+            return Ok(());
+        }
         let existing_at = self.display_path(existing);
         let components: Vec<&[u8]> = existing.split(|&byte| byte == b'/').collect();
         let Some((existing_name, existing_dirs)) = components.split_last() else {
@@ -1157,7 +1304,9 @@ impl RestoreTarget for DirectoryTarget {
 
     fn symlink(&mut self, path: &[u8], entry: &TreeEntry) -> Result<(), RestoreError> {
         let name = self.enter_parent(path)?;
-        self.clear_for(name, path)?;
+        if !self.make_way(name, path)? {
+            return Ok(());
+        }
         let at = self.display_path(path);
         if entry.symlink_target.is_empty() || entry.symlink_target.contains(&0) {
             return Err(RestoreError::BadEntry {
@@ -1216,11 +1365,14 @@ impl RestoreTarget for DirectoryTarget {
     }
 
     /// Removes every file, link and directory this restore created, last
-    /// first (a directory only once empty: what was there before stays).
-    /// A file the restore replaced is not brought back: it was removed
-    /// when its new version was started.
+    /// first (a directory only once empty: what was there before stays,
+    /// and so does every entry [`ExistingEntries::Skip`] left as it was).
+    /// A file the restore replaced ([`ExistingEntries::Overwrite`]) is not
+    /// brought back: it was removed when its new version was started, and
+    /// the new version is removed like everything else the restore wrote.
     fn abort(&mut self) -> Result<u64, RestoreError> {
         self.file = None;
+        self.skipping_file = false;
         // Directories are closed without their recorded metadata.
         self.stack.clear();
         let mut removed = 0;
@@ -1242,6 +1394,10 @@ impl RestoreTarget for DirectoryTarget {
 
     fn owners_not_restored(&self) -> u64 {
         self.owners_not_restored
+    }
+
+    fn existing_kept(&self) -> u64 {
+        self.existing_kept
     }
 }
 

@@ -73,22 +73,23 @@ pub async fn run(remote: &Remote, jobs: Vec<String>, format: OutputFormat) -> i3
     match (checks, format) {
         (Ok(checks), OutputFormat::Table) => {
             let (line, code) = render_nagios(&checks, now_ms());
-            println!("{line}");
+            // A reader gone before the line is printed changes nothing of the result.
+            let _ = crate::outln!("{line}");
             code
         }
         (Ok(checks), OutputFormat::Json) => {
             let report = report(&checks, now_ms());
-            match serde_json::to_string_pretty(&report) {
-                Ok(text) => println!("{text}"),
-                Err(err) => println!(
+            let _ = match serde_json::to_string_pretty(&report) {
+                Ok(text) => crate::outln!("{text}"),
+                Err(err) => crate::outln!(
                     "{{\"status\": \"UNKNOWN\", \"error\": {:?}}}",
                     err.to_string()
                 ),
-            }
+            };
             report.exit_code
         }
         (Err(err), OutputFormat::Table) => {
-            println!("FABRIC UNKNOWN - {err:#}");
+            let _ = crate::outln!("FABRIC UNKNOWN - {err:#}");
             3
         }
         (Err(err), OutputFormat::Json) => {
@@ -98,7 +99,7 @@ pub async fn run(remote: &Remote, jobs: Vec<String>, format: OutputFormat) -> i3
                 "summary": format!("FABRIC UNKNOWN - {err:#}"),
                 "jobs": [],
             });
-            println!("{report:#}");
+            let _ = crate::outln!("{report:#}");
             3
         }
     }

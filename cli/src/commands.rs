@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use fabric_chunkstore::restore::{RestorePolicy, RestoreStats};
+use fabric_chunkstore::restore::{ExistingEntries, RestorePolicy, RestoreStats};
 use fabric_proto::v1::{
     CancelRunRequest, CopyState, GetJobRequest, GetRunRequest, Job, ListJobsRequest,
     ListRunsRequest, Node, NodeState, RetryRunRequest, Run, RunEvent, RunState, Snapshot,
@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::output::{self, OutputFormat, Row, bytes, duration_ms, time_ms};
 use crate::remote::{self, Remote, status_error};
-use crate::revision;
+use crate::{browse, revision};
 
 /// The lower-case name of a proto enum value, without its prefix
 /// (`RUN_STATE_COPYING` -> `copying`).
@@ -593,12 +593,12 @@ pub async fn job_submit(
     no_run: bool,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let toml = remote::read_file(file)?;
+    let (toml, file_name) = remote::read_jobs_file(file)?;
     let mut client = remote.coordinator().await?;
     let response = client
         .submit_jobs(SubmitJobsRequest {
             toml,
-            file_name: file.display().to_string(),
+            file_name,
             select,
             no_run,
         })
@@ -606,7 +606,7 @@ pub async fn job_submit(
         .map_err(|status| anyhow!("{}", status.message()))?
         .into_inner();
     if format == OutputFormat::Table {
-        println!("jobs stored: {}", response.jobs.join(", "));
+        crate::outln!("jobs stored: {}", response.jobs.join(", "))?;
     }
     let rows: Vec<RunRow> = response.runs.iter().map(run_row).collect();
     output::print_rows(&rows, format)
@@ -931,7 +931,7 @@ pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
             if terminal {
                 bars.println(event_line(&event))?;
             } else {
-                println!("{}", event_line(&event));
+                crate::outln!("{}", event_line(&event))?;
             }
             continue;
         }
@@ -956,7 +956,7 @@ pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
             // most once a second per copy.
             None if event.seq != 0 || copy.printed.elapsed() >= Duration::from_secs(1) => {
                 copy.printed = std::time::Instant::now();
-                println!("{}  {line}", time_ms(event.time_ms));
+                crate::outln!("{}  {line}", time_ms(event.time_ms))?;
             }
             None => {}
         }
@@ -1303,7 +1303,7 @@ pub async fn sync_reset(
         .await
         .map_err(|status| status_error("resetting the off-site sync", status))?
         .into_inner();
-    println!("{} snapshot(s) will be synced off-site again", answer.reset);
+    crate::outln!("{} snapshot(s) will be synced off-site again", answer.reset)?;
     Ok(())
 }
 
@@ -1325,11 +1325,11 @@ pub async fn node_drain(
         .map_err(|status| status_error(&format!("draining {node}"), status))?
         .into_inner();
     if cancel {
-        println!("{node}: no longer draining");
+        crate::outln!("{node}: no longer draining")?;
         return Ok(());
     }
     let mut said = drained.drain.clone();
-    println!("{node}: draining: {said}");
+    crate::outln!("{node}: draining: {said}")?;
     while wait && said != "removable" {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let nodes = remote::nodes(&mut client).await?;
@@ -1344,7 +1344,7 @@ pub async fn node_drain(
         }
         if now.drain != said {
             said = now.drain.clone();
-            println!("{node}: draining: {said}");
+            crate::outln!("{node}: draining: {said}")?;
         }
     }
     Ok(())
@@ -1512,12 +1512,108 @@ pub struct RestoreOptions {
     pub policy: RestorePolicy,
     /// Keep what a failed restore wrote.
     pub keep_partial: bool,
+    /// What to do with entries already in the target directory.
+    pub existing: ExistingEntries,
+    /// Only list what would be written, and what is in the way.
+    pub dry_run: bool,
+    /// How a dry run lists.
+    pub format: OutputFormat,
+}
+
+/// The flags that say what to do with what is already in the target.
+const EXISTING_FLAGS: &str = "--overwrite replaces existing entries, --skip-existing keeps them \
+     and restores only what is missing; --dry-run lists what would be written and every conflict";
+
+/// Refuse a tar stream on a terminal: it is binary, and a restore of any
+/// size would flood the screen with it.
+pub fn check_tar_destination(stdout_is_terminal: bool) -> anyhow::Result<()> {
+    if stdout_is_terminal {
+        bail!(
+            "refusing to write a tar stream (--to -) to a terminal: redirect it to a file \
+             (> restore.tar) or pipe it (| tar -x -C DIR), or give --to DIR"
+        );
+    }
+    Ok(())
+}
+
+/// The first entry of a restore of `path` into `target` that is already
+/// there, reading the snapshot's trees from `opened`; None when nothing is
+/// in the way (and at once when the target is empty or missing).
+async fn first_conflict(
+    opened: &mut browse::Opened,
+    path: &str,
+    target: &std::path::Path,
+) -> anyhow::Result<Option<String>> {
+    let empty = match std::fs::read_dir(target) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => true,
+        Err(err) => bail!("cannot read {}: {err}", target.display()),
+    };
+    if empty {
+        return Ok(None);
+    }
+    let mut planner = browse::Planner::new(Some(target), ExistingEntries::Refuse);
+    let mut walk = browse::Walk::start(&mut opened.trees, opened.root, path, true).await?;
+    while let Some((at, entry)) = walk.next(&mut opened.trees).await? {
+        if planner.plan(&at, &entry)?.action == "conflict" {
+            return Ok(Some(at));
+        }
+    }
+    Ok(None)
+}
+
+/// `restore --dry-run`: every entry the restore would write (or leave, or
+/// find in its way), from the snapshot's trees; nothing is written.
+async fn restore_plan(
+    remote: &Remote,
+    copies: &[remote::Located],
+    path: &str,
+    to: &str,
+    existing: ExistingEntries,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let mut opened = browse::open_copy(remote, copies).await?;
+    let target = (to != "-").then(|| std::path::Path::new(to));
+    let mut planner = browse::Planner::new(target, existing);
+    let mut walk = browse::Walk::start(&mut opened.trees, opened.root, path, true).await?;
+    let mut rows = Vec::new();
+    while let Some((at, entry)) = walk.next(&mut opened.trees).await? {
+        rows.push(planner.plan(&at, &entry)?);
+    }
+    output::print_rows(&rows, format)?;
+    let count = |action: &str| rows.iter().filter(|row| row.action == action).count();
+    let written: u64 = rows
+        .iter()
+        .filter(|row| matches!(row.action, "write" | "replace"))
+        .map(|row| row.size)
+        .sum();
+    eprintln!(
+        "dry run of snapshot {} from {}: {} to write, {} to replace, {} left as they are, \
+         {} conflicts, {} blocked; {} of file content; nothing was written",
+        short(&opened.snapshot.id),
+        opened.trees.node,
+        count("write"),
+        count("replace"),
+        count("keep"),
+        count("conflict"),
+        count("blocked"),
+        bytes(written)
+    );
+    if count("conflict") > 0 {
+        eprintln!("conflicts: {EXISTING_FLAGS}");
+    }
+    Ok(())
 }
 
 /// Restore `path` of the snapshot `spec` names into the directory `to`
 /// under `policy` (what of the recorded owners and setuid and setgid bits
 /// comes back), or as a tar stream on stdout when `to` is `-`, which
 /// carries everything as recorded and so takes no policy.
+///
+/// Into a directory that already holds an entry the restore would write,
+/// it refuses before writing anything unless `existing` says to overwrite
+/// or skip such entries; the target refuses too, should one appear
+/// meanwhile. With `dry_run` it lists what it would do instead.
 pub async fn restore(
     remote: &Remote,
     spec: &str,
@@ -1530,6 +1626,9 @@ pub async fn restore(
     let RestoreOptions {
         policy,
         keep_partial,
+        existing,
+        dry_run,
+        format,
     } = options;
     if to == "-" && policy != RestorePolicy::default() {
         // Refused rather than ignored: the flags would suggest a tar stream
@@ -1540,18 +1639,40 @@ pub async fn restore(
              it decides what to apply"
         );
     }
+    if to == "-" && existing != ExistingEntries::Refuse {
+        bail!(
+            "--overwrite and --skip-existing apply to a restore into a directory, not to a tar stream (--to -)"
+        );
+    }
+    if to == "-" && !dry_run {
+        check_tar_destination(std::io::stdout().is_terminal())?;
+    }
     // A restore logs what it could not bring back (e.g. an attribute only
     // root may set) with its path.
     crate::local::init_quiet_logging();
     let copies = remote::locate_all(remote, spec, node, job).await?;
+    if dry_run {
+        return restore_plan(remote, &copies, path, to, existing, format).await;
+    }
+    if to != "-" && existing == ExistingEntries::Refuse {
+        // Checked before anything is written, from the snapshot's trees:
+        // a refusal leaves the target as it was.
+        let mut opened = browse::open_copy(remote, &copies).await?;
+        if let Some(conflict) = first_conflict(&mut opened, path, std::path::Path::new(to)).await? {
+            bail!(
+                "refusing to restore into {to}: {conflict} is already there, and the snapshot \
+                 has it too ({EXISTING_FLAGS})"
+            );
+        }
+    }
     let target: Box<dyn fabric_chunkstore::restore::RestoreTarget + Send> = if to == "-" {
         Box::new(fabric_chunkstore::restore::TarTarget::new(std::io::stdout()))
     } else {
         std::fs::create_dir_all(to).with_context(|| format!("cannot create {to}"))?;
-        Box::new(fabric_chunkstore::restore::DirectoryTarget::new(
-            PathBuf::from(to),
-            policy,
-        )?)
+        Box::new(
+            fabric_chunkstore::restore::DirectoryTarget::new(PathBuf::from(to), policy)?
+                .with_existing(existing),
+        )
     };
     let candidates: Vec<(fabric_node::client::Peer, String)> = copies
         .iter()
@@ -1564,7 +1685,18 @@ pub async fn restore(
         target,
         keep_partial,
     )
-    .await?;
+    .await
+    .map_err(|err| {
+        // An entry that appeared after the check above.
+        if to != "-"
+            && existing == ExistingEntries::Refuse
+            && err.to_string().contains(" already exists")
+        {
+            anyhow!("{err} ({EXISTING_FLAGS})")
+        } else {
+            anyhow::Error::from(err)
+        }
+    })?;
     let located = &copies[restored.from];
     for (copy, why) in copies.iter().zip(&restored.skipped) {
         eprintln!(
@@ -1590,6 +1722,13 @@ pub async fn restore(
             stats.symlinks,
             bytes(stats.bytes)
         );
+        if existing == ExistingEntries::Skip {
+            eprintln!(
+                "skipped {} entries already in {to}, left as they were (--skip-existing); \
+                 the counts above include them",
+                stats.existing_kept
+            );
+        }
     }
     for warning in restore_warnings(&stats) {
         eprintln!("warning: {warning}");
@@ -2025,6 +2164,16 @@ mod tests {
             .map(|run| run.id.as_str())
             .collect();
         assert_eq!(ids, ["r6"]);
+    }
+
+    #[test]
+    fn a_tar_stream_is_refused_only_onto_a_terminal() {
+        let err = check_tar_destination(true).unwrap_err().to_string();
+        assert!(
+            err.contains("to a terminal") && err.contains("redirect it to a file"),
+            "{err}"
+        );
+        assert!(check_tar_destination(false).is_ok());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and the restore comparison, so the binary stays a thin parser and the
 //! integration tests can reuse the comparison.
 
+pub mod browse;
 pub mod check;
 pub mod commands;
 pub mod compare;

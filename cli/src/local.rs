@@ -202,22 +202,22 @@ pub async fn up(dir: &Path, storage_nodes: usize) -> anyhow::Result<()> {
     }
     init_quiet_logging();
     let fabric = LocalFabric::start(dir, storage_nodes).await?;
-    println!("coordinator  {}", fabric.coordinator);
+    crate::outln!("coordinator  {}", fabric.coordinator)?;
     for (id, address) in &fabric.nodes {
-        println!("storage      {id:<6} {address}");
+        crate::outln!("storage      {id:<6} {address}")?;
     }
-    println!("agent        {AGENT_ID:<6} {}", fabric.agent);
-    println!("state under  {}", dir.display());
-    println!();
-    println!("export FABRIC_COORDINATOR={}", fabric.coordinator);
-    println!(
+    crate::outln!("agent        {AGENT_ID:<6} {}", fabric.agent)?;
+    crate::outln!("state under  {}", dir.display())?;
+    crate::outln!("")?;
+    crate::outln!("export FABRIC_COORDINATOR={}", fabric.coordinator)?;
+    crate::outln!(
         "export FABRIC_TLS_CA={pki}/ca.pem FABRIC_TLS_CERT={pki}/operator-local.pem FABRIC_TLS_KEY={pki}/operator-local.key",
         pki = fabric.pki.display()
-    );
-    println!(
+    )?;
+    crate::outln!(
         "then e.g.: fabricctl node list; fabricctl job submit -f jobs.toml (client = \"{AGENT_ID}\")"
-    );
-    println!("Ctrl-C stops the fabric.");
+    )?;
+    crate::outln!("Ctrl-C stops the fabric.")?;
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for Ctrl-C")?;
@@ -225,30 +225,63 @@ pub async fn up(dir: &Path, storage_nodes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `local demo SOURCE`: the fabric's main job, end to end.
-pub async fn demo(source: &Path, dir: Option<&Path>) -> anyhow::Result<()> {
+/// What the status table's NEW column counts, for the demo's readers: the
+/// receiving store's count of the plain bytes of chunks it did not hold
+/// (`Store::put_chunks`), which takes in the snapshot's directory listings
+/// (tree chunks) as well as file content, while SIZE is file content only.
+pub const NEW_LEGEND: &str = "NEW: bytes of the chunks the receiving node did not hold yet, before \
+compression, directory listings included; SIZE counts file content only, so NEW can be larger \
+(many small files, a first backup).";
+
+/// `local demo SOURCE`: the fabric's main job, end to end. Without `dir`
+/// it runs in a temporary folder, removed at the end unless `keep`.
+pub async fn demo(source: &Path, dir: Option<&Path>, keep: bool) -> anyhow::Result<()> {
     init_quiet_logging();
     let source = std::fs::canonicalize(source)
         .with_context(|| format!("cannot back up {}: no such directory", source.display()))?;
     if !source.is_dir() {
         bail!("{} is not a directory", source.display());
     }
-    let scratch;
+    let mut scratch = None;
     let dir: PathBuf = match dir {
         Some(dir) => dir.to_owned(),
         None => {
-            scratch = tempfile::tempdir().context("cannot create a temporary folder")?;
-            scratch.path().to_owned()
+            let temporary = tempfile::tempdir().context("cannot create a temporary folder")?;
+            let path = temporary.path().to_owned();
+            scratch = Some(temporary);
+            path
         }
     };
     let fabric = LocalFabric::start(&dir.join("fabric"), 3).await?;
-    let result = demo_on(&fabric, &source, &dir).await;
+    let note = match (&scratch, keep) {
+        (Some(_), false) => " (a temporary folder, removed when the demo ends: --keep keeps it)",
+        _ => "",
+    };
+    let result = demo_on(&fabric, &source, &dir, note).await;
     fabric.stop().await;
+    match scratch {
+        Some(temporary) if keep => {
+            let kept = temporary.keep();
+            crate::outln!(
+                "kept: {} (the restored copy is in restored/)",
+                kept.display()
+            )?;
+        }
+        Some(_) => crate::outln!("the temporary folder is removed now")?,
+        None => {}
+    }
     result
 }
 
-async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Result<()> {
-    println!(
+/// The demo on a running `fabric`; the restored copy goes under `dir`,
+/// which `note` describes after its path.
+async fn demo_on(
+    fabric: &LocalFabric,
+    source: &Path,
+    dir: &Path,
+    note: &str,
+) -> anyhow::Result<()> {
+    crate::outln!(
         "fabric: coordinator {} and storage nodes {} (TLS, certificates of a CA of its own)",
         fabric.coordinator,
         fabric
@@ -257,7 +290,7 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
             .map(|(id, _)| id.as_str())
             .collect::<Vec<_>>()
             .join(", ")
-    );
+    )?;
     let source_text = source
         .to_str()
         .with_context(|| format!("{} is not valid UTF-8", source.display()))?;
@@ -282,7 +315,7 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
         .context("the coordinator started no run")?
         .id
         .clone();
-    println!("backing up {} with 2 replicas: run {run}", source.display());
+    crate::outln!("backing up {} with 2 replicas: run {run}", source.display())?;
     let mut events = client
         .watch_run(WatchRunRequest {
             run_id: run.clone(),
@@ -313,13 +346,13 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
                 fabric_proto::enum_word(event.dest_state().as_str_name())
             )
         };
-        println!("  {}{}", fabric_proto::enum_word(last.as_str_name()), dest);
+        crate::outln!("  {}{}", fabric_proto::enum_word(last.as_str_name()), dest)?;
     }
     if last != RunState::Done {
         bail!("the backup run {run} did not complete: {reason}");
     }
 
-    println!();
+    crate::outln!("")?;
     let entries =
         commands::snapshot_entries(&fabric.remote, Some("demo".into()), None, None).await?;
     let rows: Vec<_> = entries
@@ -327,6 +360,7 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
         .map(|(snapshot, nodes)| commands::snapshot_row(snapshot, nodes.clone()))
         .collect();
     output::print_rows(&rows, OutputFormat::Table)?;
+    crate::outln!("{NEW_LEGEND}")?;
     let (snapshot, holders) = entries
         .last()
         .context("the catalogue lists no snapshot of the demo job")?;
@@ -360,23 +394,23 @@ async fn demo_on(fabric: &LocalFabric, source: &Path, dir: &Path) -> anyhow::Res
         restore_target,
     )
     .await?;
-    println!();
-    println!(
-        "restored from {} into {}: {}, {}",
+    crate::outln!("")?;
+    crate::outln!(
+        "restored from {} into {}{note}: {}, {}",
         located.node,
         target.display(),
         crate::output::count(stats.files, "file"),
         bytes(stats.bytes)
-    );
+    )?;
     for warning in commands::restore_warnings(&stats) {
         eprintln!("warning: {warning}");
     }
     let compared = crate::compare::compare_trees(source, &target, false, policy)?;
-    println!(
+    crate::outln!(
         "compared byte for byte with {}: {} entries, {} identical",
         source.display(),
         compared.entries,
         bytes(compared.bytes)
-    );
+    )?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{CommandFactory, Parser, Subcommand};
 use fabricctl::output::OutputFormat;
 use fabricctl::remote::Remote;
-use fabricctl::{check, commands, local, security};
+use fabricctl::{browse, check, commands, local, security};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -15,6 +15,7 @@ Examples:
   fabricctl local up --dir ./fabric-state      # a coordinator and 3 storage nodes on loopback, until Ctrl-C
   fabricctl job submit -f jobs.toml            # submit every job of the file and run them
   fabricctl job submit -f jobs.toml db/main    # run only job db, instance main
+  generate-jobs | fabricctl job submit -f -    # the jobs file from stdin
   fabricctl run watch 3f2a                     # live progress of a run, per destination
   fabricctl run retry 3f2a --copy              # retry only the failed copies
   fabricctl status                             # the snapshot table
@@ -22,6 +23,9 @@ Examples:
   fabricctl restore 3f2a9c /etc --to ./restored
   fabricctl restore 3f2a9c / --to /mnt/sysroot --same-owner --keep-setid   # a trusted system, as root
   fabricctl restore latest --job db --to - > db.tar
+  fabricctl restore 3f2a9c --to ./restored --skip-existing --dry-run   # what would be written, what is in the way
+  fabricctl ls latest --job db /var/lib -r     # browse a snapshot without restoring it
+  fabricctl diff 1 0 --job db                  # what changed between the two newest snapshots of job db
   fabricctl check                              # Nagios: exit 2 when a job's newest snapshot is stale
   fabricctl backup --node https://127.0.0.1:7401 /home  # push straight to a node, no coordinator
   fabricctl pki init --dir ./pki                        # the fabric's own CA
@@ -86,7 +90,14 @@ enum Command {
     /// Find snapshots by a revision spec (backy's `find -r`).
     Find(FindArgs),
     /// Restore a snapshot, a subtree or one file into a directory or as a tar stream.
+    #[command(after_help = RESTORE_EXAMPLES)]
     Restore(RestoreArgs),
+    /// List a snapshot's entries (mode, owner, size, mtime, name) without restoring it.
+    #[command(after_help = LS_EXAMPLES)]
+    Ls(LsArgs),
+    /// What changed between two snapshots: + added, - removed, M content, m metadata only.
+    #[command(after_help = DIFF_EXAMPLES)]
+    Diff(DiffArgs),
     /// Read a snapshot's chunks back (or a whole node's store) and check them.
     Verify(VerifyArgs),
     /// Collect a node's garbage now: sweep the chunks no snapshot references
@@ -126,6 +137,9 @@ enum Command {
     #[command(subcommand)]
     Token(TokenCommand),
     /// Print shell completions.
+    #[command(
+        after_help = "Examples:\n  fabricctl completions bash > /etc/bash_completion.d/fabricctl\n  fabricctl completions fish > ~/.config/fish/completions/fabricctl.fish"
+    )]
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -135,8 +149,11 @@ enum Command {
 #[derive(Subcommand)]
 enum JobCommand {
     /// Submit the jobs of a TOML file and start runs (B1000's command line).
+    #[command(
+        after_help = "Examples:\n  fabricctl job submit -f jobs.toml\n  fabricctl job submit -f jobs.toml db/main --no-run\n  generate-jobs | fabricctl job submit -f -"
+    )]
     Submit {
-        /// The jobs file.
+        /// The jobs file, or - to read it from stdin (messages then name "<stdin>").
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
         /// Jobs to run, as JOB or JOB/INSTANCE (default: all).
@@ -339,7 +356,73 @@ struct RestoreArgs {
     /// the snapshot when one is left).
     #[arg(long)]
     keep_partial: bool,
+    /// Replace entries already in the target (by default a restore that
+    /// would write over one is refused). Should the restore fail, what it
+    /// wrote is removed, replacements included: what they replaced is gone.
+    #[arg(long, conflicts_with = "skip_existing")]
+    overwrite: bool,
+    /// Leave entries already in the target as they are and restore only
+    /// what is missing (a directory already there keeps its mode and
+    /// times). A failed restore never removes them.
+    #[arg(long)]
+    skip_existing: bool,
+    /// List what would be written (path, kind, size) and what is in the
+    /// way; write nothing. Reads the snapshot's listings from a node.
+    #[arg(long)]
+    dry_run: bool,
 }
+
+const RESTORE_EXAMPLES: &str = "\
+Examples:
+  fabricctl restore 3f2a9c /etc --to ./restored               # refused if ./restored holds what /etc has
+  fabricctl restore 3f2a9c /etc --to ./restored --dry-run     # what would be written, and conflicts
+  fabricctl restore 3f2a9c /etc --to /etc --skip-existing     # bring back only what is missing
+  fabricctl restore latest --job db --to - > db.tar           # a tar stream (never onto a terminal)";
+
+#[derive(clap::Args)]
+struct LsArgs {
+    /// The snapshot: a revision spec as for `find -r`.
+    snapshot: String,
+    /// A path inside the snapshot (default: its root).
+    path: Option<String>,
+    /// List directories' contents too, depth first.
+    #[arg(short = 'r', long)]
+    recursive: bool,
+    /// Read from this node (id, or an address to bypass the coordinator).
+    #[arg(long)]
+    node: Option<String>,
+    /// With a revision spec: only this job's snapshots.
+    #[arg(long)]
+    job: Option<String>,
+}
+
+const LS_EXAMPLES: &str = "\
+Examples:
+  fabricctl ls latest --job db                 # the root of job db's newest snapshot
+  fabricctl ls 3f2a9c /etc -r                  # everything below /etc
+  fabricctl ls 0 /etc/hosts -o json            # one entry, as an object";
+
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// The older snapshot: a revision spec as for `find -r`.
+    a: String,
+    /// The newer snapshot, likewise.
+    b: String,
+    /// Compare only below this path.
+    path: Option<String>,
+    /// Read both from this node (id, or an address to bypass the coordinator).
+    #[arg(long)]
+    node: Option<String>,
+    /// With revision specs: only this job's snapshots.
+    #[arg(long)]
+    job: Option<String>,
+}
+
+const DIFF_EXAMPLES: &str = "\
+Examples:
+  fabricctl diff 1 0 --job db                  # the two newest snapshots of job db
+  fabricctl diff 3f2a9c 7b1e04 /etc            # only below /etc
+  fabricctl diff 1 0 --job db -o json          # changes and summary as JSON";
 
 #[derive(clap::Args)]
 struct VerifyArgs {
@@ -473,12 +556,19 @@ enum LocalCommand {
         nodes: usize,
     },
     /// The main job, end to end: push DIR with 2 replicas, list, restore, compare byte for byte.
+    #[command(
+        after_help = "Examples:\n  fabricctl local demo ./my-folder\n  fabricctl local demo ./my-folder --keep     # keep the restored copy (and the fabric's state)"
+    )]
     Demo {
         /// The directory to back up.
         source: PathBuf,
         /// Where the fabric's state lives (default: a temporary folder, removed after).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Keep the temporary folder (the restored copy and the fabric's
+        /// state) and print where it is.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -589,7 +679,42 @@ async fn run(cli: Cli) -> i32 {
                         setid_bits: args.keep_setid,
                     },
                     keep_partial: args.keep_partial,
+                    existing: if args.overwrite {
+                        fabric_chunkstore::restore::ExistingEntries::Overwrite
+                    } else if args.skip_existing {
+                        fabric_chunkstore::restore::ExistingEntries::Skip
+                    } else {
+                        fabric_chunkstore::restore::ExistingEntries::Refuse
+                    },
+                    dry_run: args.dry_run,
+                    format,
                 },
+            )
+            .await
+        }
+        Command::Ls(args) => {
+            let path = args.path.as_deref().unwrap_or("");
+            browse::ls(
+                &coordinator,
+                &args.snapshot,
+                path,
+                args.recursive,
+                args.node,
+                args.job,
+                format,
+            )
+            .await
+        }
+        Command::Diff(args) => {
+            let path = args.path.as_deref().unwrap_or("");
+            browse::diff(
+                &coordinator,
+                &args.a,
+                &args.b,
+                path,
+                args.node,
+                args.job,
+                format,
             )
             .await
         }
@@ -621,8 +746,8 @@ async fn run(cli: Cli) -> i32 {
             .await
         }
         Command::Local(LocalCommand::Up { dir, nodes }) => local::up(&dir, nodes).await,
-        Command::Local(LocalCommand::Demo { source, dir }) => {
-            local::demo(&source, dir.as_deref()).await
+        Command::Local(LocalCommand::Demo { source, dir, keep }) => {
+            local::demo(&source, dir.as_deref(), keep).await
         }
         Command::Pki(PkiCommand::Init { dir, valid_for }) => {
             security::pki_init(&dir, valid_for.into())
@@ -663,17 +788,17 @@ async fn run(cli: Cli) -> i32 {
             security::token_revoke(&coordinator, &id, format).await
         }
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "fabricctl",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            // Into a buffer first: generate() panics on a failed write,
+            // and `| head` closes stdout early.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "fabricctl", &mut script);
+            fabricctl::output::write_all(&script).map_err(anyhow::Error::from)
         }
     };
     match result {
         Ok(()) => 0,
+        // The reader went away (`| head`): what it wanted it has.
+        Err(err) if fabricctl::output::is_closed_stdout(&err) => 0,
         Err(err) => {
             eprintln!("fabricctl: {err:#}");
             1

@@ -24,10 +24,47 @@ pub trait Row: Serialize {
     fn cells(&self) -> Vec<String>;
 }
 
+/// `println!` that hands back a failed write instead of panicking, so that
+/// a closed stdout (`fabricctl ... | head`) ends the command quietly
+/// ([`is_closed_stdout`]) instead of with a panic.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::write_line(format_args!($($arg)*))
+    };
+}
+
+/// Write one line to stdout (see [`outln!`]).
+pub fn write_line(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(line)?;
+    out.write_all(b"\n")
+}
+
+/// Write `bytes` to stdout and flush it (see [`outln!`]).
+pub fn write_all(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
+}
+
+/// Whether `err` is a write to a stdout whose reader has gone (EPIPE, as
+/// `| head` does once it has its lines): not a failure of the command,
+/// which then ends quietly.
+pub fn is_closed_stdout(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Print `rows` as a table or as JSON.
 pub fn print_rows<R: Row>(rows: &[R], format: OutputFormat) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(rows)?)?,
         OutputFormat::Table => {
             let mut table = Table::new();
             table
@@ -39,7 +76,7 @@ pub fn print_rows<R: Row>(rows: &[R], format: OutputFormat) -> anyhow::Result<()
             }
             let text = table.to_string();
             for line in text.lines() {
-                println!("{}", line.trim_end());
+                outln!("{}", line.trim_end())?;
             }
         }
     }
@@ -53,8 +90,8 @@ pub fn print_one<T: Serialize>(
     describe: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        OutputFormat::Table => print!("{}", describe(value)),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(value)?)?,
+        OutputFormat::Table => write_all(describe(value).as_bytes())?,
     }
     Ok(())
 }
@@ -120,6 +157,18 @@ pub fn duration_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_closed_stdout_is_a_quiet_end() {
+        let closed = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .context("printing the table");
+        assert!(is_closed_stdout(&closed));
+        let other = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(!is_closed_stdout(&other));
+        assert!(!is_closed_stdout(&anyhow::anyhow!(
+            "broken pipe, in words only"
+        )));
+    }
 
     #[test]
     fn sizes_and_times_read_well() {

@@ -302,6 +302,21 @@ pub fn read_file(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+/// What a jobs file is called in messages when it comes from stdin.
+pub const STDIN_NAME: &str = "<stdin>";
+
+/// Read a jobs file, or stdin for `-`: its text and the name messages
+/// give it (`<stdin>` for stdin).
+pub fn read_jobs_file(path: &std::path::Path) -> anyhow::Result<(String, String)> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .with_context(|| format!("cannot read the jobs file from {STDIN_NAME}"))?;
+        return Ok((text, STDIN_NAME.to_owned()));
+    }
+    Ok((read_file(path)?, path.display().to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::short_reason;

@@ -18,12 +18,12 @@ use crate::remote::{Remote, status_error};
 /// `pki init`: a new CA in `dir`.
 pub fn pki_init(dir: &Path, valid_for: Duration) -> anyhow::Result<()> {
     pki::init(dir, "fabric CA", valid_for)?;
-    println!(
+    crate::outln!(
         "made a CA in {dir}: {dir}/{cert} (give it to every server and client as tls_ca) and {dir}/{key} (mode 0600: whoever reads it can mint any identity; keep it offline)",
         dir = dir.display(),
         cert = pki::CA_CERT_FILE,
         key = pki::CA_KEY_FILE
-    );
+    )?;
     Ok(())
 }
 
@@ -52,12 +52,12 @@ pub fn pki_issue(
     };
     let issued = authority.issue(&identity, &options)?;
     let (certificate, key) = pki::write_issued(out, &identity, &issued)?;
-    println!(
+    crate::outln!(
         "issued {identity} ({} days): {} and {} (mode 0600)",
         valid_for.as_secs() / 86_400,
         certificate.display(),
         key.display()
-    );
+    )?;
     Ok(())
 }
 

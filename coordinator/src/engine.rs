@@ -383,7 +383,8 @@ impl Engine {
                 inner.store.flush().await?;
             }
             Some(node_message::Kind::Held(held)) => {
-                if inner.snapshots_held(node_id, &held)? {
+                let changed = inner.snapshots_held(node_id, &held)?;
+                if changed {
                     inner.store.flush().await?;
                 }
             }

@@ -3,11 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Stdio;
 
 use fabric_chunkstore::restore::RestorePolicy;
-use fabric_integration_tests::{Fabric, fabricctl, generate_tree};
+use fabric_integration_tests::{Fabric, fabricctl, fabricctl_command, generate_tree};
 
 fn mode_of(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
@@ -55,6 +57,17 @@ fn help_and_completions_work() {
     let completions = fabricctl(&["completions", "bash"]);
     assert!(completions.status.success());
     assert!(stdout(&completions).contains("fabricctl"));
+    // A reader that goes away early (`| head -2`) ends it quietly.
+    let mut child = fabricctl_command(&["completions", "fish"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before anything is written: every write fails with EPIPE.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
 }
 
 #[test]
@@ -447,4 +460,51 @@ fn every_command_against_a_real_fabric() {
         text.contains("bad-jobs.toml:6") && text.contains("retries"),
         "{text}"
     );
+
+    // A jobs file from stdin is named "<stdin>" in messages.
+    let mut child = fabricctl_command(&[
+        "--coordinator",
+        &fabric.coordinator.address,
+        "job",
+        "submit",
+        "-f",
+        "-",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"[job.x]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"/x\"]\ndest = \"n1\"\nretries = 3\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("<stdin>:6"), "{}", stderr(&output));
+}
+
+#[test]
+fn local_demo_explains_new_and_keeps_its_folder_on_request() {
+    let source = tempfile::tempdir().unwrap();
+    std::fs::write(source.path().join("keep.txt"), b"the same in both").unwrap();
+    let output = fabricctl_command(&["local", "demo", source.path().to_str().unwrap(), "--keep"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("NEW: bytes of the chunks"), "{text}");
+    let kept = text
+        .lines()
+        .find_map(|line| line.strip_prefix("kept: "))
+        .and_then(|rest| rest.split(" (").next())
+        .unwrap_or_else(|| panic!("no kept path in {text}"));
+    let kept = Path::new(kept);
+    assert_eq!(
+        std::fs::read(kept.join("restored/keep.txt")).unwrap(),
+        b"the same in both"
+    );
+    std::fs::remove_dir_all(kept).unwrap();
 }

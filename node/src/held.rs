@@ -77,7 +77,7 @@ fn report(
     added.sort_by(|a, b| a.id.cmp(&b.id));
     let mut removed: Vec<String> = said.difference(&ids).cloned().collect();
     removed.sort();
-    let message = (!added.is_empty() || !removed.is_empty()).then(|| SnapshotsHeld {
+    let message = (!added.is_empty() || !removed.is_empty()).then_some(SnapshotsHeld {
         complete: false,
         snapshots: added,
         removed,

@@ -292,6 +292,7 @@ impl<'a> RestoreStreamWriter<'a> {
         self.target.finish()?;
         self.stats.attributes_not_restored = self.target.attributes_not_restored();
         self.stats.owners_not_restored = self.target.owners_not_restored();
+        self.stats.existing_kept = self.target.existing_kept();
         Ok(self.stats)
     }
 }
@@ -519,8 +520,10 @@ pub async fn restore_from_any(
             ),
             (None, Err(err)) => {
                 // What the node sent did not check; a write that failed
-                // here would fail from any copy.
-                let node_at_fault = !matches!(err, RestoreError::Io { .. });
+                // here, or an entry already in the target that it was
+                // asked to leave alone, would fail from any copy.
+                let node_at_fault =
+                    !matches!(err, RestoreError::Io { .. } | RestoreError::Exists { .. });
                 (
                     AgentError::Local(format!("restore of {snapshot} failed: {err}")),
                     node_at_fault,

@@ -232,4 +232,33 @@ mod tests {
         );
         assert_eq!(access("/fabric.v1.Storage/NoSuchThing"), None);
     }
+
+    /// The roles `rpc` lets in.
+    fn roles(rpc: &str) -> &'static [Role] {
+        match access(rpc) {
+            Some(Access::Roles(roles)) => roles,
+            other => panic!("{rpc}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn whoever_may_restore_may_browse_and_a_monitor_may_not_read_trees() {
+        // `fabricctl ls` and `diff` read a snapshot's record and its trees:
+        // every role that may restore it may do both, and reading trees
+        // (file names, sizes, chunk ids) stays closed to a monitor, who
+        // may not restore.
+        for role in roles("/fabric.v1.Storage/Restore") {
+            for rpc in [
+                "/fabric.v1.Storage/GetTree",
+                "/fabric.v1.Storage/GetSnapshot",
+            ] {
+                assert!(
+                    roles(rpc).contains(role),
+                    "{role:?} may restore but not call {rpc}"
+                );
+            }
+        }
+        assert!(!roles("/fabric.v1.Storage/GetTree").contains(&Role::Monitor));
+        assert!(!roles("/fabric.v1.Storage/Restore").contains(&Role::Monitor));
+    }
 }

@@ -279,6 +279,122 @@ fn an_aborted_directory_restore_removes_what_it_wrote_and_nothing_else() {
     assert_eq!(fs::read(target.join("kept/before")).expect("read"), b"mine");
 }
 
+/// A file entry of `size` bytes, to drive a target by hand.
+fn sized_file(size: u64) -> TreeEntry {
+    TreeEntry {
+        kind: EntryKind::File as i32,
+        mode: 0o100644,
+        size,
+        ..TreeEntry::default()
+    }
+}
+
+#[test]
+fn refusing_existing_entries_stops_at_the_first_and_changes_nothing_there() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let target = temp.path().join("refused");
+    fs::create_dir_all(&target).expect("mkdir");
+    fs::write(target.join("readme.md"), b"mine").expect("write");
+    let mut directory = DirectoryTarget::new(&target, RestorePolicy::default())
+        .expect("target")
+        .with_existing(ExistingEntries::Refuse);
+    directory.file_start(b"new", &sized_file(3)).expect("start");
+    directory.file_data(b"abc").expect("data");
+    directory.file_end().expect("end");
+    let err = directory
+        .file_start(b"readme.md", &sized_file(6))
+        .expect_err("refused");
+    assert!(
+        matches!(&err, RestoreError::Exists { path } if path == &target.join("readme.md")),
+        "{err}"
+    );
+    // What the restore wrote before goes; what was there stays.
+    assert_eq!(directory.abort().expect("abort"), 1);
+    assert_eq!(listing(&target), ["readme.md"]);
+    assert_eq!(fs::read(target.join("readme.md")).expect("read"), b"mine");
+
+    // An existing directory is a conflict too: it would get new metadata.
+    let (temp, source, store, root) = backed_up_tree();
+    let docs = format!("{}/docs", source.to_str().expect("utf-8"));
+    let target = temp.path().join("refused-dir");
+    fs::create_dir_all(target.join("deeper")).expect("mkdir");
+    let mut directory = DirectoryTarget::new(&target, RestorePolicy::default())
+        .expect("target")
+        .with_existing(ExistingEntries::Refuse);
+    let err = restore(&store, root, &docs, &mut directory).expect_err("refused");
+    assert!(
+        matches!(&err, RestoreError::Exists { path } if path == &target.join("deeper")),
+        "{err}"
+    );
+    assert_eq!(listing(&target), ["deeper"]);
+}
+
+#[test]
+fn skipping_existing_entries_restores_only_what_is_missing() {
+    let (temp, source, store, root) = backed_up_tree();
+    let docs = format!("{}/docs", source.to_str().expect("utf-8"));
+    let target = temp.path().join("skipped");
+    fs::create_dir_all(target.join("deeper")).expect("mkdir");
+    fs::set_permissions(target.join("deeper"), fs::Permissions::from_mode(0o700)).expect("chmod");
+    fs::write(target.join("readme.md"), b"mine").expect("write");
+    fs::write(target.join("deeper/big.bin"), b"mine too").expect("write");
+    let mut directory = DirectoryTarget::new(&target, RestorePolicy::default())
+        .expect("target")
+        .with_existing(ExistingEntries::Skip);
+    let stats = restore(&store, root, &docs, &mut directory).expect("restore");
+    assert_eq!(stats.existing_kept, 2);
+    assert_eq!(fs::read(target.join("readme.md")).expect("read"), b"mine");
+    assert_eq!(
+        fs::read(target.join("deeper/big.bin")).expect("read"),
+        b"mine too"
+    );
+    // The directory that was there keeps its own mode.
+    assert_eq!(mode_of(&target.join("deeper")), 0o700);
+    // What was missing is restored.
+    assert_eq!(
+        fs::read(target.join("deeper").join("n".repeat(150))).expect("read"),
+        b"long name"
+    );
+    assert!(target.join("empty-file").exists());
+}
+
+#[test]
+fn an_aborted_restore_never_removes_an_entry_it_left_as_it_was() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let target = temp.path().join("target");
+    fs::create_dir_all(target.join("dir")).expect("mkdir");
+    fs::write(target.join("dir/before"), b"mine").expect("write");
+    let mut directory = DirectoryTarget::new(&target, RestorePolicy::default())
+        .expect("target")
+        .with_existing(ExistingEntries::Skip);
+    let dir = TreeEntry {
+        kind: EntryKind::Dir as i32,
+        mode: 0o40755,
+        ..TreeEntry::default()
+    };
+    directory.directory(b"dir", &dir).expect("dir");
+    directory
+        .file_start(b"dir/before", &sized_file(6))
+        .expect("start");
+    directory.file_data(b"theirs").expect("data");
+    directory.file_end().expect("end");
+    // A later link to the file left as it was is not made to it.
+    let mut linked = sized_file(6);
+    linked.links = 2;
+    directory
+        .hard_link(b"dir/link", b"dir/before", &linked)
+        .expect("link");
+    directory
+        .file_start(b"dir/new", &sized_file(3))
+        .expect("start");
+    directory.file_data(b"abc").expect("data");
+    directory.file_end().expect("end");
+    let removed = directory.abort().expect("abort");
+    assert_eq!(removed, 1, "only dir/new was written");
+    assert_eq!(listing(&target), ["dir", "dir/before"]);
+    assert_eq!(fs::read(target.join("dir/before")).expect("read"), b"mine");
+}
+
 #[test]
 fn a_symlink_already_in_the_target_is_never_followed() {
     let temp = tempfile::tempdir().expect("tempdir");
