@@ -1678,6 +1678,12 @@ pub async fn restore(
         .iter()
         .map(|copy| (copy.peer.clone(), copy.snapshot_id.clone()))
         .collect();
+    let written = std::sync::Arc::new(crate::restore_progress::Written::default());
+    let target: Box<dyn fabric_chunkstore::restore::RestoreTarget + Send> = Box::new(
+        crate::restore_progress::CountingTarget::new(target, written.clone()),
+    );
+    let progress =
+        crate::restore_progress::ProgressLine::start(written, std::io::stderr().is_terminal());
     let restored = fabric_node::restore_client::restore_from_any(
         &candidates,
         remote.transport()?,
@@ -1697,6 +1703,7 @@ pub async fn restore(
             anyhow::Error::from(err)
         }
     })?;
+    drop(progress);
     let located = &copies[restored.from];
     for (copy, why) in copies.iter().zip(&restored.skipped) {
         eprintln!(

@@ -9,5 +9,6 @@ pub mod compare;
 pub mod local;
 pub mod output;
 pub mod remote;
+pub mod restore_progress;
 pub mod revision;
 pub mod security;
