@@ -103,6 +103,47 @@ fn wait_gone(pid: i32, what: &str) {
     panic!("{what} (pid {pid}) is still running");
 }
 
+#[test]
+fn a_master_host_command_runs_on_the_agent_and_its_output_names_the_snapshot() {
+    let fabric = Fabric::start(1);
+    let source = fabric.dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("data"), b"replicated rows").unwrap();
+    let jobs = format!(
+        "[job.replica]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nmaster_host = \"!echo db-master-1\"\nmaster_instance = \"3306\"\ndest = \"n1\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+
+    // As the node holding it lists it.
+    let on_node = snapshots_on(&fabric.nodes[0].address);
+    assert_eq!(on_node.len(), 1, "{on_node:?}");
+    let snapshot = &on_node[0];
+    assert_eq!(snapshot.master_host, "db-master-1");
+    assert_eq!(snapshot.master_instance, "3306");
+    assert_eq!(
+        snapshot.name,
+        fabric_proto::naming::snapshot_name(snapshot),
+        "named with the evaluated values"
+    );
+    assert!(
+        snapshot.name.contains("/client-host-db-master-1-3306-"),
+        "{}",
+        snapshot.name
+    );
+
+    // As the coordinator lists it: the same record, evaluated values included.
+    let catalogued = catalogue(&fabric, "replica");
+    assert_eq!(catalogued.len(), 1, "{catalogued:?}");
+    assert_eq!(catalogued[0].id, snapshot.id);
+    assert_eq!(catalogued[0].master_host, "db-master-1");
+    assert_eq!(catalogued[0].master_instance, "3306");
+    assert_eq!(catalogued[0].name, snapshot.name);
+    assert_eq!(listed_names(&fabric, "replica"), [snapshot.name.as_str()]);
+}
+
 /// `coordinator/examples/sync.toml` as shipped, its machine-specific values
 /// (client, scripts directory, MySQL's directory) pointed at this test's.
 #[test]

@@ -825,33 +825,91 @@ async fn evaluate(
     }
 }
 
+/// What `value` prints when it is a `!command`; `None` when it is not.
+async fn evaluate_command(
+    context: &Context,
+    run_id: &str,
+    key: &str,
+    value: &str,
+) -> Result<Option<String>, String> {
+    if value.starts_with('!') {
+        evaluate(context, run_id, key, value).await.map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// The snapshot record of an assignment, with `!command` values evaluated.
 async fn snapshot_template(context: &Context, assignment: &Assignment) -> Result<Snapshot, String> {
     let job = assignment.job.clone().unwrap_or_default();
-    let mut snapshot = assignment.snapshot.clone().unwrap_or_default();
     let run_id = &assignment.run_id;
-    snapshot.master_host = evaluate(context, run_id, "master_host", &snapshot.master_host).await?;
-    snapshot.master_instance = evaluate(
-        context,
-        run_id,
-        "master_instance",
-        &snapshot.master_instance,
+    let evaluated = Evaluated {
+        // Only `!command` values: the coordinator put static ones in the record.
+        master_host: evaluate_command(context, run_id, "master_host", &job.master_host).await?,
+        master_instance: evaluate_command(context, run_id, "master_instance", &job.master_instance)
+            .await?,
+        data_age: if job.data_age.is_empty() {
+            None
+        } else {
+            Some(evaluate(context, run_id, "data_age", &job.data_age).await?)
+        },
+    };
+    complete_template(
+        &job.name,
+        assignment.snapshot.clone().unwrap_or_default(),
+        &context.config.hostname,
+        evaluated,
     )
-    .await?;
-    if !job.data_age.is_empty() {
-        let age = evaluate(context, run_id, "data_age", &job.data_age).await?;
+}
+
+/// A job's dynamic values as evaluated on the client (`None`: not a
+/// command, or not set).
+#[derive(Debug, Default)]
+struct Evaluated {
+    master_host: Option<String>,
+    master_instance: Option<String>,
+    data_age: Option<String>,
+}
+
+/// `planned` (the coordinator's record) completed on the client with the
+/// `evaluated` values of job `job_name`, and the host and start time when
+/// the coordinator left them out.
+///
+/// The coordinator blanks `!command` values in the record it plans, since
+/// only the client may run them; the name, which includes `master_host`
+/// and `master_instance`, is made again once they are known.
+fn complete_template(
+    job_name: &str,
+    mut snapshot: Snapshot,
+    hostname: &str,
+    evaluated: Evaluated,
+) -> Result<Snapshot, String> {
+    let mut renamed = false;
+    if let Some(master_host) = evaluated.master_host {
+        snapshot.master_host = master_host;
+        renamed = true;
+    }
+    if let Some(master_instance) = evaluated.master_instance {
+        snapshot.master_instance = master_instance;
+        renamed = true;
+    }
+    if let Some(age) = evaluated.data_age {
         snapshot.data_age = age.parse().map_err(|_| {
-            format!(
-                "data_age of job {} is not a number of seconds: {age:?}",
-                job.name
-            )
+            format!("data_age of job {job_name} is not a number of seconds: {age:?}")
         })?;
     }
     if snapshot.host.is_empty() {
-        snapshot.host = context.config.hostname.clone();
+        snapshot.host = hostname.to_owned();
+        renamed = true;
     }
     if snapshot.start_time_ms == 0 {
         snapshot.start_time_ms = now_ms();
+        renamed = true;
+    }
+    // A name planned without these values is not the one B1000's scheme
+    // gives the snapshot; an empty one is the store's to make at commit.
+    if renamed && !snapshot.name.is_empty() {
+        snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
     }
     Ok(snapshot)
 }
@@ -1254,4 +1312,71 @@ async fn execute_expand(context: &Context, assignment: &Assignment) -> Result<Ve
         .filter(|line| !line.is_empty())
         .map(str::to_owned)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use fabric_proto::v1::SnapshotType;
+
+    use super::*;
+
+    /// What the coordinator plans for a job whose master values are
+    /// commands: blanks in their place, and a name made without them.
+    fn planned() -> Snapshot {
+        let mut snapshot = Snapshot {
+            id: "ab".repeat(16),
+            job: "mysqldb".into(),
+            host: "db-slave-3".into(),
+            instance: "3306".into(),
+            r#type: SnapshotType::Full as i32,
+            start_time_ms: 1_764_000_000_000,
+            ..Default::default()
+        };
+        snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
+        snapshot
+    }
+
+    #[test]
+    fn evaluated_master_values_go_into_the_record_and_its_name() {
+        let evaluated = Evaluated {
+            master_host: Some("db-master-1".into()),
+            master_instance: Some("3307".into()),
+            data_age: Some("42".into()),
+        };
+        let snapshot =
+            complete_template("mysqldb", planned(), "ignored", evaluated).expect("completes");
+        assert_eq!(snapshot.master_host, "db-master-1");
+        assert_eq!(snapshot.master_instance, "3307");
+        assert_eq!(snapshot.data_age, 42);
+        assert_eq!(
+            snapshot.name,
+            "mysqldb/2025-11-24-Mon/db-slave-3-3306-db-master-1-3307-2025-11-24-Mon-16:00:00"
+        );
+        assert_eq!(snapshot.id, planned().id, "the run's id stays");
+    }
+
+    #[test]
+    fn without_commands_the_planned_record_and_name_stay() {
+        let mut planned = planned();
+        planned.master_host = "db-master-2".into();
+        planned.name = fabric_proto::naming::snapshot_name(&planned);
+        let snapshot =
+            complete_template("mysqldb", planned.clone(), "ignored", Evaluated::default())
+                .expect("completes");
+        assert_eq!(snapshot, planned);
+    }
+
+    #[test]
+    fn a_data_age_that_is_not_seconds_is_refused_naming_the_job() {
+        let evaluated = Evaluated {
+            data_age: Some("soon".into()),
+            ..Default::default()
+        };
+        let error = complete_template("mysqldb", planned(), "ignored", evaluated)
+            .expect_err("not a number");
+        assert_eq!(
+            error,
+            "data_age of job mysqldb is not a number of seconds: \"soon\""
+        );
+    }
 }
