@@ -233,3 +233,68 @@ fn an_include_pattern_matching_nothing_fails_the_run_naming_it() {
         "{run:#}"
     );
 }
+
+#[test]
+fn a_stopped_agent_ends_its_pre_script_and_reports_the_run_failed_at_once() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pre = scratch.path().join("pre.sh");
+    let shell_pid = scratch.path().join("pre.pid");
+    let sleep_pid = scratch.path().join("sleep.pid");
+    // The script and a child of its own, both waiting.
+    script(
+        &pre,
+        &format!(
+            "#!/bin/sh\necho $$ > {}\nsleep 300 &\necho $! > {}\nwait\n",
+            shell_pid.display(),
+            sleep_pid.display()
+        ),
+    );
+    let mut fabric =
+        Fabric::start_with_agent(1, &[], &[], &["--allow-command", pre.to_str().unwrap()]);
+    // A process the agent did not start, which it must leave alone.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let source = fabric.dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("data"), b"x").unwrap();
+    let jobs = format!(
+        "[job.stopped]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\npre = \"{}\"\ndest = \"n1\"\n",
+        source.display(),
+        pre.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let shell = pid_in(&shell_pid);
+    let sleeper = pid_in(&sleep_pid);
+    assert!(!gone(shell) && !gone(sleeper));
+
+    signal(fabric.agent.pid(), rustix::process::Signal::TERM);
+    wait_gone(shell, "the pre script");
+    wait_gone(sleeper, "the pre script's child");
+    let mut exited = None;
+    for _ in 0..600 {
+        exited = fabric.agent.child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(exited.is_some(), "the agent exits after SIGTERM");
+
+    // The coordinator has the reason from the agent, not from its
+    // lost-node check (which would say nothing of SIGTERM).
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    assert_eq!(
+        run["reason"], "the agent on client-host was stopped (SIGTERM) during pre",
+        "{run:#}"
+    );
+
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "a process the agent did not start is left alone"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
