@@ -38,7 +38,9 @@
 //! - an unreadable parent-snapshot tree means its files are read again.
 //!
 //! Any other I/O error (e.g. EIO in the middle of a file), a sink error or an
-//! include path that does not exist fails the backup, naming the path.
+//! include path that does not exist fails the backup, naming the path; so
+//! does an include glob pattern (expanded here, at walk time, in sorted
+//! order) that matches nothing, naming the pattern.
 
 mod examine;
 mod holes;
@@ -87,6 +89,11 @@ pub fn extended_attributes(path: &Path) -> io::Result<Vec<ExtendedAttribute>> {
 pub struct BackupOptions {
     /// Paths to back up; relative ones are made absolute against the
     /// current directory (lexically: `..` is resolved without following symlinks).
+    /// One that does not exist as written and holds `*`, `?` or `[` is a
+    /// glob pattern (the `glob` crate's syntax, as a shell expands it: a
+    /// wildcard stays within a path component and matches a leading `.`
+    /// only when written, `**` spans directories), expanded at walk time;
+    /// a pattern matching nothing fails the backup.
     pub includes: Vec<PathBuf>,
     /// Glob patterns (globset syntax; `*` stays within a path component,
     /// `**` crosses them) matched against each entry's absolute path and
@@ -169,6 +176,20 @@ pub enum WalkError {
         /// Rayon's error.
         source: rayon::ThreadPoolBuildError,
     },
+    /// An include glob pattern is not valid.
+    #[error("bad include pattern {pattern:?}: {source}")]
+    BadIncludePattern {
+        /// The pattern, made absolute.
+        pattern: String,
+        /// Why the glob crate refused it.
+        source: glob::PatternError,
+    },
+    /// An include glob pattern matches no path.
+    #[error("include pattern {pattern:?} matches nothing")]
+    NoMatch {
+        /// The pattern, made absolute.
+        pattern: String,
+    },
     /// An include path, or a directory on the way to it, is missing or not a directory.
     #[error("include path {path}: {reason}")]
     BadInclude {
@@ -219,6 +240,58 @@ fn absolute(path: &Path) -> Result<PathBuf, WalkError> {
         }
     }
     Ok(out)
+}
+
+/// Whether `text` holds a character the glob crate treats as a wildcard.
+fn has_glob_meta(text: &str) -> bool {
+    text.contains(['*', '?', '['])
+}
+
+/// `includes` made absolute, with glob patterns replaced by the paths they
+/// match (sorted). A path that exists as written is taken literally even
+/// if it holds glob characters (a directory named `logs[1]`); a missing
+/// path without them is kept, for the walk to fail naming it.
+fn expand_includes(includes: &[PathBuf]) -> Result<Vec<PathBuf>, WalkError> {
+    // Shell expansion, as B1000's rsync command line got it.
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let mut expanded = Vec::with_capacity(includes.len());
+    for include in includes {
+        let path = absolute(include)?;
+        let pattern = match path.to_str() {
+            Some(text) if has_glob_meta(text) && std::fs::symlink_metadata(&path).is_err() => {
+                text.to_owned()
+            }
+            _ => {
+                expanded.push(path);
+                continue;
+            }
+        };
+        let paths =
+            glob::glob_with(&pattern, options).map_err(|source| WalkError::BadIncludePattern {
+                pattern: pattern.clone(),
+                source,
+            })?;
+        let mut matched = Vec::new();
+        for found in paths {
+            // A directory on the way that cannot be listed: the pattern
+            // cannot be expanded faithfully.
+            let path = found.map_err(|err| WalkError::Io {
+                path: err.path().to_owned(),
+                source: io::Error::from(err),
+            })?;
+            matched.push(path);
+        }
+        if matched.is_empty() {
+            return Err(WalkError::NoMatch { pattern });
+        }
+        matched.sort();
+        expanded.extend(matched);
+    }
+    Ok(expanded)
 }
 
 /// The include paths as a tree of path components from `/`.
@@ -1126,8 +1199,8 @@ pub fn backup(
         return Err(WalkError::NoIncludes);
     }
     let mut includes = IncludeNode::default();
-    for include in &options.includes {
-        includes.insert(&absolute(include)?);
+    for include in expand_includes(&options.includes)? {
+        includes.insert(&include);
     }
     let mut walk = Walk {
         chunk_params: options.chunk_params,

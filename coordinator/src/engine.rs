@@ -197,6 +197,9 @@ fn is_storage(node: &Node) -> bool {
         .is_some_and(|info| info.roles.contains(&(NodeRole::Storage as i32)))
 }
 
+/// A job value as the planned record may carry it: a `!command` only the
+/// client may run, so it is blank here; the agent runs it from the job,
+/// names the snapshot again, and the catalogue stores the record it commits.
 fn static_value(value: &str) -> String {
     if value.starts_with('!') {
         String::new()

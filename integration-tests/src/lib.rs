@@ -507,6 +507,17 @@ impl Fabric {
     /// [`Fabric::start`] with `coordinator_extra` flags for the coordinator
     /// and `node_extra` for every storage node.
     pub fn start_with(storage: usize, coordinator_extra: &[&str], node_extra: &[&str]) -> Self {
+        Self::start_with_agent(storage, coordinator_extra, node_extra, &[])
+    }
+
+    /// [`Fabric::start_with`] with `agent_extra` flags for the client's
+    /// agent (say, `--allow-command` for a test's own script).
+    pub fn start_with_agent(
+        storage: usize,
+        coordinator_extra: &[&str],
+        node_extra: &[&str],
+        agent_extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let coordinator = Self::start_coordinator_with(
             &dir.path().join("coordinator"),
@@ -523,35 +534,35 @@ impl Fabric {
             ));
         }
         let agent_dir = dir.path().join("agent");
-        let agent = Server::start(
-            "fabric-node",
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                agent_dir.to_str().expect("utf-8"),
-                "--node-id",
-                "client",
-                "--roles",
-                "agent",
-                "--hostname",
-                "client-host",
-                "--coordinator",
-                &coordinator.address,
-                // What the tests' jobs run, and nothing else.
-                "--allow-command",
-                "sleep 30",
-                "--allow-command",
-                "echo preparing",
-                "--allow-command",
-                "echo about to fail; exit 3",
-                "--allow-command",
-                "printf 'alpha\\nbeta\\n'",
-                "--allow-command",
-                "touch *",
-            ],
-            &[],
-        );
+        let mut agent_args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            agent_dir.to_str().expect("utf-8"),
+            "--node-id",
+            "client",
+            "--roles",
+            "agent",
+            "--hostname",
+            "client-host",
+            "--coordinator",
+            &coordinator.address,
+            // What the tests' jobs run, and nothing else.
+            "--allow-command",
+            "sleep 30",
+            "--allow-command",
+            "echo preparing",
+            "--allow-command",
+            "echo about to fail; exit 3",
+            "--allow-command",
+            "printf 'alpha\\nbeta\\n'",
+            "--allow-command",
+            "touch *",
+            "--allow-command",
+            "echo db-master-1",
+        ];
+        agent_args.extend_from_slice(agent_extra);
+        let agent = Server::start("fabric-node", &agent_args, &[]);
         let fabric = Self {
             dir,
             coordinator,

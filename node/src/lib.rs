@@ -6,7 +6,8 @@
 //! - [`agent`] is what runs on a client: push backups and restores; the CLI
 //!   uses it too.
 //! - [`transfer`] is the transfer protocol, both ends.
-//! - [`commands`] is what commands this host lets jobs run, and
+//! - [`commands`] is what commands this host lets jobs run ([`scripts`] runs
+//!   them, each in a process group of its own), and
 //!   [`pull_permits`] which storage node may pull what: the host's and the
 //!   coordinator's word, checked here, never taken from a caller.
 //! - [`client`] dials other servers over TLS, checking their identity.
@@ -28,6 +29,7 @@ pub mod quota;
 pub mod rate_limit;
 pub mod restore_client;
 pub mod run_copies;
+pub mod scripts;
 pub mod scrub;
 pub mod server;
 pub mod server_stream;
@@ -38,4 +40,4 @@ pub mod storage_service;
 pub mod transfer;
 
 pub use config::NodeConfig;
-pub use server::{serve, serve_with_health};
+pub use server::{serve, serve_until_stopped, serve_with_health};

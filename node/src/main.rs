@@ -221,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.into_config()?;
             fabric_proto::standard::init_logging(config.log_format == LogFormat::Json);
-            let shutdown = fabric_proto::standard::shutdown_signal()
+            let shutdown = fabric_proto::standard::shutdown_signal_named()
                 .context("cannot listen for SIGTERM and SIGINT")?;
             // Unusable TLS files fail before the "listening" line, so a
             // script never waits on an address that will not serve.
@@ -237,7 +237,9 @@ async fn main() -> anyhow::Result<()> {
             let health = fabric_proto::standard::bind_health("fabric-node", &config.health_listen)
                 .await
                 .with_context(|| format!("cannot listen on {:?}", config.health_listen))?;
-            fabric_node::serve_with_health(listener, health, config, shutdown).await?;
+            // The signal's name goes into the reason of the runs it ends.
+            let shutdown = async move { shutdown.await.to_owned() };
+            fabric_node::serve_until_stopped(listener, health, config, shutdown).await?;
         }
     }
     Ok(())

@@ -6,8 +6,11 @@
 //! to SERVING, watch free space (NOT_SERVING and uploads refused under the
 //! configured minimum, or for good once the store refuses writes after a
 //! failed fsync), and, when a coordinator is configured, keep a session
-//! with it. On shutdown: stop accepting, let in-flight calls finish; an upload
-//! cut short leaves no snapshot (the commit is the last step).
+//! with it. On shutdown: first the session ends the runs in progress (their
+//! scripts' process groups get SIGTERM, then SIGKILL after a grace) and
+//! reports them failed, naming the signal; then stop accepting, let
+//! in-flight calls finish; an upload cut short leaves no snapshot (the
+//! commit is the last step).
 //!
 //! Every call passes the authorization layer (`fabric_trust::AuthLayer`)
 //! over TLS with the node's certificate, which must be for its `node_id`;
@@ -99,6 +102,28 @@ pub async fn serve_with_health(
     health: Option<TcpListener>,
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve_until_stopped(listener, health, config, async move {
+        shutdown.await;
+        String::new()
+    })
+    .await
+}
+
+/// How long a stopping node waits for its runs to be ended and reported
+/// (the scripts' grace, then the session's close) before it stops serving.
+const STOP_RUNS_WAIT: Duration = Duration::from_secs(12);
+
+/// [`serve_with_health`] with a `shutdown` that says what stopped the node
+/// (`SIGTERM`, `SIGINT`; empty when unsaid). Before the node stops serving,
+/// the runs it is doing are ended (their scripts' process groups get
+/// SIGTERM, then SIGKILL after a grace) and reported failed to the
+/// coordinator with that cause.
+pub async fn serve_until_stopped(
+    listener: TcpListener,
+    health: Option<TcpListener>,
+    config: NodeConfig,
+    shutdown: impl Future<Output = String> + Send + 'static,
 ) -> Result<(), ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
     let config = config.complete(local_addr);
@@ -237,7 +262,20 @@ pub async fn serve_with_health(
         }
         _ => None,
     };
-    if !config.coordinator.is_empty() {
+    let stopping = crate::session::Stopping::default();
+    let has_session = !config.coordinator.is_empty();
+    let shutdown = {
+        let stopping = stopping.clone();
+        async move {
+            let cause = shutdown.await;
+            // Runs come only through the session; without one there is
+            // nothing to end.
+            if has_session {
+                stopping.stop(&cause, STOP_RUNS_WAIT).await;
+            }
+        }
+    };
+    if has_session {
         tokio::spawn(crate::session::run_session(
             config.clone(),
             store.clone(),
@@ -248,6 +286,7 @@ pub async fn serve_with_health(
                 upload_limit: upload_limit.clone(),
                 ingest_limit: ingest_limit.clone(),
                 scrub,
+                stopping,
             },
             stop_rx.clone(),
         ));

@@ -13,6 +13,13 @@
 //! client's source endpoint into the own store) and expand (run the job's
 //! instances command). This module reports what happens; the coordinator
 //! decides what it means for the run.
+//!
+//! When the node is stopped (SIGTERM, SIGINT: [`Stopping`]), the runs in
+//! progress are ended here rather than left to the coordinator's lost-node
+//! timeout: their scripts' process groups are ended ([`crate::scripts`]),
+//! each run is reported failed ("the agent on HOST was stopped (SIGTERM)
+//! during pre"), and the session is closed once the coordinator has applied
+//! those updates.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,20 +48,74 @@ use crate::config::{NodeConfig, Role};
 use crate::pull_permits::PullPermits;
 use crate::rate_limit::{JobBudget, RateLimit, TransferLimits};
 use crate::run_copies::{self, NextCopy, SnapshotCopies};
+use crate::scripts::Scripts;
 
 /// Updates waiting to be sent, kept across reconnects (bounded: the oldest
 /// progress-only updates are dropped first when it overflows).
 const MAX_PENDING_UPDATES: usize = 10_000;
 
+/// How long a stopping node gives its scripts between SIGTERM and SIGKILL.
+const SCRIPT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a stopping node waits for the coordinator to take the last
+/// updates and close the session.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// Runs in progress on this node.
 #[derive(Default)]
 struct ActiveRuns {
     runs: HashMap<String, ActiveRun>,
+    /// Set when the node stops: the runs here are then reported by
+    /// [`end_runs`], and a task ending after that reports nothing itself.
+    stopping: bool,
 }
 
 struct ActiveRun {
     task: tokio::task::AbortHandle,
     pull_done: Option<oneshot::Sender<(bool, String)>>,
+    role: AssignmentRole,
+}
+
+/// Asks a node's session, when the node is being stopped (SIGTERM), to end
+/// the runs in progress: their scripts' process groups are ended, each run
+/// is reported failed with the reason, and the session is closed once the
+/// coordinator has every update.
+#[derive(Clone, Debug)]
+pub struct Stopping {
+    asked: Arc<watch::Sender<Option<String>>>,
+    done: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Stopping {
+    fn default() -> Self {
+        Self {
+            asked: Arc::new(watch::channel(None).0),
+            done: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+impl Stopping {
+    /// Ask the session to end the runs, saying the node was stopped by
+    /// `cause` (`SIGTERM`; empty when unsaid), and wait until it has (at
+    /// most `wait`: the session may be cut off from the coordinator).
+    pub async fn stop(&self, cause: &str, wait: Duration) {
+        self.asked.send_replace(Some(cause.to_owned()));
+        let mut done = self.done.subscribe();
+        if tokio::time::timeout(wait, done.wait_for(|done| *done))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?wait,
+                "the runs in progress could not all be reported before stopping"
+            );
+        }
+    }
+
+    fn finished(&self) {
+        self.done.send_replace(true);
+    }
 }
 
 /// What an assignment's task needs from the node.
@@ -75,10 +136,23 @@ struct Context {
     gc_running: Arc<AtomicU64>,
     /// This storage node's scrub, when it runs one.
     scrub: Option<crate::scrub::Scrub>,
+    /// The scripts the runs are running.
+    scripts: Arc<Scripts>,
+    /// What each run was last reported doing (`pre`, `copying`, ...), for
+    /// the reason given when the node stops during it.
+    stages: Arc<Mutex<HashMap<String, &'static str>>>,
 }
 
 impl Context {
     fn send(&self, update: RunUpdate) {
+        if update.dest.is_empty()
+            && let Some(stage) = stage_name(update.state())
+        {
+            self.stages
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(update.run_id.clone(), stage);
+        }
         // The receiver lives as long as the session loop; if it is gone the
         // node is shutting down and there is nobody left to tell.
         let _ = self.updates.send(update);
@@ -298,6 +372,8 @@ pub struct SessionParts {
     pub ingest_limit: Option<Arc<RateLimit>>,
     /// This storage node's scrub, when it runs one.
     pub scrub: Option<crate::scrub::Scrub>,
+    /// How the node asks the session to end its runs when it stops.
+    pub stopping: Stopping,
 }
 
 /// Keep a session with the coordinator until `stop` turns true.
@@ -324,7 +400,11 @@ pub async fn run_session(
         replies: replies_tx,
         gc_running: Arc::new(AtomicU64::new(0)),
         scrub: parts.scrub,
+        scripts: Arc::new(Scripts::default()),
+        stages: Arc::default(),
     };
+    let stopping = parts.stopping;
+    let mut asked = stopping.asked.subscribe();
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut held = crate::held::HeldReport::default();
     let mut backoff = Duration::from_millis(200);
@@ -377,6 +457,18 @@ pub async fn run_session(
                                 }
                                 tokio::select! {
                                     _ = stop.changed() => return,
+                                    _ = asked.changed() => {
+                                        let cause = asked.borrow().clone().unwrap_or_default();
+                                        let last = end_runs(&context, &active, &cause).await;
+                                        // What the runs said before they were ended goes first.
+                                        while let Ok(update) = updates_rx.try_recv() {
+                                            pending.push_back(NodeMessage { kind: Some(node_message::Kind::Update(update)) });
+                                        }
+                                        pending.extend(last.into_iter().map(|update| NodeMessage { kind: Some(node_message::Kind::Update(update)) }));
+                                        close_session(out_tx, incoming, pending).await;
+                                        stopping.finished();
+                                        return;
+                                    }
                                     _ = ticker.tick() => {
                                         let mut beat = heartbeat(store.clone(), &counters, &context.gc_running, config.min_free_bytes).await;
                                         beat.scrub = context.scrub.as_ref().map(crate::scrub::Scrub::progress);
@@ -427,9 +519,123 @@ pub async fn run_session(
         });
         tokio::select! {
             _ = stop.changed() => return,
+            _ = asked.changed() => {
+                // No session to tell: the runs are ended all the same.
+                let cause = asked.borrow().clone().unwrap_or_default();
+                let last = end_runs(&context, &active, &cause).await;
+                if !last.is_empty() {
+                    tracing::warn!(runs = last.len(), "stopping without a session: the coordinator is not told that the runs in progress ended");
+                }
+                stopping.finished();
+                return;
+            }
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Send `pending`, then end the session from this side and wait (at most
+/// [`CLOSE_WAIT`]) for the coordinator to end its side: it ends it only
+/// after it has applied every message this side sent.
+async fn close_session(
+    out: mpsc::Sender<NodeMessage>,
+    mut incoming: tonic::Streaming<fabric_proto::v1::CoordinatorMessage>,
+    pending: VecDeque<NodeMessage>,
+) {
+    let closed = async move {
+        for message in pending {
+            if out.send(message).await.is_err() {
+                return;
+            }
+        }
+        drop(out);
+        // Whatever the coordinator still sends (a new assignment) is not
+        // taken up by a node that is stopping.
+        while let Some(Ok(_)) = incoming.next().await {}
+    };
+    if tokio::time::timeout(CLOSE_WAIT, closed).await.is_err() {
+        tracing::warn!(wait = ?CLOSE_WAIT, "the coordinator did not close the session in time");
+    }
+}
+
+/// The node is stopping (`cause`: the signal, or empty): end every run in
+/// progress and return what to report of each. Scripts get SIGTERM, then
+/// SIGKILL after [`SCRIPT_GRACE`]; then the runs' tasks are stopped.
+async fn end_runs(context: &Context, active: &Mutex<ActiveRuns>, cause: &str) -> Vec<RunUpdate> {
+    let runs: Vec<(String, ActiveRun)> = {
+        let mut active = lock(active);
+        active.stopping = true;
+        active.runs.drain().collect()
+    };
+    // What each run is doing, read before its script is ended.
+    let doing: Vec<String> = runs
+        .iter()
+        .map(|(run_id, _)| {
+            context.scripts.doing(run_id).unwrap_or_else(|| {
+                context
+                    .stages
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(run_id)
+                    .copied()
+                    .unwrap_or("the run")
+                    .to_owned()
+            })
+        })
+        .collect();
+    let stopped = context.scripts.stop(SCRIPT_GRACE).await;
+    if stopped.terminated > 0 {
+        tracing::info!(
+            scripts = stopped.terminated,
+            killed_after_grace = stopped.killed,
+            "scripts ended: the node is stopping"
+        );
+    }
+    let by = if cause.is_empty() {
+        String::new()
+    } else {
+        format!(" ({cause})")
+    };
+    runs.into_iter()
+        .zip(doing)
+        .map(|((run_id, run), doing)| {
+            run.task.abort();
+            context.permits.forget(&run_id);
+            tracing::warn!(run = %run_id, during = %doing, "run ended: the node is stopping");
+            if run.role == AssignmentRole::Pull {
+                RunUpdate {
+                    run_id,
+                    dest: context.config.node_id.clone(),
+                    dest_state: CopyState::Failed as i32,
+                    message: format!(
+                        "node {} was stopped{by} during the pull",
+                        context.config.node_id
+                    ),
+                    ..Default::default()
+                }
+            } else {
+                RunUpdate {
+                    run_id,
+                    state: RunState::Failed as i32,
+                    message: format!(
+                        "the agent on {} was stopped{by} during {doing}",
+                        context.config.hostname
+                    ),
+                    ..Default::default()
+                }
+            }
+        })
+        .collect()
+}
+
+/// How a run's state reads in the reason a stopping node gives.
+fn stage_name(state: RunState) -> Option<&'static str> {
+    match state {
+        RunState::Pre => Some("pre"),
+        RunState::Copying => Some("copying"),
+        RunState::Post => Some("post"),
+        _ => None,
     }
 }
 
@@ -501,19 +707,39 @@ fn handle(
                 job = %assignment.job.as_ref().map(|job| job.name.as_str()).unwrap_or_default(),
                 node = %context.config.node_id,
             );
+            let role = assignment.role();
             let task = tokio::spawn(
                 async move {
                     let last = execute(&task_context, assignment, pull_done_rx).await;
-                    lock(&task_active).runs.remove(&task_run);
+                    task_context
+                        .stages
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&task_run);
+                    {
+                        let mut active = lock(&task_active);
+                        if active.stopping {
+                            // `end_runs` reports this run.
+                            return;
+                        }
+                        active.runs.remove(&task_run);
+                    }
                     task_context.send(last);
                 }
                 .instrument(span),
             );
-            lock(active).runs.insert(
+            let mut active = lock(active);
+            if active.stopping {
+                // Taken after the node began to stop: not run.
+                task.abort();
+                return;
+            }
+            active.runs.insert(
                 run_id,
                 ActiveRun {
                     task: task.abort_handle(),
                     pull_done: Some(pull_done_tx),
+                    role,
                 },
             );
         }
@@ -773,7 +999,7 @@ async fn run_script(
     command: &str,
 ) -> Result<String, String> {
     let approved = context.commands.approve(what, command)?;
-    let mut process = match &approved {
+    let process = match &approved {
         Approved::Shell(line) => {
             let mut process = tokio::process::Command::new("sh");
             process.arg("-c").arg(line);
@@ -789,12 +1015,11 @@ async fn run_script(
         }
     };
     let command = approved.describe();
-    let output = process
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
+    let output = context
+        .scripts
+        .output(process, &command, run_id, what)
         .await
-        .map_err(|err| format!("cannot start the {what} command {command:?}: {err}"))?;
+        .map_err(|err| err.to_string())?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     for line in stdout
         .lines()
@@ -832,33 +1057,91 @@ async fn evaluate(
     }
 }
 
+/// What `value` prints when it is a `!command`; `None` when it is not.
+async fn evaluate_command(
+    context: &Context,
+    run_id: &str,
+    key: &str,
+    value: &str,
+) -> Result<Option<String>, String> {
+    if value.starts_with('!') {
+        evaluate(context, run_id, key, value).await.map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// The snapshot record of an assignment, with `!command` values evaluated.
 async fn snapshot_template(context: &Context, assignment: &Assignment) -> Result<Snapshot, String> {
     let job = assignment.job.clone().unwrap_or_default();
-    let mut snapshot = assignment.snapshot.clone().unwrap_or_default();
     let run_id = &assignment.run_id;
-    snapshot.master_host = evaluate(context, run_id, "master_host", &snapshot.master_host).await?;
-    snapshot.master_instance = evaluate(
-        context,
-        run_id,
-        "master_instance",
-        &snapshot.master_instance,
+    let evaluated = Evaluated {
+        // Only `!command` values: the coordinator put static ones in the record.
+        master_host: evaluate_command(context, run_id, "master_host", &job.master_host).await?,
+        master_instance: evaluate_command(context, run_id, "master_instance", &job.master_instance)
+            .await?,
+        data_age: if job.data_age.is_empty() {
+            None
+        } else {
+            Some(evaluate(context, run_id, "data_age", &job.data_age).await?)
+        },
+    };
+    complete_template(
+        &job.name,
+        assignment.snapshot.clone().unwrap_or_default(),
+        &context.config.hostname,
+        evaluated,
     )
-    .await?;
-    if !job.data_age.is_empty() {
-        let age = evaluate(context, run_id, "data_age", &job.data_age).await?;
+}
+
+/// A job's dynamic values as evaluated on the client (`None`: not a
+/// command, or not set).
+#[derive(Debug, Default)]
+struct Evaluated {
+    master_host: Option<String>,
+    master_instance: Option<String>,
+    data_age: Option<String>,
+}
+
+/// `planned` (the coordinator's record) completed on the client with the
+/// `evaluated` values of job `job_name`, and the host and start time when
+/// the coordinator left them out.
+///
+/// The coordinator blanks `!command` values in the record it plans, since
+/// only the client may run them; the name, which includes `master_host`
+/// and `master_instance`, is made again once they are known.
+fn complete_template(
+    job_name: &str,
+    mut snapshot: Snapshot,
+    hostname: &str,
+    evaluated: Evaluated,
+) -> Result<Snapshot, String> {
+    let mut renamed = false;
+    if let Some(master_host) = evaluated.master_host {
+        snapshot.master_host = master_host;
+        renamed = true;
+    }
+    if let Some(master_instance) = evaluated.master_instance {
+        snapshot.master_instance = master_instance;
+        renamed = true;
+    }
+    if let Some(age) = evaluated.data_age {
         snapshot.data_age = age.parse().map_err(|_| {
-            format!(
-                "data_age of job {} is not a number of seconds: {age:?}",
-                job.name
-            )
+            format!("data_age of job {job_name} is not a number of seconds: {age:?}")
         })?;
     }
     if snapshot.host.is_empty() {
-        snapshot.host = context.config.hostname.clone();
+        snapshot.host = hostname.to_owned();
+        renamed = true;
     }
     if snapshot.start_time_ms == 0 {
         snapshot.start_time_ms = now_ms();
+        renamed = true;
+    }
+    // A name planned without these values is not the one B1000's scheme
+    // gives the snapshot; an empty one is the store's to make at commit.
+    if renamed && !snapshot.name.is_empty() {
+        snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
     }
     Ok(snapshot)
 }
@@ -1302,4 +1585,71 @@ async fn execute_expand(context: &Context, assignment: &Assignment) -> Result<Ve
         .filter(|line| !line.is_empty())
         .map(str::to_owned)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use fabric_proto::v1::SnapshotType;
+
+    use super::*;
+
+    /// What the coordinator plans for a job whose master values are
+    /// commands: blanks in their place, and a name made without them.
+    fn planned() -> Snapshot {
+        let mut snapshot = Snapshot {
+            id: "ab".repeat(16),
+            job: "mysqldb".into(),
+            host: "db-slave-3".into(),
+            instance: "3306".into(),
+            r#type: SnapshotType::Full as i32,
+            start_time_ms: 1_764_000_000_000,
+            ..Default::default()
+        };
+        snapshot.name = fabric_proto::naming::snapshot_name(&snapshot);
+        snapshot
+    }
+
+    #[test]
+    fn evaluated_master_values_go_into_the_record_and_its_name() {
+        let evaluated = Evaluated {
+            master_host: Some("db-master-1".into()),
+            master_instance: Some("3307".into()),
+            data_age: Some("42".into()),
+        };
+        let snapshot =
+            complete_template("mysqldb", planned(), "ignored", evaluated).expect("completes");
+        assert_eq!(snapshot.master_host, "db-master-1");
+        assert_eq!(snapshot.master_instance, "3307");
+        assert_eq!(snapshot.data_age, 42);
+        assert_eq!(
+            snapshot.name,
+            "mysqldb/2025-11-24-Mon/db-slave-3-3306-db-master-1-3307-2025-11-24-Mon-16:00:00"
+        );
+        assert_eq!(snapshot.id, planned().id, "the run's id stays");
+    }
+
+    #[test]
+    fn without_commands_the_planned_record_and_name_stay() {
+        let mut planned = planned();
+        planned.master_host = "db-master-2".into();
+        planned.name = fabric_proto::naming::snapshot_name(&planned);
+        let snapshot =
+            complete_template("mysqldb", planned.clone(), "ignored", Evaluated::default())
+                .expect("completes");
+        assert_eq!(snapshot, planned);
+    }
+
+    #[test]
+    fn a_data_age_that_is_not_seconds_is_refused_naming_the_job() {
+        let evaluated = Evaluated {
+            data_age: Some("soon".into()),
+            ..Default::default()
+        };
+        let error = complete_template("mysqldb", planned(), "ignored", evaluated)
+            .expect_err("not a number");
+        assert_eq!(
+            error,
+            "data_age of job mysqldb is not a number of seconds: \"soon\""
+        );
+    }
 }

@@ -186,13 +186,29 @@ pub fn init_logging(json: bool) {
 /// kill it with the default action instead of a clean shutdown).
 pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static>
 {
+    let named = shutdown_signal_named()?;
+    Ok(async move {
+        named.await;
+    })
+}
+
+/// [`shutdown_signal`], resolving to the signal's name (`SIGTERM` or
+/// `SIGINT`), for a server that says why it stopped.
+pub fn shutdown_signal_named()
+-> std::io::Result<impl std::future::Future<Output = &'static str> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     Ok(async move {
         tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = interrupt.recv() => tracing::info!("interrupted: shutting down"),
+            _ = terminate.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                "SIGTERM"
+            }
+            _ = interrupt.recv() => {
+                tracing::info!("interrupted: shutting down");
+                "SIGINT"
+            }
         }
     })
 }

@@ -860,6 +860,84 @@ fn a_missing_include_fails_naming_it() {
 }
 
 #[test]
+fn include_globs_expand_to_the_matching_paths_in_sorted_order() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let mysql = temp.path().join("mysql");
+    fs::create_dir(&mysql).expect("mkdir");
+    for name in [
+        "mysql-bin.000002",
+        "mysql-bin.000001",
+        "mysql-bin.index",
+        "ibdata1",
+    ] {
+        fs::write(mysql.join(name), name.as_bytes()).expect("write");
+    }
+    // A wildcard matches a leading dot only when written, as in a shell.
+    fs::write(mysql.join(".mysql-bin.swp"), b"editor").expect("write");
+    let pattern = mysql.join("mysql-bin.*");
+    let expanded = expand_includes(std::slice::from_ref(&pattern)).expect("expands");
+    assert_eq!(
+        expanded,
+        [
+            mysql.join("mysql-bin.000001"),
+            mysql.join("mysql-bin.000002"),
+            mysql.join("mysql-bin.index")
+        ]
+    );
+    let store = MemoryStore::default();
+    let outcome = backup(&options(&[&pattern]), &store, None, &quiet).expect("backup");
+    let names: Vec<String> = entries(&store, outcome.root, as_str(&mysql))
+        .into_keys()
+        .collect();
+    assert_eq!(
+        names,
+        ["mysql-bin.000001", "mysql-bin.000002", "mysql-bin.index"]
+    );
+}
+
+#[test]
+fn an_include_glob_matching_nothing_fails_naming_the_pattern() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let pattern = temp.path().join("mysql-bin.*");
+    let store = MemoryStore::default();
+    let err = backup(&options(&[&pattern]), &store, None, &quiet).expect_err("no match");
+    assert!(matches!(err, WalkError::NoMatch { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("include pattern {:?} matches nothing", as_str(&pattern))
+    );
+    let bad = temp.path().join("a[");
+    let err = backup(&options(&[&bad]), &store, None, &quiet).expect_err("bad pattern");
+    assert!(
+        matches!(err, WalkError::BadIncludePattern { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("a["), "{err}");
+}
+
+#[test]
+fn an_include_path_that_exists_as_written_is_taken_literally() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    // As a pattern `logs[1]` would match `logs1`.
+    let literal = temp.path().join("logs[1]");
+    let lookalike = temp.path().join("logs1");
+    fs::create_dir(&literal).expect("mkdir");
+    fs::create_dir(&lookalike).expect("mkdir");
+    fs::write(literal.join("kept"), b"kept").expect("write");
+    fs::write(lookalike.join("left-out"), b"left out").expect("write");
+    assert_eq!(
+        expand_includes(std::slice::from_ref(&literal)).expect("expands"),
+        std::slice::from_ref(&literal)
+    );
+    let store = MemoryStore::default();
+    let outcome = backup(&options(&[&literal]), &store, None, &quiet).expect("backup");
+    let names: Vec<String> = entries(&store, outcome.root, as_str(temp.path()))
+        .into_keys()
+        .collect();
+    assert_eq!(names, ["logs[1]", "logs[1]/kept"]);
+}
+
+#[test]
 fn symlinks_and_sockets_are_recorded_not_followed() {
     let temp = tempfile::tempdir().expect("tempdir");
     let source = temp.path().join("source");

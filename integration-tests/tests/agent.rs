@@ -1,0 +1,300 @@
+//! The client's agent with real processes on loopback: what it evaluates on
+//! the client (`!command` values), how it expands include patterns, the
+//! shipped examples run as written but for their paths, and what a stopped
+//! agent does with the scripts it runs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use fabric_integration_tests::{Fabric, pki, signal, snapshots_on, workspace_root};
+use fabric_proto::v1::coordinator_client::CoordinatorClient;
+use fabric_proto::v1::{ListCatalogRequest, Snapshot};
+
+/// The snapshots of `job` in the coordinator's catalogue, as records.
+fn catalogue(fabric: &Fabric, job: &str) -> Vec<Snapshot> {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = fabric_node::client::channel(
+            &fabric_node::client::Peer::coordinator(&fabric.coordinator.address),
+            &pki().operator_transport(),
+        )
+        .await
+        .unwrap();
+        CoordinatorClient::new(channel)
+            .list_catalog(ListCatalogRequest {
+                job: job.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .filter_map(|entry| entry.snapshot)
+            .collect()
+    })
+}
+
+/// The names `fabricctl snapshot list -o json` shows for `job`.
+fn listed_names(fabric: &Fabric, job: &str) -> Vec<String> {
+    fabric
+        .json(&["snapshot", "list", "--job", job])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The paths below `inside` (relative to it) that snapshot `id` holds, as
+/// a restore of it writes them.
+fn restored_files(fabric: &Fabric, id: &str, inside: &Path, name: &str) -> Vec<String> {
+    let target = fabric.dir.path().join(name);
+    let inside = inside.to_str().unwrap().trim_start_matches('/').to_owned();
+    let output = fabric.ctl(&["restore", id, &inside, "--to", target.to_str().unwrap()]);
+    assert!(output.status.success(), "{output:?}");
+    let mut names: Vec<String> = std::fs::read_dir(&target)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Wait (bounded) for `path` to hold a pid.
+fn pid_in(path: &Path) -> i32 {
+    for _ in 0..600 {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(pid) = text.trim().parse()
+        {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never held a pid", path.display());
+}
+
+/// Whether process `pid` is gone: no /proc entry, or a zombie only (its
+/// parent may be gone too, and whoever adopted it reaps it in its time).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+fn wait_gone(pid: i32, what: &str) {
+    for _ in 0..600 {
+        if gone(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} (pid {pid}) is still running");
+}
+
+#[test]
+fn a_master_host_command_runs_on_the_agent_and_its_output_names_the_snapshot() {
+    let fabric = Fabric::start(1);
+    let source = fabric.dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("data"), b"replicated rows").unwrap();
+    let jobs = format!(
+        "[job.replica]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\nmaster_host = \"!echo db-master-1\"\nmaster_instance = \"3306\"\ndest = \"n1\"\n",
+        source.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+
+    // As the node holding it lists it.
+    let on_node = snapshots_on(&fabric.nodes[0].address);
+    assert_eq!(on_node.len(), 1, "{on_node:?}");
+    let snapshot = &on_node[0];
+    assert_eq!(snapshot.master_host, "db-master-1");
+    assert_eq!(snapshot.master_instance, "3306");
+    assert_eq!(
+        snapshot.name,
+        fabric_proto::naming::snapshot_name(snapshot),
+        "named with the evaluated values"
+    );
+    assert!(
+        snapshot.name.contains("/client-host-db-master-1-3306-"),
+        "{}",
+        snapshot.name
+    );
+
+    // As the coordinator lists it: the same record, evaluated values included.
+    let catalogued = catalogue(&fabric, "replica");
+    assert_eq!(catalogued.len(), 1, "{catalogued:?}");
+    assert_eq!(catalogued[0].id, snapshot.id);
+    assert_eq!(catalogued[0].master_host, "db-master-1");
+    assert_eq!(catalogued[0].master_instance, "3306");
+    assert_eq!(catalogued[0].name, snapshot.name);
+    assert_eq!(listed_names(&fabric, "replica"), [snapshot.name.as_str()]);
+}
+
+/// `coordinator/examples/sync.toml` as shipped, its machine-specific values
+/// (client, scripts directory, MySQL's directory) pointed at this test's.
+#[test]
+fn the_shipped_sync_example_backs_up_the_binlogs_its_include_pattern_matches() {
+    let scratch = tempfile::tempdir().unwrap();
+    let scripts = scratch.path().join("scripts");
+    let mysql = scratch.path().join("mysql");
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::create_dir_all(&mysql).unwrap();
+    // The example's pre rotates the binlogs: here it writes a new one.
+    let rotate = scripts.join("mysql_rotate_logs.sh");
+    script(
+        &rotate,
+        &format!(
+            "#!/bin/sh\nprintf rotated > {}/mysql-bin.000003\n",
+            mysql.display()
+        ),
+    );
+    for (name, text) in [
+        ("mysql-bin.000001", "first"),
+        ("mysql-bin.000002", "second"),
+        ("mysql-bin.index", "index"),
+        ("ibdata1", "not a binlog"),
+    ] {
+        std::fs::write(mysql.join(name), text).unwrap();
+    }
+
+    let example =
+        std::fs::read_to_string(workspace_root().join("coordinator/examples/sync.toml")).unwrap();
+    let jobs = example
+        .replace("client = \"db1\"", "client = \"client\"")
+        .replace("/usr/local/lib/fabric/scripts", scripts.to_str().unwrap())
+        .replace("/var/lib/mysql", mysql.to_str().unwrap());
+    assert_ne!(
+        jobs, example,
+        "the example still has the values rewritten here"
+    );
+
+    let fabric =
+        Fabric::start_with_agent(3, &[], &[], &["--allow-command", rotate.to_str().unwrap()]);
+    // The example's "hot" nodes: one more storage node, n4.
+    let _n4 = Fabric::start_node_with(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        4,
+        &["--labels", "hot"],
+    );
+    fabric.wait_online(5);
+
+    let runs = fabric.submit(&jobs, &[]);
+    assert_eq!(runs.len(), 1);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "done", "{run:#}");
+    let id = run["copies"][0]["snapshot_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        restored_files(&fabric, &id, &mysql, "restored"),
+        [
+            "mysql-bin.000001",
+            "mysql-bin.000002",
+            "mysql-bin.000003",
+            "mysql-bin.index"
+        ],
+        "the binlogs, the one the pre script wrote included, and nothing else"
+    );
+    let names = listed_names(&fabric, "binlogs");
+    assert_eq!(names, ["binlogs/client-host"], "one sync snapshot per host");
+}
+
+/// A pattern that matches nothing fails the run, naming the pattern.
+#[test]
+fn an_include_pattern_matching_nothing_fails_the_run_naming_it() {
+    let fabric = Fabric::start(1);
+    let pattern = fabric.dir.path().join("nothing-here-*.log");
+    let jobs = format!(
+        "[job.empty]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\ncopy_retries = 0\n",
+        pattern.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    let reason = run["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "include pattern {:?} matches nothing",
+            pattern.to_str().unwrap()
+        )),
+        "{run:#}"
+    );
+}
+
+#[test]
+fn a_stopped_agent_ends_its_pre_script_and_reports_the_run_failed_at_once() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pre = scratch.path().join("pre.sh");
+    let shell_pid = scratch.path().join("pre.pid");
+    let sleep_pid = scratch.path().join("sleep.pid");
+    // The script and a child of its own, both waiting.
+    script(
+        &pre,
+        &format!(
+            "#!/bin/sh\necho $$ > {}\nsleep 300 &\necho $! > {}\nwait\n",
+            shell_pid.display(),
+            sleep_pid.display()
+        ),
+    );
+    let mut fabric =
+        Fabric::start_with_agent(1, &[], &[], &["--allow-command", pre.to_str().unwrap()]);
+    // A process the agent did not start, which it must leave alone.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let source = fabric.dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("data"), b"x").unwrap();
+    let jobs = format!(
+        "[job.stopped]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\npre = \"{}\"\ndest = \"n1\"\n",
+        source.display(),
+        pre.display()
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let shell = pid_in(&shell_pid);
+    let sleeper = pid_in(&sleep_pid);
+    assert!(!gone(shell) && !gone(sleeper));
+
+    signal(fabric.agent.pid(), rustix::process::Signal::TERM);
+    wait_gone(shell, "the pre script");
+    wait_gone(sleeper, "the pre script's child");
+    let mut exited = None;
+    for _ in 0..600 {
+        exited = fabric.agent.child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(exited.is_some(), "the agent exits after SIGTERM");
+
+    // The coordinator has the reason from the agent, not from its
+    // lost-node check (which would say nothing of SIGTERM).
+    let run = fabric.wait_run(&runs[0]);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    assert_eq!(
+        run["reason"], "the agent on client-host was stopped (SIGTERM) during pre",
+        "{run:#}"
+    );
+
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "a process the agent did not start is left alone"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
