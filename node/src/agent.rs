@@ -67,6 +67,8 @@ fn walk_status(error: fabric_chunkstore::walk::WalkError) -> Status {
         error,
         WalkError::NoIncludes
             | WalkError::BadInclude { .. }
+            | WalkError::NoMatch { .. }
+            | WalkError::BadIncludePattern { .. }
             | WalkError::BadExclude { .. }
             | WalkError::ChunkParams(_)
     );
