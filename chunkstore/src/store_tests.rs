@@ -380,10 +380,11 @@ fn commit_fills_in_the_record_and_find_understands_ids_prefixes_and_names() {
     let err = store.find_snapshot("nope").unwrap_err();
     assert!(matches!(err, StoreError::SnapshotNotFound { .. }));
     assert!(err.to_string().contains("nope"));
+    // Another full snapshot under a taken name gets a name of its own.
     let third = backup(&store, "nightly", &files(1, 5_000, 3));
-    let err = store.find_snapshot("nightly").unwrap_err();
-    assert!(matches!(err, StoreError::Ambiguous { .. }), "{err}");
-    assert!(err.to_string().contains(&third.id));
+    assert_eq!(third.name, "nightly-2");
+    assert_eq!(store.find_snapshot("nightly").unwrap(), second);
+    assert_eq!(store.find_snapshot("nightly-2").unwrap(), third);
     assert_eq!(store.delete_snapshot(&third.id).unwrap(), third);
     assert_eq!(store.find_snapshot("nightly").unwrap(), second);
     assert!(restore(&store, &first).unwrap() == files(2, 20_000, 1));
