@@ -25,12 +25,31 @@ fn copies_of(run: &serde_json::Value) -> Vec<(String, String, bool)> {
         .collect()
 }
 
+/// A run's events as `run show` prints them: `STATE  DEST DEST_STATE
+/// [NODE]  MESSAGE`.
 fn events_of(run: &serde_json::Value) -> Vec<String> {
+    let text = |event: &serde_json::Value, key: &str| event[key].as_str().unwrap_or("").to_owned();
     run["events"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e.as_str().unwrap().to_owned())
+        .map(|event| {
+            let mut line = text(event, "state");
+            if !text(event, "dest").is_empty() {
+                line.push_str(&format!(
+                    "  {} {}",
+                    text(event, "dest"),
+                    text(event, "dest_state")
+                ));
+            }
+            if !text(event, "node").is_empty() {
+                line.push_str(&format!("  [{}]", text(event, "node")));
+            }
+            if !text(event, "message").is_empty() {
+                line.push_str(&format!("  {}", text(event, "message")));
+            }
+            line
+        })
         .collect()
 }
 
@@ -713,12 +732,15 @@ fn a_restore_reads_another_copy_when_a_holder_is_down_or_lost_it() {
             .await
             .unwrap();
     });
+    // The third serves: either the second is tried and passed over, or
+    // the coordinator already knows the second no longer holds it (storage
+    // nodes say what they hold within a heartbeat) and never names it.
     let said = restore_into("from-third");
-    assert!(
-        said.contains(&format!("the copy on {} could not be read", holders[1]))
-            && said.contains(&format!("{} served the restore", holders[2])),
-        "{said}"
-    );
+    let passed_over = said.contains(&format!("the copy on {} could not be read", holders[1]))
+        && said.contains(&format!("{} served the restore", holders[2]));
+    let forgotten = !said.contains(&format!("the copy on {}", holders[1]))
+        && said.contains(&format!("from {}", holders[2]));
+    assert!(passed_over || forgotten, "{said}");
 }
 
 #[test]
