@@ -387,7 +387,12 @@ fn node_row(node: &Node) -> NodeRow {
         id: info.id,
         address: info.address,
         labels: info.labels,
-        state: enum_name(node.state().as_str_name(), "NODE_STATE_"),
+        // A node that ended its session itself was stopped: not an alarm.
+        state: if node.state() == NodeState::Lost && node.stopped {
+            "stopped".to_owned()
+        } else {
+            enum_name(node.state().as_str_name(), "NODE_STATE_")
+        },
         last_heartbeat: time_ms(node.last_heartbeat_ms),
         free_bytes: info.free_bytes,
         chunks: node.chunks,

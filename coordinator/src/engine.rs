@@ -333,6 +333,9 @@ impl Engine {
             .sessions
             .insert(node_id.clone(), SessionHandle { generation, sender });
         inner.disconnected_since.remove(&node_id);
+        if let Some(node) = inner.nodes.get_mut(&node_id) {
+            node.stopped = false;
+        }
         tracing::info!(node = %node_id, active_runs = active_runs.len(), "node connected");
         inner.node_connected(&node_id, &active_runs, now)?;
         inner.store.flush().await?;
@@ -402,7 +405,9 @@ impl Engine {
     }
 
     /// A node's session ended.
-    pub async fn session_closed(&self, node_id: &str, generation: u64) {
+    /// `ended_by_node`: the node closed its side (it is stopping), rather
+    /// than the stream breaking.
+    pub async fn session_closed(&self, node_id: &str, generation: u64, ended_by_node: bool) {
         let mut inner = self.inner.lock().await;
         if inner
             .sessions
@@ -414,7 +419,10 @@ impl Engine {
             inner
                 .disconnected_since
                 .insert(node_id.to_owned(), now_ms());
-            tracing::info!(node = %node_id, "node disconnected");
+            if let Some(node) = inner.nodes.get_mut(node_id) {
+                node.stopped = ended_by_node;
+            }
+            tracing::info!(node = %node_id, ended_by_node, "node disconnected");
         }
     }
 
@@ -1351,7 +1359,11 @@ impl Inner {
                 .as_ref()
                 .map(|info| info.id.clone())
                 .unwrap_or_default();
-            tracing::warn!(node = %id, "node lost: no heartbeat");
+            if node.stopped {
+                tracing::info!(node = %id, "node offline: it ended its session (stopped)");
+            } else {
+                tracing::warn!(node = %id, "node lost: no heartbeat");
+            }
             self.store.put_node(&node)?;
             changed = true;
         }

@@ -116,10 +116,10 @@ impl Coordinator for CoordinatorService {
         let mut stop = self.shutdown.clone();
         let reader_node = node_id.clone();
         tokio::spawn(async move {
-            loop {
+            let ended_by_node = loop {
                 let message = tokio::select! {
                     message = inbound.message() => message,
-                    _ = crate::service::stopped(&mut stop) => break,
+                    _ = crate::service::stopped(&mut stop) => break false,
                 };
                 match message {
                     Ok(Some(message)) => {
@@ -127,14 +127,16 @@ impl Coordinator for CoordinatorService {
                             tracing::warn!(node = %reader_node, %error, "session message refused");
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => break true,
                     Err(status) => {
                         tracing::info!(node = %reader_node, %status, "session stream broke");
-                        break;
+                        break false;
                     }
                 }
-            }
-            engine.session_closed(&reader_node, generation).await;
+            };
+            engine
+                .session_closed(&reader_node, generation, ended_by_node)
+                .await;
         });
 
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound)

@@ -528,7 +528,8 @@ async fn a_node_that_stops_heartbeating_is_lost_and_comes_back_on_reconnect() {
             .unwrap()
             .into_inner()
             .nodes;
-        if state_of_n1(nodes) == NodeState::Lost {
+        if state_of_n1(nodes.clone()) == NodeState::Lost {
+            assert!(!nodes[0].stopped, "it went quiet, it did not stop");
             lost = true;
             break;
         }
@@ -544,6 +545,42 @@ async fn a_node_that_stops_heartbeating_is_lost_and_comes_back_on_reconnect() {
         .into_inner()
         .nodes;
     assert_eq!(state_of_n1(nodes), NodeState::Online);
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_ends_its_session_is_stopped_not_an_alarm() {
+    let temp = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_millis(100)).await;
+    let node = FakeNode::storage(&coordinator, "n1").await;
+    // The node closes its side: a clean end of its session stream.
+    drop(node);
+    let mut operator = coordinator.client().await;
+    let mut seen = None;
+    for _ in 0..200 {
+        let nodes = operator
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if nodes[0].state() == NodeState::Lost {
+            seen = Some(nodes[0].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let node = seen.expect("n1 never went offline");
+    assert!(node.stopped, "{node:?}");
+    let _back = FakeNode::storage(&coordinator, "n1").await;
+    let nodes = operator
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes[0].state(), NodeState::Online);
+    assert!(!nodes[0].stopped);
     coordinator.stop().await;
 }
 
