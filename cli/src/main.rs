@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use fabricctl::output::OutputFormat;
 use fabricctl::remote::Remote;
 use fabricctl::{browse, check, commands, local, security};
@@ -85,8 +85,14 @@ enum Command {
     /// Off-site sync of the jobs with a `sync_to` label.
     #[command(subcommand)]
     Sync(SyncCommand),
+    #[command(
+        after_help = "Examples:\n  fabricctl status\n  fabricctl status --job db -o json\n  fabricctl status --node https://10.0.0.5:7401   # one node's own list"
+    )]
     /// The snapshot table (same as `snapshot list`).
     Status(SnapshotListArgs),
+    #[command(
+        after_help = "Examples:\n  fabricctl find -r 0 --job db        # the newest of job db\n  fabricctl find -r 3f2a9c\n  fabricctl find -r daily -o json\n  fabricctl find -r binlogs/vm          # a sync snapshot's name: the current one"
+    )]
     /// Find snapshots by a revision spec (backy's `find -r`).
     Find(FindArgs),
     /// Restore a snapshot, a subtree or one file into a directory or as a tar stream.
@@ -98,6 +104,9 @@ enum Command {
     /// What changed between two snapshots: + added, - removed, M content, m metadata only.
     #[command(after_help = DIFF_EXAMPLES)]
     Diff(DiffArgs),
+    #[command(
+        after_help = "Examples:\n  fabricctl verify 3f2a9c\n  fabricctl verify latest --sample 5%\n  fabricctl verify --node n1            # the node's whole store"
+    )]
     /// Read a snapshot's chunks back (or a whole node's store) and check them.
     Verify(VerifyArgs),
     /// Collect a node's garbage now: sweep the chunks no snapshot references
@@ -113,6 +122,9 @@ enum Command {
         #[arg(long)]
         repack_threshold: Option<f64>,
     },
+    #[command(
+        after_help = "Examples:\n  fabricctl check\n  fabricctl check db web\n  fabricctl -o json check               # one entry per job"
+    )]
     /// Nagios check of every job's freshness (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
     Check(CheckArgs),
     /// Apply a job's retention (its schedule's keep counts and keep_*
@@ -125,6 +137,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    #[command(
+        after_help = "Examples:\n  fabricctl backup --node https://127.0.0.1:7401 /home\n  fabricctl backup --node https://10.0.0.5:7401 --job etc --tag daily --exclude '*.tmp' /etc"
+    )]
     /// Push a backup straight to a node, without a coordinator.
     Backup(BackupArgs),
     /// A whole fabric in this process, on loopback.
@@ -196,6 +211,9 @@ enum JobCommand {
 
 #[derive(Subcommand)]
 enum RunCommand {
+    #[command(
+        after_help = "Examples:\n  fabricctl run list\n  fabricctl run list --job db --state failed --since 24h"
+    )]
     /// List runs, newest first.
     List {
         /// Only this job's runs.
@@ -211,11 +229,15 @@ enum RunCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    #[command(
+        after_help = "Examples:\n  fabricctl run show 3f2a9c1e\n  fabricctl -o json run show 3f2a9c1e"
+    )]
     /// Show a run with its destinations and events.
     Show {
         /// Run id or unique prefix.
         run: String,
     },
+    #[command(after_help = "Examples:\n  fabricctl run watch 3f2a9c1e")]
     /// Follow a run live until it ends.
     Watch {
         /// Run id or unique prefix.
@@ -572,8 +594,52 @@ enum LocalCommand {
     },
 }
 
+/// The global flags a command would ignore, as an error naming them: a
+/// flag that does nothing is refused rather than silently dropped.
+fn ignored_flag(matches: &clap::ArgMatches) -> Option<String> {
+    let mut path = Vec::new();
+    let mut current = matches;
+    while let Some((name, sub)) = current.subcommand() {
+        path.push(name);
+        current = sub;
+    }
+    let command = path.join(" ");
+    let given = |id: &str| {
+        matches!(
+            matches.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine)
+        )
+    };
+    let first = path.first().copied().unwrap_or_default();
+    let without_coordinator = matches!(first, "completions" | "pki" | "local" | "backup");
+    let without_output = matches!(first, "completions" | "pki" | "local")
+        || command == "run watch"
+        || command == "node drain";
+    // `pki issue --coordinator NAME` is that command's own flag (the name
+    // of a coordinator certificate), which clap reports under the same id.
+    if given("coordinator") && without_coordinator && command != "pki issue" {
+        return Some(format!(
+            "--coordinator does not apply to `fabricctl {command}`, which talks to no coordinator"
+        ));
+    }
+    if given("output") && without_output {
+        return Some(format!(
+            "-o/--output does not apply to `fabricctl {command}`, which prints no listing"
+        ));
+    }
+    None
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    if let Some(problem) = ignored_flag(&matches) {
+        eprintln!("fabricctl: {problem}");
+        std::process::exit(2);
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -803,5 +869,58 @@ async fn run(cli: Cli) -> i32 {
             eprintln!("fabricctl: {err:#}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(args: &[&str]) -> Option<String> {
+        let matches = Cli::command().try_get_matches_from(args).unwrap();
+        ignored_flag(&matches)
+    }
+
+    #[test]
+    fn a_global_flag_a_command_ignores_is_refused() {
+        assert_eq!(
+            problem(&[
+                "fabricctl",
+                "--coordinator",
+                "https://x:1",
+                "completions",
+                "fish"
+            ])
+            .as_deref(),
+            Some(
+                "--coordinator does not apply to `fabricctl completions`, which talks to no coordinator"
+            )
+        );
+        assert!(
+            problem(&["fabricctl", "local", "up", "-o", "json"]).is_some_and(
+                |p| p.starts_with("-o/--output does not apply to `fabricctl local up`")
+            )
+        );
+        assert!(problem(&["fabricctl", "-o", "json", "run", "watch", "abc"]).is_some());
+        assert_eq!(
+            problem(&["fabricctl", "--coordinator", "https://x:1", "node", "list"]),
+            None
+        );
+        assert_eq!(problem(&["fabricctl", "-o", "json", "status"]), None);
+        // pki issue's own --coordinator (a certificate's name) is not the global one.
+        assert_eq!(
+            problem(&[
+                "fabricctl",
+                "pki",
+                "issue",
+                "--dir",
+                "d",
+                "--coordinator",
+                "c1"
+            ]),
+            None
+        );
+        // From the environment or the default: not the user's word here.
+        assert_eq!(problem(&["fabricctl", "completions", "bash"]), None);
     }
 }

@@ -168,7 +168,8 @@ fn a_backup_pushed_straight_to_a_node_reaches_the_catalogue() {
     let fabric = Fabric::start(1);
     let source = fabric.dir.path().join("source");
     generate_tree(&source, 5, 1024);
-    let pushed = fabric.ctl(&[
+    // Straight to the node: no --coordinator (a backup talks to none).
+    let pushed = fabricctl(&[
         "-o",
         "json",
         "backup",
