@@ -179,7 +179,12 @@ pub fn apply_update(
 
     if !update.dest.is_empty() {
         let copy = copy_for(record, &update.dest);
-        if let Some(progress) = update.progress.as_ref() {
+        // A progress report overtaken by the copy's end (it was on its
+        // way) must not replace the final figures.
+        let copy_ended = matches!(copy.state(), CopyState::Done | CopyState::Failed);
+        if let Some(progress) = update.progress.as_ref()
+            && !(copy_ended && dest_state == CopyState::Unspecified)
+        {
             copy.progress = Some(progress.clone());
         }
         match dest_state {
@@ -277,8 +282,12 @@ pub fn apply_update(
         && !update.ready
         && update.instances.is_empty();
     if only_progress {
+        let copy_ended = record.run().copies.iter().any(|copy| {
+            copy.node == update.dest && matches!(copy.state(), CopyState::Done | CopyState::Failed)
+        });
         if let Some(progress) = update.progress.as_ref()
             && !update.dest.is_empty()
+            && !copy_ended
         {
             outcome.progress = Some(progress_event(record, node, &update.dest, progress, now_ms));
         }
@@ -687,6 +696,34 @@ mod tests {
             (progress.files, progress.bytes_read, progress.bytes_sent),
             (7, 4096, 1000)
         );
+    }
+
+    #[test]
+    fn progress_overtaken_by_the_copys_end_changes_nothing() {
+        let mut record = push_run(&[("n1", false)]);
+        apply_update(&mut record, "c1", &dest("n1", CopyState::Running), 1);
+        let mut done = committed("n1", "s1");
+        if let Some(snapshot) = done.snapshot.as_mut() {
+            snapshot.stats = Some(fabric_proto::v1::SnapshotStats {
+                files: 7,
+                bytes_read: 4096,
+                ..Default::default()
+            });
+        }
+        apply_update(&mut record, "c1", &done, 2);
+        let late = RunUpdate {
+            run_id: "r1".into(),
+            dest: "n1".into(),
+            progress: Some(TransferProgress {
+                files: 3,
+                bytes_read: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let outcome = apply_update(&mut record, "c1", &late, 3);
+        assert!(outcome.progress.is_none() && outcome.event.is_none());
+        assert_eq!(record.run().copies[0].progress.as_ref().unwrap().files, 7);
     }
 
     #[test]
