@@ -212,6 +212,73 @@ fn the_shipped_sync_example_backs_up_the_binlogs_its_include_pattern_matches() {
     assert_eq!(names, ["binlogs/client-host"], "one sync snapshot per host");
 }
 
+#[test]
+fn the_shipped_push_example_runs_both_jobs_as_written_but_for_their_paths() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (etc, home, root) = (
+        scratch.path().join("etc"),
+        scratch.path().join("home"),
+        scratch.path().join("root"),
+    );
+    for dir in [&etc, &home, &root] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    for (name, text) in [
+        ("hosts", "127.0.0.1 localhost"),
+        ("fstab", "# nothing"),
+        ("draft.tmp", "left out"),
+        ("hosts~", "left out"),
+    ] {
+        std::fs::write(etc.join(name), text).unwrap();
+    }
+    std::fs::write(home.join("notes"), "home").unwrap();
+    std::fs::write(root.join(".profile"), "root").unwrap();
+
+    let example =
+        std::fs::read_to_string(workspace_root().join("coordinator/examples/push.toml")).unwrap();
+    let jobs = example
+        .replace("client = \"web1\"", "client = \"client\"")
+        .replace("\"/etc\"", &format!("{:?}", etc.to_str().unwrap()))
+        .replace(
+            "\"/home /root\"",
+            &format!("\"{} {}\"", home.display(), root.display()),
+        );
+    assert_ne!(jobs, example);
+
+    let fabric = Fabric::start(3);
+    let runs = fabric.submit(&jobs, &[]);
+    assert_eq!(runs.len(), 2, "one run per job");
+    for id in &runs {
+        let run = fabric.wait_run(id);
+        assert_eq!(run["state"], "done", "{run:#}");
+    }
+    let etc_run = runs
+        .iter()
+        .map(|id| fabric.wait_run(id))
+        .find(|run| run["job"] == "etc")
+        .unwrap();
+    // dest = "n1& n2/n3": all three hold it.
+    assert_eq!(
+        etc_run["copies"].as_array().unwrap().len(),
+        3,
+        "{etc_run:#}"
+    );
+    let id = etc_run["copies"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        restored_files(&fabric, &id, &etc, "restored-etc"),
+        ["fstab", "hosts"],
+        "the excludes (*.tmp, *~) left out"
+    );
+    // replicas = 2: two distinct nodes.
+    let home_rows = fabric.json(&["status", "--job", "home"]);
+    let nodes = home_rows[0]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{home_rows:#}");
+    assert_ne!(nodes[0], nodes[1]);
+}
+
 /// A pattern that matches nothing fails the run, naming the pattern.
 #[test]
 fn an_include_pattern_matching_nothing_fails_the_run_naming_it() {
