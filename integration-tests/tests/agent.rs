@@ -279,6 +279,58 @@ fn the_shipped_push_example_runs_both_jobs_as_written_but_for_their_paths() {
     assert_ne!(nodes[0], nodes[1]);
 }
 
+#[test]
+fn the_shipped_pull_example_pulls_what_the_passive_clients_pre_script_made_ready() {
+    let scratch = tempfile::tempdir().unwrap();
+    let export = scratch.path().join("export");
+    // The example's pre dumps into the export folder; its post removes it.
+    let dump = scratch.path().join("ext_dump.sh");
+    script(
+        &dump,
+        "#!/bin/sh
+mkdir -p \"$1\" && printf data > \"$1/table.csv\" && printf x > \"$1/scratch.tmp\" && printf y > \"$1/dump.log\"\n",
+    );
+    let example =
+        std::fs::read_to_string(workspace_root().join("coordinator/examples/pull.toml")).unwrap();
+    let jobs = example
+        .replace("client = \"ext1\"", "client = \"client\"")
+        .replace("/usr/local/lib/fabric", scratch.path().to_str().unwrap())
+        .replace("/srv/export", export.to_str().unwrap());
+    assert_ne!(jobs, example);
+    let pre = format!("{} {}", dump.display(), export.display());
+    let post = format!("rm -rf {}", export.display());
+
+    let fabric = Fabric::start_with_agent(
+        1,
+        &[],
+        &[],
+        &["--allow-command", &pre, "--allow-command", &post],
+    );
+    let runs = fabric.submit(&jobs, &[]);
+    let ext = runs
+        .iter()
+        .map(|id| fabric.wait_run(id))
+        .find(|run| run["job"] == "ext")
+        .unwrap_or_else(|| panic!("no run of the pull job among {runs:?}"));
+    assert_eq!(ext["state"], "done", "{ext:#}");
+    let id = ext["copies"][0]["snapshot_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        restored_files(&fabric, &id, &export, "restored-export"),
+        ["table.csv"],
+        "the dump, without the excluded *.tmp and *.log"
+    );
+    for _ in 0..100 {
+        if !export.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !export.exists(),
+        "the passive job's post removed the export"
+    );
+}
+
 /// A pattern that matches nothing fails the run, naming the pattern.
 #[test]
 fn an_include_pattern_matching_nothing_fails_the_run_naming_it() {
