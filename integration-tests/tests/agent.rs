@@ -331,6 +331,98 @@ mkdir -p \"$1\" && printf data > \"$1/table.csv\" && printf x > \"$1/scratch.tmp
     );
 }
 
+#[test]
+fn the_shipped_instances_example_runs_each_instance_with_its_master_recorded() {
+    let scratch = tempfile::tempdir().unwrap();
+    let scripts = scratch.path().join("scripts");
+    let backup = scratch.path().join("backup");
+    std::fs::create_dir_all(&scripts).unwrap();
+    for (name, body) in [
+        ("mysql_get_instances.sh", "echo 3306; echo 3307"),
+        ("mysql_get_slave_delay.sh", "echo 42"),
+        ("mysql_get_master_host.sh", "echo \"db-master-$1\""),
+        ("mysql_get_master_instance.sh", "echo \"m$1\""),
+        (
+            "mysql_dump_instance.sh",
+            "mkdir -p \"$2\" && printf \"dump of $1\" > \"$2/dump.sql\"",
+        ),
+    ] {
+        script(&scripts.join(name), &format!("#!/bin/sh\n{body}\n"));
+    }
+    let example =
+        std::fs::read_to_string(workspace_root().join("coordinator/examples/instances.toml"))
+            .unwrap();
+    let jobs = example
+        .replace("client = \"db-slave-3\"", "client = \"client\"")
+        .replace("/usr/local/lib/fabric/scripts", scripts.to_str().unwrap())
+        .replace("/srv/backup", backup.to_str().unwrap());
+    assert_ne!(jobs, example);
+    let script_of = |name: &str| scripts.join(name).to_str().unwrap().to_owned();
+    let allowed = [
+        script_of("mysql_get_instances.sh"),
+        format!("{} *", script_of("mysql_get_slave_delay.sh")),
+        format!("{} *", script_of("mysql_get_master_host.sh")),
+        format!("{} *", script_of("mysql_get_master_instance.sh")),
+        format!("{} *", script_of("mysql_dump_instance.sh")),
+        "rm -rf *".to_owned(),
+    ];
+    let mut agent_flags = Vec::new();
+    for entry in &allowed {
+        agent_flags.extend(["--allow-command", entry.as_str()]);
+    }
+    let fabric = Fabric::start_with_agent(3, &[], &[], &agent_flags);
+    // Only mysqldb: the file's redis job needs a redis-cli.
+    let runs = fabric.submit(&jobs, &["mysqldb"]);
+    assert_eq!(
+        runs.len(),
+        1,
+        "the run that asks the client for its instances"
+    );
+    assert_eq!(fabric.wait_run(&runs[0])["state"], "done");
+    let mut instances = Vec::new();
+    for _ in 0..600 {
+        let listed = fabric.json(&["run", "list", "--job", "mysqldb"]);
+        let ended: Vec<serde_json::Value> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|run| !run["instance"].as_str().unwrap_or("").is_empty())
+            .cloned()
+            .collect();
+        if ended.len() == 2
+            && ended
+                .iter()
+                .all(|run| run["state"] == "done" || run["state"] == "failed")
+        {
+            instances = ended;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(instances.len(), 2, "one run per instance");
+    assert!(
+        instances.iter().all(|run| run["state"] == "done"),
+        "{instances:#?}"
+    );
+    let mut recorded: Vec<(String, String, String, i64)> = catalogue(&fabric, "mysqldb")
+        .into_iter()
+        .map(|s| (s.instance, s.master_host, s.master_instance, s.data_age))
+        .collect();
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        [
+            ("3306".into(), "db-master-3306".into(), "m3306".into(), 42),
+            ("3307".into(), "db-master-3307".into(), "m3307".into(), 42),
+        ]
+    );
+    // The post removed each dump.
+    let left: Vec<_> = std::fs::read_dir(&backup)
+        .map(|entries| entries.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A pattern that matches nothing fails the run, naming the pattern.
 #[test]
 fn an_include_pattern_matching_nothing_fails_the_run_naming_it() {
