@@ -581,6 +581,26 @@ mod tests {
         }
     }
 
+    /// [`committed`], the snapshot with these figures.
+    fn committed_with_stats(
+        node: &str,
+        id: &str,
+        files: u64,
+        bytes_read: u64,
+        stored_bytes: u64,
+    ) -> RunUpdate {
+        let mut done = committed(node, id);
+        if let Some(snapshot) = done.snapshot.as_mut() {
+            snapshot.stats = Some(fabric_proto::v1::SnapshotStats {
+                files,
+                bytes_read,
+                stored_bytes,
+                ..Default::default()
+            });
+        }
+        done
+    }
+
     #[test]
     fn a_push_run_goes_through_its_states_and_ends_done() {
         let mut record = push_run(&[("n1", true), ("n2", false)]);
@@ -681,15 +701,7 @@ mod tests {
     fn a_copys_done_event_carries_its_final_figures_from_the_snapshot() {
         let mut record = push_run(&[("n1", false)]);
         apply_update(&mut record, "c1", &dest("n1", CopyState::Running), 1);
-        let mut done = committed("n1", "s1");
-        if let Some(snapshot) = done.snapshot.as_mut() {
-            snapshot.stats = Some(fabric_proto::v1::SnapshotStats {
-                files: 7,
-                bytes_read: 4096,
-                stored_bytes: 1000,
-                ..Default::default()
-            });
-        }
+        let done = committed_with_stats("n1", "s1", 7, 4096, 1000);
         let outcome = apply_update(&mut record, "c1", &done, 2);
         let progress = outcome.event.unwrap().progress.unwrap();
         assert_eq!(
@@ -702,14 +714,7 @@ mod tests {
     fn progress_overtaken_by_the_copys_end_changes_nothing() {
         let mut record = push_run(&[("n1", false)]);
         apply_update(&mut record, "c1", &dest("n1", CopyState::Running), 1);
-        let mut done = committed("n1", "s1");
-        if let Some(snapshot) = done.snapshot.as_mut() {
-            snapshot.stats = Some(fabric_proto::v1::SnapshotStats {
-                files: 7,
-                bytes_read: 4096,
-                ..Default::default()
-            });
-        }
+        let done = committed_with_stats("n1", "s1", 7, 4096, 0);
         apply_update(&mut record, "c1", &done, 2);
         let late = RunUpdate {
             run_id: "r1".into(),

@@ -513,38 +513,41 @@ async fn a_push_run_ends_done_with_both_copies_and_survives_a_restart() {
     coordinator.stop().await;
 }
 
+async fn listed_nodes(operator: &mut CoordinatorClient<Channel>) -> Vec<fabric_proto::v1::Node> {
+    operator
+        .list_nodes(ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+}
+
+/// The only node, once the coordinator lists it lost (bounded wait).
+async fn lost_node(operator: &mut CoordinatorClient<Channel>) -> fabric_proto::v1::Node {
+    for _ in 0..200 {
+        let nodes = listed_nodes(operator).await;
+        if nodes[0].state() == NodeState::Lost {
+            return nodes[0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the node never became lost");
+}
+
 #[tokio::test]
 async fn a_node_that_stops_heartbeating_is_lost_and_comes_back_on_reconnect() {
     let temp = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(&data_dir(&temp), Duration::from_millis(100)).await;
     let node = FakeNode::storage(&coordinator, "n1").await;
     let mut operator = coordinator.client().await;
-    let state_of_n1 = |nodes: Vec<fabric_proto::v1::Node>| nodes[0].state();
-    let mut lost = false;
-    for _ in 0..200 {
-        let nodes = operator
-            .list_nodes(ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if state_of_n1(nodes.clone()) == NodeState::Lost {
-            assert!(!nodes[0].stopped, "it went quiet, it did not stop");
-            lost = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(lost, "n1 never became lost");
+    let lost = lost_node(&mut operator).await;
+    assert!(!lost.stopped, "it went quiet, it did not stop");
     drop(node);
     let _node = FakeNode::storage(&coordinator, "n1").await;
-    let nodes = operator
-        .list_nodes(ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
-    assert_eq!(state_of_n1(nodes), NodeState::Online);
+    assert_eq!(
+        listed_nodes(&mut operator).await[0].state(),
+        NodeState::Online
+    );
     coordinator.stop().await;
 }
 
@@ -556,29 +559,10 @@ async fn a_node_that_ends_its_session_is_stopped_not_an_alarm() {
     // The node closes its side: a clean end of its session stream.
     drop(node);
     let mut operator = coordinator.client().await;
-    let mut seen = None;
-    for _ in 0..200 {
-        let nodes = operator
-            .list_nodes(ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if nodes[0].state() == NodeState::Lost {
-            seen = Some(nodes[0].clone());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let node = seen.expect("n1 never went offline");
+    let node = lost_node(&mut operator).await;
     assert!(node.stopped, "{node:?}");
     let _back = FakeNode::storage(&coordinator, "n1").await;
-    let nodes = operator
-        .list_nodes(ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = listed_nodes(&mut operator).await;
     assert_eq!(nodes[0].state(), NodeState::Online);
     assert!(!nodes[0].stopped);
     coordinator.stop().await;

@@ -357,6 +357,20 @@ pub fn fabricctl(args: &[&str]) -> Output {
         .expect("fabricctl runs")
 }
 
+/// Run `fabricctl ARGS...` with its stdout closed before it writes
+/// anything (a reader that went away, `| head`): every write fails with
+/// EPIPE.
+pub fn fabricctl_with_closed_stdout(args: &[&str]) -> Output {
+    let mut child = fabricctl_command(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fabricctl runs");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("fabricctl ends")
+}
+
 /// `fabricctl ARGS...` as `operator/test` unless ARGS give other
 /// credentials, to spawn.
 pub fn fabricctl_command(args: &[&str]) -> Command {

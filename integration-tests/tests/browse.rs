@@ -8,9 +8,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 
-use fabric_integration_tests::{Fabric, fabricctl_command, pki};
+use fabric_integration_tests::{Fabric, fabricctl_command, fabricctl_with_closed_stdout, pki};
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -176,20 +176,13 @@ fn ls_and_diff_show_snapshots_without_restoring_them() {
     }
 
     // A listing whose reader goes away early ends quietly.
-    let mut child = fabricctl_command(&[
+    let output = fabricctl_with_closed_stdout(&[
         "--coordinator",
         fabric.coordinator.address.as_str(),
         "ls",
         "0",
         "-r",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    // Closed before anything is written: every write fails with EPIPE.
-    drop(child.stdout.take());
-    let output = child.wait_with_output().unwrap();
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
 }
