@@ -349,13 +349,26 @@ fn the_shipped_instances_example_runs_each_instance_with_its_master_recorded() {
     ] {
         script(&scripts.join(name), &format!("#!/bin/sh\n{body}\n"));
     }
+    // A redis-cli that does what `redis-cli -p PORT save` does to the
+    // instance's dump.rdb.
+    let redis = scratch.path().join("redis");
+    let redis_cli = scripts.join("redis-cli");
+    script(
+        &redis_cli,
+        &format!(
+            "#!/bin/sh\n[ \"$1 $3\" = \"-p save\" ] || exit 2\nmkdir -p {0}/$2 && printf \"rdb of $2\" > {0}/$2/dump.rdb\n",
+            redis.display()
+        ),
+    );
     let example =
         std::fs::read_to_string(workspace_root().join("coordinator/examples/instances.toml"))
             .unwrap();
     let jobs = example
         .replace("client = \"db-slave-3\"", "client = \"client\"")
         .replace("/usr/local/lib/fabric/scripts", scripts.to_str().unwrap())
-        .replace("/srv/backup", backup.to_str().unwrap());
+        .replace("/srv/backup", backup.to_str().unwrap())
+        .replace("\"redis-cli ", &format!("\"{} ", redis_cli.display()))
+        .replace("/var/lib/redis", redis.to_str().unwrap());
     assert_ne!(jobs, example);
     let script_of = |name: &str| scripts.join(name).to_str().unwrap().to_owned();
     let allowed = [
@@ -365,20 +378,33 @@ fn the_shipped_instances_example_runs_each_instance_with_its_master_recorded() {
         format!("{} *", script_of("mysql_get_master_instance.sh")),
         format!("{} *", script_of("mysql_dump_instance.sh")),
         "rm -rf *".to_owned(),
+        format!("{} *", redis_cli.display()),
     ];
     let mut agent_flags = Vec::new();
     for entry in &allowed {
         agent_flags.extend(["--allow-command", entry.as_str()]);
     }
     let fabric = Fabric::start_with_agent(3, &[], &[], &agent_flags);
-    // Only mysqldb: the file's redis job needs a redis-cli.
-    let runs = fabric.submit(&jobs, &["mysqldb"]);
+    let runs = fabric.submit(&jobs, &[]);
+    let runs: Vec<serde_json::Value> = runs.iter().map(|id| fabric.wait_run(id)).collect();
+    let mut jobs_run: Vec<(&str, &str)> = runs
+        .iter()
+        .map(|run| {
+            (
+                run["job"].as_str().unwrap(),
+                run["instance"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    jobs_run.sort();
     assert_eq!(
-        runs.len(),
-        1,
-        "the run that asks the client for its instances"
+        jobs_run,
+        [("mysqldb", ""), ("redis", "6379"), ("redis", "6380")],
+        "mysqldb: the run that asks the client for its instances; redis: one run per listed instance"
     );
-    assert_eq!(fabric.wait_run(&runs[0])["state"], "done");
+    for run in &runs {
+        assert_eq!(run["state"], "done", "{run:#}");
+    }
     let mut instances = Vec::new();
     for _ in 0..600 {
         let listed = fabric.json(&["run", "list", "--job", "mysqldb"]);
@@ -421,6 +447,146 @@ fn the_shipped_instances_example_runs_each_instance_with_its_master_recorded() {
         .map(|entries| entries.filter_map(Result::ok).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+
+    // redis: each instance's dump.rdb, saved by its pre, on two distinct
+    // nodes (replicas = 2).
+    let mut saved = Vec::new();
+    for run in runs.iter().filter(|run| run["job"] == "redis") {
+        let instance = run["instance"].as_str().unwrap();
+        let copies = run["copies"].as_array().unwrap();
+        let nodes: std::collections::BTreeSet<&str> = copies
+            .iter()
+            .map(|copy| copy["node"].as_str().unwrap())
+            .collect();
+        assert_eq!((copies.len(), nodes.len()), (2, 2), "{run:#}");
+        let id = copies[0]["snapshot_id"].as_str().unwrap();
+        let files = restored_files(
+            &fabric,
+            id,
+            &redis.join(instance),
+            &format!("restored-{instance}"),
+        );
+        assert_eq!(files, ["dump.rdb"], "{run:#}");
+        let restored = fabric
+            .dir
+            .path()
+            .join(format!("restored-{instance}"))
+            .join("dump.rdb");
+        saved.push(std::fs::read_to_string(restored).unwrap());
+    }
+    saved.sort();
+    assert_eq!(saved, ["rdb of 6379", "rdb of 6380"]);
+}
+
+/// `coordinator/examples/scheduled.toml` as shipped but for its clients and
+/// paths: the coordinator plans each job by its schedule (db inside its
+/// window, in its own time zone, with tags of its schedule), and each job
+/// started by hand runs as written.
+#[test]
+fn the_shipped_scheduled_example_plans_each_job_by_its_schedule_and_runs_as_written() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (etc, dumps) = (scratch.path().join("etc"), scratch.path().join("db"));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("hosts"), "127.0.0.1 localhost").unwrap();
+    let dump_db = scratch.path().join("dump-db");
+    script(
+        &dump_db,
+        &format!(
+            "#!/bin/sh\nmkdir -p {0} && printf rows > {0}/db.sql\n",
+            dumps.display()
+        ),
+    );
+    let example =
+        std::fs::read_to_string(workspace_root().join("coordinator/examples/scheduled.toml"))
+            .unwrap();
+    let jobs = example
+        .replace("client = \"web1\"", "client = \"client\"")
+        .replace("client = \"db1\"", "client = \"client\"")
+        .replace("\"/etc\"", &format!("{:?}", etc.to_str().unwrap()))
+        .replace("/var/backups/db", dumps.to_str().unwrap())
+        .replace("/usr/local/bin/dump-db", dump_db.to_str().unwrap());
+    assert_ne!(jobs, example);
+
+    let fabric =
+        Fabric::start_with_agent(3, &[], &[], &["--allow-command", dump_db.to_str().unwrap()]);
+    let file = fabric.dir.path().join("scheduled.toml");
+    std::fs::write(&file, &jobs).unwrap();
+    let submitted = fabric.ctl(&["job", "submit", "-f", file.to_str().unwrap(), "--no-run"]);
+    assert!(submitted.status.success(), "{submitted:?}");
+
+    // Planned: each job's next run with tags of its own schedule; db's in
+    // its window of Berlin time.
+    let listed = fabric.json(&["job", "list"]);
+    let planned = |name: &str| -> (jiff::Timestamp, Vec<String>) {
+        let row = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["name"] == name)
+            .unwrap_or_else(|| panic!("job {name} listed: {listed:#}"));
+        let at: jiff::Timestamp = row["next_run"].as_str().unwrap().parse().unwrap();
+        let tags = row["next_run_tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|tag| tag.as_str().unwrap().to_owned())
+            .collect();
+        (at, tags)
+    };
+    let now = jiff::Timestamp::now();
+    let (etc_at, etc_tags) = planned("etc");
+    assert!(
+        !etc_tags.is_empty() && etc_tags.iter().all(|t| t == "daily" || t == "weekly"),
+        "{etc_tags:?}"
+    );
+    assert!(
+        etc_at <= now + jiff::SignedDuration::from_hours(7 * 24 + 1),
+        "{etc_at}"
+    );
+    let (db_at, db_tags) = planned("db");
+    assert!(
+        !db_tags.is_empty() && db_tags.iter().all(|t| t == "hourly" || t == "daily"),
+        "{db_tags:?}"
+    );
+    let berlin = db_at.in_tz("Europe/Berlin").unwrap().time();
+    assert!(
+        berlin >= jiff::civil::time(1, 0, 0, 0) && berlin < jiff::civil::time(5, 0, 0, 0),
+        "db's next run {db_at} is {berlin} in Berlin, outside 01:00-05:00"
+    );
+
+    // Started by hand: etc on two distinct nodes; db's pre dumps, and n1
+    // and n2 hold the dump.
+    let etc_run = fabric.json(&["job", "run", "etc"]);
+    let etc_run = fabric.wait_run(etc_run[0]["id"].as_str().unwrap());
+    assert_eq!(etc_run["state"], "done", "{etc_run:#}");
+    let mut nodes: Vec<&str> = etc_run["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|copy| copy["node"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(nodes.len(), 2, "{etc_run:#}");
+    let db_run = fabric.json(&["job", "run", "db"]);
+    let db_run = fabric.wait_run(db_run[0]["id"].as_str().unwrap());
+    assert_eq!(db_run["state"], "done", "{db_run:#}");
+    let mut nodes: Vec<&str> = db_run["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|copy| copy["node"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2"], "{db_run:#}");
+    let id = db_run["copies"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        restored_files(&fabric, &id, &dumps, "restored-db"),
+        ["db.sql"]
+    );
 }
 
 /// A pattern that matches nothing fails the run, naming the pattern.
