@@ -98,18 +98,7 @@ pub fn print_one<T: Serialize>(
 
 /// A byte count as people read it (IEC units).
 pub fn bytes(count: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = count as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{count} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    fabric_proto::bytes_word(count)
 }
 
 /// A count with its noun, singular or plural: "1 file", "3 files".

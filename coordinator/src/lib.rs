@@ -27,6 +27,7 @@ pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod status_page;
 pub mod tokens;
 
 pub use config::{ConfigError, CoordinatorConfig, LogFormat};

@@ -69,6 +69,23 @@ pub fn duration_word(seconds: u64) -> String {
     }
 }
 
+/// A byte count as people read it, in IEC units (`512 B`, `1.5 MiB`):
+/// the CLI's tables and the coordinator's status page say sizes alike.
+pub fn bytes_word(count: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = count as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{count} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// Length in bytes of a chunk or tree id (BLAKE3-256).
 pub const ID_LEN: usize = 32;
 
