@@ -547,36 +547,7 @@ impl Fabric {
                 node_extra,
             ));
         }
-        let agent_dir = dir.path().join("agent");
-        let mut agent_args = vec![
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            agent_dir.to_str().expect("utf-8"),
-            "--node-id",
-            "client",
-            "--roles",
-            "agent",
-            "--hostname",
-            "client-host",
-            "--coordinator",
-            &coordinator.address,
-            // What the tests' jobs run, and nothing else.
-            "--allow-command",
-            "sleep 30",
-            "--allow-command",
-            "echo preparing",
-            "--allow-command",
-            "echo about to fail; exit 3",
-            "--allow-command",
-            "printf 'alpha\\nbeta\\n'",
-            "--allow-command",
-            "touch *",
-            "--allow-command",
-            "echo db-master-1",
-        ];
-        agent_args.extend_from_slice(agent_extra);
-        let agent = Server::start("fabric-node", &agent_args, &[]);
+        let agent = Self::start_agent(&dir, &coordinator.address, agent_extra);
         let fabric = Self {
             dir,
             coordinator,
@@ -611,6 +582,41 @@ impl Fabric {
     /// Start storage node `n<index>`.
     pub fn start_node(dir: &tempfile::TempDir, coordinator: &str, index: usize) -> Server {
         Self::start_node_with(dir, coordinator, index, &[])
+    }
+
+    /// The agent `client` (host `client-host`), its data under DIR/agent,
+    /// allowed the commands the tests' jobs run and those `extra` allows.
+    pub fn start_agent(dir: &tempfile::TempDir, coordinator: &str, extra: &[&str]) -> Server {
+        let agent_dir = dir.path().join("agent");
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            agent_dir.to_str().expect("utf-8"),
+            "--node-id",
+            "client",
+            "--roles",
+            "agent",
+            "--hostname",
+            "client-host",
+            "--coordinator",
+            coordinator,
+            // What the tests' jobs run, and nothing else.
+            "--allow-command",
+            "sleep 30",
+            "--allow-command",
+            "echo preparing",
+            "--allow-command",
+            "echo about to fail; exit 3",
+            "--allow-command",
+            "printf 'alpha\\nbeta\\n'",
+            "--allow-command",
+            "touch *",
+            "--allow-command",
+            "echo db-master-1",
+        ];
+        args.extend_from_slice(extra);
+        Server::start("fabric-node", &args, &[])
     }
 
     /// Start storage node `n<index>` with `extra` flags.

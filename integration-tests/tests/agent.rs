@@ -675,3 +675,84 @@ fn a_stopped_agent_ends_its_pre_script_and_reports_the_run_failed_at_once() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+/// A SIGKILLed agent cannot end its scripts: they outlive it. Its next
+/// start on the same data directory ends them (its ledger of running
+/// script groups), and leaves every other process alone.
+#[test]
+fn a_killed_agents_scripts_are_ended_when_it_starts_again() {
+    let scratch = tempfile::tempdir().unwrap();
+    let pre = scratch.path().join("pre.sh");
+    let pids = scratch.path().join("pids");
+    // The script and a child of its own, both waiting; each start of it
+    // appends "SHELL SLEEP" to the file.
+    script(
+        &pre,
+        &format!(
+            "#!/bin/sh\nsleep 300 &\necho \"$$ $!\" >> {}\nwait\n",
+            pids.display()
+        ),
+    );
+    let allow = ["--allow-command", pre.to_str().unwrap()];
+    let mut fabric = Fabric::start_with_agent(1, &[], &[], &allow);
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let source = fabric.dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("data"), b"x").unwrap();
+    let jobs = format!(
+        "[job.killed]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\npre = \"{}\"\ndest = \"n1\"\n",
+        source.display(),
+        pre.display()
+    );
+    fabric.submit(&jobs, &[]);
+    let first_line = |text: &str| -> Option<(i32, i32)> {
+        let (shell, sleeper) = text.lines().next()?.split_once(' ')?;
+        Some((shell.parse().ok()?, sleeper.parse().ok()?))
+    };
+    let mut started = None;
+    for _ in 0..600 {
+        started = std::fs::read_to_string(&pids)
+            .ok()
+            .and_then(|text| first_line(&text));
+        if started.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (shell, sleeper) = started.expect("the pre script started");
+
+    fabric.agent.child.kill().unwrap();
+    fabric.agent.child.wait().unwrap();
+    assert!(
+        !gone(shell) && !gone(sleeper),
+        "a SIGKILLed agent's scripts outlive it"
+    );
+
+    fabric.agent = Fabric::start_agent(&fabric.dir, &fabric.coordinator.address, &allow);
+    wait_gone(shell, "the killed agent's pre script");
+    wait_gone(sleeper, "the killed agent's pre script's child");
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "a process the agent did not start is left alone"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+
+    // The new agent may be running the retried run's pre: a stop ends it.
+    signal(fabric.agent.pid(), rustix::process::Signal::TERM);
+    for _ in 0..600 {
+        if fabric.agent.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&pids).unwrap();
+    for line in text.lines().skip(1) {
+        let (shell, sleeper) = first_line(line).unwrap();
+        wait_gone(shell, "the retried run's pre script");
+        wait_gone(sleeper, "the retried run's pre script's child");
+    }
+}

@@ -387,6 +387,13 @@ pub async fn run_session(
     let (replies_tx, mut replies_rx) = mpsc::unbounded_channel::<node_message::Kind>();
     let active = Arc::new(Mutex::new(ActiveRuns::default()));
     let insecure = !parts.transport.is_tls();
+    // Only agents run scripts; their ledger also ends what a killed
+    // predecessor left running.
+    let scripts = if config.has_role(crate::config::Role::Agent) {
+        Scripts::for_node(&config.data_dir).await
+    } else {
+        Scripts::default()
+    };
     let context = Context {
         config: config.clone(),
         store: store.clone(),
@@ -400,7 +407,7 @@ pub async fn run_session(
         replies: replies_tx,
         gc_running: Arc::new(AtomicU64::new(0)),
         scrub: parts.scrub,
-        scripts: Arc::new(Scripts::default()),
+        scripts: Arc::new(scripts),
         stages: Arc::default(),
     };
     let stopping = parts.stopping;
