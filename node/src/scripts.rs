@@ -483,14 +483,7 @@ mod tests {
 
     /// Whether process `pid` is gone (or a zombie nobody reaped yet).
     fn gone(pid: i32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            // The state follows the command name's closing parenthesis.
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state == "Z" || state == "X"),
-        }
+        process_stat(pid).is_none_or(|stat| stat.zombie)
     }
 
     async fn wait_for_file(path: &std::path::Path) -> i32 {

@@ -143,6 +143,21 @@ struct Context {
     stages: Arc<Mutex<HashMap<String, &'static str>>>,
 }
 
+/// Removes a run's entry from [`Context::stages`] when dropped.
+struct ForgetStage {
+    stages: Arc<Mutex<HashMap<String, &'static str>>>,
+    run_id: String,
+}
+
+impl Drop for ForgetStage {
+    fn drop(&mut self) {
+        self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.run_id);
+    }
+}
+
 impl Context {
     fn send(&self, update: RunUpdate) {
         if update.dest.is_empty()
@@ -717,12 +732,13 @@ fn handle(
             let role = assignment.role();
             let task = tokio::spawn(
                 async move {
+                    // Dropped when the run ends or its task is aborted (a
+                    // cancel): either way its stage is forgotten.
+                    let _stage = ForgetStage {
+                        stages: task_context.stages.clone(),
+                        run_id: task_run.clone(),
+                    };
                     let last = execute(&task_context, assignment, pull_done_rx).await;
-                    task_context
-                        .stages
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&task_run);
                     {
                         let mut active = lock(&task_active);
                         if active.stopping {
