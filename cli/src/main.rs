@@ -594,35 +594,94 @@ enum LocalCommand {
     },
 }
 
+/// Whether the command at `path` (`["run", "watch"]`) ignores global flag
+/// `id` (`coordinator` or `output`).
+fn ignores(path: &[&str], id: &str) -> bool {
+    let first = path.first().copied().unwrap_or_default();
+    let command = path.join(" ");
+    match id {
+        // `pki issue --coordinator NAME` is that command's own flag (the
+        // name of a coordinator certificate), under the same id.
+        "coordinator" => {
+            matches!(first, "completions" | "pki" | "local" | "backup") && command != "pki issue"
+        }
+        "output" => {
+            matches!(first, "completions" | "pki" | "local")
+                || command == "run watch"
+                || command == "node drain"
+        }
+        _ => false,
+    }
+}
+
+/// The command line's definition, with the global flags a subcommand
+/// ignores left out of that subcommand's help: there it gets a hidden copy
+/// of its own, which clap's propagation of the global one then skips, and
+/// which [`ignored_flag`] refuses when given.
+fn cli_command() -> clap::Command {
+    fn hide_ignored(
+        mut command: clap::Command,
+        path: &[&str],
+        globals: &[clap::Arg],
+    ) -> clap::Command {
+        for global in globals {
+            let id = global.get_id().as_str();
+            if !path.is_empty()
+                && ignores(path, id)
+                && !command.get_arguments().any(|arg| arg.get_id() == id)
+            {
+                command = command.arg(global.clone().global(false).hide(true));
+            }
+        }
+        let names: Vec<String> = command
+            .get_subcommands()
+            .map(|sub| sub.get_name().to_owned())
+            .collect();
+        for name in &names {
+            let mut below = path.to_vec();
+            below.push(name);
+            command = command.mut_subcommand(name, |sub| hide_ignored(sub, &below, globals));
+        }
+        command
+    }
+    let command = Cli::command();
+    let globals: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| matches!(arg.get_id().as_str(), "coordinator" | "output"))
+        .cloned()
+        .collect();
+    hide_ignored(command, &[], &globals)
+}
+
 /// The global flags a command would ignore, as an error naming them: a
 /// flag that does nothing is refused rather than silently dropped.
 fn ignored_flag(matches: &clap::ArgMatches) -> Option<String> {
     let mut path = Vec::new();
+    let mut levels = vec![matches];
     let mut current = matches;
     while let Some((name, sub)) = current.subcommand() {
         path.push(name);
+        levels.push(sub);
         current = sub;
     }
     let command = path.join(" ");
+    // On the command line at any level: the global flag, or a hidden copy
+    // of it (see `cli_command`).
     let given = |id: &str| {
-        matches!(
-            matches.value_source(id),
-            Some(clap::parser::ValueSource::CommandLine)
-        )
+        levels.iter().any(|level| {
+            level.try_contains_id(id).unwrap_or(false)
+                && matches!(
+                    level.value_source(id),
+                    Some(clap::parser::ValueSource::CommandLine)
+                )
+        })
     };
-    let first = path.first().copied().unwrap_or_default();
-    let without_coordinator = matches!(first, "completions" | "pki" | "local" | "backup");
-    let without_output = matches!(first, "completions" | "pki" | "local")
-        || command == "run watch"
-        || command == "node drain";
-    // `pki issue --coordinator NAME` is that command's own flag (the name
-    // of a coordinator certificate), which clap reports under the same id.
-    if given("coordinator") && without_coordinator && command != "pki issue" {
+    if given("coordinator") && ignores(&path, "coordinator") {
         return Some(format!(
             "--coordinator does not apply to `fabricctl {command}`, which talks to no coordinator"
         ));
     }
-    if given("output") && without_output {
+    if given("output") && ignores(&path, "output") {
         return Some(format!(
             "-o/--output does not apply to `fabricctl {command}`, which prints no listing"
         ));
@@ -631,7 +690,7 @@ fn ignored_flag(matches: &clap::ArgMatches) -> Option<String> {
 }
 
 fn main() {
-    let matches = Cli::command().get_matches();
+    let matches = cli_command().get_matches();
     if let Some(problem) = ignored_flag(&matches) {
         eprintln!("fabricctl: {problem}");
         std::process::exit(2);
@@ -857,7 +916,7 @@ async fn run(cli: Cli) -> i32 {
             // Into a buffer first: generate() panics on a failed write,
             // and `| head` closes stdout early.
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "fabricctl", &mut script);
+            clap_complete::generate(shell, &mut cli_command(), "fabricctl", &mut script);
             fabricctl::output::write_all(&script).map_err(anyhow::Error::from)
         }
     };
@@ -877,8 +936,41 @@ mod tests {
     use super::*;
 
     fn problem(args: &[&str]) -> Option<String> {
-        let matches = Cli::command().try_get_matches_from(args).unwrap();
+        let matches = cli_command().try_get_matches_from(args).unwrap();
         ignored_flag(&matches)
+    }
+
+    /// The help of `fabricctl PATH...`.
+    fn help_of(path: &[&str]) -> String {
+        let mut command = cli_command();
+        // As parsing does: the global flags copied into the subcommands.
+        command.build();
+        let mut current = &mut command;
+        for name in path {
+            current = current.find_subcommand_mut(name).unwrap();
+        }
+        current.render_long_help().to_string()
+    }
+
+    #[test]
+    fn a_commands_help_offers_only_the_global_flags_it_takes() {
+        let local_up = help_of(&["local", "up"]);
+        assert!(!local_up.contains("--coordinator"), "{local_up}");
+        assert!(!local_up.contains("--output"), "{local_up}");
+        let watch = help_of(&["run", "watch"]);
+        assert!(watch.contains("--coordinator"), "{watch}");
+        assert!(!watch.contains("--output"), "{watch}");
+        let list = help_of(&["job", "list"]);
+        assert!(
+            list.contains("--coordinator") && list.contains("--output"),
+            "{list}"
+        );
+        let issue = help_of(&["pki", "issue"]);
+        assert!(
+            issue.contains("--coordinator <COORDINATOR>"),
+            "its own flag: {issue}"
+        );
+        assert!(!issue.contains("--output"), "{issue}");
     }
 
     #[test]
