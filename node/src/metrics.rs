@@ -446,8 +446,7 @@ impl NodeMetrics {
         }
         if let Some(scrub) = scrub {
             let progress = scrub.progress();
-            self.scrub_packs_read
-                .set(i64::from(progress.packs_read));
+            self.scrub_packs_read.set(i64::from(progress.packs_read));
             self.scrub_packs.set(i64::from(progress.packs));
             self.scrub_pass_bytes.set(clamp(progress.bytes_this_pass));
             self.scrub_last_pass_end.set(progress.last_pass_ms / 1000);
@@ -501,7 +500,10 @@ impl GcInProgress {
     pub fn finished(mut self, ok: bool, bytes_freed: u64) {
         self.recorded = true;
         self.metrics.gc_reclaimed_bytes.inc_by(bytes_freed);
-        self.metrics.gc_runs.get_or_create(&ResultLabel::of(ok)).inc();
+        self.metrics
+            .gc_runs
+            .get_or_create(&ResultLabel::of(ok))
+            .inc();
     }
 }
 
@@ -566,7 +568,7 @@ impl AgentBackup {
     /// It committed: the counters take the snapshot's own figures (files,
     /// bytes read) and the bytes the push sent.
     pub fn succeeded(&mut self, outcome: &crate::agent::PushOutcome) {
-        let stats = outcome.snapshot.stats.clone().unwrap_or_default();
+        let stats = outcome.snapshot.stats.unwrap_or_default();
         self.done = Some((stats.files, stats.bytes_read, outcome.bytes_sent));
     }
 }

@@ -309,10 +309,8 @@ pub async fn serve_until_stopped(
         ));
     }
     if let Some(listener) = ports.metrics {
-        let registry = metrics.register(
-            config.has_role(Role::Storage),
-            config.has_role(Role::Agent),
-        );
+        let registry =
+            metrics.register(config.has_role(Role::Storage), config.has_role(Role::Agent));
         let source = Arc::new(crate::metrics::NodeMetricsSource::new(
             registry,
             metrics.clone(),

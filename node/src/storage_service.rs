@@ -392,8 +392,7 @@ impl Storage for StorageService {
         request: Request<Streaming<SenderMessage>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
         if !self.writable.load(Ordering::Relaxed) {
-            self.metrics
-                .refused(crate::metrics::RefusalReason::NoSpace);
+            self.metrics.refused(crate::metrics::RefusalReason::NoSpace);
             return Err(Status::unavailable(format!(
                 "the store at {} cannot accept writes now (too little free space)",
                 self.store.dir().display()

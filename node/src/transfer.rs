@@ -597,8 +597,10 @@ where
                 .await
                 .map_err(join_error)?
                 .map_err(status_from_store_error)?;
-                let stats = committed.stats.clone().unwrap_or_default();
-                rules.metrics.committed(stats.total_bytes, written.new_bytes);
+                let stats = committed.stats.unwrap_or_default();
+                rules
+                    .metrics
+                    .committed(stats.total_bytes, written.new_bytes);
                 reply(receiver_message::Kind::Committed(Committed {
                     snapshot: Some(committed.clone()),
                 }))

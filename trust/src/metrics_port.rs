@@ -121,10 +121,9 @@ impl Admission {
                     "this server takes client certificates, not tokens: {METRICS_PATH} needs a certificate of {needed}"
                 ))
             })?;
-            verifier
-                .verify(token.to_owned())
-                .await
-                .map_err(|reason| unauthorized(format!("{reason}: {METRICS_PATH} needs {needed}")))?
+            verifier.verify(token.to_owned()).await.map_err(|reason| {
+                unauthorized(format!("{reason}: {METRICS_PATH} needs {needed}"))
+            })?
         } else {
             return Err(unauthorized(format!(
                 "no client certificate or token: {METRICS_PATH} needs {needed}"
@@ -263,7 +262,9 @@ impl axum::serve::Listener for Accepted {
     }
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Accepted>> for PeerInfo {
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Accepted>>
+    for PeerInfo
+{
     fn connect_info(stream: axum::serve::IncomingStream<'_, Accepted>) -> Self {
         stream.remote_addr().clone()
     }
@@ -319,7 +320,10 @@ mod tests {
     async fn a_monitor_token_may_scrape_and_a_client_token_is_403() {
         let admission = secure(true);
         let peer = PeerInfo::default();
-        assert_eq!(admission.admit(&peer, Some(&bearer("monitor"))).await, Ok(()));
+        assert_eq!(
+            admission.admit(&peer, Some(&bearer("monitor"))).await,
+            Ok(())
+        );
         let refusal = admission
             .admit(&peer, Some(&bearer("client")))
             .await
@@ -344,7 +348,11 @@ mod tests {
             .await
             .expect_err("refused");
         assert_eq!(refusal.status, StatusCode::UNAUTHORIZED);
-        assert!(refusal.message.contains("not tokens"), "{}", refusal.message);
+        assert!(
+            refusal.message.contains("not tokens"),
+            "{}",
+            refusal.message
+        );
     }
 
     #[tokio::test]
