@@ -80,6 +80,7 @@ impl LocalFabric {
             tls_key: Some(key),
             tls_ca: Some(pki.ca_certificate()),
             health_listen: String::new(),
+            metrics_listen: String::new(),
             ..Default::default()
         };
         let shutdown = stopped(coordinator_stop_rx);
@@ -104,6 +105,7 @@ impl LocalFabric {
                 tls_key: Some(key),
                 tls_ca: Some(pki.ca_certificate()),
                 health_listen: String::new(),
+                metrics_listen: String::new(),
                 data_dir: dir.join(&id),
                 node_id: id.clone(),
                 advertise: address.clone(),

@@ -88,6 +88,11 @@ pub struct CoordinatorConfig {
     /// The plaintext port that serves only grpc.health.v1, for probes
     /// (`health_listen`, default `0.0.0.0:7420`; `""`: none).
     pub health_listen: String,
+    /// The metrics port: `GET /metrics` in the OpenMetrics text format, with
+    /// the coordinator's TLS, for roles operator and monitor by certificate
+    /// or bearer token (`metrics_listen`, default `0.0.0.0:7410`; `""`:
+    /// none).
+    pub metrics_listen: String,
     /// Each storage node collects garbage at least this often (`gc_every`,
     /// default `"24h"`; `"0s"`: only after deletions and on demand).
     #[serde(with = "humantime_serde_duration")]
@@ -142,6 +147,7 @@ impl Default for CoordinatorConfig {
             tls_ca: None,
             insecure_plaintext: false,
             health_listen: "0.0.0.0:7420".to_owned(),
+            metrics_listen: "0.0.0.0:7410".to_owned(),
             gc_every: Duration::from_secs(24 * 60 * 60),
             gc_lease: Duration::from_secs(60 * 60),
             gc_window: None,

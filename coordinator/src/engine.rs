@@ -147,6 +147,7 @@ struct Inner {
     rng: StdRng,
     gc: gc::GcBook,
     replicas: replication::ReplicaBook,
+    metrics: crate::metrics::CoordinatorMetrics,
 }
 
 /// The coordinator's live state.
@@ -155,6 +156,7 @@ pub struct Engine {
     events: broadcast::Sender<RunEvent>,
     settings: Settings,
     state: Store,
+    metrics: crate::metrics::CoordinatorMetrics,
 }
 
 impl std::fmt::Debug for Engine {
@@ -212,6 +214,7 @@ impl Engine {
     /// Loads the state and gets ready to serve.
     pub fn open(store: Store, settings: Settings) -> Result<Self, StateError> {
         let state = store.clone();
+        let metrics = crate::metrics::CoordinatorMetrics::default();
         let (events, _) = broadcast::channel(1024);
         let now = now_ms();
         let mut nodes = BTreeMap::new();
@@ -259,11 +262,68 @@ impl Engine {
                 rng: StdRng::from_os_rng(),
                 gc: gc::GcBook::new(now),
                 replicas: replication::ReplicaBook::new(now),
+                metrics: metrics.clone(),
             }),
             events,
             settings,
             state,
+            metrics,
         })
+    }
+
+    /// The engine's event metrics (runs ended, their durations, the
+    /// scheduler's lag), shared with whoever renders them.
+    pub fn metrics(&self) -> crate::metrics::CoordinatorMetrics {
+        self.metrics.clone()
+    }
+
+    /// What the metrics port reports at a scrape: runs and nodes by state,
+    /// and each job's check, freshness, missing copies and damaged
+    /// snapshots. Reads the jobs and the catalogue once, as `check` does.
+    pub async fn metrics_figures(&self) -> Result<crate::metrics::EngineFigures, EngineError> {
+        let check = self.check(&[]).await?;
+        let inner = self.inner.lock().await;
+        let now = now_ms();
+        let mut figures = crate::metrics::EngineFigures::default();
+        for record in inner.active.values() {
+            *figures
+                .active_runs
+                .entry(crate::metrics::run_state_word(record.run().state()))
+                .or_default() += 1;
+        }
+        for node in inner.nodes.values() {
+            let word = match node.state() {
+                fabric_proto::v1::NodeState::Lost => "lost",
+                _ => "online",
+            };
+            *figures.nodes.entry(word).or_default() += 1;
+            if node.draining_since_ms != 0 {
+                figures.draining_nodes += 1;
+            }
+        }
+        for job in check.jobs {
+            let entry = figures.jobs.entry(job.job.clone()).or_default();
+            entry.status = job.status();
+            entry.seconds_since_good = (job.newest_good_ms > 0)
+                .then(|| now.saturating_sub(job.newest_good_ms).max(0) as f64 / 1000.0);
+        }
+        let entries = inner.store.catalog()?;
+        for (job, counted, target) in inner.replica_shortfalls(&entries, now) {
+            let missing = i64::try_from(target.saturating_sub(counted)).unwrap_or(i64::MAX);
+            figures.jobs.entry(job).or_default().missing_copies += missing;
+        }
+        for entry in &entries {
+            if let Some(snapshot) = &entry.snapshot
+                && snapshot.state() == fabric_proto::v1::SnapshotState::Damaged
+            {
+                figures
+                    .jobs
+                    .entry(snapshot.job.clone())
+                    .or_default()
+                    .damaged_snapshots += 1;
+            }
+        }
+        Ok(figures)
     }
 
     /// The state database (for the token store, which shares it).
@@ -632,6 +692,8 @@ impl Engine {
             "cancelled by an operator",
             now,
         );
+        // `save` counts only runs it takes out of the active set.
+        inner.count_finished(&record);
         inner.coordinator_event(&record, "cancelled by an operator", now)?;
         let run = record.run().clone();
         inner.save(record)?;
@@ -878,11 +940,23 @@ impl Inner {
         self.store.put_run(&record)?;
         let id = record.id().to_owned();
         if record.is_finished() {
-            self.active.remove(&id);
+            if self.active.remove(&id).is_some() {
+                self.count_finished(&record);
+            }
         } else {
             self.active.insert(id, record);
         }
         Ok(())
+    }
+
+    /// Count a run that just ended in the metrics.
+    fn count_finished(&self, record: &RunRecord) {
+        let run = record.run();
+        self.metrics.run_finished(
+            &run.job,
+            run.state(),
+            run.ended_ms.saturating_sub(run.created_ms),
+        );
     }
 
     /// Sets `run.short_id` (see the proto) for a reply.

@@ -10,7 +10,8 @@
 //! [`check`] (freshness), [`runs`] (the run
 //! state machine), [`job_history`] (what a resubmission changed). Who may
 //! call what is `fabric_trust`'s table; [`tokens`] keeps bearer tokens. Stateful parts: [`state`] (sled), [`engine`] (live state),
-//! [`service`] (gRPC), [`server`] (the server function).
+//! [`service`] (gRPC), [`server`] (the server function), [`metrics`] (what
+//! the metrics port serves).
 
 pub mod check;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod dest;
 pub mod engine;
 pub mod job_history;
 pub mod jobfile;
+pub mod metrics;
 pub mod prune;
 pub mod record;
 pub mod replicas;
@@ -31,4 +33,4 @@ pub mod status_page;
 pub mod tokens;
 
 pub use config::{ConfigError, CoordinatorConfig, LogFormat};
-pub use server::{ServeError, serve, serve_with_health};
+pub use server::{ServeError, serve, serve_with_health, serve_with_ports};

@@ -101,6 +101,9 @@ struct ServeArgs {
     /// Plaintext port serving only grpc.health.v1, for probes ("" for none) [default: 0.0.0.0:7420].
     #[arg(long, env = "FABRIC_COORDINATOR_HEALTH_LISTEN")]
     health_listen: Option<String>,
+    /// The metrics port (GET /metrics, OpenMetrics; "" for none) [default: 0.0.0.0:7410].
+    #[arg(long, env = "FABRIC_COORDINATOR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 impl ServeArgs {
@@ -175,6 +178,9 @@ impl ServeArgs {
         if let Some(address) = &self.health_listen {
             config.health_listen = address.clone();
         }
+        if let Some(address) = &self.metrics_listen {
+            config.metrics_listen = address.clone();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -203,7 +209,12 @@ async fn main() -> anyhow::Result<()> {
                 fabric_proto::standard::bind_health("fabric-coordinator", &config.health_listen)
                     .await
                     .with_context(|| format!("cannot listen on {:?}", config.health_listen))?;
-            fabric_coordinator::serve_with_health(listener, health, config, shutdown).await?;
+            let metrics =
+                fabric_proto::standard::bind_metrics("fabric-coordinator", &config.metrics_listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {:?}", config.metrics_listen))?;
+            fabric_coordinator::serve_with_ports(listener, health, metrics, config, shutdown)
+                .await?;
             Ok(())
         }
     }

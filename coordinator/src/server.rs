@@ -82,6 +82,18 @@ pub async fn serve_with_health(
     config: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_with_ports(listener, health, None, config, shutdown).await
+}
+
+/// [`serve_with_health`], and `GET /metrics` on `metrics` (for roles
+/// operator and monitor, by certificate or bearer token).
+pub async fn serve_with_ports(
+    listener: TcpListener,
+    health: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     config.validate()?;
     let transport = config
         .transport_settings()
@@ -115,7 +127,27 @@ pub async fn serve_with_health(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
     let verifier: Arc<dyn fabric_trust::TokenVerifier> = Arc::new(tokens);
-    let layer = fabric_trust::AuthLayer::for_transport(&transport, Some(verifier));
+    let layer = fabric_trust::AuthLayer::for_transport(&transport, Some(verifier.clone()));
+    if let Some(listener) = metrics {
+        let source = Arc::new(crate::metrics::CoordinatorMetricsSource::new(
+            Arc::clone(&engine),
+            &engine.metrics(),
+        ));
+        let admission =
+            fabric_trust::metrics_port::Admission::for_transport(&transport, Some(verifier));
+        let transport = transport.clone();
+        let mut stopping = stop.clone();
+        tokio::spawn(async move {
+            let stopped = async move { crate::service::stopped(&mut stopping).await };
+            if let Err(error) = fabric_trust::metrics_port::serve_metrics(
+                listener, &transport, admission, source, stopped,
+            )
+            .await
+            {
+                tracing::error!(%error, "the metrics port failed");
+            }
+        });
+    }
     if let Some(health) = health {
         let readiness = standard.readiness.clone();
         let mut stopping = stop.clone();
@@ -131,15 +163,17 @@ pub async fn serve_with_health(
         let engine = Arc::clone(&engine);
         let mut stop = stop.clone();
         let period = tick_period(config.heartbeat_interval);
+        let lag = engine.metrics().scheduler_lag_seconds;
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = interval.tick() => {
+                    due = interval.tick() => {
                         if let Err(error) = engine.tick().await {
                             tracing::error!(%error, "periodic work failed");
                         }
+                        lag.set(due.elapsed().as_secs_f64());
                     }
                     _ = crate::service::stopped(&mut stop) => break,
                 }

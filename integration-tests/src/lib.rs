@@ -236,6 +236,9 @@ pub struct Server {
     pub address: String,
     /// Where its certificate is (removed with it).
     pub tls: Option<tempfile::TempDir>,
+    /// `127.0.0.1:PORT` of its metrics port, when ARGS gave
+    /// `--metrics-listen` an address.
+    pub metrics_address: Option<String>,
 }
 
 /// The value after `flag` in `args`.
@@ -250,8 +253,10 @@ impl Server {
     /// Unless ARGS say `--insecure-plaintext` or give `--tls-cert`, it gets a
     /// certificate of the tests' CA: `node/ID` for a node (its `--node-id`,
     /// or the host name), `coordinator/test` for a coordinator. Unless ARGS
-    /// give `--health-listen`, it has no health port (tests run in
-    /// parallel; a fixed port would clash).
+    /// give `--health-listen`, it has no health port, and unless they give
+    /// `--metrics-listen`, no metrics port (tests run in parallel; a fixed
+    /// port would clash); with `--metrics-listen 127.0.0.1:0` the port it
+    /// announced is `metrics_address`.
     pub fn start(binary_name: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut command = Command::new(binary(binary_name));
         command
@@ -268,6 +273,11 @@ impl Server {
             );
         if !args.contains(&"--health-listen") {
             command.args(["--health-listen", ""]);
+        }
+        let wants_metrics =
+            flag_value(args, "--metrics-listen").is_some_and(|value| !value.is_empty());
+        if !args.contains(&"--metrics-listen") {
+            command.args(["--metrics-listen", ""]);
         }
         let mut tls = None;
         if !args.contains(&"--insecure-plaintext") && !args.contains(&"--tls-cert") {
@@ -303,12 +313,28 @@ impl Server {
             .next()
             .map(|addr| format!("{scheme}://{addr}"))
             .expect("an address");
+        // The metrics line follows the main one (and the health line).
+        let mut metrics_address = None;
+        if wants_metrics {
+            for line in lines.by_ref() {
+                let line = line.expect("stdout is readable");
+                if let Some((_, address)) = line.split_once(" metrics listening on ") {
+                    metrics_address = Some(address.trim().to_owned());
+                    break;
+                }
+            }
+            assert!(
+                metrics_address.is_some(),
+                "the server announced no metrics port"
+            );
+        }
         // Keep draining stdout so the server never blocks on it.
         std::thread::spawn(move || for _ in lines.by_ref() {});
         Self {
             child,
             address,
             tls,
+            metrics_address,
         }
     }
 
@@ -767,6 +793,125 @@ impl Fabric {
         .expect("the restored tree matches its source");
         String::from_utf8_lossy(&output.stderr).into_owned()
     }
+}
+
+/// What a metrics port answered.
+#[derive(Clone, Debug)]
+pub struct Scraped {
+    /// The HTTP status.
+    pub status: u16,
+    /// Its `content-type`.
+    pub content_type: String,
+    /// The body.
+    pub body: String,
+}
+
+/// `GET path` on the metrics port at `address` (`127.0.0.1:PORT`) over
+/// HTTP/1.1 and TLS, with `transport`'s certificate (if any) and `token` as
+/// a bearer token (if given); the server must prove `expect`.
+pub fn scrape(
+    address: &str,
+    transport: &fabric_trust::Transport,
+    expect: fabric_trust::Expect,
+    token: Option<&str>,
+    path: &str,
+) -> Scraped {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fabric_trust::Transport::Tls(credentials) = transport else {
+        panic!("scrape speaks TLS");
+    };
+    let mut config = (*credentials.client_config(expect).expect("a client config")).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    let response = tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(async {
+            let tcp = tokio::net::TcpStream::connect(address)
+                .await
+                .expect("the metrics port accepts");
+            let name =
+                tokio_rustls::rustls::pki_types::ServerName::try_from("fabric").expect("a name");
+            let mut stream = connector
+                .connect(name, tcp)
+                .await
+                .expect("the TLS handshake");
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .expect("the request is sent");
+            let mut response = Vec::new();
+            // A peer closing without close_notify is fine once the body is in.
+            let _ = stream.read_to_end(&mut response).await;
+            String::from_utf8(response).expect("a UTF-8 response")
+        });
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let content_type = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Scraped {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// The body of a chunked HTTP/1.1 response.
+fn dechunk(mut text: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, rest)) = text.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        body.push_str(&rest[..size]);
+        text = rest[size..].trim_start_matches("\r\n");
+    }
+    body
+}
+
+/// The samples of an OpenMetrics text: `name{labels}` (as written) ->
+/// value. Panics on a line that is not a comment or a sample, and when the
+/// text does not end with `# EOF`.
+pub fn parse_openmetrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics ends with # EOF: {text}"
+    );
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a sample line");
+            (
+                series.to_owned(),
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("a value in {line:?}")),
+            )
+        })
+        .collect()
 }
 
 /// Remote TCP ports of the connections process `pid` holds now (from

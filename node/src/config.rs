@@ -111,6 +111,10 @@ pub struct NodeConfig {
     /// The plaintext port serving only grpc.health.v1, for probes
     /// (`FABRIC_NODE_HEALTH_LISTEN`; `""`: none).
     pub health_listen: String,
+    /// The metrics port: `GET /metrics` in the OpenMetrics text format, with
+    /// the node's TLS, for roles operator and monitor (`metrics_listen`,
+    /// default `0.0.0.0:7411`; `""`: none).
+    pub metrics_listen: String,
     /// Commands this agent runs for jobs (`pre`, `post`, `!command` values):
     /// each entry is a whole command line that a job's command must equal,
     /// or a prefix ending in ` *` whose command is run with the job's
@@ -155,6 +159,7 @@ impl Default for NodeConfig {
             tls_ca: None,
             insecure_plaintext: false,
             health_listen: "0.0.0.0:7421".to_owned(),
+            metrics_listen: "0.0.0.0:7411".to_owned(),
             allow_commands: Vec::new(),
             hooks: BTreeMap::new(),
             host_quota_bytes: 0,

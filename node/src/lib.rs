@@ -11,6 +11,7 @@
 //!   [`pull_permits`] which storage node may pull what: the host's and the
 //!   coordinator's word, checked here, never taken from a caller.
 //! - [`client`] dials other servers over TLS, checking their identity.
+//! - [`metrics`] is what the metrics port serves (`metrics_listen`).
 //!
 //! The chunk store is synchronous; this crate owns every async and gRPC part
 //! of a node and must never put storage logic of its own beside the store's.
@@ -23,6 +24,7 @@ pub mod convert;
 pub mod disk;
 pub mod gc_lease;
 pub mod held;
+pub mod metrics;
 pub mod node_directory;
 pub mod pull_permits;
 pub mod quota;
@@ -40,4 +42,4 @@ pub mod storage_service;
 pub mod transfer;
 
 pub use config::NodeConfig;
-pub use server::{serve, serve_until_stopped, serve_with_health};
+pub use server::{SidePorts, serve, serve_until_stopped, serve_with_health};

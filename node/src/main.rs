@@ -112,6 +112,9 @@ struct ServeArgs {
     /// Plaintext port serving only grpc.health.v1, for probes ("" for none) [default: 0.0.0.0:7421].
     #[arg(long, env = "FABRIC_NODE_HEALTH_LISTEN")]
     health_listen: Option<String>,
+    /// The metrics port (GET /metrics, OpenMetrics; "" for none) [default: 0.0.0.0:7411].
+    #[arg(long, env = "FABRIC_NODE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// A command jobs may run here (repeatable; a prefix ends in " *"); adds to allow_commands.
     #[arg(long = "allow-command")]
     allow_commands: Vec<String>,
@@ -209,6 +212,9 @@ impl ServeArgs {
         if let Some(value) = self.health_listen {
             config.health_listen = value;
         }
+        if let Some(value) = self.metrics_listen {
+            config.metrics_listen = value;
+        }
         config.allow_commands.extend(self.allow_commands);
         Ok(config)
     }
@@ -237,9 +243,14 @@ async fn main() -> anyhow::Result<()> {
             let health = fabric_proto::standard::bind_health("fabric-node", &config.health_listen)
                 .await
                 .with_context(|| format!("cannot listen on {:?}", config.health_listen))?;
+            let metrics =
+                fabric_proto::standard::bind_metrics("fabric-node", &config.metrics_listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {:?}", config.metrics_listen))?;
             // The signal's name goes into the reason of the runs it ends.
             let shutdown = async move { shutdown.await.to_owned() };
-            fabric_node::serve_until_stopped(listener, health, config, shutdown).await?;
+            let ports = fabric_node::SidePorts { health, metrics };
+            fabric_node::serve_until_stopped(listener, ports, config, shutdown).await?;
         }
     }
     Ok(())

@@ -103,11 +103,25 @@ pub async fn serve_with_health(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    serve_until_stopped(listener, health, config, async move {
+    let ports = SidePorts {
+        health,
+        metrics: None,
+    };
+    serve_until_stopped(listener, ports, config, async move {
         shutdown.await;
         String::new()
     })
     .await
+}
+
+/// The ports a node serves beside its main one, each bound by the caller
+/// (`None`: not served).
+#[derive(Debug, Default)]
+pub struct SidePorts {
+    /// grpc.health.v1 alone, in plaintext, for probes (`health_listen`).
+    pub health: Option<TcpListener>,
+    /// `GET /metrics` on the node's transport (`metrics_listen`).
+    pub metrics: Option<TcpListener>,
 }
 
 /// How long a stopping node waits for its runs to be ended and reported
@@ -121,7 +135,7 @@ const STOP_RUNS_WAIT: Duration = Duration::from_secs(12);
 /// coordinator with that cause.
 pub async fn serve_until_stopped(
     listener: TcpListener,
-    health: Option<TcpListener>,
+    ports: SidePorts,
     config: NodeConfig,
     shutdown: impl Future<Output = String> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -155,6 +169,7 @@ pub async fn serve_until_stopped(
     let readiness = standard.readiness.clone();
     let mut routes = standard.routes;
     let writable = Arc::new(AtomicBool::new(true));
+    let metrics = crate::metrics::NodeMetrics::default();
 
     let mut store = None;
     if config.has_role(Role::Storage) {
@@ -188,7 +203,8 @@ pub async fn serve_until_stopped(
             writable.clone(),
             transport.clone(),
             coordinator,
-        );
+        )
+        .with_metrics(metrics.clone());
         routes = routes.add_service(
             StorageServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -285,13 +301,40 @@ pub async fn serve_until_stopped(
                 permits,
                 upload_limit: upload_limit.clone(),
                 ingest_limit: ingest_limit.clone(),
-                scrub,
+                scrub: scrub.clone(),
                 stopping,
+                metrics: metrics.clone(),
             },
             stop_rx.clone(),
         ));
     }
-    if let Some(health) = health {
+    if let Some(listener) = ports.metrics {
+        let registry =
+            metrics.register(config.has_role(Role::Storage), config.has_role(Role::Agent));
+        let source = Arc::new(crate::metrics::NodeMetricsSource::new(
+            registry,
+            metrics.clone(),
+            store.clone(),
+            scrub.clone(),
+        ));
+        // Nodes take certificates only, on the metrics port as on the main one.
+        let admission = fabric_trust::metrics_port::Admission::for_transport(&transport, None);
+        let transport = transport.clone();
+        let mut stopping = stop_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stopping.wait_for(|stopped| *stopped).await;
+            };
+            if let Err(error) = fabric_trust::metrics_port::serve_metrics(
+                listener, &transport, admission, source, stopped,
+            )
+            .await
+            {
+                tracing::error!(%error, "the metrics port failed");
+            }
+        });
+    }
+    if let Some(health) = ports.health {
         let readiness = readiness.clone();
         let mut stopping = stop_rx.clone();
         tokio::spawn(async move {

@@ -138,6 +138,7 @@ struct Context {
     scrub: Option<crate::scrub::Scrub>,
     /// The scripts the runs are running.
     scripts: Arc<Scripts>,
+    metrics: crate::metrics::NodeMetrics,
     /// What each run was last reported doing (`pre`, `copying`, ...), for
     /// the reason given when the node stops during it.
     stages: Arc<Mutex<HashMap<String, &'static str>>>,
@@ -389,6 +390,8 @@ pub struct SessionParts {
     pub scrub: Option<crate::scrub::Scrub>,
     /// How the node asks the session to end its runs when it stops.
     pub stopping: Stopping,
+    /// The node's metrics.
+    pub metrics: crate::metrics::NodeMetrics,
 }
 
 /// Keep a session with the coordinator until `stop` turns true.
@@ -424,6 +427,7 @@ pub async fn run_session(
         scrub: parts.scrub,
         scripts: Arc::new(scripts),
         stages: Arc::default(),
+        metrics: parts.metrics,
     };
     let stopping = parts.stopping;
     let mut asked = stopping.asked.subscribe();
@@ -858,7 +862,8 @@ async fn collect_garbage(context: Context, lease: GcLease) {
         Some(store) => {
             let own_grace = Duration::from_secs(context.config.gc_grace_s);
             let running = context.gc_running.clone();
-            tokio::task::spawn_blocking(move || {
+            let gc = context.metrics.gc_started();
+            let done = tokio::task::spawn_blocking(move || {
                 crate::gc_lease::collect_under_lease(&store, &lease, own_grace, &running, now_ms())
             })
             .await
@@ -866,7 +871,12 @@ async fn collect_garbage(context: Context, lease: GcLease) {
                 lease_id,
                 report: None,
                 error: format!("GC lease {lease_id}: the collection stopped: {err}"),
-            })
+            });
+            gc.finished(
+                done.error.is_empty(),
+                done.report.as_ref().map_or(0, |report| report.freed_bytes),
+            );
+            done
         }
     };
     let _ = context.replies.send(node_message::Kind::GcDone(done));
@@ -1417,7 +1427,10 @@ async fn walk_once(
     quota_left: u64,
 ) -> Result<Snapshot, CopyFailure> {
     let reporter = ProgressReporter::new(context, run_id, &target.node);
+    let mut backup = crate::metrics::AgentBackup::start(&context.metrics, &job.name);
+    let watched = backup.progress();
     let progress = Arc::new(move |progress: &PushProgress| {
+        watched.update(progress);
         reporter.report(|| TransferProgress {
             files: progress.files,
             bytes_read: progress.bytes_read,
@@ -1437,7 +1450,10 @@ async fn walk_once(
             .with_budget(JobBudget::new(&job.name, job.quota_bytes, quota_left)),
     )
     .await
-    .map(|outcome| outcome.snapshot)
+    .map(|outcome| {
+        backup.succeeded(&outcome);
+        outcome.snapshot
+    })
     .map_err(|err| match err {
         AgentError::Source(reason) => CopyFailure {
             reason: format!(
@@ -1560,6 +1576,7 @@ async fn execute_pull(context: &Context, assignment: Assignment) -> RunUpdate {
                         assignment.quota_left_bytes,
                     )),
                 quotas: Arc::new(context.config.host_quotas()),
+                metrics: context.metrics.clone(),
                 ..crate::transfer::ReceiveRules::trusted()
             },
         )

@@ -68,6 +68,7 @@ pub struct StorageService {
     /// Per-host quotas of stored bytes.
     quotas: Arc<HostQuotas>,
     gc_grace: Duration,
+    metrics: crate::metrics::NodeMetrics,
 }
 
 /// How a node takes uploads.
@@ -129,7 +130,14 @@ impl StorageService {
             writable,
             directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
+            metrics: crate::metrics::NodeMetrics::default(),
         }
+    }
+
+    /// Count uploads, restores, refusals and GC in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::NodeMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The address of registered node `id`, from the coordinator: a copy
@@ -251,7 +259,9 @@ pub fn receive_upload(
 ) -> ReceiverStream<Result<ReceiverMessage, Status>> {
     let (reply_tx, mut reply_rx) = mpsc::channel(REPLY_CHANNEL);
     let (out_tx, out_rx) = mpsc::channel(REPLY_CHANNEL + 1);
+    let metrics = rules.metrics.clone();
     tokio::spawn(async move {
+        let mut active = metrics.upload_started();
         let forward_tx = out_tx.clone();
         let forward = async move {
             while let Some(message) = reply_rx.recv().await {
@@ -266,9 +276,13 @@ pub fn receive_upload(
         );
         match result {
             Ok(snapshot) => {
+                active.succeeded();
                 tracing::info!(snapshot = %snapshot.id, name = %snapshot.name, "upload committed")
             }
             Err(status) => {
+                if let Some(reason) = crate::metrics::RefusalReason::of_status(&status) {
+                    metrics.refused(reason);
+                }
                 tracing::warn!(code = ?status.code(), message = status.message(), "upload ended without a commit");
                 let _ = out_tx.send(Err(status)).await;
             }
@@ -378,6 +392,7 @@ impl Storage for StorageService {
         request: Request<Streaming<SenderMessage>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
         if !self.writable.load(Ordering::Relaxed) {
+            self.metrics.refused(crate::metrics::RefusalReason::NoSpace);
             return Err(Status::unavailable(format!(
                 "the store at {} cannot accept writes now (too little free space)",
                 self.store.dir().display()
@@ -400,6 +415,7 @@ impl Storage for StorageService {
                 idle_timeout: self.idle_timeout,
                 limits: TransferLimits::none().with(self.ingest_limit.clone()),
                 quotas: self.quotas.clone(),
+                metrics: self.metrics.clone(),
             },
         )))
     }
@@ -429,8 +445,13 @@ impl Storage for StorageService {
                 move |store| store.find_snapshot(&snapshot)
             })
             .await?;
-        Self::check_owner(&caller, scope.as_deref(), &found)?;
+        if let Err(status) = Self::check_owner(&caller, scope.as_deref(), &found) {
+            self.metrics
+                .refused(crate::metrics::RefusalReason::NotPermitted);
+            return Err(status);
+        }
         let root = parse_id(&found.root_tree_id)?;
+        let mut active = self.metrics.restore_started();
         let (producer, stream) =
             server_stream::channel::<RestoreItem>("the restore", self.idle_timeout);
         let store = self.store.clone();
@@ -472,7 +493,10 @@ impl Storage for StorageService {
                 },
             );
             match result {
-                Ok(()) => producer.finish(),
+                Ok(()) => {
+                    active.succeeded();
+                    producer.finish()
+                }
                 Err(err) => producer.fail(restore_status(&snapshot, &path, err)),
             }
         });
@@ -668,6 +692,7 @@ impl Storage for StorageService {
     ) -> Result<Response<GcReport>, Status> {
         let threshold = request.into_inner().repack_threshold;
         let gc_grace = self.gc_grace;
+        let gc = self.metrics.gc_started();
         let report = self
             .blocking(move |store| {
                 let mut options = GcOptions {
@@ -680,6 +705,7 @@ impl Storage for StorageService {
                 store.gc(&options)
             })
             .await?;
+        gc.finished(true, report.bytes_freed);
         let mut report = convert::gc_report(&report);
         report.grace_s = gc_grace.as_secs();
         Ok(Response::new(report))

@@ -376,6 +376,8 @@ pub struct ReceiveRules {
     pub limits: TransferLimits,
     /// The node's per-host quotas of stored bytes.
     pub quotas: Arc<HostQuotas>,
+    /// Where what is received, stored and committed is counted.
+    pub metrics: crate::metrics::NodeMetrics,
 }
 
 impl ReceiveRules {
@@ -388,6 +390,7 @@ impl ReceiveRules {
             guards: CommitGuards::default(),
             limits: TransferLimits::none(),
             quotas: Arc::new(HostQuotas::default()),
+            metrics: crate::metrics::NodeMetrics::default(),
         }
     }
 }
@@ -467,7 +470,8 @@ where
         _ => None,
     };
     let mut received = 0u64;
-    let (batches, mut writer) = spawn_writer(store.clone(), outgoing.clone());
+    let (batches, mut writer) =
+        spawn_writer(store.clone(), outgoing.clone(), rules.metrics.clone());
     let mut batches = Some(batches);
     loop {
         let message = tokio::select! {
@@ -533,6 +537,7 @@ where
                     parsed.push(chunk);
                 }
                 received += bytes as u64;
+                rules.metrics.received_bytes.inc_by(bytes as u64);
                 if let Some((host, used, limit)) = &room
                     && used.saturating_add(received) > *limit
                 {
@@ -592,6 +597,10 @@ where
                 .await
                 .map_err(join_error)?
                 .map_err(status_from_store_error)?;
+                let stats = committed.stats.unwrap_or_default();
+                rules
+                    .metrics
+                    .committed(stats.total_bytes, written.new_bytes);
                 reply(receiver_message::Kind::Committed(Committed {
                     snapshot: Some(committed.clone()),
                 }))
@@ -612,6 +621,7 @@ type QueuedBatch = (u64, Vec<StoredChunk>, tokio::sync::OwnedSemaphorePermit);
 fn spawn_writer(
     store: Arc<Store>,
     outgoing: mpsc::Sender<ReceiverMessage>,
+    metrics: crate::metrics::NodeMetrics,
 ) -> (
     mpsc::Sender<QueuedBatch>,
     tokio::task::JoinHandle<Result<PutStats, Status>>,
@@ -628,6 +638,8 @@ fn spawn_writer(
                 .map_err(status_from_store_error)?;
             drop(held);
             written.add(&stats);
+            metrics.stored_chunks.inc_by(stats.new_chunks);
+            metrics.stored_bytes.inc_by(stats.stored_bytes);
             unflushed += stats.new_bytes;
             if unflushed >= FLUSH_EVERY_BYTES {
                 unflushed = 0;

@@ -233,6 +233,27 @@ pub async fn bind_health(
     Ok(Some(listener))
 }
 
+/// Bind the metrics port `address` (`""`: none) and print `<binary>
+/// metrics listening on <address>` on stdout, after the main line (and the
+/// health line, if any).
+pub async fn bind_metrics(
+    binary: &str,
+    address: &str,
+) -> std::io::Result<Option<tokio::net::TcpListener>> {
+    if address.trim().is_empty() {
+        return Ok(None);
+    }
+    let address: std::net::SocketAddr = address.trim().parse().map_err(|err| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("metrics_listen {address:?} is not an address like 0.0.0.0:7410: {err}"),
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    println!("{binary} metrics listening on {}", listener.local_addr()?);
+    Ok(Some(listener))
+}
+
 /// Bind `address` and print the one line on stdout that scripts and tests
 /// read to find an OS-chosen port: `<binary> listening on <address>`.
 pub async fn bind_and_announce(

@@ -31,6 +31,11 @@ use Role::{Client, Monitor, Node, Operator};
 const OPERATOR: Access = Access::Roles(&[Operator]);
 const READERS: Access = Access::Roles(&[Operator, Monitor]);
 
+/// Who may read a server's metrics port (`GET /metrics`, served by
+/// [`crate::metrics_port`]): it is plain HTTP, not an RPC, so it has no row
+/// in [`TABLE`]. A server running with `--insecure-plaintext` lets anyone.
+pub const METRICS_SCRAPERS: &[Role] = &[Operator, Monitor];
+
 /// RPC path (`/package.Service/Method`) -> who may call it.
 pub const TABLE: &[(&str, Access)] = &[
     // Health, for probes and load balancers: never needs credentials.

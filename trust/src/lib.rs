@@ -10,7 +10,9 @@
 //! - [`authz`]: the one table of RPC -> roles;
 //! - [`layer`]: the one tower layer every server puts in front of its
 //!   services, which enforces the table and hands services the [`Caller`];
-//! - [`token`]: bearer tokens, stored only as hashes.
+//! - [`token`]: bearer tokens, stored only as hashes;
+//! - [`metrics_port`]: the metrics port (`GET /metrics`) on the server's
+//!   transport, open to roles operator and monitor.
 //!
 //! This crate knows nothing of chunks, jobs or runs: it answers "who is this
 //! and may they call this RPC", and services decide what a name may touch.
@@ -18,6 +20,7 @@
 pub mod authz;
 pub mod identity;
 pub mod layer;
+pub mod metrics_port;
 pub mod pki;
 pub mod tls;
 pub mod token;

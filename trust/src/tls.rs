@@ -274,6 +274,16 @@ impl TlsCredentials {
     /// from the fabric's CA verified when presented (a client may instead
     /// present a token).
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_for(&[b"h2"])
+    }
+
+    /// [`Self::server_config`] for a plain HTTP port (the metrics port):
+    /// HTTP/2 or HTTP/1.1, whichever the client offers.
+    pub fn http_server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_for(&[b"h2", b"http/1.1"])
+    }
+
+    fn server_config_for(&self, protocols: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
         let own = self
             .own
             .as_ref()
@@ -288,7 +298,7 @@ impl TlsCredentials {
             .with_client_cert_verifier(verifier)
             .with_single_cert(own.chain.clone(), own.key.clone_key())
             .map_err(|err| TlsError::Config(format!("tls_cert and tls_key: {err}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = protocols.iter().map(|protocol| protocol.to_vec()).collect();
         Ok(Arc::new(config))
     }
 

@@ -271,6 +271,26 @@ pub fn incoming(
     listener: TcpListener,
     transport: &Transport,
 ) -> Result<Pin<Box<dyn Stream<Item = io::Result<ServerStream>> + Send>>, TlsError> {
+    incoming_with(listener, transport, TlsCredentials::server_config)
+}
+
+/// [`incoming`] for a plain HTTP port (the metrics port): the same
+/// certificate and client verification, with HTTP/1.1 as well as HTTP/2
+/// offered to clients, since scrapers often speak only HTTP/1.1.
+pub fn incoming_http(
+    listener: TcpListener,
+    transport: &Transport,
+) -> Result<Pin<Box<dyn Stream<Item = io::Result<ServerStream>> + Send>>, TlsError> {
+    incoming_with(listener, transport, TlsCredentials::http_server_config)
+}
+
+type ServerConfigOf = fn(&TlsCredentials) -> Result<Arc<rustls::ServerConfig>, TlsError>;
+
+fn incoming_with(
+    listener: TcpListener,
+    transport: &Transport,
+    server_config: ServerConfigOf,
+) -> Result<Pin<Box<dyn Stream<Item = io::Result<ServerStream>> + Send>>, TlsError> {
     match transport {
         Transport::InsecurePlaintext => Ok(Box::pin(
             tonic::transport::server::TcpIncoming::from(listener)
@@ -278,7 +298,7 @@ pub fn incoming(
                 .map(|accepted| accepted.map(ServerStream::Plain)),
         )),
         Transport::Tls(credentials) => {
-            let acceptor = TlsAcceptor::from(credentials.server_config()?);
+            let acceptor = TlsAcceptor::from(server_config(credentials)?);
             let (sender, receiver) = mpsc::channel(64);
             tokio::spawn(accept_tls(listener, acceptor, sender));
             Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
