@@ -85,8 +85,9 @@ pub async fn serve_with_health(
     serve_with_ports(listener, health, None, config, shutdown).await
 }
 
-/// [`serve_with_health`], and `GET /metrics` on `metrics` (for roles
-/// operator and monitor, by certificate or bearer token).
+/// [`serve_with_health`], and on `metrics` `GET /metrics` and the status
+/// page (`/`, [`crate::status_page`]), both for roles operator and monitor,
+/// by certificate or token.
 pub async fn serve_with_ports(
     listener: TcpListener,
     health: Option<TcpListener>,
@@ -136,11 +137,17 @@ pub async fn serve_with_ports(
         let admission =
             fabric_trust::metrics_port::Admission::for_transport(&transport, Some(verifier));
         let transport = transport.clone();
+        let status_engine = Arc::clone(&engine);
         let mut stopping = stop.clone();
         tokio::spawn(async move {
             let stopped = async move { crate::service::stopped(&mut stopping).await };
-            if let Err(error) = fabric_trust::metrics_port::serve_metrics(
-                listener, &transport, admission, source, stopped,
+            if let Err(error) = fabric_trust::metrics_port::serve_metrics_and_pages(
+                listener,
+                &transport,
+                admission,
+                source,
+                crate::status_page::routes(status_engine),
+                stopped,
             )
             .await
             {

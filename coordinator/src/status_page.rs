@@ -206,6 +206,19 @@ fn job_and_instance(job: &str, instance: &str) -> String {
 impl StatusView {
     /// The view of `engine` as it is now.
     pub async fn gather(engine: &Engine, now_ms: i64) -> Result<Self, EngineError> {
+        let recent = engine
+            .list_runs(&ListRunsRequest {
+                limit: RUNS_LOOKED_AT,
+                ..Default::default()
+            })
+            .await?;
+        // A job's last run names its id in full; the page prints the short
+        // id the run listing has, where the run is among the recent ones.
+        let short_ids: std::collections::HashMap<&str, &str> = recent
+            .iter()
+            .filter(|run| !run.short_id.is_empty())
+            .map(|run| (run.id.as_str(), run.short_id.as_str()))
+            .collect();
         let checks = engine.check(&[]).await?.jobs;
         let mut jobs: Vec<JobLine> = engine
             .jobs()
@@ -219,12 +232,8 @@ impl StatusView {
                     verdict: check.map_or(Verdict::Unknown, |check| Verdict::of(check.status())),
                     message: check.map(|check| check.message.clone()).unwrap_or_default(),
                     last_run: job.last_run.as_ref().map(|run| {
-                        let id = if run.short_id.is_empty() {
-                            run.id.clone()
-                        } else {
-                            run.short_id.clone()
-                        };
-                        (id, run_state_word(run.state()))
+                        let id = short_ids.get(run.id.as_str()).copied().unwrap_or(&run.id);
+                        (id.to_owned(), run_state_word(run.state()))
                     }),
                     next_run_ms: job.next_run_ms,
                     next_run_tags: job.next_run_tags.clone(),
@@ -234,12 +243,6 @@ impl StatusView {
             .collect();
         jobs.sort_by(|a, b| a.name.cmp(&b.name));
 
-        let recent = engine
-            .list_runs(&ListRunsRequest {
-                limit: RUNS_LOOKED_AT,
-                ..Default::default()
-            })
-            .await?;
         let mut running = Vec::new();
         let mut failures = Vec::new();
         for run in &recent {
@@ -398,13 +401,16 @@ td.num{text-align:right;white-space:nowrap}
 ";
 
 /// The whole page: head, style, the body of [`render_body`], and the few
-/// lines of JavaScript that fetch the body again every [`REFRESH_MS`].
+/// lines of JavaScript that fetch the body again every [`REFRESH_MS`]
+/// (counting the refreshes in `main`'s `data-refreshes`, and showing a
+/// banner while the coordinator does not answer).
 pub fn render_page(view: &StatusView) -> Markup {
     let script = format!(
-        "(function(){{var m=document.getElementById('status'),s=document.getElementById('stale');\
-         function again(){{fetch('status/body',{{cache:'no-store',credentials:'same-origin'}})\
+        "(function(){{var m=document.getElementById('status'),s=document.getElementById('stale'),n=0,\
+         u=new URL('status/body',location.href);u.username='';u.password='';\
+         function again(){{fetch(u,{{cache:'no-store',credentials:'same-origin'}})\
          .then(function(r){{if(!r.ok)throw r.status;return r.text();}})\
-         .then(function(t){{m.innerHTML=t;s.style.display='none';}})\
+         .then(function(t){{m.innerHTML=t;s.style.display='none';m.setAttribute('data-refreshes',++n);}})\
          .catch(function(){{s.style.display='block';}});}}\
          setInterval(again,{REFRESH_MS});}})();"
     );

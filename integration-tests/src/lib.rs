@@ -800,6 +800,8 @@ impl Fabric {
 pub struct Scraped {
     /// The HTTP status.
     pub status: u16,
+    /// The response's head: status line and headers.
+    pub head: String,
     /// Its `content-type`.
     pub content_type: String,
     /// The body.
@@ -816,6 +818,19 @@ pub fn scrape(
     token: Option<&str>,
     path: &str,
 ) -> Scraped {
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    http_get(address, transport, expect, authorization.as_deref(), path)
+}
+
+/// `GET path` on the metrics port at `address` as [`scrape`] does, with
+/// `authorization` (the header's whole value) if given.
+pub fn http_get(
+    address: &str,
+    transport: &fabric_trust::Transport,
+    expect: fabric_trust::Expect,
+    authorization: Option<&str>,
+    path: &str,
+) -> Scraped {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fabric_trust::Transport::Tls(credentials) = transport else {
         panic!("scrape speaks TLS");
@@ -824,8 +839,8 @@ pub fn scrape(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    if let Some(authorization) = authorization {
+        request.push_str(&format!("Authorization: {authorization}\r\n"));
     }
     request.push_str("\r\n");
     let response = tokio::runtime::Runtime::new()
@@ -873,6 +888,7 @@ pub fn scrape(
     };
     Scraped {
         status,
+        head: head.to_owned(),
         content_type,
         body,
     }

@@ -262,7 +262,7 @@ fn only_operators_and_monitors_may_scrape() {
     assert_eq!(refused.status, 403, "{refused:?}");
     assert_eq!(
         refused.body,
-        "node/n9 may not scrape /metrics: it needs role operator or monitor\n"
+        "node/n9 may not read /metrics: it needs role operator or monitor\n"
     );
     let refused = scrape(&coordinator, &client, Expect::Coordinator, None, "/metrics");
     assert_eq!(refused.status, 403, "{refused:?}");

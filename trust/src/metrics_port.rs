@@ -7,7 +7,12 @@
 //! [`crate::authz::METRICS_SCRAPERS`]: no credentials is 401, another role
 //! 403, each with one line saying what was needed. With
 //! `--insecure-plaintext` the port is plain HTTP and open, as the main port
-//! is. Any other path is 404.
+//! is. A server may add pages of its own ([`serve_metrics_and_pages`]: the
+//! coordinator's status page), behind the same admission; for a browser,
+//! which can send neither a client certificate of the fabric's nor a bearer
+//! header, a token is also taken as the password of HTTP Basic credentials
+//! (any user name), and a page's 401 asks for them (`WWW-Authenticate`).
+//! Any other path is 404.
 //!
 //! This module owns serving and admission only: it never knows a metric's
 //! name or value (the server hands it a [`MetricsSource`] that renders the
@@ -88,6 +93,17 @@ impl Admission {
         peer: &PeerInfo,
         authorization: Option<&header::HeaderValue>,
     ) -> Result<(), Refusal> {
+        self.admit_to(peer, authorization, METRICS_PATH).await
+    }
+
+    /// Whether the caller on `peer` presenting `authorization` may read
+    /// `what` (a path, for the messages).
+    pub async fn admit_to(
+        &self,
+        peer: &PeerInfo,
+        authorization: Option<&header::HeaderValue>,
+        what: &str,
+    ) -> Result<(), Refusal> {
         if self.insecure {
             return Ok(());
         }
@@ -103,30 +119,31 @@ impl Admission {
         let identity = if let Some(certificate) = certificate {
             Identity::from_certificate(&certificate).map_err(|err| {
                 unauthorized(format!(
-                    "the client certificate names no usable fabric identity ({err}): {METRICS_PATH} needs {needed}"
+                    "the client certificate names no usable fabric identity ({err}): {what} needs {needed}"
                 ))
             })?
         } else if let Some(header) = authorization {
             let token = header
                 .to_str()
                 .ok()
-                .and_then(|value| value.strip_prefix("Bearer "))
+                .and_then(token_of)
                 .ok_or_else(|| {
                     unauthorized(format!(
-                        "the authorization header is not `Bearer TOKEN`: {METRICS_PATH} needs {needed}"
+                        "the authorization header is neither `Bearer TOKEN` nor Basic credentials with the token as password: {what} needs {needed}"
                     ))
                 })?;
             let verifier = self.tokens.as_ref().ok_or_else(|| {
                 unauthorized(format!(
-                    "this server takes client certificates, not tokens: {METRICS_PATH} needs a certificate of {needed}"
+                    "this server takes client certificates, not tokens: {what} needs a certificate of {needed}"
                 ))
             })?;
-            verifier.verify(token.to_owned()).await.map_err(|reason| {
-                unauthorized(format!("{reason}: {METRICS_PATH} needs {needed}"))
-            })?
+            verifier
+                .verify(token.to_owned())
+                .await
+                .map_err(|reason| unauthorized(format!("{reason}: {what} needs {needed}")))?
         } else {
             return Err(unauthorized(format!(
-                "no client certificate or token: {METRICS_PATH} needs {needed}"
+                "no client certificate or token: {what} needs {needed}"
             )));
         };
         if METRICS_SCRAPERS.contains(&identity.role) {
@@ -134,10 +151,27 @@ impl Admission {
         } else {
             Err(Refusal {
                 status: StatusCode::FORBIDDEN,
-                message: format!("{identity} may not scrape {METRICS_PATH}: it needs {needed}"),
+                message: format!("{identity} may not read {what}: it needs {needed}"),
             })
         }
     }
+}
+
+/// The token in an `Authorization` value: `Bearer TOKEN`, or HTTP Basic
+/// credentials whose password is the token (the user name is not looked
+/// at), which is what a browser can send.
+fn token_of(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return Some(token.to_owned());
+    }
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let credentials = String::from_utf8(decoded).ok()?;
+    let (_, password) = credentials.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_owned())
 }
 
 /// "role operator or monitor".
@@ -165,12 +199,38 @@ pub async fn serve_metrics(
     source: Arc<dyn MetricsSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MetricsPortError> {
+    serve_metrics_and_pages(
+        listener,
+        transport,
+        admission,
+        source,
+        axum::Router::new(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_metrics`], and the server's own `pages` beside `/metrics`,
+/// each request let through by the same `admission` first.
+pub async fn serve_metrics_and_pages(
+    listener: tokio::net::TcpListener,
+    transport: &Transport,
+    admission: Admission,
+    source: Arc<dyn MetricsSource>,
+    pages: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), MetricsPortError> {
     let incoming = crate::transport::incoming_http(listener, transport)?;
+    let guarded = pages.layer(axum::middleware::from_fn_with_state(
+        admission.clone(),
+        admit_page,
+    ));
     let state = Arc::new(PortState { admission, source });
     let app = axum::Router::new()
         .route(METRICS_PATH, axum::routing::get(scrape))
-        .fallback(not_found)
-        .with_state(state);
+        .with_state(state)
+        .merge(guarded)
+        .fallback(not_found);
     axum::serve(
         Accepted { incoming },
         app.into_make_service_with_connect_info::<PeerInfo>(),
@@ -215,10 +275,46 @@ async fn scrape(
     }
 }
 
+/// The admission in front of a server's own pages. A 401 asks a browser
+/// for Basic credentials where a token would do.
+async fn admit_page(
+    State(admission): State<Admission>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    match admission
+        .admit_to(&peer, request.headers().get(header::AUTHORIZATION), &path)
+        .await
+    {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            tracing::info!(
+                peer = ?peer.remote_addr,
+                %path,
+                status = refusal.status.as_u16(),
+                reason = %refusal.message,
+                "page refused"
+            );
+            let mut response = text(refusal.status, refusal.message);
+            if refusal.status == StatusCode::UNAUTHORIZED && admission.tokens.is_some() {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Basic realm=\"fabric\", charset=\"UTF-8\""),
+                );
+            }
+            response
+        }
+    }
+}
+
 async fn not_found() -> Response {
     text(
         StatusCode::NOT_FOUND,
-        format!("not found: this port serves only GET {METRICS_PATH}"),
+        format!(
+            "not found: this port serves GET {METRICS_PATH} (and, on the coordinator, its status page at /)"
+        ),
     )
 }
 
@@ -331,7 +427,7 @@ mod tests {
         assert_eq!(refusal.status, StatusCode::FORBIDDEN);
         assert_eq!(
             refusal.message,
-            "client/web1 may not scrape /metrics: it needs role operator or monitor"
+            "client/web1 may not read /metrics: it needs role operator or monitor"
         );
         let refusal = admission
             .admit(&peer, Some(&bearer("wrong")))
@@ -339,6 +435,40 @@ mod tests {
             .expect_err("refused");
         assert_eq!(refusal.status, StatusCode::UNAUTHORIZED);
         assert!(!refusal.message.contains("wrong"), "{}", refusal.message);
+    }
+
+    #[test]
+    fn a_token_comes_as_a_bearer_or_as_the_password_of_basic_credentials() {
+        use base64::Engine as _;
+        let basic = |text: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(text)
+            )
+        };
+        assert_eq!(token_of("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(token_of(&basic("anyone:abc")).as_deref(), Some("abc"));
+        assert_eq!(token_of(&basic(":a:b")).as_deref(), Some("a:b"));
+        assert_eq!(token_of(&basic("anyone:")), None, "no password");
+        assert_eq!(token_of(&basic("no colon")), None);
+        assert_eq!(token_of("Basic not base64!"), None);
+        assert_eq!(token_of("Digest x"), None);
+    }
+
+    #[tokio::test]
+    async fn a_monitor_token_as_basic_credentials_may_read_a_page() {
+        use base64::Engine as _;
+        let value = header::HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("browser:monitor")
+        ))
+        .expect("a header value");
+        assert_eq!(
+            secure(true)
+                .admit_to(&PeerInfo::default(), Some(&value), "/")
+                .await,
+            Ok(())
+        );
     }
 
     #[tokio::test]
