@@ -37,5 +37,5 @@ ENV MALLOC_ARENA_MAX=2
 USER 10001:10001
 WORKDIR /var/lib/fabric
 # The coordinator's and the nodes' default gRPC ports.
-EXPOSE 7400 7401 7420 7421
+EXPOSE 7400 7401 7410 7411 7420 7421
 CMD ["/usr/local/bin/fabricctl", "--help"]

@@ -6,8 +6,9 @@
 # Certificates, a CRD, against the check's own subset of their schema),
 # assert the chart's invariants (probes on the plaintext health port, TLS
 # files read-only and one identity per pod, Certificates' identities equal to
-# the node ids), and make sure ci/values-bad.yaml and other bad values are
-# refused.
+# the node ids, metrics ports, ServiceMonitors, alerts and dashboard on
+# metrics the binaries serve), and make sure ci/values-bad.yaml and other bad
+# values are refused.
 #
 # The Python tools install into a virtual environment under target/ the first
 # time (that run needs the package registry); later runs reuse it and work

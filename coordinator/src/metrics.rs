@@ -24,11 +24,12 @@ use prometheus_client::registry::Registry;
 
 use crate::engine::Engine;
 
-/// The `job` label.
+/// The `fabric_job` label: a fabric job's name. Not `job`, which
+/// Prometheus sets on every series to its own scrape job.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabel {
     /// The job's name.
-    pub job: String,
+    pub fabric_job: String,
 }
 
 /// The `state` label.
@@ -38,11 +39,11 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
-/// The `job` and `state` labels.
+/// The `fabric_job` and `state` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobStateLabels {
     /// The job's name.
-    pub job: String,
+    pub fabric_job: String,
     /// `done`, `failed` or `cancelled`.
     pub state: &'static str,
 }
@@ -130,13 +131,13 @@ impl CoordinatorMetrics {
     pub fn run_finished(&self, job: &str, state: RunState, duration_ms: i64) {
         self.runs_finished
             .get_or_create(&JobStateLabels {
-                job: job.to_owned(),
+                fabric_job: job.to_owned(),
                 state: run_state_word(state),
             })
             .inc();
         self.run_duration
             .get_or_create(&JobLabel {
-                job: job.to_owned(),
+                fabric_job: job.to_owned(),
             })
             .observe(duration_ms.max(0) as f64 / 1000.0);
     }
@@ -264,7 +265,9 @@ impl CoordinatorMetricsSource {
         gauges.under_replicated.clear();
         gauges.damaged_snapshots.clear();
         for (job, job_figures) in &figures.jobs {
-            let label = JobLabel { job: job.clone() };
+            let label = JobLabel {
+                fabric_job: job.clone(),
+            };
             if let Some(seconds) = job_figures.seconds_since_good {
                 gauges.seconds_since_good.get_or_create(&label).set(seconds);
             }

@@ -1,5 +1,6 @@
 //! The `fabric-coordinator` binary: it prints its address as the first line
-//! on stdout and its plaintext health port as the second, answers health
+//! on stdout, its plaintext health port as the second and its metrics port
+//! as the third, answers health
 //! checks once ready (on the health port without any credentials, as
 //! Kubernetes' probes do), refuses plaintext on its TLS port, and stops
 //! cleanly on SIGTERM.
@@ -32,7 +33,8 @@ async fn serve_prints_its_addresses_answers_health_in_plaintext_and_stops_on_sig
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(temp.path().join("state"))
         .args(["--heartbeat-interval", "1s", "--log-format", "json"])
-        .args(["--health-listen", "127.0.0.1:0", "--tls-ca"])
+        .args(["--health-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--tls-ca"])
         .arg(pki.ca_certificate())
         .arg("--tls-cert")
         .arg(cert)
@@ -49,6 +51,10 @@ async fn serve_prints_its_addresses_answers_health_in_plaintext_and_stops_on_sig
     line.clear();
     stdout.read_line(&mut line).unwrap();
     let health_address = address_after(&line, "fabric-coordinator health listening on ");
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let metrics_address = address_after(&line, "fabric-coordinator metrics listening on ");
+    assert_ne!(metrics_address, health_address);
 
     // The probe's way: plaintext, no certificate.
     let channel = tonic::transport::Channel::from_shared(format!("http://{health_address}"))
@@ -120,6 +126,7 @@ fn without_credentials_it_refuses_to_start_and_says_what_is_missing() {
     let temp = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_fabric-coordinator"))
         .args(["serve", "--listen", "127.0.0.1:0", "--health-listen", ""])
+        .args(["--metrics-listen", ""])
         .arg("--data-dir")
         .arg(temp.path().join("state"))
         .env_remove("FABRIC_COORDINATOR_TLS_CERT")

@@ -2,16 +2,20 @@
 
 Owns: linting the chart, rendering it in each of its trust modes (Secrets of
 your own: the default values and ci/values-large.yaml; cert-manager:
-ci/values-cert-manager.yaml; insecure plaintext: a variant), validating every
-rendered manifest against pinned Kubernetes schemas, the chart's own
-invariants (gRPC probes on the plaintext health port each binary serves,
+ci/values-cert-manager.yaml; insecure plaintext: a variant) and with its
+monitoring objects on, validating every rendered manifest against pinned
+Kubernetes schemas, the chart's own invariants (gRPC probes on the plaintext
+health port each binary serves, metrics ports where metrics_listen says,
+ServiceMonitors on the Services' metrics ports, alerts and dashboard panels
+only on metrics README's Metrics section lists,
 every server's TLS files mounted read-only from one identity per pod, the
 cert-manager Certificates' identities equal to the node ids, replicas as
 asked, hardened containers), and the schema's refusal of bad values. It uses
 Helm's own Go library (through helm-python-sdk) and the schemas shipped in
 kubernetes-validate: no cluster, no helm binary, no network. cert-manager's
 Certificate is a CRD that kubernetes-validate does not ship: it is validated
-against CERTIFICATE_SCHEMA below, a subset of cert-manager's v1 schema.
+against CERTIFICATE_SCHEMA below, a subset of cert-manager's v1 schema; the
+Prometheus Operator's ServiceMonitor and PrometheusRule likewise.
 
 Must never: contact a cluster or the network, or modify the chart.
 
@@ -21,6 +25,7 @@ Exit status: 0 when every check passed, 1 otherwise.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -52,6 +57,11 @@ BINARY_HEALTH_LISTEN = {
     "/usr/local/bin/fabric-coordinator": "0.0.0.0:7420",
     "/usr/local/bin/fabric-node": "0.0.0.0:7421",
 }
+# Each binary's default metrics_listen (its metrics port, GET /metrics).
+BINARY_METRICS_LISTEN = {
+    "/usr/local/bin/fabric-coordinator": "0.0.0.0:7410",
+    "/usr/local/bin/fabric-node": "0.0.0.0:7411",
+}
 # The prefix of each binary's environment variables (FABRIC_NODE_TLS_CERT...).
 BINARY_ENV_PREFIX = {
     "/usr/local/bin/fabric-coordinator": "FABRIC_COORDINATOR_",
@@ -61,6 +71,7 @@ TLS_FLAGS = {"--tls-cert": "tls.crt", "--tls-key": "tls.key", "--tls-ca": "ca.cr
 # A name an identity may carry (fabric-trust's validate_name).
 IDENTITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 SMALL_VARIANT = {
+    "metrics": {"enabled": False},
     "agent": {"enabled": True, "readAllFiles": False},
     "storage": {"replicas": 1, "antiAffinity": "none", "podDisruptionBudget": {"enabled": False}},
     "serviceAccount": {"create": False},
@@ -69,8 +80,167 @@ SMALL_VARIANT = {
 # Mode C: no TLS at all, every part on.
 INSECURE_VARIANT = {
     "insecure": {"plaintext": True},
+    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "agent": {"enabled": True},
     "networkPolicy": {"enabled": True},
+}
+# Monitoring on: ServiceMonitors with a monitor certificate and, for the
+# coordinator, a token; the alerts; the dashboard; scrapers let through the
+# NetworkPolicies.
+MONITORING_VARIANT = {
+    "agent": {"enabled": True},
+    "networkPolicy": {
+        "enabled": True,
+        "metricsIngressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    },
+    "metrics": {
+        "serviceMonitor": {
+            "enabled": True,
+            "labels": {"release": "prometheus"},
+            "tlsConfig": {
+                "ca": {"secret": {"name": "fabric-monitor", "key": "ca.crt"}},
+                "cert": {"secret": {"name": "fabric-monitor", "key": "tls.crt"}},
+                "keySecret": {"name": "fabric-monitor", "key": "tls.key"},
+                "serverName": "fabric",
+            },
+            "coordinatorBearerTokenSecret": {"name": "fabric-monitor-token", "key": "token"},
+        },
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        "grafanaDashboard": {"enabled": True},
+    },
+}
+# The Prometheus Operator's ServiceMonitor and PrometheusRule
+# (monitoring.coreos.com/v1) are CRDs too: validated against the subsets of
+# their schemas the chart uses, strict.
+SECRET_KEY_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "key"],
+    "properties": {"name": {"type": "string"}, "key": {"type": "string"}, "optional": {"type": "boolean"}},
+}
+SECRET_OR_CONFIGMAP = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"secret": SECRET_KEY_SELECTOR, "configMap": SECRET_KEY_SELECTOR},
+}
+CR_METADATA = {
+    "type": "object",
+    "required": ["name", "namespace"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+PROMETHEUS_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": CR_METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": PROMETHEUS_DURATION,
+                            "scrapeTimeout": PROMETHEUS_DURATION,
+                            "honorLabels": {"type": "boolean"},
+                            "tlsConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "ca": SECRET_OR_CONFIGMAP,
+                                    "cert": SECRET_OR_CONFIGMAP,
+                                    "keySecret": SECRET_KEY_SELECTOR,
+                                    "serverName": {"type": "string"},
+                                    "insecureSkipVerify": {"type": "boolean"},
+                                    "minVersion": {"enum": ["TLS10", "TLS11", "TLS12", "TLS13"]},
+                                    "maxVersion": {"enum": ["TLS10", "TLS11", "TLS12", "TLS13"]},
+                                    "caFile": {"type": "string"},
+                                    "certFile": {"type": "string"},
+                                    "keyFile": {"type": "string"},
+                                },
+                            },
+                            "authorization": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"type": {"type": "string"}, "credentials": SECRET_KEY_SELECTOR},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": CR_METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": PROMETHEUS_DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": PROMETHEUS_DURATION,
+                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
 }
 # cert-manager's Certificate (cert-manager.io/v1) is a CRD, absent from the
 # Kubernetes schemas kubernetes-validate ships. This is the subset of its
@@ -146,7 +316,13 @@ CERTIFICATE_SCHEMA = {
     },
 }
 # Kinds that are not in Kubernetes' schemas: validated against these instead.
-CRD_SCHEMAS = {("cert-manager.io/v1", "Certificate"): CERTIFICATE_SCHEMA}
+CRD_SCHEMAS = {
+    ("cert-manager.io/v1", "Certificate"): CERTIFICATE_SCHEMA,
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE_SCHEMA,
+}
+# The alerts the chart's PrometheusRule must carry.
+EXPECTED_ALERTS = {"FabricJobStale", "FabricNodeLost", "FabricUnderReplicated", "FabricDamagedSnapshot"}
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 WORKLOAD_KINDS = ("StatefulSet", "DaemonSet", "Deployment")
 
@@ -264,7 +440,7 @@ def validate_manifests(manifests: list[dict[str, Any]]) -> str:
     require(not errors, "\n      ".join(errors))
     detail = f"{len(manifests) - crds} manifests x Kubernetes {', '.join(KUBERNETES_VERSIONS)}, strict"
     if crds:
-        detail += f"; {crds} cert-manager Certificates against the check's subset of their CRD schema"
+        detail += f"; {crds} custom resources against the check's subsets of their CRD schemas"
     return detail
 
 
@@ -403,6 +579,25 @@ def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> st
         health = listen_port(health_listen, f"{where} health_listen")
         require(health != configured, f"{where}: health port {health} is the TLS gRPC port")
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        metrics_listen = effective_setting(
+            container, config, "--metrics-listen", "metrics_listen", BINARY_METRICS_LISTEN[binary]
+        )
+        if merged["metrics"]["enabled"]:
+            require(metrics_listen != "", f"{where}: metrics are enabled but metrics_listen is empty")
+            metrics = listen_port(metrics_listen, f"{where} metrics_listen")
+            require(
+                metrics not in (configured, health),
+                f"{where}: metrics port {metrics} is its TLS gRPC or health port",
+            )
+            require(
+                ports.get("metrics") == metrics,
+                f"{where}: containerPort metrics is {ports.get('metrics')}, its metrics_listen is {metrics_listen}",
+            )
+        else:
+            require(
+                metrics_listen == "" and "metrics" not in ports,
+                f"{where}: metrics are disabled but metrics_listen is {metrics_listen!r}, ports {sorted(ports)}",
+            )
         require(
             ports.get("grpc") == expected,
             f"{where}: containerPort grpc is {ports.get('grpc')}, expected {expected}",
@@ -436,7 +631,10 @@ def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> st
     )
     for service in by_kind(manifests, "Service"):
         names = [p.get("name") for p in service["spec"]["ports"]]
-        require(names == ["grpc"], f"{describe(service)}: exposes ports {names}, only grpc expected")
+        # The health port never: it is for kubelet alone. The metrics port
+        # only when metrics are enabled (check_monitoring checks which).
+        allowed = (["grpc"], ["grpc", "metrics"]) if merged["metrics"]["enabled"] else (["grpc"],)
+        require(names in allowed, f"{describe(service)}: exposes ports {names}, expected one of {allowed}")
     scheme = "http" if merged["insecure"]["plaintext"] else "https"
     expected_url = f"{scheme}://{coordinator_service['metadata']['name']}.{NAMESPACE}.svc.{merged['clusterDomain']}:{service_port}"
     for (configmap, key), config in files.items():
@@ -817,6 +1015,100 @@ def check_shape(manifests: list[dict[str, Any]], merged: dict[str, Any], notes: 
     return ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
 
 
+def documented_metrics(readme: Path) -> set[str]:
+    """The metric names README's Metrics section lists (what the binaries serve)."""
+    text = readme.read_text(encoding="utf-8")
+    start = text.index("### Metrics")
+    end = text.index("\n## ", start)
+    names = set(re.findall(r"`(fabric_[a-z_]+)`", text[start:end]))
+    require(bool(names), f"{readme}: no metric names in its Metrics section")
+    return names
+
+
+def metric_names_in(expression: str) -> set[str]:
+    """The fabric_* metric names an expression uses, histogram and counter
+    suffixes taken off where the documented name lacks them."""
+    return set(re.findall(r"\b(fabric_[a-z_]+)", expression))
+
+
+def known_metric(name: str, documented: set[str]) -> bool:
+    if name in documented:
+        return True
+    for suffix in ("_bucket", "_count", "_sum"):
+        if name.endswith(suffix) and name[: -len(suffix)] in documented:
+            return True
+    return False
+
+
+def check_monitoring(manifests: list[dict[str, Any]], merged: dict[str, Any], readme: Path) -> str:
+    """Metrics ports in the Services, ServiceMonitors on them, alerts and the
+    dashboard on metrics the binaries serve."""
+    metrics = merged["metrics"]
+    documented = documented_metrics(readme)
+    services = {s["metadata"]["name"]: s for s in by_kind(manifests, "Service")}
+    for component in ("coordinator", "storage"):
+        exposing = [
+            s for s in services.values()
+            if component_of(s) == component and any(p["name"] == "metrics" for p in s["spec"]["ports"])
+        ]
+        if metrics["enabled"]:
+            require(len(exposing) == 1, f"{component}: {len(exposing)} Services expose a metrics port, expected one")
+            port = next(p for p in exposing[0]["spec"]["ports"] if p["name"] == "metrics")
+            require(
+                port["port"] == merged[component]["metricsPort"] and port["targetPort"] == "metrics",
+                f"{describe(exposing[0])}: metrics port {port} is not {component}.metricsPort",
+            )
+        else:
+            require(not exposing, f"{component}: metrics are disabled but a Service exposes a metrics port")
+    monitors = by_kind(manifests, "ServiceMonitor")
+    wanted = metrics["enabled"] and metrics["serviceMonitor"]["enabled"]
+    require(len(monitors) == (2 if wanted else 0), f"{len(monitors)} ServiceMonitors, expected {2 if wanted else 0}")
+    scheme = "http" if merged["insecure"]["plaintext"] else "https"
+    for monitor in monitors:
+        component = component_of(monitor)
+        selected = [
+            s for s in services.values()
+            if all(s["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+        ]
+        for endpoint in monitor["spec"]["endpoints"]:
+            require(
+                any(p["name"] == endpoint["port"] for s in selected for p in s["spec"]["ports"]),
+                f"{describe(monitor)}: no selected Service has port {endpoint['port']}",
+            )
+            require(endpoint["scheme"] == scheme, f"{describe(monitor)}: scheme {endpoint['scheme']}, expected {scheme}")
+            require(endpoint["path"] == "/metrics", f"{describe(monitor)}: path {endpoint['path']}")
+            if "authorization" in endpoint:
+                require(
+                    component == "coordinator",
+                    f"{describe(monitor)}: a bearer token for {component}, which takes certificates only",
+                )
+    rules = by_kind(manifests, "PrometheusRule")
+    wanted = metrics["enabled"] and metrics["prometheusRule"]["enabled"]
+    require(len(rules) == (1 if wanted else 0), f"{len(rules)} PrometheusRules, expected {1 if wanted else 0}")
+    alerts = 0
+    for rule in rules:
+        names = set()
+        for group in rule["spec"]["groups"]:
+            for entry in group["rules"]:
+                names.add(entry.get("alert"))
+                unknown = [n for n in metric_names_in(entry["expr"]) if not known_metric(n, documented)]
+                require(not unknown, f"alert {entry.get('alert')}: {unknown} are not metrics the fabric serves")
+                alerts += 1
+        require(EXPECTED_ALERTS <= names, f"{describe(rule)}: missing alerts {sorted(EXPECTED_ALERTS - names)}")
+    dashboards = [c for c in by_kind(manifests, "ConfigMap") if "fabric.json" in c.get("data", {})]
+    wanted = metrics["enabled"] and metrics["grafanaDashboard"]["enabled"]
+    require(len(dashboards) == (1 if wanted else 0), f"{len(dashboards)} dashboards, expected {1 if wanted else 0}")
+    panels = 0
+    for configmap in dashboards:
+        dashboard = json.loads(configmap["data"]["fabric.json"])
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                unknown = [n for n in metric_names_in(target["expr"]) if not known_metric(n, documented)]
+                require(not unknown, f"dashboard panel {panel['title']!r}: {unknown} are not metrics the fabric serves")
+            panels += 1
+    return f"{len(monitors)} ServiceMonitors, {alerts} alerts, {panels} dashboard panels"
+
+
 def check_rendering(
     report: Report, chart: helm.Chart, chart_dir: Path, label: str, values: dict[str, Any]
 ) -> None:
@@ -845,6 +1137,11 @@ def check_rendering(
     report.check(f"{label}: security contexts", lambda: check_security(manifests, merged))
     report.check(
         f"{label}: optional parts, NOTES.txt", lambda: check_shape(manifests, merged, state["notes"])
+    )
+    readme = chart_dir.parent.parent / "README.md"
+    report.check(
+        f"{label}: metrics ports, ServiceMonitors, alerts, dashboard",
+        lambda: check_monitoring(manifests, merged, readme),
     )
 
 
@@ -914,6 +1211,9 @@ def main(argv: list[str]) -> int:
     # Mode C: no TLS at all.
     check_rendering(report, chart, chart_dir, "insecure plaintext", INSECURE_VARIANT)
 
+    # Prometheus Operator objects and the dashboard.
+    check_rendering(report, chart, chart_dir, "monitoring", MONITORING_VARIANT)
+
     bad_file = helm_dir / "ci" / "values-bad.yaml"
     report.check(
         f"{bad_file.name} is rejected by the schema",
@@ -950,6 +1250,8 @@ def main(argv: list[str]) -> int:
         "a TLS switch that does not exist": ({"tls": {"enabled": False}}, ["enabled"]),
         "insecure plaintext as a string": ({"insecure": {"plaintext": "yes"}}, ["plaintext"]),
         "a health port out of range": ({"storage": {"healthPort": 0}}, ["healthPort"]),
+        "a metrics port out of range": ({"coordinator": {"metricsPort": 70000}}, ["metricsPort"]),
+        "a misspelt monitoring switch": ({"metrics": {"serviceMonitors": {"enabled": True}}}, ["serviceMonitors"]),
         "a blank allowed command": ({"agent": {"allowCommands": [" "]}}, ["allowCommands"]),
         "a hook name with a space": ({"agent": {"hooks": {"db freeze": "/bin/true"}}}, ["db freeze"]),
     }
@@ -963,6 +1265,11 @@ def main(argv: list[str]) -> int:
     report.check(
         "render refuses a health port equal to the TLS port",
         lambda: expect_render_refused(chart, {"agent": {"enabled": True, "healthPort": 7401}}, ["agent.healthPort"]),
+    )
+
+    report.check(
+        "render refuses a metrics port equal to the health port",
+        lambda: expect_render_refused(chart, {"storage": {"metricsPort": 7421}}, ["storage.metricsPort"]),
     )
 
     status = report.summary()

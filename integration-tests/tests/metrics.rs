@@ -125,7 +125,10 @@ fn counters_move_by_what_a_backup_did() {
         stats.bytes_read
     );
     assert_eq!(
-        value(&agent_after, "fabric_agent_active_backups{job=\"web\"}"),
+        value(
+            &agent_after,
+            "fabric_agent_active_backups{fabric_job=\"web\"}"
+        ),
         0
     );
     assert!(
@@ -168,14 +171,14 @@ fn counters_move_by_what_a_backup_did() {
     assert_eq!(
         value(
             &coordinator_samples,
-            "fabric_coordinator_runs_finished_total{job=\"web\",state=\"done\"}"
+            "fabric_coordinator_runs_finished_total{fabric_job=\"web\",state=\"done\"}"
         ),
         2
     );
     assert_eq!(
         value(
             &coordinator_samples,
-            "fabric_coordinator_run_duration_seconds_count{job=\"web\"}"
+            "fabric_coordinator_run_duration_seconds_count{fabric_job=\"web\"}"
         ),
         2
     );
@@ -214,19 +217,19 @@ fn counters_move_by_what_a_backup_did() {
     assert_eq!(
         value(
             &coordinator_samples,
-            "fabric_coordinator_job_check_status{job=\"web\"}"
+            "fabric_coordinator_job_check_status{fabric_job=\"web\"}"
         ),
         code
     );
     assert!(
         coordinator_samples
-            .contains_key("fabric_coordinator_job_seconds_since_good_snapshot{job=\"web\"}"),
+            .contains_key("fabric_coordinator_job_seconds_since_good_snapshot{fabric_job=\"web\"}"),
         "{coordinator_samples:?}"
     );
     assert_eq!(
         value(
             &coordinator_samples,
-            "fabric_coordinator_under_replicated_copies{job=\"web\"}"
+            "fabric_coordinator_under_replicated_copies{fabric_job=\"web\"}"
         ),
         0
     );

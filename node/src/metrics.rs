@@ -106,11 +106,12 @@ impl ResultLabel {
     }
 }
 
-/// The `job` label.
+/// The `fabric_job` label: a fabric job's name. Not `job`, which
+/// Prometheus sets on every series to its own scrape job.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabel {
     /// The job's name.
-    pub job: String,
+    pub fabric_job: String,
 }
 
 type DurationFamily = Family<ResultLabel, Histogram, fn() -> Histogram>;
@@ -545,7 +546,7 @@ impl AgentBackup {
     /// A backup of `job` starts.
     pub fn start(metrics: &NodeMetrics, job: &str) -> Self {
         let job = JobLabel {
-            job: job.to_owned(),
+            fabric_job: job.to_owned(),
         };
         metrics.agent_active_backups.get_or_create(&job).inc();
         Self {

@@ -222,6 +222,9 @@ spec:
 {{- if eq (int $values.port) (int $values.healthPort) }}
 {{- fail (printf "%s.port and %s.healthPort are both %d: the plaintext health port must differ from the TLS port" $component $component (int $values.port)) }}
 {{- end }}
+{{- if and $.Values.metrics.enabled (or (eq (int $values.metricsPort) (int $values.port)) (eq (int $values.metricsPort) (int $values.healthPort))) }}
+{{- fail (printf "%s.metricsPort is %d, the same as its port or healthPort: each port of a server must differ" $component (int $values.metricsPort)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -314,4 +317,29 @@ imagePullSecrets:
 {{/* A rolling restart when the configuration changes. */}}
 {{- define "fabric.configChecksum" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- end }}
+
+{{/*
+A server's metrics_listen (TOML string): 0.0.0.0:<port> when metrics are
+enabled, "" (no metrics port) otherwise. Takes (dict "context" $ "port" N).
+*/}}
+{{- define "fabric.metricsListen" -}}
+{{- if .context.Values.metrics.enabled -}}
+{{ printf "0.0.0.0:%d" (int .port) | toJson }}
+{{- else -}}
+""
+{{- end -}}
+{{- end }}
+
+{{/*
+The metrics containerPort of a server, when metrics are enabled. Takes
+(dict "context" $ "port" N).
+*/}}
+{{- define "fabric.metricsContainerPort" -}}
+{{- if .context.Values.metrics.enabled }}
+# GET /metrics (OpenMetrics) with the server's TLS: monitors and operators.
+- name: metrics
+  containerPort: {{ .port }}
+  protocol: TCP
+{{- end }}
 {{- end }}
