@@ -22,6 +22,7 @@ pub mod config;
 pub mod convert;
 pub mod disk;
 pub mod gc_lease;
+pub mod health;
 pub mod held;
 pub mod node_directory;
 pub mod pull_permits;
