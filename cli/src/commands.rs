@@ -259,9 +259,12 @@ struct NodeRow {
     /// Why pruning cannot reach `target_free_bytes` (empty: it can, or
     /// there is none).
     prune_blocked: String,
-    /// Why the node refuses writes (empty: it accepts them); no copy is
-    /// planned to it meanwhile.
+    /// Why the node refuses writes, in one sentence (empty: it accepts
+    /// them); no copy is planned to it meanwhile.
     refuses_writes: String,
+    /// Whether it takes writes, and each reason it does not (a drain
+    /// among them).
+    health: crate::node_health::HealthCell,
     /// Its scrub (none when it runs none, or is not a storage node).
     scrub: Option<ScrubCell>,
     /// While it is drained: how far it got, or "removable".
@@ -330,11 +333,7 @@ impl Row for NodeRow {
             self.id.clone(),
             self.address.clone(),
             self.labels.join(","),
-            match (self.refuses_writes.is_empty(), self.drain.is_empty()) {
-                (true, true) => self.state.clone(),
-                (false, true) => format!("{} (refuses writes)", self.state),
-                (_, false) => format!("{} (draining: {})", self.state, self.drain),
-            },
+            self.health.state_cell(&self.state),
             self.last_heartbeat.clone(),
             bytes(self.free_bytes),
             self.chunks.to_string(),
@@ -423,6 +422,7 @@ fn node_row(node: &Node) -> NodeRow {
         gc_wanted: node.gc_wanted_since_ms != 0,
         prune_blocked: node.prune_blocked.clone(),
         refuses_writes: node.refuses_writes.clone(),
+        health: crate::node_health::HealthCell::of(node),
         scrub: node.scrub.as_ref().map(|scrub| ScrubCell {
             packs_read: scrub.packs_read,
             packs: scrub.packs,

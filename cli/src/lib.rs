@@ -7,6 +7,7 @@ pub mod check;
 pub mod commands;
 pub mod compare;
 pub mod local;
+pub mod node_health;
 pub mod output;
 pub mod remote;
 pub mod restore_progress;

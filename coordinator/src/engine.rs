@@ -747,7 +747,14 @@ impl Engine {
 
     /// Every node, by id.
     pub async fn nodes(&self) -> Vec<Node> {
-        self.inner.lock().await.nodes.values().cloned().collect()
+        self.inner
+            .lock()
+            .await
+            .nodes
+            .values()
+            .cloned()
+            .map(nodes::with_listed_health)
+            .collect()
     }
 
     /// The catalogue, oldest first.

@@ -210,6 +210,24 @@ pub async fn health(address: &str) -> tonic_health::pb::health_check_response::S
         .status()
 }
 
+/// The health a plaintext health port (`Server::health_address`) answers,
+/// asked as a probe does: no TLS, no credentials.
+pub async fn plaintext_health(
+    health_address: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(health_address.to_owned())
+        .expect("a URI")
+        .connect()
+        .await
+        .expect("the health port can be reached");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("the health check answers")
+        .into_inner()
+        .status()
+}
+
 /// Send `messages` on one `Upload` of `client` and collect the replies
 /// until the node ends the stream: all of them, or its first error.
 pub async fn upload(
@@ -234,6 +252,9 @@ pub struct Server {
     pub child: Child,
     /// `https://127.0.0.1:PORT`.
     pub address: String,
+    /// `http://127.0.0.1:PORT` of its plaintext health port, when ARGS
+    /// gave `--health-listen` an address.
+    pub health_address: Option<String>,
     /// Where its certificate is (removed with it).
     pub tls: Option<tempfile::TempDir>,
     /// `127.0.0.1:PORT` of its metrics port, when ARGS gave
@@ -313,6 +334,19 @@ impl Server {
             .next()
             .map(|addr| format!("{scheme}://{addr}"))
             .expect("an address");
+        // The health port's line comes second, when there is one.
+        let health_address = flag_value(args, "--health-listen")
+            .filter(|listen| !listen.trim().is_empty())
+            .map(|_| {
+                let line = lines
+                    .next()
+                    .expect("the server prints its health address")
+                    .expect("stdout is readable");
+                let (_, addr) = line
+                    .split_once(" health listening on ")
+                    .unwrap_or_else(|| panic!("not a health address line: {line:?}"));
+                format!("http://{addr}")
+            });
         // The metrics line follows the main one (and the health line).
         let mut metrics_address = None;
         if wants_metrics {
@@ -333,6 +367,7 @@ impl Server {
         Self {
             child,
             address,
+            health_address,
             tls,
             metrics_address,
         }

@@ -8,7 +8,10 @@ use std::collections::HashSet;
 use fabric_integration_tests::{
     Fabric, generate_tree, port_of, pseudo_random, remote_ports, snapshots_on, storage_client,
 };
-use fabric_proto::v1::{DeleteSnapshotRequest, ListSnapshotsRequest};
+use fabric_proto::v1::{
+    DeleteSnapshotRequest, HealthReasonKind, ListSnapshotsRequest, StatsRequest,
+};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 fn copies_of(run: &serde_json::Value) -> Vec<(String, String, bool)> {
     run["copies"]
@@ -784,6 +787,134 @@ fn placement_avoids_a_node_that_refuses_writes() {
         let nodes: Vec<String> = copies_of(&run).into_iter().map(|copy| copy.0).collect();
         assert_eq!(nodes, ["n2"], "{run:#}");
     }
+}
+
+#[test]
+fn a_node_refusing_writes_says_why_in_node_list_stats_uploads_and_health() {
+    let mut fabric = Fabric::start(0);
+    // n1 wants more free space than any disk has: it refuses writes from
+    // the start; its health port is a probe's view.
+    fabric.nodes.push(Fabric::start_node_with(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        1,
+        &[
+            "--min-free-bytes",
+            "1000000000000000000",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+    ));
+    fabric.nodes.push(Fabric::start_node(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        2,
+    ));
+    fabric.wait_online(3);
+    // Its first heartbeat carries the reasons.
+    let mut row = fabric.node_row("n1");
+    for _ in 0..300 {
+        if row["health"]["refusing_writes"] == true {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        row = fabric.node_row("n1");
+    }
+    assert_eq!(row["health"]["refusing_writes"], true, "{row:#}");
+    let reasons = row["health"]["reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), 1, "{row:#}");
+    assert_eq!(reasons[0]["kind"], "low_free_space", "{row:#}");
+    assert_eq!(reasons[0]["min_free_bytes"], 1_000_000_000_000_000_000u64);
+    let free = reasons[0]["free_bytes"].as_u64().unwrap();
+    assert!(free < 1_000_000_000_000_000_000, "{row:#}");
+    assert!(
+        reasons[0]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("below min_free 888.2 PiB"),
+        "{row:#}"
+    );
+    assert_eq!(row["state"], "online", "{row:#}");
+    let n2 = fabric.node_row("n2");
+    assert_eq!(n2["health"]["refusing_writes"], false, "{n2:#}");
+    assert_eq!(n2["health"]["reasons"], serde_json::json!([]), "{n2:#}");
+
+    // The table says it in the state column, and only for n1.
+    let table = String::from_utf8(fabric.ctl(&["node", "list"]).stdout).unwrap();
+    let line_of = |table: &str, id: &str| {
+        table
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("{id} is not in {table}"))
+            .to_owned()
+    };
+    assert!(
+        line_of(&table, "n1").contains("online, refusing writes: free space ")
+            && line_of(&table, "n1").contains(" below min_free 888.2 PiB"),
+        "{table}"
+    );
+    assert!(!line_of(&table, "n2").contains("refusing"), "{table}");
+
+    let n1 = &fabric.nodes[0];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        // Probes see NOT_SERVING on the plaintext health port; n2 serves.
+        let probe = n1.health_address.as_deref().unwrap();
+        assert_eq!(
+            fabric_integration_tests::plaintext_health(probe).await,
+            ServingStatus::NotServing
+        );
+        assert_eq!(
+            fabric_integration_tests::health(&fabric.nodes[1].address).await,
+            ServingStatus::Serving
+        );
+        // The node itself says why in Stats.
+        let stats = storage_client(&n1.address)
+            .await
+            .stats(StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let health = stats.health.unwrap();
+        assert!(health.refusing_writes);
+        assert_eq!(health.reasons[0].kind(), HealthReasonKind::LowFreeSpace);
+        assert_eq!(health.reasons[0].min_free_bytes, 1_000_000_000_000_000_000);
+    });
+
+    // An upload is refused saying why.
+    let source = fabric.dir.path().join("small");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("file"), b"data").unwrap();
+    let refused = fabric_integration_tests::fabricctl(&[
+        "backup",
+        "--node",
+        &n1.address,
+        source.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        said.contains("cannot accept writes now") && said.contains("under its min_free_bytes"),
+        "{said}"
+    );
+
+    // A drain, which only the coordinator knows, is a reason too.
+    let output = fabric.ctl(&["node", "drain", "n2"]);
+    assert!(output.status.success(), "{output:?}");
+    let n2 = fabric.node_row("n2");
+    assert_eq!(n2["health"]["refusing_writes"], true, "{n2:#}");
+    let kinds: Vec<&str> = n2["health"]["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|reason| reason["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["draining"], "{n2:#}");
+    let table = String::from_utf8(fabric.ctl(&["node", "list"]).stdout).unwrap();
+    assert!(
+        line_of(&table, "n2").contains("online, refusing writes: draining"),
+        "{table}"
+    );
 }
 
 #[test]

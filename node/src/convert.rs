@@ -109,7 +109,7 @@ pub fn stored_chunk(chunk: v1::ChunkData, max_plain: usize) -> Result<StoredChun
     })
 }
 
-/// Store counters as `StoreStats`.
+/// Store counters as `StoreStats` (without the node's health).
 pub fn store_stats(stats: &fabric_chunkstore::StoreStats) -> v1::StoreStats {
     v1::StoreStats {
         chunks: stats.chunks,
@@ -123,6 +123,8 @@ pub fn store_stats(stats: &fabric_chunkstore::StoreStats) -> v1::StoreStats {
         snapshots: stats.snapshots,
         free_bytes: stats.fs_free_bytes,
         capacity_bytes: stats.fs_capacity_bytes,
+        // The node's, not the store's: the storage service adds it.
+        health: None,
     }
 }
 

@@ -23,6 +23,7 @@ pub mod config;
 pub mod convert;
 pub mod disk;
 pub mod gc_lease;
+pub mod health;
 pub mod held;
 pub mod metrics;
 pub mod node_directory;

@@ -2,10 +2,12 @@
 //! signal, so the binary, the tests and the embedded fabric all start it the
 //! same way (mini-redis' pattern).
 //!
-//! Order: open the store (health NOT_SERVING meanwhile), serve, flip health
-//! to SERVING, watch free space (NOT_SERVING and uploads refused under the
-//! configured minimum, or for good once the store refuses writes after a
-//! failed fsync), and, when a coordinator is configured, keep a session
+//! Order: open the store (health NOT_SERVING meanwhile, the node's
+//! [`NodeHealth`] saying why), serve, flip health to SERVING, watch free
+//! space (NOT_SERVING and uploads refused under the configured minimum, or
+//! for good once the store refuses writes after a failed fsync, the
+//! reasons in the shared health that uploads, `Stats` and heartbeats
+//! report), and, when a coordinator is configured, keep a session
 //! with it. On shutdown: first the session ends the runs in progress (their
 //! scripts' process groups get SIGTERM, then SIGKILL after a grace) and
 //! reports them failed, naming the signal; then stop accepting, let
@@ -18,7 +20,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fabric_chunkstore::{Store, StoreConfig};
@@ -30,6 +31,7 @@ use tokio::net::TcpListener;
 
 use crate::commands::CommandPolicy;
 use crate::config::{NodeConfig, Role};
+use crate::health::{Measured, NodeHealth, SharedHealth};
 use crate::pull_permits::PullPermits;
 use crate::source_service::SourceService;
 use crate::storage_service::StorageService;
@@ -168,8 +170,10 @@ pub async fn serve_until_stopped(
     let standard = StandardServices::new(&names, server).await?;
     let readiness = standard.readiness.clone();
     let mut routes = standard.routes;
-    let writable = Arc::new(AtomicBool::new(true));
     let metrics = crate::metrics::NodeMetrics::default();
+    // Refusing writes until the store is open and its free space measured;
+    // readiness, NOT_SERVING from the start, follows it.
+    let health_now = SharedHealth::new(NodeHealth::opening());
 
     let mut store = None;
     if config.has_role(Role::Storage) {
@@ -200,7 +204,7 @@ pub async fn serve_until_stopped(
                 quotas: Arc::new(config.host_quotas()),
                 gc_grace: Duration::from_secs(config.gc_grace_s),
             },
-            writable.clone(),
+            health_now.clone(),
             transport.clone(),
             coordinator,
         )
@@ -234,33 +238,22 @@ pub async fn serve_until_stopped(
     );
     // Ready only if the store can take writes; the watcher below flips
     // health whenever that changes.
-    let has_room = match &store {
+    match &store {
         Some(store) => {
-            let dir = store.dir().to_owned();
-            tokio::task::spawn_blocking(move || crate::disk::space(&dir))
-                .await
-                .map_err(|err| ServeError::Internal(err.to_string()))?
-                .map(|(_, free)| free >= config.min_free_bytes)
-                .unwrap_or(true)
+            refresh_health(store, config.min_free_bytes, &health_now, &readiness).await;
         }
-        None => true,
-    };
-    writable.store(has_room, Ordering::Relaxed);
-    if has_room {
-        readiness.set_serving().await;
-    } else {
-        tracing::warn!(
-            min_free = config.min_free_bytes,
-            "too little free space: refusing writes"
-        );
+        None => {
+            health_now.update(|_| NodeHealth::accepting());
+            readiness.set_serving().await;
+        }
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(store) = store.clone() {
-        tokio::spawn(watch_free_space(
+        tokio::spawn(watch_health(
             store,
             config.min_free_bytes,
-            writable,
+            health_now.clone(),
             readiness.clone(),
             stop_rx.clone(),
         ));
@@ -304,6 +297,7 @@ pub async fn serve_until_stopped(
                 scrub: scrub.clone(),
                 stopping,
                 metrics: metrics.clone(),
+                health: health_now.clone(),
             },
             stop_rx.clone(),
         ));
@@ -376,14 +370,15 @@ pub async fn serve_until_stopped(
     result.map_err(|source| ServeError::Transport { address, source })
 }
 
-/// Every few seconds: NOT_SERVING and uploads refused while the store's file
-/// system has less than `min_free` bytes free, back to SERVING when it has;
-/// for good once the store refuses writes (a pack fsync failed: only a
-/// restart, whose open re-reads the packs, brings it back).
-async fn watch_free_space(
+/// Every few seconds, [`refresh_health`]: NOT_SERVING and uploads refused
+/// while the store's file system has less than `min_free` bytes free (or
+/// its free space cannot be read), back to SERVING when it has; for good
+/// once the store refuses writes (a pack fsync failed: only a restart,
+/// whose open re-reads the packs, brings it back).
+async fn watch_health(
     store: Arc<Store>,
     min_free: u64,
-    writable: Arc<AtomicBool>,
+    health_now: SharedHealth,
     readiness: fabric_proto::standard::Readiness,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -393,26 +388,51 @@ async fn watch_free_space(
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        let dir = store.dir().to_owned();
-        let free =
-            tokio::task::spawn_blocking(move || crate::disk::space(&dir).map(|(_, free)| free))
-                .await;
-        let Ok(Ok(free)) = free else { continue };
-        let failure = store.write_failure();
-        let ok = free >= min_free && failure.is_none();
-        if writable.swap(ok, Ordering::Relaxed) != ok {
-            if ok {
-                tracing::info!(free, "free space recovered: accepting writes");
-                readiness.set_serving().await;
-            } else {
-                match failure {
-                    Some(reason) => tracing::error!("refusing writes: {reason}"),
-                    None => {
-                        tracing::warn!(free, min_free, "too little free space: refusing writes")
-                    }
-                }
-                readiness.set_not_serving().await;
+        refresh_health(&store, min_free, &health_now, &readiness).await;
+    }
+}
+
+/// Measure the store's free space and failed-write latch, update the
+/// node's health, and flip readiness (logging why) when whether it refuses
+/// writes changed.
+async fn refresh_health(
+    store: &Arc<Store>,
+    min_free: u64,
+    health_now: &SharedHealth,
+    readiness: &fabric_proto::standard::Readiness,
+) {
+    let dir = store.dir().to_owned();
+    let free_bytes = match tokio::task::spawn_blocking(move || crate::disk::space(&dir)).await {
+        Ok(Ok((_, free))) => Ok(free),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(err) => Err(format!("the free-space check failed: {err}")),
+    };
+    let measured = Measured {
+        free_bytes,
+        min_free_bytes: min_free,
+        write_failure: store.write_failure().map(str::to_owned),
+    };
+    let (before, after) = health_now.update(|now| now.assess(&measured));
+    if after.refuses_writes() && !after.same_kinds_as(&before) {
+        let why = after.summary();
+        if after
+            .reasons()
+            .iter()
+            .any(|reason| matches!(reason, crate::health::HealthReason::WriteFailed { .. }))
+        {
+            tracing::error!("refusing writes: {why}");
+        } else {
+            tracing::warn!("refusing writes: {why}");
+        }
+    }
+    if before.refuses_writes() != after.refuses_writes() {
+        if after.refuses_writes() {
+            readiness.set_not_serving().await;
+        } else {
+            if !before.same_kinds_as(&NodeHealth::opening()) {
+                tracing::info!("accepting writes again");
             }
+            readiness.set_serving().await;
         }
     }
 }

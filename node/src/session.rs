@@ -45,6 +45,7 @@ use tracing::Instrument;
 use crate::agent::{AgentError, PushProgress, describe_status, push_backup};
 use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
+use crate::health::SharedHealth;
 use crate::pull_permits::PullPermits;
 use crate::rate_limit::{JobBudget, RateLimit, TransferLimits};
 use crate::run_copies::{self, NextCopy, SnapshotCopies};
@@ -328,12 +329,13 @@ async fn refresh_counters(
     }
 }
 
-/// A heartbeat: free space now, counters as last refreshed.
+/// A heartbeat: free space now, counters as last refreshed, the node's
+/// health as the free-space watcher last set it.
 async fn heartbeat(
     store: Option<Arc<Store>>,
     counters: &StoreCounters,
     gc_running: &AtomicU64,
-    min_free_bytes: u64,
+    health: &SharedHealth,
 ) -> Heartbeat {
     let Some(store) = store else {
         return Heartbeat::default();
@@ -344,22 +346,14 @@ async fn heartbeat(
         quota_usage,
         job_usage,
     } = counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let failure = store.write_failure().map(str::to_owned);
     let free_bytes = tokio::task::spawn_blocking(move || crate::disk::space(store.dir()))
         .await
         .ok()
         .and_then(Result::ok)
         .map(|(_, free)| free);
     // What the storage service refuses uploads for (see
-    // `server::watch_free_space`), so that nothing is planned here.
-    let refuses_writes = match (failure, free_bytes) {
-        (Some(reason), _) => format!("the store failed a write: {reason}"),
-        (None, Some(free)) if free < min_free_bytes => {
-            format!("{free} bytes free, under its min_free_bytes of {min_free_bytes}")
-        }
-        (None, None) => "its free space cannot be read".to_owned(),
-        (None, Some(_)) => String::new(),
-    };
+    // `server::watch_health`), so that nothing is planned here.
+    let health = health.get();
     Heartbeat {
         free_bytes: free_bytes.unwrap_or(0),
         chunks,
@@ -367,8 +361,9 @@ async fn heartbeat(
         quota_usage,
         job_usage,
         gc_lease_id: gc_running.load(Ordering::SeqCst),
-        refuses_writes,
+        refuses_writes: health.summary(),
         scrub: None,
+        health: Some(health.to_proto()),
     }
 }
 
@@ -392,6 +387,8 @@ pub struct SessionParts {
     pub stopping: Stopping,
     /// The node's metrics.
     pub metrics: crate::metrics::NodeMetrics,
+    /// Whether the node takes writes and why not, for heartbeats.
+    pub health: SharedHealth,
 }
 
 /// Keep a session with the coordinator until `stop` turns true.
@@ -430,6 +427,7 @@ pub async fn run_session(
         metrics: parts.metrics,
     };
     let stopping = parts.stopping;
+    let health = parts.health;
     let mut asked = stopping.asked.subscribe();
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut held = crate::held::HeldReport::default();
@@ -496,7 +494,7 @@ pub async fn run_session(
                                         return;
                                     }
                                     _ = ticker.tick() => {
-                                        let mut beat = heartbeat(store.clone(), &counters, &context.gc_running, config.min_free_bytes).await;
+                                        let mut beat = heartbeat(store.clone(), &counters, &context.gc_running, &health).await;
                                         beat.scrub = context.scrub.as_ref().map(crate::scrub::Scrub::progress);
                                         pending.push_back(NodeMessage { kind: Some(node_message::Kind::Heartbeat(beat)) });
                                         if let Some(store) = store.as_ref()

@@ -13,7 +13,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fabric_chunkstore::restore::{HardLinks, RestoreError};
@@ -37,6 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
+use crate::health::SharedHealth;
 use crate::node_directory::NodeDirectory;
 use crate::quota::HostQuotas;
 use crate::rate_limit::{RateLimit, TransferLimits};
@@ -53,8 +53,9 @@ pub struct StorageService {
     store: Arc<Store>,
     /// Chunk bytes all uploads together may hold (one permit per KiB).
     upload_memory: Arc<Semaphore>,
-    /// False while the store cannot take writes (e.g. its disk is full).
-    writable: Arc<AtomicBool>,
+    /// Whether the node takes writes now, and why not (uploads are
+    /// refused meanwhile; `Stats` reports it).
+    health: SharedHealth,
     /// How this node dials other servers (copies).
     transport: Transport,
     /// The fabric's nodes: copy targets, and which callers are agents.
@@ -104,7 +105,7 @@ impl StorageService {
     pub fn new(
         store: Arc<Store>,
         settings: StorageSettings,
-        writable: Arc<AtomicBool>,
+        health: SharedHealth,
         transport: Transport,
         coordinator: Option<String>,
     ) -> Self {
@@ -127,7 +128,7 @@ impl StorageService {
             ingest_limit,
             quotas,
             gc_grace,
-            writable,
+            health,
             directory: NodeDirectory::new(coordinator, transport.clone()),
             transport,
             metrics: crate::metrics::NodeMetrics::default(),
@@ -391,11 +392,13 @@ impl Storage for StorageService {
         &self,
         request: Request<Streaming<SenderMessage>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
-        if !self.writable.load(Ordering::Relaxed) {
+        let health = self.health.get();
+        if health.refuses_writes() {
             self.metrics.refused(crate::metrics::RefusalReason::NoSpace);
             return Err(Status::unavailable(format!(
-                "the store at {} cannot accept writes now (too little free space)",
-                self.store.dir().display()
+                "the store at {} cannot accept writes now: {}",
+                self.store.dir().display(),
+                health.summary()
             )));
         }
         let commit_host = self.scope(&Caller::of(&request)).await?;
@@ -665,7 +668,10 @@ impl Storage for StorageService {
 
     async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StoreStats>, Status> {
         let stats = self.blocking(|store| store.stats()).await?;
-        Ok(Response::new(convert::store_stats(&stats)))
+        Ok(Response::new(StoreStats {
+            health: Some(self.health.get().to_proto()),
+            ..convert::store_stats(&stats)
+        }))
     }
 
     async fn verify(

@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::task::{Context, Poll};
 
 use fabric_chunkstore::walk::BackupOptions;
@@ -92,7 +91,7 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
             quotas: Default::default(),
             gc_grace: fabric_chunkstore::DEFAULT_GC_GRACE,
         },
-        Arc::new(AtomicBool::new(true)),
+        fabric_node::health::SharedHealth::new(fabric_node::health::NodeHealth::accepting()),
         server_transport.clone(),
         None,
     );

@@ -2,6 +2,8 @@
 //! heartbeats, and the views the planner and the sessions use. Part of
 //! [`super::Inner`]; it never plans or changes a run.
 
+use fabric_proto::v1::{HealthReason, HealthReasonKind, NodeHealth};
+
 use super::*;
 
 impl Inner {
@@ -99,7 +101,11 @@ impl Inner {
         node.stored_bytes = heartbeat.stored_bytes;
         node.quota_usage.clone_from(&heartbeat.quota_usage);
         node.job_usage.clone_from(&heartbeat.job_usage);
-        if node.refuses_writes != heartbeat.refuses_writes {
+        // Logged when the reasons change, not their figures (free space
+        // moves with every heartbeat).
+        if node.refuses_writes.is_empty() != heartbeat.refuses_writes.is_empty()
+            || reason_kinds(node.health.as_ref()) != reason_kinds(heartbeat.health.as_ref())
+        {
             if heartbeat.refuses_writes.is_empty() {
                 tracing::info!(node = %node_id, "node accepts writes again");
             } else {
@@ -107,6 +113,7 @@ impl Inner {
             }
         }
         node.refuses_writes.clone_from(&heartbeat.refuses_writes);
+        node.health.clone_from(&heartbeat.health);
         if let Some(info) = node.info.as_mut() {
             info.free_bytes = heartbeat.free_bytes;
         }
@@ -255,5 +262,138 @@ fn listed<'a>(items: impl Iterator<Item = &'a str>) -> String {
         String::new()
     } else {
         format!(" ({})", items.join(", "))
+    }
+}
+
+/// The kinds of `health`'s reasons, in order (none without a health).
+fn reason_kinds(health: Option<&NodeHealth>) -> Vec<i32> {
+    health
+        .map(|health| health.reasons.iter().map(|reason| reason.kind).collect())
+        .unwrap_or_default()
+}
+
+/// `node` as `ListNodes` shows it: `health` is its own, as of its last
+/// heartbeat, with a DRAINING reason (how far the drain got) while it is
+/// drained. A node that predates reasons but refuses writes gets its
+/// `refuses_writes` sentence as one reason of no kind.
+pub(super) fn with_listed_health(mut node: Node) -> Node {
+    let mut health = node.health.take().unwrap_or_else(|| NodeHealth {
+        refusing_writes: false,
+        reasons: if node.refuses_writes.is_empty() {
+            Vec::new()
+        } else {
+            vec![HealthReason {
+                kind: HealthReasonKind::Unspecified as i32,
+                detail: node.refuses_writes.clone(),
+                ..HealthReason::default()
+            }]
+        },
+    });
+    if node.draining_since_ms != 0 {
+        health.reasons.push(HealthReason {
+            kind: HealthReasonKind::Draining as i32,
+            detail: node.drain.clone(),
+            ..HealthReason::default()
+        });
+    }
+    health.refusing_writes = !health.reasons.is_empty();
+    // An agent without reasons says nothing of writes it never takes.
+    node.health = (is_storage(&node) || health.refusing_writes).then_some(health);
+    node
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage_node() -> Node {
+        Node {
+            info: Some(NodeInfo {
+                id: "n1".into(),
+                roles: vec![NodeRole::Storage as i32],
+                ..NodeInfo::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn a_storage_node_taking_writes_is_listed_with_no_reason() {
+        let listed = with_listed_health(storage_node());
+        assert_eq!(
+            listed.health,
+            Some(NodeHealth {
+                refusing_writes: false,
+                reasons: Vec::new()
+            })
+        );
+    }
+
+    #[test]
+    fn a_drained_node_is_listed_refusing_writes_with_the_drain_after_its_own_reasons() {
+        let low = HealthReason {
+            kind: HealthReasonKind::LowFreeSpace as i32,
+            free_bytes: 1,
+            min_free_bytes: 2,
+            ..HealthReason::default()
+        };
+        let listed = with_listed_health(Node {
+            health: Some(NodeHealth {
+                refusing_writes: true,
+                reasons: vec![low.clone()],
+            }),
+            refuses_writes: "1 bytes free, under its min_free_bytes of 2".into(),
+            draining_since_ms: 5,
+            drain: "3 snapshot(s) left".into(),
+            ..storage_node()
+        });
+        let health = listed.health.unwrap();
+        assert!(health.refusing_writes);
+        assert_eq!(
+            health.reasons,
+            [
+                low,
+                HealthReason {
+                    kind: HealthReasonKind::Draining as i32,
+                    detail: "3 snapshot(s) left".into(),
+                    ..HealthReason::default()
+                }
+            ]
+        );
+        // Draining alone refuses writes too: no copy is planned there.
+        let drained = with_listed_health(Node {
+            draining_since_ms: 5,
+            drain: "removable".into(),
+            ..storage_node()
+        });
+        assert!(drained.health.unwrap().refusing_writes);
+    }
+
+    #[test]
+    fn a_node_that_predates_reasons_has_its_sentence_as_a_reason() {
+        let listed = with_listed_health(Node {
+            refuses_writes: "the store failed a write: cannot fsync".into(),
+            ..storage_node()
+        });
+        let health = listed.health.unwrap();
+        assert!(health.refusing_writes);
+        assert_eq!(health.reasons.len(), 1);
+        assert_eq!(health.reasons[0].kind(), HealthReasonKind::Unspecified);
+        assert_eq!(
+            health.reasons[0].detail,
+            "the store failed a write: cannot fsync"
+        );
+    }
+
+    #[test]
+    fn an_agent_is_listed_without_health() {
+        let agent = Node {
+            info: Some(NodeInfo {
+                roles: vec![NodeRole::Agent as i32],
+                ..NodeInfo::default()
+            }),
+            ..Node::default()
+        };
+        assert_eq!(with_listed_health(agent).health, None);
     }
 }
