@@ -36,6 +36,8 @@ pub enum RefusalReason {
     HostQuota,
     /// A batch would take a run over its job's quota.
     JobQuota,
+    /// A commit sooner after its job's last snapshot than `min_interval`.
+    TooSoon,
     /// A caller asked for something its name may not touch (another host's
     /// snapshot, a copy it may not make).
     NotPermitted,
@@ -52,6 +54,7 @@ impl RefusalReason {
             RefusalReason::NoSpace => "no_space",
             RefusalReason::HostQuota => "host_quota",
             RefusalReason::JobQuota => "job_quota",
+            RefusalReason::TooSoon => "too_soon",
             RefusalReason::NotPermitted => "not_permitted",
             RefusalReason::IdleTimeout => "idle_timeout",
             RefusalReason::BadRequest => "bad_request",
@@ -63,9 +66,15 @@ impl RefusalReason {
     pub fn of_status(status: &tonic::Status) -> Option<Self> {
         use tonic::Code;
         match status.code() {
-            Code::ResourceExhausted if status.message().contains("quota") => {
-                if status.message().contains("host") {
+            // The three refusals RESOURCE_EXHAUSTED carries, told apart by
+            // the start of their messages (`StoreError::OverQuota`,
+            // `JobBudget`, `StoreError::TooSoon`).
+            Code::ResourceExhausted => {
+                let message = status.message();
+                if message.starts_with("host ") {
                     Some(RefusalReason::HostQuota)
+                } else if message.contains("min_interval") {
+                    Some(RefusalReason::TooSoon)
                 } else {
                     Some(RefusalReason::JobQuota)
                 }
@@ -656,5 +665,73 @@ impl MetricsSource for NodeMetricsSource {
                 .map_err(|err| err.to_string())?;
             Ok(text)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(status: tonic::Status) -> Option<&'static str> {
+        RefusalReason::of_status(&status).map(RefusalReason::label)
+    }
+
+    #[test]
+    fn refusals_are_told_apart_by_their_status() {
+        let over_host =
+            crate::status::status_from_store_error(fabric_chunkstore::StoreError::OverQuota {
+                host: "web1".into(),
+                used: 1,
+                adding: 2,
+                limit: 2,
+            });
+        assert_eq!(reason(over_host), Some("host_quota"));
+        let over_job = tonic::Status::resource_exhausted(
+            "job \"hosts\" would go over its quota of 10 bytes: this run may store 1 more bytes",
+        );
+        assert_eq!(reason(over_job), Some("job_quota"));
+        let too_soon = tonic::Status::resource_exhausted(
+            "job \"a\" of host \"b\" had a snapshot too recently: the next is allowed from X on (the node's min_interval)",
+        );
+        assert_eq!(reason(too_soon), Some("too_soon"));
+        assert_eq!(
+            reason(tonic::Status::permission_denied("x")),
+            Some("not_permitted")
+        );
+        assert_eq!(
+            reason(tonic::Status::cancelled("the sender went away")),
+            None
+        );
+    }
+
+    #[test]
+    fn an_upload_counts_while_it_runs_and_records_its_result() {
+        let metrics = NodeMetrics::default();
+        let mut upload = metrics.upload_started();
+        assert_eq!(metrics.active_uploads.get(), 1);
+        upload.succeeded();
+        drop(upload);
+        drop(metrics.upload_started());
+        assert_eq!(metrics.active_uploads.get(), 0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.register(true, false))
+            .expect("encodes");
+        assert!(
+            text.contains("fabric_node_upload_duration_seconds_count{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fabric_node_upload_duration_seconds_count{result=\"failed\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn dedup_is_what_a_commit_did_not_add() {
+        let metrics = NodeMetrics::default();
+        metrics.committed(1000, 300);
+        metrics.committed(100, 400);
+        assert_eq!(metrics.deduplicated_bytes.get(), 700);
+        assert_eq!(metrics.committed_snapshots.get(), 2);
     }
 }
