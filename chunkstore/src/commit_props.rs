@@ -142,9 +142,10 @@ fn apply(entries: &mut Vec<TreeEntry>, index: usize, mutation: &Mutation, fixtur
         Mutation::OtherChunk(other) => {
             let id = fixture.chunks[*other];
             entry.chunk_ids.push(id.to_vec());
-            // Half the time the size follows, which is a valid change.
+            // Half the time the size follows, which is a valid change
+            // (wrapping: an earlier mutation may have set any size).
             if other % 2 == 0 {
-                entry.size += size_of(&id);
+                entry.size = entry.size.wrapping_add(size_of(&id));
             }
         }
         Mutation::SubtreeIsAChunk(other) => {
