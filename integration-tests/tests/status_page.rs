@@ -118,16 +118,73 @@ fn the_status_page_shows_jobs_nodes_snapshots_and_failures_to_monitors_only() {
         assert!(html.contains(expected), "{expected:?} missing from\n{html}");
     }
     // The job that failed is red, the one with its snapshot green.
-    let row = |id: &str| {
+    let row_of = |html: &str, id: &str| {
         let start = html.find(&format!("id=\"{id}\"")).unwrap();
         let end = start + html[start..].find("</tr>").unwrap();
         html[start..end].to_owned()
     };
+    let row = |id: &str| row_of(html, id);
     assert!(row("job-web").contains("badge ok"), "{}", row("job-web"));
     assert!(
         row("job-broken").contains("badge critical") || row("job-broken").contains("badge warning"),
         "{}",
         row("job-broken")
+    );
+
+    // What a running backup is doing, and a node that is full: a slow job
+    // caught while it sends, and n3 asking for more free space than any
+    // disk has.
+    let _full = Fabric::start_node_with(
+        &fabric.dir,
+        &fabric.coordinator.address,
+        3,
+        &["--min-free-bytes", "1000000000000000000"],
+    );
+    fabric.wait_online(4);
+    let big = fabric.dir.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    std::fs::write(
+        big.join("data"),
+        fabric_integration_tests::pseudo_random(8 << 20, 25),
+    )
+    .unwrap();
+    let slow = format!(
+        "[job.slow]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1\"\nbandwidth_limit = \"1MiB/s\"\n",
+        big.display()
+    );
+    let run = fabric.submit(&slow, &[])[0].clone();
+    let mut moving = false;
+    for _ in 0..600 {
+        let shown = fabric.json(&["run", "show", &run]);
+        if shown["copies"][0]["bytes_sent"].as_u64().unwrap_or(0) > 0 {
+            moving = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(moving, "the slow copy never started sending");
+    let page = http_get(
+        &address,
+        &anonymous,
+        Expect::Coordinator,
+        Some(&basic(&token)),
+        "/",
+    );
+    let html = &page.body;
+    assert!(html.contains("Running (1)"), "{html}");
+    let running = &html[html.find("Running (1)").unwrap()..html.find("<h2>Nodes").unwrap()];
+    assert!(
+        running.contains("slow") && running.contains("copying") && running.contains("n1"),
+        "{running}"
+    );
+    assert!(
+        running.contains(" MiB</td>") || running.contains(" KiB</td>"),
+        "bytes read and sent so far: {running}"
+    );
+    let full = row_of(html, "node-n3");
+    assert!(
+        full.contains("refusing writes") && full.contains("min_free"),
+        "{full}"
     );
 
     // An operator's certificate works too, and the refresh's fragment is
