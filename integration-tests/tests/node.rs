@@ -991,7 +991,7 @@ async fn a_node_without_room_is_not_serving_and_refuses_uploads() {
     .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
-        refused.message().contains("free space"),
+        refused.message().contains("min_free_bytes"),
         "{}",
         refused.message()
     );
