@@ -1996,6 +1996,8 @@ pub struct ManualBackup {
     pub tags: Vec<String>,
     /// Bytes per second to send at most (0: no limit).
     pub limit_bytes_per_s: u64,
+    /// The memory budget of the whole sending pipeline, in bytes.
+    pub memory_bytes: u64,
 }
 
 pub async fn backup(
@@ -2011,7 +2013,10 @@ pub async fn backup(
         one_file_system,
         tags,
         limit_bytes_per_s,
+        memory_bytes,
     } = request;
+    let plan = fabric_node::memory_budget::SendPlan::for_this_machine(memory_bytes)
+        .context("--memory")?;
     let node = node.as_str();
     let mut includes = Vec::new();
     for path in paths {
@@ -2065,6 +2070,7 @@ pub async fn backup(
         &fabric_node::client::Peer::any_node(node),
         transport,
         options,
+        plan,
         template,
         Some(progress),
         // The node's ingest limit applies too.

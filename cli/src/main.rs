@@ -488,6 +488,17 @@ struct BackupArgs {
     /// number (the node's ingest limit applies too).
     #[arg(long, value_parser = parse_rate_flag)]
     limit_rate: Option<u64>,
+    /// The memory budget of the backup: read buffers, chunks read ahead,
+    /// offered, compressed and in flight until the node has them ("48MiB",
+    /// "64MB" or bytes). The process needs about 16 MiB more, whatever the
+    /// budget.
+    #[arg(long, value_parser = parse_size_flag, default_value = "32MiB")]
+    memory: u64,
+}
+
+fn parse_size_flag(text: &str) -> Result<u64, String> {
+    fabric_coordinator::jobfile::parse_bytes(text)
+        .ok_or_else(|| format!("{text:?} is not a size: use e.g. \"48MiB\", \"64MB\" or 50000000"))
 }
 
 fn parse_rate_flag(text: &str) -> Result<u64, String> {
@@ -865,6 +876,7 @@ async fn run(cli: Cli) -> i32 {
                     one_file_system: args.one_file_system,
                     tags: args.tag,
                     limit_bytes_per_s: args.limit_rate.unwrap_or(0),
+                    memory_bytes: args.memory,
                 },
                 format,
             )

@@ -33,7 +33,8 @@
 //!
 //! `FABRIC_BENCH_MB` sets the size of the large data (default 1024: half
 //! random, half text-like); `FABRIC_BENCH_SMALL_FILES` the small-file count;
-//! `FABRIC_BENCH_ROUNDS` the rounds (default 3).
+//! `FABRIC_BENCH_ROUNDS` the rounds (default 3); `FABRIC_BENCH_MEMORY` the
+//! pushes' memory budget in bytes (default: the agent's).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -426,6 +427,10 @@ fn main() {
         chunk_params: ChunkParams::default(),
         threads: 0,
     };
+    let backup_memory = env_usize(
+        "FABRIC_BENCH_MEMORY",
+        fabric_node::memory_budget::DEFAULT_BACKUP_MEMORY as usize,
+    ) as u64;
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let tls = BenchTls::new(&work.path().join("tls"));
     let push = |address: &str, path: &Path, job: &str| {
@@ -435,6 +440,8 @@ fn main() {
                 &fabric_node::client::Peer::node("bench-node", address),
                 &tls.agent,
                 options(path),
+                fabric_node::memory_budget::SendPlan::for_this_machine(backup_memory)
+                    .expect("FABRIC_BENCH_MEMORY: a budget to back up in"),
                 Snapshot {
                     job: job.into(),
                     host: "bench-agent".into(),

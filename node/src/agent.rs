@@ -26,9 +26,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::transport::Channel;
 
+use crate::memory_budget::SendPlan;
 use crate::rate_limit::TransferLimits;
 use crate::transfer::{
-    ChannelSink, OutgoingChunk, READ_AHEAD_CHUNKS, SENDER_CHANNEL, TransferCounters, run_sender,
+    ChannelSink, OutgoingChunk, READ_AHEAD_CHUNKS, SENDER_CHANNEL, SendSizes, TransferCounters,
+    run_sender,
 };
 
 /// Why an agent operation failed.
@@ -376,12 +378,13 @@ impl ReportGate {
 fn spawn_walk(
     options: BackupOptions,
     chunks: mpsc::Sender<OutgoingChunk>,
+    pipeline_bytes: usize,
     parent: Option<(Arc<dyn ChunkSource + Send + Sync>, ChunkId)>,
     counters: Arc<TransferCounters>,
     progress: Option<ProgressFn>,
 ) -> tokio::task::JoinHandle<Result<BackupOutcome, Status>> {
     tokio::task::spawn_blocking(move || {
-        let sink = ChannelSink::new(chunks);
+        let sink = ChannelSink::new(chunks, pipeline_bytes);
         let started = Instant::now();
         let gate = ReportGate::default();
         let report = |walk: &Progress<'_>| {
@@ -411,10 +414,12 @@ fn spawn_walk(
 /// (on `Source.Pull`) alike: walk `options` (skipping files unchanged since
 /// `parent`), send what the receiver lacks on `outgoing`, taking its replies
 /// from `incoming`, and commit the snapshot made from `template`. Returns the
-/// snapshot as the receiver committed it.
+/// snapshot as the receiver committed it. `plan` shares the backup's memory
+/// budget: it sets the walk's threads and what the sender holds.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_backup<I>(
-    options: BackupOptions,
+    mut options: BackupOptions,
+    plan: SendPlan,
     parent: Option<(Arc<dyn ChunkSource + Send + Sync>, ChunkId)>,
     template: Snapshot,
     outgoing: mpsc::Sender<SenderMessage>,
@@ -426,8 +431,9 @@ pub async fn send_backup<I>(
 where
     I: futures::Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
 {
-    // Bounded in bytes by the sink as well (READ_AHEAD_BYTES).
+    // Bounded in bytes by the sink's share of the budget as well.
     let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(READ_AHEAD_CHUNKS);
+    options.threads = plan.walk_threads;
     let (progress, sending_progress) = match progress {
         Some(progress) => {
             let (walk_progress, ticker) = SendingProgress::start(progress, counters.clone());
@@ -435,7 +441,14 @@ where
         }
         None => (None, None),
     };
-    let walk = spawn_walk(options, chunks_tx, parent, counters.clone(), progress);
+    let walk = spawn_walk(
+        options,
+        chunks_tx,
+        plan.pipeline_bytes,
+        parent,
+        counters.clone(),
+        progress,
+    );
     let commit_counters = counters.clone();
     let commit = async move {
         let outcome = walk.await.map_err(crate::status::join_error)??;
@@ -450,6 +463,7 @@ where
         commit,
         counters,
         limits,
+        SendSizes::from(&plan),
     )
     .await;
     if let Some(ticker) = sending_progress {
@@ -499,11 +513,13 @@ impl SendingProgress {
 
 /// Back up `options.includes` to `node` as a snapshot made
 /// from `template` (job, host, instance, type, tags... and, if set, the id
-/// every replica shares).
+/// every replica shares), within the memory `plan` shares out.
+#[allow(clippy::too_many_arguments)]
 pub async fn push_backup(
     node: &crate::client::Peer,
     transport: &fabric_trust::Transport,
     options: BackupOptions,
+    plan: SendPlan,
     template: Snapshot,
     progress: Option<ProgressFn>,
     limits: TransferLimits,
@@ -545,6 +561,7 @@ pub async fn push_backup(
     };
     let snapshot = send_backup(
         options,
+        plan,
         parent_source,
         template,
         out_tx,

@@ -60,6 +60,16 @@ pub struct NodeConfig {
     /// at least one largest message (`transfer::MAX_MESSAGE_BYTES`), to
     /// which a smaller value is raised.
     pub upload_memory_bytes: u64,
+    /// Bytes of chunk data one upload may hold in memory at once (its
+    /// batches queued for the writer); a batch larger than this is taken
+    /// alone. Default 16 MiB.
+    pub memory_per_upload_bytes: u64,
+    /// The agent's memory budget for each backup it sends, push or pull
+    /// (`fabricctl backup --memory` for a backup by hand): the walk's
+    /// buffers and the chunks in flight, see `memory_budget`. Default
+    /// 32 MiB; a budget too small for the store's largest chunk is refused
+    /// at start.
+    pub backup_memory_bytes: u64,
     /// Seconds an upload may send nothing before this node drops it (what
     /// it sent stays uncommitted); senders say they are alive every
     /// minute. Default 300.
@@ -145,6 +155,8 @@ impl Default for NodeConfig {
             hostname: String::new(),
             min_free_bytes: 256 * 1024 * 1024,
             upload_memory_bytes: 256 * 1024 * 1024,
+            memory_per_upload_bytes: 16 * 1024 * 1024,
+            backup_memory_bytes: crate::memory_budget::DEFAULT_BACKUP_MEMORY,
             transfer_idle_timeout_s: crate::transfer::IDLE_TIMEOUT.as_secs(),
             gc_grace_s: fabric_chunkstore::DEFAULT_GC_GRACE.as_secs(),
             target_free_bytes: 0,

@@ -25,6 +25,7 @@ pub mod disk;
 pub mod gc_lease;
 pub mod health;
 pub mod held;
+pub mod memory_budget;
 pub mod metrics;
 pub mod node_directory;
 pub mod pull_permits;

@@ -64,6 +64,12 @@ struct ServeArgs {
     /// Chunk bytes all uploads together may hold in memory.
     #[arg(long, env = "FABRIC_NODE_UPLOAD_MEMORY_BYTES")]
     upload_memory_bytes: Option<u64>,
+    /// Chunk bytes one upload may hold in memory.
+    #[arg(long, env = "FABRIC_NODE_MEMORY_PER_UPLOAD_BYTES")]
+    memory_per_upload_bytes: Option<u64>,
+    /// The agent's memory budget for each backup it sends (bytes).
+    #[arg(long, env = "FABRIC_NODE_BACKUP_MEMORY_BYTES")]
+    backup_memory_bytes: Option<u64>,
     /// Seconds an upload may send nothing before it is dropped.
     #[arg(long, env = "FABRIC_NODE_TRANSFER_IDLE_TIMEOUT_S")]
     transfer_idle_timeout_s: Option<u64>,
@@ -166,6 +172,12 @@ impl ServeArgs {
         }
         if let Some(value) = self.upload_memory_bytes {
             config.upload_memory_bytes = value;
+        }
+        if let Some(value) = self.memory_per_upload_bytes {
+            config.memory_per_upload_bytes = value;
+        }
+        if let Some(value) = self.backup_memory_bytes {
+            config.backup_memory_bytes = value;
         }
         if let Some(value) = self.transfer_idle_timeout_s {
             config.transfer_idle_timeout_s = value;

@@ -67,6 +67,9 @@ pub enum ServeError {
         /// Why.
         source: tonic::transport::Error,
     },
+    /// `backup_memory_bytes` is too small to back up in.
+    #[error("backup_memory_bytes: {0}")]
+    BackupMemory(#[from] crate::memory_budget::BudgetTooSmall),
     /// A task panicked.
     #[error("internal error: {0}")]
     Internal(String),
@@ -151,6 +154,8 @@ pub async fn serve_until_stopped(
             .map_err(ServeError::Commands)?,
     );
     let permits = PullPermits::default();
+    // A budget too small for any backup fails the start, not each backup.
+    let backup_plan = crate::memory_budget::SendPlan::for_this_machine(config.backup_memory_bytes)?;
     // One bucket each, shared by every transfer they govern.
     let upload_limit = crate::rate_limit::RateLimit::new(config.upload_limit_bytes_per_s);
     let ingest_limit = crate::rate_limit::RateLimit::new(config.ingest_limit_bytes_per_s);
@@ -198,6 +203,7 @@ pub async fn serve_until_stopped(
             opened.clone(),
             crate::storage_service::StorageSettings {
                 memory_bytes: config.upload_memory_bytes,
+                memory_per_upload_bytes: config.memory_per_upload_bytes,
                 idle_timeout: Duration::from_secs(config.transfer_idle_timeout_s.max(1)),
                 guards: config.commit_guards(),
                 ingest_limit: ingest_limit.clone(),
@@ -222,6 +228,7 @@ pub async fn serve_until_stopped(
                 config.hostname.clone(),
                 permits.clone(),
                 upload_limit.clone(),
+                backup_plan,
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

@@ -43,6 +43,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::agent::{AgentError, PushProgress, describe_status, push_backup};
+use crate::memory_budget::SendPlan;
 use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
 use crate::health::SharedHealth;
@@ -1436,10 +1437,17 @@ async fn walk_once(
             current_path: progress.current_path.clone(),
         });
     });
+    // Checked when the node started: a budget too small stopped it.
+    let plan = SendPlan::for_this_machine(context.config.backup_memory_bytes)
+        .map_err(|err| CopyFailure {
+            reason: format!("backup_memory_bytes: {err}"),
+            source_fault: true,
+        })?;
     push_backup(
         &crate::client::Peer::node(&target.node, &target.address),
         &context.transport,
         backup_options(job),
+        plan,
         template,
         Some(progress),
         TransferLimits::none()

@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::send_backup;
 use crate::client::Peer;
+use crate::memory_budget::SendPlan;
 use crate::pull_permits::{PERMIT_WAIT, PermittedPaths, PullPermits};
 use crate::rate_limit::{RateLimit, TransferLimits};
 use crate::status::status_from_store_error;
@@ -106,6 +107,8 @@ pub struct SourceService {
     permits: PullPermits,
     /// The agent's upload limit, which pulls it serves wait for too.
     upload_limit: Option<Arc<RateLimit>>,
+    /// How each pull it serves spends the agent's backup memory budget.
+    plan: SendPlan,
 }
 
 impl SourceService {
@@ -115,11 +118,13 @@ impl SourceService {
         hostname: String,
         permits: PullPermits,
         upload_limit: Option<Arc<RateLimit>>,
+        plan: SendPlan,
     ) -> Self {
         Self {
             hostname,
             permits,
             upload_limit,
+            plan,
         }
     }
 
@@ -234,9 +239,11 @@ impl Source for SourceService {
         let (out_tx, out_rx) = mpsc::channel::<SenderMessage>(SENDER_CHANNEL);
         let (result_tx, result_rx) = mpsc::channel::<Result<SenderMessage, Status>>(1);
         let upload_limit = self.upload_limit.clone();
+        let plan = self.plan;
         tokio::spawn(async move {
             let sent = send_backup(
                 options,
+                plan,
                 parent,
                 template,
                 out_tx,

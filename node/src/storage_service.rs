@@ -53,6 +53,8 @@ pub struct StorageService {
     store: Arc<Store>,
     /// Chunk bytes all uploads together may hold (one permit per KiB).
     upload_memory: Arc<Semaphore>,
+    /// Chunk bytes one upload may hold.
+    memory_per_upload: usize,
     /// Whether the node takes writes now, and why not (uploads are
     /// refused meanwhile; `Stats` reports it).
     health: SharedHealth,
@@ -77,6 +79,8 @@ pub struct StorageService {
 pub struct StorageSettings {
     /// Chunk bytes all uploads together may hold in memory.
     pub memory_bytes: u64,
+    /// Chunk bytes one upload may hold in memory.
+    pub memory_per_upload_bytes: u64,
     /// How long an upload may send nothing before it is dropped.
     pub idle_timeout: Duration,
     /// byteback's guards for uploads of clients and agents.
@@ -111,6 +115,7 @@ impl StorageService {
     ) -> Self {
         let StorageSettings {
             memory_bytes: upload_memory_bytes,
+            memory_per_upload_bytes,
             idle_timeout,
             guards,
             ingest_limit,
@@ -123,6 +128,7 @@ impl StorageService {
         Self {
             store,
             upload_memory: Arc::new(Semaphore::new(permits)),
+            memory_per_upload: usize::try_from(memory_per_upload_bytes).unwrap_or(usize::MAX),
             idle_timeout,
             guards,
             ingest_limit,
@@ -419,6 +425,7 @@ impl Storage for StorageService {
                 limits: TransferLimits::none().with(self.ingest_limit.clone()),
                 quotas: self.quotas.clone(),
                 metrics: self.metrics.clone(),
+                memory_bytes: self.memory_per_upload,
             },
         )))
     }
@@ -790,6 +797,9 @@ impl Storage for StorageService {
                 // The target's ingest limit paces a copy, and the caller
                 // may ask for a lower rate (re-replication does).
                 TransferLimits::none().with(RateLimit::new(bandwidth_limit_bytes_per_s)),
+                // A copy holds no chunk bytes before an offer's reply: it
+                // reads them from its store then.
+                crate::transfer::SendSizes::default(),
             )
             .await
         };

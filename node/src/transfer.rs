@@ -14,10 +14,14 @@
 //! This module never decides what to back up or where; it only moves chunks.
 //!
 //! Flow control: a sender keeps at most [`MAX_OFFERS_IN_FLIGHT`] offers and
-//! [`MAX_BATCHES_IN_FLIGHT`] chunk batches unanswered, so the data it holds is
-//! bounded in bytes and the receiver's replies always fit its reply channel
-//! ([`REPLY_CHANNEL`]): neither end can block the other. A walk feeding a
-//! sender reads ahead at most [`READ_AHEAD_BYTES`] ([`ChannelSink`]).
+//! [`MAX_BATCHES_IN_FLIGHT`] chunk batches unanswered, so the receiver's
+//! replies always fit its reply channel ([`REPLY_CHANNEL`]): neither end can
+//! block the other. The bytes a backup holds are bounded by its memory
+//! budget ([`crate::memory_budget`]): a chunk the walk hands to a
+//! [`ChannelSink`] takes its share of the pipeline's budget and gives it
+//! back only when the receiver has it (it lacked nothing, or acknowledged
+//! the batch that carried it as stored), and batches and offers are sized
+//! to the budget ([`SendSizes`]).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -67,9 +71,33 @@ pub const REPLY_CHANNEL: usize = 2 * (MAX_OFFERS_IN_FLIGHT + MAX_BATCHES_IN_FLIG
 /// receiver's replies always have room, see [`REPLY_CHANNEL`]).
 pub const SENDER_CHANNEL: usize = 2;
 
-/// Chunk bytes a backup walk may have read ahead of its sender (waiting in
-/// the channel between them), see [`ChannelSink`].
-pub const READ_AHEAD_BYTES: usize = 32 * 1024 * 1024;
+/// How large a sender makes its batches and offers: the protocol's largest
+/// by default, smaller under a tight memory budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendSizes {
+    /// Most chunk bytes (as sent) in one batch.
+    pub batch_bytes: usize,
+    /// Most plain bytes one offer holds.
+    pub offer_bytes: usize,
+}
+
+impl Default for SendSizes {
+    fn default() -> Self {
+        Self {
+            batch_bytes: MAX_BATCH_BYTES,
+            offer_bytes: MAX_OFFER_BYTES,
+        }
+    }
+}
+
+impl From<&crate::memory_budget::SendPlan> for SendSizes {
+    fn from(plan: &crate::memory_budget::SendPlan) -> Self {
+        Self {
+            batch_bytes: plan.batch_bytes,
+            offer_bytes: plan.offer_bytes,
+        }
+    }
+}
 /// Chunks that may wait between a walk and its sender: as many as one offer
 /// takes, so an offer of small files gathers thousands of ids and a backup
 /// of many small files needs few round trips.
@@ -80,9 +108,9 @@ pub const READ_AHEAD_CHUNKS: usize = MAX_OFFER_IDS;
 pub enum OutgoingChunk {
     /// Bytes at hand (a push: the agent just read them).
     Data(Chunk),
-    /// Bytes a walk read ahead, holding their share of its read-ahead budget
-    /// until the sender takes them off the channel ([`ChannelSink`]).
-    ReadAhead(Chunk, OwnedSemaphorePermit),
+    /// Bytes a walk read, holding their share of the backup's memory budget
+    /// until the receiver has them ([`ChannelSink`]).
+    Budgeted(Chunk, OwnedSemaphorePermit),
     /// Bytes to fetch from the sender's own store if the receiver lacks them
     /// (a copy: most chunks are usually present already).
     Stored(ChunkId),
@@ -91,26 +119,18 @@ pub enum OutgoingChunk {
 impl OutgoingChunk {
     fn id(&self) -> ChunkId {
         match self {
-            Self::Data(chunk) | Self::ReadAhead(chunk, _) => chunk.id,
+            Self::Data(chunk) | Self::Budgeted(chunk, _) => chunk.id,
             Self::Stored(id) => *id,
         }
     }
 
     fn held_bytes(&self) -> usize {
         match self {
-            Self::Data(chunk) | Self::ReadAhead(chunk, _) => chunk.data.len(),
+            Self::Data(chunk) | Self::Budgeted(chunk, _) => chunk.data.len(),
             Self::Stored(_) => 0,
         }
     }
 
-    /// As the sender holds it once taken off the channel: read-ahead bytes
-    /// give their budget back (what offers hold is bounded on its own).
-    fn taken(self) -> Self {
-        match self {
-            Self::ReadAhead(chunk, _budget) => Self::Data(chunk),
-            other => other,
-        }
-    }
 }
 
 /// Live counters of a transfer, shared with whoever reports progress.
@@ -152,7 +172,8 @@ fn protocol_error(what: impl std::fmt::Display) -> Status {
 /// A missing `Data` chunk is compressed with zstd at `zstd_level` (sent plain
 /// when that does not shrink it); a missing `Stored` chunk is read from
 /// `store` as it is stored. Both happen on blocking threads while the loop
-/// goes on offering, sending and taking acknowledgements.
+/// goes on offering, sending and taking acknowledgements. Offers and
+/// batches are at most as large as `sizes` says.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_sender<I, C>(
     mut chunks: mpsc::Receiver<OutgoingChunk>,
@@ -163,6 +184,7 @@ pub async fn run_sender<I, C>(
     commit: C,
     counters: Arc<TransferCounters>,
     limits: TransferLimits,
+    sizes: SendSizes,
 ) -> Result<Snapshot, Status>
 where
     I: Stream<Item = Result<ReceiverMessage, Status>> + Unpin,
@@ -183,6 +205,8 @@ where
     // The missing chunks of answered offers, being compressed or read.
     let mut encoding: FuturesUnordered<EncodedBatches> = FuturesUnordered::new();
     let mut batches_unacked = 0usize;
+    // The budget of sent batches' chunks, by batch, until acknowledged.
+    let mut unacked_budget: HashMap<u64, OwnedSemaphorePermit> = HashMap::new();
     let mut offered: HashSet<ChunkId> = HashSet::new();
     let mut next_batch = 0u64;
     let mut producer_done = false;
@@ -206,12 +230,12 @@ where
                     continue;
                 };
                 let mut held = first.held_bytes();
-                let mut batch = vec![first.taken()];
-                while batch.len() < MAX_OFFER_IDS && held < MAX_OFFER_BYTES {
+                let mut batch = vec![first];
+                while batch.len() < MAX_OFFER_IDS && held < sizes.offer_bytes {
                     match chunks.try_recv() {
                         Ok(item) => {
                             held += item.held_bytes();
-                            batch.push(item.taken());
+                            batch.push(item);
                         }
                         Err(_) => break,
                     }
@@ -232,12 +256,17 @@ where
                 send(sender_message::Kind::Progress(fabric_proto::v1::TransferProgress::default())).await?;
             }
             Some(encoded) = encoding.next(), if !encoding.is_empty() => {
-                for batch in encoded? {
+                for EncodedBatch { chunks: batch, budget } in encoded? {
                     next_batch += 1;
                     let bytes: usize = batch.iter().map(|c| c.data.len()).sum();
                     TransferCounters::add(&counters.chunks_sent, batch.len() as u64);
                     TransferCounters::add(&counters.bytes_sent, bytes as u64);
                     batches_unacked += 1;
+                    // The budget comes back with the acknowledgement: until
+                    // then the bytes are in the transport's buffers.
+                    if let Some(budget) = budget {
+                        unacked_budget.insert(next_batch, budget);
+                    }
                     limits.take(bytes as u64).await?;
                     send(sender_message::Kind::Chunks(ChunkBatch { batch: next_batch, chunks: batch })).await?;
                 }
@@ -258,13 +287,19 @@ where
                             .filter(|item| missing.contains(item.id().as_bytes().as_slice()))
                             .collect();
                         if !wanted.is_empty() {
-                            encoding.push(Box::pin(encode_batches(wanted, store.clone(), zstd_level)));
+                            encoding.push(Box::pin(encode_batches(
+                                wanted,
+                                store.clone(),
+                                zstd_level,
+                                sizes.batch_bytes,
+                            )));
                         }
                     }
                     Some(receiver_message::Kind::Stored(stored)) => {
                         batches_unacked = batches_unacked
                             .checked_sub(1)
                             .ok_or_else(|| protocol_error("acknowledgement of no batch"))?;
+                        unacked_budget.remove(&stored.batch);
                         TransferCounters::add(&counters.new_chunks, stored.new_chunks);
                         TransferCounters::add(&counters.new_bytes, stored.new_bytes);
                         TransferCounters::add(&counters.stored_bytes, stored.stored_bytes);
@@ -295,50 +330,84 @@ where
     }
 }
 
+/// One batch ready to send, with the share of the memory budget its chunks
+/// hold until the receiver acknowledges it.
+struct EncodedBatch {
+    chunks: Vec<ChunkData>,
+    budget: Option<OwnedSemaphorePermit>,
+}
+
 /// The batches [`encode_batches`] makes of one offer's missing chunks.
 type EncodedBatches =
-    std::pin::Pin<Box<dyn Future<Output = Result<Vec<Vec<ChunkData>>, Status>> + Send>>;
+    std::pin::Pin<Box<dyn Future<Output = Result<Vec<EncodedBatch>, Status>> + Send>>;
 
 /// Encode chunks for sending, on a blocking thread: `Data` chunks are
 /// compressed in parallel, `Stored` chunks read from `store` as stored; then
-/// grouped into batches of at most [`MAX_BATCH_BYTES`] as sent.
+/// grouped into batches of at most `batch_bytes` as sent, each carrying the
+/// budget of the chunks in it.
 async fn encode_batches(
     items: Vec<OutgoingChunk>,
     store: Option<Arc<Store>>,
     zstd_level: i32,
-) -> Result<Vec<Vec<ChunkData>>, Status> {
+    batch_bytes: usize,
+) -> Result<Vec<EncodedBatch>, Status> {
     tokio::task::spawn_blocking(move || {
         let mut plain = Vec::with_capacity(items.len());
+        let mut budgets = Vec::with_capacity(items.len());
         let mut to_fetch = Vec::new();
         for item in items {
             match item {
-                OutgoingChunk::Data(chunk) | OutgoingChunk::ReadAhead(chunk, _) => {
+                OutgoingChunk::Data(chunk) => {
                     plain.push(chunk);
+                    budgets.push(None);
+                }
+                OutgoingChunk::Budgeted(chunk, budget) => {
+                    plain.push(chunk);
+                    budgets.push(Some(budget));
                 }
                 OutgoingChunk::Stored(id) => to_fetch.push(id),
             }
         }
-        let mut encoded = pack::encode_chunks(plain, zstd_level);
+        // Encoding keeps the order, so each chunk meets its budget again.
+        let mut encoded: Vec<(StoredChunk, Option<OwnedSemaphorePermit>)> =
+            pack::encode_chunks(plain, zstd_level)
+                .into_iter()
+                .zip(budgets)
+                .collect();
         if !to_fetch.is_empty() {
             let store = store.as_ref().ok_or_else(|| {
                 Status::internal("a stored chunk to send but no store to read it")
             })?;
             for id in to_fetch {
-                encoded.push(store.get_stored(&id).map_err(status_from_store_error)?);
+                encoded.push((store.get_stored(&id).map_err(status_from_store_error)?, None));
             }
         }
         let mut batches = Vec::new();
-        let mut current = Vec::new();
+        let mut current = EncodedBatch {
+            chunks: Vec::new(),
+            budget: None,
+        };
         let mut current_bytes = 0;
-        for chunk in encoded {
-            if !current.is_empty() && current_bytes + chunk.stored.len() > MAX_BATCH_BYTES {
-                batches.push(std::mem::take(&mut current));
+        for (chunk, budget) in encoded {
+            if !current.chunks.is_empty() && current_bytes + chunk.stored.len() > batch_bytes {
+                batches.push(std::mem::replace(
+                    &mut current,
+                    EncodedBatch {
+                        chunks: Vec::new(),
+                        budget: None,
+                    },
+                ));
                 current_bytes = 0;
             }
             current_bytes += chunk.stored.len();
-            current.push(chunk_data(chunk));
+            current.chunks.push(chunk_data(chunk));
+            match (&mut current.budget, budget) {
+                (Some(held), Some(more)) => held.merge(more),
+                (held @ None, more) => *held = more,
+                (Some(_), None) => {}
+            }
         }
-        if !current.is_empty() {
+        if !current.chunks.is_empty() {
             batches.push(current);
         }
         Ok(batches)
@@ -378,7 +447,14 @@ pub struct ReceiveRules {
     pub quotas: Arc<HostQuotas>,
     /// Where what is received, stored and committed is counted.
     pub metrics: crate::metrics::NodeMetrics,
+    /// Chunk bytes (as sent) this transfer may hold at once, on top of the
+    /// node-wide bound all of them share.
+    pub memory_bytes: usize,
 }
+
+/// What one upload may hold when nothing else is said: two batches of the
+/// largest size.
+pub const DEFAULT_MEMORY_PER_UPLOAD: usize = 16 * 1024 * 1024;
 
 impl ReceiveRules {
     /// A transfer from a trusted sender (a storage node's copy, a pull this
@@ -391,6 +467,7 @@ impl ReceiveRules {
             limits: TransferLimits::none(),
             quotas: Arc::new(HostQuotas::default()),
             metrics: crate::metrics::NodeMetrics::default(),
+            memory_bytes: DEFAULT_MEMORY_PER_UPLOAD,
         }
     }
 }
@@ -470,6 +547,10 @@ where
         _ => None,
     };
     let mut received = 0u64;
+    // This transfer's own bound: batches queued for the writer and the one
+    // it writes hold their bytes' permits until written.
+    let own_kib = (rules.memory_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
+    let own_memory = Arc::new(Semaphore::new(own_kib));
     let (batches, mut writer) =
         spawn_writer(store.clone(), outgoing.clone(), rules.metrics.clone());
     let mut batches = Some(batches);
@@ -547,11 +628,19 @@ where
                     Status::out_of_range(format!("chunk batch {batch} is too large"))
                 })?;
                 rules.limits.take(bytes as u64).await?;
-                let held = memory
+                // A batch larger than this transfer's bound goes alone.
+                let own = u32::try_from(own_kib).unwrap_or(u32::MAX).min(permits);
+                let held_here = own_memory
+                    .clone()
+                    .acquire_many_owned(own)
+                    .await
+                    .map_err(|_| Status::unavailable("the node is shutting down"))?;
+                let held_by_node = memory
                     .clone()
                     .acquire_many_owned(permits)
                     .await
                     .map_err(|_| Status::unavailable("the node is shutting down"))?;
+                let held = (held_here, held_by_node);
                 let queued = match &batches {
                     Some(batches) => batches.send((batch, parsed, held)).await.is_ok(),
                     None => false,
@@ -613,7 +702,13 @@ where
     }
 }
 
-type QueuedBatch = (u64, Vec<StoredChunk>, tokio::sync::OwnedSemaphorePermit);
+/// A batch for the writer, with the memory it holds (this transfer's share
+/// and the node's) until written.
+type QueuedBatch = (
+    u64,
+    Vec<StoredChunk>,
+    (OwnedSemaphorePermit, OwnedSemaphorePermit),
+);
 
 /// The receiver's writer: stores queued batches in order, acknowledges each,
 /// and flushes every [`FLUSH_EVERY_BYTES`] of new bytes. Ends when the queue
@@ -722,40 +817,42 @@ pub fn offer_snapshot_dag(
 }
 
 /// A sink for the backup walk that feeds a sender: every chunk goes into the
-/// channel, blocking the walk (backpressure) when [`READ_AHEAD_BYTES`] of
-/// chunks, or a channel's capacity of them, wait for the sender. Called on
-/// the walk's threads, never on the async runtime's.
+/// channel with its share of the backup's memory budget, blocking the walk
+/// (backpressure) while the chunks in flight hold all of it; the sender
+/// gives a chunk's share back once the receiver has the chunk. Called on the
+/// walk's threads, never on the async runtime's.
 #[derive(Debug)]
 pub struct ChannelSink {
     sender: mpsc::Sender<OutgoingChunk>,
-    /// One permit per KiB of chunk bytes in the channel.
-    read_ahead: Arc<Semaphore>,
+    /// One permit per KiB of chunk bytes between the walk and the receiver.
+    budget: Arc<Semaphore>,
+    /// All of the budget: a larger chunk takes all of it.
+    budget_kib: usize,
 }
 
 impl ChannelSink {
-    /// A sink that sends into `sender`.
-    pub fn new(sender: mpsc::Sender<OutgoingChunk>) -> Self {
+    /// A sink that sends into `sender`, with `pipeline_bytes` of chunks in
+    /// flight at most (a single larger chunk goes alone).
+    pub fn new(sender: mpsc::Sender<OutgoingChunk>, pipeline_bytes: usize) -> Self {
+        let budget_kib = (pipeline_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         Self {
             sender,
-            read_ahead: Arc::new(Semaphore::new(READ_AHEAD_BYTES / 1024)),
+            budget: Arc::new(Semaphore::new(budget_kib)),
+            budget_kib,
         }
     }
 }
 
 impl fabric_chunkstore::ChunkSink for ChannelSink {
     fn put_chunk(&self, chunk: Chunk) -> Result<(), fabric_chunkstore::SinkError> {
-        let kib = chunk
-            .data
-            .len()
-            .div_ceil(1024)
-            .clamp(1, READ_AHEAD_BYTES / 1024);
+        let kib = chunk.data.len().div_ceil(1024).clamp(1, self.budget_kib);
         let kib = u32::try_from(kib).map_err(|_| "a chunk too large to send")?;
-        // The permits come back as the sender takes chunks off the channel,
-        // or all at once when it drops the channel (the transfer ended).
-        let budget = futures::executor::block_on(self.read_ahead.clone().acquire_many_owned(kib))
+        // The permits come back as the receiver has the chunk, or all at
+        // once when the sender drops it (the transfer ended).
+        let budget = futures::executor::block_on(self.budget.clone().acquire_many_owned(kib))
             .map_err(|_| "the transfer ended")?;
         self.sender
-            .blocking_send(OutgoingChunk::ReadAhead(chunk, budget))
+            .blocking_send(OutgoingChunk::Budgeted(chunk, budget))
             .map_err(|_| "the transfer ended".into())
     }
 

@@ -85,6 +85,7 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
         store,
         fabric_node::storage_service::StorageSettings {
             memory_bytes: 64 << 20,
+            memory_per_upload_bytes: 16 << 20,
             idle_timeout: fabric_node::transfer::IDLE_TIMEOUT,
             guards: fabric_chunkstore::CommitGuards::default(),
             ingest_limit: None,
@@ -122,10 +123,15 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
         host: "client".into(),
         ..Default::default()
     };
+    let plan = fabric_node::memory_budget::SendPlan::for_this_machine(
+        fabric_node::memory_budget::DEFAULT_BACKUP_MEMORY,
+    )
+    .unwrap();
     let first = push_backup(
         &node,
         &agent,
         options.clone(),
+        plan,
         template.clone(),
         None,
         TransferLimits::none(),
@@ -137,6 +143,7 @@ async fn an_agent_finds_its_parent_on_a_node_without_get_newest_snapshot() {
         &node,
         &agent,
         options,
+        plan,
         template,
         None,
         TransferLimits::none(),
