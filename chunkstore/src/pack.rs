@@ -178,9 +178,14 @@ fn checksum(fields: &[u8], stored: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Per-thread zstd state, reused from chunk to chunk: a new context and a
-/// fresh output buffer for every chunk cost allocations and page faults that
-/// show in profiles.
+/// Per-thread zstd state, reused from chunk to chunk: a new context for
+/// every chunk costs allocations that show in profiles. The buffer serves
+/// decompression (plain bytes are written in full, so a reused buffer saves
+/// their page faults); compression writes into the output it returns.
+///
+/// Every thread that compresses or decompresses keeps its own, so parallel
+/// work runs on rayon's pool ([`on_pool`]), a thread per core, not on the
+/// many blocking threads of an async caller.
 struct ZstdScratch {
     compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
@@ -201,9 +206,7 @@ thread_local! {
 fn compress_if_smaller(data: &[u8], zstd_level: i32) -> Option<Vec<u8>> {
     ZSTD_SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let ZstdScratch {
-            compressor, buffer, ..
-        } = &mut *scratch;
+        let ZstdScratch { compressor, .. } = &mut *scratch;
         let compressor = match compressor {
             Some((level, compressor)) if *level == zstd_level => compressor,
             slot => {
@@ -212,12 +215,27 @@ fn compress_if_smaller(data: &[u8], zstd_level: i32) -> Option<Vec<u8>> {
             }
         };
         // Room for the input's length: every frame that shrinks the chunk
-        // fits, and zstd gives up early on one that would not.
-        buffer.clear();
-        buffer.reserve(data.len());
-        compressor.compress_to_buffer(data, &mut *buffer).ok()?;
-        (buffer.len() < data.len()).then(|| buffer.clone())
+        // fits, and zstd gives up early on one that would not. Only the
+        // pages written are touched; the rest is given back when it shrinks.
+        let mut compressed = Vec::with_capacity(data.len());
+        compressor.compress_to_buffer(data, &mut compressed).ok()?;
+        (compressed.len() < data.len()).then(|| {
+            compressed.shrink_to_fit();
+            compressed
+        })
     })
+}
+
+/// Run `op`, which works in parallel, on rayon's global pool when the caller
+/// is on no rayon pool (an async runtime's blocking thread): its per-thread
+/// zstd state ([`ZstdScratch`]) then lives on the pool's threads, one per
+/// core, instead of on each of the runtime's up to 512 blocking threads.
+pub fn on_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        op()
+    } else {
+        rayon::scope(|_| op())
+    }
 }
 
 /// Decompress `stored` (a zstd frame of `raw_len` plain bytes) and hand the
@@ -360,10 +378,12 @@ impl StoredChunk {
 
 /// Encode every chunk of `chunks` in parallel (see [`StoredChunk::encode`]).
 pub fn encode_chunks(chunks: Vec<Chunk>, zstd_level: i32) -> Vec<StoredChunk> {
-    chunks
-        .into_par_iter()
-        .map(|chunk| StoredChunk::encode(chunk, zstd_level))
-        .collect()
+    on_pool(|| {
+        chunks
+            .into_par_iter()
+            .map(|chunk| StoredChunk::encode(chunk, zstd_level))
+            .collect()
+    })
 }
 
 /// An entry of already-stored bytes (GC moves entries without recompressing;

@@ -471,10 +471,11 @@ impl Store {
     /// without compressing again. Durable at the next
     /// [`Store::flush_pending`] or commit, like [`Store::put_chunks_pending`].
     pub fn put_stored_pending(&self, chunks: Vec<StoredChunk>) -> Result<PutStats, StoreError> {
-        if let Some((id, err)) = chunks
-            .par_iter()
-            .find_map_first(|chunk| chunk.check().err().map(|err| (chunk.id, err)))
-        {
+        if let Some((id, err)) = pack::on_pool(|| {
+            chunks
+                .par_iter()
+                .find_map_first(|chunk| chunk.check().err().map(|err| (chunk.id, err)))
+        }) {
             return Err(match err {
                 pack::EntryError::HashMismatch => StoreError::ChunkMismatch { id },
                 other => StoreError::BadEncoding {
@@ -506,7 +507,8 @@ impl Store {
             ..Default::default()
         };
         if !fresh.is_empty() {
-            let encoded: Vec<EncodedEntry> = fresh.par_iter().map(|&index| encode(index)).collect();
+            let encoded: Vec<EncodedEntry> =
+                pack::on_pool(|| fresh.par_iter().map(|&index| encode(index)).collect());
             let Appended {
                 placed,
                 open_file,

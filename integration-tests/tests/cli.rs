@@ -196,6 +196,68 @@ fn a_backup_pushed_straight_to_a_node_reaches_the_catalogue() {
 }
 
 #[test]
+fn a_backup_in_the_smallest_memory_budget_restores_byte_for_byte_and_a_smaller_one_is_refused() {
+    let fabric = Fabric::start(1);
+    let source = fabric.dir.path().join("source");
+    // Large files of many chunks: a budget this small sends them in many
+    // small batches, each chunk's share coming back only as it is stored.
+    generate_tree(&source, 50, 24 << 20);
+    let smallest = fabric_node::memory_budget::SendPlan::minimum(
+        fabric_chunkstore::ChunkParams::default().max_size as usize,
+    );
+    let too_small = fabricctl(&[
+        "backup",
+        "--node",
+        &fabric.nodes[0].address,
+        "--memory",
+        &(smallest - 1).to_string(),
+        source.to_str().unwrap(),
+    ]);
+    assert!(!too_small.status.success());
+    let said = stderr(&too_small);
+    assert!(
+        said.contains("--memory") && said.contains(&format!("at least {smallest} bytes")),
+        "{said}"
+    );
+
+    let pushed = fabricctl(&[
+        "-o",
+        "json",
+        "backup",
+        "--node",
+        &fabric.nodes[0].address,
+        "--job",
+        "small-budget",
+        "--memory",
+        &smallest.to_string(),
+        source.to_str().unwrap(),
+    ]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let pushed: serde_json::Value = serde_json::from_slice(&pushed.stdout).unwrap();
+    let id = pushed["snapshot"].as_str().unwrap().to_owned();
+    let target = fabric.dir.path().join("restored");
+    let inside = source.to_str().unwrap().trim_start_matches('/').to_owned();
+    let mut restored = None;
+    // The node reports the snapshot to the catalogue on its own time.
+    for _ in 0..300 {
+        let attempt = fabric.ctl(&["restore", &id, &inside, "--to", target.to_str().unwrap()]);
+        if attempt.status.success() {
+            restored = Some(attempt);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(restored.is_some(), "snapshot {id} could not be restored");
+    fabricctl::compare::compare_trees(
+        &source,
+        &target,
+        true,
+        fabric_chunkstore::restore::RestorePolicy::default(),
+    )
+    .unwrap();
+}
+
+#[test]
 fn run_watch_shows_the_bytes_as_they_move() {
     let fabric = Fabric::start(1);
     let source = fabric.dir.path().join("source");

@@ -862,3 +862,149 @@ impl fabric_chunkstore::ChunkSink for ChannelSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabric_chunkstore::ChunkSink;
+    use std::time::Duration;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    const KIB: usize = 1024;
+
+    /// Distinct incompressible-enough bytes for chunk `index`.
+    fn chunk(index: usize, len: usize) -> Chunk {
+        let mut state = (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let data = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        Chunk::new(data)
+    }
+
+    /// The next message the sender sends, or `None` once it has been quiet
+    /// for a while (it waits for something).
+    async fn next_sent(sent: &mut mpsc::Receiver<SenderMessage>) -> Option<sender_message::Kind> {
+        match tokio::time::timeout(Duration::from_millis(500), sent.recv()).await {
+            Ok(Some(message)) => message.kind,
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_holds_no_more_than_its_budget_until_the_receiver_acknowledges() {
+        const BUDGET: usize = 1024 * KIB;
+        const CHUNK: usize = 64 * KIB;
+        const CHUNKS: usize = 64;
+        let (chunks_tx, chunks_rx) = mpsc::channel(READ_AHEAD_CHUNKS);
+        let sink = ChannelSink::new(chunks_tx, BUDGET);
+        let handed_on = Arc::new(AtomicU64::new(0));
+        let walk = {
+            let handed_on = handed_on.clone();
+            std::thread::spawn(move || {
+                for index in 0..CHUNKS {
+                    sink.put_chunk(chunk(index, CHUNK)).expect("the sender takes it");
+                    handed_on.fetch_add(CHUNK as u64, Ordering::SeqCst);
+                }
+            })
+        };
+        let (out_tx, mut sent) = mpsc::channel(SENDER_CHANNEL);
+        let (replies, incoming) = mpsc::channel(REPLY_CHANNEL);
+        let sender = tokio::spawn(run_sender(
+            chunks_rx,
+            None,
+            3,
+            out_tx,
+            ReceiverStream::new(incoming),
+            async { Ok(Snapshot::default()) },
+            Arc::new(TransferCounters::default()),
+            TransferLimits::none(),
+            SendSizes {
+                batch_bytes: 256 * KIB,
+                offer_bytes: 512 * KIB,
+            },
+        ));
+        let reply = |kind| ReceiverMessage { kind: Some(kind) };
+
+        // A receiver that lacks every chunk and acknowledges nothing: the
+        // walk stops once the chunks in flight hold the whole budget.
+        let mut unacknowledged = Vec::new();
+        while let Some(kind) = next_sent(&mut sent).await {
+            match kind {
+                sender_message::Kind::Offer(Offer { batch, ids }) => replies
+                    .send(Ok(reply(receiver_message::Kind::OfferReply(OfferReply {
+                        batch,
+                        missing: ids,
+                    }))))
+                    .await
+                    .expect("the sender listens"),
+                sender_message::Kind::Chunks(ChunkBatch { batch, .. }) => {
+                    unacknowledged.push(batch)
+                }
+                other => panic!("unexpected before any acknowledgement: {other:?}"),
+            }
+        }
+        let held = handed_on.load(Ordering::SeqCst) as usize;
+        assert!(held > 0, "the walk handed nothing on");
+        assert!(
+            held <= BUDGET,
+            "{held} bytes handed on with nothing acknowledged, over the budget of {BUDGET}"
+        );
+        assert!(!walk.is_finished(), "the walk went on past its budget");
+
+        // Acknowledged, the budget comes back and the backup finishes.
+        let mut batches = 0;
+        let mut committed = false;
+        let mut pending = unacknowledged.into_iter().collect::<std::collections::VecDeque<_>>();
+        loop {
+            while let Some(batch) = pending.pop_front() {
+                batches += 1;
+                replies
+                    .send(Ok(reply(receiver_message::Kind::Stored(ChunksStored {
+                        batch,
+                        ..Default::default()
+                    }))))
+                    .await
+                    .expect("the sender listens");
+            }
+            match sent.recv().await.and_then(|message| message.kind) {
+                Some(sender_message::Kind::Offer(Offer { batch, ids })) => replies
+                    .send(Ok(reply(receiver_message::Kind::OfferReply(OfferReply {
+                        batch,
+                        missing: ids,
+                    }))))
+                    .await
+                    .expect("the sender listens"),
+                Some(sender_message::Kind::Chunks(ChunkBatch { batch, chunks })) => {
+                    let bytes: usize = chunks.iter().map(|chunk| chunk.data.len()).sum();
+                    assert!(
+                        chunks.len() == 1 || bytes <= 256 * KIB,
+                        "a batch of {bytes} bytes"
+                    );
+                    pending.push_back(batch);
+                }
+                Some(sender_message::Kind::Commit(Commit { snapshot })) => {
+                    committed = true;
+                    replies
+                        .send(Ok(reply(receiver_message::Kind::Committed(Committed {
+                            snapshot,
+                        }))))
+                        .await
+                        .expect("the sender listens");
+                    break;
+                }
+                Some(sender_message::Kind::Progress(_)) => {}
+                None => break,
+            }
+        }
+        assert!(committed, "the sender never committed");
+        walk.join().expect("the walk ends");
+        sender.await.expect("the sender ran").expect("the backup succeeded");
+        assert_eq!(handed_on.load(Ordering::SeqCst) as usize, CHUNKS * CHUNK);
+        assert!(batches >= CHUNKS * CHUNK / (256 * KIB), "{batches} batches");
+    }
+}
