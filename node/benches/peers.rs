@@ -92,7 +92,7 @@
 //! # Settings
 //!
 //! `FABRIC_PEERS_SCALE` scales every size and the file count (default 1: a
-//! run of about 10 to 15 minutes on 2 cores; 0.05 for a quick check);
+//! run of about 6 minutes on 2 cores; 0.02 for a quick check);
 //! `FABRIC_PEERS_IMAGE_GIB` the image's apparent size (default 4);
 //! `FABRIC_PEERS_SEED` the seed (default 26); `FABRIC_PEERS_SETS` and
 //! `FABRIC_PEERS_TOOLS` run only some (comma-separated: `tree,dump,image`,
@@ -938,7 +938,7 @@ impl Dump {
         for (index, table) in self.tables.iter_mut().enumerate() {
             let count = table.rows.len();
             let recent = (count * 3 / 100).max(1);
-            let mut revise = |row: &mut (u64, u32)| {
+            let revise = |row: &mut (u64, u32)| {
                 if row.1 != DELETED {
                     row.1 += 1;
                 }
