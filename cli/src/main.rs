@@ -2,10 +2,6 @@
 //! command modules, and turns errors into messages a person understands.
 //! Exit codes: 0 success, 1 error, and for `check` the Nagios codes.
 
-/// See the workspace's Cargo.toml: resident memory near the live heap.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};

@@ -1,10 +1,6 @@
 //! The `fabric-node` binary: parses flags, sets up logging, binds, and calls
 //! [`fabric_node::serve`]. Everything else lives in the library.
 
-/// See the workspace's Cargo.toml: resident memory near the live heap.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
