@@ -425,6 +425,7 @@ fn main() {
         one_file_system: false,
         chunk_params: ChunkParams::default(),
         threads: 0,
+        hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let tls = BenchTls::new(&work.path().join("tls"));
