@@ -7,6 +7,9 @@
 //! [`Chunker::feed_zeros`] takes a run of zero bytes (a hole of a sparse
 //! file) without copying or hashing the whole chunks it holds, and must cut
 //! exactly where feeding those zeros would.
+//! The `_unhashed` variants cut the same chunks but hand back their bytes
+//! without hashing them, for a caller that hashes several chunks at once on
+//! other threads (the backup walk); boundaries never depend on hashes.
 
 use std::io::Read;
 
@@ -108,11 +111,13 @@ impl Chunk {
     }
 }
 
-/// A piece of what [`Chunker::feed_zeros`] hands back.
+/// A piece of what [`Chunker::feed_zeros`] hands back: `T` is a [`Chunk`],
+/// or the bytes of a chunk not yet hashed for
+/// [`Chunker::feed_zeros_unhashed`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum Cut {
+pub enum Cut<T = Chunk> {
     /// A finished chunk, as [`Chunker::feed`] gives them.
-    Chunk(Chunk),
+    Chunk(T),
     /// `count` chunks in a row, each of `len` zero bytes and so all with the
     /// id `id`, neither built nor hashed: a caller that needs the bytes
     /// makes them once.
@@ -177,12 +182,19 @@ impl Chunker {
     /// kept back. Cutting waits until at least `max_size` bytes are pending,
     /// which bounds memory and keeps the work per byte constant.
     pub fn feed(&mut self, bytes: &[u8], mut emit: impl FnMut(Chunk)) {
+        self.feed_known(bytes, false, &mut |data| emit(Chunk::new(data)));
+    }
+
+    /// [`Chunker::feed`], but each chunk's bytes are handed to `emit`
+    /// without being hashed: the caller hashes them (the same chunks, cut at
+    /// the same places).
+    pub fn feed_unhashed(&mut self, bytes: &[u8], mut emit: impl FnMut(Vec<u8>)) {
         self.feed_known(bytes, false, &mut emit);
     }
 
     /// `feed`, told whether `bytes` are all zeros (else their trailing zeros
     /// are counted, which for most bytes stops at the last one).
-    fn feed_known(&mut self, mut bytes: &[u8], all_zeros: bool, emit: &mut impl FnMut(Chunk)) {
+    fn feed_known(&mut self, mut bytes: &[u8], all_zeros: bool, emit: &mut impl FnMut(Vec<u8>)) {
         let max = self.params.max_size as usize;
         while !bytes.is_empty() {
             let room = (2 * max).saturating_sub(self.pending.len()).max(1);
@@ -216,7 +228,18 @@ impl Chunker {
     /// long run of zeros. The zeros before the first such start (the chunk
     /// that reaches back into earlier bytes) and those too close to the
     /// run's end go through `feed` as they are.
-    pub fn feed_zeros(&mut self, mut len: u64, mut emit: impl FnMut(Cut)) {
+    pub fn feed_zeros(&mut self, len: u64, mut emit: impl FnMut(Cut)) {
+        self.feed_zeros_unhashed(len, |cut| {
+            emit(match cut {
+                Cut::Chunk(data) => Cut::Chunk(Chunk::new(data)),
+                Cut::Zeros { id, len, count } => Cut::Zeros { id, len, count },
+            })
+        });
+    }
+
+    /// [`Chunker::feed_zeros`], but the chunks that are not skipped come as
+    /// their bytes, not hashed (see [`Chunker::feed_unhashed`]).
+    pub fn feed_zeros_unhashed(&mut self, mut len: u64, mut emit: impl FnMut(Cut<Vec<u8>>)) {
         let max = u64::from(self.params.max_size);
         // A chunk of zeros is at least `min_size` long: a shorter run cannot
         // hold one to skip, nor pay for working out which it is.
@@ -256,9 +279,9 @@ impl Chunker {
     }
 
     /// `feed` of `len` zeros.
-    fn feed_zero_bytes(&mut self, len: u64, emit: &mut impl FnMut(Cut)) {
+    fn feed_zero_bytes(&mut self, len: u64, emit: &mut impl FnMut(Cut<Vec<u8>>)) {
         for piece in zero_pieces(len) {
-            self.feed_known(piece, true, &mut |chunk| emit(Cut::Chunk(chunk)));
+            self.feed_known(piece, true, &mut |data| emit(Cut::Chunk(data)));
         }
     }
 
@@ -282,10 +305,16 @@ impl Chunker {
 
     /// The remaining bytes as the last chunks (none for empty input).
     pub fn finish(&mut self, mut emit: impl FnMut(Chunk)) {
+        self.cut(true, &mut |data| emit(Chunk::new(data)));
+    }
+
+    /// [`Chunker::finish`], the chunks not hashed (see
+    /// [`Chunker::feed_unhashed`]).
+    pub fn finish_unhashed(&mut self, mut emit: impl FnMut(Vec<u8>)) {
         self.cut(true, &mut emit);
     }
 
-    fn cut(&mut self, last: bool, emit: &mut impl FnMut(Chunk)) {
+    fn cut(&mut self, last: bool, emit: &mut impl FnMut(Vec<u8>)) {
         let ChunkParams {
             min_size,
             avg_size,
@@ -296,8 +325,7 @@ impl Chunker {
             fastcdc::v2020::FastCDC::new(&self.pending, min_size, avg_size, max_size).collect();
         let keep_last = usize::from(!last);
         for cut in &cuts[..cuts.len().saturating_sub(keep_last)] {
-            let data = self.pending[cut.offset..cut.offset + cut.length].to_vec();
-            emit(Chunk::new(data));
+            emit(self.pending[cut.offset..cut.offset + cut.length].to_vec());
             consumed = cut.offset + cut.length;
         }
         self.pending.drain(..consumed);

@@ -17,6 +17,20 @@
 //! through a [`Chunker`], at most one per thread), never follow a symlink
 //! (they are recorded as symlinks), and never write to the file system.
 //!
+//! Threads and memory: `threads` walk threads each list directories and
+//! read one file at a time. A file's boundaries are found on its thread; the
+//! hashes of its chunks are computed there too, or, with hash-ahead on
+//! ([`BackupOptions::hash_ahead_bytes`]), by a second pool of as many
+//! hashing threads while the file's thread reads on (`hash_ahead.rs`), so
+//! one large file keeps every core busy. Either way each file hands its
+//! chunks to the sink in the order they were cut, from its own thread. The
+//! bytes a walk thread holds for the file it reads are at most
+//! [`BackupOptions::bytes_per_thread`]: the read buffer
+//! ([`READ_BUFFER_SIZE`]), the chunker's buffer (twice the maximum chunk
+//! size) and the chunks cut and not yet handed to the sink (one chunk, or
+//! `hash_ahead_bytes` with hash-ahead on). A thread waiting for hashes
+//! blocks; it never starts another file meanwhile.
+//!
 //! Layout: like restic, the root tree mirrors the absolute paths from `/`.
 //! Backing up `/a/b/src` gives root -> `a` -> `b` -> `src` -> contents, the
 //! intermediate directories with their name, mode and owner (no times, so an
@@ -43,6 +57,7 @@
 //! order) that matches nothing, naming the pattern.
 
 mod examine;
+mod hash_ahead;
 mod holes;
 mod mounts;
 mod xattrs;
@@ -68,11 +83,19 @@ use crate::chunker::{BadChunkParams, Chunk, ChunkParams, Chunker, Cut};
 use crate::id::ChunkId;
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
 use examine::{EntryStat, EntryType, OpenDirectory, nanos};
+use hash_ahead::{Ahead, HashPool};
 use holes::Holes;
 use xattrs::XattrSource;
 
 /// Bytes asked of the file system per read of a large file.
-const READ_BUFFER_SIZE: usize = 256 * 1024;
+pub const READ_BUFFER_SIZE: usize = 256 * 1024;
+
+/// The default of [`BackupOptions::hash_ahead_bytes`]: 16 MiB, four
+/// maximum-size chunks of the default parameters (two windows of two, so a
+/// window of average chunks is hashed on several threads). On two busy
+/// cores 8, 16 and 32 MiB measured alike (`chunkstore-bench walk`); more
+/// cores want larger windows, which cost memory per walk thread.
+pub const DEFAULT_HASH_AHEAD_BYTES: usize = 16 << 20;
 
 /// Zeros read in a row are fed to the chunker (and the progress reported)
 /// at least this often.
@@ -85,7 +108,7 @@ pub fn extended_attributes(path: &Path) -> io::Result<Vec<ExtendedAttribute>> {
 }
 
 /// What to back up and how.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct BackupOptions {
     /// Paths to back up; relative ones are made absolute against the
     /// current directory (lexically: `..` is resolved without following symlinks).
@@ -106,8 +129,60 @@ pub struct BackupOptions {
     pub one_file_system: bool,
     /// FastCDC parameters: the store's.
     pub chunk_params: ChunkParams,
-    /// Threads reading and chunking files; 0 means one per core.
+    /// Threads reading and chunking files; 0 means one per core. With
+    /// hash-ahead on, as many threads again hash chunks.
     pub threads: usize,
+    /// Bytes of one file's chunks that may be cut and not yet handed to the
+    /// sink while they are hashed on other threads ("hash-ahead"), per
+    /// file being read; the chunk being cut counts. Half of it is one
+    /// window of chunks hashed in parallel while the file's thread cuts the
+    /// next window. Below twice `chunk_params.max_size` (two windows of one
+    /// chunk), 0 included, hash-ahead is off: each chunk is hashed on the
+    /// file's thread as it is cut, and one chunk is held. Chunks, ids and
+    /// their order are the same either way.
+    ///
+    /// What a walk holds per thread, at most, is
+    /// [`BackupOptions::bytes_per_thread`]; bytes handed to the sink are the
+    /// sink's. Default: [`DEFAULT_HASH_AHEAD_BYTES`].
+    pub hash_ahead_bytes: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        Self {
+            includes: Vec::new(),
+            excludes: Vec::new(),
+            one_file_system: false,
+            chunk_params: ChunkParams::default(),
+            threads: 0,
+            hash_ahead_bytes: DEFAULT_HASH_AHEAD_BYTES,
+        }
+    }
+}
+
+impl BackupOptions {
+    /// Whether chunks are hashed ahead on other threads (see
+    /// [`BackupOptions::hash_ahead_bytes`]).
+    pub fn hashes_ahead(&self) -> bool {
+        self.hash_ahead_bytes >= 2 * self.chunk_params.max_size as usize
+    }
+
+    /// The most bytes of file content one walk thread holds while reading a
+    /// file: its read buffer ([`READ_BUFFER_SIZE`]), the chunker's buffer
+    /// (twice `chunk_params.max_size`) and the file's chunks cut and not yet
+    /// handed to the sink (`hash_ahead_bytes` with hash-ahead on, else one
+    /// chunk of at most `chunk_params.max_size`). A walk holds this times
+    /// `threads` (the hashing threads hold only the windows counted here),
+    /// plus metadata (trees, names) and whatever the sink keeps.
+    pub fn bytes_per_thread(&self) -> usize {
+        let max_chunk = self.chunk_params.max_size as usize;
+        let cut = if self.hashes_ahead() {
+            self.hash_ahead_bytes
+        } else {
+            max_chunk
+        };
+        READ_BUFFER_SIZE + 2 * max_chunk + cut
+    }
 }
 
 /// The previous snapshot of the same source: files whose size, mtime, ctime
@@ -464,6 +539,8 @@ struct Counters {
 /// One backup in progress; shared by the worker threads.
 struct Walk<'a> {
     chunk_params: ChunkParams,
+    /// Hashes the chunks of files when hash-ahead is on.
+    hash_pool: Option<HashPool>,
     one_file_system: bool,
     excludes: GlobSet,
     /// Mount points of skipped file system types, when they are skipped.
@@ -946,6 +1023,13 @@ impl Walk<'_> {
     ) -> Result<u64, WalkError> {
         let mut read: u64 = 0;
         let min_size = u64::from(self.chunk_params.min_size);
+        let mut out = FileChunks {
+            walk: self,
+            path,
+            entry,
+            ahead: Ahead::new(self.hash_pool.as_ref(), self.chunk_params.max_size as usize),
+            failed: None,
+        };
         let mut chunker = None;
         if size_hint < min_size {
             // A file shorter than the minimum chunk size is one chunk
@@ -958,18 +1042,15 @@ impl Walk<'_> {
             if (data.len() as u64) < min_size {
                 if !data.is_empty() {
                     read = data.len() as u64;
-                    self.send(path, Chunk::new(data), entry)?;
+                    self.send(path, Chunk::new(data), out.entry)?;
                 }
                 return Ok(read);
             }
             // It grew past the minimum while being read: chunk it after all.
             let mut grown = Chunker::new(self.chunk_params)?;
-            let mut ready = Vec::new();
-            grown.feed(&data, |chunk| ready.push(chunk));
+            grown.feed_unhashed(&data, |chunk| out.cut(chunk));
+            out.result()?;
             read = data.len() as u64;
-            for chunk in ready {
-                self.send(path, chunk, entry)?;
-            }
             chunker = Some(grown);
         }
         let mut chunker = match chunker {
@@ -981,7 +1062,6 @@ impl Walk<'_> {
         let mut zeros: u64 = 0;
         let mut zero_chunk_sent = false;
         let mut buffer = vec![0u8; READ_BUFFER_SIZE];
-        let mut ready = Vec::new();
         loop {
             let hole = match &mut holes {
                 Some(holes) => holes.next_at(read).map_err(io_error(path))?,
@@ -1009,18 +1089,16 @@ impl Walk<'_> {
                     zeros += length as u64;
                     if zeros >= ZERO_RUN_REPORTED {
                         let run = std::mem::take(&mut zeros);
-                        self.feed_zeros(path, &mut chunker, run, entry, &mut zero_chunk_sent)?;
+                        out.feed_zeros(&mut chunker, run, &mut zero_chunk_sent)?;
                     }
                     continue;
                 }
                 if zeros > 0 {
                     let run = std::mem::take(&mut zeros);
-                    self.feed_zeros(path, &mut chunker, run, entry, &mut zero_chunk_sent)?;
+                    out.feed_zeros(&mut chunker, run, &mut zero_chunk_sent)?;
                 }
-                chunker.feed(bytes, |chunk| ready.push(chunk));
-                for chunk in ready.drain(..) {
-                    self.send(path, chunk, entry)?;
-                }
+                chunker.feed_unhashed(bytes, |chunk| out.cut(chunk));
+                out.result()?;
             }
             let Some(hole) = hole.filter(|_| !at_end) else {
                 break;
@@ -1029,55 +1107,12 @@ impl Walk<'_> {
             read = hole.end;
         }
         if zeros > 0 {
-            self.feed_zeros(path, &mut chunker, zeros, entry, &mut zero_chunk_sent)?;
+            out.feed_zeros(&mut chunker, zeros, &mut zero_chunk_sent)?;
         }
-        chunker.finish(|chunk| ready.push(chunk));
-        for chunk in ready {
-            self.send(path, chunk, entry)?;
-        }
+        chunker.finish_unhashed(|chunk| out.cut(chunk));
+        out.result()?;
+        out.drain()?;
         Ok(read)
-    }
-
-    /// Feed `len` zeros of the file `path` to `chunker` and record the
-    /// chunks; whole chunks of zeros are neither built nor hashed, and the
-    /// sink is handed the chunk of zeros once per file (`zero_chunk_sent`).
-    fn feed_zeros(
-        &self,
-        path: &Path,
-        chunker: &mut Chunker,
-        len: u64,
-        entry: &mut TreeEntry,
-        zero_chunk_sent: &mut bool,
-    ) -> Result<(), WalkError> {
-        let mut cuts = Vec::new();
-        chunker.feed_zeros(len, |cut| cuts.push(cut));
-        for cut in cuts {
-            match cut {
-                Cut::Chunk(chunk) => self.send(path, chunk, entry)?,
-                Cut::Zeros { id, len, count } => {
-                    if !*zero_chunk_sent {
-                        let zeros = Chunk {
-                            id,
-                            data: vec![0; len as usize],
-                        };
-                        self.put(path, zeros)?;
-                        *zero_chunk_sent = true;
-                    }
-                    entry
-                        .chunk_ids
-                        .extend(std::iter::repeat_n(id.to_vec(), count as usize));
-                    let skipped = u64::from(len) * count;
-                    self.counters
-                        .bytes_read
-                        .fetch_add(skipped, Ordering::Relaxed);
-                    self.counters
-                        .zero_bytes_skipped
-                        .fetch_add(skipped, Ordering::Relaxed);
-                    self.report(path);
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Hand one chunk of the file `path` to the sink and record it.
@@ -1151,6 +1186,99 @@ impl Walk<'_> {
     }
 }
 
+/// The chunks of one file on their way from the chunker to the sink: hashed
+/// (on this thread, or ahead on the hash pool), recorded in the file's
+/// entry and sent, in the order they were cut.
+struct FileChunks<'w, 'a> {
+    walk: &'w Walk<'a>,
+    path: &'w Path,
+    entry: &'w mut TreeEntry,
+    ahead: Ahead<'w>,
+    /// The first error met in a chunker's callback, which cannot return it.
+    failed: Option<WalkError>,
+}
+
+impl FileChunks<'_, '_> {
+    /// Take the bytes of the next chunk the chunker cut.
+    fn cut(&mut self, data: Vec<u8>) {
+        if self.failed.is_some() {
+            return;
+        }
+        let (walk, path, entry) = (self.walk, self.path, &mut *self.entry);
+        let mut send = |chunk: Chunk| walk.send(path, chunk, entry);
+        if let Err(err) = self.ahead.push(data, &mut send) {
+            self.failed = Some(err);
+        }
+    }
+
+    /// The error met since the last call, if any.
+    fn result(&mut self) -> Result<(), WalkError> {
+        self.failed.take().map_or(Ok(()), Err)
+    }
+
+    /// Send every chunk cut so far.
+    fn drain(&mut self) -> Result<(), WalkError> {
+        let (walk, path, entry) = (self.walk, self.path, &mut *self.entry);
+        self.ahead
+            .drain(&mut |chunk: Chunk| walk.send(path, chunk, entry))
+    }
+
+    /// Feed `len` zeros of the file to `chunker` and record the chunks;
+    /// whole chunks of zeros are neither built nor hashed, and the sink is
+    /// handed the chunk of zeros once per file (`zero_chunk_sent`). The
+    /// chunks cut before a run of zero chunks are sent before it is recorded.
+    fn feed_zeros(
+        &mut self,
+        chunker: &mut Chunker,
+        len: u64,
+        zero_chunk_sent: &mut bool,
+    ) -> Result<(), WalkError> {
+        chunker.feed_zeros_unhashed(len, |cut| match cut {
+            Cut::Chunk(data) => self.cut(data),
+            Cut::Zeros { id, len, count } => {
+                if self.failed.is_none()
+                    && let Err(err) = self.zeros(id, len, count, zero_chunk_sent)
+                {
+                    self.failed = Some(err);
+                }
+            }
+        });
+        self.result()
+    }
+
+    /// Record `count` chunks of `len` zeros, whose id is `id`.
+    fn zeros(
+        &mut self,
+        id: ChunkId,
+        len: u32,
+        count: u64,
+        zero_chunk_sent: &mut bool,
+    ) -> Result<(), WalkError> {
+        self.drain()?;
+        let (walk, path) = (self.walk, self.path);
+        if !*zero_chunk_sent {
+            let zeros = Chunk {
+                id,
+                data: vec![0; len as usize],
+            };
+            walk.put(path, zeros)?;
+            *zero_chunk_sent = true;
+        }
+        self.entry
+            .chunk_ids
+            .extend(std::iter::repeat_n(id.to_vec(), count as usize));
+        let skipped = u64::from(len) * count;
+        walk.counters
+            .bytes_read
+            .fetch_add(skipped, Ordering::Relaxed);
+        walk.counters
+            .zero_bytes_skipped
+            .fetch_add(skipped, Ordering::Relaxed);
+        walk.report(path);
+        Ok(())
+    }
+}
+
 /// Whether the regular file whose metadata is `stat` is unchanged since
 /// the parent snapshot's `previous` entry: same size, mtime, ctime and
 /// inode. Its content is then not read again.
@@ -1202,8 +1330,21 @@ pub fn backup(
     for include in expand_includes(&options.includes)? {
         includes.insert(&include);
     }
+    let hash_pool = if options.hashes_ahead() {
+        let pool =
+            HashPool::new(options.threads, options.hash_ahead_bytes / 2).map_err(|source| {
+                WalkError::ThreadPool {
+                    threads: options.threads,
+                    source,
+                }
+            })?;
+        Some(pool)
+    } else {
+        None
+    };
     let mut walk = Walk {
         chunk_params: options.chunk_params,
+        hash_pool,
         one_file_system: options.one_file_system,
         excludes: build_excludes(&options.excludes)?,
         skipped_mounts: HashMap::new(),

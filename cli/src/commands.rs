@@ -2031,6 +2031,7 @@ pub async fn backup(
         one_file_system,
         chunk_params: fabric_chunkstore::ChunkParams::default(),
         threads: 0,
+        hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
     };
     // A client certificate may commit only its own host's snapshots: its
     // name is the host.

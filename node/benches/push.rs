@@ -426,6 +426,7 @@ fn main() {
         one_file_system: false,
         chunk_params: ChunkParams::default(),
         threads: 0,
+        hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
     };
     let backup_memory = env_usize(
         "FABRIC_BENCH_MEMORY",

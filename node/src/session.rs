@@ -1192,6 +1192,7 @@ fn backup_options(job: &fabric_proto::v1::JobSpec) -> BackupOptions {
         one_file_system: job.one_file_system,
         chunk_params: ChunkParams::default(),
         threads: 0,
+        hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
     }
 }
 

@@ -232,6 +232,7 @@ impl Source for SourceService {
             one_file_system,
             chunk_params: ChunkParams::default(),
             threads: 0,
+            hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
         };
         tracing::info!(job = %template.job, includes = ?options.includes, "serving a pull");
 
@@ -466,6 +467,7 @@ mod tests {
             one_file_system: false,
             chunk_params: ChunkParams::default(),
             threads: 1,
+            hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
         };
         let outcome = backup(&options, &store, None, &|_| {}).expect("backup");
         (store, outcome.root)

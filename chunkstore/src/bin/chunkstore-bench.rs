@@ -1,15 +1,24 @@
 //! `chunkstore-bench`: throughput and memory of the storage engine.
 //!
 //! Usage: `chunkstore-bench [PART...]` with parts `raw`, `ingest`, `params`,
-//! `index`, `gc`, `catalogue`, `sparse` (default: all, each measured in this process; run one part
+//! `index`, `gc`, `catalogue`, `sparse`, `walk` (default: all, each measured in this process; run one part
 //! per invocation for a clean peak RSS). Sizes come from the environment:
 //!
 //! - `BENCH_MIB` (1024): bytes ingested per data kind, MiB;
 //! - `BENCH_RAW_MIB` (256): bytes for the raw FastCDC/BLAKE3/zstd figures;
 //! - `BENCH_INDEX_ENTRIES` (1000000): entries for the sled index and GC runs;
+//! - `BENCH_INDEX_CACHE_MIB` (the store's default, 64): the sled page cache
+//!   of the index part (run `index` alone: its per-chunk figures are
+//!   growths of this process's resident and peak memory);
 //! - `BENCH_SNAPSHOTS` (10000): snapshot records for the catalogue part;
 //! - `BENCH_SPARSE_GIB` (8): size of the sparse file of the sparse part (it
 //!   also writes a file of 1 GiB, most of it zeros);
+//! - `BENCH_WALK_GIB` (4): size of the one file of random bytes the walk
+//!   part backs up into a sink that discards chunks;
+//! - `BENCH_WALK_AHEAD_MIB` (`0,4,8,16,32`): the walk part's
+//!   `hash_ahead_bytes` values, MiB (0: hash-ahead off);
+//! - `BENCH_WALK_REPEAT` (3): runs of each value, taken in turn (the
+//!   median is reported);
 //! - `BENCH_DIR` (a temporary directory): where stores are created;
 //! - `BENCH_THREADS` (all cores): ingest streams.
 //!
@@ -500,7 +509,15 @@ fn part_index(base: &Path) -> BenchResult<()> {
     let entries = env_usize("BENCH_INDEX_ENTRIES", 1_000_000);
     let dir = base.join("index-bench");
     let _ = std::fs::remove_dir_all(&dir);
-    let config = StoreConfig::default();
+    let mut config = StoreConfig::default();
+    if let Ok(mib) = std::env::var("BENCH_INDEX_CACHE_MIB") {
+        config.index_cache_bytes = mib.parse::<u64>()? << 20;
+    }
+    let rss_before = status_kib("VmRSS:");
+    let peak_before = status_kib("VmHWM:");
+    // Growth of resident and peak memory since the start, bytes per entry.
+    let per_entry =
+        |kib: u64, before: u64| kib.saturating_sub(before) as f64 * 1024.0 / entries as f64;
     let started = Instant::now();
     {
         let db = open_db(&dir, config.index_cache_bytes)?;
@@ -534,6 +551,24 @@ fn part_index(base: &Path) -> BenchResult<()> {
             dir_size(&dir) as f64 / MIB as f64,
             rss_mib(),
             peak_rss_mib()
+        );
+        println!(
+            "sled index: cache {} MiB; after inserting {entries}: RSS +{:.0} B/entry, peak +{:.0} B/entry; disk {:.0} B/entry",
+            config.index_cache_bytes >> 20,
+            per_entry(status_kib("VmRSS:"), rss_before),
+            per_entry(status_kib("VmHWM:"), peak_before),
+            dir_size(&dir) as f64 / entries as f64,
+        );
+        let started = Instant::now();
+        let mut found = 0;
+        for n in 0..entries as u64 {
+            found += usize::from(index.get(&ChunkId::of(&n.to_le_bytes()))?.is_some());
+        }
+        println!(
+            "sled index: get of all {entries} ids in {:.1} s ({found} found); RSS +{:.0} B/entry, peak +{:.0} B/entry since before the inserts",
+            started.elapsed().as_secs_f64(),
+            per_entry(status_kib("VmRSS:"), rss_before),
+            per_entry(status_kib("VmHWM:"), peak_before),
         );
         let started = Instant::now();
         let mut found = 0;
@@ -765,6 +800,7 @@ fn part_sparse(base: &Path) -> BenchResult<()> {
             one_file_system: false,
             chunk_params: store.config().chunk_params,
             threads: 0,
+            hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
         };
         let started = Instant::now();
         let outcome = fabric_chunkstore::walk::backup(&options, &store, None, &|_| {})?;
@@ -790,6 +826,100 @@ fn part_sparse(base: &Path) -> BenchResult<()> {
             outcome.zero_bytes_skipped >> 20,
             mbps(meta.len() as usize, restore_seconds),
             (restored.blocks() * 512) >> 20,
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Discards chunks, counting their bytes: the walk alone is measured.
+#[derive(Default)]
+struct DiscardSink {
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl fabric_chunkstore::ChunkSink for DiscardSink {
+    fn put_chunk(&self, chunk: Chunk) -> Result<(), fabric_chunkstore::SinkError> {
+        self.bytes.fetch_add(
+            chunk.data.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), fabric_chunkstore::SinkError> {
+        Ok(())
+    }
+}
+
+/// One file of random bytes backed up into a sink that discards chunks,
+/// with hash-ahead off and at several bounds: how a single large file uses
+/// the cores.
+fn part_walk(base: &Path) -> BenchResult<()> {
+    use std::io::Write;
+    let gib = env_usize("BENCH_WALK_GIB", 4);
+    let repeat = env_usize("BENCH_WALK_REPEAT", 3).max(1);
+    let aheads: Vec<usize> = std::env::var("BENCH_WALK_AHEAD_MIB")
+        .unwrap_or_else(|_| "0,4,8,16,32".to_owned())
+        .split(',')
+        .filter_map(|value| value.trim().parse().ok())
+        .collect();
+    let dir = base.join("walk-bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("large.bin");
+    {
+        let mut file = std::io::BufWriter::with_capacity(8 * MIB, std::fs::File::create(&path)?);
+        let mut rng = SmallRng::seed_from_u64(4);
+        let mut block = vec![0u8; 8 * MIB];
+        for _ in 0..gib * 128 {
+            rng.fill_bytes(&mut block);
+            file.write_all(&block)?;
+        }
+        file.flush()?;
+    }
+    let size = std::fs::metadata(&path)?.len() as usize;
+    // Read once so that every run finds it in the page cache alike.
+    std::io::copy(&mut std::fs::File::open(&path)?, &mut std::io::sink())?;
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); aheads.len()];
+    for round in 0..repeat {
+        for (index, &ahead) in aheads.iter().enumerate() {
+            let options = fabric_chunkstore::walk::BackupOptions {
+                includes: vec![path.clone()],
+                hash_ahead_bytes: ahead * MIB,
+                ..Default::default()
+            };
+            let sink = DiscardSink::default();
+            let started = Instant::now();
+            let cpu = cpu_seconds();
+            let outcome = fabric_chunkstore::walk::backup(&options, &sink, None, &|_| {})?;
+            let seconds = started.elapsed().as_secs_f64();
+            let cpu = cpu_seconds() - cpu;
+            if outcome.stats.bytes_read as usize != size {
+                return Err(format!("read {} of {size} bytes", outcome.stats.bytes_read).into());
+            }
+            let rate = mbps(size, seconds);
+            println!(
+                "walk: run {round}, hash_ahead {ahead} MiB ({}): {} MiB in {seconds:.2} s = {rate:.0} MB/s, {:.1} CPU s, {} chunks",
+                if options.hashes_ahead() { "on" } else { "off" },
+                size / MIB,
+                cpu,
+                outcome.stats.chunks
+            );
+            runs[index].push(rate);
+        }
+    }
+    for (runs, ahead) in runs.iter_mut().zip(&aheads) {
+        runs.sort_by(f64::total_cmp);
+        let median = runs[runs.len() / 2];
+        let options = fabric_chunkstore::walk::BackupOptions {
+            hash_ahead_bytes: ahead * MIB,
+            ..Default::default()
+        };
+        println!(
+            "walk: one file of {} MiB, hash_ahead {ahead} MiB: median {median:.0} MB/s of {} runs {runs:.0?}; at most {:.1} MiB held per walk thread",
+            size / MIB,
+            runs.len(),
+            options.bytes_per_thread() as f64 / MIB as f64
         );
     }
     std::fs::remove_dir_all(&dir)?;
@@ -827,6 +957,9 @@ fn main() -> BenchResult<()> {
     }
     if wants("sparse") {
         part_sparse(&base)?;
+    }
+    if wants("walk") {
+        part_walk(&base)?;
     }
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
     if std::env::var("BENCH_DIR").is_err() {

@@ -32,6 +32,9 @@ pub(crate) fn options(includes: &[&Path]) -> BackupOptions {
         one_file_system: false,
         chunk_params: small_params(),
         threads: 2,
+        // Hash-ahead on, windows of two maximum-size chunks: every test
+        // of the walk goes through it.
+        hash_ahead_bytes: 4 * 16384,
     }
 }
 
@@ -1230,6 +1233,134 @@ fn sparse_and_zero_filled_files_are_chunked_as_their_content_without_hashing_the
         if has_holes {
             assert!(fs::metadata(&restored).expect("stat").blocks() * 512 < len);
         }
+    }
+}
+
+/// Stores chunks in memory and records their ids in the order it is
+/// handed them.
+#[derive(Default)]
+struct RecordingSink {
+    store: MemoryStore,
+    ids: std::sync::Mutex<Vec<ChunkId>>,
+}
+
+impl ChunkSink for RecordingSink {
+    fn put_chunk(&self, chunk: Chunk) -> Result<(), SinkError> {
+        self.ids.lock().map_err(|_| "poisoned")?.push(chunk.id);
+        self.store.put_chunk(chunk)
+    }
+
+    fn flush(&self) -> Result<(), SinkError> {
+        self.store.flush()
+    }
+}
+
+/// Write `segments` (bytes of data of a seed, then zeros, written or left
+/// as a hole) to `path`; returns the content.
+fn write_segments(path: &Path, segments: &[(usize, u64, usize, bool)]) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut content = Vec::new();
+    let file = fs::File::create(path).expect("create");
+    for &(data, seed, zeros, hole) in segments {
+        let bytes = pseudo_random(data, seed);
+        file.write_all_at(&bytes, content.len() as u64)
+            .expect("write");
+        content.extend_from_slice(&bytes);
+        if !hole {
+            file.write_all_at(&vec![0; zeros], content.len() as u64)
+                .expect("write");
+        }
+        content.resize(content.len() + zeros, 0);
+    }
+    file.set_len(content.len() as u64).expect("set_len");
+    content
+}
+
+/// The chunk ids recorded for the file `path`, backed up alone on one walk
+/// thread with `hash_ahead_bytes`, and every id the sink was handed, in
+/// order.
+fn ids_with(path: &Path, hash_ahead_bytes: usize) -> (Vec<Vec<u8>>, Vec<ChunkId>) {
+    let mut opts = options(&[path]);
+    opts.threads = 1;
+    opts.hash_ahead_bytes = hash_ahead_bytes;
+    let sink = RecordingSink::default();
+    let outcome = backup(&opts, &sink, None, &quiet).expect("backup");
+    let entry = entry_at(&sink.store, outcome.root, path);
+    (entry.chunk_ids, sink.ids.into_inner().expect("lock"))
+}
+
+/// Hash-ahead values around the windows of `small_params` (maximum chunk
+/// 16 KiB): off, just below on, windows of one, one and a half, two and
+/// ten chunks.
+const HASH_AHEAD_VALUES: [usize; 6] = [0, 32_767, 32_768, 49_152, 65_536, 327_680];
+
+#[test]
+fn hash_ahead_gives_the_chunks_and_sink_order_of_hashing_inline() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    // Sizes around the minimum chunk, the maximum, one window and several.
+    for size in [
+        1500usize, 16_384, 32_768, 32_769, 65_536, 200_000, 1_000_000,
+    ] {
+        let path = temp.path().join(format!("f{size}"));
+        let content = write_segments(&path, &[(size, size as u64, 0, false)]);
+        let expected: Vec<Vec<u8>> =
+            crate::chunker::ChunkReader::new(content.as_slice(), small_params())
+                .expect("params")
+                .map(|chunk| chunk.expect("in memory").id.to_vec())
+                .collect();
+        let (inline_ids, inline_sent) = ids_with(&path, 0);
+        assert_eq!(inline_ids, expected, "{size} bytes");
+        for ahead in HASH_AHEAD_VALUES {
+            let (ids, sent) = ids_with(&path, ahead);
+            assert_eq!(ids, expected, "{size} bytes, hash-ahead {ahead}");
+            assert_eq!(sent, inline_sent, "{size} bytes, hash-ahead {ahead}");
+        }
+    }
+}
+
+#[test]
+fn bytes_held_per_thread_count_buffers_and_chunks_in_flight() {
+    let mut opts = BackupOptions::default();
+    let max = opts.chunk_params.max_size as usize;
+    assert!(opts.hashes_ahead());
+    assert_eq!(
+        opts.bytes_per_thread(),
+        READ_BUFFER_SIZE + 2 * max + DEFAULT_HASH_AHEAD_BYTES
+    );
+    opts.hash_ahead_bytes = 2 * max - 1;
+    assert!(!opts.hashes_ahead());
+    assert_eq!(opts.bytes_per_thread(), READ_BUFFER_SIZE + 3 * max);
+    opts.hash_ahead_bytes = 0;
+    assert_eq!(opts.bytes_per_thread(), READ_BUFFER_SIZE + 3 * max);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Whatever the file (data, zeros written, holes, in any order and
+    /// size), hash-ahead records the chunk ids of hashing inline and hands
+    /// the sink the same chunks in the same order.
+    #[test]
+    fn hash_ahead_never_changes_chunks_or_their_order(
+        segments in prop::collection::vec(
+            (0usize..120_000, any::<u64>(), 0usize..150_000, any::<bool>()),
+            1..5,
+        ),
+        ahead in prop::sample::select(HASH_AHEAD_VALUES.to_vec()),
+    ) {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let path = temp.path().join("file");
+        let content = write_segments(&path, &segments);
+        let expected: Vec<Vec<u8>> =
+            crate::chunker::ChunkReader::new(content.as_slice(), small_params())
+                .expect("params")
+                .map(|chunk| chunk.expect("in memory").id.to_vec())
+                .collect();
+        let (inline_ids, inline_sent) = ids_with(&path, 0);
+        prop_assert_eq!(&inline_ids, &expected);
+        let (ids, sent) = ids_with(&path, ahead);
+        prop_assert_eq!(&ids, &expected);
+        prop_assert_eq!(sent, inline_sent);
     }
 }
 
