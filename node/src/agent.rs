@@ -434,6 +434,7 @@ where
     // Bounded in bytes by the sink's share of the budget as well.
     let (chunks_tx, chunks_rx) = mpsc::channel::<OutgoingChunk>(READ_AHEAD_CHUNKS);
     options.threads = plan.walk_threads;
+    options.hash_ahead_bytes = plan.hash_ahead_bytes;
     let (progress, sending_progress) = match progress {
         Some(progress) => {
             let (walk_progress, ticker) = SendingProgress::start(progress, counters.clone());

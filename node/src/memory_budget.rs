@@ -6,9 +6,9 @@
 //! walk's thread count and hash window and the sender's limits, and says
 //! why a budget is too small to run in. The budget counts what the pipeline
 //! holds, which is what grows with the data:
-//! - each walk thread: its read buffer (256 KiB) and the chunk it is
-//!   cutting (up to the largest chunk), plus the window of cut chunks it
-//!   hashes in parallel ([`SendPlan::hash_ahead_bytes`]);
+//! - each walk thread: its read buffer (256 KiB), the bytes its chunker
+//!   has not cut yet, and the cut chunk it waits to hand on, or the windows
+//!   of cut chunks it hashes in parallel ([`SendPlan::hash_ahead_bytes`]);
 //! - the chunk bytes from the moment the walk hands them on until the
 //!   receiver acknowledges them as stored: read ahead, offered, being
 //!   compressed, sent and unacknowledged ([`SendPlan::pipeline_bytes`]);
@@ -21,14 +21,13 @@
 //! transfer's level), and the allocator's slack. README's Benchmarks
 //! section gives the peaks measured against budgets.
 
+use fabric_chunkstore::walk::READ_BUFFER_SIZE;
+
 use crate::transfer::{MAX_BATCH_BYTES, MAX_OFFER_BYTES};
 
 /// The budget when none is given: the knee of speed against budget on the
 /// peer benchmark's data (README's Benchmarks).
 pub const DEFAULT_BACKUP_MEMORY: u64 = 32 * 1024 * 1024;
-
-/// Bytes a walk thread reads at a time (the walk's own read buffer).
-const WALK_READ_BUFFER: usize = 256 * 1024;
 
 /// Smallest batch a plan sends: below it a batch is mostly envelope and
 /// acknowledgement round trips.
@@ -75,9 +74,9 @@ impl SendPlan {
     /// whose chunks are at most `max_chunk` bytes.
     ///
     /// The walk gets at most half of the budget (one thread at the least),
-    /// each thread its cutting room and a hash window of one largest chunk
-    /// when that fits; the rest carries chunks to the receiver, less one
-    /// batch kept for its encoding copy. Batches are a quarter of that rest
+    /// each thread its cutting room, and hash-ahead windows of two largest
+    /// chunks when every core's thread can have them; the rest carries
+    /// chunks to the receiver, less one batch kept for its encoding copy. Batches are a quarter of that rest
     /// (at most [`MAX_BATCH_BYTES`]), offers half of it (at most
     /// [`MAX_OFFER_BYTES`]).
     pub fn for_budget(budget: u64, cores: usize, max_chunk: usize) -> Result<Self, BudgetTooSmall> {
@@ -89,16 +88,21 @@ impl SendPlan {
                 needed,
             });
         }
+        let cores = cores.max(1);
         let budget = usize::try_from(budget).unwrap_or(usize::MAX);
         let walk_half = budget / 2;
-        // A hash window of one chunk when each thread can still have it.
-        let with_window = walk_thread_bytes(max_chunk, max_chunk);
-        let (per_thread, hash_ahead_bytes) = if with_window <= walk_half {
-            (with_window, max_chunk)
-        } else {
-            (walk_thread_bytes(max_chunk, 0), 0)
-        };
-        let walk_threads = (walk_half / per_thread).clamp(1, cores.max(1));
+        let plain_thread = walk_thread_bytes(max_chunk, 0);
+        // Hash-ahead only when every core's walk thread can have its two
+        // windows: it measured alike with it off on two cores, and threads
+        // reading files side by side never hurt.
+        let window = 2 * max_chunk;
+        let (per_thread, hash_ahead_bytes) =
+            if walk_half / walk_thread_bytes(max_chunk, window) >= cores {
+                (walk_thread_bytes(max_chunk, window), window)
+            } else {
+                (plain_thread, 0)
+            };
+        let walk_threads = (walk_half / per_thread).clamp(1, cores);
         let rest = budget - walk_threads * per_thread;
         let batch_bytes = (rest / 4).clamp(MIN_BATCH_BYTES, MAX_BATCH_BYTES);
         let pipeline_bytes = rest.saturating_sub(batch_bytes).max(max_chunk);
@@ -123,10 +127,12 @@ impl SendPlan {
     }
 }
 
-/// What one walk thread holds: its read buffer, the chunk it is cutting
-/// and its hash window.
+/// What one walk thread holds: its read buffer, the bytes its chunker has
+/// not cut yet (up to a largest chunk and one read), and either the chunk
+/// it waits to hand on or its hash-ahead windows. The chunker reserves twice
+/// the largest chunk, but only what it fills is ever resident.
 fn walk_thread_bytes(max_chunk: usize, hash_ahead: usize) -> usize {
-    WALK_READ_BUFFER + max_chunk + hash_ahead
+    2 * READ_BUFFER_SIZE + max_chunk + hash_ahead.max(max_chunk)
 }
 
 #[cfg(test)]
@@ -138,9 +144,8 @@ mod tests {
     #[test]
     fn the_default_budget_spends_all_of_itself_between_the_walk_and_chunks_in_flight() {
         let plan = SendPlan::for_budget(DEFAULT_BACKUP_MEMORY, 2, 4 * MIB).expect("a plan");
-        assert_eq!(plan.walk_threads, 1);
-        assert_eq!(plan.hash_ahead_bytes, 4 * MIB);
-        let walk = plan.walk_threads * (WALK_READ_BUFFER + 4 * MIB + plan.hash_ahead_bytes);
+        assert_eq!(plan.hash_ahead_bytes, 0);
+        let walk = plan.walk_threads * walk_thread_bytes(4 * MIB, plan.hash_ahead_bytes);
         assert_eq!(
             walk + plan.pipeline_bytes + plan.batch_bytes,
             DEFAULT_BACKUP_MEMORY as usize
@@ -151,11 +156,11 @@ mod tests {
 
     #[test]
     fn a_budget_never_plans_more_than_it_has_nor_more_threads_than_cores() {
-        for budget_mib in [13u64, 16, 24, 32, 48, 64, 128, 1024] {
+        for budget_mib in [17u64, 24, 32, 48, 64, 128, 1024] {
             for cores in [1, 2, 8, 64] {
                 let budget = budget_mib * MIB as u64;
                 let plan = SendPlan::for_budget(budget, cores, 4 * MIB).expect("a plan");
-                let walk = plan.walk_threads * (WALK_READ_BUFFER + 4 * MIB + plan.hash_ahead_bytes);
+                let walk = plan.walk_threads * walk_thread_bytes(4 * MIB, plan.hash_ahead_bytes);
                 assert!(
                     (walk + plan.pipeline_bytes + plan.batch_bytes) as u64 <= budget,
                     "{budget_mib} MiB on {cores} cores: {plan:?}"
@@ -171,6 +176,7 @@ mod tests {
     fn a_large_budget_uses_every_core_and_the_protocols_largest_batches() {
         let plan = SendPlan::for_budget(1 << 30, 8, 4 * MIB).expect("a plan");
         assert_eq!(plan.walk_threads, 8);
+        assert_eq!(plan.hash_ahead_bytes, 8 * MIB, "hash-ahead on every core");
         assert_eq!(plan.batch_bytes, MAX_BATCH_BYTES);
         assert_eq!(plan.offer_bytes, MAX_OFFER_BYTES);
     }
