@@ -701,6 +701,8 @@ fn ignored_flag(matches: &clap::ArgMatches) -> Option<String> {
 }
 
 fn main() {
+    // Before any thread starts (see the module).
+    fabric_node::allocator::tune();
     let matches = cli_command().get_matches();
     if let Some(problem) = ignored_flag(&matches) {
         eprintln!("fabricctl: {problem}");

@@ -17,6 +17,7 @@
 //! of a node and must never put storage logic of its own beside the store's.
 
 pub mod agent;
+pub mod allocator;
 pub mod client;
 pub mod commands;
 pub mod config;
