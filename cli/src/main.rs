@@ -492,7 +492,7 @@ struct BackupArgs {
     /// offered, compressed and in flight until the node has them ("48MiB",
     /// "64MB" or bytes). The process needs about 16 MiB more, whatever the
     /// budget.
-    #[arg(long, value_parser = parse_size_flag, default_value = "32MiB")]
+    #[arg(long, value_parser = parse_size_flag, default_value = "20MiB")]
     memory: u64,
 }
 
@@ -985,6 +985,17 @@ mod tests {
             "its own flag: {issue}"
         );
         assert!(!issue.contains("--output"), "{issue}");
+    }
+
+    #[test]
+    fn backups_memory_flag_defaults_to_the_agents_budget() {
+        let parsed = Cli::try_parse_from(["fabricctl", "backup", "--node", "https://n1:7401", "/etc"])
+            .expect("parses");
+        let Command::Backup(args) = parsed.command else {
+            panic!("not a backup");
+        };
+        assert_eq!(args.memory, fabric_node::memory_budget::DEFAULT_BACKUP_MEMORY);
+        assert!(parse_size_flag("lots").unwrap_err().contains("\"lots\" is not a size"));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::transfer::{MAX_BATCH_BYTES, MAX_OFFER_BYTES};
 
 /// The budget when none is given: the knee of speed against budget on the
 /// peer benchmark's data (README's Benchmarks).
-pub const DEFAULT_BACKUP_MEMORY: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_BACKUP_MEMORY: u64 = 20 * 1024 * 1024;
 
 /// Smallest batch a plan sends: below it a batch is mostly envelope and
 /// acknowledgement round trips.
