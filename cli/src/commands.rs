@@ -2015,8 +2015,8 @@ pub async fn backup(
         limit_bytes_per_s,
         memory_bytes,
     } = request;
-    let plan = fabric_node::memory_budget::SendPlan::for_this_machine(memory_bytes)
-        .context("--memory")?;
+    let plan =
+        fabric_node::memory_budget::SendPlan::for_this_machine(memory_bytes).context("--memory")?;
     let node = node.as_str();
     let mut includes = Vec::new();
     for path in paths {

@@ -989,13 +989,21 @@ mod tests {
 
     #[test]
     fn backups_memory_flag_defaults_to_the_agents_budget() {
-        let parsed = Cli::try_parse_from(["fabricctl", "backup", "--node", "https://n1:7401", "/etc"])
-            .expect("parses");
+        let parsed =
+            Cli::try_parse_from(["fabricctl", "backup", "--node", "https://n1:7401", "/etc"])
+                .expect("parses");
         let Command::Backup(args) = parsed.command else {
             panic!("not a backup");
         };
-        assert_eq!(args.memory, fabric_node::memory_budget::DEFAULT_BACKUP_MEMORY);
-        assert!(parse_size_flag("lots").unwrap_err().contains("\"lots\" is not a size"));
+        assert_eq!(
+            args.memory,
+            fabric_node::memory_budget::DEFAULT_BACKUP_MEMORY
+        );
+        assert!(
+            parse_size_flag("lots")
+                .unwrap_err()
+                .contains("\"lots\" is not a size")
+        );
     }
 
     #[test]

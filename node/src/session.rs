@@ -43,10 +43,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::agent::{AgentError, PushProgress, describe_status, push_backup};
-use crate::memory_budget::SendPlan;
 use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
 use crate::health::SharedHealth;
+use crate::memory_budget::SendPlan;
 use crate::pull_permits::PullPermits;
 use crate::rate_limit::{JobBudget, RateLimit, TransferLimits};
 use crate::run_copies::{self, NextCopy, SnapshotCopies};
@@ -1439,11 +1439,12 @@ async fn walk_once(
         });
     });
     // Checked when the node started: a budget too small stopped it.
-    let plan = SendPlan::for_this_machine(context.config.backup_memory_bytes)
-        .map_err(|err| CopyFailure {
+    let plan = SendPlan::for_this_machine(context.config.backup_memory_bytes).map_err(|err| {
+        CopyFailure {
             reason: format!("backup_memory_bytes: {err}"),
             source_fault: true,
-        })?;
+        }
+    })?;
     push_backup(
         &crate::client::Peer::node(&target.node, &target.address),
         &context.transport,

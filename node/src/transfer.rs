@@ -130,7 +130,6 @@ impl OutgoingChunk {
             Self::Stored(_) => 0,
         }
     }
-
 }
 
 /// Live counters of a transfer, shared with whoever reports progress.
@@ -379,7 +378,10 @@ async fn encode_batches(
                 Status::internal("a stored chunk to send but no store to read it")
             })?;
             for id in to_fetch {
-                encoded.push((store.get_stored(&id).map_err(status_from_store_error)?, None));
+                encoded.push((
+                    store.get_stored(&id).map_err(status_from_store_error)?,
+                    None,
+                ));
             }
         }
         let mut batches = Vec::new();
@@ -907,7 +909,8 @@ mod tests {
             let handed_on = handed_on.clone();
             std::thread::spawn(move || {
                 for index in 0..CHUNKS {
-                    sink.put_chunk(chunk(index, CHUNK)).expect("the sender takes it");
+                    sink.put_chunk(chunk(index, CHUNK))
+                        .expect("the sender takes it");
                     handed_on.fetch_add(CHUNK as u64, Ordering::SeqCst);
                 }
             })
@@ -959,7 +962,9 @@ mod tests {
         // Acknowledged, the budget comes back and the backup finishes.
         let mut batches = 0;
         let mut committed = false;
-        let mut pending = unacknowledged.into_iter().collect::<std::collections::VecDeque<_>>();
+        let mut pending = unacknowledged
+            .into_iter()
+            .collect::<std::collections::VecDeque<_>>();
         loop {
             while let Some(batch) = pending.pop_front() {
                 batches += 1;
@@ -1003,7 +1008,10 @@ mod tests {
         }
         assert!(committed, "the sender never committed");
         walk.join().expect("the walk ends");
-        sender.await.expect("the sender ran").expect("the backup succeeded");
+        sender
+            .await
+            .expect("the sender ran")
+            .expect("the backup succeeded");
         assert_eq!(handed_on.load(Ordering::SeqCst) as usize, CHUNKS * CHUNK);
         assert!(batches >= CHUNKS * CHUNK / (256 * KIB), "{batches} batches");
     }
