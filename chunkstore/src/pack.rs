@@ -227,9 +227,10 @@ fn compress_if_smaller(data: &[u8], zstd_level: i32) -> Option<Vec<u8>> {
 }
 
 /// Run `op`, which works in parallel, on rayon's global pool when the caller
-/// is on no rayon pool (an async runtime's blocking thread): its per-thread
-/// zstd state ([`ZstdScratch`]) then lives on the pool's threads, one per
-/// core, instead of on each of the runtime's up to 512 blocking threads.
+/// is on no rayon pool (an async runtime's blocking thread): the per-thread
+/// zstd state (a context, and a buffer for decompression) then lives on the
+/// pool's threads, one per core, instead of on each of the runtime's up to
+/// 512 blocking threads.
 pub fn on_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         op()

@@ -2030,8 +2030,9 @@ pub async fn backup(
         excludes: exclude,
         one_file_system,
         chunk_params: fabric_chunkstore::ChunkParams::default(),
+        // The backup's memory plan sets both (`send_backup`).
         threads: 0,
-        hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
+        hash_ahead_bytes: 0,
     };
     // A client certificate may commit only its own host's snapshots: its
     // name is the host.

@@ -1191,8 +1191,9 @@ fn backup_options(job: &fabric_proto::v1::JobSpec) -> BackupOptions {
         excludes: job.exclude.clone(),
         one_file_system: job.one_file_system,
         chunk_params: ChunkParams::default(),
+        // The backup's memory plan sets both (`send_backup`).
         threads: 0,
-        hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
+        hash_ahead_bytes: 0,
     }
 }
 

@@ -231,8 +231,9 @@ impl Source for SourceService {
             excludes: exclude,
             one_file_system,
             chunk_params: ChunkParams::default(),
+            // The backup's memory plan sets both (`send_backup`).
             threads: 0,
-            hash_ahead_bytes: fabric_chunkstore::walk::DEFAULT_HASH_AHEAD_BYTES,
+            hash_ahead_bytes: 0,
         };
         tracing::info!(job = %template.job, includes = ?options.includes, "serving a pull");
 
