@@ -305,6 +305,7 @@ pub async fn serve_until_stopped(
                 stopping,
                 metrics: metrics.clone(),
                 health: health_now.clone(),
+                backup_plan,
             },
             stop_rx.clone(),
         ));

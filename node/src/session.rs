@@ -141,6 +141,8 @@ struct Context {
     /// The scripts the runs are running.
     scripts: Arc<Scripts>,
     metrics: crate::metrics::NodeMetrics,
+    /// How each push this agent runs spends `backup_memory_bytes`.
+    backup_plan: SendPlan,
     /// What each run was last reported doing (`pre`, `copying`, ...), for
     /// the reason given when the node stops during it.
     stages: Arc<Mutex<HashMap<String, &'static str>>>,
@@ -390,6 +392,9 @@ pub struct SessionParts {
     pub metrics: crate::metrics::NodeMetrics,
     /// Whether the node takes writes and why not, for heartbeats.
     pub health: SharedHealth,
+    /// How each push spends the agent's backup memory budget (planned, and
+    /// a budget too small refused, when the node started).
+    pub backup_plan: SendPlan,
 }
 
 /// Keep a session with the coordinator until `stop` turns true.
@@ -426,6 +431,7 @@ pub async fn run_session(
         scripts: Arc::new(scripts),
         stages: Arc::default(),
         metrics: parts.metrics,
+        backup_plan: parts.backup_plan,
     };
     let stopping = parts.stopping;
     let health = parts.health;
@@ -1439,18 +1445,11 @@ async fn walk_once(
             current_path: progress.current_path.clone(),
         });
     });
-    // Checked when the node started: a budget too small stopped it.
-    let plan = SendPlan::for_this_machine(context.config.backup_memory_bytes).map_err(|err| {
-        CopyFailure {
-            reason: format!("backup_memory_bytes: {err}"),
-            source_fault: true,
-        }
-    })?;
     push_backup(
         &crate::client::Peer::node(&target.node, &target.address),
         &context.transport,
         backup_options(job),
-        plan,
+        context.backup_plan,
         template,
         Some(progress),
         TransferLimits::none()
