@@ -49,6 +49,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StateKind {
+    /// sled in `data_dir`: one coordinator.
+    #[default]
+    Sled,
+    /// etcd at `etcd_endpoints`: several coordinators, one leading.
+    Etcd,
+}
+
 /// Everything the coordinator needs to run.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -129,6 +140,33 @@ pub struct CoordinatorConfig {
     /// (`replication_bandwidth_bytes_per_s`, default 0: no limit beyond
     /// the nodes' own).
     pub replication_bandwidth_bytes_per_s: u64,
+    /// Where the state is kept (`state`, `sled` by default, or `etcd`).
+    pub state: StateKind,
+    /// etcd's client URLs (`etcd_endpoints`, e.g.
+    /// `["http://etcd-0.etcd:2379"]`; `https://` with `etcd_tls_ca`).
+    pub etcd_endpoints: Vec<String>,
+    /// The key prefix of this fabric in etcd (`etcd_prefix`, default
+    /// `fabric`): the state under `PREFIX/state/`, the election at
+    /// `PREFIX/leader`.
+    pub etcd_prefix: String,
+    /// The CA of etcd's certificates (`etcd_tls_ca`).
+    pub etcd_tls_ca: Option<PathBuf>,
+    /// This coordinator's client certificate for etcd (`etcd_tls_cert`).
+    pub etcd_tls_cert: Option<PathBuf>,
+    /// Its key (`etcd_tls_key`).
+    pub etcd_tls_key: Option<PathBuf>,
+    /// The leader's etcd lease (`leader_lease`, default `"5s"`, whole
+    /// seconds, at least 2s): a dead leader is replaced about this long
+    /// after it stopped, and a leader that cannot renew it for this long
+    /// stops.
+    #[serde(with = "humantime_serde_duration")]
+    pub leader_lease: Duration,
+    /// The URL other processes reach this coordinator at
+    /// (`advertise_address`, e.g. `https://10.1.2.3:7400`): followers send
+    /// callers to the leader's. Required with `state = "etcd"` when
+    /// `listen` is a wildcard address; otherwise it defaults to the bound
+    /// address.
+    pub advertise_address: String,
 }
 
 impl Default for CoordinatorConfig {
@@ -157,6 +195,14 @@ impl Default for CoordinatorConfig {
             replication_check_every: Duration::from_secs(30),
             replication_per_node: 1,
             replication_bandwidth_bytes_per_s: 0,
+            state: StateKind::Sled,
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: "fabric".to_owned(),
+            etcd_tls_ca: None,
+            etcd_tls_cert: None,
+            etcd_tls_key: None,
+            leader_lease: Duration::from_secs(5),
+            advertise_address: String::new(),
         }
     }
 }
@@ -214,7 +260,109 @@ impl CoordinatorConfig {
                 message: "must be at least 1".into(),
             });
         }
+        if self.state == StateKind::Etcd {
+            self.validate_etcd()?;
+        }
         Ok(())
+    }
+
+    fn validate_etcd(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.etcd_endpoints.is_empty() {
+            return invalid(
+                "etcd_endpoints",
+                "state = \"etcd\" needs at least one etcd endpoint".into(),
+            );
+        }
+        for endpoint in &self.etcd_endpoints {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return invalid(
+                    "etcd_endpoints",
+                    format!("{endpoint:?} is not an http:// or https:// URL"),
+                );
+            }
+        }
+        let address = self.advertise_address.trim();
+        if address.is_empty() {
+            // A listening address a caller can dial is the advertised one
+            // (`advertised_address`); a wildcard is not.
+            if self.listen.ip().is_unspecified() {
+                return invalid(
+                    "advertise_address",
+                    format!(
+                        "state = \"etcd\" with listen = {} needs the URL other processes reach this coordinator at, e.g. https://10.1.2.3:7400",
+                        self.listen
+                    ),
+                );
+            }
+        } else if !(address.starts_with("http://") || address.starts_with("https://"))
+            || address.contains(',')
+            || address.contains(char::is_whitespace)
+        {
+            return invalid(
+                "advertise_address",
+                format!("{address:?} is not one http:// or https:// URL"),
+            );
+        }
+        if self.leader_lease < Duration::from_secs(2) {
+            return invalid("leader_lease", "must be at least 2s".into());
+        }
+        let prefix = self.etcd_prefix.trim_matches('/');
+        if prefix.is_empty() {
+            return invalid("etcd_prefix", "must not be empty".into());
+        }
+        if self.etcd_tls_cert.is_some() != self.etcd_tls_key.is_some() {
+            return invalid(
+                "etcd_tls_cert",
+                "etcd_tls_cert and etcd_tls_key go together".into(),
+            );
+        }
+        if self.etcd_tls_cert.is_some() && self.etcd_tls_ca.is_none() {
+            return invalid(
+                "etcd_tls_ca",
+                "a client certificate for etcd needs etcd's CA too".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The URL that followers give callers for this coordinator:
+    /// `advertise_address`, or the address it is bound to (`bound`) with the
+    /// scheme its transport speaks when none is set.
+    pub fn advertised_address(&self, bound: SocketAddr) -> String {
+        let address = self.advertise_address.trim();
+        if !address.is_empty() {
+            return address.to_owned();
+        }
+        let scheme = if self.insecure_plaintext {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{bound}")
+    }
+
+    /// The TLS files for etcd, read, if any are set.
+    pub fn etcd_tls(&self) -> Result<Option<crate::etcd::EtcdTls>, ConfigError> {
+        let Some(ca) = &self.etcd_tls_ca else {
+            return Ok(None);
+        };
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|source| ConfigError::Invalid {
+                key,
+                message: format!("cannot read {}: {source}", path.display()),
+            })
+        };
+        let identity = match (&self.etcd_tls_cert, &self.etcd_tls_key) {
+            (Some(cert), Some(key)) => {
+                Some((read("etcd_tls_cert", cert)?, read("etcd_tls_key", key)?))
+            }
+            _ => None,
+        };
+        Ok(Some(crate::etcd::EtcdTls {
+            ca_pem: read("etcd_tls_ca", ca)?,
+            identity,
+        }))
     }
 
     /// When storage nodes collect garbage, as the engine takes it.
@@ -326,5 +474,47 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(error.contains("lost_after_missed_heartbeats"), "{error}");
+    }
+
+    #[test]
+    fn etcd_needs_endpoints_and_an_advertised_address() {
+        let parse = |text: &str| {
+            CoordinatorConfig::from_toml(Path::new("c.toml"), text).map_err(|e| e.to_string())
+        };
+        let error = parse("state = \"etcd\"\n").unwrap_err();
+        assert!(error.contains("etcd_endpoints"), "{error}");
+        let error =
+            parse("state = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n").unwrap_err();
+        assert!(error.contains("advertise_address"), "{error}");
+        let bound = parse(
+            "state = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\nlisten = \"127.0.0.1:0\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            bound.advertised_address("127.0.0.1:7400".parse().unwrap()),
+            "https://127.0.0.1:7400"
+        );
+        let error = parse(
+            "state = \"etcd\"\netcd_endpoints = [\"127.0.0.1:2379\"]\nadvertise_address = \"https://a:7400\"\n",
+        )
+        .unwrap_err();
+        assert!(error.contains("127.0.0.1:2379"), "{error}");
+        let error = parse(
+            "state = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\nadvertise_address = \"https://a:7400,https://b:7400\"\n",
+        )
+        .unwrap_err();
+        assert!(error.contains("advertise_address"), "{error}");
+        let error = parse(
+            "state = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\nadvertise_address = \"https://a:7400\"\nleader_lease = \"1s\"\n",
+        )
+        .unwrap_err();
+        assert!(error.contains("leader_lease"), "{error}");
+        let config = parse(
+            "state = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]\nadvertise_address = \"https://a:7400\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.state, StateKind::Etcd);
+        assert_eq!(config.leader_lease, Duration::from_secs(5));
+        assert_eq!(config.etcd_prefix, "fabric");
     }
 }

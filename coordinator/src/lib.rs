@@ -17,8 +17,11 @@ pub mod check;
 pub mod config;
 pub mod dest;
 pub mod engine;
+pub mod etcd;
 pub mod job_history;
 pub mod jobfile;
+pub mod leader_gate;
+pub mod leadership;
 pub mod metrics;
 pub mod prune;
 pub mod record;
@@ -32,5 +35,5 @@ pub mod state;
 pub mod status_page;
 pub mod tokens;
 
-pub use config::{ConfigError, CoordinatorConfig, LogFormat};
+pub use config::{ConfigError, CoordinatorConfig, LogFormat, StateKind};
 pub use server::{ServeError, serve, serve_with_health, serve_with_ports};

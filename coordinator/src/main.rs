@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fabric_coordinator::{CoordinatorConfig, LogFormat};
+use fabric_coordinator::{CoordinatorConfig, LogFormat, StateKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -104,6 +104,31 @@ struct ServeArgs {
     /// The metrics port (GET /metrics, OpenMetrics; "" for none) [default: 0.0.0.0:7410].
     #[arg(long, env = "FABRIC_COORDINATOR_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Where the state is kept: sled in --data-dir (one coordinator) or etcd
+    /// (several coordinators, one leading) [default: sled].
+    #[arg(long, env = "FABRIC_COORDINATOR_STATE", value_enum)]
+    state: Option<StateKind>,
+    /// etcd's client URLs, comma-separated (http://, or https:// with --etcd-tls-ca).
+    #[arg(long, env = "FABRIC_COORDINATOR_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// The fabric's key prefix in etcd [default: fabric].
+    #[arg(long, env = "FABRIC_COORDINATOR_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// The CA of etcd's certificates (PEM).
+    #[arg(long, env = "FABRIC_COORDINATOR_ETCD_TLS_CA")]
+    etcd_tls_ca: Option<PathBuf>,
+    /// This coordinator's client certificate for etcd (PEM).
+    #[arg(long, env = "FABRIC_COORDINATOR_ETCD_TLS_CERT")]
+    etcd_tls_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[arg(long, env = "FABRIC_COORDINATOR_ETCD_TLS_KEY")]
+    etcd_tls_key: Option<PathBuf>,
+    /// The leader's etcd lease, e.g. "5s" (whole seconds, at least 2s).
+    #[arg(long, env = "FABRIC_COORDINATOR_LEADER_LEASE", value_parser = humantime::parse_duration)]
+    leader_lease: Option<Duration>,
+    /// The URL other processes reach this coordinator at, e.g. https://10.1.2.3:7400 (needed with etcd).
+    #[arg(long, env = "FABRIC_COORDINATOR_ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
 }
 
 impl ServeArgs {
@@ -180,6 +205,30 @@ impl ServeArgs {
         }
         if let Some(address) = &self.metrics_listen {
             config.metrics_listen = address.clone();
+        }
+        if let Some(state) = self.state {
+            config.state = state;
+        }
+        if let Some(endpoints) = &self.etcd_endpoints {
+            config.etcd_endpoints = endpoints.iter().map(|e| e.trim().to_owned()).collect();
+        }
+        if let Some(prefix) = &self.etcd_prefix {
+            config.etcd_prefix = prefix.clone();
+        }
+        if let Some(path) = &self.etcd_tls_ca {
+            config.etcd_tls_ca = Some(path.clone());
+        }
+        if let Some(path) = &self.etcd_tls_cert {
+            config.etcd_tls_cert = Some(path.clone());
+        }
+        if let Some(path) = &self.etcd_tls_key {
+            config.etcd_tls_key = Some(path.clone());
+        }
+        if let Some(lease) = self.leader_lease {
+            config.leader_lease = lease;
+        }
+        if let Some(address) = &self.advertise_address {
+            config.advertise_address = address.clone();
         }
         config.validate()?;
         Ok(config)

@@ -42,11 +42,18 @@ pub fn status_of(error: EngineError) -> Status {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The coordinator service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CoordinatorService {
     engine: Arc<Engine>,
     tokens: Tokens,
     shutdown: watch::Receiver<bool>,
+    may_act: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for CoordinatorService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorService").finish_non_exhaustive()
+    }
 }
 
 impl CoordinatorService {
@@ -59,7 +66,16 @@ impl CoordinatorService {
             engine,
             tokens,
             shutdown,
+            may_act: Arc::new(|| true),
         }
+    }
+
+    /// Sends nothing down a session once `may_act` says this process may no
+    /// longer lead (its etcd lease may have expired): the session ends
+    /// instead, and the node goes to the leader.
+    pub fn with_leadership_check(mut self, may_act: Arc<dyn Fn() -> bool + Send + Sync>) -> Self {
+        self.may_act = may_act;
+        self
     }
 }
 
@@ -139,7 +155,9 @@ impl Coordinator for CoordinatorService {
                 .await;
         });
 
+        let may_act = Arc::clone(&self.may_act);
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound)
+            .take_while(move |_| futures::future::ready(may_act()))
             .map(Ok)
             .take_until(shut_down(self.shutdown.clone()));
         Ok(Response::new(Box::pin(stream)))

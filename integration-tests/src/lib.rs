@@ -1,6 +1,9 @@
 //! What the integration tests share: finding and starting the real binaries
 //! on 127.0.0.1 with OS-chosen ports in temporary directories (and stopping
-//! them when dropped), running `fabricctl`, and generating test trees.
+//! them when dropped), running `fabricctl`, generating test trees, and a
+//! real etcd ([`etcd`]).
+
+pub mod etcd;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

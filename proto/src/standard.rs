@@ -46,6 +46,20 @@ impl Readiness {
         self.set(ServingStatus::Serving).await;
     }
 
+    /// Report SERVING for the server (service `""`: the process is alive)
+    /// and NOT_SERVING for each of its services (not ready): a coordinator
+    /// that does not lead.
+    pub async fn set_alive_only(&self) {
+        self.reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        for service in &self.services {
+            self.reporter
+                .set_service_status(*service, ServingStatus::NotServing)
+                .await;
+        }
+    }
+
     /// Report NOT_SERVING for the server and each of its services.
     pub async fn set_not_serving(&self) {
         self.set(ServingStatus::NotServing).await;
