@@ -1340,6 +1340,18 @@ def check_shape(manifests: list[dict[str, Any]], merged: dict[str, Any], notes: 
         "port-forward" in notes and "fabricctl" in notes,
         "NOTES.txt does not say how to reach the coordinator with fabricctl",
     )
+    coordinator = merged["coordinator"]
+    if coordinator["state"] == "etcd":
+        require("High availability" in notes, "NOTES.txt does not say how the coordinators fail over")
+        if coordinator["readiness"] == "leader" and coordinator["replicas"] > 1:
+            require(
+                "OnDelete" in notes and "delete pod" in notes,
+                "NOTES.txt does not say how to roll the coordinators out (updateStrategy OnDelete)",
+            )
+        if merged["etcd"]["deploy"]["enabled"]:
+            require("NetworkPolicy" in notes, "NOTES.txt does not say that only the coordinators reach etcd")
+    else:
+        require("High availability" not in notes, "NOTES.txt speaks of high availability with state sled")
     if merged["insecure"]["plaintext"]:
         require("WARNING" in notes, "NOTES.txt does not warn about insecure.plaintext")
     else:
