@@ -2,15 +2,21 @@
 
 Owns: linting the chart, rendering it in each of its trust modes (Secrets of
 your own: the default values and ci/values-large.yaml; cert-manager:
-ci/values-cert-manager.yaml; insecure plaintext: a variant) and with its
-monitoring objects on, validating every rendered manifest against pinned
+ci/values-cert-manager.yaml; insecure plaintext: a variant), with its
+monitoring objects on, and with the coordinator's state in etcd (the chart's
+own 3-member etcd: ci/values-etcd.yaml; an existing etcd over TLS:
+ci/values-etcd-external.yaml; a 1-member etcd over TLS: a variant), validating every rendered manifest against pinned
 Kubernetes schemas, the chart's own invariants (gRPC probes on the plaintext
 health port each binary serves, metrics ports where metrics_listen says,
 ServiceMonitors on the Services' metrics ports, alerts and dashboard panels
 only on metrics README's Metrics section lists,
-every server's TLS files mounted read-only from one identity per pod, the
+every server's TLS files mounted read-only from one identity per pod (the
+coordinators share theirs), the
 cert-manager Certificates' identities equal to the node ids, replicas as
-asked, hardened containers), and the schema's refusal of bad values. It uses
+asked, hardened containers; the coordinator's etcd settings, leader
+readiness, update strategy and leader address, the PodDisruptionBudgets, the
+chart's etcd clustered by DNS names and reachable only by the coordinators),
+and the schema's and the templates' refusal of bad values. It uses
 Helm's own Go library (through helm-python-sdk) and the schemas shipped in
 kubernetes-validate: no cluster, no helm binary, no network. cert-manager's
 Certificate is a CRD that kubernetes-validate does not ship: it is validated
