@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Offline check of the fabric Helm chart: lint, render it in each trust mode
 # (Secrets of your own: default values, ci/values-large.yaml and a small
-# variant; cert-manager: ci/values-cert-manager.yaml; insecure plaintext),
+# variant; cert-manager: ci/values-cert-manager.yaml; insecure plaintext) and
+# each coordinator state (sled; etcd: ci/values-etcd.yaml with the chart's
+# own etcd, ci/values-etcd-external.yaml with an existing one over TLS),
 # validate every manifest against Kubernetes' schemas (cert-manager
 # Certificates, a CRD, against the check's own subset of their schema),
 # assert the chart's invariants (probes on the plaintext health port, TLS

@@ -2,15 +2,21 @@
 
 Owns: linting the chart, rendering it in each of its trust modes (Secrets of
 your own: the default values and ci/values-large.yaml; cert-manager:
-ci/values-cert-manager.yaml; insecure plaintext: a variant) and with its
-monitoring objects on, validating every rendered manifest against pinned
+ci/values-cert-manager.yaml; insecure plaintext: a variant), with its
+monitoring objects on, and with the coordinator's state in etcd (the chart's
+own 3-member etcd: ci/values-etcd.yaml; an existing etcd over TLS:
+ci/values-etcd-external.yaml; a 1-member etcd over TLS: a variant), validating every rendered manifest against pinned
 Kubernetes schemas, the chart's own invariants (gRPC probes on the plaintext
 health port each binary serves, metrics ports where metrics_listen says,
 ServiceMonitors on the Services' metrics ports, alerts and dashboard panels
 only on metrics README's Metrics section lists,
-every server's TLS files mounted read-only from one identity per pod, the
+every server's TLS files mounted read-only from one identity per pod (the
+coordinators share theirs), the
 cert-manager Certificates' identities equal to the node ids, replicas as
-asked, hardened containers), and the schema's refusal of bad values. It uses
+asked, hardened containers; the coordinator's etcd settings, leader
+readiness, update strategy and leader address, the PodDisruptionBudgets, the
+chart's etcd clustered by DNS names and reachable only by the coordinators),
+and the schema's and the templates' refusal of bad values. It uses
 Helm's own Go library (through helm-python-sdk) and the schemas shipped in
 kubernetes-validate: no cluster, no helm binary, no network. cert-manager's
 Certificate is a CRD that kubernetes-validate does not ship: it is validated
@@ -27,7 +33,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -83,6 +91,14 @@ INSECURE_VARIANT = {
     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "agent": {"enabled": True},
     "networkPolicy": {"enabled": True},
+}
+# The chart's own etcd with one member, over TLS (the members' Secret and the
+# coordinators' client Secret under their default names), every live
+# coordinator ready, the other NetworkPolicies off (etcd's stays).
+ETCD_SMALL_VARIANT = {
+    "coordinator": {"state": "etcd", "replicas": 2, "readiness": "live", "podDisruptionBudget": {"enabled": False}},
+    "etcd": {"tls": {"enabled": True}, "deploy": {"enabled": True, "replicas": 1}},
+    "metrics": {"enabled": False},
 }
 # Monitoring on: ServiceMonitors with a monitor certificate and, for the
 # coordinator, a token; the alerts; the dashboard; scrapers let through the
@@ -325,6 +341,11 @@ CRD_SCHEMAS = {
 EXPECTED_ALERTS = {"FabricJobStale", "FabricNodeLost", "FabricUnderReplicated", "FabricDamagedSnapshot"}
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 WORKLOAD_KINDS = ("StatefulSet", "DaemonSet", "Deployment")
+# The components that run a fabric binary; the chart's etcd is the other one.
+FABRIC_COMPONENTS = ("coordinator", "storage", "agent")
+# The health service SERVING only on the leading coordinator (the empty name
+# is SERVING on every live one).
+LEADER_HEALTH_SERVICE = "fabric.v1.Coordinator"
 
 
 class CheckFailed(Exception):
@@ -547,8 +568,33 @@ def servers(manifests: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[
         (workload, container)
         for kind in WORKLOAD_KINDS
         for workload in by_kind(manifests, kind)
+        if component_of(workload) in FABRIC_COMPONENTS
         for container in workload["spec"]["template"]["spec"]["containers"]
     ]
+
+
+def coordinator_readiness_service(merged: dict[str, Any]) -> str:
+    """The health service the coordinator's readiness probe must ask: the
+    leader's with state etcd and readiness "leader", else the server's ("")."""
+    coordinator = merged["coordinator"]
+    if coordinator["state"] == "etcd" and coordinator["readiness"] == "leader":
+        return LEADER_HEALTH_SERVICE
+    return ""
+
+
+def expected_coordinator_url(merged: dict[str, Any], service: str, port: int) -> str:
+    """The `coordinator` key of nodes and agents: the Service, and with state
+    etcd every coordinator pod's stable DNS name after it."""
+    scheme = "http" if merged["insecure"]["plaintext"] else "https"
+    domain = merged["clusterDomain"]
+    urls = [f"{scheme}://{service}.{NAMESPACE}.svc.{domain}:{port}"]
+    if merged["coordinator"]["state"] == "etcd":
+        headless = f"{service}-headless"
+        urls += [
+            f"{scheme}://{service}-{i}.{headless}.{NAMESPACE}.svc.{domain}:{port}"
+            for i in range(merged["coordinator"]["replicas"])
+        ]
+    return ",".join(urls)
 
 
 def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
@@ -615,9 +661,14 @@ def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> st
                 f"{where}: {probe_name} probes port {probe['grpc'].get('port')}, "
                 f"the plaintext health port (health_listen {health_listen}) is {health}",
             )
+            # Startup and liveness ask whether the server lives (""); the
+            # coordinator's readiness may ask whether it leads.
+            wanted = ""
+            if probe_name == "readinessProbe" and component_of(workload) == "coordinator":
+                wanted = coordinator_readiness_service(merged)
             require(
-                probe["grpc"].get("service", "") == "",
-                f"{where}: {probe_name} asks service {probe['grpc'].get('service')!r}, not the server's overall health",
+                probe["grpc"].get("service", "") == wanted,
+                f"{where}: {probe_name} asks service {probe['grpc'].get('service')!r}, expected {wanted!r}",
             )
         seen.append(f"{workload['metadata']['name']}:{expected}+{health}")
 
@@ -630,13 +681,14 @@ def check_servers(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> st
         f"coordinator Service port is {service_port}",
     )
     for service in by_kind(manifests, "Service"):
+        if component_of(service) not in FABRIC_COMPONENTS:
+            continue
         names = [p.get("name") for p in service["spec"]["ports"]]
         # The health port never: it is for kubelet alone. The metrics port
         # only when metrics are enabled (check_monitoring checks which).
         allowed = (["grpc"], ["grpc", "metrics"]) if merged["metrics"]["enabled"] else (["grpc"],)
         require(names in allowed, f"{describe(service)}: exposes ports {names}, expected one of {allowed}")
-    scheme = "http" if merged["insecure"]["plaintext"] else "https"
-    expected_url = f"{scheme}://{coordinator_service['metadata']['name']}.{NAMESPACE}.svc.{merged['clusterDomain']}:{service_port}"
+    expected_url = expected_coordinator_url(merged, coordinator_service["metadata"]["name"], service_port)
     for (configmap, key), config in files.items():
         if "coordinator" in config:
             require(
@@ -652,13 +704,13 @@ def pods_of(workload: dict[str, Any], merged: dict[str, Any]) -> list[tuple[str,
     Storage pod N: POD_NAME is "<statefulset>-N", its id FABRIC_NODE_ID with
     that substituted. An agent: NODE_NAME is a Kubernetes node's name (those
     listed in tls.agent.nodes, or a stand-in when each node holds its own
-    files). The coordinator: one pod, no node id.
+    files). The coordinator: `coordinator.replicas` pods, no node id.
     """
     component = component_of(workload)
     container = workload["spec"]["template"]["spec"]["containers"][0]
     node_id = env_of(container).get("FABRIC_NODE_ID", {}).get("value", "")
     if component == "coordinator":
-        return [(f"{workload['metadata']['name']}-0", {}, "")]
+        return [(f"{workload['metadata']['name']}-{i}", {}, "") for i in range(workload["spec"]["replicas"])]
     if component == "storage":
         pods = [f"{workload['metadata']['name']}-{i}" for i in range(workload["spec"]["replicas"])]
         return [(pod, {"POD_NAME": pod}, node_id.replace("$(POD_NAME)", pod)) for pod in pods]
@@ -721,7 +773,8 @@ def tls_sources(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> dict
     Every server container takes --tls-cert, --tls-key and --tls-ca, on a
     read-only mount of key material, all three from one source per pod, and
     no two pods share a source unless it is each Kubernetes node's own
-    directory.
+    directory, or they are coordinators: every coordinator is the same
+    service, fabric://coordinator/NAME, and clients accept any such name.
     """
     files = config_files(manifests)
     found: dict[str, dict[str, Any]] = {}
@@ -757,7 +810,7 @@ def tls_sources(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> dict
                 sources.add(source)
             require(len(sources) == 1, f"{where} ({label}): its TLS files come from {sorted(sources)}, not one source")
             source = sources.pop()
-            if not source.startswith("hostPath "):
+            if not source.startswith("hostPath ") and component_of(workload) != "coordinator":
                 require(source not in workload_sources, f"{where}: {source} serves more than one pod")
             workload_sources.add(source)
             found[label] = {"component": component_of(workload), "source": source, "node_id": node_id}
@@ -852,7 +905,12 @@ def check_certificates(manifests: list[dict[str, Any]], merged: dict[str, Any]) 
         counts.get("storage") == merged["storage"]["replicas"],
         f"{counts.get('storage')} storage Certificates for {merged['storage']['replicas']} replicas",
     )
-    require(counts.get("coordinator") == 1, "no coordinator Certificate")
+    coordinator_secrets = {s["source"] for s in sources.values() if s["component"] == "coordinator"}
+    require(
+        counts.get("coordinator") == merged["coordinator"]["replicas"] and len(coordinator_secrets) == 1,
+        f"{counts.get('coordinator')} coordinator pods on {sorted(coordinator_secrets)}, "
+        f"expected {merged['coordinator']['replicas']} on one Certificate's Secret",
+    )
     return ", ".join(f"{count} {component}" for component, count in sorted(counts.items()))
 
 
@@ -872,9 +930,12 @@ def one_service(manifests: list[dict[str, Any]], component: str, headless: bool)
 def check_statefulsets(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
     coordinator = one(manifests, "StatefulSet", "coordinator")
     storage = one(manifests, "StatefulSet", "storage")
+    etcd_state = merged["coordinator"]["state"] == "etcd"
+    coordinators = merged["coordinator"]["replicas"]
+    require(etcd_state or coordinators == 1, f"{coordinators} coordinators with state sled rendered")
     require(
-        coordinator["spec"]["replicas"] == 1,
-        f"coordinator replicas {coordinator['spec']['replicas']}, expected 1",
+        coordinator["spec"]["replicas"] == coordinators,
+        f"coordinator replicas {coordinator['spec']['replicas']}, values say {coordinators}",
     )
     wanted = merged["storage"]["replicas"]
     require(
@@ -889,6 +950,30 @@ def check_statefulsets(manifests: list[dict[str, Any]], merged: dict[str, Any]) 
             f"{describe(statefulset)}: serviceName {statefulset['spec']['serviceName']} is not its headless Service",
         )
         claims = statefulset["spec"].get("volumeClaimTemplates", [])
+        if component == "coordinator" and etcd_state:
+            # The state is in etcd: no claim, data_dir on scratch space, every
+            # pod started at once (followers may never be ready).
+            require(not claims, f"{describe(statefulset)}: claims {claims} with state etcd")
+            pod = statefulset["spec"]["template"]["spec"]
+            data = [v for v in pod["volumes"] if v["name"] == "data"]
+            require(
+                len(data) == 1 and "emptyDir" in data[0],
+                f"{describe(statefulset)}: volume data is {data}, expected an emptyDir",
+            )
+            require(
+                statefulset["spec"].get("podManagementPolicy") == "Parallel",
+                f"{describe(statefulset)}: podManagementPolicy {statefulset['spec'].get('podManagementPolicy')}",
+            )
+            # A rolling update waits for each new pod to be ready; a follower
+            # never is with readiness "leader".
+            never_ready = coordinator_readiness_service(merged) == LEADER_HEALTH_SERVICE and coordinators > 1
+            strategy = statefulset["spec"].get("updateStrategy", {}).get("type", "RollingUpdate")
+            wanted_strategy = "OnDelete" if never_ready else "RollingUpdate"
+            require(
+                strategy == wanted_strategy,
+                f"{describe(statefulset)}: updateStrategy {strategy}, expected {wanted_strategy}",
+            )
+            continue
         require(
             len(claims) == 1 and claims[0]["metadata"]["name"] == "data",
             f"{describe(statefulset)}: expected one claim `data`",
@@ -931,7 +1016,274 @@ def check_statefulsets(manifests: list[dict[str, Any]], merged: dict[str, Any]) 
     anti_affinity = storage["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity")
     if merged["storage"]["antiAffinity"] != "none" and not merged["storage"]["affinity"]:
         require(anti_affinity is not None, "storage: no pod anti-affinity")
-    return f"coordinator 1, storage {wanted}"
+    return f"coordinator {coordinators} ({merged['coordinator']['state']}), storage {wanted}"
+
+
+def selects(match_labels: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in match_labels.items())
+
+
+def pod_components(manifests: list[dict[str, Any]], match_labels: dict[str, str]) -> set[str]:
+    """The components whose pods (the workloads' pod templates) a selector picks."""
+    return {
+        component_of(w)
+        for kind in WORKLOAD_KINDS
+        for w in by_kind(manifests, kind)
+        if selects(match_labels, w["spec"]["template"]["metadata"]["labels"])
+    }
+
+
+def flag_values(command: list[str]) -> dict[str, str]:
+    """`--flag=value` words of a command line (a bare `--flag` is "")."""
+    flags = {}
+    for word in command:
+        if word.startswith("--"):
+            name, _, value = word.partition("=")
+            flags[name] = value
+    return flags
+
+
+def mounted_secret_file(workload: dict[str, Any], container: dict[str, Any], path: str, where: str) -> tuple[str, str]:
+    """(Secret name, key) of a file on a read-only Secret mount."""
+    volume, source = tls_file_source(workload, container, path, path.rsplit("/", 1)[-1], where)
+    require(source.startswith("secret "), f"{where}: {path} comes from {source}, not a Secret")
+    mode = volume["secret"].get("defaultMode", 0o644)
+    require(not mode & 0o007, f"{where}: volume {volume['name']} has mode {mode:o}: key material readable by anyone")
+    return source.removeprefix("secret "), path.rsplit("/", 1)[-1]
+
+
+def check_disruption_budgets(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
+    """A PodDisruptionBudget for the storage nodes, for several coordinators
+    (one at a time, not-ready followers always evictable) and for the chart's
+    3-member etcd (one at a time: two keep quorum); each selects exactly its
+    component's pods."""
+    budgets = {component_of(b): b for b in by_kind(manifests, "PodDisruptionBudget")}
+    require(
+        len(budgets) == len(by_kind(manifests, "PodDisruptionBudget")),
+        "two PodDisruptionBudgets for one component",
+    )
+    coordinator, etcd = merged["coordinator"], merged["etcd"]["deploy"]
+    wanted = {
+        "storage": merged["storage"]["podDisruptionBudget"]["enabled"],
+        "coordinator": coordinator["podDisruptionBudget"]["enabled"]
+        and coordinator["state"] == "etcd"
+        and coordinator["replicas"] > 1,
+        "etcd": etcd["enabled"] and etcd["podDisruptionBudget"]["enabled"] and etcd["replicas"] > 1,
+    }
+    for component, expected in wanted.items():
+        require(
+            (component in budgets) == expected,
+            f"{component}: PodDisruptionBudget {'missing' if expected else 'rendered'}",
+        )
+    for component, budget in budgets.items():
+        spec = budget["spec"]
+        picked = pod_components(manifests, spec["selector"]["matchLabels"])
+        require(picked == {component}, f"{describe(budget)}: selects the pods of {sorted(picked)}")
+        if component == "coordinator":
+            require(spec.get("maxUnavailable") == 1, f"{describe(budget)}: maxUnavailable {spec.get('maxUnavailable')}")
+            require(
+                spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow",
+                f"{describe(budget)}: not-ready followers would hold a drain back",
+            )
+        if component == "etcd":
+            members = etcd["replicas"]
+            down = spec.get("maxUnavailable")
+            require(
+                isinstance(down, int) and members - down >= members // 2 + 1,
+                f"{describe(budget)}: maxUnavailable {down} of {members} members loses quorum",
+            )
+    return ", ".join(f"{c}: maxUnavailable {b['spec'].get('maxUnavailable')}" for c, b in sorted(budgets.items())) or "none"
+
+
+def check_high_availability(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
+    """The coordinator's state: sled (one coordinator, none of the etcd keys)
+    or etcd (its endpoints, prefix, lease, TLS files, advertised address),
+    and the chart's own etcd when deployed: members clustered by their stable
+    DNS names, probes on its plaintext metrics port, TLS with client
+    certificates when asked, reachable only by the coordinators."""
+    files = config_files(manifests)
+    coordinator_values, etcd_values = merged["coordinator"], merged["etcd"]
+    deploy = etcd_values["deploy"]
+    statefulset = one(manifests, "StatefulSet", "coordinator")
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    where = f"{describe(statefulset)} container {container['name']}"
+    config = container_config(statefulset, container, files)
+    env = env_of(container)
+    etcd_keys = {k for k in config if k.startswith("etcd_")} | ({"leader_lease"} & set(config))
+    etcd_workloads = [w for kind in WORKLOAD_KINDS for w in by_kind(manifests, kind) if component_of(w) == "etcd"]
+    if coordinator_values["state"] != "etcd":
+        require(config.get("state", "sled") == "sled", f"{where}: state {config.get('state')!r} with state sled")
+        require(not etcd_keys, f"{where}: etcd keys {sorted(etcd_keys)} with state sled")
+        require("FABRIC_COORDINATOR_ADVERTISE_ADDRESS" not in env, f"{where}: an advertised address with state sled")
+        require(not etcd_workloads, "the chart's etcd rendered with state sled")
+        return "state sled, one coordinator, no etcd"
+
+    require(config.get("state") == "etcd", f"{where}: state {config.get('state')!r}, values say etcd")
+    require(config.get("etcd_prefix") == etcd_values["prefix"], f"{where}: etcd_prefix {config.get('etcd_prefix')!r}")
+    require(
+        config.get("leader_lease") == coordinator_values["leaderLease"],
+        f"{where}: leader_lease {config.get('leader_lease')!r}",
+    )
+    # The address followers name in their fabric-leader hint: this pod's IP.
+    scheme = "http" if merged["insecure"]["plaintext"] else "https"
+    names = list(env)
+    require(
+        env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP",
+        f"{where}: POD_IP is not the pod's IP",
+    )
+    advertise = env.get("FABRIC_COORDINATOR_ADVERTISE_ADDRESS", {}).get("value")
+    expected_advertise = f"{scheme}://$(POD_IP):{BINARY_PORTS['/usr/local/bin/fabric-coordinator']}"
+    require(advertise == expected_advertise, f"{where}: advertised address {advertise!r}, expected {expected_advertise!r}")
+    require(
+        names.index("POD_IP") < names.index("FABRIC_COORDINATOR_ADVERTISE_ADDRESS"),
+        f"{where}: POD_IP must be defined before it is referenced",
+    )
+
+    etcd_scheme = "https" if etcd_values["tls"]["enabled"] else "http"
+    endpoints = config.get("etcd_endpoints", [])
+    require(bool(endpoints), f"{where}: no etcd_endpoints")
+    require(
+        all(e.startswith(f"{etcd_scheme}://") for e in endpoints),
+        f"{where}: etcd_endpoints {endpoints}, expected {etcd_scheme}://",
+    )
+    tls_keys = {"etcd_tls_ca": "ca.crt", "etcd_tls_cert": "tls.crt", "etcd_tls_key": "tls.key"}
+    client_secret = etcd_values["tls"].get("clientSecret") or f"{RELEASE_NAME}-fabric-etcd-client-tls"
+    if etcd_values["tls"]["enabled"]:
+        for key, file_key in tls_keys.items():
+            require(key in config, f"{where}: no {key} with etcd.tls.enabled")
+            secret, found = mounted_secret_file(statefulset, container, config[key], f"{where} {key}")
+            require(
+                (secret, found) == (client_secret, file_key),
+                f"{where}: {key} is {found} of Secret {secret}, expected {file_key} of {client_secret}",
+            )
+    else:
+        require(not set(tls_keys) & set(config), f"{where}: etcd TLS files without etcd.tls.enabled")
+
+    if not deploy["enabled"]:
+        require(endpoints == etcd_values["endpoints"], f"{where}: etcd_endpoints {endpoints}, values say {etcd_values['endpoints']}")
+        require(not etcd_workloads, "the chart's etcd rendered with etcd.endpoints")
+        require(
+            not [m for m in manifests if component_of(m) == "etcd"], "etcd objects rendered for an existing etcd"
+        )
+        return f"state etcd, {coordinator_values['replicas']} coordinators, existing etcd ({len(endpoints)} endpoints, {etcd_scheme})"
+
+    # The chart's etcd.
+    etcd = one(manifests, "StatefulSet", "etcd")
+    name = etcd["metadata"]["name"]
+    members = deploy["replicas"]
+    require(etcd["spec"]["replicas"] == members, f"{describe(etcd)}: {etcd['spec']['replicas']} members, values say {members}")
+    require(etcd["spec"].get("podManagementPolicy") == "Parallel", f"{describe(etcd)}: members not started at once")
+    headless = one_service(manifests, "etcd", headless=True)
+    require(
+        [s for s in by_kind(manifests, "Service") if component_of(s) == "etcd"] == [headless],
+        "etcd: a Service other than its headless one",
+    )
+    require(etcd["spec"]["serviceName"] == headless["metadata"]["name"], f"{describe(etcd)}: serviceName is not its headless Service")
+    require(headless["spec"].get("publishNotReadyAddresses") is True, f"{describe(headless)}: members cannot find each other before quorum")
+    domain = f"{headless['metadata']['name']}.{NAMESPACE}.svc.{merged['clusterDomain']}"
+    pod = etcd["spec"]["template"]["spec"]
+    member = pod["containers"][0]
+    where = f"{describe(etcd)} container {member['name']}"
+    image = member["image"]
+    repository, _, tag = image.rpartition(":")
+    require(
+        repository == deploy["image"]["repository"] and tag == deploy["image"]["tag"] and tag not in ("", "latest"),
+        f"{where}: image {image} is not the pinned {deploy['image']['repository']}:{deploy['image']['tag']}",
+    )
+    flags = flag_values(command_of(member))
+    require(
+        env_of(member).get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
+        f"{where}: POD_NAME is not the pod's name",
+    )
+    require(flags.get("--name") == "$(POD_NAME)", f"{where}: --name {flags.get('--name')}")
+    client, peer, health = deploy["clientPort"], deploy["peerPort"], deploy["metricsPort"]
+    cluster = [f"{name}-{i}={etcd_scheme}://{name}-{i}.{domain}:{peer}" for i in range(members)]
+    require(
+        flags.get("--initial-cluster", "").split(",") == cluster,
+        f"{where}: --initial-cluster {flags.get('--initial-cluster')}, expected {','.join(cluster)}",
+    )
+    for flag, wanted in (
+        ("--initial-advertise-peer-urls", f"{etcd_scheme}://$(POD_NAME).{domain}:{peer}"),
+        ("--advertise-client-urls", f"{etcd_scheme}://$(POD_NAME).{domain}:{client}"),
+        ("--listen-client-urls", f"{etcd_scheme}://0.0.0.0:{client}"),
+        ("--listen-peer-urls", f"{etcd_scheme}://0.0.0.0:{peer}"),
+        ("--listen-metrics-urls", f"http://0.0.0.0:{health}"),
+        ("--initial-cluster-state", "new"),
+    ):
+        require(flags.get(flag) == wanted, f"{where}: {flag} {flags.get(flag)}, expected {wanted}")
+    wanted_endpoints = [f"{etcd_scheme}://{name}-{i}.{domain}:{client}" for i in range(members)]
+    require(endpoints == wanted_endpoints, f"coordinator etcd_endpoints {endpoints}, the members are {wanted_endpoints}")
+    # The data directory is on the member's own claim.
+    claims = etcd["spec"].get("volumeClaimTemplates", [])
+    require(
+        len(claims) == 1 and claims[0]["metadata"]["name"] == "data"
+        and claims[0]["spec"]["resources"]["requests"]["storage"] == deploy["persistence"]["size"],
+        f"{describe(etcd)}: expected one claim `data` of {deploy['persistence']['size']}",
+    )
+    mounts = {m["name"]: m["mountPath"].rstrip("/") for m in member["volumeMounts"]}
+    require(
+        flags.get("--data-dir", "").startswith(mounts.get("data", "?") + "/"),
+        f"{where}: --data-dir {flags.get('--data-dir')} is not on the claim ({mounts.get('data')})",
+    )
+    # Probes: HTTP on the plaintext metrics port, never the client port.
+    ports = {p["name"]: p["containerPort"] for p in member["ports"]}
+    require(ports == {"client": client, "peer": peer, "health": health}, f"{where}: ports {ports}")
+    for probe_name, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+        probe = member.get(probe_name, {}).get("httpGet", {})
+        require(
+            probe.get("path") == path and probe.get("port") in ("health", health),
+            f"{where}: {probe_name} {member.get(probe_name)}, expected GET {path} on the health port",
+        )
+    # TLS: clients and peers need a certificate of etcd's CA.
+    server_secret = etcd_values["tls"].get("serverSecret") or f"{name}-tls"
+    tls_flags = ("--cert-file", "--key-file", "--trusted-ca-file", "--peer-cert-file", "--peer-key-file", "--peer-trusted-ca-file")
+    if etcd_values["tls"]["enabled"]:
+        require(
+            "--client-cert-auth" in flags and "--peer-client-cert-auth" in flags,
+            f"{where}: TLS without client certificate authentication",
+        )
+        for flag in tls_flags:
+            require(flag in flags, f"{where}: no {flag}")
+            secret, _ = mounted_secret_file(etcd, member, flags[flag], f"{where} {flag}")
+            require(secret == server_secret, f"{where}: {flag} from Secret {secret}, expected {server_secret}")
+    else:
+        present = [f for f in tls_flags + ("--client-cert-auth", "--peer-client-cert-auth") if f in flags]
+        require(not present, f"{where}: {present} without etcd.tls.enabled")
+
+    # Only the coordinators reach the client port, only members the peer
+    # port, nobody the metrics port; whatever networkPolicy.enabled says.
+    policies = [p for p in by_kind(manifests, "NetworkPolicy") if component_of(p) == "etcd"]
+    require(len(policies) == 1, f"{len(policies)} NetworkPolicies guard the chart's etcd, expected one")
+    policy = policies[0]["spec"]
+    require(
+        pod_components(manifests, policy["podSelector"]["matchLabels"]) == {"etcd"},
+        f"{describe(policies[0])}: applies to {sorted(pod_components(manifests, policy['podSelector']['matchLabels']))}",
+    )
+    require(policy.get("policyTypes") == ["Ingress"], f"{describe(policies[0])}: policyTypes {policy.get('policyTypes')}")
+    admitted: dict[int, set[str]] = {}
+    for rule in policy.get("ingress", []):
+        sources = rule.get("from", [])
+        require(bool(sources), f"{describe(policies[0])}: a rule admits every source")
+        for source in sources:
+            require(
+                set(source) == {"podSelector"},
+                f"{describe(policies[0])}: admits {sorted(source)}, only this release's pods may be admitted",
+            )
+        require(bool(rule.get("ports")), f"{describe(policies[0])}: a rule admits every port")
+        for port in rule["ports"]:
+            for source in sources:
+                admitted.setdefault(port["port"], set()).update(
+                    pod_components(manifests, source["podSelector"].get("matchLabels", {}))
+                )
+    require(
+        admitted == {client: {"coordinator"}, peer: {"etcd"}},
+        f"{describe(policies[0])}: admits {admitted}, expected the coordinators on {client} and members on {peer}",
+    )
+    return (
+        f"state etcd, {coordinator_values['replicas']} coordinators, the chart's etcd: {members} "
+        f"member{'s' if members > 1 else ''} "
+        f"({etcd_scheme}), clustered by DNS, guarded by a NetworkPolicy"
+    )
 
 
 def check_security(manifests: list[dict[str, Any]], merged: dict[str, Any]) -> str:
@@ -977,18 +1329,35 @@ def check_shape(manifests: list[dict[str, Any]], merged: dict[str, Any], notes: 
         f"{len(daemonsets)} DaemonSets with agent.enabled={merged['agent']['enabled']}",
     )
     policies = by_kind(manifests, "NetworkPolicy")
+    protected = {component_of(p) for p in policies}
+    # The chart's etcd is guarded whatever networkPolicy.enabled says.
+    guarded = {"etcd"} if merged["etcd"]["deploy"]["enabled"] else set()
     if merged["networkPolicy"]["enabled"]:
-        protected = {component_of(p) for p in policies}
         servers = {component_of(w) for kind in WORKLOAD_KINDS for w in by_kind(manifests, kind)}
         require(
             protected == servers, f"NetworkPolicies cover {sorted(protected)}, servers are {sorted(servers)}"
         )
     else:
-        require(not policies, "NetworkPolicies rendered while networkPolicy.enabled is false")
+        require(
+            protected == guarded,
+            f"NetworkPolicies cover {sorted(protected)} while networkPolicy.enabled is false, expected {sorted(guarded)}",
+        )
     require(
         "port-forward" in notes and "fabricctl" in notes,
         "NOTES.txt does not say how to reach the coordinator with fabricctl",
     )
+    coordinator = merged["coordinator"]
+    if coordinator["state"] == "etcd":
+        require("High availability" in notes, "NOTES.txt does not say how the coordinators fail over")
+        if coordinator["readiness"] == "leader" and coordinator["replicas"] > 1:
+            require(
+                "OnDelete" in notes and "delete pod" in notes,
+                "NOTES.txt does not say how to roll the coordinators out (updateStrategy OnDelete)",
+            )
+        if merged["etcd"]["deploy"]["enabled"]:
+            require("NetworkPolicy" in notes, "NOTES.txt does not say that only the coordinators reach etcd")
+    else:
+        require("High availability" not in notes, "NOTES.txt speaks of high availability with state sled")
     if merged["insecure"]["plaintext"]:
         require("WARNING" in notes, "NOTES.txt does not warn about insecure.plaintext")
     else:
@@ -1136,6 +1505,10 @@ def check_rendering(
     report.check(f"{label}: StatefulSets, claims, node ids", lambda: check_statefulsets(manifests, merged))
     report.check(f"{label}: security contexts", lambda: check_security(manifests, merged))
     report.check(
+        f"{label}: coordinator state, etcd, leader address", lambda: check_high_availability(manifests, merged)
+    )
+    report.check(f"{label}: PodDisruptionBudgets", lambda: check_disruption_budgets(manifests, merged))
+    report.check(
         f"{label}: optional parts, NOTES.txt", lambda: check_shape(manifests, merged, state["notes"])
     )
     readme = chart_dir.parent.parent / "README.md"
@@ -1170,6 +1543,24 @@ def expect_render_refused(chart: helm.Chart, values: dict[str, Any], mentions: l
         require(not missing, f"the render error does not name {missing}: {message}")
         return "schema accepts, render refuses"
     raise CheckFailed(f"the chart rendered {values}")
+
+
+def expect_refused_without_schema(chart_dir: Path, values: dict[str, Any], mentions: list[str]) -> str:
+    """The templates' own `fail`: render a copy of the chart without its
+    values.schema.json (the chart itself is left alone)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / chart_dir.name
+        shutil.copytree(chart_dir, copy)
+        (copy / "values.schema.json").unlink()
+        bare = helm.Chart.load(copy)
+        try:
+            bare.render(values, name=RELEASE_NAME, namespace=NAMESPACE, is_install=True)
+        except helm.HelmError as error:
+            message = str(error)
+            missing = [word for word in mentions if word not in message]
+            require(not missing, f"the render error does not name {missing}: {message}")
+            return "a template fails the render"
+    raise CheckFailed(f"the chart without its schema rendered {values}")
 
 
 def expect_lint_errors(chart_dir: Path, values: dict[str, Any]) -> str:
@@ -1214,6 +1605,13 @@ def main(argv: list[str]) -> int:
     # Prometheus Operator objects and the dashboard.
     check_rendering(report, chart, chart_dir, "monitoring", MONITORING_VARIANT)
 
+    # High availability: several coordinators with their state in etcd, the
+    # chart's own (three members; one over TLS) or an existing one over TLS.
+    for name in ("values-etcd.yaml", "values-etcd-external.yaml"):
+        path = helm_dir / "ci" / name
+        check_rendering(report, chart, chart_dir, path.name, load_values_file(path))
+    check_rendering(report, chart, chart_dir, "etcd small variant", ETCD_SMALL_VARIANT)
+
     bad_file = helm_dir / "ci" / "values-bad.yaml"
     report.check(
         f"{bad_file.name} is rejected by the schema",
@@ -1254,6 +1652,34 @@ def main(argv: list[str]) -> int:
         "a misspelt monitoring switch": ({"metrics": {"serviceMonitors": {"enabled": True}}}, ["serviceMonitors"]),
         "a blank allowed command": ({"agent": {"allowCommands": [" "]}}, ["allowCommands"]),
         "a hook name with a space": ({"agent": {"hooks": {"db freeze": "/bin/true"}}}, ["db freeze"]),
+        "two coordinators with state sled": ({"coordinator": {"replicas": 2}}, ["replicas"]),
+        "an unknown coordinator state": ({"coordinator": {"state": "raft"}}, ["state"]),
+        "state etcd with no etcd": ({"coordinator": {"state": "etcd", "replicas": 3}}, ["etcd"]),
+        "state etcd with both an existing etcd and the chart's": (
+            {
+                "coordinator": {"state": "etcd"},
+                "etcd": {"endpoints": ["http://etcd:2379"], "deploy": {"enabled": True}},
+            },
+            ["etcd"],
+        ),
+        "the chart's etcd with state sled": ({"etcd": {"deploy": {"enabled": True}}}, ["etcd"]),
+        "an etcd of two members": (
+            {"coordinator": {"state": "etcd"}, "etcd": {"deploy": {"enabled": True, "replicas": 2}}},
+            ["replicas"],
+        ),
+        "an etcd image tagged latest": (
+            {"coordinator": {"state": "etcd"}, "etcd": {"deploy": {"enabled": True, "image": {"tag": "latest"}}}},
+            ["tag"],
+        ),
+        "plaintext etcd endpoints with etcd TLS": (
+            {"coordinator": {"state": "etcd"}, "etcd": {"endpoints": ["http://etcd:2379"], "tls": {"enabled": True}}},
+            ["endpoints"],
+        ),
+        "an etcd endpoint with no scheme": (
+            {"coordinator": {"state": "etcd"}, "etcd": {"endpoints": ["etcd:2379"]}},
+            ["endpoints"],
+        ),
+        "an unknown readiness": ({"coordinator": {"readiness": "always"}}, ["readiness"]),
     }
     for label, (values, mentions) in bad_cases.items():
         report.check(
@@ -1271,6 +1697,29 @@ def main(argv: list[str]) -> int:
         "render refuses a metrics port equal to the health port",
         lambda: expect_render_refused(chart, {"storage": {"metricsPort": 7421}}, ["storage.metricsPort"]),
     )
+
+    # The same rules in the templates, for a render that skips the schema.
+    template_cases = {
+        "two coordinators with state sled": ({"coordinator": {"replicas": 2}}, ["coordinator.replicas", "etcd"]),
+        "state etcd with no etcd": (
+            {"coordinator": {"state": "etcd", "replicas": 3}},
+            ["etcd.endpoints", "etcd.deploy.enabled"],
+        ),
+        "state etcd with both etcds": (
+            {"coordinator": {"state": "etcd"}, "etcd": {"endpoints": ["http://etcd:2379"], "deploy": {"enabled": True}}},
+            ["both"],
+        ),
+        "the chart's etcd with state sled": ({"etcd": {"deploy": {"enabled": True}}}, ["coordinator.state"]),
+        "etcd ports that collide": (
+            {"coordinator": {"state": "etcd"}, "etcd": {"deploy": {"enabled": True, "peerPort": 2379}}},
+            ["etcd.deploy.clientPort"],
+        ),
+    }
+    for label, (values, mentions) in template_cases.items():
+        report.check(
+            f"render without the schema refuses {label}",
+            lambda values=values, mentions=mentions: expect_refused_without_schema(chart_dir, values, mentions),
+        )
 
     status = report.summary()
     print(f"chart check took {time.monotonic() - started:.1f}s")

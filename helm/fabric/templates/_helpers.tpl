@@ -36,6 +36,41 @@ characters so that "<fullname>-coordinator-headless" stays a valid DNS label.
 {{- printf "%s-coordinator-headless" (include "fabric.fullname" .) }}
 {{- end }}
 
+{{/*
+The coordinator's readiness probe asks the health of this service: with
+state etcd and readiness "leader", fabric.v1.Coordinator (SERVING only on the
+leader); otherwise "" (the server, SERVING on every live coordinator; with
+state sled the one coordinator is always the leader, and the probe stays as
+it was).
+*/}}
+{{- define "fabric.coordinatorReadinessService" -}}
+{{- if and (eq .Values.coordinator.state "etcd") (eq .Values.coordinator.readiness "leader") }}fabric.v1.Coordinator{{ end }}
+{{- end }}
+
+{{/*
+A pod anti-affinity preset ("soft", "hard", "none"); call with (dict
+"context" $ "component" C "mode" MODE). Renders nothing for "none".
+*/}}
+{{- define "fabric.antiAffinity" -}}
+{{- if eq .mode "soft" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "fabric.componentSelectorLabels" . | nindent 12 }}
+{{- else if eq .mode "hard" -}}
+podAntiAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - topologyKey: kubernetes.io/hostname
+      labelSelector:
+        matchLabels:
+          {{- include "fabric.componentSelectorLabels" . | nindent 10 }}
+{{- end }}
+{{- end }}
+
 {{/* The storage StatefulSet and its headless Service share this name. */}}
 {{- define "fabric.storageName" -}}
 {{- printf "%s-storage" (include "fabric.fullname" .) }}
@@ -62,9 +97,74 @@ characters so that "<fullname>-coordinator-headless" stays a valid DNS label.
 {{- ternary "http" "https" .Values.insecure.plaintext }}
 {{- end }}
 
-{{/* The address nodes and agents dial to reach the coordinator. */}}
-{{- define "fabric.coordinatorUrl" -}}
+{{/* The coordinator's Service address. */}}
+{{- define "fabric.coordinatorServiceUrl" -}}
 {{- printf "%s://%s.%s.svc.%s:%d" (include "fabric.scheme" .) (include "fabric.coordinatorName" .) .Release.Namespace .Values.clusterDomain (int .Values.coordinator.port) }}
+{{- end }}
+
+{{/*
+The address nodes and agents dial to reach the coordinator (their
+`coordinator` key). One coordinator (state sled): its Service. Several (state
+etcd): the Service first, then every coordinator pod's stable DNS name (the
+headless Service publishes not-ready pods too), comma-separated. The Service
+reaches the leader (readiness "leader") or a live coordinator that names the
+leader; the pod names let a node find the new leader at once after a
+failover, before the Service's endpoints catch up, and without the Service.
+*/}}
+{{- define "fabric.coordinatorUrl" -}}
+{{- $urls := list (include "fabric.coordinatorServiceUrl" .) }}
+{{- if eq .Values.coordinator.state "etcd" }}
+{{- $statefulset := include "fabric.coordinatorName" . }}
+{{- $headless := include "fabric.coordinatorHeadlessName" . }}
+{{- range $i := until (int .Values.coordinator.replicas) }}
+{{- $urls = append $urls (printf "%s://%s-%d.%s.%s.svc.%s:%d" (include "fabric.scheme" $) $statefulset $i $headless $.Release.Namespace $.Values.clusterDomain (int $.Values.coordinator.port)) }}
+{{- end }}
+{{- end }}
+{{- join "," $urls }}
+{{- end }}
+
+{{/* The chart's etcd: its StatefulSet and headless Service share this name. */}}
+{{- define "fabric.etcdName" -}}
+{{- printf "%s-etcd" (include "fabric.fullname" .) }}
+{{- end }}
+
+{{/* The scheme of etcd's URLs: https with etcd.tls.enabled. */}}
+{{- define "fabric.etcdScheme" -}}
+{{- ternary "https" "http" .Values.etcd.tls.enabled }}
+{{- end }}
+
+{{/* A member of the chart's etcd's stable DNS name; call with (dict "context" $ "pod" POD). */}}
+{{- define "fabric.etcdMemberHost" -}}
+{{- printf "%s.%s.%s.svc.%s" .pod (include "fabric.etcdName" .context) .context.Release.Namespace .context.Values.clusterDomain }}
+{{- end }}
+
+{{/* The etcd client URLs the coordinators dial, as a list. */}}
+{{- define "fabric.etcdEndpoints" -}}
+{{- if .Values.etcd.deploy.enabled }}
+{{- $urls := list }}
+{{- $statefulset := include "fabric.etcdName" . }}
+{{- range $i := until (int .Values.etcd.deploy.replicas) }}
+{{- $urls = append $urls (printf "%s://%s:%d" (include "fabric.etcdScheme" $) (include "fabric.etcdMemberHost" (dict "context" $ "pod" (printf "%s-%d" $statefulset $i))) (int $.Values.etcd.deploy.clientPort)) }}
+{{- end }}
+{{- toJson $urls }}
+{{- else }}
+{{- toJson .Values.etcd.endpoints }}
+{{- end }}
+{{- end }}
+
+{{/* The coordinators' etcd client Secret (tls.crt, tls.key, ca.crt). */}}
+{{- define "fabric.etcdClientTlsSecret" -}}
+{{- default (printf "%s-client-tls" (include "fabric.etcdName" .)) .Values.etcd.tls.clientSecret }}
+{{- end }}
+
+{{/* The chart's etcd members' Secret (tls.crt, tls.key, ca.crt). */}}
+{{- define "fabric.etcdServerTlsSecret" -}}
+{{- default (printf "%s-tls" (include "fabric.etcdName" .)) .Values.etcd.tls.serverSecret }}
+{{- end }}
+
+{{/* Where the coordinators find their etcd client files. */}}
+{{- define "fabric.etcdClientTlsDir" -}}
+/etc/fabric/etcd-tls
 {{- end }}
 
 {{/*
@@ -215,8 +315,33 @@ spec:
     group: {{ $certManager.issuerRef.group }}
 {{- end }}
 
-{{/* Values that the schema cannot compare; fails the render with a reason. */}}
+{{/*
+Values that the schema cannot compare, and the rules of the coordinator's
+state again (the schema says them first; these hold if it is skipped); fails
+the render with a reason.
+*/}}
 {{- define "fabric.validate" -}}
+{{- $coordinator := .Values.coordinator }}
+{{- $etcd := .Values.etcd }}
+{{- if and (gt (int $coordinator.replicas) 1) (ne $coordinator.state "etcd") }}
+{{- fail (printf "coordinator.replicas is %d but coordinator.state is %q: more than one coordinator needs state \"etcd\" (sled is one coordinator's own database)" (int $coordinator.replicas) $coordinator.state) }}
+{{- end }}
+{{- if eq $coordinator.state "etcd" }}
+{{- if and (not $etcd.endpoints) (not $etcd.deploy.enabled) }}
+{{- fail "coordinator.state is \"etcd\" but there is no etcd: set etcd.endpoints (an existing etcd) or etcd.deploy.enabled (the chart's own)" }}
+{{- end }}
+{{- if and $etcd.endpoints $etcd.deploy.enabled }}
+{{- fail "etcd.endpoints and etcd.deploy.enabled are both set: use an existing etcd or the chart's own, not both" }}
+{{- end }}
+{{- if $etcd.deploy.enabled }}
+{{- $ports := list (int $etcd.deploy.clientPort) (int $etcd.deploy.peerPort) (int $etcd.deploy.metricsPort) }}
+{{- if ne (len (uniq $ports)) 3 }}
+{{- fail (printf "etcd.deploy.clientPort, peerPort and metricsPort are %v: each must differ" $ports) }}
+{{- end }}
+{{- end }}
+{{- else if or $etcd.endpoints $etcd.deploy.enabled }}
+{{- fail "etcd.endpoints or etcd.deploy.enabled is set but coordinator.state is not \"etcd\"" }}
+{{- end }}
 {{- range $component := list "coordinator" "storage" "agent" }}
 {{- $values := index $.Values $component }}
 {{- if eq (int $values.port) (int $values.healthPort) }}
@@ -264,7 +389,9 @@ app.kubernetes.io/component: {{ .component }}
 {{/*
 The three gRPC health probes of a server whose plaintext health port is
 .port (its health_listen: kubelet cannot present a client certificate, so it
-never probes the TLS port). Call with (dict "context" $ "port" 7421).
+never probes the TLS port). Call with (dict "context" $ "port" 7421), and
+"readinessService" NAME to make readiness ask the health of service NAME
+instead of the whole server's (startup and liveness always ask the server's).
 */}}
 {{- define "fabric.probes" -}}
 {{- $probes := .context.Values.probes -}}
@@ -277,6 +404,9 @@ startupProbe:
 readinessProbe:
   grpc:
     port: {{ .port }}
+    {{- with .readinessService }}
+    service: {{ . }}
+    {{- end }}
   periodSeconds: {{ $probes.readiness.periodSeconds }}
   timeoutSeconds: {{ $probes.readiness.timeoutSeconds }}
   failureThreshold: {{ $probes.readiness.failureThreshold }}
