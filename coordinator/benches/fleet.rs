@@ -138,7 +138,10 @@ fn print_table(reports: &[FleetReport]) {
     row(
         "re-replication after dropping 10% of nodes",
         &|r| match r.rereplicate_s {
-            Some(s) => format!("{s:.0} s ({} copies)", r.replicated),
+            Some(s) => format!(
+                "{s:.0} s ({} of {} snapshots)",
+                r.most_short, r.had_copy_dropped
+            ),
             None => "not done".into(),
         },
     );

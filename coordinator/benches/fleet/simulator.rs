@@ -192,7 +192,9 @@ pub struct FleetReport {
     /// From the drop until every snapshot that kept a copy is at its
     /// replica target again (`None`: not within the timeout).
     pub rereplicate_s: Option<f64>,
-    /// The most snapshots short of their target at once after the drop.
+    /// Snapshots with a copy on a dropped node, and the most of them short
+    /// of their target (on the nodes left) at once after the drop.
+    pub had_copy_dropped: usize,
     pub most_short: usize,
     /// Snapshots every copy of which was on dropped nodes.
     pub lost_snapshots: usize,
@@ -1193,9 +1195,17 @@ pub async fn run(binary: &Path, config: FleetConfig) -> FleetReport {
         }
     }
     log(&config, format!("dropped {} nodes", dropped.len()));
+    // The snapshots that had a copy on a dropped node: done when each has
+    // its target of good copies on the nodes left (one whose every copy
+    // was dropped cannot be copied again, and is counted apart).
+    let gone: HashSet<String> = dropped.iter().map(|node| node.id.clone()).collect();
+    let on_dropped: HashSet<String> = catalogue
+        .iter()
+        .filter(|e| e.copies.iter().any(|copy| gone.contains(&copy.node)))
+        .filter_map(|e| e.snapshot.as_ref().map(|s| s.id.clone()))
+        .collect();
     let mut rereplicate_s = None;
     let mut most_short = 0;
-    let mut seen_short = false;
     let mut lost_snapshots = 0;
     while dropped_at.elapsed() < config.replicate_timeout {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1206,15 +1216,28 @@ pub async fn run(binary: &Path, config: FleetConfig) -> FleetReport {
             .unwrap()
             .into_inner()
             .entries;
-        let lost = entries.iter().filter(|e| e.healthy_copies == 0).count();
-        let short = entries
-            .iter()
-            .filter(|e| e.healthy_copies > 0 && e.healthy_copies < e.replica_target)
-            .count();
+        let mut short = 0;
+        lost_snapshots = 0;
+        for entry in &entries {
+            let Some(snapshot) = entry.snapshot.as_ref() else {
+                continue;
+            };
+            if !on_dropped.contains(&snapshot.id) {
+                continue;
+            }
+            let left = entry
+                .copies
+                .iter()
+                .filter(|copy| !gone.contains(&copy.node) && copy.problem.is_empty())
+                .count();
+            if left == 0 {
+                lost_snapshots += 1;
+            } else if left < entry.replica_target as usize {
+                short += 1;
+            }
+        }
         most_short = most_short.max(short);
-        seen_short |= short > 0 || lost > 0;
-        lost_snapshots = lost;
-        if seen_short && short == 0 {
+        if short == 0 {
             rereplicate_s = Some(dropped_at.elapsed().as_secs_f64());
             break;
         }
@@ -1250,6 +1273,7 @@ pub async fn run(binary: &Path, config: FleetConfig) -> FleetReport {
         dropped: dropped.len(),
         dropped_storage: drop_of(true),
         rereplicate_s,
+        had_copy_dropped: on_dropped.len(),
         most_short,
         lost_snapshots,
         replicated: shared.replicated.load(Ordering::Relaxed),
