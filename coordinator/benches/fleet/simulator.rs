@@ -24,7 +24,8 @@
 //! It never asserts on timing, sends traffic only to 127.0.0.1 and stops the
 //! process it starts (by its pid, when dropped).
 
-#![allow(dead_code)]
+// A bench and a test: a failed setup step panics with its error.
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};

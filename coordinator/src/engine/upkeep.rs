@@ -201,7 +201,11 @@ impl Inner {
 
     /// Applies the retention of each of `jobs` with rules that has not had
     /// it for a day.
-    fn apply_retention_daily(&mut self, jobs: &[std::sync::Arc<Job>], now: i64) -> Result<bool, StateError> {
+    fn apply_retention_daily(
+        &mut self,
+        jobs: &[std::sync::Arc<Job>],
+        now: i64,
+    ) -> Result<bool, StateError> {
         let mut changed = false;
         for job in jobs {
             let Some(spec) = job.spec.as_ref() else {
@@ -225,7 +229,11 @@ impl Inner {
     /// due tags as snapshot tags; a job with a run still active waits (its
     /// tags stay due, so it runs once when that run ends). Returns whether
     /// anything started.
-    fn run_schedules(&mut self, jobs: &[std::sync::Arc<Job>], now: i64) -> Result<bool, StateError> {
+    fn run_schedules(
+        &mut self,
+        jobs: &[std::sync::Arc<Job>],
+        now: i64,
+    ) -> Result<bool, StateError> {
         let mut changed = false;
         for job in jobs {
             let Some(spec) = job.spec.as_ref() else {
