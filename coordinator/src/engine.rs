@@ -39,6 +39,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 mod assignments;
 mod gc;
 mod held;
+mod job_cache;
 mod nodes;
 mod offsite;
 mod replication;
@@ -148,6 +149,9 @@ struct Inner {
     gc: gc::GcBook,
     replicas: replication::ReplicaBook,
     metrics: crate::metrics::CoordinatorMetrics,
+    /// The stored jobs by name, as last read or written (`engine/job_cache.rs`;
+    /// `None` until first used).
+    job_cache: Option<BTreeMap<String, std::sync::Arc<Job>>>,
 }
 
 /// The coordinator's live state.
@@ -263,6 +267,7 @@ impl Engine {
                 gc: gc::GcBook::new(now),
                 replicas: replication::ReplicaBook::new(now),
                 metrics: metrics.clone(),
+                job_cache: None,
             }),
             events,
             settings,
@@ -563,7 +568,7 @@ impl Engine {
                 .map(|job| (job.scheduled_ms, job.schedule_since_ms))
                 .filter(|(_, since)| *since > 0)
                 .unwrap_or_else(|| (Default::default(), now));
-            inner.store.put_job(&Job {
+            inner.put_job(&Job {
                 spec: Some(spec.clone()),
                 submitted_ms: now,
                 last_run: None,
@@ -780,12 +785,12 @@ impl Engine {
 
     /// Pauses (`true`) or resumes job `name`'s schedule.
     pub async fn set_paused(&self, name: &str, paused: bool) -> Result<Job, EngineError> {
-        let inner = self.inner.lock().await;
+        let mut inner = self.inner.lock().await;
         let Some(mut job) = inner.store.job(name)? else {
             return Err(EngineError::NotFound(format!("no job {name:?}")));
         };
         job.paused = paused;
-        inner.store.put_job(&job)?;
+        inner.put_job(&job)?;
         inner.store.flush().await?;
         tracing::info!(job = %name, paused, "job schedule changed");
         inner.with_last_run(job)
@@ -793,8 +798,8 @@ impl Engine {
 
     /// Deletes job `name` (its runs and snapshots stay).
     pub async fn delete_job(&self, name: &str) -> Result<Job, EngineError> {
-        let inner = self.inner.lock().await;
-        let Some(job) = inner.store.delete_job(name)? else {
+        let mut inner = self.inner.lock().await;
+        let Some(job) = inner.delete_stored_job(name)? else {
             return Err(EngineError::NotFound(format!("no job {name:?}")));
         };
         inner.store.flush().await?;

@@ -370,10 +370,9 @@ impl Inner {
             .collect();
         let held_back: Vec<(String, String)> = self.replicas.held_back.keys().cloned().collect();
         let spread_by: HashMap<String, String> = self
-            .store
-            .jobs()?
+            .stored_jobs()?
             .into_iter()
-            .filter_map(|job| job.spec)
+            .filter_map(|job| job.spec.clone())
             .filter(|spec| !spec.spread_by.is_empty())
             .map(|spec| (spec.name, spec.spread_by))
             .collect();

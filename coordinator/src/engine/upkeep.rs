@@ -121,7 +121,7 @@ impl Inner {
                 }
             }
             job.retention_applied_ms = now;
-            self.store.put_job(&job)?;
+            self.put_job(&job)?;
         }
         Ok(ForgetResponse {
             decisions,
@@ -191,7 +191,7 @@ impl Inner {
     /// The tick's upkeep: scheduled runs, then daily retention, over one
     /// listing of the stored jobs. Returns whether anything changed.
     pub(super) fn upkeep(&mut self, now: i64) -> Result<bool, StateError> {
-        let jobs = self.store.jobs()?;
+        let jobs = self.stored_jobs()?;
         let started = self.run_schedules(&jobs, now)?;
         // `apply_retention` reads each job again, so what `run_schedules`
         // stored meanwhile is not lost.
@@ -201,7 +201,11 @@ impl Inner {
 
     /// Applies the retention of each of `jobs` with rules that has not had
     /// it for a day.
-    fn apply_retention_daily(&mut self, jobs: &[Job], now: i64) -> Result<bool, StateError> {
+    fn apply_retention_daily(
+        &mut self,
+        jobs: &[std::sync::Arc<Job>],
+        now: i64,
+    ) -> Result<bool, StateError> {
         let mut changed = false;
         for job in jobs {
             let Some(spec) = job.spec.as_ref() else {
@@ -225,7 +229,11 @@ impl Inner {
     /// due tags as snapshot tags; a job with a run still active waits (its
     /// tags stay due, so it runs once when that run ends). Returns whether
     /// anything started.
-    fn run_schedules(&mut self, jobs: &[Job], now: i64) -> Result<bool, StateError> {
+    fn run_schedules(
+        &mut self,
+        jobs: &[std::sync::Arc<Job>],
+        now: i64,
+    ) -> Result<bool, StateError> {
         let mut changed = false;
         for job in jobs {
             let Some(spec) = job.spec.as_ref() else {
@@ -266,11 +274,11 @@ impl Inner {
                     tracing::warn!(job = %spec.name, %error, "a scheduled run could not start");
                 }
             }
-            let mut job = job.clone();
+            let mut job = Job::clone(job);
             for tag in due {
                 job.scheduled_ms.insert(tag, now);
             }
-            self.store.put_job(&job)?;
+            self.put_job(&job)?;
             changed = true;
         }
         Ok(changed)
