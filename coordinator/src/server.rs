@@ -70,9 +70,10 @@ pub enum ServeError {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How often the engine's periodic work runs: often enough to notice a
-/// missed heartbeat within a fraction of an interval.
+/// missed heartbeat within a fraction of an interval, and to start a
+/// scheduled run well within a second of its slot.
 fn tick_period(heartbeat_interval: Duration) -> Duration {
-    (heartbeat_interval / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    (heartbeat_interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
 }
 
 /// Serves the coordinator on `listener` until `shutdown` completes.
