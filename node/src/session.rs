@@ -576,7 +576,7 @@ pub async fn run_session(
         });
         let step = search.failed(hint.as_deref());
         if let Some(failure) = failure {
-            tracing::warn!(%coordinator, error = %failure, next = %search.current(), retry_in = ?step.wait, "cannot reach the coordinator");
+            tracing::warn!(%coordinator, error = %failure, next = %search.current(), retry_in = ?step.wait, "cannot register with the coordinator");
         }
         if step.followed_hint {
             tracing::info!(%coordinator, leader = %search.current(), "the coordinator does not lead: following it to the leader it names");
