@@ -899,10 +899,28 @@ pub async fn run_show(remote: &Remote, run: &str, format: OutputFormat) -> anyho
     })
 }
 
+/// How often `run watch` watches again, without a new event in between,
+/// when the stream breaks (or ends) before the run ended.
+const WATCH_AGAIN_LIMIT: u32 = 3;
+
+/// Whether a watch that ended with `status` is worth starting again: the
+/// connection broke or the coordinator went away (a failover), rather than
+/// the coordinator refusing the watch.
+fn watch_broke(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    )
+}
+
 pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
     let mut client = remote.coordinator().await?;
+    let request = WatchRunRequest { run_id: run.into() };
     let mut events = client
-        .watch_run(WatchRunRequest { run_id: run.into() })
+        .watch_run(request.clone())
         .await
         .map_err(|status| status_error(&format!("run {run}"), status))?
         .into_inner();
@@ -929,8 +947,46 @@ pub async fn run_watch(remote: &Remote, run: &str) -> anyhow::Result<()> {
     let bars = indicatif::MultiProgress::new();
     let mut copies: std::collections::HashMap<String, WatchedCopy> = Default::default();
     let mut last_state = RunState::Unspecified;
-    while let Some(event) = events.next().await {
-        let event = event.map_err(|status| status_error("watching the run", status))?;
+    // Stored events already shown (a watch started again replays them).
+    let mut last_seq = 0;
+    let mut watched_again = 0;
+    loop {
+        let event = match events.next().await {
+            Some(Ok(event)) => event,
+            ended => {
+                let run_ended = matches!(
+                    last_state,
+                    RunState::Done | RunState::Failed | RunState::Cancelled
+                );
+                let broke = match &ended {
+                    Some(Err(status)) => watch_broke(status),
+                    _ => !run_ended,
+                };
+                if !broke || watched_again >= WATCH_AGAIN_LIMIT {
+                    match ended {
+                        Some(Err(status)) => return Err(status_error("watching the run", status)),
+                        _ => break,
+                    }
+                }
+                // The coordinator went away before the run ended (a
+                // failover): watch again, from the leader.
+                watched_again += 1;
+                tracing::info!(run, "the watch broke: watching again");
+                events = client
+                    .watch_run(request.clone())
+                    .await
+                    .map_err(|status| status_error(&format!("watching run {run} again"), status))?
+                    .into_inner();
+                continue;
+            }
+        };
+        if event.seq != 0 {
+            if event.seq <= last_seq {
+                continue;
+            }
+            last_seq = event.seq;
+        }
+        watched_again = 0;
         last_state = event.state();
         if event.dest.is_empty() {
             if terminal {

@@ -38,7 +38,7 @@ FABRIC_TLS_KEY), or --tls-ca with --token (FABRIC_TOKEN).";
 #[derive(Parser)]
 #[command(name = "fabricctl", version, about = "Operate a fabric: jobs, runs, nodes, snapshots, restores", after_help = EXAMPLES)]
 struct Cli {
-    /// The coordinator's address.
+    /// The coordinator's address, or every coordinator's, comma-separated (calls go to the leader).
     #[arg(
         long,
         global = true,

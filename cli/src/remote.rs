@@ -1,33 +1,49 @@
 //! Reaching the coordinator and the nodes, with errors that say what to do,
 //! and finding where a snapshot lives. [`Remote`] holds how this
-//! `fabricctl` talks: the coordinator's address, its TLS material (or
+//! `fabricctl` talks: the coordinators' addresses, its TLS material (or
 //! `--insecure-plaintext`) and its bearer token.
+//!
+//! Given several coordinators (`--coordinator https://c1:7400,https://c2:7400`),
+//! every coordinator call goes to the one that leads: a call refused by a
+//! coordinator that does not lead, or whose connection cannot be made, is
+//! sent again to the leader the refusal names, else to the next address,
+//! for up to [`FAILOVER_PATIENCE`] (see
+//! [`fabric_node::coordinator_channel`]).
 
 use std::sync::OnceLock;
 
 use anyhow::{Context, anyhow, bail};
 use fabric_node::client::Peer;
+use fabric_node::coordinator_channel::{
+    Attempt, CoordinatorChannel, FAILOVER_PATIENCE, describe_attempts,
+};
+use fabric_proto::coordinator_addresses::CoordinatorAddresses;
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::storage_client::StorageClient;
 use fabric_proto::v1::{CatalogEntry, ListCatalogRequest, ListNodesRequest, Node, NodeState};
 use fabric_trust::transport::TransportSettings;
-use fabric_trust::{AuthChannel, BearerToken, Transport};
+use fabric_trust::{BearerToken, Transport};
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::revision;
 
-/// A coordinator client whose calls carry the token, if any.
-pub type Coordinator = CoordinatorClient<AuthChannel>;
+/// A coordinator client whose calls go to the leading coordinator and
+/// carry the token, if any.
+pub type Coordinator = CoordinatorClient<InterceptedService<CoordinatorChannel, BearerToken>>;
 
 /// How this process reaches the fabric.
 #[derive(Debug)]
 pub struct Remote {
-    /// The coordinator's address.
+    /// The coordinators' addresses, comma-separated, as given.
     pub coordinator: String,
     settings: TransportSettings,
     token: Option<String>,
     transport: OnceLock<Transport>,
+    /// The channel to the leader, once a first coordinator took a
+    /// connection; shared by every client this process makes.
+    leader: tokio::sync::OnceCell<CoordinatorChannel>,
 }
 
 impl Remote {
@@ -39,6 +55,7 @@ impl Remote {
             settings,
             token: token.filter(|token| !token.trim().is_empty()),
             transport: OnceLock::new(),
+            leader: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -65,23 +82,23 @@ impl Remote {
         Ok(self.transport.get_or_init(|| loaded))
     }
 
-    /// A coordinator client, or an error naming the address and a hint.
+    /// A coordinator client whose calls follow the leader, or an error
+    /// naming every address and why it could not be reached, with a hint.
     pub async fn coordinator(&self) -> anyhow::Result<Coordinator> {
-        let address = self.coordinator.as_str();
+        let addresses = CoordinatorAddresses::parse(&self.coordinator)
+            .map_err(|err| anyhow!("--coordinator / FABRIC_COORDINATOR: {err}"))?;
         let transport = self.transport()?;
         let token = BearerToken::new(self.token.as_deref())
             .map_err(|err| anyhow!("--token / FABRIC_TOKEN: {err}"))?;
-        let channel = fabric_node::client::channel(&Peer::coordinator(address), transport)
-            .await
-            .map_err(|err| {
-                let reason = short_reason(&err.reason);
-                let hint = if reason.contains("certificate is for node/") {
-                    "that is a node's address: give the coordinator's, see --coordinator"
-                } else {
-                    "is it running? see --coordinator"
-                };
-                anyhow!("cannot reach the coordinator at {address}: {reason} ({hint})")
-            })?;
+        let channel = self
+            .leader
+            .get_or_try_init(|| async move {
+                CoordinatorChannel::connect(addresses, transport.clone(), FAILOVER_PATIENCE)
+                    .await
+                    .map_err(|attempts| unreachable_error(&attempts))
+            })
+            .await?
+            .clone();
         Ok(CoordinatorClient::with_interceptor(channel, token)
             .max_decoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(fabric_node::transfer::MAX_MESSAGE_BYTES))
@@ -93,19 +110,21 @@ impl Remote {
     }
 }
 
-/// The last, most specific part of a transport error chain
-/// ("connection refused" rather than "transport error: ...").
-fn short_reason(reason: &str) -> String {
-    // A certificate check's own sentence arrives wrapped in debug output
-    // (`Other(OtherError(Reason("the server's certificate is ...")))`).
-    if let (Some(start), Some(end)) = (reason.find("(\""), reason.rfind("\")"))
-        && start + 2 < end
-    {
-        return reason[start + 2..end].replace("\\\"", "\"");
+/// No coordinator took a connection: each address and why, and what to do.
+fn unreachable_error(attempts: &[Attempt]) -> anyhow::Error {
+    let tried = describe_attempts(attempts);
+    let hint = if tried.contains("certificate is for node/") {
+        "that is a node's address: give the coordinator's, see --coordinator"
+    } else if attempts.len() > 1 {
+        "is one running? see --coordinator"
+    } else {
+        "is it running? see --coordinator"
+    };
+    if attempts.len() > 1 {
+        anyhow!("cannot reach any coordinator: {tried} ({hint})")
+    } else {
+        anyhow!("cannot reach the coordinator at {tried} ({hint})")
     }
-    let last = reason.rsplit(": ").next().unwrap_or(reason);
-    let last = last.split(" (os error").next().unwrap_or(last);
-    last.to_lowercase()
 }
 
 /// A status as a sentence naming what was asked.
@@ -319,19 +338,35 @@ pub fn read_jobs_file(path: &std::path::Path) -> anyhow::Result<(String, String)
 
 #[cfg(test)]
 mod tests {
-    use super::short_reason;
+    use super::{Attempt, unreachable_error};
+
+    fn refused(address: &str) -> Attempt {
+        Attempt {
+            address: address.into(),
+            reason: "transport error: tcp connect error: Connection refused (os error 111)".into(),
+            answered: false,
+        }
+    }
 
     #[test]
-    fn a_transport_reason_is_cut_to_its_last_sentence() {
+    fn an_unreachable_coordinator_is_named_with_what_to_do() {
         assert_eq!(
-            short_reason("transport error: tcp connect error: Connection refused (os error 111)"),
-            "connection refused"
+            unreachable_error(&[refused("http://127.0.0.1:1")]).to_string(),
+            "cannot reach the coordinator at http://127.0.0.1:1: connection refused (is it running? see --coordinator)"
         );
         assert_eq!(
-            short_reason(
-                "transport error: invalid peer certificate: Other(OtherError(Reason(\"the server's certificate is for node/n1, but a coordinator was expected\")))"
-            ),
-            "the server's certificate is for node/n1, but a coordinator was expected"
+            unreachable_error(&[refused("https://c1:7400"), refused("https://c2:7400")])
+                .to_string(),
+            "cannot reach any coordinator: https://c1:7400: connection refused; https://c2:7400: connection refused (is one running? see --coordinator)"
+        );
+        let node = Attempt {
+            address: "https://127.0.0.1:7401".into(),
+            reason: "transport error: invalid peer certificate: Other(OtherError(Reason(\"the server's certificate is for node/n1, but a coordinator was expected\")))".into(),
+            answered: false,
+        };
+        assert_eq!(
+            unreachable_error(&[node]).to_string(),
+            "cannot reach the coordinator at https://127.0.0.1:7401: the server's certificate is for node/n1, but a coordinator was expected (that is a node's address: give the coordinator's, see --coordinator)"
         );
     }
 }

@@ -62,7 +62,8 @@ pub struct ConnectError {
     pub reason: String,
 }
 
-fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+/// An error with its causes, each once.
+pub(crate) fn describe(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -47,8 +47,12 @@ pub struct NodeConfig {
     pub labels: Vec<String>,
     /// `storage`, `agent` or both (`FABRIC_NODE_ROLES`, comma-separated).
     pub roles: Vec<Role>,
-    /// The coordinator's address, e.g. `https://coordinator:7400`
-    /// (`FABRIC_NODE_COORDINATOR`); empty: standalone.
+    /// Every coordinator's address, comma-separated, e.g.
+    /// `https://c1:7400,https://c2:7400` (`FABRIC_NODE_COORDINATOR`,
+    /// `--coordinator`; the file may also give a TOML array): the node
+    /// follows whichever leads. One address for a single coordinator;
+    /// empty: standalone. Checked at start ([`Self::coordinators`]).
+    #[serde(deserialize_with = "comma_list_or_array")]
     pub coordinator: String,
     /// Host name recorded in the snapshots this node's agent makes
     /// (`FABRIC_NODE_HOSTNAME`); defaults to the system's.
@@ -201,7 +205,42 @@ pub enum ConfigError {
     },
 }
 
+/// A string, or an array of strings joined by commas (`coordinator`).
+fn comma_list_or_array<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum CommaListOrArray {
+        CommaList(String),
+        Array(Vec<String>),
+    }
+    match CommaListOrArray::deserialize(deserializer) {
+        Ok(CommaListOrArray::CommaList(list)) => Ok(list),
+        Ok(CommaListOrArray::Array(elements)) => Ok(elements.join(",")),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a string of comma-separated addresses or an array of addresses",
+        )),
+    }
+}
+
 impl NodeConfig {
+    /// The coordinators `coordinator` lists; `None` when it is empty (a
+    /// standalone node); an error naming the list and the element that is
+    /// not an address.
+    pub fn coordinators(
+        &self,
+    ) -> Result<
+        Option<fabric_proto::coordinator_addresses::CoordinatorAddresses>,
+        fabric_proto::coordinator_addresses::AddressListError,
+    > {
+        if self.coordinator.trim().is_empty() {
+            return Ok(None);
+        }
+        fabric_proto::coordinator_addresses::CoordinatorAddresses::parse(&self.coordinator)
+            .map(Some)
+    }
+
     /// The quotas `host_quota_bytes` and `[host_quotas]` set.
     pub fn host_quotas(&self) -> crate::quota::HostQuotas {
         crate::quota::HostQuotas {
@@ -306,6 +345,33 @@ mod tests {
         assert_eq!(config.labels, vec!["ssd", "eu"]);
         assert_eq!(config.allow_commands.len(), 2);
         assert_eq!(config.hooks["thaw"], "/usr/local/bin/db-thaw --all");
+    }
+
+    #[test]
+    fn coordinators_are_a_comma_list_or_an_array() {
+        let list: NodeConfig =
+            toml::from_str("coordinator = \"https://c1:7400, https://c2:7400\"").unwrap();
+        let array: NodeConfig =
+            toml::from_str("coordinator = [\"https://c1:7400\", \"https://c2:7400\"]").unwrap();
+        for config in [list, array] {
+            let coordinators = config.coordinators().unwrap().unwrap();
+            assert_eq!(coordinators.to_string(), "https://c1:7400,https://c2:7400");
+        }
+        let standalone: NodeConfig = toml::from_str("").unwrap();
+        assert_eq!(standalone.coordinators().unwrap(), None);
+        let empty_array: NodeConfig = toml::from_str("coordinator = []").unwrap();
+        assert_eq!(empty_array.coordinators().unwrap(), None);
+        let bad: NodeConfig = toml::from_str("coordinator = [\"https://c1:7400\", \"\"]").unwrap();
+        assert_eq!(
+            bad.coordinators().unwrap_err().to_string(),
+            "coordinator addresses \"https://c1:7400,\": element 2 is empty (give addresses separated by single commas)"
+        );
+        let err = toml::from_str::<NodeConfig>("coordinator = 7400").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected a string of comma-separated addresses or an array"),
+            "{err}"
+        );
     }
 
     #[test]

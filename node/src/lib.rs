@@ -11,6 +11,8 @@
 //!   [`pull_permits`] which storage node may pull what: the host's and the
 //!   coordinator's word, checked here, never taken from a caller.
 //! - [`client`] dials other servers over TLS, checking their identity.
+//! - [`coordinator_channel`] sends a node's or `fabricctl`'s coordinator calls
+//!   to whichever of its coordinators leads.
 //! - [`metrics`] is what the metrics port serves (`metrics_listen`).
 //!
 //! The chunk store is synchronous; this crate owns every async and gRPC part
@@ -22,6 +24,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod convert;
+pub mod coordinator_channel;
 pub mod disk;
 pub mod gc_lease;
 pub mod health;

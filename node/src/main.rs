@@ -52,7 +52,7 @@ struct ServeArgs {
     /// storage, agent, or both, comma-separated.
     #[arg(long, env = "FABRIC_NODE_ROLES", value_delimiter = ',')]
     roles: Option<Vec<String>>,
-    /// The coordinator's address, e.g. https://coordinator:7400.
+    /// Every coordinator's address, comma-separated, e.g. https://c1:7400,https://c2:7400 (the node follows the leader).
     #[arg(long, env = "FABRIC_NODE_COORDINATOR")]
     coordinator: Option<String>,
     /// Host name recorded in this agent's snapshots.
@@ -250,8 +250,12 @@ async fn run() -> anyhow::Result<()> {
             fabric_proto::standard::init_logging(config.log_format == LogFormat::Json);
             let shutdown = fabric_proto::standard::shutdown_signal_named()
                 .context("cannot listen for SIGTERM and SIGINT")?;
-            // Unusable TLS files fail before the "listening" line, so a
-            // script never waits on an address that will not serve.
+            // Unusable TLS files and coordinator addresses fail before the
+            // "listening" line, so a script never waits on an address that
+            // will not serve.
+            config
+                .coordinators()
+                .context("bad coordinator (config key `coordinator`, --coordinator, FABRIC_NODE_COORDINATOR)")?;
             if !config.insecure_plaintext {
                 let completed = config.clone().complete(config.listen);
                 completed

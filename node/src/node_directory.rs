@@ -17,12 +17,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fabric_proto::coordinator_addresses::CoordinatorAddresses;
 use fabric_proto::v1::{ListNodesRequest, NodeInfo, NodeRole};
 use fabric_trust::Transport;
 use tokio::sync::Mutex;
 use tonic::Status;
 
-use crate::client::Peer;
+use crate::coordinator_channel::{CoordinatorChannel, FAILOVER_PATIENCE};
 
 /// How long a listing is used without asking again.
 pub const FRESH_FOR: Duration = Duration::from_secs(10);
@@ -49,8 +50,8 @@ struct Cache {
 /// The directory of a node's fabric.
 #[derive(Clone)]
 pub struct NodeDirectory {
-    coordinator: Option<String>,
-    transport: Transport,
+    /// The coordinators, reached through whichever leads.
+    coordinator: Option<CoordinatorChannel>,
     cache: Arc<Mutex<Cache>>,
 }
 
@@ -80,11 +81,12 @@ fn known(info: NodeInfo) -> (String, KnownNode) {
 }
 
 impl NodeDirectory {
-    /// The directory the `coordinator` (if any) keeps, asked over `transport`.
-    pub fn new(coordinator: Option<String>, transport: Transport) -> Self {
+    /// The directory the leader of the `coordinators` (if any) keeps,
+    /// asked over `transport`.
+    pub fn new(coordinators: Option<CoordinatorAddresses>, transport: Transport) -> Self {
         Self {
-            coordinator,
-            transport,
+            coordinator: coordinators
+                .map(|addresses| CoordinatorChannel::new(addresses, transport, FAILOVER_PATIENCE)),
             cache: Arc::default(),
         }
     }
@@ -95,12 +97,9 @@ impl NodeDirectory {
     }
 
     async fn fetch(&self) -> Result<HashMap<String, KnownNode>, Status> {
-        let coordinator = self.coordinator.as_deref().ok_or_else(|| {
+        let channel = self.coordinator.clone().ok_or_else(|| {
             Status::failed_precondition("this node has no coordinator to ask about other nodes")
         })?;
-        let channel = crate::client::channel(&Peer::coordinator(coordinator), &self.transport)
-            .await
-            .map_err(|err| Status::unavailable(err.to_string()))?;
         let nodes = fabric_proto::v1::coordinator_client::CoordinatorClient::new(channel)
             .list_nodes(ListNodesRequest {})
             .await

@@ -82,6 +82,11 @@ pub enum ServeError {
     /// `allow_commands` or `hooks` is unusable.
     #[error("bad allow_commands: {0}")]
     Commands(String),
+    /// `coordinator` is not a list of addresses.
+    #[error(
+        "bad coordinator (config key `coordinator`, --coordinator, FABRIC_NODE_COORDINATOR): {0}"
+    )]
+    Coordinator(#[from] fabric_proto::coordinator_addresses::AddressListError),
 }
 
 /// Run a node on `listener` until `shutdown` resolves.
@@ -146,6 +151,7 @@ pub async fn serve_until_stopped(
 ) -> Result<(), ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
     let config = config.complete(local_addr);
+    let coordinators = config.coordinators()?;
     let transport = config
         .transport_settings()
         .server(&fabric_trust::Expect::Node(config.node_id.clone()))?;
@@ -198,7 +204,6 @@ pub async fn serve_until_stopped(
         .await
         .map_err(|err| ServeError::Internal(err.to_string()))??;
         let opened = Arc::new(opened);
-        let coordinator = (!config.coordinator.is_empty()).then(|| config.coordinator.clone());
         let service = StorageService::new(
             opened.clone(),
             crate::storage_service::StorageSettings {
@@ -212,7 +217,7 @@ pub async fn serve_until_stopped(
             },
             health_now.clone(),
             transport.clone(),
-            coordinator,
+            coordinators.clone(),
         )
         .with_metrics(metrics.clone());
         routes = routes.add_service(
@@ -279,7 +284,7 @@ pub async fn serve_until_stopped(
         _ => None,
     };
     let stopping = crate::session::Stopping::default();
-    let has_session = !config.coordinator.is_empty();
+    let has_session = coordinators.is_some();
     let shutdown = {
         let stopping = stopping.clone();
         async move {
@@ -291,11 +296,12 @@ pub async fn serve_until_stopped(
             }
         }
     };
-    if has_session {
+    if let Some(coordinators) = coordinators {
         tokio::spawn(crate::session::run_session(
             config.clone(),
             store.clone(),
             crate::session::SessionParts {
+                coordinators,
                 transport: transport.clone(),
                 commands,
                 permits,

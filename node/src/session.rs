@@ -7,6 +7,14 @@
 //! hello lists the runs still in progress so the coordinator can re-assign
 //! any the node no longer has.
 //!
+//! Given several coordinators (`coordinator = "https://c1:7400,https://c2:7400"`),
+//! the node keeps its session with the one that leads: after a connection
+//! that fails, an UNAVAILABLE (a coordinator that does not lead answers so,
+//! naming the leader when it knows it) or a stream that breaks, it dials
+//! the leader named at once, else the next listed address, and waits the
+//! backoff only once a round through the list found no leader
+//! ([`fabric_proto::coordinator_addresses::LeaderSearch`]).
+//!
 //! Each assignment runs in its own task (`execute`): push (pre, copies in
 //! plan order with background copies overlapping, retries, spares, post),
 //! passive (pre, ready, wait for the pulls, post), pull (receive from a
@@ -29,6 +37,9 @@ use std::time::{Duration, Instant};
 use fabric_chunkstore::ChunkParams;
 use fabric_chunkstore::Store;
 use fabric_chunkstore::walk::BackupOptions;
+use fabric_proto::coordinator_addresses::{
+    Backoff, CoordinatorAddress, CoordinatorAddresses, LeaderSearch,
+};
 use fabric_proto::v1::coordinator_client::CoordinatorClient;
 use fabric_proto::v1::{
     Assignment, AssignmentRole, CopyState, CopyTarget, GcDone, GcLease, Heartbeat, HostUsage,
@@ -45,6 +56,7 @@ use tracing::Instrument;
 use crate::agent::{AgentError, PushProgress, describe_status, push_backup};
 use crate::commands::{Approved, CommandPolicy};
 use crate::config::{NodeConfig, Role};
+use crate::coordinator_channel::{CONNECT_TIMEOUT, leader_hint};
 use crate::health::SharedHealth;
 use crate::memory_budget::SendPlan;
 use crate::pull_permits::PullPermits;
@@ -373,6 +385,9 @@ async fn heartbeat(
 /// What a session needs besides the config and the store.
 #[derive(Clone, Debug)]
 pub struct SessionParts {
+    /// The coordinators (`coordinator`), of which the session follows the
+    /// leader.
+    pub coordinators: CoordinatorAddresses,
     /// How to dial the coordinator and other nodes.
     pub transport: Transport,
     /// What commands this host lets jobs run.
@@ -438,7 +453,11 @@ pub async fn run_session(
     let mut asked = stopping.asked.subscribe();
     let mut pending: VecDeque<NodeMessage> = VecDeque::new();
     let mut held = crate::held::HeldReport::default();
-    let mut backoff = Duration::from_millis(200);
+    // Between rounds through the coordinators: 200 ms doubling to 5 s.
+    let mut search = LeaderSearch::new(
+        parts.coordinators,
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+    );
     let counters = StoreCounters::default();
     if let Some(store) = store.clone() {
         tokio::spawn(refresh_counters(
@@ -453,12 +472,17 @@ pub async fn run_session(
         if *stop.borrow() {
             return;
         }
-        match connect(&context, store.as_deref(), &active).await {
-            Err(err) => {
-                tracing::warn!(coordinator = %config.coordinator, error = %err, retry_in = ?backoff, "cannot reach the coordinator");
+        let coordinator = search.current().clone();
+        // Why this coordinator is left, and the leader it named, if any.
+        let mut failure: Option<String> = None;
+        let mut hint: Option<String> = None;
+        match connect(&context, &coordinator, store.as_deref(), &active).await {
+            Err(refusal) => {
+                failure = Some(refusal.reason);
+                hint = refusal.leader;
             }
             Ok((mut client, interval)) => {
-                backoff = Duration::from_millis(200);
+                search.succeeded();
                 let active_runs = lock(&active).runs.keys().cloned().collect();
                 let (out_tx, out_rx) = mpsc::channel::<NodeMessage>(64);
                 let hello = NodeMessage {
@@ -472,10 +496,11 @@ pub async fn run_session(
                 if out_tx.send(hello).await.is_ok() {
                     match client.session(ReceiverStream::new(out_rx)).await {
                         Err(status) => {
-                            tracing::warn!(error = %describe_status(&status), "the coordinator refused the session");
+                            tracing::warn!(%coordinator, error = %describe_status(&status), "the coordinator refused the session");
+                            hint = leader_hint(&status);
                         }
                         Ok(response) => {
-                            tracing::info!(coordinator = %config.coordinator, "session with the coordinator open");
+                            tracing::info!(%coordinator, "session with the coordinator open");
                             let mut incoming = response.into_inner();
                             let mut ticker = tokio::time::interval(interval);
                             held.new_session();
@@ -522,11 +547,12 @@ pub async fn run_session(
                                     message = incoming.next() => match message {
                                         Some(Ok(message)) => handle(&context, &active, message.kind),
                                         Some(Err(status)) => {
-                                            tracing::warn!(error = %describe_status(&status), "session with the coordinator broke");
+                                            tracing::warn!(%coordinator, error = %describe_status(&status), "session with the coordinator broke");
+                                            hint = leader_hint(&status);
                                             break 'session;
                                         }
                                         None => {
-                                            tracing::warn!("the coordinator closed the session");
+                                            tracing::warn!(%coordinator, "the coordinator closed the session");
                                             break 'session;
                                         }
                                     },
@@ -548,6 +574,13 @@ pub async fn run_session(
                 )
             )
         });
+        let step = search.failed(hint.as_deref());
+        if let Some(failure) = failure {
+            tracing::warn!(%coordinator, error = %failure, next = %search.current(), retry_in = ?step.wait, "cannot register with the coordinator");
+        }
+        if step.followed_hint {
+            tracing::info!(%coordinator, leader = %search.current(), "the coordinator does not lead: following it to the leader it names");
+        }
         tokio::select! {
             _ = stop.changed() => return,
             _ = asked.changed() => {
@@ -560,9 +593,8 @@ pub async fn run_session(
                 stopping.finished();
                 return;
             }
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(step.wait) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -694,23 +726,55 @@ fn lock(active: &Mutex<ActiveRuns>) -> std::sync::MutexGuard<'_, ActiveRuns> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Why a coordinator did not take the node's registration, and the leader
+/// it named (a coordinator that does not lead).
+struct Refusal {
+    reason: String,
+    leader: Option<String>,
+}
+
+/// Dial `coordinator` and register there.
 async fn connect(
     context: &Context,
+    coordinator: &CoordinatorAddress,
     store: Option<&Store>,
     active: &Mutex<ActiveRuns>,
-) -> Result<(CoordinatorClient<tonic::transport::Channel>, Duration), String> {
+) -> Result<(CoordinatorClient<tonic::transport::Channel>, Duration), Refusal> {
     let config = &context.config;
-    let peer = crate::client::Peer::coordinator(&config.coordinator);
-    let channel = crate::client::channel(&peer, &context.transport)
-        .await
-        .map_err(|err| err.to_string())?;
+    let peer = crate::client::Peer::coordinator(coordinator.as_str());
+    let channel = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        crate::client::channel(&peer, &context.transport),
+    )
+    .await
+    {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(err)) => {
+            return Err(Refusal {
+                reason: err.to_string(),
+                leader: None,
+            });
+        }
+        Err(_) => {
+            return Err(Refusal {
+                reason: format!(
+                    "cannot reach {coordinator}: no connection within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+                leader: None,
+            });
+        }
+    };
     let mut client = CoordinatorClient::new(channel);
     let active_runs = lock(active).runs.keys().cloned().collect();
     let insecure = !context.transport.is_tls();
     let response = client
         .register_node(node_info(config, store, active_runs, insecure))
         .await
-        .map_err(|status| describe_status(&status))?
+        .map_err(|status| Refusal {
+            reason: describe_status(&status),
+            leader: leader_hint(&status),
+        })?
         .into_inner();
     let interval = Duration::from_millis(response.heartbeat_interval_ms.clamp(50, 60_000));
     Ok((client, interval))

@@ -104,14 +104,14 @@ impl std::fmt::Debug for StorageService {
 
 impl StorageService {
     /// Serve `store`, holding at most `upload_memory_bytes` of upload data.
-    /// Copies dial with `transport`, to nodes the `coordinator` (if any)
-    /// resolves.
+    /// Copies dial with `transport`, to nodes the leader of the
+    /// `coordinators` (if any) resolves.
     pub fn new(
         store: Arc<Store>,
         settings: StorageSettings,
         health: SharedHealth,
         transport: Transport,
-        coordinator: Option<String>,
+        coordinators: Option<fabric_proto::coordinator_addresses::CoordinatorAddresses>,
     ) -> Self {
         let StorageSettings {
             memory_bytes: upload_memory_bytes,
@@ -135,7 +135,7 @@ impl StorageService {
             quotas,
             gc_grace,
             health,
-            directory: NodeDirectory::new(coordinator, transport.clone()),
+            directory: NodeDirectory::new(coordinators, transport.clone()),
             transport,
             metrics: crate::metrics::NodeMetrics::default(),
         }

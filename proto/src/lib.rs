@@ -10,9 +10,13 @@
 //! does not decode is the sender's mistake), and [`standard`] adds grpc.health.v1 and server reflection to a
 //! server. [`naming`] names snapshot records (B1000's scheme), so the chunk
 //! store and the coordinator share it without the coordinator depending on
-//! the storage engine. This crate must never hold business logic beyond
-//! that: only the API, the names of its records, and the glue every server
-//! needs to expose it.
+//! the storage engine. [`coordinator_addresses`] parses the list of
+//! coordinator addresses every caller is given and says which coordinator
+//! to dial next (the leader a follower names, else the list in order), so
+//! nodes and `fabricctl` follow the leader alike. This crate must never
+//! hold business logic beyond that: only the API, the names of its
+//! records, the coordinator addresses, and the glue every server needs to
+//! expose it.
 
 /// Package `fabric.v1`: every message, and (feature `grpc`) every service.
 pub mod v1 {
@@ -36,6 +40,8 @@ pub mod service_names {
 }
 
 pub mod naming;
+
+pub mod coordinator_addresses;
 
 #[cfg(feature = "grpc")]
 pub mod codec;
