@@ -310,19 +310,19 @@ fn killing_the_leader_during_scheduled_runs_loses_no_run_and_runs_none_twice() {
         )
         .unwrap();
     }
+    // 24 jobs on a one-minute schedule: their slots spread over the minute,
+    // so a run starts every few seconds.
     let jobs = dir.path().join("jobs.toml");
+    let names: Vec<String> = (0..24).map(|index| format!("job{index:02}")).collect();
     let mut text = String::new();
-    for job in ["alpha", "beta"] {
+    for job in &names {
         text.push_str(&format!(
-            "[job.{job}]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\ninterval = \"2s\"\n\n",
+            "[job.{job}]\ndirection = \"push\"\nclient = \"client\"\ninclude = [\"{}\"]\ndest = \"n1 n2\"\nschedule = {{ often = {{ interval = \"1m\", keep = 5 }} }}\n\n",
             source.display()
         ));
     }
     std::fs::write(&jobs, text).unwrap();
-    ctl_json(
-        &list,
-        &["job", "submit", "-f", jobs.to_str().unwrap(), "--no-run"],
-    );
+    ctl_json(&list, &["job", "submit", "-f", jobs.to_str().unwrap(), "--no-run"]);
 
     // Kill the leader three times while the schedule runs, each time once
     // a new run has started under it, and bring the killed one back as a
@@ -330,7 +330,7 @@ fn killing_the_leader_during_scheduled_runs_loses_no_run_and_runs_none_twice() {
     let mut leaders = vec![first_leader];
     for _ in 0..3 {
         let before = all_runs(&list).len();
-        wait_for("a new scheduled run", 30, || all_runs(&list).len() > before);
+        wait_for("a new scheduled run", 70, || all_runs(&list).len() > before);
         let leader = coordinators.leader();
         coordinators.kill(leader);
         let next = coordinators.leader();
@@ -347,7 +347,7 @@ fn killing_the_leader_during_scheduled_runs_loses_no_run_and_runs_none_twice() {
     });
 
     // Stop scheduling and let every run end.
-    for job in ["alpha", "beta"] {
+    for job in &names {
         fabricctl(&["--coordinator", &list, "job", "pause", job]);
     }
     wait_for("every run ended", 120, || {
@@ -379,11 +379,11 @@ fn killing_the_leader_during_scheduled_runs_loses_no_run_and_runs_none_twice() {
     let mut catalogued: Vec<String> = Vec::new();
     for row in catalog.as_array().unwrap() {
         let id = row["id"].as_str().unwrap().to_owned();
-        let mut nodes: Vec<&str> = row["copies"]
+        let mut nodes: Vec<&str> = row["nodes"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|copy| copy["node"].as_str().unwrap())
+            .map(|node| node.as_str().unwrap())
             .collect();
         nodes.sort();
         assert_eq!(nodes, ["n1", "n2"], "{row:#}");
