@@ -322,7 +322,10 @@ fn killing_the_leader_during_scheduled_runs_loses_no_run_and_runs_none_twice() {
         ));
     }
     std::fs::write(&jobs, text).unwrap();
-    ctl_json(&list, &["job", "submit", "-f", jobs.to_str().unwrap(), "--no-run"]);
+    ctl_json(
+        &list,
+        &["job", "submit", "-f", jobs.to_str().unwrap(), "--no-run"],
+    );
 
     // Kill the leader three times while the schedule runs, each time once
     // a new run has started under it, and bring the killed one back as a
