@@ -294,7 +294,7 @@ impl CoordinatorChannel {
                 .current()
                 .await
                 .map_err(|attempt| no_leader(&[attempt], Duration::ZERO))?;
-            return Ok(call(&mut channel, http::Request::from_parts(parts, body)).await?);
+            return call(&mut channel, http::Request::from_parts(parts, body)).await;
         }
         let bytes: Bytes = body.collect().await?.to_bytes();
         let started = Instant::now();
