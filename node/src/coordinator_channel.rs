@@ -3,16 +3,14 @@
 //! [`crate::session`] follows itself).
 //!
 //! Coordinators that do not lead answer every call UNAVAILABLE with the
-//! leader's address in the metadata key
-//! [`LEADER_METADATA_KEY`](fabric_proto::coordinator_addresses::LEADER_METADATA_KEY)
-//! when they know it; a coordinator that is down refuses connections. A
+//! leader's address in the metadata key [`LEADER_METADATA_KEY`] when they
+//! know it; a coordinator that is down refuses connections. A
 //! [`CoordinatorChannel`] sends each call to the coordinator that answered
 //! last; when the call is refused that way, or the connection cannot be
-//! made, it sends the call again to the address
-//! [`LeaderSearch`](fabric_proto::coordinator_addresses::LeaderSearch)
-//! picks (the hint, else the next listed address), for at most its
-//! `patience`, and then fails UNAVAILABLE naming every address it tried and
-//! why each failed. It gives up at once when a whole round through the list
+//! made, it sends the call again to the address [`LeaderSearch`] picks (the
+//! hint, else the next listed address), for at most its `patience`, and
+//! then fails UNAVAILABLE naming every address it tried and why each
+//! failed. It gives up at once when a whole round through the list
 //! found no coordinator answering at all (nothing is running).
 //!
 //! Only calls that never reached a leader are sent again: a refusal by a
