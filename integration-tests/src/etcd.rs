@@ -38,36 +38,19 @@ fn installed() -> bool {
 }
 
 /// Installs `etcd-server` from Debian when etcd is missing; false when it
-/// could not be.
+/// could not be. One test at a time: apt-get holds a lock. (The package may
+/// start a system etcd on the default ports; the tests use ports of their
+/// own.)
 pub fn ensure_installed() -> bool {
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if installed() {
         return true;
     }
     eprintln!("etcd is missing: installing etcd-server");
-    let install = || {
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "etcd-server",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    let _ = install()
-        || (Command::new("apt-get")
-            .args(["update", "-qq"])
-            .status()
-            .is_ok_and(|status| status.success())
-            && install());
-    // The package starts a system etcd on the default ports; the tests use
-    // their own, so it does no harm, but stop it all the same.
-    let _ = Command::new("sh")
-        .args(["-c", "pkill -x etcd >/dev/null 2>&1 || true"])
-        .status();
+    crate::apt_install("etcd-server");
     installed()
 }
 

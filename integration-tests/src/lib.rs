@@ -249,6 +249,24 @@ pub async fn upload(
     Ok(out)
 }
 
+/// Installs Debian's `package` with apt-get (updating the package lists
+/// once if the first try fails); returns whether apt-get succeeded.
+pub fn apt_install(package: &str) -> bool {
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    install()
+        || (Command::new("apt-get")
+            .args(["update", "-qq"])
+            .status()
+            .is_ok_and(|status| status.success())
+            && install())
+}
+
 /// A server process started by a test, killed when dropped.
 pub struct Server {
     /// The process.

@@ -214,25 +214,7 @@ fn ensure_chromium() {
         return;
     }
     eprintln!("chromium is missing: installing Debian's chromium");
-    let install = || {
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "chromium",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    let installed = install()
-        || (Command::new("apt-get")
-            .args(["update", "-qq"])
-            .status()
-            .is_ok_and(|status| status.success())
-            && install());
+    let installed = fabric_integration_tests::apt_install("chromium");
     assert!(
         installed && have_chromium(),
         "the browser test needs Debian's chromium, which could not be installed \
