@@ -309,25 +309,14 @@ impl StateEngine for EtcdEngine {
         order: Order,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StateError> {
-        use std::ops::Bound;
-        if let (Some(start), Some(end)) = (&range.start, &range.end)
-            && start >= end
-        {
+        let Some(bounds) = range.bounds() else {
             return Ok(());
-        }
-        let start = range
-            .start
-            .as_deref()
-            .map_or(Bound::Unbounded, Bound::Included);
-        let end = range
-            .end
-            .as_deref()
-            .map_or(Bound::Unbounded, Bound::Excluded);
+        };
         let memory = self.memory();
         let Some(entries) = memory.trees.get(&tree) else {
             return Ok(());
         };
-        let entries = entries.range::<[u8], _>((start, end));
+        let entries = entries.range::<[u8], _>(bounds);
         let mut entries: Box<dyn Iterator<Item = (&Vec<u8>, &Vec<u8>)>> = match order {
             Order::Ascending => Box::new(entries),
             Order::Descending => Box::new(entries.rev()),

@@ -177,12 +177,35 @@ impl KeyRange {
         }
     }
 
+    /// The range as bounds for a `BTreeMap` or sled range, or `None` when it
+    /// is empty (a start at or past the end, which both would refuse).
+    pub fn bounds(&self) -> Option<KeyBounds<'_>> {
+        use std::ops::Bound;
+        if let (Some(start), Some(end)) = (&self.start, &self.end)
+            && start >= end
+        {
+            return None;
+        }
+        let start = self
+            .start
+            .as_deref()
+            .map_or(Bound::Unbounded, Bound::Included);
+        let end = self
+            .end
+            .as_deref()
+            .map_or(Bound::Unbounded, Bound::Excluded);
+        Some((start, end))
+    }
+
     /// Whether `key` is in the range.
     pub fn contains(&self, key: &[u8]) -> bool {
         self.start.as_deref().is_none_or(|start| key >= start)
             && self.end.as_deref().is_none_or(|end| key < end)
     }
 }
+
+/// A [`KeyRange`]'s start and end bounds.
+pub type KeyBounds<'a> = (std::ops::Bound<&'a [u8]>, std::ops::Bound<&'a [u8]>);
 
 /// Which way a scan goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

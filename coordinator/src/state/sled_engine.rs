@@ -102,21 +102,10 @@ impl StateEngine for SledEngine {
         order: Order,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StateError> {
-        use std::ops::Bound;
-        let start = range
-            .start
-            .as_deref()
-            .map_or(Bound::Unbounded, Bound::Included);
-        let end = range
-            .end
-            .as_deref()
-            .map_or(Bound::Unbounded, Bound::Excluded);
-        if let (Some(start), Some(end)) = (&range.start, &range.end)
-            && start >= end
-        {
+        let Some(bounds) = range.bounds() else {
             return Ok(());
-        }
-        let entries = self.tree(tree).range::<&[u8], _>((start, end));
+        };
+        let entries = self.tree(tree).range::<&[u8], _>(bounds);
         let mut entries: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             match order {
                 Order::Ascending => Box::new(entries),
