@@ -202,6 +202,16 @@ thread_local! {
     };
 }
 
+/// Give back the decompression buffers rayon's threads keep between chunks
+/// (each as large as the largest chunk it decoded): for a process that
+/// received a transfer and may now idle or serve something else. Returns at
+/// once; each thread lets go of its buffer when it next takes work.
+pub fn release_thread_buffers() {
+    rayon::spawn_broadcast(|_| {
+        ZSTD_SCRATCH.with(|scratch| scratch.borrow_mut().buffer = Vec::new());
+    });
+}
+
 /// `data` compressed with zstd at `zstd_level`, if that shrinks it.
 fn compress_if_smaller(data: &[u8], zstd_level: i32) -> Option<Vec<u8>> {
     ZSTD_SCRATCH.with(|scratch| {

@@ -10,12 +10,21 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::transfer::MAX_MESSAGE_BYTES;
 
-/// HTTP/2 flow-control window of one stream. The protocol's default of 64 KiB
-/// lets a chunk batch travel only a window at a time, one round trip each;
-/// a window of a full batch keeps a transfer streaming.
-pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
-/// HTTP/2 flow-control window of one connection (several streams share it).
-pub const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
+/// Largest HTTP/2 frame this side accepts (the protocol's default is 16 KiB).
+/// A chunk of 1 MiB then crosses in one frame instead of 64, each with its
+/// own header, flow-control accounting and wake-up: measured, a restore's
+/// client CPU fell by a quarter with it. It bounds one frame's buffer, not
+/// what is in flight (the windows do that).
+pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
+/// HTTP/2 flow control is adaptive on both sides (hyper's BDP estimate): the
+/// windows start at the protocol's 64 KiB and grow to what the path's
+/// bandwidth times its round trip needs, at most 16 MiB. Fixed windows
+/// large enough for a long path (8 MiB a stream, as before) held up to that
+/// much in the receiver's buffers on every stream, on a short path too:
+/// 10 MiB of a restoring client's peak. With adaptive windows a restore
+/// over loopback peaks at about 35 MiB instead of 46.
+pub const ADAPTIVE_FLOW_CONTROL: bool = true;
 
 /// A server to dial: where, and who it must prove to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,8 +99,8 @@ pub async fn channel(peer: &Peer, transport: &Transport) -> Result<Channel, Conn
         reason: describe(&err),
     })?;
     let endpoint = endpoint
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
+        .http2_adaptive_window(ADAPTIVE_FLOW_CONTROL)
+        .max_frame_size(MAX_FRAME_BYTES);
     fabric_trust::transport::connect(endpoint, transport, peer.expect.clone())
         .await
         .map_err(|err| ConnectError {

@@ -357,8 +357,8 @@ pub async fn serve_until_stopped(
 
     let address = local_addr.to_string();
     let result = tonic::transport::Server::builder()
-        .initial_stream_window_size(crate::client::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(crate::client::CONNECTION_WINDOW_BYTES)
+        .http2_adaptive_window(Some(crate::client::ADAPTIVE_FLOW_CONTROL))
+        .max_frame_size(crate::client::MAX_FRAME_BYTES)
         // One connection cannot open calls without bound, and a peer that
         // went away without closing its connection is found and dropped
         // (its streams, and what they hold, with it).

@@ -281,6 +281,10 @@ pub fn receive_upload(
             run_receiver(store, incoming, reply_tx, memory, rules),
             forward
         );
+        // The checks' decompression buffers are as large as the largest
+        // chunk received; an idle node (or one serving a restore next)
+        // need not keep them.
+        fabric_chunkstore::pack::release_thread_buffers();
         match result {
             Ok(snapshot) => {
                 active.succeeded();

@@ -25,6 +25,15 @@ pub(crate) fn small_params() -> ChunkParams {
     }
 }
 
+/// The chunk ids of `content` with [`small_params`], cut and hashed in
+/// memory: what the walk must record for a file of these bytes.
+fn expected_ids(content: &[u8]) -> Vec<Vec<u8>> {
+    crate::chunker::ChunkReader::new(content, small_params())
+        .expect("params")
+        .map(|chunk| chunk.expect("in memory").id.to_vec())
+        .collect()
+}
+
 pub(crate) fn options(includes: &[&Path]) -> BackupOptions {
     BackupOptions {
         includes: includes.iter().map(|path| path.to_path_buf()).collect(),
@@ -1156,11 +1165,7 @@ fn file_chunks_are_those_of_one_pass_over_the_content() {
     let all = entries(&store, outcome.root, as_str(&source));
     for size in sizes {
         let content = pseudo_random(size, size as u64);
-        let expected: Vec<Vec<u8>> =
-            crate::chunker::ChunkReader::new(content.as_slice(), small_params())
-                .expect("params")
-                .map(|chunk| chunk.expect("in memory").id.to_vec())
-                .collect();
+        let expected = expected_ids(&content);
         let entry = &all[&size.to_string()];
         assert_eq!(entry.chunk_ids, expected, "{size} bytes");
         assert_eq!(entry.size, size as u64);
@@ -1201,11 +1206,7 @@ fn sparse_and_zero_filled_files_are_chunked_as_their_content_without_hashing_the
     let outcome = backup(&options(&[&source]), &store, None, &quiet).expect("backup");
     assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
     let all = entries(&store, outcome.root, as_str(&source));
-    let expected: Vec<Vec<u8>> =
-        crate::chunker::ChunkReader::new(content.as_slice(), small_params())
-            .expect("params")
-            .map(|chunk| chunk.expect("in memory").id.to_vec())
-            .collect();
+    let expected = expected_ids(&content);
     for name in ["sparse.img", "zeroed.img"] {
         assert_eq!(all[name].chunk_ids, expected, "{name}");
         assert_eq!(all[name].size, len, "{name}");
@@ -1303,11 +1304,7 @@ fn hash_ahead_gives_the_chunks_and_sink_order_of_hashing_inline() {
     ] {
         let path = temp.path().join(format!("f{size}"));
         let content = write_segments(&path, &[(size, size as u64, 0, false)]);
-        let expected: Vec<Vec<u8>> =
-            crate::chunker::ChunkReader::new(content.as_slice(), small_params())
-                .expect("params")
-                .map(|chunk| chunk.expect("in memory").id.to_vec())
-                .collect();
+        let expected = expected_ids(&content);
         let (inline_ids, inline_sent) = ids_with(&path, 0);
         assert_eq!(inline_ids, expected, "{size} bytes");
         for ahead in HASH_AHEAD_VALUES {
@@ -1351,11 +1348,7 @@ proptest! {
         let temp = tempfile::tempdir().expect("tempdir");
         let path = temp.path().join("file");
         let content = write_segments(&path, &segments);
-        let expected: Vec<Vec<u8>> =
-            crate::chunker::ChunkReader::new(content.as_slice(), small_params())
-                .expect("params")
-                .map(|chunk| chunk.expect("in memory").id.to_vec())
-                .collect();
+        let expected = expected_ids(&content);
         let (inline_ids, inline_sent) = ids_with(&path, 0);
         prop_assert_eq!(&inline_ids, &expected);
         let (ids, sent) = ids_with(&path, ahead);
