@@ -168,21 +168,29 @@ impl BackupOptions {
     }
 
     /// The most bytes of file content one walk thread holds while reading a
-    /// file: its read buffer ([`READ_BUFFER_SIZE`]), the chunker's buffer
-    /// (twice `chunk_params.max_size`) and the file's chunks cut and not yet
-    /// handed to the sink (`hash_ahead_bytes` with hash-ahead on, else one
-    /// chunk of at most `chunk_params.max_size`). A walk holds this times
+    /// file: [`thread_bytes`] for these options. A walk holds this times
     /// `threads` (the hashing threads hold only the windows counted here),
     /// plus metadata (trees, names) and whatever the sink keeps.
     pub fn bytes_per_thread(&self) -> usize {
-        let max_chunk = self.chunk_params.max_size as usize;
-        let cut = if self.hashes_ahead() {
-            self.hash_ahead_bytes
-        } else {
-            max_chunk
-        };
-        READ_BUFFER_SIZE + 2 * max_chunk + cut
+        thread_bytes(self.chunk_params.max_size as usize, self.hash_ahead_bytes)
     }
+}
+
+/// The most bytes of file content one walk thread holds while it reads a
+/// file, with chunks of at most `max_chunk` bytes and `hash_ahead_bytes` of
+/// hash-ahead (on from two largest chunks, see
+/// [`BackupOptions::hash_ahead_bytes`]): its read buffer
+/// ([`READ_BUFFER_SIZE`]), the chunker's pending bytes (it cuts once twice
+/// the largest chunk are pending, so they fill that much), and the chunks
+/// cut and not yet handed to the sink (one chunk, or the hash-ahead
+/// windows). A backup's memory budget counts its walk threads with this.
+pub fn thread_bytes(max_chunk: usize, hash_ahead_bytes: usize) -> usize {
+    let cut = if hash_ahead_bytes >= 2 * max_chunk {
+        hash_ahead_bytes
+    } else {
+        max_chunk
+    };
+    READ_BUFFER_SIZE + 2 * max_chunk + cut
 }
 
 /// The previous snapshot of the same source: files whose size, mtime, ctime

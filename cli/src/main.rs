@@ -490,9 +490,9 @@ struct BackupArgs {
     limit_rate: Option<u64>,
     /// The memory budget of the backup: read buffers, chunks read ahead,
     /// offered, compressed and in flight until the node has them ("48MiB",
-    /// "64MB" or bytes). The process needs about 16 MiB more, whatever the
-    /// budget.
-    #[arg(long, value_parser = parse_size_flag, default_value = "20MiB")]
+    /// "64MB" or bytes; at least 20.25 MiB). The process needs about
+    /// 16 MiB more, whatever the budget.
+    #[arg(long, value_parser = parse_size_flag, default_value = "24MiB")]
     memory: u64,
 }
 
