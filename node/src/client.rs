@@ -17,14 +17,17 @@ use crate::transfer::MAX_MESSAGE_BYTES;
 /// what is in flight (the windows do that).
 pub const MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
-/// HTTP/2 flow control is adaptive on both sides (hyper's BDP estimate): the
-/// windows start at the protocol's 64 KiB and grow to what the path's
-/// bandwidth times its round trip needs, at most 16 MiB. Fixed windows
-/// large enough for a long path (8 MiB a stream, as before) held up to that
-/// much in the receiver's buffers on every stream, on a short path too:
-/// 10 MiB of a restoring client's peak. With adaptive windows a restore
-/// over loopback peaks at about 35 MiB instead of 46.
-pub const ADAPTIVE_FLOW_CONTROL: bool = true;
+/// HTTP/2 flow-control window of one stream. The protocol's default of 64 KiB
+/// lets a chunk batch travel only a window at a time, one round trip each;
+/// a window of a full batch keeps a transfer streaming.
+///
+/// Not adaptive (hyper's BDP estimate): that sizes a connection's window
+/// like one stream's, so a stream its caller does not read (a restore left
+/// waiting) holds the whole connection's window and stalls every other
+/// stream on it; the hostile tests caught exactly that.
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+/// HTTP/2 flow-control window of one connection (several streams share it).
+pub const CONNECTION_WINDOW_BYTES: u32 = 4 * STREAM_WINDOW_BYTES;
 
 /// A server to dial: where, and who it must prove to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,7 +102,8 @@ pub async fn channel(peer: &Peer, transport: &Transport) -> Result<Channel, Conn
         reason: describe(&err),
     })?;
     let endpoint = endpoint
-        .http2_adaptive_window(ADAPTIVE_FLOW_CONTROL)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES);
     fabric_trust::transport::connect(endpoint, transport, peer.expect.clone())
         .await

@@ -357,7 +357,8 @@ pub async fn serve_until_stopped(
 
     let address = local_addr.to_string();
     let result = tonic::transport::Server::builder()
-        .http2_adaptive_window(Some(crate::client::ADAPTIVE_FLOW_CONTROL))
+        .initial_stream_window_size(crate::client::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::client::CONNECTION_WINDOW_BYTES)
         .max_frame_size(crate::client::MAX_FRAME_BYTES)
         // One connection cannot open calls without bound, and a peer that
         // went away without closing its connection is found and dropped
