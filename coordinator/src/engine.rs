@@ -3,7 +3,11 @@
 //! unfinished runs (planning, assignment, re-assignment, pull orchestration,
 //! queue timeouts, cancel and retry) and the event feed. All changes happen
 //! under one lock and are written through to the [`Store`] before the lock
-//! is released, so a restart resumes from what was last reported.
+//! is released, so a restart resumes from what was last reported. What the
+//! engine sends nodes waits in an outbox until that write is durable
+//! (`Inner::commit`): a successor coordinator (a restart, or another one
+//! taking the lead) knows of every run, lease and deletion a node was told
+//! of, so it never starts a scheduled run again that a node already ran.
 //!
 //! Its parts: the node registry and who may claim a node id
 //! (`engine/nodes.rs`), the assignments and pull permits sent to nodes
@@ -131,12 +135,23 @@ struct SessionHandle {
     sender: NodeSender,
 }
 
+/// A message [`Inner::send`] queued for a session of one generation.
+struct OutgoingMessage {
+    node_id: String,
+    generation: u64,
+    message: CoordinatorMessage,
+}
+
 struct Inner {
     store: Store,
     settings: Settings,
     events: broadcast::Sender<RunEvent>,
     nodes: BTreeMap<String, Node>,
     sessions: HashMap<String, SessionHandle>,
+    /// Messages for sessions, held until the state that made them is
+    /// durable (`Inner::commit`): a node must never act on a run, lease or
+    /// deletion that a successor coordinator would not find in the state.
+    outbox: Vec<OutgoingMessage>,
     /// When each node was last heard of (heartbeat, hello, or this
     /// coordinator's start, which gives known nodes time to reconnect).
     last_seen: HashMap<String, i64>,
@@ -258,6 +273,7 @@ impl Engine {
                 events: events.clone(),
                 nodes,
                 sessions: HashMap::new(),
+                outbox: Vec::new(),
                 last_seen,
                 disconnected_since,
                 active,
@@ -346,7 +362,9 @@ impl Engine {
     ) -> Result<fabric_proto::v1::GcReport, EngineError> {
         let receiver = {
             let mut inner = self.inner.lock().await;
-            inner.ask_gc(node_id, repack_threshold, now_ms())?
+            let receiver = inner.ask_gc(node_id, repack_threshold, now_ms())?;
+            inner.commit(true).await?;
+            receiver
         };
         match receiver.await {
             Ok(Ok(report)) => Ok(report),
@@ -374,7 +392,7 @@ impl Engine {
         let mut inner = self.inner.lock().await;
         inner.check_claim(&info, now, self.settings.lost_after)?;
         inner.upsert_node(info, now)?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok(())
     }
 
@@ -403,7 +421,7 @@ impl Engine {
         }
         tracing::info!(node = %node_id, active_runs = active_runs.len(), "node connected");
         inner.node_connected(&node_id, &active_runs, now)?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok((generation, receiver))
     }
 
@@ -418,12 +436,11 @@ impl Engine {
         match message.kind {
             Some(node_message::Kind::Heartbeat(heartbeat)) => {
                 inner.heartbeat(node_id, &heartbeat, now)?;
+                inner.commit(false).await?;
             }
             Some(node_message::Kind::Update(update)) => {
                 let durable = inner.run_update(node_id, &update, now)?;
-                if durable {
-                    inner.store.flush().await?;
-                }
+                inner.commit(durable).await?;
             }
             Some(node_message::Kind::Deleted(deleted)) => {
                 for id in &deleted.deleted {
@@ -435,29 +452,27 @@ impl Engine {
                 for refusal in &deleted.refused {
                     tracing::warn!(node = %node_id, %refusal, "a snapshot retention removed was not deleted");
                 }
-                inner.store.flush().await?;
+                inner.commit(true).await?;
             }
             Some(node_message::Kind::GcDone(done)) => {
                 inner.gc_done(node_id, &done, now)?;
-                inner.store.flush().await?;
+                inner.commit(true).await?;
             }
             Some(node_message::Kind::Replicated(answer)) => {
                 inner.replicated(node_id, &answer, now)?;
-                inner.store.flush().await?;
+                inner.commit(true).await?;
             }
             Some(node_message::Kind::SnapshotVerified(answer)) => {
                 inner.snapshot_verified(node_id, &answer, now)?;
-                inner.store.flush().await?;
+                inner.commit(true).await?;
             }
             Some(node_message::Kind::RepairDone(done)) => {
                 inner.repair_done(node_id, &done, now)?;
-                inner.store.flush().await?;
+                inner.commit(true).await?;
             }
             Some(node_message::Kind::Held(held)) => {
                 let changed = inner.snapshots_held(node_id, &held)?;
-                if changed {
-                    inner.store.flush().await?;
-                }
+                inner.commit(changed).await?;
             }
             Some(node_message::Kind::Hello(_)) => {
                 return Err(EngineError::InvalidArgument(format!(
@@ -501,9 +516,8 @@ impl Engine {
     /// a parameter, so schedules can be run in virtual time.
     pub async fn tick_at(&self, now: i64) -> Result<(), EngineError> {
         let mut inner = self.inner.lock().await;
-        if inner.tick(now)? {
-            inner.store.flush().await?;
-        }
+        let changed = inner.tick(now)?;
+        inner.commit(changed).await?;
         Ok(())
     }
 
@@ -587,7 +601,7 @@ impl Engine {
             let run = inner.start_job(spec, &specs, choice.instance.as_deref(), now)?;
             started.push(run);
         }
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         tracing::info!(file = %file_name, jobs = specs.len(), runs = started.len(), "jobs submitted");
         Ok(SubmitJobsResponse {
             jobs: specs.iter().map(|spec| spec.name.clone()).collect(),
@@ -702,7 +716,7 @@ impl Engine {
         inner.coordinator_event(&record, "cancelled by an operator", now)?;
         let run = record.run().clone();
         inner.save(record)?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok(run)
     }
 
@@ -729,7 +743,7 @@ impl Engine {
         inner.start(&mut record, now)?;
         let run = record.run().clone();
         inner.save(record)?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok(run)
     }
 
@@ -738,7 +752,7 @@ impl Engine {
     pub async fn reset_sync(&self, job: &str, ids: &[String]) -> Result<u32, EngineError> {
         let mut inner = self.inner.lock().await;
         let reset = inner.reset_sync(job, ids, now_ms())?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok(reset)
     }
 
@@ -746,7 +760,7 @@ impl Engine {
     pub async fn drain_node(&self, node_id: &str, cancel: bool) -> Result<Node, EngineError> {
         let mut inner = self.inner.lock().await;
         let node = inner.drain_node(node_id, cancel, now_ms())?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok(node)
     }
 
@@ -791,7 +805,7 @@ impl Engine {
         };
         job.paused = paused;
         inner.put_job(&job)?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         tracing::info!(job = %name, paused, "job schedule changed");
         inner.with_last_run(job)
     }
@@ -802,7 +816,7 @@ impl Engine {
         let Some(job) = inner.delete_stored_job(name)? else {
             return Err(EngineError::NotFound(format!("no job {name:?}")));
         };
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         tracing::info!(job = %name, "job deleted");
         Ok(job)
     }
@@ -822,7 +836,7 @@ impl Engine {
         }
         let instance = (!instance.is_empty()).then_some(instance);
         let run = inner.start_job(&spec, &[], instance, now)?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok(run)
     }
 
@@ -831,7 +845,7 @@ impl Engine {
     pub async fn forget(&self, name: &str, dry_run: bool) -> Result<ForgetResponse, EngineError> {
         let mut inner = self.inner.lock().await;
         let response = inner.apply_retention(name, dry_run, now_ms())?;
-        inner.store.flush().await?;
+        inner.commit(true).await?;
         Ok(response)
     }
 
@@ -890,8 +904,8 @@ impl Engine {
 
     /// Writes everything out (at shutdown).
     pub async fn flush(&self) -> Result<(), EngineError> {
-        let inner = self.inner.lock().await;
-        inner.store.flush().await?;
+        let mut inner = self.inner.lock().await;
+        inner.commit(true).await?;
         Ok(())
     }
 }

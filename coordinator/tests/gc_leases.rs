@@ -53,8 +53,9 @@ fn snapshot(id: &str, job: &str, end_time_ms: i64) -> Snapshot {
     }
 }
 
-/// Every message queued for a node now (the engine sends synchronously
-/// within a tick, so nothing is in flight after it returns).
+/// Every message queued for a node now (the engine hands a call's messages
+/// to the sessions when the call commits, so nothing is in flight after it
+/// returns).
 fn drain(receiver: &mut UnboundedReceiver<CoordinatorMessage>) -> Vec<coordinator_message::Kind> {
     let mut out = Vec::new();
     while let Ok(message) = receiver.try_recv() {

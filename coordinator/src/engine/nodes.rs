@@ -233,16 +233,49 @@ impl Inner {
             .unwrap_or_default()
     }
 
+    /// Queues `message` for `node_id`'s session; whether it has one. The
+    /// message leaves at the next [`Inner::commit`], after the state that
+    /// made it is durable.
     pub(super) fn send(&mut self, node_id: &str, message: CoordinatorMessage) -> bool {
         let Some(session) = self.sessions.get(node_id) else {
             return false;
         };
-        if session.sender.send(message).is_ok() {
-            true
-        } else {
+        if session.sender.is_closed() {
             self.sessions.remove(node_id);
-            false
+            return false;
         }
+        self.outbox.push(OutgoingMessage {
+            node_id: node_id.to_owned(),
+            generation: session.generation,
+            message,
+        });
+        true
+    }
+
+    /// Makes every change so far durable, then hands the queued messages to
+    /// their sessions. A failed flush keeps them queued: they leave with the
+    /// next commit that succeeds, since the writes stay queued too.
+    /// `changed`: whether anything was written; with nothing written and
+    /// nothing queued there is nothing to do.
+    pub(super) async fn commit(&mut self, changed: bool) -> Result<(), StateError> {
+        if !changed && self.outbox.is_empty() {
+            return Ok(());
+        }
+        self.store.flush().await?;
+        for outgoing in std::mem::take(&mut self.outbox) {
+            let Some(session) = self.sessions.get(&outgoing.node_id) else {
+                continue;
+            };
+            // A message for an ended session: the node's next session
+            // starts from what it reports, not from this.
+            if session.generation != outgoing.generation {
+                continue;
+            }
+            if session.sender.send(outgoing.message).is_err() {
+                self.sessions.remove(&outgoing.node_id);
+            }
+        }
+        Ok(())
     }
 }
 
