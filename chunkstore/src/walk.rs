@@ -164,7 +164,7 @@ impl BackupOptions {
     /// Whether chunks are hashed ahead on other threads (see
     /// [`BackupOptions::hash_ahead_bytes`]).
     pub fn hashes_ahead(&self) -> bool {
-        self.hash_ahead_bytes >= 2 * self.chunk_params.max_size as usize
+        hash_ahead_fits(self.chunk_params.max_size as usize, self.hash_ahead_bytes)
     }
 
     /// The most bytes of file content one walk thread holds while reading a
@@ -185,12 +185,19 @@ impl BackupOptions {
 /// cut and not yet handed to the sink (one chunk, or the hash-ahead
 /// windows). A backup's memory budget counts its walk threads with this.
 pub fn thread_bytes(max_chunk: usize, hash_ahead_bytes: usize) -> usize {
-    let cut = if hash_ahead_bytes >= 2 * max_chunk {
+    let cut = if hash_ahead_fits(max_chunk, hash_ahead_bytes) {
         hash_ahead_bytes
     } else {
         max_chunk
     };
     READ_BUFFER_SIZE + 2 * max_chunk + cut
+}
+
+/// Whether `hash_ahead_bytes` holds the two windows of chunks hashing
+/// ahead needs (each up to twice the largest chunk's worth, cut at once):
+/// below that the walk hashes on the file's own thread.
+fn hash_ahead_fits(max_chunk: usize, hash_ahead_bytes: usize) -> bool {
+    hash_ahead_bytes >= 2 * max_chunk
 }
 
 /// The previous snapshot of the same source: files whose size, mtime, ctime

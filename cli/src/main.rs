@@ -491,7 +491,8 @@ struct BackupArgs {
     /// The memory budget of the backup: read buffers, chunks read ahead,
     /// offered, compressed and in flight until the node has them ("48MiB",
     /// "64MB" or bytes; at least 20.25 MiB). The process needs about
-    /// 16 MiB more, whatever the budget.
+    /// 21 MiB more, whatever the budget (its code, TLS, zstd contexts,
+    /// allocator slack).
     #[arg(long, value_parser = parse_size_flag, default_value = "24MiB")]
     memory: u64,
 }
