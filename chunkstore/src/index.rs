@@ -87,6 +87,40 @@ pub enum IndexError {
         /// Its key, hex or text.
         key: String,
     },
+    /// A file of the index could not be read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("cannot read", "cannot fsync", ...).
+        action: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An index file holds something its writer never wrote: not a torn
+    /// tail (which is cut away) but damage before intact records.
+    #[error(
+        "the chunk index {path} is corrupt at byte {offset}: {detail} (move the file aside, open the store and reindex it: the chunk index is rebuilt from the packs)"
+    )]
+    Corrupt {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Where the damage starts.
+        offset: u64,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A write or fsync of the index failed earlier; what reached the file
+    /// since its last flush is unknown, so it takes no more writes.
+    #[error(
+        "the chunk index {path} takes no more writes until the store is reopened: an earlier write failed: {reason}"
+    )]
+    WritesRefused {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The failure that stopped writes.
+        reason: String,
+    },
     /// Another process has the database open.
     #[error(
         "the index {path} is in use by another process (its lock is still held after {waited_ms} ms)"

@@ -1,7 +1,8 @@
 //! The fabric storage engine.
 //!
 //! Owns chunking ([`chunker`]), ids ([`id`]), pack files ([`pack`]), the
-//! index and snapshot catalogue behind narrow traits ([`index`], with sled in
+//! index and snapshot catalogue behind narrow traits ([`index`]: the chunk
+//! index in memory and a log in [`index_table`], the catalogue in sled in
 //! [`index_sled`]), the [`Store`] that ties them together with trees and
 //! snapshots ([`store`]), garbage collection ([`gc`]) and verify, reindex and
 //! stats ([`verify`]), listings too large for one chunk ([`tree_parts`]),
@@ -16,6 +17,7 @@ pub mod gc;
 pub mod id;
 pub mod index;
 pub mod index_sled;
+pub mod index_table;
 pub mod pack;
 pub mod restore;
 pub mod scrub;
