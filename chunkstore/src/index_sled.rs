@@ -2,7 +2,9 @@
 //! that knows sled.
 //!
 //! One sled database per store (`<store>/index`), three trees: `chunks`
-//! (32-byte id -> 21-byte [`Location`]), `snapshots` (id -> protobuf
+//! (32-byte id -> 21-byte [`Location`]; the store's chunk index lived there
+//! until it moved to [`crate::index_table`], and [`open_chunk_index`] moves
+//! what a store still has in it), `snapshots` (id -> protobuf
 //! `Snapshot`) and `snapshots_by_source` (job, host, instance, end and start
 //! time, id -> nothing: an index that finds a source's newest snapshot
 //! without reading the others, kept in step with `snapshots` by
@@ -20,6 +22,7 @@ use prost::Message;
 
 use crate::id::ChunkId;
 use crate::index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, is_committed};
+use crate::index_table::{LOG_FILE, TableChunkIndex};
 
 /// Largest number of keys sled is given in one `apply_batch`.
 pub const MAX_BATCH: usize = 1000;
@@ -161,6 +164,58 @@ impl ChunkIndex for SledChunkIndex {
     }
 }
 
+/// Entries moved from the tree into the log per batch.
+const MOVE_BATCH: usize = 10_000;
+
+/// Open the chunk index in `index_dir`, moving it out of sled's `chunks`
+/// tree first if it is still there (a store written before the log).
+///
+/// A store without the log gets one holding the tree's entries, written to
+/// a temporary name, fsynced and renamed; only then is the tree cleared. A
+/// crash before the rename moves it again at the next open. Entries found in
+/// the tree while the log exists (a crash after the rename, before the clear
+/// was flushed: the same entries; or an older build that wrote there since)
+/// are inserted into the log and flushed before the tree is cleared, so
+/// nothing indexed is dropped.
+pub fn open_chunk_index(index_dir: &Path, db: &sled::Db) -> Result<TableChunkIndex, IndexError> {
+    let path = index_dir.join(LOG_FILE);
+    let old = SledChunkIndex::new(db)?;
+    let exists = path.try_exists().map_err(|source| IndexError::Io {
+        action: "cannot look for",
+        path: path.clone(),
+        source,
+    })?;
+    let index = if exists {
+        let index = TableChunkIndex::open(&path)?;
+        if !old.is_empty()? {
+            let mut batch = Vec::with_capacity(MOVE_BATCH);
+            old.for_each(&mut |id, location| {
+                batch.push((id, location));
+                if batch.len() == MOVE_BATCH {
+                    index.insert_batch(&batch)?;
+                    batch.clear();
+                }
+                Ok(())
+            })?;
+            index.insert_batch(&batch)?;
+            index.flush()?;
+        }
+        index
+    } else {
+        TableChunkIndex::create_from(&path, &old)?
+    };
+    let moved = old.len()?;
+    if moved > 0 {
+        old.clear()?;
+        old.flush()?;
+        tracing::info!(
+            path = %path.display(),
+            "moved {moved} chunk index entries out of sled into the log"
+        );
+    }
+    Ok(index)
+}
+
 /// The snapshot catalogue in the `snapshots` tree of the same sled database,
 /// with its index by source in `snapshots_by_source`.
 #[derive(Clone, Debug)]
@@ -290,8 +345,8 @@ impl Catalog for SledCatalog {
                 Ok(())
             })
             .map_err(transaction_error)?;
-        // The record is the commit point: sled writes in order, so one flush
-        // also makes every index entry inserted before it durable.
+        // The record is the commit point, durable on return. The chunk
+        // index is not in this database: the store flushes it before.
         self.db.flush().map_err(engine)?;
         Ok(())
     }

@@ -5,8 +5,10 @@
 //! - `config.toml`: the [`StoreConfig`] recorded at creation (chunk parameters
 //!   are fixed from then on);
 //! - `packs/`: pack files (see [`crate::pack`]), never overwritten in place;
-//! - `index/`: the sled database holding the chunk index and the snapshot
-//!   catalogue (see [`crate::index_sled`]);
+//! - `index/`: the chunk index's log `chunks.log` (see
+//!   [`crate::index_table`]) beside the sled database holding the snapshot
+//!   catalogue (see [`crate::index_sled`]); sled's lock on it keeps a second
+//!   process out of both;
 //! - `snapshots/`: one file per snapshot record (protobuf), written before the
 //!   catalogue entry, so `reindex` can rebuild everything if `index/` is lost.
 //!
@@ -39,7 +41,7 @@ use crate::chunker::{Chunk, ChunkParams};
 use crate::error::StoreError;
 use crate::id::ChunkId;
 use crate::index::{Catalog, ChunkIndex, IndexError, Location, SnapshotSource, listing_order};
-use crate::index_sled::{SledCatalog, SledChunkIndex, open_db};
+use crate::index_sled::{SledCatalog, open_chunk_index, open_db};
 use crate::pack::{self, EncodedEntry, PackWriter, StoredChunk};
 use crate::sink::{ChunkSink, ChunkSource, SinkError};
 use crate::tree_parts;
@@ -319,8 +321,9 @@ impl Store {
             dir: dir.to_owned(),
             source,
         };
-        let db = open_db(&dir.join("index"), config.index_cache_bytes).map_err(index_error)?;
-        let index = SledChunkIndex::new(&db).map_err(index_error)?;
+        let index_dir = dir.join("index");
+        let db = open_db(&index_dir, config.index_cache_bytes).map_err(index_error)?;
+        let index = open_chunk_index(&index_dir, &db).map_err(index_error)?;
         let catalog = SledCatalog::new(&db).map_err(index_error)?;
         let store = Store {
             dir: dir.to_owned(),

@@ -1148,12 +1148,8 @@ fn a_deleted_index_is_rebuilt_by_reindex() {
         let stats = store.stats().unwrap();
         (store.list_snapshots().unwrap(), stats.chunks)
     };
-    // Lose the chunk index only (the catalogue shares the database, so drop the tree).
-    {
-        let db = crate::index_sled::open_db(&dir.path().join("index"), 1 << 20).unwrap();
-        db.drop_tree("chunks").unwrap();
-        db.flush().unwrap();
-    }
+    // Lose the chunk index only: its log, not the catalogue's database beside it.
+    std::fs::remove_file(dir.path().join("index").join(crate::index_table::LOG_FILE)).unwrap();
     let store = Store::open(dir.path()).unwrap();
     let broken = store.verify(&VerifyOptions::default()).unwrap();
     assert!(!broken.is_ok());
@@ -1170,6 +1166,78 @@ fn a_deleted_index_is_rebuilt_by_reindex() {
     assert_eq!(store.list_snapshots().unwrap(), snapshots_before.0);
     assert!(restore(&store, &a).unwrap() == files(3, 40_000, 1));
     assert!(restore(&store, &b).unwrap() == files(3, 40_000, 2));
+}
+
+#[test]
+fn a_store_with_its_chunk_index_in_sled_moves_it_to_the_log_at_open() {
+    use crate::index::ChunkIndex;
+    use crate::index_sled::{SledChunkIndex, open_db};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = damaged_store_fixture(dir.path());
+    let index_dir = dir.path().join("index");
+    let log = index_dir.join(crate::index_table::LOG_FILE);
+    // The layout of a store written before the log: every entry in sled's
+    // `chunks` tree, no log.
+    let entries = {
+        let store = Store::open(dir.path()).unwrap();
+        let mut entries = Vec::new();
+        store
+            .index
+            .for_each(&mut |id, location| {
+                entries.push((id, location));
+                Ok(())
+            })
+            .unwrap();
+        entries
+    };
+    assert!(entries.len() > 10);
+    std::fs::remove_file(&log).unwrap();
+    {
+        let db = open_db(&index_dir, 1 << 20).unwrap();
+        let old = SledChunkIndex::new(&db).unwrap();
+        old.insert_batch(&entries).unwrap();
+        old.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert!(log.exists());
+    assert_eq!(store.index.len().unwrap(), entries.len() as u64);
+    for (id, location) in &entries {
+        assert_eq!(store.index.get(id).unwrap(), Some(*location));
+    }
+    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+    assert!(restore(&store, &a).unwrap() == files(3, 40_000, 1));
+    assert!(restore(&store, &b).unwrap() == files(3, 40_000, 2));
+    drop(store);
+    // Moved, not copied: sled's tree is empty now.
+    let db = open_db(&index_dir, 1 << 20).unwrap();
+    assert!(SledChunkIndex::new(&db).unwrap().is_empty().unwrap());
+    drop(db);
+
+    // A move cut short after the log was renamed into place, before the
+    // tree was cleared: the same entries in both, and the store still opens
+    // with each once; so does one where the tree holds entries the log lacks.
+    {
+        let db = open_db(&index_dir, 1 << 20).unwrap();
+        let old = SledChunkIndex::new(&db).unwrap();
+        old.insert_batch(&entries).unwrap();
+        old.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.index.len().unwrap(), entries.len() as u64);
+    let (dropped, location) = entries[0];
+    store.index.remove_batch(&[dropped]).unwrap();
+    store.index.flush().unwrap();
+    drop(store);
+    {
+        let db = open_db(&index_dir, 1 << 20).unwrap();
+        let old = SledChunkIndex::new(&db).unwrap();
+        old.insert_batch(&[(dropped, location)]).unwrap();
+        old.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.index.get(&dropped).unwrap(), Some(location));
+    assert_eq!(store.index.len().unwrap(), entries.len() as u64);
+    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
 }
 
 #[test]

@@ -435,8 +435,10 @@ impl Store {
                     .insert_batch(&batch)
                     .map_err(self.index_error())?;
             }
-            report.snapshots_restored = self.restore_catalog()?;
+            // Before any record: a restored snapshot must find its chunks
+            // indexed durably (the catalogue's flush does not cover them).
             self.index.flush().map_err(self.index_error())?;
+            report.snapshots_restored = self.restore_catalog()?;
             Ok(report)
         })
     }
