@@ -6,10 +6,14 @@
 //!
 //! - `BENCH_MIB` (1024): bytes ingested per data kind, MiB;
 //! - `BENCH_RAW_MIB` (256): bytes for the raw FastCDC/BLAKE3/zstd figures;
-//! - `BENCH_INDEX_ENTRIES` (1000000): entries for the sled index and GC runs;
+//! - `BENCH_INDEX_ENTRIES` (1000000): entries for the index and GC runs;
+//! - `BENCH_INDEX_ENGINES` (`table,sled`): the chunk indexes the index part
+//!   measures, in turn: `table` (the store's, `index_table`) and `sled` (the
+//!   one it replaced). Its per-chunk figures are growths of this process's
+//!   resident and peak memory, so run `index` alone, with one engine, for
+//!   clean ones (an engine measured second reuses memory the first freed);
 //! - `BENCH_INDEX_CACHE_MIB` (the store's default, 64): the sled page cache
-//!   of the index part (run `index` alone: its per-chunk figures are
-//!   growths of this process's resident and peak memory);
+//!   of the sled engine;
 //! - `BENCH_SNAPSHOTS` (10000): snapshot records for the catalogue part;
 //! - `BENCH_SPARSE_GIB` (8): size of the sparse file of the sparse part (it
 //!   also writes a file of 1 GiB, most of it zeros);
@@ -34,6 +38,7 @@ use std::time::Instant;
 
 use fabric_chunkstore::index::{ChunkIndex, Location};
 use fabric_chunkstore::index_sled::{SledCatalog, SledChunkIndex, open_db};
+use fabric_chunkstore::index_table::{LOG_FILE, TableChunkIndex};
 use fabric_chunkstore::pack::Codec;
 use fabric_chunkstore::{
     Catalog, Chunk, ChunkId, ChunkParams, Chunker, GcOptions, SnapshotSource, Store, StoreConfig,
@@ -507,12 +512,55 @@ fn part_params() -> BenchResult<()> {
 
 fn part_index(base: &Path) -> BenchResult<()> {
     let entries = env_usize("BENCH_INDEX_ENTRIES", 1_000_000);
-    let dir = base.join("index-bench");
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = StoreConfig::default();
+    let engines = std::env::var("BENCH_INDEX_ENGINES").unwrap_or_else(|_| "table,sled".into());
+    let mut cache_bytes = StoreConfig::default().index_cache_bytes;
     if let Ok(mib) = std::env::var("BENCH_INDEX_CACHE_MIB") {
-        config.index_cache_bytes = mib.parse::<u64>()? << 20;
+        cache_bytes = mib.parse::<u64>()? << 20;
     }
+    for engine in engines.split(',').map(str::trim) {
+        match engine {
+            "table" => {
+                let dir = base.join("index-table-bench");
+                let open = |dir: &Path| -> BenchResult<Box<dyn ChunkIndex>> {
+                    std::fs::create_dir_all(dir)?;
+                    Ok(Box::new(TableChunkIndex::open(&dir.join(LOG_FILE))?))
+                };
+                measure_index("table index", "the store's", &dir, entries, &open)?;
+            }
+            "sled" => {
+                let dir = base.join("index-bench");
+                let open = |dir: &Path| -> BenchResult<Box<dyn ChunkIndex>> {
+                    let db = open_db(dir, cache_bytes)?;
+                    Ok(Box::new(SledChunkIndex::new(&db)?))
+                };
+                let label = format!(
+                    "sled's (cache {} MiB, split into sled batches of {})",
+                    cache_bytes >> 20,
+                    fabric_chunkstore::index_sled::MAX_BATCH
+                );
+                measure_index("sled index", &label, &dir, entries, &open)?;
+            }
+            other => {
+                return Err(
+                    format!("BENCH_INDEX_ENGINES: no engine {other:?} (table, sled)").into(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Insert `entries` into the index `open` gives in `dir` (emptied first),
+/// then read each back, look some up, reopen it and scan it: time, and the
+/// growth of this process's resident and peak memory per entry.
+fn measure_index(
+    name: &str,
+    detail: &str,
+    dir: &Path,
+    entries: usize,
+    open: &dyn Fn(&Path) -> BenchResult<Box<dyn ChunkIndex>>,
+) -> BenchResult<()> {
+    let _ = std::fs::remove_dir_all(dir);
     let rss_before = status_kib("VmRSS:");
     let peak_before = status_kib("VmHWM:");
     // Growth of resident and peak memory since the start, bytes per entry.
@@ -520,8 +568,7 @@ fn part_index(base: &Path) -> BenchResult<()> {
         |kib: u64, before: u64| kib.saturating_sub(before) as f64 * 1024.0 / entries as f64;
     let started = Instant::now();
     {
-        let db = open_db(&dir, config.index_cache_bytes)?;
-        let index = SledChunkIndex::new(&db)?;
+        let index = open(dir)?;
         let mut batch = Vec::with_capacity(10_000);
         for n in 0..entries {
             let id = ChunkId::of(&(n as u64).to_le_bytes());
@@ -544,29 +591,28 @@ fn part_index(base: &Path) -> BenchResult<()> {
         index.flush()?;
         let seconds = started.elapsed().as_secs_f64();
         println!(
-            "sled index: {entries} entries (insert_batch of 10,000 split into sled batches of {}) in {seconds:.1} s = {:.0} entries/s; payload {:.0} MiB; disk {:.0} MiB; RSS {:.0} MiB, peak {:.0} MiB",
-            fabric_chunkstore::index_sled::MAX_BATCH,
+            "{name}: {entries} entries (insert_batch of 10,000; {detail}) in {seconds:.1} s = {:.0} entries/s; payload {:.0} MiB; disk {:.0} MiB; RSS {:.0} MiB, peak {:.0} MiB",
             entries as f64 / seconds,
             (entries * (32 + 21)) as f64 / MIB as f64,
-            dir_size(&dir) as f64 / MIB as f64,
+            dir_size(dir) as f64 / MIB as f64,
             rss_mib(),
             peak_rss_mib()
         );
         println!(
-            "sled index: cache {} MiB; after inserting {entries}: RSS +{:.0} B/entry, peak +{:.0} B/entry; disk {:.0} B/entry",
-            config.index_cache_bytes >> 20,
+            "{name}: after inserting {entries}: RSS +{:.0} B/entry, peak +{:.0} B/entry; disk {:.0} B/entry",
             per_entry(status_kib("VmRSS:"), rss_before),
             per_entry(status_kib("VmHWM:"), peak_before),
-            dir_size(&dir) as f64 / entries as f64,
+            dir_size(dir) as f64 / entries as f64,
         );
         let started = Instant::now();
         let mut found = 0;
         for n in 0..entries as u64 {
             found += usize::from(index.get(&ChunkId::of(&n.to_le_bytes()))?.is_some());
         }
+        let seconds = started.elapsed().as_secs_f64();
         println!(
-            "sled index: get of all {entries} ids in {:.1} s ({found} found); RSS +{:.0} B/entry, peak +{:.0} B/entry since before the inserts",
-            started.elapsed().as_secs_f64(),
+            "{name}: get of all {entries} ids in {seconds:.1} s = {:.0} gets/s ({found} found); RSS +{:.0} B/entry, peak +{:.0} B/entry since before the inserts",
+            entries as f64 / seconds,
             per_entry(status_kib("VmRSS:"), rss_before),
             per_entry(status_kib("VmHWM:"), peak_before),
         );
@@ -578,29 +624,32 @@ fn part_index(base: &Path) -> BenchResult<()> {
             found += usize::from(index.contains(&ChunkId::of(&n.to_le_bytes()))?);
         }
         println!(
-            "sled index: 100,000 random lookups in {:.2} s ({found} found)",
+            "{name}: 100,000 random lookups in {:.2} s ({found} found)",
             started.elapsed().as_secs_f64()
         );
     }
     let started = Instant::now();
-    let db = open_db(&dir, config.index_cache_bytes)?;
-    let index = SledChunkIndex::new(&db)?;
+    let index = open(dir)?;
     let present = index.contains(&ChunkId::of(&0u64.to_le_bytes()))?;
     println!(
-        "sled index: reopen {:.2} s (first key found: {present}); RSS {:.0} MiB, peak {:.0} MiB",
+        "{name}: reopen {:.2} s (first key found: {present}); RSS {:.0} MiB, peak {:.0} MiB",
         started.elapsed().as_secs_f64(),
         rss_mib(),
         peak_rss_mib()
     );
     let started = Instant::now();
-    let len = index.len()?;
+    let mut scanned = 0u64;
+    index.for_each(&mut |_, _| {
+        scanned += 1;
+        Ok(())
+    })?;
     println!(
-        "sled index: full scan of {len} entries {:.2} s",
-        started.elapsed().as_secs_f64()
+        "{name}: full scan (for_each, in id order) of {scanned} entries {:.2} s; peak {:.0} MiB",
+        started.elapsed().as_secs_f64(),
+        peak_rss_mib()
     );
     drop(index);
-    drop(db);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
 
