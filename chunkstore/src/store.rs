@@ -59,7 +59,7 @@ pub struct StoreConfig {
     pub pack_target_size: u64,
     /// GC rewrites a pack whose live fraction (live bytes / data bytes) is under this.
     pub repack_threshold: f64,
-    /// The sled page cache bound, bytes.
+    /// The page cache bound of sled (the snapshot catalogue), bytes.
     pub index_cache_bytes: u64,
 }
 
