@@ -74,6 +74,44 @@ fn insert_get_remove_len_and_a_reopen() {
 }
 
 #[test]
+fn ids_of_one_table_and_a_visit_that_uses_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = TableChunkIndex::open(&dir.path().join(LOG_FILE)).unwrap();
+    // All in one table (same first byte), some differing only past byte 8.
+    let mut batch: Vec<(ChunkId, Location)> = (0..2000u32)
+        .map(|n| {
+            let mut bytes = *id(n).as_bytes();
+            bytes[0] = 7;
+            if n % 2 == 0 {
+                bytes[1..9].copy_from_slice(&[0; 8]);
+            }
+            (ChunkId(bytes), location(n))
+        })
+        .collect();
+    batch.extend(entries(0..300));
+    index.insert_batch(&batch).unwrap();
+    for (key, value) in &batch {
+        assert_eq!(index.get(key).unwrap(), Some(*value));
+    }
+    let mut previous = None;
+    let mut seen = 0;
+    index
+        .for_each(&mut |key, value| {
+            assert!(previous < Some(key));
+            previous = Some(key);
+            // The visit may read and change the index: no lock is held.
+            assert_eq!(index.get(&key)?, Some(value));
+            index.remove_batch(&[key])?;
+            seen += 1;
+            Ok(())
+        })
+        .unwrap();
+    let distinct: BTreeMap<ChunkId, Location> = batch.into_iter().collect();
+    assert_eq!(seen, distinct.len());
+    assert!(index.is_empty().unwrap());
+}
+
+#[test]
 fn a_torn_tail_is_cut_away_and_what_was_flushed_stays() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(LOG_FILE);
