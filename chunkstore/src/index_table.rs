@@ -6,7 +6,7 @@
 //! them, by the id's first byte): 54 bytes a bucket with its control byte,
 //! and a table doubles its buckets when 7/8 full, so about 62 to 124 bytes
 //! per chunk depending on where the count falls (`chunkstore-bench index`
-//! measured 127 at 1,000,000, just past a doubling, allocator included).
+//! measured 124 at 1,000,000, just past a doubling, allocator included).
 //!
 //! The log (`<store>/index/chunks.log`, beside sled's files, which are only
 //! `conf`, `db`, `blobs/` and `snap.*`) is a header (magic, version) then
@@ -14,8 +14,10 @@
 //! (zeros for a remove) and the first 4 bytes of the BLAKE3 hash of those.
 //! Opening replays it. A short or failing record at the end is a crash
 //! mid-append and is cut away; a failing record with intact ones after it is
-//! damage, refused with [`IndexError::Corrupt`] (the index can be rebuilt
-//! from the packs). The log is rewritten with only the live entries (a new
+//! damage: skipped with an error in the log, the rest kept, and the file
+//! rewritten without it (a node that refused to open over one bad record
+//! would be down until an operator reindexed it). A file without the header
+//! is refused with [`IndexError::Corrupt`]. The log is rewritten with only the live entries (a new
 //! file, fsynced, renamed over the old one) once it holds more than twice as
 //! many records as there are entries.
 //!
@@ -27,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -68,7 +70,11 @@ fn shard_of(id: &[u8; 32]) -> usize {
 }
 
 /// A map key: the id's bytes, hashed by bytes 1 to 8 alone (byte 0 picks
-/// the table, so within one it is the same for every key).
+/// the table, so within one it is the same for every key). The word goes
+/// through the table's keyed hasher (SipHash with a random key), not
+/// straight into a bucket: ids are BLAKE3 hashes, but a client may grind
+/// chunks whose ids share their low bits, and with a plain pass-through it
+/// could pile them into one probe sequence.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Key([u8; 32]);
 
@@ -80,31 +86,7 @@ impl Hash for Key {
     }
 }
 
-/// Passes a [`Key`]'s word through. Ids are BLAKE3 hashes, so their bytes
-/// are already uniform; hashing them again (SipHash) would only cost time.
-/// The price: a client that grinds chunks whose ids share their first bits
-/// can lengthen probe sequences, at the cost of a BLAKE3 search per chunk.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = word;
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached by other key types; folds them in so it stays a hash.
-        for &byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
-
-type Table = HashMap<Key, [u8; LOCATION_LEN], BuildHasherDefault<IdHasher>>;
+type Table = HashMap<Key, [u8; LOCATION_LEN]>;
 
 fn empty_tables() -> Vec<Table> {
     (0..SHARDS).map(|_| Table::default()).collect()
@@ -264,8 +246,12 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 struct Replay {
     tables: Vec<Table>,
     records: u64,
-    /// Bytes of header and intact records: where a torn tail starts.
+    /// Bytes up to the end of the last intact record: where a torn tail
+    /// starts.
     intact_len: u64,
+    /// Offsets of the records before `intact_len` that failed their
+    /// checksum or did not decode, skipped.
+    damaged: Vec<u64>,
 }
 
 fn replay(path: &Path, file: File) -> Result<Replay, IndexError> {
@@ -292,71 +278,54 @@ fn replay(path: &Path, file: File) -> Result<Replay, IndexError> {
     let mut tables = empty_tables();
     let mut records = 0u64;
     let mut offset = HEADER_LEN as u64;
+    let mut intact_len = offset;
+    let mut damaged = Vec::new();
     let mut buf = [0u8; RECORD_LEN];
     loop {
         let read = read_full(&mut reader, &mut buf).map_err(io_error("cannot read", path))?;
         if read == 0 {
             break;
         }
+        let at = offset;
+        offset += RECORD_LEN as u64;
         let mut body = [0u8; BODY_LEN];
         body.copy_from_slice(&buf[..BODY_LEN]);
         if read < RECORD_LEN || buf[BODY_LEN..] != check(&body) {
-            // Torn if nothing intact follows: a crash mid-append leaves only
-            // partial or unwritten records after the last complete one.
-            if let Some(at) = next_intact(&mut reader, offset + RECORD_LEN as u64)
-                .map_err(io_error("cannot read", path))?
-            {
-                return Err(corrupt(
-                    offset,
-                    format!("a record fails its checksum, and an intact one follows at byte {at}"),
-                ));
-            }
-            break;
+            damaged.push(at);
+            continue;
         }
         let mut id = [0u8; 32];
         id.copy_from_slice(&body[1..33]);
         let mut location = [0u8; LOCATION_LEN];
         location.copy_from_slice(&body[33..]);
         match body[0] {
-            KIND_INSERT => {
-                if Location::decode(&location).is_none() {
-                    return Err(corrupt(
-                        offset,
-                        format!("undecodable location for chunk {}", hex::encode(id)),
-                    ));
-                }
+            KIND_INSERT if Location::decode(&location).is_some() => {
                 tables[shard_of(&id)].insert(Key(id), location);
             }
             KIND_REMOVE => {
                 tables[shard_of(&id)].remove(&Key(id));
             }
-            kind => return Err(corrupt(offset, format!("unknown record kind {kind}"))),
+            // Intact but meaningless (no torn write makes these): damage
+            // wherever it is, never cut away as a tail.
+            _ => {
+                damaged.push(at);
+                intact_len = offset;
+                continue;
+            }
         }
         records += 1;
-        offset += RECORD_LEN as u64;
+        intact_len = offset;
     }
+    // What failed after the last intact record is a torn tail (a crash
+    // mid-append: partial or unwritten records, which were never flushed);
+    // what failed before it is damage.
+    damaged.retain(|at| *at < intact_len);
     Ok(Replay {
         tables,
         records,
-        intact_len: offset,
+        intact_len,
+        damaged,
     })
-}
-
-/// The offset of the first record at or after `offset` (on the record grid)
-/// whose checksum holds, if any.
-fn next_intact(reader: &mut impl Read, mut offset: u64) -> std::io::Result<Option<u64>> {
-    let mut buf = [0u8; RECORD_LEN];
-    loop {
-        if read_full(reader, &mut buf)? < RECORD_LEN {
-            return Ok(None);
-        }
-        let mut body = [0u8; BODY_LEN];
-        body.copy_from_slice(&buf[..BODY_LEN]);
-        if buf[BODY_LEN..] == check(&body) {
-            return Ok(Some(offset));
-        }
-        offset += RECORD_LEN as u64;
-    }
 }
 
 impl TableChunkIndex {
@@ -403,10 +372,24 @@ impl TableChunkIndex {
                 .map_err(io_error("cannot truncate", path))?;
             file.sync_data().map_err(io_error("cannot fsync", path))?;
         }
+        if let Some(first) = replay.damaged.first() {
+            // Refusing to open would keep the whole node down over a few
+            // entries; the skipped ones are chunks the index no longer
+            // finds (a scrub reports them, a repair or a reindex brings them
+            // back) or, for a removal, an entry GC had dropped. The rewrite
+            // below leaves a log without the damage.
+            tracing::error!(
+                path = %path.display(),
+                damaged = replay.damaged.len(),
+                first_at = first,
+                "chunk index log: records failing their checksum were skipped; run a scrub, and a reindex if chunks are missing"
+            );
+        }
+        let damaged = !replay.damaged.is_empty();
         let index = Self::with_tables(path, replay.tables, replay.records, compact_min)?;
         {
             let mut log = lock(&index.log);
-            if index.wants_compaction(&log) {
+            if damaged || index.wants_compaction(&log) {
                 index.compact(&mut log)?;
             }
         }
