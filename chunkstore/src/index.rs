@@ -246,11 +246,13 @@ pub(crate) mod conformance {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn id(n: u32) -> ChunkId {
+    /// The id of test entry `n`.
+    pub(crate) fn id(n: u32) -> ChunkId {
         ChunkId::of(&n.to_le_bytes())
     }
 
-    fn location(n: u32) -> Location {
+    /// The location of test entry `n`.
+    pub(crate) fn location(n: u32) -> Location {
         Location {
             pack: n % 7,
             offset: u64::from(n) * 1000 + 12,

@@ -30,12 +30,13 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
 use crate::id::ChunkId;
 use crate::index::{ChunkIndex, IndexError, LOCATION_LEN, Location};
+use crate::pack::read_full;
 use crate::store::{lock, read_lock, write_lock};
 
 /// The log's file name in the store's `index/` directory.
@@ -226,20 +227,6 @@ fn open_for_append(path: &Path) -> Result<BufWriter<File>, IndexError> {
         .open(path)
         .map_err(io_error("cannot open", path))?;
     Ok(BufWriter::with_capacity(WRITE_BUFFER, file))
-}
-
-/// Read into `buf` until it is full or the reader ends; the bytes read.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(filled)
 }
 
 /// What replaying a log found.

@@ -845,7 +845,8 @@ pub fn scan_pack(
     }
 }
 
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Read into `buf` until it is full or the reader ends; the bytes read.
+pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut have = 0;
     while have < buf.len() {
         match reader.read(&mut buf[have..]) {

@@ -4,26 +4,7 @@ use std::io::Write;
 use proptest::prelude::*;
 
 use super::*;
-use crate::index::conformance;
-use crate::pack::Codec;
-
-fn id(n: u32) -> ChunkId {
-    ChunkId::of(&n.to_le_bytes())
-}
-
-fn location(n: u32) -> Location {
-    Location {
-        pack: n % 11,
-        offset: u64::from(n) * 4096,
-        stored_len: n + 7,
-        raw_len: n * 3 + 1,
-        codec: if n.is_multiple_of(3) {
-            Codec::Raw
-        } else {
-            Codec::Zstd
-        },
-    }
-}
+use crate::index::conformance::{self, id, location};
 
 fn entries(range: std::ops::Range<u32>) -> Vec<(ChunkId, Location)> {
     range.map(|n| (id(n), location(n))).collect()
