@@ -117,6 +117,11 @@ pub struct Store {
     /// when this moved meanwhile: another writer may have stored and
     /// flushed the same chunk, and a second copy would only waste space.
     index_moves: AtomicU64,
+    /// Held while pending chunks move into the index
+    /// ([`Store::index_placed`]), so that a list of placed chunks read
+    /// before another mover (GC's [`Store::flush_and_seal`]) ran is checked
+    /// against what is still pending and never indexed a second time.
+    indexing: Mutex<()>,
     /// Counts snapshot commits and deletions, for whoever keeps figures
     /// derived from the snapshot list (a node's usage counters) fresh.
     catalog_changes: AtomicU64,
@@ -335,6 +340,7 @@ impl Store {
             next_pack: AtomicU32::new(0),
             pending: RwLock::new(HashMap::new()),
             index_moves: AtomicU64::new(0),
+            indexing: Mutex::new(()),
             catalog_changes: AtomicU64::new(0),
             syncing_seals: Mutex::new(HashSet::new()),
             seal_synced: Condvar::new(),
@@ -730,17 +736,32 @@ impl Store {
     }
 
     /// Index fsynced entries, flush the index, then forget them as pending.
+    /// Only entries still pending where they were placed are indexed: one
+    /// another mover indexed first may have been swept by GC since, its pack
+    /// deleted, and indexing it again would point at a pack that is gone.
     fn index_placed(&self, placed: &[(ChunkId, Location)]) -> Result<(), StoreError> {
         if placed.is_empty() {
             return Ok(());
         }
         self.refuse_writes_if_failed()?;
+        let _indexing = lock(&self.indexing);
+        let still_pending: Vec<(ChunkId, Location)> = {
+            let pending = read_lock(&self.pending);
+            placed
+                .iter()
+                .filter(|(id, location)| pending.get(id) == Some(location))
+                .copied()
+                .collect()
+        };
+        if still_pending.is_empty() {
+            return Ok(());
+        }
         self.index
-            .insert_batch(placed)
+            .insert_batch(&still_pending)
             .map_err(self.index_error())?;
         self.index.flush().map_err(self.index_error())?;
         let mut pending = write_lock(&self.pending);
-        for (id, location) in placed {
+        for (id, location) in &still_pending {
             if pending.get(id) == Some(location) {
                 pending.remove(id);
             }

@@ -987,6 +987,40 @@ fn identical_content_in_many_snapshots_is_stored_once() {
     assert_eq!(stats.snapshots, 4);
 }
 
+/// A flush reads the pending chunks, then fsyncs and indexes them; GC may
+/// index them first (sealing the pack), sweep them as unreferenced and
+/// delete their pack in between. The flush must then leave them out, not
+/// index them again pointing at the deleted pack.
+#[test]
+fn a_flush_that_gc_overtook_does_not_index_swept_chunks_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_create(dir.path(), small_config()).unwrap();
+    let chunk = Chunk::new(file_content(5_000, 3));
+    store.put_chunks_pending(vec![chunk.clone()]).unwrap();
+    let read_by_the_flush: Vec<_> = super::read_lock(&store.pending)
+        .iter()
+        .map(|(id, location)| (*id, *location))
+        .collect();
+    assert_eq!(read_by_the_flush.len(), 1);
+    let pack = read_by_the_flush[0].1.pack;
+
+    let report = store.gc(&GcOptions::immediate()).unwrap();
+    assert_eq!(report.swept_chunks, 1);
+    assert!(
+        !dir.path()
+            .join("packs")
+            .join(crate::pack::pack_file_name(pack))
+            .exists()
+    );
+
+    store.index_placed(&read_by_the_flush).unwrap();
+    assert!(!store.contains(&chunk.id).unwrap());
+    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+    // Stored again, it reads back.
+    store.put_chunks(vec![chunk.clone()]).unwrap();
+    assert_eq!(store.get_chunk(&chunk.id).unwrap(), chunk.data);
+}
+
 #[test]
 fn gc_running_with_concurrent_commits_never_breaks_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -1019,7 +1053,8 @@ fn gc_running_with_concurrent_commits_never_breaks_a_snapshot() {
         expected.extend(shared.clone());
         assert!(restore(&store, &snapshot).unwrap() == expected);
     }
-    assert!(store.verify(&VerifyOptions::default()).unwrap().is_ok());
+    let report = store.verify(&VerifyOptions::default()).unwrap();
+    assert!(report.is_ok(), "{report:?}");
 }
 
 fn pack_paths(dir: &Path) -> Vec<std::path::PathBuf> {
