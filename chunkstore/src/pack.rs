@@ -179,37 +179,197 @@ fn checksum(fields: &[u8], stored: &[u8]) -> [u8; 16] {
 }
 
 /// Per-thread zstd state, reused from chunk to chunk: a new context for
-/// every chunk costs allocations that show in profiles. The buffer serves
-/// decompression (plain bytes are written in full, so a reused buffer saves
-/// their page faults); compression writes into the output it returns.
+/// every chunk costs allocations that show in profiles. The decoder's buffer
+/// serves decompression in full (plain bytes are written in full, so a
+/// reused buffer saves their page faults); the checker decodes piece by
+/// piece; compression writes into the output it returns.
 ///
 /// Every thread that compresses or decompresses keeps its own, so parallel
 /// work runs on rayon's pool ([`on_pool`]), a thread per core, not on the
 /// many blocking threads of an async caller.
 struct ZstdScratch {
     compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
-    decompressor: Option<zstd::bulk::Decompressor<'static>>,
-    buffer: Vec<u8>,
+    decoder: ChunkDecoder,
+    checker: Option<StreamChecker>,
 }
 
 thread_local! {
     static ZSTD_SCRATCH: std::cell::RefCell<ZstdScratch> = const {
         std::cell::RefCell::new(ZstdScratch {
             compressor: None,
-            decompressor: None,
-            buffer: Vec::new(),
+            decoder: ChunkDecoder {
+                decompressor: None,
+                buffer: Vec::new(),
+            },
+            checker: None,
         })
     };
 }
 
 /// Give back the decompression buffers rayon's threads keep between chunks
-/// (each as large as the largest chunk it decoded): for a process that
-/// received a transfer and may now idle or serve something else. Returns at
-/// once; each thread lets go of its buffer when it next takes work.
+/// (a full decode's as large as the largest chunk it decoded, a check's
+/// window as large as the largest frame's): for a process that received a
+/// transfer and may now idle or serve something else. Returns at once; each
+/// thread lets go of its buffers when it next takes work.
 pub fn release_thread_buffers() {
     rayon::spawn_broadcast(|_| {
-        ZSTD_SCRATCH.with(|scratch| scratch.borrow_mut().buffer = Vec::new());
+        ZSTD_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.decoder = ChunkDecoder::new();
+            scratch.checker = None;
+        });
     });
+}
+
+/// Decodes chunks in full into one buffer it keeps from chunk to chunk (as
+/// large as the largest chunk it decoded): a caller that writes chunk after
+/// chunk (a restore) holds one chunk's plain bytes at a time, not a new
+/// allocation per chunk.
+#[derive(Default)]
+pub struct ChunkDecoder {
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    buffer: Vec<u8>,
+}
+
+impl ChunkDecoder {
+    /// A decoder that has allocated nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The plain bytes of `chunk`, checked against its length and id: its
+    /// own bytes when raw, else decoded into this decoder's buffer (until the
+    /// next call). Decoding allocates up to `raw_len` bytes, at most
+    /// [`MAX_DECODED_LEN`].
+    pub fn plain<'a>(&'a mut self, chunk: &'a StoredChunk) -> Result<&'a [u8], EntryError> {
+        chunk.check_raw_len()?;
+        let plain: &[u8] = match chunk.codec {
+            Codec::Raw => &chunk.stored,
+            Codec::Zstd => self.decompress(&chunk.stored, chunk.raw_len)?,
+        };
+        check_plain(&chunk.id, chunk.raw_len, plain)?;
+        Ok(plain)
+    }
+
+    /// Decompress `stored` (zstd frames of `raw_len` plain bytes) into the
+    /// buffer; not checked.
+    fn decompress(&mut self, stored: &[u8], raw_len: u32) -> Result<&[u8], EntryError> {
+        let decompressor = match &mut self.decompressor {
+            Some(decompressor) => decompressor,
+            slot => slot.insert(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|err| EntryError::Decompress(err.to_string()))?,
+            ),
+        };
+        self.buffer.clear();
+        self.buffer.reserve(raw_len as usize);
+        decompressor
+            .decompress_to_buffer(stored, &mut self.buffer)
+            .map_err(|err| EntryError::Decompress(err.to_string()))?;
+        Ok(&self.buffer)
+    }
+}
+
+/// Plain bytes [`StreamChecker`] decodes at a time (zstd's own streaming
+/// output size).
+const CHECK_PIECE_BYTES: usize = 128 * 1024;
+
+/// The largest zstd window a check accepts, as a power of two: that of a
+/// frame of [`MAX_DECODED_LEN`] bytes. Without it zstd accepts windows up to
+/// 128 MiB, which a frame that does not declare its size could make a check
+/// allocate.
+const CHECK_WINDOW_LOG_MAX: u32 = MAX_DECODED_LEN.ilog2();
+
+/// Checks zstd-encoded chunks piece by piece, hashing the plain bytes as
+/// they come: it holds the frame's window (at most the chunk's size; 2 MiB
+/// for a 4 MiB chunk at level 3) and one piece, not the whole chunk. A node
+/// checks every chunk it receives, on every core at once.
+struct StreamChecker {
+    context: zstd::stream::raw::Decoder<'static>,
+    piece: Vec<u8>,
+}
+
+impl StreamChecker {
+    fn new() -> Result<Self, EntryError> {
+        let failed = |err: std::io::Error| EntryError::Decompress(err.to_string());
+        let mut context = zstd::stream::raw::Decoder::new().map_err(failed)?;
+        context
+            .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                CHECK_WINDOW_LOG_MAX,
+            ))
+            .map_err(failed)?;
+        Ok(Self {
+            context,
+            piece: vec![0; CHECK_PIECE_BYTES],
+        })
+    }
+
+    /// Check that `stored` (zstd frames) decodes to `raw_len` bytes that
+    /// hash to `id`, stopping as soon as it decodes more.
+    fn check(&mut self, id: &ChunkId, raw_len: u32, stored: &[u8]) -> Result<(), EntryError> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let failed = |err: std::io::Error| EntryError::Decompress(err.to_string());
+        self.context.reinit().map_err(failed)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut input = InBuffer::around(stored);
+        let mut decoded = 0u64;
+        loop {
+            let taken = input.pos();
+            let mut output = OutBuffer::around(&mut self.piece[..]);
+            let frame_left = self.context.run(&mut input, &mut output).map_err(failed)?;
+            let produced = output.pos();
+            decoded += produced as u64;
+            if decoded > u64::from(raw_len) {
+                return Err(EntryError::Decompress(format!(
+                    "more than the {raw_len} bytes announced"
+                )));
+            }
+            hasher.update(&self.piece[..produced]);
+            let input_left = input.pos() < stored.len();
+            if frame_left == 0 && !input_left {
+                break;
+            }
+            // Output room left means zstd took all it could: with no input
+            // left (or none taken) the frame is cut short.
+            if produced < self.piece.len() && (!input_left || input.pos() == taken) {
+                return Err(EntryError::Decompress(
+                    "the zstd frame ends early".to_owned(),
+                ));
+            }
+        }
+        if decoded != u64::from(raw_len) {
+            return Err(EntryError::Decompress(format!(
+                "{decoded} bytes instead of {raw_len}"
+            )));
+        }
+        if ChunkId(*hasher.finalize().as_bytes()) != *id {
+            return Err(EntryError::HashMismatch);
+        }
+        Ok(())
+    }
+}
+
+/// Check that `stored` (encoded as `codec`) decodes to `raw_len` plain bytes
+/// that hash to `id`, without holding the plain bytes whole: raw bytes are
+/// hashed where they are, zstd frames piece by piece on this thread's
+/// [`StreamChecker`].
+fn check_encoded(
+    id: &ChunkId,
+    codec: Codec,
+    raw_len: u32,
+    stored: &[u8],
+) -> Result<(), EntryError> {
+    match codec {
+        Codec::Raw => check_plain(id, raw_len, stored),
+        Codec::Zstd => ZSTD_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let checker = match &mut scratch.checker {
+                Some(checker) => checker,
+                slot => slot.insert(StreamChecker::new()?),
+            };
+            checker.check(id, raw_len, stored)
+        }),
+    }
 }
 
 /// `data` compressed with zstd at `zstd_level`, if that shrinks it.
@@ -250,7 +410,8 @@ pub fn on_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
 }
 
 /// Decompress `stored` (a zstd frame of `raw_len` plain bytes) and hand the
-/// plain bytes to `use_plain`, in a per-thread buffer reused from call to call.
+/// plain bytes to `use_plain`, in this thread's buffer reused from call to
+/// call.
 fn with_decompressed<T>(
     stored: &[u8],
     raw_len: u32,
@@ -258,24 +419,8 @@ fn with_decompressed<T>(
 ) -> Result<T, EntryError> {
     ZSTD_SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let ZstdScratch {
-            decompressor,
-            buffer,
-            ..
-        } = &mut *scratch;
-        let decompressor = match decompressor {
-            Some(decompressor) => decompressor,
-            slot => slot.insert(
-                zstd::bulk::Decompressor::new()
-                    .map_err(|err| EntryError::Decompress(err.to_string()))?,
-            ),
-        };
-        buffer.clear();
-        buffer.reserve(raw_len as usize);
-        decompressor
-            .decompress_to_buffer(stored, &mut *buffer)
-            .map_err(|err| EntryError::Decompress(err.to_string()))?;
-        Ok(use_plain(buffer))
+        let plain = scratch.decoder.decompress(stored, raw_len)?;
+        Ok(use_plain(plain))
     })
 }
 
@@ -339,28 +484,17 @@ impl StoredChunk {
     }
 
     /// Check that the stored bytes decode to `raw_len` plain bytes that hash
-    /// to the id. Decoding allocates `raw_len` bytes: a caller taking chunks
-    /// from a peer bounds it to its own limit first; here it is only held
-    /// under [`MAX_DECODED_LEN`].
+    /// to the id. A zstd frame is decoded piece by piece: the check holds its
+    /// window, at most `raw_len` bytes, which a caller taking chunks from a
+    /// peer bounds to its own limit first; here it is only held under
+    /// [`MAX_DECODED_LEN`].
     pub fn check(&self) -> Result<(), EntryError> {
         self.check_raw_len()?;
-        match self.codec {
-            // Raw bytes are hashed where they are, without a copy.
-            Codec::Raw => check_plain(&self.id, self.raw_len, &self.stored),
-            Codec::Zstd => with_decompressed(&self.stored, self.raw_len, |plain| {
-                check_plain(&self.id, self.raw_len, plain)
-            })?,
-        }
+        check_encoded(&self.id, self.codec, self.raw_len, &self.stored)
     }
 
     fn check_raw_len(&self) -> Result<(), EntryError> {
-        if self.raw_len > MAX_DECODED_LEN {
-            return Err(EntryError::Decompress(format!(
-                "{} plain bytes announced, more than any chunk ({MAX_DECODED_LEN})",
-                self.raw_len
-            )));
-        }
-        Ok(())
+        check_announced_len(self.raw_len)
     }
 
     /// Tests: `stored` with byte `index` XORed by `mask` (its `Bytes` may be
@@ -474,6 +608,13 @@ pub fn check_entry(bytes: &[u8]) -> Result<(EntryHeader, &[u8]), EntryError> {
     Ok((header, stored))
 }
 
+/// Check that a checked entry's stored bytes decode to plain bytes that
+/// hash to its id, without holding them whole (see [`StoredChunk::check`]).
+pub fn check_stored(header: &EntryHeader, stored: &[u8]) -> Result<(), EntryError> {
+    check_announced_len(header.raw_len)?;
+    check_encoded(&header.id, header.codec, header.raw_len, stored)
+}
+
 /// The plain bytes of a checked entry, re-hashed against its id.
 pub fn decode_stored(header: &EntryHeader, stored: &[u8]) -> Result<Vec<u8>, EntryError> {
     decode(&header.id, header.codec, header.raw_len, stored)
@@ -487,6 +628,16 @@ fn decode(id: &ChunkId, codec: Codec, raw_len: u32, stored: &[u8]) -> Result<Vec
     };
     check_plain(id, raw_len, &plain)?;
     Ok(plain)
+}
+
+/// Refuse a plain length above [`MAX_DECODED_LEN`] before decoding anything.
+fn check_announced_len(raw_len: u32) -> Result<(), EntryError> {
+    if raw_len > MAX_DECODED_LEN {
+        return Err(EntryError::Decompress(format!(
+            "{raw_len} plain bytes announced, more than any chunk ({MAX_DECODED_LEN})"
+        )));
+    }
+    Ok(())
 }
 
 /// Check that `plain` is `raw_len` bytes hashing to `id`.
@@ -1003,6 +1154,128 @@ mod tests {
         assert!(matches!(raw.into_plain(), Err(EntryError::Decompress(_))));
     }
 
+    /// Whether the full decoder takes `chunk` (the reference the piece by
+    /// piece check must agree with).
+    fn decodes_in_full(chunk: &StoredChunk) -> bool {
+        ChunkDecoder::new().plain(chunk).is_ok()
+    }
+
+    #[test]
+    fn a_check_decodes_piece_by_piece_and_agrees_with_a_full_decode() {
+        // Many pieces of output, a window smaller than the chunk.
+        let big = text(3 * 1024 * 1024 + 12_345);
+        let chunk = StoredChunk::encode(Chunk::new(big.clone()), 3);
+        assert_eq!(chunk.codec, Codec::Zstd);
+        assert_eq!(chunk.check(), Ok(()));
+        let mut decoder = ChunkDecoder::new();
+        assert_eq!(decoder.plain(&chunk).unwrap(), &big[..]);
+
+        // Cut short, at a piece boundary of the input or inside a block.
+        for keep in [0, 1, chunk.stored.len() / 2, chunk.stored.len() - 1] {
+            let mut cut = chunk.clone();
+            cut.stored.truncate(keep);
+            assert!(
+                matches!(cut.check(), Err(EntryError::Decompress(_))),
+                "cut to {keep} bytes"
+            );
+            assert!(!decodes_in_full(&cut));
+        }
+
+        // Two frames one after the other decode as their bytes joined.
+        let (first, second) = big.split_at(1_000_000);
+        let mut joined = zstd::bulk::compress(first, 3).unwrap();
+        joined.extend(zstd::bulk::compress(second, 3).unwrap());
+        let two_frames = StoredChunk {
+            id: chunk.id,
+            codec: Codec::Zstd,
+            raw_len: chunk.raw_len,
+            stored: joined.clone().into(),
+        };
+        assert_eq!(two_frames.check(), Ok(()));
+        assert!(decodes_in_full(&two_frames));
+
+        // Bytes after the last frame are refused by both.
+        joined.extend_from_slice(b"trailing");
+        let trailing = StoredChunk {
+            stored: joined.into(),
+            ..two_frames.clone()
+        };
+        assert!(trailing.check().is_err());
+        assert!(!decodes_in_full(&trailing));
+
+        // More plain bytes than announced stop the check early.
+        let mut shorter = chunk.clone();
+        shorter.raw_len -= 1;
+        assert!(matches!(shorter.check(), Err(EntryError::Decompress(_))));
+
+        // The same bytes check the same way as an entry of a pack.
+        let header = EntryHeader {
+            id: chunk.id,
+            codec: chunk.codec,
+            raw_len: chunk.raw_len,
+            stored_len: chunk.stored.len() as u32,
+            checksum: [0; 16],
+        };
+        assert_eq!(check_stored(&header, &chunk.stored), Ok(()));
+    }
+
+    #[test]
+    fn a_check_refuses_a_frame_whose_window_is_larger_than_any_chunk() {
+        use zstd::stream::raw::{Encoder, InBuffer, Operation, OutBuffer};
+        use zstd::zstd_safe::CParameter;
+        // A frame that does not declare its size and asks for a 128 MiB
+        // window: a check would have to allocate it.
+        let data = text(100_000);
+        let mut encoder = Encoder::new(3).unwrap();
+        encoder
+            .set_parameter(CParameter::WindowLog(CHECK_WINDOW_LOG_MAX + 1))
+            .unwrap();
+        encoder
+            .set_parameter(CParameter::ContentSizeFlag(false))
+            .unwrap();
+        let mut frame = vec![0; data.len() + 1024];
+        let mut output = OutBuffer::around(&mut frame[..]);
+        encoder
+            .run(&mut InBuffer::around(&data), &mut output)
+            .unwrap();
+        assert_eq!(encoder.finish(&mut output, true).unwrap(), 0);
+        let written = output.pos();
+        frame.truncate(written);
+        let chunk = StoredChunk {
+            id: ChunkId::of(&data),
+            codec: Codec::Zstd,
+            raw_len: data.len() as u32,
+            stored: frame.into(),
+        };
+        // A full decode needs no window: it takes the frame.
+        assert!(decodes_in_full(&chunk));
+        assert!(matches!(chunk.check(), Err(EntryError::Decompress(_))));
+    }
+
+    #[test]
+    fn a_decoder_reuses_its_buffer_and_hands_raw_chunks_back_as_they_are() {
+        let mut decoder = ChunkDecoder::new();
+        let large = StoredChunk::encode(Chunk::new(text(200_000)), 3);
+        let small = StoredChunk::encode(Chunk::new(text(1_000)), 3);
+        assert_eq!(decoder.plain(&large).unwrap().len(), 200_000);
+        let capacity = decoder.buffer.capacity();
+        assert_eq!(decoder.plain(&small).unwrap().len(), 1_000);
+        assert_eq!(decoder.buffer.capacity(), capacity);
+
+        let random: Vec<u8> = (0..5000u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[0])
+            .collect();
+        let raw = StoredChunk::encode(Chunk::new(random.clone()), 3);
+        assert_eq!(raw.codec, Codec::Raw);
+        let plain = decoder.plain(&raw).unwrap();
+        assert_eq!(plain, &random[..]);
+        assert_eq!(plain.as_ptr(), raw.stored.as_ptr());
+
+        let mut other = small.clone();
+        other.id = ChunkId::of(b"something else");
+        assert_eq!(decoder.plain(&other), Err(EntryError::HashMismatch));
+    }
+
     #[test]
     fn pack_names_round_trip() {
         assert_eq!(parse_pack_file_name(&pack_file_name(0xabc)), Some(0xabc));
@@ -1019,6 +1292,32 @@ mod tests {
             let bytes = entry.to_bytes();
             let (header, stored) = check_entry(&bytes).unwrap();
             prop_assert_eq!(decode_stored(&header, stored).unwrap(), data);
+        }
+
+        /// Whatever is done to a stored chunk's bytes, the piece by piece
+        /// check takes it exactly when a full decode does.
+        #[test]
+        fn a_check_agrees_with_a_full_decode_on_damaged_bytes(
+            data in proptest::collection::vec(any::<u8>(), 0..3000),
+            repeat in 1usize..200,
+            damage in 0usize..4,
+            at in any::<proptest::sample::Index>(),
+            mask in 1u8..=255,
+        ) {
+            let data: Vec<u8> = data.iter().copied().cycle().take(data.len() * repeat).collect();
+            let mut chunk = StoredChunk::encode(Chunk::new(data), 3);
+            let mut stored = chunk.stored.to_vec();
+            match damage {
+                0 => {}
+                1 if !stored.is_empty() => {
+                    let index = at.index(stored.len());
+                    stored[index] ^= mask;
+                }
+                2 => stored.truncate(at.index(stored.len() + 1)),
+                _ => stored.push(mask),
+            }
+            chunk.stored = stored.into();
+            prop_assert_eq!(chunk.check().is_ok(), decodes_in_full(&chunk));
         }
 
         /// Any bytes survive the stored form chunks travel in, and its entry.

@@ -118,7 +118,7 @@ impl Store {
             if live_here(&header.id, offset as u64)? {
                 report.chunks_checked += 1;
                 let checked = pack::check_entry(entry)
-                    .and_then(|(header, stored)| pack::decode_stored(&header, stored).map(|_| ()));
+                    .and_then(|(header, stored)| pack::check_stored(&header, stored));
                 if let Err(err) = checked {
                     report.damaged.push(DamagedChunk {
                         id: header.id,

@@ -3,11 +3,13 @@
 //!
 //! The node is not trusted more than the disk: every path is checked again
 //! (no `..`, `/` inside a name, NUL, empty), every chunk must be the next id
-//! of its file's entry and must decode to bytes that hash to it, and a file must add up to its
-//! recorded size, before anything reaches the target. A chunk the node sends
-//! again byte for byte right after it was checked (the thousands of zero
-//! chunks of a sparse file) is written from the checked copy, and a chunk of
-//! zeros goes to the target as a run of zeros it may leave as a hole. A file
+//! of its file's entry and must decode to bytes that hash to it, and a file
+//! must add up to its recorded size, before anything reaches the target.
+//! Chunks are decoded into one buffer kept from chunk to chunk (a restore
+//! holds one chunk's plain bytes, not one per chunk), and a chunk of zeros
+//! goes to the target as a run of zeros it may leave as a hole; the same
+//! chunk of zeros sent again byte for byte (the thousands of a sparse file's
+//! holes) is written as zeros without being decoded again. A file
 //! of more chunk ids than one message carries has the rest of them in
 //! `more_chunk_ids` items; they are joined to its entry before the file is
 //! started.
@@ -23,6 +25,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use fabric_chunkstore::pack::{ChunkDecoder, StoredChunk};
 use fabric_chunkstore::restore::{
     HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
 };
@@ -34,7 +37,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::agent::AgentError;
-use crate::convert::plain_chunk;
+use crate::convert::stored_chunk;
 
 /// Checks a restore stream item by item and writes it into a target.
 pub struct RestoreStreamWriter<'a> {
@@ -44,9 +47,12 @@ pub struct RestoreStreamWriter<'a> {
     /// Files other entries may be hard links to: the node sends those
     /// links without chunks, by the same rule.
     hard_links: HardLinks,
-    /// The last chunk written, as it came, as its checked plain bytes, and
-    /// whether those are all zeros.
-    last_chunk: Option<(ChunkData, Vec<u8>, bool)>,
+    /// The last chunk of zeros written, as it came (its bytes copied out of
+    /// the stream's buffer), and its length: the node sends a sparse file's
+    /// holes as the same chunk thousands of times.
+    zero_chunk: Option<(ChunkData, u64)>,
+    /// Decodes each chunk into one buffer, reused from chunk to chunk.
+    decoder: ChunkDecoder,
     /// A file entry whose chunk ids are still coming in `more_chunk_ids`
     /// items, and how many it has in all.
     incomplete: Option<(RestoreEntry, usize)>,
@@ -83,7 +89,8 @@ impl<'a> RestoreStreamWriter<'a> {
             current: None,
             stats: RestoreStats::default(),
             hard_links: HardLinks::default(),
-            last_chunk: None,
+            zero_chunk: None,
+            decoder: ChunkDecoder::new(),
             incomplete: None,
             fallback: None,
             chunks_from_other_copies: 0,
@@ -229,54 +236,52 @@ impl<'a> RestoreStreamWriter<'a> {
         if expected != id {
             return Err(bad(&file.path, "a chunk out of order"));
         }
-        // The same id, encoding and bytes as the chunk checked last decode
+        // The same id, encoding and bytes as a chunk checked before decode
         // to the same plain bytes.
-        let repeated = matches!(
-            (&self.last_chunk, &got),
-            (Some((last, _, _)), Ok(chunk)) if last == chunk
-        );
-        if !repeated {
-            let checked = got.and_then(|chunk| {
-                let plain = plain_chunk(chunk.clone())?.data;
-                Ok((chunk, plain))
-            });
-            let (chunk, plain) = match checked {
-                Ok(checked) => checked,
-                Err(why) => {
-                    let Some(fetch) = self.fallback.as_mut() else {
-                        return Err(bad(&file.path, why));
-                    };
-                    let hex = fabric_chunkstore::ChunkId::from_slice(id)
-                        .map_or_else(|_| "?".to_owned(), |id| id.to_string());
-                    tracing::warn!(chunk = %hex, path = %file.path, %why, "reading the chunk from another copy");
-                    let chunk = fetch(id).map_err(|err| {
-                        bad(
-                            &file.path,
-                            format!("chunk {hex}: {why}, and no other copy has it: {err}"),
-                        )
-                    })?;
-                    let plain = plain_chunk(chunk.clone())
-                        .map_err(|err| {
-                            bad(&file.path, format!("chunk {hex} from another copy: {err}"))
-                        })?
-                        .data;
-                    self.chunks_from_other_copies += 1;
-                    (chunk, plain)
+        if let (Some((zeros, len)), Ok(chunk)) = (&self.zero_chunk, &got)
+            && zeros == chunk
+        {
+            file.next_chunk += 1;
+            file.written += len;
+            self.target.file_zeros(*len)?;
+            return Ok(());
+        }
+        let why = match got.and_then(|chunk| to_stored(&chunk).map(|stored| (chunk, stored))) {
+            Ok((chunk, stored)) => match self.decoder.plain(&stored) {
+                Ok(plain) => {
+                    let zero = write_plain(&mut *self.target, file, plain)?;
+                    self.zero_chunk = zero.then(|| (owned(chunk), plain.len() as u64));
+                    return Ok(());
                 }
-            };
-            let zero = fabric_chunkstore::chunker::all_zero(&plain);
-            self.last_chunk = Some((chunk, plain, zero));
-        }
-        let Some((_, plain, zero)) = &self.last_chunk else {
-            return Err(bad(&file.path, "no chunk to write"));
+                Err(err) => format!(
+                    "the bytes of chunk {} do not match its id: {err}",
+                    stored.id
+                ),
+            },
+            Err(why) => why,
         };
-        file.next_chunk += 1;
-        file.written += plain.len() as u64;
-        if *zero {
-            self.target.file_zeros(plain.len() as u64)?;
-        } else {
-            self.target.file_data(plain)?;
-        }
+        let Some(fetch) = self.fallback.as_mut() else {
+            return Err(bad(&file.path, why));
+        };
+        let hex = fabric_chunkstore::ChunkId::from_slice(id)
+            .map_or_else(|_| "?".to_owned(), |id| id.to_string());
+        tracing::warn!(chunk = %hex, path = %file.path, %why, "reading the chunk from another copy");
+        let chunk = fetch(id).map_err(|err| {
+            bad(
+                &file.path,
+                format!("chunk {hex}: {why}, and no other copy has it: {err}"),
+            )
+        })?;
+        let from_other =
+            |err: String| bad(&file.path, format!("chunk {hex} from another copy: {err}"));
+        let stored = to_stored(&chunk).map_err(from_other)?;
+        let plain = self
+            .decoder
+            .plain(&stored)
+            .map_err(|err| from_other(format!("the bytes do not match its id: {err}")))?;
+        let zero = write_plain(&mut *self.target, file, plain)?;
+        self.zero_chunk = zero.then(|| (owned(chunk), plain.len() as u64));
+        self.chunks_from_other_copies += 1;
         Ok(())
     }
 
@@ -295,6 +300,40 @@ impl<'a> RestoreStreamWriter<'a> {
         self.stats.existing_kept = self.target.existing_kept();
         Ok(self.stats)
     }
+}
+
+/// A received chunk as a [`StoredChunk`] (its bytes shared, not copied),
+/// its sizes checked against the largest chunk a transfer carries.
+fn to_stored(chunk: &ChunkData) -> Result<StoredChunk, String> {
+    stored_chunk(chunk.clone(), crate::transfer::MAX_CHUNK_BYTES).map_err(|err| err.to_string())
+}
+
+/// `chunk` with its bytes in an allocation of their own, so that keeping it
+/// does not keep the whole message buffer it was decoded from.
+fn owned(chunk: ChunkData) -> ChunkData {
+    ChunkData {
+        data: bytes::Bytes::copy_from_slice(&chunk.data),
+        ..chunk
+    }
+}
+
+/// Write a checked chunk's plain bytes as the open file's next chunk; a
+/// chunk of zeros goes as a run of zeros the target may leave as a hole.
+/// Returns whether it was zeros.
+fn write_plain(
+    target: &mut dyn RestoreTarget,
+    file: &mut OpenFile,
+    plain: &[u8],
+) -> Result<bool, RestoreError> {
+    let zero = fabric_chunkstore::chunker::all_zero(plain);
+    file.next_chunk += 1;
+    file.written += plain.len() as u64;
+    if zero {
+        target.file_zeros(plain.len() as u64)?;
+    } else {
+        target.file_data(plain)?;
+    }
+    Ok(zero)
 }
 
 /// Restore `path` of `snapshot` from `node` into `target`, which applies
@@ -375,10 +414,16 @@ impl OtherCopies {
                     }
                 };
                 match stream.next().await {
-                    Some(Ok(chunk)) if chunk.id == id => match plain_chunk(chunk.clone()) {
-                        Ok(_) => return Ok(chunk),
-                        Err(err) => reasons.push(format!("{node}: {err}")),
-                    },
+                    Some(Ok(chunk)) if chunk.id == id => {
+                        match to_stored(&chunk).and_then(|stored| {
+                            stored
+                                .check()
+                                .map_err(|err| format!("the bytes do not match its id: {err}"))
+                        }) {
+                            Ok(()) => return Ok(chunk),
+                            Err(err) => reasons.push(format!("{node}: {err}")),
+                        }
+                    }
                     Some(Ok(_)) => reasons.push(format!("{node}: sent another chunk")),
                     Some(Err(status)) => reasons.push(format!("{node}: {}", status.message())),
                     None => reasons.push(format!("{node}: sent nothing")),
