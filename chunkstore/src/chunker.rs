@@ -3,7 +3,8 @@
 //! [`Chunker`] takes bytes in pieces of any size and hands back finished
 //! chunks; it does no I/O, so a file, a gRPC stream or a pipe can feed it
 //! alike. [`ChunkReader`] is the thin adapter over `std::io::Read`.
-//! Memory is bounded by twice the maximum chunk size whatever the input.
+//! Memory is bounded by [`pending_limit`] (the maximum chunk size and a
+//! quarter more) whatever the input.
 //! [`Chunker::feed_zeros`] takes a run of zero bytes (a hole of a sparse
 //! file) without copying or hashing the whole chunks it holds, and must cut
 //! exactly where feeding those zeros would.
@@ -149,6 +150,16 @@ pub fn all_zero(bytes: &[u8]) -> bool {
         .all(|piece| piece == &ZEROS[..piece.len()])
 }
 
+/// The most bytes a [`Chunker`] with chunks of up to `max_chunk` bytes holds
+/// uncut: it cuts once that many are pending. More than `max_chunk`, so
+/// every cut finds at least one chunk that ends before the pending bytes do
+/// (final, see [`Chunker::feed`]); the quarter more is what a pass takes at
+/// the least, so passes are few and the open chunk FastCDC scans again at
+/// each is a small part of them.
+pub fn pending_limit(max_chunk: usize) -> usize {
+    max_chunk + max_chunk / 4
+}
+
 /// Push-based FastCDC: `feed` bytes, collect finished chunks, `finish` at the end.
 #[derive(Debug)]
 pub struct Chunker {
@@ -169,7 +180,7 @@ impl Chunker {
         params.validate()?;
         Ok(Self {
             params,
-            pending: Vec::with_capacity(params.max_size as usize * 2),
+            pending: Vec::with_capacity(pending_limit(params.max_size as usize)),
             trailing_zeros: 0,
             zero_chunk: None,
         })
@@ -179,7 +190,7 @@ impl Chunker {
     ///
     /// A cut FastCDC finds before the end of the pending bytes is final (it
     /// depends only on the bytes before it), so only the last, open chunk is
-    /// kept back. Cutting waits until at least `max_size` bytes are pending,
+    /// kept back. Cutting waits until [`pending_limit`] bytes are pending,
     /// which bounds memory and keeps the work per byte constant.
     pub fn feed(&mut self, bytes: &[u8], mut emit: impl FnMut(Chunk)) {
         self.feed_known(bytes, false, &mut |data| emit(Chunk::new(data)));
@@ -195,9 +206,9 @@ impl Chunker {
     /// `feed`, told whether `bytes` are all zeros (else their trailing zeros
     /// are counted, which for most bytes stops at the last one).
     fn feed_known(&mut self, mut bytes: &[u8], all_zeros: bool, emit: &mut impl FnMut(Vec<u8>)) {
-        let max = self.params.max_size as usize;
+        let limit = pending_limit(self.params.max_size as usize);
         while !bytes.is_empty() {
-            let room = (2 * max).saturating_sub(self.pending.len()).max(1);
+            let room = limit.saturating_sub(self.pending.len()).max(1);
             let take = room.min(bytes.len());
             let added = &bytes[..take];
             let zeros_at_end = if all_zeros {
@@ -212,7 +223,7 @@ impl Chunker {
             };
             self.pending.extend_from_slice(added);
             bytes = &bytes[take..];
-            if self.pending.len() >= 2 * max {
+            if self.pending.len() >= limit {
                 self.cut(false, emit);
             }
         }

@@ -26,8 +26,8 @@
 //! chunks to the sink in the order they were cut, from its own thread. The
 //! bytes a walk thread holds for the file it reads are at most
 //! [`BackupOptions::bytes_per_thread`]: the read buffer
-//! ([`READ_BUFFER_SIZE`]), the chunker's buffer (twice the maximum chunk
-//! size) and the chunks cut and not yet handed to the sink (one chunk, or
+//! ([`READ_BUFFER_SIZE`]), the chunker's buffer (the maximum chunk size
+//! and a quarter more, [`crate::chunker::pending_limit`]) and the chunks cut and not yet handed to the sink (one chunk, or
 //! `hash_ahead_bytes` with hash-ahead on). A thread waiting for hashes
 //! blocks; it never starts another file meanwhile.
 //!
@@ -180,8 +180,9 @@ impl BackupOptions {
 /// file, with chunks of at most `max_chunk` bytes and `hash_ahead_bytes` of
 /// hash-ahead (on from two largest chunks, see
 /// [`BackupOptions::hash_ahead_bytes`]): its read buffer
-/// ([`READ_BUFFER_SIZE`]), the chunker's pending bytes (it cuts once twice
-/// the largest chunk are pending, so they fill that much), and the chunks
+/// ([`READ_BUFFER_SIZE`]), the chunker's pending bytes (it cuts once
+/// [`crate::chunker::pending_limit`] are pending, so they fill that much),
+/// and the chunks
 /// cut and not yet handed to the sink (one chunk, or the hash-ahead
 /// windows). A backup's memory budget counts its walk threads with this.
 pub fn thread_bytes(max_chunk: usize, hash_ahead_bytes: usize) -> usize {
@@ -190,7 +191,7 @@ pub fn thread_bytes(max_chunk: usize, hash_ahead_bytes: usize) -> usize {
     } else {
         max_chunk
     };
-    READ_BUFFER_SIZE + 2 * max_chunk + cut
+    READ_BUFFER_SIZE + crate::chunker::pending_limit(max_chunk) + cut
 }
 
 /// Whether `hash_ahead_bytes` holds the two windows of chunks hashing

@@ -490,10 +490,10 @@ struct BackupArgs {
     limit_rate: Option<u64>,
     /// The memory budget of the backup: read buffers, chunks read ahead,
     /// offered, compressed and in flight until the node has them ("48MiB",
-    /// "64MB" or bytes; at least 20.25 MiB). The process needs about
+    /// "64MB" or bytes; at least 17.25 MiB). The process needs about
     /// 21 MiB more, whatever the budget (its code, TLS, zstd contexts,
     /// allocator slack).
-    #[arg(long, value_parser = parse_size_flag, default_value = "24MiB")]
+    #[arg(long, value_parser = parse_size_flag, default_value = "21MiB")]
     memory: u64,
 }
 

@@ -71,7 +71,7 @@ pub struct NodeConfig {
     /// The agent's memory budget for each backup it sends, push or pull
     /// (`fabricctl backup --memory` for a backup by hand): the walk's
     /// buffers and the chunks in flight, see `memory_budget`. Default
-    /// 24 MiB; a budget too small for the store's largest chunk is refused
+    /// 21 MiB; a budget too small for the store's largest chunk is refused
     /// at start.
     pub backup_memory_bytes: u64,
     /// Seconds an upload may send nothing before this node drops it (what

@@ -1319,16 +1319,19 @@ fn hash_ahead_gives_the_chunks_and_sink_order_of_hashing_inline() {
 fn bytes_held_per_thread_count_buffers_and_chunks_in_flight() {
     let mut opts = BackupOptions::default();
     let max = opts.chunk_params.max_size as usize;
+    // The chunker cuts once the largest chunk and a quarter more are pending.
+    let pending = max + max / 4;
+    assert_eq!(crate::chunker::pending_limit(max), pending);
     assert!(opts.hashes_ahead());
     assert_eq!(
         opts.bytes_per_thread(),
-        READ_BUFFER_SIZE + 2 * max + DEFAULT_HASH_AHEAD_BYTES
+        READ_BUFFER_SIZE + pending + DEFAULT_HASH_AHEAD_BYTES
     );
     opts.hash_ahead_bytes = 2 * max - 1;
     assert!(!opts.hashes_ahead());
-    assert_eq!(opts.bytes_per_thread(), READ_BUFFER_SIZE + 3 * max);
+    assert_eq!(opts.bytes_per_thread(), READ_BUFFER_SIZE + pending + max);
     opts.hash_ahead_bytes = 0;
-    assert_eq!(opts.bytes_per_thread(), READ_BUFFER_SIZE + 3 * max);
+    assert_eq!(opts.bytes_per_thread(), READ_BUFFER_SIZE + pending + max);
 }
 
 proptest! {
