@@ -491,7 +491,7 @@ pub async fn restore_from_any(
             .map(|(_, (peer, _))| peer.clone())
             .collect();
         let mut fallback = OtherCopies::new(others, transport.clone());
-        let (items_tx, mut items_rx) = mpsc::channel::<RestoreItem>(8);
+        let (items_tx, mut items_rx) = mpsc::channel::<RestoreItem>(4);
         // Set when the node ended the stream itself: only then is the
         // target finished (a restore cut off is not given its directories'
         // modes, which could keep `abort` from removing what it wrote).

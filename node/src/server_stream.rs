@@ -24,7 +24,7 @@ pub type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + '
 
 /// Items in flight between the producer and the caller: a few, so that a
 /// caller that stops reading stops the producer soon.
-const CAPACITY: usize = 8;
+const CAPACITY: usize = 4;
 
 #[derive(Debug, Default)]
 enum End {

@@ -498,8 +498,9 @@ fn over_quota(host: &str, used: u64, adding: u64, limit: u64) -> Status {
 /// How often a sender says it is alive when it has nothing else to send.
 pub const SENDER_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Batches queued for a receiver's writer: one being written, one waiting.
-const WRITER_QUEUE: usize = 2;
+/// Batches queued for a receiver's writer while it writes another: one
+/// being written, one waiting, and the next one being received.
+const WRITER_QUEUE: usize = 1;
 
 /// Run the receiving end into `store`: answer offers, store batches (each
 /// chunk decoded and re-hashed: a mismatch is `DATA_LOSS` and nothing of its
