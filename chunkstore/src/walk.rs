@@ -27,8 +27,9 @@
 //! bytes a walk thread holds for the file it reads are at most
 //! [`BackupOptions::bytes_per_thread`]: the read buffer
 //! ([`READ_BUFFER_SIZE`]), the chunker's buffer (the maximum chunk size
-//! and a quarter more, [`crate::chunker::pending_limit`]) and the chunks cut and not yet handed to the sink (one chunk, or
-//! `hash_ahead_bytes` with hash-ahead on). A thread waiting for hashes
+//! and a quarter more, [`crate::chunker::pending_limit`]) and the chunks
+//! cut and not yet handed to the sink (one chunk, or `hash_ahead_bytes`
+//! with hash-ahead on). A thread waiting for hashes
 //! blocks; it never starts another file meanwhile.
 //!
 //! Layout: like restic, the root tree mirrors the absolute paths from `/`.
@@ -182,9 +183,8 @@ impl BackupOptions {
 /// [`BackupOptions::hash_ahead_bytes`]): its read buffer
 /// ([`READ_BUFFER_SIZE`]), the chunker's pending bytes (it cuts once
 /// [`crate::chunker::pending_limit`] are pending, so they fill that much),
-/// and the chunks
-/// cut and not yet handed to the sink (one chunk, or the hash-ahead
-/// windows). A backup's memory budget counts its walk threads with this.
+/// and the chunks cut and not yet handed to the sink (one chunk, or the
+/// hash-ahead windows). A backup's memory budget counts its walk threads with this.
 pub fn thread_bytes(max_chunk: usize, hash_ahead_bytes: usize) -> usize {
     let cut = if hash_ahead_fits(max_chunk, hash_ahead_bytes) {
         hash_ahead_bytes

@@ -9,8 +9,7 @@
 //! - each walk thread: its read buffer (256 KiB), the bytes its chunker
 //!   has not cut yet (up to the largest chunk and a quarter more), and the
 //!   cut chunk it waits to hand on, or the windows of cut chunks it hashes
-//!   in parallel
-//!   ([`SendPlan::hash_ahead_bytes`]): the walk's own
+//!   in parallel ([`SendPlan::hash_ahead_bytes`]): the walk's own
 //!   [`fabric_chunkstore::walk::thread_bytes`];
 //! - the chunk bytes from the moment the walk hands them on until the
 //!   receiver acknowledges them as stored: read ahead, offered, being
