@@ -197,10 +197,7 @@ thread_local! {
     static ZSTD_SCRATCH: std::cell::RefCell<ZstdScratch> = const {
         std::cell::RefCell::new(ZstdScratch {
             compressor: None,
-            decoder: ChunkDecoder {
-                decompressor: None,
-                buffer: Vec::new(),
-            },
+            decoder: ChunkDecoder::new(),
             checker: None,
         })
     };
@@ -233,8 +230,11 @@ pub struct ChunkDecoder {
 
 impl ChunkDecoder {
     /// A decoder that has allocated nothing yet.
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        Self {
+            decompressor: None,
+            buffer: Vec::new(),
+        }
     }
 
     /// The plain bytes of `chunk`, checked against its length and id: its
@@ -243,11 +243,23 @@ impl ChunkDecoder {
     /// [`MAX_DECODED_LEN`].
     pub fn plain<'a>(&'a mut self, chunk: &'a StoredChunk) -> Result<&'a [u8], EntryError> {
         chunk.check_raw_len()?;
-        let plain: &[u8] = match chunk.codec {
-            Codec::Raw => &chunk.stored,
-            Codec::Zstd => self.decompress(&chunk.stored, chunk.raw_len)?,
+        self.plain_of(&chunk.id, chunk.codec, chunk.raw_len, &chunk.stored)
+    }
+
+    /// The plain bytes `stored` encodes as `codec`, checked against
+    /// `raw_len` and `id` (see [`ChunkDecoder::plain`]).
+    fn plain_of<'a>(
+        &'a mut self,
+        id: &ChunkId,
+        codec: Codec,
+        raw_len: u32,
+        stored: &'a [u8],
+    ) -> Result<&'a [u8], EntryError> {
+        let plain: &[u8] = match codec {
+            Codec::Raw => stored,
+            Codec::Zstd => self.decompress(stored, raw_len)?,
         };
-        check_plain(&chunk.id, chunk.raw_len, plain)?;
+        check_plain(id, raw_len, plain)?;
         Ok(plain)
     }
 
@@ -407,21 +419,6 @@ pub fn on_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
     } else {
         rayon::scope(|_| op())
     }
-}
-
-/// Decompress `stored` (a zstd frame of `raw_len` plain bytes) and hand the
-/// plain bytes to `use_plain`, in this thread's buffer reused from call to
-/// call.
-fn with_decompressed<T>(
-    stored: &[u8],
-    raw_len: u32,
-    use_plain: impl FnOnce(&[u8]) -> T,
-) -> Result<T, EntryError> {
-    ZSTD_SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let plain = scratch.decoder.decompress(stored, raw_len)?;
-        Ok(use_plain(plain))
-    })
 }
 
 /// Encode chunk `id` with plain bytes `data`: zstd at `zstd_level`, or raw when
@@ -622,12 +619,11 @@ pub fn decode_stored(header: &EntryHeader, stored: &[u8]) -> Result<Vec<u8>, Ent
 
 /// Decode `stored` into `raw_len` plain bytes and check that they hash to `id`.
 fn decode(id: &ChunkId, codec: Codec, raw_len: u32, stored: &[u8]) -> Result<Vec<u8>, EntryError> {
-    let plain = match codec {
-        Codec::Raw => stored.to_vec(),
-        Codec::Zstd => with_decompressed(stored, raw_len, <[u8]>::to_vec)?,
-    };
-    check_plain(id, raw_len, &plain)?;
-    Ok(plain)
+    ZSTD_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let plain = scratch.decoder.plain_of(id, codec, raw_len, stored)?;
+        Ok(plain.to_vec())
+    })
 }
 
 /// Refuse a plain length above [`MAX_DECODED_LEN`] before decoding anything.

@@ -58,13 +58,19 @@ pub enum ChunkDataError {
 /// unchanged-file cache), decoded and checked against its id; the error says
 /// what is wrong, naming the chunk.
 pub fn plain_chunk(chunk: v1::ChunkData) -> Result<Chunk, String> {
-    let stored =
-        stored_chunk(chunk, crate::transfer::MAX_CHUNK_BYTES).map_err(|err| err.to_string())?;
+    let stored = received_chunk(chunk)?;
     let id = stored.id;
     let data = stored
         .into_plain()
         .map_err(|err| format!("the bytes of chunk {id} do not match its id: {err}"))?;
     Ok(Chunk { id, data })
+}
+
+/// A received `ChunkData` as a [`StoredChunk`] (its bytes shared, not
+/// copied), its sizes checked against the largest chunk a transfer carries;
+/// the error names the chunk.
+pub fn received_chunk(chunk: v1::ChunkData) -> Result<StoredChunk, String> {
+    stored_chunk(chunk, crate::transfer::MAX_CHUNK_BYTES).map_err(|err| err.to_string())
 }
 
 /// A received `ChunkData` as a [`StoredChunk`], its sizes checked against

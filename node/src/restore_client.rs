@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fabric_chunkstore::pack::{ChunkDecoder, StoredChunk};
+use fabric_chunkstore::pack::ChunkDecoder;
 use fabric_chunkstore::restore::{
     HardLinks, RestoreError, RestoreStats, RestoreTarget, check_relative_path,
 };
@@ -37,7 +37,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::agent::AgentError;
-use crate::convert::stored_chunk;
+use crate::convert::received_chunk;
 
 /// Checks a restore stream item by item and writes it into a target.
 pub struct RestoreStreamWriter<'a> {
@@ -246,7 +246,9 @@ impl<'a> RestoreStreamWriter<'a> {
             self.target.file_zeros(*len)?;
             return Ok(());
         }
-        let why = match got.and_then(|chunk| to_stored(&chunk).map(|stored| (chunk, stored))) {
+        let why = match got
+            .and_then(|chunk| received_chunk(chunk.clone()).map(|stored| (chunk, stored)))
+        {
             Ok((chunk, stored)) => match self.decoder.plain(&stored) {
                 Ok(plain) => {
                     let zero = write_plain(&mut *self.target, file, plain)?;
@@ -274,7 +276,7 @@ impl<'a> RestoreStreamWriter<'a> {
         })?;
         let from_other =
             |err: String| bad(&file.path, format!("chunk {hex} from another copy: {err}"));
-        let stored = to_stored(&chunk).map_err(from_other)?;
+        let stored = received_chunk(chunk.clone()).map_err(from_other)?;
         let plain = self
             .decoder
             .plain(&stored)
@@ -300,12 +302,6 @@ impl<'a> RestoreStreamWriter<'a> {
         self.stats.existing_kept = self.target.existing_kept();
         Ok(self.stats)
     }
-}
-
-/// A received chunk as a [`StoredChunk`] (its bytes shared, not copied),
-/// its sizes checked against the largest chunk a transfer carries.
-fn to_stored(chunk: &ChunkData) -> Result<StoredChunk, String> {
-    stored_chunk(chunk.clone(), crate::transfer::MAX_CHUNK_BYTES).map_err(|err| err.to_string())
 }
 
 /// `chunk` with its bytes in an allocation of their own, so that keeping it
@@ -415,7 +411,7 @@ impl OtherCopies {
                 };
                 match stream.next().await {
                     Some(Ok(chunk)) if chunk.id == id => {
-                        match to_stored(&chunk).and_then(|stored| {
+                        match received_chunk(chunk.clone()).and_then(|stored| {
                             stored
                                 .check()
                                 .map_err(|err| format!("the bytes do not match its id: {err}"))
